@@ -1,0 +1,17 @@
+/* cport: the completion-port server model on Linux (io_uring, with an epoll fallback).
+ *
+ * Include this one header. The API is split by concept:
+ *   cport/common.h  errors, CP_CONTAINER_OF, version
+ *   cport/port.h    the completion port (create, post, dequeue, close, concurrency)
+ *   cport/socket.h  overlapped socket I/O through a port
+ *   cport/pool.h    the thread pool on a port: work items, timers, bound I/O callbacks
+ */
+#ifndef CPORT_H
+#define CPORT_H
+
+#include "cport/common.h"
+#include "cport/port.h"
+#include "cport/socket.h"
+#include "cport/pool.h"
+
+#endif

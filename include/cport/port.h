@@ -1,0 +1,162 @@
+/* cport: the completion port.
+ *
+ * A cp_port is Windows' I/O completion port on Linux: a queue of completions that a
+ * small pool of threads dequeues from, with
+ *   - a concurrency limit: at most `concurrency` threads are released to run at once;
+ *   - LIFO release: of the threads waiting, the one that began waiting last is woken first;
+ *   - a fast path: a running thread that comes back to dequeue while completions are
+ *     queued takes one without sleeping and without waking anyone;
+ *   - posting of custom completions from any thread (PostQueuedCompletionStatus);
+ *   - an I/O backend (io_uring, or epoll where io_uring is not allowed) whose operation
+ *     completions arrive in the same queue (see cport/socket.h).
+ *
+ * Threads and "running". Linux cannot see a worker block the way the NT kernel does. A
+ * thread therefore counts as running from the moment cp_port_dequeue() returns it work
+ * until it calls cp_port_dequeue() again (or exits). A handler about to block on
+ * something other than the port (a lock, a disk read, sleep) should bracket the wait
+ * with cp_port_block_begin()/cp_port_block_end() so another waiter may run meanwhile;
+ * after cp_port_block_end() the thread counts as running again, so the number of running
+ * threads may briefly exceed the concurrency value, exactly as on Windows.
+ *
+ * Ownership. cp_port_create() allocates the port; cp_port_destroy() frees it and
+ * everything it owns. The port records, per thread that ever dequeued from it, a small
+ * record (allocated on that thread's first dequeue, freed when the thread exits or when
+ * the port is destroyed, whichever comes first).
+ *
+ * Thread safety. Every function here may be called from any thread, concurrently,
+ * except cp_port_destroy(), which must be the last call on the port and must not race
+ * with any other call on it (including threads still exiting after having dequeued).
+ */
+#ifndef CPORT_PORT_H
+#define CPORT_PORT_H
+
+#include "cport/common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cp_port cp_port;
+
+/* One dequeued completion: what GetQueuedCompletionStatus returns. */
+typedef struct cp_completion {
+    /* The per-I/O context. For an I/O operation this is its cp_op* (recover your own
+     * struct with CP_CONTAINER_OF); for a posted completion, the pointer given to
+     * cp_port_post(). */
+    void *op;
+    /* The per-handle key: the key the socket was associated with, or the key posted. */
+    uintptr_t key;
+    /* Bytes transferred or value posted (>= 0), or a negative errno value. */
+    int64_t result;
+} cp_completion;
+
+/* Which I/O engine a port uses. */
+typedef enum cp_backend_kind {
+    CP_BACKEND_AUTO = 0, /* CPORT_BACKEND from the environment if set, else io_uring, else epoll */
+    CP_BACKEND_IO_URING = 1,
+    CP_BACKEND_EPOLL = 2,
+} cp_backend_kind;
+
+/* Flags for cp_port_options.flags. */
+#define CP_PORT_QUIET 0x1u /* do not print the one-line notice when falling back to epoll */
+
+/* Creation options. Zero-initialise, then set what you need: every zero field means
+ * "the default" described next to it. */
+typedef struct cp_port_options {
+    unsigned concurrency;    /* threads released at once; 0 = online CPUs */
+    cp_backend_kind backend; /* CP_BACKEND_AUTO unless forced; a forced backend that is
+                                unavailable makes creation fail (no silent switch) */
+    uint32_t flags;          /* CP_PORT_* */
+    uint32_t max_posted;     /* most posted completions queued at once; 0 = 65536.
+                                cp_port_post() fails with -EAGAIN beyond it */
+    uint32_t ring_entries;   /* io_uring submission queue size; 0 = 1024 */
+    uint32_t pool_buffers;   /* buffers in the shared receive pool (CP_RECV_POOL receives);
+                                0 = 4096; rounded up to a power of two, at most 32768 */
+    uint32_t pool_buffer_size; /* bytes per pool buffer, a multiple of the page size;
+                                  0 = 4096 */
+    uint32_t pool_per_socket;  /* most pool buffers one socket may hold undelivered
+                                  (fairness cap); 0 = 4 */
+} cp_port_options;
+
+/* Create a port with `concurrency` (0 = number of online CPUs) and default options.
+ * On success stores the new port in *portp and returns 0; otherwise a negative errno
+ * (-ENOMEM, -EMFILE, -ENOSYS if no backend can run, ...). */
+CP_EXTERN int cp_port_create(cp_port **portp, unsigned concurrency);
+
+/* Create a port with explicit options (NULL = defaults). Same returns as cp_port_create().
+ * If opts->backend (or CPORT_BACKEND=io_uring|epoll in the environment, when opts->backend
+ * is CP_BACKEND_AUTO) forces a backend that cannot run here, returns its error (-EPERM,
+ * -ENOSYS, -EOPNOTSUPP) instead of switching. With CP_BACKEND_AUTO, io_uring is probed
+ * first (setup plus every opcode and feature cport relies on); if it is denied, the port
+ * uses epoll and prints one line saying so on stderr (unless CP_PORT_QUIET). An unknown
+ * CPORT_BACKEND value is -EINVAL. */
+CP_EXTERN int cp_port_create_ex(cp_port **portp, const cp_port_options *opts);
+
+/* Post a completion (key, result, op) from any thread, like PostQueuedCompletionStatus.
+ * No memory is allocated in steady state (packets are recycled). Returns 0, -EAGAIN when
+ * opts.max_posted packets are already queued, -ENOMEM if a packet block could not be
+ * allocated, or -ESHUTDOWN once the port is closed. */
+CP_EXTERN int cp_port_post(cp_port *port, uintptr_t key, int64_t result, void *op);
+
+/* Dequeue up to `max` completions into out[0..max-1], waiting up to timeout_ms
+ * milliseconds (0 = poll without waiting, -1 = wait forever). Completions from one poster
+ * come out in the order posted. Returns the number dequeued (1..max), or
+ *   -ETIMEDOUT  nothing arrived in time (also for timeout_ms == 0),
+ *   -ECANCELED  the port is closed and nothing is left to hand out to this thread,
+ *   -EINVAL     max == 0,
+ *   -ENOMEM     this thread's record could not be allocated (first call only).
+ * The calling thread stops counting as running when it enters and counts as running
+ * again when this returns work. After cp_port_close() the completions still queued are
+ * handed out (within the concurrency limit) before -ECANCELED is returned; none is lost. */
+CP_EXTERN int cp_port_dequeue(cp_port *port, cp_completion *out, unsigned max, int timeout_ms);
+
+/* Close the port: from now on cp_port_post() fails with -ESHUTDOWN; every thread waiting
+ * in cp_port_dequeue() wakes up and, once the queue is empty, gets -ECANCELED. I/O
+ * completions of operations already accepted are still queued and handed out, so no
+ * per-I/O context is forgotten. Idempotent; may be called from any thread, including a
+ * handler. */
+CP_EXTERN void cp_port_close(cp_port *port);
+
+/* Free the port and everything it owns. Call it once, after cp_port_close() and after
+ * every thread has stopped calling into the port; every socket associated with the port
+ * must have been closed and its close completion dequeued. Posted completions still queued
+ * are discarded (their op pointers belong to the caller and are not touched). */
+CP_EXTERN void cp_port_destroy(cp_port *port);
+
+/* Tell the port that the calling thread, currently running work from this port, is about
+ * to block on something else; another waiter may be released meanwhile. No effect if the
+ * calling thread is not running work from this port. */
+CP_EXTERN void cp_port_block_begin(cp_port *port);
+
+/* Tell the port the blocking wait announced with cp_port_block_begin() is over: the
+ * thread counts as running again (possibly above the concurrency value for a moment). */
+CP_EXTERN void cp_port_block_end(cp_port *port);
+
+/* The port's concurrency value (after resolving 0 to the CPU count). */
+CP_EXTERN unsigned cp_port_concurrency(const cp_port *port);
+
+/* The backend the port uses: CP_BACKEND_IO_URING or CP_BACKEND_EPOLL. */
+CP_EXTERN cp_backend_kind cp_port_backend(const cp_port *port);
+
+/* The backend's name: "io_uring" or "epoll". */
+CP_EXTERN const char *cp_port_backend_name(const cp_port *port);
+
+/* A snapshot of the port's counters (each read under the port's lock). */
+typedef struct cp_port_stats {
+    unsigned running;    /* threads released and not yet back in cp_port_dequeue() */
+    unsigned waiting;    /* threads inside cp_port_dequeue(): parked or polling the backend */
+    uint64_t queued;     /* completions queued, not yet dequeued */
+    uint64_t posted;     /* completions posted with cp_port_post(), ever */
+    uint64_t completed;  /* I/O completions queued by the backend, ever */
+    uint64_t dequeued;   /* completions handed out, ever */
+    uint64_t wakeups;    /* times a parked thread was woken */
+    uint64_t polls;      /* times a thread waited in or polled the backend */
+} cp_port_stats;
+
+/* Fill *stats with the port's counters. */
+CP_EXTERN void cp_port_get_stats(cp_port *port, cp_port_stats *stats);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,193 @@
+/* cport: overlapped socket I/O through a completion port.
+ *
+ * The model is Windows' overlapped I/O:
+ *   - a handle (cp_socket) is associated with a port and a per-handle key (P2);
+ *   - every operation is started with a caller-owned per-I/O context, a cp_op (the
+ *     OVERLAPPED); its completion carries that exact cp_op*, the key and the result;
+ *   - an operation that fails at submission returns a negative errno and never completes;
+ *     an operation that was accepted completes exactly once: with its result, with
+ *     -ECANCELED when cancelled or when its socket is closed, or with -ETIMEDOUT when its
+ *     timeout expires.
+ *
+ * Ownership and lifetime.
+ *   - The caller allocates every cp_socket and cp_op (usually embedded in its own
+ *     per-connection and per-I/O structs) and never moves them while in use.
+ *   - A cp_op is in use from a successful start call until its completion has been
+ *     dequeued. While in use, neither the op nor the buffers or iovec arrays it refers to
+ *     may be touched, reused or freed. After its completion is dequeued it is the
+ *     caller's again and may be reused for any operation on any socket.
+ *   - A cp_socket is in use from cp_socket_associate() until the completion of the
+ *     cp_op passed to cp_socket_close() has been dequeued; only then may its memory be
+ *     freed or reused. That close completion is queued after every other operation of the
+ *     socket has completed. The socket owns its fd from associate() on and closes it.
+ *   - Fields of cp_op and cp_socket whose names start with cp__ are private.
+ *
+ * Threads. Every function here may be called from any thread, concurrently, including
+ * from code handling a completion. Operations of one kind on one socket are carried out
+ * in the order they were started: several receives outstanding on a socket are filled in
+ * the order posted (the first gets the earliest bytes) and complete in that order;
+ * several sends outstanding go out in the order posted, each in full, never interleaved.
+ * Completions of different operations may still be dequeued by different threads in
+ * different orders; a server that hands one connection to several workers at once must
+ * order them itself (the server layer, cport/server.h, does).
+ */
+#ifndef CPORT_SOCKET_H
+#define CPORT_SOCKET_H
+
+#include "cport/port.h"
+
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cp_handle cp_handle;
+/* A socket associated with a port. */
+typedef struct cp_handle cp_socket;
+
+/* Operation codes, readable in cp_op.opcode after a completion is dequeued. */
+enum cp_opcode {
+    CP_OP_NONE = 0,
+    CP_OP_ACCEPT,
+    CP_OP_CONNECT,
+    CP_OP_RECV,
+    CP_OP_RECV_POOL,
+    CP_OP_SEND,
+    CP_OP_CLOSE,
+    CP_OP_DISCONNECT,
+    CP_OP_TRANSMIT,
+    CP_OP_READ,
+    CP_OP_WRITE,
+    CP_OP__COUNT
+};
+
+/* The per-I/O context (OVERLAPPED). Caller-allocated; zero-initialise it once. */
+typedef struct cp_op {
+    struct cp_op *cp__next;
+    uint8_t opcode;     /* CP_OP_*: the operation this context last carried (read-only) */
+    uint8_t cp__state;
+    uint16_t cp__flags;
+    uint32_t cp__len;
+    cp_handle *cp__h;
+    /* For CP_OP_RECV_POOL: after the completion, the pool buffer holding the data
+     * (result bytes long; NULL when result <= 0). Give it back with cp_buffer_release().
+     * For other operations: the caller's buffer (or iovec array). */
+    union {
+        void *buf;
+        const struct iovec *iov;
+    } u;
+    uint32_t cp__done;
+    int32_t cp__res;
+    /* Optional per-operation timeout in milliseconds, read when the operation starts;
+     * 0 = none. When it expires the operation is cancelled and completes with
+     * -ETIMEDOUT. The field is the caller's: cport never changes it. */
+    uint32_t timeout_ms;
+    uint32_t cp__tidx;
+    uint32_t cp__seq;
+    uint16_t cp__bufid;
+    uint16_t cp__aux;
+} cp_op;
+
+/* The per-handle context. Caller-allocated; filled in by cp_socket_associate(). */
+struct cp_handle {
+    int fd;        /* the descriptor (read-only) */
+    uint32_t cp__lock;
+    uintptr_t key; /* the per-handle key every completion of this handle carries */
+    cp_port *cp__port;
+    cp_op *cp__rq; /* receives (and accepts) in start order */
+    cp_op *cp__sq; /* sends (and connects) in start order */
+    void *cp__aux;
+    uint16_t cp__flags;
+    uint8_t cp__nstash;
+    uint8_t cp__pad;
+    uint32_t cp__inflight;
+    uint16_t cp__stash_head;
+    uint16_t cp__stash_tail;
+    uint32_t cp__opseq;
+};
+
+/* An accept context (the AcceptEx per-I/O struct): a cp_op plus room for the result. */
+typedef struct cp_accept_op {
+    cp_op op;
+    int fd;                       /* the accepted socket (non-blocking, close-on-exec), or -1 */
+    socklen_t addrlen;            /* length of the peer address */
+    struct sockaddr_storage addr; /* the peer address */
+} cp_accept_op;
+
+/* Associate the socket `fd` with `port` under the per-handle key `key`: from now on `s`
+ * owns fd (cp_socket_close() closes it). Sets fd non-blocking. Returns 0, -EINVAL for a bad
+ * fd, or an error from the backend (-ENOMEM, -EPERM, ...); on error nothing is changed and
+ * fd stays the caller's. */
+CP_EXTERN int cp_socket_associate(cp_socket *s, cp_port *port, int fd, uintptr_t key);
+
+/* Accept one connection on the listening socket `listener` (AcceptEx). Many accepts may
+ * be outstanding on one listener; they complete in the order posted. On success the
+ * completion's result is the number of first-data bytes received into buf, op->fd holds
+ * the new socket and op->addr/addrlen the peer. With len > 0 the completion waits until
+ * the first data arrives (result > 0; 0 if the peer closed first); with len == 0 it
+ * completes as soon as the connection is accepted. The accepted fd is the caller's: pass
+ * it to cp_socket_associate() (or close it). On failure (result < 0) op->fd is -1.
+ * Returns 0 or a negative errno at submission (-EBADF if the socket is closing). */
+CP_EXTERN int cp_socket_accept(cp_socket *listener, cp_accept_op *op, void *buf, size_t len);
+
+/* Connect the socket to addr (ConnectEx without data). addr must stay valid until the
+ * completion is dequeued. Result 0 on success or a negative errno (-ECONNREFUSED, ...). */
+CP_EXTERN int cp_socket_connect(cp_socket *s, cp_op *op, const struct sockaddr *addr, socklen_t addrlen);
+
+/* Receive up to len bytes into buf. Result: bytes received (> 0), 0 at end of stream, or a
+ * negative errno. len must be > 0 and < 4 GiB. */
+CP_EXTERN int cp_socket_recv(cp_socket *s, cp_op *op, void *buf, size_t len);
+
+/* Receive into iov[0..iovcnt-1] (scatter). Same results as cp_socket_recv(); the iovec
+ * array must stay valid until the completion is dequeued. iovcnt <= IOV_MAX. */
+CP_EXTERN int cp_socket_recvv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt);
+
+/* Receive with no buffer of the caller's (the seeds' zero-byte receive, I3): an idle
+ * connection holds no receive buffer; when data arrives a buffer is taken from the port's
+ * shared pool (a provided-buffer ring on io_uring), filled, and handed over in op->u.buf.
+ * Result: bytes (> 0), 0 at end of stream, or a negative errno. The buffer must be given
+ * back with cp_buffer_release(). One socket never holds more than the port's
+ * pool_per_socket buffers undelivered, so a fast peer cannot take every buffer; when the
+ * pool is empty the receive waits for a buffer instead of failing. */
+CP_EXTERN int cp_socket_recv_pooled(cp_socket *s, cp_op *op);
+
+/* Give a pool buffer (from a CP_OP_RECV_POOL completion) back to the port's pool. */
+CP_EXTERN void cp_buffer_release(cp_port *port, void *buf);
+
+/* The size in bytes of each pool buffer of the port. */
+CP_EXTERN size_t cp_buffer_size(const cp_port *port);
+
+/* Send len bytes from buf. The operation completes when all len bytes have been handed
+ * to the kernel (result == len) or with a negative errno (-EPIPE, -ECONNRESET, ...);
+ * short writes are continued internally. Never raises SIGPIPE. len < 4 GiB. */
+CP_EXTERN int cp_socket_send(cp_socket *s, cp_op *op, const void *buf, size_t len);
+
+/* Send iov[0..iovcnt-1] (gather), in full; as cp_socket_send(). The iovec array must stay
+ * valid until the completion is dequeued. */
+CP_EXTERN int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt);
+
+/* Cancel one outstanding operation (CancelIoEx with an OVERLAPPED). Returns 0 if the
+ * operation was outstanding: it will complete (with -ECANCELED unless it finished first);
+ * -ENOENT if op is not outstanding on s; -EALREADY if it is already being cancelled. */
+CP_EXTERN int cp_socket_cancel(cp_socket *s, cp_op *op);
+
+/* Cancel every outstanding operation of s (CancelIoEx without one). Returns how many
+ * operations were asked to cancel (>= 0). */
+CP_EXTERN int cp_socket_cancel_all(cp_socket *s);
+
+/* Close the socket: every outstanding operation completes with -ECANCELED (unless it
+ * finished first), the fd is closed, and then `op` completes (opcode CP_OP_CLOSE, result 0)
+ * — after that completion the socket's memory may be freed. Further starts on s fail with
+ * -EBADF. Returns 0, or -EBADF if the socket is already closing. */
+CP_EXTERN int cp_socket_close(cp_socket *s, cp_op *op);
+
+/* Shut down the sending side (DisconnectEx without reuse): completes after every send
+ * posted earlier has completed. Result 0 or a negative errno. */
+CP_EXTERN int cp_socket_disconnect(cp_socket *s, cp_op *op);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

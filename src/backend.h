@@ -1,0 +1,85 @@
+/* The internal contract between the completion port (and the socket layer) and an I/O
+ * backend. There are two implementations, one file each: backend_io_uring.c and
+ * backend_epoll.c. Nothing above this contract knows which one runs.
+ *
+ * Threading: poll() is called by one thread at a time (the port's poller); every other
+ * entry point may be called from any thread, concurrently with poll().
+ */
+#ifndef CPORT_BACKEND_H
+#define CPORT_BACKEND_H
+
+#include "cport/port.h"
+#include "cport/socket.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* A FIFO of completed operations handed from a backend to the port. */
+typedef struct cp__oplist {
+    cp_op *head;
+    cp_op *tail;
+    unsigned n;
+    unsigned flags; /* socket layer bookkeeping (e.g. pool buffers were freed) */
+} cp__oplist;
+
+static inline void cp__oplist_push(cp__oplist *l, cp_op *op)
+{
+    op->cp__next = NULL;
+    if (l->tail)
+        l->tail->cp__next = op;
+    else
+        l->head = op;
+    l->tail = op;
+    l->n++;
+}
+
+/* cp__oplist.flags: pool buffers went back to the pool while collecting the list. */
+#define CP__OPLIST_POOL_FREED 1u
+
+/* Result of starting an operation in the kernel. */
+#define CP__PENDING 1 /* the backend will report the result later through cp__io_done() */
+
+typedef struct cp__backend {
+    const char *name;
+    cp_backend_kind kind;
+    /* Probe and set up the backend for `port`; store private state in port->be_data.
+     * Returns 0 or a negative errno (-EPERM, -ENOSYS, -EOPNOTSUPP when unavailable). */
+    int (*init)(cp_port *port, const cp_port_options *opts);
+    /* Release everything init() acquired. */
+    void (*fini)(cp_port *port);
+    /* Wait until an I/O event arrives, the deadline passes (absolute CLOCK_MONOTONIC ns;
+     * < 0 = none; 0 = do not block) or wake() is called. Push every operation that
+     * completed onto *done. Returns 0 or a negative errno other than timeouts. */
+    int (*poll)(cp_port *port, int64_t deadline_ns, cp__oplist *done);
+    /* Make a concurrent poll() return soon. Async-signal-safe. */
+    void (*wake)(cp_port *port);
+    /* Hand work deferred by start() to the kernel now (io_uring batches submissions until
+     * the next poll). NULL if the backend never defers. */
+    void (*flush)(cp_port *port);
+    /* Pool buffers were given back: refill whatever the kernel draws from. May be NULL. */
+    void (*pool_refill)(cp_port *port);
+    /* Stop the handle's background pooled receive (io_uring multishot) because the socket
+     * holds its share of buffers; its end is reported through cp__io_chunk(more=false).
+     * Called with the handle's lock held. */
+    void (*pool_stop)(cp_handle *h);
+
+    /* Register a handle's fd (called from cp_socket_associate). */
+    int (*attach)(cp_handle *h);
+    /* The handle is closing: drop kernel registrations. Kernel requests still in flight
+     * must be cancelled; each reports its result through cp__io_done() as usual. */
+    void (*detach)(cp_handle *h);
+    /* Start `op` (already at the head of its handle's queue) in the kernel. Returns
+     * CP__PENDING, or the result (>= 0 bytes, or a negative errno) if it finished at once.
+     * Called with the handle's lock held. */
+    int (*start)(cp_op *op);
+    /* Abandon a started operation. Returns 0 if nothing in the kernel refers to it any
+     * more (the caller completes it with -ECANCELED now), or CP__PENDING if the kernel
+     * will report its end through cp__io_done()/cp__io_firstdata() (typically -ECANCELED).
+     * Called with the handle's lock held. */
+    int (*cancel)(cp_op *op);
+} cp__backend;
+
+extern const cp__backend cp__backend_io_uring;
+extern const cp__backend cp__backend_epoll;
+
+#endif

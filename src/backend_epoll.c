@@ -1,0 +1,445 @@
+/* The epoll backend: readiness turned into completions, for machines where io_uring is
+ * not allowed (seccomp, kernel.io_uring_disabled, old kernels).
+ *
+ * Every handle is registered once, edge-triggered, for input and output. The handle
+ * remembers whether it is readable/writable as far as we know (CP__H_RD_READY /
+ * CP__H_WR_READY): a step is attempted with the syscall only then, so a receive posted on
+ * an idle socket costs no syscall, and a short read or write clears the flag (the socket
+ * is drained or full; the next edge sets it again). Sends are tried at once, like IOCP's
+ * skip-on-success path, and usually complete without the poller.
+ *
+ * Stale events: the poller copies events out of the kernel before it handles them, so a
+ * handle closed meanwhile must not complete its close (and be freed by the caller) until
+ * the batch is done. A detach or cancel that happens while a poll is in progress is
+ * therefore deferred to the end of that batch (the handle stays pinned until then).
+ */
+#include "handle.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+enum {
+    MAX_EVENTS = 256,
+    TAG_FIRSTDATA = 1, /* epoll data is an accept op waiting for its first data */
+};
+
+typedef struct ep_state {
+    int epfd;
+    int wakefd;
+    cp__lock lock; /* guards in_poll and the deferred lists */
+    bool in_poll;  /* a poller is waiting in, or handling the events of, epoll_pwait2 */
+    cp_handle **zombies; /* handles detached during the current poll, pinned */
+    uint32_t nzombies, czombies;
+    cp_op **zops; /* first-data accepts cancelled during the current poll */
+    uint32_t nzops, czops;
+    struct epoll_event events[MAX_EVENTS]; /* only the poller touches these */
+} ep_state;
+
+static ep_state *state_of(cp_port *p)
+{
+    return p->be_data;
+}
+
+static int grow(void **v, uint32_t *cap, uint32_t n)
+{
+    if (n < *cap)
+        return 0;
+    uint32_t c = *cap ? *cap * 2 : 16;
+    void *nv = realloc(*v, c * sizeof(void *));
+    if (!nv)
+        return -ENOMEM;
+    *v = nv;
+    *cap = c;
+    return 0;
+}
+
+static int ep_init(cp_port *p, const cp_port_options *opts)
+{
+    (void)opts;
+    ep_state *s = calloc(1, sizeof(*s));
+    if (!s)
+        return -ENOMEM;
+    s->epfd = epoll_create1(EPOLL_CLOEXEC);
+    s->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (s->epfd < 0 || s->wakefd < 0) {
+        int err = -errno;
+        if (s->epfd >= 0)
+            close(s->epfd);
+        if (s->wakefd >= 0)
+            close(s->wakefd);
+        free(s);
+        return err;
+    }
+    /* Edge-triggered and never read: every write is one edge, one wakeup. */
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.u64 = 0};
+    if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->wakefd, &ev) < 0) {
+        int err = -errno;
+        close(s->epfd);
+        close(s->wakefd);
+        free(s);
+        return err;
+    }
+    cp__lock_init(&s->lock);
+    p->be_data = s;
+    return 0;
+}
+
+static void ep_fini(cp_port *p)
+{
+    ep_state *s = state_of(p);
+    if (!s)
+        return;
+    close(s->epfd);
+    close(s->wakefd);
+    free(s->zombies);
+    free(s->zops);
+    free(s);
+    p->be_data = NULL;
+}
+
+static void ep_wake(cp_port *p)
+{
+    uint64_t one = 1;
+    ssize_t r = write(state_of(p)->wakefd, &one, sizeof(one));
+    (void)r; /* EAGAIN only if the counter is saturated: a wakeup is pending anyway */
+}
+
+static int ep_poll(cp_port *p, int64_t deadline, cp__oplist *done)
+{
+    ep_state *s = state_of(p);
+    cp__lock_acquire(&s->lock);
+    s->in_poll = true;
+    cp__lock_release(&s->lock);
+
+    struct timespec ts, *tsp = NULL;
+    if (deadline >= 0) {
+        int64_t left = deadline == 0 ? 0 : deadline - cp__now_ns();
+        if (left < 0)
+            left = 0;
+        ts.tv_sec = left / 1000000000;
+        ts.tv_nsec = left % 1000000000;
+        tsp = &ts;
+    }
+    int n = epoll_pwait2(s->epfd, s->events, MAX_EVENTS, tsp, NULL);
+    int err = n < 0 && errno != EINTR ? -errno : 0;
+    for (int i = 0; i < n; i++) {
+        struct epoll_event *ev = &s->events[i];
+        if (ev->data.u64 == 0)
+            continue; /* wake-up */
+        if (ev->data.u64 & TAG_FIRSTDATA) {
+            cp_op *op = (cp_op *)(uintptr_t)(ev->data.u64 & ~(uint64_t)TAG_FIRSTDATA);
+            cp__io_firstdata(op, CP__PENDING, done);
+            continue;
+        }
+        uint32_t e = ev->events;
+        cp__io_ready(ev->data.ptr, (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0,
+                     (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0, done);
+    }
+
+    cp__lock_acquire(&s->lock);
+    s->in_poll = false;
+    cp_handle **zombies = s->zombies;
+    uint32_t nz = s->nzombies;
+    cp_op **zops = s->zops;
+    uint32_t nzo = s->nzops;
+    s->zombies = NULL;
+    s->nzombies = s->czombies = 0;
+    s->zops = NULL;
+    s->nzops = s->czops = 0;
+    cp__lock_release(&s->lock);
+    for (uint32_t i = 0; i < nzo; i++)
+        cp__io_firstdata(zops[i], -ECANCELED, done);
+    for (uint32_t i = 0; i < nz; i++)
+        cp__io_unpin(zombies[i], done);
+    free(zombies);
+    free(zops);
+    return err;
+}
+
+static int ep_attach(cp_handle *h)
+{
+    ep_state *s = state_of(h->cp__port);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = h};
+    if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, h->fd, &ev) < 0)
+        return -errno;
+    /* Assume ready: the first attempt finds out, and costs one syscall at most. */
+    h->cp__flags |= CP__H_ATTACHED | CP__H_RD_READY | CP__H_WR_READY;
+    return 0;
+}
+
+static void ep_detach(cp_handle *h)
+{
+    if (!(h->cp__flags & CP__H_ATTACHED))
+        return;
+    cp_port *p = h->cp__port;
+    ep_state *s = state_of(p);
+    h->cp__flags &= (uint16_t)~CP__H_ATTACHED;
+    epoll_ctl(s->epfd, EPOLL_CTL_DEL, h->fd, NULL);
+    bool deferred = false;
+    cp__lock_acquire(&s->lock);
+    if (s->in_poll && grow((void **)&s->zombies, &s->czombies, s->nzombies) == 0) {
+        cp__h_pin(h);
+        s->zombies[s->nzombies++] = h;
+        deferred = true;
+    }
+    cp__lock_release(&s->lock);
+    if (deferred)
+        ep_wake(p); /* end the poll so the close is not held up by a long wait */
+}
+
+static void clear_flag(cp_handle *h, uint16_t f)
+{
+    h->cp__flags &= (uint16_t)~f;
+}
+
+static int step_recv(cp_handle *h, cp_op *op)
+{
+    if (!(h->cp__flags & CP__H_RD_READY))
+        return CP__PENDING;
+    struct iovec tmp[IOV_MAX];
+    for (;;) {
+        ssize_t n;
+        size_t want;
+        if (op->cp__flags & CP__OPF_VEC) {
+            const struct iovec *iov;
+            int cnt = cp__op_iov(op, tmp, &iov);
+            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
+            want = op->cp__len - op->cp__done;
+            n = recvmsg(h->fd, &msg, 0);
+        } else {
+            want = op->cp__len;
+            n = recv(h->fd, op->u.buf, want, 0);
+        }
+        if (n >= 0) {
+            if ((size_t)n < want)
+                clear_flag(h, CP__H_RD_READY); /* drained; the next arrival is a new edge */
+            return (int)n;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN) {
+            clear_flag(h, CP__H_RD_READY);
+            return CP__PENDING;
+        }
+        return -errno;
+    }
+}
+
+static int step_recv_pool(cp_handle *h, cp_op *op)
+{
+    if (!(h->cp__flags & CP__H_RD_READY))
+        return CP__PENDING;
+    cp__bufpool *bp = &h->cp__port->pool;
+    int id = cp__bufpool_get(bp);
+    if (id < 0)
+        return cp__io_starve_locked(h);
+    void *buf = cp__bufpool_addr(bp, (uint16_t)id);
+    ssize_t n;
+    do
+        n = recv(h->fd, buf, bp->size, 0);
+    while (n < 0 && errno == EINTR);
+    if (n > 0) {
+        if ((size_t)n < bp->size)
+            clear_flag(h, CP__H_RD_READY);
+        op->cp__bufid = (uint16_t)id;
+        op->u.buf = buf;
+        return (int)n;
+    }
+    int err = n < 0 ? errno : 0;
+    cp__bufpool_put(bp, (uint16_t)id);
+    if (err == EAGAIN) {
+        clear_flag(h, CP__H_RD_READY);
+        return CP__PENDING;
+    }
+    return -err;
+}
+
+static int step_send(cp_handle *h, cp_op *op)
+{
+    if (!(h->cp__flags & CP__H_WR_READY))
+        return CP__PENDING;
+    struct iovec tmp[IOV_MAX];
+    size_t want = op->cp__len - op->cp__done;
+    for (;;) {
+        ssize_t n;
+        if (op->cp__flags & CP__OPF_VEC) {
+            const struct iovec *iov;
+            int cnt = cp__op_iov(op, tmp, &iov);
+            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
+            n = sendmsg(h->fd, &msg, MSG_NOSIGNAL);
+        } else {
+            n = send(h->fd, (char *)op->u.buf + op->cp__done, want, MSG_NOSIGNAL);
+        }
+        if (n >= 0) {
+            if ((size_t)n < want)
+                clear_flag(h, CP__H_WR_READY); /* full; EPOLLOUT will tell us */
+            return (int)n;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN) {
+            clear_flag(h, CP__H_WR_READY);
+            return CP__PENDING;
+        }
+        return -errno;
+    }
+}
+
+/* An accept waiting for its first data: try the new socket; if it has nothing yet, watch
+ * it (one-shot) on the poller's epoll set, pinning the listener while registered. */
+static int step_firstdata(cp_handle *h, cp_op *op)
+{
+    cp_accept_op *aop = CP_CONTAINER_OF(op, cp_accept_op, op);
+    ep_state *s = state_of(h->cp__port);
+    ssize_t n;
+    do
+        n = recv(aop->fd, op->u.buf, op->cp__len, 0);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && errno == EAGAIN) {
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLONESHOT,
+                                 .data.u64 = (uint64_t)(uintptr_t)op | TAG_FIRSTDATA};
+        int ctl = (op->cp__flags & CP__OPF_PHASE) ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+        if (epoll_ctl(s->epfd, ctl, aop->fd, &ev) < 0)
+            return -errno;
+        if (!(op->cp__flags & CP__OPF_PHASE)) {
+            op->cp__flags |= CP__OPF_PHASE;
+            cp__h_pin(h);
+        }
+        return CP__PENDING;
+    }
+    int r = n < 0 ? -errno : (int)n;
+    if (op->cp__flags & CP__OPF_PHASE) {
+        epoll_ctl(s->epfd, EPOLL_CTL_DEL, aop->fd, NULL);
+        op->cp__flags &= (uint16_t)~CP__OPF_PHASE;
+        cp__h_unpin(h);
+    }
+    return r;
+}
+
+static int step_accept(cp_handle *h, cp_op *op)
+{
+    if (op->cp__flags & CP__OPF_FIRSTDATA)
+        return step_firstdata(h, op);
+    if (!(h->cp__flags & CP__H_RD_READY))
+        return CP__PENDING;
+    cp_accept_op *aop = CP_CONTAINER_OF(op, cp_accept_op, op);
+    for (;;) {
+        aop->addrlen = sizeof(aop->addr);
+        int fd = accept4(h->fd, (struct sockaddr *)&aop->addr, &aop->addrlen,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0)
+            return fd;
+        if (errno == EINTR || errno == ECONNABORTED)
+            continue;
+        if (errno == EAGAIN) {
+            clear_flag(h, CP__H_RD_READY);
+            return CP__PENDING;
+        }
+        return -errno;
+    }
+}
+
+static int step_connect(cp_handle *h, cp_op *op)
+{
+    if (!(op->cp__flags & CP__OPF_PHASE)) {
+        if (connect(h->fd, op->u.buf, op->cp__len) == 0)
+            return 0;
+        if (errno != EINPROGRESS && errno != EINTR)
+            return -errno;
+        op->cp__flags |= CP__OPF_PHASE;
+        clear_flag(h, CP__H_WR_READY);
+        return CP__PENDING;
+    }
+    if (!(h->cp__flags & CP__H_WR_READY))
+        return CP__PENDING;
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(h->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        return -errno;
+    if (err)
+        return -err;
+    /* A writable edge left over from before connect() can arrive first: only a socket
+     * with a peer is connected. */
+    struct sockaddr_storage peer;
+    socklen_t plen = sizeof(peer);
+    if (getpeername(h->fd, (struct sockaddr *)&peer, &plen) < 0) {
+        if (errno != ENOTCONN)
+            return -errno;
+        clear_flag(h, CP__H_WR_READY);
+        return CP__PENDING;
+    }
+    return 0;
+}
+
+static int ep_start(cp_op *op)
+{
+    cp_handle *h = op->cp__h;
+    switch (op->opcode) {
+    case CP_OP_RECV:
+        return step_recv(h, op);
+    case CP_OP_RECV_POOL:
+        return step_recv_pool(h, op);
+    case CP_OP_SEND:
+        return step_send(h, op);
+    case CP_OP_ACCEPT:
+        return step_accept(h, op);
+    case CP_OP_CONNECT:
+        return step_connect(h, op);
+    case CP_OP_DISCONNECT:
+        return shutdown(h->fd, SHUT_WR) == 0 ? 0 : -errno;
+    default:
+        return -EOPNOTSUPP;
+    }
+}
+
+static int ep_cancel(cp_op *op)
+{
+    /* Only a first-data accept is known to the kernel; everything else just waits for
+     * readiness and can be detached at once. */
+    if (op->opcode != CP_OP_ACCEPT || !(op->cp__flags & CP__OPF_PHASE))
+        return 0;
+    cp_handle *h = op->cp__h;
+    ep_state *s = state_of(h->cp__port);
+    cp_accept_op *aop = CP_CONTAINER_OF(op, cp_accept_op, op);
+    epoll_ctl(s->epfd, EPOLL_CTL_DEL, aop->fd, NULL);
+    int r = 0;
+    cp__lock_acquire(&s->lock);
+    if (s->in_poll && grow((void **)&s->zops, &s->czops, s->nzops) == 0) {
+        s->zops[s->nzops++] = op; /* keeps its pin until the batch is done */
+        r = CP__PENDING;
+    }
+    cp__lock_release(&s->lock);
+    if (r == 0) {
+        op->cp__flags &= (uint16_t)~CP__OPF_PHASE;
+        cp__h_unpin(h);
+    } else {
+        ep_wake(h->cp__port);
+    }
+    return r;
+}
+
+static void ep_pool_stop(cp_handle *h)
+{
+    (void)h; /* epoll reads only for a waiting receive: nothing runs in the background */
+}
+
+const cp__backend cp__backend_epoll = {
+    .name = "epoll",
+    .kind = CP_BACKEND_EPOLL,
+    .init = ep_init,
+    .fini = ep_fini,
+    .poll = ep_poll,
+    .wake = ep_wake,
+    .flush = NULL,
+    .pool_refill = NULL,
+    .pool_stop = ep_pool_stop,
+    .attach = ep_attach,
+    .detach = ep_detach,
+    .start = ep_start,
+    .cancel = ep_cancel,
+};

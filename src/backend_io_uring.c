@@ -1,0 +1,532 @@
+/* The io_uring backend: Linux's native completion queue under the port.
+ *
+ * One ring per port. Any thread may prepare submissions (under sq_lock); only the port's
+ * poller reaps completions. Submissions made by a thread that will come back to the port
+ * (a worker running a handler, or the poller itself) are not sent at once: the next
+ * poll hands them to the kernel together with its wait, in one io_uring_enter. With one
+ * worker a whole batch of receives and sends therefore costs one system call. A
+ * submission from any other thread, or while a poller is blocked in the kernel, is sent
+ * immediately so nothing waits on a sleeper.
+ *
+ * Pooled receives use a multishot receive per socket over a provided-buffer ring. The
+ * ring is filled lazily from the port's LIFO buffer pool (bufpool.h): it starts with a
+ * few buffers and grows only when the kernel runs dry, so an idle server touches few
+ * pages. -ENOBUFS ends a multishot (the ring was empty): the socket re-arms as soon as
+ * buffers exist, or waits on the pool's starving list; it is never closed for it.
+ *
+ * liburing 2.3 (Debian 12) lacks io_uring_setup_buf_ring(): setup_buf_ring() below maps
+ * and registers the ring itself.
+ */
+#include "handle.h"
+
+#include <errno.h>
+#include <liburing.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* Kernel 6.3's feature bit; cport requires a kernel with multishot receive (6.0), which
+ * has no bit of its own, so this later bit stands in for it. */
+#ifndef IORING_FEAT_REG_REG_RING
+#define IORING_FEAT_REG_REG_RING (1U << 13)
+#endif
+
+enum {
+    TAG_OP = 0,     /* user_data is a cp_op: cp__io_done() */
+    TAG_MSHOT = 1,  /* user_data is a cp_handle with a multishot pooled receive */
+    TAG_IGNORE = 2, /* cancel requests and the like */
+    TAG_WAKE = 3,   /* the read on the wake-up eventfd */
+    TAG_MASK = 7,
+    BUF_GROUP = 0,
+    RING_START_BUFFERS = 64,
+    REFILL_BATCH = 32,
+    MAX_CQES_PER_POLL = 4096,
+};
+
+typedef struct ur_state {
+    struct io_uring ring;
+    cp__lock sq_lock; /* guards the submission queue and `blocking` */
+    bool blocking;    /* the poller is in (or entering) a waiting io_uring_enter */
+    int wakefd;
+    uint64_t wake_value; /* target of the pending eventfd read (written by the kernel) */
+
+    struct io_uring_buf_ring *br;
+    size_t br_len;
+    uint32_t br_entries;
+    cp__lock br_lock;     /* guards the ring's tail, ring_count and ring_target */
+    uint32_t ring_count;  /* buffers in the kernel's ring (added minus consumed) */
+    uint32_t ring_target; /* how many we keep there; doubles when it runs dry */
+} ur_state;
+
+static ur_state *state_of(cp_port *p)
+{
+    return p->be_data;
+}
+
+/* ---- submission ------------------------------------------------------------------------ */
+
+/* Publish prepared SQEs to the kernel's view of the queue; returns how many the kernel has
+ * not consumed yet. The ring protocol: store the new tail with release semantics. */
+static unsigned flush_sq_locked(struct io_uring *ring)
+{
+    struct io_uring_sq *sq = &ring->sq;
+    unsigned tail = sq->sqe_tail;
+    if (sq->sqe_head != tail) {
+        sq->sqe_head = tail;
+        io_uring_smp_store_release(sq->ktail, tail);
+    }
+    return tail - io_uring_smp_load_acquire(sq->khead);
+}
+
+static void submit_now_locked(ur_state *s)
+{
+    unsigned n = flush_sq_locked(&s->ring);
+    if (n)
+        io_uring_enter(s->ring.ring_fd, n, 0, 0, NULL);
+}
+
+static struct io_uring_sqe *get_sqe_locked(ur_state *s)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&s->ring);
+    if (!sqe) {
+        submit_now_locked(s); /* the queue is full of deferred work: send it */
+        sqe = io_uring_get_sqe(&s->ring);
+    }
+    return sqe;
+}
+
+/* Decide whether the SQEs just prepared go to the kernel now (see the file comment). */
+static void submitted_locked(cp_port *p, ur_state *s)
+{
+    if (s->blocking || !cp__port_caller_defers(p))
+        submit_now_locked(s);
+}
+
+static void ur_flush(cp_port *p)
+{
+    ur_state *s = state_of(p);
+    cp__lock_acquire(&s->sq_lock);
+    submit_now_locked(s);
+    cp__lock_release(&s->sq_lock);
+}
+
+static void arm_wake_locked(ur_state *s)
+{
+    struct io_uring_sqe *sqe = get_sqe_locked(s);
+    if (!sqe)
+        return;
+    io_uring_prep_read(sqe, s->wakefd, &s->wake_value, sizeof(s->wake_value), 0);
+    io_uring_sqe_set_data64(sqe, TAG_WAKE);
+}
+
+/* ---- provided buffers ---------------------------------------------------------------- */
+
+static int setup_buf_ring(ur_state *s, uint32_t entries)
+{
+    size_t len = entries * sizeof(struct io_uring_buf);
+    long page = sysconf(_SC_PAGESIZE);
+    len = (len + (size_t)page - 1) & ~((size_t)page - 1);
+    void *br = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (br == MAP_FAILED)
+        return -errno;
+    struct io_uring_buf_reg reg = {
+        .ring_addr = (uint64_t)(uintptr_t)br, .ring_entries = entries, .bgid = BUF_GROUP};
+    int r = io_uring_register_buf_ring(&s->ring, &reg, 0);
+    if (r < 0) {
+        munmap(br, len);
+        return r;
+    }
+    s->br = br;
+    s->br_len = len;
+    s->br_entries = entries;
+    io_uring_buf_ring_init(s->br);
+    return 0;
+}
+
+/* Move free pool buffers into the kernel's ring until it holds ring_target of them. */
+static void refill_ring(cp_port *p)
+{
+    ur_state *s = state_of(p);
+    cp__bufpool *bp = &p->pool;
+    cp__lock_acquire(&s->br_lock);
+    while (s->ring_count < s->ring_target) {
+        uint16_t ids[REFILL_BATCH];
+        uint32_t want = s->ring_target - s->ring_count;
+        uint32_t n = cp__bufpool_get_many(bp, ids, want < REFILL_BATCH ? want : REFILL_BATCH);
+        if (n == 0)
+            break;
+        for (uint32_t i = 0; i < n; i++)
+            io_uring_buf_ring_add(s->br, cp__bufpool_addr(bp, ids[i]), bp->size, ids[i],
+                                  io_uring_buf_ring_mask(s->br_entries), (int)i);
+        io_uring_buf_ring_advance(s->br, (int)n);
+        s->ring_count += n;
+    }
+    cp__lock_release(&s->br_lock);
+}
+
+static void ur_pool_refill(cp_port *p)
+{
+    refill_ring(p);
+}
+
+/* ---- setup ------------------------------------------------------------------------------ */
+
+static const uint8_t required_ops[] = {
+    IORING_OP_ACCEPT, IORING_OP_CONNECT,      IORING_OP_RECV, IORING_OP_SEND,
+    IORING_OP_SENDMSG, IORING_OP_READV,       IORING_OP_READ, IORING_OP_WRITE,
+    IORING_OP_SHUTDOWN, IORING_OP_ASYNC_CANCEL, IORING_OP_SPLICE,
+};
+
+static int ur_init(cp_port *p, const cp_port_options *opts)
+{
+    ur_state *s = calloc(1, sizeof(*s));
+    if (!s)
+        return -ENOMEM;
+    s->wakefd = -1;
+    cp__lock_init(&s->sq_lock);
+    cp__lock_init(&s->br_lock);
+    struct io_uring_params params = {0};
+    /* A big completion queue: multishot receives post completions without submissions. */
+    params.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL;
+    params.cq_entries = opts->ring_entries * 16 > 16384 ? opts->ring_entries * 16 : 16384;
+    int r = io_uring_queue_init_params(opts->ring_entries, &s->ring, &params);
+    if (r < 0) {
+        free(s);
+        return r;
+    }
+    const unsigned need = IORING_FEAT_NODROP | IORING_FEAT_SUBMIT_STABLE | IORING_FEAT_FAST_POLL |
+                          IORING_FEAT_EXT_ARG | IORING_FEAT_CQE_SKIP | IORING_FEAT_REG_REG_RING;
+    r = (params.features & need) == need ? 0 : -EOPNOTSUPP;
+    if (r == 0) {
+        struct io_uring_probe *probe = io_uring_get_probe_ring(&s->ring);
+        if (!probe)
+            r = -EOPNOTSUPP;
+        for (size_t i = 0; r == 0 && i < sizeof(required_ops); i++)
+            if (!io_uring_opcode_supported(probe, required_ops[i]))
+                r = -EOPNOTSUPP;
+        if (probe)
+            io_uring_free_probe(probe);
+    }
+    if (r == 0)
+        r = setup_buf_ring(s, p->pool.count);
+    if (r == 0) {
+        s->wakefd = eventfd(0, EFD_CLOEXEC);
+        if (s->wakefd < 0)
+            r = -errno;
+    }
+    if (r < 0) {
+        if (s->br)
+            munmap(s->br, s->br_len);
+        if (s->wakefd >= 0)
+            close(s->wakefd);
+        io_uring_queue_exit(&s->ring);
+        free(s);
+        return r;
+    }
+    s->ring_target = p->pool.count < RING_START_BUFFERS ? p->pool.count : RING_START_BUFFERS;
+    p->be_data = s;
+    refill_ring(p);
+    cp__lock_acquire(&s->sq_lock);
+    arm_wake_locked(s);
+    submit_now_locked(s);
+    cp__lock_release(&s->sq_lock);
+    return 0;
+}
+
+static void ur_fini(cp_port *p)
+{
+    ur_state *s = state_of(p);
+    if (!s)
+        return;
+    io_uring_queue_exit(&s->ring); /* cancels what is left, including the wake read */
+    if (s->br)
+        munmap(s->br, s->br_len);
+    close(s->wakefd);
+    free(s);
+    p->be_data = NULL;
+}
+
+static void ur_wake(cp_port *p)
+{
+    uint64_t one = 1;
+    ssize_t r = write(state_of(p)->wakefd, &one, sizeof(one));
+    (void)r;
+}
+
+/* ---- completion -------------------------------------------------------------------------- */
+
+static void dispatch(cp_port *p, ur_state *s, struct io_uring_cqe *cqe, cp__oplist *done)
+{
+    uint64_t ud = cqe->user_data;
+    void *ptr = (void *)(uintptr_t)(ud & ~(uint64_t)TAG_MASK);
+    switch (ud & TAG_MASK) {
+    case TAG_OP:
+        cp__io_done(ptr, cqe->res, done);
+        break;
+    case TAG_MSHOT: {
+        uint16_t bufid = CP__NO_BUF;
+        if (cqe->flags & IORING_CQE_F_BUFFER) {
+            bufid = (uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+            cp__lock_acquire(&s->br_lock);
+            s->ring_count--;
+            cp__lock_release(&s->br_lock);
+        }
+        bool more = (cqe->flags & IORING_CQE_F_MORE) != 0;
+        if (!more && cqe->res == -ENOBUFS) {
+            /* The ring ran dry: keep more buffers in it from now on. */
+            cp__lock_acquire(&s->br_lock);
+            s->ring_target = s->ring_target * 2 < p->pool.count ? s->ring_target * 2
+                                                                : p->pool.count;
+            cp__lock_release(&s->br_lock);
+            refill_ring(p);
+        }
+        cp__io_chunk(ptr, cqe->res, bufid, more, done);
+        break;
+    }
+    case TAG_WAKE:
+        cp__lock_acquire(&s->sq_lock);
+        arm_wake_locked(s);
+        cp__lock_release(&s->sq_lock);
+        break;
+    default:
+        break;
+    }
+}
+
+static int ur_poll(cp_port *p, int64_t deadline, cp__oplist *done)
+{
+    ur_state *s = state_of(p);
+    struct io_uring *ring = &s->ring;
+    bool wait = deadline != 0 && io_uring_cq_ready(ring) == 0;
+
+    cp__lock_acquire(&s->sq_lock);
+    unsigned to_submit = flush_sq_locked(ring);
+    s->blocking = wait;
+    cp__lock_release(&s->sq_lock);
+
+    int r = 0;
+    bool overflow = io_uring_cq_has_overflow(ring);
+    if (wait) {
+        struct __kernel_timespec ts;
+        struct io_uring_getevents_arg arg = {.sigmask_sz = _NSIG / 8};
+        if (deadline > 0) {
+            int64_t left = deadline - cp__now_ns();
+            if (left < 0)
+                left = 0;
+            ts.tv_sec = left / 1000000000;
+            ts.tv_nsec = left % 1000000000;
+            arg.ts = (uint64_t)(uintptr_t)&ts;
+        }
+        r = io_uring_enter2(ring->ring_fd, to_submit, 1,
+                            IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, (sigset_t *)&arg,
+                            sizeof(arg));
+    } else if (to_submit || overflow) {
+        r = io_uring_enter(ring->ring_fd, to_submit, 0, overflow ? IORING_ENTER_GETEVENTS : 0,
+                           NULL);
+    }
+    if (wait) {
+        cp__lock_acquire(&s->sq_lock);
+        s->blocking = false;
+        cp__lock_release(&s->sq_lock);
+    }
+
+    unsigned total = 0;
+    for (;;) {
+        struct io_uring_cqe *cqe;
+        unsigned head, n = 0;
+        io_uring_for_each_cqe(ring, head, cqe)
+        {
+            dispatch(p, s, cqe, done);
+            n++;
+        }
+        io_uring_cq_advance(ring, n);
+        total += n;
+        if (n == 0 || total >= MAX_CQES_PER_POLL)
+            break;
+    }
+    if (s->ring_count < s->ring_target / 2)
+        refill_ring(p);
+    if (r == -ETIME || r == -EINTR || r == -EBUSY || r == -EAGAIN)
+        r = 0;
+    return r < 0 ? r : 0;
+}
+
+/* ---- handles and operations ----------------------------------------------------------- */
+
+static int ur_attach(cp_handle *h)
+{
+    h->cp__flags |= CP__H_ATTACHED;
+    return 0;
+}
+
+static void ur_pool_stop(cp_handle *h)
+{
+    cp_port *p = h->cp__port;
+    ur_state *s = state_of(p);
+    cp__lock_acquire(&s->sq_lock);
+    struct io_uring_sqe *sqe = get_sqe_locked(s);
+    if (sqe) {
+        io_uring_prep_cancel64(sqe, (uint64_t)(uintptr_t)h | TAG_MSHOT, 0);
+        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+        sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+        submitted_locked(p, s);
+    }
+    cp__lock_release(&s->sq_lock);
+}
+
+static void ur_detach(cp_handle *h)
+{
+    h->cp__flags &= (uint16_t)~CP__H_ATTACHED;
+    if ((h->cp__flags & CP__H_MSHOT) && !(h->cp__flags & CP__H_MSHOT_STOP)) {
+        h->cp__flags |= CP__H_MSHOT_STOP;
+        ur_pool_stop(h);
+    }
+}
+
+/* Arm the socket's multishot pooled receive (if it is not armed already). */
+static int arm_multishot(cp_handle *h)
+{
+    if (h->cp__flags & CP__H_MSHOT)
+        return CP__PENDING; /* armed, or stopping: its end re-arms if still wanted */
+    cp_port *p = h->cp__port;
+    ur_state *s = state_of(p);
+    cp__lock_acquire(&s->br_lock);
+    uint32_t in_ring = s->ring_count;
+    cp__lock_release(&s->br_lock);
+    if (in_ring == 0) {
+        refill_ring(p);
+        cp__lock_acquire(&s->br_lock);
+        in_ring = s->ring_count;
+        cp__lock_release(&s->br_lock);
+        if (in_ring == 0)
+            return cp__io_starve_locked(h); /* arming now would end at once with ENOBUFS */
+    }
+    cp__lock_acquire(&s->sq_lock);
+    struct io_uring_sqe *sqe = get_sqe_locked(s);
+    if (!sqe) {
+        cp__lock_release(&s->sq_lock);
+        return -EBUSY;
+    }
+    /* len 0: each completion carries at most one pool buffer, which caps what one
+     * receive can take. */
+    io_uring_prep_recv_multishot(sqe, h->fd, NULL, 0, 0);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = BUF_GROUP;
+    io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)h | TAG_MSHOT);
+    h->cp__flags |= CP__H_MSHOT;
+    cp__h_pin(h);
+    submitted_locked(p, s);
+    cp__lock_release(&s->sq_lock);
+    return CP__PENDING;
+}
+
+static int ur_start(cp_op *op)
+{
+    cp_handle *h = op->cp__h;
+    if (op->opcode == CP_OP_RECV_POOL)
+        return arm_multishot(h);
+    cp_port *p = h->cp__port;
+    ur_state *s = state_of(p);
+    struct iovec tmp[IOV_MAX];
+    struct msghdr msg;
+    bool now = false;
+    cp__lock_acquire(&s->sq_lock);
+    struct io_uring_sqe *sqe = get_sqe_locked(s);
+    if (!sqe) {
+        cp__lock_release(&s->sq_lock);
+        return -EBUSY;
+    }
+    switch (op->opcode) {
+    case CP_OP_RECV:
+        if (op->cp__flags & CP__OPF_VEC)
+            io_uring_prep_readv(sqe, h->fd, op->u.iov, op->cp__aux, 0);
+        else
+            io_uring_prep_recv(sqe, h->fd, op->u.buf, op->cp__len, 0);
+        break;
+    case CP_OP_SEND:
+        if (op->cp__flags & CP__OPF_VEC) {
+            /* The msghdr lives on this stack: submit before returning (the kernel has
+             * consumed it when io_uring_enter returns, IORING_FEAT_SUBMIT_STABLE). */
+            const struct iovec *iov;
+            int cnt = cp__op_iov(op, tmp, &iov);
+            memset(&msg, 0, sizeof(msg));
+            msg.msg_iov = (struct iovec *)(uintptr_t)iov;
+            msg.msg_iovlen = (size_t)cnt;
+            io_uring_prep_sendmsg(sqe, h->fd, &msg, MSG_NOSIGNAL | MSG_WAITALL);
+            now = true;
+        } else {
+            /* MSG_WAITALL: the kernel retries a short send itself where it can. */
+            io_uring_prep_send(sqe, h->fd, (char *)op->u.buf + op->cp__done,
+                               op->cp__len - op->cp__done, MSG_NOSIGNAL | MSG_WAITALL);
+        }
+        break;
+    case CP_OP_ACCEPT: {
+        cp_accept_op *aop = CP_CONTAINER_OF(op, cp_accept_op, op);
+        if (op->cp__flags & CP__OPF_FIRSTDATA) {
+            io_uring_prep_recv(sqe, aop->fd, op->u.buf, op->cp__len, 0);
+        } else {
+            aop->addrlen = sizeof(aop->addr);
+            io_uring_prep_accept(sqe, h->fd, (struct sockaddr *)&aop->addr, &aop->addrlen,
+                                 SOCK_NONBLOCK | SOCK_CLOEXEC);
+        }
+        break;
+    }
+    case CP_OP_CONNECT:
+        io_uring_prep_connect(sqe, h->fd, op->u.buf, op->cp__len);
+        break;
+    case CP_OP_DISCONNECT:
+        io_uring_prep_shutdown(sqe, h->fd, SHUT_WR);
+        break;
+    default:
+        /* Give the SQE back as a no-op that nobody waits for. */
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+        cp__lock_release(&s->sq_lock);
+        return -EOPNOTSUPP;
+    }
+    io_uring_sqe_set_data(sqe, op);
+    cp__h_pin(h);
+    if (now)
+        submit_now_locked(s);
+    else
+        submitted_locked(p, s);
+    cp__lock_release(&s->sq_lock);
+    return CP__PENDING;
+}
+
+static int ur_cancel(cp_op *op)
+{
+    if (op->opcode == CP_OP_RECV_POOL)
+        return 0; /* waits on the socket's multishot, not on a request of its own */
+    cp_port *p = op->cp__h->cp__port;
+    ur_state *s = state_of(p);
+    cp__lock_acquire(&s->sq_lock);
+    struct io_uring_sqe *sqe = get_sqe_locked(s);
+    if (sqe) {
+        io_uring_prep_cancel(sqe, op, 0);
+        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+        sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+        submitted_locked(p, s);
+    }
+    cp__lock_release(&s->sq_lock);
+    return CP__PENDING;
+}
+
+const cp__backend cp__backend_io_uring = {
+    .name = "io_uring",
+    .kind = CP_BACKEND_IO_URING,
+    .init = ur_init,
+    .fini = ur_fini,
+    .poll = ur_poll,
+    .wake = ur_wake,
+    .flush = ur_flush,
+    .pool_refill = ur_pool_refill,
+    .pool_stop = ur_pool_stop,
+    .attach = ur_attach,
+    .detach = ur_detach,
+    .start = ur_start,
+    .cancel = ur_cancel,
+};

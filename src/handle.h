@@ -1,0 +1,106 @@
+/* Internal state of handles and operations, shared by the socket layer (socket.c) and
+ * the backends. Every field named here is guarded by the handle's lock unless noted. */
+#ifndef CPORT_HANDLE_H
+#define CPORT_HANDLE_H
+
+#include "port_internal.h"
+
+/* cp_handle.cp__flags */
+enum {
+    CP__H_CLOSING = 1u << 0,    /* cp_socket_close() was called */
+    CP__H_CLOSED = 1u << 1,     /* the close finished; the handle is the caller's again */
+    CP__H_RD_READY = 1u << 2,   /* epoll: readable as far as we know */
+    CP__H_WR_READY = 1u << 3,   /* epoll: writable as far as we know */
+    CP__H_MSHOT = 1u << 4,      /* io_uring: a multishot pool receive is armed */
+    CP__H_MSHOT_STOP = 1u << 5, /* io_uring: ...and we asked the kernel to cancel it */
+    CP__H_EOF = 1u << 6,        /* pool receive saw end of stream */
+    CP__H_ERR = 1u << 7,        /* pool receive failed; errno in cp__pad */
+    CP__H_STARVING = 1u << 8,   /* waiting for a free pool buffer (pinned, on the list) */
+    CP__H_ATTACHED = 1u << 9,   /* the backend registered the fd */
+};
+
+/* cp_op.cp__state */
+enum {
+    CP__OPS_IDLE = 0,
+    CP__OPS_QUEUED,    /* in its handle's queue, not started */
+    CP__OPS_STARTED,   /* started: in the kernel, or waiting for readiness (epoll) */
+    CP__OPS_CANCELING, /* cancel requested from the kernel */
+    CP__OPS_DONE,      /* completion queued on the port */
+};
+
+/* cp_op.cp__flags */
+enum {
+    CP__OPF_TIMEDOUT = 1u << 0,  /* its timeout expired: report -ETIMEDOUT */
+    CP__OPF_VEC = 1u << 1,       /* u.iov / cp__len is an iovec array / count */
+    CP__OPF_FIRSTDATA = 1u << 2, /* accept: connection taken, waiting for first data */
+    CP__OPF_PHASE = 1u << 3,     /* backend-private step marker (epoll connect) */
+};
+
+#define CP__NO_BUF 0xffffu
+
+static inline cp_port *cp__h_port(const cp_handle *h)
+{
+    return h->cp__port;
+}
+
+static inline void cp__h_lock(cp_handle *h)
+{
+    cp__lock_acquire(&h->cp__lock);
+}
+
+static inline void cp__h_unlock(cp_handle *h)
+{
+    cp__lock_release(&h->cp__lock);
+}
+
+/* Pins keep a closing handle alive (its close does not complete) while the kernel or a
+ * background path may still touch it. Atomic: taken without the handle lock by timers. */
+static inline void cp__h_pin(cp_handle *h)
+{
+    __atomic_add_fetch(&h->cp__inflight, 1, __ATOMIC_RELAXED);
+}
+
+static inline uint32_t cp__h_unpin(cp_handle *h)
+{
+    return __atomic_sub_fetch(&h->cp__inflight, 1, __ATOMIC_RELAXED);
+}
+
+/* ---- entry points of the socket layer for backends (socket.c) ---- */
+
+/* A kernel request for `op` finished with `res` (io_uring CQE): drops the pin the request
+ * held, advances or completes the op, starts the next one. Takes the handle lock. */
+void cp__io_done(cp_op *op, int res, cp__oplist *done);
+
+/* The handle became ready (epoll): retry the started head operation of the receive and/or
+ * send queue. Takes the handle lock. */
+void cp__io_ready(cp_handle *h, bool readable, bool writable, cp__oplist *done);
+
+/* An accept waiting for its first data (epoll phase 2): with res == CP__PENDING its new
+ * socket became readable, so run its step again (unless it is being cancelled); with
+ * res < 0 the backend finished the deferred cancel: drop the backend's pin and complete
+ * it. Takes the listener's lock. */
+void cp__io_firstdata(cp_op *op, int res, cp__oplist *done);
+
+/* No free pool buffer for h: pin it and put it on the pool's waiting list (once).
+ * Returns CP__PENDING, or -ENOMEM. Called with h locked. */
+int cp__io_starve_locked(cp_handle *h);
+
+/* One completion of a multishot pool receive (io_uring): res bytes in buffer `bufid`
+ * (CP__NO_BUF if none); `more` false when the multishot has ended. Takes the lock. */
+void cp__io_chunk(cp_handle *h, int res, uint16_t bufid, bool more, cp__oplist *done);
+
+/* Drop a pin taken by a backend (e.g. a deferred epoll detach). Takes the handle lock. */
+void cp__io_unpin(cp_handle *h, cp__oplist *done);
+
+/* Pool buffers may be available again for a starving handle. Takes the handle lock. */
+void cp__io_resume(cp_handle *h, cp__oplist *done);
+
+/* The part of a vector op's iovec array not yet transferred: the caller's own array when
+ * nothing moved yet, else a trimmed copy in tmp (IOV_MAX entries). Returns the count. */
+int cp__op_iov(const cp_op *op, struct iovec *tmp, const struct iovec **out);
+
+/* Queue what a backend or the socket layer collected, then serve starving handles if
+ * buffers were freed. */
+void cp__io_deliver(cp_port *port, cp__oplist *done);
+
+#endif

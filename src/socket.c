@@ -1,0 +1,761 @@
+/* Overlapped socket operations, backend-neutral: per-handle queues, the operation state
+ * machine, cancel, close, pooled receives and per-operation timeouts.
+ *
+ * Every handle keeps two FIFO queues: receives (and accepts) and sends (and connects,
+ * disconnects). Only the head of a queue is started in the kernel; when it finishes the
+ * next one starts. That single rule gives in-order filling of several outstanding
+ * receives, in-order and never-interleaved sends, and lets the library continue short
+ * writes, on both backends. (A listener's send queue instead holds accepts that already
+ * took their connection and wait for its first data; those run independently.)
+ *
+ * The backend runs one step of an operation at a time (backend.h: start); step_locked()
+ * decides whether the op is finished or needs another step. An op finishes exactly once,
+ * in finish_locked(), which queues its completion.
+ *
+ * Lock order: handle lock, then the port's timer lock or the port lock or the pool lock.
+ * The port never takes a handle lock.
+ */
+#include "handle.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <string.h>
+#include <unistd.h>
+
+enum {
+    OPLIST_POOL_FREED = CP__OPLIST_POOL_FREED,
+    MAX_EXPIRE_BATCH = 64,
+};
+
+static const cp__backend *be_of(const cp_handle *h)
+{
+    return h->cp__port->be;
+}
+
+/* ---- queues --------------------------------------------------------------------------- */
+
+static void queue_append(cp_op **q, cp_op *op)
+{
+    op->cp__next = NULL;
+    while (*q)
+        q = &(*q)->cp__next;
+    *q = op;
+}
+
+static bool queue_remove(cp_op **q, cp_op *op)
+{
+    for (; *q; q = &(*q)->cp__next) {
+        if (*q == op) {
+            *q = op->cp__next;
+            op->cp__next = NULL;
+            return true;
+        }
+    }
+    return false;
+}
+
+static bool queue_has(const cp_op *q, const cp_op *op)
+{
+    for (; q; q = q->cp__next)
+        if (q == op)
+            return true;
+    return false;
+}
+
+static cp_accept_op *accept_of(cp_op *op)
+{
+    return CP_CONTAINER_OF(op, cp_accept_op, op);
+}
+
+/* ---- the state machine ---------------------------------------------------------------- */
+
+static void maybe_finish_close_locked(cp_handle *h, cp__oplist *done);
+
+static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
+{
+    if (!queue_remove(&h->cp__rq, op))
+        queue_remove(&h->cp__sq, op);
+    if (op->timeout_ms) {
+        cp_port *p = h->cp__port;
+        cp__lock_acquire(&p->timer_lock);
+        cp__heap_remove(&p->timers, &op->cp__tidx);
+        cp__lock_release(&p->timer_lock);
+    }
+    if (res == -ECANCELED && (op->cp__flags & CP__OPF_TIMEDOUT))
+        res = -ETIMEDOUT;
+    if (res < 0 && op->opcode == CP_OP_ACCEPT) {
+        cp_accept_op *aop = accept_of(op);
+        if (aop->fd >= 0)
+            close(aop->fd);
+        aop->fd = -1;
+    }
+    if (res < 0)
+        op->cp__done = 0;
+    op->cp__res = res < 0 ? res : 0;
+    op->cp__state = CP__OPS_DONE;
+    cp__oplist_push(done, op);
+}
+
+/* Total bytes an op transfers (cp__len is the byte count for vector ops too). */
+static uint32_t op_total(const cp_op *op)
+{
+    return op->cp__len;
+}
+
+/* Apply the result r of one step. Returns true when the op is finished (*res is its final
+ * status), false when the backend must run another step. */
+static bool step_locked(cp_handle *h, cp_op *op, int r, int *res)
+{
+    if (r < 0) {
+        *res = r;
+        return true;
+    }
+    switch (op->opcode) {
+    case CP_OP_SEND:
+        if (r == 0 && op->cp__done < op_total(op)) {
+            *res = -EIO; /* the kernel accepted nothing without an error: do not spin */
+            return true;
+        }
+        op->cp__done += (uint32_t)r;
+        if (op->cp__done >= op_total(op)) {
+            *res = 0;
+            return true;
+        }
+        break;
+    case CP_OP_ACCEPT:
+        if (!(op->cp__flags & CP__OPF_FIRSTDATA)) {
+            accept_of(op)->fd = r;
+            if (op->cp__len == 0) {
+                op->cp__done = 0;
+                *res = 0;
+                return true;
+            }
+            /* Connection taken; wait for its first data off the accept queue so later
+             * accepts are not held up by a silent peer. */
+            op->cp__flags |= CP__OPF_FIRSTDATA;
+            queue_remove(&h->cp__rq, op);
+            queue_append(&h->cp__sq, op);
+            break;
+        }
+        op->cp__done = (uint32_t)r;
+        *res = 0;
+        return true;
+    default:
+        op->cp__done = (uint32_t)r;
+        *res = 0;
+        return true;
+    }
+    if (op->cp__state == CP__OPS_CANCELING) {
+        *res = -ECANCELED;
+        return true;
+    }
+    return false;
+}
+
+/* One step of an op: pooled receives are served from the socket's backlog first;
+ * everything else goes to the backend. */
+static int start_step_locked(cp_handle *h, cp_op *op)
+{
+    if (op->opcode == CP_OP_RECV_POOL) {
+        cp__bufpool *bp = &h->cp__port->pool;
+        uint16_t id;
+        uint32_t len;
+        if (cp__stash_pop(bp, h, &id, &len)) {
+            op->cp__bufid = id;
+            op->u.buf = cp__bufpool_addr(bp, id);
+            return (int)len;
+        }
+        if (h->cp__flags & CP__H_EOF)
+            return 0;
+        if (h->cp__flags & CP__H_ERR)
+            return -(int)h->cp__pad;
+    }
+    return be_of(h)->start(op);
+}
+
+static void advance_locked(cp_handle *h, cp_op *op, int r, cp__oplist *done)
+{
+    for (;;) {
+        if (r == CP__PENDING)
+            return;
+        int res;
+        if (step_locked(h, op, r, &res)) {
+            finish_locked(h, op, res, done);
+            return;
+        }
+        r = start_step_locked(h, op);
+    }
+}
+
+/* Start queued ops at the head of q until one is left pending in the kernel. */
+static void kick_locked(cp_handle *h, cp_op **q, cp__oplist *done)
+{
+    cp_op *op;
+    while ((op = *q) && op->cp__state == CP__OPS_QUEUED) {
+        op->cp__state = CP__OPS_STARTED;
+        advance_locked(h, op, start_step_locked(h, op), done);
+    }
+}
+
+/* Run another step of the started head of q (readiness changed or buffers came back),
+ * then start what follows it. */
+static void retry_locked(cp_handle *h, cp_op **q, cp__oplist *done)
+{
+    cp_op *op = *q;
+    if (op && op->cp__state == CP__OPS_STARTED && !(op->cp__flags & CP__OPF_FIRSTDATA))
+        advance_locked(h, op, start_step_locked(h, op), done);
+    kick_locked(h, q, done);
+}
+
+static int cancel_locked(cp_handle *h, cp_op *op, cp__oplist *done)
+{
+    switch (op->cp__state) {
+    case CP__OPS_QUEUED:
+        finish_locked(h, op, -ECANCELED, done);
+        return 0;
+    case CP__OPS_STARTED:
+        if (be_of(h)->cancel(op) == CP__PENDING) {
+            op->cp__state = CP__OPS_CANCELING;
+            return 0;
+        }
+        finish_locked(h, op, -ECANCELED, done);
+        return 0;
+    case CP__OPS_CANCELING:
+        return -EALREADY;
+    default:
+        return -ENOENT;
+    }
+}
+
+/* Cancel every op of h that is not already being cancelled; returns how many. */
+static int cancel_all_locked(cp_handle *h, cp__oplist *done)
+{
+    int n = 0;
+    cp_op **queues[2] = {&h->cp__rq, &h->cp__sq};
+    for (int i = 0; i < 2; i++) {
+        cp_op *op = *queues[i];
+        while (op) {
+            cp_op *next = op->cp__next; /* op may leave the queue */
+            if (op->cp__state != CP__OPS_CANCELING && cancel_locked(h, op, done) == 0)
+                n++;
+            op = next;
+        }
+    }
+    return n;
+}
+
+static void maybe_finish_close_locked(cp_handle *h, cp__oplist *done)
+{
+    if ((h->cp__flags & (CP__H_CLOSING | CP__H_CLOSED)) != CP__H_CLOSING || h->cp__rq ||
+        h->cp__sq || __atomic_load_n(&h->cp__inflight, __ATOMIC_RELAXED) != 0)
+        return;
+    cp_port *p = h->cp__port;
+    h->cp__flags |= CP__H_CLOSED;
+    uint16_t id;
+    uint32_t len;
+    while (cp__stash_pop(&p->pool, h, &id, &len)) {
+        cp__bufpool_put(&p->pool, id);
+        done->flags |= OPLIST_POOL_FREED;
+    }
+    /* Only now is no kernel request left that could name this fd. */
+    close(h->fd);
+    cp__port_handle_removed(p);
+    cp_op *cop = h->cp__aux;
+    cop->cp__done = 0;
+    cop->cp__res = 0;
+    cop->cp__state = CP__OPS_DONE;
+    cp__oplist_push(done, cop);
+}
+
+/* ---- entry points for backends ---------------------------------------------------------- */
+
+void cp__io_done(cp_op *op, int res, cp__oplist *done)
+{
+    cp_handle *h = op->cp__h;
+    cp__h_lock(h);
+    cp__h_unpin(h);
+    advance_locked(h, op, res, done);
+    kick_locked(h, &h->cp__rq, done);
+    kick_locked(h, &h->cp__sq, done);
+    maybe_finish_close_locked(h, done);
+    cp__h_unlock(h);
+}
+
+void cp__io_ready(cp_handle *h, bool readable, bool writable, cp__oplist *done)
+{
+    cp__h_lock(h);
+    if (readable) {
+        h->cp__flags |= CP__H_RD_READY;
+        retry_locked(h, &h->cp__rq, done);
+    }
+    if (writable) {
+        h->cp__flags |= CP__H_WR_READY;
+        retry_locked(h, &h->cp__sq, done);
+    }
+    cp__h_unlock(h);
+}
+
+void cp__io_firstdata(cp_op *op, int res, cp__oplist *done)
+{
+    cp_handle *h = op->cp__h;
+    cp__h_lock(h);
+    if (res == CP__PENDING) {
+        if (op->cp__state == CP__OPS_STARTED)
+            advance_locked(h, op, be_of(h)->start(op), done);
+    } else {
+        cp__h_unpin(h);
+        finish_locked(h, op, res, done);
+    }
+    maybe_finish_close_locked(h, done);
+    cp__h_unlock(h);
+}
+
+void cp__io_chunk(cp_handle *h, int res, uint16_t bufid, bool more, cp__oplist *done)
+{
+    cp__bufpool *bp = &h->cp__port->pool;
+    cp__h_lock(h);
+    if (!more) {
+        h->cp__flags &= (uint16_t) ~(CP__H_MSHOT | CP__H_MSHOT_STOP);
+        cp__h_unpin(h);
+    }
+    if (bufid != CP__NO_BUF) {
+        if (res > 0 && !(h->cp__flags & CP__H_CLOSING)) {
+            cp__stash_push(bp, h, bufid, (uint32_t)res);
+            /* Backpressure and fairness: a socket whose data nobody claims stops reading
+             * once it holds its share of the pool. */
+            if (h->cp__nstash >= bp->per_socket && (h->cp__flags & CP__H_MSHOT) &&
+                !(h->cp__flags & CP__H_MSHOT_STOP)) {
+                h->cp__flags |= CP__H_MSHOT_STOP;
+                be_of(h)->pool_stop(h);
+            }
+        } else {
+            cp__bufpool_put(bp, bufid);
+            done->flags |= OPLIST_POOL_FREED;
+        }
+    } else if (!more) {
+        if (res == 0) {
+            h->cp__flags |= CP__H_EOF;
+        } else if (res < 0 && res != -ENOBUFS && res != -ECANCELED) {
+            h->cp__flags |= CP__H_ERR;
+            h->cp__pad = (uint8_t)(-res > 255 ? EIO : -res);
+        }
+        /* -ENOBUFS (empty ring) and -ECANCELED (our own stop) are not the connection's
+         * fault: the next pooled receive re-arms, or waits for buffers. */
+    }
+    if (!(h->cp__flags & CP__H_CLOSING))
+        retry_locked(h, &h->cp__rq, done);
+    maybe_finish_close_locked(h, done);
+    cp__h_unlock(h);
+}
+
+void cp__io_unpin(cp_handle *h, cp__oplist *done)
+{
+    cp__h_lock(h);
+    cp__h_unpin(h);
+    maybe_finish_close_locked(h, done);
+    cp__h_unlock(h);
+}
+
+void cp__io_resume(cp_handle *h, cp__oplist *done)
+{
+    cp__h_lock(h);
+    h->cp__flags &= (uint16_t)~CP__H_STARVING;
+    cp__h_unpin(h);
+    if (!(h->cp__flags & CP__H_CLOSING))
+        retry_locked(h, &h->cp__rq, done);
+    maybe_finish_close_locked(h, done);
+    cp__h_unlock(h);
+}
+
+void cp__io_serve_starving(cp_port *p)
+{
+    if (p->be->pool_refill)
+        p->be->pool_refill(p);
+    cp_handle *hs[16];
+    uint32_t n;
+    while ((n = cp__bufpool_pop_starving(&p->pool, hs, 16)) > 0) {
+        cp__oplist done = {0};
+        for (uint32_t i = 0; i < n; i++)
+            cp__io_resume(hs[i], &done);
+        cp__port_complete_list(p, &done);
+        if (n < 16)
+            break;
+    }
+}
+
+void cp__io_deliver(cp_port *p, cp__oplist *done)
+{
+    if (done->head)
+        cp__port_complete_list(p, done);
+    if (done->flags & OPLIST_POOL_FREED)
+        cp__io_serve_starving(p);
+}
+
+/* Park h until a pool buffer is free (the backend found none). Called with h locked. */
+int cp__io_starve_locked(cp_handle *h)
+{
+    if (h->cp__flags & CP__H_STARVING)
+        return CP__PENDING;
+    cp__h_pin(h);
+    h->cp__flags |= CP__H_STARVING;
+    int r = cp__bufpool_starve(&h->cp__port->pool, h);
+    if (r < 0) {
+        h->cp__flags &= (uint16_t)~CP__H_STARVING;
+        cp__h_unpin(h);
+        return r;
+    }
+    return CP__PENDING;
+}
+
+int cp__op_iov(const cp_op *op, struct iovec *tmp, const struct iovec **out)
+{
+    int cnt = op->cp__aux;
+    if (op->cp__done == 0) {
+        *out = op->u.iov;
+        return cnt;
+    }
+    uint32_t skip = op->cp__done;
+    int n = 0;
+    for (int i = 0; i < cnt; i++) {
+        const struct iovec *v = &op->u.iov[i];
+        if (skip >= v->iov_len) {
+            skip -= (uint32_t)v->iov_len;
+            continue;
+        }
+        tmp[n].iov_base = (char *)v->iov_base + skip;
+        tmp[n].iov_len = v->iov_len - skip;
+        skip = 0;
+        n++;
+    }
+    *out = tmp;
+    return n;
+}
+
+/* ---- port hooks ----------------------------------------------------------------------- */
+
+void cp__op_to_completion(cp_op *op, cp_completion *c)
+{
+    c->op = op;
+    c->key = op->cp__h->key;
+    c->result = op->cp__res < 0 ? op->cp__res : (int64_t)op->cp__done;
+    op->cp__state = CP__OPS_IDLE;
+}
+
+int64_t cp__io_next_deadline(cp_port *p)
+{
+    cp__lock_acquire(&p->timer_lock);
+    const cp__timer_entry *top = cp__heap_top(&p->timers);
+    int64_t d = top ? top->deadline : -1;
+    cp__lock_release(&p->timer_lock);
+    return d;
+}
+
+void cp__io_expire(cp_port *p, int64_t now)
+{
+    for (;;) {
+        struct {
+            cp_handle *h;
+            cp_op *op;
+            uint32_t seq;
+        } due[MAX_EXPIRE_BATCH];
+        unsigned n = 0;
+        cp__lock_acquire(&p->timer_lock);
+        const cp__timer_entry *top;
+        while (n < MAX_EXPIRE_BATCH && (top = cp__heap_top(&p->timers)) && top->deadline <= now) {
+            cp_op *op = top->owner;
+            /* The op is outstanding while it is in the heap (finishing removes it under
+             * this lock), so op and its handle are alive here; the pin keeps the handle
+             * alive after we unlock even if the op finishes meanwhile. */
+            cp__heap_remove(&p->timers, &op->cp__tidx);
+            cp__h_pin(op->cp__h);
+            due[n].h = op->cp__h;
+            due[n].op = op;
+            due[n].seq = op->cp__seq;
+            n++;
+        }
+        cp__lock_release(&p->timer_lock);
+        if (n == 0)
+            return;
+        cp__oplist done = {0};
+        for (unsigned i = 0; i < n; i++) {
+            cp_handle *h = due[i].h;
+            cp__h_lock(h);
+            /* Compare by address before touching the op: it may have finished and been
+             * reused; the sequence number tells a reuse on the same handle apart. */
+            if ((queue_has(h->cp__rq, due[i].op) || queue_has(h->cp__sq, due[i].op)) &&
+                due[i].op->cp__seq == due[i].seq) {
+                due[i].op->cp__flags |= CP__OPF_TIMEDOUT;
+                cancel_locked(h, due[i].op, &done);
+                kick_locked(h, &h->cp__rq, &done);
+                kick_locked(h, &h->cp__sq, &done);
+            }
+            cp__h_unpin(h);
+            maybe_finish_close_locked(h, &done);
+            cp__h_unlock(h);
+        }
+        cp__io_deliver(p, &done);
+        if (n < MAX_EXPIRE_BATCH)
+            return;
+    }
+}
+
+/* ---- public API ------------------------------------------------------------------------- */
+
+int cp_socket_associate(cp_socket *s, cp_port *port, int fd, uintptr_t key)
+{
+    if (!s || !port || fd < 0)
+        return -EINVAL;
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    memset(s, 0, sizeof(*s));
+    s->fd = fd;
+    s->key = key;
+    s->cp__port = port;
+    s->cp__stash_head = s->cp__stash_tail = CP__STASH_END;
+    cp__lock_init(&s->cp__lock);
+    int r = port->be->attach(s);
+    if (r < 0) {
+        s->cp__port = NULL;
+        return r;
+    }
+    if (!(fl & O_NONBLOCK))
+        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+    cp__port_handle_added(port);
+    return 0;
+}
+
+/* Validate, set up and queue op on queue `which` of h (0 = receive, 1 = send). */
+static int submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
+{
+    if (!h || !op || !h->cp__port)
+        return -EINVAL;
+    uint8_t state = __atomic_load_n(&op->cp__state, __ATOMIC_RELAXED);
+    if (state != CP__OPS_IDLE)
+        return -EBUSY; /* still in use: started and not yet dequeued */
+    cp_port *p = h->cp__port;
+    op->opcode = opcode;
+    op->cp__h = h;
+    op->cp__next = NULL;
+    op->cp__done = 0;
+    op->cp__res = 0;
+    op->cp__tidx = 0;
+    op->cp__bufid = CP__NO_BUF;
+    cp__oplist done = {0};
+    cp__h_lock(h);
+    if (h->cp__flags & CP__H_CLOSING) {
+        cp__h_unlock(h);
+        return -EBADF;
+    }
+    if (opcode == CP_OP_RECV && (h->cp__nstash || (h->cp__flags & CP__H_MSHOT))) {
+        cp__h_unlock(h);
+        return -EBUSY; /* data already flows into pool buffers for this socket */
+    }
+    op->cp__seq = ++h->cp__opseq;
+    if (op->timeout_ms) {
+        cp__lock_acquire(&p->timer_lock);
+        int r = cp__heap_push(&p->timers, op, &op->cp__tidx,
+                              cp__now_ns() + (int64_t)op->timeout_ms * 1000000);
+        cp__lock_release(&p->timer_lock);
+        if (r < 0) {
+            cp__h_unlock(h);
+            return r;
+        }
+    }
+    op->cp__state = CP__OPS_QUEUED;
+    cp_op **q = which ? &h->cp__sq : &h->cp__rq;
+    queue_append(q, op);
+    kick_locked(h, q, &done);
+    cp__h_unlock(h);
+    cp__io_deliver(p, &done);
+    /* A timed op may now be the earliest deadline: make sure the poller sees it. */
+    if (op->timeout_ms && cp__port_polling(p))
+        p->be->wake(p);
+    return 0;
+}
+
+int cp_socket_accept(cp_socket *listener, cp_accept_op *aop, void *buf, size_t len)
+{
+    if (!aop || len > UINT32_MAX || (len && !buf))
+        return -EINVAL;
+    aop->fd = -1;
+    aop->addrlen = sizeof(aop->addr);
+    aop->op.u.buf = buf;
+    aop->op.cp__len = (uint32_t)len;
+    aop->op.cp__flags = 0;
+    return submit(listener, &aop->op, CP_OP_ACCEPT, 0);
+}
+
+int cp_socket_connect(cp_socket *s, cp_op *op, const struct sockaddr *addr, socklen_t addrlen)
+{
+    if (!op || !addr || addrlen == 0)
+        return -EINVAL;
+    op->u.buf = (void *)(uintptr_t)addr;
+    op->cp__len = addrlen;
+    op->cp__flags = 0;
+    return submit(s, op, CP_OP_CONNECT, 1);
+}
+
+int cp_socket_recv(cp_socket *s, cp_op *op, void *buf, size_t len)
+{
+    if (!op || !buf || len == 0 || len > UINT32_MAX)
+        return -EINVAL;
+    op->u.buf = buf;
+    op->cp__len = (uint32_t)len;
+    op->cp__flags = 0;
+    return submit(s, op, CP_OP_RECV, 0);
+}
+
+static int iov_total(const struct iovec *iov, int iovcnt, uint32_t *total)
+{
+    if (!iov || iovcnt <= 0 || iovcnt > IOV_MAX)
+        return -EINVAL;
+    uint64_t sum = 0;
+    for (int i = 0; i < iovcnt; i++) {
+        if (iov[i].iov_len && !iov[i].iov_base)
+            return -EINVAL;
+        sum += iov[i].iov_len;
+    }
+    if (sum == 0 || sum > UINT32_MAX)
+        return -EINVAL;
+    *total = (uint32_t)sum;
+    return 0;
+}
+
+int cp_socket_recvv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt)
+{
+    uint32_t total;
+    int r = op ? iov_total(iov, iovcnt, &total) : -EINVAL;
+    if (r < 0)
+        return r;
+    op->u.iov = iov;
+    op->cp__len = total;
+    op->cp__aux = (uint16_t)iovcnt;
+    op->cp__flags = CP__OPF_VEC;
+    return submit(s, op, CP_OP_RECV, 0);
+}
+
+int cp_socket_recv_pooled(cp_socket *s, cp_op *op)
+{
+    if (!op)
+        return -EINVAL;
+    op->u.buf = NULL;
+    op->cp__len = s && s->cp__port ? s->cp__port->pool.size : 0;
+    op->cp__flags = 0;
+    return submit(s, op, CP_OP_RECV_POOL, 0);
+}
+
+int cp_socket_send(cp_socket *s, cp_op *op, const void *buf, size_t len)
+{
+    if (!op || !buf || len == 0 || len > UINT32_MAX)
+        return -EINVAL;
+    op->u.buf = (void *)(uintptr_t)buf;
+    op->cp__len = (uint32_t)len;
+    op->cp__flags = 0;
+    return submit(s, op, CP_OP_SEND, 1);
+}
+
+int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt)
+{
+    uint32_t total;
+    int r = op ? iov_total(iov, iovcnt, &total) : -EINVAL;
+    if (r < 0)
+        return r;
+    op->u.iov = iov;
+    op->cp__len = total;
+    op->cp__aux = (uint16_t)iovcnt;
+    op->cp__flags = CP__OPF_VEC;
+    return submit(s, op, CP_OP_SEND, 1);
+}
+
+int cp_socket_disconnect(cp_socket *s, cp_op *op)
+{
+    if (!op)
+        return -EINVAL;
+    op->u.buf = NULL;
+    op->cp__len = 0;
+    op->cp__flags = 0;
+    return submit(s, op, CP_OP_DISCONNECT, 1);
+}
+
+int cp_socket_cancel(cp_socket *h, cp_op *op)
+{
+    if (!h || !op || !h->cp__port)
+        return -EINVAL;
+    cp__oplist done = {0};
+    int r;
+    cp__h_lock(h);
+    if (!queue_has(h->cp__rq, op) && !queue_has(h->cp__sq, op)) {
+        r = -ENOENT;
+    } else {
+        r = cancel_locked(h, op, &done);
+        kick_locked(h, &h->cp__rq, &done);
+        kick_locked(h, &h->cp__sq, &done);
+    }
+    cp__h_unlock(h);
+    cp__io_deliver(h->cp__port, &done);
+    return r;
+}
+
+int cp_socket_cancel_all(cp_socket *h)
+{
+    if (!h || !h->cp__port)
+        return -EINVAL;
+    cp_port *p = h->cp__port;
+    cp__oplist done = {0};
+    cp__h_lock(h);
+    int n = cancel_all_locked(h, &done);
+    cp__h_unlock(h);
+    cp__io_deliver(p, &done);
+    return n;
+}
+
+int cp_socket_close(cp_socket *h, cp_op *op)
+{
+    if (!h || !op || !h->cp__port)
+        return -EINVAL;
+    if (__atomic_load_n(&op->cp__state, __ATOMIC_RELAXED) != CP__OPS_IDLE)
+        return -EBUSY;
+    cp_port *p = h->cp__port;
+    cp__oplist done = {0};
+    cp__h_lock(h);
+    if (h->cp__flags & CP__H_CLOSING) {
+        cp__h_unlock(h);
+        return -EBADF;
+    }
+    h->cp__flags |= CP__H_CLOSING;
+    op->opcode = CP_OP_CLOSE;
+    op->cp__h = h;
+    op->cp__next = NULL;
+    op->cp__flags = 0;
+    op->cp__state = CP__OPS_STARTED;
+    h->cp__aux = op;
+    cancel_all_locked(h, &done);
+    if ((h->cp__flags & CP__H_STARVING) && cp__bufpool_unstarve(&p->pool, h)) {
+        h->cp__flags &= (uint16_t)~CP__H_STARVING;
+        cp__h_unpin(h);
+    }
+    be_of(h)->detach(h);
+    maybe_finish_close_locked(h, &done);
+    cp__h_unlock(h);
+    cp__io_deliver(p, &done);
+    return 0;
+}
+
+void cp_buffer_release(cp_port *p, void *buf)
+{
+    if (!p || !buf)
+        return;
+    int id = cp__bufpool_id(&p->pool, buf);
+    if (id < 0)
+        return;
+    cp__bufpool_put(&p->pool, (uint16_t)id);
+    cp__oplist done = {.flags = OPLIST_POOL_FREED};
+    cp__io_deliver(p, &done);
+}
+
+size_t cp_buffer_size(const cp_port *p)
+{
+    return p->pool.size;
+}

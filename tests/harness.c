@@ -1,0 +1,88 @@
+/* Test runner: `prog NAME` runs one test; `prog --list` lists them. */
+#include "harness.h"
+
+#include "cport.h"
+
+#include <signal.h>
+#include <string.h>
+#include <time.h>
+
+enum { MAX_TESTS = 256 };
+
+static struct {
+    const char *name;
+    cpt_fn fn;
+} tests[MAX_TESTS];
+static int ntests;
+
+void cpt_register(const char *name, cpt_fn fn)
+{
+    if (ntests == MAX_TESTS) {
+        fprintf(stderr, "too many tests\n");
+        exit(2);
+    }
+    tests[ntests].name = name;
+    tests[ntests].fn = fn;
+    ntests++;
+}
+
+const char *cpt_strerror(int err)
+{
+    return cp_strerror(err);
+}
+
+const char *cpt_backend(void)
+{
+    const char *b = getenv("CPORT_BACKEND");
+    return b && *b ? b : "auto";
+}
+
+int64_t cpt_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+int64_t cpt_now_ms(void)
+{
+    return cpt_now_ns() / 1000000;
+}
+
+double cpt_scale(void)
+{
+    const char *s = getenv("CPORT_TEST_SCALE");
+    double v = s ? atof(s) : 1.0;
+    return v > 0 ? v : 1.0;
+}
+
+int64_t cpt_scaled(int64_t n, int64_t min)
+{
+    int64_t v = (int64_t)((double)n * cpt_scale());
+    return v < min ? min : v;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 2 && strcmp(argv[1], "--list") == 0) {
+        for (int i = 0; i < ntests; i++)
+            printf("%s\n", tests[i].name);
+        return 0;
+    }
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s TEST | --list\n", argv[0]);
+        return 2;
+    }
+    /* Tests write to sockets whose peers may vanish: EPIPE must be an error, not a death. */
+    signal(SIGPIPE, SIG_IGN);
+    for (int i = 0; i < ntests; i++) {
+        if (strcmp(tests[i].name, argv[1]) == 0) {
+            fprintf(stderr, "== %s [%s]\n", argv[1], cpt_backend());
+            tests[i].fn();
+            fprintf(stderr, "== %s: pass\n", argv[1]);
+            return 0;
+        }
+    }
+    fprintf(stderr, "no test named %s\n", argv[1]);
+    return 2;
+}
