@@ -5,6 +5,7 @@
  *   cport/port.h    the completion port (create, post, dequeue, close, concurrency)
  *   cport/socket.h  overlapped socket I/O through a port
  *   cport/pool.h    the thread pool on a port: work items, timers, bound I/O callbacks
+ *   cport/frame.h   length-prefixed message framing (decoder, encoder)
  */
 #ifndef CPORT_H
 #define CPORT_H
@@ -13,5 +14,6 @@
 #include "cport/port.h"
 #include "cport/socket.h"
 #include "cport/pool.h"
+#include "cport/frame.h"
 
 #endif

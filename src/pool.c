@@ -179,10 +179,11 @@ void cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode)
 {
     if (!pool)
         return;
-    __atomic_store_n(&pool->stopping, true, __ATOMIC_RELEASE);
-    cp__timers_shutdown(pool);
+    /* Cancelling first: an item that sees submit fail must already see items discarded. */
     if (mode == CP_POOL_CANCEL)
         __atomic_store_n(&pool->cancelling, true, __ATOMIC_RELEASE);
+    __atomic_store_n(&pool->stopping, true, __ATOMIC_RELEASE);
+    cp__timers_shutdown(pool);
     /* Closing the port lets the workers hand out what is queued, then return -ECANCELED. */
     cp_port_close(pool->port);
     for (unsigned i = 0; i < pool->nthreads; i++)

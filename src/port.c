@@ -109,7 +109,7 @@ static void release_locked(cp_port *p, wake_list *wl)
         w->nhand = take_locked(p, w->hand, w->want);
         w->running = true;
         p->running++;
-        w->next_parked = wl->threads;
+        w->next_wake = wl->threads;
         wl->threads = w;
     }
     if (p->running >= p->concurrency || p->closed)
@@ -123,7 +123,7 @@ static void release_locked(cp_port *p, wake_list *wl)
     } else if (!p->polling && p->parked && need_poller(p)) {
         cp__thread *w = pop_parked_locked(p);
         w->nhand = 0;
-        w->next_parked = wl->threads;
+        w->next_wake = wl->threads;
         wl->threads = w;
     }
 }
@@ -132,10 +132,10 @@ static void wake_all(cp_port *p, wake_list *wl)
 {
     cp__thread *w = wl->threads;
     while (w) {
-        cp__thread *next = w->next_parked;
-        w->next_parked = NULL;
-        /* The record outlives this call: it is freed only when its thread exits, and the
-         * thread is inside dequeue until it sees futex == 1. */
+        /* Read the link before the store below lets the thread run on. The record itself
+         * outlives this call: it is freed only when its thread exits, and the thread is
+         * inside dequeue until it sees futex == 1. */
+        cp__thread *next = w->next_wake;
         __atomic_store_n(&w->futex, 1, __ATOMIC_RELEASE);
         cp__futex_wake(&w->futex, 1);
         w = next;
@@ -595,7 +595,7 @@ void cp_port_close(cp_port *p)
         while (p->parked) {
             cp__thread *w = pop_parked_locked(p);
             w->nhand = 0;
-            w->next_parked = wl.threads;
+            w->next_wake = wl.threads;
             wl.threads = w;
         }
         wl.poller = p->polling;

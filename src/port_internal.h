@@ -25,6 +25,7 @@ typedef struct cp__packet {
 /* One record per thread that ever dequeued from the port. */
 typedef struct cp__thread {
     struct cp__thread *next_parked; /* LIFO stack of parked threads */
+    struct cp__thread *next_wake;   /* list of threads to wake after unlocking */
     struct cp__thread *prev, *next; /* every record of the port */
     cp_port *port;
     uint32_t futex;     /* 0 while parked, 1 once woken */

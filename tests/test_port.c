@@ -1,13 +1,774 @@
-/* Tests of the completion port (src/port.c): concurrency limit, LIFO release, FIFO batch
- * dequeue, timeouts, close, post/dequeue accounting, blocking notification. */
+/* Tests of the completion port (src/port.c): concurrency limit, LIFO release, the
+ * no-wakeup fast path, FIFO batch dequeue, timeouts, close, exactly-once delivery under
+ * load, blocking notification, thread exit, post limits, backend selection. Every test
+ * runs once per backend (CPORT_BACKEND); those marked "with_io" also associate a socket so
+ * that the poller path (a thread waiting in io_uring_enter / epoll_wait) is exercised. */
 #include "harness.h"
 
 #include "cport.h"
 
-TEST(create_destroy)
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static cp_port *make_port(unsigned concurrency)
+{
+    cp_port_options o = {.concurrency = concurrency};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    return p;
+}
+
+/* Associating one socket makes the port keep a poller in the backend. */
+typedef struct io_anchor {
+    cp_socket s;
+    int peer;
+} io_anchor;
+
+static void anchor_open(io_anchor *a, cp_port *p)
+{
+    int sv[2];
+    CHECK_OK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv));
+    CHECK_OK(cp_socket_associate(&a->s, p, sv[0], 0xA11C));
+    a->peer = sv[1];
+}
+
+static void anchor_close(io_anchor *a, cp_port *p)
+{
+    cp_op op = {0};
+    CHECK_OK(cp_socket_close(&a->s, &op));
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 5000), 1);
+    CHECK(c.op == &op);
+    close(a->peer);
+}
+
+static void wait_for_waiters(cp_port *p, unsigned n)
+{
+    /* Polls a counter the port maintains under its lock: a condition, not a guess. */
+    for (int64_t start = cpt_now_ms();;) {
+        cp_port_stats st;
+        cp_port_get_stats(p, &st);
+        if (st.waiting >= n)
+            return;
+        CHECK(cpt_now_ms() - start < 10000);
+        sched_yield();
+    }
+}
+
+static long my_voluntary_switches(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_THREAD, &ru);
+    return ru.ru_nvcsw;
+}
+
+/* ---- concurrency ----------------------------------------------------------------------- */
+
+typedef struct conc_ctx {
+    cp_port *port;
+    int running_now;
+    int max_running;
+    int processed;
+    int total;
+} conc_ctx;
+
+static void spin_us(int64_t us)
+{
+    int64_t end = cpt_now_ns() + us * 1000;
+    while (cpt_now_ns() < end)
+        ;
+}
+
+static void *conc_worker(void *arg)
+{
+    conc_ctx *x = arg;
+    cp_completion c;
+    for (;;) {
+        int n = cp_port_dequeue(x->port, &c, 1, -1);
+        if (n == -ECANCELED)
+            return NULL;
+        CHECK_EQ(n, 1);
+        int now = __atomic_add_fetch(&x->running_now, 1, __ATOMIC_SEQ_CST);
+        int seen = __atomic_load_n(&x->max_running, __ATOMIC_SEQ_CST);
+        while (now > seen &&
+               !__atomic_compare_exchange_n(&x->max_running, &seen, now, false,
+                                            __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            ;
+        spin_us(200);
+        __atomic_sub_fetch(&x->running_now, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_add_fetch(&x->processed, 1, __ATOMIC_SEQ_CST) == x->total)
+            cp_port_close(x->port);
+    }
+}
+
+static void run_concurrency(bool with_io)
+{
+    conc_ctx x = {.port = make_port(2), .total = (int)cpt_scaled(2000, 200)};
+    io_anchor a;
+    if (with_io)
+        anchor_open(&a, x.port);
+    pthread_t th[8];
+    for (int i = 0; i < 8; i++)
+        CHECK_OK(-pthread_create(&th[i], NULL, conc_worker, &x));
+    wait_for_waiters(x.port, 8);
+    for (int i = 0; i < x.total; i++)
+        CHECK_OK(cp_port_post(x.port, 1, i, NULL));
+    for (int i = 0; i < 8; i++)
+        pthread_join(th[i], NULL);
+    CHECK_EQ(x.processed, x.total);
+    CHECK(x.max_running <= 2);
+    CHECK_EQ(x.max_running, 2);
+    if (with_io) {
+        /* The port is closed, so drain the anchor's close by hand. */
+        cp_op op = {0};
+        CHECK_OK(cp_socket_close(&a.s, &op));
+        cp_completion c;
+        CHECK_EQ(cp_port_dequeue(x.port, &c, 1, 5000), 1);
+        close(a.peer);
+    }
+    cp_port_destroy(x.port);
+}
+
+TEST(concurrency_limit)
+{
+    run_concurrency(false);
+}
+
+TEST(concurrency_limit_with_io)
+{
+    run_concurrency(true);
+}
+
+/* ---- LIFO release ------------------------------------------------------------------------ */
+
+typedef struct lifo_ctx {
+    cp_port *port;
+    int order[8];
+    int norder;
+} lifo_ctx;
+
+typedef struct lifo_arg {
+    lifo_ctx *x;
+    int id;
+} lifo_arg;
+
+static void *lifo_worker(void *arg)
+{
+    lifo_arg *a = arg;
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(a->x->port, &c, 1, -1), 1);
+    int i = __atomic_fetch_add(&a->x->norder, 1, __ATOMIC_SEQ_CST);
+    a->x->order[i] = a->id;
+    return NULL;
+}
+
+static void run_lifo(bool with_io)
+{
+    enum { N = 4 };
+    lifo_ctx x = {.port = make_port(N)};
+    io_anchor anc;
+    if (with_io)
+        anchor_open(&anc, x.port);
+    pthread_t th[N];
+    lifo_arg args[N];
+    /* Start the threads one at a time, each waiting before the next starts. */
+    for (int i = 0; i < N; i++) {
+        args[i] = (lifo_arg){&x, i};
+        CHECK_OK(-pthread_create(&th[i], NULL, lifo_worker, &args[i]));
+        wait_for_waiters(x.port, (unsigned)i + 1);
+    }
+    /* Release them one item at a time: the thread that began waiting last goes first. */
+    for (int i = 0; i < N; i++) {
+        CHECK_OK(cp_port_post(x.port, 0, i, NULL));
+        for (int64_t t0 = cpt_now_ms(); __atomic_load_n(&x.norder, __ATOMIC_SEQ_CST) <= i;)
+            CHECK(cpt_now_ms() - t0 < 10000);
+    }
+    for (int i = 0; i < N; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < N; i++)
+        CHECK_EQ(x.order[i], N - 1 - i);
+    if (with_io)
+        anchor_close(&anc, x.port);
+    cp_port_destroy(x.port);
+}
+
+TEST(lifo_release)
+{
+    run_lifo(false);
+}
+
+TEST(lifo_release_with_io)
+{
+    run_lifo(true);
+}
+
+/* ---- fast path: a returning running thread takes work without waking anyone ----------- */
+
+typedef struct idle_ctx {
+    cp_port *port;
+    int got;
+} idle_ctx;
+
+static void *idle_waiter(void *arg)
+{
+    idle_ctx *x = arg;
+    cp_completion c;
+    int n = cp_port_dequeue(x->port, &c, 1, -1);
+    if (n == 1)
+        __atomic_add_fetch(&x->got, 1, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+static void run_fast_path(bool with_io)
+{
+    idle_ctx x = {.port = make_port(1)};
+    io_anchor anc;
+    if (with_io)
+        anchor_open(&anc, x.port);
+    cp_completion c;
+    /* Become the one running thread. */
+    CHECK_OK(cp_port_post(x.port, 0, -1, NULL));
+    CHECK_EQ(cp_port_dequeue(x.port, &c, 1, 1000), 1);
+    /* A second thread waits; with concurrency 1 it must never be released while we run. */
+    pthread_t th;
+    CHECK_OK(-pthread_create(&th, NULL, idle_waiter, &x));
+    wait_for_waiters(x.port, 1);
+    enum { N = 200 };
+    for (int i = 0; i < N; i++)
+        CHECK_OK(cp_port_post(x.port, 0, i, NULL));
+    cp_port_stats before;
+    cp_port_get_stats(x.port, &before);
+    long csw = my_voluntary_switches();
+    for (int i = 0; i < N; i++) {
+        CHECK_EQ(cp_port_dequeue(x.port, &c, 1, 0), 1);
+        CHECK_EQ(c.result, i);
+    }
+    long csw_after = my_voluntary_switches();
+    cp_port_stats after;
+    cp_port_get_stats(x.port, &after);
+    CHECK_EQ(after.wakeups, before.wakeups); /* nobody was woken */
+    CHECK_EQ(csw_after, csw);                /* and we never slept */
+    CHECK_EQ(__atomic_load_n(&x.got, __ATOMIC_SEQ_CST), 0);
+    /* Coming back with nothing queued frees the slot: now the waiter may run. */
+    CHECK_OK(cp_port_post(x.port, 0, 0, NULL));
+    CHECK_EQ(cp_port_dequeue(x.port, &c, 1, 0), 1); /* still ours: we were running */
+    cp_port_close(x.port);
+    pthread_join(th, NULL);
+    if (with_io) {
+        cp_op op = {0};
+        CHECK_OK(cp_socket_close(&anc.s, &op));
+        CHECK_EQ(cp_port_dequeue(x.port, &c, 1, 5000), 1);
+        CHECK(c.op == &op);
+        close(anc.peer);
+    }
+    cp_port_destroy(x.port);
+}
+
+TEST(running_thread_takes_without_wakeup)
+{
+    run_fast_path(false);
+}
+
+TEST(running_thread_takes_without_wakeup_with_io)
+{
+    run_fast_path(true);
+}
+
+/* ---- FIFO batches -------------------------------------------------------------------------- */
+
+TEST(batch_dequeue_fifo)
+{
+    cp_port *p = make_port(1);
+    enum { N = 1000, MAXB = 64 };
+    int marker;
+    for (int i = 0; i < N; i++)
+        CHECK_OK(cp_port_post(p, 7, i, &marker));
+    int next = 0;
+    cp_completion c[MAXB];
+    while (next < N) {
+        int n = cp_port_dequeue(p, c, MAXB, 0);
+        CHECK(n >= 1 && n <= MAXB);
+        for (int i = 0; i < n; i++) {
+            CHECK_EQ(c[i].result, next);
+            CHECK_EQ(c[i].key, 7);
+            CHECK(c[i].op == &marker);
+            next++;
+        }
+    }
+    CHECK_EQ(cp_port_dequeue(p, c, MAXB, 0), -ETIMEDOUT);
+    cp_port_destroy(p);
+}
+
+typedef struct fifo_poster {
+    cp_port *port;
+    int id;
+    int n;
+} fifo_poster;
+
+static void *fifo_post(void *arg)
+{
+    fifo_poster *fp = arg;
+    for (int i = 0; i < fp->n; i++) {
+        int r;
+        while ((r = cp_port_post(fp->port, (uintptr_t)fp->id, i, NULL)) == -EAGAIN)
+            sched_yield();
+        CHECK_OK(r);
+    }
+    return NULL;
+}
+
+TEST(batch_fifo_per_poster)
+{
+    cp_port *p = make_port(1);
+    enum { POSTERS = 3 };
+    int n = (int)cpt_scaled(20000, 2000);
+    fifo_poster fp[POSTERS];
+    pthread_t th[POSTERS];
+    for (int i = 0; i < POSTERS; i++) {
+        fp[i] = (fifo_poster){p, i, n};
+        CHECK_OK(-pthread_create(&th[i], NULL, fifo_post, &fp[i]));
+    }
+    int next[POSTERS] = {0};
+    int total = 0;
+    cp_completion c[32];
+    while (total < POSTERS * n) {
+        int k = cp_port_dequeue(p, c, 32, 5000);
+        CHECK(k >= 1);
+        for (int i = 0; i < k; i++) {
+            CHECK(c[i].key < POSTERS);
+            CHECK_EQ(c[i].result, next[c[i].key]); /* each poster's order is kept */
+            next[c[i].key]++;
+        }
+        total += k;
+    }
+    for (int i = 0; i < POSTERS; i++)
+        pthread_join(th[i], NULL);
+    cp_port_destroy(p);
+}
+
+/* ---- timeouts ---------------------------------------------------------------------------- */
+
+static void *post_later(void *arg)
+{
+    cp_port *p = arg;
+    wait_for_waiters(p, 1);
+    CHECK_OK(cp_port_post(p, 3, 33, NULL));
+    return NULL;
+}
+
+static void run_timeouts(bool with_io)
+{
+    cp_port *p = make_port(1);
+    io_anchor anc;
+    if (with_io)
+        anchor_open(&anc, p);
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 0), -ETIMEDOUT);
+    int64_t t0 = cpt_now_ns();
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 50), -ETIMEDOUT);
+    int64_t waited = cpt_now_ns() - t0;
+    CHECK(waited >= 50 * 1000000LL); /* never early */
+    CHECK(waited < 5000 * 1000000LL);
+    /* -1 waits until a post arrives. */
+    pthread_t th;
+    CHECK_OK(-pthread_create(&th, NULL, post_later, p));
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, -1), 1);
+    CHECK_EQ(c.key, 3);
+    CHECK_EQ(c.result, 33);
+    pthread_join(th, NULL);
+    if (with_io)
+        anchor_close(&anc, p);
+    cp_port_destroy(p);
+}
+
+TEST(timeouts)
+{
+    run_timeouts(false);
+}
+
+TEST(timeouts_with_io)
+{
+    run_timeouts(true);
+}
+
+/* ---- close -------------------------------------------------------------------------------- */
+
+typedef struct close_ctx {
+    cp_port *port;
+    int cancelled;
+} close_ctx;
+
+static void *close_waiter(void *arg)
+{
+    close_ctx *x = arg;
+    cp_completion c;
+    int r = cp_port_dequeue(x->port, &c, 1, -1);
+    if (r == -ECANCELED)
+        __atomic_add_fetch(&x->cancelled, 1, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+static void run_close(bool with_io)
+{
+    close_ctx x = {.port = make_port(2)};
+    io_anchor anc;
+    if (with_io)
+        anchor_open(&anc, x.port);
+    enum { N = 5 };
+    pthread_t th[N];
+    for (int i = 0; i < N; i++)
+        CHECK_OK(-pthread_create(&th[i], NULL, close_waiter, &x));
+    wait_for_waiters(x.port, N);
+    cp_port_close(x.port);
+    for (int i = 0; i < N; i++)
+        pthread_join(th[i], NULL);
+    CHECK_EQ(x.cancelled, N); /* every waiter woke with -ECANCELED */
+    CHECK_EQ(cp_port_post(x.port, 0, 0, NULL), -ESHUTDOWN);
+    cp_completion c;
+    if (with_io) {
+        cp_op op = {0};
+        CHECK_OK(cp_socket_close(&anc.s, &op));
+        CHECK_EQ(cp_port_dequeue(x.port, &c, 1, 5000), 1); /* I/O still delivered */
+        CHECK(c.op == &op);
+        close(anc.peer);
+    }
+    CHECK_EQ(cp_port_dequeue(x.port, &c, 1, -1), -ECANCELED);
+    cp_port_destroy(x.port);
+}
+
+TEST(close_wakes_all)
+{
+    run_close(false);
+}
+
+TEST(close_wakes_all_with_io)
+{
+    run_close(true);
+}
+
+TEST(close_hands_out_queued_first)
+{
+    cp_port *p = make_port(1);
+    for (int i = 0; i < 10; i++)
+        CHECK_OK(cp_port_post(p, 0, i, NULL));
+    cp_port_close(p);
+    cp_port_close(p); /* idempotent */
+    cp_completion c;
+    for (int i = 0; i < 10; i++) {
+        CHECK_EQ(cp_port_dequeue(p, &c, 1, -1), 1);
+        CHECK_EQ(c.result, i);
+    }
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, -1), -ECANCELED);
+    cp_port_destroy(p);
+}
+
+/* ---- exactly once under load ---------------------------------------------------------- */
+
+typedef struct load_ctx {
+    cp_port *port;
+    int per_poster;
+    uint8_t *seen;
+    int64_t sum;
+    int64_t count;
+    int dup;
+} load_ctx;
+
+typedef struct load_poster {
+    load_ctx *x;
+    int id;
+} load_poster;
+
+static void *load_post(void *arg)
+{
+    load_poster *lp = arg;
+    load_ctx *x = lp->x;
+    for (int i = 0; i < x->per_poster; i++) {
+        int64_t v = (int64_t)lp->id * x->per_poster + i;
+        int r;
+        while ((r = cp_port_post(x->port, 1, v, NULL)) == -EAGAIN)
+            sched_yield();
+        CHECK_OK(r);
+    }
+    return NULL;
+}
+
+static void *load_consume(void *arg)
+{
+    load_ctx *x = arg;
+    cp_completion c[16];
+    int64_t sum = 0, count = 0;
+    for (;;) {
+        int n = cp_port_dequeue(x->port, c, 16, -1);
+        if (n == -ECANCELED)
+            break;
+        CHECK(n >= 1);
+        for (int i = 0; i < n; i++) {
+            if (__atomic_exchange_n(&x->seen[c[i].result], 1, __ATOMIC_SEQ_CST))
+                __atomic_add_fetch(&x->dup, 1, __ATOMIC_SEQ_CST);
+            sum += c[i].result;
+        }
+        count += n;
+    }
+    __atomic_add_fetch(&x->sum, sum, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&x->count, count, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+static void run_load(bool with_io)
+{
+    enum { P = 4, C = 4 };
+    load_ctx x = {.port = make_port(0), .per_poster = (int)cpt_scaled(250000, 25000)};
+    int64_t total = (int64_t)P * x.per_poster;
+    x.seen = calloc((size_t)total, 1);
+    CHECK(x.seen);
+    io_anchor anc;
+    if (with_io)
+        anchor_open(&anc, x.port);
+    pthread_t cons[C], posts[P];
+    load_poster lp[P];
+    for (int i = 0; i < C; i++)
+        CHECK_OK(-pthread_create(&cons[i], NULL, load_consume, &x));
+    for (int i = 0; i < P; i++) {
+        lp[i] = (load_poster){&x, i};
+        CHECK_OK(-pthread_create(&posts[i], NULL, load_post, &lp[i]));
+    }
+    for (int i = 0; i < P; i++)
+        pthread_join(posts[i], NULL);
+    /* Everything is posted; wait until it is all taken, then stop the consumers. */
+    for (int64_t t0 = cpt_now_ms();;) {
+        cp_port_stats st;
+        cp_port_get_stats(x.port, &st);
+        if (st.dequeued == (uint64_t)total)
+            break;
+        CHECK(cpt_now_ms() - t0 < 60000);
+        sched_yield();
+    }
+    cp_port_close(x.port);
+    for (int i = 0; i < C; i++)
+        pthread_join(cons[i], NULL);
+    CHECK_EQ(x.count, total);
+    CHECK_EQ(x.dup, 0);
+    CHECK_EQ(x.sum, total * (total - 1) / 2);
+    for (int64_t i = 0; i < total; i++)
+        CHECK(x.seen[i] == 1);
+    if (with_io) {
+        cp_op op = {0};
+        cp_completion c;
+        CHECK_OK(cp_socket_close(&anc.s, &op));
+        CHECK_EQ(cp_port_dequeue(x.port, &c, 1, 5000), 1);
+        close(anc.peer);
+    }
+    free(x.seen);
+    cp_port_destroy(x.port);
+}
+
+TEST(million_posts_exactly_once)
+{
+    run_load(false);
+}
+
+TEST(million_posts_exactly_once_with_io)
+{
+    run_load(true);
+}
+
+/* ---- blocking notification --------------------------------------------------------------- */
+
+typedef struct block_ctx {
+    cp_port *port;
+    int a_blocked; /* A has announced it blocks */
+    int phase;     /* 0: A blocked and waiting for B; 1: B ran; 2: A may finish */
+} block_ctx;
+
+static void *block_a(void *arg)
+{
+    block_ctx *x = arg;
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(x->port, &c, 1, -1), 1);
+    CHECK_EQ(c.result, 1);
+    cp_port_block_begin(x->port);
+    __atomic_store_n(&x->a_blocked, 1, __ATOMIC_SEQ_CST);
+    /* "Blocked" until B has run: B can only run if we were discounted. */
+    for (int64_t t0 = cpt_now_ms(); __atomic_load_n(&x->phase, __ATOMIC_SEQ_CST) < 1;) {
+        CHECK(cpt_now_ms() - t0 < 10000);
+        sched_yield();
+    }
+    cp_port_block_end(x->port);
+    cp_port_stats st;
+    cp_port_get_stats(x->port, &st);
+    CHECK_EQ(st.running, 2); /* briefly above the limit, as on Windows */
+    __atomic_store_n(&x->phase, 2, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+static void *block_b(void *arg)
+{
+    block_ctx *x = arg;
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(x->port, &c, 1, -1), 1);
+    CHECK_EQ(c.result, 2);
+    __atomic_store_n(&x->phase, 1, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&x->phase, __ATOMIC_SEQ_CST) < 2)
+        sched_yield();
+    return NULL;
+}
+
+TEST(block_begin_releases_another)
+{
+    block_ctx x = {.port = make_port(1)};
+    pthread_t a, b;
+    CHECK_OK(cp_port_post(x.port, 0, 1, NULL));
+    CHECK_OK(-pthread_create(&a, NULL, block_a, &x));
+    /* A has taken the item and announced that it blocks before B starts waiting. */
+    for (int64_t t0 = cpt_now_ms(); !__atomic_load_n(&x.a_blocked, __ATOMIC_SEQ_CST);) {
+        CHECK(cpt_now_ms() - t0 < 10000);
+        sched_yield();
+    }
+    CHECK_OK(-pthread_create(&b, NULL, block_b, &x));
+    wait_for_waiters(x.port, 1);
+    CHECK_OK(cp_port_post(x.port, 0, 2, NULL));
+    pthread_join(a, NULL);
+    pthread_join(b, NULL);
+    cp_port_destroy(x.port);
+}
+
+/* ---- a thread that exits while running stops counting ---------------------------------- */
+
+static void *take_one_and_exit(void *arg)
+{
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(arg, &c, 1, -1), 1);
+    return NULL; /* never comes back to dequeue */
+}
+
+TEST(exiting_thread_frees_its_slot)
+{
+    cp_port *p = make_port(1);
+    CHECK_OK(cp_port_post(p, 0, 1, NULL));
+    pthread_t t;
+    CHECK_OK(-pthread_create(&t, NULL, take_one_and_exit, p));
+    pthread_join(t, NULL);
+    cp_port_stats st;
+    cp_port_get_stats(p, &st);
+    CHECK_EQ(st.running, 0);
+    CHECK_OK(cp_port_post(p, 0, 2, NULL));
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 1000), 1);
+    CHECK_EQ(c.result, 2);
+    cp_port_destroy(p);
+}
+
+/* ---- limits and argument errors ------------------------------------------------------------ */
+
+TEST(post_limit_and_errors)
+{
+    cp_port_options o = {.concurrency = 1, .max_posted = 4};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    for (int i = 0; i < 4; i++)
+        CHECK_OK(cp_port_post(p, 0, i, NULL));
+    CHECK_EQ(cp_port_post(p, 0, 4, NULL), -EAGAIN);
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(p, &c, 0, 0), -EINVAL);
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 0), 1);
+    CHECK_OK(cp_port_post(p, 0, 4, NULL)); /* room again */
+    cp_port_destroy(p);
+    o.pool_buffer_size = 1000; /* not a page multiple */
+    CHECK_EQ(cp_port_create_ex(&p, &o), -EINVAL);
+}
+
+/* ---- backend selection -------------------------------------------------------------------- */
+
+TEST(backend_forced_by_environment)
 {
     cp_port *p;
-    CHECK_OK(cp_port_create(&p, 0));
-    CHECK(cp_port_concurrency(p) >= 1);
+    CHECK_OK(cp_port_create(&p, 1));
+    CHECK(strcmp(cp_port_backend_name(p), cpt_backend()) == 0);
+    CHECK_EQ(cp_port_backend(p), strcmp(cpt_backend(), "epoll") == 0 ? CP_BACKEND_EPOLL
+                                                                      : CP_BACKEND_IO_URING);
     cp_port_destroy(p);
+    char *saved = strdup(cpt_backend());
+    setenv("CPORT_BACKEND", "kqueue", 1);
+    CHECK_EQ(cp_port_create(&p, 1), -EINVAL);
+    setenv("CPORT_BACKEND", saved, 1);
+    free(saved);
+}
+
+/* Install a seccomp filter that fails io_uring_setup with `err`. */
+static void deny_io_uring(int err)
+{
+    struct sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_io_uring_setup, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (unsigned)err),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {.len = sizeof(filter) / sizeof(filter[0]), .filter = filter};
+    CHECK_OK(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0));
+    CHECK_OK(prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog));
+}
+
+/* In a child with io_uring blocked: auto selection comes up on epoll and says so once on
+ * stderr; forcing io_uring fails with the kernel's error instead of switching. */
+static void probe_child(int err, int errfd)
+{
+    dup2(errfd, 2);
+    unsetenv("CPORT_BACKEND");
+    deny_io_uring(err);
+    cp_port *p;
+    if (cp_port_create(&p, 1) != 0 || cp_port_backend(p) != CP_BACKEND_EPOLL)
+        _exit(10);
+    cp_port_destroy(p);
+    cp_port_options o = {.concurrency = 1, .backend = CP_BACKEND_IO_URING};
+    if (cp_port_create_ex(&p, &o) != -err)
+        _exit(11);
+    setenv("CPORT_BACKEND", "io_uring", 1);
+    if (cp_port_create(&p, 1) != -err)
+        _exit(12);
+    _exit(0);
+}
+
+static void run_probe(int err)
+{
+    int pfd[2];
+    CHECK_OK(pipe(pfd));
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        close(pfd[0]);
+        probe_child(err, pfd[1]);
+    }
+    close(pfd[1]);
+    char buf[4096];
+    size_t len = 0;
+    ssize_t n;
+    while ((n = read(pfd[0], buf + len, sizeof(buf) - 1 - len)) > 0)
+        len += (size_t)n;
+    buf[len] = 0;
+    close(pfd[0]);
+    int status;
+    CHECK_EQ(waitpid(pid, &status, 0), pid);
+    CHECK(WIFEXITED(status));
+    CHECK_EQ(WEXITSTATUS(status), 0);
+    /* Exactly one notice, for the one automatic fallback. */
+    char *first = strstr(buf, "using epoll");
+    CHECK(first != NULL);
+    CHECK(strstr(first + 1, "using epoll") == NULL);
+}
+
+TEST(backend_probe_falls_back_under_seccomp)
+{
+    run_probe(EPERM);
+    run_probe(ENOSYS);
 }

@@ -20,6 +20,13 @@
  *     cp_op passed to cp_socket_close() has been dequeued; only then may its memory be
  *     freed or reused. That close completion is queued after every other operation of the
  *     socket has completed. The socket owns its fd from associate() on and closes it.
+ *   - Queued after is not handled after: when several threads dequeue, another thread may
+ *     still be running its handler for an earlier completion of the same socket when the
+ *     close completion is dequeued, and an operation you start may complete and be
+ *     handled on another thread before the start call returns. A program that handles
+ *     one socket's completions on several threads must therefore count, per socket, the
+ *     operations it started (count before starting) and free the socket's memory only
+ *     when the count drops to zero (the server layer, cport/server.h, does this for you).
  *   - Fields of cp_op and cp_socket whose names start with cp__ are private.
  *
  * Threads. Every function here may be called from any thread, concurrently, including

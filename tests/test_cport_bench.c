@@ -1,0 +1,360 @@
+/* Tests of the load generator (tools/cport-bench) against the reference echo server
+ * (bench/ref_echo): both are run as child processes from the test binary's directory. */
+/* test-backends: none */
+#include "harness.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+enum { OUT_CAP = 256 * 1024, RUN_DEADLINE_MS = 30000 };
+
+static char bindir[PATH_MAX];
+
+static const char *bin_path(const char *name)
+{
+    static char path[PATH_MAX + 64];
+    if (!bindir[0]) {
+        ssize_t n = readlink("/proc/self/exe", bindir, sizeof bindir - 1);
+        CHECK(n > 0);
+        bindir[n] = 0;
+        char *slash = strrchr(bindir, '/');
+        CHECK(slash != NULL);
+        *slash = 0;
+    }
+    snprintf(path, sizeof path, "%s/%s", bindir, name);
+    if (access(path, X_OK) != 0) {
+        fprintf(stderr, "%s not built\n", path);
+        exit(1);
+    }
+    return path;
+}
+
+/* ---- the server -------------------------------------------------------------------------- */
+struct server {
+    pid_t pid;
+    int port;
+};
+
+static struct server server_start(const char *extra, const char *extra_val)
+{
+    int p[2];
+    CHECK(pipe2(p, O_CLOEXEC) == 0);
+    const char *exe = bin_path("ref_echo");
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        dup2(p[1], STDOUT_FILENO);
+        if (extra)
+            execl(exe, "ref_echo", "--port", "0", extra, extra_val, (char *)NULL);
+        else
+            execl(exe, "ref_echo", "--port", "0", (char *)NULL);
+        _exit(127);
+    }
+    close(p[1]);
+    char line[128];
+    size_t len = 0;
+    int64_t deadline = cpt_now_ms() + 5000;
+    while (len < sizeof line - 1 && !memchr(line, '\n', len)) {
+        struct pollfd pfd = {.fd = p[0], .events = POLLIN};
+        int left = (int)(deadline - cpt_now_ms());
+        CHECK(left > 0 && poll(&pfd, 1, left) == 1);
+        ssize_t n = read(p[0], line + len, sizeof line - 1 - len);
+        CHECK(n > 0);
+        len += (size_t)n;
+    }
+    close(p[0]);
+    line[len] = 0;
+    struct server s = {.pid = pid};
+    CHECK(sscanf(line, "listening on port %d", &s.port) == 1);
+    CHECK(s.port > 0);
+    return s;
+}
+
+static int wait_child(pid_t pid, int timeout_ms)
+{
+    int64_t deadline = cpt_now_ms() + timeout_ms;
+    for (;;) {
+        int st;
+        pid_t r = waitpid(pid, &st, WNOHANG);
+        CHECK(r >= 0);
+        if (r == pid)
+            return st;
+        if (cpt_now_ms() > deadline) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &st, 0);
+            fprintf(stderr, "child %d did not finish in time; killed\n", (int)pid);
+            exit(1);
+        }
+        usleep(10000);
+    }
+}
+
+static void server_stop(struct server *s)
+{
+    CHECK(kill(s->pid, SIGTERM) == 0);
+    int st = wait_child(s->pid, 5000);
+    CHECK(WIFEXITED(st));
+    CHECK_EQ(WEXITSTATUS(st), 0);
+}
+
+/* ---- running cport-bench ------------------------------------------------------------------ */
+struct run {
+    int status; /* exit status */
+    char out[OUT_CAP], err[OUT_CAP];
+};
+
+static struct run run;
+
+/* Runs cport-bench with the NULL-terminated arguments, collecting stdout and stderr. */
+static void bench(const char *arg0, ...)
+{
+    const char *argv[64];
+    int argc = 0;
+    argv[argc++] = "cport-bench";
+    va_list ap;
+    va_start(ap, arg0);
+    for (const char *a = arg0; a; a = va_arg(ap, const char *)) {
+        CHECK(argc < 63);
+        argv[argc++] = a;
+    }
+    va_end(ap);
+    argv[argc] = NULL;
+    fprintf(stderr, "$");
+    for (int i = 0; i < argc; i++)
+        fprintf(stderr, " %s", argv[i]);
+    fprintf(stderr, "\n");
+
+    int po[2], pe[2];
+    CHECK(pipe2(po, O_CLOEXEC) == 0 && pipe2(pe, O_CLOEXEC) == 0);
+    const char *exe = bin_path("cport-bench");
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        dup2(po[1], STDOUT_FILENO);
+        dup2(pe[1], STDERR_FILENO);
+        execv(exe, (char *const *)argv);
+        _exit(127);
+    }
+    close(po[1]);
+    close(pe[1]);
+    size_t lo = 0, le = 0;
+    bool open_o = true, open_e = true;
+    int64_t deadline = cpt_now_ms() + RUN_DEADLINE_MS;
+    while (open_o || open_e) {
+        struct pollfd pf[2] = {{.fd = open_o ? po[0] : -1, .events = POLLIN},
+                               {.fd = open_e ? pe[0] : -1, .events = POLLIN}};
+        int left = (int)(deadline - cpt_now_ms());
+        if (left <= 0) {
+            kill(pid, SIGKILL);
+            waitpid(pid, NULL, 0);
+            fprintf(stderr, "cport-bench did not finish in %d ms; killed\n", RUN_DEADLINE_MS);
+            exit(1);
+        }
+        if (poll(pf, 2, left) < 0) {
+            CHECK(errno == EINTR);
+            continue;
+        }
+        for (int i = 0; i < 2; i++) {
+            if (!pf[i].revents)
+                continue;
+            char *buf = i ? run.err : run.out;
+            size_t *len = i ? &le : &lo;
+            char tmp[4096];
+            ssize_t n = read(pf[i].fd, tmp, sizeof tmp);
+            if (n <= 0) {
+                if (i)
+                    open_e = false;
+                else
+                    open_o = false;
+                continue;
+            }
+            size_t k = (size_t)n < OUT_CAP - 1 - *len ? (size_t)n : OUT_CAP - 1 - *len;
+            memcpy(buf + *len, tmp, k);
+            *len += k;
+        }
+    }
+    close(po[0]);
+    close(pe[0]);
+    run.out[lo] = 0;
+    run.err[le] = 0;
+    int st = wait_child(pid, 5000);
+    CHECK(WIFEXITED(st));
+    run.status = WEXITSTATUS(st);
+    fprintf(stderr, "%s%s[exit %d]\n", run.out, run.err, run.status);
+}
+
+/* The value of key in the RESULT line of the last run (which must have exactly one). */
+static double result(const char *key)
+{
+    const char *line = NULL;
+    for (const char *p = run.out; (p = strstr(p, "RESULT ")) != NULL; p++) {
+        if (p == run.out || p[-1] == '\n') {
+            CHECK(line == NULL);
+            line = p;
+        }
+    }
+    CHECK(line != NULL);
+    char pat[64];
+    snprintf(pat, sizeof pat, " %s=", key);
+    const char *end = strchr(line, '\n');
+    const char *v = strstr(line, pat);
+    if (!v || (end && v > end)) {
+        fprintf(stderr, "no key %s in the RESULT line\n", key);
+        exit(1);
+    }
+    return strtod(v + strlen(pat), NULL);
+}
+
+static char port_buf[16];
+
+static const char *port_str(const struct server *s)
+{
+    snprintf(port_buf, sizeof port_buf, "%d", s->port);
+    return port_buf;
+}
+
+/* ---- tests ---------------------------------------------------------------------------------- */
+TEST(echo_ref)
+{
+    struct server s = server_start(NULL, NULL);
+    static const char *sizes[] = {"1", "64", "16384"};
+    static const char *depths[] = {"1", "8"};
+    for (int i = 0; i < 3; i++) {
+        for (int j = 0; j < 2; j++) {
+            bench("echo", "--port", port_str(&s), "-c", "8", "-s", sizes[i], "-d", depths[j], "-T",
+                  "0.7", "-w", "0", NULL);
+            CHECK_EQ(run.status, 0);
+            CHECK(result("msgs") > 0);
+            CHECK(result("msgs_per_s") > 0);
+            CHECK(result("mib_per_s") > 0);
+            CHECK_EQ(result("size"), atoi(sizes[i]));
+            CHECK_EQ(result("depth"), atoi(depths[j]));
+            CHECK_EQ(result("errors"), 0);
+            CHECK_EQ(result("verify_errors"), 0);
+            CHECK_EQ(result("established"), 8);
+            CHECK(result("p50_us") > 0);
+            CHECK(result("p50_us") <= result("p99_us"));
+            CHECK(result("p99_us") <= result("max_us"));
+            CHECK(result("jain") > 0.5 && result("jain") <= 1.0);
+        }
+    }
+    /* --json: one JSON object on stdout, same keys. */
+    bench("echo", "--port", port_str(&s), "-c", "2", "-T", "0.3", "-w", "0", "--json", NULL);
+    CHECK_EQ(run.status, 0);
+    CHECK(run.out[0] == '{');
+    CHECK(strchr(run.out, '\n') == run.out + strlen(run.out) - 1);
+    CHECK(strstr(run.out, "\"mode\":\"echo\"") != NULL);
+    CHECK(strstr(run.out, "\"msgs_per_s\":") != NULL);
+    CHECK(strstr(run.out, "\"errors\":0,") != NULL);
+    server_stop(&s);
+}
+
+TEST(echo_detects_corruption)
+{
+    struct server s = server_start("--corrupt-every", "1000");
+    bench("echo", "--port", port_str(&s), "-c", "4", "-s", "64", "-d", "8", "-T", "1", "-w", "0",
+          NULL);
+    CHECK(run.status != 0);
+    CHECK(result("verify_errors") > 0);
+    CHECK(result("errors") > 0);
+    CHECK(strstr(run.err, "verification failed") != NULL);
+    server_stop(&s);
+}
+
+TEST(echo_server_gone)
+{
+    /* Connection refused: a connect error, non-zero exit, still a RESULT line. */
+    struct server s = server_start(NULL, NULL);
+    char port[16];
+    snprintf(port, sizeof port, "%d", s.port);
+    server_stop(&s);
+    bench("echo", "--port", port, "-c", "3", "-T", "0.2", "-w", "0", NULL);
+    CHECK_EQ(run.status, 1);
+    CHECK_EQ(result("connect_errors"), 3);
+}
+
+TEST(connrate)
+{
+    struct server s = server_start(NULL, NULL);
+    char pid[16];
+    snprintf(pid, sizeof pid, "%d", (int)s.pid);
+    bench("connrate", "--port", port_str(&s), "-c", "16", "-T", "1", "-w", "0", "--server-pid", pid,
+          NULL);
+    CHECK_EQ(run.status, 0);
+    CHECK(result("connections") > 0);
+    CHECK(result("conns_per_s") > 0);
+    CHECK_EQ(result("errors"), 0);
+    CHECK(result("p50_us") > 0);
+    CHECK_EQ(result("server_cpu_ok"), 1);
+    server_stop(&s);
+}
+
+TEST(hold)
+{
+    struct server s = server_start(NULL, NULL);
+    char pid[16];
+    snprintf(pid, sizeof pid, "%d", (int)s.pid);
+    bench("hold", "--port", port_str(&s), "-n", "500", "--echo", "-T", "1", "--src-per-ip", "100",
+          "--batch", "64", "--server-pid", pid, NULL);
+    CHECK_EQ(run.status, 0);
+    CHECK_EQ(result("established"), 500);
+    CHECK_EQ(result("held"), 500);
+    CHECK_EQ(result("lost"), 0);
+    CHECK_EQ(result("errors"), 0);
+    CHECK(result("server_rss_idle_kb") > 0);
+    server_stop(&s);
+}
+
+TEST(hold_detects_loss)
+{
+    /* The server goes away while the connections are held: all of them are lost. */
+    struct server s = server_start(NULL, NULL);
+    int64_t t0 = cpt_now_ms();
+    pid_t killer = fork();
+    CHECK(killer >= 0);
+    if (killer == 0) {
+        usleep(1500000);
+        kill(s.pid, SIGTERM);
+        _exit(0);
+    }
+    bench("hold", "--port", port_str(&s), "-n", "50", "-T", "3", NULL);
+    CHECK(cpt_now_ms() - t0 >= 1500);
+    CHECK_EQ(run.status, 1);
+    CHECK_EQ(result("established"), 50);
+    CHECK_EQ(result("lost"), 50);
+    int st = wait_child(killer, 5000);
+    CHECK(WIFEXITED(st));
+    st = wait_child(s.pid, 5000);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+}
+
+TEST(fd_limit)
+{
+    struct rlimit rl;
+    CHECK(getrlimit(RLIMIT_NOFILE, &rl) == 0);
+    if (rl.rlim_max == RLIM_INFINITY || rl.rlim_max > 10000000)
+        SKIP("no usable RLIMIT_NOFILE hard limit");
+    long n = 30000;
+    if ((rlim_t)n <= rl.rlim_max)
+        n = (long)rl.rlim_max + 1;
+    char ns[32];
+    snprintf(ns, sizeof ns, "%ld", n);
+    /* Port 1: nothing listens there, so a wrongly started run fails fast anyway. */
+    bench("echo", "--port", "1", "-c", ns, "-T", "1", "-w", "0", NULL);
+    CHECK_EQ(run.status, 2);
+    CHECK(strstr(run.err, "file descriptors") != NULL);
+    CHECK(strstr(run.err, "RLIMIT_NOFILE") != NULL);
+    CHECK(strstr(run.err, ns) != NULL);
+    CHECK(strstr(run.out, "RESULT") == NULL);
+    bench("hold", "--port", "1", "-n", ns, "-T", "1", NULL);
+    CHECK_EQ(run.status, 2);
+    CHECK(strstr(run.err, "RLIMIT_NOFILE") != NULL);
+}

@@ -1,0 +1,227 @@
+/* cport-bench connrate and hold: connection setup rate, and many idle connections. */
+#include "bench.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static void die_oom(void)
+{
+    fprintf(stderr, "cport-bench: out of memory\n");
+    exit(2);
+}
+
+static void report_errs(const struct errs *err)
+{
+    uint64_t nerr = errs_total(err);
+    say("errors: %" PRIu64 " (connect %" PRIu64 ", resets %" PRIu64 ", eof %" PRIu64
+        ", verify %" PRIu64 ", timeouts %" PRIu64 ")\n",
+        nerr, err->connect_errors, err->resets, err->eof, err->verify_errors, err->timeouts);
+    res_int("connect_errors", (int64_t)err->connect_errors);
+    res_int("resets", (int64_t)err->resets);
+    res_int("eof", (int64_t)err->eof);
+    res_int("verify_errors", (int64_t)err->verify_errors);
+    res_int("timeouts", (int64_t)err->timeouts);
+    res_int("errors", (int64_t)nerr);
+}
+
+/* ---- connrate -------------------------------------------------------------------------------- */
+static void *connrate_main(void *arg)
+{
+    jobrun_run(arg);
+    return NULL;
+}
+
+struct cr_progress {
+    struct jobrun *jr;
+    int n;
+};
+
+static uint64_t connrate_progress(void *arg)
+{
+    struct cr_progress *p = arg;
+    uint64_t s = 0;
+    for (int i = 0; i < p->n; i++)
+        s += atomic_load_explicit(&p->jr[i].progress, memory_order_relaxed);
+    return s;
+}
+
+int run_connrate(struct opts *o)
+{
+    pool_init(o->size);
+    if (o->threads > o->conns)
+        o->threads = o->conns;
+    int nt = o->threads;
+    struct jobrun *jr = calloc((size_t)nt, sizeof *jr);
+    pthread_t *th = calloc((size_t)nt, sizeof *th);
+    if (!jr || !th)
+        die_oom();
+
+    struct window win = {0};
+    win.t0 = now_ns();
+    atomic_store(&win.start, win.t0 + (int64_t)(o->warmup * 1e9));
+    atomic_store(&win.end, atomic_load(&win.start) + (int64_t)(o->secs * 1e9));
+    signals_block(true); /* only the main thread takes SIGINT */
+    for (int t = 0; t < nt; t++) {
+        struct jobrun *r = &jr[t];
+        *r = (struct jobrun){.o = o,
+                             .echo = true,
+                             .keep = false,
+                             .nslots = o->conns / nt + (t < o->conns % nt ? 1 : 0),
+                             .id_base = (uint64_t)t << 40,
+                             .src_base = (uint64_t)t << 20,
+                             .win_start = &win.start,
+                             .win_end = &win.end};
+        if (jobrun_init(r) < 0)
+            die_oom();
+        if (pthread_create(&th[t], NULL, connrate_main, r) != 0) {
+            fprintf(stderr, "cport-bench: pthread_create failed\n");
+            exit(2);
+        }
+    }
+    signals_block(false);
+    struct cr_progress pa = {jr, nt};
+    window_run(o, &win, connrate_progress, &pa, "conns");
+
+    struct errs err = {0};
+    struct hist *h = calloc(1, sizeof *h);
+    if (!h)
+        die_oom();
+    uint64_t done = 0, total = 0;
+    for (int t = 0; t < nt; t++) {
+        pthread_join(th[t], NULL);
+        errs_add(&err, &jr[t].err);
+        hist_merge(h, &jr[t].hist);
+        done += jr[t].win_done;
+        total += jr[t].done;
+        jobrun_free(&jr[t]);
+    }
+    double secs = win.secs;
+    double rate = secs > 0 ? (double)done / secs : 0;
+    say("cport-bench connrate: %s:%d, %d concurrent, %zu B message, %d thread%s\n", o->host,
+        o->port, o->conns, o->size, nt, nt == 1 ? "" : "s");
+    say("measured %.2f s after %.2f s warm-up%s\n", secs, o->warmup,
+        cb_stop ? " (interrupted)" : "");
+    say("connections: %" PRIu64 " in window (%" PRIu64 " in all), %.0f conns/s\n", done, total,
+        rate);
+    res_num("secs", secs, 3);
+    res_int("connections", (int64_t)done);
+    res_num("conns_per_s", rate, 1);
+    report_latency(h);
+    res_int("total_connections", (int64_t)total);
+    report_errs(&err);
+    res_int("interrupted", cb_stop ? 1 : 0);
+    report_server_cpu(o, &win, done, "conn");
+    free(h);
+    free(jr);
+    free(th);
+    return errs_total(&err) ? 1 : 0;
+}
+
+/* ---- hold -------------------------------------------------------------------------------------
+ */
+int run_hold(struct opts *o)
+{
+    if (o->echo)
+        pool_init(o->size);
+    int n = o->conns;
+    int *fds = malloc((size_t)n * sizeof *fds);
+    if (!fds)
+        die_oom();
+    for (int i = 0; i < n; i++)
+        fds[i] = -1;
+    long rss0 = o->server_pid > 0 ? proc_rss_kb(o->server_pid) : -1;
+    long fds0 = o->server_pid > 0 ? proc_fd_count(o->server_pid) : -1;
+
+    struct jobrun jr = {.o = o,
+                        .echo = o->echo,
+                        .keep = true,
+                        .nslots = o->batch < n ? o->batch : n,
+                        .njobs = (uint64_t)n,
+                        .fds = fds};
+    if (jobrun_init(&jr) < 0)
+        die_oom();
+    struct window est = {0};
+    est.cpu0 = cpu_sample_take(o->server_pid);
+    int64_t t0 = now_ns();
+    mark_write("connect");
+    jobrun_run(&jr);
+    int64_t t1 = now_ns();
+    est.cpu1 = cpu_sample_take(o->server_pid);
+    est.secs = (double)(t1 - t0) / 1e9;
+    long rss1 = o->server_pid > 0 ? proc_rss_kb(o->server_pid) : -1;
+    uint64_t established = jr.done;
+    double est_secs = established ? (double)(jr.last_ns - t0) / 1e9 : 0;
+    say("cport-bench hold: %s:%d, %d connections%s, %d connects in flight at most\n", o->host,
+        o->port, n, o->echo ? " with one echo each" : "", jr.nslots);
+    say("established %" PRIu64 " in %.3f s (%.0f conns/s)\n", established, est_secs,
+        est_secs > 0 ? (double)established / est_secs : 0);
+    /* Hold them idle. */
+    mark_write("start");
+    sleep_until(t1 + (int64_t)(o->secs * 1e9));
+    mark_write("end");
+    double held_secs = (double)(now_ns() - t1) / 1e9;
+    long rss2 = o->server_pid > 0 ? proc_rss_kb(o->server_pid) : -1;
+    long fds2 = o->server_pid > 0 ? proc_fd_count(o->server_pid) : -1;
+
+    /* Every connection must still be open: no EOF, no error, no unexpected data. */
+    uint64_t open_ok = 0, closed = 0, broken = 0, unexpected = 0;
+    for (int i = 0; i < n; i++) {
+        if (fds[i] < 0)
+            continue;
+        char b;
+        ssize_t r = recv(fds[i], &b, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            open_ok++;
+        else if (r == 0)
+            closed++;
+        else if (r > 0)
+            unexpected++;
+        else
+            broken++;
+        close(fds[i]);
+    }
+    uint64_t lost = closed + broken + unexpected;
+    say("held %.2f s%s: %" PRIu64 " still open, %" PRIu64 " lost (%" PRIu64
+        " closed by peer, %" PRIu64 " reset, %" PRIu64 " with unexpected data)\n",
+        held_secs, cb_stop ? " (interrupted)" : "", open_ok, lost, closed, broken, unexpected);
+    res_num("secs", held_secs, 3);
+    res_int("established", (int64_t)established);
+    res_num("establish_s", est_secs, 3);
+    res_num("conns_per_s", est_secs > 0 ? (double)established / est_secs : 0, 1);
+    say("setup ");
+    report_latency(&jr.hist);
+    res_int("held", (int64_t)open_ok);
+    res_int("lost", (int64_t)lost);
+    res_int("lost_closed", (int64_t)closed);
+    res_int("lost_reset", (int64_t)broken);
+    res_int("lost_data", (int64_t)unexpected);
+    report_errs(&jr.err);
+    res_int("interrupted", cb_stop ? 1 : 0);
+    if (o->server_pid > 0) {
+        double per = (rss2 >= 0 && rss0 >= 0 && established)
+                         ? (double)(rss2 - rss0) * 1024.0 / (double)established
+                         : 0;
+        say("server RSS: %ld KiB before, %ld KiB established, %ld KiB after idling "
+            "(%.0f bytes per connection)\n",
+            rss0, rss1, rss2, per);
+        res_int("server_rss_before_kb", rss0);
+        res_int("server_rss_established_kb", rss1);
+        res_int("server_rss_idle_kb", rss2);
+        res_num("server_rss_per_conn_b", per, 0);
+        /* Without --echo a connection counts as established once the kernel completed the
+         * handshake, accepted by the server or not; its descriptor count tells. */
+        say("server descriptors: %ld before, %ld after idling\n", fds0, fds2);
+        res_int("server_fds_before", fds0);
+        res_int("server_fds_idle", fds2);
+        report_server_cpu(o, &est, established, "conn");
+    }
+    jobrun_free(&jr);
+    free(fds);
+    return (lost || errs_total(&jr.err)) ? 1 : 0;
+}

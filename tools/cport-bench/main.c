@@ -1,0 +1,343 @@
+/* cport-bench: load generator for echo servers (epoll + pthreads; does not use libcport).
+ *
+ *   cport-bench echo     -c CONNS -s SIZE -d DEPTH -T SECS -w SECS -t THREADS
+ *   cport-bench connrate -c CONCURRENCY -s SIZE -T SECS -w SECS -t THREADS
+ *   cport-bench hold     -n CONNS [--echo] -T SECS
+ *
+ * Every mode prints a human summary and exactly one machine-readable line: "RESULT k=v ..."
+ * or, with --json, one JSON object (the summary then goes to stderr). Exit status: 0 ok,
+ * 1 the run saw errors (verification, lost connections, failed connects), 2 bad usage or
+ * not enough file descriptors. */
+#include "bench.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    cb_stop = 1;
+}
+
+void signals_block(bool block)
+{
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGINT);
+    sigaddset(&s, SIGTERM);
+    pthread_sigmask(block ? SIG_BLOCK : SIG_UNBLOCK, &s, NULL);
+}
+
+static const char common_help[] =
+    "  --host ADDR         server IPv4 address (default 127.0.0.1)\n"
+    "  --port N            server port (default 5050)\n"
+    "  --json              print the result as one JSON object (summary goes to stderr)\n"
+    "  --server-pid PID    sample the server's CPU (/proc/PID/stat) at the start and end of\n"
+    "                      the measured window and report user/system us per operation\n"
+    "                      (hold: its RSS before and after, bytes per connection)\n"
+    "  --mark-file FILE    write \"start <ns>\" / \"end <ns>\" lines (CLOCK_MONOTONIC) to FILE\n"
+    "                      when the measured window starts and ends\n"
+    "  --connect-timeout MS  per-connection setup deadline (default 5000)\n"
+    "  --batch N           connects in flight at most (default 512)\n"
+    "  --src-per-ip N      bind every N connections to the next source address, starting at\n"
+    "                      --src-start (default 127.0.0.1); 0 = let the kernel choose.\n"
+    "                      Default 5000 for a 127/8 server, else 0. (Linux's ephemeral port\n"
+    "                      search gets quadratic beyond ~14000 connections per source address.)\n"
+    "  --src-start ADDR    first source address; give each cport-bench process its own range\n"
+    "                      (e.g. 127.1.0.1, 127.2.0.1) when several run against one server\n"
+    "  -h, --help          this help\n";
+
+static void usage(FILE *f, const char *mode)
+{
+    if (mode && strcmp(mode, "echo") == 0) {
+        fprintf(f,
+                "usage: cport-bench echo [options]\n"
+                "Pipelined echo load: every connection keeps DEPTH messages of SIZE bytes in\n"
+                "flight; every echoed byte is verified. Reports msgs/s, MiB/s, latency\n"
+                "(first byte written -> last byte echoed), Jain fairness, errors.\n"
+                "  -c, --conns N       connections (default 100)\n"
+                "  -s, --size BYTES    message size (default 64; suffixes k, m)\n"
+                "  -d, --depth N       messages in flight per connection (default 1)\n"
+                "  -T, --secs SEC      measured duration (default 5)\n"
+                "  -w, --warmup SEC    warm-up before it (default 1)\n"
+                "  -t, --threads N     client threads, one epoll each (default 1)\n"
+                "  --drain SEC         time allowed for in-flight echoes at the end (default 5)\n"
+                "%s",
+                common_help);
+    } else if (mode && strcmp(mode, "connrate") == 0) {
+        fprintf(f,
+                "usage: cport-bench connrate [options]\n"
+                "Connection rate: each of CONCURRENCY slots loops connect -> send one message\n"
+                "-> read and verify its echo -> close. Reports conns/s and latency (connect\n"
+                "to close).\n"
+                "  -c, --conns N       concurrent slots (default 64)\n"
+                "  -s, --size BYTES    message size (default 64)\n"
+                "  -T, --secs SEC      measured duration (default 5)\n"
+                "  -w, --warmup SEC    warm-up before it (default 1)\n"
+                "  -t, --threads N     client threads (default 1)\n"
+                "%s",
+                common_help);
+    } else if (mode && strcmp(mode, "hold") == 0) {
+        fprintf(f,
+                "usage: cport-bench hold [options]\n"
+                "Opens N connections (at most --batch connects in flight), holds them idle for\n"
+                "SEC seconds, then checks that every one is still open. Fails if any was lost.\n"
+                "  -n, --conns N       connections (default 1000)\n"
+                "  --echo              send and verify one message on each after connecting\n"
+                "  -s, --size BYTES    that message's size (default 64)\n"
+                "  -T, --secs SEC      how long to hold them (default 5)\n"
+                "%s",
+                common_help);
+    } else {
+        fprintf(f, "usage: cport-bench MODE [options]   (cport-bench MODE --help for details)\n"
+                   "  echo      pipelined echo throughput, latency and fairness, fully verified\n"
+                   "  connrate  connect/echo/close rate\n"
+                   "  hold      many idle connections: setup rate, server memory, none lost\n");
+    }
+}
+
+static _Noreturn void bad(const char *mode, const char *flag, const char *v)
+{
+    fprintf(stderr, "cport-bench %s: bad value for %s: %s\n", mode, flag, v);
+    exit(2);
+}
+
+static long long parse_int(const char *mode, const char *flag, const char *v, long long min,
+                           long long max)
+{
+    char *end;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (*end == 'k' || *end == 'K')
+        x *= 1024, end++;
+    else if (*end == 'm' || *end == 'M')
+        x *= 1024 * 1024, end++;
+    if (errno || end == v || *end || x < min || x > max)
+        bad(mode, flag, v);
+    return x;
+}
+
+static double parse_secs(const char *mode, const char *flag, const char *v, double min)
+{
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (errno || end == v || *end || !isfinite(x) || x < min || x > 86400)
+        bad(mode, flag, v);
+    return x;
+}
+
+enum {
+    O_HOST = 256,
+    O_PORT,
+    O_JSON,
+    O_SERVER_PID,
+    O_MARK,
+    O_CTO,
+    O_BATCH,
+    O_SRC_PER_IP,
+    O_SRC_START,
+    O_ECHO,
+    O_DRAIN,
+};
+
+int main(int argc, char **argv)
+{
+    if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
+        usage(argc < 2 ? stderr : stdout, NULL);
+        return argc < 2 ? 2 : 0;
+    }
+    struct opts o = {.mode = argv[1],
+                     .host = "127.0.0.1",
+                     .port = 5050,
+                     .size = 64,
+                     .depth = 1,
+                     .secs = 5,
+                     .warmup = 1,
+                     .drain = 5,
+                     .threads = 1,
+                     .src_per_ip = -1,
+                     .src_start = 0x7f000001,
+                     .batch = 512,
+                     .connect_timeout_ms = 5000};
+    const char *m = o.mode;
+    if (strcmp(m, "echo") == 0)
+        o.conns = 100;
+    else if (strcmp(m, "connrate") == 0)
+        o.conns = 64;
+    else if (strcmp(m, "hold") == 0)
+        o.conns = 1000;
+    else {
+        fprintf(stderr, "cport-bench: unknown mode '%s'\n", m);
+        usage(stderr, NULL);
+        return 2;
+    }
+    bool is_echo = strcmp(m, "echo") == 0, is_hold = strcmp(m, "hold") == 0;
+
+    static const struct option lopts[] = {
+        {"conns", required_argument, NULL, 'c'},
+        {"size", required_argument, NULL, 's'},
+        {"depth", required_argument, NULL, 'd'},
+        {"secs", required_argument, NULL, 'T'},
+        {"warmup", required_argument, NULL, 'w'},
+        {"threads", required_argument, NULL, 't'},
+        {"help", no_argument, NULL, 'h'},
+        {"host", required_argument, NULL, O_HOST},
+        {"port", required_argument, NULL, O_PORT},
+        {"json", no_argument, NULL, O_JSON},
+        {"server-pid", required_argument, NULL, O_SERVER_PID},
+        {"mark-file", required_argument, NULL, O_MARK},
+        {"connect-timeout", required_argument, NULL, O_CTO},
+        {"batch", required_argument, NULL, O_BATCH},
+        {"src-per-ip", required_argument, NULL, O_SRC_PER_IP},
+        {"src-start", required_argument, NULL, O_SRC_START},
+        {"echo", no_argument, NULL, O_ECHO},
+        {"drain", required_argument, NULL, O_DRAIN},
+        {NULL, 0, NULL, 0},
+    };
+    const char *shorts = is_hold ? "n:s:T:w:t:h" : is_echo ? "c:s:d:T:w:t:h" : "c:s:T:w:t:h";
+    optind = 2;
+    int ch;
+    while ((ch = getopt_long(argc, argv, shorts, lopts, NULL)) != -1) {
+        switch (ch) {
+        case 'n':
+        case 'c':
+            o.conns = (int)parse_int(m, "-c/-n", optarg, 1, 100000000);
+            break;
+        case 's':
+            o.size = (size_t)parse_int(m, "-s", optarg, 1, CB_MAX_SIZE);
+            break;
+        case 'd':
+            o.depth = (int)parse_int(m, "-d", optarg, 1, 4096);
+            break;
+        case 'T':
+            o.secs = parse_secs(m, "-T", optarg, 0.001);
+            break;
+        case 'w':
+            o.warmup = parse_secs(m, "-w", optarg, 0);
+            break;
+        case 't':
+            o.threads = (int)parse_int(m, "-t", optarg, 1, 256);
+            break;
+        case 'h':
+            usage(stdout, m);
+            return 0;
+        case O_HOST:
+            o.host = optarg;
+            break;
+        case O_PORT:
+            o.port = (int)parse_int(m, "--port", optarg, 1, 65535);
+            break;
+        case O_JSON:
+            o.json = true;
+            break;
+        case O_SERVER_PID:
+            o.server_pid = (int)parse_int(m, "--server-pid", optarg, 1, 1 << 30);
+            break;
+        case O_MARK:
+            o.mark_file = optarg;
+            break;
+        case O_CTO:
+            o.connect_timeout_ms = (int)parse_int(m, "--connect-timeout", optarg, 1, 3600000);
+            break;
+        case O_BATCH:
+            o.batch = (int)parse_int(m, "--batch", optarg, 1, 1000000);
+            break;
+        case O_SRC_PER_IP:
+            o.src_per_ip = (int)parse_int(m, "--src-per-ip", optarg, 0, 1 << 30);
+            break;
+        case O_SRC_START: {
+            struct in_addr a;
+            if (inet_pton(AF_INET, optarg, &a) != 1)
+                bad(m, "--src-start", optarg);
+            o.src_start = ntohl(a.s_addr);
+            break;
+        }
+        case O_ECHO:
+            if (!is_hold)
+                bad(m, "--echo", "(only for hold)");
+            o.echo = true;
+            break;
+        case O_DRAIN:
+            o.drain = parse_secs(m, "--drain", optarg, 0);
+            break;
+        default:
+            usage(stderr, m);
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "cport-bench %s: unexpected argument '%s'\n", m, argv[optind]);
+        return 2;
+    }
+    o.addr.sin_family = AF_INET;
+    o.addr.sin_port = htons((uint16_t)o.port);
+    if (inet_pton(AF_INET, o.host, &o.addr.sin_addr) != 1) {
+        fprintf(stderr, "cport-bench %s: --host needs an IPv4 address, not '%s'\n", m, o.host);
+        return 2;
+    }
+    bool loopback = (ntohl(o.addr.sin_addr.s_addr) >> 24) == 127;
+    if (o.src_per_ip < 0)
+        o.src_per_ip = loopback ? 5000 : 0;
+    if (is_hold)
+        o.threads = 1;
+    if (o.threads > o.conns)
+        o.threads = o.conns;
+    set_say_stream(o.json);
+
+    /* Descriptors: raise the soft limit to the hard one, and refuse before connecting if the
+     * connections cannot fit. */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        struct rlimit want = {rl.rlim_max, rl.rlim_max};
+        if (setrlimit(RLIMIT_NOFILE, &want) == 0)
+            rl = want;
+    }
+    unsigned long long need = (unsigned long long)o.conns + CB_FD_MARGIN + (unsigned)o.threads;
+    if (rl.rlim_cur != RLIM_INFINITY && need > (unsigned long long)rl.rlim_cur) {
+        fprintf(stderr,
+                "cport-bench: %d connections need %llu file descriptors, but this process may "
+                "open at most %llu (RLIMIT_NOFILE %s limit); use fewer connections or run "
+                "several cport-bench processes\n",
+                o.conns, need, (unsigned long long)rl.rlim_cur,
+                rl.rlim_cur == rl.rlim_max ? "hard" : "soft");
+        return 2;
+    }
+
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    mark_open(o.mark_file);
+
+    res_str("mode", m);
+    res_str("host", o.host);
+    res_int("port", o.port);
+    res_int("conns", o.conns);
+    res_int("threads", o.threads);
+    res_int("size", (int64_t)o.size);
+    if (is_echo)
+        res_int("depth", o.depth);
+    if (!is_hold)
+        res_num("warmup", o.warmup, 3);
+    if (is_hold)
+        res_int("echo", o.echo ? 1 : 0);
+
+    int rc;
+    if (is_echo)
+        rc = run_echo(&o);
+    else if (is_hold)
+        rc = run_hold(&o);
+    else
+        rc = run_connrate(&o);
+    res_print(o.json);
+    return rc;
+}
