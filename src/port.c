@@ -1,18 +1,27 @@
-/* The completion port: a FIFO of completions, a LIFO stack of parked threads, and the
+/* The completion port: queues of completions, a LIFO stack of parked threads, and the
  * concurrency accounting of Windows' I/O completion port (see cport/port.h).
  *
  * Design in brief:
- *   - One lock guards the queue, the parked stack and the counters. Critical sections are
- *     a few pointer updates; futex wakes and backend wakes happen after unlocking.
- *   - A completion that arrives while a thread is parked and fewer than `concurrency`
- *     threads run is handed straight to the most recently parked thread (NT's handoff):
- *     the waker converts it into the waiter's output array and counts the waiter as
- *     running before waking it, so nobody can steal it and the limit is never exceeded.
+ *   - Posted completions go into a lock-free bounded ring (ring.h); I/O completions,
+ *     which arrive in batches from the backend, into an intrusive FIFO under the lock.
+ *   - Fast path: a thread that is still running when it comes back to dequeue and finds
+ *     work takes it without the lock and without touching any shared counter, and a post
+ *     that finds nobody parked and no poller to wake takes no lock either.
+ *   - Slow path, under the lock: a thread that is allowed to run (fewer than
+ *     `concurrency` running) takes work, else parks on a LIFO stack. A completion that
+ *     arrives while a thread is parked and the limit allows is handed straight to the most
+ *     recently parked thread (NT's handoff): the waker moves it into the waiter's output
+ *     array and counts the waiter as running before waking it, so nobody can steal it and
+ *     the limit is never exceeded.
+ *   - Lost wakeups are excluded by pairing every "publish, then look" on one side with a
+ *     "publish, then look" on the other (all sequentially consistent): a poster pushes,
+ *     then reads nparked/running/polling; a parking thread raises nparked, then re-checks
+ *     the queues; a thread leaving the running set lowers `running`, then re-checks.
  *   - When the port has I/O handles, one waiting thread at a time holds the poller role
  *     and waits in the backend (io_uring_enter / epoll_wait) instead of on its futex; the
- *     completions it harvests are queued like any other. With one worker this makes the
- *     whole path a single thread: no handoff, no extra wakeup. When the poller leaves to
- *     run work, a parked thread is promoted to poll in its place.
+ *     completions it harvests are queued like any other. With one worker the whole path is
+ *     a single thread: no handoff, no extra wakeup. When the poller leaves to run work, a
+ *     parked thread is promoted to poll in its place.
  */
 #include "port_internal.h"
 
@@ -23,17 +32,11 @@
 #include <unistd.h>
 
 enum {
-    PACKETS_PER_BLOCK = 256,
-    /* After this many completions taken without the backend being polled, a dequeuing
-     * thread polls it once without blocking, so a busy queue cannot starve I/O. */
+    /* After this many completions taken without polling the backend, a dequeuing thread
+     * polls it once without blocking, so a busy queue cannot starve I/O. */
     POLL_EVERY = 64,
-    DEFAULT_MAX_POSTED = 65536,
+    DEFAULT_MAX_POSTED = 16384,
 };
-
-typedef struct packet_block {
-    struct packet_block *next;
-    cp__packet packets[PACKETS_PER_BLOCK];
-} packet_block;
 
 /* Threads to wake once the port lock is released: parked records and/or the poller. */
 typedef struct wake_list {
@@ -43,44 +46,14 @@ typedef struct wake_list {
 
 static void record_destructor(void *arg);
 
-/* ---- queue ------------------------------------------------------------------------ */
-
-static void enqueue_locked(cp_port *p, cp_op *op)
+static unsigned load_running(cp_port *p)
 {
-    op->cp__next = NULL;
-    if (p->qtail)
-        p->qtail->cp__next = op;
-    else
-        p->qhead = op;
-    p->qtail = op;
-    __atomic_store_n(&p->queued, p->queued + 1, __ATOMIC_RELAXED);
+    return __atomic_load_n(&p->running, __ATOMIC_SEQ_CST);
 }
 
-static unsigned take_locked(cp_port *p, cp_completion *out, unsigned max)
+static void add_running(cp_port *p, int delta)
 {
-    unsigned n = 0;
-    while (n < max && p->qhead) {
-        cp_op *op = p->qhead;
-        p->qhead = op->cp__next;
-        if (op->opcode == CP__OP_PACKET) {
-            cp__packet *pk = CP_CONTAINER_OF(op, cp__packet, op);
-            out[n].op = pk->op.u.buf;
-            out[n].key = pk->key;
-            out[n].result = pk->result;
-            pk->op.cp__next = p->free_packets ? &p->free_packets->op : NULL;
-            p->free_packets = pk;
-            p->posted_queued--;
-        } else {
-            cp__op_to_completion(op, &out[n]);
-        }
-        n++;
-    }
-    if (!p->qhead)
-        p->qtail = NULL;
-    __atomic_store_n(&p->queued, p->queued - n, __ATOMIC_RELAXED);
-    p->stats.dequeued += n;
-    p->since_poll += n;
-    return n;
+    __atomic_add_fetch(&p->running, (unsigned)delta, __ATOMIC_SEQ_CST);
 }
 
 static bool need_poller(cp_port *p)
@@ -88,15 +61,94 @@ static bool need_poller(cp_port *p)
     return __atomic_load_n(&p->io_handles, __ATOMIC_RELAXED) > 0;
 }
 
+static bool have_work(cp_port *p)
+{
+    return __atomic_load_n(&p->io_queued, __ATOMIC_SEQ_CST) > 0 || cp__ring_count(&p->ring) > 0;
+}
+
+/* ---- queues ------------------------------------------------------------------------------ */
+
+static void append_io_locked(cp_port *p, cp_op *head, cp_op *tail, unsigned n)
+{
+    tail->cp__next = NULL;
+    if (p->qtail)
+        p->qtail->cp__next = head;
+    else
+        p->qhead = head;
+    p->qtail = tail;
+    __atomic_add_fetch(&p->io_queued, n, __ATOMIC_SEQ_CST);
+    p->completed += n;
+}
+
+static unsigned take_io_locked(cp_port *p, cp_completion *out, unsigned max)
+{
+    unsigned n = 0;
+    while (n < max && p->qhead) {
+        cp_op *op = p->qhead;
+        p->qhead = op->cp__next;
+        cp__op_to_completion(op, &out[n++]);
+    }
+    if (!p->qhead)
+        p->qtail = NULL;
+    if (n)
+        __atomic_sub_fetch(&p->io_queued, n, __ATOMIC_SEQ_CST);
+    return n;
+}
+
+/* I/O completions first (they free kernel resources), then posted ones. */
+static unsigned take_any_locked(cp_port *p, cp_completion *out, unsigned max)
+{
+    unsigned n = take_io_locked(p, out, max);
+    if (n < max)
+        n += cp__ring_pop(&p->ring, out + n, max - n);
+    return n;
+}
+
+static unsigned take_unlocked(cp_port *p, cp_completion *out, unsigned max)
+{
+    unsigned n = 0;
+    if (__atomic_load_n(&p->io_queued, __ATOMIC_RELAXED)) {
+        cp__lock_acquire(&p->lock);
+        n = take_io_locked(p, out, max);
+        cp__lock_release(&p->lock);
+    }
+    if (n < max)
+        n += cp__ring_pop(&p->ring, out + n, max - n);
+    return n;
+}
+
+/* ---- parking and waking -------------------------------------------------------------------- */
+
 static cp__thread *pop_parked_locked(cp_port *p)
 {
     cp__thread *w = p->parked;
     p->parked = w->next_parked;
     w->next_parked = NULL;
     w->parked = false;
-    p->nparked--;
-    p->stats.wakeups++;
+    __atomic_sub_fetch(&p->nparked, 1, __ATOMIC_SEQ_CST);
+    p->wakeups++;
     return w;
+}
+
+static void push_parked_locked(cp_port *p, cp__thread *t)
+{
+    t->next_parked = p->parked;
+    t->parked = true;
+    p->parked = t;
+    __atomic_add_fetch(&p->nparked, 1, __ATOMIC_SEQ_CST);
+}
+
+static void remove_parked_locked(cp_port *p, cp__thread *t)
+{
+    for (cp__thread **pp = &p->parked; *pp; pp = &(*pp)->next_parked) {
+        if (*pp == t) {
+            *pp = t->next_parked;
+            t->next_parked = NULL;
+            t->parked = false;
+            __atomic_sub_fetch(&p->nparked, 1, __ATOMIC_SEQ_CST);
+            return;
+        }
+    }
 }
 
 /* Hand queued completions to parked threads while the concurrency limit allows, most
@@ -104,22 +156,25 @@ static cp__thread *pop_parked_locked(cp_port *p)
  * whether the poller must be woken for work nobody else can take. */
 static void release_locked(cp_port *p, wake_list *wl)
 {
-    while (p->qhead && p->parked && p->running < p->concurrency) {
-        cp__thread *w = pop_parked_locked(p);
-        w->nhand = take_locked(p, w->hand, w->want);
+    while (p->parked && load_running(p) < p->concurrency && have_work(p)) {
+        cp__thread *w = p->parked;
+        unsigned n = take_any_locked(p, w->hand, w->want);
+        if (n == 0)
+            break; /* a running thread took it first */
+        pop_parked_locked(p);
+        w->nhand = n;
         w->running = true;
-        p->running++;
+        add_running(p, 1);
         w->next_wake = wl->threads;
         wl->threads = w;
     }
-    if (p->running >= p->concurrency || p->closed)
+    if (load_running(p) >= p->concurrency || __atomic_load_n(&p->closed, __ATOMIC_RELAXED))
         return;
-    if (p->qhead) {
-        /* Work is queued, nobody is parked: only the poller can take it. */
-        if (p->polling && !p->wake_sent) {
-            p->wake_sent = true;
+    if (have_work(p)) {
+        /* Work is queued and nobody is parked: only the poller can take it. */
+        if (__atomic_load_n(&p->polling, __ATOMIC_SEQ_CST) &&
+            !__atomic_exchange_n(&p->wake_sent, true, __ATOMIC_SEQ_CST))
             wl->poller = true;
-        }
     } else if (!p->polling && p->parked && need_poller(p)) {
         cp__thread *w = pop_parked_locked(p);
         w->nhand = 0;
@@ -142,6 +197,22 @@ static void wake_all(cp_port *p, wake_list *wl)
     }
     if (wl->poller)
         p->be->wake(p);
+}
+
+/* After publishing work without the lock: take the lock only if someone may need waking. */
+static void wake_if_needed(cp_port *p)
+{
+    if (load_running(p) >= p->concurrency)
+        return; /* a running thread will take it when it comes back */
+    if (__atomic_load_n(&p->nparked, __ATOMIC_SEQ_CST) == 0 &&
+        (!__atomic_load_n(&p->polling, __ATOMIC_SEQ_CST) ||
+         __atomic_load_n(&p->wake_sent, __ATOMIC_SEQ_CST)))
+        return;
+    wake_list wl = {0};
+    cp__lock_acquire(&p->lock);
+    release_locked(p, &wl);
+    cp__lock_release(&p->lock);
+    wake_all(p, &wl);
 }
 
 /* ---- thread records ------------------------------------------------------------------ */
@@ -176,6 +247,7 @@ static void unlink_record_locked(cp_port *p, cp__thread *t)
         p->threads = t->next;
     if (t->next)
         t->next->prev = t->prev;
+    p->dequeued_by_gone += __atomic_load_n(&t->dequeued, __ATOMIC_RELAXED);
 }
 
 /* Runs when a thread that dequeued from the port exits: it stops counting as running. */
@@ -187,7 +259,7 @@ static void record_destructor(void *arg)
     cp__lock_acquire(&p->lock);
     if (t->running) {
         t->running = false;
-        p->running--;
+        add_running(p, -1);
         release_locked(p, &wl);
     }
     unlink_record_locked(p, t);
@@ -199,8 +271,7 @@ static void record_destructor(void *arg)
 bool cp__port_caller_defers(cp_port *p)
 {
     cp__thread *t = pthread_getspecific(p->tkey);
-    return t && (__atomic_load_n(&t->running, __ATOMIC_RELAXED) ||
-                 __atomic_load_n(&p->poller, __ATOMIC_RELAXED) == t);
+    return t && (t->running || __atomic_load_n(&p->poller, __ATOMIC_RELAXED) == t);
 }
 
 /* ---- creation ------------------------------------------------------------------------ */
@@ -250,6 +321,14 @@ static int select_backend(cp_port *p)
     return init_backend(p, &cp__backend_epoll);
 }
 
+static uint32_t round_pow2(uint32_t v)
+{
+    uint32_t p = 1;
+    while (p < v)
+        p <<= 1;
+    return p;
+}
+
 static void resolve_options(cp_port_options *o)
 {
     if (o->concurrency == 0) {
@@ -264,10 +343,7 @@ static void resolve_options(cp_port_options *o)
         o->pool_buffers = 4096;
     if (o->pool_buffers > 32768)
         o->pool_buffers = 32768;
-    uint32_t pow2 = 1;
-    while (pow2 < o->pool_buffers)
-        pow2 <<= 1;
-    o->pool_buffers = pow2;
+    o->pool_buffers = round_pow2(o->pool_buffers);
     if (o->pool_buffer_size == 0)
         o->pool_buffer_size = 4096;
     if (o->pool_per_socket == 0)
@@ -283,16 +359,17 @@ int cp_port_create_ex(cp_port **portp, const cp_port_options *opts)
     if (opts)
         o = *opts;
     long page = sysconf(_SC_PAGESIZE);
-    if (o.pool_buffer_size % (uint32_t)page != 0 || o.pool_per_socket > 255)
+    if (o.pool_buffer_size % (uint32_t)page != 0 || o.pool_per_socket > 255 ||
+        o.max_posted > (1u << 30))
         return -EINVAL;
     resolve_options(&o);
 
-    cp_port *p = calloc(1, sizeof(*p));
+    cp_port *p = aligned_alloc(64, (sizeof(*p) + 63) & ~(size_t)63);
     if (!p)
         return -ENOMEM;
+    memset(p, 0, sizeof(*p));
     p->opts = o;
     p->concurrency = o.concurrency;
-    p->max_posted = o.max_posted;
     cp__lock_init(&p->lock);
     cp__lock_init(&p->timer_lock);
     int r = pthread_key_create(&p->tkey, record_destructor);
@@ -300,11 +377,18 @@ int cp_port_create_ex(cp_port **portp, const cp_port_options *opts)
         free(p);
         return -r;
     }
-    r = cp__bufpool_init(&p->pool, o.pool_buffers, o.pool_buffer_size, o.pool_per_socket);
+    /* The ring holds exactly max_posted entries when that is a power of two; otherwise
+     * the next power of two (documented as the cap rounded up). */
+    r = cp__ring_init(&p->ring, round_pow2(o.max_posted));
     if (r == 0) {
-        r = select_backend(p);
+        r = cp__bufpool_init(&p->pool, o.pool_buffers, o.pool_buffer_size, o.pool_per_socket);
+        if (r == 0) {
+            r = select_backend(p);
+            if (r < 0)
+                cp__bufpool_fini(&p->pool);
+        }
         if (r < 0)
-            cp__bufpool_fini(&p->pool);
+            cp__ring_fini(&p->ring);
     }
     if (r < 0) {
         pthread_key_delete(p->tkey);
@@ -329,16 +413,11 @@ void cp_port_destroy(cp_port *p)
     if (p->be)
         p->be->fini(p);
     cp__bufpool_fini(&p->pool);
+    cp__ring_fini(&p->ring);
     while (p->threads) {
         cp__thread *t = p->threads;
         p->threads = t->next;
         free(t);
-    }
-    packet_block *b = p->packet_blocks;
-    while (b) {
-        packet_block *next = b->next;
-        free(b);
-        b = next;
     }
     cp__heap_free(&p->timers);
     free(p);
@@ -346,79 +425,17 @@ void cp_port_destroy(cp_port *p)
 
 /* ---- posting and completing ------------------------------------------------------------ */
 
-static cp__packet *alloc_packet_locked(cp_port *p)
-{
-    if (!p->free_packets) {
-        packet_block *b = malloc(sizeof(*b));
-        if (!b)
-            return NULL;
-        b->next = p->packet_blocks;
-        p->packet_blocks = b;
-        for (int i = PACKETS_PER_BLOCK - 1; i >= 0; i--) {
-            b->packets[i].op.cp__next = p->free_packets ? &p->free_packets->op : NULL;
-            p->free_packets = &b->packets[i];
-        }
-    }
-    cp__packet *pk = p->free_packets;
-    p->free_packets = pk->op.cp__next ? CP_CONTAINER_OF(pk->op.cp__next, cp__packet, op) : NULL;
-    return pk;
-}
-
 int cp_port_post(cp_port *p, uintptr_t key, int64_t result, void *op)
 {
     if (!p)
         return -EINVAL;
-    wake_list wl = {0};
-    cp__lock_acquire(&p->lock);
-    if (p->closed) {
-        cp__lock_release(&p->lock);
+    if (__atomic_load_n(&p->closed, __ATOMIC_ACQUIRE))
         return -ESHUTDOWN;
-    }
-    if (p->posted_queued >= p->max_posted) {
-        cp__lock_release(&p->lock);
-        return -EAGAIN;
-    }
-    cp__packet *pk = alloc_packet_locked(p);
-    if (!pk) {
-        cp__lock_release(&p->lock);
-        return -ENOMEM;
-    }
-    pk->op.opcode = CP__OP_PACKET;
-    pk->op.u.buf = op;
-    pk->key = key;
-    pk->result = result;
-    p->posted_queued++;
-    p->stats.posted++;
-    enqueue_locked(p, &pk->op);
-    release_locked(p, &wl);
-    cp__lock_release(&p->lock);
-    wake_all(p, &wl);
+    int r = cp__ring_push(&p->ring, key, result, op);
+    if (r < 0)
+        return r;
+    wake_if_needed(p);
     return 0;
-}
-
-void cp__port_complete(cp_port *p, cp_op *op)
-{
-    wake_list wl = {0};
-    cp__lock_acquire(&p->lock);
-    p->stats.completed++;
-    enqueue_locked(p, op);
-    release_locked(p, &wl);
-    cp__lock_release(&p->lock);
-    wake_all(p, &wl);
-}
-
-static void append_list_locked(cp_port *p, cp__oplist *l)
-{
-    if (!l->head)
-        return;
-    if (p->qtail)
-        p->qtail->cp__next = l->head;
-    else
-        p->qhead = l->head;
-    p->qtail = l->tail;
-    l->tail->cp__next = NULL;
-    __atomic_store_n(&p->queued, p->queued + l->n, __ATOMIC_RELAXED);
-    p->stats.completed += l->n;
 }
 
 void cp__port_complete_list(cp_port *p, cp__oplist *l)
@@ -427,17 +444,24 @@ void cp__port_complete_list(cp_port *p, cp__oplist *l)
         return;
     wake_list wl = {0};
     cp__lock_acquire(&p->lock);
-    append_list_locked(p, l);
+    append_io_locked(p, l->head, l->tail, l->n);
     release_locked(p, &wl);
     cp__lock_release(&p->lock);
     wake_all(p, &wl);
+}
+
+void cp__port_complete(cp_port *p, cp_op *op)
+{
+    cp__oplist l = {0};
+    cp__oplist_push(&l, op);
+    cp__port_complete_list(p, &l);
 }
 
 void cp__port_handle_added(cp_port *p)
 {
     wake_list wl = {0};
     cp__lock_acquire(&p->lock);
-    __atomic_store_n(&p->io_handles, p->io_handles + 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&p->io_handles, 1, __ATOMIC_RELAXED);
     release_locked(p, &wl); /* the first handle may need a parked thread to start polling */
     cp__lock_release(&p->lock);
     wake_all(p, &wl);
@@ -445,9 +469,7 @@ void cp__port_handle_added(cp_port *p)
 
 void cp__port_handle_removed(cp_port *p)
 {
-    cp__lock_acquire(&p->lock);
-    __atomic_store_n(&p->io_handles, p->io_handles - 1, __ATOMIC_RELAXED);
-    cp__lock_release(&p->lock);
+    __atomic_sub_fetch(&p->io_handles, 1, __ATOMIC_RELAXED);
 }
 
 /* ---- dequeue ------------------------------------------------------------------------ */
@@ -457,12 +479,16 @@ void cp__port_handle_removed(cp_port *p)
  * held; drops it while waiting. */
 static void poll_backend_locked(cp_port *p, cp__thread *t, int64_t deadline)
 {
-    __atomic_store_n(&p->polling, true, __ATOMIC_RELEASE);
+    __atomic_store_n(&p->wake_sent, false, __ATOMIC_SEQ_CST);
     __atomic_store_n(&p->poller, t, __ATOMIC_RELAXED);
-    p->wake_sent = false;
-    p->stats.polls++;
+    __atomic_store_n(&p->polling, true, __ATOMIC_SEQ_CST);
+    p->polls++;
+    t->since_poll = 0;
     cp__lock_release(&p->lock);
 
+    /* A post that saw no poller yet did not wake one: look before blocking. */
+    if (have_work(p))
+        deadline = 0;
     int64_t timer = cp__io_next_deadline(p);
     if (timer >= 0 && (deadline < 0 || timer < deadline))
         deadline = timer > 0 ? timer : 0;
@@ -475,22 +501,16 @@ static void poll_backend_locked(cp_port *p, cp__thread *t, int64_t deadline)
 
     cp__lock_acquire(&p->lock);
     __atomic_store_n(&p->poller, NULL, __ATOMIC_RELAXED);
-    __atomic_store_n(&p->polling, false, __ATOMIC_RELEASE);
-    p->since_poll = 0;
-    append_list_locked(p, &done);
+    __atomic_store_n(&p->polling, false, __ATOMIC_SEQ_CST);
+    if (done.head)
+        append_io_locked(p, done.head, done.tail, done.n);
 }
 
-static void remove_parked_locked(cp_port *p, cp__thread *t)
+static unsigned finish_take(cp__thread *t, unsigned n)
 {
-    for (cp__thread **pp = &p->parked; *pp; pp = &(*pp)->next_parked) {
-        if (*pp == t) {
-            *pp = t->next_parked;
-            t->next_parked = NULL;
-            t->parked = false;
-            p->nparked--;
-            return;
-        }
-    }
+    t->since_poll += n;
+    __atomic_add_fetch(&t->dequeued, n, __ATOMIC_RELAXED);
+    return n;
 }
 
 int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms)
@@ -500,46 +520,61 @@ int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms
     cp__thread *t = self_record(p);
     if (!t)
         return -ENOMEM;
+
+    if (t->running) {
+        /* Fast path: still running and work is there: take it, no sleep, no wakeup, no
+         * shared counter touched. Unless the backend is due a look, or block_end pushed
+         * the running count over the limit (then this thread must yield its slot). */
+        bool poll_due = t->since_poll >= POLL_EVERY && need_poller(p) &&
+                        !__atomic_load_n(&p->polling, __ATOMIC_RELAXED);
+        if (!poll_due && load_running(p) <= p->concurrency) {
+            unsigned n = take_unlocked(p, out, max);
+            if (n)
+                return (int)finish_take(t, n);
+        }
+        /* Deferred submissions (io_uring batches them until the next poll): if a poller is
+         * already blocked, nobody else will send them. */
+        if (__atomic_load_n(&p->polling, __ATOMIC_SEQ_CST) && p->be->flush)
+            p->be->flush(p);
+    }
+
     int64_t deadline = timeout_ms < 0 ? -1 : cp__now_ns() + (int64_t)timeout_ms * 1000000;
     if (timeout_ms == 0)
         deadline = 0;
-
-    /* A worker coming back may have deferred submissions (io_uring batches them until
-     * the next poll); if a poller is already blocked, nobody else will flush them. */
-    if (t->running && cp__port_polling(p) && p->be->flush)
-        p->be->flush(p);
-
     wake_list wl = {0};
     bool polled = false;
     int ret;
     cp__lock_acquire(&p->lock);
     if (t->running) {
         t->running = false;
-        p->running--;
+        add_running(p, -1);
     }
     t->blocked = false;
     p->nwaiting++;
     for (;;) {
-        bool allowed = p->running < p->concurrency;
+        bool allowed = load_running(p) < p->concurrency;
         bool can_poll = allowed && !p->polling && need_poller(p);
-        if (allowed && p->qhead) {
-            if (can_poll && p->since_poll >= POLL_EVERY) {
+        if (allowed && have_work(p)) {
+            if (can_poll && t->since_poll >= POLL_EVERY) {
                 poll_backend_locked(p, t, 0);
                 continue;
             }
-            ret = (int)take_locked(p, out, max);
-            p->running++;
-            t->running = true;
-            release_locked(p, &wl);
-            break;
+            unsigned n = take_any_locked(p, out, max);
+            if (n) {
+                t->running = true;
+                add_running(p, 1);
+                ret = (int)finish_take(t, n);
+                release_locked(p, &wl);
+                break;
+            }
         }
         bool expired = deadline == 0 || (deadline > 0 && cp__now_ns() >= deadline);
-        if (can_poll && !p->closed && !(polled && expired)) {
+        if (can_poll && !__atomic_load_n(&p->closed, __ATOMIC_RELAXED) && !(polled && expired)) {
             poll_backend_locked(p, t, deadline);
             polled = true;
             continue;
         }
-        if (p->closed) {
+        if (__atomic_load_n(&p->closed, __ATOMIC_RELAXED)) {
             ret = -ECANCELED;
             break;
         }
@@ -552,10 +587,12 @@ int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms
         t->want = max;
         t->nhand = 0;
         __atomic_store_n(&t->futex, 0, __ATOMIC_RELAXED);
-        t->next_parked = p->parked;
-        t->parked = true;
-        p->parked = t;
-        p->nparked++;
+        push_parked_locked(p, t);
+        /* A post may have slipped in before it could see us parked. */
+        if (load_running(p) < p->concurrency && have_work(p)) {
+            remove_parked_locked(p, t);
+            continue;
+        }
         cp__lock_release(&p->lock);
         while (__atomic_load_n(&t->futex, __ATOMIC_ACQUIRE) == 0) {
             if (cp__futex_wait(&t->futex, 0, deadline) == -ETIMEDOUT)
@@ -566,10 +603,11 @@ int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms
             remove_parked_locked(p, t); /* timed out before anyone woke us */
         if (t->nhand) {
             /* Handed over by a waker, who already counted us as running. */
-            ret = (int)t->nhand;
+            unsigned n = t->nhand;
             t->nhand = 0;
-            if ((unsigned)ret < max && p->qhead)
-                ret += (int)take_locked(p, out + ret, max - (unsigned)ret);
+            if (n < max)
+                n += take_any_locked(p, out + n, max - n);
+            ret = (int)finish_take(t, n);
             release_locked(p, &wl);
             break;
         }
@@ -588,17 +626,18 @@ void cp_port_close(cp_port *p)
         return;
     wake_list wl = {0};
     cp__lock_acquire(&p->lock);
-    if (!p->closed) {
-        p->closed = true;
-        /* Parked threads may still drain what is queued (within the limit). */
+    if (!__atomic_load_n(&p->closed, __ATOMIC_RELAXED)) {
+        /* Parked threads may still drain what is queued (within the limit)... */
         release_locked(p, &wl);
+        __atomic_store_n(&p->closed, true, __ATOMIC_SEQ_CST);
+        /* ...and every other one wakes up to find the port closed. */
         while (p->parked) {
             cp__thread *w = pop_parked_locked(p);
             w->nhand = 0;
             w->next_wake = wl.threads;
             wl.threads = w;
         }
-        wl.poller = p->polling;
+        wl.poller = __atomic_load_n(&p->polling, __ATOMIC_RELAXED);
     }
     cp__lock_release(&p->lock);
     wake_all(p, &wl);
@@ -615,7 +654,7 @@ void cp_port_block_begin(cp_port *p)
     cp__lock_acquire(&p->lock);
     t->running = false;
     t->blocked = true;
-    p->running--;
+    add_running(p, -1);
     release_locked(p, &wl);
     cp__lock_release(&p->lock);
     wake_all(p, &wl);
@@ -629,7 +668,7 @@ void cp_port_block_end(cp_port *p)
     cp__lock_acquire(&p->lock);
     t->blocked = false;
     t->running = true;
-    p->running++;
+    add_running(p, 1);
     cp__lock_release(&p->lock);
 }
 
@@ -650,10 +689,17 @@ const char *cp_port_backend_name(const cp_port *p)
 
 void cp_port_get_stats(cp_port *p, cp_port_stats *s)
 {
+    memset(s, 0, sizeof(*s));
     cp__lock_acquire(&p->lock);
-    *s = p->stats;
-    s->running = p->running;
+    s->running = load_running(p);
     s->waiting = p->nwaiting;
-    s->queued = p->queued;
+    s->queued = __atomic_load_n(&p->io_queued, __ATOMIC_RELAXED) + cp__ring_count(&p->ring);
+    s->posted = __atomic_load_n(&p->ring.tail, __ATOMIC_RELAXED);
+    s->completed = p->completed;
+    s->wakeups = p->wakeups;
+    s->polls = p->polls;
+    s->dequeued = p->dequeued_by_gone;
+    for (cp__thread *t = p->threads; t; t = t->next)
+        s->dequeued += __atomic_load_n(&t->dequeued, __ATOMIC_RELAXED);
     cp__lock_release(&p->lock);
 }

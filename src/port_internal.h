@@ -5,22 +5,12 @@
 
 #include "backend.h"
 #include "bufpool.h"
+#include "ring.h"
 #include "sync.h"
 #include "timer_heap.h"
 
 #include <pthread.h>
 #include <stdbool.h>
-
-/* Internal opcode marking a posted packet in the queue (never visible to callers). */
-#define CP__OP_PACKET 0xff
-
-/* A posted completion: a cp_op header (so it can sit in the same queue as I/O
- * operations) plus the posted key and result; the posted pointer lives in op.u.buf. */
-typedef struct cp__packet {
-    cp_op op;
-    uintptr_t key;
-    int64_t result;
-} cp__packet;
 
 /* One record per thread that ever dequeued from the port. */
 typedef struct cp__thread {
@@ -30,6 +20,8 @@ typedef struct cp__thread {
     cp_port *port;
     uint32_t futex;     /* 0 while parked, 1 once woken */
     bool running;       /* counted in port->running */
+    unsigned since_poll; /* completions taken since this thread last polled the backend */
+    uint64_t dequeued;   /* completions handed to this thread (atomic, for stats) */
     bool blocked;       /* between cp_port_block_begin() and _end() */
     bool parked;        /* on the parked stack */
     unsigned want;      /* capacity of hand[] while parked */
@@ -38,39 +30,39 @@ typedef struct cp__thread {
 } cp__thread;
 
 struct cp_port {
-    cp__lock lock; /* protects everything below that is not marked otherwise */
+    /* Read on every post and dequeue, written rarely. */
     unsigned concurrency;
-    unsigned running;
-    unsigned nparked;
+    bool closed; /* atomic */
+    cp__ring ring; /* posted completions: lock-free */
+
+    /* Everything below is written under `lock` (some fields are also read without it,
+     * atomically, by the lock-free paths). */
+    _Alignas(64) cp__lock lock;
+    unsigned running;  /* atomic: threads released and not back in dequeue */
+    unsigned nparked;  /* atomic: threads on the parked stack */
     unsigned nwaiting; /* threads inside dequeue: parked or polling */
-    bool closed;
-    bool polling;   /* a thread holds the poller role */
+    bool polling;      /* atomic: a thread holds the poller role */
+    bool wake_sent;    /* atomic: the current poll has already been woken */
     cp__thread *poller; /* ...and this is its record (atomic) */
-    bool wake_sent; /* the current poll has already been woken */
-
-    cp_op *qhead, *qtail; /* FIFO of completed operations and packets */
-    uint64_t queued;      /* read without the lock by spinners (atomic) */
-    unsigned since_poll;  /* completions taken since the backend was last polled */
-    cp__thread *parked;   /* top of the LIFO stack */
-
-    cp__packet *free_packets;
-    void *packet_blocks; /* singly linked blocks of packets, for destroy */
-    uint32_t posted_queued;
-    uint32_t max_posted;
+    cp__thread *parked; /* top of the LIFO stack */
+    cp_op *qhead, *qtail; /* FIFO of completed I/O operations */
+    uint64_t io_queued;   /* atomic: length of that FIFO */
 
     pthread_key_t tkey;
     cp__thread *threads;
 
-    uint32_t io_handles; /* associated handles (atomic); with none, no thread polls */
+    uint32_t io_handles; /* atomic: associated handles; with none, no thread polls */
+    uint64_t completed;  /* I/O completions queued, ever */
+    uint64_t wakeups;    /* parked threads woken, ever */
+    uint64_t polls;      /* backend polls, ever */
+    uint64_t dequeued_by_gone; /* dequeued by threads whose records were freed */
 
     /* Per-operation timeouts: a heap of (deadline, op) guarded by its own lock, taken
      * after a handle's lock, never before. */
-    cp__lock timer_lock;
+    _Alignas(64) cp__lock timer_lock;
     cp__timer_heap timers;
 
     cp__bufpool pool; /* shared receive buffers (pooled receives) */
-
-    cp_port_stats stats;
     cp_port_options opts; /* resolved: every default filled in */
 
     const cp__backend *be;

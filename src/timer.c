@@ -121,6 +121,8 @@ int cp_timer_start(cp_pool *pool, cp_timer **timerp, uint64_t due_ms, uint64_t p
     t->due = cp__now_ns() + (int64_t)due_ms * 1000000;
     t->refs = 2; /* the caller's handle and the heap */
     int r = 0;
+    /* Published before the timer is armed, so its own callback can use the handle. */
+    *timerp = t;
     cp__lock_acquire(&pool->tlock);
     if (pool->timer_stop) {
         r = -ESHUTDOWN;
@@ -133,6 +135,7 @@ int cp_timer_start(cp_pool *pool, cp_timer **timerp, uint64_t due_ms, uint64_t p
         r = cp__heap_push(&pool->theap, t, &t->heap_slot, t->due);
     if (r < 0) {
         cp__lock_release(&pool->tlock);
+        *timerp = NULL;
         free(t);
         return r;
     }
@@ -142,7 +145,6 @@ int cp_timer_start(cp_pool *pool, cp_timer **timerp, uint64_t due_ms, uint64_t p
     pool->timers = t;
     poke_timer_thread_locked(pool);
     cp__lock_release(&pool->tlock);
-    *timerp = t;
     return 0;
 }
 

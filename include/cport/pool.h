@@ -93,8 +93,9 @@ CP_EXTERN void cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode);
 
 /* Start a timer: fn(arg) runs on a worker once `due_ms` milliseconds have passed, then,
  * if period_ms > 0, every period_ms after the previous due time (a late firing does not
- * shift the schedule; it never fires early). Stores the timer in *timerp, which stays
- * valid until cp_timer_cancel() (periodic or not: cancel it to release it). Returns 0,
+ * shift the schedule; it never fires early). Stores the timer in *timerp before it can
+ * fire (so the callback may read it), and it stays valid until cp_timer_cancel()
+ * (periodic or not: cancel it to release it). Returns 0,
  * -EINVAL, -ENOMEM, or -ESHUTDOWN once destroy has begun. */
 CP_EXTERN int cp_timer_start(cp_pool *pool, cp_timer **timerp, uint64_t due_ms, uint64_t period_ms,
                    cp_work_fn fn, void *arg);
