@@ -11,6 +11,7 @@
 #include "cport/port.h"
 #include "cport/socket.h"
 
+#include <limits.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -37,7 +38,9 @@ static inline void cp__oplist_push(cp__oplist *l, cp_op *op)
 #define CP__OPLIST_POOL_FREED 1u
 
 /* Result of starting an operation in the kernel. */
-#define CP__PENDING 1 /* the backend will report the result later through cp__io_done() */
+/* The backend will report the result later. Not a possible result: those are byte
+ * counts (>= 0, at most INT_MAX per step) or negative errno values (> -4096). */
+#define CP__PENDING INT_MIN
 
 typedef struct cp__backend {
     const char *name;
@@ -56,8 +59,9 @@ typedef struct cp__backend {
     /* Hand work deferred by start() to the kernel now (io_uring batches submissions until
      * the next poll). NULL if the backend never defers. */
     void (*flush)(cp_port *port);
-    /* Pool buffers were given back: refill whatever the kernel draws from. May be NULL. */
-    void (*pool_refill)(cp_port *port);
+    /* Pool buffers were given back: refill whatever the kernel draws from. Returns how
+     * many buffers the kernel can draw from now (0 if it draws from nothing). May be NULL. */
+    uint32_t (*pool_refill)(cp_port *port);
     /* Stop the handle's background pooled receive (io_uring multishot) because the socket
      * holds its share of buffers; its end is reported through cp__io_chunk(more=false).
      * Called with the handle's lock held. */

@@ -127,18 +127,21 @@ bool cp__bufpool_unstarve(cp__bufpool *bp, cp_handle *h)
     return found;
 }
 
-uint32_t cp__bufpool_pop_starving(cp__bufpool *bp, cp_handle **out, uint32_t max)
+uint32_t cp__bufpool_pop_starving(cp__bufpool *bp, cp_handle **out, uint32_t max,
+                                  uint32_t elsewhere)
 {
     uint32_t n = 0;
     cp__lock_acquire(&bp->lock);
-    uint32_t avail = bp->nfree + (bp->count - bp->fresh);
+    uint32_t avail = bp->nfree + (bp->count - bp->fresh) + elsewhere;
     /* Oldest waiter first, so no socket starves forever behind newer ones. */
     while (n < max && n < avail && n < bp->nstarving) {
         out[n] = bp->starving[n];
         n++;
     }
-    bp->nstarving -= n;
-    memmove(bp->starving, bp->starving + n, bp->nstarving * sizeof(*bp->starving));
+    if (n) {
+        bp->nstarving -= n;
+        memmove(bp->starving, bp->starving + n, bp->nstarving * sizeof(*bp->starving));
+    }
     cp__lock_release(&bp->lock);
     return n;
 }

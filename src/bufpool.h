@@ -60,8 +60,10 @@ uint32_t cp__bufpool_get_many(cp__bufpool *bp, uint16_t *ids, uint32_t max);
 int cp__bufpool_starve(cp__bufpool *bp, cp_handle *h);
 /* Remove h from the waiting list; true if it was there (the caller then drops the pin). */
 bool cp__bufpool_unstarve(cp__bufpool *bp, cp_handle *h);
-/* Pop up to max waiting handles, as many as there are free buffers. Each stays pinned. */
-uint32_t cp__bufpool_pop_starving(cp__bufpool *bp, cp_handle **out, uint32_t max);
+/* Pop up to max waiting handles, as many as there are buffers to serve them: free ones
+ * plus `elsewhere` (buffers the backend already handed to the kernel). Each stays pinned. */
+uint32_t cp__bufpool_pop_starving(cp__bufpool *bp, cp_handle **out, uint32_t max,
+                                  uint32_t elsewhere);
 
 /* Per-socket backlog of received, unclaimed buffers (caller holds h's lock). */
 void cp__stash_push(cp__bufpool *bp, cp_handle *h, uint16_t id, uint32_t len);

@@ -53,16 +53,18 @@ static inline void cp__h_unlock(cp_handle *h)
     cp__lock_release(&h->cp__lock);
 }
 
-/* Pins keep a closing handle alive (its close does not complete) while the kernel or a
- * background path may still touch it. Atomic: taken without the handle lock by timers. */
+/* Pins keep a closing handle alive (its close does not complete) while the kernel, a
+ * timeout or a background path may still touch it. Plain counter: the handle's lock is
+ * held for every change (a timeout's pin is taken when the op enters the deadline heap
+ * and handed to the expiry path if it fires). */
 static inline void cp__h_pin(cp_handle *h)
 {
-    __atomic_add_fetch(&h->cp__inflight, 1, __ATOMIC_RELAXED);
+    h->cp__inflight++;
 }
 
-static inline uint32_t cp__h_unpin(cp_handle *h)
+static inline void cp__h_unpin(cp_handle *h)
 {
-    return __atomic_sub_fetch(&h->cp__inflight, 1, __ATOMIC_RELAXED);
+    h->cp__inflight--;
 }
 
 /* ---- entry points of the socket layer for backends (socket.c) ---- */

@@ -79,8 +79,11 @@ static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
     if (op->timeout_ms) {
         cp_port *p = h->cp__port;
         cp__lock_acquire(&p->timer_lock);
+        bool in_heap = op->cp__tidx != 0;
         cp__heap_remove(&p->timers, &op->cp__tidx);
         cp__lock_release(&p->timer_lock);
+        if (in_heap)
+            cp__h_unpin(h); /* else the expiry path took the entry and its pin */
     }
     if (res == -ECANCELED && (op->cp__flags & CP__OPF_TIMEDOUT))
         res = -ETIMEDOUT;
@@ -248,7 +251,7 @@ static int cancel_all_locked(cp_handle *h, cp__oplist *done)
 static void maybe_finish_close_locked(cp_handle *h, cp__oplist *done)
 {
     if ((h->cp__flags & (CP__H_CLOSING | CP__H_CLOSED)) != CP__H_CLOSING || h->cp__rq ||
-        h->cp__sq || __atomic_load_n(&h->cp__inflight, __ATOMIC_RELAXED) != 0)
+        h->cp__sq || h->cp__inflight != 0)
         return;
     cp_port *p = h->cp__port;
     h->cp__flags |= CP__H_CLOSED;
@@ -370,11 +373,10 @@ void cp__io_resume(cp_handle *h, cp__oplist *done)
 
 void cp__io_serve_starving(cp_port *p)
 {
-    if (p->be->pool_refill)
-        p->be->pool_refill(p);
+    uint32_t in_kernel = p->be->pool_refill ? p->be->pool_refill(p) : 0;
     cp_handle *hs[16];
     uint32_t n;
-    while ((n = cp__bufpool_pop_starving(&p->pool, hs, 16)) > 0) {
+    while ((n = cp__bufpool_pop_starving(&p->pool, hs, 16, in_kernel)) > 0) {
         cp__oplist done = {0};
         for (uint32_t i = 0; i < n; i++)
             cp__io_resume(hs[i], &done);
@@ -465,10 +467,10 @@ void cp__io_expire(cp_port *p, int64_t now)
         while (n < MAX_EXPIRE_BATCH && (top = cp__heap_top(&p->timers)) && top->deadline <= now) {
             cp_op *op = top->owner;
             /* The op is outstanding while it is in the heap (finishing removes it under
-             * this lock), so op and its handle are alive here; the pin keeps the handle
-             * alive after we unlock even if the op finishes meanwhile. */
+             * this lock), so op and its handle are alive here. The entry's pin on the
+             * handle passes to us: it keeps the handle alive after we unlock even if the
+             * op finishes meanwhile. */
             cp__heap_remove(&p->timers, &op->cp__tidx);
-            cp__h_pin(op->cp__h);
             due[n].h = op->cp__h;
             due[n].op = op;
             due[n].seq = op->cp__seq;
@@ -562,6 +564,7 @@ static int submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
             cp__h_unlock(h);
             return r;
         }
+        cp__h_pin(h); /* the heap entry's */
     }
     op->cp__state = CP__OPS_QUEUED;
     cp_op **q = which ? &h->cp__sq : &h->cp__rq;

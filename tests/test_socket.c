@@ -1,0 +1,892 @@
+/* Tests of overlapped socket operations (src/socket.c and the two backends): accept
+ * (plain, with first data, many outstanding, in order), connect, receive and send with
+ * buffers and iovecs, several outstanding per socket in order, full sends to a slow
+ * reader, cancel one / all, close with operations outstanding, per-operation timeouts,
+ * peer reset and half-close, pooled (zero-byte) receives with the fairness cap, an
+ * exhausted pool (the -ENOBUFS trap), completion-queue overflow, SQPOLL off. */
+#include "harness.h"
+
+#include "cport.h"
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* ---- helpers ---------------------------------------------------------------------------- */
+
+static cp_port *make_port(void)
+{
+    cp_port_options o = {.concurrency = 1};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    return p;
+}
+
+/* Dequeue exactly one completion (5 s limit). */
+static cp_completion next(cp_port *p)
+{
+    cp_completion c;
+    int n = cp_port_dequeue(p, &c, 1, 5000);
+    if (n != 1) {
+        fprintf(stderr, "dequeue: %d (%s)\n", n, cp_strerror(n));
+        CHECK_EQ(n, 1);
+    }
+    return c;
+}
+
+/* Nothing may complete within ms milliseconds. */
+static void expect_nothing(cp_port *p, int ms)
+{
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, ms), -ETIMEDOUT);
+}
+
+static int listen_any(int *port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    CHECK_OK(bind(fd, (struct sockaddr *)&sa, sizeof(sa)));
+    CHECK_OK(listen(fd, 4096));
+    socklen_t len = sizeof(sa);
+    CHECK_OK(getsockname(fd, (struct sockaddr *)&sa, &len));
+    *port = ntohs(sa.sin_port);
+    return fd;
+}
+
+static struct sockaddr_in loopback(int port)
+{
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    return sa;
+}
+
+/* A blocking client connected to port. */
+static int dial(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0);
+    struct sockaddr_in sa = loopback(port);
+    CHECK_OK(connect(fd, (struct sockaddr *)&sa, sizeof(sa)));
+    return fd;
+}
+
+/* A connected TCP pair: `server` end associated with the port, `client` a plain fd. */
+typedef struct pair {
+    cp_socket s;
+    int client;
+} pair;
+
+static void pair_open(pair *pr, cp_port *p)
+{
+    int port;
+    int lfd = listen_any(&port);
+    pr->client = dial(port);
+    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    CHECK(fd >= 0);
+    close(lfd);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    setsockopt(pr->client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    CHECK_OK(cp_socket_associate(&pr->s, p, fd, (uintptr_t)pr));
+}
+
+/* Close the associated end; every completion until the close one must be -ECANCELED. */
+static void pair_close(pair *pr, cp_port *p)
+{
+    cp_op op = {0};
+    CHECK_OK(cp_socket_close(&pr->s, &op));
+    for (;;) {
+        cp_completion c = next(p);
+        if (c.op == &op) {
+            CHECK_EQ(c.result, 0);
+            CHECK_EQ(op.opcode, CP_OP_CLOSE);
+            break;
+        }
+    }
+    if (pr->client >= 0)
+        close(pr->client);
+}
+
+static void write_all(int fd, const void *buf, size_t len)
+{
+    const char *b = buf;
+    while (len) {
+        ssize_t n = write(fd, b, len);
+        CHECK(n > 0);
+        b += n;
+        len -= (size_t)n;
+    }
+}
+
+static void read_all(int fd, void *buf, size_t len)
+{
+    char *b = buf;
+    while (len) {
+        ssize_t n = read(fd, b, len);
+        CHECK(n > 0);
+        b += n;
+        len -= (size_t)n;
+    }
+}
+
+static void *reader_thread(void *arg)
+{
+    void **a = arg;
+    read_all(*(int *)a[0], a[1], *(size_t *)a[2]);
+    return NULL;
+}
+
+static void fill_pattern(uint8_t *b, size_t len, uint32_t seed)
+{
+    uint32_t x = seed * 2654435761u + 1;
+    for (size_t i = 0; i < len; i++) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        b[i] = (uint8_t)x;
+    }
+}
+
+/* ---- accept ----------------------------------------------------------------------------- */
+
+TEST(accept_connect_echo_close)
+{
+    cp_port *p = make_port();
+    int port;
+    cp_socket listener;
+    CHECK_OK(cp_socket_associate(&listener, p, listen_any(&port), 1));
+    cp_accept_op aop = {0};
+    CHECK_OK(cp_socket_accept(&listener, &aop, NULL, 0));
+
+    /* The client side goes through the port too: ConnectEx. */
+    cp_socket cs;
+    CHECK_OK(cp_socket_associate(&cs, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 2));
+    cp_op cop = {0};
+    struct sockaddr_in sa = loopback(port);
+    CHECK_OK(cp_socket_connect(&cs, &cop, (struct sockaddr *)&sa, sizeof(sa)));
+    bool accepted = false, connected = false;
+    while (!accepted || !connected) {
+        cp_completion c = next(p);
+        if (c.op == &aop.op) {
+            CHECK_EQ(c.key, 1);
+            CHECK_EQ(c.result, 0);
+            CHECK(aop.fd >= 0);
+            CHECK_EQ(aop.op.opcode, CP_OP_ACCEPT);
+            struct sockaddr_in *peer = (struct sockaddr_in *)&aop.addr;
+            CHECK_EQ(peer->sin_family, AF_INET);
+            CHECK_EQ(ntohl(peer->sin_addr.s_addr), INADDR_LOOPBACK);
+            accepted = true;
+        } else {
+            CHECK(c.op == &cop);
+            CHECK_EQ(c.key, 2);
+            CHECK_EQ(c.result, 0);
+            connected = true;
+        }
+    }
+    cp_socket ss;
+    CHECK_OK(cp_socket_associate(&ss, p, aop.fd, 3));
+    char out[] = "hello, port", in[32] = {0};
+    cp_op sop = {0}, rop = {0};
+    CHECK_OK(cp_socket_recv(&ss, &rop, in, sizeof(in)));
+    CHECK_OK(cp_socket_send(&cs, &sop, out, sizeof(out)));
+    for (int i = 0; i < 2; i++) {
+        cp_completion c = next(p);
+        if (c.op == &sop)
+            CHECK_EQ(c.result, (int64_t)sizeof(out));
+        else {
+            CHECK(c.op == &rop);
+            CHECK_EQ(c.key, 3);
+            CHECK_EQ(c.result, (int64_t)sizeof(out));
+        }
+    }
+    CHECK(memcmp(in, out, sizeof(out)) == 0);
+    cp_op c1 = {0}, c2 = {0}, c3 = {0};
+    CHECK_OK(cp_socket_close(&cs, &c1));
+    CHECK_OK(cp_socket_close(&ss, &c2));
+    CHECK_OK(cp_socket_close(&listener, &c3));
+    CHECK_EQ(cp_socket_close(&listener, &c1), -EBUSY); /* op still in use */
+    for (int i = 0; i < 3; i++) {
+        cp_completion c = next(p);
+        CHECK(c.op == &c1 || c.op == &c2 || c.op == &c3);
+        CHECK_EQ(c.result, 0);
+    }
+    expect_nothing(p, 20);
+    cp_port_destroy(p);
+}
+
+TEST(accept_with_first_data)
+{
+    cp_port *p = make_port();
+    int port;
+    cp_socket listener;
+    CHECK_OK(cp_socket_associate(&listener, p, listen_any(&port), 1));
+    char buf[64];
+    cp_accept_op aop = {0};
+    CHECK_OK(cp_socket_accept(&listener, &aop, buf, sizeof(buf)));
+    int c1 = dial(port);
+    /* Connected but silent: AcceptEx with a receive length does not complete yet. */
+    expect_nothing(p, 100);
+    write_all(c1, "first!", 6);
+    cp_completion c = next(p);
+    CHECK(c.op == &aop.op);
+    CHECK_EQ(c.result, 6);
+    CHECK(memcmp(buf, "first!", 6) == 0);
+    CHECK(aop.fd >= 0);
+    close(aop.fd);
+    close(c1);
+
+    /* A peer that connects and closes without data: result 0, socket still handed over. */
+    CHECK_OK(cp_socket_accept(&listener, &aop, buf, sizeof(buf)));
+    int c2 = dial(port);
+    close(c2);
+    c = next(p);
+    CHECK(c.op == &aop.op);
+    CHECK_EQ(c.result, 0);
+    CHECK(aop.fd >= 0);
+    close(aop.fd);
+
+    /* A silent peer does not hold up later accepts (first-data waits run apart). */
+    cp_accept_op a1 = {0}, a2 = {0};
+    CHECK_OK(cp_socket_accept(&listener, &a1, buf, sizeof(buf)));
+    CHECK_OK(cp_socket_accept(&listener, &a2, NULL, 0));
+    int silent = dial(port);
+    int talker = dial(port);
+    c = next(p);
+    CHECK(c.op == &a2.op); /* a1 took the silent one and still waits */
+    CHECK_EQ(c.result, 0);
+    close(a2.fd);
+    CHECK_OK(cp_socket_cancel(&listener, &a1.op));
+    c = next(p);
+    CHECK(c.op == &a1.op);
+    CHECK_EQ(c.result, -ECANCELED);
+    CHECK_EQ(a1.fd, -1); /* the half-accepted socket was closed for us */
+    close(silent);
+    close(talker);
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&listener, &cl));
+    CHECK(next(p).op == &cl);
+    cp_port_destroy(p);
+}
+
+TEST(many_accepts_outstanding_complete_in_order)
+{
+    cp_port *p = make_port();
+    int port;
+    cp_socket listener;
+    CHECK_OK(cp_socket_associate(&listener, p, listen_any(&port), 1));
+    enum { N = 32 };
+    cp_accept_op aops[N];
+    memset(aops, 0, sizeof(aops));
+    for (int i = 0; i < N; i++)
+        CHECK_OK(cp_socket_accept(&listener, &aops[i], NULL, 0));
+    int clients[N];
+    for (int i = 0; i < N; i++)
+        clients[i] = dial(port);
+    for (int i = 0; i < N; i++) {
+        cp_completion c = next(p);
+        CHECK(c.op == &aops[i].op); /* posted order */
+        CHECK_EQ(c.result, 0);
+        close(aops[i].fd);
+        close(clients[i]);
+    }
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&listener, &cl));
+    CHECK(next(p).op == &cl);
+    cp_port_destroy(p);
+}
+
+TEST(connect_refused)
+{
+    cp_port *p = make_port();
+    int port;
+    int lfd = listen_any(&port);
+    close(lfd); /* nobody listens there any more */
+    cp_socket s;
+    CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
+    cp_op op = {0};
+    struct sockaddr_in sa = loopback(port);
+    CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
+    cp_completion c = next(p);
+    CHECK(c.op == &op);
+    CHECK_EQ(c.result, -ECONNREFUSED);
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&s, &cl));
+    CHECK(next(p).op == &cl);
+    cp_port_destroy(p);
+}
+
+/* ---- receive and send ------------------------------------------------------------------- */
+
+TEST(receives_outstanding_fill_in_order)
+{
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    enum { N = 16, CH = 10 };
+    char bufs[N][CH];
+    cp_op ops[N];
+    memset(ops, 0, sizeof(ops));
+    for (int i = 0; i < N; i++)
+        CHECK_OK(cp_socket_recv(&pr.s, &ops[i], bufs[i], CH));
+    uint8_t data[N * CH];
+    fill_pattern(data, sizeof(data), 7);
+    write_all(pr.client, data, sizeof(data));
+    /* Completions come in posting order and their concatenation is the stream. */
+    uint8_t got[N * CH];
+    size_t have = 0;
+    for (int i = 0; i < N && have < sizeof(data); i++) {
+        cp_completion c = next(p);
+        CHECK(c.op == &ops[i]);
+        CHECK(c.result > 0 && c.result <= CH);
+        memcpy(got + have, bufs[i], (size_t)c.result);
+        have += (size_t)c.result;
+    }
+    CHECK_EQ(have, sizeof(data));
+    CHECK(memcmp(got, data, sizeof(data)) == 0);
+    pair_close(&pr, p);
+    cp_port_destroy(p);
+}
+
+TEST(sends_outstanding_go_out_whole_and_in_order)
+{
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    /* Several large sends at once to a peer that is not reading yet: each must go out
+     * whole (short writes continued inside), never interleaved, in posting order. */
+    enum { N = 4 };
+    size_t len = (size_t)cpt_scaled(1 << 20, 1 << 18);
+    uint8_t *data[N];
+    cp_op ops[N];
+    memset(ops, 0, sizeof(ops));
+    for (int i = 0; i < N; i++) {
+        data[i] = malloc(len);
+        fill_pattern(data[i], len, (uint32_t)i + 100);
+        CHECK_OK(cp_socket_send(&pr.s, &ops[i], data[i], len));
+    }
+    /* The peer reads on its own thread while we keep the port polled: the sends only
+     * progress when the port's poller sees the socket writable again. */
+    uint8_t *got = malloc(len * N);
+    size_t total = len * N;
+    void *args[3] = {&pr.client, got, &total};
+    pthread_t th;
+    CHECK_OK(-pthread_create(&th, NULL, reader_thread, args));
+    for (int i = 0; i < N; i++) {
+        cp_completion c = next(p);
+        CHECK(c.op == &ops[i]);
+        CHECK_EQ(c.result, (int64_t)len);
+    }
+    pthread_join(th, NULL);
+    for (int i = 0; i < N; i++)
+        CHECK(memcmp(got + (size_t)i * len, data[i], len) == 0);
+    pair_close(&pr, p);
+    for (int i = 0; i < N; i++)
+        free(data[i]);
+    free(got);
+    cp_port_destroy(p);
+}
+
+TEST(vector_send_and_receive)
+{
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    /* A gather send large enough to be written in several pieces. */
+    enum { PARTS = 5 };
+    size_t part = (size_t)cpt_scaled(300000, 100000);
+    uint8_t *parts[PARTS];
+    struct iovec iov[PARTS];
+    for (int i = 0; i < PARTS; i++) {
+        parts[i] = malloc(part + (size_t)i);
+        fill_pattern(parts[i], part + (size_t)i, (uint32_t)i);
+        iov[i] = (struct iovec){parts[i], part + (size_t)i};
+    }
+    size_t total = 0;
+    for (int i = 0; i < PARTS; i++)
+        total += part + (size_t)i;
+    cp_op sop = {0};
+    CHECK_OK(cp_socket_sendv(&pr.s, &sop, iov, PARTS));
+    uint8_t *got = malloc(total);
+    read_all(pr.client, got, total);
+    size_t off = 0;
+    for (int i = 0; i < PARTS; i++) {
+        CHECK(memcmp(got + off, parts[i], part + (size_t)i) == 0);
+        off += part + (size_t)i;
+    }
+    cp_completion c = next(p);
+    CHECK(c.op == &sop);
+    CHECK_EQ(c.result, (int64_t)total);
+    /* A scatter receive. */
+    char a[3], b[4], d[5];
+    struct iovec riov[3] = {{a, 3}, {b, 4}, {d, 5}};
+    cp_op rop = {0};
+    CHECK_OK(cp_socket_recvv(&pr.s, &rop, riov, 3));
+    write_all(pr.client, "abcdefghijkl", 12);
+    c = next(p);
+    CHECK(c.op == &rop);
+    CHECK(c.result > 0);
+    char joined[12];
+    memcpy(joined, a, 3);
+    memcpy(joined + 3, b, 4);
+    memcpy(joined + 7, d, 5);
+    CHECK(memcmp(joined, "abcdefghijkl", (size_t)c.result) == 0);
+    pair_close(&pr, p);
+    for (int i = 0; i < PARTS; i++)
+        free(parts[i]);
+    free(got);
+    cp_port_destroy(p);
+}
+
+TEST(argument_errors_queue_nothing)
+{
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    cp_op op = {0};
+    char buf[8];
+    CHECK_EQ(cp_socket_recv(&pr.s, &op, NULL, 8), -EINVAL);
+    CHECK_EQ(cp_socket_recv(&pr.s, &op, buf, 0), -EINVAL);
+    CHECK_EQ(cp_socket_send(&pr.s, &op, buf, 0), -EINVAL);
+    CHECK_EQ(cp_socket_sendv(&pr.s, &op, NULL, 1), -EINVAL);
+    CHECK_EQ(cp_socket_associate(NULL, p, 0, 0), -EINVAL);
+    /* An op still in use cannot start another operation. */
+    CHECK_OK(cp_socket_recv(&pr.s, &op, buf, sizeof(buf)));
+    CHECK_EQ(cp_socket_recv(&pr.s, &op, buf, sizeof(buf)), -EBUSY);
+    CHECK_EQ(cp_socket_cancel(&pr.s, &(cp_op){0}), -ENOENT);
+    CHECK_OK(cp_socket_cancel(&pr.s, &op));
+    cp_completion c = next(p);
+    CHECK(c.op == &op);
+    CHECK_EQ(c.result, -ECANCELED);
+    expect_nothing(p, 20); /* none of the failed starts completes */
+    pair_close(&pr, p);
+    /* A closing socket refuses new operations. */
+    cp_port_destroy(p);
+}
+
+/* ---- cancel, close, timeouts ------------------------------------------------------------ */
+
+TEST(cancel_all_and_close_complete_everything)
+{
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    char bufs[3][16];
+    cp_op r[3] = {{0}};
+    for (int i = 0; i < 3; i++)
+        CHECK_OK(cp_socket_recv(&pr.s, &r[i], bufs[i], sizeof(bufs[i])));
+    CHECK_EQ(cp_socket_cancel_all(&pr.s), 3);
+    for (int i = 0; i < 3; i++) {
+        cp_completion c = next(p);
+        CHECK_EQ(c.result, -ECANCELED);
+    }
+    /* Now a send stuck on a peer that never reads, plus receives, then close. */
+    size_t big = 32 << 20;
+    uint8_t *data = calloc(1, big);
+    cp_op s = {0};
+    CHECK_OK(cp_socket_send(&pr.s, &s, data, big));
+    for (int i = 0; i < 3; i++)
+        CHECK_OK(cp_socket_recv(&pr.s, &r[i], bufs[i], sizeof(bufs[i])));
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&pr.s, &cl));
+    char tmp[4];
+    CHECK_EQ(cp_socket_recv(&pr.s, &(cp_op){0}, tmp, 4), -EBADF);
+    int seen = 0;
+    for (;;) {
+        cp_completion c = next(p);
+        if (c.op == &cl)
+            break; /* the close completes last */
+        CHECK(c.op == &s || c.op == &r[0] || c.op == &r[1] || c.op == &r[2]);
+        if (c.op != &s)
+            CHECK_EQ(c.result, -ECANCELED);
+        else
+            CHECK(c.result == -ECANCELED || c.result < 0);
+        seen++;
+    }
+    CHECK_EQ(seen, 4);
+    close(pr.client);
+    free(data);
+    cp_port_destroy(p);
+}
+
+TEST(operation_timeouts)
+{
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    char buf[16];
+    cp_op r = {.timeout_ms = 60};
+    int64_t t0 = cpt_now_ns();
+    CHECK_OK(cp_socket_recv(&pr.s, &r, buf, sizeof(buf)));
+    cp_completion c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, -ETIMEDOUT);
+    CHECK(cpt_now_ns() - t0 >= 60 * 1000000LL); /* never early */
+    /* An op that completes in time is not touched by its timer later. */
+    cp_op r2 = {.timeout_ms = 100};
+    CHECK_OK(cp_socket_recv(&pr.s, &r2, buf, sizeof(buf)));
+    write_all(pr.client, "x", 1);
+    c = next(p);
+    CHECK(c.op == &r2);
+    CHECK_EQ(c.result, 1);
+    expect_nothing(p, 200);
+    /* The timeout of a queued receive behind a pending one counts from its start. */
+    cp_op a = {0}, b = {.timeout_ms = 50};
+    CHECK_OK(cp_socket_recv(&pr.s, &a, buf, sizeof(buf)));
+    CHECK_OK(cp_socket_recv(&pr.s, &b, buf + 8, 8));
+    c = next(p);
+    CHECK(c.op == &b);
+    CHECK_EQ(c.result, -ETIMEDOUT);
+    write_all(pr.client, "y", 1);
+    c = next(p);
+    CHECK(c.op == &a);
+    CHECK_EQ(c.result, 1);
+    pair_close(&pr, p);
+    cp_port_destroy(p);
+}
+
+TEST(peer_reset_and_half_close)
+{
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    /* Half-close: the peer stops sending but still reads. */
+    char buf[64];
+    cp_op r = {0}, s = {0};
+    CHECK_OK(cp_socket_recv(&pr.s, &r, buf, sizeof(buf)));
+    shutdown(pr.client, SHUT_WR);
+    cp_completion c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, 0); /* end of stream */
+    CHECK_OK(cp_socket_send(&pr.s, &s, "still here", 10));
+    c = next(p);
+    CHECK(c.op == &s);
+    CHECK_EQ(c.result, 10);
+    char in[10];
+    read_all(pr.client, in, 10);
+    CHECK(memcmp(in, "still here", 10) == 0);
+    /* Reset: linger 0 then close sends an RST; a pending receive fails with it. */
+    pair pr2;
+    pair_open(&pr2, p);
+    CHECK_OK(cp_socket_recv(&pr2.s, &r, buf, sizeof(buf)));
+    struct linger lg = {1, 0};
+    setsockopt(pr2.client, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    close(pr2.client);
+    pr2.client = -1;
+    c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, -ECONNRESET);
+    /* ...and a send after it fails without SIGPIPE killing us. */
+    CHECK_OK(cp_socket_send(&pr2.s, &s, buf, sizeof(buf)));
+    c = next(p);
+    CHECK(c.op == &s);
+    CHECK(c.result == -EPIPE || c.result == -ECONNRESET);
+    pair_close(&pr, p);
+    pair_close(&pr2, p);
+    cp_port_destroy(p);
+}
+
+/* ---- pooled receives (I3) ----------------------------------------------------------------- */
+
+static cp_port *make_pool_port(uint32_t buffers, uint32_t per_socket)
+{
+    cp_port_options o = {.concurrency = 1, .pool_buffers = buffers, .pool_per_socket = per_socket};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    return p;
+}
+
+TEST(pooled_receive_basics)
+{
+    cp_port *p = make_pool_port(64, 4);
+    pair pr;
+    pair_open(&pr, p);
+    cp_op r = {0};
+    CHECK_OK(cp_socket_recv_pooled(&pr.s, &r));
+    expect_nothing(p, 30); /* idle: no buffer taken, nothing happens */
+    write_all(pr.client, "pooled data", 11);
+    cp_completion c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, 11);
+    CHECK_EQ(r.opcode, CP_OP_RECV_POOL);
+    CHECK(r.u.buf != NULL);
+    CHECK(memcmp(r.u.buf, "pooled data", 11) == 0);
+    CHECK_EQ(cp_buffer_size(p), 4096);
+    cp_buffer_release(p, r.u.buf);
+    /* A plain receive is refused while data flows into pool buffers for this socket. */
+    char tmp[4];
+    cp_op r2 = {0};
+    if (cp_port_backend(p) == CP_BACKEND_IO_URING)
+        CHECK_EQ(cp_socket_recv(&pr.s, &r2, tmp, 4), -EBUSY);
+    /* End of stream: result 0, no buffer. */
+    CHECK_OK(cp_socket_recv_pooled(&pr.s, &r));
+    shutdown(pr.client, SHUT_WR);
+    c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, 0);
+    CHECK(r.u.buf == NULL);
+    pair_close(&pr, p);
+    cp_port_destroy(p);
+}
+
+/* Drain everything the peer sent through pooled receives and check it byte for byte. */
+static void drain_pooled(cp_port *p, pair *pr, const uint8_t *data, size_t len)
+{
+    size_t have = 0;
+    cp_op r = {0};
+    while (have < len) {
+        CHECK_OK(cp_socket_recv_pooled(&pr->s, &r));
+        cp_completion c = next(p);
+        CHECK(c.op == &r);
+        CHECK(c.result > 0);
+        CHECK((size_t)c.result <= cp_buffer_size(p));
+        CHECK(have + (size_t)c.result <= len);
+        CHECK(memcmp(r.u.buf, data + have, (size_t)c.result) == 0);
+        have += (size_t)c.result;
+        cp_buffer_release(p, r.u.buf);
+    }
+}
+
+static void *writer_thread(void *arg)
+{
+    void **a = arg;
+    write_all(*(int *)a[0], a[1], *(size_t *)a[2]);
+    return NULL;
+}
+
+TEST(pooled_fairness_cap_and_backpressure)
+{
+    /* One fast peer, nobody claiming its data: the socket must stop at its share of the
+     * pool (per_socket buffers), leaving the rest for others, and resume byte-exact. */
+    cp_port *p = make_pool_port(64, 4);
+    pair pr;
+    pair_open(&pr, p);
+    size_t len = 4 << 20;
+    uint8_t *data = malloc(len);
+    fill_pattern(data, len, 42);
+    cp_op r = {0};
+    CHECK_OK(cp_socket_recv_pooled(&pr.s, &r));
+    pthread_t th;
+    size_t lenv = len;
+    void *args[3] = {&pr.client, data, &lenv};
+    CHECK_OK(-pthread_create(&th, NULL, writer_thread, args));
+    cp_completion c = next(p);
+    CHECK(c.op == &r);
+    CHECK(c.result > 0);
+    size_t first = (size_t)c.result;
+    CHECK(memcmp(r.u.buf, data, first) == 0);
+    /* Keep polling the port (without claiming) until the writer is blocked by TCP: the
+     * socket holds at most its cap of buffers meanwhile. */
+    for (int i = 0; i < 50; i++) {
+        expect_nothing(p, 10);
+        /* At most the cap plus one burst the kernel delivered before the stop took
+         * effect, and a burst can take at most what the ring holds: half the pool. */
+        CHECK(pr.s.cp__nstash <= 4 + 64 / 2);
+    }
+    /* Another socket can still get buffers: the pool was not drained by the first. */
+    pair other;
+    pair_open(&other, p);
+    cp_op ro = {0};
+    CHECK_OK(cp_socket_recv_pooled(&other.s, &ro));
+    write_all(other.client, "fair", 4);
+    c = next(p);
+    CHECK(c.op == &ro);
+    CHECK_EQ(c.result, 4);
+    cp_buffer_release(p, ro.u.buf);
+    pair_close(&other, p);
+    /* Claim the rest: everything arrives in order. */
+    cp_buffer_release(p, r.u.buf);
+    drain_pooled(p, &pr, data + first, len - first);
+    pthread_join(th, NULL);
+    pair_close(&pr, p);
+    free(data);
+    cp_port_destroy(p);
+}
+
+TEST(pool_exhaustion_waits_never_fails)
+{
+    /* The -ENOBUFS trap: 8 buffers, two sockets, the test holds buffers so the pool (on
+     * io_uring: the provided-buffer ring) runs dry. The multishot receive ends with
+     * -ENOBUFS; it must be re-armed once buffers come back, never reported as an error,
+     * never close the connection; on epoll the receive waits for a buffer. */
+    cp_port *p = make_pool_port(8, 8);
+    pair a, b;
+    pair_open(&a, p);
+    pair_open(&b, p);
+    size_t len = 256 * 1024;
+    uint8_t *da = malloc(len), *db = malloc(len);
+    fill_pattern(da, len, 1);
+    fill_pattern(db, len, 2);
+    pthread_t ta, tb;
+    size_t lenv = len;
+    void *aa[3] = {&a.client, da, &lenv}, *ab[3] = {&b.client, db, &lenv};
+    CHECK_OK(-pthread_create(&ta, NULL, writer_thread, aa));
+    CHECK_OK(-pthread_create(&tb, NULL, writer_thread, ab));
+    /* Hold every buffer we get until the pool is empty. */
+    void *held[8];
+    int nheld = 0;
+    size_t have_a = 0, have_b = 0;
+    cp_op ra = {0}, rb = {0};
+    bool a_posted = true, b_posted = true;
+    CHECK_OK(cp_socket_recv_pooled(&a.s, &ra));
+    CHECK_OK(cp_socket_recv_pooled(&b.s, &rb));
+    while (nheld < 8) {
+        cp_completion c = next(p);
+        CHECK(c.result > 0);
+        bool is_a = c.op == &ra;
+        cp_op *op = is_a ? &ra : &rb;
+        const uint8_t *d = is_a ? da : db;
+        size_t *have = is_a ? &have_a : &have_b;
+        CHECK(memcmp(op->u.buf, d + *have, (size_t)c.result) == 0);
+        *have += (size_t)c.result;
+        held[nheld++] = op->u.buf;
+        if (is_a)
+            a_posted = false;
+        else
+            b_posted = false;
+        if (nheld < 8) {
+            CHECK_OK(cp_socket_recv_pooled(is_a ? &a.s : &b.s, op));
+            if (is_a)
+                a_posted = true;
+            else
+                b_posted = true;
+        }
+    }
+    /* Pool empty: with receives posted, nothing completes, and no error either. */
+    if (!a_posted) {
+        CHECK_OK(cp_socket_recv_pooled(&a.s, &ra));
+        a_posted = true;
+    }
+    if (!b_posted) {
+        CHECK_OK(cp_socket_recv_pooled(&b.s, &rb));
+        b_posted = true;
+    }
+    expect_nothing(p, 100);
+    /* Give the buffers back: the flow resumes, byte-exact, on both sockets. */
+    for (int i = 0; i < nheld; i++)
+        cp_buffer_release(p, held[i]);
+    while (have_a < len || have_b < len) {
+        if (!b_posted && have_b < len) {
+            CHECK_OK(cp_socket_recv_pooled(&b.s, &rb));
+            b_posted = true;
+        }
+        if (!a_posted && have_a < len) {
+            CHECK_OK(cp_socket_recv_pooled(&a.s, &ra));
+            a_posted = true;
+        }
+        cp_completion c = next(p);
+        cp_op *op = c.op;
+        CHECK(c.result > 0);
+        bool is_a = op == &ra;
+        const uint8_t *d = is_a ? da : db;
+        size_t *have = is_a ? &have_a : &have_b;
+        CHECK(*have + (size_t)c.result <= len);
+        CHECK(memcmp(op->u.buf, d + *have, (size_t)c.result) == 0);
+        *have += (size_t)c.result;
+        cp_buffer_release(p, op->u.buf);
+        if (is_a)
+            a_posted = false;
+        else
+            b_posted = false;
+    }
+    pthread_join(ta, NULL);
+    pthread_join(tb, NULL);
+    pair_close(&a, p);
+    pair_close(&b, p);
+    free(da);
+    free(db);
+    cp_port_destroy(p);
+}
+
+/* ---- io_uring specifics (the same checks pass trivially on epoll) ---------------------- */
+
+TEST(sqpoll_is_off_by_default)
+{
+    /* SQPOLL would start a kernel thread named iou-sqp-<pid> in our process. */
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    DIR *d = opendir("/proc/self/task");
+    CHECK(d != NULL);
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[300], comm[64] = {0};
+        snprintf(path, sizeof(path), "/proc/self/task/%s/comm", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        if (fgets(comm, sizeof(comm), f))
+            CHECK(strncmp(comm, "iou-sqp", 7) != 0);
+        fclose(f);
+    }
+    closedir(d);
+    pair_close(&pr, p);
+    cp_port_destroy(p);
+}
+
+TEST(many_multishot_receives_survive_completion_overflow)
+{
+    /* Far more pooled-receive completions pile up between two polls than a small
+     * completion queue holds: nothing may be lost (NODROP overflow is drained). */
+    cp_port_options o = {.concurrency = 1, .ring_entries = 8, .pool_buffers = 4096,
+                         .pool_per_socket = 8};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    enum { N = 200 };
+    pair *prs = calloc(N, sizeof(*prs));
+    cp_op *ops = calloc(N, sizeof(*ops));
+    for (int i = 0; i < N; i++) {
+        pair_open(&prs[i], p);
+        CHECK_OK(cp_socket_recv_pooled(&prs[i].s, &ops[i]));
+    }
+    /* Every peer sends several small messages before we poll at all. */
+    for (int k = 0; k < 5; k++)
+        for (int i = 0; i < N; i++) {
+            char m[8];
+            snprintf(m, sizeof(m), "%03d:%d;", i % 1000, k);
+            write_all(prs[i].client, m, strlen(m));
+        }
+    size_t *have = calloc(N, sizeof(size_t));
+    size_t want = 0;
+    for (int k = 0; k < 5; k++) {
+        char m[8];
+        snprintf(m, sizeof(m), "%03d:%d;", 0, k);
+        want += strlen(m);
+    }
+    int done = 0;
+    while (done < N) {
+        cp_completion c = next(p);
+        cp_op *op = c.op;
+        int i = (int)(op - ops);
+        CHECK(i >= 0 && i < N);
+        CHECK(c.result > 0);
+        char expect[64];
+        size_t el = 0;
+        for (int k = 0; k < 5; k++)
+            el += (size_t)snprintf(expect + el, sizeof(expect) - el, "%03d:%d;", i % 1000, k);
+        CHECK(memcmp(op->u.buf, expect + have[i], (size_t)c.result) == 0);
+        have[i] += (size_t)c.result;
+        cp_buffer_release(p, op->u.buf);
+        if (have[i] == want)
+            done++;
+        else
+            CHECK_OK(cp_socket_recv_pooled(&prs[i].s, op));
+    }
+    for (int i = 0; i < N; i++)
+        pair_close(&prs[i], p);
+    free(prs);
+    free(ops);
+    free(have);
+    cp_port_destroy(p);
+}
