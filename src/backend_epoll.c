@@ -246,7 +246,6 @@ static int step_recv_pool(cp_handle *h, cp_op *op)
     if (n > 0) {
         if ((size_t)n < bp->size)
             clear_flag(h, CP__H_RD_READY);
-        op->cp__bufid = (uint16_t)id;
         op->u.buf = buf;
         return (int)n;
     }

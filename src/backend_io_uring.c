@@ -42,6 +42,7 @@ enum {
     TAG_MASK = 7,
     BUF_GROUP = 0,
     RING_START_BUFFERS = 64,
+    CALM_REFILLS = 256,
     REFILL_BATCH = 32,
     MAX_CQES_PER_POLL = 4096,
 };
@@ -59,6 +60,7 @@ typedef struct ur_state {
     cp__lock br_lock;     /* guards the ring's tail, ring_count and ring_target */
     uint32_t ring_count;  /* buffers in the kernel's ring (added minus consumed) */
     uint32_t ring_target; /* how many we keep there; doubles when it runs dry */
+    uint32_t calm_refills; /* refills since it last ran dry; many in a row halve it */
 } ur_state;
 
 static ur_state *state_of(cp_port *p)
@@ -153,6 +155,12 @@ static uint32_t refill_ring(cp_port *p)
     ur_state *s = state_of(p);
     cp__bufpool *bp = &p->pool;
     cp__lock_acquire(&s->br_lock);
+    /* After a burst the target decays back, so the ring stops holding (and touching) the
+     * burst's worth of buffers; the surplus returns to the pool, which trims it. */
+    if (++s->calm_refills >= CALM_REFILLS && s->ring_target > RING_START_BUFFERS) {
+        s->ring_target /= 2;
+        s->calm_refills = 0;
+    }
     while (s->ring_count < s->ring_target) {
         uint16_t ids[REFILL_BATCH];
         uint32_t want = s->ring_target - s->ring_count;
@@ -200,13 +208,14 @@ static int ur_init(cp_port *p, const cp_port_options *opts)
     cp__lock_init(&s->sq_lock);
     cp__lock_init(&s->br_lock);
     struct io_uring_params params = {0};
-    /* A big completion queue: multishot receives post completions without submissions. */
+    /* Sized apart from the submission queue: multishot receives post completions without
+     * submissions. Overflow is survived either way (FEAT_NODROP; ur_poll drains it). */
     /* COOP_TASKRUN: completions of requests a thread submitted are posted when that
      * thread next returns to user space or sleeps, instead of interrupting it with an IPI
      * whenever data arrives; measured here to save ~25% of the server's system time per
      * echoed message. A thread busy in a handler posts them at its next syscall or tick. */
     params.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN;
-    params.cq_entries = opts->ring_entries * 16 > 16384 ? opts->ring_entries * 16 : 16384;
+    params.cq_entries = opts->cq_entries;
     int r = io_uring_queue_init_params(opts->ring_entries, &s->ring, &params);
     if (r < 0) {
         free(s);
@@ -295,6 +304,7 @@ static void dispatch(cp_port *p, ur_state *s, struct io_uring_cqe *cqe, cp__opli
             cp__lock_acquire(&s->br_lock);
             s->ring_target = s->ring_target * 2 < ring_limit(p) ? s->ring_target * 2
                                                                 : ring_limit(p);
+            s->calm_refills = 0;
             cp__lock_release(&s->br_lock);
             refill_ring(p);
         }
@@ -349,6 +359,8 @@ static int ur_poll(cp_port *p, int64_t deadline, cp__oplist *done)
     }
 
     unsigned total = 0;
+    if (overflow)
+        __atomic_add_fetch(&p->cq_overflows, 1, __ATOMIC_RELAXED);
     for (;;) {
         struct io_uring_cqe *cqe;
         unsigned head, n = 0;
@@ -359,8 +371,16 @@ static int ur_poll(cp_port *p, int64_t deadline, cp__oplist *done)
         }
         io_uring_cq_advance(ring, n);
         total += n;
-        if (n == 0 || total >= MAX_CQES_PER_POLL)
+        if (total >= MAX_CQES_PER_POLL)
             break;
+        if (n == 0) {
+            /* Completions the kernel kept aside while the queue was full come back only
+             * through io_uring_enter(GETEVENTS). */
+            if (!io_uring_cq_has_overflow(ring))
+                break;
+            __atomic_add_fetch(&p->cq_overflows, 1, __ATOMIC_RELAXED);
+            io_uring_enter(ring->ring_fd, 0, 0, IORING_ENTER_GETEVENTS, NULL);
+        }
     }
     if (s->ring_count < s->ring_target / 2)
         refill_ring(p);

@@ -6,6 +6,13 @@
 #include <string.h>
 #include <sys/mman.h>
 
+enum {
+    /* Free buffers kept resident; beyond this many (plus slack) the coldest are trimmed
+     * down to it. */
+    KEEP_RESIDENT = 64,
+    TRIM_SLACK = 64,
+};
+
 int cp__bufpool_init(cp__bufpool *bp, uint32_t count, uint32_t size, uint32_t per_socket)
 {
     bp->size = size;
@@ -53,8 +60,11 @@ int cp__bufpool_id(const cp__bufpool *bp, const void *addr)
 
 static int get_locked(cp__bufpool *bp)
 {
-    if (bp->nfree)
+    if (bp->nfree) {
+        if (bp->trimmed == bp->nfree)
+            bp->trimmed--; /* a trimmed one: it faults back in when used */
         return bp->free_ids[--bp->nfree];
+    }
     if (bp->fresh < bp->count)
         return (int)bp->fresh++;
     return -1;
@@ -82,10 +92,24 @@ uint32_t cp__bufpool_get_many(cp__bufpool *bp, uint16_t *ids, uint32_t max)
     return n;
 }
 
+/* Give the pages of the coldest free buffers back to the OS. Under the lock: a buffer
+ * being trimmed must not be handed out meanwhile. Runs only when the free stack has grown
+ * KEEP_RESIDENT + TRIM_SLACK past the trimmed part, i.e. after a burst, not per release. */
+static void trim_locked(cp__bufpool *bp)
+{
+    if (bp->nfree - bp->trimmed <= KEEP_RESIDENT + TRIM_SLACK)
+        return;
+    while (bp->nfree - bp->trimmed > KEEP_RESIDENT) {
+        madvise(cp__bufpool_addr(bp, bp->free_ids[bp->trimmed]), bp->size, MADV_DONTNEED);
+        bp->trimmed++;
+    }
+}
+
 void cp__bufpool_put(cp__bufpool *bp, uint16_t id)
 {
     cp__lock_acquire(&bp->lock);
     bp->free_ids[bp->nfree++] = id;
+    trim_locked(bp);
     cp__lock_release(&bp->lock);
 }
 

@@ -5,6 +5,10 @@
  * never handed out are never touched (they cost no RSS). The io_uring backend moves
  * buffers from this stack into its provided-buffer ring on demand.
  *
+ * When many buffers sit free after a burst, the coldest ones (the bottom of the stack)
+ * give their pages back to the OS (MADV_DONTNEED), so RSS follows the load back down; a
+ * trimmed buffer costs a page fault when it is next used.
+ *
  * Buffers a socket received but nobody has claimed yet (io_uring multishot) are chained
  * per socket through chunk_next/chunk_len, indexed by buffer id, so a socket needs only
  * two 16-bit ids for its backlog. Those arrays are guarded by the owning handle's lock;
@@ -30,6 +34,7 @@ typedef struct cp__bufpool {
     cp__lock lock;
     uint16_t *free_ids; /* LIFO stack of free buffer ids */
     uint32_t nfree;
+    uint32_t trimmed;   /* free_ids[0..trimmed) hold no memory (given back to the OS) */
     uint32_t fresh;     /* ids >= fresh were never handed out */
     uint16_t *chunk_next;
     uint32_t *chunk_len;

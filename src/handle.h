@@ -34,6 +34,7 @@ enum {
     CP__OPF_VEC = 1u << 1,       /* u.iov / cp__len is an iovec array / count */
     CP__OPF_FIRSTDATA = 1u << 2, /* accept: connection taken, waiting for first data */
     CP__OPF_PHASE = 1u << 3,     /* backend-private step marker (epoll connect) */
+    CP__OPF_FAILED = 1u << 4,    /* finished with an error: cp__done holds the errno */
 };
 
 #define CP__NO_BUF 0xffffu

@@ -339,6 +339,10 @@ static void resolve_options(cp_port_options *o)
         o->max_posted = DEFAULT_MAX_POSTED;
     if (o->ring_entries == 0)
         o->ring_entries = 1024;
+    if (o->cq_entries == 0)
+        o->cq_entries = o->ring_entries * 4 > 4096 ? o->ring_entries * 4 : 4096;
+    if (o->cq_entries < o->ring_entries)
+        o->cq_entries = o->ring_entries;
     if (o->pool_buffers == 0)
         o->pool_buffers = 4096;
     if (o->pool_buffers > 32768)
@@ -698,6 +702,7 @@ void cp_port_get_stats(cp_port *p, cp_port_stats *s)
     s->completed = p->completed;
     s->wakeups = p->wakeups;
     s->polls = p->polls;
+    s->cq_overflows = __atomic_load_n(&p->cq_overflows, __ATOMIC_RELAXED);
     s->dequeued = p->dequeued_by_gone;
     for (cp__thread *t = p->threads; t; t = t->next)
         s->dequeued += __atomic_load_n(&t->dequeued, __ATOMIC_RELAXED);

@@ -93,9 +93,10 @@ static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
             close(aop->fd);
         aop->fd = -1;
     }
-    if (res < 0)
-        op->cp__done = 0;
-    op->cp__res = res < 0 ? res : 0;
+    if (res < 0) {
+        op->cp__done = (uint32_t)-res;
+        op->cp__flags |= CP__OPF_FAILED;
+    }
     op->cp__state = CP__OPS_DONE;
     cp__oplist_push(done, op);
 }
@@ -165,7 +166,6 @@ static int start_step_locked(cp_handle *h, cp_op *op)
         uint16_t id;
         uint32_t len;
         if (cp__stash_pop(bp, h, &id, &len)) {
-            op->cp__bufid = id;
             op->u.buf = cp__bufpool_addr(bp, id);
             return (int)len;
         }
@@ -266,7 +266,6 @@ static void maybe_finish_close_locked(cp_handle *h, cp__oplist *done)
     cp__port_handle_removed(p);
     cp_op *cop = h->cp__aux;
     cop->cp__done = 0;
-    cop->cp__res = 0;
     cop->cp__state = CP__OPS_DONE;
     cp__oplist_push(done, cop);
 }
@@ -440,7 +439,7 @@ void cp__op_to_completion(cp_op *op, cp_completion *c)
 {
     c->op = op;
     c->key = op->cp__h->key;
-    c->result = op->cp__res < 0 ? op->cp__res : (int64_t)op->cp__done;
+    c->result = (op->cp__flags & CP__OPF_FAILED) ? -(int64_t)op->cp__done : (int64_t)op->cp__done;
     op->cp__state = CP__OPS_IDLE;
 }
 
@@ -459,7 +458,7 @@ void cp__io_expire(cp_port *p, int64_t now)
         struct {
             cp_handle *h;
             cp_op *op;
-            uint32_t seq;
+            uint16_t seq;
         } due[MAX_EXPIRE_BATCH];
         unsigned n = 0;
         cp__lock_acquire(&p->timer_lock);
@@ -541,9 +540,7 @@ static int submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
     op->cp__h = h;
     op->cp__next = NULL;
     op->cp__done = 0;
-    op->cp__res = 0;
     op->cp__tidx = 0;
-    op->cp__bufid = CP__NO_BUF;
     cp__oplist done = {0};
     cp__h_lock(h);
     if (h->cp__flags & CP__H_CLOSING) {
@@ -554,7 +551,7 @@ static int submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
         cp__h_unlock(h);
         return -EBUSY; /* data already flows into pool buffers for this socket */
     }
-    op->cp__seq = ++h->cp__opseq;
+    op->cp__seq = (uint16_t)++h->cp__opseq;
     if (op->timeout_ms) {
         cp__lock_acquire(&p->timer_lock);
         int r = cp__heap_push(&p->timers, op, &op->cp__tidx,

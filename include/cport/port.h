@@ -70,6 +70,9 @@ typedef struct cp_port_options {
     uint32_t max_posted;     /* most posted completions queued at once; 0 = 65536.
                                 cp_port_post() fails with -EAGAIN beyond it */
     uint32_t ring_entries;   /* io_uring submission queue size; 0 = 1024 */
+    uint32_t cq_entries;     /* io_uring completion queue size (overflow beyond it is kept
+                                by the kernel and drained, never lost); 0 = the larger of
+                                4096 and 4 x ring_entries */
     uint32_t pool_buffers;   /* buffers in the shared receive pool (CP_RECV_POOL receives);
                                 0 = 4096; rounded up to a power of two, at most 32768 */
     uint32_t pool_buffer_size; /* bytes per pool buffer, a multiple of the page size;
@@ -151,6 +154,8 @@ typedef struct cp_port_stats {
     uint64_t dequeued;   /* completions handed out, ever */
     uint64_t wakeups;    /* times a parked thread was woken */
     uint64_t polls;      /* times a thread waited in or polled the backend */
+    uint64_t cq_overflows; /* times the kernel's completion queue was found overflowed
+                              (io_uring; the overflow is drained, nothing is lost) */
 } cp_port_stats;
 
 /* Fill *stats with the port's counters. */

@@ -70,13 +70,10 @@ enum cp_opcode {
     CP_OP__COUNT
 };
 
-/* The per-I/O context (OVERLAPPED). Caller-allocated; zero-initialise it once. */
+/* The per-I/O context (OVERLAPPED). Caller-allocated; zero-initialise it once. 48 bytes
+ * on 64-bit Linux. */
 typedef struct cp_op {
     struct cp_op *cp__next;
-    uint8_t opcode;     /* CP_OP_*: the operation this context last carried (read-only) */
-    uint8_t cp__state;
-    uint16_t cp__flags;
-    uint32_t cp__len;
     cp_handle *cp__h;
     /* For CP_OP_RECV_POOL: after the completion, the pool buffer holding the data
      * (result bytes long; NULL when result <= 0). Give it back with cp_buffer_release().
@@ -85,16 +82,18 @@ typedef struct cp_op {
         void *buf;
         const struct iovec *iov;
     } u;
-    uint32_t cp__done;
-    int32_t cp__res;
+    uint32_t cp__len;
+    uint32_t cp__done; /* bytes moved so far; the errno once failed */
     /* Optional per-operation timeout in milliseconds, read when the operation starts;
      * 0 = none. When it expires the operation is cancelled and completes with
      * -ETIMEDOUT. The field is the caller's: cport never changes it. */
     uint32_t timeout_ms;
     uint32_t cp__tidx;
-    uint32_t cp__seq;
-    uint16_t cp__bufid;
-    uint16_t cp__aux;
+    uint8_t opcode; /* CP_OP_*: the operation this context last carried (read-only) */
+    uint8_t cp__state;
+    uint16_t cp__flags;
+    uint16_t cp__seq;
+    uint16_t cp__aux; /* iovec count of a vector operation */
 } cp_op;
 
 /* The per-handle context. Caller-allocated; filled in by cp_socket_associate(). */

@@ -81,9 +81,12 @@ typedef struct multi_state {
 
 typedef struct chunk {
     struct chunk *next;
-    size_t count;
+    size_t count; /* objects carved so far (the rest of the chunk is untouched) */
 } chunk;
 
+/* Fixed-size objects from 1 MiB anonymous chunks. Objects are carved from the newest
+ * chunk only when the free list is empty, so untouched pages cost no memory: RSS grows by
+ * exactly the objects ever live at once. */
 typedef struct slab {
     pthread_mutex_t lock;
     size_t size;
@@ -92,28 +95,37 @@ typedef struct slab {
     size_t live;
 } slab;
 
+static size_t chunk_first(void)
+{
+    return (sizeof(chunk) + 63) & ~(size_t)63;
+}
+
+static size_t chunk_capacity(const slab *s)
+{
+    return (CHUNK_BYTES - chunk_first()) / s->size;
+}
+
 static void *slab_alloc(slab *s)
 {
     pthread_mutex_lock(&s->lock);
-    if (!s->free) {
-        chunk *c = mmap(NULL, CHUNK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                        -1, 0);
-        if (c == MAP_FAILED) {
-            pthread_mutex_unlock(&s->lock);
-            return NULL;
-        }
-        size_t first = (sizeof(chunk) + 63) & ~(size_t)63;
-        c->count = (CHUNK_BYTES - first) / s->size;
-        c->next = s->chunks;
-        s->chunks = c;
-        for (size_t i = c->count; i-- > 0;) {
-            void **obj = (void **)((char *)c + first + i * s->size);
-            *obj = s->free;
-            s->free = obj;
-        }
-    }
     void *obj = s->free;
-    s->free = *(void **)obj;
+    if (obj) {
+        s->free = *(void **)obj;
+    } else {
+        chunk *c = s->chunks;
+        if (!c || c->count == chunk_capacity(s)) {
+            c = mmap(NULL, CHUNK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+                     0);
+            if (c == MAP_FAILED) {
+                pthread_mutex_unlock(&s->lock);
+                return NULL;
+            }
+            c->count = 0;
+            c->next = s->chunks;
+            s->chunks = c;
+        }
+        obj = (char *)c + chunk_first() + c->count++ * s->size;
+    }
     s->live++;
     pthread_mutex_unlock(&s->lock);
     return obj;
@@ -636,9 +648,8 @@ static void shutdown_server(server *sv)
         cp_timer_cancel(t, true);
     pthread_mutex_lock(&sv->conns.lock);
     for (chunk *ch = sv->conns.chunks; ch; ch = ch->next) {
-        size_t first = (sizeof(chunk) + 63) & ~(size_t)63;
         for (size_t i = 0; i < ch->count; i++) {
-            conn *c = (conn *)((char *)ch + first + i * sv->conns.size);
+            conn *c = (conn *)((char *)ch + chunk_first() + i * sv->conns.size);
             if (!c->live)
                 continue;
             __atomic_store_n(&c->closing, 1, __ATOMIC_SEQ_CST);
