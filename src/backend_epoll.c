@@ -33,6 +33,7 @@ typedef struct ep_state {
     int wakefd;
     cp__lock lock; /* guards in_poll and the deferred lists */
     bool in_poll;  /* a poller is waiting in, or handling the events of, epoll_pwait2 */
+    bool no_pwait2; /* epoll_pwait2 (Linux 5.11) is missing: use epoll_wait */
     cp_handle **zombies; /* handles detached during the current poll, pinned */
     uint32_t nzombies, czombies;
     cp_op **zops; /* first-data accepts cancelled during the current poll */
@@ -125,7 +126,21 @@ static int ep_poll(cp_port *p, int64_t deadline, cp__oplist *done)
         ts.tv_nsec = left % 1000000000;
         tsp = &ts;
     }
-    int n = epoll_pwait2(s->epfd, s->events, MAX_EVENTS, tsp, NULL);
+    int n = -1;
+    if (!s->no_pwait2) {
+        n = epoll_pwait2(s->epfd, s->events, MAX_EVENTS, tsp, NULL);
+        if (n < 0 && errno == ENOSYS)
+            s->no_pwait2 = true; /* only the poller touches this flag */
+    }
+    if (s->no_pwait2) {
+        /* Whole milliseconds, rounded up: a wait never ends before its deadline. */
+        int ms = -1;
+        if (tsp) {
+            int64_t left = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+            ms = (int)((left + 999999) / 1000000);
+        }
+        n = epoll_wait(s->epfd, s->events, MAX_EVENTS, ms);
+    }
     int err = n < 0 && errno != EINTR ? -errno : 0;
     for (int i = 0; i < n; i++) {
         struct epoll_event *ev = &s->events[i];
@@ -235,9 +250,12 @@ static int step_recv_pool(cp_handle *h, cp_op *op)
     if (!(h->cp__flags & CP__H_RD_READY))
         return CP__PENDING;
     cp__bufpool *bp = &h->cp__port->pool;
-    int id = cp__bufpool_get(bp);
-    if (id < 0)
-        return cp__io_starve_locked(h);
+    int id;
+    while ((id = cp__bufpool_get(bp)) < 0) {
+        int r = cp__io_starve_locked(h);
+        if (r != -EAGAIN)
+            return r;
+    }
     void *buf = cp__bufpool_addr(bp, (uint16_t)id);
     ssize_t n;
     do
@@ -250,7 +268,12 @@ static int step_recv_pool(cp_handle *h, cp_op *op)
         return (int)n;
     }
     int err = n < 0 ? errno : 0;
-    cp__bufpool_put(bp, (uint16_t)id);
+    if (cp__bufpool_put(bp, (uint16_t)id)) {
+        /* Someone started waiting while we held it: have the poller serve them (not
+         * here, under this handle's lock). */
+        __atomic_store_n(&bp->kick, 1, __ATOMIC_RELEASE);
+        ep_wake(h->cp__port);
+    }
     if (err == EAGAIN) {
         clear_flag(h, CP__H_RD_READY);
         return CP__PENDING;

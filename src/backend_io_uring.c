@@ -433,13 +433,14 @@ static int arm_multishot(cp_handle *h)
     cp__lock_acquire(&s->br_lock);
     uint32_t in_ring = s->ring_count;
     cp__lock_release(&s->br_lock);
-    if (in_ring == 0) {
-        refill_ring(p);
-        cp__lock_acquire(&s->br_lock);
-        in_ring = s->ring_count;
-        cp__lock_release(&s->br_lock);
-        if (in_ring == 0)
-            return cp__io_starve_locked(h); /* arming now would end at once with ENOBUFS */
+    while (in_ring == 0) {
+        in_ring = refill_ring(p);
+        if (in_ring == 0) {
+            /* Arming now would end at once with ENOBUFS: wait for a buffer instead. */
+            int r = cp__io_starve_locked(h);
+            if (r != -EAGAIN)
+                return r;
+        }
     }
     cp__lock_acquire(&s->sq_lock);
     struct io_uring_sqe *sqe = get_sqe_locked(s);

@@ -105,18 +105,24 @@ static void trim_locked(cp__bufpool *bp)
     }
 }
 
-void cp__bufpool_put(cp__bufpool *bp, uint16_t id)
+bool cp__bufpool_put(cp__bufpool *bp, uint16_t id)
 {
     cp__lock_acquire(&bp->lock);
     bp->free_ids[bp->nfree++] = id;
     trim_locked(bp);
+    bool waiting = bp->nstarving > 0;
     cp__lock_release(&bp->lock);
+    return waiting;
 }
 
 int cp__bufpool_starve(cp__bufpool *bp, cp_handle *h)
 {
     int r = 0;
     cp__lock_acquire(&bp->lock);
+    if (bp->nfree || bp->fresh < bp->count) {
+        r = -EAGAIN;
+        goto out;
+    }
     if (bp->nstarving == bp->cap_starving) {
         uint32_t cap = bp->cap_starving ? bp->cap_starving * 2 : 64;
         cp_handle **v = realloc(bp->starving, cap * sizeof(*v));

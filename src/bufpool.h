@@ -41,6 +41,7 @@ typedef struct cp__bufpool {
     cp_handle **starving; /* handles waiting for a buffer, each pinned */
     uint32_t nstarving, cap_starving;
     uint64_t starved_total;
+    uint32_t kick; /* atomic: waiting handles must be served by the next poll */
 } cp__bufpool;
 
 int cp__bufpool_init(cp__bufpool *bp, uint32_t count, uint32_t size, uint32_t per_socket);
@@ -54,14 +55,17 @@ static inline void *cp__bufpool_addr(const cp__bufpool *bp, uint16_t id)
 /* Buffer id of an address inside the pool, or -1. */
 int cp__bufpool_id(const cp__bufpool *bp, const void *addr);
 
-/* Take a free buffer id (-1 if none) / give one back. Thread-safe. */
+/* Take a free buffer id (-1 if none). Thread-safe. */
 int cp__bufpool_get(cp__bufpool *bp);
-void cp__bufpool_put(cp__bufpool *bp, uint16_t id);
+/* Give a buffer back. Returns true if handles are waiting for one (the caller then serves
+ * them: cp__io_serve_starving). Thread-safe. */
+bool cp__bufpool_put(cp__bufpool *bp, uint16_t id);
 /* Take up to max free ids into ids[]; returns how many. Thread-safe. */
 uint32_t cp__bufpool_get_many(cp__bufpool *bp, uint16_t *ids, uint32_t max);
 
 /* Register h as waiting for a buffer (the caller pinned it and set CP__H_STARVING).
- * Returns 0 or -ENOMEM. */
+ * Returns 0, -EAGAIN if a buffer is free after all (try again: a release that came
+ * between the caller's look and this call saw nobody waiting), or -ENOMEM. */
 int cp__bufpool_starve(cp__bufpool *bp, cp_handle *h);
 /* Remove h from the waiting list; true if it was there (the caller then drops the pin). */
 bool cp__bufpool_unstarve(cp__bufpool *bp, cp_handle *h);

@@ -85,7 +85,8 @@ void cp__io_ready(cp_handle *h, bool readable, bool writable, cp__oplist *done);
 void cp__io_firstdata(cp_op *op, int res, cp__oplist *done);
 
 /* No free pool buffer for h: pin it and put it on the pool's waiting list (once).
- * Returns CP__PENDING, or -ENOMEM. Called with h locked. */
+ * Returns CP__PENDING, -EAGAIN if a buffer became free meanwhile (look again), or
+ * -ENOMEM. Called with h locked. */
 int cp__io_starve_locked(cp_handle *h);
 
 /* One completion of a multishot pool receive (io_uring): res bytes in buffer `bufid`

@@ -77,7 +77,7 @@ static void append_io_locked(cp_port *p, cp_op *head, cp_op *tail, unsigned n)
         p->qhead = head;
     p->qtail = tail;
     __atomic_add_fetch(&p->io_queued, n, __ATOMIC_SEQ_CST);
-    p->completed += n;
+    __atomic_add_fetch(&p->completed, n, __ATOMIC_RELAXED);
 }
 
 static unsigned take_io_locked(cp_port *p, cp_completion *out, unsigned max)
@@ -102,6 +102,33 @@ static unsigned take_any_locked(cp_port *p, cp_completion *out, unsigned max)
     if (n < max)
         n += cp__ring_pop(&p->ring, out + n, max - n);
     return n;
+}
+
+/* Take from the calling thread's own list (no lock: only it touches the list). */
+static unsigned take_local(cp__thread *t, cp_completion *out, unsigned max)
+{
+    unsigned n = 0;
+    while (n < max && t->lhead) {
+        cp_op *op = t->lhead;
+        t->lhead = op->cp__next;
+        cp__op_to_completion(op, &out[n++]);
+    }
+    if (!t->lhead)
+        t->ltail = NULL;
+    return n;
+}
+
+/* Move the thread's own completions to the shared queue (it stops running). */
+static void flush_local_locked(cp_port *p, cp__thread *t)
+{
+    if (!t->lhead)
+        return;
+    unsigned n = 0;
+    for (cp_op *op = t->lhead; op; op = op->cp__next)
+        n++;
+    append_io_locked(p, t->lhead, t->ltail, n);
+    __atomic_sub_fetch(&p->completed, n, __ATOMIC_RELAXED); /* counted when produced */
+    t->lhead = t->ltail = NULL;
 }
 
 static unsigned take_unlocked(cp_port *p, cp_completion *out, unsigned max)
@@ -257,11 +284,12 @@ static void record_destructor(void *arg)
     cp_port *p = t->port;
     wake_list wl = {0};
     cp__lock_acquire(&p->lock);
+    flush_local_locked(p, t);
     if (t->running) {
         t->running = false;
         add_running(p, -1);
-        release_locked(p, &wl);
     }
+    release_locked(p, &wl);
     unlink_record_locked(p, t);
     cp__lock_release(&p->lock);
     wake_all(p, &wl);
@@ -454,6 +482,24 @@ void cp__port_complete_list(cp_port *p, cp__oplist *l)
     wake_all(p, &wl);
 }
 
+void cp__port_complete_from_caller(cp_port *p, cp__oplist *l)
+{
+    if (!l->head)
+        return;
+    cp__thread *t = pthread_getspecific(p->tkey);
+    if (!t || !t->running) {
+        cp__port_complete_list(p, l);
+        return;
+    }
+    if (t->ltail)
+        t->ltail->cp__next = l->head;
+    else
+        t->lhead = l->head;
+    t->ltail = l->tail;
+    l->tail->cp__next = NULL;
+    __atomic_add_fetch(&p->completed, l->n, __ATOMIC_RELAXED);
+}
+
 void cp__port_complete(cp_port *p, cp_op *op)
 {
     cp__oplist l = {0};
@@ -498,7 +544,8 @@ static void poll_backend_locked(cp_port *p, cp__thread *t, int64_t deadline)
         deadline = timer > 0 ? timer : 0;
     cp__oplist done = {0};
     p->be->poll(p, deadline, &done);
-    if (done.flags & CP__OPLIST_POOL_FREED)
+    if ((done.flags & CP__OPLIST_POOL_FREED) ||
+        __atomic_exchange_n(&p->pool.kick, 0, __ATOMIC_ACQ_REL))
         cp__io_serve_starving(p);
     if (timer >= 0)
         cp__io_expire(p, cp__now_ns());
@@ -513,7 +560,9 @@ static void poll_backend_locked(cp_port *p, cp__thread *t, int64_t deadline)
 static unsigned finish_take(cp__thread *t, unsigned n)
 {
     t->since_poll += n;
-    __atomic_add_fetch(&t->dequeued, n, __ATOMIC_RELAXED);
+    /* Only this thread writes it; a plain store keeps the read-modify-write off the hot
+     * path while stats readers still get a whole value. */
+    __atomic_store_n(&t->dequeued, t->dequeued + n, __ATOMIC_RELAXED);
     return n;
 }
 
@@ -532,7 +581,9 @@ int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms
         bool poll_due = t->since_poll >= POLL_EVERY && need_poller(p) &&
                         !__atomic_load_n(&p->polling, __ATOMIC_RELAXED);
         if (!poll_due && load_running(p) <= p->concurrency) {
-            unsigned n = take_unlocked(p, out, max);
+            unsigned n = take_local(t, out, max);
+            if (n < max)
+                n += take_unlocked(p, out + n, max - n);
             if (n)
                 return (int)finish_take(t, n);
         }
@@ -549,6 +600,7 @@ int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms
     bool polled = false;
     int ret;
     cp__lock_acquire(&p->lock);
+    flush_local_locked(p, t);
     if (t->running) {
         t->running = false;
         add_running(p, -1);
@@ -656,6 +708,7 @@ void cp_port_block_begin(cp_port *p)
         p->be->flush(p);
     wake_list wl = {0};
     cp__lock_acquire(&p->lock);
+    flush_local_locked(p, t);
     t->running = false;
     t->blocked = true;
     add_running(p, -1);
@@ -699,7 +752,7 @@ void cp_port_get_stats(cp_port *p, cp_port_stats *s)
     s->waiting = p->nwaiting;
     s->queued = __atomic_load_n(&p->io_queued, __ATOMIC_RELAXED) + cp__ring_count(&p->ring);
     s->posted = __atomic_load_n(&p->ring.tail, __ATOMIC_RELAXED);
-    s->completed = p->completed;
+    s->completed = __atomic_load_n(&p->completed, __ATOMIC_RELAXED);
     s->wakeups = p->wakeups;
     s->polls = p->polls;
     s->cq_overflows = __atomic_load_n(&p->cq_overflows, __ATOMIC_RELAXED);

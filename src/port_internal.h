@@ -21,6 +21,11 @@ typedef struct cp__thread {
     uint32_t futex;     /* 0 while parked, 1 once woken */
     bool running;       /* counted in port->running */
     unsigned since_poll; /* completions taken since this thread last polled the backend */
+    /* Completions this thread produced itself while running (e.g. an epoll send that
+     * finished inside the call): it takes them on its next dequeue without the port's
+     * lock. Only its own thread touches them; they move to the shared queue whenever the
+     * thread stops running (blocks, yields its slot, exits). */
+    cp_op *lhead, *ltail;
     uint64_t dequeued;   /* completions handed to this thread (atomic, for stats) */
     bool blocked;       /* between cp_port_block_begin() and _end() */
     bool parked;        /* on the parked stack */
@@ -74,6 +79,9 @@ struct cp_port {
  * wake the poller as the concurrency limit allows. Any thread; takes the port lock. */
 void cp__port_complete(cp_port *port, cp_op *op);
 void cp__port_complete_list(cp_port *port, cp__oplist *list);
+/* The same, but completions produced by a thread that is running work from this port
+ * stay with that thread (see cp__thread.lhead). */
+void cp__port_complete_from_caller(cp_port *port, cp__oplist *list);
 
 /* True if work the calling thread defers (io_uring submissions) will be flushed without
  * help: the thread is running work it dequeued from `port` (it will come back to dequeue)

@@ -257,10 +257,9 @@ static void maybe_finish_close_locked(cp_handle *h, cp__oplist *done)
     h->cp__flags |= CP__H_CLOSED;
     uint16_t id;
     uint32_t len;
-    while (cp__stash_pop(&p->pool, h, &id, &len)) {
-        cp__bufpool_put(&p->pool, id);
-        done->flags |= OPLIST_POOL_FREED;
-    }
+    while (cp__stash_pop(&p->pool, h, &id, &len))
+        if (cp__bufpool_put(&p->pool, id))
+            done->flags |= OPLIST_POOL_FREED;
     /* Only now is no kernel request left that could name this fd. */
     close(h->fd);
     cp__port_handle_removed(p);
@@ -331,8 +330,7 @@ void cp__io_chunk(cp_handle *h, int res, uint16_t bufid, bool more, cp__oplist *
                 h->cp__flags |= CP__H_MSHOT_STOP;
                 be_of(h)->pool_stop(h);
             }
-        } else {
-            cp__bufpool_put(bp, bufid);
+        } else if (cp__bufpool_put(bp, bufid)) {
             done->flags |= OPLIST_POOL_FREED;
         }
     } else if (!more) {
@@ -388,12 +386,13 @@ void cp__io_serve_starving(cp_port *p)
 void cp__io_deliver(cp_port *p, cp__oplist *done)
 {
     if (done->head)
-        cp__port_complete_list(p, done);
+        cp__port_complete_from_caller(p, done);
     if (done->flags & OPLIST_POOL_FREED)
         cp__io_serve_starving(p);
 }
 
-/* Park h until a pool buffer is free (the backend found none). Called with h locked. */
+/* Park h until a pool buffer is free (the backend found none). Called with h locked.
+ * Returns CP__PENDING, -EAGAIN if a buffer came back meanwhile (look again), -ENOMEM. */
 int cp__io_starve_locked(cp_handle *h)
 {
     if (h->cp__flags & CP__H_STARVING)
@@ -750,9 +749,8 @@ void cp_buffer_release(cp_port *p, void *buf)
     int id = cp__bufpool_id(&p->pool, buf);
     if (id < 0)
         return;
-    cp__bufpool_put(&p->pool, (uint16_t)id);
-    cp__oplist done = {.flags = OPLIST_POOL_FREED};
-    cp__io_deliver(p, &done);
+    if (cp__bufpool_put(&p->pool, (uint16_t)id))
+        cp__io_serve_starving(p);
 }
 
 size_t cp_buffer_size(const cp_port *p)
