@@ -6,6 +6,7 @@
  *   cport/socket.h  overlapped socket I/O through a port
  *   cport/pool.h    the thread pool on a port: work items, timers, bound I/O callbacks
  *   cport/frame.h   length-prefixed message framing (decoder, encoder)
+ *   cport/server.h  the scalable server layer: accept pool, timeouts, limits, callbacks
  */
 #ifndef CPORT_H
 #define CPORT_H
@@ -15,5 +16,6 @@
 #include "cport/socket.h"
 #include "cport/pool.h"
 #include "cport/frame.h"
+#include "cport/server.h"
 
 #endif

@@ -14,7 +14,7 @@ enum {
     CP__H_MSHOT = 1u << 4,      /* io_uring: a multishot pool receive is armed */
     CP__H_MSHOT_STOP = 1u << 5, /* io_uring: ...and we asked the kernel to cancel it */
     CP__H_EOF = 1u << 6,        /* pool receive saw end of stream */
-    CP__H_ERR = 1u << 7,        /* pool receive failed; errno in cp__pad */
+    CP__H_ERR = 1u << 7,        /* pool receive failed; errno in cp__err */
     CP__H_STARVING = 1u << 8,   /* waiting for a free pool buffer (pinned, on the list) */
     CP__H_ATTACHED = 1u << 9,   /* the backend registered the fd */
 };

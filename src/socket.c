@@ -172,7 +172,7 @@ static int start_step_locked(cp_handle *h, cp_op *op)
         if (h->cp__flags & CP__H_EOF)
             return 0;
         if (h->cp__flags & CP__H_ERR)
-            return -(int)h->cp__pad;
+            return -(int)h->cp__err;
     }
     return be_of(h)->start(op);
 }
@@ -338,7 +338,7 @@ void cp__io_chunk(cp_handle *h, int res, uint16_t bufid, bool more, cp__oplist *
             h->cp__flags |= CP__H_EOF;
         } else if (res < 0 && res != -ENOBUFS && res != -ECANCELED) {
             h->cp__flags |= CP__H_ERR;
-            h->cp__pad = (uint8_t)(-res > 255 ? EIO : -res);
+            h->cp__err = (uint8_t)(-res > 255 ? EIO : -res);
         }
         /* -ENOBUFS (empty ring) and -ECANCELED (our own stop) are not the connection's
          * fault: the next pooled receive re-arms, or waits for buffers. */
@@ -526,14 +526,17 @@ int cp_socket_associate(cp_socket *s, cp_port *port, int fd, uintptr_t key)
     return 0;
 }
 
+/* An op still in use (started and not yet dequeued) must not be touched at all. */
+static bool op_in_use(const cp_op *op)
+{
+    return __atomic_load_n(&op->cp__state, __ATOMIC_RELAXED) != CP__OPS_IDLE;
+}
+
 /* Validate, set up and queue op on queue `which` of h (0 = receive, 1 = send). */
 static int submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
 {
     if (!h || !op || !h->cp__port)
         return -EINVAL;
-    uint8_t state = __atomic_load_n(&op->cp__state, __ATOMIC_RELAXED);
-    if (state != CP__OPS_IDLE)
-        return -EBUSY; /* still in use: started and not yet dequeued */
     cp_port *p = h->cp__port;
     op->opcode = opcode;
     op->cp__h = h;
@@ -578,6 +581,8 @@ int cp_socket_accept(cp_socket *listener, cp_accept_op *aop, void *buf, size_t l
 {
     if (!aop || len > UINT32_MAX || (len && !buf))
         return -EINVAL;
+    if (op_in_use(&aop->op))
+        return -EBUSY;
     aop->fd = -1;
     aop->addrlen = sizeof(aop->addr);
     aop->op.u.buf = buf;
@@ -590,6 +595,8 @@ int cp_socket_connect(cp_socket *s, cp_op *op, const struct sockaddr *addr, sock
 {
     if (!op || !addr || addrlen == 0)
         return -EINVAL;
+    if (op_in_use(op))
+        return -EBUSY;
     op->u.buf = (void *)(uintptr_t)addr;
     op->cp__len = addrlen;
     op->cp__flags = 0;
@@ -600,6 +607,8 @@ int cp_socket_recv(cp_socket *s, cp_op *op, void *buf, size_t len)
 {
     if (!op || !buf || len == 0 || len > UINT32_MAX)
         return -EINVAL;
+    if (op_in_use(op))
+        return -EBUSY;
     op->u.buf = buf;
     op->cp__len = (uint32_t)len;
     op->cp__flags = 0;
@@ -628,6 +637,8 @@ int cp_socket_recvv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt
     int r = op ? iov_total(iov, iovcnt, &total) : -EINVAL;
     if (r < 0)
         return r;
+    if (op_in_use(op))
+        return -EBUSY;
     op->u.iov = iov;
     op->cp__len = total;
     op->cp__aux = (uint16_t)iovcnt;
@@ -639,6 +650,8 @@ int cp_socket_recv_pooled(cp_socket *s, cp_op *op)
 {
     if (!op)
         return -EINVAL;
+    if (op_in_use(op))
+        return -EBUSY;
     op->u.buf = NULL;
     op->cp__len = s && s->cp__port ? s->cp__port->pool.size : 0;
     op->cp__flags = 0;
@@ -649,6 +662,8 @@ int cp_socket_send(cp_socket *s, cp_op *op, const void *buf, size_t len)
 {
     if (!op || !buf || len == 0 || len > UINT32_MAX)
         return -EINVAL;
+    if (op_in_use(op))
+        return -EBUSY;
     op->u.buf = (void *)(uintptr_t)buf;
     op->cp__len = (uint32_t)len;
     op->cp__flags = 0;
@@ -661,6 +676,8 @@ int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt
     int r = op ? iov_total(iov, iovcnt, &total) : -EINVAL;
     if (r < 0)
         return r;
+    if (op_in_use(op))
+        return -EBUSY;
     op->u.iov = iov;
     op->cp__len = total;
     op->cp__aux = (uint16_t)iovcnt;
@@ -672,6 +689,8 @@ int cp_socket_disconnect(cp_socket *s, cp_op *op)
 {
     if (!op)
         return -EINVAL;
+    if (op_in_use(op))
+        return -EBUSY;
     op->u.buf = NULL;
     op->cp__len = 0;
     op->cp__flags = 0;
@@ -714,7 +733,7 @@ int cp_socket_close(cp_socket *h, cp_op *op)
 {
     if (!h || !op || !h->cp__port)
         return -EINVAL;
-    if (__atomic_load_n(&op->cp__state, __ATOMIC_RELAXED) != CP__OPS_IDLE)
+    if (op_in_use(op))
         return -EBUSY;
     cp_port *p = h->cp__port;
     cp__oplist done = {0};

@@ -31,7 +31,8 @@
  *
  * CPORT_TEST_SEED=n replays a run (the random choices; thread timing is not replayed).
  * CPORT_TEST_INV_SKIP (development aid) may name probes to leave out, comma-separated:
- * "busy" (starting an op still in use), "order" (one-consumer ordering and stream checks).
+ * "busy" (starting an op still in use), "order" (one-consumer ordering and stream checks),
+ * "mixrecv" (plain and pooled receives on one socket).
  */
 #include "harness.h"
 
@@ -62,6 +63,8 @@ enum {
     RECV_MAX = 64 * 1024,
     SEND_MAX = 256 * 1024,
     FIRST_MAX = 512,
+    ACTION_PHASE_MS = 20000, /* the random phase stops here even if actions are left */
+    DRAIN_MS = 30000,        /* after it, everything must have completed within this */
 };
 
 /* ---- random numbers ------------------------------------------------------------------- */
@@ -159,8 +162,23 @@ typedef struct hist_ent {
     const void *op;
 } hist_ent;
 
+/* What cport gets to see of an operation: the cp_op, its buffer, iovecs, connect address.
+ * Freed by whichever thread handles the completion - possibly while the starting thread is
+ * still inside the start call, which socket.h allows - so that ASan catches cport touching
+ * any of it after handing the completion over. */
+typedef struct opmem {
+    cp_accept_op aop; /* aop.op is the cp_op (first member) */
+    uint32_t magic;
+    struct opblk *rec;
+    struct iovec iov[4];
+    struct sockaddr_in addr; /* connect target */
+    uint8_t data[];          /* the operation's buffer */
+} opmem;
+
+/* The test's own record of an operation (reference counted; outlives the opmem). */
 typedef struct opblk {
-    cp_accept_op aop; /* aop.op is the cp_op handed to cport (first member) */
+    opmem *m;  /* until the completion is handled */
+    cp_op *op; /* &m->aop.op: the address cport knows the operation by */
     uint32_t magic;
     int kind;
     sock *s;
@@ -169,11 +187,9 @@ typedef struct opblk {
     int64_t t0;       /* ns, taken before the start call */
     uint32_t timeout_ms;
     size_t len;
-    uint8_t *buf;
+    uint8_t *buf;      /* m->data */
     void *expect_ubuf; /* what op.u must hold while in use */
-    struct iovec iov[4];
     int iovcnt;
-    struct sockaddr_in addr;   /* connect target */
     uint64_t cancels_done0;    /* s->cancels_done when the start began */
     atomic_int cancel_req;     /* cp_socket_cancel() was called on it */
     atomic_int state;          /* ST_* */
@@ -193,6 +209,7 @@ struct sock {
     atomic_int closing; /* 0 open, 1 cp_socket_close() being called, 2 it returned */
     atomic_ulong cancels_started, cancels_done; /* cancel-all / close calls */
     atomic_int pool_used;
+    int recv_style; /* without mix_recv: 1 plain receives only, 2 pooled only */
     atomic_int connect_started;
     pthread_mutex_t start_mu; /* one-consumer modes: start calls take it (queue order) */
     uint64_t next_serial[2];
@@ -253,7 +270,7 @@ typedef struct world {
     bool exact;           /* one thread does everything */
     bool single_consumer; /* one thread dequeues */
     bool uring;
-    bool probe_busy, check_order;
+    bool probe_busy, check_order, mix_recv;
     const char *mode;
     pthread_mutex_t mu; /* table, listener, pending, held, graveyard */
     pthread_mutex_t pair_mu;
@@ -283,7 +300,8 @@ typedef struct world {
 typedef struct tctx {
     world *w;
     rng r;
-    unsigned batch;
+    unsigned batch;   /* completions per dequeue (workers) */
+    unsigned actions; /* actions before exiting (acting threads) */
     uint8_t *scratch;
     pthread_t th;
 } tctx;
@@ -307,7 +325,7 @@ static void describe_op(const char *what, const opblk *b, int64_t res)
     fprintf(stderr,
             "%s: op %p kind=%s sock=%" PRIu64 " len=%zu timeout=%u cancel_req=%d "
             "state=%d result=%" PRId64 " (%s) age=%.1fms\n",
-            what, (const void *)b, kind_name[b->kind], b->sid, b->len, b->timeout_ms,
+            what, (const void *)b->op, kind_name[b->kind], b->sid, b->len, b->timeout_ms,
             atomic_load(&b->cancel_req), atomic_load(&b->state), res,
             res < 0 ? cp_err_name((int)res) : "ok", (double)(cpt_now_ns() - b->t0) / 1e6);
 }
@@ -340,36 +358,46 @@ static void hist_dump(const sock *s)
 static opblk *op_new(int kind, size_t len)
 {
     opblk *b = calloc(1, sizeof(*b));
-    CHECK(b != NULL);
+    opmem *m = calloc(1, sizeof(*m) + len); /* zeroed: "zero-initialise it once" */
+    CHECK(b != NULL && m != NULL);
+    m->magic = MAGIC_LIVE;
+    m->rec = b;
+    b->m = m;
+    b->op = &m->aop.op;
     b->magic = MAGIC_LIVE;
     b->kind = kind;
     b->len = len;
-    if (len) {
-        b->buf = malloc(len);
-        CHECK(b->buf != NULL);
-    }
-    atomic_init(&b->refs, 2);
+    b->buf = m->data;
+    atomic_init(&b->refs, 2); /* the completion's and the starter's */
     atomic_init(&b->state, ST_STARTING);
     return b;
+}
+
+/* The completion has been handled: cport must not touch any of this any more. */
+static void op_free_mem(opblk *b)
+{
+    opmem *m = b->m;
+    b->m = NULL;
+    b->buf = NULL;
+    m->magic = MAGIC_DEAD;
+    free(m);
 }
 
 static void op_put(opblk *b)
 {
     if (atomic_fetch_sub(&b->refs, 1) != 1)
         return;
-    CHECK(b->magic == MAGIC_LIVE);
+    CHECK(b->magic == MAGIC_LIVE && b->m == NULL);
     b->magic = MAGIC_DEAD;
-    free(b->buf);
     free(b);
 }
 
-/* A start failed: keep the record (never freed during the run) so that a completion for
- * it, which must never come, is recognised as such. */
+/* A start failed: keep the record and its memory (never freed during the run) so that a
+ * completion for it, which must never come, is recognised as such. */
 static void op_bury(world *w, opblk *b)
 {
     b->magic = MAGIC_REJECTED;
-    free(b->buf);
-    b->buf = NULL;
+    b->m->magic = MAGIC_REJECTED;
     pthread_mutex_lock(&w->mu);
     b->next = w->graveyard;
     w->graveyard = b;
@@ -430,6 +458,7 @@ static sock *sock_add(world *w, int fd, int role, int client, const pend *pd)
         s->client_wr_shut = pd->wr_shut;
     }
     s->verify = role == R_PAIR && w->single_consumer && w->check_order;
+    s->recv_style = w->mix_recv ? 0 : 1 + (int)(id % 2);
     atomic_store(&w->sid_state[id], SID_LIVE);
     int r = cp_socket_associate(&s->s, w->port, fd, (uintptr_t)id);
     if (r < 0) {
@@ -711,8 +740,8 @@ static void split_iov(opblk *b, rng *r)
     size_t left = b->len;
     for (int i = 0; i < cnt; i++) {
         size_t part = i == cnt - 1 ? left : rng_below(r, (uint32_t)left + 1);
-        b->iov[i].iov_base = b->buf + (b->len - left);
-        b->iov[i].iov_len = part;
+        b->m->iov[i].iov_base = b->buf + (b->len - left);
+        b->m->iov[i].iov_len = part;
         left -= part;
     }
     b->iovcnt = cnt;
@@ -724,6 +753,10 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
     rng *r = &t->r;
     if (atomic_load(&w->outstanding) >= MAX_OUTSTANDING)
         return;
+    if (s->recv_style == 1 && kind == K_POOL)
+        kind = K_RECV;
+    else if (s->recv_style == 2 && (kind == K_RECV || kind == K_RECVV))
+        kind = K_POOL;
     size_t len = 0;
     switch (kind) {
     case K_RECV:
@@ -749,24 +782,23 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
     b->s = s;
     b->sid = s->id;
     b->timeout_ms = pick_timeout(r);
-    b->aop.op.timeout_ms = b->timeout_ms;
+    b->op->timeout_ms = b->timeout_ms;
     if (kind == K_SEND || kind == K_SENDV)
         memset(b->buf, 0x5a, len);
     if (kind == K_RECVV || kind == K_SENDV)
         split_iov(b, r);
     if (kind == K_CONNECT) {
         pthread_mutex_lock(&w->mu);
-        b->addr = w->laddr;
+        b->m->addr = w->laddr;
         pthread_mutex_unlock(&w->mu);
         if (rng_pct(r, 10))
-            b->addr.sin_port = 0; /* nobody listens on port 0: refused */
+            b->m->addr.sin_port = 0; /* nobody listens on port 0: refused */
     }
 
     pthread_mutex_lock(&s->mu);
     if (s->nout >= MAX_OUT_PER_SOCK) {
         pthread_mutex_unlock(&s->mu);
-        b->magic = MAGIC_DEAD;
-        free(b->buf);
+        free(b->m);
         free(b);
         if (kind == K_CONNECT)
             atomic_store(&s->connect_started, 0);
@@ -789,10 +821,12 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
         b->qserial = ++s->next_serial[kind_queue[kind]];
     }
     int closing_before = atomic_load(&s->closing);
-    hist_add(s, 's', kind, b->qserial, (int64_t)b->timeout_ms, b);
+    hist_add(s, 's', kind, b->qserial, (int64_t)b->timeout_ms, b->op);
     b->cancels_done0 = atomic_load(&s->cancels_done);
     b->t0 = cpt_now_ns();
-    cp_op *op = &b->aop.op;
+    /* From the start call on, b->m may be freed by another thread at any moment. */
+    opmem *m = b->m;
+    cp_op *op = b->op;
     int ret;
     switch (kind) {
     case K_RECV:
@@ -800,8 +834,8 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
         ret = cp_socket_recv(&s->s, op, b->buf, len);
         break;
     case K_RECVV:
-        b->expect_ubuf = b->iov;
-        ret = cp_socket_recvv(&s->s, op, b->iov, b->iovcnt);
+        b->expect_ubuf = m->iov;
+        ret = cp_socket_recvv(&s->s, op, m->iov, b->iovcnt);
         break;
     case K_POOL:
         ret = cp_socket_recv_pooled(&s->s, op);
@@ -811,16 +845,16 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
         ret = cp_socket_send(&s->s, op, b->buf, len);
         break;
     case K_SENDV:
-        b->expect_ubuf = b->iov;
-        ret = cp_socket_sendv(&s->s, op, b->iov, b->iovcnt);
+        b->expect_ubuf = m->iov;
+        ret = cp_socket_sendv(&s->s, op, m->iov, b->iovcnt);
         break;
     case K_ACCEPT:
         b->expect_ubuf = b->buf;
-        ret = cp_socket_accept(&s->s, &b->aop, b->buf, len);
+        ret = cp_socket_accept(&s->s, &m->aop, b->buf, len);
         break;
     case K_CONNECT:
-        b->expect_ubuf = &b->addr;
-        ret = cp_socket_connect(&s->s, op, (struct sockaddr *)&b->addr, sizeof(b->addr));
+        b->expect_ubuf = &m->addr;
+        ret = cp_socket_connect(&s->s, op, (struct sockaddr *)&m->addr, sizeof(m->addr));
         break;
     default:
         ret = cp_socket_disconnect(&s->s, op);
@@ -846,7 +880,7 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
 
     /* Refused at submission: nothing may ever complete for it. */
     atomic_fetch_add(&w->rejected[kind], 1);
-    hist_add(s, 'r', kind, b->qserial, ret, b);
+    hist_add(s, 'r', kind, b->qserial, ret, b->op);
     int st = ST_STARTING;
     if (!atomic_compare_exchange_strong(&b->state, &st, ST_REJECTED)) {
         fprintf(stderr, "%s start returned %d (%s) but the op completed\n", kind_name[kind], ret,
@@ -892,7 +926,7 @@ static void close_sock(world *w, tctx *t, sock *s)
             opblk *b = op_new(K_CLOSE, 0);
             b->s = s;
             b->sid = s->id;
-            int r = cp_socket_close(&s->s, &b->aop.op);
+            int r = cp_socket_close(&s->s, b->op);
             WCHECK(w, r == -EBADF);
             atomic_fetch_add(&w->n_invalid, 1);
             atomic_store(&b->state, ST_REJECTED);
@@ -911,8 +945,8 @@ static void close_sock(world *w, tctx *t, sock *s)
     b->t0 = cpt_now_ns();
     sock_get(s);
     atomic_fetch_add(&w->outstanding, 1);
-    int r = cp_socket_close(&s->s, &b->aop.op);
-    hist_add(s, 'K', K_CLOSE, 0, r, b);
+    int r = cp_socket_close(&s->s, b->op);
+    hist_add(s, 'K', K_CLOSE, 0, r, b->op);
     if (r != 0) {
         fprintf(stderr, "close of socket %" PRIu64 ": %d (%s)\n", s->id, r, cp_err_name(r));
         die_seed(w);
@@ -928,22 +962,17 @@ static void close_sock(world *w, tctx *t, sock *s)
 }
 
 /* A referenced random outstanding op of s, or NULL. */
-static opblk *pick_op(sock *s, rng *r, bool only_out)
+/* A random outstanding op of s, or NULL. The caller holds s->mu, which keeps the op's memory
+ * alive: the completion handler takes it before freeing that. */
+static opblk *pick_op_locked(sock *s, rng *r, bool only_out)
 {
-    opblk *found = NULL;
-    pthread_mutex_lock(&s->mu);
-    if (s->nout > 0) {
-        int k = (int)rng_below(r, (uint32_t)s->nout);
-        for (opblk *b = s->ops; b; b = b->next)
-            if (k-- <= 0 && (!only_out || atomic_load(&b->state) == ST_OUT)) {
-                found = b;
-                break;
-            }
-    }
-    if (found)
-        atomic_fetch_add(&found->refs, 1);
-    pthread_mutex_unlock(&s->mu);
-    return found;
+    if (s->nout == 0)
+        return NULL;
+    int k = (int)rng_below(r, (uint32_t)s->nout);
+    for (opblk *b = s->ops; b; b = b->next)
+        if (k-- <= 0 && (!only_out || atomic_load(&b->state) == ST_OUT))
+            return b;
+    return NULL;
 }
 
 static void cancel_one(world *w, tctx *t)
@@ -951,11 +980,14 @@ static void cancel_one(world *w, tctx *t)
     sock *s = pick_sock(w, &t->r, PICK_ANY, true);
     if (!s)
         return;
-    opblk *b = pick_op(s, &t->r, false);
+    pthread_mutex_lock(&s->mu);
+    opblk *b = pick_op_locked(s, &t->r, false);
     if (b) {
         int before = atomic_exchange(&b->cancel_req, 1);
-        int r = cp_socket_cancel(&s->s, &b->aop.op);
-        hist_add(s, 'x', b->kind, b->qserial, r, b);
+        int r = cp_socket_cancel(&s->s, b->op);
+        hist_add_locked(s, 'x', b->kind, b->qserial, r, b->op);
+        /* -EALREADY only for an op already being cancelled: by us, a cancel-all, a close or
+         * its timeout. */
         if (!(r == 0 || r == -ENOENT || r == -EALREADY) ||
             (w->exact && r == -EALREADY && !before && !b->timeout_ms &&
              atomic_load(&s->cancels_started) == b->cancels_done0)) {
@@ -964,8 +996,8 @@ static void cancel_one(world *w, tctx *t)
             die_seed(w);
             CHECK(r == 0 || r == -ENOENT);
         }
-        op_put(b);
     }
+    pthread_mutex_unlock(&s->mu);
     sock_put(w, s);
 }
 
@@ -997,7 +1029,7 @@ static void invalid_starts(world *w, tctx *t)
     opblk *b = op_new(K_RECV, 16);
     b->s = s;
     b->sid = s->id;
-    cp_op *op = &b->aop.op;
+    cp_op *op = b->op;
     struct iovec none[2] = {{b->buf, 0}, {b->buf, 0}};
     switch (rng_below(&t->r, 6)) {
     case 0:
@@ -1011,8 +1043,8 @@ static void invalid_starts(world *w, tctx *t)
         WCHECK(w, cp_socket_sendv(&s->s, op, none, 2) == -EINVAL);
         break;
     case 3:
-        WCHECK(w, cp_socket_accept(&s->s, &b->aop, NULL, 8) == -EINVAL);
-        WCHECK(w, cp_socket_connect(&s->s, op, (struct sockaddr *)&b->addr, 0) == -EINVAL);
+        WCHECK(w, cp_socket_accept(&s->s, &b->m->aop, NULL, 8) == -EINVAL);
+        WCHECK(w, cp_socket_connect(&s->s, op, (struct sockaddr *)&b->m->addr, 0) == -EINVAL);
         break;
     case 4:
         /* Cancelling an op that is not outstanding (here: never started). */
@@ -1022,11 +1054,11 @@ static void invalid_starts(world *w, tctx *t)
         /* Cancelling another socket's outstanding op through this one. */
         sock *o = pick_sock(w, &t->r, PICK_ANY, true);
         if (o && o != s) {
-            opblk *ob = pick_op(o, &t->r, false);
-            if (ob) {
-                WCHECK(w, cp_socket_cancel(&s->s, &ob->aop.op) == -ENOENT);
-                op_put(ob);
-            }
+            pthread_mutex_lock(&o->mu);
+            opblk *ob = pick_op_locked(o, &t->r, false);
+            if (ob)
+                WCHECK(w, cp_socket_cancel(&s->s, ob->op) == -ENOENT);
+            pthread_mutex_unlock(&o->mu);
         }
         if (o)
             sock_put(w, o);
@@ -1039,10 +1071,12 @@ static void invalid_starts(world *w, tctx *t)
     /* Starting an op that is still in use fails with -EBUSY and must leave the op as it
      * was. Only on one thread: there "outstanding" cannot turn into "dequeued" meanwhile. */
     if (w->exact && w->probe_busy && s->role != R_LISTEN) {
-        opblk *ob = pick_op(s, &t->r, true);
+        pthread_mutex_lock(&s->mu);
+        opblk *ob = pick_op_locked(s, &t->r, true);
+        pthread_mutex_unlock(&s->mu);
         if (ob) {
             char other[8];
-            cp_op *iop = &ob->aop.op;
+            cp_op *iop = ob->op;
             void *u_before = iop->u.buf;
             int r;
             switch (rng_below(&t->r, 3)) {
@@ -1065,7 +1099,6 @@ static void invalid_starts(world *w, tctx *t)
                 die_seed(w);
                 CHECK(r == -EBUSY && iop->u.buf == u_before);
             }
-            op_put(ob);
         }
     }
     sock_put(w, s);
@@ -1143,11 +1176,13 @@ static void verify_stream(world *w, sock *s, const opblk *b, const uint8_t *data
                         " (peer wrote %" PRIu64 ", eof %d): first wrong byte at %" PRId64 "\n",
                         s->id, n, s->rx_off, s->tx_off, s->rx_eof, at);
                 int64_t probe = n < 16 ? n : 16;
-                for (uint64_t o = 0; o + (uint64_t)probe <= s->tx_off; o++) {
+                int shown = 0;
+                for (uint64_t o = 0; probe >= 6 && shown < 4 && o + (uint64_t)probe <= s->tx_off;
+                     o++) {
                     int64_t i = 0;
                     while (i < probe && data[i] == stream_byte(s->seed, o + (uint64_t)i))
                         i++;
-                    if (i == probe)
+                    if (i == probe && ++shown)
                         fprintf(stderr,
                                 "  those bytes are the peer's stream at offset %" PRIu64 "\n", o);
                 }
@@ -1166,14 +1201,15 @@ static void do_action(world *w, tctx *t, bool may_dequeue);
 
 static void handle_accepted(world *w, tctx *t, opblk *b, int64_t res)
 {
-    int fd = b->aop.fd;
-    const struct sockaddr_in *peer = (const struct sockaddr_in *)&b->aop.addr;
+    int fd = b->m->aop.fd;
+    const struct sockaddr_in *peer = (const struct sockaddr_in *)&b->m->aop.addr;
     OPCHECK(w, b, res, fd >= 0 && peer->sin_family == AF_INET);
     int port = ntohs(peer->sin_port);
     pend pd = {.fd = -1};
     pthread_mutex_lock(&w->mu);
+    /* Clients of different listeners may share a local port: match both. */
     for (int i = 0; i < w->npend; i++)
-        if (w->pending[i].port == port) {
+        if (w->pending[i].port == port && w->pending[i].lsid == b->sid) {
             pd = w->pending[i];
             w->pending[i] = w->pending[--w->npend];
             break;
@@ -1205,16 +1241,18 @@ static void handle_accepted(world *w, tctx *t, opblk *b, int64_t res)
 
 static void handle(world *w, tctx *t, const cp_completion *c)
 {
-    opblk *b = CP_CONTAINER_OF(c->op, opblk, aop.op);
+    opmem *m = CP_CONTAINER_OF(c->op, opmem, aop.op);
     int64_t res = c->result;
-    if (b->magic != MAGIC_LIVE) {
+    if (m->magic != MAGIC_LIVE) {
         fprintf(
             stderr, "completion (key %" PRIuPTR ", result %" PRId64 ") for %s op %p\n", c->key, res,
-            b->magic == MAGIC_REJECTED ? "a REJECTED (start failed)" : "a dead (already completed)",
+            m->magic == MAGIC_REJECTED ? "a REJECTED (start failed)" : "a dead (already completed)",
             c->op);
         die_seed(w);
-        CHECK(b->magic == MAGIC_LIVE);
+        CHECK(m->magic == MAGIC_LIVE);
     }
+    opblk *b = m->rec;
+    CHECK(b->magic == MAGIC_LIVE && b->m == m);
     int prev = atomic_exchange(&b->state, ST_DONE);
     if (prev != ST_OUT && !(prev == ST_STARTING && !w->exact)) {
         describe_op(prev == ST_DONE ? "completed twice" : "completion in a bad state", b, res);
@@ -1223,7 +1261,7 @@ static void handle(world *w, tctx *t, const cp_completion *c)
     }
     sock *s = b->s;
     OPCHECK(w, b, res, c->key == (uintptr_t)b->sid);
-    OPCHECK(w, b, res, b->aop.op.opcode == kind_opcode[b->kind]);
+    OPCHECK(w, b, res, m->aop.op.opcode == kind_opcode[b->kind]);
     uint8_t sid_state = atomic_load(&w->sid_state[b->sid]);
     if (w->single_consumer && sid_state != SID_LIVE) {
         describe_op("completion after its socket's close completion", b, res);
@@ -1249,33 +1287,33 @@ static void handle(world *w, tctx *t, const cp_completion *c)
             atomic_fetch_add(&w->n_neterr, 1);
         }
         if (b->kind == K_ACCEPT)
-            OPCHECK(w, b, res, b->aop.fd == -1);
+            OPCHECK(w, b, res, m->aop.fd == -1);
         if (b->kind == K_POOL)
-            OPCHECK(w, b, res, b->aop.op.u.buf == NULL);
+            OPCHECK(w, b, res, m->aop.op.u.buf == NULL);
     } else {
         atomic_fetch_add(&w->n_ok, 1);
         switch (b->kind) {
         case K_RECV:
         case K_RECVV:
-            OPCHECK(w, b, res, (uint64_t)res <= b->len && b->aop.op.u.buf == b->expect_ubuf);
+            OPCHECK(w, b, res, (uint64_t)res <= b->len && m->aop.op.u.buf == b->expect_ubuf);
             verify_stream(w, s, b, b->buf, res); /* iovecs: consecutive slices of buf */
             break;
         case K_POOL:
             OPCHECK(w, b, res, (size_t)res <= cp_buffer_size(w->port));
-            OPCHECK(w, b, res, (res > 0) == (b->aop.op.u.buf != NULL));
-            verify_stream(w, s, b, b->aop.op.u.buf, res);
+            OPCHECK(w, b, res, (res > 0) == (m->aop.op.u.buf != NULL));
+            verify_stream(w, s, b, m->aop.op.u.buf, res);
             if (res > 0) {
                 bool hold = false;
                 if (!atomic_load(&w->quiesce) && rng_pct(&t->r, 30)) {
                     pthread_mutex_lock(&w->mu);
                     if (w->nheld < MAX_HELD) {
-                        w->held[w->nheld++] = b->aop.op.u.buf;
+                        w->held[w->nheld++] = m->aop.op.u.buf;
                         hold = true;
                     }
                     pthread_mutex_unlock(&w->mu);
                 }
                 if (!hold)
-                    cp_buffer_release(w->port, b->aop.op.u.buf);
+                    cp_buffer_release(w->port, m->aop.op.u.buf);
             }
             break;
         case K_SEND:
@@ -1284,6 +1322,7 @@ static void handle(world *w, tctx *t, const cp_completion *c)
             break;
         case K_ACCEPT:
             OPCHECK(w, b, res, (uint64_t)res <= b->len);
+            handle_accepted(w, t, b, res);
             break;
         default:
             OPCHECK(w, b, res, res == 0);
@@ -1294,7 +1333,7 @@ static void handle(world *w, tctx *t, const cp_completion *c)
     }
 
     pthread_mutex_lock(&s->mu);
-    hist_add_locked(s, b->kind == K_CLOSE ? 'C' : 'c', b->kind, b->qserial, res, b);
+    hist_add_locked(s, b->kind == K_CLOSE ? 'C' : 'c', b->kind, b->qserial, res, b->op);
     if (b->kind == K_CLOSE) {
         /* The close completes last: nothing of the socket is outstanding any more (with
          * one consumer; a start racing with the close may still be on its way to fail). */
@@ -1341,10 +1380,8 @@ static void handle(world *w, tctx *t, const cp_completion *c)
         b->prev = b->next = NULL;
         s->nout--;
     }
+    op_free_mem(b); /* under s->mu: a canceller holding it may still name the op */
     pthread_mutex_unlock(&s->mu);
-
-    if (b->kind == K_ACCEPT && res >= 0)
-        handle_accepted(w, t, b, res);
 
     if (b->kind == K_CLOSE) {
         uint8_t live = SID_LIVE;
@@ -1554,6 +1591,7 @@ static world *world_new(const char *mode, bool exact, bool single_consumer, unsi
     if (getenv("CPORT_TEST_INV_TRACE"))
         trace_sid = strtoull(getenv("CPORT_TEST_INV_TRACE"), NULL, 0);
     w->check_order = !skipped("order");
+    w->mix_recv = !skipped("mixrecv");
     rng r = {w->seed ^ 0x1234};
     cp_port_options o = {.concurrency = workers, .flags = CP_PORT_QUIET};
     const char *cfg;
@@ -1699,6 +1737,7 @@ static void world_free(world *w)
     while (w->graveyard) {
         opblk *b = w->graveyard;
         w->graveyard = b->next;
+        free(b->m);
         free(b);
     }
     pthread_mutex_unlock(&w->mu);
@@ -1717,18 +1756,13 @@ static void seed_initial(world *w, tctx *t)
         replenish(w, t);
 }
 
-static int64_t drain_limit_ms(void)
-{
-    return 30000;
-}
-
 /* ---- variant 1: one thread does everything ------------------------------------------------- */
 
 TEST(mix_single_thread)
 {
     int64_t t0 = cpt_now_ns();
-    world *w = world_new("single thread", true, true, 1, (long)cpt_scaled(40000, 4000));
-    w->action_deadline_ms = cpt_now_ms() + 20000;
+    world *w = world_new("single thread", true, true, 1, (long)cpt_scaled(400000, 20000));
+    w->action_deadline_ms = cpt_now_ms() + ACTION_PHASE_MS;
     tctx t;
     tctx_init(&t, w, 1, 16);
     seed_initial(w, &t);
@@ -1743,7 +1777,7 @@ TEST(mix_single_thread)
     }
     atomic_store(&w->quiesce, 1);
     release_held(w, &t, true);
-    int64_t deadline = cpt_now_ms() + drain_limit_ms();
+    int64_t deadline = cpt_now_ms() + DRAIN_MS;
     while (!all_done(w)) {
         if (cpt_now_ms() > deadline) {
             dump_state(w);
@@ -1770,11 +1804,13 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
+/* A short-lived acting thread: some actions, then it exits (the next one takes over).
+ * Operations it started must not care that their starter is gone. */
 static void *actor_main(void *arg)
 {
     tctx *t = arg;
     world *w = t->w;
-    while (!phase_over(w)) {
+    for (unsigned k = 0; k < t->actions && !phase_over(w); k++) {
         do_action(w, t, false);
         if (rng_pct(&t->r, 3)) {
             replenish(w, t);
@@ -1791,23 +1827,29 @@ static void run_threads(const char *mode, unsigned nworkers, unsigned batch, lon
     int64_t t0 = cpt_now_ns();
     bool single = nworkers == 1;
     world *w = world_new(mode, false, single, nworkers, budget);
-    w->action_deadline_ms = cpt_now_ms() + 15000;
+    w->action_deadline_ms = cpt_now_ms() + ACTION_PHASE_MS;
     tctx main_t;
     tctx_init(&main_t, w, 99, batch);
     seed_initial(w, &main_t);
-    tctx workers[3], actor;
+    tctx workers[3];
     CHECK(nworkers <= 3);
     for (unsigned i = 0; i < nworkers; i++) {
         tctx_init(&workers[i], w, 10 + i, batch);
         CHECK_OK(-pthread_create(&workers[i].th, NULL, worker_main, &workers[i]));
     }
-    tctx_init(&actor, w, 7, batch);
-    CHECK_OK(-pthread_create(&actor.th, NULL, actor_main, &actor));
-    pthread_join(actor.th, NULL);
+    /* The acting threads, one after the other, each for a random number of actions. */
+    for (uint64_t gen = 0; !phase_over(w); gen++) {
+        tctx actor;
+        tctx_init(&actor, w, 1000 + gen, 0);
+        actor.actions = 200 + rng_below(&main_t.r, 4000);
+        CHECK_OK(-pthread_create(&actor.th, NULL, actor_main, &actor));
+        pthread_join(actor.th, NULL);
+        free(actor.scratch);
+    }
 
     /* Wind down: no new sockets or random actions; close everything until all is done. */
     atomic_store(&w->quiesce, 1);
-    int64_t deadline = cpt_now_ms() + drain_limit_ms();
+    int64_t deadline = cpt_now_ms() + DRAIN_MS;
     while (!all_done(w)) {
         if (cpt_now_ms() > deadline) {
             dump_state(w);
@@ -1824,7 +1866,6 @@ static void run_threads(const char *mode, unsigned nworkers, unsigned batch, lon
         pthread_join(workers[i].th, NULL);
         free(workers[i].scratch);
     }
-    free(actor.scratch);
     final_checks(w, t0);
     free(main_t.scratch);
     world_free(w);
@@ -1832,15 +1873,15 @@ static void run_threads(const char *mode, unsigned nworkers, unsigned batch, lon
 
 TEST(mix_three_workers_batch1)
 {
-    run_threads("3 workers, batch 1", 3, 1, (long)cpt_scaled(60000, 6000));
+    run_threads("3 workers, batch 1", 3, 1, (long)cpt_scaled(250000, 20000));
 }
 
 TEST(mix_three_workers_batch16)
 {
-    run_threads("3 workers, batch 16", 3, 16, (long)cpt_scaled(60000, 6000));
+    run_threads("3 workers, batch 16", 3, 16, (long)cpt_scaled(250000, 20000));
 }
 
 TEST(mix_one_worker_and_actor)
 {
-    run_threads("1 worker + acting thread", 1, 8, (long)cpt_scaled(60000, 6000));
+    run_threads("1 worker + acting threads", 1, 8, (long)cpt_scaled(250000, 20000));
 }

@@ -895,3 +895,54 @@ TEST(many_multishot_receives_survive_completion_overflow)
     free(have);
     cp_port_destroy(p);
 }
+
+TEST(pooled_many_sockets_large_streams)
+{
+    /* Several peers stream megabytes at once into pooled receives with a large pool: a
+     * multishot burst can leave hundreds of unclaimed buffers on one socket before it is
+     * stopped (regression: that count once wrapped at 255 and the backlog was lost). */
+    cp_port *p = make_pool_port(4096, 4);
+    enum { N = 5 };
+    size_t len = (size_t)cpt_scaled(4 << 20, 1 << 20);
+    pair prs[N];
+    uint8_t *data[N];
+    pthread_t th[N];
+    size_t lenv = len;
+    void *args[N][3];
+    cp_op ops[N];
+    size_t have[N];
+    memset(ops, 0, sizeof(ops));
+    for (int i = 0; i < N; i++) {
+        pair_open(&prs[i], p);
+        data[i] = malloc(len);
+        fill_pattern(data[i], len, (uint32_t)i + 900);
+        have[i] = 0;
+        args[i][0] = &prs[i].client;
+        args[i][1] = data[i];
+        args[i][2] = &lenv;
+        CHECK_OK(-pthread_create(&th[i], NULL, writer_thread, args[i]));
+        CHECK_OK(cp_socket_recv_pooled(&prs[i].s, &ops[i]));
+    }
+    int done = 0;
+    /* Claim slowly at first (10 completions without re-posting quickly) so backlogs pile up. */
+    while (done < N) {
+        cp_completion c = next(p);
+        int i = (int)((cp_op *)c.op - ops);
+        CHECK(i >= 0 && i < N);
+        CHECK(c.result > 0);
+        CHECK(have[i] + (size_t)c.result <= len);
+        CHECK(memcmp(ops[i].u.buf, data[i] + have[i], (size_t)c.result) == 0);
+        have[i] += (size_t)c.result;
+        cp_buffer_release(p, ops[i].u.buf);
+        if (have[i] == len)
+            done++;
+        else
+            CHECK_OK(cp_socket_recv_pooled(&prs[i].s, &ops[i]));
+    }
+    for (int i = 0; i < N; i++) {
+        pthread_join(th[i], NULL);
+        pair_close(&prs[i], p);
+        free(data[i]);
+    }
+    cp_port_destroy(p);
+}

@@ -106,12 +106,13 @@ struct cp_handle {
     cp_op *cp__sq; /* sends (and connects) in start order */
     void *cp__aux;
     uint16_t cp__flags;
-    uint8_t cp__nstash;
-    uint8_t cp__pad;
+    uint16_t cp__nstash;
     uint32_t cp__inflight;
     uint16_t cp__stash_head;
     uint16_t cp__stash_tail;
-    uint32_t cp__opseq;
+    uint16_t cp__opseq;
+    uint8_t cp__err;
+    uint8_t cp__pad;
 };
 
 /* An accept context (the AcceptEx per-I/O struct): a cp_op plus room for the result. */

@@ -1,0 +1,216 @@
+/* cport: the scalable server layer (S2-S8, T3).
+ *
+ * A cp_server owns a listening socket, a port and a pool of worker threads, and runs a
+ * TCP server as callbacks: connection opened, data (or whole frames) received, send
+ * done, connection closed. It does what the seeds spend most of their pages on:
+ *   - keeps between accepts_min and accepts_max accepts posted, growing when connections
+ *     find none posted and shrinking back when quiet (S2);
+ *   - closes connections that send nothing within handshake_timeout_ms or go silent for
+ *     idle_timeout_ms, with one sweep per tick over all connections: no per-connection
+ *     timer, no syscall per connection per tick (S3);
+ *   - takes connections, I/O contexts and buffers from lookaside lists, so steady-state
+ *     traffic allocates nothing (S4);
+ *   - refuses connections beyond max_conns at once (they are accepted and closed, and
+ *     counted); stops reading from a peer whose replies pile up beyond max_pending_send
+ *     (backpressure) and resumes when they drain; pauses accepting on EMFILE / ENFILE /
+ *     ENOBUFS / ENOMEM and retries on a timer, without spinning (S5);
+ *   - hands one connection's data to its callbacks in arrival order, never two callbacks
+ *     of one connection at once, with any number of workers and receives outstanding;
+ *     sends go out in the order issued (S6);
+ *   - optionally frames messages as a 4-byte big-endian length plus payload (S7);
+ *   - shuts down gracefully: stop accepting, stop reading, let replies to what was
+ *     already received go out until a deadline, then cancel, close, stop, free (S8);
+ *   - counts what happens (cp_server_stats).
+ *
+ * Threads. Callbacks run on the server's worker threads. The callbacks of one connection
+ * never run concurrently and see its data in arrival order; callbacks of different
+ * connections run in parallel (up to `threads`). A callback should not block for long;
+ * if it must, bracket the wait with cp_port_block_begin/end(cp_server_port(server)).
+ * cp_conn_send*(), cp_conn_close() and cp_conn_abort() may be called from any thread,
+ * including callbacks of other connections; the other cp_conn_* calls from the
+ * connection's own callbacks (or while holding a reference, see cp_conn_ref()).
+ *
+ * Lifetime. The server allocates each cp_conn when it accepts the connection. A cp_conn
+ * pointer is valid from on_open until on_close returns; to use it after that (e.g. from
+ * another thread), take a reference with cp_conn_ref() inside a callback and drop it with
+ * cp_conn_unref(); the connection's memory (and its user area) stays valid until the last
+ * reference is dropped. Data passed to on_data is valid until the callback returns,
+ * unless handed back with cp_conn_send_data().
+ */
+#ifndef CPORT_SERVER_H
+#define CPORT_SERVER_H
+
+#include "cport/port.h"
+
+#include <stdbool.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cp_server cp_server;
+typedef struct cp_conn cp_conn;
+
+/* Why a connection closed (on_close's reason). */
+typedef enum cp_close_reason {
+    CP_CLOSE_PEER = 0,             /* the peer closed its side and everything was sent */
+    CP_CLOSE_ERROR = 1,            /* a receive or send failed (err says why) */
+    CP_CLOSE_LOCAL = 2,            /* cp_conn_close() or cp_conn_abort() */
+    CP_CLOSE_HANDSHAKE_TIMEOUT = 3, /* no data within handshake_timeout_ms of accepting */
+    CP_CLOSE_IDLE_TIMEOUT = 4,     /* no data for idle_timeout_ms */
+    CP_CLOSE_BAD_FRAME = 5,        /* framed mode: a header over max_frame or malformed */
+    CP_CLOSE_SHUTDOWN = 6,         /* the server is shutting down */
+} cp_close_reason;
+
+/* Name of a close reason, e.g. "idle-timeout". */
+CP_EXTERN const char *cp_close_reason_name(cp_close_reason reason);
+
+typedef struct cp_server_callbacks {
+    /* A connection was accepted (its handshake may not have sent data yet). Return 0 to
+     * keep it; a negative value closes it at once, and no other callback runs for it.
+     * Optional. */
+    int (*on_open)(cp_conn *c);
+    /* Data arrived: in stream mode a chunk of bytes (any size >= 1), in framed mode the
+     * payload of one whole frame (may be 0 bytes). `data` is valid until the callback
+     * returns, or until the send completes if handed to cp_conn_send_data(). Required. */
+    void (*on_data)(cp_conn *c, const void *data, size_t len);
+    /* A send started with a non-NULL ctx finished: result is the byte count, or a
+     * negative errno. Optional. */
+    void (*on_sent)(cp_conn *c, void *ctx, int64_t result);
+    /* The connection is closed; the last callback for it. err is a negative errno for
+     * CP_CLOSE_ERROR, else 0. Optional. */
+    void (*on_close)(cp_conn *c, cp_close_reason reason, int err);
+} cp_server_callbacks;
+
+typedef struct cp_server_options {
+    const char *bind;         /* IPv4 address to listen on; NULL = "0.0.0.0" */
+    uint16_t port;            /* TCP port; 0 = any (see cp_server_listen_port) */
+    unsigned threads;         /* worker threads, all may run at once; 0 = online CPUs */
+    cp_backend_kind backend;  /* CP_BACKEND_AUTO unless forced (see cport/port.h) */
+    unsigned accepts_min;     /* accepts kept posted at least; 0 = 4 */
+    unsigned accepts_max;     /* ...and at most; 0 = 256 (never below accepts_min) */
+    unsigned backlog;         /* listen(2) backlog; 0 = 4096 */
+    unsigned max_conns;       /* connections at once; beyond, closed at accept; 0 = none */
+    unsigned handshake_timeout_ms; /* close if nothing arrives this long after accept; 0 = off */
+    unsigned idle_timeout_ms; /* close if nothing arrives for this long; 0 = off */
+    unsigned tick_ms;         /* timeout sweep period; 0 = 100 */
+    uint32_t max_pending_send; /* bytes queued to send on one connection before reading
+                                 from it pauses; resumes below half; 0 = 1 MiB */
+    bool zero_byte;           /* pooled receives: an idle connection holds no buffer */
+    uint32_t recv_buffer;     /* receive buffer per receive without zero_byte; page
+                                 multiple; 0 = 16384 */
+    unsigned recvs;           /* receives outstanding per connection; 0 = 1 */
+    bool framed;              /* 4-byte big-endian length-prefixed messages */
+    uint32_t max_frame;       /* framed: largest payload accepted; 0 = 1 MiB */
+    size_t conn_user_size;    /* bytes of per-connection user area (cp_conn_user) */
+    void *user;               /* the server's user pointer (cp_server_user) */
+    cp_port_options port_options; /* options of the port (concurrency and backend are set
+                                 from the fields above) */
+} cp_server_options;
+
+/* Counters (monotonic unless noted). */
+typedef struct cp_server_stats {
+    uint64_t conns_open;        /* connections now (gauge) */
+    uint64_t conns_total;       /* connections accepted and kept */
+    uint64_t conns_rejected;    /* closed at accept: over max_conns or refused by on_open */
+    uint64_t conns_reaped;      /* closed by the handshake or idle timeout */
+    uint64_t accepts_outstanding; /* accepts posted now (gauge) */
+    uint64_t accepts_target;    /* how many the accept pool aims for now (gauge) */
+    uint64_t accept_pauses;     /* times accepting paused on a resource error */
+    uint64_t bytes_in;          /* bytes received */
+    uint64_t bytes_out;         /* bytes sent */
+    uint64_t completions;       /* completions dequeued by the workers */
+    uint64_t backpressure_events; /* times reading paused because replies piled up */
+    uint64_t frames_in;         /* framed mode: frames delivered */
+    uint64_t frames_rejected;   /* framed mode: connections closed for a bad frame */
+    uint64_t allocations;       /* lookaside chunks and buffers allocated (flat in steady
+                                   state) */
+} cp_server_stats;
+
+/* Create a server (not yet listening). Copies the options; cb must stay valid for the
+ * server's life. Returns 0 and stores it in *serverp, or a negative errno (-EINVAL for
+ * bad options, port creation errors). */
+CP_EXTERN int cp_server_create(cp_server **serverp, const cp_server_options *opts,
+                               const cp_server_callbacks *cb);
+
+/* Bind, listen and start accepting. Returns 0, or a negative errno (-EADDRINUSE, ...). */
+CP_EXTERN int cp_server_start(cp_server *server);
+
+/* The TCP port the server listens on (after cp_server_start). */
+CP_EXTERN uint16_t cp_server_listen_port(const cp_server *server);
+
+/* The server's port, e.g. for cp_port_block_begin/end in a callback. */
+CP_EXTERN cp_port *cp_server_port(cp_server *server);
+
+/* The user pointer from the options. */
+CP_EXTERN void *cp_server_user(const cp_server *server);
+
+/* Shut down gracefully: stop accepting, stop reading, let what is queued to send go out,
+ * close each connection as its sends drain; at deadline_ms after the call, cancel and
+ * close whatever is left. Then stop the workers. Returns 0 if everything closed before the
+ * deadline, -ETIMEDOUT if connections had to be cut. Blocks; must not be called from a
+ * callback. Idempotent. cp_server_destroy() still has to be called. */
+CP_EXTERN int cp_server_shutdown(cp_server *server, unsigned deadline_ms);
+
+/* Free the server (shutting it down first with a zero deadline if needed). */
+CP_EXTERN void cp_server_destroy(cp_server *server);
+
+/* Fill *stats (a consistent-enough snapshot; any thread). */
+CP_EXTERN void cp_server_get_stats(cp_server *server, cp_server_stats *stats);
+
+/* Write the counters in Prometheus text format into buf (at most size bytes, NUL
+ * terminated); returns the length it needed, like snprintf. Metric names start with
+ * `prefix` (e.g. "cport_echo_"). */
+CP_EXTERN int cp_server_stats_prometheus(cp_server *server, const char *prefix, char *buf,
+                                         size_t size);
+
+/* ---- connections ------------------------------------------------------------------- */
+
+/* Queue len bytes to send, copied (the caller may reuse data at once). Sends go out in
+ * the order issued. Returns 0, -EPIPE if the connection is closing, -ENOMEM, or -EINVAL.
+ * Any thread. In framed mode the bytes are sent as they are: use cp_conn_send_frame(). */
+CP_EXTERN int cp_conn_send(cp_conn *c, const void *data, size_t len);
+
+/* Send back (part of) the data on_data is handing over right now, without copying: data
+ * must lie within that callback's buffer. Only from on_data of the same connection. */
+CP_EXTERN int cp_conn_send_data(cp_conn *c, const void *data, size_t len);
+
+/* Send caller-owned memory without copying; it must stay valid until on_sent(c, ctx, ..)
+ * reports the send done (ctx must not be NULL). Any thread. */
+CP_EXTERN int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *ctx);
+
+/* Framed mode: send one frame (header + payload, copied). Any thread. */
+CP_EXTERN int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len);
+
+/* Close after everything queued so far has been sent. Any thread. */
+CP_EXTERN void cp_conn_close(cp_conn *c);
+
+/* Close now: queued sends are cancelled. Any thread. */
+CP_EXTERN void cp_conn_abort(cp_conn *c);
+
+/* The connection's user area (conn_user_size bytes, zeroed at accept; 16-byte aligned),
+ * or NULL if conn_user_size is 0. */
+CP_EXTERN void *cp_conn_user(cp_conn *c);
+
+/* The server the connection belongs to. */
+CP_EXTERN cp_server *cp_conn_server(cp_conn *c);
+
+/* The peer's address (getpeername). Returns 0 or a negative errno. */
+CP_EXTERN int cp_conn_peer(cp_conn *c, struct sockaddr_storage *addr, socklen_t *len);
+
+/* Bytes queued to send and not yet handed to the kernel. */
+CP_EXTERN size_t cp_conn_pending(const cp_conn *c);
+
+/* Keep the connection's memory valid beyond on_close; call inside one of its callbacks
+ * (or while already holding a reference). */
+CP_EXTERN void cp_conn_ref(cp_conn *c);
+
+/* Drop a reference taken with cp_conn_ref(). Any thread. */
+CP_EXTERN void cp_conn_unref(cp_conn *c);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,731 @@
+/* A server connection: receive, deliver in order, send, backpressure, close.
+ *
+ * Every completion of a connection arrives in cp__conn_io() on some worker. The receive
+ * side (posting receives, delivering data, the frame decoder, on_data) runs under the
+ * connection's lock, which also serialises every callback of the connection. Sends never
+ * take that lock (a callback of one connection may send on another that is sending to
+ * the first); they account bytes in `pending` and flags in `state` atomically.
+ *
+ * References (see server_internal.h): an operation reference is taken before anything is
+ * started (its completion may be handled on another worker before the start call even
+ * returns) and dropped at the very end of its handler. The close completion also drops
+ * the connection's life reference, so the count reaches zero only when every completion of
+ * the connection has been handled: on_close runs there, and nothing can follow it.
+ */
+#include "server_internal.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* ---- the state word ---------------------------------------------------------------------- */
+
+static uint64_t st_load(cp_conn *c)
+{
+    return __atomic_load_n(&c->state, __ATOMIC_SEQ_CST);
+}
+
+static uint64_t st_or(cp_conn *c, uint64_t f)
+{
+    return __atomic_fetch_or(&c->state, f, __ATOMIC_SEQ_CST);
+}
+
+static void st_clear(cp_conn *c, uint64_t f)
+{
+    __atomic_fetch_and(&c->state, ~f, __ATOMIC_SEQ_CST);
+}
+
+static void op_ref(cp_conn *c)
+{
+    __atomic_add_fetch(&c->state, CS_OPREF, __ATOMIC_RELAXED);
+}
+
+static uint16_t st_tick(uint64_t st)
+{
+    return (uint16_t)((st & CS_TICK_MASK) >> CS_TICK_SHIFT);
+}
+
+/* Record data at server tick `now` (a CAS only when the tick changed). */
+static void touch(cp_conn *c, uint16_t now)
+{
+    uint64_t st = st_load(c);
+    while (st_tick(st) != now || !(st & CF_GOT_DATA)) {
+        if (st & CF_CLOSING)
+            return; /* the tick bits hold the close errno now */
+        uint64_t want = (st & ~CS_TICK_MASK) | ((uint64_t)now << CS_TICK_SHIFT) | CF_GOT_DATA;
+        if (__atomic_compare_exchange_n(&c->state, &st, want, true, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST))
+            return;
+    }
+}
+
+static cp__rx_multi *multi_of(cp_server *sv, cp_conn *c)
+{
+    return (cp__rx_multi *)((char *)c + sv->off_multi);
+}
+
+static cp__rx_slot *slot_of(cp_server *sv, cp_conn *c, unsigned i)
+{
+    return (cp__rx_slot *)((char *)c + sv->off_multi + sizeof(cp__rx_multi)) + i;
+}
+
+static cp_frame_decoder *decoder_of(cp_server *sv, cp_conn *c)
+{
+    return (cp_frame_decoder *)((char *)c + sv->off_frame);
+}
+
+static uint16_t now_tick(cp_server *sv)
+{
+    return (uint16_t)__atomic_load_n(&sv->tick, __ATOMIC_RELAXED);
+}
+
+/* ---- freeing --------------------------------------------------------------------------- */
+
+static void free_conn(cp_server *sv, cp_conn *c)
+{
+    /* Receive buffers a connection owns (buffer mode); pool buffers were given back as
+     * each delivery ended. */
+    if (!sv->o.zero_byte) {
+        if (sv->o.recvs <= 1) {
+            if (c->rx.u.buf)
+                cp__server_buf_free(sv, c->rx.u.buf, sv->o.recv_buffer);
+        } else {
+            for (unsigned i = 0; i < sv->o.recvs; i++)
+                if (slot_of(sv, c, i)->op.u.buf)
+                    cp__server_buf_free(sv, slot_of(sv, c, i)->op.u.buf, sv->o.recv_buffer);
+        }
+    }
+    if (sv->o.framed)
+        cp_frame_decoder_free(decoder_of(sv, c), &sv->frame_cfg);
+    cp__slab_free(&sv->conns, c);
+    cp__server_signal_done(sv);
+}
+
+static void run_on_close(cp_server *sv, cp_conn *c)
+{
+    uint64_t st = st_load(c);
+    if (st & CF_OPEN) {
+        cp_close_reason reason = (cp_close_reason)((st & CF_REASON_MASK) >> CF_REASON_SHIFT);
+        int err = reason == CP_CLOSE_ERROR ? -(int)st_tick(st) : 0;
+        cp__lock_acquire(&c->lock);
+        if (sv->cb.on_close)
+            sv->cb.on_close(c, reason, err);
+        cp__lock_release(&c->lock);
+    }
+    __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
+    uint64_t after = st_or(c, CF_ONCLOSE_DONE) | CF_ONCLOSE_DONE;
+    if ((after & CS_UREF_MASK) == 0)
+        free_conn(sv, c);
+}
+
+/* Drop n operation references; the last one runs on_close. */
+static void op_unref(cp_server *sv, cp_conn *c, uint64_t n)
+{
+    uint64_t st = __atomic_sub_fetch(&c->state, n * CS_OPREF, __ATOMIC_ACQ_REL);
+    if ((st & CS_OPREF_MASK) == 0)
+        run_on_close(sv, c);
+}
+
+void cp_conn_ref(cp_conn *c)
+{
+    __atomic_add_fetch(&c->state, CS_UREF, __ATOMIC_RELAXED);
+}
+
+void cp_conn_unref(cp_conn *c)
+{
+    cp_server *sv = cp__conn_server(c);
+    uint64_t st = __atomic_sub_fetch(&c->state, CS_UREF, __ATOMIC_ACQ_REL);
+    if ((st & CS_UREF_MASK) == 0 && (st & CF_ONCLOSE_DONE))
+        free_conn(sv, c);
+}
+
+/* ---- buffers handed to on_data ------------------------------------------------------ */
+
+static void hold_release(cp_server *sv, cp__hold *h)
+{
+    if (__atomic_sub_fetch(&h->refs, 1, __ATOMIC_ACQ_REL) != 0)
+        return;
+    if (h->kind == BUF_POOL)
+        cp_buffer_release(sv->port, h->buf);
+    else
+        cp__server_buf_free(sv, h->buf, h->size);
+    cp__slab_free(&sv->holds, h);
+}
+
+/* ---- close ----------------------------------------------------------------------------- */
+
+static void issue_close(cp_server *sv, cp_conn *c)
+{
+    if (st_or(c, CF_CLOSE_ISSUED) & CF_CLOSE_ISSUED)
+        return;
+    cp__send *x = cp__slab_alloc(&sv->sends);
+    if (!x) {
+        st_clear(c, CF_CLOSE_ISSUED); /* out of memory: the sweep retries */
+        return;
+    }
+    memset(&x->op, 0, sizeof(x->op));
+    x->kind = SEND_CLOSE;
+    op_ref(c);
+    if (cp_socket_close(&c->s, &x->op) < 0) {
+        cp__slab_free(&sv->sends, x);
+        op_unref(sv, c, 1);
+    }
+}
+
+static void cancel_receives(cp_server *sv, cp_conn *c)
+{
+    if (sv->o.recvs <= 1) {
+        cp_socket_cancel(&c->s, &c->rx);
+        return;
+    }
+    for (unsigned i = 0; i < sv->o.recvs; i++)
+        cp_socket_cancel(&c->s, &slot_of(sv, c, i)->op);
+}
+
+/* Begin closing (any thread). With drain, the close waits for queued sends; without, they
+ * are cancelled. The first caller's reason and errno stick. */
+static void start_close(cp_server *sv, cp_conn *c, cp_close_reason reason, int err, bool drain)
+{
+    uint64_t st = st_load(c);
+    for (;;) {
+        if (st & CF_CLOSING) {
+            if (!drain && (st & CF_DRAIN)) {
+                /* An abort overrides a graceful close in progress. */
+                st_clear(c, CF_DRAIN);
+                cp_socket_cancel_all(&c->s);
+                issue_close(sv, c);
+            }
+            return;
+        }
+        uint64_t want = (st & ~(CS_TICK_MASK | CF_REASON_MASK)) | CF_CLOSING |
+                        ((uint64_t)reason << CF_REASON_SHIFT) |
+                        ((uint64_t)(uint16_t)(err < 0 ? -err : 0) << CS_TICK_SHIFT) |
+                        (drain ? CF_DRAIN : 0);
+        if (__atomic_compare_exchange_n(&c->state, &st, want, true, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST))
+            break;
+    }
+    if (!drain) {
+        cp_socket_cancel_all(&c->s);
+        issue_close(sv, c);
+        return;
+    }
+    cancel_receives(sv, c);
+    /* Pairs with the send completion: it lowers `pending`, then reads the flags. */
+    if (__atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) == 0)
+        issue_close(sv, c);
+}
+
+void cp_conn_close(cp_conn *c)
+{
+    start_close(cp__conn_server(c), c, CP_CLOSE_LOCAL, 0, true);
+}
+
+void cp_conn_abort(cp_conn *c)
+{
+    start_close(cp__conn_server(c), c, CP_CLOSE_LOCAL, 0, false);
+}
+
+void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort)
+{
+    st_or(c, CF_STOP_READ);
+    start_close(sv, c, CP_CLOSE_SHUTDOWN, 0, !abort);
+}
+
+void cp__conn_sweep(cp_server *sv, cp_conn *c, uint16_t now)
+{
+    uint64_t st = st_load(c);
+    if (st & CF_CLOSING) {
+        /* A close that could not get its op (out of memory) is retried here. */
+        if (!(st & CF_CLOSE_ISSUED) &&
+            (!(st & CF_DRAIN) || __atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) == 0))
+            issue_close(sv, c);
+        return;
+    }
+    uint16_t idle = (uint16_t)(now - st_tick(st));
+    if (sv->hs_ticks && !(st & CF_GOT_DATA) && idle >= sv->hs_ticks) {
+        __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
+        start_close(sv, c, CP_CLOSE_HANDSHAKE_TIMEOUT, 0, false);
+    } else if (sv->idle_ticks && idle >= sv->idle_ticks) {
+        __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
+        start_close(sv, c, CP_CLOSE_IDLE_TIMEOUT, 0, false);
+    }
+}
+
+/* ---- receiving ------------------------------------------------------------------------- */
+
+/* Start a receive on op (lock held). Returns 0 or a negative errno. */
+static int post_rx(cp_server *sv, cp_conn *c, cp_op *op)
+{
+    int r;
+    op_ref(c);
+    if (sv->o.zero_byte) {
+        r = cp_socket_recv_pooled(&c->s, op);
+    } else {
+        if (!op->u.buf) {
+            uint32_t got;
+            op->u.buf = cp__server_buf_alloc(sv, sv->o.recv_buffer, &got);
+        }
+        r = op->u.buf ? cp_socket_recv(&c->s, op, op->u.buf, sv->o.recv_buffer) : -ENOMEM;
+    }
+    if (r < 0)
+        __atomic_sub_fetch(&c->state, CS_OPREF, __ATOMIC_RELAXED); /* we hold another */
+    return r;
+}
+
+/* Whether receiving should go on (lock held); sets PAUSED when replies piled up. */
+static bool may_read(cp_server *sv, cp_conn *c)
+{
+    uint64_t st = st_load(c);
+    if (st & (CF_CLOSING | CF_STOP_READ))
+        return false;
+    if (__atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) > sv->o.max_pending_send) {
+        if (!(st_or(c, CF_PAUSED) & CF_PAUSED))
+            __atomic_add_fetch(&sv->backpressure_events, 1, __ATOMIC_RELAXED);
+        /* A send that drained meanwhile saw no PAUSED and resumed nothing: look again. */
+        if (__atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) > sv->o.max_pending_send / 2)
+            return false;
+        st_clear(c, CF_PAUSED);
+    }
+    return true;
+}
+
+/* Hand one received chunk to the application: as is (stream mode) or frame by frame. */
+static void deliver(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t len,
+                    uint8_t kind, void *base)
+{
+    w->cur_conn = c;
+    w->cur_kind = kind;
+    w->cur_base = base;
+    w->cur_size = kind == BUF_POOL ? (uint32_t)cp_buffer_size(sv->port) : sv->o.recv_buffer;
+    w->cur_hold = NULL;
+    w->bytes_in += len;
+    if (!sv->o.framed) {
+        w->cur_buf = buf;
+        w->cur_len = len;
+        sv->cb.on_data(c, buf, len);
+    } else {
+        cp_frame_decoder *d = decoder_of(sv, c);
+        const void *p = buf;
+        size_t n = len;
+        cp_frame f;
+        int r;
+        while ((r = cp_frame_next(d, &sv->frame_cfg, &p, &n, &f)) == 1) {
+            __atomic_add_fetch(&sv->frames_in, 1, __ATOMIC_RELAXED);
+            bool inside = (const char *)f.data >= buf && (const char *)f.data + f.len <= buf + len;
+            /* A frame assembled across receives lives in the decoder: sends copy it. */
+            w->cur_buf = inside ? (const char *)f.data : NULL;
+            w->cur_len = inside ? f.len : 0;
+            sv->cb.on_data(c, f.data, f.len);
+            if (st_load(c) & CF_CLOSING)
+                break;
+        }
+        if (r < 0 && r != -ENOMEM) {
+            char why[128];
+            cp_frame_describe(d, &sv->frame_cfg, why, sizeof(why));
+            fprintf(stderr, "cport: closing connection: %s\n", why);
+            __atomic_add_fetch(&sv->frames_rejected, 1, __ATOMIC_RELAXED);
+            start_close(sv, c, CP_CLOSE_BAD_FRAME, 0, false);
+        } else if (r == -ENOMEM) {
+            start_close(sv, c, CP_CLOSE_ERROR, -ENOMEM, false);
+        }
+    }
+    w->cur_conn = NULL;
+}
+
+/* After delivering from op's buffer: give the buffer back or leave it to the sends that
+ * kept it (lock held). */
+static void end_delivery(cp_server *sv, cp__worker *w, cp_op *op)
+{
+    if (w->cur_hold) {
+        if (!sv->o.zero_byte)
+            op->u.buf = NULL; /* the hold owns it; the next receive gets a fresh one */
+        hold_release(sv, w->cur_hold);
+        w->cur_hold = NULL;
+    } else if (sv->o.zero_byte && op->u.buf) {
+        cp_buffer_release(sv->port, op->u.buf);
+    }
+    if (sv->o.zero_byte)
+        op->u.buf = NULL;
+}
+
+/* What a finished receive means for the connection (lock held): data was delivered by the
+ * caller; 0 = the peer closed; < 0 = failed. Returns true if receiving may go on. */
+static bool after_receive(cp_server *sv, cp_conn *c, int64_t res)
+{
+    if (res > 0)
+        return may_read(sv, c);
+    if (res == 0)
+        start_close(sv, c, CP_CLOSE_PEER, 0, true); /* reply to what came, then close */
+    else if (!(st_load(c) & CF_CLOSING))
+        start_close(sv, c, CP_CLOSE_ERROR, (int)res, false);
+    return false;
+}
+
+static void rx_single(cp_server *sv, cp_conn *c, cp_op *op, int64_t res)
+{
+    cp__worker *w = cp__server_worker(sv);
+    cp__lock_acquire(&c->lock);
+    st_clear(c, CF_RX_OUT);
+    if (res > 0) {
+        touch(c, now_tick(sv));
+        deliver(sv, c, w, op->u.buf, (size_t)res, sv->o.zero_byte ? BUF_POOL : BUF_SLAB,
+                op->u.buf);
+        end_delivery(sv, w, op);
+    } else if (sv->o.zero_byte) {
+        op->u.buf = NULL;
+    }
+    if (after_receive(sv, c, res)) {
+        st_or(c, CF_RX_OUT);
+        int r = post_rx(sv, c, op);
+        if (r < 0) {
+            st_clear(c, CF_RX_OUT);
+            start_close(sv, c, CP_CLOSE_ERROR, r, false);
+        }
+    }
+    cp__lock_release(&c->lock);
+}
+
+enum { SLOT_POSTED = INT32_MIN, SLOT_IDLE = INT32_MIN + 1 };
+
+/* Post every idle slot, in sequence order (lock held). */
+static void post_idle_slots(cp_server *sv, cp_conn *c)
+{
+    cp__rx_multi *m = multi_of(sv, c);
+    for (unsigned i = 0; i < sv->o.recvs; i++) {
+        cp__rx_slot *s = slot_of(sv, c, i);
+        if (s->len != SLOT_IDLE)
+            continue;
+        s->seq = m->next_post++;
+        s->len = SLOT_POSTED;
+        int r = post_rx(sv, c, &s->op);
+        if (r < 0) {
+            s->len = SLOT_IDLE;
+            start_close(sv, c, CP_CLOSE_ERROR, r, false);
+            return;
+        }
+    }
+}
+
+static void rx_multi(cp_server *sv, cp_conn *c, cp_op *op, int64_t res)
+{
+    cp__worker *w = cp__server_worker(sv);
+    cp__rx_multi *m = multi_of(sv, c);
+    cp__lock_acquire(&c->lock);
+    cp__rx_slot *done = CP_CONTAINER_OF(op, cp__rx_slot, op);
+    done->len = res < INT32_MIN + 2 ? -EIO : (int32_t)res;
+    /* Deliver every completed receive whose turn has come, in the order posted. */
+    bool go_on = true;
+    for (;;) {
+        cp__rx_slot *s = NULL;
+        for (unsigned i = 0; i < sv->o.recvs && !s; i++) {
+            cp__rx_slot *t = slot_of(sv, c, i);
+            if (t->len != SLOT_POSTED && t->len != SLOT_IDLE && t->seq == m->next_deliver)
+                s = t;
+        }
+        if (!s)
+            break;
+        m->next_deliver++;
+        int32_t len = s->len;
+        s->len = SLOT_IDLE;
+        if (len > 0 && go_on && !(st_load(c) & CF_CLOSING)) {
+            touch(c, now_tick(sv));
+            deliver(sv, c, w, s->op.u.buf, (size_t)len,
+                    sv->o.zero_byte ? BUF_POOL : BUF_SLAB, s->op.u.buf);
+            end_delivery(sv, w, &s->op);
+        } else if (sv->o.zero_byte && s->op.u.buf) {
+            cp_buffer_release(sv->port, s->op.u.buf); /* data after an end: dropped */
+            s->op.u.buf = NULL;
+        }
+        if (go_on)
+            go_on = after_receive(sv, c, len);
+    }
+    if (go_on)
+        post_idle_slots(sv, c);
+    cp__lock_release(&c->lock);
+}
+
+/* Replies drained below half the cap: read again (any worker). */
+static void maybe_resume(cp_server *sv, cp_conn *c)
+{
+    if (!(st_load(c) & CF_PAUSED) ||
+        __atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) > sv->o.max_pending_send / 2)
+        return;
+    cp__lock_acquire(&c->lock);
+    uint64_t st = st_load(c);
+    if ((st & CF_PAUSED) && !(st & (CF_CLOSING | CF_STOP_READ))) {
+        st_clear(c, CF_PAUSED);
+        if (sv->o.recvs <= 1) {
+            if (!(st & CF_RX_OUT)) {
+                st_or(c, CF_RX_OUT);
+                int r = post_rx(sv, c, &c->rx);
+                if (r < 0) {
+                    st_clear(c, CF_RX_OUT);
+                    start_close(sv, c, CP_CLOSE_ERROR, r, false);
+                }
+            }
+        } else {
+            post_idle_slots(sv, c);
+        }
+    }
+    cp__lock_release(&c->lock);
+}
+
+/* ---- sending --------------------------------------------------------------------------- */
+
+/* Queue x (filled in, iov set) on c. Takes the references; undoes everything on failure. */
+static int queue_send(cp_server *sv, cp_conn *c, cp__send *x, int iovcnt)
+{
+    if (st_load(c) & CF_CLOSING) {
+        cp__slab_free(&sv->sends, x);
+        return -EPIPE;
+    }
+    op_ref(c);
+    __atomic_add_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);
+    int r = iovcnt == 1 ? cp_socket_send(&c->s, &x->op, x->iov[0].iov_base, x->iov[0].iov_len)
+                        : cp_socket_sendv(&c->s, &x->op, x->iov, iovcnt);
+    if (r < 0) {
+        __atomic_sub_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);
+        op_unref(sv, c, 1);
+        if (x->kind == SEND_COPY)
+            cp__server_buf_free(sv, x->buf, x->buf_size);
+        else if (x->kind == SEND_HOLD)
+            hold_release(sv, x->hold);
+        cp__slab_free(&sv->sends, x);
+        return r == -EBADF ? -EPIPE : r;
+    }
+    return 0;
+}
+
+static cp__send *new_send(cp_server *sv, uint8_t kind, size_t len)
+{
+    cp__send *x = cp__slab_alloc(&sv->sends);
+    if (!x)
+        return NULL;
+    memset(&x->op, 0, sizeof(x->op));
+    x->kind = kind;
+    x->len = (uint32_t)len;
+    x->buf = NULL;
+    x->hold = NULL;
+    x->ctx = NULL;
+    return x;
+}
+
+static int send_copy(cp_conn *c, const void *hdr, size_t hlen, const void *data, size_t len)
+{
+    cp_server *sv = cp__conn_server(c);
+    if (len + hlen == 0 || len > UINT32_MAX - 8)
+        return -EINVAL;
+    cp__send *x = new_send(sv, SEND_COPY, hlen + len);
+    if (!x)
+        return -ENOMEM;
+    x->buf = cp__server_buf_alloc(sv, hlen + len, &x->buf_size);
+    if (!x->buf) {
+        cp__slab_free(&sv->sends, x);
+        return -ENOMEM;
+    }
+    memcpy(x->buf, hdr, hlen);
+    memcpy((char *)x->buf + hlen, data, len);
+    x->iov[0] = (struct iovec){x->buf, hlen + len};
+    return queue_send(sv, c, x, 1);
+}
+
+int cp_conn_send(cp_conn *c, const void *data, size_t len)
+{
+    if (!c || (!data && len))
+        return -EINVAL;
+    return send_copy(c, NULL, 0, data, len);
+}
+
+int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len)
+{
+    if (!c || (!payload && len) || len > CP_FRAME_MAX_LIMIT)
+        return -EINVAL;
+    uint8_t hdr[4];
+    cp_frame_header(hdr, (uint32_t)len);
+    return send_copy(c, hdr, 4, payload, len);
+}
+
+int cp_conn_send_data(cp_conn *c, const void *data, size_t len)
+{
+    if (!c || !data || len == 0)
+        return -EINVAL;
+    cp_server *sv = cp__conn_server(c);
+    cp__worker *w = cp__server_worker(sv);
+    if (!w || w->cur_conn != c)
+        return -EINVAL; /* not inside this connection's on_data */
+    const char *d = data;
+    if (!w->cur_buf || d < w->cur_buf || d + len > w->cur_buf + w->cur_len)
+        return w->cur_buf ? -EINVAL : cp_conn_send(c, data, len);
+    if (!w->cur_hold) {
+        cp__hold *h = cp__slab_alloc(&sv->holds);
+        if (!h)
+            return cp_conn_send(c, data, len);
+        h->buf = w->cur_base;
+        h->size = w->cur_size;
+        h->kind = w->cur_kind;
+        h->refs = 1; /* the delivery's own, dropped when on_data returns */
+        w->cur_hold = h;
+    }
+    cp__send *x = new_send(sv, SEND_HOLD, len);
+    if (!x)
+        return -ENOMEM;
+    __atomic_add_fetch(&w->cur_hold->refs, 1, __ATOMIC_RELAXED);
+    x->hold = w->cur_hold;
+    x->iov[0] = (struct iovec){(void *)(uintptr_t)data, len};
+    return queue_send(sv, c, x, 1);
+}
+
+int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *ctx)
+{
+    if (!c || !data || len == 0 || !ctx || len > UINT32_MAX)
+        return -EINVAL;
+    cp_server *sv = cp__conn_server(c);
+    cp__send *x = new_send(sv, SEND_REF, len);
+    if (!x)
+        return -ENOMEM;
+    x->ctx = ctx;
+    x->iov[0] = (struct iovec){(void *)(uintptr_t)data, len};
+    return queue_send(sv, c, x, 1);
+}
+
+static void send_done(cp_server *sv, cp_conn *c, cp__send *x, int64_t res)
+{
+    cp__worker *w = cp__server_worker(sv);
+    if (res > 0)
+        w->bytes_out += (uint64_t)res;
+    if (x->kind == SEND_COPY)
+        cp__server_buf_free(sv, x->buf, x->buf_size);
+    else if (x->kind == SEND_HOLD)
+        hold_release(sv, x->hold);
+    else if (x->kind == SEND_REF && sv->cb.on_sent) {
+        cp__lock_acquire(&c->lock);
+        sv->cb.on_sent(c, x->ctx, res);
+        cp__lock_release(&c->lock);
+    }
+    uint32_t len = x->len;
+    cp__slab_free(&sv->sends, x);
+    if (res < 0 && res != -ECANCELED)
+        start_close(sv, c, CP_CLOSE_ERROR, (int)res, false);
+    /* Pairs with start_close: it sets DRAIN, then reads `pending`. */
+    uint32_t left = __atomic_sub_fetch(&c->pending, len, __ATOMIC_SEQ_CST);
+    uint64_t st = st_load(c);
+    if (left == 0 && (st & CF_DRAIN))
+        issue_close(sv, c);
+    else
+        maybe_resume(sv, c);
+}
+
+/* ---- dispatch and set-up ---------------------------------------------------------------- */
+
+void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
+{
+    cp_server *sv = user;
+    cp_conn *c = CP_CONTAINER_OF(s, cp_conn, s);
+    cp__worker *w = cp__server_worker(sv);
+    __atomic_store_n(&w->completions, w->completions + 1, __ATOMIC_RELAXED);
+    switch (op->opcode) {
+    case CP_OP_RECV:
+    case CP_OP_RECV_POOL:
+        if (sv->o.recvs <= 1)
+            rx_single(sv, c, op, result);
+        else
+            rx_multi(sv, c, op, result);
+        op_unref(sv, c, 1);
+        return;
+    case CP_OP_SEND:
+        send_done(sv, c, CP_CONTAINER_OF(op, cp__send, op), result);
+        op_unref(sv, c, 1);
+        return;
+    case CP_OP_CLOSE:
+        cp__slab_free(&sv->sends, CP_CONTAINER_OF(op, cp__send, op));
+        op_unref(sv, c, 2); /* its own and the connection's life reference */
+        return;
+    default:
+        op_unref(sv, c, 1);
+        return;
+    }
+}
+
+void cp__conn_start(cp_server *sv, int fd)
+{
+    uint64_t open = __atomic_load_n(&sv->conns_open, __ATOMIC_RELAXED);
+    if (sv->o.max_conns && open >= sv->o.max_conns) {
+        close(fd); /* over the limit: refused at once, the others keep full service */
+        __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    cp_conn *c = cp__slab_alloc(&sv->conns);
+    if (!c) {
+        close(fd);
+        __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    memset(c, 0, sv->off_user + sv->o.conn_user_size);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (cp_pool_associate(sv->pool, &c->s, fd, &sv->conn_binding) < 0) {
+        close(fd);
+        cp__slab_free(&sv->conns, c);
+        __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    /* The life reference, plus one for this set-up. */
+    c->state = 2 * CS_OPREF | ((uint64_t)now_tick(sv) << CS_TICK_SHIFT);
+    __atomic_add_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
+    if (__atomic_load_n(&sv->stopping, __ATOMIC_SEQ_CST)) {
+        start_close(sv, c, CP_CLOSE_SHUTDOWN, 0, false);
+        op_unref(sv, c, 1);
+        return;
+    }
+    cp__lock_acquire(&c->lock);
+    if (sv->cb.on_open && sv->cb.on_open(c) < 0) {
+        __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_RELAXED);
+        cp__lock_release(&c->lock);
+        start_close(sv, c, CP_CLOSE_LOCAL, 0, false);
+        op_unref(sv, c, 1);
+        return;
+    }
+    __atomic_add_fetch(&sv->conns_total, 1, __ATOMIC_RELAXED);
+    st_or(c, CF_OPEN);
+    if (sv->o.recvs <= 1) {
+        st_or(c, CF_RX_OUT);
+        int r = post_rx(sv, c, &c->rx);
+        if (r < 0) {
+            st_clear(c, CF_RX_OUT);
+            start_close(sv, c, CP_CLOSE_ERROR, r, false);
+        }
+    } else {
+        for (unsigned i = 0; i < sv->o.recvs; i++)
+            slot_of(sv, c, i)->len = SLOT_IDLE;
+        post_idle_slots(sv, c);
+    }
+    cp__lock_release(&c->lock);
+    op_unref(sv, c, 1);
+}
+
+void *cp_conn_user(cp_conn *c)
+{
+    cp_server *sv = cp__conn_server(c);
+    return sv->o.conn_user_size ? (char *)c + sv->off_user : NULL;
+}
+
+cp_server *cp_conn_server(cp_conn *c)
+{
+    return cp__conn_server(c);
+}
+
+int cp_conn_peer(cp_conn *c, struct sockaddr_storage *addr, socklen_t *len)
+{
+    *len = sizeof(*addr);
+    return getpeername(c->s.fd, (struct sockaddr *)addr, len) == 0 ? 0 : -errno;
+}
+
+size_t cp_conn_pending(const cp_conn *c)
+{
+    return __atomic_load_n(&c->pending, __ATOMIC_RELAXED);
+}

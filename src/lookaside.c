@@ -1,0 +1,124 @@
+/* Lookaside slabs (see lookaside.h). */
+#include "lookaside.h"
+
+#include <string.h>
+#include <sys/mman.h>
+
+enum { CHUNK_BYTES = 1 << 20 };
+
+struct cp__chunk {
+    cp__chunk *next;
+    char *objs;     /* first object */
+    size_t cap;     /* objects that fit */
+    size_t carved;  /* objects handed out at least once */
+    uint64_t live[]; /* bitmap: handed out now */
+};
+
+void cp__slab_init(cp__slab *s, size_t size)
+{
+    memset(s, 0, sizeof(*s));
+    cp__lock_init(&s->lock);
+    s->size = size < 16 ? 16 : (size + 15) & ~(size_t)15;
+}
+
+void cp__slab_fini(cp__slab *s)
+{
+    cp__chunk *c = s->chunks;
+    while (c) {
+        cp__chunk *next = c->next;
+        munmap(c, CHUNK_BYTES);
+        c = next;
+    }
+    s->chunks = NULL;
+    s->free = NULL;
+}
+
+/* Chunks are aligned to their size, so an object finds its chunk by masking. */
+static cp__chunk *chunk_of(void *obj)
+{
+    return (cp__chunk *)((uintptr_t)obj & ~((uintptr_t)CHUNK_BYTES - 1));
+}
+
+static void mark(cp__chunk *c, size_t i, bool on)
+{
+    if (on)
+        c->live[i / 64] |= (uint64_t)1 << (i % 64);
+    else
+        c->live[i / 64] &= ~((uint64_t)1 << (i % 64));
+}
+
+static cp__chunk *new_chunk(cp__slab *s)
+{
+    /* Map twice the size and keep the aligned middle. */
+    char *m = mmap(NULL, 2 * CHUNK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                   -1, 0);
+    if (m == MAP_FAILED)
+        return NULL;
+    char *a = (char *)(((uintptr_t)m + CHUNK_BYTES - 1) & ~((uintptr_t)CHUNK_BYTES - 1));
+    if (a > m)
+        munmap(m, (size_t)(a - m));
+    if (a + CHUNK_BYTES < m + 2 * CHUNK_BYTES)
+        munmap(a + CHUNK_BYTES, (size_t)(m + 2 * CHUNK_BYTES - (a + CHUNK_BYTES)));
+    cp__chunk *c = (cp__chunk *)a;
+    /* Header plus bitmap, then objects from the next 64-byte boundary. */
+    size_t cap = (CHUNK_BYTES - sizeof(*c)) / s->size;
+    size_t head = (sizeof(*c) + (cap + 63) / 64 * 8 + 63) & ~(size_t)63;
+    cap = (CHUNK_BYTES - head) / s->size;
+    c->objs = (char *)c + head;
+    c->cap = cap;
+    c->carved = 0;
+    c->next = s->chunks;
+    s->chunks = c;
+    __atomic_add_fetch(&s->allocations, 1, __ATOMIC_RELAXED);
+    return c;
+}
+
+void *cp__slab_alloc(cp__slab *s)
+{
+    cp__lock_acquire(&s->lock);
+    void *obj = s->free;
+    cp__chunk *c;
+    if (obj) {
+        s->free = *(void **)obj;
+        c = chunk_of(obj);
+    } else {
+        c = s->chunks;
+        if (!c || c->carved == c->cap)
+            c = new_chunk(s);
+        if (!c) {
+            cp__lock_release(&s->lock);
+            return NULL;
+        }
+        obj = c->objs + c->carved++ * s->size;
+    }
+    mark(c, (size_t)((char *)obj - c->objs) / s->size, true);
+    __atomic_store_n(&s->live, s->live + 1, __ATOMIC_RELAXED);
+    cp__lock_release(&s->lock);
+    return obj;
+}
+
+void cp__slab_free(cp__slab *s, void *obj)
+{
+    cp__lock_acquire(&s->lock);
+    cp__chunk *c = chunk_of(obj);
+    mark(c, (size_t)((char *)obj - c->objs) / s->size, false);
+    *(void **)obj = s->free;
+    s->free = obj;
+    __atomic_store_n(&s->live, s->live - 1, __ATOMIC_RELAXED);
+    cp__lock_release(&s->lock);
+}
+
+void cp__slab_walk(cp__slab *s, void (*fn)(void *obj, void *arg), void *arg)
+{
+    cp__lock_acquire(&s->lock);
+    for (cp__chunk *c = s->chunks; c; c = c->next)
+        for (size_t w = 0; w * 64 < c->carved; w++) {
+            uint64_t bits = c->live[w];
+            while (bits) {
+                size_t i = w * 64 + (size_t)__builtin_ctzll(bits);
+                bits &= bits - 1;
+                fn(c->objs + i * s->size, arg);
+            }
+        }
+    cp__lock_release(&s->lock);
+}

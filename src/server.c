@@ -1,0 +1,539 @@
+/* The server: listener and accept pool (S2), the timeout sweep (S3), lookaside buffers
+ * (S4), graceful shutdown (S8) and stats. Connections themselves live in conn.c. */
+#include "server_internal.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+enum {
+    ACCEPT_RETRY_MS = 100, /* pause after EMFILE/ENFILE/ENOBUFS/ENOMEM */
+    QUIET_TICKS_TO_SHRINK = 10,
+    BIG_BUFFER = 1,
+};
+
+static const uint32_t size_classes[CP__SIZE_CLASSES] = {4096, 16384, 65536};
+
+const char *cp_close_reason_name(cp_close_reason r)
+{
+    static const char *const names[] = {"peer",         "error",          "local",
+                                        "handshake-timeout", "idle-timeout", "bad-frame",
+                                        "shutdown"};
+    return (unsigned)r < sizeof(names) / sizeof(names[0]) ? names[r] : "unknown";
+}
+
+/* ---- buffers and workers ---------------------------------------------------------------- */
+
+void *cp__server_buf_alloc(cp_server *sv, size_t size, uint32_t *got)
+{
+    for (int i = 0; i < CP__SIZE_CLASSES; i++) {
+        if (size <= size_classes[i]) {
+            *got = size_classes[i];
+            return cp__slab_alloc(&sv->bufs[i]);
+        }
+    }
+    /* Bigger than any class: a plain allocation, counted (rare: sends over 64 KiB). */
+    __atomic_add_fetch(&sv->big_allocations, 1, __ATOMIC_RELAXED);
+    *got = (uint32_t)size;
+    return malloc(size);
+}
+
+void cp__server_buf_free(cp_server *sv, void *buf, uint32_t size)
+{
+    for (int i = 0; i < CP__SIZE_CLASSES; i++) {
+        if (size == size_classes[i]) {
+            cp__slab_free(&sv->bufs[i], buf);
+            return;
+        }
+    }
+    free(buf);
+}
+
+cp__worker *cp__server_worker(cp_server *sv)
+{
+    cp__worker *w = pthread_getspecific(sv->wkey);
+    if (w)
+        return w;
+    w = calloc(1, sizeof(*w));
+    if (!w || pthread_setspecific(sv->wkey, w) != 0) {
+        fprintf(stderr, "cport: out of memory for a worker record\n");
+        abort(); /* once per thread at start-up; nothing sensible to fall back to */
+    }
+    cp__lock_acquire(&sv->workers_lock);
+    w->next = sv->workers;
+    sv->workers = w;
+    cp__lock_release(&sv->workers_lock);
+    return w;
+}
+
+void cp__server_signal_done(cp_server *sv)
+{
+    pthread_mutex_lock(&sv->done_lock);
+    pthread_cond_broadcast(&sv->done_cond);
+    pthread_mutex_unlock(&sv->done_lock);
+}
+
+/* ---- the accept pool ---------------------------------------------------------------------- */
+
+/* Post idle accepts until `accepts_target` are out (accept_lock held). */
+static void fill_accepts_locked(cp_server *sv)
+{
+    if (sv->accept_paused || !sv->listener_open || __atomic_load_n(&sv->stopping, __ATOMIC_SEQ_CST))
+        return;
+    for (unsigned i = 0; i < sv->o.accepts_max && sv->accepts_posted < sv->accepts_target; i++) {
+        if (sv->accept_busy[i])
+            continue;
+        memset(&sv->accepts[i], 0, sizeof(sv->accepts[i]));
+        if (cp_socket_accept(&sv->listener, &sv->accepts[i], NULL, 0) < 0)
+            break;
+        sv->accept_busy[i] = 1;
+        sv->accepts_posted++;
+    }
+}
+
+static void retry_accepts(void *arg)
+{
+    cp_server *sv = arg;
+    cp__lock_acquire(&sv->accept_lock);
+    cp_timer *t = sv->accept_retry;
+    sv->accept_retry = NULL;
+    sv->accept_paused = false;
+    fill_accepts_locked(sv);
+    cp__lock_release(&sv->accept_lock);
+    if (t)
+        cp_timer_cancel(t, false); /* release the fired one-shot */
+}
+
+static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
+{
+    (void)s;
+    cp_server *sv = user;
+    if (op->opcode == CP_OP_CLOSE) {
+        cp__lock_acquire(&sv->accept_lock);
+        sv->listener_open = false;
+        cp__lock_release(&sv->accept_lock);
+        cp__server_signal_done(sv);
+        return;
+    }
+    cp_accept_op *aop = CP_CONTAINER_OF(op, cp_accept_op, op);
+    int fd = aop->fd; /* before the refill below reuses this very op */
+    cp__lock_acquire(&sv->accept_lock);
+    sv->accept_busy[aop - sv->accepts] = 0;
+    bool drained = sv->accepts_posted-- == 1 && res >= 0;
+    sv->accepts_since_tick++;
+    if (res >= 0 || res == -ECONNABORTED || res == -EPROTO) {
+        /* Connections arrived while no accept was left posted (the seeds' FD_ACCEPT
+         * signal): post more of them. */
+        if (drained && sv->accepts_target < sv->o.accepts_max) {
+            sv->accepts_target *= 2;
+            if (sv->accepts_target > sv->o.accepts_max)
+                sv->accepts_target = sv->o.accepts_max;
+        }
+        fill_accepts_locked(sv);
+    } else if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM) {
+        /* Accepting again at once would fail again at once: pause, retry on a timer. */
+        if (!sv->accept_paused) {
+            sv->accept_paused = true;
+            __atomic_add_fetch(&sv->accept_pauses, 1, __ATOMIC_RELAXED);
+            if (cp_timer_start(sv->pool, &sv->accept_retry, ACCEPT_RETRY_MS, 0, retry_accepts,
+                               sv) < 0)
+                sv->accept_paused = false;
+        }
+    } else if (res != -ECANCELED) {
+        fill_accepts_locked(sv);
+    }
+    cp__lock_release(&sv->accept_lock);
+    if (res >= 0)
+        cp__conn_start(sv, fd);
+}
+
+/* Quiet for a while: shrink the pool back toward accepts_min (cancel the surplus). */
+static void shrink_accepts(cp_server *sv)
+{
+    cp__lock_acquire(&sv->accept_lock);
+    if (sv->accepts_since_tick) {
+        sv->quiet_ticks = 0;
+    } else if (++sv->quiet_ticks >= QUIET_TICKS_TO_SHRINK && sv->accepts_target > sv->o.accepts_min) {
+        sv->quiet_ticks = 0;
+        sv->accepts_target /= 2;
+        if (sv->accepts_target < sv->o.accepts_min)
+            sv->accepts_target = sv->o.accepts_min;
+        unsigned surplus = sv->accepts_posted > sv->accepts_target
+                               ? sv->accepts_posted - sv->accepts_target
+                               : 0;
+        for (unsigned i = 0; i < sv->o.accepts_max && surplus; i++) {
+            if (sv->accept_busy[i] && cp_socket_cancel(&sv->listener, &sv->accepts[i].op) == 0)
+                surplus--;
+        }
+    }
+    sv->accepts_since_tick = 0;
+    cp__lock_release(&sv->accept_lock);
+}
+
+/* ---- the tick: timeouts and accept-pool upkeep ----------------------------------------- */
+
+typedef struct sweep_ctx {
+    cp_server *sv;
+    uint16_t now;
+} sweep_ctx;
+
+static void sweep_one(void *obj, void *arg)
+{
+    sweep_ctx *x = arg;
+    cp__conn_sweep(x->sv, obj, x->now);
+}
+
+static void on_tick(void *arg)
+{
+    cp_server *sv = arg;
+    uint32_t now = __atomic_add_fetch(&sv->tick, 1, __ATOMIC_RELAXED);
+    /* One pass over every connection: memory reads, no syscall, no per-connection timer
+     * (a connection keeps a 16-bit tick of its last data in its state word). It also
+     * retries closes that could not get an op when memory ran out. */
+    sweep_ctx x = {sv, (uint16_t)now};
+    cp__slab_walk(&sv->conns, sweep_one, &x);
+    shrink_accepts(sv);
+}
+
+/* ---- life cycle ----------------------------------------------------------------------------- */
+
+static uint32_t ms_to_ticks(unsigned ms, unsigned tick_ms)
+{
+    return ms ? (ms + tick_ms - 1) / tick_ms : 0;
+}
+
+int cp_server_create(cp_server **serverp, const cp_server_options *opts,
+                     const cp_server_callbacks *cb)
+{
+    if (!serverp || !opts || !cb || !cb->on_data)
+        return -EINVAL;
+    *serverp = NULL;
+    cp_server_options o = *opts;
+    long page = sysconf(_SC_PAGESIZE);
+    if (o.threads == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        o.threads = n > 0 ? (unsigned)n : 1;
+    }
+    if (o.accepts_min == 0)
+        o.accepts_min = 4;
+    if (o.accepts_max == 0)
+        o.accepts_max = 256;
+    if (o.accepts_max < o.accepts_min)
+        o.accepts_max = o.accepts_min;
+    if (o.backlog == 0)
+        o.backlog = 4096;
+    if (o.tick_ms == 0)
+        o.tick_ms = 100;
+    if (o.max_pending_send == 0)
+        o.max_pending_send = 1 << 20;
+    if (o.recv_buffer == 0)
+        o.recv_buffer = 16384;
+    if (o.recvs == 0)
+        o.recvs = 1;
+    if (o.max_frame == 0)
+        o.max_frame = CP_FRAME_DEFAULT_MAX;
+    if (o.recv_buffer % (uint32_t)page || o.recv_buffer > size_classes[CP__SIZE_CLASSES - 1] ||
+        o.recvs > 64 || o.accepts_max > 65536 || o.max_frame > CP_FRAME_MAX_LIMIT)
+        return -EINVAL;
+
+    cp_server *sv = calloc(1, sizeof(*sv));
+    if (!sv)
+        return -ENOMEM;
+    sv->o = o;
+    sv->cb = *cb;
+    sv->listen_fd = -1;
+    /* Timeouts are counted in 16-bit ticks: make a tick long enough that the longest
+     * timeout stays under half their range. */
+    unsigned longest = o.handshake_timeout_ms > o.idle_timeout_ms ? o.handshake_timeout_ms
+                                                                  : o.idle_timeout_ms;
+    sv->tick_ms = o.tick_ms;
+    if (longest / sv->tick_ms >= 16384)
+        sv->tick_ms = longest / 16384 + 1;
+    sv->hs_ticks = ms_to_ticks(o.handshake_timeout_ms, sv->tick_ms);
+    sv->idle_ticks = ms_to_ticks(o.idle_timeout_ms, sv->tick_ms);
+    sv->frame_cfg = (cp_frame_config){.max_frame = o.max_frame};
+
+    /* Connection layout: base, receive slots, frame decoder, user area. */
+    size_t off = sizeof(cp_conn);
+    sv->off_multi = off;
+    if (o.recvs > 1)
+        off += sizeof(cp__rx_multi) + o.recvs * sizeof(cp__rx_slot);
+    sv->off_frame = off;
+    if (o.framed)
+        off += sizeof(cp_frame_decoder);
+    off = (off + 15) & ~(size_t)15;
+    sv->off_user = off;
+    sv->conn_size = off + o.conn_user_size;
+    cp__slab_init(&sv->conns, sv->conn_size);
+    cp__slab_init(&sv->sends, sizeof(cp__send));
+    cp__slab_init(&sv->holds, sizeof(cp__hold));
+    for (int i = 0; i < CP__SIZE_CLASSES; i++)
+        cp__slab_init(&sv->bufs[i], size_classes[i]);
+    cp__lock_init(&sv->accept_lock);
+    cp__lock_init(&sv->workers_lock);
+    pthread_mutex_init(&sv->done_lock, NULL);
+    pthread_cond_init(&sv->done_cond, NULL);
+    sv->accepts = calloc(o.accepts_max, sizeof(*sv->accepts));
+    sv->accept_busy = calloc(o.accepts_max, 1);
+    int r = pthread_key_create(&sv->wkey, NULL);
+    if (!sv->accepts || !sv->accept_busy || r != 0) {
+        free(sv->accepts);
+        free(sv->accept_busy);
+        if (r == 0)
+            pthread_key_delete(sv->wkey);
+        free(sv);
+        return -ENOMEM;
+    }
+    cp_pool_options po = {.concurrency = o.threads, .threads = o.threads, .batch = 64};
+    po.port = o.port_options;
+    po.port.backend = o.backend;
+    r = cp_pool_create(&sv->pool, &po);
+    if (r < 0) {
+        pthread_key_delete(sv->wkey);
+        free(sv->accepts);
+        free(sv->accept_busy);
+        free(sv);
+        return r;
+    }
+    sv->port = cp_pool_port(sv->pool);
+    sv->conn_binding = (cp_io_binding){cp__conn_io, sv};
+    sv->listener_binding = (cp_io_binding){on_listener, sv};
+    sv->accepts_target = o.accepts_min;
+    *serverp = sv;
+    return 0;
+}
+
+int cp_server_start(cp_server *sv)
+{
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(sv->o.port)};
+    if (inet_pton(AF_INET, sv->o.bind ? sv->o.bind : "0.0.0.0", &sa.sin_addr) != 1)
+        return -EINVAL;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, (int)sv->o.backlog) < 0) {
+        int err = -errno;
+        close(fd);
+        return err;
+    }
+    socklen_t len = sizeof(sa);
+    getsockname(fd, (struct sockaddr *)&sa, &len);
+    sv->listen_port = ntohs(sa.sin_port);
+    int r = cp_pool_associate(sv->pool, &sv->listener, fd, &sv->listener_binding);
+    if (r < 0) {
+        close(fd);
+        return r;
+    }
+    r = cp_timer_start(sv->pool, &sv->ticker, sv->tick_ms, sv->tick_ms, on_tick, sv);
+    if (r < 0)
+        return r;
+    cp__lock_acquire(&sv->accept_lock);
+    sv->listener_open = true;
+    fill_accepts_locked(sv);
+    cp__lock_release(&sv->accept_lock);
+    return 0;
+}
+
+uint16_t cp_server_listen_port(const cp_server *sv)
+{
+    return sv->listen_port;
+}
+
+cp_port *cp_server_port(cp_server *sv)
+{
+    return sv->port;
+}
+
+void *cp_server_user(const cp_server *sv)
+{
+    return sv->o.user;
+}
+
+typedef struct stop_ctx {
+    cp_server *sv;
+    bool abort;
+} stop_ctx;
+
+static void stop_one(void *obj, void *arg)
+{
+    stop_ctx *x = arg;
+    cp__conn_stop(x->sv, obj, x->abort);
+}
+
+/* Wait until every connection and the listener are closed, or the absolute deadline. */
+static bool wait_closed(cp_server *sv, const struct timespec *deadline)
+{
+    bool done;
+    pthread_mutex_lock(&sv->done_lock);
+    for (;;) {
+        cp__lock_acquire(&sv->accept_lock);
+        bool listener = sv->listener_open;
+        cp__lock_release(&sv->accept_lock);
+        done = !listener && __atomic_load_n(&sv->conns_open, __ATOMIC_RELAXED) == 0;
+        if (done)
+            break;
+        if (!deadline) {
+            pthread_cond_wait(&sv->done_cond, &sv->done_lock);
+        } else if (pthread_cond_timedwait(&sv->done_cond, &sv->done_lock, deadline) ==
+                   ETIMEDOUT) {
+            break;
+        }
+    }
+    pthread_mutex_unlock(&sv->done_lock);
+    return done;
+}
+
+int cp_server_shutdown(cp_server *sv, unsigned deadline_ms)
+{
+    if (!sv || sv->shut_down)
+        return 0;
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += deadline_ms / 1000;
+    deadline.tv_nsec += (long)(deadline_ms % 1000) * 1000000;
+    if (deadline.tv_nsec >= 1000000000) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000;
+    }
+    __atomic_store_n(&sv->stopping, 1, __ATOMIC_SEQ_CST);
+    /* Stop accepting. */
+    cp__lock_acquire(&sv->accept_lock);
+    bool listening = sv->listener_open;
+    cp_timer *retry = sv->accept_retry;
+    sv->accept_retry = NULL;
+    cp__lock_release(&sv->accept_lock);
+    if (retry)
+        cp_timer_cancel(retry, true);
+    if (listening)
+        cp_socket_close(&sv->listener, &sv->listener_close);
+    /* Stop reading; each connection closes once its replies are out. */
+    stop_ctx x = {sv, false};
+    cp__slab_walk(&sv->conns, stop_one, &x);
+    int r = 0;
+    if (!wait_closed(sv, &deadline)) {
+        /* Deadline: cut what is left. */
+        r = -ETIMEDOUT;
+        x.abort = true;
+        cp__slab_walk(&sv->conns, stop_one, &x);
+        wait_closed(sv, NULL);
+    }
+    if (sv->ticker) {
+        cp_timer_cancel(sv->ticker, true);
+        sv->ticker = NULL;
+    }
+    cp_pool_destroy(sv->pool, CP_POOL_DRAIN);
+    sv->pool = NULL;
+    sv->shut_down = true;
+    return r;
+}
+
+void cp_server_destroy(cp_server *sv)
+{
+    if (!sv)
+        return;
+    if (!sv->shut_down) {
+        if (sv->listener_open || __atomic_load_n(&sv->conns_open, __ATOMIC_RELAXED))
+            cp_server_shutdown(sv, 0);
+        else {
+            if (sv->ticker)
+                cp_timer_cancel(sv->ticker, true);
+            cp_pool_destroy(sv->pool, CP_POOL_DRAIN);
+        }
+    }
+    cp__slab_fini(&sv->conns);
+    cp__slab_fini(&sv->sends);
+    cp__slab_fini(&sv->holds);
+    for (int i = 0; i < CP__SIZE_CLASSES; i++)
+        cp__slab_fini(&sv->bufs[i]);
+    while (sv->workers) {
+        cp__worker *w = sv->workers;
+        sv->workers = w->next;
+        free(w);
+    }
+    pthread_key_delete(sv->wkey);
+    pthread_mutex_destroy(&sv->done_lock);
+    pthread_cond_destroy(&sv->done_cond);
+    free(sv->accepts);
+    free(sv->accept_busy);
+    free(sv);
+}
+
+/* ---- stats ------------------------------------------------------------------------------ */
+
+void cp_server_get_stats(cp_server *sv, cp_server_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    st->conns_open = __atomic_load_n(&sv->conns_open, __ATOMIC_RELAXED);
+    st->conns_total = __atomic_load_n(&sv->conns_total, __ATOMIC_RELAXED);
+    st->conns_rejected = __atomic_load_n(&sv->conns_rejected, __ATOMIC_RELAXED);
+    st->conns_reaped = __atomic_load_n(&sv->conns_reaped, __ATOMIC_RELAXED);
+    st->accept_pauses = __atomic_load_n(&sv->accept_pauses, __ATOMIC_RELAXED);
+    st->backpressure_events = __atomic_load_n(&sv->backpressure_events, __ATOMIC_RELAXED);
+    st->frames_in = __atomic_load_n(&sv->frames_in, __ATOMIC_RELAXED);
+    st->frames_rejected = __atomic_load_n(&sv->frames_rejected, __ATOMIC_RELAXED);
+    cp__lock_acquire(&sv->accept_lock);
+    st->accepts_outstanding = sv->accepts_posted;
+    st->accepts_target = sv->accepts_target;
+    cp__lock_release(&sv->accept_lock);
+    cp__lock_acquire(&sv->workers_lock);
+    for (cp__worker *w = sv->workers; w; w = w->next) {
+        st->completions += __atomic_load_n(&w->completions, __ATOMIC_RELAXED);
+        st->bytes_in += __atomic_load_n(&w->bytes_in, __ATOMIC_RELAXED);
+        st->bytes_out += __atomic_load_n(&w->bytes_out, __ATOMIC_RELAXED);
+    }
+    cp__lock_release(&sv->workers_lock);
+    st->allocations = __atomic_load_n(&sv->big_allocations, __ATOMIC_RELAXED) +
+                      __atomic_load_n(&sv->conns.allocations, __ATOMIC_RELAXED) +
+                      __atomic_load_n(&sv->sends.allocations, __ATOMIC_RELAXED) +
+                      __atomic_load_n(&sv->holds.allocations, __ATOMIC_RELAXED);
+    for (int i = 0; i < CP__SIZE_CLASSES; i++)
+        st->allocations += __atomic_load_n(&sv->bufs[i].allocations, __ATOMIC_RELAXED);
+}
+
+int cp_server_stats_prometheus(cp_server *sv, const char *prefix, char *buf, size_t size)
+{
+    cp_server_stats s;
+    cp_server_get_stats(sv, &s);
+    const struct {
+        const char *name, *type, *help;
+        uint64_t v;
+    } m[] = {
+        {"connections_open", "gauge", "Connections open now", s.conns_open},
+        {"connections_total", "counter", "Connections accepted and kept", s.conns_total},
+        {"connections_rejected_total", "counter", "Connections closed at accept (limit or refused)",
+         s.conns_rejected},
+        {"connections_reaped_total", "counter", "Connections closed by the handshake or idle timeout",
+         s.conns_reaped},
+        {"accepts_outstanding", "gauge", "Accepts posted now", s.accepts_outstanding},
+        {"accepts_target", "gauge", "Accepts the pool aims to keep posted", s.accepts_target},
+        {"accept_pauses_total", "counter", "Times accepting paused on a resource error",
+         s.accept_pauses},
+        {"bytes_received_total", "counter", "Bytes received", s.bytes_in},
+        {"bytes_sent_total", "counter", "Bytes sent", s.bytes_out},
+        {"completions_total", "counter", "Completions handled", s.completions},
+        {"backpressure_events_total", "counter", "Times reading paused because replies piled up",
+         s.backpressure_events},
+        {"frames_received_total", "counter", "Frames delivered", s.frames_in},
+        {"frames_rejected_total", "counter", "Connections closed for a bad frame", s.frames_rejected},
+        {"allocations_total", "counter", "Lookaside chunks and large buffers allocated",
+         s.allocations},
+    };
+    size_t used = 0;
+    for (size_t i = 0; i < sizeof(m) / sizeof(m[0]); i++) {
+        int n = snprintf(buf ? buf + (used < size ? used : size) : NULL,
+                         used < size ? size - used : 0,
+                         "# HELP %s%s %s\n# TYPE %s%s %s\n%s%s %llu\n", prefix, m[i].name,
+                         m[i].help, prefix, m[i].name, m[i].type, prefix, m[i].name,
+                         (unsigned long long)m[i].v);
+        if (n < 0)
+            return n;
+        used += (size_t)n;
+    }
+    return (int)used;
+}

@@ -1,0 +1,194 @@
+/* Internal view of the server layer, shared by server.c (the server: listener, accept
+ * pool, timeout sweep, shutdown, stats) and conn.c (a connection's receive, send and close
+ * paths). See cport/server.h for the behaviour. */
+#ifndef CPORT_SERVER_INTERNAL_H
+#define CPORT_SERVER_INTERNAL_H
+
+#include "cport/frame.h"
+#include "cport/pool.h"
+#include "cport/server.h"
+#include "cport/socket.h"
+#include "lookaside.h"
+#include "sync.h"
+
+#include <pthread.h>
+
+/* ---- a connection --------------------------------------------------------------------- */
+
+/* cp_conn.state, one atomic 64-bit word:
+ *   bits  0-11  flags (CF_*)
+ *   bits 12-27  server tick of the last data received (the close errno once closing)
+ *   bits 28-51  operation references: each operation in flight (until its handler is done)
+ *               plus one "life" reference dropped when the close completes. When they
+ *               reach zero no callback can follow: on_close runs then.
+ *   bits 52-63  user references (cp_conn_ref). Memory is freed when both counts are zero
+ *               and on_close has run. */
+enum {
+    CF_OPEN = 1u << 0,        /* on_open accepted it: callbacks run, on_close will */
+    CF_GOT_DATA = 1u << 1,    /* something arrived (the handshake timeout no longer applies) */
+    CF_RX_OUT = 1u << 2,      /* the (single) receive is posted */
+    CF_PAUSED = 1u << 3,      /* receives held back: replies piled up (backpressure) */
+    CF_CLOSING = 1u << 4,     /* closing: no new sends, no new receives */
+    CF_DRAIN = 1u << 5,       /* ...after what is queued has been sent */
+    CF_CLOSE_ISSUED = 1u << 6, /* cp_socket_close() called */
+    CF_STOP_READ = 1u << 7,   /* the server is shutting down */
+    CF_REASON_SHIFT = 8,      /* 3 bits: the cp_close_reason once CF_CLOSING is set */
+    CF_REASON_MASK = 7u << 8,
+    CF_ONCLOSE_DONE = 1u << 11, /* on_close has run (or will not) */
+};
+#define CS_FLAGS 0xfffull
+#define CS_TICK_SHIFT 12
+#define CS_TICK_MASK (0xffffull << CS_TICK_SHIFT)
+#define CS_OPREF (1ull << 28)
+#define CS_OPREF_MASK (0xffffffull << 28)
+#define CS_UREF (1ull << 52)
+#define CS_UREF_MASK (0xfffull << 52)
+
+/* 128 bytes with one receive in zero-byte mode, no framing, no user area. What follows
+ * depends on the server's options (offsets in cp_server): receive slots when recvs > 1,
+ * the frame decoder when framed, the user area. */
+struct cp_conn {
+    cp_socket s;
+    cp_op rx;          /* the receive when recvs == 1 */
+    cp__lock lock;     /* serialises callbacks and the receive side */
+    uint32_t pending;  /* atomic: bytes queued to send */
+    uint64_t state;    /* atomic: see above */
+};
+
+/* One receive when recvs > 1: completions are delivered in `seq` order. */
+typedef struct cp__rx_slot {
+    cp_op op;
+    uint32_t seq;
+    int32_t len; /* a completed receive waiting for its turn; -1 = none */
+} cp__rx_slot;
+
+typedef struct cp__rx_multi {
+    uint32_t next_post;    /* seq of the next receive posted */
+    uint32_t next_deliver; /* seq of the next receive delivered */
+} cp__rx_multi;
+
+/* A buffer handed to on_data that sends (cp_conn_send_data) may keep alive. */
+typedef enum cp__buf_kind {
+    BUF_POOL = 1,  /* the port's receive pool */
+    BUF_SLAB = 2,  /* a connection's receive buffer from the lookaside */
+    BUF_FRAME = 3, /* a frame assembled by the decoder */
+} cp__buf_kind;
+
+typedef struct cp__hold {
+    void *buf;
+    uint32_t size;
+    uint32_t refs; /* atomic: the delivery itself + each send still using it */
+    uint8_t kind;
+} cp__hold;
+
+/* A send (or close) context from the lookaside. */
+typedef enum cp__send_kind {
+    SEND_COPY = 1, /* data copied into `buf` */
+    SEND_HOLD = 2, /* part of a received buffer, kept by `hold` */
+    SEND_REF = 3,  /* the caller's memory; on_sent(ctx) when done */
+    SEND_CLOSE = 4, /* the op closes the socket */
+} cp__send_kind;
+
+typedef struct cp__send {
+    cp_op op;
+    uint32_t len;
+    uint8_t kind;
+    uint8_t hdr[4];     /* framed sends: the length header */
+    void *buf;          /* SEND_COPY: the copy (from a size class or malloc) */
+    uint32_t buf_size;
+    cp__hold *hold;     /* SEND_HOLD */
+    void *ctx;          /* SEND_REF */
+    struct iovec iov[2];
+} cp__send;
+
+/* ---- the server ------------------------------------------------------------------------ */
+
+enum { CP__SIZE_CLASSES = 3 }; /* 4 KiB, 16 KiB, 64 KiB buffers */
+
+/* Per worker thread: what on_data is handing over right now, and counters. */
+typedef struct cp__worker {
+    struct cp__worker *next;
+    cp_conn *cur_conn;
+    const char *cur_buf; /* the delivery's buffer and its extent */
+    size_t cur_len;
+    uint8_t cur_kind;
+    void *cur_base;
+    uint32_t cur_size;
+    cp__hold *cur_hold;   /* created by the first cp_conn_send_data of this delivery */
+    uint64_t completions; /* atomic (stores only by the owner) */
+    uint64_t bytes_in;
+    uint64_t bytes_out;
+} cp__worker;
+
+struct cp_server {
+    cp_server_options o;
+    cp_server_callbacks cb;
+    cp_pool *pool;
+    cp_port *port;
+    cp_io_binding conn_binding;
+    cp_io_binding listener_binding;
+    cp_frame_config frame_cfg;
+
+    /* Connection layout (see struct cp_conn). */
+    size_t off_multi, off_frame, off_user, conn_size;
+
+    cp__slab conns;
+    cp__slab sends;
+    cp__slab holds;
+    cp__slab bufs[CP__SIZE_CLASSES];
+    uint64_t big_allocations; /* atomic: copies too big for a size class */
+
+    /* The listener and its accept pool. */
+    int listen_fd;
+    uint16_t listen_port;
+    cp_socket listener;
+    cp_op listener_close;
+    cp__lock accept_lock; /* guards the fields below */
+    cp_accept_op *accepts; /* accepts_max of them */
+    uint8_t *accept_busy;  /* 1 while posted */
+    unsigned accepts_posted;
+    unsigned accepts_target;
+    unsigned accepts_since_tick;
+    unsigned quiet_ticks;
+    bool accept_paused;
+    bool listener_open;
+    cp_timer *accept_retry;
+
+    /* Timeouts. */
+    uint32_t tick;  /* atomic: ticks since start (16 bits of it are kept per connection) */
+    unsigned tick_ms;
+    uint32_t hs_ticks, idle_ticks;
+    cp_timer *ticker;
+
+    /* Shutdown. */
+    int stopping;   /* atomic */
+    bool shut_down; /* cp_server_shutdown finished */
+    pthread_mutex_t done_lock;
+    pthread_cond_t done_cond;
+
+    pthread_key_t wkey; /* cp__worker of the calling thread */
+    cp__lock workers_lock;
+    cp__worker *workers;
+
+    /* Counters (atomic). */
+    uint64_t conns_open, conns_total, conns_rejected, conns_reaped, accept_pauses,
+        backpressure_events, frames_in, frames_rejected;
+};
+
+/* conn.c */
+void cp__conn_start(cp_server *sv, int fd);
+void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user);
+void cp__conn_sweep(cp_server *sv, cp_conn *c, uint16_t now);
+void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort);
+cp__worker *cp__server_worker(cp_server *sv);
+void *cp__server_buf_alloc(cp_server *sv, size_t size, uint32_t *got);
+void cp__server_buf_free(cp_server *sv, void *buf, uint32_t size);
+void cp__server_signal_done(cp_server *sv);
+
+static inline cp_server *cp__conn_server(const cp_conn *c)
+{
+    const cp_io_binding *b = (const cp_io_binding *)c->s.key;
+    return b->user;
+}
+
+#endif
