@@ -21,6 +21,7 @@ typedef struct cp__oplist {
     cp_op *tail;
     unsigned n;
     unsigned flags; /* socket layer bookkeeping (e.g. pool buffers were freed) */
+    cp_op *close_op; /* socket layer: a close completion to queue once its handle is unlocked */
 } cp__oplist;
 
 static inline void cp__oplist_push(cp__oplist *l, cp_op *op)
@@ -38,6 +39,9 @@ static inline void cp__oplist_push(cp__oplist *l, cp_op *op)
 #define CP__OPLIST_POOL_FREED 1u
 
 /* Result of starting an operation in the kernel. */
+/* A step could not go on because the socket is full (transmit engine). */
+#define CP__AGAIN (INT_MIN + 1)
+
 /* The backend will report the result later. Not a possible result: those are byte
  * counts (>= 0, at most INT_MAX per step) or negative errno values (> -4096). */
 #define CP__PENDING INT_MIN
@@ -62,6 +66,16 @@ typedef struct cp__backend {
     /* Pool buffers were given back: refill whatever the kernel draws from. Returns how
      * many buffers the kernel can draw from now (0 if it draws from nothing). May be NULL. */
     uint32_t (*pool_refill)(cp_port *port);
+    /* Pooled receives keep receiving in the background once armed (io_uring multishot): a
+     * plain receive must not be queued behind one. */
+    bool pool_background;
+    /* TransmitFile's file leg: move up to len bytes of file fd from offset to the socket,
+     * updating t->cp__off (file bytes consumed), t->sent (bytes handed to the socket) and
+     * whatever state the leg keeps; returns 0 (progress made: call again), CP__AGAIN (the
+     * socket is full) or a negative errno. Called with the handle's lock held. */
+    int (*file_leg)(cp_handle *h, cp_transmit_op *t, int fd, int64_t offset, uint64_t len);
+    /* A transmit ended (finished, failed or cancelled): release what the leg holds. */
+    void (*transmit_done)(cp_transmit_op *t);
     /* Stop the handle's background pooled receive (io_uring multishot) because the socket
      * holds its share of buffers; its end is reported through cp__io_chunk(more=false).
      * Called with the handle's lock held. */

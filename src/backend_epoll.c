@@ -15,7 +15,11 @@
  */
 #include "handle.h"
 
+#include "cport/file.h"
+
 #include <errno.h>
+#include <pthread.h>
+#include <sys/sendfile.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -39,6 +43,16 @@ typedef struct ep_state {
     cp_op **zops; /* first-data accepts cancelled during the current poll */
     uint32_t nzops, czops;
     struct epoll_event events[MAX_EVENTS]; /* only the poller touches these */
+
+    /* Regular files: epoll cannot wait for them, so reads and writes run on a few
+     * blocking threads (started with the first one). */
+    pthread_mutex_t jobs_lock;
+    pthread_cond_t jobs_cond;
+    cp_file_op *jobs_head, *jobs_tail;
+    pthread_t *job_threads;
+    unsigned njob_threads;
+    bool jobs_stop;
+    cp_port *port;
 } ep_state;
 
 static ep_state *state_of(cp_port *p)
@@ -86,6 +100,9 @@ static int ep_init(cp_port *p, const cp_port_options *opts)
         return err;
     }
     cp__lock_init(&s->lock);
+    pthread_mutex_init(&s->jobs_lock, NULL);
+    pthread_cond_init(&s->jobs_cond, NULL);
+    s->port = p;
     p->be_data = s;
     return 0;
 }
@@ -95,6 +112,15 @@ static void ep_fini(cp_port *p)
     ep_state *s = state_of(p);
     if (!s)
         return;
+    pthread_mutex_lock(&s->jobs_lock);
+    s->jobs_stop = true;
+    pthread_cond_broadcast(&s->jobs_cond);
+    pthread_mutex_unlock(&s->jobs_lock);
+    for (unsigned i = 0; i < s->njob_threads; i++)
+        pthread_join(s->job_threads[i], NULL);
+    free(s->job_threads);
+    pthread_mutex_destroy(&s->jobs_lock);
+    pthread_cond_destroy(&s->jobs_cond);
     close(s->epfd);
     close(s->wakefd);
     free(s->zombies);
@@ -148,11 +174,14 @@ static int ep_poll(cp_port *p, int64_t deadline, cp__oplist *done)
             continue; /* wake-up */
         if (ev->data.u64 & TAG_FIRSTDATA) {
             cp_op *op = (cp_op *)(uintptr_t)(ev->data.u64 & ~(uint64_t)TAG_FIRSTDATA);
+            cp__hb_acquire(op);
             cp__io_firstdata(op, CP__PENDING, done);
             continue;
         }
         uint32_t e = ev->events;
+        cp__hb_acquire(ev->data.ptr);
         cp__io_ready(ev->data.ptr, (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0,
+                     (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0,
                      (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0, done);
     }
 
@@ -180,10 +209,15 @@ static int ep_attach(cp_handle *h)
 {
     ep_state *s = state_of(h->cp__port);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = h};
-    if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, h->fd, &ev) < 0)
+    /* Assume ready: the first attempt finds out, and costs one syscall at most. Set before
+     * the fd is registered: from then on the poller may be in cp__io_ready() for it. */
+    const uint16_t f = CP__H_ATTACHED | CP__H_RD_READY | CP__H_WR_READY;
+    h->cp__flags |= f;
+    cp__hb_release(h);
+    if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, h->fd, &ev) < 0) {
+        h->cp__flags &= (uint16_t)~f;
         return -errno;
-    /* Assume ready: the first attempt finds out, and costs one syscall at most. */
-    h->cp__flags |= CP__H_ATTACHED | CP__H_RD_READY | CP__H_WR_READY;
+    }
     return 0;
 }
 
@@ -231,8 +265,10 @@ static int step_recv(cp_handle *h, cp_op *op)
             n = recv(h->fd, op->u.buf, want, 0);
         }
         if (n >= 0) {
-            if ((size_t)n < want)
-                clear_flag(h, CP__H_RD_READY); /* drained; the next arrival is a new edge */
+            /* Drained; the next arrival is a new edge. Not once the peer's FIN was
+             * reported: its edge is spent, and the end of stream is still to be read. */
+            if ((size_t)n < want && !(h->cp__flags & CP__H_RD_HUP))
+                clear_flag(h, CP__H_RD_READY);
             return (int)n;
         }
         if (errno == EINTR)
@@ -262,7 +298,7 @@ static int step_recv_pool(cp_handle *h, cp_op *op)
         n = recv(h->fd, buf, bp->size, 0);
     while (n < 0 && errno == EINTR);
     if (n > 0) {
-        if ((size_t)n < bp->size)
+        if ((size_t)n < bp->size && !(h->cp__flags & CP__H_RD_HUP))
             clear_flag(h, CP__H_RD_READY);
         op->u.buf = buf;
         return (int)n;
@@ -326,6 +362,7 @@ static int step_firstdata(cp_handle *h, cp_op *op)
         struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLONESHOT,
                                  .data.u64 = (uint64_t)(uintptr_t)op | TAG_FIRSTDATA};
         int ctl = (op->cp__flags & CP__OPF_PHASE) ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+        cp__hb_release(op);
         if (epoll_ctl(s->epfd, ctl, aop->fd, &ev) < 0)
             return -errno;
         if (!(op->cp__flags & CP__OPF_PHASE)) {
@@ -398,10 +435,150 @@ static int step_connect(cp_handle *h, cp_op *op)
     return 0;
 }
 
+/* ---- files: blocking threads ---- */
+
+static void *job_main(void *arg)
+{
+    ep_state *s = arg;
+    pthread_mutex_lock(&s->jobs_lock);
+    for (;;) {
+        while (!s->jobs_head && !s->jobs_stop)
+            pthread_cond_wait(&s->jobs_cond, &s->jobs_lock);
+        if (!s->jobs_head)
+            break;
+        cp_file_op *f = s->jobs_head;
+        s->jobs_head = f->cp__job_next;
+        if (!s->jobs_head)
+            s->jobs_tail = NULL;
+        pthread_mutex_unlock(&s->jobs_lock);
+        cp_op *op = &f->op;
+        int fd = op->cp__h->fd;
+        off_t at = (off_t)(f->offset + op->cp__done);
+        ssize_t n;
+        do {
+            if (op->opcode == CP_OP_READ)
+                n = pread(fd, op->u.buf, op->cp__len, at);
+            else
+                n = pwrite(fd, (char *)op->u.buf + op->cp__done, op->cp__len - op->cp__done, at);
+        } while (n < 0 && errno == EINTR);
+        cp__oplist done = {0};
+        cp__io_done(op, n < 0 ? -errno : (int)n, &done);
+        cp__io_deliver(s->port, &done);
+        pthread_mutex_lock(&s->jobs_lock);
+    }
+    pthread_mutex_unlock(&s->jobs_lock);
+    return NULL;
+}
+
+static int start_file_job(cp_handle *h, cp_op *op)
+{
+    ep_state *s = state_of(h->cp__port);
+    cp_file_op *f = CP_CONTAINER_OF(op, cp_file_op, op);
+    pthread_mutex_lock(&s->jobs_lock);
+    if (!s->job_threads) {
+        unsigned n = h->cp__port->opts.file_threads ? h->cp__port->opts.file_threads : 2;
+        s->job_threads = calloc(n, sizeof(*s->job_threads));
+        for (unsigned i = 0; s->job_threads && i < n; i++)
+            if (pthread_create(&s->job_threads[i], NULL, job_main, s) == 0)
+                s->njob_threads++;
+        if (s->njob_threads == 0) {
+            free(s->job_threads);
+            s->job_threads = NULL;
+            pthread_mutex_unlock(&s->jobs_lock);
+            return -EAGAIN;
+        }
+    }
+    f->cp__job_next = NULL;
+    if (s->jobs_tail)
+        s->jobs_tail->cp__job_next = f;
+    else
+        s->jobs_head = f;
+    s->jobs_tail = f;
+    cp__h_pin(h); /* the job's; cp__io_done drops it */
+    pthread_cond_signal(&s->jobs_cond);
+    pthread_mutex_unlock(&s->jobs_lock);
+    return CP__PENDING;
+}
+
+/* Pull a job back if no thread took it yet. */
+static bool unqueue_file_job(ep_state *s, cp_op *op)
+{
+    cp_file_op *f = CP_CONTAINER_OF(op, cp_file_op, op);
+    bool found = false;
+    pthread_mutex_lock(&s->jobs_lock);
+    cp_file_op *prev = NULL;
+    for (cp_file_op *j = s->jobs_head; j; prev = j, j = j->cp__job_next) {
+        if (j == f) {
+            if (prev)
+                prev->cp__job_next = j->cp__job_next;
+            else
+                s->jobs_head = j->cp__job_next;
+            if (s->jobs_tail == j)
+                s->jobs_tail = prev;
+            found = true;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&s->jobs_lock);
+    return found;
+}
+
+/* ---- transmit and connect-with-data ---- */
+
+static int ep_file_leg(cp_handle *h, cp_transmit_op *t, int fd, int64_t offset, uint64_t len)
+{
+    off_t off = (off_t)offset;
+    ssize_t n = sendfile(h->fd, fd, &off, len > (1u << 30) ? (1u << 30) : (size_t)len);
+    if (n < 0)
+        return errno == EAGAIN ? CP__AGAIN : errno == EINTR ? 0 : -errno;
+    if (n == 0)
+        return -EIO; /* the file ended before the range did */
+    t->cp__off += (uint64_t)n;
+    t->sent += (uint64_t)n;
+    return 0;
+}
+
+static int step_transmit(cp_handle *h, cp_op *op)
+{
+    if (!(h->cp__flags & CP__H_WR_READY))
+        return CP__PENDING;
+    int r = cp__transmit_run(h, CP_CONTAINER_OF(op, cp_transmit_op, op));
+    if (r == CP__AGAIN) {
+        clear_flag(h, CP__H_WR_READY);
+        return CP__PENDING;
+    }
+    return r;
+}
+
+static int step_connect_data(cp_handle *h, cp_op *op)
+{
+    if (!(h->cp__flags & CP__H_WR_READY))
+        return CP__PENDING;
+    cp_connect_op *cop = CP_CONTAINER_OF(op, cp_connect_op, op);
+    for (;;) {
+        ssize_t n = send(h->fd, (const char *)cop->cp__data + op->cp__done,
+                         cop->cp__data_len - op->cp__done, MSG_NOSIGNAL);
+        if (n >= 0)
+            return (int)n;
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN) {
+            clear_flag(h, CP__H_WR_READY);
+            return CP__PENDING;
+        }
+        return -errno;
+    }
+}
+
 static int ep_start(cp_op *op)
 {
     cp_handle *h = op->cp__h;
     switch (op->opcode) {
+    case CP_OP_READ:
+    case CP_OP_WRITE:
+        return start_file_job(h, op);
+    case CP_OP_TRANSMIT:
+        return step_transmit(h, op);
     case CP_OP_RECV:
         return step_recv(h, op);
     case CP_OP_RECV_POOL:
@@ -411,7 +588,7 @@ static int ep_start(cp_op *op)
     case CP_OP_ACCEPT:
         return step_accept(h, op);
     case CP_OP_CONNECT:
-        return step_connect(h, op);
+        return (op->cp__flags & CP__OPF_CONNECTED) ? step_connect_data(h, op) : step_connect(h, op);
     case CP_OP_DISCONNECT:
         return shutdown(h->fd, SHUT_WR) == 0 ? 0 : -errno;
     default:
@@ -421,6 +598,14 @@ static int ep_start(cp_op *op)
 
 static int ep_cancel(cp_op *op)
 {
+    if (op->opcode == CP_OP_READ || op->opcode == CP_OP_WRITE) {
+        /* Not yet taken by a thread: pull it back; else let the thread finish it. */
+        if (unqueue_file_job(state_of(op->cp__h->cp__port), op)) {
+            cp__h_unpin(op->cp__h);
+            return 0;
+        }
+        return CP__PENDING;
+    }
     /* Only a first-data accept is known to the kernel; everything else just waits for
      * readiness and can be detached at once. */
     if (op->opcode != CP_OP_ACCEPT || !(op->cp__flags & CP__OPF_PHASE))
@@ -460,6 +645,8 @@ const cp__backend cp__backend_epoll = {
     .flush = NULL,
     .pool_refill = NULL,
     .pool_stop = ep_pool_stop,
+    .file_leg = ep_file_leg,
+    .transmit_done = NULL,
     .attach = ep_attach,
     .detach = ep_detach,
     .start = ep_start,

@@ -19,7 +19,12 @@
  */
 #include "handle.h"
 
+#include "cport/file.h"
+
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/sendfile.h>
 #include <liburing.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -42,6 +47,7 @@ enum {
     TAG_MASK = 7,
     BUF_GROUP = 0,
     RING_START_BUFFERS = 64,
+    PIPE_BYTES = 64 * 1024,
     CALM_REFILLS = 256,
     REFILL_BATCH = 32,
     MAX_CQES_PER_POLL = 4096,
@@ -61,6 +67,14 @@ typedef struct ur_state {
     uint32_t ring_count;  /* buffers in the kernel's ring (added minus consumed) */
     uint32_t ring_target; /* how many we keep there; doubles when it runs dry */
     uint32_t calm_refills; /* refills since it last ran dry; many in a row halve it */
+
+    /* TransmitFile's pipes (splice file -> pipe -> socket), created on first use. */
+    cp__lock pipe_lock;
+    int (*pipes)[2];
+    uint32_t npipes;    /* created */
+    uint32_t max_pipes;
+    uint32_t *free_pipes; /* stack of free indices */
+    uint32_t nfree_pipes;
 } ur_state;
 
 static ur_state *state_of(cp_port *p)
@@ -100,11 +114,20 @@ static struct io_uring_sqe *get_sqe_locked(ur_state *s)
     return sqe;
 }
 
+static void ur_wake(cp_port *p);
+
 /* Decide whether the SQEs just prepared go to the kernel now (see the file comment). */
 static void submitted_locked(cp_port *p, ur_state *s)
 {
-    if (s->blocking || !cp__port_caller_defers(p))
-        submit_now_locked(s);
+    if (cp__port_caller_defers(p)) {
+        if (s->blocking)
+            submit_now_locked(s);
+    } else if (s->blocking) {
+        /* Not one of the port's threads: it may exit while the request is pending, and the
+         * kernel fails a request whose submitting task is gone (-ECANCELED). The poller
+         * submits it instead. */
+        ur_wake(p);
+    }
 }
 
 static void ur_flush(cp_port *p)
@@ -196,7 +219,7 @@ static uint32_t ring_limit(const cp_port *p)
 static const uint8_t required_ops[] = {
     IORING_OP_ACCEPT, IORING_OP_CONNECT,      IORING_OP_RECV, IORING_OP_SEND,
     IORING_OP_SENDMSG, IORING_OP_READV,       IORING_OP_READ, IORING_OP_WRITE,
-    IORING_OP_SHUTDOWN, IORING_OP_ASYNC_CANCEL, IORING_OP_SPLICE,
+    IORING_OP_SHUTDOWN, IORING_OP_ASYNC_CANCEL, IORING_OP_SPLICE, IORING_OP_POLL_ADD,
 };
 
 static int ur_init(cp_port *p, const cp_port_options *opts)
@@ -206,6 +229,16 @@ static int ur_init(cp_port *p, const cp_port_options *opts)
         return -ENOMEM;
     s->wakefd = -1;
     cp__lock_init(&s->sq_lock);
+    cp__lock_init(&s->pipe_lock);
+    s->max_pipes = opts->max_pipes ? opts->max_pipes : 256;
+    s->pipes = calloc(s->max_pipes, sizeof(*s->pipes));
+    s->free_pipes = calloc(s->max_pipes, sizeof(*s->free_pipes));
+    if (!s->pipes || !s->free_pipes) {
+        free(s->pipes);
+        free(s->free_pipes);
+        free(s);
+        return -ENOMEM;
+    }
     cp__lock_init(&s->br_lock);
     struct io_uring_params params = {0};
     /* Sized apart from the submission queue: multishot receives post completions without
@@ -218,6 +251,8 @@ static int ur_init(cp_port *p, const cp_port_options *opts)
     params.cq_entries = opts->cq_entries;
     int r = io_uring_queue_init_params(opts->ring_entries, &s->ring, &params);
     if (r < 0) {
+        free(s->pipes);
+        free(s->free_pipes);
         free(s);
         return r;
     }
@@ -247,6 +282,8 @@ static int ur_init(cp_port *p, const cp_port_options *opts)
         if (s->wakefd >= 0)
             close(s->wakefd);
         io_uring_queue_exit(&s->ring);
+        free(s->pipes);
+        free(s->free_pipes);
         free(s);
         return r;
     }
@@ -269,6 +306,14 @@ static void ur_fini(cp_port *p)
     if (s->br)
         munmap(s->br, s->br_len);
     close(s->wakefd);
+    for (uint32_t i = 0; i < s->npipes; i++) {
+        if (s->pipes[i][0] >= 0)
+            close(s->pipes[i][0]);
+        if (s->pipes[i][1] >= 0)
+            close(s->pipes[i][1]);
+    }
+    free(s->pipes);
+    free(s->free_pipes);
     free(s);
     p->be_data = NULL;
 }
@@ -286,6 +331,8 @@ static void dispatch(cp_port *p, ur_state *s, struct io_uring_cqe *cqe, cp__opli
 {
     uint64_t ud = cqe->user_data;
     void *ptr = (void *)(uintptr_t)(ud & ~(uint64_t)TAG_MASK);
+    if ((ud & TAG_MASK) == TAG_OP || (ud & TAG_MASK) == TAG_MSHOT)
+        cp__hb_acquire(ptr);
     switch (ud & TAG_MASK) {
     case TAG_OP:
         cp__io_done(ptr, cqe->res, done);
@@ -382,7 +429,10 @@ static int ur_poll(cp_port *p, int64_t deadline, cp__oplist *done)
             io_uring_enter(ring->ring_fd, 0, 0, IORING_ENTER_GETEVENTS, NULL);
         }
     }
-    if (s->ring_count < s->ring_target / 2)
+    cp__lock_acquire(&s->br_lock);
+    bool low = s->ring_count < s->ring_target / 2;
+    cp__lock_release(&s->br_lock);
+    if (low)
         refill_ring(p);
     if (r == -ETIME || r == -EINTR || r == -EBUSY || r == -EAGAIN)
         r = 0;
@@ -456,6 +506,130 @@ static int arm_multishot(cp_handle *h)
     io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)h | TAG_MSHOT);
     h->cp__flags |= CP__H_MSHOT;
     cp__h_pin(h);
+    cp__hb_release(h);
+    submitted_locked(p, s);
+    cp__lock_release(&s->sq_lock);
+    return CP__PENDING;
+}
+
+/* ---- TransmitFile: a bounded pool of pipes ---- */
+
+/* A free pipe's index, creating one if the pool may still grow; -1 if none. */
+static int pipe_get(ur_state *s)
+{
+    int i = -1;
+    cp__lock_acquire(&s->pipe_lock);
+    if (s->nfree_pipes) {
+        i = (int)s->free_pipes[--s->nfree_pipes];
+    } else if (s->npipes < s->max_pipes) {
+        int fds[2];
+        if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) == 0) {
+            fcntl(fds[1], F_SETPIPE_SZ, PIPE_BYTES);
+            i = (int)s->npipes++;
+            s->pipes[i][0] = fds[0];
+            s->pipes[i][1] = fds[1];
+        }
+    }
+    cp__lock_release(&s->pipe_lock);
+    return i;
+}
+
+/* Give a pipe back. One that may still hold bytes (a transmit that failed or was
+ * cancelled) is replaced by a fresh one: its leftovers must never reach another socket. */
+static void pipe_put(ur_state *s, int i, bool dirty)
+{
+    if (dirty) {
+        close(s->pipes[i][0]);
+        close(s->pipes[i][1]);
+        int fds[2];
+        if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0) {
+            s->pipes[i][0] = s->pipes[i][1] = -1;
+            fds[0] = fds[1] = -1;
+        } else {
+            fcntl(fds[1], F_SETPIPE_SZ, PIPE_BYTES);
+        }
+        s->pipes[i][0] = fds[0];
+        s->pipes[i][1] = fds[1];
+        if (fds[0] < 0)
+            return; /* out of descriptors: the slot stays unusable */
+    }
+    cp__lock_acquire(&s->pipe_lock);
+    s->free_pipes[s->nfree_pipes++] = (uint32_t)i;
+    cp__lock_release(&s->pipe_lock);
+}
+
+/* Move file bytes to the socket through the op's pipe: first what the pipe still holds,
+ * then the next chunk of the file. Without a pipe (the pool is exhausted) sendfile. */
+static int ur_file_leg(cp_handle *h, cp_transmit_op *t, int fd, int64_t offset, uint64_t len)
+{
+    ur_state *s = state_of(h->cp__port);
+    if (t->cp__pipe < 0 && t->cp__inpipe == 0)
+        t->cp__pipe = pipe_get(s);
+    if (t->cp__pipe < 0) {
+        off_t off = (off_t)offset;
+        ssize_t n = sendfile(h->fd, fd, &off, len > (1u << 30) ? (1u << 30) : (size_t)len);
+        if (n < 0)
+            return errno == EAGAIN ? CP__AGAIN : errno == EINTR ? 0 : -errno;
+        if (n == 0)
+            return -EIO;
+        t->cp__off += (uint64_t)n;
+        t->sent += (uint64_t)n;
+        return 0;
+    }
+    int pr = s->pipes[t->cp__pipe][0], pw = s->pipes[t->cp__pipe][1];
+    /* More follows if file bytes are left after the pipe's, or a later element holds
+     * bytes (transmit.c caches that in cp__pad: 2 = yes). Never cork the last bytes. */
+    bool more = len > 0 || t->cp__pad == 2;
+    while (t->cp__inpipe > 0) {
+        ssize_t n = splice(pr, NULL, h->fd, NULL, t->cp__inpipe,
+                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK | (more ? SPLICE_F_MORE : 0));
+        if (n < 0)
+            return errno == EAGAIN ? CP__AGAIN : errno == EINTR ? 0 : -errno;
+        t->cp__inpipe -= (uint32_t)n;
+        t->sent += (uint64_t)n;
+    }
+    if (len == 0) {
+        pipe_put(s, t->cp__pipe, false);
+        t->cp__pipe = -1;
+        return 0;
+    }
+    loff_t off = offset;
+    ssize_t n = splice(fd, &off, pw, NULL, len > PIPE_BYTES ? PIPE_BYTES : (size_t)len,
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (n < 0)
+        return errno == EINTR ? 0 : -errno;
+    if (n == 0)
+        return -EIO; /* the file ended before the range did */
+    t->cp__off += (uint64_t)n;
+    t->cp__inpipe = (uint32_t)n;
+    return 0;
+}
+
+static void ur_transmit_done(cp_transmit_op *t)
+{
+    if (t->cp__pipe >= 0) {
+        pipe_put(state_of(t->op.cp__h->cp__port), t->cp__pipe, t->cp__inpipe != 0);
+        t->cp__pipe = -1;
+        t->cp__inpipe = 0;
+    }
+}
+
+/* Wait until the socket is writable: a one-shot poll whose completion means "retry". */
+static int wait_writable(cp_handle *h, cp_op *op)
+{
+    cp_port *p = h->cp__port;
+    ur_state *s = state_of(p);
+    cp__lock_acquire(&s->sq_lock);
+    struct io_uring_sqe *sqe = get_sqe_locked(s);
+    if (!sqe) {
+        cp__lock_release(&s->sq_lock);
+        return -EBUSY;
+    }
+    io_uring_prep_poll_add(sqe, h->fd, POLLOUT);
+    io_uring_sqe_set_data(sqe, op);
+    op->cp__flags |= CP__OPF_POLLWAIT | CP__OPF_INKERNEL;
+    cp__h_pin(h);
+    cp__hb_release(op);
     submitted_locked(p, s);
     cp__lock_release(&s->sq_lock);
     return CP__PENDING;
@@ -466,6 +640,10 @@ static int ur_start(cp_op *op)
     cp_handle *h = op->cp__h;
     if (op->opcode == CP_OP_RECV_POOL)
         return arm_multishot(h);
+    if (op->opcode == CP_OP_TRANSMIT) {
+        int r = cp__transmit_run(h, CP_CONTAINER_OF(op, cp_transmit_op, op));
+        return r == CP__AGAIN ? wait_writable(h, op) : r;
+    }
     cp_port *p = h->cp__port;
     ur_state *s = state_of(p);
     struct iovec tmp[IOV_MAX];
@@ -493,10 +671,12 @@ static int ur_start(cp_op *op)
             memset(&msg, 0, sizeof(msg));
             msg.msg_iov = (struct iovec *)(uintptr_t)iov;
             msg.msg_iovlen = (size_t)cnt;
-            io_uring_prep_sendmsg(sqe, h->fd, &msg, MSG_NOSIGNAL | MSG_WAITALL);
+            io_uring_prep_sendmsg(sqe, h->fd, &msg, MSG_NOSIGNAL);
             now = true;
         } else {
-            /* MSG_WAITALL: the kernel retries a short send itself where it can. */
+            /* No MSG_WAITALL: a short send completes and the socket layer sends the rest.
+             * The kernel may fail a request with -ECANCELED while it waits for room (its
+             * submitter exited, see cp__io_done); it must not have sent a part by then. */
             io_uring_prep_send(sqe, h->fd, (char *)op->u.buf + op->cp__done,
                                op->cp__len - op->cp__done, MSG_NOSIGNAL | MSG_WAITALL);
         }
@@ -513,8 +693,25 @@ static int ur_start(cp_op *op)
         break;
     }
     case CP_OP_CONNECT:
-        io_uring_prep_connect(sqe, h->fd, op->u.buf, op->cp__len);
+        if (op->cp__flags & CP__OPF_CONNECTED) {
+            cp_connect_op *cop = CP_CONTAINER_OF(op, cp_connect_op, op);
+            io_uring_prep_send(sqe, h->fd, (const char *)cop->cp__data + op->cp__done,
+                               cop->cp__data_len - op->cp__done, MSG_NOSIGNAL);
+        } else {
+            io_uring_prep_connect(sqe, h->fd, op->u.buf, op->cp__len);
+        }
         break;
+    case CP_OP_READ: {
+        cp_file_op *f = CP_CONTAINER_OF(op, cp_file_op, op);
+        io_uring_prep_read(sqe, h->fd, op->u.buf, op->cp__len, f->offset);
+        break;
+    }
+    case CP_OP_WRITE: {
+        cp_file_op *f = CP_CONTAINER_OF(op, cp_file_op, op);
+        io_uring_prep_write(sqe, h->fd, (char *)op->u.buf + op->cp__done,
+                            op->cp__len - op->cp__done, f->offset + op->cp__done);
+        break;
+    }
     case CP_OP_DISCONNECT:
         io_uring_prep_shutdown(sqe, h->fd, SHUT_WR);
         break;
@@ -527,6 +724,8 @@ static int ur_start(cp_op *op)
     }
     io_uring_sqe_set_data(sqe, op);
     cp__h_pin(h);
+    op->cp__flags |= CP__OPF_INKERNEL;
+    cp__hb_release(op);
     if (now)
         submit_now_locked(s);
     else
@@ -562,7 +761,10 @@ const cp__backend cp__backend_io_uring = {
     .wake = ur_wake,
     .flush = ur_flush,
     .pool_refill = ur_pool_refill,
+    .pool_background = true,
     .pool_stop = ur_pool_stop,
+    .file_leg = ur_file_leg,
+    .transmit_done = ur_transmit_done,
     .attach = ur_attach,
     .detach = ur_detach,
     .start = ur_start,

@@ -16,11 +16,21 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <linux/sockios.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <unistd.h>
+
+/* Receive slot states (cp__rx_slot.len) when recvs > 1; otherwise its byte count. */
+enum { SLOT_POSTED = INT32_MIN, SLOT_IDLE = INT32_MIN + 1 };
+
+static int post_rx(cp_server *sv, cp_conn *c, cp_op *op);
+static void post_idle_slots(cp_server *sv, cp_conn *c);
+static bool drain_reading(cp_conn *c);
 
 /* ---- the state word ---------------------------------------------------------------------- */
 
@@ -176,14 +186,40 @@ static void issue_close(cp_server *sv, cp_conn *c)
     }
 }
 
-static void cancel_receives(cp_server *sv, cp_conn *c)
+/* Bytes c sent that the peer has not acknowledged yet (0 if unknown). */
+static int unacked(cp_conn *c)
 {
-    if (sv->o.recvs <= 1) {
-        cp_socket_cancel(&c->s, &c->rx);
+    int n = 0;
+    if (ioctl(c->s.fd, SIOCOUTQ, &n) < 0)
+        return 0;
+    return n;
+}
+
+/* A graceful close moves on (any thread). Once every reply is in the kernel: close if the
+ * peer has ended or has acknowledged everything; else send FIN and linger, reading and
+ * dropping what the peer still sends, until it has everything (checked at each tick, see
+ * cp__conn_sweep), ends, or linger_ms pass. Closing a socket with unread input makes the
+ * kernel answer with a reset, which destroys replies still on their way to the peer. */
+static void drain_step(cp_server *sv, cp_conn *c)
+{
+    uint64_t st = st_load(c);
+    if ((st & (CF_CLOSING | CF_DRAIN | CF_CLOSE_ISSUED)) != (CF_CLOSING | CF_DRAIN) ||
+        __atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) != 0)
+        return;
+    if ((st & CF_RX_ENDED) || unacked(c) == 0) {
+        issue_close(sv, c);
         return;
     }
-    for (unsigned i = 0; i < sv->o.recvs; i++)
-        cp_socket_cancel(&c->s, &slot_of(sv, c, i)->op);
+    while (!(st & CF_LINGER)) {
+        uint64_t want = (st & ~CS_TICK_MASK) | CF_LINGER |
+                        ((uint64_t)__atomic_load_n(&sv->tick, __ATOMIC_RELAXED) << CS_TICK_SHIFT &
+                         CS_TICK_MASK);
+        if (__atomic_compare_exchange_n(&c->state, &st, want, true, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST)) {
+            shutdown(c->s.fd, SHUT_WR);
+            break;
+        }
+    }
 }
 
 /* Begin closing (any thread). With drain, the close waits for queued sends; without, they
@@ -214,10 +250,10 @@ static void start_close(cp_server *sv, cp_conn *c, cp_close_reason reason, int e
         issue_close(sv, c);
         return;
     }
-    cancel_receives(sv, c);
-    /* Pairs with the send completion: it lowers `pending`, then reads the flags. */
-    if (__atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) == 0)
-        issue_close(sv, c);
+    /* Receives go on (dropping data) so that the peer's input is consumed; the close
+     * follows the last reply (drain_step). Pairs with the send completion: it lowers
+     * `pending`, then reads the flags. */
+    drain_step(sv, c);
 }
 
 void cp_conn_close(cp_conn *c)
@@ -236,23 +272,83 @@ void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort)
     start_close(sv, c, CP_CLOSE_SHUTDOWN, 0, !abort);
 }
 
+static uint32_t *deadline_of(cp_server *sv, cp_conn *c)
+{
+    return (uint32_t *)((char *)c + sv->off_deadline);
+}
+
+int cp_conn_set_deadline(cp_conn *c, unsigned ms)
+{
+    cp_server *sv = cp__conn_server(c);
+    if (!sv->o.conn_deadlines)
+        return -EINVAL;
+    uint32_t at = 0;
+    if (ms) {
+        uint32_t ticks = (ms + sv->tick_ms - 1) / sv->tick_ms;
+        at = __atomic_load_n(&sv->tick, __ATOMIC_RELAXED) + (ticks ? ticks : 1);
+        if (at == 0)
+            at = 1; /* 0 means "none" */
+    }
+    __atomic_store_n(deadline_of(sv, c), at, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* A timeout fired: the application decides (on_timeout), or the connection is aborted. */
+static void timed_out(cp_server *sv, cp_conn *c, cp_close_reason reason, uint64_t st)
+{
+    __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
+    if (sv->cb.on_timeout && (st & CF_OPEN)) {
+        cp__lock_acquire(&c->lock);
+        if (!(st_load(c) & CF_CLOSING))
+            sv->cb.on_timeout(c, reason);
+        cp__lock_release(&c->lock);
+    } else {
+        start_close(sv, c, reason, 0, false);
+    }
+}
+
 void cp__conn_sweep(cp_server *sv, cp_conn *c, uint16_t now)
 {
     uint64_t st = st_load(c);
     if (st & CF_CLOSING) {
-        /* A close that could not get its op (out of memory) is retried here. */
-        if (!(st & CF_CLOSE_ISSUED) &&
-            (!(st & CF_DRAIN) || __atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) == 0))
-            issue_close(sv, c);
+        if (st & CF_CLOSE_ISSUED)
+            return;
+        if (!(st & CF_DRAIN)) {
+            issue_close(sv, c); /* it could not get its op (out of memory): retry */
+        } else if (!(st & CF_LINGER)) {
+            drain_step(sv, c);
+        } else if ((uint16_t)(now - st_tick(st)) >= sv->linger_ticks) {
+            start_close(sv, c, (cp_close_reason)((st & CF_REASON_MASK) >> CF_REASON_SHIFT), 0,
+                        false); /* lingered long enough: abort */
+        } else if (unacked(c) == 0) {
+            issue_close(sv, c); /* the peer has every reply */
+        } else {
+            /* Keep reading what the peer sends, also where backpressure paused it. */
+            cp__lock_acquire(&c->lock);
+            if (drain_reading(c)) {
+                if (sv->o.recvs > 1) {
+                    post_idle_slots(sv, c);
+                } else if (!(st_or(c, CF_RX_OUT) & CF_RX_OUT)) {
+                    if (post_rx(sv, c, &c->rx) < 0)
+                        st_clear(c, CF_RX_OUT);
+                }
+            }
+            cp__lock_release(&c->lock);
+        }
         return;
     }
     uint16_t idle = (uint16_t)(now - st_tick(st));
     if (sv->hs_ticks && !(st & CF_GOT_DATA) && idle >= sv->hs_ticks) {
-        __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
-        start_close(sv, c, CP_CLOSE_HANDSHAKE_TIMEOUT, 0, false);
+        timed_out(sv, c, CP_CLOSE_HANDSHAKE_TIMEOUT, st);
     } else if (sv->idle_ticks && idle >= sv->idle_ticks) {
-        __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
-        start_close(sv, c, CP_CLOSE_IDLE_TIMEOUT, 0, false);
+        timed_out(sv, c, CP_CLOSE_IDLE_TIMEOUT, st);
+    } else if (sv->o.conn_deadlines) {
+        uint32_t at = __atomic_load_n(deadline_of(sv, c), __ATOMIC_RELAXED);
+        uint32_t full = __atomic_load_n(&sv->tick, __ATOMIC_RELAXED);
+        if (at && (int32_t)(full - at) >= 0) {
+            __atomic_store_n(deadline_of(sv, c), 0, __ATOMIC_RELAXED);
+            timed_out(sv, c, CP_CLOSE_DEADLINE, st);
+        }
     }
 }
 
@@ -353,16 +449,26 @@ static void end_delivery(cp_server *sv, cp__worker *w, cp_op *op)
         op->u.buf = NULL;
 }
 
+/* Whether a graceful close is reading (and dropping) what the peer still sends. */
+static bool drain_reading(cp_conn *c)
+{
+    uint64_t st = st_load(c);
+    return (st & (CF_CLOSING | CF_DRAIN | CF_CLOSE_ISSUED | CF_RX_ENDED)) ==
+           (CF_CLOSING | CF_DRAIN);
+}
+
 /* What a finished receive means for the connection (lock held): data was delivered by the
  * caller; 0 = the peer closed; < 0 = failed. Returns true if receiving may go on. */
 static bool after_receive(cp_server *sv, cp_conn *c, int64_t res)
 {
     if (res > 0)
-        return may_read(sv, c);
+        return drain_reading(c) || may_read(sv, c);
+    st_or(c, CF_RX_ENDED);
     if (res == 0)
         start_close(sv, c, CP_CLOSE_PEER, 0, true); /* reply to what came, then close */
     else if (!(st_load(c) & CF_CLOSING))
         start_close(sv, c, CP_CLOSE_ERROR, (int)res, false);
+    drain_step(sv, c);
     return false;
 }
 
@@ -371,12 +477,15 @@ static void rx_single(cp_server *sv, cp_conn *c, cp_op *op, int64_t res)
     cp__worker *w = cp__server_worker(sv);
     cp__lock_acquire(&c->lock);
     st_clear(c, CF_RX_OUT);
-    if (res > 0) {
+    if (res > 0 && !(st_load(c) & CF_CLOSING)) {
         touch(c, now_tick(sv));
         deliver(sv, c, w, op->u.buf, (size_t)res, sv->o.zero_byte ? BUF_POOL : BUF_SLAB,
                 op->u.buf);
         end_delivery(sv, w, op);
     } else if (sv->o.zero_byte) {
+        /* A closing connection drops data that still arrives: its replies could not go. */
+        if (res > 0 && op->u.buf)
+            cp_buffer_release(sv->port, op->u.buf);
         op->u.buf = NULL;
     }
     if (after_receive(sv, c, res)) {
@@ -389,8 +498,6 @@ static void rx_single(cp_server *sv, cp_conn *c, cp_op *op, int64_t res)
     }
     cp__lock_release(&c->lock);
 }
-
-enum { SLOT_POSTED = INT32_MIN, SLOT_IDLE = INT32_MIN + 1 };
 
 /* Post every idle slot, in sequence order (lock held). */
 static void post_idle_slots(cp_server *sv, cp_conn *c)
@@ -418,8 +525,9 @@ static void rx_multi(cp_server *sv, cp_conn *c, cp_op *op, int64_t res)
     cp__lock_acquire(&c->lock);
     cp__rx_slot *done = CP_CONTAINER_OF(op, cp__rx_slot, op);
     done->len = res < INT32_MIN + 2 ? -EIO : (int32_t)res;
-    /* Deliver every completed receive whose turn has come, in the order posted. */
-    bool go_on = true;
+    /* Deliver every completed receive whose turn has come, in the order posted. Data the
+     * kernel already handed over is delivered even when backpressure pauses reading;
+     * only a closing connection drops it (its replies could not be sent). */
     for (;;) {
         cp__rx_slot *s = NULL;
         for (unsigned i = 0; i < sv->o.recvs && !s; i++) {
@@ -432,19 +540,19 @@ static void rx_multi(cp_server *sv, cp_conn *c, cp_op *op, int64_t res)
         m->next_deliver++;
         int32_t len = s->len;
         s->len = SLOT_IDLE;
-        if (len > 0 && go_on && !(st_load(c) & CF_CLOSING)) {
+        if (len > 0 && !(st_load(c) & CF_CLOSING)) {
             touch(c, now_tick(sv));
             deliver(sv, c, w, s->op.u.buf, (size_t)len,
                     sv->o.zero_byte ? BUF_POOL : BUF_SLAB, s->op.u.buf);
             end_delivery(sv, w, &s->op);
         } else if (sv->o.zero_byte && s->op.u.buf) {
-            cp_buffer_release(sv->port, s->op.u.buf); /* data after an end: dropped */
+            cp_buffer_release(sv->port, s->op.u.buf);
             s->op.u.buf = NULL;
         }
-        if (go_on)
-            go_on = after_receive(sv, c, len);
+        if (len <= 0)
+            after_receive(sv, c, len);
     }
-    if (go_on)
+    if (drain_reading(c) || may_read(sv, c))
         post_idle_slots(sv, c);
     cp__lock_release(&c->lock);
 }
@@ -457,7 +565,9 @@ static void maybe_resume(cp_server *sv, cp_conn *c)
         return;
     cp__lock_acquire(&c->lock);
     uint64_t st = st_load(c);
-    if ((st & CF_PAUSED) && !(st & (CF_CLOSING | CF_STOP_READ))) {
+    /* Look at `pending` again: a delivery may have paused the connection anew meanwhile. */
+    if ((st & CF_PAUSED) && !(st & (CF_CLOSING | CF_STOP_READ)) &&
+        __atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) <= sv->o.max_pending_send / 2) {
         st_clear(c, CF_PAUSED);
         if (sv->o.recvs <= 1) {
             if (!(st & CF_RX_OUT)) {
@@ -580,6 +690,48 @@ int cp_conn_send_data(cp_conn *c, const void *data, size_t len)
     return queue_send(sv, c, x, 1);
 }
 
+int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int64_t offset,
+                      uint64_t len, void *ctx)
+{
+    if (!c || !ctx || fd < 0 || offset < 0 || len == 0 || (head_len && !head) ||
+        head_len > UINT32_MAX)
+        return -EINVAL;
+    cp_server *sv = cp__conn_server(c);
+    if (st_load(c) & CF_CLOSING)
+        return -EPIPE;
+    cp__xmit *x = cp__slab_alloc(&sv->xmits);
+    if (!x)
+        return -ENOMEM;
+    memset(&x->t, 0, sizeof(x->t));
+    x->head = NULL;
+    x->head_size = 0;
+    if (head_len) {
+        x->head = cp__server_buf_alloc(sv, head_len, &x->head_size);
+        if (!x->head) {
+            cp__slab_free(&sv->xmits, x);
+            return -ENOMEM;
+        }
+        memcpy(x->head, head, head_len);
+    }
+    x->len = head_len + len;
+    x->ctx = ctx;
+    op_ref(c);
+    __atomic_add_fetch(&c->pending, (uint32_t)(x->len > UINT32_MAX / 2 ? UINT32_MAX / 2 : x->len),
+                       __ATOMIC_SEQ_CST);
+    int r = cp_socket_transmit_file(&c->s, &x->t, fd, offset, len, x->head, head_len, NULL, 0, 0);
+    if (r < 0) {
+        __atomic_sub_fetch(&c->pending,
+                           (uint32_t)(x->len > UINT32_MAX / 2 ? UINT32_MAX / 2 : x->len),
+                           __ATOMIC_SEQ_CST);
+        if (x->head)
+            cp__server_buf_free(sv, x->head, x->head_size);
+        cp__slab_free(&sv->xmits, x);
+        op_unref(sv, c, 1);
+        return r == -EBADF ? -EPIPE : r;
+    }
+    return 0;
+}
+
 int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *ctx)
 {
     if (!c || !data || len == 0 || !ctx || len > UINT32_MAX)
@@ -591,6 +743,36 @@ int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *ctx)
     x->ctx = ctx;
     x->iov[0] = (struct iovec){(void *)(uintptr_t)data, len};
     return queue_send(sv, c, x, 1);
+}
+
+/* A send of `len` bytes left the queue: close if draining and empty, else resume. */
+static void sent(cp_server *sv, cp_conn *c, uint32_t len, int64_t res)
+{
+    if (res < 0 && res != -ECANCELED)
+        start_close(sv, c, CP_CLOSE_ERROR, (int)res, false);
+    /* Pairs with start_close: it sets DRAIN, then reads `pending`. */
+    uint32_t left = __atomic_sub_fetch(&c->pending, len, __ATOMIC_SEQ_CST);
+    if (left == 0 && (st_load(c) & CF_DRAIN))
+        drain_step(sv, c);
+    else
+        maybe_resume(sv, c);
+}
+
+static void xmit_done(cp_server *sv, cp_conn *c, cp__xmit *x, int64_t res)
+{
+    cp__worker *w = cp__server_worker(sv);
+    if (res > 0)
+        w->bytes_out += (uint64_t)res;
+    if (x->head)
+        cp__server_buf_free(sv, x->head, x->head_size);
+    if (sv->cb.on_sent) {
+        cp__lock_acquire(&c->lock);
+        sv->cb.on_sent(c, x->ctx, res);
+        cp__lock_release(&c->lock);
+    }
+    uint32_t len = (uint32_t)(x->len > UINT32_MAX / 2 ? UINT32_MAX / 2 : x->len);
+    cp__slab_free(&sv->xmits, x);
+    sent(sv, c, len, res);
 }
 
 static void send_done(cp_server *sv, cp_conn *c, cp__send *x, int64_t res)
@@ -609,15 +791,7 @@ static void send_done(cp_server *sv, cp_conn *c, cp__send *x, int64_t res)
     }
     uint32_t len = x->len;
     cp__slab_free(&sv->sends, x);
-    if (res < 0 && res != -ECANCELED)
-        start_close(sv, c, CP_CLOSE_ERROR, (int)res, false);
-    /* Pairs with start_close: it sets DRAIN, then reads `pending`. */
-    uint32_t left = __atomic_sub_fetch(&c->pending, len, __ATOMIC_SEQ_CST);
-    uint64_t st = st_load(c);
-    if (left == 0 && (st & CF_DRAIN))
-        issue_close(sv, c);
-    else
-        maybe_resume(sv, c);
+    sent(sv, c, len, res);
 }
 
 /* ---- dispatch and set-up ---------------------------------------------------------------- */
@@ -641,6 +815,10 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
         send_done(sv, c, CP_CONTAINER_OF(op, cp__send, op), result);
         op_unref(sv, c, 1);
         return;
+    case CP_OP_TRANSMIT:
+        xmit_done(sv, c, CP_CONTAINER_OF(op, cp__xmit, t.op), result);
+        op_unref(sv, c, 1);
+        return;
     case CP_OP_CLOSE:
         cp__slab_free(&sv->sends, CP_CONTAINER_OF(op, cp__send, op));
         op_unref(sv, c, 2); /* its own and the connection's life reference */
@@ -653,14 +831,18 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
 
 void cp__conn_start(cp_server *sv, int fd)
 {
-    uint64_t open = __atomic_load_n(&sv->conns_open, __ATOMIC_RELAXED);
-    if (sv->o.max_conns && open >= sv->o.max_conns) {
+    /* Count it first: several workers accept at once, and a check-then-add would let
+     * each of them pass the limit. */
+    uint64_t open = __atomic_add_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
+    if (sv->o.max_conns && open > sv->o.max_conns) {
+        __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
         close(fd); /* over the limit: refused at once, the others keep full service */
         __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_RELAXED);
         return;
     }
     cp_conn *c = cp__slab_alloc(&sv->conns);
     if (!c) {
+        __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
         close(fd);
         __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_RELAXED);
         return;
@@ -669,6 +851,7 @@ void cp__conn_start(cp_server *sv, int fd)
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     if (cp_pool_associate(sv->pool, &c->s, fd, &sv->conn_binding) < 0) {
+        __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
         close(fd);
         cp__slab_free(&sv->conns, c);
         __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_RELAXED);
@@ -676,7 +859,6 @@ void cp__conn_start(cp_server *sv, int fd)
     }
     /* The life reference, plus one for this set-up. */
     c->state = 2 * CS_OPREF | ((uint64_t)now_tick(sv) << CS_TICK_SHIFT);
-    __atomic_add_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
     if (__atomic_load_n(&sv->stopping, __ATOMIC_SEQ_CST)) {
         start_close(sv, c, CP_CLOSE_SHUTDOWN, 0, false);
         op_unref(sv, c, 1);

@@ -17,6 +17,9 @@ enum {
     CP__H_ERR = 1u << 7,        /* pool receive failed; errno in cp__err */
     CP__H_STARVING = 1u << 8,   /* waiting for a free pool buffer (pinned, on the list) */
     CP__H_ATTACHED = 1u << 9,   /* the backend registered the fd */
+    CP__H_FILE = 1u << 10,      /* a regular file: operations run at once, in parallel */
+    CP__H_RD_HUP = 1u << 11,    /* epoll: the peer's FIN (or an error) was reported; a short
+                                   read no longer means the socket is drained */
 };
 
 /* cp_op.cp__state */
@@ -35,6 +38,11 @@ enum {
     CP__OPF_FIRSTDATA = 1u << 2, /* accept: connection taken, waiting for first data */
     CP__OPF_PHASE = 1u << 3,     /* backend-private step marker (epoll connect) */
     CP__OPF_FAILED = 1u << 4,    /* finished with an error: cp__done holds the errno */
+    CP__OPF_POLLWAIT = 1u << 5,  /* io_uring: waiting for writability; a result = retry */
+    CP__OPF_CONNECTED = 1u << 6, /* connect_ex: connected, sending the first data */
+    CP__OPF_DISCONNECTED = 1u << 7, /* transmit: the final shutdown was done */
+    CP__OPF_WITHDATA = 1u << 8,  /* connect_ex: data follows the connect */
+    CP__OPF_INKERNEL = 1u << 9,  /* a kernel request of it is in flight (io_uring) */
 };
 
 #define CP__NO_BUF 0xffffu
@@ -76,7 +84,7 @@ void cp__io_done(cp_op *op, int res, cp__oplist *done);
 
 /* The handle became ready (epoll): retry the started head operation of the receive and/or
  * send queue. Takes the handle lock. */
-void cp__io_ready(cp_handle *h, bool readable, bool writable, cp__oplist *done);
+void cp__io_ready(cp_handle *h, bool readable, bool hup, bool writable, cp__oplist *done);
 
 /* An accept waiting for its first data (epoll phase 2): with res == CP__PENDING its new
  * socket became readable, so run its step again (unless it is being cancelled); with
@@ -102,6 +110,20 @@ void cp__io_resume(cp_handle *h, cp__oplist *done);
 /* The part of a vector op's iovec array not yet transferred: the caller's own array when
  * nothing moved yet, else a trimmed copy in tmp (IOV_MAX entries). Returns the count. */
 int cp__op_iov(const cp_op *op, struct iovec *tmp, const struct iovec **out);
+
+/* Validate, set up and queue op on queue `which` of h (0 = receive, 1 = send). */
+int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which);
+
+/* True if op is in use (started and not yet dequeued): it must not be touched. */
+static inline bool cp__op_in_use(const cp_op *op)
+{
+    return __atomic_load_n(&op->cp__state, __ATOMIC_RELAXED) != CP__OPS_IDLE;
+}
+
+/* Run a transmit as far as the socket takes it, with the backend's file leg. Returns 0
+ * when everything (and the requested disconnect) is done, CP__AGAIN when the socket is
+ * full, or a negative errno. Handle lock held. (transmit.c) */
+int cp__transmit_run(cp_handle *h, cp_transmit_op *t);
 
 /* Queue what a backend or the socket layer collected, then serve starving handles if
  * buffers were freed. */

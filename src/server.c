@@ -22,7 +22,7 @@ const char *cp_close_reason_name(cp_close_reason r)
 {
     static const char *const names[] = {"peer",         "error",          "local",
                                         "handshake-timeout", "idle-timeout", "bad-frame",
-                                        "shutdown"};
+                                        "shutdown",     "deadline"};
     return (unsigned)r < sizeof(names) / sizeof(names[0]) ? names[r] : "unknown";
 }
 
@@ -51,6 +51,26 @@ void cp__server_buf_free(cp_server *sv, void *buf, uint32_t size)
         }
     }
     free(buf);
+}
+
+/* The frame decoder's assembly buffers come from the same size classes: a frame that
+ * spans receives costs no malloc() in steady state. */
+static void *frame_buf_alloc(void *ctx, size_t size)
+{
+    uint32_t got;
+    return cp__server_buf_alloc(ctx, size, &got);
+}
+
+static void frame_buf_free(void *ctx, void *buf, size_t size)
+{
+    uint32_t cls = (uint32_t)size;
+    for (int i = 0; i < CP__SIZE_CLASSES; i++) {
+        if (size <= size_classes[i]) {
+            cls = size_classes[i];
+            break;
+        }
+    }
+    cp__server_buf_free(ctx, buf, cls);
 }
 
 cp__worker *cp__server_worker(cp_server *sv)
@@ -127,8 +147,10 @@ static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
     sv->accepts_since_tick++;
     if (res >= 0 || res == -ECONNABORTED || res == -EPROTO) {
         /* Connections arrived while no accept was left posted (the seeds' FD_ACCEPT
-         * signal): post more of them. */
-        if (drained && sv->accepts_target < sv->o.accepts_max) {
+         * signal), or more of them within one tick than accepts are posted (a burst the
+         * immediate re-posting hides): post more of them. */
+        if ((drained || sv->accepts_since_tick >= sv->accepts_target) &&
+            sv->accepts_target < sv->o.accepts_max) {
             sv->accepts_target *= 2;
             if (sv->accepts_target > sv->o.accepts_max)
                 sv->accepts_target = sv->o.accepts_max;
@@ -228,6 +250,8 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
         o.backlog = 4096;
     if (o.tick_ms == 0)
         o.tick_ms = 100;
+    if (o.linger_ms == 0)
+        o.linger_ms = 5000;
     if (o.max_pending_send == 0)
         o.max_pending_send = 1 << 20;
     if (o.recv_buffer == 0)
@@ -250,12 +274,18 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
      * timeout stays under half their range. */
     unsigned longest = o.handshake_timeout_ms > o.idle_timeout_ms ? o.handshake_timeout_ms
                                                                   : o.idle_timeout_ms;
+    if (o.linger_ms > longest)
+        longest = o.linger_ms;
     sv->tick_ms = o.tick_ms;
     if (longest / sv->tick_ms >= 16384)
         sv->tick_ms = longest / 16384 + 1;
     sv->hs_ticks = ms_to_ticks(o.handshake_timeout_ms, sv->tick_ms);
     sv->idle_ticks = ms_to_ticks(o.idle_timeout_ms, sv->tick_ms);
-    sv->frame_cfg = (cp_frame_config){.max_frame = o.max_frame};
+    sv->linger_ticks = ms_to_ticks(o.linger_ms, sv->tick_ms);
+    sv->frame_cfg = (cp_frame_config){.max_frame = o.max_frame,
+                                      .alloc = frame_buf_alloc,
+                                      .free = frame_buf_free,
+                                      .alloc_ctx = sv};
 
     /* Connection layout: base, receive slots, frame decoder, user area. */
     size_t off = sizeof(cp_conn);
@@ -265,11 +295,15 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     sv->off_frame = off;
     if (o.framed)
         off += sizeof(cp_frame_decoder);
+    sv->off_deadline = off;
+    if (o.conn_deadlines)
+        off += sizeof(uint32_t);
     off = (off + 15) & ~(size_t)15;
     sv->off_user = off;
     sv->conn_size = off + o.conn_user_size;
     cp__slab_init(&sv->conns, sv->conn_size);
     cp__slab_init(&sv->sends, sizeof(cp__send));
+    cp__slab_init(&sv->xmits, sizeof(cp__xmit));
     cp__slab_init(&sv->holds, sizeof(cp__hold));
     for (int i = 0; i < CP__SIZE_CLASSES; i++)
         cp__slab_init(&sv->bufs[i], size_classes[i]);
@@ -448,6 +482,7 @@ void cp_server_destroy(cp_server *sv)
     }
     cp__slab_fini(&sv->conns);
     cp__slab_fini(&sv->sends);
+    cp__slab_fini(&sv->xmits);
     cp__slab_fini(&sv->holds);
     for (int i = 0; i < CP__SIZE_CLASSES; i++)
         cp__slab_fini(&sv->bufs[i]);
@@ -491,6 +526,7 @@ void cp_server_get_stats(cp_server *sv, cp_server_stats *st)
     st->allocations = __atomic_load_n(&sv->big_allocations, __ATOMIC_RELAXED) +
                       __atomic_load_n(&sv->conns.allocations, __ATOMIC_RELAXED) +
                       __atomic_load_n(&sv->sends.allocations, __ATOMIC_RELAXED) +
+                      __atomic_load_n(&sv->xmits.allocations, __ATOMIC_RELAXED) +
                       __atomic_load_n(&sv->holds.allocations, __ATOMIC_RELAXED);
     for (int i = 0; i < CP__SIZE_CLASSES; i++)
         st->allocations += __atomic_load_n(&sv->bufs[i].allocations, __ATOMIC_RELAXED);

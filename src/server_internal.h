@@ -16,9 +16,10 @@
 /* ---- a connection --------------------------------------------------------------------- */
 
 /* cp_conn.state, one atomic 64-bit word:
- *   bits  0-11  flags (CF_*)
- *   bits 12-27  server tick of the last data received (the close errno once closing)
- *   bits 28-51  operation references: each operation in flight (until its handler is done)
+ *   bits  0-13  flags (CF_*)
+ *   bits 14-29  server tick of the last data received (once closing: the close errno, or
+ *               the tick the lingering close began)
+ *   bits 30-51  operation references: each operation in flight (until its handler is done)
  *               plus one "life" reference dropped when the close completes. When they
  *               reach zero no callback can follow: on_close runs then.
  *   bits 52-63  user references (cp_conn_ref). Memory is freed when both counts are zero
@@ -35,12 +36,14 @@ enum {
     CF_REASON_SHIFT = 8,      /* 3 bits: the cp_close_reason once CF_CLOSING is set */
     CF_REASON_MASK = 7u << 8,
     CF_ONCLOSE_DONE = 1u << 11, /* on_close has run (or will not) */
+    CF_LINGER = 1u << 12,     /* graceful close: replies sent, FIN sent, reading until EOF */
+    CF_RX_ENDED = 1u << 13,   /* a receive reported the end (EOF or an error) */
 };
-#define CS_FLAGS 0xfffull
-#define CS_TICK_SHIFT 12
+#define CS_FLAGS 0x3fffull
+#define CS_TICK_SHIFT 14
 #define CS_TICK_MASK (0xffffull << CS_TICK_SHIFT)
-#define CS_OPREF (1ull << 28)
-#define CS_OPREF_MASK (0xffffffull << 28)
+#define CS_OPREF (1ull << 30)
+#define CS_OPREF_MASK (0x3fffffull << 30)
 #define CS_UREF (1ull << 52)
 #define CS_UREF_MASK (0xfffull << 52)
 
@@ -89,6 +92,15 @@ typedef enum cp__send_kind {
     SEND_CLOSE = 4, /* the op closes the socket */
 } cp__send_kind;
 
+/* A TransmitFile through a connection (its own lookaside: bigger than a send). */
+typedef struct cp__xmit {
+    cp_transmit_op t;
+    void *head;         /* copy of the head, from a size class (or NULL) */
+    uint32_t head_size; /* its allocation size */
+    uint64_t len;       /* head + file bytes, counted in `pending` */
+    void *ctx;
+} cp__xmit;
+
 typedef struct cp__send {
     cp_op op;
     uint32_t len;
@@ -130,10 +142,11 @@ struct cp_server {
     cp_frame_config frame_cfg;
 
     /* Connection layout (see struct cp_conn). */
-    size_t off_multi, off_frame, off_user, conn_size;
+    size_t off_multi, off_frame, off_deadline, off_user, conn_size;
 
     cp__slab conns;
     cp__slab sends;
+    cp__slab xmits;
     cp__slab holds;
     cp__slab bufs[CP__SIZE_CLASSES];
     uint64_t big_allocations; /* atomic: copies too big for a size class */
@@ -157,7 +170,7 @@ struct cp_server {
     /* Timeouts. */
     uint32_t tick;  /* atomic: ticks since start (16 bits of it are kept per connection) */
     unsigned tick_ms;
-    uint32_t hs_ticks, idle_ticks;
+    uint32_t hs_ticks, idle_ticks, linger_ticks;
     cp_timer *ticker;
 
     /* Shutdown. */

@@ -33,6 +33,31 @@ static const cp__backend *be_of(const cp_handle *h)
     return h->cp__port->be;
 }
 
+/* Queue the completions collected so far while h is still locked, so that completions of
+ * one handle reach the port in the order they finished, whichever threads finish them
+ * (lock order: handle, then port). The pool flag stays for cp__io_deliver(). */
+static void flush_locked(cp_handle *h, cp__oplist *done)
+{
+    if (!done->head)
+        return;
+    cp__port_complete_list(h->cp__port, done);
+    done->head = done->tail = NULL;
+    done->n = 0;
+}
+
+/* Unlock h after queueing what it finished. A close completion goes on the list only now:
+ * once it is dequeued the handle's memory is the user's, so it must not be queued while
+ * this thread still holds the handle's lock. Nothing of h can complete after it. */
+static void unlock_flush(cp_handle *h, cp__oplist *done)
+{
+    flush_locked(h, done);
+    cp_op *cop = done->close_op;
+    done->close_op = NULL;
+    cp__h_unlock(h);
+    if (cop)
+        cp__oplist_push(done, cop);
+}
+
 /* ---- queues --------------------------------------------------------------------------- */
 
 static void queue_append(cp_op **q, cp_op *op)
@@ -52,6 +77,14 @@ static bool queue_remove(cp_op **q, cp_op *op)
             return true;
         }
     }
+    return false;
+}
+
+static bool has_opcode(const cp_op *q, uint8_t opcode)
+{
+    for (; q; q = q->cp__next)
+        if (q->opcode == opcode)
+            return true;
     return false;
 }
 
@@ -87,6 +120,8 @@ static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
     }
     if (res == -ECANCELED && (op->cp__flags & CP__OPF_TIMEDOUT))
         res = -ETIMEDOUT;
+    if (op->opcode == CP_OP_TRANSMIT && be_of(h)->transmit_done)
+        be_of(h)->transmit_done(CP_CONTAINER_OF(op, cp_transmit_op, op));
     if (res < 0 && op->opcode == CP_OP_ACCEPT) {
         cp_accept_op *aop = accept_of(op);
         if (aop->fd >= 0)
@@ -97,7 +132,7 @@ static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
         op->cp__done = (uint32_t)-res;
         op->cp__flags |= CP__OPF_FAILED;
     }
-    op->cp__state = CP__OPS_DONE;
+    __atomic_store_n(&op->cp__state, CP__OPS_DONE, __ATOMIC_RELAXED);
     cp__oplist_push(done, op);
 }
 
@@ -111,11 +146,59 @@ static uint32_t op_total(const cp_op *op)
  * status), false when the backend must run another step. */
 static bool step_locked(cp_handle *h, cp_op *op, int r, int *res)
 {
+    if (op->cp__flags & CP__OPF_POLLWAIT) {
+        /* The result of a wait for writability (io_uring): an event mask, not bytes. */
+        op->cp__flags &= (uint16_t)~CP__OPF_POLLWAIT;
+        if (r >= 0) {
+            if (op->cp__state == CP__OPS_CANCELING) {
+                *res = -ECANCELED;
+                return true;
+            }
+            return false;
+        }
+    }
     if (r < 0) {
         *res = r;
         return true;
     }
     switch (op->opcode) {
+    case CP_OP_TRANSMIT:
+        *res = 0; /* the engine returns 0 only when everything went out */
+        return true;
+    case CP_OP_WRITE:
+        if (r == 0 && op->cp__done < op->cp__len) {
+            *res = -EIO;
+            return true;
+        }
+        op->cp__done += (uint32_t)r;
+        if (op->cp__done >= op->cp__len) {
+            *res = 0;
+            return true;
+        }
+        break;
+    case CP_OP_CONNECT: {
+        cp_connect_op *cop = CP_CONTAINER_OF(op, cp_connect_op, op);
+        if (!(op->cp__flags & CP__OPF_CONNECTED)) {
+            if (!(op->cp__flags & CP__OPF_WITHDATA) || cop->cp__data_len == 0) {
+                op->cp__done = 0;
+                *res = 0;
+                return true;
+            }
+            op->cp__flags |= CP__OPF_CONNECTED; /* now send the first data */
+            op->cp__done = 0;
+            break;
+        }
+        if (r == 0) {
+            *res = -EIO;
+            return true;
+        }
+        op->cp__done += (uint32_t)r;
+        if (op->cp__done >= cop->cp__data_len) {
+            *res = 0;
+            return true;
+        }
+        break;
+    }
     case CP_OP_SEND:
         if (r == 0 && op->cp__done < op_total(op)) {
             *res = -EIO; /* the kernel accepted nothing without an error: do not spin */
@@ -191,12 +274,27 @@ static void advance_locked(cp_handle *h, cp_op *op, int r, cp__oplist *done)
     }
 }
 
-/* Start queued ops at the head of q until one is left pending in the kernel. */
+/* Start queued ops at the head of q until one is left pending in the kernel. A file's
+ * operations all start at once: positional I/O has no stream order to keep. */
 static void kick_locked(cp_handle *h, cp_op **q, cp__oplist *done)
 {
     cp_op *op;
+    if (h->cp__flags & CP__H_FILE) {
+        for (bool again = true; again;) {
+            again = false;
+            for (op = *q; op; op = op->cp__next) {
+                if (op->cp__state == CP__OPS_QUEUED) {
+                    __atomic_store_n(&op->cp__state, CP__OPS_STARTED, __ATOMIC_RELAXED);
+                    advance_locked(h, op, start_step_locked(h, op), done);
+                    again = true; /* the queue may have changed: walk it again */
+                    break;
+                }
+            }
+        }
+        return;
+    }
     while ((op = *q) && op->cp__state == CP__OPS_QUEUED) {
-        op->cp__state = CP__OPS_STARTED;
+        __atomic_store_n(&op->cp__state, CP__OPS_STARTED, __ATOMIC_RELAXED);
         advance_locked(h, op, start_step_locked(h, op), done);
     }
 }
@@ -206,7 +304,8 @@ static void kick_locked(cp_handle *h, cp_op **q, cp__oplist *done)
 static void retry_locked(cp_handle *h, cp_op **q, cp__oplist *done)
 {
     cp_op *op = *q;
-    if (op && op->cp__state == CP__OPS_STARTED && !(op->cp__flags & CP__OPF_FIRSTDATA))
+    if (op && op->cp__state == CP__OPS_STARTED &&
+        !(op->cp__flags & (CP__OPF_FIRSTDATA | CP__OPF_INKERNEL)))
         advance_locked(h, op, start_step_locked(h, op), done);
     kick_locked(h, q, done);
 }
@@ -219,7 +318,7 @@ static int cancel_locked(cp_handle *h, cp_op *op, cp__oplist *done)
         return 0;
     case CP__OPS_STARTED:
         if (be_of(h)->cancel(op) == CP__PENDING) {
-            op->cp__state = CP__OPS_CANCELING;
+            __atomic_store_n(&op->cp__state, CP__OPS_CANCELING, __ATOMIC_RELAXED);
             return 0;
         }
         finish_locked(h, op, -ECANCELED, done);
@@ -265,8 +364,8 @@ static void maybe_finish_close_locked(cp_handle *h, cp__oplist *done)
     cp__port_handle_removed(p);
     cp_op *cop = h->cp__aux;
     cop->cp__done = 0;
-    cop->cp__state = CP__OPS_DONE;
-    cp__oplist_push(done, cop);
+    __atomic_store_n(&cop->cp__state, CP__OPS_DONE, __ATOMIC_RELAXED);
+    done->close_op = cop;
 }
 
 /* ---- entry points for backends ---------------------------------------------------------- */
@@ -276,16 +375,27 @@ void cp__io_done(cp_op *op, int res, cp__oplist *done)
     cp_handle *h = op->cp__h;
     cp__h_lock(h);
     cp__h_unpin(h);
+    op->cp__flags &= (uint16_t)~CP__OPF_INKERNEL;
+    if (res == -ECANCELED && op->cp__state == CP__OPS_STARTED && op->opcode != CP_OP_CONNECT &&
+        !(h->cp__flags & CP__H_CLOSING)) {
+        /* Nobody asked for this cancel: io_uring fails a waiting request whose submitting
+         * thread has exited. Nothing was transferred (a partial transfer completes with
+         * its count): start it again from this thread. (A connect cannot be restarted.) */
+        op->cp__flags &= (uint16_t)~CP__OPF_POLLWAIT;
+        res = start_step_locked(h, op);
+    }
     advance_locked(h, op, res, done);
     kick_locked(h, &h->cp__rq, done);
     kick_locked(h, &h->cp__sq, done);
     maybe_finish_close_locked(h, done);
-    cp__h_unlock(h);
+    unlock_flush(h, done);
 }
 
-void cp__io_ready(cp_handle *h, bool readable, bool writable, cp__oplist *done)
+void cp__io_ready(cp_handle *h, bool readable, bool hup, bool writable, cp__oplist *done)
 {
     cp__h_lock(h);
+    if (hup)
+        h->cp__flags |= CP__H_RD_HUP; /* sticky: that edge does not come again */
     if (readable) {
         h->cp__flags |= CP__H_RD_READY;
         retry_locked(h, &h->cp__rq, done);
@@ -294,7 +404,7 @@ void cp__io_ready(cp_handle *h, bool readable, bool writable, cp__oplist *done)
         h->cp__flags |= CP__H_WR_READY;
         retry_locked(h, &h->cp__sq, done);
     }
-    cp__h_unlock(h);
+    unlock_flush(h, done);
 }
 
 void cp__io_firstdata(cp_op *op, int res, cp__oplist *done)
@@ -309,7 +419,7 @@ void cp__io_firstdata(cp_op *op, int res, cp__oplist *done)
         finish_locked(h, op, res, done);
     }
     maybe_finish_close_locked(h, done);
-    cp__h_unlock(h);
+    unlock_flush(h, done);
 }
 
 void cp__io_chunk(cp_handle *h, int res, uint16_t bufid, bool more, cp__oplist *done)
@@ -346,7 +456,7 @@ void cp__io_chunk(cp_handle *h, int res, uint16_t bufid, bool more, cp__oplist *
     if (!(h->cp__flags & CP__H_CLOSING))
         retry_locked(h, &h->cp__rq, done);
     maybe_finish_close_locked(h, done);
-    cp__h_unlock(h);
+    unlock_flush(h, done);
 }
 
 void cp__io_unpin(cp_handle *h, cp__oplist *done)
@@ -354,7 +464,7 @@ void cp__io_unpin(cp_handle *h, cp__oplist *done)
     cp__h_lock(h);
     cp__h_unpin(h);
     maybe_finish_close_locked(h, done);
-    cp__h_unlock(h);
+    unlock_flush(h, done);
 }
 
 void cp__io_resume(cp_handle *h, cp__oplist *done)
@@ -365,7 +475,7 @@ void cp__io_resume(cp_handle *h, cp__oplist *done)
     if (!(h->cp__flags & CP__H_CLOSING))
         retry_locked(h, &h->cp__rq, done);
     maybe_finish_close_locked(h, done);
-    cp__h_unlock(h);
+    unlock_flush(h, done);
 }
 
 void cp__io_serve_starving(cp_port *p)
@@ -386,7 +496,7 @@ void cp__io_serve_starving(cp_port *p)
 void cp__io_deliver(cp_port *p, cp__oplist *done)
 {
     if (done->head)
-        cp__port_complete_from_caller(p, done);
+        cp__port_complete_list(p, done);
     if (done->flags & OPLIST_POOL_FREED)
         cp__io_serve_starving(p);
 }
@@ -438,8 +548,13 @@ void cp__op_to_completion(cp_op *op, cp_completion *c)
 {
     c->op = op;
     c->key = op->cp__h->key;
-    c->result = (op->cp__flags & CP__OPF_FAILED) ? -(int64_t)op->cp__done : (int64_t)op->cp__done;
-    op->cp__state = CP__OPS_IDLE;
+    if (op->cp__flags & CP__OPF_FAILED)
+        c->result = -(int64_t)op->cp__done;
+    else if (op->opcode == CP_OP_TRANSMIT)
+        c->result = (int64_t)CP_CONTAINER_OF(op, cp_transmit_op, op)->sent;
+    else
+        c->result = (int64_t)op->cp__done;
+    __atomic_store_n(&op->cp__state, CP__OPS_IDLE, __ATOMIC_RELAXED);
 }
 
 int64_t cp__io_next_deadline(cp_port *p)
@@ -492,7 +607,7 @@ void cp__io_expire(cp_port *p, int64_t now)
             }
             cp__h_unpin(h);
             maybe_finish_close_locked(h, &done);
-            cp__h_unlock(h);
+            unlock_flush(h, &done);
         }
         cp__io_deliver(p, &done);
         if (n < MAX_EXPIRE_BATCH)
@@ -526,14 +641,7 @@ int cp_socket_associate(cp_socket *s, cp_port *port, int fd, uintptr_t key)
     return 0;
 }
 
-/* An op still in use (started and not yet dequeued) must not be touched at all. */
-static bool op_in_use(const cp_op *op)
-{
-    return __atomic_load_n(&op->cp__state, __ATOMIC_RELAXED) != CP__OPS_IDLE;
-}
-
-/* Validate, set up and queue op on queue `which` of h (0 = receive, 1 = send). */
-static int submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
+int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
 {
     if (!h || !op || !h->cp__port)
         return -EINVAL;
@@ -549,7 +657,9 @@ static int submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
         cp__h_unlock(h);
         return -EBADF;
     }
-    if (opcode == CP_OP_RECV && (h->cp__nstash || (h->cp__flags & CP__H_MSHOT))) {
+    if (opcode == CP_OP_RECV &&
+        (h->cp__nstash || (h->cp__flags & CP__H_MSHOT) ||
+         (be_of(h)->pool_background && has_opcode(h->cp__rq, CP_OP_RECV_POOL)))) {
         cp__h_unlock(h);
         return -EBUSY; /* data already flows into pool buffers for this socket */
     }
@@ -565,14 +675,16 @@ static int submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
         }
         cp__h_pin(h); /* the heap entry's */
     }
-    op->cp__state = CP__OPS_QUEUED;
+    /* Read now: once its completion is queued the op may be another thread's. */
+    bool timed = op->timeout_ms != 0;
+    __atomic_store_n(&op->cp__state, CP__OPS_QUEUED, __ATOMIC_RELAXED);
     cp_op **q = which ? &h->cp__sq : &h->cp__rq;
     queue_append(q, op);
     kick_locked(h, q, &done);
-    cp__h_unlock(h);
+    unlock_flush(h, &done);
     cp__io_deliver(p, &done);
     /* A timed op may now be the earliest deadline: make sure the poller sees it. */
-    if (op->timeout_ms && cp__port_polling(p))
+    if (timed && cp__port_polling(p))
         p->be->wake(p);
     return 0;
 }
@@ -581,38 +693,53 @@ int cp_socket_accept(cp_socket *listener, cp_accept_op *aop, void *buf, size_t l
 {
     if (!aop || len > UINT32_MAX || (len && !buf))
         return -EINVAL;
-    if (op_in_use(&aop->op))
+    if (cp__op_in_use(&aop->op))
         return -EBUSY;
     aop->fd = -1;
     aop->addrlen = sizeof(aop->addr);
     aop->op.u.buf = buf;
     aop->op.cp__len = (uint32_t)len;
     aop->op.cp__flags = 0;
-    return submit(listener, &aop->op, CP_OP_ACCEPT, 0);
+    return cp__submit(listener, &aop->op, CP_OP_ACCEPT, 0);
 }
 
 int cp_socket_connect(cp_socket *s, cp_op *op, const struct sockaddr *addr, socklen_t addrlen)
 {
     if (!op || !addr || addrlen == 0)
         return -EINVAL;
-    if (op_in_use(op))
+    if (cp__op_in_use(op))
         return -EBUSY;
     op->u.buf = (void *)(uintptr_t)addr;
     op->cp__len = addrlen;
     op->cp__flags = 0;
-    return submit(s, op, CP_OP_CONNECT, 1);
+    return cp__submit(s, op, CP_OP_CONNECT, 1);
+}
+
+int cp_socket_connect_ex(cp_socket *s, cp_connect_op *cop, const struct sockaddr *addr,
+                         socklen_t addrlen, const void *data, size_t len)
+{
+    if (!cop || !addr || addrlen == 0 || (len && !data) || len > UINT32_MAX)
+        return -EINVAL;
+    if (cp__op_in_use(&cop->op))
+        return -EBUSY;
+    cop->op.u.buf = (void *)(uintptr_t)addr;
+    cop->op.cp__len = addrlen;
+    cop->op.cp__flags = CP__OPF_WITHDATA;
+    cop->cp__data = data;
+    cop->cp__data_len = (uint32_t)len;
+    return cp__submit(s, &cop->op, CP_OP_CONNECT, 1);
 }
 
 int cp_socket_recv(cp_socket *s, cp_op *op, void *buf, size_t len)
 {
     if (!op || !buf || len == 0 || len > UINT32_MAX)
         return -EINVAL;
-    if (op_in_use(op))
+    if (cp__op_in_use(op))
         return -EBUSY;
     op->u.buf = buf;
     op->cp__len = (uint32_t)len;
     op->cp__flags = 0;
-    return submit(s, op, CP_OP_RECV, 0);
+    return cp__submit(s, op, CP_OP_RECV, 0);
 }
 
 static int iov_total(const struct iovec *iov, int iovcnt, uint32_t *total)
@@ -637,37 +764,37 @@ int cp_socket_recvv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt
     int r = op ? iov_total(iov, iovcnt, &total) : -EINVAL;
     if (r < 0)
         return r;
-    if (op_in_use(op))
+    if (cp__op_in_use(op))
         return -EBUSY;
     op->u.iov = iov;
     op->cp__len = total;
     op->cp__aux = (uint16_t)iovcnt;
     op->cp__flags = CP__OPF_VEC;
-    return submit(s, op, CP_OP_RECV, 0);
+    return cp__submit(s, op, CP_OP_RECV, 0);
 }
 
 int cp_socket_recv_pooled(cp_socket *s, cp_op *op)
 {
     if (!op)
         return -EINVAL;
-    if (op_in_use(op))
+    if (cp__op_in_use(op))
         return -EBUSY;
     op->u.buf = NULL;
     op->cp__len = s && s->cp__port ? s->cp__port->pool.size : 0;
     op->cp__flags = 0;
-    return submit(s, op, CP_OP_RECV_POOL, 0);
+    return cp__submit(s, op, CP_OP_RECV_POOL, 0);
 }
 
 int cp_socket_send(cp_socket *s, cp_op *op, const void *buf, size_t len)
 {
     if (!op || !buf || len == 0 || len > UINT32_MAX)
         return -EINVAL;
-    if (op_in_use(op))
+    if (cp__op_in_use(op))
         return -EBUSY;
     op->u.buf = (void *)(uintptr_t)buf;
     op->cp__len = (uint32_t)len;
     op->cp__flags = 0;
-    return submit(s, op, CP_OP_SEND, 1);
+    return cp__submit(s, op, CP_OP_SEND, 1);
 }
 
 int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt)
@@ -676,25 +803,25 @@ int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt
     int r = op ? iov_total(iov, iovcnt, &total) : -EINVAL;
     if (r < 0)
         return r;
-    if (op_in_use(op))
+    if (cp__op_in_use(op))
         return -EBUSY;
     op->u.iov = iov;
     op->cp__len = total;
     op->cp__aux = (uint16_t)iovcnt;
     op->cp__flags = CP__OPF_VEC;
-    return submit(s, op, CP_OP_SEND, 1);
+    return cp__submit(s, op, CP_OP_SEND, 1);
 }
 
 int cp_socket_disconnect(cp_socket *s, cp_op *op)
 {
     if (!op)
         return -EINVAL;
-    if (op_in_use(op))
+    if (cp__op_in_use(op))
         return -EBUSY;
     op->u.buf = NULL;
     op->cp__len = 0;
     op->cp__flags = 0;
-    return submit(s, op, CP_OP_DISCONNECT, 1);
+    return cp__submit(s, op, CP_OP_DISCONNECT, 1);
 }
 
 int cp_socket_cancel(cp_socket *h, cp_op *op)
@@ -711,7 +838,7 @@ int cp_socket_cancel(cp_socket *h, cp_op *op)
         kick_locked(h, &h->cp__rq, &done);
         kick_locked(h, &h->cp__sq, &done);
     }
-    cp__h_unlock(h);
+    unlock_flush(h, &done);
     cp__io_deliver(h->cp__port, &done);
     return r;
 }
@@ -724,7 +851,7 @@ int cp_socket_cancel_all(cp_socket *h)
     cp__oplist done = {0};
     cp__h_lock(h);
     int n = cancel_all_locked(h, &done);
-    cp__h_unlock(h);
+    unlock_flush(h, &done);
     cp__io_deliver(p, &done);
     return n;
 }
@@ -733,7 +860,7 @@ int cp_socket_close(cp_socket *h, cp_op *op)
 {
     if (!h || !op || !h->cp__port)
         return -EINVAL;
-    if (op_in_use(op))
+    if (cp__op_in_use(op))
         return -EBUSY;
     cp_port *p = h->cp__port;
     cp__oplist done = {0};
@@ -747,7 +874,7 @@ int cp_socket_close(cp_socket *h, cp_op *op)
     op->cp__h = h;
     op->cp__next = NULL;
     op->cp__flags = 0;
-    op->cp__state = CP__OPS_STARTED;
+    __atomic_store_n(&op->cp__state, CP__OPS_STARTED, __ATOMIC_RELAXED);
     h->cp__aux = op;
     cancel_all_locked(h, &done);
     if ((h->cp__flags & CP__H_STARVING) && cp__bufpool_unstarve(&p->pool, h)) {
@@ -756,7 +883,7 @@ int cp_socket_close(cp_socket *h, cp_op *op)
     }
     be_of(h)->detach(h);
     maybe_finish_close_locked(h, &done);
-    cp__h_unlock(h);
+    unlock_flush(h, &done);
     cp__io_deliver(p, &done);
     return 0;
 }

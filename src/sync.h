@@ -25,6 +25,25 @@ static inline void cp__cpu_relax(void)
 #endif
 }
 
+/* ThreadSanitizer cannot see the ordering the kernel provides between registering a handle
+ * or submitting a request and the poller getting it back (epoll_wait, a CQE): tell it. A
+ * release before the kernel learns of the pointer, an acquire once the poller got it. */
+#if defined(__SANITIZE_THREAD__)
+#define CP__TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define CP__TSAN 1
+#endif
+#endif
+#ifdef CP__TSAN
+#include <sanitizer/tsan_interface.h>
+#define cp__hb_release(p) __tsan_release((void *)(p))
+#define cp__hb_acquire(p) __tsan_acquire((void *)(p))
+#else
+#define cp__hb_release(p) ((void)0)
+#define cp__hb_acquire(p) ((void)0)
+#endif
+
 /* Monotonic clock in nanoseconds. */
 static inline int64_t cp__now_ns(void)
 {

@@ -36,12 +36,13 @@
 #include <unistd.h>
 
 enum {
-    START_MS = 20000,    /* server start-up (sanitizer builds start slowly) */
-    STOP_MS = 60000,     /* server shutdown after SIGTERM/SIGINT */
-    BENCH_MS = 120000,   /* one cport-bench run, start to exit */
-    IO_MS = 30000,       /* one client exchange */
-    MAX_CHILDREN = 32,   /* processes alive at once */
-    TEXT_CAP = 64 * 1024 /* captured output kept per read */
+    START_MS = 20000,        /* server start-up (sanitizer builds start slowly) */
+    STOP_MS = 60000,         /* server shutdown after SIGTERM/SIGINT */
+    BENCH_MS = 120000,       /* one cport-bench run, start to exit */
+    IO_MS = 30000,           /* one client exchange */
+    CLOSE_AT_ONCE_MS = 3000, /* "closed at once": far below any timeout a server might use */
+    MAX_CHILDREN = 32,       /* processes alive at once */
+    TEXT_CAP = 64 * 1024     /* captured output kept per read */
 };
 
 /* ---- children: registry and clean-up ------------------------------------------------------ */
@@ -73,8 +74,15 @@ static void stop_children(void)
     if (getpid() != owner)
         return;
     for (int i = 0; i < MAX_CHILDREN; i++) {
-        if (children[i].pid > 0)
-            kill(children[i].pid, SIGTERM);
+        pid_t pid = children[i].pid;
+        int st;
+        if (pid > 0 && waitpid(pid, &st, WNOHANG) == pid) {
+            children[i].pid = 0;
+            fprintf(stderr, "clean-up: child %d had exited already (status 0x%x)\n", (int)pid, st);
+            dump_tail(pid, children[i].err);
+        } else if (pid > 0) {
+            kill(pid, SIGTERM);
+        }
     }
     for (int i = 0; i < MAX_CHILDREN; i++) {
         pid_t pid = children[i].pid;
@@ -249,8 +257,8 @@ static long fd_count(pid_t pid)
     return n;
 }
 
-/* Resident memory of a process in KiB. */
-static long rss_kb(pid_t pid)
+/* A memory figure of a process in KiB from /proc/PID/status ("VmRSS", "VmData"). */
+static long status_kb(pid_t pid, const char *field)
 {
     char path[64], buf[4096];
     snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
@@ -260,24 +268,11 @@ static long rss_kb(pid_t pid)
     close(fd);
     CHECK(n > 0);
     buf[n] = 0;
-    const char *p = strstr(buf, "\nVmRSS:");
+    char key[32];
+    snprintf(key, sizeof key, "\n%s:", field);
+    const char *p = strstr(buf, key);
     CHECK(p != NULL);
-    return strtol(p + 7, NULL, 10);
-}
-
-/* Waits (deadline) until the process holds exactly `want` descriptors. */
-static void wait_fd_count(pid_t pid, long want, int timeout_ms)
-{
-    int64_t deadline = cpt_now_ms() + timeout_ms;
-    long n;
-    while ((n = fd_count(pid)) != want) {
-        if (cpt_now_ms() > deadline) {
-            fprintf(stderr, "process %d holds %ld descriptors, expected %ld (after %d ms)\n",
-                    (int)pid, n, want, timeout_ms);
-            CHECK(n == want);
-        }
-        usleep(2000);
-    }
+    return strtol(p + strlen(key), NULL, 10);
 }
 
 /* Forks and execs argv with stdout/stderr to the given fds; `pre` runs in the child first
@@ -432,9 +427,43 @@ static void server_reap(server *s, int sig)
     CHECK_EQ(s->closed, s->accepted); /* every connection closed before the exit */
 }
 
+/* The server must still be running: it exits only when the test stops it. */
+static void server_check_alive(const server *s)
+{
+    int st;
+    CHECK(s->pid > 0);
+    if (!child_exited(s->pid, &st))
+        return;
+    dump("cport-echo stdout", s->out);
+    dump("cport-echo stderr", s->err);
+    fprintf(stderr, "cport-echo (pid %d) exited before the test stopped it: status 0x%x%s\n",
+            (int)s->pid, st,
+            WIFEXITED(st) && WEXITSTATUS(st) == 0 ? " (a stop signal from outside this test?)"
+                                                  : "");
+    CHECK(!"server still running");
+}
+
+/* Waits (deadline) until the server holds exactly `want` descriptors. */
+static void wait_fd_count(const server *s, long want, int timeout_ms)
+{
+    int64_t deadline = cpt_now_ms() + timeout_ms;
+    for (;;) {
+        server_check_alive(s);
+        long n = fd_count(s->pid);
+        if (n == want)
+            return;
+        if (cpt_now_ms() > deadline) {
+            fprintf(stderr, "cport-echo holds %ld descriptors, expected %ld (after %d ms)\n", n,
+                    want, timeout_ms);
+            CHECK(n == want);
+        }
+        usleep(2000);
+    }
+}
+
 static void server_signal(server *s, int sig)
 {
-    CHECK(s->pid > 0);
+    server_check_alive(s);
     CHECK_EQ(kill(s->pid, sig), 0);
 }
 
@@ -551,8 +580,10 @@ static double bench_result(const bench *b, const char *key)
 }
 
 /* A finished echo run that verified everything. */
-static void bench_check_echo(const bench *b, int conns)
+static void bench_check_echo(const bench *b, const server *s, int conns)
 {
+    if (b->status != 0)
+        server_check_alive(s); /* a server that died explains every error at once */
     CHECK_EQ(b->status, 0);
     CHECK_EQ(bench_result(b, "errors"), 0);
     CHECK_EQ(bench_result(b, "verify_errors"), 0);
@@ -569,7 +600,7 @@ static void echo_run(const server *s, int conns, const char *size, int depth, co
     bench_start(&b, s, "echo", "-c", fmt("%d", conns), "-s", size, "-d", fmt("%d", depth), "-T",
                 dur, "-w", "0", "-t", fmt("%d", threads), NULL);
     bench_wait(&b);
-    bench_check_echo(&b, conns);
+    bench_check_echo(&b, s, conns);
 }
 
 /* ---- raw clients ---------------------------------------------------------------------------- */
@@ -1216,10 +1247,10 @@ TEST(peer_reset_mid_stream)
         exchange(fd, 1 << 20, 7, EX_FULL);
         close(fd);
         bench_interrupt(&b);
-        bench_check_echo(&b, 8);
+        bench_check_echo(&b, &s, 8);
         CHECK(bench_result(&b, "msgs") > 0);
         /* Every reset connection was closed and freed by the server. */
-        wait_fd_count(s.pid, base_fds, IO_MS);
+        wait_fd_count(&s, base_fds, IO_MS);
         server_stop(&s);
         CHECK_EQ(s.accepted, 8 + 1 + 3 * (uint64_t)rounds);
     }
@@ -1244,7 +1275,7 @@ TEST(half_close_mid_stream)
             }
         }
         /* The server closed its side of every one. */
-        wait_fd_count(s.pid, base_fds, IO_MS);
+        wait_fd_count(&s, base_fds, IO_MS);
         server_stop(&s);
         CHECK_EQ(s.accepted, (uint64_t)conns);
     }
@@ -1266,9 +1297,9 @@ TEST(max_conns)
     }
     for (int i = 0; i < EXTRA; i++) {
         int fd = connect_to(&s);
-        /* Closed without our sending anything; a message would be refused too. */
+        /* Closed at once (well within CLOSE_AT_ONCE_MS), without our sending anything. */
         int64_t t0 = cpt_now_ms();
-        expect_closed(fd, IO_MS, false);
+        expect_closed(fd, CLOSE_AT_ONCE_MS, false);
         fprintf(stderr, "extra connection %d closed after %" PRId64 " ms\n", i, cpt_now_ms() - t0);
         close(fd);
     }
@@ -1283,10 +1314,13 @@ TEST(max_conns)
         CHECK(cpt_now_ms() < deadline);
         int fd = connect_to(&s);
         uint8_t msg[1] = {42}, back[1];
-        CHECK_EQ(send(fd, msg, 1, MSG_NOSIGNAL), 1);
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        CHECK_EQ(poll(&p, 1, IO_MS), 1);
-        ssize_t r = recv(fd, back, 1, 0);
+        ssize_t r = send(fd, msg, 1, MSG_NOSIGNAL);
+        CHECK(r == 1 || errno == EPIPE || errno == ECONNRESET);
+        if (r == 1) {
+            struct pollfd p = {.fd = fd, .events = POLLIN};
+            CHECK_EQ(poll(&p, 1, IO_MS), 1);
+            r = recv(fd, back, 1, 0);
+        }
         if (r == 1) {
             CHECK_EQ(back[0], 42);
             fds[0] = fd;
@@ -1357,38 +1391,64 @@ TEST(max_conns_burst)
 
 /* ---- zero-byte mode: 10,000 idle connections ------------------------------------------------ */
 
+/* The server's memory growth per connection (VmData: its heap and mappings; the address
+ * space a connection claims, touched or not) while `n` connections (one 100-byte echo each,
+ * then idle) are held against it. They stay held (in *hold) until the caller ends them. */
+static double held_bytes_per_conn(const server *s, bench *hold, int n, long base_fds)
+{
+    long base_data = status_kb(s->pid, "VmData"), base_rss = status_kb(s->pid, "VmRSS");
+    bench_start(hold, s, "hold", "-n", fmt("%d", n), "--echo", "-s", "100", "-T", "120", NULL);
+    bench_wait_mark(hold, "start");
+    /* The server holds every one of them (one descriptor each). */
+    wait_fd_count(s, base_fds + n, IO_MS);
+    double data = (double)(status_kb(s->pid, "VmData") - base_data) * 1024.0 / n;
+    double rss = (double)(status_kb(s->pid, "VmRSS") - base_rss) * 1024.0 / n;
+    fprintf(stderr, "server memory per idle connection: %.0f bytes (resident %.0f)\n", data, rss);
+    return data;
+}
+
+/* All n held connections survived (interrupting the hold checks every one). */
+static void hold_check(bench *hold, int n)
+{
+    bench_interrupt(hold);
+    CHECK_EQ(hold->status, 0);
+    CHECK_EQ(bench_result(hold, "established"), n);
+    CHECK_EQ(bench_result(hold, "held"), n);
+    CHECK_EQ(bench_result(hold, "lost"), 0);
+    CHECK_EQ(bench_result(hold, "errors"), 0);
+}
+
 TEST(zero_byte_10000_idle)
 {
-    enum { IDLE = 10000 };
+    enum { IDLE = 10000, BUFFERED = 2000 };
     server s;
     server_start(&s, "--threads", "2", "--zero-byte", NULL);
-    long base_fds = fd_count(s.pid), base_rss = rss_kb(s.pid);
+    long base_fds = fd_count(s.pid);
     /* 10,000 connections, each echoes one message, then they stay idle. */
     bench hold;
-    bench_start(&hold, &s, "hold", "-n", fmt("%d", IDLE), "--echo", "-s", "100", "-T", "120", NULL);
-    bench_wait_mark(&hold, "start");
-    /* The server holds every one of them (one descriptor each). */
-    wait_fd_count(s.pid, base_fds + IDLE, IO_MS);
-    /* Idle connections hold no receive buffer: the server's resident memory grew by far less
-     * than one 4 KiB page per connection (a buffer each would be 16 KiB). */
-    double per_conn = (double)(rss_kb(s.pid) - base_rss) * 1024.0 / IDLE;
-    fprintf(stderr, "server RSS per idle connection: %.0f bytes\n", per_conn);
-    CHECK(per_conn < 2048);
-    /* ... and still serves new connections fully meanwhile. */
+    double zero_byte = held_bytes_per_conn(&s, &hold, IDLE, base_fds);
+    /* ... and the server still serves new connections fully meanwhile. */
     echo_run(&s, 20, "65536", 2, secs(500, 200), 1);
     int fd = connect_to(&s);
     exchange(fd, 1 << 20, 3, EX_FULL);
     close(fd);
     /* None of the idle ones was lost. */
-    bench_interrupt(&hold);
-    CHECK_EQ(hold.status, 0);
-    CHECK_EQ(bench_result(&hold, "established"), IDLE);
-    CHECK_EQ(bench_result(&hold, "held"), IDLE);
-    CHECK_EQ(bench_result(&hold, "lost"), 0);
-    CHECK_EQ(bench_result(&hold, "errors"), 0);
-    wait_fd_count(s.pid, base_fds, IO_MS);
+    hold_check(&hold, IDLE);
+    wait_fd_count(&s, base_fds, IO_MS);
     server_stop(&s);
     CHECK_EQ(s.accepted, IDLE + 20 + 1);
+
+    /* Idle connections hold no receive buffer: each claims less than a page (measured:
+     * ~200-450 B; up to ~3 KiB under ThreadSanitizer, whose allocator adds metadata), where a
+     * receive buffer alone is 16 KiB. The same figure for a server without --zero-byte shows
+     * that the measure sees buffers (measured: 17-23 KiB per connection). */
+    CHECK(zero_byte < 4096);
+    server_start(&s, "--threads", "2", NULL);
+    base_fds = fd_count(s.pid);
+    double buffered = held_bytes_per_conn(&s, &hold, BUFFERED, base_fds);
+    hold_check(&hold, BUFFERED);
+    server_stop(&s);
+    CHECK(zero_byte * 4 < buffered);
 }
 
 /* ---- the backend probe ---------------------------------------------------------------------- */

@@ -26,13 +26,18 @@
  *
  * Variants: one thread doing everything (exact: every start result is predictable);
  * three workers dequeuing (batch 1 and batch 16) with actions from their handlers and from
- * a separate thread; one worker plus a separate acting thread (one consumer, so ordering
- * is still observable while another thread starts, cancels and closes).
+ * acting threads that come and go (an operation must not care that the thread that started
+ * it has exited); one worker plus the acting threads (one consumer, so ordering is still
+ * observable while other threads start, cancel and close). The seed also picks the port's
+ * shape: default, a tiny receive pool (starvation), small io_uring rings (full submission
+ * queue, completion-queue overflow).
  *
- * CPORT_TEST_SEED=n replays a run (the random choices; thread timing is not replayed).
+ * CPORT_TEST_SEED=n replays a run (the random choices; thread timing is not replayed);
+ * CPORT_TEST_INV_TRACE=id prints socket id's events as they happen.
  * CPORT_TEST_INV_SKIP (development aid) may name probes to leave out, comma-separated:
  * "busy" (starting an op still in use), "order" (one-consumer ordering and stream checks),
- * "mixrecv" (plain and pooled receives on one socket).
+ * "mixrecv" (plain and pooled receives on one socket), "threadexit" (acting threads that exit:
+ * one acting thread runs for the whole phase instead).
  */
 #include "harness.h"
 
@@ -154,7 +159,8 @@ typedef struct sock sock;
 
 /* One entry of a socket's recent history (printed when a check fails). */
 typedef struct hist_ent {
-    char what; /* 's'tarted, 'r'efused, 'c'ompleted, 'x' cancel, 'a' cancel-all, 'C'lose */
+    char what; /* 's'tart, 'r'efused, 'c'ompleted, 'x' cancel, 'a' cancel-all, 'K' close called,
+                  'C' close completed, peer: 'w'rote (value: total), 'h' shut, 'z' closed */
     int8_t kind;
     uint32_t serial;
     int64_t value; /* completion: result; cancel: return value */
@@ -192,8 +198,9 @@ typedef struct opblk {
     int iovcnt;
     uint64_t cancels_done0;    /* s->cancels_done when the start began */
     atomic_int cancel_req;     /* cp_socket_cancel() was called on it */
+    atomic_int dequeued;       /* its completion is in a batch being handled */
     atomic_int state;          /* ST_* */
-    atomic_int refs;           /* completion + starter + cancellers; freed at 0 */
+    atomic_int refs;           /* the completion's and the starter's; freed at 0 */
     struct opblk *prev, *next; /* s->ops while outstanding; the graveyard once rejected */
 } opblk;
 
@@ -229,9 +236,9 @@ struct sock {
     unsigned nhist;
 };
 
-/* Per-socket history for failure reports (under s->mu). */
 static uint64_t trace_sid; /* CPORT_TEST_INV_TRACE: print this socket's events as they happen */
 
+/* Per-socket history for failure reports (under s->mu). */
 static void hist_add_locked(sock *s, char what, int kind, uint64_t serial, int64_t value,
                             const void *op)
 {
@@ -270,7 +277,7 @@ typedef struct world {
     bool exact;           /* one thread does everything */
     bool single_consumer; /* one thread dequeues */
     bool uring;
-    bool probe_busy, check_order, mix_recv;
+    bool probe_busy, check_order, mix_recv, actors_exit;
     const char *mode;
     pthread_mutex_t mu; /* table, listener, pending, held, graveyard */
     pthread_mutex_t pair_mu;
@@ -795,35 +802,39 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
             b->m->addr.sin_port = 0; /* nobody listens on port 0: refused */
     }
 
+    /* One-consumer modes: starts on a socket are serialised, so the test knows the order of
+     * its queues. */
+    bool ordered = w->single_consumer;
+    if (ordered)
+        pthread_mutex_lock(&s->start_mu);
+    /* Fill in the record, then publish it on the socket's list (cancellers look there). */
     pthread_mutex_lock(&s->mu);
     if (s->nout >= MAX_OUT_PER_SOCK) {
         pthread_mutex_unlock(&s->mu);
+        if (ordered)
+            pthread_mutex_unlock(&s->start_mu);
         free(b->m);
         free(b);
         if (kind == K_CONNECT)
             atomic_store(&s->connect_started, 0);
         return;
     }
+    if (ordered)
+        b->qserial = ++s->next_serial[kind_queue[kind]];
+    int closing_before = atomic_load(&s->closing);
+    b->cancels_done0 = atomic_load(&s->cancels_done);
+    b->t0 = cpt_now_ns();
     b->next = s->ops;
     if (s->ops)
         s->ops->prev = b;
     s->ops = b;
     s->nout++;
+    hist_add_locked(s, 's', kind, b->qserial, (int64_t)b->timeout_ms, b->op);
     pthread_mutex_unlock(&s->mu);
     sock_get(s); /* the operation's reference, dropped once its completion is handled */
     atomic_fetch_add(&w->outstanding, 1);
     if (kind == K_POOL)
         atomic_store(&s->pool_used, 1);
-
-    bool ordered = w->single_consumer;
-    if (ordered) {
-        pthread_mutex_lock(&s->start_mu);
-        b->qserial = ++s->next_serial[kind_queue[kind]];
-    }
-    int closing_before = atomic_load(&s->closing);
-    hist_add(s, 's', kind, b->qserial, (int64_t)b->timeout_ms, b->op);
-    b->cancels_done0 = atomic_load(&s->cancels_done);
-    b->t0 = cpt_now_ns();
     /* From the start call on, b->m may be freed by another thread at any moment. */
     opmem *m = b->m;
     cp_op *op = b->op;
@@ -970,7 +981,8 @@ static opblk *pick_op_locked(sock *s, rng *r, bool only_out)
         return NULL;
     int k = (int)rng_below(r, (uint32_t)s->nout);
     for (opblk *b = s->ops; b; b = b->next)
-        if (k-- <= 0 && (!only_out || atomic_load(&b->state) == ST_OUT))
+        if (k-- <= 0 &&
+            (!only_out || (atomic_load(&b->state) == ST_OUT && !atomic_load(&b->dequeued))))
             return b;
     return NULL;
 }
@@ -1336,11 +1348,12 @@ static void handle(world *w, tctx *t, const cp_completion *c)
     hist_add_locked(s, b->kind == K_CLOSE ? 'C' : 'c', b->kind, b->qserial, res, b->op);
     if (b->kind == K_CLOSE) {
         /* The close completes last: nothing of the socket is outstanding any more (with
-         * one consumer; a start racing with the close may still be on its way to fail). */
+         * one consumer; a start racing with the close may still be on its way to fail -
+         * were it accepted, its completion would come after this one and be caught). */
         bool bad = false;
         if (w->single_consumer)
             for (opblk *o = s->ops; o; o = o->next)
-                if (w->exact || atomic_load(&o->state) != ST_STARTING) {
+                if (w->exact || atomic_load(&o->state) == ST_OUT) {
                     describe_op("still outstanding at the close completion", o, 0);
                     bad = true;
                 }
@@ -1428,6 +1441,12 @@ static int pump(world *w, tctx *t, unsigned max, int timeout_ms)
         for (int i = 0; i < n; i++)
             fprintf(stderr, " %p/%" PRIuPTR, cs[i].op, cs[i].key);
         fprintf(stderr, "\n");
+    }
+    /* The whole batch is cport's no more, though handled one by one. */
+    for (int i = 0; i < n; i++) {
+        opmem *m = CP_CONTAINER_OF(cs[i].op, opmem, aop.op);
+        if (m->magic == MAGIC_LIVE)
+            atomic_store(&m->rec->dequeued, 1);
     }
     for (int i = 0; i < n; i++)
         handle(w, t, &cs[i]);
@@ -1592,6 +1611,7 @@ static world *world_new(const char *mode, bool exact, bool single_consumer, unsi
         trace_sid = strtoull(getenv("CPORT_TEST_INV_TRACE"), NULL, 0);
     w->check_order = !skipped("order");
     w->mix_recv = !skipped("mixrecv");
+    w->actors_exit = !skipped("threadexit");
     rng r = {w->seed ^ 0x1234};
     cp_port_options o = {.concurrency = workers, .flags = CP_PORT_QUIET};
     const char *cfg;
@@ -1819,6 +1839,11 @@ static void *actor_main(void *arg)
         if (rng_pct(&t->r, 2))
             sched_yield();
     }
+    /* Without "threadexit" the one acting thread lives until the workers stop. */
+    while (!w->actors_exit && !atomic_load(&w->stop)) {
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
     return NULL;
 }
 
@@ -1838,13 +1863,22 @@ static void run_threads(const char *mode, unsigned nworkers, unsigned batch, lon
         CHECK_OK(-pthread_create(&workers[i].th, NULL, worker_main, &workers[i]));
     }
     /* The acting threads, one after the other, each for a random number of actions. */
-    for (uint64_t gen = 0; !phase_over(w); gen++) {
-        tctx actor;
+    tctx actor;
+    for (uint64_t gen = 0; w->actors_exit && !phase_over(w); gen++) {
         tctx_init(&actor, w, 1000 + gen, 0);
         actor.actions = 200 + rng_below(&main_t.r, 4000);
         CHECK_OK(-pthread_create(&actor.th, NULL, actor_main, &actor));
         pthread_join(actor.th, NULL);
         free(actor.scratch);
+    }
+    if (!w->actors_exit) {
+        tctx_init(&actor, w, 1000, 0);
+        actor.actions = UINT32_MAX;
+        CHECK_OK(-pthread_create(&actor.th, NULL, actor_main, &actor));
+        while (!phase_over(w)) {
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
     }
 
     /* Wind down: no new sockets or random actions; close everything until all is done. */
@@ -1865,6 +1899,10 @@ static void run_threads(const char *mode, unsigned nworkers, unsigned batch, lon
     for (unsigned i = 0; i < nworkers; i++) {
         pthread_join(workers[i].th, NULL);
         free(workers[i].scratch);
+    }
+    if (!w->actors_exit) {
+        pthread_join(actor.th, NULL);
+        free(actor.scratch);
     }
     final_checks(w, t0);
     free(main_t.scratch);

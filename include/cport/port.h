@@ -79,6 +79,10 @@ typedef struct cp_port_options {
                                   0 = 4096 */
     uint32_t pool_per_socket;  /* most pool buffers one socket may hold undelivered
                                   (fairness cap); 0 = 4 */
+    uint32_t max_pipes;        /* io_uring TransmitFile: pipes in the port's splice pool
+                                  (64 KiB each); 0 = 256 */
+    uint32_t file_threads;     /* epoll: threads doing file reads/writes (epoll cannot);
+                                  0 = 2 */
 } cp_port_options;
 
 /* Create a port with `concurrency` (0 = number of online CPUs) and default options.

@@ -62,6 +62,7 @@ typedef enum cp_close_reason {
     CP_CLOSE_IDLE_TIMEOUT = 4,     /* no data for idle_timeout_ms */
     CP_CLOSE_BAD_FRAME = 5,        /* framed mode: a header over max_frame or malformed */
     CP_CLOSE_SHUTDOWN = 6,         /* the server is shutting down */
+    CP_CLOSE_DEADLINE = 7,         /* the deadline set with cp_conn_set_deadline passed */
 } cp_close_reason;
 
 /* Name of a close reason, e.g. "idle-timeout". */
@@ -82,6 +83,12 @@ typedef struct cp_server_callbacks {
     /* The connection is closed; the last callback for it. err is a negative errno for
      * CP_CLOSE_ERROR, else 0. Optional. */
     void (*on_close)(cp_conn *c, cp_close_reason reason, int err);
+    /* A timeout fired (reason: CP_CLOSE_HANDSHAKE_TIMEOUT, CP_CLOSE_IDLE_TIMEOUT or
+     * CP_CLOSE_DEADLINE). The callback decides: typically send a last word (an HTTP 408)
+     * and cp_conn_close(), or cp_conn_abort(). A handshake or idle timeout that is left
+     * standing fires again at the next tick. Optional: without it the connection is
+     * aborted with that reason. */
+    void (*on_timeout)(cp_conn *c, cp_close_reason reason);
 } cp_server_callbacks;
 
 typedef struct cp_server_options {
@@ -96,6 +103,11 @@ typedef struct cp_server_options {
     unsigned handshake_timeout_ms; /* close if nothing arrives this long after accept; 0 = off */
     unsigned idle_timeout_ms; /* close if nothing arrives for this long; 0 = off */
     unsigned tick_ms;         /* timeout sweep period; 0 = 100 */
+    unsigned linger_ms;       /* graceful close: after the last reply, FIN is sent and the
+                                 connection reads (and drops) what the peer still sends
+                                 for at most this long, so that closing with unread data
+                                 does not reset the connection and destroy replies in
+                                 flight; 0 = 5000 */
     uint32_t max_pending_send; /* bytes queued to send on one connection before reading
                                  from it pauses; resumes below half; 0 = 1 MiB */
     bool zero_byte;           /* pooled receives: an idle connection holds no buffer */
@@ -105,6 +117,7 @@ typedef struct cp_server_options {
     bool framed;              /* 4-byte big-endian length-prefixed messages */
     uint32_t max_frame;       /* framed: largest payload accepted; 0 = 1 MiB */
     size_t conn_user_size;    /* bytes of per-connection user area (cp_conn_user) */
+    bool conn_deadlines;      /* enable cp_conn_set_deadline (4 more bytes a connection) */
     void *user;               /* the server's user pointer (cp_server_user) */
     cp_port_options port_options; /* options of the port (concurrency and backend are set
                                  from the fields above) */
@@ -180,6 +193,19 @@ CP_EXTERN int cp_conn_send_data(cp_conn *c, const void *data, size_t len);
 /* Send caller-owned memory without copying; it must stay valid until on_sent(c, ctx, ..)
  * reports the send done (ctx must not be NULL). Any thread. */
 CP_EXTERN int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *ctx);
+
+/* TransmitFile through the connection: head (copied; may be NULL/0), then len bytes of the
+ * file fd from offset (len > 0), without copying the file through user space; ordered with
+ * the connection's other sends. fd must stay open until on_sent(c, ctx, result) reports
+ * the send done (ctx must not be NULL). Any thread. */
+CP_EXTERN int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd,
+                                int64_t offset, uint64_t len, void *ctx);
+
+/* Set (ms > 0) or clear (0) a deadline for the connection: when it passes, on_timeout
+ * runs with CP_CLOSE_DEADLINE (or the connection is aborted). Checked at every tick, so
+ * it fires within tick_ms after the deadline. Needs options.conn_deadlines; -EINVAL
+ * otherwise. From the connection's callbacks. */
+CP_EXTERN int cp_conn_set_deadline(cp_conn *c, unsigned ms);
 
 /* Framed mode: send one frame (header + payload, copied). Any thread. */
 CP_EXTERN int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len);

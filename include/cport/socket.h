@@ -191,8 +191,68 @@ CP_EXTERN int cp_socket_cancel_all(cp_socket *s);
 CP_EXTERN int cp_socket_close(cp_socket *s, cp_op *op);
 
 /* Shut down the sending side (DisconnectEx without reuse): completes after every send
- * posted earlier has completed. Result 0 or a negative errno. */
+ * posted earlier has completed. Result 0 or a negative errno. (TF_REUSE_SOCKET has no
+ * Linux equivalent: a socket is not reusable after a disconnect; open a new one.) */
 CP_EXTERN int cp_socket_disconnect(cp_socket *s, cp_op *op);
+
+/* A ConnectEx context: connect, then send the first data, as one operation. */
+typedef struct cp_connect_op {
+    cp_op op;
+    const void *cp__data;
+    uint32_t cp__data_len;
+    uint32_t cp__pad;
+} cp_connect_op;
+
+/* Connect s to addr, then send len bytes from data (ConnectEx with a send buffer). One
+ * completion: the bytes of data sent (all of them), or a negative errno (-ECONNREFUSED
+ * ...). addr and data must stay valid until the completion is dequeued. len may be 0. */
+CP_EXTERN int cp_socket_connect_ex(cp_socket *s, cp_connect_op *op, const struct sockaddr *addr,
+                                   socklen_t addrlen, const void *data, size_t len);
+
+/* ---- TransmitFile / TransmitPackets (I5) ---------------------------------------------- */
+
+/* One element of a transmit: memory (fd < 0: buf, len) or a file range (fd >= 0: offset,
+ * len; len 0 = to the end of the file). */
+typedef struct cp_packet {
+    const void *buf;
+    uint64_t len;
+    int fd;
+    int64_t offset;
+} cp_packet;
+
+/* Flags for cp_socket_transmit_*. */
+#define CP_TF_DISCONNECT 0x1u /* shut down the sending side after the last byte */
+
+/* A transmit context: a cp_op plus its progress. Caller-allocated, zero-initialised once. */
+typedef struct cp_transmit_op {
+    cp_op op;
+    const cp_packet *cp__elems;
+    uint32_t cp__n;
+    uint32_t cp__flags;
+    uint32_t cp__idx;     /* element being sent */
+    uint32_t cp__inpipe;  /* io_uring: bytes spliced into the pipe, not yet sent */
+    int32_t cp__pipe;     /* io_uring: pipe from the port's pool, or -1 */
+    uint32_t cp__pad;
+    uint64_t cp__off;     /* bytes of the element already sent */
+    uint64_t cp__end;     /* the element's length once known */
+    uint64_t sent;        /* total bytes sent (the completion's result; read-only) */
+    cp_packet cp__inline[3]; /* TransmitFile's head, file and tail */
+} cp_transmit_op;
+
+/* TransmitPackets: send elems[0..n-1] in order, memory and file ranges mixed, as one
+ * operation with one completion (result: total bytes, or a negative errno). File data goes
+ * from the page cache to the socket without passing through user space (epoll: sendfile;
+ * io_uring: splice through a pipe from the port's bounded pool, or sendfile when the pool
+ * is exhausted). elems and the memory and files they name must stay valid (and the fds
+ * open) until the completion is dequeued. Ordered with the socket's sends. n >= 1. */
+CP_EXTERN int cp_socket_transmit_packets(cp_socket *s, cp_transmit_op *op, const cp_packet *elems,
+                                         unsigned n, unsigned flags);
+
+/* TransmitFile: head (may be NULL/0), then len bytes of the file fd from offset (len 0 = to
+ * the end), then tail (may be NULL/0), as one operation; as cp_socket_transmit_packets(). */
+CP_EXTERN int cp_socket_transmit_file(cp_socket *s, cp_transmit_op *op, int fd, int64_t offset,
+                                      uint64_t len, const void *head, size_t head_len,
+                                      const void *tail, size_t tail_len, unsigned flags);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,156 @@
+/* TransmitFile / TransmitPackets (I5): the engine shared by both backends.
+ *
+ * A transmit walks its elements in order. Memory goes out with send(2) (MSG_MORE while
+ * more follows, so a header and the start of a body share segments); file ranges go
+ * through the backend's file leg (epoll: sendfile; io_uring: splice through a pooled pipe).
+ * Everything is a nonblocking syscall on the socket side: when the socket is full the
+ * engine returns CP__AGAIN and the backend waits for writability (an epoll edge or an
+ * io_uring poll) before calling it again. No thread ever blocks on a slow reader.
+ */
+#include "handle.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+
+#define END_UNKNOWN UINT64_MAX
+
+/* t->cp__pad caches whether any element after the current one holds bytes, so that
+ * memory goes out with MSG_MORE (and the io_uring leg splices with SPLICE_F_MORE) only
+ * when more really follows: a corked tail with nothing behind it would sit in the socket
+ * until the kernel's cork timer (200 ms) fires. The backends' file legs read it. */
+enum { MORE_UNKNOWN = 0, MORE_NO = 1, MORE_YES = 2 /* backend_io_uring.c tests for 2 */ };
+
+/* The length of the current element, resolving "to the end of the file". A file element
+ * must name a regular file (or a block device): anything else (a socket, a pipe) would
+ * have its data consumed by the splice/sendfile legs. */
+static int element_end(cp_transmit_op *t, const cp_packet *e)
+{
+    if (t->cp__end != END_UNKNOWN)
+        return 0;
+    if (e->fd < 0) {
+        t->cp__end = e->len;
+        return 0;
+    }
+    struct stat st;
+    if (fstat(e->fd, &st) < 0)
+        return -errno;
+    if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+        return -EINVAL;
+    if (e->len) {
+        t->cp__end = e->len;
+        return 0;
+    }
+    t->cp__end =
+        (uint64_t)st.st_size > (uint64_t)e->offset ? (uint64_t)st.st_size - (uint64_t)e->offset : 0;
+    return 0;
+}
+
+/* Does any element after the current one hold bytes? */
+static bool more_follows(cp_transmit_op *t)
+{
+    if (t->cp__pad == MORE_UNKNOWN) {
+        t->cp__pad = MORE_NO;
+        for (uint32_t i = t->cp__idx + 1; i < t->cp__n; i++) {
+            const cp_packet *e = &t->cp__elems[i];
+            struct stat st;
+            if (e->len || (e->fd >= 0 && (fstat(e->fd, &st) < 0 || st.st_size > e->offset))) {
+                t->cp__pad = MORE_YES; /* (a failing fstat fails the element later) */
+                break;
+            }
+        }
+    }
+    return t->cp__pad == MORE_YES;
+}
+
+int cp__transmit_run(cp_handle *h, cp_transmit_op *t)
+{
+    const cp__backend *be = h->cp__port->be;
+    for (;;) {
+        if (t->cp__idx == t->cp__n) {
+            if ((t->cp__flags & CP_TF_DISCONNECT) && !(t->op.cp__flags & CP__OPF_DISCONNECTED)) {
+                if (shutdown(h->fd, SHUT_WR) < 0)
+                    return -errno;
+                t->op.cp__flags |= CP__OPF_DISCONNECTED;
+            }
+            return 0;
+        }
+        const cp_packet *e = &t->cp__elems[t->cp__idx];
+        int r = element_end(t, e);
+        if (r < 0)
+            return r;
+        if (t->cp__off >= t->cp__end && t->cp__inpipe == 0) {
+            t->cp__idx++;
+            t->cp__off = 0;
+            t->cp__end = END_UNKNOWN;
+            t->cp__pad = MORE_UNKNOWN;
+            continue;
+        }
+        bool more = more_follows(t);
+        if (e->fd < 0) {
+            uint64_t left = t->cp__end - t->cp__off;
+            ssize_t n = send(h->fd, (const char *)e->buf + t->cp__off,
+                             left > INT_MAX ? INT_MAX : (size_t)left,
+                             MSG_NOSIGNAL | MSG_DONTWAIT | (more ? MSG_MORE : 0));
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                return errno == EAGAIN ? CP__AGAIN : -errno;
+            }
+            t->cp__off += (uint64_t)n;
+            t->sent += (uint64_t)n;
+            continue;
+        }
+        r = be->file_leg(h, t, e->fd, e->offset + (int64_t)t->cp__off, t->cp__end - t->cp__off);
+        if (r != 0)
+            return r;
+    }
+}
+
+int cp_socket_transmit_packets(cp_socket *s, cp_transmit_op *t, const cp_packet *elems, unsigned n,
+                               unsigned flags)
+{
+    if (!t || !elems || n == 0 || (flags & ~CP_TF_DISCONNECT))
+        return -EINVAL;
+    for (unsigned i = 0; i < n; i++) {
+        if (elems[i].fd < 0 && elems[i].len && !elems[i].buf)
+            return -EINVAL;
+        if (elems[i].fd >= 0 &&
+            (elems[i].offset < 0 || elems[i].len > (uint64_t)(INT64_MAX - elems[i].offset)))
+            return -EINVAL;
+    }
+    if (cp__op_in_use(&t->op))
+        return -EBUSY;
+    t->cp__elems = elems;
+    t->cp__n = n;
+    t->cp__flags = flags;
+    t->cp__idx = 0;
+    t->cp__off = 0;
+    t->cp__end = END_UNKNOWN;
+    t->cp__inpipe = 0;
+    t->cp__pipe = -1;
+    t->cp__pad = MORE_UNKNOWN;
+    t->sent = 0;
+    t->op.u.buf = NULL;
+    t->op.cp__len = 0;
+    t->op.cp__flags = 0;
+    return cp__submit(s, &t->op, CP_OP_TRANSMIT, 1);
+}
+
+int cp_socket_transmit_file(cp_socket *s, cp_transmit_op *t, int fd, int64_t offset, uint64_t len,
+                            const void *head, size_t head_len, const void *tail, size_t tail_len,
+                            unsigned flags)
+{
+    if (!t || fd < 0 || offset < 0 || (head_len && !head) || (tail_len && !tail))
+        return -EINVAL;
+    if (cp__op_in_use(&t->op))
+        return -EBUSY;
+    unsigned n = 0;
+    if (head_len)
+        t->cp__inline[n++] = (cp_packet){.buf = head, .len = head_len, .fd = -1};
+    t->cp__inline[n++] = (cp_packet){.len = len, .fd = fd, .offset = offset};
+    if (tail_len)
+        t->cp__inline[n++] = (cp_packet){.buf = tail, .len = tail_len, .fd = -1};
+    return cp_socket_transmit_packets(s, t, t->cp__inline, n, flags);
+}
