@@ -115,8 +115,7 @@ static void *slab_alloc(slab *s)
     } else {
         chunk *c = s->chunks;
         if (!c || c->count == chunk_capacity(s)) {
-            c = mmap(NULL, CHUNK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
-                     0);
+            c = mmap(NULL, CHUNK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
             if (c == MAP_FAILED) {
                 pthread_mutex_unlock(&s->lock);
                 return NULL;
@@ -387,8 +386,8 @@ static void on_conn(cp_socket *s, cp_op *op, int64_t res, void *user)
 
 static void start_conn(server *sv, int fd)
 {
-    if (sv->cfg.max_conns && __atomic_load_n(&sv->conns.live, __ATOMIC_RELAXED) >=
-                                 sv->cfg.max_conns) {
+    if (sv->cfg.max_conns &&
+        __atomic_load_n(&sv->conns.live, __ATOMIC_RELAXED) >= sv->cfg.max_conns) {
         close(fd); /* over the limit: refuse at once, keep serving the others */
         __atomic_add_fetch(&sv->rejected, 1, __ATOMIC_SEQ_CST);
         return;
@@ -542,13 +541,17 @@ static int parse_args(int argc, char **argv, config *cfg)
                     .accepts = 16,
                     .recvs = 1,
                     .buffer = 16384};
-    static const struct option opts[] = {
-        {"port", required_argument, 0, 'p'},    {"bind", required_argument, 0, 'b'},
-        {"threads", required_argument, 0, 't'}, {"backend", required_argument, 0, 'B'},
-        {"accepts", required_argument, 0, 'a'}, {"max-conns", required_argument, 0, 'm'},
-        {"zero-byte", no_argument, 0, 'z'},     {"recvs", required_argument, 0, 'r'},
-        {"buffer", required_argument, 0, 'f'},  {"help", no_argument, 0, 'h'},
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"port", required_argument, 0, 'p'},
+                                         {"bind", required_argument, 0, 'b'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"backend", required_argument, 0, 'B'},
+                                         {"accepts", required_argument, 0, 'a'},
+                                         {"max-conns", required_argument, 0, 'm'},
+                                         {"zero-byte", no_argument, 0, 'z'},
+                                         {"recvs", required_argument, 0, 'r'},
+                                         {"buffer", required_argument, 0, 'f'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     int ch;
     unsigned v;
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {

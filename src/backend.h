@@ -20,7 +20,7 @@ typedef struct cp__oplist {
     cp_op *head;
     cp_op *tail;
     unsigned n;
-    unsigned flags; /* socket layer bookkeeping (e.g. pool buffers were freed) */
+    unsigned flags;  /* socket layer bookkeeping (e.g. pool buffers were freed) */
     cp_op *close_op; /* socket layer: a close completion to queue once its handle is unlocked */
 } cp__oplist;
 

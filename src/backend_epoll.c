@@ -35,9 +35,9 @@ enum {
 typedef struct ep_state {
     int epfd;
     int wakefd;
-    cp__lock lock; /* guards in_poll and the deferred lists */
-    bool in_poll;  /* a poller is waiting in, or handling the events of, epoll_pwait2 */
-    bool no_pwait2; /* epoll_pwait2 (Linux 5.11) is missing: use epoll_wait */
+    cp__lock lock;       /* guards in_poll and the deferred lists */
+    bool in_poll;        /* a poller is waiting in, or handling the events of, epoll_pwait2 */
+    bool no_pwait2;      /* epoll_pwait2 (Linux 5.11) is missing: use epoll_wait */
     cp_handle **zombies; /* handles detached during the current poll, pinned */
     uint32_t nzombies, czombies;
     cp_op **zops; /* first-data accepts cancelled during the current poll */
@@ -257,7 +257,8 @@ static int step_recv(cp_handle *h, cp_op *op)
         if (op->cp__flags & CP__OPF_VEC) {
             const struct iovec *iov;
             int cnt = cp__op_iov(op, tmp, &iov);
-            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
+            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov,
+                                 .msg_iovlen = (size_t)cnt};
             want = op->cp__len - op->cp__done;
             n = recvmsg(h->fd, &msg, 0);
         } else {
@@ -328,7 +329,8 @@ static int step_send(cp_handle *h, cp_op *op)
         if (op->cp__flags & CP__OPF_VEC) {
             const struct iovec *iov;
             int cnt = cp__op_iov(op, tmp, &iov);
-            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
+            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov,
+                                 .msg_iovlen = (size_t)cnt};
             n = sendmsg(h->fd, &msg, MSG_NOSIGNAL);
         } else {
             n = send(h->fd, (char *)op->u.buf + op->cp__done, want, MSG_NOSIGNAL);

@@ -63,15 +63,15 @@ typedef struct ur_state {
     struct io_uring_buf_ring *br;
     size_t br_len;
     uint32_t br_entries;
-    cp__lock br_lock;     /* guards the ring's tail, ring_count and ring_target */
-    uint32_t ring_count;  /* buffers in the kernel's ring (added minus consumed) */
-    uint32_t ring_target; /* how many we keep there; doubles when it runs dry */
+    cp__lock br_lock;      /* guards the ring's tail, ring_count and ring_target */
+    uint32_t ring_count;   /* buffers in the kernel's ring (added minus consumed) */
+    uint32_t ring_target;  /* how many we keep there; doubles when it runs dry */
     uint32_t calm_refills; /* refills since it last ran dry; many in a row halve it */
 
     /* TransmitFile's pipes (splice file -> pipe -> socket), created on first use. */
     cp__lock pipe_lock;
     int (*pipes)[2];
-    uint32_t npipes;    /* created */
+    uint32_t npipes; /* created */
     uint32_t max_pipes;
     uint32_t *free_pipes; /* stack of free indices */
     uint32_t nfree_pipes;
@@ -217,8 +217,8 @@ static uint32_t ring_limit(const cp_port *p)
 /* ---- setup ------------------------------------------------------------------------------ */
 
 static const uint8_t required_ops[] = {
-    IORING_OP_ACCEPT, IORING_OP_CONNECT,      IORING_OP_RECV, IORING_OP_SEND,
-    IORING_OP_SENDMSG, IORING_OP_READV,       IORING_OP_READ, IORING_OP_WRITE,
+    IORING_OP_ACCEPT,   IORING_OP_CONNECT,      IORING_OP_RECV,   IORING_OP_SEND,
+    IORING_OP_SENDMSG,  IORING_OP_READV,        IORING_OP_READ,   IORING_OP_WRITE,
     IORING_OP_SHUTDOWN, IORING_OP_ASYNC_CANCEL, IORING_OP_SPLICE, IORING_OP_POLL_ADD,
 };
 
@@ -349,8 +349,8 @@ static void dispatch(cp_port *p, ur_state *s, struct io_uring_cqe *cqe, cp__opli
         if (!more && cqe->res == -ENOBUFS) {
             /* The ring ran dry: keep more buffers in it from now on. */
             cp__lock_acquire(&s->br_lock);
-            s->ring_target = s->ring_target * 2 < ring_limit(p) ? s->ring_target * 2
-                                                                : ring_limit(p);
+            s->ring_target =
+                s->ring_target * 2 < ring_limit(p) ? s->ring_target * 2 : ring_limit(p);
             s->calm_refills = 0;
             cp__lock_release(&s->br_lock);
             refill_ring(p);

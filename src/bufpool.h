@@ -34,8 +34,8 @@ typedef struct cp__bufpool {
     cp__lock lock;
     uint16_t *free_ids; /* LIFO stack of free buffer ids */
     uint32_t nfree;
-    uint32_t trimmed;   /* free_ids[0..trimmed) hold no memory (given back to the OS) */
-    uint32_t fresh;     /* ids >= fresh were never handed out */
+    uint32_t trimmed; /* free_ids[0..trimmed) hold no memory (given back to the OS) */
+    uint32_t fresh;   /* ids >= fresh were never handed out */
     uint16_t *chunk_next;
     uint32_t *chunk_len;
     cp_handle **starving; /* handles waiting for a buffer, each pinned */

@@ -186,27 +186,29 @@ static void issue_close(cp_server *sv, cp_conn *c)
     }
 }
 
-/* Bytes c sent that the peer has not acknowledged yet (0 if unknown). */
-static int unacked(cp_conn *c)
+/* Whether closing c now loses nothing: the peer acknowledged every byte sent, and no input
+ * waits unread (closing with unread input answers with a reset instead of a FIN). */
+static bool quiet_both_ways(cp_conn *c)
 {
-    int n = 0;
-    if (ioctl(c->s.fd, SIOCOUTQ, &n) < 0)
-        return 0;
-    return n;
+    int out = 0, in = 0;
+    if (ioctl(c->s.fd, SIOCOUTQ, &out) < 0 || ioctl(c->s.fd, SIOCINQ, &in) < 0)
+        return true;
+    return out == 0 && in == 0;
 }
 
 /* A graceful close moves on (any thread). Once every reply is in the kernel: close if the
- * peer has ended or has acknowledged everything; else send FIN and linger, reading and
- * dropping what the peer still sends, until it has everything (checked at each tick, see
- * cp__conn_sweep), ends, or linger_ms pass. Closing a socket with unread input makes the
- * kernel answer with a reset, which destroys replies still on their way to the peer. */
+ * peer has ended, or has acknowledged everything and sent nothing unread; else send FIN
+ * and linger, reading and dropping what the peer still sends, until that holds (checked
+ * at each tick, see cp__conn_sweep), the peer ends, or linger_ms pass. Closing a socket
+ * with unread input makes the kernel answer with a reset, which destroys replies still
+ * on their way to the peer. */
 static void drain_step(cp_server *sv, cp_conn *c)
 {
     uint64_t st = st_load(c);
     if ((st & (CF_CLOSING | CF_DRAIN | CF_CLOSE_ISSUED)) != (CF_CLOSING | CF_DRAIN) ||
         __atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) != 0)
         return;
-    if ((st & CF_RX_ENDED) || unacked(c) == 0) {
+    if ((st & CF_RX_ENDED) || quiet_both_ways(c)) {
         issue_close(sv, c);
         return;
     }
@@ -320,7 +322,7 @@ void cp__conn_sweep(cp_server *sv, cp_conn *c, uint16_t now)
         } else if ((uint16_t)(now - st_tick(st)) >= sv->linger_ticks) {
             start_close(sv, c, (cp_close_reason)((st & CF_REASON_MASK) >> CF_REASON_SHIFT), 0,
                         false); /* lingered long enough: abort */
-        } else if (unacked(c) == 0) {
+        } else if (quiet_both_ways(c)) {
             issue_close(sv, c); /* the peer has every reply */
         } else {
             /* Keep reading what the peer sends, also where backpressure paused it. */
@@ -391,8 +393,8 @@ static bool may_read(cp_server *sv, cp_conn *c)
 }
 
 /* Hand one received chunk to the application: as is (stream mode) or frame by frame. */
-static void deliver(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t len,
-                    uint8_t kind, void *base)
+static void deliver(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t len, uint8_t kind,
+                    void *base)
 {
     w->cur_conn = c;
     w->cur_kind = kind;
@@ -479,8 +481,7 @@ static void rx_single(cp_server *sv, cp_conn *c, cp_op *op, int64_t res)
     st_clear(c, CF_RX_OUT);
     if (res > 0 && !(st_load(c) & CF_CLOSING)) {
         touch(c, now_tick(sv));
-        deliver(sv, c, w, op->u.buf, (size_t)res, sv->o.zero_byte ? BUF_POOL : BUF_SLAB,
-                op->u.buf);
+        deliver(sv, c, w, op->u.buf, (size_t)res, sv->o.zero_byte ? BUF_POOL : BUF_SLAB, op->u.buf);
         end_delivery(sv, w, op);
     } else if (sv->o.zero_byte) {
         /* A closing connection drops data that still arrives: its replies could not go. */
@@ -542,8 +543,8 @@ static void rx_multi(cp_server *sv, cp_conn *c, cp_op *op, int64_t res)
         s->len = SLOT_IDLE;
         if (len > 0 && !(st_load(c) & CF_CLOSING)) {
             touch(c, now_tick(sv));
-            deliver(sv, c, w, s->op.u.buf, (size_t)len,
-                    sv->o.zero_byte ? BUF_POOL : BUF_SLAB, s->op.u.buf);
+            deliver(sv, c, w, s->op.u.buf, (size_t)len, sv->o.zero_byte ? BUF_POOL : BUF_SLAB,
+                    s->op.u.buf);
             end_delivery(sv, w, &s->op);
         } else if (sv->o.zero_byte && s->op.u.buf) {
             cp_buffer_release(sv->port, s->op.u.buf);
@@ -638,8 +639,10 @@ static int send_copy(cp_conn *c, const void *hdr, size_t hlen, const void *data,
         cp__slab_free(&sv->sends, x);
         return -ENOMEM;
     }
-    memcpy(x->buf, hdr, hlen);
-    memcpy((char *)x->buf + hlen, data, len);
+    if (hlen) /* memcpy from NULL is undefined even for 0 bytes */
+        memcpy(x->buf, hdr, hlen);
+    if (len)
+        memcpy((char *)x->buf + hlen, data, len);
     x->iov[0] = (struct iovec){x->buf, hlen + len};
     return queue_send(sv, c, x, 1);
 }

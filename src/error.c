@@ -5,21 +5,23 @@
 #include <string.h>
 
 /* The errno values cport and its callers meet most; others still get strerror() text. */
-#define CP__ERRNO_MAP(X)                                                                         \
-    X(EPERM) X(ENOENT) X(EINTR) X(EIO) X(EBADF) X(EAGAIN) X(ENOMEM) X(EACCES) X(EFAULT)         \
-    X(EBUSY) X(EEXIST) X(EINVAL) X(ENFILE) X(EMFILE) X(ENOSPC) X(EPIPE) X(ERANGE) X(ENOSYS)     \
-    X(ENOTSOCK) X(EMSGSIZE) X(EOPNOTSUPP) X(EADDRINUSE) X(EADDRNOTAVAIL) X(ENETUNREACH)         \
-    X(ECONNABORTED) X(ECONNRESET) X(ENOBUFS) X(EISCONN) X(ENOTCONN) X(ESHUTDOWN) X(ETIMEDOUT)   \
-    X(ECONNREFUSED) X(EHOSTUNREACH) X(EALREADY) X(EINPROGRESS) X(ECANCELED) X(EOVERFLOW)       \
-    X(EPROTO) X(EBADMSG) X(E2BIG) X(ENAMETOOLONG) X(ELOOP) X(EISDIR) X(ENOTDIR) X(ESPIPE)
+#define CP__ERRNO_MAP(X)                                                                           \
+    X(EPERM)                                                                                       \
+    X(ENOENT) X(EINTR) X(EIO) X(EBADF) X(EAGAIN) X(ENOMEM) X(EACCES) X(EFAULT) X(EBUSY) X(EEXIST)  \
+        X(EINVAL) X(ENFILE) X(EMFILE) X(ENOSPC) X(EPIPE) X(ERANGE) X(ENOSYS) X(ENOTSOCK)           \
+            X(EMSGSIZE) X(EOPNOTSUPP) X(EADDRINUSE) X(EADDRNOTAVAIL) X(ENETUNREACH)                \
+                X(ECONNABORTED) X(ECONNRESET) X(ENOBUFS) X(EISCONN) X(ENOTCONN) X(ESHUTDOWN)       \
+                    X(ETIMEDOUT) X(ECONNREFUSED) X(EHOSTUNREACH) X(EALREADY) X(EINPROGRESS)        \
+                        X(ECANCELED) X(EOVERFLOW) X(EPROTO) X(EBADMSG) X(E2BIG) X(ENAMETOOLONG)    \
+                            X(ELOOP) X(EISDIR) X(ENOTDIR) X(ESPIPE)
 
 const char *cp_err_name(int err)
 {
     if (err < 0)
         err = -err;
     switch (err) {
-#define CP__NAME_CASE(e)                                                                         \
-    case e:                                                                                      \
+#define CP__NAME_CASE(e)                                                                           \
+    case e:                                                                                        \
         return #e;
         CP__ERRNO_MAP(CP__NAME_CASE)
 #undef CP__NAME_CASE
@@ -44,7 +46,7 @@ const char *cp_strerror(int err)
 const char *cp_version(void)
 {
 #define CP__STR2(x) #x
-#define CP__STR(x) CP__STR2(x)
+#define CP__STR(x)  CP__STR2(x)
     return CP__STR(CPORT_VERSION_MAJOR) "." CP__STR(CPORT_VERSION_MINOR) "." CP__STR(
         CPORT_VERSION_PATCH);
 }

@@ -33,16 +33,16 @@ enum {
 
 /* cp_op.cp__flags */
 enum {
-    CP__OPF_TIMEDOUT = 1u << 0,  /* its timeout expired: report -ETIMEDOUT */
-    CP__OPF_VEC = 1u << 1,       /* u.iov / cp__len is an iovec array / count */
-    CP__OPF_FIRSTDATA = 1u << 2, /* accept: connection taken, waiting for first data */
-    CP__OPF_PHASE = 1u << 3,     /* backend-private step marker (epoll connect) */
-    CP__OPF_FAILED = 1u << 4,    /* finished with an error: cp__done holds the errno */
-    CP__OPF_POLLWAIT = 1u << 5,  /* io_uring: waiting for writability; a result = retry */
-    CP__OPF_CONNECTED = 1u << 6, /* connect_ex: connected, sending the first data */
+    CP__OPF_TIMEDOUT = 1u << 0,     /* its timeout expired: report -ETIMEDOUT */
+    CP__OPF_VEC = 1u << 1,          /* u.iov / cp__len is an iovec array / count */
+    CP__OPF_FIRSTDATA = 1u << 2,    /* accept: connection taken, waiting for first data */
+    CP__OPF_PHASE = 1u << 3,        /* backend-private step marker (epoll connect) */
+    CP__OPF_FAILED = 1u << 4,       /* finished with an error: cp__done holds the errno */
+    CP__OPF_POLLWAIT = 1u << 5,     /* io_uring: waiting for writability; a result = retry */
+    CP__OPF_CONNECTED = 1u << 6,    /* connect_ex: connected, sending the first data */
     CP__OPF_DISCONNECTED = 1u << 7, /* transmit: the final shutdown was done */
-    CP__OPF_WITHDATA = 1u << 8,  /* connect_ex: data follows the connect */
-    CP__OPF_INKERNEL = 1u << 9,  /* a kernel request of it is in flight (io_uring) */
+    CP__OPF_WITHDATA = 1u << 8,     /* connect_ex: data follows the connect */
+    CP__OPF_INKERNEL = 1u << 9,     /* a kernel request of it is in flight (io_uring) */
 };
 
 #define CP__NO_BUF 0xffffu

@@ -8,9 +8,9 @@ enum { CHUNK_BYTES = 1 << 20 };
 
 struct cp__chunk {
     cp__chunk *next;
-    char *objs;     /* first object */
-    size_t cap;     /* objects that fit */
-    size_t carved;  /* objects handed out at least once */
+    char *objs;      /* first object */
+    size_t cap;      /* objects that fit */
+    size_t carved;   /* objects handed out at least once */
     uint64_t live[]; /* bitmap: handed out now */
 };
 
@@ -50,8 +50,8 @@ static void mark(cp__chunk *c, size_t i, bool on)
 static cp__chunk *new_chunk(cp__slab *s)
 {
     /* Map twice the size and keep the aligned middle. */
-    char *m = mmap(NULL, 2 * CHUNK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                   -1, 0);
+    char *m =
+        mmap(NULL, 2 * CHUNK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED)
         return NULL;
     char *a = (char *)(((uintptr_t)m + CHUNK_BYTES - 1) & ~((uintptr_t)CHUNK_BYTES - 1));

@@ -42,9 +42,9 @@ struct cp_pool {
 int cp__pool_post(cp_pool *pool, cp_work_fn fn, void *arg);
 
 /* Timer side of the pool (timer.c). */
-void cp__timer_fire(void *timer);                           /* a timer's work item */
-void cp__timer_discard(void *timer);                        /* ...dropped at destroy */
-void cp__timers_shutdown(cp_pool *pool);                    /* stop the thread, cancel all */
-void cp__timers_free(cp_pool *pool);                        /* free every record */
+void cp__timer_fire(void *timer);        /* a timer's work item */
+void cp__timer_discard(void *timer);     /* ...dropped at destroy */
+void cp__timers_shutdown(cp_pool *pool); /* stop the thread, cancel all */
+void cp__timers_free(cp_pool *pool);     /* free every record */
 
 #endif

@@ -18,49 +18,49 @@ typedef struct cp__thread {
     struct cp__thread *next_wake;   /* list of threads to wake after unlocking */
     struct cp__thread *prev, *next; /* every record of the port */
     cp_port *port;
-    uint32_t futex;     /* 0 while parked, 1 once woken */
-    bool running;       /* counted in port->running */
+    uint32_t futex;      /* 0 while parked, 1 once woken */
+    bool running;        /* counted in port->running */
     unsigned since_poll; /* completions taken since this thread last polled the backend */
     /* Completions this thread produced itself while running (e.g. an epoll send that
      * finished inside the call): it takes them on its next dequeue without the port's
      * lock. Only its own thread touches them; they move to the shared queue whenever the
      * thread stops running (blocks, yields its slot, exits). */
     cp_op *lhead, *ltail;
-    uint64_t dequeued;   /* completions handed to this thread (atomic, for stats) */
-    bool blocked;       /* between cp_port_block_begin() and _end() */
-    bool parked;        /* on the parked stack */
-    unsigned want;      /* capacity of hand[] while parked */
-    unsigned nhand;     /* completions handed over while parked */
+    uint64_t dequeued; /* completions handed to this thread (atomic, for stats) */
+    bool blocked;      /* between cp_port_block_begin() and _end() */
+    bool parked;       /* on the parked stack */
+    unsigned want;     /* capacity of hand[] while parked */
+    unsigned nhand;    /* completions handed over while parked */
     cp_completion *hand;
 } cp__thread;
 
 struct cp_port {
     /* Read on every post and dequeue, written rarely. */
     unsigned concurrency;
-    bool closed; /* atomic */
+    bool closed;   /* atomic */
     cp__ring ring; /* posted completions: lock-free */
 
     /* Everything below is written under `lock` (some fields are also read without it,
      * atomically, by the lock-free paths). */
     _Alignas(64) cp__lock lock;
-    unsigned running;  /* atomic: threads released and not back in dequeue */
-    unsigned nparked;  /* atomic: threads on the parked stack */
-    unsigned nwaiting; /* threads inside dequeue: parked or polling */
-    bool polling;      /* atomic: a thread holds the poller role */
-    bool wake_sent;    /* atomic: the current poll has already been woken */
-    cp__thread *poller; /* ...and this is its record (atomic) */
-    cp__thread *parked; /* top of the LIFO stack */
+    unsigned running;     /* atomic: threads released and not back in dequeue */
+    unsigned nparked;     /* atomic: threads on the parked stack */
+    unsigned nwaiting;    /* threads inside dequeue: parked or polling */
+    bool polling;         /* atomic: a thread holds the poller role */
+    bool wake_sent;       /* atomic: the current poll has already been woken */
+    cp__thread *poller;   /* ...and this is its record (atomic) */
+    cp__thread *parked;   /* top of the LIFO stack */
     cp_op *qhead, *qtail; /* FIFO of completed I/O operations */
     uint64_t io_queued;   /* atomic: length of that FIFO */
 
     pthread_key_t tkey;
     cp__thread *threads;
 
-    uint32_t io_handles; /* atomic: associated handles; with none, no thread polls */
-    uint64_t completed;  /* I/O completions queued, ever */
-    uint64_t wakeups;    /* parked threads woken, ever */
-    uint64_t polls;      /* backend polls, ever */
-    uint64_t cq_overflows; /* atomic: times the kernel's completion queue overflowed */
+    uint32_t io_handles;       /* atomic: associated handles; with none, no thread polls */
+    uint64_t completed;        /* I/O completions queued, ever */
+    uint64_t wakeups;          /* parked threads woken, ever */
+    uint64_t polls;            /* backend polls, ever */
+    uint64_t cq_overflows;     /* atomic: times the kernel's completion queue overflowed */
     uint64_t dequeued_by_gone; /* dequeued by threads whose records were freed */
 
     /* Per-operation timeouts: a heap of (deadline, op) guarded by its own lock, taken
@@ -68,7 +68,7 @@ struct cp_port {
     _Alignas(64) cp__lock timer_lock;
     cp__timer_heap timers;
 
-    cp__bufpool pool; /* shared receive buffers (pooled receives) */
+    cp__bufpool pool;     /* shared receive buffers (pooled receives) */
     cp_port_options opts; /* resolved: every default filled in */
 
     const cp__backend *be;

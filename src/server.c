@@ -20,9 +20,9 @@ static const uint32_t size_classes[CP__SIZE_CLASSES] = {4096, 16384, 65536};
 
 const char *cp_close_reason_name(cp_close_reason r)
 {
-    static const char *const names[] = {"peer",         "error",          "local",
-                                        "handshake-timeout", "idle-timeout", "bad-frame",
-                                        "shutdown",     "deadline"};
+    static const char *const names[] = {
+        "peer",         "error",     "local",    "handshake-timeout",
+        "idle-timeout", "bad-frame", "shutdown", "deadline"};
     return (unsigned)r < sizeof(names) / sizeof(names[0]) ? names[r] : "unknown";
 }
 
@@ -161,8 +161,8 @@ static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
         if (!sv->accept_paused) {
             sv->accept_paused = true;
             __atomic_add_fetch(&sv->accept_pauses, 1, __ATOMIC_RELAXED);
-            if (cp_timer_start(sv->pool, &sv->accept_retry, ACCEPT_RETRY_MS, 0, retry_accepts,
-                               sv) < 0)
+            if (cp_timer_start(sv->pool, &sv->accept_retry, ACCEPT_RETRY_MS, 0, retry_accepts, sv) <
+                0)
                 sv->accept_paused = false;
         }
     } else if (res != -ECANCELED) {
@@ -179,14 +179,14 @@ static void shrink_accepts(cp_server *sv)
     cp__lock_acquire(&sv->accept_lock);
     if (sv->accepts_since_tick) {
         sv->quiet_ticks = 0;
-    } else if (++sv->quiet_ticks >= QUIET_TICKS_TO_SHRINK && sv->accepts_target > sv->o.accepts_min) {
+    } else if (++sv->quiet_ticks >= QUIET_TICKS_TO_SHRINK &&
+               sv->accepts_target > sv->o.accepts_min) {
         sv->quiet_ticks = 0;
         sv->accepts_target /= 2;
         if (sv->accepts_target < sv->o.accepts_min)
             sv->accepts_target = sv->o.accepts_min;
-        unsigned surplus = sv->accepts_posted > sv->accepts_target
-                               ? sv->accepts_posted - sv->accepts_target
-                               : 0;
+        unsigned surplus =
+            sv->accepts_posted > sv->accepts_target ? sv->accepts_posted - sv->accepts_target : 0;
         for (unsigned i = 0; i < sv->o.accepts_max && surplus; i++) {
             if (sv->accept_busy[i] && cp_socket_cancel(&sv->listener, &sv->accepts[i].op) == 0)
                 surplus--;
@@ -272,8 +272,8 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     sv->listen_fd = -1;
     /* Timeouts are counted in 16-bit ticks: make a tick long enough that the longest
      * timeout stays under half their range. */
-    unsigned longest = o.handshake_timeout_ms > o.idle_timeout_ms ? o.handshake_timeout_ms
-                                                                  : o.idle_timeout_ms;
+    unsigned longest =
+        o.handshake_timeout_ms > o.idle_timeout_ms ? o.handshake_timeout_ms : o.idle_timeout_ms;
     if (o.linger_ms > longest)
         longest = o.linger_ms;
     sv->tick_ms = o.tick_ms;
@@ -414,8 +414,7 @@ static bool wait_closed(cp_server *sv, const struct timespec *deadline)
             break;
         if (!deadline) {
             pthread_cond_wait(&sv->done_cond, &sv->done_lock);
-        } else if (pthread_cond_timedwait(&sv->done_cond, &sv->done_lock, deadline) ==
-                   ETIMEDOUT) {
+        } else if (pthread_cond_timedwait(&sv->done_cond, &sv->done_lock, deadline) == ETIMEDOUT) {
             break;
         }
     }
@@ -544,8 +543,8 @@ int cp_server_stats_prometheus(cp_server *sv, const char *prefix, char *buf, siz
         {"connections_total", "counter", "Connections accepted and kept", s.conns_total},
         {"connections_rejected_total", "counter", "Connections closed at accept (limit or refused)",
          s.conns_rejected},
-        {"connections_reaped_total", "counter", "Connections closed by the handshake or idle timeout",
-         s.conns_reaped},
+        {"connections_reaped_total", "counter",
+         "Connections closed by the handshake or idle timeout", s.conns_reaped},
         {"accepts_outstanding", "gauge", "Accepts posted now", s.accepts_outstanding},
         {"accepts_target", "gauge", "Accepts the pool aims to keep posted", s.accepts_target},
         {"accept_pauses_total", "counter", "Times accepting paused on a resource error",
@@ -556,17 +555,17 @@ int cp_server_stats_prometheus(cp_server *sv, const char *prefix, char *buf, siz
         {"backpressure_events_total", "counter", "Times reading paused because replies piled up",
          s.backpressure_events},
         {"frames_received_total", "counter", "Frames delivered", s.frames_in},
-        {"frames_rejected_total", "counter", "Connections closed for a bad frame", s.frames_rejected},
+        {"frames_rejected_total", "counter", "Connections closed for a bad frame",
+         s.frames_rejected},
         {"allocations_total", "counter", "Lookaside chunks and large buffers allocated",
          s.allocations},
     };
     size_t used = 0;
     for (size_t i = 0; i < sizeof(m) / sizeof(m[0]); i++) {
-        int n = snprintf(buf ? buf + (used < size ? used : size) : NULL,
-                         used < size ? size - used : 0,
-                         "# HELP %s%s %s\n# TYPE %s%s %s\n%s%s %llu\n", prefix, m[i].name,
-                         m[i].help, prefix, m[i].name, m[i].type, prefix, m[i].name,
-                         (unsigned long long)m[i].v);
+        int n =
+            snprintf(buf ? buf + (used < size ? used : size) : NULL, used < size ? size - used : 0,
+                     "# HELP %s%s %s\n# TYPE %s%s %s\n%s%s %llu\n", prefix, m[i].name, m[i].help,
+                     prefix, m[i].name, m[i].type, prefix, m[i].name, (unsigned long long)m[i].v);
         if (n < 0)
             return n;
         used += (size_t)n;

@@ -25,37 +25,37 @@
  *   bits 52-63  user references (cp_conn_ref). Memory is freed when both counts are zero
  *               and on_close has run. */
 enum {
-    CF_OPEN = 1u << 0,        /* on_open accepted it: callbacks run, on_close will */
-    CF_GOT_DATA = 1u << 1,    /* something arrived (the handshake timeout no longer applies) */
-    CF_RX_OUT = 1u << 2,      /* the (single) receive is posted */
-    CF_PAUSED = 1u << 3,      /* receives held back: replies piled up (backpressure) */
-    CF_CLOSING = 1u << 4,     /* closing: no new sends, no new receives */
-    CF_DRAIN = 1u << 5,       /* ...after what is queued has been sent */
+    CF_OPEN = 1u << 0,         /* on_open accepted it: callbacks run, on_close will */
+    CF_GOT_DATA = 1u << 1,     /* something arrived (the handshake timeout no longer applies) */
+    CF_RX_OUT = 1u << 2,       /* the (single) receive is posted */
+    CF_PAUSED = 1u << 3,       /* receives held back: replies piled up (backpressure) */
+    CF_CLOSING = 1u << 4,      /* closing: no new sends, no new receives */
+    CF_DRAIN = 1u << 5,        /* ...after what is queued has been sent */
     CF_CLOSE_ISSUED = 1u << 6, /* cp_socket_close() called */
-    CF_STOP_READ = 1u << 7,   /* the server is shutting down */
-    CF_REASON_SHIFT = 8,      /* 3 bits: the cp_close_reason once CF_CLOSING is set */
+    CF_STOP_READ = 1u << 7,    /* the server is shutting down */
+    CF_REASON_SHIFT = 8,       /* 3 bits: the cp_close_reason once CF_CLOSING is set */
     CF_REASON_MASK = 7u << 8,
     CF_ONCLOSE_DONE = 1u << 11, /* on_close has run (or will not) */
-    CF_LINGER = 1u << 12,     /* graceful close: replies sent, FIN sent, reading until EOF */
-    CF_RX_ENDED = 1u << 13,   /* a receive reported the end (EOF or an error) */
+    CF_LINGER = 1u << 12,       /* graceful close: replies sent, FIN sent, reading until EOF */
+    CF_RX_ENDED = 1u << 13,     /* a receive reported the end (EOF or an error) */
 };
-#define CS_FLAGS 0x3fffull
+#define CS_FLAGS      0x3fffull
 #define CS_TICK_SHIFT 14
-#define CS_TICK_MASK (0xffffull << CS_TICK_SHIFT)
-#define CS_OPREF (1ull << 30)
+#define CS_TICK_MASK  (0xffffull << CS_TICK_SHIFT)
+#define CS_OPREF      (1ull << 30)
 #define CS_OPREF_MASK (0x3fffffull << 30)
-#define CS_UREF (1ull << 52)
-#define CS_UREF_MASK (0xfffull << 52)
+#define CS_UREF       (1ull << 52)
+#define CS_UREF_MASK  (0xfffull << 52)
 
 /* 128 bytes with one receive in zero-byte mode, no framing, no user area. What follows
  * depends on the server's options (offsets in cp_server): receive slots when recvs > 1,
  * the frame decoder when framed, the user area. */
 struct cp_conn {
     cp_socket s;
-    cp_op rx;          /* the receive when recvs == 1 */
-    cp__lock lock;     /* serialises callbacks and the receive side */
-    uint32_t pending;  /* atomic: bytes queued to send */
-    uint64_t state;    /* atomic: see above */
+    cp_op rx;         /* the receive when recvs == 1 */
+    cp__lock lock;    /* serialises callbacks and the receive side */
+    uint32_t pending; /* atomic: bytes queued to send */
+    uint64_t state;   /* atomic: see above */
 };
 
 /* One receive when recvs > 1: completions are delivered in `seq` order. */
@@ -86,9 +86,9 @@ typedef struct cp__hold {
 
 /* A send (or close) context from the lookaside. */
 typedef enum cp__send_kind {
-    SEND_COPY = 1, /* data copied into `buf` */
-    SEND_HOLD = 2, /* part of a received buffer, kept by `hold` */
-    SEND_REF = 3,  /* the caller's memory; on_sent(ctx) when done */
+    SEND_COPY = 1,  /* data copied into `buf` */
+    SEND_HOLD = 2,  /* part of a received buffer, kept by `hold` */
+    SEND_REF = 3,   /* the caller's memory; on_sent(ctx) when done */
     SEND_CLOSE = 4, /* the op closes the socket */
 } cp__send_kind;
 
@@ -105,11 +105,11 @@ typedef struct cp__send {
     cp_op op;
     uint32_t len;
     uint8_t kind;
-    uint8_t hdr[4];     /* framed sends: the length header */
-    void *buf;          /* SEND_COPY: the copy (from a size class or malloc) */
+    uint8_t hdr[4]; /* framed sends: the length header */
+    void *buf;      /* SEND_COPY: the copy (from a size class or malloc) */
     uint32_t buf_size;
-    cp__hold *hold;     /* SEND_HOLD */
-    void *ctx;          /* SEND_REF */
+    cp__hold *hold; /* SEND_HOLD */
+    void *ctx;      /* SEND_REF */
     struct iovec iov[2];
 } cp__send;
 
@@ -156,7 +156,7 @@ struct cp_server {
     uint16_t listen_port;
     cp_socket listener;
     cp_op listener_close;
-    cp__lock accept_lock; /* guards the fields below */
+    cp__lock accept_lock;  /* guards the fields below */
     cp_accept_op *accepts; /* accepts_max of them */
     uint8_t *accept_busy;  /* 1 while posted */
     unsigned accepts_posted;
@@ -168,7 +168,7 @@ struct cp_server {
     cp_timer *accept_retry;
 
     /* Timeouts. */
-    uint32_t tick;  /* atomic: ticks since start (16 bits of it are kept per connection) */
+    uint32_t tick; /* atomic: ticks since start (16 bits of it are kept per connection) */
     unsigned tick_ms;
     uint32_t hs_ticks, idle_ticks, linger_ticks;
     cp_timer *ticker;

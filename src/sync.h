@@ -89,8 +89,7 @@ static inline void cp__lock_init(cp__lock *l)
 static inline bool cp__lock_try(cp__lock *l)
 {
     uint32_t zero = 0;
-    return __atomic_compare_exchange_n(l, &zero, 1, false, __ATOMIC_ACQUIRE,
-                                       __ATOMIC_RELAXED);
+    return __atomic_compare_exchange_n(l, &zero, 1, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
 }
 
 void cp__lock_slow(cp__lock *l);

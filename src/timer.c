@@ -106,8 +106,7 @@ static void *timer_thread_main(void *arg)
 int cp_timer_start(cp_pool *pool, cp_timer **timerp, uint64_t due_ms, uint64_t period_ms,
                    cp_work_fn fn, void *arg)
 {
-    if (!pool || !timerp || !fn || due_ms > INT64_MAX / 2000000 ||
-        period_ms > INT64_MAX / 2000000)
+    if (!pool || !timerp || !fn || due_ms > INT64_MAX / 2000000 || period_ms > INT64_MAX / 2000000)
         return -EINVAL;
     if (__atomic_load_n(&pool->stopping, __ATOMIC_ACQUIRE))
         return -ESHUTDOWN;

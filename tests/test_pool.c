@@ -107,8 +107,8 @@ static void cap_item(void *arg)
     cap_ctx *x = arg;
     int now = __atomic_add_fetch(&x->now, 1, __ATOMIC_SEQ_CST);
     int seen = __atomic_load_n(&x->max, __ATOMIC_SEQ_CST);
-    while (now > seen && !__atomic_compare_exchange_n(&x->max, &seen, now, false,
-                                                      __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+    while (now > seen && !__atomic_compare_exchange_n(&x->max, &seen, now, false, __ATOMIC_SEQ_CST,
+                                                      __ATOMIC_SEQ_CST))
         ;
     for (int64_t end = cpt_now_ns() + 200000; cpt_now_ns() < end;)
         ;

@@ -101,9 +101,8 @@ static void *conc_worker(void *arg)
         CHECK_EQ(n, 1);
         int now = __atomic_add_fetch(&x->running_now, 1, __ATOMIC_SEQ_CST);
         int seen = __atomic_load_n(&x->max_running, __ATOMIC_SEQ_CST);
-        while (now > seen &&
-               !__atomic_compare_exchange_n(&x->max_running, &seen, now, false,
-                                            __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        while (now > seen && !__atomic_compare_exchange_n(&x->max_running, &seen, now, false,
+                                                          __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
             ;
         spin_us(200);
         __atomic_sub_fetch(&x->running_now, 1, __ATOMIC_SEQ_CST);
@@ -695,8 +694,8 @@ TEST(backend_forced_by_environment)
     cp_port *p;
     CHECK_OK(cp_port_create(&p, 1));
     CHECK(strcmp(cp_port_backend_name(p), cpt_backend()) == 0);
-    CHECK_EQ(cp_port_backend(p), strcmp(cpt_backend(), "epoll") == 0 ? CP_BACKEND_EPOLL
-                                                                      : CP_BACKEND_IO_URING);
+    CHECK_EQ(cp_port_backend(p),
+             strcmp(cpt_backend(), "epoll") == 0 ? CP_BACKEND_EPOLL : CP_BACKEND_IO_URING);
     cp_port_destroy(p);
     char *saved = strdup(cpt_backend());
     setenv("CPORT_BACKEND", "kqueue", 1);

@@ -60,17 +60,17 @@ enum {
 #define XCHG(p, v)  __atomic_exchange_n((p), (v), __ATOMIC_SEQ_CST)
 
 /* Wait (polling every millisecond) until cond holds; fail after ms milliseconds. */
-#define WAIT_FOR(cond, ms)                                                                       \
-    do {                                                                                         \
-        int64_t wf_deadline = cpt_now_ms() + (ms);                                               \
-        while (!(cond)) {                                                                        \
-            if (cpt_now_ms() > wf_deadline) {                                                    \
-                fprintf(stderr, "%s:%d: timed out after %d ms waiting for %s\n", __FILE__,       \
-                        __LINE__, (int)(ms), #cond);                                             \
-                exit(1);                                                                         \
-            }                                                                                    \
-            usleep(1000);                                                                        \
-        }                                                                                        \
+#define WAIT_FOR(cond, ms)                                                                         \
+    do {                                                                                           \
+        int64_t wf_deadline = cpt_now_ms() + (ms);                                                 \
+        while (!(cond)) {                                                                          \
+            if (cpt_now_ms() > wf_deadline) {                                                      \
+                fprintf(stderr, "%s:%d: timed out after %d ms waiting for %s\n", __FILE__,         \
+                        __LINE__, (int)(ms), #cond);                                               \
+                exit(1);                                                                           \
+            }                                                                                      \
+            usleep(1000);                                                                          \
+        }                                                                                          \
     } while (0)
 
 static void atomic_max(uint64_t *p, uint64_t v)
@@ -462,8 +462,7 @@ static int64_t cpu_ms(pid_t pid)
     /* After ")": state(3) ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
      * utime(14) stime(15). */
     unsigned long long ut = 0, st = 0;
-    CHECK_EQ(sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st),
-             2);
+    CHECK_EQ(sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st), 2);
     return (int64_t)(ut + st) * 1000 / sysconf(_SC_CLK_TCK);
 }
 
@@ -836,9 +835,9 @@ struct tsrv {
     uint16_t port;
     cp_server_options o;
     echo_mode echo;
-    bool check_stream; /* on_data checks each connection's stream pattern */
-    bool yield;        /* callbacks yield now and then inside the in-callback window */
-    bool hold_refs;    /* on_open takes a reference, dropped by tsrv_release() */
+    bool check_stream;     /* on_data checks each connection's stream pattern */
+    bool yield;            /* callbacks yield now and then inside the in-callback window */
+    bool hold_refs;        /* on_open takes a reference, dropped by tsrv_release() */
     uint32_t refuse_every; /* atomic: on_open refuses every n-th connection; 0 = none */
     data_hook hook;        /* replaces the echo */
     void *ctx;
@@ -1378,8 +1377,8 @@ TEST(accept_burst_5000)
         int64_t t0 = cpt_now_ms();
         WAIT_FOR((st = tsrv_stats(t)).accepts_outstanding == AMIN && st.accepts_target == AMIN,
                  IO_MS);
-        fprintf(stderr, "round %d: back to %d outstanding %lld ms after the burst\n", round,
-                AMIN, (long long)(cpt_now_ms() - t0));
+        fprintf(stderr, "round %d: back to %d outstanding %lld ms after the burst\n", round, AMIN,
+                (long long)(cpt_now_ms() - t0));
         /* ...and it stays there (never below). */
         for (int i = 0; i < 10; i++) {
             usleep(TICK * 1000);
@@ -1558,7 +1557,8 @@ TEST(handshake_timeout_reaps_silent)
     for (int i = 0; i < SILENT; i++) {
         t_call[i] = cpt_now_ns();
         fds[i] = connect_start(t->port);
-        struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN | EPOLLRDHUP, .data.u32 = (uint32_t)i};
+        struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN | EPOLLRDHUP,
+                                 .data.u32 = (uint32_t)i};
         CHECK_EQ(epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev), 0);
     }
     int closed = 0;
@@ -1923,9 +1923,8 @@ TEST(max_conns_burst)
         WAIT_FOR(tsrv_stats(t).conns_total + tsrv_stats(t).conns_rejected == N, IO_MS);
         cp_server_stats st = tsrv_stats(t);
         if (st.conns_total != MAX)
-            fprintf(stderr, "round %d: %llu kept, %llu refused, at most %llu open at once\n",
-                    round, (unsigned long long)st.conns_total,
-                    (unsigned long long)st.conns_rejected,
+            fprintf(stderr, "round %d: %llu kept, %llu refused, at most %llu open at once\n", round,
+                    (unsigned long long)st.conns_total, (unsigned long long)st.conns_rejected,
                     (unsigned long long)LOAD(&t->open_now_max));
         CHECK_EQ(st.conns_total, MAX);
         CHECK_EQ(st.conns_rejected, N - MAX);
@@ -2239,7 +2238,8 @@ static void churn_case(const cp_server_options *base, echo_mode echo)
 
 TEST(backpressure_keeps_order)
 {
-    cp_server_options a = {.threads = 4, .recvs = 8, .recv_buffer = 4096, .max_pending_send = 16384};
+    cp_server_options a = {
+        .threads = 4, .recvs = 8, .recv_buffer = 4096, .max_pending_send = 16384};
     churn_case(&a, ECHO_DATA);
     cp_server_options b = {.threads = 4, .recvs = 8, .zero_byte = true, .max_pending_send = 16384};
     churn_case(&b, ECHO_COPY);
@@ -2321,8 +2321,9 @@ static void framed_case(const cp_server_options *base)
     recv_all(fd, back, n);
     CHECK(memcmp(back, buf, n) == 0);
     CHECK_EQ(tsrv_stats(t).frames_in - frames0, count);
-    fprintf(stderr, "%u frames in one send: %llu of them came in the same receive as the one "
-                    "before\n",
+    fprintf(stderr,
+            "%u frames in one send: %llu of them came in the same receive as the one "
+            "before\n",
             count, (unsigned long long)(LOAD(&frames_batched) - batched0));
     CHECK(LOAD(&frames_batched) - batched0 > count / 2);
 
@@ -2535,8 +2536,7 @@ typedef struct floader {
 static void fl_fail(fconn *c, fl_end end, const char *why)
 {
     c->end = end;
-    snprintf(c->why, sizeof c->why, "%s (after %u frames echoed, %u sent)", why, c->rx.k,
-             c->tx.k);
+    snprintf(c->why, sizeof c->why, "%s (after %u frames echoed, %u sent)", why, c->rx.k, c->tx.k);
 }
 
 static void *floader_main(void *arg)
@@ -2701,8 +2701,7 @@ TEST(shutdown_under_load)
             fprintf(stderr,
                     "client %d: the server replied to %llu of its frames (%llu handed over "
                     "before the call); it received %u of them in full\n",
-                    i, (unsigned long long)x.ok[i], (unsigned long long)x.before[i],
-                    L.c[i].rx.k);
+                    i, (unsigned long long)x.ok[i], (unsigned long long)x.before[i], L.c[i].rx.k);
     uint64_t before = 0, echoed = 0;
     for (int i = 0; i < N; i++) {
         before += x.before[i];
@@ -2802,8 +2801,8 @@ TEST(echo_sigterm_under_load)
 {
     enum { N = 8, DEADLINE_MS = 3000 };
     echo_child e;
-    const char *args[] = {"--threads", "2", "--framed", "--recvs", "2", "--shutdown-deadline",
-                          "3000", NULL};
+    const char *args[] = {"--threads",           "2",    "--framed", "--recvs", "2",
+                          "--shutdown-deadline", "3000", NULL};
     echo_start(&e, 0, args);
     floader L;
     floader_start(&L, e.port, N);
@@ -2816,8 +2815,9 @@ TEST(echo_sigterm_under_load)
     gapwatch_stop(g);
     int64_t el = (t1 - t0) / 1000000, adj = (t1 - t0 - gap_overlap(g, t0, t1)) / 1000000;
     const char *out = memfd_text(e.out);
-    fprintf(stderr, "cport-echo exited (0x%x) %lld ms after SIGTERM (%lld without scheduling "
-                    "gaps)\n%s",
+    fprintf(stderr,
+            "cport-echo exited (0x%x) %lld ms after SIGTERM (%lld without scheduling "
+            "gaps)\n%s",
             st, (long long)el, (long long)adj, out);
     CHECK(WIFEXITED(st));
     CHECK_EQ(WEXITSTATUS(st), 0);

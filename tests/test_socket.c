@@ -65,7 +65,8 @@ static int listen_any(int *port)
 
 static struct sockaddr_in loopback(int port)
 {
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+    struct sockaddr_in sa = {.sin_family = AF_INET,
+                             .sin_port = htons((uint16_t)port),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     return sa;
 }
@@ -839,8 +840,11 @@ TEST(many_multishot_receives_survive_completion_overflow)
 {
     /* Far more pooled-receive completions pile up between two polls than a small
      * completion queue holds: nothing may be lost (NODROP overflow is drained). */
-    cp_port_options o = {.concurrency = 1, .ring_entries = 8, .cq_entries = 16,
-                         .pool_buffers = 4096, .pool_per_socket = 8};
+    cp_port_options o = {.concurrency = 1,
+                         .ring_entries = 8,
+                         .cq_entries = 16,
+                         .pool_buffers = 4096,
+                         .pool_per_socket = 8};
     cp_port *p;
     CHECK_OK(cp_port_create_ex(&p, &o));
     enum { N = 200 };

@@ -29,7 +29,7 @@ extern "C" {
  * The usual way to get from a completion's cp_op* back to the caller's per-I/O struct:
  *     struct my_io *io = CP_CONTAINER_OF(c.op, struct my_io, op);
  */
-#define CP_CONTAINER_OF(ptr, type, member) ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+#define CP_CONTAINER_OF(ptr, type, member) ((type *)(void *)((char *)(ptr)-offsetof(type, member)))
 
 /* Return a static, human-readable description of a cport error: err may be a negative
  * errno value (as cport returns them) or a positive one. Never returns NULL. Thread-safe. */

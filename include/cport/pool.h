@@ -98,7 +98,7 @@ CP_EXTERN void cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode);
  * (periodic or not: cancel it to release it). Returns 0,
  * -EINVAL, -ENOMEM, or -ESHUTDOWN once destroy has begun. */
 CP_EXTERN int cp_timer_start(cp_pool *pool, cp_timer **timerp, uint64_t due_ms, uint64_t period_ms,
-                   cp_work_fn fn, void *arg);
+                             cp_work_fn fn, void *arg);
 
 /* Cancel a timer and release it (the pointer is invalid afterwards). No callback of it
  * starts after this returns. Returns 1 if a callback of this timer is running right now

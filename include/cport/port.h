@@ -63,18 +63,18 @@ typedef enum cp_backend_kind {
 /* Creation options. Zero-initialise, then set what you need: every zero field means
  * "the default" described next to it. */
 typedef struct cp_port_options {
-    unsigned concurrency;    /* threads released at once; 0 = online CPUs */
-    cp_backend_kind backend; /* CP_BACKEND_AUTO unless forced; a forced backend that is
-                                unavailable makes creation fail (no silent switch) */
-    uint32_t flags;          /* CP_PORT_* */
-    uint32_t max_posted;     /* most posted completions queued at once; 0 = 65536.
-                                cp_port_post() fails with -EAGAIN beyond it */
-    uint32_t ring_entries;   /* io_uring submission queue size; 0 = 1024 */
-    uint32_t cq_entries;     /* io_uring completion queue size (overflow beyond it is kept
-                                by the kernel and drained, never lost); 0 = the larger of
-                                4096 and 4 x ring_entries */
-    uint32_t pool_buffers;   /* buffers in the shared receive pool (CP_RECV_POOL receives);
-                                0 = 4096; rounded up to a power of two, at most 32768 */
+    unsigned concurrency;      /* threads released at once; 0 = online CPUs */
+    cp_backend_kind backend;   /* CP_BACKEND_AUTO unless forced; a forced backend that is
+                                  unavailable makes creation fail (no silent switch) */
+    uint32_t flags;            /* CP_PORT_* */
+    uint32_t max_posted;       /* most posted completions queued at once; 0 = 65536.
+                                  cp_port_post() fails with -EAGAIN beyond it */
+    uint32_t ring_entries;     /* io_uring submission queue size; 0 = 1024 */
+    uint32_t cq_entries;       /* io_uring completion queue size (overflow beyond it is kept
+                                  by the kernel and drained, never lost); 0 = the larger of
+                                  4096 and 4 x ring_entries */
+    uint32_t pool_buffers;     /* buffers in the shared receive pool (CP_RECV_POOL receives);
+                                  0 = 4096; rounded up to a power of two, at most 32768 */
     uint32_t pool_buffer_size; /* bytes per pool buffer, a multiple of the page size;
                                   0 = 4096 */
     uint32_t pool_per_socket;  /* most pool buffers one socket may hold undelivered
@@ -150,14 +150,14 @@ CP_EXTERN const char *cp_port_backend_name(const cp_port *port);
 
 /* A snapshot of the port's counters (each read under the port's lock). */
 typedef struct cp_port_stats {
-    unsigned running;    /* threads released and not yet back in cp_port_dequeue() */
-    unsigned waiting;    /* threads inside cp_port_dequeue(): parked or polling the backend */
-    uint64_t queued;     /* completions queued, not yet dequeued */
-    uint64_t posted;     /* completions posted with cp_port_post(), ever */
-    uint64_t completed;  /* I/O completions queued by the backend, ever */
-    uint64_t dequeued;   /* completions handed out, ever */
-    uint64_t wakeups;    /* times a parked thread was woken */
-    uint64_t polls;      /* times a thread waited in or polled the backend */
+    unsigned running;      /* threads released and not yet back in cp_port_dequeue() */
+    unsigned waiting;      /* threads inside cp_port_dequeue(): parked or polling the backend */
+    uint64_t queued;       /* completions queued, not yet dequeued */
+    uint64_t posted;       /* completions posted with cp_port_post(), ever */
+    uint64_t completed;    /* I/O completions queued by the backend, ever */
+    uint64_t dequeued;     /* completions handed out, ever */
+    uint64_t wakeups;      /* times a parked thread was woken */
+    uint64_t polls;        /* times a thread waited in or polled the backend */
     uint64_t cq_overflows; /* times the kernel's completion queue was found overflowed
                               (io_uring; the overflow is drained, nothing is lost) */
 } cp_port_stats;

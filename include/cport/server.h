@@ -55,14 +55,14 @@ typedef struct cp_conn cp_conn;
 
 /* Why a connection closed (on_close's reason). */
 typedef enum cp_close_reason {
-    CP_CLOSE_PEER = 0,             /* the peer closed its side and everything was sent */
-    CP_CLOSE_ERROR = 1,            /* a receive or send failed (err says why) */
-    CP_CLOSE_LOCAL = 2,            /* cp_conn_close() or cp_conn_abort() */
+    CP_CLOSE_PEER = 0,              /* the peer closed its side and everything was sent */
+    CP_CLOSE_ERROR = 1,             /* a receive or send failed (err says why) */
+    CP_CLOSE_LOCAL = 2,             /* cp_conn_close() or cp_conn_abort() */
     CP_CLOSE_HANDSHAKE_TIMEOUT = 3, /* no data within handshake_timeout_ms of accepting */
-    CP_CLOSE_IDLE_TIMEOUT = 4,     /* no data for idle_timeout_ms */
-    CP_CLOSE_BAD_FRAME = 5,        /* framed mode: a header over max_frame or malformed */
-    CP_CLOSE_SHUTDOWN = 6,         /* the server is shutting down */
-    CP_CLOSE_DEADLINE = 7,         /* the deadline set with cp_conn_set_deadline passed */
+    CP_CLOSE_IDLE_TIMEOUT = 4,      /* no data for idle_timeout_ms */
+    CP_CLOSE_BAD_FRAME = 5,         /* framed mode: a header over max_frame or malformed */
+    CP_CLOSE_SHUTDOWN = 6,          /* the server is shutting down */
+    CP_CLOSE_DEADLINE = 7,          /* the deadline set with cp_conn_set_deadline passed */
 } cp_close_reason;
 
 /* Name of a close reason, e.g. "idle-timeout". */
@@ -92,54 +92,54 @@ typedef struct cp_server_callbacks {
 } cp_server_callbacks;
 
 typedef struct cp_server_options {
-    const char *bind;         /* IPv4 address to listen on; NULL = "0.0.0.0" */
-    uint16_t port;            /* TCP port; 0 = any (see cp_server_listen_port) */
-    unsigned threads;         /* worker threads, all may run at once; 0 = online CPUs */
-    cp_backend_kind backend;  /* CP_BACKEND_AUTO unless forced (see cport/port.h) */
-    unsigned accepts_min;     /* accepts kept posted at least; 0 = 4 */
-    unsigned accepts_max;     /* ...and at most; 0 = 256 (never below accepts_min) */
-    unsigned backlog;         /* listen(2) backlog; 0 = 4096 */
-    unsigned max_conns;       /* connections at once; beyond, closed at accept; 0 = none */
+    const char *bind;              /* IPv4 address to listen on; NULL = "0.0.0.0" */
+    uint16_t port;                 /* TCP port; 0 = any (see cp_server_listen_port) */
+    unsigned threads;              /* worker threads, all may run at once; 0 = online CPUs */
+    cp_backend_kind backend;       /* CP_BACKEND_AUTO unless forced (see cport/port.h) */
+    unsigned accepts_min;          /* accepts kept posted at least; 0 = 4 */
+    unsigned accepts_max;          /* ...and at most; 0 = 256 (never below accepts_min) */
+    unsigned backlog;              /* listen(2) backlog; 0 = 4096 */
+    unsigned max_conns;            /* connections at once; beyond, closed at accept; 0 = none */
     unsigned handshake_timeout_ms; /* close if nothing arrives this long after accept; 0 = off */
-    unsigned idle_timeout_ms; /* close if nothing arrives for this long; 0 = off */
-    unsigned tick_ms;         /* timeout sweep period; 0 = 100 */
-    unsigned linger_ms;       /* graceful close: after the last reply, FIN is sent and the
-                                 connection reads (and drops) what the peer still sends
-                                 for at most this long, so that closing with unread data
-                                 does not reset the connection and destroy replies in
-                                 flight; 0 = 5000 */
-    uint32_t max_pending_send; /* bytes queued to send on one connection before reading
-                                 from it pauses; resumes below half; 0 = 1 MiB */
-    bool zero_byte;           /* pooled receives: an idle connection holds no buffer */
-    uint32_t recv_buffer;     /* receive buffer per receive without zero_byte; page
-                                 multiple; 0 = 16384 */
-    unsigned recvs;           /* receives outstanding per connection; 0 = 1 */
-    bool framed;              /* 4-byte big-endian length-prefixed messages */
-    uint32_t max_frame;       /* framed: largest payload accepted; 0 = 1 MiB */
-    size_t conn_user_size;    /* bytes of per-connection user area (cp_conn_user) */
-    bool conn_deadlines;      /* enable cp_conn_set_deadline (4 more bytes a connection) */
-    void *user;               /* the server's user pointer (cp_server_user) */
-    cp_port_options port_options; /* options of the port (concurrency and backend are set
-                                 from the fields above) */
+    unsigned idle_timeout_ms;      /* close if nothing arrives for this long; 0 = off */
+    unsigned tick_ms;              /* timeout sweep period; 0 = 100 */
+    unsigned linger_ms;            /* graceful close: after the last reply, FIN is sent and the
+                                      connection reads (and drops) what the peer still sends
+                                      for at most this long, so that closing with unread data
+                                      does not reset the connection and destroy replies in
+                                      flight; 0 = 5000 */
+    uint32_t max_pending_send;     /* bytes queued to send on one connection before reading
+                                     from it pauses; resumes below half; 0 = 1 MiB */
+    bool zero_byte;                /* pooled receives: an idle connection holds no buffer */
+    uint32_t recv_buffer;          /* receive buffer per receive without zero_byte; page
+                                      multiple; 0 = 16384 */
+    unsigned recvs;                /* receives outstanding per connection; 0 = 1 */
+    bool framed;                   /* 4-byte big-endian length-prefixed messages */
+    uint32_t max_frame;            /* framed: largest payload accepted; 0 = 1 MiB */
+    size_t conn_user_size;         /* bytes of per-connection user area (cp_conn_user) */
+    bool conn_deadlines;           /* enable cp_conn_set_deadline (4 more bytes a connection) */
+    void *user;                    /* the server's user pointer (cp_server_user) */
+    cp_port_options port_options;  /* options of the port (concurrency and backend are set
+                                  from the fields above) */
 } cp_server_options;
 
 /* Counters (monotonic unless noted). */
 typedef struct cp_server_stats {
-    uint64_t conns_open;        /* connections now (gauge) */
-    uint64_t conns_total;       /* connections accepted and kept */
-    uint64_t conns_rejected;    /* closed at accept: over max_conns or refused by on_open */
-    uint64_t conns_reaped;      /* closed by the handshake or idle timeout */
+    uint64_t conns_open;          /* connections now (gauge) */
+    uint64_t conns_total;         /* connections accepted and kept */
+    uint64_t conns_rejected;      /* closed at accept: over max_conns or refused by on_open */
+    uint64_t conns_reaped;        /* closed by the handshake or idle timeout */
     uint64_t accepts_outstanding; /* accepts posted now (gauge) */
-    uint64_t accepts_target;    /* how many the accept pool aims for now (gauge) */
-    uint64_t accept_pauses;     /* times accepting paused on a resource error */
-    uint64_t bytes_in;          /* bytes received */
-    uint64_t bytes_out;         /* bytes sent */
-    uint64_t completions;       /* completions dequeued by the workers */
+    uint64_t accepts_target;      /* how many the accept pool aims for now (gauge) */
+    uint64_t accept_pauses;       /* times accepting paused on a resource error */
+    uint64_t bytes_in;            /* bytes received */
+    uint64_t bytes_out;           /* bytes sent */
+    uint64_t completions;         /* completions dequeued by the workers */
     uint64_t backpressure_events; /* times reading paused because replies piled up */
-    uint64_t frames_in;         /* framed mode: frames delivered */
-    uint64_t frames_rejected;   /* framed mode: connections closed for a bad frame */
-    uint64_t allocations;       /* lookaside chunks and buffers allocated (flat in steady
-                                   state) */
+    uint64_t frames_in;           /* framed mode: frames delivered */
+    uint64_t frames_rejected;     /* framed mode: connections closed for a bad frame */
+    uint64_t allocations;         /* lookaside chunks and buffers allocated (flat in steady
+                                     state) */
 } cp_server_stats;
 
 /* Create a server (not yet listening). Copies the options; cb must stay valid for the

@@ -98,7 +98,7 @@ typedef struct cp_op {
 
 /* The per-handle context. Caller-allocated; filled in by cp_socket_associate(). */
 struct cp_handle {
-    int fd;        /* the descriptor (read-only) */
+    int fd; /* the descriptor (read-only) */
     uint32_t cp__lock;
     uintptr_t key; /* the per-handle key every completion of this handle carries */
     cp_port *cp__port;
@@ -141,7 +141,8 @@ CP_EXTERN int cp_socket_accept(cp_socket *listener, cp_accept_op *op, void *buf,
 
 /* Connect the socket to addr (ConnectEx without data). addr must stay valid until the
  * completion is dequeued. Result 0 on success or a negative errno (-ECONNREFUSED, ...). */
-CP_EXTERN int cp_socket_connect(cp_socket *s, cp_op *op, const struct sockaddr *addr, socklen_t addrlen);
+CP_EXTERN int cp_socket_connect(cp_socket *s, cp_op *op, const struct sockaddr *addr,
+                                socklen_t addrlen);
 
 /* Receive up to len bytes into buf. Result: bytes received (> 0), 0 at end of stream, or a
  * negative errno. len must be > 0 and < 4 GiB. */
@@ -229,13 +230,13 @@ typedef struct cp_transmit_op {
     const cp_packet *cp__elems;
     uint32_t cp__n;
     uint32_t cp__flags;
-    uint32_t cp__idx;     /* element being sent */
-    uint32_t cp__inpipe;  /* io_uring: bytes spliced into the pipe, not yet sent */
-    int32_t cp__pipe;     /* io_uring: pipe from the port's pool, or -1 */
+    uint32_t cp__idx;    /* element being sent */
+    uint32_t cp__inpipe; /* io_uring: bytes spliced into the pipe, not yet sent */
+    int32_t cp__pipe;    /* io_uring: pipe from the port's pool, or -1 */
     uint32_t cp__pad;
-    uint64_t cp__off;     /* bytes of the element already sent */
-    uint64_t cp__end;     /* the element's length once known */
-    uint64_t sent;        /* total bytes sent (the completion's result; read-only) */
+    uint64_t cp__off;        /* bytes of the element already sent */
+    uint64_t cp__end;        /* the element's length once known */
+    uint64_t sent;           /* total bytes sent (the completion's result; read-only) */
     cp_packet cp__inline[3]; /* TransmitFile's head, file and tail */
 } cp_transmit_op;
 

@@ -125,29 +125,28 @@ static void stats_stop(stats_http *h)
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: cport-echo [options]\n"
-            "  --port N              TCP port (default 5050; 0 = any, printed at start)\n"
-            "  --bind ADDR           IPv4 address to listen on (default 0.0.0.0)\n"
-            "  --threads N           worker threads (default: online CPUs)\n"
-            "  --backend B           io_uring or epoll (default: io_uring if allowed)\n"
-            "  --accepts N           accepts kept posted at least (= --accepts-min)\n"
-            "  --accepts-min N       accept pool lower bound (default 4)\n"
-            "  --accepts-max N       accept pool upper bound (default 256)\n"
-            "  --max-conns N         connections beyond N are closed at once (default: none)\n"
-            "  --handshake-timeout MS  close a connection silent this long after accept\n"
-            "  --idle-timeout MS     close a connection silent this long\n"
-            "  --max-pending BYTES   replies queued per connection before reading pauses\n"
-            "                        (default 1048576)\n"
-            "  --zero-byte           idle connections hold no receive buffer (pooled receives)\n"
-            "  --recvs N             receives outstanding per connection (default 1)\n"
-            "  --buffer BYTES        receive buffer without --zero-byte (default 16384)\n"
-            "  --framed              4-byte big-endian length-prefixed messages, echoed whole\n"
-            "  --max-frame BYTES     largest frame accepted (default 1048576)\n"
-            "  --stats-port N        serve the counters in Prometheus format on this port\n"
-            "  --shutdown-deadline MS  how long SIGTERM lets replies drain (default 5000)\n"
-            "  --help                this text\n"
-            "SIGINT/SIGTERM shut down gracefully and exit 0; SIGUSR1 prints the counters.\n");
+    fprintf(f, "usage: cport-echo [options]\n"
+               "  --port N              TCP port (default 5050; 0 = any, printed at start)\n"
+               "  --bind ADDR           IPv4 address to listen on (default 0.0.0.0)\n"
+               "  --threads N           worker threads (default: online CPUs)\n"
+               "  --backend B           io_uring or epoll (default: io_uring if allowed)\n"
+               "  --accepts N           accepts kept posted at least (= --accepts-min)\n"
+               "  --accepts-min N       accept pool lower bound (default 4)\n"
+               "  --accepts-max N       accept pool upper bound (default 256)\n"
+               "  --max-conns N         connections beyond N are closed at once (default: none)\n"
+               "  --handshake-timeout MS  close a connection silent this long after accept\n"
+               "  --idle-timeout MS     close a connection silent this long\n"
+               "  --max-pending BYTES   replies queued per connection before reading pauses\n"
+               "                        (default 1048576)\n"
+               "  --zero-byte           idle connections hold no receive buffer (pooled receives)\n"
+               "  --recvs N             receives outstanding per connection (default 1)\n"
+               "  --buffer BYTES        receive buffer without --zero-byte (default 16384)\n"
+               "  --framed              4-byte big-endian length-prefixed messages, echoed whole\n"
+               "  --max-frame BYTES     largest frame accepted (default 1048576)\n"
+               "  --stats-port N        serve the counters in Prometheus format on this port\n"
+               "  --shutdown-deadline MS  how long SIGTERM lets replies drain (default 5000)\n"
+               "  --help                this text\n"
+               "SIGINT/SIGTERM shut down gracefully and exit 0; SIGUSR1 prints the counters.\n");
 }
 
 static int parse_uint(const char *s, unsigned long max, unsigned long *out)
@@ -169,31 +168,46 @@ static int parse_args(int argc, char **argv, config *cfg)
     cfg->stats_port = -1;
     cfg->shutdown_ms = 5000;
     enum {
-        O_PORT = 1, O_BIND, O_THREADS, O_BACKEND, O_ACCEPTS, O_AMIN, O_AMAX, O_MAXCONNS,
-        O_HS, O_IDLE, O_PENDING, O_ZERO, O_RECVS, O_BUFFER, O_FRAMED, O_MAXFRAME, O_STATS,
-        O_SHUTDOWN, O_HELP
+        O_PORT = 1,
+        O_BIND,
+        O_THREADS,
+        O_BACKEND,
+        O_ACCEPTS,
+        O_AMIN,
+        O_AMAX,
+        O_MAXCONNS,
+        O_HS,
+        O_IDLE,
+        O_PENDING,
+        O_ZERO,
+        O_RECVS,
+        O_BUFFER,
+        O_FRAMED,
+        O_MAXFRAME,
+        O_STATS,
+        O_SHUTDOWN,
+        O_HELP
     };
-    static const struct option opts[] = {
-        {"port", required_argument, 0, O_PORT},
-        {"bind", required_argument, 0, O_BIND},
-        {"threads", required_argument, 0, O_THREADS},
-        {"backend", required_argument, 0, O_BACKEND},
-        {"accepts", required_argument, 0, O_ACCEPTS},
-        {"accepts-min", required_argument, 0, O_AMIN},
-        {"accepts-max", required_argument, 0, O_AMAX},
-        {"max-conns", required_argument, 0, O_MAXCONNS},
-        {"handshake-timeout", required_argument, 0, O_HS},
-        {"idle-timeout", required_argument, 0, O_IDLE},
-        {"max-pending", required_argument, 0, O_PENDING},
-        {"zero-byte", no_argument, 0, O_ZERO},
-        {"recvs", required_argument, 0, O_RECVS},
-        {"buffer", required_argument, 0, O_BUFFER},
-        {"framed", no_argument, 0, O_FRAMED},
-        {"max-frame", required_argument, 0, O_MAXFRAME},
-        {"stats-port", required_argument, 0, O_STATS},
-        {"shutdown-deadline", required_argument, 0, O_SHUTDOWN},
-        {"help", no_argument, 0, O_HELP},
-        {0, 0, 0, 0}};
+    static const struct option opts[] = {{"port", required_argument, 0, O_PORT},
+                                         {"bind", required_argument, 0, O_BIND},
+                                         {"threads", required_argument, 0, O_THREADS},
+                                         {"backend", required_argument, 0, O_BACKEND},
+                                         {"accepts", required_argument, 0, O_ACCEPTS},
+                                         {"accepts-min", required_argument, 0, O_AMIN},
+                                         {"accepts-max", required_argument, 0, O_AMAX},
+                                         {"max-conns", required_argument, 0, O_MAXCONNS},
+                                         {"handshake-timeout", required_argument, 0, O_HS},
+                                         {"idle-timeout", required_argument, 0, O_IDLE},
+                                         {"max-pending", required_argument, 0, O_PENDING},
+                                         {"zero-byte", no_argument, 0, O_ZERO},
+                                         {"recvs", required_argument, 0, O_RECVS},
+                                         {"buffer", required_argument, 0, O_BUFFER},
+                                         {"framed", no_argument, 0, O_FRAMED},
+                                         {"max-frame", required_argument, 0, O_MAXFRAME},
+                                         {"stats-port", required_argument, 0, O_STATS},
+                                         {"shutdown-deadline", required_argument, 0, O_SHUTDOWN},
+                                         {"help", no_argument, 0, O_HELP},
+                                         {0, 0, 0, 0}};
     int ch;
     unsigned long v;
     cp_server_options *o = &cfg->so;
@@ -286,8 +300,8 @@ static int parse_args(int argc, char **argv, config *cfg)
     if (o->recv_buffer && o->recv_buffer % (uint32_t)sysconf(_SC_PAGESIZE)) {
         /* The server's buffers are page multiples (lookaside lists): round up. */
         long page = sysconf(_SC_PAGESIZE);
-        o->recv_buffer = (uint32_t)((o->recv_buffer + (uint32_t)page - 1) / (uint32_t)page *
-                                    (uint32_t)page);
+        o->recv_buffer =
+            (uint32_t)((o->recv_buffer + (uint32_t)page - 1) / (uint32_t)page * (uint32_t)page);
     }
     return optind == argc ? 0 : -1;
 }
@@ -332,9 +346,9 @@ int main(int argc, char **argv)
     printf("cport-echo: backend=%s threads=%u bind=%s port=%u accepts=%u..%u max-conns=%u "
            "handshake-timeout=%ums idle-timeout=%ums max-pending=%u zero-byte=%s recvs=%u "
            "buffer=%u framed=%s max-frame=%u\n",
-           cp_port_backend_name(cp_server_port(sv)), o->threads ? o->threads
-                                                                : (unsigned)sysconf(_SC_NPROCESSORS_ONLN),
-           o->bind, cp_server_listen_port(sv), o->accepts_min ? o->accepts_min : 4,
+           cp_port_backend_name(cp_server_port(sv)),
+           o->threads ? o->threads : (unsigned)sysconf(_SC_NPROCESSORS_ONLN), o->bind,
+           cp_server_listen_port(sv), o->accepts_min ? o->accepts_min : 4,
            o->accepts_max ? o->accepts_max : 256, o->max_conns, o->handshake_timeout_ms,
            o->idle_timeout_ms, o->max_pending_send ? o->max_pending_send : 1u << 20,
            o->zero_byte ? "on" : "off", o->recvs ? o->recvs : 1,
