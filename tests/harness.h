@@ -17,47 +17,47 @@
 typedef void (*cpt_fn)(void);
 void cpt_register(const char *name, cpt_fn fn);
 
-#define TEST(name)                                                                               \
-    static void cpt_test_##name(void);                                                           \
-    __attribute__((constructor)) static void cpt_reg_##name(void)                                \
-    {                                                                                            \
-        cpt_register(#name, cpt_test_##name);                                                    \
-    }                                                                                            \
+#define TEST(name)                                                                                 \
+    static void cpt_test_##name(void);                                                             \
+    __attribute__((constructor)) static void cpt_reg_##name(void)                                  \
+    {                                                                                              \
+        cpt_register(#name, cpt_test_##name);                                                      \
+    }                                                                                              \
     static void cpt_test_##name(void)
 
-#define CHECK(cond)                                                                              \
-    do {                                                                                         \
-        if (!(cond)) {                                                                           \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);             \
-            exit(1);                                                                             \
-        }                                                                                        \
+#define CHECK(cond)                                                                                \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);               \
+            exit(1);                                                                               \
+        }                                                                                          \
     } while (0)
 
-#define CHECK_EQ(a, b)                                                                           \
-    do {                                                                                         \
-        int64_t cpt_a = (int64_t)(a), cpt_b = (int64_t)(b);                                      \
-        if (cpt_a != cpt_b) {                                                                    \
-            fprintf(stderr, "%s:%d: CHECK_EQ failed: %s == %s (%" PRId64 " vs %" PRId64 ")\n",   \
-                    __FILE__, __LINE__, #a, #b, cpt_a, cpt_b);                                   \
-            exit(1);                                                                             \
-        }                                                                                        \
+#define CHECK_EQ(a, b)                                                                             \
+    do {                                                                                           \
+        int64_t cpt_a = (int64_t)(a), cpt_b = (int64_t)(b);                                        \
+        if (cpt_a != cpt_b) {                                                                      \
+            fprintf(stderr, "%s:%d: CHECK_EQ failed: %s == %s (%" PRId64 " vs %" PRId64 ")\n",     \
+                    __FILE__, __LINE__, #a, #b, cpt_a, cpt_b);                                     \
+            exit(1);                                                                               \
+        }                                                                                          \
     } while (0)
 
 /* CHECK that a cport call returned >= 0, printing the error name otherwise. */
-#define CHECK_OK(expr)                                                                           \
-    do {                                                                                         \
-        int64_t cpt_r = (int64_t)(expr);                                                         \
-        if (cpt_r < 0) {                                                                         \
-            fprintf(stderr, "%s:%d: %s failed: %" PRId64 " (%s)\n", __FILE__, __LINE__, #expr,   \
-                    cpt_r, cpt_strerror((int)cpt_r));                                            \
-            exit(1);                                                                             \
-        }                                                                                        \
+#define CHECK_OK(expr)                                                                             \
+    do {                                                                                           \
+        int64_t cpt_r = (int64_t)(expr);                                                           \
+        if (cpt_r < 0) {                                                                           \
+            fprintf(stderr, "%s:%d: %s failed: %" PRId64 " (%s)\n", __FILE__, __LINE__, #expr,     \
+                    cpt_r, cpt_strerror((int)cpt_r));                                              \
+            exit(1);                                                                               \
+        }                                                                                          \
     } while (0)
 
-#define SKIP(why)                                                                                \
-    do {                                                                                         \
-        fprintf(stderr, "SKIP: %s\n", why);                                                      \
-        exit(77);                                                                                \
+#define SKIP(why)                                                                                  \
+    do {                                                                                           \
+        fprintf(stderr, "SKIP: %s\n", why);                                                        \
+        exit(77);                                                                                  \
     } while (0)
 
 const char *cpt_strerror(int err);
