@@ -45,15 +45,7 @@ for step in "${steps[@]}"; do
       run_suite tsan build-tsan -DCMAKE_BUILD_TYPE=Debug -DCPORT_SANITIZE=thread ;;
   valgrind)
     cmake -S . -B build >/dev/null && cmake --build build -j"$jobs" >/dev/null 2>&1
-    vg_ok=1
-    for ex in build/bin/pool_vs_naive; do
-      [ -x "$ex" ] || continue
-      if ! valgrind -q --leak-check=full --errors-for-leak-kinds=definite,indirect,possible \
-           --error-exitcode=1 "$ex" --quick >/dev/null 2>build-valgrind.log; then
-        cat build-valgrind.log; vg_ok=0
-      fi
-    done
-    if ((vg_ok)); then result[valgrind]="no leaks"; else result[valgrind]="LEAKS"; overall=1; fi ;;
+    if scripts/valgrind.sh build; then result[valgrind]="no leaks (examples, cport-echo)"; else result[valgrind]="LEAKS or errors"; overall=1; fi ;;
   *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -18,6 +18,7 @@
 #include <netinet/in.h>
 #include <linux/sockios.h>
 #include <netinet/tcp.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -270,6 +271,8 @@ void cp_conn_abort(cp_conn *c)
 
 void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort)
 {
+    if (!(st_load(c) & CS_OPREF_MASK))
+        return; /* being set up (it sees `stopping` itself), or finished */
     st_or(c, CF_STOP_READ);
     start_close(sv, c, CP_CLOSE_SHUTDOWN, 0, !abort);
 }
@@ -312,6 +315,8 @@ static void timed_out(cp_server *sv, cp_conn *c, cp_close_reason reason, uint64_
 void cp__conn_sweep(cp_server *sv, cp_conn *c, uint16_t now)
 {
     uint64_t st = st_load(c);
+    if (!(st & CS_OPREF_MASK))
+        return; /* being set up, or finished */
     if (st & CF_CLOSING) {
         if (st & CF_CLOSE_ISSUED)
             return;
@@ -401,7 +406,7 @@ static void deliver(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t 
     w->cur_base = base;
     w->cur_size = kind == BUF_POOL ? (uint32_t)cp_buffer_size(sv->port) : sv->o.recv_buffer;
     w->cur_hold = NULL;
-    w->bytes_in += len;
+    __atomic_store_n(&w->bytes_in, w->bytes_in + len, __ATOMIC_RELAXED); /* read by stats */
     if (!sv->o.framed) {
         w->cur_buf = buf;
         w->cur_len = len;
@@ -765,7 +770,7 @@ static void xmit_done(cp_server *sv, cp_conn *c, cp__xmit *x, int64_t res)
 {
     cp__worker *w = cp__server_worker(sv);
     if (res > 0)
-        w->bytes_out += (uint64_t)res;
+        __atomic_store_n(&w->bytes_out, w->bytes_out + (uint64_t)res, __ATOMIC_RELAXED);
     if (x->head)
         cp__server_buf_free(sv, x->head, x->head_size);
     if (sv->cb.on_sent) {
@@ -782,7 +787,7 @@ static void send_done(cp_server *sv, cp_conn *c, cp__send *x, int64_t res)
 {
     cp__worker *w = cp__server_worker(sv);
     if (res > 0)
-        w->bytes_out += (uint64_t)res;
+        __atomic_store_n(&w->bytes_out, w->bytes_out + (uint64_t)res, __ATOMIC_RELAXED);
     if (x->kind == SEND_COPY)
         cp__server_buf_free(sv, x->buf, x->buf_size);
     else if (x->kind == SEND_HOLD)
@@ -850,7 +855,11 @@ void cp__conn_start(cp_server *sv, int fd)
         __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_RELAXED);
         return;
     }
-    memset(c, 0, sv->off_user + sv->o.conn_user_size);
+    /* Everything but the state word, which the sweep and shutdown read while walking the
+     * slab: it keeps saying "no references" (skipped) until the set-up is published. */
+    size_t st_off = offsetof(cp_conn, state), st_end = st_off + sizeof(c->state);
+    memset(c, 0, st_off);
+    memset((char *)c + st_end, 0, sv->off_user + sv->o.conn_user_size - st_end);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     if (cp_pool_associate(sv->pool, &c->s, fd, &sv->conn_binding) < 0) {
@@ -861,7 +870,8 @@ void cp__conn_start(cp_server *sv, int fd)
         return;
     }
     /* The life reference, plus one for this set-up. */
-    c->state = 2 * CS_OPREF | ((uint64_t)now_tick(sv) << CS_TICK_SHIFT);
+    __atomic_store_n(&c->state, 2 * CS_OPREF | ((uint64_t)now_tick(sv) << CS_TICK_SHIFT),
+                     __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&sv->stopping, __ATOMIC_SEQ_CST)) {
         start_close(sv, c, CP_CLOSE_SHUTDOWN, 0, false);
         op_unref(sv, c, 1);

@@ -5,15 +5,15 @@
 #include <string.h>
 
 /* The errno values cport and its callers meet most; others still get strerror() text. */
-#define CP__ERRNO_MAP(X)                                                                           \
-    X(EPERM)                                                                                       \
-    X(ENOENT) X(EINTR) X(EIO) X(EBADF) X(EAGAIN) X(ENOMEM) X(EACCES) X(EFAULT) X(EBUSY) X(EEXIST)  \
-        X(EINVAL) X(ENFILE) X(EMFILE) X(ENOSPC) X(EPIPE) X(ERANGE) X(ENOSYS) X(ENOTSOCK)           \
-            X(EMSGSIZE) X(EOPNOTSUPP) X(EADDRINUSE) X(EADDRNOTAVAIL) X(ENETUNREACH)                \
-                X(ECONNABORTED) X(ECONNRESET) X(ENOBUFS) X(EISCONN) X(ENOTCONN) X(ESHUTDOWN)       \
-                    X(ETIMEDOUT) X(ECONNREFUSED) X(EHOSTUNREACH) X(EALREADY) X(EINPROGRESS)        \
-                        X(ECANCELED) X(EOVERFLOW) X(EPROTO) X(EBADMSG) X(E2BIG) X(ENAMETOOLONG)    \
-                            X(ELOOP) X(EISDIR) X(ENOTDIR) X(ESPIPE)
+/* clang-format off */
+#define CP__ERRNO_MAP(X)                                                                         \
+    X(EPERM) X(ENOENT) X(EINTR) X(EIO) X(EBADF) X(EAGAIN) X(ENOMEM) X(EACCES) X(EFAULT)        \
+    X(EBUSY) X(EEXIST) X(EINVAL) X(ENFILE) X(EMFILE) X(ENOSPC) X(EPIPE) X(ERANGE) X(ENOSYS)     \
+    X(ENOTSOCK) X(EMSGSIZE) X(EOPNOTSUPP) X(EADDRINUSE) X(EADDRNOTAVAIL) X(ENETUNREACH)         \
+    X(ECONNABORTED) X(ECONNRESET) X(ENOBUFS) X(EISCONN) X(ENOTCONN) X(ESHUTDOWN) X(ETIMEDOUT)   \
+    X(ECONNREFUSED) X(EHOSTUNREACH) X(EALREADY) X(EINPROGRESS) X(ECANCELED) X(EOVERFLOW)        \
+    X(EPROTO) X(EBADMSG) X(E2BIG) X(ENAMETOOLONG) X(ELOOP) X(EISDIR) X(ENOTDIR) X(ESPIPE)
+/* clang-format on */
 
 const char *cp_err_name(int err)
 {

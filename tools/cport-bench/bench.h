@@ -37,6 +37,12 @@ struct opts {
 
 /* ---- time and stop flag ----------------------------------------------------------------- */
 extern volatile sig_atomic_t cb_stop;
+
+/* Whether SIGINT/SIGTERM asked to stop (any thread). */
+static inline int bench_stopped(void)
+{
+    return __atomic_load_n(&cb_stop, __ATOMIC_RELAXED);
+}
 int64_t now_ns(void);
 /* Sleeps until the monotonic time t (ns) or until cb_stop is set; false if stopped. */
 bool sleep_until(int64_t t);

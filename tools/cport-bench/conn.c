@@ -106,7 +106,7 @@ int run_connrate(struct opts *o)
     say("cport-bench connrate: %s:%d, %d concurrent, %zu B message, %d thread%s\n", o->host,
         o->port, o->conns, o->size, nt, nt == 1 ? "" : "s");
     say("measured %.2f s after %.2f s warm-up%s\n", secs, o->warmup,
-        cb_stop ? " (interrupted)" : "");
+        bench_stopped() ? " (interrupted)" : "");
     say("connections: %" PRIu64 " in window (%" PRIu64 " in all), %.0f conns/s\n", done, total,
         rate);
     res_num("secs", secs, 3);
@@ -115,7 +115,7 @@ int run_connrate(struct opts *o)
     report_latency(h);
     res_int("total_connections", (int64_t)total);
     report_errs(&err);
-    res_int("interrupted", cb_stop ? 1 : 0);
+    res_int("interrupted", bench_stopped() ? 1 : 0);
     report_server_cpu(o, &win, done, "conn");
     free(h);
     free(jr);
@@ -189,7 +189,8 @@ int run_hold(struct opts *o)
     uint64_t lost = closed + broken + unexpected;
     say("held %.2f s%s: %" PRIu64 " still open, %" PRIu64 " lost (%" PRIu64
         " closed by peer, %" PRIu64 " reset, %" PRIu64 " with unexpected data)\n",
-        held_secs, cb_stop ? " (interrupted)" : "", open_ok, lost, closed, broken, unexpected);
+        held_secs, bench_stopped() ? " (interrupted)" : "", open_ok, lost, closed, broken,
+        unexpected);
     res_num("secs", held_secs, 3);
     res_int("established", (int64_t)established);
     res_num("establish_s", est_secs, 3);
@@ -202,7 +203,7 @@ int run_hold(struct opts *o)
     res_int("lost_reset", (int64_t)broken);
     res_int("lost_data", (int64_t)unexpected);
     report_errs(&jr.err);
-    res_int("interrupted", cb_stop ? 1 : 0);
+    res_int("interrupted", bench_stopped() ? 1 : 0);
     if (o->server_pid > 0) {
         double per = (rss2 >= 0 && rss0 >= 0 && established)
                          ? (double)(rss2 - rss0) * 1024.0 / (double)established

@@ -289,7 +289,7 @@ static void *eworker_main(void *arg)
     pthread_barrier_wait(&barrier); /* window times set */
 
     for (int i = 0; i < w->n; i++)
-        if (!w->conns[i].dead && !cb_stop)
+        if (!w->conns[i].dead && !bench_stopped())
             pump_tx(w, &w->conns[i], true);
 
     struct epoll_event evs[MAX_EVENTS];
@@ -298,7 +298,7 @@ static void *eworker_main(void *arg)
         int64_t now = now_ns();
         int64_t ws = atomic_load_explicit(&w->win->start, memory_order_relaxed);
         int64_t we = atomic_load_explicit(&w->win->end, memory_order_relaxed);
-        if (!w->ending && (now >= we || cb_stop)) {
+        if (!w->ending && (now >= we || bench_stopped())) {
             w->ending = true;
             drain_deadline = now + (int64_t)(o->drain * 1e9);
         }
@@ -441,7 +441,7 @@ int run_echo(struct opts *o)
         o->host, o->port, o->conns, established, (double)(tc1 - tc0) / 1e6, o->size, o->depth, nt,
         nt == 1 ? "" : "s");
     say("measured %.2f s after %.2f s warm-up%s\n", secs, o->warmup,
-        cb_stop ? " (interrupted)" : "");
+        bench_stopped() ? " (interrupted)" : "");
     say("messages: %" PRIu64 " in window (%" PRIu64 " in all), %.0f msgs/s, %.2f MiB/s echoed\n",
         msgs, total, rate, mib);
     res_num("secs", secs, 3);
@@ -468,7 +468,7 @@ int run_echo(struct opts *o)
     res_int("verify_errors", (int64_t)err.verify_errors);
     res_int("timeouts", (int64_t)err.timeouts);
     res_int("errors", (int64_t)nerr);
-    res_int("interrupted", cb_stop ? 1 : 0);
+    res_int("interrupted", bench_stopped() ? 1 : 0);
     report_server_cpu(o, &win, msgs, "msg");
 
     free(h);

@@ -220,7 +220,7 @@ static void slot_event(struct jobrun *r, struct slot *s, uint32_t events, int64_
 
 static bool may_start(struct jobrun *r, int64_t now)
 {
-    if (cb_stop)
+    if (bench_stopped())
         return false;
     if (r->keep)
         return r->next_job < r->njobs;

@@ -23,7 +23,7 @@
 static void on_signal(int sig)
 {
     (void)sig;
-    cb_stop = 1;
+    __atomic_store_n(&cb_stop, 1, __ATOMIC_RELAXED); /* read by every thread */
 }
 
 void signals_block(bool block)

@@ -27,7 +27,7 @@ int64_t now_ns(void)
 
 bool sleep_until(int64_t t)
 {
-    while (!cb_stop) {
+    while (!bench_stopped()) {
         int64_t left = t - now_ns();
         if (left <= 0)
             return true;
