@@ -91,7 +91,7 @@ static cp_frame_decoder *decoder_of(cp_server *sv, cp_conn *c)
 
 static uint16_t now_tick(cp_server *sv)
 {
-    return (uint16_t)__atomic_load_n(&sv->tick, __ATOMIC_RELAXED);
+    return (uint16_t)cp__server_tick(sv);
 }
 
 /* ---- freeing --------------------------------------------------------------------------- */
@@ -209,14 +209,20 @@ static void drain_step(cp_server *sv, cp_conn *c)
     if ((st & (CF_CLOSING | CF_DRAIN | CF_CLOSE_ISSUED)) != (CF_CLOSING | CF_DRAIN) ||
         __atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) != 0)
         return;
-    if ((st & CF_RX_ENDED) || quiet_both_ways(c)) {
+    if (st & CF_RX_ENDED) {
+        issue_close(sv, c);
+        return;
+    }
+    if (quiet_both_ways(c)) {
+        /* FIN first: input arriving between the check and the close then draws a reset
+         * only after the peer has its FIN, and it reads the end, not the reset. */
+        shutdown(c->s.fd, SHUT_WR);
         issue_close(sv, c);
         return;
     }
     while (!(st & CF_LINGER)) {
         uint64_t want = (st & ~CS_TICK_MASK) | CF_LINGER |
-                        ((uint64_t)__atomic_load_n(&sv->tick, __ATOMIC_RELAXED) << CS_TICK_SHIFT &
-                         CS_TICK_MASK);
+                        ((uint64_t)now_tick(sv) << CS_TICK_SHIFT & CS_TICK_MASK);
         if (__atomic_compare_exchange_n(&c->state, &st, want, true, __ATOMIC_SEQ_CST,
                                         __ATOMIC_SEQ_CST)) {
             shutdown(c->s.fd, SHUT_WR);
@@ -290,7 +296,7 @@ int cp_conn_set_deadline(cp_conn *c, unsigned ms)
     uint32_t at = 0;
     if (ms) {
         uint32_t ticks = (ms + sv->tick_ms - 1) / sv->tick_ms;
-        at = __atomic_load_n(&sv->tick, __ATOMIC_RELAXED) + (ticks ? ticks : 1);
+        at = cp__server_tick(sv) + (ticks ? ticks : 1);
         if (at == 0)
             at = 1; /* 0 means "none" */
     }
@@ -312,7 +318,7 @@ static void timed_out(cp_server *sv, cp_conn *c, cp_close_reason reason, uint64_
     }
 }
 
-void cp__conn_sweep(cp_server *sv, cp_conn *c, uint16_t now)
+void cp__conn_sweep(cp_server *sv, cp_conn *c, uint32_t now)
 {
     uint64_t st = st_load(c);
     if (!(st & CS_OPREF_MASK))
@@ -324,7 +330,7 @@ void cp__conn_sweep(cp_server *sv, cp_conn *c, uint16_t now)
             issue_close(sv, c); /* it could not get its op (out of memory): retry */
         } else if (!(st & CF_LINGER)) {
             drain_step(sv, c);
-        } else if ((uint16_t)(now - st_tick(st)) >= sv->linger_ticks) {
+        } else if ((uint16_t)((uint16_t)now - st_tick(st)) >= sv->linger_ticks) {
             start_close(sv, c, (cp_close_reason)((st & CF_REASON_MASK) >> CF_REASON_SHIFT), 0,
                         false); /* lingered long enough: abort */
         } else if (quiet_both_ways(c)) {
@@ -344,15 +350,14 @@ void cp__conn_sweep(cp_server *sv, cp_conn *c, uint16_t now)
         }
         return;
     }
-    uint16_t idle = (uint16_t)(now - st_tick(st));
+    uint16_t idle = (uint16_t)((uint16_t)now - st_tick(st));
     if (sv->hs_ticks && !(st & CF_GOT_DATA) && idle >= sv->hs_ticks) {
         timed_out(sv, c, CP_CLOSE_HANDSHAKE_TIMEOUT, st);
     } else if (sv->idle_ticks && idle >= sv->idle_ticks) {
         timed_out(sv, c, CP_CLOSE_IDLE_TIMEOUT, st);
     } else if (sv->o.conn_deadlines) {
         uint32_t at = __atomic_load_n(deadline_of(sv, c), __ATOMIC_RELAXED);
-        uint32_t full = __atomic_load_n(&sv->tick, __ATOMIC_RELAXED);
-        if (at && (int32_t)(full - at) >= 0) {
+        if (at && (int32_t)(now - at) >= 0) {
             __atomic_store_n(deadline_of(sv, c), 0, __ATOMIC_RELAXED);
             timed_out(sv, c, CP_CLOSE_DEADLINE, st);
         }

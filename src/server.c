@@ -200,7 +200,7 @@ static void shrink_accepts(cp_server *sv)
 
 typedef struct sweep_ctx {
     cp_server *sv;
-    uint16_t now;
+    uint32_t now;
 } sweep_ctx;
 
 static void sweep_one(void *obj, void *arg)
@@ -212,11 +212,11 @@ static void sweep_one(void *obj, void *arg)
 static void on_tick(void *arg)
 {
     cp_server *sv = arg;
-    uint32_t now = __atomic_add_fetch(&sv->tick, 1, __ATOMIC_RELAXED);
+    uint32_t now = cp__server_tick(sv);
     /* One pass over every connection: memory reads, no syscall, no per-connection timer
      * (a connection keeps a 16-bit tick of its last data in its state word). It also
      * retries closes that could not get an op when memory ran out. */
-    sweep_ctx x = {sv, (uint16_t)now};
+    sweep_ctx x = {sv, now};
     cp__slab_walk(&sv->conns, sweep_one, &x);
     shrink_accepts(sv);
 }
@@ -282,6 +282,8 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     sv->hs_ticks = ms_to_ticks(o.handshake_timeout_ms, sv->tick_ms);
     sv->idle_ticks = ms_to_ticks(o.idle_timeout_ms, sv->tick_ms);
     sv->linger_ticks = ms_to_ticks(o.linger_ms, sv->tick_ms);
+    sv->tick_ns = (int64_t)sv->tick_ms * 1000000;
+    sv->tick_epoch_ns = cp__now_ns();
     sv->frame_cfg = (cp_frame_config){.max_frame = o.max_frame,
                                       .alloc = frame_buf_alloc,
                                       .free = frame_buf_free,

@@ -168,7 +168,11 @@ struct cp_server {
     cp_timer *accept_retry;
 
     /* Timeouts. */
-    uint32_t tick; /* atomic: ticks since start (16 bits of it are kept per connection) */
+    /* The tick is read off the monotonic clock, not counted in timer firings: a late or
+     * bunched firing then never makes a connection look older than it is (a timeout never
+     * fires early), and stamps taken between firings are exact. */
+    int64_t tick_epoch_ns; /* the clock when the server started */
+    int64_t tick_ns;
     unsigned tick_ms;
     uint32_t hs_ticks, idle_ticks, linger_ticks;
     cp_timer *ticker;
@@ -191,12 +195,18 @@ struct cp_server {
 /* conn.c */
 void cp__conn_start(cp_server *sv, int fd);
 void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user);
-void cp__conn_sweep(cp_server *sv, cp_conn *c, uint16_t now);
+void cp__conn_sweep(cp_server *sv, cp_conn *c, uint32_t now);
 void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort);
 cp__worker *cp__server_worker(cp_server *sv);
 void *cp__server_buf_alloc(cp_server *sv, size_t size, uint32_t *got);
 void cp__server_buf_free(cp_server *sv, void *buf, uint32_t size);
 void cp__server_signal_done(cp_server *sv);
+
+/* Ticks since the server started, off the monotonic clock (any thread). */
+static inline uint32_t cp__server_tick(const cp_server *sv)
+{
+    return (uint32_t)((cp__now_ns() - sv->tick_epoch_ns) / sv->tick_ns);
+}
 
 static inline cp_server *cp__conn_server(const cp_conn *c)
 {

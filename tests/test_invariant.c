@@ -60,6 +60,7 @@ enum {
     MAX_SOCKS = 1024,      /* table capacity */
     SOFT_SOCKS = 140,      /* above this many sockets, nothing new is associated */
     MAX_PEND = 32,         /* plain clients dialled, not yet accepted */
+    MAX_GHOSTS = 64,       /* pending clients closed before they were accepted */
     MAX_HELD = 24,         /* pool buffers the test keeps a while before releasing */
     MAX_OUT_PER_SOCK = 8,  /* outstanding operations per socket */
     MAX_OUTSTANDING = 500, /* outstanding operations overall */
@@ -289,6 +290,21 @@ typedef struct world {
     struct sockaddr_in laddr;
     pend pending[MAX_PEND];
     int npend;
+    /* A pending client closed before its accept completed may still be accepted (the
+     * kernel queues it, data, FIN or RST included), and its port may be handed to a new
+     * client: such an accept cannot be told from the new client's. So a closed pending
+     * client leaves a ghost (port, listener), a dial that lands on a ghost's port is
+     * abandoned, and an accept matching a ghost is a plain accepted socket. */
+    struct ghost {
+        uint16_t port;
+        uint64_t lsid;
+    } ghosts[MAX_GHOSTS];
+    int nghosts;
+    unsigned long ghosts_accepted, dials_haunted;
+    /* Dialled clients take their ports from a range outside the kernel's ephemeral one, so
+     * a port can never be shared with an associated socket of the port that was closed
+     * before the listener accepted it (those are untracked ghosts). */
+    int dial_lo, dial_hi, dial_next;
     void *held[MAX_HELD];
     int nheld;
     opblk *graveyard;
@@ -616,6 +632,29 @@ static void drop_pending_locked(world *w, uint64_t lsid)
             i++;
         }
     }
+    for (int i = 0; i < w->nghosts;) {
+        if (lsid == 0 || w->ghosts[i].lsid == lsid)
+            w->ghosts[i] = w->ghosts[--w->nghosts];
+        else
+            i++;
+    }
+}
+
+/* The index of the ghost (port, lsid), or -1. Caller holds w->mu. */
+static int ghost_find_locked(world *w, int port, uint64_t lsid)
+{
+    for (int i = 0; i < w->nghosts; i++)
+        if (w->ghosts[i].port == port && w->ghosts[i].lsid == lsid)
+            return i;
+    return -1;
+}
+
+/* Close pending client i and leave its ghost. Caller holds w->mu and made room. */
+static void pending_close_locked(world *w, int i)
+{
+    close(w->pending[i].fd);
+    w->ghosts[w->nghosts++] = (struct ghost){(uint16_t)w->pending[i].port, w->pending[i].lsid};
+    w->pending[i] = w->pending[--w->npend];
 }
 
 static void dial(world *w, tctx *t)
@@ -630,6 +669,26 @@ static void dial(world *w, tctx *t)
     uint64_t lsid = w->listener->id;
     pthread_mutex_unlock(&w->mu);
     int fd = tcp_socket(true);
+    /* Take the port first, from the dial range, and not one a ghost holds (the accept would
+     * be ambiguous). A port in use (by anyone) is skipped. */
+    pthread_mutex_lock(&w->mu);
+    int tries = 0, port = -1;
+    while (port < 0 && tries++ < 16) {
+        int p = w->dial_next;
+        w->dial_next = p + 1 < w->dial_hi ? p + 1 : w->dial_lo;
+        if (ghost_find_locked(w, p, lsid) >= 0) {
+            w->dials_haunted++;
+            continue;
+        }
+        struct sockaddr_in me = loopback_addr((uint16_t)p);
+        if (bind(fd, (struct sockaddr *)&me, sizeof(me)) == 0)
+            port = p;
+    }
+    pthread_mutex_unlock(&w->mu);
+    if (port < 0) {
+        close(fd); /* never connected: no ghost */
+        return;
+    }
     if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 && errno != EINPROGRESS) {
         close(fd);
         return;
@@ -659,13 +718,12 @@ static void pending_action(world *w, tctx *t, bool close_it)
     if (w->npend) {
         int i = (int)rng_below(&t->r, (uint32_t)w->npend);
         pend *pd = &w->pending[i];
-        if (close_it) {
+        if (close_it && w->nghosts < MAX_GHOSTS) {
             if (rng_pct(&t->r, 50)) {
                 struct linger lg = {1, 0};
                 setsockopt(pd->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
             }
-            close(pd->fd);
-            *pd = w->pending[--w->npend];
+            pending_close_locked(w, i);
         } else if (rng_pct(&t->r, 8)) {
             shutdown(pd->fd, SHUT_WR);
             pd->wr_shut = true;
@@ -1219,13 +1277,20 @@ static void handle_accepted(world *w, tctx *t, opblk *b, int64_t res)
     int port = ntohs(peer->sin_port);
     pend pd = {.fd = -1};
     pthread_mutex_lock(&w->mu);
-    /* Clients of different listeners may share a local port: match both. */
-    for (int i = 0; i < w->npend; i++)
-        if (w->pending[i].port == port && w->pending[i].lsid == b->sid) {
-            pd = w->pending[i];
-            w->pending[i] = w->pending[--w->npend];
-            break;
-        }
+    /* Clients of different listeners may share a local port: match both. A ghost's port is
+     * never given to a pending client of the same listener (dial checks). */
+    int g = ghost_find_locked(w, port, b->sid);
+    if (g >= 0) {
+        w->ghosts[g] = w->ghosts[--w->nghosts];
+        w->ghosts_accepted++;
+    } else {
+        for (int i = 0; i < w->npend; i++)
+            if (w->pending[i].port == port && w->pending[i].lsid == b->sid) {
+                pd = w->pending[i];
+                w->pending[i] = w->pending[--w->npend];
+                break;
+            }
+    }
     pthread_mutex_unlock(&w->mu);
     if (pd.fd >= 0 && w->single_consumer && w->check_order) {
         /* The first data is the start of the dialler's stream. */
@@ -1649,6 +1714,22 @@ static world *world_new(const char *mode, bool exact, bool single_consumer, unsi
     w->sid_state = calloc(MAX_SIDS, sizeof(*w->sid_state));
     CHECK(w->sid_state != NULL);
     atomic_init(&w->next_sid, 1);
+    int eph_lo = 32768, eph_hi = 60999;
+    FILE *f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "r");
+    if (f) {
+        if (fscanf(f, "%d %d", &eph_lo, &eph_hi) != 2)
+            eph_lo = 32768, eph_hi = 60999;
+        fclose(f);
+    }
+    if (eph_lo - 1024 >= 4096) {
+        w->dial_lo = eph_lo - 12000 > 1024 ? eph_lo - 12000 : 1024;
+        w->dial_hi = eph_lo;
+    } else {
+        CHECK(65536 - eph_hi > 4096);
+        w->dial_lo = eph_hi + 1;
+        w->dial_hi = 65536;
+    }
+    w->dial_next = w->dial_lo + (int)rng_below(&r, (uint32_t)(w->dial_hi - w->dial_lo));
     w->plain_lfd = tcp_socket(false);
     struct sockaddr_in sa = loopback_addr(0);
     CHECK_OK(bind(w->plain_lfd, (struct sockaddr *)&sa, sizeof(sa)));
@@ -1747,6 +1828,10 @@ static void final_checks(world *w, int64_t t0)
     for (int k = 0; k < K__N; k++)
         fprintf(stderr, "  %-12s %7lu accepted %7lu rejected\n", kind_name[k],
                 atomic_load(&w->accepted[k]), atomic_load(&w->rejected[k]));
+    pthread_mutex_lock(&w->mu);
+    fprintf(stderr, "  closed pending clients accepted later: %lu; dials that met one: %lu\n",
+            w->ghosts_accepted, w->dials_haunted);
+    pthread_mutex_unlock(&w->mu);
 }
 
 static void world_free(world *w)

@@ -16,6 +16,7 @@
  *   S7     framed_split_and_batched, framed_bad_frame
  *   S8     shutdown_under_load, shutdown_deadline_cuts, echo_sigterm_under_load
  *   stats  stats_counters_move, echo_stats_sigusr1_and_prometheus
+ *   (shutdown_slow_reader_gets_every_reply, backpressure_keeps_order: S5/S8 corner cases)
  *
  * Volumes scale with CPORT_TEST_SCALE (cpt_scaled); the counts the issue names (5,000
  * connects, 5,000 silent connections, 100 clients) do not. Every wait has a deadline that
@@ -854,6 +855,7 @@ struct tsrv {
     uint64_t ref_sends, ref_sent_ok, ref_sent_bad;
     uint64_t max_pending;
     uint64_t reasons[8];
+    uint64_t kind_reasons[8][8]; /* on_close test: [uconn.kind][reason] */
     uint32_t error_once;
     char first_error[256];
 
@@ -946,6 +948,7 @@ static void t_on_close(cp_conn *c, cp_close_reason reason, int err)
     u->reason = (int32_t)reason;
     u->err = err;
     ADD(&t->reasons[(unsigned)reason & 7], 1);
+    ADD(&t->kind_reasons[LOAD(&u->kind) & 7][(unsigned)reason & 7], 1);
     SUB(&t->open_now, 1);
     ADD(&t->closes, 1);
     cb_leave(u);
@@ -1631,7 +1634,8 @@ TEST(handshake_timeout_reaps_silent)
     CHECK(rtt < MAX_RTT_MS);
     cp_server_stats st = tsrv_stats(t);
     CHECK_EQ(st.conns_reaped, SILENT);
-    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_HANDSHAKE_TIMEOUT]), SILENT);
+    /* on_close comes once the lingering close ends (the client's close, seen above). */
+    WAIT_FOR(LOAD(&t->reasons[CP_CLOSE_HANDSHAKE_TIMEOUT]) == SILENT, IO_MS);
     WAIT_FOR(tsrv_stats(t).conns_open == GOOD, IO_MS);
     /* The well-behaved ones are still served. */
     for (int i = 0; i < GOOD; i++)
@@ -1695,8 +1699,9 @@ TEST(idle_timeout)
     CHECK(mute_closed - c_call <= IDLE_MS + 1000);
     CHECK(quiet_closed - q_sent >= IDLE_MS - TICK - 5);
     CHECK(quiet_closed - q_echoed <= IDLE_MS + 1000);
-    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_IDLE_TIMEOUT]), 2);
     CHECK_EQ(tsrv_stats(t).conns_reaped, 2);
+    /* on_close follows the close the clients saw, through the port. */
+    WAIT_FOR(LOAD(&t->reasons[CP_CLOSE_IDLE_TIMEOUT]) == 2, IO_MS);
     /* The talker kept its connection all along, and it is served. */
     exchange(talker, 999, 100000);
     CHECK_EQ(LOAD(&t->closes), 2);
@@ -2934,4 +2939,438 @@ TEST(shutdown_slow_reader_gets_every_reply)
     CHECK(f.err != ECONNRESET);
     close(f.fd);
     CHECK_EQ(tsrv_stop(t, 0), 0);
+}
+
+/* ---- T3/S6: on_close exactly once, whichever way a connection ends ---------------------- */
+
+/* The first byte a client sends says how its connection is to end. */
+enum {
+    END_PEER_FIN = 1, /* the client closes after its echo */
+    END_LOCAL,        /* on_data replies, then cp_conn_close() twice */
+    END_ABORT,        /* on_data cp_conn_abort(), then cp_conn_close() */
+    END_PEER_RESET,   /* the client resets after its echo */
+    END_DEADLINE,     /* on_data sets a 100 ms deadline */
+    END_SHUTDOWN,     /* still open when the server shuts down */
+    END_RACE,         /* the client resets while another thread calls cp_conn_close() */
+    END_KINDS
+};
+
+static void close_kind_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *d, size_t len)
+{
+    if (u->rx == 0)
+        STORE(&u->kind, d[0]);
+    switch (LOAD(&u->kind)) {
+    case END_LOCAL:
+        note_send(t, cp_conn_send(c, d, len));
+        cp_conn_close(c);
+        cp_conn_close(c);
+        if (cp_conn_send(c, d, len) != -EPIPE) /* closing: nothing more is queued */
+            note_error(t, "cp_conn_send after cp_conn_close did not fail with -EPIPE");
+        break;
+    case END_ABORT:
+        cp_conn_abort(c);
+        cp_conn_close(c);
+        break;
+    case END_DEADLINE:
+        note_send(t, cp_conn_send(c, d, len));
+        if (cp_conn_set_deadline(c, 100) != 0)
+            note_error(t, "cp_conn_set_deadline failed");
+        break;
+    default:
+        note_send(t, cp_conn_send(c, d, len));
+        break;
+    }
+}
+
+typedef struct racer {
+    int *fds;
+    int n;
+    uint32_t go; /* atomic */
+    pthread_t th;
+} racer;
+
+static void reset_close(int fd)
+{
+    struct linger lg = {1, 0};
+    CHECK_EQ(setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg), 0);
+    close(fd);
+}
+
+static void *racer_main(void *arg)
+{
+    racer *r = arg;
+    while (!LOAD(&r->go))
+        sched_yield();
+    for (int i = 0; i < r->n; i++)
+        reset_close(r->fds[i]);
+    return NULL;
+}
+
+/* Connections end in seven ways (peer FIN, peer reset, cp_conn_close twice, abort then
+ * close, a deadline, server shutdown, and cp_conn_close from another thread racing the
+ * peer's reset): every one kept by on_open gets exactly one on_close, with the reason of
+ * the way it ended, and no callback of it runs after that or alongside another. */
+TEST(on_close_exactly_once)
+{
+    enum { PER = 40 };
+    cp_server_options o = {.threads = 2, .tick_ms = 20, .conn_deadlines = true};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hook = close_kind_hook;
+    t->hold_refs = true; /* the race below needs the connections */
+    t->yield = true;
+    tsrv_start(t, &o);
+    int fds[END_KINDS][PER];
+    uint8_t msg[8], back[8];
+    for (int k = 1; k < END_KINDS; k++)
+        for (int i = 0; i < PER; i++) {
+            fds[k][i] = connect_to(t->port);
+            memset(msg, 'a' + i % 26, sizeof msg);
+            msg[0] = (uint8_t)k;
+            send_all(fds[k][i], msg, sizeof msg);
+        }
+    for (int k = 1; k < END_KINDS; k++)
+        for (int i = 0; i < PER; i++) {
+            int fd = fds[k][i];
+            if (k == END_ABORT) {
+                /* Aborted: a reset (or an EOF), and never the reply. */
+                size_t got;
+                CHECK(wait_peer_close(fd, cpt_now_ms() + IO_MS, &got) >= 0);
+                CHECK_EQ(got, 0);
+                continue;
+            }
+            recv_all(fd, back, sizeof back);
+            CHECK_EQ(back[0], k);
+            if (k == END_LOCAL || k == END_DEADLINE)
+                expect_closed(fd, IO_MS); /* the reply came first, then the close */
+            if (k == END_PEER_FIN)
+                shutdown(fd, SHUT_WR);
+            if (k == END_PEER_RESET)
+                reset_close(fd);
+        }
+    /* All connections are open on the server side but for those closing: now race. */
+    WAIT_FOR(LOAD(&t->opens) == (END_KINDS - 1) * PER, IO_MS);
+    racer r = {.fds = fds[END_RACE], .n = PER};
+    CHECK_EQ(pthread_create(&r.th, NULL, racer_main, &r), 0);
+    pthread_mutex_lock(&t->lock);
+    size_t nheld = t->nheld;
+    cp_conn **held = malloc(nheld * sizeof(*held));
+    CHECK(held != NULL);
+    memcpy(held, t->held, nheld * sizeof(*held));
+    pthread_mutex_unlock(&t->lock);
+    STORE(&r.go, 1);
+    int raced = 0;
+    for (size_t i = 0; i < nheld; i++)
+        if (LOAD(&((uconn *)cp_conn_user(held[i]))->kind) == END_RACE) {
+            cp_conn_close(held[i]);
+            raced++;
+        }
+    pthread_join(r.th, NULL);
+    free(held);
+    CHECK_EQ(raced, PER);
+    /* Everything but the END_SHUTDOWN ones ends by itself. */
+    WAIT_FOR(LOAD(&t->closes) == (END_KINDS - 2) * PER, IO_MS);
+    for (int i = 0; i < PER; i++)
+        close(fds[END_PEER_FIN][i]);
+    cp_server_shutdown(t->sv, 5000);
+    uint64_t(*kr)[8] = t->kind_reasons;
+    fprintf(stderr, "on_close reasons by way of ending (peer/error/local/deadline/shutdown):\n");
+    for (int k = 1; k < END_KINDS; k++)
+        fprintf(stderr, "  kind %d: %llu/%llu/%llu/%llu/%llu\n", k,
+                (unsigned long long)LOAD(&kr[k][CP_CLOSE_PEER]),
+                (unsigned long long)LOAD(&kr[k][CP_CLOSE_ERROR]),
+                (unsigned long long)LOAD(&kr[k][CP_CLOSE_LOCAL]),
+                (unsigned long long)LOAD(&kr[k][CP_CLOSE_DEADLINE]),
+                (unsigned long long)LOAD(&kr[k][CP_CLOSE_SHUTDOWN]));
+    CHECK_EQ(LOAD(&kr[END_PEER_FIN][CP_CLOSE_PEER]), PER);
+    CHECK_EQ(LOAD(&kr[END_LOCAL][CP_CLOSE_LOCAL]), PER);
+    CHECK_EQ(LOAD(&kr[END_ABORT][CP_CLOSE_LOCAL]), PER);
+    CHECK_EQ(LOAD(&kr[END_PEER_RESET][CP_CLOSE_PEER]) + LOAD(&kr[END_PEER_RESET][CP_CLOSE_ERROR]),
+             PER);
+    CHECK_EQ(LOAD(&kr[END_DEADLINE][CP_CLOSE_DEADLINE]), PER);
+    CHECK_EQ(LOAD(&kr[END_SHUTDOWN][CP_CLOSE_SHUTDOWN]), PER);
+    CHECK_EQ(LOAD(&kr[END_RACE][CP_CLOSE_LOCAL]) + LOAD(&kr[END_RACE][CP_CLOSE_PEER]) +
+                 LOAD(&kr[END_RACE][CP_CLOSE_ERROR]),
+             PER);
+    CHECK_EQ(LOAD(&t->closes), (END_KINDS - 1) * PER);
+    CHECK_EQ(LOAD(&t->send_errors), 0);
+    for (int i = 0; i < PER; i++)
+        close(fds[END_SHUTDOWN][i]);
+    for (int k = END_LOCAL; k <= END_DEADLINE; k++)
+        if (k != END_PEER_RESET)
+            for (int i = 0; i < PER; i++)
+                close(fds[k][i]);
+    CHECK_EQ(tsrv_stop(t, 0), 0); /* the second shutdown is a no-op */
+}
+
+/* ---- stats ------------------------------------------------------------------------------ */
+
+/* The value of metric `name` in Prometheus text, checking its TYPE line. */
+static uint64_t prom_value(const char *text, const char *name, const char *type)
+{
+    char want[160];
+    snprintf(want, sizeof want, "# TYPE %s %s\n", name, type);
+    if (!strstr(text, want))
+        fprintf(stderr, "no \"%s\" in:\n%s\n", want, text);
+    CHECK(strstr(text, want) != NULL);
+    snprintf(want, sizeof want, "\n%s ", name);
+    const char *p = strstr(text, want);
+    CHECK(p != NULL);
+    char *end;
+    unsigned long long v = strtoull(p + strlen(want), &end, 10);
+    CHECK(*end == '\n');
+    return v;
+}
+
+/* Prometheus text of the server's counters agrees with cp_server_get_stats (quiet server). */
+static void check_prometheus(cp_server *sv, const cp_server_stats *s)
+{
+    char buf[8192];
+    int n = cp_server_stats_prometheus(sv, "t_", buf, sizeof buf);
+    CHECK(n > 0 && (size_t)n < sizeof buf);
+    CHECK_EQ(strlen(buf), (size_t)n);
+    CHECK_EQ(prom_value(buf, "t_connections_open", "gauge"), s->conns_open);
+    CHECK_EQ(prom_value(buf, "t_connections_total", "counter"), s->conns_total);
+    CHECK_EQ(prom_value(buf, "t_connections_rejected_total", "counter"), s->conns_rejected);
+    CHECK_EQ(prom_value(buf, "t_connections_reaped_total", "counter"), s->conns_reaped);
+    CHECK_EQ(prom_value(buf, "t_accepts_outstanding", "gauge"), s->accepts_outstanding);
+    CHECK_EQ(prom_value(buf, "t_bytes_received_total", "counter"), s->bytes_in);
+    CHECK_EQ(prom_value(buf, "t_bytes_sent_total", "counter"), s->bytes_out);
+    CHECK_EQ(prom_value(buf, "t_backpressure_events_total", "counter"), s->backpressure_events);
+    CHECK_EQ(prom_value(buf, "t_frames_received_total", "counter"), s->frames_in);
+    CHECK_EQ(prom_value(buf, "t_frames_rejected_total", "counter"), s->frames_rejected);
+    CHECK(prom_value(buf, "t_completions_total", "counter") >= s->completions);
+    /* Too small a buffer: truncated, NUL-terminated, and the length it needed returned. */
+    char small[64];
+    memset(small, 'x', sizeof small);
+    CHECK_EQ(cp_server_stats_prometheus(sv, "t_", small, sizeof small), n);
+    CHECK_EQ(strlen(small), sizeof small - 1);
+    CHECK(memcmp(small, buf, sizeof small - 1) == 0);
+    CHECK_EQ(cp_server_stats_prometheus(sv, "t_", NULL, 0), n);
+}
+
+/* Every counter moves by exactly what the traffic says: connections kept, refused by
+ * on_open, reaped by the handshake timeout; bytes in and out; completions; a backpressure
+ * pause; frames delivered and rejected. The Prometheus text says the same. */
+TEST(stats_counters_move)
+{
+    enum { CLIENTS = 5, ROUNDS = 50, MSG = 700, REFUSED = 3, SILENT = 4 };
+    cp_server_options o = {
+        .threads = 2, .handshake_timeout_ms = 300, .tick_ms = 20, .max_pending_send = 64 * 1024};
+    tsrv *t = tsrv_new(ECHO_COPY);
+    tsrv_start(t, &o);
+    cp_server_stats s0 = tsrv_stats(t);
+    CHECK_EQ(s0.conns_open, 0);
+    CHECK_EQ(s0.conns_total, 0);
+    CHECK_EQ(s0.bytes_in, 0);
+    CHECK(s0.accepts_outstanding >= 4 && s0.accepts_outstanding <= 256);
+    check_prometheus(t->sv, &s0);
+
+    /* Kept connections and echoed bytes. */
+    int fds[CLIENTS];
+    for (int i = 0; i < CLIENTS; i++)
+        fds[i] = connect_to(t->port);
+    for (int r = 0; r < ROUNDS; r++)
+        for (int i = 0; i < CLIENTS; i++)
+            exchange(fds[i], (uint32_t)(r * CLIENTS + i), MSG);
+    const uint64_t bytes = (uint64_t)CLIENTS * ROUNDS * MSG;
+    WAIT_FOR(tsrv_stats(t).bytes_out == bytes, IO_MS); /* send completions may trail */
+    cp_server_stats s1 = tsrv_stats(t);
+    CHECK_EQ(s1.conns_open, CLIENTS);
+    CHECK_EQ(s1.conns_total, CLIENTS);
+    CHECK_EQ(s1.conns_rejected, 0);
+    CHECK_EQ(s1.conns_reaped, 0);
+    CHECK_EQ(s1.bytes_in, bytes);
+    CHECK_EQ(s1.bytes_out, bytes);
+    /* Each round trip took at least one receive completion (the next message waited for
+     * the echo). */
+    CHECK(s1.completions - s0.completions >= (uint64_t)CLIENTS * ROUNDS);
+    CHECK_EQ(s1.backpressure_events, 0);
+    check_prometheus(t->sv, &s1);
+
+    /* Refused by on_open: counted as rejected, not as kept. */
+    STORE(&t->refuse_every, 1);
+    for (int i = 0; i < REFUSED; i++) {
+        int fd = connect_to(t->port);
+        expect_closed(fd, IO_MS);
+        close(fd);
+    }
+    STORE(&t->refuse_every, 0);
+    WAIT_FOR(tsrv_stats(t).conns_rejected == REFUSED, IO_MS);
+
+    /* Silent ones reaped by the handshake timeout. */
+    int silent[SILENT];
+    for (int i = 0; i < SILENT; i++)
+        silent[i] = connect_to(t->port);
+    for (int i = 0; i < SILENT; i++) {
+        expect_closed(silent[i], IO_MS);
+        close(silent[i]);
+    }
+    WAIT_FOR(tsrv_stats(t).conns_open == CLIENTS, IO_MS);
+    cp_server_stats s2 = tsrv_stats(t);
+    CHECK_EQ(s2.conns_reaped, SILENT);
+    CHECK_EQ(s2.conns_total, CLIENTS + SILENT);
+    CHECK_EQ(s2.conns_rejected, REFUSED);
+    CHECK_EQ(s2.bytes_in, bytes);
+
+    /* A client that does not read: the server pauses reading (counted) once the kernel's
+     * buffers both ways are full, and every byte is echoed once it reads. */
+    enum { CHUNK = 64 * 1024, MAX_FLOOD = 256 << 20 };
+    uint8_t *buf = malloc(CHUNK), *want = malloc(CHUNK);
+    CHECK(buf && want);
+    uint64_t sent = 0, got = 0;
+    int64_t deadline = cpt_now_ms() + 60000;
+    while (tsrv_stats(t).backpressure_events == 0) {
+        CHECK(cpt_now_ms() < deadline);
+        CHECK(sent < MAX_FLOOD);
+        stream_fill(99, sent, buf, CHUNK);
+        ssize_t k = send(fds[0], buf, CHUNK, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (k > 0)
+            sent += (uint64_t)k;
+        else
+            CHECK(errno == EAGAIN);
+        if (k <= 0)
+            wait_fd(fds[0], POLLOUT, cpt_now_ms() + 10);
+    }
+    while (got < sent) {
+        CHECK(cpt_now_ms() < deadline);
+        size_t want_n = sent - got < CHUNK ? (size_t)(sent - got) : CHUNK;
+        ssize_t k = recv(fds[0], buf, want_n, MSG_DONTWAIT);
+        if (k > 0) {
+            stream_fill(99, got, want, (size_t)k);
+            CHECK(memcmp(buf, want, (size_t)k) == 0);
+            got += (uint64_t)k;
+        } else {
+            CHECK(k < 0 && errno == EAGAIN);
+            wait_fd(fds[0], POLLIN, cpt_now_ms() + 10);
+        }
+    }
+    free(buf);
+    free(want);
+    fprintf(stderr, "the server paused reading after %llu bytes sent unread\n",
+            (unsigned long long)sent);
+    WAIT_FOR(tsrv_stats(t).bytes_out == bytes + sent, IO_MS);
+    cp_server_stats s3 = tsrv_stats(t);
+    CHECK(s3.backpressure_events >= 1);
+    CHECK_EQ(s3.bytes_in, bytes + sent);
+    CHECK_EQ(s3.frames_in, 0);
+    check_prometheus(t->sv, &s3);
+    for (int i = 0; i < CLIENTS; i++)
+        close(fds[i]);
+    WAIT_FOR(tsrv_stats(t).conns_open == 0, IO_MS);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+
+    /* Framed: frames delivered and a bad one rejected. */
+    cp_server_options fo = {.threads = 2, .framed = true, .max_frame = 4096};
+    t = tsrv_new(ECHO_FRAME);
+    tsrv_start(t, &fo);
+    int fd = connect_to(t->port);
+    uint8_t fbuf[8 * 1024], fback[8 * 1024];
+    size_t n = 0;
+    for (uint32_t i = 0; i < 6; i++)
+        n += frame_build(fbuf + n, 1, i, 100 + 300 * i);
+    send_all(fd, fbuf, n);
+    recv_all(fd, fback, n);
+    CHECK(memcmp(fbuf, fback, n) == 0);
+    WAIT_FOR(tsrv_stats(t).frames_in == 6, IO_MS);
+    cp_frame_header(fbuf, 5000); /* over max_frame */
+    send_all(fd, fbuf, 4);
+    expect_closed(fd, IO_MS);
+    close(fd);
+    WAIT_FOR(tsrv_stats(t).conns_open == 0, IO_MS);
+    cp_server_stats f = tsrv_stats(t);
+    CHECK_EQ(f.frames_in, 6);
+    CHECK_EQ(f.frames_rejected, 1);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_BAD_FRAME]), 1);
+    check_prometheus(t->sv, &f);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* GET / on a stats port; returns the whole response (static buffer). */
+static const char *http_get(uint16_t port)
+{
+    static char resp[16384];
+    int fd = connect_to(port);
+    static const char req[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    send_all(fd, req, sizeof req - 1);
+    size_t n = 0;
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    for (;;) {
+        CHECK(n < sizeof resp - 1);
+        ssize_t k = recv(fd, resp + n, sizeof resp - 1 - n, MSG_DONTWAIT);
+        if (k == 0)
+            break;
+        if (k > 0) {
+            n += (size_t)k;
+            continue;
+        }
+        CHECK(errno == EAGAIN);
+        CHECK(wait_fd(fd, POLLIN, deadline));
+    }
+    close(fd);
+    resp[n] = 0;
+    return resp;
+}
+
+/* cport-echo prints its counters on SIGUSR1 and serves them in Prometheus text format on
+ * --stats-port; both agree with the traffic sent and with each other. */
+TEST(echo_stats_sigusr1_and_prometheus)
+{
+    enum { CLIENTS = 3, MSG = 1000, ROUNDS = 4 };
+    const char *args[] = {"--threads", "2", "--stats-port", "0", "--handshake-timeout",
+                          "300",       NULL};
+    echo_child e;
+    echo_start(&e, 0, args);
+    CHECK(e.stats_port != 0);
+    int fds[CLIENTS];
+    for (int i = 0; i < CLIENTS; i++) {
+        fds[i] = connect_to(e.port);
+        for (int r = 0; r < ROUNDS; r++)
+            exchange(fds[i], (uint32_t)(i * 10 + r), MSG);
+    }
+    int silent = connect_to(e.port);
+    expect_closed(silent, IO_MS); /* reaped */
+    close(silent);
+    const uint64_t bytes = (uint64_t)CLIENTS * MSG * ROUNDS;
+    char line[1024];
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    for (;;) { /* the last send completions and the reaped close may trail what we saw */
+        echo_counters(&e, line, sizeof line);
+        if (echo_counter(line, "bytes_out") == bytes && echo_counter(line, "conns_open") == CLIENTS)
+            break;
+        CHECK(cpt_now_ms() < deadline);
+        usleep(5000);
+    }
+    fprintf(stderr, "%s\n", line);
+    CHECK_EQ(echo_counter(line, "conns_total"), CLIENTS + 1);
+    CHECK_EQ(echo_counter(line, "conns_reaped"), 1);
+    CHECK_EQ(echo_counter(line, "conns_rejected"), 0);
+    CHECK_EQ(echo_counter(line, "bytes_in"), bytes);
+    CHECK(echo_counter(line, "completions") >= (uint64_t)CLIENTS * ROUNDS);
+    CHECK(echo_counter(line, "accepts_outstanding") >= 1);
+    const char *resp = http_get(e.stats_port);
+    CHECK(strncmp(resp, "HTTP/1.1 200 OK\r\n", 17) == 0);
+    CHECK(strstr(resp, "Content-Type: text/plain; version=0.0.4\r\n") != NULL);
+    const char *body = strstr(resp, "\r\n\r\n");
+    CHECK(body != NULL);
+    body += 4;
+    unsigned long clen = 0;
+    const char *cl = strstr(resp, "Content-Length: ");
+    CHECK(cl != NULL && sscanf(cl, "Content-Length: %lu", &clen) == 1);
+    CHECK_EQ(strlen(body), clen);
+    CHECK(strstr(body, "# HELP cport_echo_connections_open ") != NULL);
+    CHECK_EQ(prom_value(body, "cport_echo_connections_open", "gauge"), CLIENTS);
+    CHECK_EQ(prom_value(body, "cport_echo_connections_total", "counter"), CLIENTS + 1);
+    CHECK_EQ(prom_value(body, "cport_echo_connections_reaped_total", "counter"), 1);
+    CHECK_EQ(prom_value(body, "cport_echo_bytes_received_total", "counter"), bytes);
+    CHECK_EQ(prom_value(body, "cport_echo_bytes_sent_total", "counter"), bytes);
+    CHECK_EQ(prom_value(body, "cport_echo_frames_rejected_total", "counter"), 0);
+    /* A second scrape works too (one request per connection). */
+    CHECK(strncmp(http_get(e.stats_port), "HTTP/1.1 200 OK\r\n", 17) == 0);
+    for (int i = 0; i < CLIENTS; i++)
+        close(fds[i]);
+    CHECK_EQ(kill(e.pid, SIGTERM), 0);
+    int st = child_wait(e.pid, IO_MS);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    close(e.out);
+    close(e.err);
 }

@@ -102,7 +102,11 @@ typedef struct cp_server_options {
     unsigned max_conns;            /* connections at once; beyond, closed at accept; 0 = none */
     unsigned handshake_timeout_ms; /* close if nothing arrives this long after accept; 0 = off */
     unsigned idle_timeout_ms;      /* close if nothing arrives for this long; 0 = off */
-    unsigned tick_ms;              /* timeout sweep period; 0 = 100 */
+    unsigned tick_ms;              /* timeout sweep period; 0 = 100. Timeouts are measured
+                                      on the monotonic clock in whole ticks: one fires
+                                      between (timeout - tick_ms) and (timeout + tick_ms +
+                                      the sweep's lateness) after its start, never earlier,
+                                      however late the sweep timer runs */
     unsigned linger_ms;            /* graceful close: after the last reply, FIN is sent and the
                                       connection reads (and drops) what the peer still sends
                                       for at most this long, so that closing with unread data

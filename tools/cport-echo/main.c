@@ -355,14 +355,14 @@ int main(int argc, char **argv)
            o->zero_byte ? (unsigned)cp_buffer_size(cp_server_port(sv))
                         : (o->recv_buffer ? o->recv_buffer : 16384),
            o->framed ? "on" : "off", o->max_frame ? o->max_frame : CP_FRAME_DEFAULT_MAX);
-    printf("listening on %s:%u\n", o->bind, cp_server_listen_port(sv));
-    fflush(stdout);
     stats_http stats = {.sv = sv, .fd = -1};
     if (cfg.stats_port >= 0 && (r = stats_start(&stats, o->bind, cfg.stats_port)) < 0) {
         fprintf(stderr, "cport-echo: cannot serve stats: %s\n", cp_strerror(r));
         cp_server_destroy(sv);
         return 1;
     }
+    /* Last: whoever waits for this line finds everything (stats included) ready. */
+    printf("listening on %s:%u\n", o->bind, cp_server_listen_port(sv));
     fflush(stdout);
 
     int sig;

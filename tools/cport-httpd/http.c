@@ -858,6 +858,7 @@ int http_open_beneath(int root_fd, const http_path *path, http_file *file)
     file->size = 0;
     file->mtime = 0;
     file->err = 0;
+    file->index = false;
     if (path->len >= HTTP_PATH_MAX || path->buf[path->len] != '\0')
         return file_error(file, EINVAL); /* not from http_resolve_path() */
 
@@ -881,8 +882,10 @@ int http_open_beneath(int root_fd, const http_path *path, http_file *file)
 
     fd = open_stat(root_fd, idx, &st);
     if (fd >= 0) {
-        if (S_ISREG(st.st_mode))
+        if (S_ISREG(st.st_mode)) {
+            file->index = true;
             return serve(file, fd, &st);
+        }
         close(fd);
         return 403;
     }

@@ -275,6 +275,7 @@ typedef struct http_file {
     time_t mtime; /* whole seconds, for Last-Modified / If-Modified-Since / If-Range */
     int err;      /* on failure: the errno behind the status (for logs); 0 when the status
                      comes from the file type */
+    bool index;   /* the file is a directory's index.html (its Content-Type is HTML) */
 } http_file;
 
 /* Open `path` beneath the directory `root_fd` so that nothing can escape the root:

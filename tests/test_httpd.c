@@ -1,0 +1,1757 @@
+/* Integration tests of the static-file HTTP server (tools/cport-httpd).
+ *
+ * cport-httpd runs as a child process found next to this test binary, on the backend CTest
+ * names (passed with --backend; its startup line must name it), serving a temporary
+ * document root built per test. Every file's content is a pure function of (seed, offset),
+ * so any download or range is checked byte for byte without keeping a copy. Clients are
+ * small blocking loopback clients written here.
+ *
+ * Every child started is registered; an atexit handler stops whatever is still running
+ * when a CHECK fails, and the temporary tree is removed. Servers are stopped by SIGTERM
+ * and must exit 0 having closed every connection. */
+#include "harness.h"
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+enum {
+    START_MS = 20000, /* server start-up (sanitizer builds start slowly) */
+    STOP_MS = 60000,  /* server shutdown after SIGTERM */
+    IO_S = 30,        /* one client read or write */
+    MAX_CHILDREN = 8,
+    TEXT_CAP = 1 << 20, /* captured stdout kept */
+};
+
+#define MIB        (1024 * 1024)
+#define MTIME      ((time_t)1577934245) /* every file's mtime: Thu, 02 Jan 2020 03:04:05 GMT */
+#define MTIME_TEXT "Thu, 02 Jan 2020 03:04:05 GMT"
+
+/* ---- children: registry and clean-up ------------------------------------------------------- */
+
+static struct {
+    pid_t pid;
+    int err;
+} children[MAX_CHILDREN];
+static pid_t owner;
+static char tmp_dir[256]; /* the temporary tree, removed at exit */
+
+static void dump_fd(const char *title, int fd)
+{
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || st.st_size == 0)
+        return;
+    static char buf[16384];
+    off_t from = st.st_size > (off_t)sizeof buf - 1 ? st.st_size - (off_t)sizeof buf + 1 : 0;
+    ssize_t n = pread(fd, buf, sizeof buf - 1, from);
+    if (n <= 0)
+        return;
+    buf[n] = 0;
+    fprintf(stderr, "---- %s%s ----\n%s\n", title, from ? " (end)" : "", buf);
+}
+
+static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)ftw;
+    if (flag == FTW_DP)
+        rmdir(path);
+    else
+        unlink(path);
+    return 0;
+}
+
+static void cleanup(void)
+{
+    if (getpid() != owner)
+        return;
+    for (int i = 0; i < MAX_CHILDREN; i++)
+        if (children[i].pid > 0)
+            kill(children[i].pid, SIGTERM);
+    for (int i = 0; i < MAX_CHILDREN; i++) {
+        pid_t pid = children[i].pid;
+        if (pid <= 0)
+            continue;
+        children[i].pid = 0;
+        int st;
+        int64_t deadline = cpt_now_ms() + 10000;
+        pid_t r;
+        while ((r = waitpid(pid, &st, WNOHANG)) == 0 && cpt_now_ms() < deadline)
+            usleep(5000);
+        if (r == 0) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &st, 0);
+        }
+        fprintf(stderr, "clean-up: child %d stopped (status 0x%x)\n", (int)pid, st);
+        dump_fd("its stderr", children[i].err);
+    }
+    if (tmp_dir[0])
+        nftw(tmp_dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+static void register_owner(void)
+{
+    if (!owner) {
+        owner = getpid();
+        atexit(cleanup);
+    }
+}
+
+static void child_add(pid_t pid, int errfd)
+{
+    register_owner();
+    for (int i = 0; i < MAX_CHILDREN; i++) {
+        if (children[i].pid == 0) {
+            children[i].pid = pid;
+            children[i].err = errfd;
+            return;
+        }
+    }
+    kill(pid, SIGKILL);
+    CHECK(!"too many children");
+}
+
+static void child_forget(pid_t pid)
+{
+    for (int i = 0; i < MAX_CHILDREN; i++)
+        if (children[i].pid == pid)
+            children[i].pid = 0;
+}
+
+/* ---- small utilities ------------------------------------------------------------------------- */
+
+static const char *bin_path(const char *name)
+{
+    static char path[PATH_MAX + 64];
+    char dir[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", dir, sizeof dir - 1);
+    CHECK(n > 0);
+    dir[n] = 0;
+    char *slash = strrchr(dir, '/');
+    CHECK(slash != NULL);
+    *slash = 0;
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    if (access(path, X_OK) != 0) {
+        fprintf(stderr, "%s is not built\n", path);
+        CHECK(!"binary present");
+    }
+    return path;
+}
+
+static int memfd(const char *name)
+{
+    int fd = memfd_create(name, MFD_CLOEXEC);
+    CHECK(fd >= 0);
+    return fd;
+}
+
+static size_t memfd_text(int fd, char *buf, size_t cap)
+{
+    size_t len = 0;
+    while (len < cap - 1) {
+        ssize_t n = pread(fd, buf + len, cap - 1 - len, (off_t)len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        CHECK(n >= 0);
+        if (n == 0)
+            break;
+        len += (size_t)n;
+    }
+    buf[len] = 0;
+    return len;
+}
+
+static size_t count_str(const char *hay, const char *needle)
+{
+    size_t n = 0;
+    for (const char *p = hay; (p = strstr(p, needle)) != NULL; p += strlen(needle))
+        n++;
+    return n;
+}
+
+/* ---- file contents: byte i of a file with seed s is a pure function of (s, i) --------------- */
+
+static uint64_t mix(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15u;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9u;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebu;
+    return x ^ (x >> 31);
+}
+
+/* Fill out[0..n) with the bytes at [off, off + n) of the file with `seed`. */
+static void gen(uint64_t seed, uint64_t off, unsigned char *out, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        uint64_t pos = off + i;
+        uint64_t w = mix(seed * 0x100000001b3u + pos / 8);
+        unsigned k = (unsigned)(pos % 8);
+        if (k == 0 && n - i >= 8) {
+            memcpy(out + i, &w, 8); /* little-endian: byte k of w is byte pos */
+            i += 8;
+            continue;
+        }
+        out[i++] = (unsigned char)(w >> (8 * k));
+    }
+}
+
+static bool content_ok(uint64_t seed, uint64_t off, const void *data, size_t n)
+{
+    static _Thread_local unsigned char want[256 * 1024];
+    const unsigned char *d = data;
+    while (n) {
+        size_t k = n < sizeof want ? n : sizeof want;
+        gen(seed, off, want, k);
+        if (memcmp(want, d, k) != 0)
+            return false;
+        d += k;
+        off += k;
+        n -= k;
+    }
+    return true;
+}
+
+/* ---- the document root ----------------------------------------------------------------------- */
+
+typedef struct tree {
+    char root[300];    /* <tmp>/root: the document root */
+    char outside[300]; /* <tmp>/outside: a directory next to it, never served */
+    char marker[64];   /* the content of outside/secret.txt */
+} tree;
+
+static const char *path_in(const char *dir, const char *name)
+{
+    static char p[4][PATH_MAX + 256];
+    static unsigned next;
+    char *s = p[next++ % 4];
+    snprintf(s, sizeof p[0], "%s/%s", dir, name);
+    return s;
+}
+
+static void set_mtime(const char *path)
+{
+    struct timespec ts[2] = {{MTIME, 0}, {MTIME, 0}};
+    CHECK_EQ(utimensat(AT_FDCWD, path, ts, AT_SYMLINK_NOFOLLOW), 0);
+}
+
+/* root/name: size bytes of the content with seed = size (files are named by their size). */
+static void make_file(const tree *t, const char *name, uint64_t size)
+{
+    const char *p = path_in(t->root, name);
+    int fd = open(p, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    CHECK(fd >= 0);
+    static unsigned char buf[MIB];
+    for (uint64_t off = 0; off < size;) {
+        size_t k = size - off < sizeof buf ? (size_t)(size - off) : sizeof buf;
+        gen(size, off, buf, k);
+        CHECK_EQ(write(fd, buf, k), (ssize_t)k);
+        off += k;
+    }
+    CHECK_EQ(close(fd), 0);
+    set_mtime(p);
+}
+
+static void make_text(const char *path, const char *text)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    CHECK(fd >= 0);
+    CHECK_EQ(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+    CHECK_EQ(close(fd), 0);
+    set_mtime(path);
+}
+
+/* The big file's size: 100 MiB, scaled down under sanitizers (at least 8 MiB). */
+static uint64_t big_size(void)
+{
+    return (uint64_t)cpt_scaled(100 * MIB, 8 * MIB) / 4096 * 4096 + 123;
+}
+
+/* A fresh tree: root/{empty.bin (0 B), one.bin (1), f4095.bin, f4096.bin, f1m.bin,
+ * index.html, sub/index.html, noindex/, fifo, page.css, link_in -> f4096.bin} and
+ * outside/secret.txt; with `big`, root/big.bin too. */
+static void tree_make(tree *t, bool big)
+{
+    register_owner();
+    snprintf(tmp_dir, sizeof tmp_dir, "/tmp/cport-httpd-test-XXXXXX");
+    CHECK(mkdtemp(tmp_dir) != NULL);
+    snprintf(t->root, sizeof t->root, "%s/root", tmp_dir);
+    snprintf(t->outside, sizeof t->outside, "%s/outside", tmp_dir);
+    snprintf(t->marker, sizeof t->marker, "SECRET-%d-%lld", (int)getpid(), (long long)cpt_now_ns());
+    CHECK_EQ(mkdir(t->root, 0755), 0);
+    CHECK_EQ(mkdir(t->outside, 0755), 0);
+    make_text(path_in(t->outside, "secret.txt"), t->marker);
+    make_text(path_in(t->outside, "index.html"), t->marker);
+    make_file(t, "empty.bin", 0);
+    make_file(t, "one.bin", 1);
+    make_file(t, "f4095.bin", 4095);
+    make_file(t, "f4096.bin", 4096);
+    make_file(t, "f1m.bin", MIB);
+    if (big)
+        make_file(t, "big.bin", big_size());
+    make_text(path_in(t->root, "index.html"), "<h1>root</h1>\n");
+    make_text(path_in(t->root, "page.css"), "body{}\n");
+    CHECK_EQ(mkdir(path_in(t->root, "sub"), 0755), 0);
+    make_text(path_in(t->root, "sub/index.html"), "<h1>sub</h1>\n");
+    CHECK_EQ(mkdir(path_in(t->root, "noindex"), 0755), 0);
+    make_text(path_in(t->root, "noindex/a.txt"), "a\n");
+    CHECK_EQ(mkfifo(path_in(t->root, "fifo"), 0644), 0);
+    CHECK_EQ(symlink("f4096.bin", path_in(t->root, "link_in")), 0);
+    /* Ways out, all of which must be refused. */
+    CHECK_EQ(symlink(path_in(t->outside, "secret.txt"), path_in(t->root, "link_abs")), 0);
+    CHECK_EQ(symlink("../outside/secret.txt", path_in(t->root, "link_rel")), 0);
+    CHECK_EQ(symlink(t->outside, path_in(t->root, "dirlink")), 0);
+    CHECK_EQ(symlink("../outside", path_in(t->root, "dirlink_rel")), 0);
+    CHECK_EQ(symlink("/etc/passwd", path_in(t->root, "passwd")), 0);
+    CHECK_EQ(symlink("/proc/self/root/etc/passwd", path_in(t->root, "proclink")), 0);
+    CHECK_EQ(symlink(path_in(t->root, "f4096.bin"), path_in(t->root, "abs_inside")), 0);
+}
+
+/* ---- the server -------------------------------------------------------------------------------
+ */
+
+typedef struct server {
+    pid_t pid;
+    int port;
+    int out, err;
+} server;
+
+static struct rlimit child_nofile; /* for pre_limit */
+
+/* Child set-up hooks: no inherited descriptors beyond 0-2 (so that descriptor numbers
+ * are dense), and with pre_limit a hard RLIMIT_NOFILE the server cannot raise. */
+static void pre_closefds(void)
+{
+    for (int fd = 3; fd < 65536; fd++)
+        close(fd); /* everything inherited (the test's own fds are CLOEXEC anyway) */
+}
+
+static void pre_limit(void)
+{
+    pre_closefds();
+    if (setrlimit(RLIMIT_NOFILE, &child_nofile) != 0)
+        _exit(125);
+}
+
+/* Starts cport-httpd --root ROOT --port 0 --bind 127.0.0.1 --backend B ARGS... (NULL-ended)
+ * and waits for "listening on". */
+static void server_startv(server *s, const tree *t, void (*pre)(void), va_list ap)
+{
+    const char *argv[40];
+    int argc = 0;
+    argv[argc++] = bin_path("cport-httpd");
+    argv[argc++] = "--root";
+    argv[argc++] = t->root;
+    argv[argc++] = "--port";
+    argv[argc++] = "0";
+    argv[argc++] = "--bind";
+    argv[argc++] = "127.0.0.1";
+    if (strcmp(cpt_backend(), "auto") != 0) {
+        argv[argc++] = "--backend";
+        argv[argc++] = cpt_backend();
+    }
+    for (const char *a; (a = va_arg(ap, const char *)) != NULL;) {
+        CHECK(argc < 39);
+        argv[argc++] = a;
+    }
+    argv[argc] = NULL;
+    *s = (server){.out = memfd("httpd-out"), .err = memfd("httpd-err")};
+    fprintf(stderr, "$");
+    for (int i = 0; argv[i]; i++)
+        fprintf(stderr, " %s", argv[i]);
+    fprintf(stderr, "\n");
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        if (dup2(s->out, STDOUT_FILENO) < 0 || dup2(s->err, STDERR_FILENO) < 0)
+            _exit(126);
+        if (pre)
+            pre();
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    child_add(pid, s->err);
+    s->pid = pid;
+
+    static char text[8192];
+    int64_t deadline = cpt_now_ms() + START_MS;
+    const char *listening;
+    for (;;) {
+        memfd_text(s->out, text, sizeof text);
+        listening = strstr(text, "listening on ");
+        if (listening && strchr(listening, '\n'))
+            break;
+        int st;
+        if (waitpid(pid, &st, WNOHANG) == pid) {
+            child_forget(pid);
+            dump_fd("cport-httpd stdout", s->out);
+            dump_fd("cport-httpd stderr", s->err);
+            fprintf(stderr, "cport-httpd exited during start-up (status 0x%x)\n", st);
+            CHECK(!"server started");
+        }
+        CHECK(cpt_now_ms() < deadline);
+        usleep(2000);
+    }
+    CHECK_EQ(sscanf(listening, "listening on 127.0.0.1:%d", &s->port), 1);
+    const char *line = strstr(text, "cport-httpd: backend=");
+    CHECK(line != NULL && line < listening);
+    fprintf(stderr, "%.*s", (int)(strchr(line, '\n') + 1 - line), line);
+    if (strcmp(cpt_backend(), "auto") != 0) {
+        char want[64];
+        snprintf(want, sizeof want, "backend=%s ", cpt_backend());
+        CHECK(strncmp(line + strlen("cport-httpd: "), want, strlen(want)) == 0);
+    }
+}
+
+static void server_start(server *s, const tree *t, ...)
+{
+    va_list ap;
+    va_start(ap, t);
+    server_startv(s, t, NULL, ap);
+    va_end(ap);
+}
+
+static void server_alive(const server *s)
+{
+    int st;
+    pid_t r = waitpid(s->pid, &st, WNOHANG);
+    if (r == s->pid) {
+        child_forget(s->pid);
+        dump_fd("cport-httpd stderr", s->err);
+        fprintf(stderr, "cport-httpd exited unexpectedly: status 0x%x\n", st);
+        CHECK(!"server still running");
+    }
+}
+
+/* After `sig` (SIGTERM or SIGINT) was sent: must exit 0 within STOP_MS having closed every
+ * connection. Its stdout (the access log and the exit line) is left in `text` (TEXT_CAP)
+ * if not NULL. */
+static void server_reap(server *s, int sig, char *text)
+{
+    int64_t deadline = cpt_now_ms() + STOP_MS;
+    int st;
+    pid_t r;
+    while ((r = waitpid(s->pid, &st, WNOHANG)) == 0) {
+        CHECK(cpt_now_ms() < deadline);
+        usleep(2000);
+    }
+    CHECK_EQ(r, s->pid);
+    child_forget(s->pid);
+    static char buf[TEXT_CAP];
+    if (!text)
+        text = buf;
+    memfd_text(s->out, text, TEXT_CAP);
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+        dump_fd("cport-httpd stderr", s->err);
+        fprintf(stderr, "cport-httpd: status 0x%x\n", st);
+        CHECK(!"exit 0 after a stop signal");
+    }
+    char want[64];
+    snprintf(want, sizeof want, "cport-httpd: %s: accepted=", strsignal(sig));
+    const char *p = strstr(text, want);
+    CHECK(p != NULL);
+    unsigned long long a, rj, c;
+    CHECK_EQ(sscanf(p + strlen(want) - strlen("accepted="),
+                    "accepted=%llu rejected=%llu closed=%llu", &a, &rj, &c),
+             3);
+    CHECK_EQ(c, a);
+    CHECK(strstr(p, "shut down cleanly") != NULL);
+    close(s->out);
+    close(s->err);
+    s->pid = 0;
+}
+
+static void server_stop_sig(server *s, int sig, char *text)
+{
+    server_alive(s);
+    CHECK_EQ(kill(s->pid, sig), 0);
+    server_reap(s, sig, text);
+}
+
+static void server_stop(server *s, char *text)
+{
+    server_stop_sig(s, SIGTERM, text);
+}
+
+/* Descriptors of the server that point into the document root (files still open). */
+static int open_files_in(const server *s, const tree *t)
+{
+    char dir[64];
+    snprintf(dir, sizeof dir, "/proc/%d/fd", (int)s->pid);
+    DIR *d = opendir(dir);
+    CHECK(d != NULL);
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        char link[PATH_MAX], p[PATH_MAX + 300];
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        ssize_t k = readlink(p, link, sizeof link - 1);
+        if (k <= 0)
+            continue;
+        link[k] = 0;
+        if (strncmp(link, t->root, strlen(t->root)) == 0 && link[strlen(t->root)] == '/')
+            n++;
+    }
+    closedir(d);
+    return n;
+}
+
+static void wait_no_open_files(const server *s, const tree *t)
+{
+    int64_t deadline = cpt_now_ms() + 10000;
+    int n;
+    while ((n = open_files_in(s, t)) != 0) {
+        if (cpt_now_ms() > deadline) {
+            fprintf(stderr, "server still holds %d files of the root\n", n);
+            CHECK(!"file descriptors closed");
+        }
+        usleep(5000);
+    }
+}
+
+static long fd_count(pid_t pid)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/fd", (int)pid);
+    DIR *d = opendir(path);
+    CHECK(d != NULL);
+    long n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (e->d_name[0] != '.')
+            n++;
+    closedir(d);
+    return n;
+}
+
+/* ---- a blocking HTTP client ------------------------------------------------------------------ */
+
+typedef struct hc {
+    int fd;
+    size_t a, b; /* unread bytes: buf[a..b) */
+    bool eof;
+    char buf[128 * 1024];
+} hc;
+
+static int connect_to(int port, int rcvbuf)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0);
+    if (rcvbuf)
+        CHECK_EQ(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf), 0);
+    struct timeval tv = {IO_S, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int r;
+    while ((r = connect(fd, (struct sockaddr *)&sa, sizeof sa)) < 0 && errno == EINTR)
+        ;
+    if (r < 0)
+        fprintf(stderr, "connect: %s\n", strerror(errno));
+    CHECK_EQ(r, 0);
+    return fd;
+}
+
+static hc *hc_open(int port)
+{
+    hc *c = malloc(sizeof *c);
+    CHECK(c != NULL);
+    c->fd = connect_to(port, 0);
+    c->a = c->b = 0;
+    c->eof = false;
+    return c;
+}
+
+static void hc_close(hc *c)
+{
+    close(c->fd);
+    free(c);
+}
+
+static void send_all(int fd, const void *data, size_t len)
+{
+    const char *p = data;
+    while (len) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            fprintf(stderr, "send: %s\n", strerror(errno));
+        CHECK(n > 0);
+        p += n;
+        len -= (size_t)n;
+    }
+}
+
+static void hc_send(hc *c, const char *text)
+{
+    send_all(c->fd, text, strlen(text));
+}
+
+/* Receive more into the buffer; false at EOF (or a reset). */
+static bool hc_fill(hc *c)
+{
+    if (c->a == c->b)
+        c->a = c->b = 0;
+    if (c->b == sizeof c->buf) {
+        memmove(c->buf, c->buf + c->a, c->b - c->a);
+        c->b -= c->a;
+        c->a = 0;
+    }
+    CHECK(c->b < sizeof c->buf);
+    for (;;) {
+        ssize_t n = recv(c->fd, c->buf + c->b, sizeof c->buf - c->b, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            fprintf(stderr, "no data from the server within %d s\n", IO_S);
+            CHECK(!"response in time");
+        }
+        if (n <= 0) {
+            c->eof = true;
+            return false;
+        }
+        c->b += (size_t)n;
+        return true;
+    }
+}
+
+/* The connection was closed by the server with nothing more to read. */
+static void hc_expect_eof(hc *c)
+{
+    CHECK_EQ(c->b - c->a, 0);
+    CHECK(!hc_fill(c));
+}
+
+typedef struct resp {
+    int status;
+    char head[16384];
+    int64_t clen; /* -1: no Content-Length */
+    char *body;   /* stored bodies (resp_read) */
+    size_t blen;
+} resp;
+
+/* The value of a field in the head (NUL-terminated copy), or NULL. */
+static const char *hdr(const resp *r, const char *name)
+{
+    static _Thread_local char val[1024];
+    char key[128];
+    snprintf(key, sizeof key, "\r\n%s:", name);
+    const char *p = strcasestr(r->head, key);
+    if (!p)
+        return NULL;
+    p += strlen(key);
+    while (*p == ' ')
+        p++;
+    const char *e = strstr(p, "\r\n");
+    CHECK(e != NULL);
+    size_t n = (size_t)(e - p) < sizeof val - 1 ? (size_t)(e - p) : sizeof val - 1;
+    memcpy(val, p, n);
+    val[n] = 0;
+    return val;
+}
+
+/* Read one response head; false on EOF before its first byte. */
+static bool resp_head(hc *c, resp *r)
+{
+    memset(r, 0, offsetof(resp, head) + 1);
+    r->body = NULL;
+    r->blen = 0;
+    const char *end;
+    while ((end = memmem(c->buf + c->a, c->b - c->a, "\r\n\r\n", 4)) == NULL) {
+        CHECK(c->b - c->a < sizeof r->head - 1);
+        if (!hc_fill(c)) {
+            if (c->b == c->a)
+                return false;
+            fprintf(stderr, "EOF inside a response head: %.*s\n", (int)(c->b - c->a),
+                    c->buf + c->a);
+            CHECK(!"whole response head");
+        }
+    }
+    size_t n = (size_t)(end + 4 - (c->buf + c->a));
+    CHECK(n < sizeof r->head);
+    memcpy(r->head, c->buf + c->a, n);
+    r->head[n] = 0;
+    c->a += n;
+    CHECK_EQ(sscanf(r->head, "HTTP/1.1 %d ", &r->status), 1);
+    const char *cl = hdr(r, "Content-Length");
+    r->clen = cl ? strtoll(cl, NULL, 10) : -1;
+    return true;
+}
+
+/* Consume len body bytes, passing them to fn chunk by chunk. */
+static void body_each(hc *c, uint64_t len, void (*fn)(void *arg, const char *p, size_t n),
+                      void *arg)
+{
+    while (len) {
+        if (c->a == c->b && !hc_fill(c)) {
+            fprintf(stderr, "EOF with %llu body bytes missing\n", (unsigned long long)len);
+            CHECK(!"whole body");
+        }
+        size_t k = c->b - c->a < len ? c->b - c->a : (size_t)len;
+        fn(arg, c->buf + c->a, k);
+        c->a += k;
+        len -= k;
+    }
+}
+
+static void store_fn(void *arg, const char *p, size_t n)
+{
+    resp *r = arg;
+    memcpy(r->body + r->blen, p, n);
+    r->blen += n;
+}
+
+typedef struct verify {
+    uint64_t seed, off;
+    bool ok;
+} verify;
+
+static void verify_fn(void *arg, const char *p, size_t n)
+{
+    verify *v = arg;
+    if (v->ok && !content_ok(v->seed, v->off, p, n)) {
+        fprintf(stderr, "content differs within [%llu, %llu)\n", (unsigned long long)v->off,
+                (unsigned long long)(v->off + n));
+        v->ok = false;
+    }
+    v->off += n;
+}
+
+/* Read a whole response whose body (Content-Length, none for HEAD or 304) is stored. */
+static bool resp_read(hc *c, resp *r, bool head_request)
+{
+    if (!resp_head(c, r))
+        return false;
+    uint64_t len = head_request || r->status == 304 ? 0 : (uint64_t)(r->clen < 0 ? 0 : r->clen);
+    if (r->status != 304 && !head_request)
+        CHECK(r->clen >= 0);
+    CHECK(len <= 64 * MIB);
+    r->body = malloc(len + 1);
+    CHECK(r->body != NULL);
+    body_each(c, len, store_fn, r);
+    r->body[r->blen] = 0;
+    return true;
+}
+
+static void resp_free(resp *r)
+{
+    free(r->body);
+    r->body = NULL;
+}
+
+/* Read a response whose body is `want_len` bytes of file `seed` from `off`, checked as it
+ * streams in. */
+static void resp_read_file(hc *c, resp *r, int status, uint64_t seed, uint64_t off,
+                           uint64_t want_len)
+{
+    CHECK(resp_head(c, r));
+    if (r->status != status)
+        fprintf(stderr, "unexpected response:\n%s", r->head);
+    CHECK_EQ(r->status, status);
+    CHECK_EQ(r->clen, (int64_t)want_len);
+    verify v = {seed, off, true};
+    body_each(c, want_len, verify_fn, &v);
+    CHECK(v.ok);
+}
+
+static const char *req_get(const char *path)
+{
+    static _Thread_local char buf[4][2048];
+    static _Thread_local unsigned next;
+    char *s = buf[next++ % 4];
+    snprintf(s, sizeof buf[0], "GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n", path);
+    return s;
+}
+
+/* One request on a new connection; the whole response (stored). */
+static void fetch(int port, const char *request, resp *r, bool head_request)
+{
+    hc *c = hc_open(port);
+    hc_send(c, request);
+    CHECK(resp_read(c, r, head_request));
+    hc_close(c);
+}
+
+/* ---- tests ------------------------------------------------------------------------------------
+ */
+
+/* Byte-exact downloads of 0 B, 1 B, 4095 B, 4096 B, 1 MiB and 100 MiB (scaled) over one
+ * keep-alive connection, with their headers; then every file descriptor is closed. */
+TEST(downloads)
+{
+    tree t;
+    tree_make(&t, true);
+    server s;
+    server_start(&s, &t, NULL);
+    hc *c = hc_open(s.port);
+    static const char *const names[] = {"empty.bin", "one.bin", "f4095.bin",
+                                        "f4096.bin", "f1m.bin", "big.bin"};
+    const uint64_t sizes[] = {0, 1, 4095, 4096, MIB, big_size()};
+    for (int round = 0; round < 2; round++) {
+        for (int i = 0; i < 6; i++) {
+            char path[64];
+            snprintf(path, sizeof path, "/%s", names[i]);
+            hc_send(c, req_get(path));
+            resp r;
+            int64_t t0 = cpt_now_ms();
+            resp_read_file(c, &r, 200, sizes[i], 0, sizes[i]);
+            if (round == 0)
+                fprintf(stderr, "%s: %llu bytes in %lld ms\n", names[i],
+                        (unsigned long long)sizes[i], (long long)(cpt_now_ms() - t0));
+            CHECK(strcmp(hdr(&r, "Content-Type"), "application/octet-stream") == 0);
+            CHECK(strcmp(hdr(&r, "Last-Modified"), MTIME_TEXT) == 0);
+            CHECK(strcmp(hdr(&r, "Connection"), "keep-alive") == 0);
+            CHECK(strcmp(hdr(&r, "Accept-Ranges"), "bytes") == 0);
+            CHECK(hdr(&r, "Date") != NULL);
+            CHECK(strcmp(hdr(&r, "Server"), "cport-httpd") == 0);
+        }
+    }
+    /* Content types, index.html for directories, a symlink inside the root. */
+    resp r;
+    hc_send(c, req_get("/"));
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 200);
+    CHECK(strcmp(r.body, "<h1>root</h1>\n") == 0);
+    CHECK(strcmp(hdr(&r, "Content-Type"), "text/html; charset=utf-8") == 0);
+    resp_free(&r);
+    hc_send(c, req_get("/sub/"));
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 200);
+    CHECK(strcmp(r.body, "<h1>sub</h1>\n") == 0);
+    CHECK(strcmp(hdr(&r, "Content-Type"), "text/html; charset=utf-8") == 0);
+    resp_free(&r);
+    hc_send(c, req_get("/sub"));
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 200);
+    CHECK(strcmp(r.body, "<h1>sub</h1>\n") == 0);
+    CHECK(strcmp(hdr(&r, "Content-Type"), "text/html; charset=utf-8") == 0);
+    resp_free(&r);
+    hc_send(c, req_get("/page.css?v=1"));
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 200);
+    CHECK(strcmp(hdr(&r, "Content-Type"), "text/css; charset=utf-8") == 0);
+    resp_free(&r);
+    hc_send(c, req_get("/link_in"));
+    resp_read_file(c, &r, 200, 4096, 0, 4096);
+    hc_send(c, req_get("/%66%34%30%39%36.bin")); /* percent-encoded "f4096" */
+    resp_read_file(c, &r, 200, 4096, 0, 4096);
+    hc_close(c);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* HEAD: the GET headers (Content-Length of the whole file), no body. The next response on
+ * the connection starting right after the head proves that no body was sent. */
+TEST(head)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, NULL);
+    hc *c = hc_open(s.port);
+    hc_send(c, "HEAD /f1m.bin HTTP/1.1\r\nHost: x\r\n\r\n"
+               "HEAD /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+               "HEAD /empty.bin HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\n\r\n"
+               "HEAD /f4096.bin HTTP/1.1\r\nHost: x\r\n\r\n"
+               "GET /one.bin HTTP/1.1\r\nHost: x\r\n\r\n");
+    resp r;
+    CHECK(resp_head(c, &r));
+    CHECK_EQ(r.status, 200);
+    CHECK_EQ(r.clen, MIB);
+    CHECK(strcmp(hdr(&r, "Last-Modified"), MTIME_TEXT) == 0);
+    CHECK(resp_head(c, &r));
+    CHECK_EQ(r.status, 404);
+    CHECK(resp_head(c, &r));
+    CHECK_EQ(r.status, 200); /* Range applies to GET only */
+    CHECK_EQ(r.clen, 0);
+    CHECK(resp_head(c, &r));
+    CHECK_EQ(r.status, 200);
+    CHECK_EQ(r.clen, 4096);
+    resp_read_file(c, &r, 200, 1, 0, 1);
+    CHECK_EQ(c->b - c->a, 0);
+    hc_close(c);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* Range: a 206 with the exact bytes and Content-Range; suffix and open ranges; 416 with
+ * Content-Range: bytes * /size; If-Range. */
+TEST(range)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, NULL);
+    hc *c = hc_open(s.port);
+    resp r;
+    static const struct {
+        const char *range;
+        uint64_t first, last;
+    } ok[] = {
+        {"bytes=0-0", 0, 0},
+        {"bytes=10-19", 10, 19},
+        {"bytes=1000-", 1000, MIB - 1},
+        {"bytes=-100", MIB - 100, MIB - 1},
+        {"bytes=500000-2000000", 500000, MIB - 1},
+        {"bytes=-5000000", 0, MIB - 1},
+        {"BYTES=4096-8191", 4096, 8191},
+    };
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        char req[256];
+        snprintf(req, sizeof req, "GET /f1m.bin HTTP/1.1\r\nHost: x\r\nRange: %s\r\n\r\n",
+                 ok[i].range);
+        hc_send(c, req);
+        resp_read_file(c, &r, 206, MIB, ok[i].first, ok[i].last - ok[i].first + 1);
+        char want[128];
+        snprintf(want, sizeof want, "bytes %llu-%llu/%d", (unsigned long long)ok[i].first,
+                 (unsigned long long)ok[i].last, MIB);
+        CHECK(strcmp(hdr(&r, "Content-Range"), want) == 0);
+    }
+    /* Unsatisfiable. */
+    static const char *const bad[] = {"bytes=1048576-", "bytes=2000000-3000000", "bytes=-0"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char req[256];
+        snprintf(req, sizeof req, "GET /f1m.bin HTTP/1.1\r\nHost: x\r\nRange: %s\r\n\r\n", bad[i]);
+        hc_send(c, req);
+        CHECK(resp_read(c, &r, false));
+        CHECK_EQ(r.status, 416);
+        CHECK(strcmp(hdr(&r, "Content-Range"), "bytes */1048576") == 0);
+        resp_free(&r);
+    }
+    /* Ignored ranges: several ranges, other units -> the whole file. */
+    hc_send(c, "GET /f4096.bin HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1,5-6\r\n\r\n");
+    resp_read_file(c, &r, 200, 4096, 0, 4096);
+    hc_send(c, "GET /f4096.bin HTTP/1.1\r\nHost: x\r\nRange: items=0-1\r\n\r\n");
+    resp_read_file(c, &r, 200, 4096, 0, 4096);
+    /* If-Range: the right date -> 206; another date -> 200. */
+    hc_send(c, "GET /f4096.bin HTTP/1.1\r\nHost: x\r\nRange: bytes=100-199\r\n"
+               "If-Range: " MTIME_TEXT "\r\n\r\n");
+    resp_read_file(c, &r, 206, 4096, 100, 100);
+    hc_send(c, "GET /f4096.bin HTTP/1.1\r\nHost: x\r\nRange: bytes=100-199\r\n"
+               "If-Range: Fri, 03 Jan 2020 03:04:05 GMT\r\n\r\n");
+    resp_read_file(c, &r, 200, 4096, 0, 4096);
+    /* The empty file: any first-last range is unsatisfiable. */
+    hc_send(c, "GET /empty.bin HTTP/1.1\r\nHost: x\r\nRange: bytes=0-0\r\n\r\n");
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 416);
+    CHECK(strcmp(hdr(&r, "Content-Range"), "bytes */0") == 0);
+    resp_free(&r);
+    hc_close(c);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* If-Modified-Since: 304 (no body, Last-Modified kept) when not modified since; 200 when
+ * the file is newer; ignored with If-None-Match or an invalid date. */
+TEST(not_modified)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, NULL);
+    hc *c = hc_open(s.port);
+    resp r;
+    static const char *const same[] = {MTIME_TEXT, "Fri, 03 Jan 2020 00:00:00 GMT",
+                                       "Thursday, 02-Jan-20 03:04:05 GMT",
+                                       "Thu Jan  2 03:04:05 2020"};
+    for (size_t i = 0; i < sizeof same / sizeof same[0]; i++) {
+        char req[256];
+        snprintf(req, sizeof req,
+                 "GET /f4096.bin HTTP/1.1\r\nHost: x\r\nIf-Modified-Since: %s\r\n\r\n", same[i]);
+        hc_send(c, req);
+        CHECK(resp_read(c, &r, false));
+        CHECK_EQ(r.status, 304);
+        CHECK_EQ(r.clen, -1);
+        CHECK(strcmp(hdr(&r, "Last-Modified"), MTIME_TEXT) == 0);
+        resp_free(&r);
+    }
+    hc_send(c, "GET /f4096.bin HTTP/1.1\r\nHost: x\r\n"
+               "If-Modified-Since: Thu, 02 Jan 2020 03:04:04 GMT\r\n\r\n");
+    resp_read_file(c, &r, 200, 4096, 0, 4096);
+    hc_send(c, "GET /f4096.bin HTTP/1.1\r\nHost: x\r\nIf-Modified-Since: yesterday\r\n\r\n");
+    resp_read_file(c, &r, 200, 4096, 0, 4096);
+    hc_send(c, "GET /f4096.bin HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"x\"\r\n"
+               "If-Modified-Since: " MTIME_TEXT "\r\n\r\n");
+    resp_read_file(c, &r, 200, 4096, 0, 4096);
+    hc_send(c, "HEAD /f4096.bin HTTP/1.1\r\nHost: x\r\nIf-Modified-Since: " MTIME_TEXT "\r\n\r\n");
+    CHECK(resp_read(c, &r, true));
+    CHECK_EQ(r.status, 304);
+    resp_free(&r);
+    hc_close(c);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* One request on a new connection: its status, and whether the server then closed. */
+static int status_of(int port, const char *request, bool *closed, resp *out)
+{
+    hc *c = hc_open(port);
+    send_all(c->fd, request, strlen(request));
+    resp r;
+    CHECK(resp_read(c, &r, strncmp(request, "HEAD ", 5) == 0));
+    if (closed) {
+        /* After an error that ends the connection: EOF (or a reset) at once, nothing else;
+         * a connection kept alive stays silent (the keep-alive timeout is far off). */
+        CHECK_EQ(c->b - c->a, 0);
+        struct pollfd p = {c->fd, POLLIN, 0};
+        int k = poll(&p, 1, 300);
+        CHECK(k >= 0);
+        *closed = k == 1 && !hc_fill(c);
+        CHECK(k == 0 || *closed);
+    }
+    if (out)
+        *out = r;
+    else
+        resp_free(&r);
+    hc_close(c);
+    return r.status;
+}
+
+/* Every error status with its short body: 400 403 404 405 (Allow) 413 414 431 505; the
+ * connection is closed after a malformed request and kept after a well-formed one. */
+TEST(errors)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, NULL);
+    bool closed;
+    resp r;
+
+    CHECK_EQ(status_of(s.port, "GARBAGE\r\n\r\n", &closed, &r), 400);
+    CHECK(closed);
+    CHECK(strcmp(r.body, "400 Bad Request\n") == 0);
+    CHECK(strcmp(hdr(&r, "Connection"), "close") == 0);
+    CHECK(strcmp(hdr(&r, "Content-Type"), "text/plain; charset=utf-8") == 0);
+    resp_free(&r);
+    CHECK_EQ(status_of(s.port, "GET / HTTP/1.1\r\n\r\n", &closed, NULL), 400); /* no Host */
+    CHECK(closed);
+    CHECK_EQ(status_of(s.port, "GET / HTTP/1.1\r\nHost: x\r\n bad: fold\r\n\r\n", &closed, NULL),
+             400);
+    CHECK_EQ(status_of(s.port, "GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n", &closed, NULL), 400);
+    CHECK_EQ(
+        status_of(s.port, "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n", &closed, NULL),
+        400);
+    CHECK_EQ(status_of(s.port, "GET / HTTP/2.0\r\nHost: x\r\n\r\n", &closed, NULL), 505);
+    CHECK(closed);
+
+    CHECK_EQ(status_of(s.port, req_get("/noindex/"), &closed, &r), 403);
+    CHECK(!closed);
+    CHECK(strcmp(r.body, "403 Forbidden\n") == 0);
+    resp_free(&r);
+    CHECK_EQ(status_of(s.port, req_get("/noindex"), &closed, NULL), 403);
+    CHECK_EQ(status_of(s.port, req_get("/fifo"), &closed, NULL), 403);
+    CHECK_EQ(status_of(s.port, req_get("/nope.html"), &closed, &r), 404);
+    CHECK(!closed);
+    CHECK(strcmp(r.body, "404 Not Found\n") == 0);
+    CHECK(strcmp(hdr(&r, "Connection"), "keep-alive") == 0);
+    resp_free(&r);
+    CHECK_EQ(status_of(s.port, req_get("/one.bin/x"), &closed, NULL), 404);
+    CHECK_EQ(status_of(s.port, "HEAD /nope HTTP/1.1\r\nHost: x\r\n\r\n", &closed, &r), 404);
+    CHECK_EQ(r.blen, 0);
+    resp_free(&r);
+
+    CHECK_EQ(status_of(s.port, "DELETE /one.bin HTTP/1.1\r\nHost: x\r\n\r\n", &closed, &r), 405);
+    CHECK(!closed);
+    CHECK(strcmp(hdr(&r, "Allow"), "GET, HEAD") == 0);
+    CHECK(strcmp(r.body, "405 Method Not Allowed\n") == 0);
+    resp_free(&r);
+    CHECK_EQ(status_of(s.port, "POST / HTTP/1.1\r\nHost: x\r\n\r\n", &closed, NULL), 405);
+
+    CHECK_EQ(status_of(s.port, "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789",
+                       &closed, &r),
+             413);
+    CHECK(closed);
+    CHECK(strcmp(r.body, "413 Content Too Large\n") == 0);
+    resp_free(&r);
+    CHECK_EQ(status_of(s.port, "GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+                       &closed, NULL),
+             413);
+    CHECK(closed);
+
+    static char big[40000];
+    int n = snprintf(big, sizeof big, "GET /");
+    memset(big + n, 'a', 9000);
+    n += 9000;
+    n += snprintf(big + n, sizeof big - (size_t)n, " HTTP/1.1\r\nHost: x\r\n\r\n");
+    CHECK_EQ(status_of(s.port, big, &closed, &r), 414);
+    CHECK(closed);
+    CHECK(strcmp(r.body, "414 URI Too Long\n") == 0);
+    resp_free(&r);
+
+    n = snprintf(big, sizeof big, "GET / HTTP/1.1\r\nHost: x\r\nX-Big: ");
+    memset(big + n, 'b', 9000);
+    n += 9000;
+    snprintf(big + n, sizeof big - (size_t)n, "\r\n\r\n");
+    CHECK_EQ(status_of(s.port, big, &closed, &r), 431);
+    CHECK(closed);
+    CHECK(strcmp(r.body, "431 Request Header Fields Too Large\n") == 0);
+    resp_free(&r);
+    n = snprintf(big, sizeof big, "GET / HTTP/1.1\r\nHost: x\r\n");
+    for (int i = 0; i < 120; i++)
+        n += snprintf(big + n, sizeof big - (size_t)n, "X-F%d: v\r\n", i);
+    snprintf(big + n, sizeof big - (size_t)n, "\r\n");
+    CHECK_EQ(status_of(s.port, big, &closed, NULL), 431); /* too many fields */
+    CHECK(closed);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* 408: a head that does not complete within --header-timeout gets a 408 and the connection
+ * is closed; an idle keep-alive connection is closed quietly after --keepalive-timeout; a
+ * connection that never sends is closed quietly after the header timeout. */
+TEST(timeouts)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, "--header-timeout", "400", "--keepalive-timeout", "600", NULL);
+
+    hc *c = hc_open(s.port);
+    int64_t t0 = cpt_now_ms();
+    hc_send(c, "GET /one.bin HTTP/1.1\r\nHo");
+    usleep(100000);
+    hc_send(c, "st: x\r\n"); /* trickling does not extend the header deadline */
+    resp r;
+    CHECK(resp_read(c, &r, false));
+    int64_t dt = cpt_now_ms() - t0;
+    fprintf(stderr, "408 after %lld ms\n", (long long)dt);
+    CHECK_EQ(r.status, 408);
+    CHECK(strcmp(r.body, "408 Request Timeout\n") == 0);
+    CHECK(strcmp(hdr(&r, "Connection"), "close") == 0);
+    CHECK(dt >= 250 && dt < 5000); /* the deadline has tick (100 ms) granularity */
+    resp_free(&r);
+    hc_expect_eof(c);
+    hc_close(c);
+
+    /* Keep-alive: a request, then silence past the keep-alive timeout: closed, no bytes. */
+    c = hc_open(s.port);
+    hc_send(c, req_get("/one.bin"));
+    resp_read_file(c, &r, 200, 1, 0, 1);
+    t0 = cpt_now_ms();
+    usleep(300000);                  /* longer than nothing, shorter than the keep-alive timeout */
+    hc_send(c, req_get("/one.bin")); /* still open: served, and the idle clock restarts */
+    resp_read_file(c, &r, 200, 1, 0, 1);
+    hc_expect_eof(c);
+    dt = cpt_now_ms() - t0;
+    fprintf(stderr, "keep-alive close after %lld ms\n", (long long)dt);
+    CHECK(dt >= 750 && dt < 6000);
+    hc_close(c);
+
+    /* A connection that sends nothing. */
+    c = hc_open(s.port);
+    t0 = cpt_now_ms();
+    hc_expect_eof(c);
+    dt = cpt_now_ms() - t0;
+    CHECK(dt >= 250 && dt < 5000); /* the deadline has tick (100 ms) granularity */
+    hc_close(c);
+    server_stop(&s, NULL);
+}
+
+static void start_pre(server *sv, const tree *tt, void (*pre)(void), ...)
+{
+    va_list ap;
+    va_start(ap, pre);
+    server_startv(sv, tt, pre, ap);
+    va_end(ap);
+}
+
+/* 500: opening the file fails with EMFILE. The server runs with a hard RLIMIT_NOFILE just
+ * above what it needs with one client connected, measured first in a run without limit. */
+TEST(error_500)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    start_pre(&s, &t, pre_closefds, "--threads", "1", NULL);
+    hc *c = hc_open(s.port);
+    resp r;
+    hc_send(c, "HEAD /one.bin HTTP/1.1\r\nHost: x\r\n\r\n");
+    CHECK(resp_read(c, &r, true));
+    CHECK_EQ(r.status, 200);
+    resp_free(&r);
+    long base = fd_count(s.pid); /* with the client connected, no file open */
+    hc_close(c);
+    server_stop(&s, NULL);
+    fprintf(stderr, "server holds %ld descriptors with one client\n", base);
+
+    child_nofile.rlim_cur = child_nofile.rlim_max = (rlim_t)base;
+    start_pre(&s, &t, pre_limit, "--threads", "1", NULL);
+    c = hc_open(s.port);
+    hc_send(c, "HEAD /one.bin HTTP/1.1\r\nHost: x\r\n\r\n");
+    CHECK(resp_read(c, &r, true));
+    if (r.status != 500)
+        fprintf(stderr, "%s", r.head);
+    CHECK_EQ(r.status, 500);
+    resp_free(&r);
+    hc_send(c, req_get("/one.bin"));
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 500);
+    CHECK(strcmp(r.body, "500 Internal Server Error\n") == 0);
+    CHECK(strcmp(hdr(&r, "Connection"), "keep-alive") == 0);
+    resp_free(&r);
+    hc_close(c);
+    server_stop(&s, NULL);
+}
+
+/* 50 pipelined requests in one write: answered in order, each exact, the last one with
+ * Connection: close ends the connection. */
+TEST(pipelined)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, NULL);
+    enum { N = 50 };
+    static char reqs[N * 160];
+    size_t len = 0;
+    for (int i = 0; i < N; i++) {
+        const char *last = i == N - 1 ? "Connection: close\r\n" : "";
+        switch (i % 8) {
+        case 0:
+            len += (size_t)snprintf(reqs + len, sizeof reqs - len,
+                                    "GET /f4096.bin HTTP/1.1\r\nHost: x\r\n%s\r\n", last);
+            break;
+        case 1:
+            len += (size_t)snprintf(reqs + len, sizeof reqs - len,
+                                    "HEAD /f1m.bin HTTP/1.1\r\nHost: x\r\n%s\r\n", last);
+            break;
+        case 2:
+            len += (size_t)snprintf(reqs + len, sizeof reqs - len,
+                                    "GET /one.bin HTTP/1.1\r\nHost: x\r\n%s\r\n", last);
+            break;
+        case 3:
+            len += (size_t)snprintf(reqs + len, sizeof reqs - len,
+                                    "GET /nope%d HTTP/1.1\r\nHost: x\r\n%s\r\n", i, last);
+            break;
+        case 4:
+            len +=
+                (size_t)snprintf(reqs + len, sizeof reqs - len,
+                                 "GET /f1m.bin HTTP/1.1\r\nHost: x\r\nRange: bytes=%d-%d\r\n%s\r\n",
+                                 i * 1000, i * 1000 + 999, last);
+            break;
+        case 5:
+            len += (size_t)snprintf(reqs + len, sizeof reqs - len,
+                                    "GET /empty.bin HTTP/1.1\r\nHost: x\r\n%s\r\n", last);
+            break;
+        case 6:
+            len += (size_t)snprintf(reqs + len, sizeof reqs - len,
+                                    "GET /f4095.bin HTTP/1.1\r\nHost: x\r\n%s\r\n", last);
+            break;
+        default:
+            len += (size_t)snprintf(reqs + len, sizeof reqs - len,
+                                    "GET /f1m.bin HTTP/1.1\r\nHost: x\r\n%s\r\n", last);
+            break;
+        }
+    }
+    hc *c = hc_open(s.port);
+    send_all(c->fd, reqs, len);
+    for (int i = 0; i < N; i++) {
+        resp r;
+        switch (i % 8) {
+        case 0:
+            resp_read_file(c, &r, 200, 4096, 0, 4096);
+            break;
+        case 1:
+            CHECK(resp_read(c, &r, true));
+            CHECK_EQ(r.status, 200);
+            CHECK_EQ(r.clen, MIB);
+            resp_free(&r);
+            break;
+        case 2:
+            resp_read_file(c, &r, 200, 1, 0, 1);
+            break;
+        case 3:
+            CHECK(resp_read(c, &r, false));
+            CHECK_EQ(r.status, 404);
+            resp_free(&r);
+            break;
+        case 4:
+            resp_read_file(c, &r, 206, MIB, (uint64_t)i * 1000, 1000);
+            break;
+        case 5:
+            resp_read_file(c, &r, 200, 0, 0, 0);
+            break;
+        case 6:
+            resp_read_file(c, &r, 200, 4095, 0, 4095);
+            break;
+        default:
+            resp_read_file(c, &r, 200, MIB, 0, MIB);
+            break;
+        }
+        CHECK(strcmp(hdr(&r, "Connection"), i == N - 1 ? "close" : "keep-alive") == 0);
+    }
+    hc_expect_eof(c);
+    hc_close(c);
+
+    /* Requests split at every possible byte: the same answers. */
+    c = hc_open(s.port);
+    const char *two =
+        "GET /one.bin HTTP/1.1\r\nHost: x\r\n\r\nGET /f4095.bin HTTP/1.1\r\nHost: x\r\n\r\n";
+    for (size_t i = 0; i < strlen(two); i++) {
+        send_all(c->fd, two + i, 1);
+        if (i % 7 == 0)
+            usleep(200);
+    }
+    resp r;
+    resp_read_file(c, &r, 200, 1, 0, 1);
+    resp_read_file(c, &r, 200, 4095, 0, 4095);
+    hc_close(c);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* HTTP/1.0 closes unless keep-alive is asked for; Connection: close in HTTP/1.1 closes. */
+TEST(connection_handling)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, NULL);
+    resp r;
+    hc *c = hc_open(s.port);
+    hc_send(c, "GET /f4096.bin HTTP/1.0\r\n\r\n");
+    resp_read_file(c, &r, 200, 4096, 0, 4096);
+    CHECK(strcmp(hdr(&r, "Connection"), "close") == 0);
+    hc_expect_eof(c);
+    hc_close(c);
+
+    c = hc_open(s.port);
+    hc_send(c, "GET /f4096.bin HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    resp_read_file(c, &r, 200, 4096, 0, 4096);
+    CHECK(strcmp(hdr(&r, "Connection"), "keep-alive") == 0);
+    hc_send(c, "GET /one.bin HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
+    resp_read_file(c, &r, 200, 1, 0, 1);
+    hc_send(c, "GET /one.bin HTTP/1.0\r\n\r\n");
+    resp_read_file(c, &r, 200, 1, 0, 1);
+    hc_expect_eof(c);
+    hc_close(c);
+
+    c = hc_open(s.port);
+    hc_send(c, "GET /f1m.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+               "GET /one.bin HTTP/1.1\r\nHost: x\r\n\r\n"); /* after close: never answered */
+    resp_read_file(c, &r, 200, MIB, 0, MIB);
+    CHECK(strcmp(hdr(&r, "Connection"), "close") == 0);
+    hc_expect_eof(c);
+    hc_close(c);
+
+    /* An error status that keeps the connection, under HTTP/1.0 without keep-alive: closed. */
+    c = hc_open(s.port);
+    hc_send(c, "GET /nope HTTP/1.0\r\n\r\n");
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 404);
+    resp_free(&r);
+    hc_expect_eof(c);
+    hc_close(c);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* 1,000 keep-alive clients at once (scaled under sanitizers), each doing 5 requests: every
+ * round puts a request on every connection before reading any answer. */
+TEST(many_clients)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, NULL);
+    int n = (int)cpt_scaled(1000, 100);
+    hc **cs = calloc((size_t)n, sizeof *cs);
+    CHECK(cs != NULL);
+    int64_t t0 = cpt_now_ms();
+    for (int i = 0; i < n; i++)
+        cs[i] = hc_open(s.port);
+    static const char *const paths[] = {"/f4096.bin", "/f4095.bin", "/one.bin", "/", "/f1m.bin"};
+    static const uint64_t sizes[] = {4096, 4095, 1, 0, MIB};
+    for (int round = 0; round < 5; round++) {
+        for (int i = 0; i < n; i++) {
+            int k = (i + round) % 4;
+            if (i % 100 == 0 && round == 2)
+                k = 4; /* a few large ones among them */
+            hc_send(cs[i], req_get(paths[k]));
+        }
+        for (int i = 0; i < n; i++) {
+            int k = (i + round) % 4;
+            if (i % 100 == 0 && round == 2)
+                k = 4;
+            resp r;
+            if (k == 3) {
+                CHECK(resp_read(cs[i], &r, false));
+                CHECK_EQ(r.status, 200);
+                CHECK(strcmp(r.body, "<h1>root</h1>\n") == 0);
+                resp_free(&r);
+            } else {
+                resp_read_file(cs[i], &r, 200, sizes[k], 0, sizes[k]);
+            }
+        }
+    }
+    fprintf(stderr, "%d clients x 5 requests in %lld ms\n", n, (long long)(cpt_now_ms() - t0));
+    for (int i = 0; i < n; i++)
+        hc_close(cs[i]);
+    free(cs);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* A slow reader (small receive buffer; reads 64 KiB, pauses 5 ms) downloading a big file
+ * gets every byte, while other clients are served meanwhile by the same single worker. */
+typedef struct others {
+    int port;
+    volatile int stop;
+    int done;
+    int64_t worst_ms;
+} others;
+
+static void *others_main(void *arg)
+{
+    others *o = arg;
+    while (!__atomic_load_n(&o->stop, __ATOMIC_ACQUIRE)) {
+        hc *c = hc_open(o->port);
+        for (int i = 0; i < 4; i++) {
+            int64_t t0 = cpt_now_ms();
+            resp r;
+            if (i == 3) {
+                hc_send(c, req_get("/f1m.bin"));
+                resp_read_file(c, &r, 200, MIB, 0, MIB);
+            } else {
+                hc_send(c, req_get("/f4096.bin"));
+                resp_read_file(c, &r, 200, 4096, 0, 4096);
+            }
+            int64_t dt = cpt_now_ms() - t0;
+            if (dt > o->worst_ms)
+                o->worst_ms = dt;
+            o->done++;
+        }
+        hc_close(c);
+    }
+    return NULL;
+}
+
+TEST(slow_reader)
+{
+    tree t;
+    tree_make(&t, true);
+    server s;
+    server_start(&s, &t, "--threads", "1", NULL);
+    uint64_t size = big_size();
+    /* Reads 64 KiB at a time with a 5 ms pause: about size / 64 KiB * 5 ms; keep it < 10 s. */
+    uint64_t want = size < 64 * MIB ? size : 64 * MIB;
+    uint64_t from = size - want; /* a range, so that a 100 MiB file stays bounded in time */
+    int fd = connect_to(s.port, 32 * 1024);
+    char req[256];
+    snprintf(req, sizeof req, "GET /big.bin HTTP/1.1\r\nHost: x\r\nRange: bytes=%llu-\r\n\r\n",
+             (unsigned long long)from);
+    send_all(fd, req, strlen(req));
+
+    others o = {.port = s.port};
+    pthread_t th;
+    CHECK_EQ(pthread_create(&th, NULL, others_main, &o), 0);
+
+    static char buf[64 * 1024];
+    size_t have = 0;
+    char *head_end = NULL;
+    while (!head_end) {
+        ssize_t k = recv(fd, buf + have, sizeof buf - have, 0);
+        CHECK(k > 0);
+        have += (size_t)k;
+        head_end = memmem(buf, have, "\r\n\r\n", 4);
+    }
+    CHECK(strncmp(buf, "HTTP/1.1 206 ", 13) == 0);
+    size_t hl = (size_t)(head_end + 4 - buf);
+    verify v = {size, from, true};
+    verify_fn(&v, buf + hl, have - hl);
+    uint64_t got = have - hl;
+    int64_t t0 = cpt_now_ms();
+    int pauses = 0;
+    while (got < want) {
+        struct pollfd p = {fd, POLLIN, 0};
+        CHECK(poll(&p, 1, IO_S * 1000) == 1);
+        size_t cap = sizeof buf;
+        if (want - got < cap)
+            cap = (size_t)(want - got);
+        size_t n = 0;
+        while (n < cap) { /* 64 KiB, then pause */
+            ssize_t k = recv(fd, buf + n, cap - n, 0);
+            CHECK(k > 0);
+            n += (size_t)k;
+        }
+        verify_fn(&v, buf, n);
+        got += n;
+        poll(NULL, 0, 5);
+        pauses++;
+    }
+    int64_t dt = cpt_now_ms() - t0;
+    __atomic_store_n(&o.stop, 1, __ATOMIC_RELEASE);
+    CHECK_EQ(pthread_join(th, NULL), 0);
+    CHECK(v.ok);
+    CHECK_EQ(got, want);
+    fprintf(stderr,
+            "slow reader: %llu bytes in %lld ms (%d pauses); meanwhile %d other requests, "
+            "slowest %lld ms\n",
+            (unsigned long long)got, (long long)dt, pauses, o.done, (long long)o.worst_ms);
+    CHECK(o.done >= 20);
+    CHECK(o.worst_ms < 3000);
+    close(fd);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* Ways out of the document root: every one answered 400, 403 or 404, never with the
+ * content of a file outside the root. */
+TEST(traversal)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, NULL);
+    char outside_abs[PATH_MAX + 64];
+    snprintf(outside_abs, sizeof outside_abs, "%s/secret.txt", t.outside);
+    const char *const targets[] = {
+        "/../etc/passwd",
+        "/../../../../../../etc/passwd",
+        "/%2e%2e/etc/passwd",
+        "/%2e%2E%2fetc%2fpasswd",
+        "/%2e%2E%2f",
+        "/..%2fetc%2fpasswd",
+        "/..%2f..%2f..%2fetc/passwd",
+        "/.%2e/.%2e/etc/passwd",
+        "/%2E%2E/%2E%2E/etc/passwd",
+        "/..%5c..%5cetc%5cpasswd",
+        "/%5c..%5c..%5cetc%5cpasswd",
+        "/\\..\\..\\etc\\passwd",
+        "/..\\..\\etc\\passwd",
+        "/%c0%ae%c0%ae/etc/passwd",
+        "/%c0%af..%c0%afetc/passwd",
+        "/%252e%252e/etc/passwd",
+        "/one.bin%00.html",
+        "/%00",
+        "/%00/../etc/passwd",
+        "//etc/passwd",
+        "///etc//passwd",
+        "/etc/passwd",
+        "/sub/../../etc/passwd",
+        "/sub/../../outside/secret.txt",
+        "/../outside/secret.txt",
+        "/..",
+        "/../",
+        "/.%2e",
+        "/link_abs",
+        "/link_rel",
+        "/dirlink/secret.txt",
+        "/dirlink/",
+        "/dirlink",
+        "/dirlink_rel/secret.txt",
+        "/dirlink_rel/",
+        "/passwd",
+        "/proclink",
+        "/abs_inside",
+        "/proc/self/root/etc/passwd",
+        "/proc/self/cwd/secret.txt",
+        "/dev/null",
+        "/%2fetc%2fpasswd",
+        "/sub/%2e%2e/%2e%2e/etc/passwd",
+        "/sub/..%2f..%2fetc%2fpasswd",
+        "http://localhost/../etc/passwd",
+        "http://localhost/%2e%2e/%2e%2e/etc/passwd",
+        "http://localhost/link_abs",
+        "http://user@localhost/one.bin",
+        "https://localhost//etc/passwd",
+        "file:///etc/passwd",
+        "ftp://localhost/etc/passwd",
+        "etc/passwd",
+        "../etc/passwd",
+        "*",
+        "localhost:80",
+        "/a#/../../etc/passwd",
+        "/%",
+        "/%zz",
+        "/%2",
+        outside_abs,
+    };
+    for (size_t i = 0; i < sizeof targets / sizeof targets[0]; i++) {
+        for (int head = 0; head < 2; head++) {
+            char req[PATH_MAX + 256];
+            snprintf(req, sizeof req, "%s %s HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                     head ? "HEAD" : "GET", targets[i]);
+            resp r;
+            hc *c = hc_open(s.port);
+            hc_send(c, req);
+            CHECK(resp_read(c, &r, head));
+            bool leak = (r.body && (strstr(r.body, t.marker) || strstr(r.body, "root:"))) ||
+                        strstr(r.head, t.marker);
+            if (r.status != 400 && r.status != 403 && r.status != 404)
+                fprintf(stderr, "%s -> %d\n", targets[i], r.status);
+            CHECK(r.status == 400 || r.status == 403 || r.status == 404);
+            CHECK(!leak);
+            if (!head) {
+                char st[8];
+                snprintf(st, sizeof st, "%d ", r.status);
+                CHECK(r.body && strncmp(r.body, st, 4) == 0);
+            }
+            resp_free(&r);
+            hc_close(c);
+        }
+    }
+    /* A control: an allowed symlink inside the root works. */
+    resp r;
+    fetch(s.port, req_get("/link_in"), &r, false);
+    CHECK_EQ(r.status, 200);
+    resp_free(&r);
+    server_alive(&s);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* The access log: one common-log-format line per request on stdout; none with
+ * --no-access-log. */
+static void log_requests(int port)
+{
+    resp r;
+    hc *c = hc_open(port);
+    hc_send(c, req_get("/one.bin"));
+    resp_read_file(c, &r, 200, 1, 0, 1);
+    hc_send(c, req_get("/nope?q=1"));
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 404);
+    resp_free(&r);
+    hc_send(c, "HEAD /f4096.bin HTTP/1.1\r\nHost: x\r\n\r\n");
+    CHECK(resp_read(c, &r, true));
+    resp_free(&r);
+    hc_send(c, "GET /f1m.bin HTTP/1.0\r\nRange: bytes=0-9\r\n\r\n");
+    resp_read_file(c, &r, 206, MIB, 0, 10);
+    hc_close(c);
+    c = hc_open(port);
+    hc_send(c, "BAD REQUEST\r\n\r\n");
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 400);
+    resp_free(&r);
+    hc_close(c);
+}
+
+TEST(access_log)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    static char text[TEXT_CAP];
+    server_start(&s, &t, NULL);
+    log_requests(s.port);
+    usleep(50000);
+    server_stop(&s, text);
+    fprintf(stderr, "%s", text);
+    CHECK_EQ(count_str(text, "\n127.0.0.1 - - ["), 5);
+    CHECK_EQ(count_str(text, " +0000] \"GET /one.bin HTTP/1.1\" 200 1\n"), 1);
+    CHECK_EQ(count_str(text, " +0000] \"GET /nope?q=1 HTTP/1.1\" 404 14\n"), 1);
+    CHECK_EQ(count_str(text, " +0000] \"HEAD /f4096.bin HTTP/1.1\" 200 0\n"), 1);
+    CHECK_EQ(count_str(text, " +0000] \"GET /f1m.bin HTTP/1.0\" 206 10\n"), 1);
+    CHECK_EQ(count_str(text, " +0000] \"-\" 400 16\n"), 1);
+
+    server_start(&s, &t, "--no-access-log", NULL);
+    log_requests(s.port);
+    usleep(50000);
+    server_stop_sig(&s, SIGINT, text);
+    CHECK(strstr(text, "access-log=off") != NULL);
+    CHECK_EQ(count_str(text, "127.0.0.1 - - ["), 0);
+    CHECK_EQ(count_str(text, "HTTP/1."), 0);
+}
+
+/* Random bytes, truncated heads and resets on many connections never take the server down;
+ * it then still serves. */
+TEST(bad_input)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, NULL);
+    uint64_t rng = 0x1234567 ^ (uint64_t)cpt_now_ns();
+    static const char *const prefixes[] = {"",
+                                           "GET ",
+                                           "GET /",
+                                           "GET / HTTP/1.1\r\n",
+                                           "GET / HTTP/1.1\r\nHost: x\r\n",
+                                           "HEAD /f1m.bin HTTP/1.1\r\nHost: x\r\nRange: "};
+    int n = (int)cpt_scaled(300, 60);
+    for (int i = 0; i < n; i++) {
+        int fd = connect_to(s.port, 0);
+        char buf[2048];
+        rng = mix(rng);
+        const char *pre = prefixes[rng % 6];
+        size_t len = strlen(pre);
+        memcpy(buf, pre, len);
+        size_t extra = (size_t)(mix(rng + 1) % 1500);
+        for (size_t k = 0; k < extra; k++) {
+            rng = mix(rng);
+            buf[len++] = (rng & 3) ? (char)(rng >> 8) : "\r\n: %/."[(rng >> 8) % 8];
+        }
+        send(fd, buf, len, MSG_NOSIGNAL);
+        if (i % 3 == 0) {
+            struct linger lg = {1, 0}; /* reset */
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+        } else if (i % 3 == 1) {
+            shutdown(fd, SHUT_WR);
+            char sink[4096];
+            struct timeval tv = {0, 200000};
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+            while (recv(fd, sink, sizeof sink, 0) > 0)
+                ;
+        }
+        close(fd);
+    }
+    server_alive(&s);
+    resp r;
+    fetch(s.port, req_get("/f4096.bin"), &r, false);
+    CHECK_EQ(r.status, 200);
+    CHECK(content_ok(4096, 0, r.body, r.blen));
+    resp_free(&r);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* SIGINT while a big download is in flight: the download completes exactly, the
+ * connection is then closed, and the server exits 0 ("shut down cleanly"). */
+TEST(graceful_shutdown)
+{
+    tree t;
+    tree_make(&t, true);
+    server s;
+    server_start(&s, &t, NULL);
+    uint64_t size = big_size();
+    hc *c = hc_open(s.port);
+    hc_send(c, req_get("/big.bin"));
+    resp r;
+    CHECK(resp_head(c, &r));
+    CHECK_EQ(r.status, 200);
+    CHECK_EQ(r.clen, (int64_t)size);
+    verify v = {size, 0, true};
+    body_each(c, MIB, verify_fn, &v);
+    CHECK_EQ(kill(s.pid, SIGINT), 0);
+    usleep(100000);
+    body_each(c, size - MIB, verify_fn, &v);
+    CHECK(v.ok);
+    hc_expect_eof(c);
+    hc_close(c);
+    server_reap(&s, SIGINT, NULL);
+}

@@ -1,0 +1,665 @@
+/* cport-httpd: a static-file HTTP/1.1 server on cport's server layer.
+ *
+ * The protocol (parsing, paths, ranges, dates, response heads) lives in http.c; the server
+ * layer (cport/server.h) accepts, receives, orders sends and shuts down. This file joins
+ * them: per connection it parses requests in arrival order (keep-alive and pipelining),
+ * opens each file beneath the document root with openat2(RESOLVE_BENEATH) and hands it to
+ * cp_conn_send_file() (TransmitFile: the head, then the file, without copying it through
+ * user space). The file's descriptor is closed in on_sent when the transmit completes.
+ *
+ * Per connection (all callbacks of a connection run one at a time, so no locking):
+ *   - unparsed bytes (a partial head, or pipelined requests not yet served) are kept in a
+ *     small heap buffer; complete requests are parsed straight from the receive buffer;
+ *   - at most MAX_INFLIGHT file transmits are outstanding; further pipelined requests wait
+ *     in that buffer and are served from on_sent as transmits complete (bounds the
+ *     descriptors one client can pin), and a client that pipelines more than IN_MAX bytes
+ *     of requests without reading the answers is cut;
+ *   - one deadline (cp_conn_set_deadline): --header-timeout from the first byte of a
+ *     request head (then 408 and close), --keepalive-timeout while idle between requests
+ *     (then a quiet close), re-armed while a file is still being sent.
+ *
+ * Signals: SIGINT/SIGTERM shut down gracefully (stop accepting and reading, let responses
+ * already queued go out, close; exit 0); SIGUSR1 prints the counters on stderr.
+ * The access log (common log format, one line per request) goes to stdout, one write(2)
+ * per line so that lines from several workers never interleave. */
+#include "cport.h"
+#include "http.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+enum {
+    MAX_INFLIGHT = 16,   /* file transmits outstanding per connection */
+    IN_MAX = 256 * 1024, /* unserved pipelined bytes kept per connection */
+    IN_MIN = 4096,       /* first size of that buffer */
+    HEAD_CAP = 640,      /* response heads (http.h: 512 always suffice) */
+    ERR_CAP = 768,       /* error responses with their body */
+};
+
+typedef struct config {
+    cp_server_options so;
+    const char *root;
+    int root_fd;
+    bool access_log;
+    unsigned header_ms, keepalive_ms, shutdown_ms;
+} config;
+
+/* The per-connection state (the server's user area, zeroed at accept). */
+typedef struct hconn {
+    http_parser parser;
+    char *in; /* bytes received and not yet served: in[0..in_len) */
+    uint32_t in_len, in_cap;
+    uint32_t peer;     /* IPv4 address (network order), for the log */
+    uint16_t inflight; /* file transmits outstanding */
+    bool closing;      /* the last response is queued: ignore what else arrives */
+    bool head_started; /* a request head is partly received (the header deadline runs) */
+} hconn;
+
+static const config *cfg_of(cp_conn *c)
+{
+    return cp_server_user(cp_conn_server(c));
+}
+
+/* ---- access log ------------------------------------------------------------------------ */
+
+/* "[10/Oct/2000:13:55:36 +0000]" for now, cached per thread for the current second. */
+static const char *log_time(void)
+{
+    static _Thread_local time_t last = -1;
+    static _Thread_local char text[40];
+    time_t now = time(NULL);
+    if (now != last) {
+        struct tm tm;
+        gmtime_r(&now, &tm);
+        strftime(text, sizeof text, "[%d/%b/%Y:%H:%M:%S +0000]", &tm);
+        last = now;
+    }
+    return text;
+}
+
+/* One line: host ident authuser [date] "request line" status bytes. req NULL: "-". */
+static void access_log(cp_conn *c, const http_request *req, int status, uint64_t bytes)
+{
+    const config *cfg = cfg_of(c);
+    if (!cfg->access_log)
+        return;
+    hconn *h = cp_conn_user(c);
+    char ip[INET_ADDRSTRLEN];
+    struct in_addr a = {.s_addr = h->peer};
+    inet_ntop(AF_INET, &a, ip, sizeof ip);
+    char line[2600];
+    int n;
+    if (req) {
+        /* method and target are tokens / visible ASCII (the parser made sure) */
+        int tl = req->target.len > 2048 ? 2048 : (int)req->target.len;
+        int ml = req->method_name.len > 64 ? 64 : (int)req->method_name.len;
+        n = snprintf(line, sizeof line, "%s - - %s \"%.*s %.*s%s HTTP/1.%d\" %d %llu\n", ip,
+                     log_time(), ml, req->method_name.ptr, tl, req->target.ptr,
+                     tl < (int)req->target.len ? "..." : "", req->minor_version, status,
+                     (unsigned long long)bytes);
+    } else {
+        n = snprintf(line, sizeof line, "%s - - %s \"-\" %d %llu\n", ip, log_time(), status,
+                     (unsigned long long)bytes);
+    }
+    if (n > 0)
+        (void)!write(STDOUT_FILENO, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+}
+
+/* ---- responses ------------------------------------------------------------------------- */
+
+/* The last response is queued: close once it has gone out. */
+static void finish(cp_conn *c, hconn *h)
+{
+    h->closing = true;
+    cp_conn_close(c);
+}
+
+/* on_sent's ctx: a file transmit carries (fd << 1) | 1; a memory send (send_copy) its
+ * malloc'd buffer (even). */
+#define FILE_CTX(fd) ((void *)(((uintptr_t)(unsigned)(fd) << 1) | 1))
+
+/* Queue a copy of buf. Equivalent to cp_conn_send(), which cannot be used as is: it does
+ * memcpy(dst, NULL, 0) for its absent frame header (src/conn.c send_copy), undefined
+ * behaviour that UBSan builds abort on. So: our own copy, sent by reference, freed in
+ * on_sent. */
+static int send_copy(cp_conn *c, const void *buf, size_t len)
+{
+    void *p = malloc(len);
+    if (!p)
+        return -ENOMEM;
+    memcpy(p, buf, len);
+    int r = cp_conn_send_ref(c, p, len, p);
+    if (r < 0)
+        free(p);
+    return r;
+}
+
+static void send_or_fail(cp_conn *c, hconn *h, const void *buf, size_t len)
+{
+    int r = send_copy(c, buf, len);
+    if (r < 0) {
+        h->closing = true;
+        if (r != -EPIPE)
+            cp_conn_abort(c);
+    }
+}
+
+/* A small error response (its body unless for HEAD); closes after it unless keep_alive. */
+static void respond_error(cp_conn *c, hconn *h, const http_request *req, int status,
+                          bool keep_alive, bool with_body, uint64_t complete_length)
+{
+    char buf[ERR_CAP];
+    http_response r = {.status = status,
+                       .keep_alive = keep_alive,
+                       .date = time(NULL),
+                       .complete_length = complete_length};
+    int n = http_format_error(&r, with_body, buf, sizeof buf);
+    if (n < 0) { /* cannot happen with the statuses used here */
+        h->closing = true;
+        cp_conn_abort(c);
+        return;
+    }
+    const char *nl = memmem(buf, (size_t)n, "\r\n\r\n", 4);
+    uint64_t body = nl ? (uint64_t)n - (uint64_t)(nl + 4 - buf) : 0;
+    access_log(c, req, status, body);
+    send_or_fail(c, h, buf, (size_t)n);
+    if (!keep_alive && !h->closing)
+        finish(c, h);
+}
+
+/* Serve one parsed request. */
+static void serve(cp_conn *c, hconn *h, const http_request *req)
+{
+    const config *cfg = cfg_of(c);
+    bool head_only = req->method == HTTP_METHOD_HEAD;
+    bool keep = req->keep_alive;
+    if (req->method == HTTP_METHOD_OTHER) {
+        respond_error(c, h, req, 405, keep, true, 0);
+        return;
+    }
+    http_path path;
+    int st = http_resolve_path(req->path.ptr, req->path.len, &path);
+    if (st) {
+        respond_error(c, h, req, st, keep, !head_only, 0);
+        return;
+    }
+    http_file f;
+    st = http_open_beneath(cfg->root_fd, &path, &f);
+    if (st) {
+        respond_error(c, h, req, st, keep, !head_only, 0);
+        return;
+    }
+
+    http_response r = {.status = 200,
+                       .keep_alive = keep,
+                       .date = time(NULL),
+                       .content_type = f.index ? "text/html; charset=utf-8"
+                                               : http_mime_type(path.buf, path.len),
+                       .has_content_length = true,
+                       .content_length = f.size,
+                       .has_last_modified = true,
+                       .last_modified = f.mtime,
+                       .accept_ranges = true};
+    uint64_t first = 0, len = f.size;
+    if (http_not_modified(req, f.mtime)) {
+        r.status = 304;
+        len = 0;
+    } else {
+        uint64_t a, b;
+        switch (http_request_range(req, f.size, f.mtime, &a, &b)) {
+        case HTTP_RANGE_PARTIAL:
+            r.status = 206;
+            r.range_first = first = a;
+            r.range_last = b;
+            r.complete_length = f.size;
+            len = b - a + 1;
+            break;
+        case HTTP_RANGE_UNSATISFIABLE:
+            close(f.fd);
+            respond_error(c, h, req, 416, keep, true, f.size);
+            return;
+        case HTTP_RANGE_FULL:
+            break;
+        }
+    }
+    char head[HEAD_CAP];
+    int n = http_format_head(&r, head, sizeof head);
+    if (n < 0) {
+        close(f.fd);
+        respond_error(c, h, req, 500, false, !head_only, 0);
+        return;
+    }
+    if (head_only)
+        len = 0;
+    access_log(c, req, r.status, len);
+    if (len == 0) {
+        close(f.fd);
+        send_or_fail(c, h, head, (size_t)n);
+    } else {
+        /* ctx carries the descriptor; on_sent closes it. */
+        int e = cp_conn_send_file(c, head, (size_t)n, f.fd, (int64_t)first, len, FILE_CTX(f.fd));
+        if (e < 0) {
+            close(f.fd);
+            h->closing = true;
+            if (e != -EPIPE)
+                cp_conn_abort(c);
+            return;
+        }
+        h->inflight++;
+    }
+    if (!keep && !h->closing)
+        finish(c, h);
+}
+
+/* Serve the complete requests at the start of buf[0..len), in order, while the transmit
+ * limit allows. Returns the bytes consumed; what is left is a partial head or requests
+ * that wait for transmits to complete. */
+static size_t process(cp_conn *c, hconn *h, const char *buf, size_t len)
+{
+    size_t off = 0;
+    while (off < len && !h->closing && h->inflight < MAX_INFLIGHT) {
+        http_request req;
+        http_parse_status ps = http_parse(&h->parser, buf + off, len - off, &req);
+        if (ps == HTTP_PARSE_NEED_MORE)
+            break;
+        if (ps == HTTP_PARSE_ERROR) {
+            respond_error(c, h, NULL, req.status, false, true, 0);
+            off = len;
+            break;
+        }
+        h->head_started = false;
+        serve(c, h, &req);
+        off += req.head_len;
+    }
+    return off;
+}
+
+/* Keep buf[0..len) (not served yet) in h->in, after what is there. false: over IN_MAX. */
+static bool keep_bytes(hconn *h, const char *buf, size_t len)
+{
+    size_t need = (size_t)h->in_len + len;
+    if (need > IN_MAX)
+        return false;
+    if (need > h->in_cap) {
+        size_t cap = h->in_cap ? h->in_cap : IN_MIN;
+        while (cap < need)
+            cap *= 2;
+        char *p = realloc(h->in, cap);
+        if (!p)
+            return false;
+        h->in = p;
+        h->in_cap = (uint32_t)cap;
+    }
+    memcpy(h->in + h->in_len, buf, len);
+    h->in_len += (uint32_t)len;
+    return true;
+}
+
+/* Serve what h->in holds, as far as possible, and drop what was served. */
+static void pump(cp_conn *c, hconn *h)
+{
+    size_t used = process(c, h, h->in, h->in_len);
+    if (h->closing) {
+        h->in_len = 0;
+        return;
+    }
+    if (used) {
+        memmove(h->in, h->in + used, h->in_len - used);
+        h->in_len -= (uint32_t)used;
+    }
+    if (h->in_len == 0 && h->in_cap > 4 * IN_MIN) {
+        free(h->in); /* a burst of pipelining is over: back to nothing */
+        h->in = NULL;
+        h->in_cap = 0;
+    }
+}
+
+/* After serving: which deadline runs now. */
+static void arm_deadline(cp_conn *c, hconn *h)
+{
+    if (h->closing)
+        return;
+    const config *cfg = cfg_of(c);
+    if (h->in_len > 0 && h->inflight < MAX_INFLIGHT) {
+        /* A partial head: the header timeout runs from its first byte, not its last. */
+        if (!h->head_started) {
+            h->head_started = true;
+            cp_conn_set_deadline(c, cfg->header_ms);
+        }
+    } else {
+        h->head_started = false;
+        cp_conn_set_deadline(c, cfg->keepalive_ms);
+    }
+}
+
+/* ---- callbacks --------------------------------------------------------------------------- */
+
+static int on_open(cp_conn *c)
+{
+    hconn *h = cp_conn_user(c);
+    http_parser_init(&h->parser);
+    if (cfg_of(c)->access_log) {
+        struct sockaddr_storage ss;
+        socklen_t sl;
+        if (cp_conn_peer(c, &ss, &sl) == 0 && ss.ss_family == AF_INET)
+            h->peer = ((struct sockaddr_in *)&ss)->sin_addr.s_addr;
+    }
+    /* The first request must start arriving within the header timeout. */
+    cp_conn_set_deadline(c, cfg_of(c)->header_ms);
+    return 0;
+}
+
+static void on_data(cp_conn *c, const void *data, size_t len)
+{
+    hconn *h = cp_conn_user(c);
+    if (h->closing)
+        return;
+    if (h->in_len == 0) {
+        size_t used = process(c, h, data, len);
+        if (!h->closing && used < len && !keep_bytes(h, (const char *)data + used, len - used)) {
+            h->closing = true;
+            cp_conn_abort(c);
+            return;
+        }
+    } else {
+        if (!keep_bytes(h, data, len)) {
+            h->closing = true; /* pipelining far ahead of reading the answers */
+            cp_conn_abort(c);
+            return;
+        }
+        pump(c, h);
+    }
+    arm_deadline(c, h);
+}
+
+static void on_sent(cp_conn *c, void *ctx, int64_t result)
+{
+    (void)result; /* a failed send closes the connection (the server layer sees to it) */
+    hconn *h = cp_conn_user(c);
+    if (!((uintptr_t)ctx & 1)) {
+        free(ctx); /* a send_copy() */
+        return;
+    }
+    close((int)((uintptr_t)ctx >> 1));
+    h->inflight--;
+    if (!h->closing && h->in_len > 0) {
+        pump(c, h);
+        arm_deadline(c, h);
+    }
+}
+
+static void on_timeout(cp_conn *c, cp_close_reason reason)
+{
+    hconn *h = cp_conn_user(c);
+    const config *cfg = cfg_of(c);
+    if (reason != CP_CLOSE_DEADLINE || h->closing) {
+        h->closing = true;
+        cp_conn_abort(c);
+        return;
+    }
+    if (h->inflight > 0) {
+        cp_conn_set_deadline(c, cfg->keepalive_ms); /* still sending: not idle */
+    } else if (h->head_started) {
+        respond_error(c, h, NULL, 408, false, true, 0);
+    } else {
+        finish(c, h); /* idle keep-alive connection (or one that never sent a byte) */
+    }
+}
+
+static void on_close(cp_conn *c, cp_close_reason reason, int err)
+{
+    (void)reason;
+    (void)err;
+    hconn *h = cp_conn_user(c);
+    free(h->in);
+    h->in = NULL;
+    h->in_len = h->in_cap = 0;
+}
+
+/* ---- command line ------------------------------------------------------------------------ */
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: cport-httpd --root DIR [options]\n"
+               "  --root DIR              document root (required)\n"
+               "  --port N                TCP port (default 8080; 0 = any, printed at start)\n"
+               "  --bind ADDR             IPv4 address to listen on (default 0.0.0.0)\n"
+               "  --threads N             worker threads (default: online CPUs)\n"
+               "  --backend B             auto, io_uring or epoll (default auto)\n"
+               "  --no-access-log         no access log lines on stdout\n"
+               "  --header-timeout MS     a request head must arrive within MS of its first\n"
+               "                          byte (default 10000), else 408 and close\n"
+               "  --keepalive-timeout MS  close a connection idle this long between requests\n"
+               "                          (default 30000)\n"
+               "  --max-conns N           connections beyond N are closed at once (default: none)\n"
+               "  --shutdown-deadline MS  how long SIGTERM lets responses drain (default 5000)\n"
+               "  --help                  this text\n"
+               "SIGINT/SIGTERM shut down gracefully and exit 0; SIGUSR1 prints the counters.\n");
+}
+
+static int parse_uint(const char *s, unsigned long max, unsigned long *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (errno || *s == 0 || *end || v > max || *s == '-')
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, config *cfg)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    cfg->so.port = 8080;
+    cfg->so.bind = "0.0.0.0";
+    cfg->access_log = true;
+    cfg->header_ms = 10000;
+    cfg->keepalive_ms = 30000;
+    cfg->shutdown_ms = 5000;
+    cfg->root_fd = -1;
+    enum {
+        O_ROOT = 1,
+        O_PORT,
+        O_BIND,
+        O_THREADS,
+        O_BACKEND,
+        O_NOLOG,
+        O_HEADER,
+        O_KEEPALIVE,
+        O_MAXCONNS,
+        O_SHUTDOWN,
+        O_HELP
+    };
+    static const struct option opts[] = {{"root", required_argument, 0, O_ROOT},
+                                         {"port", required_argument, 0, O_PORT},
+                                         {"bind", required_argument, 0, O_BIND},
+                                         {"threads", required_argument, 0, O_THREADS},
+                                         {"backend", required_argument, 0, O_BACKEND},
+                                         {"no-access-log", no_argument, 0, O_NOLOG},
+                                         {"header-timeout", required_argument, 0, O_HEADER},
+                                         {"keepalive-timeout", required_argument, 0, O_KEEPALIVE},
+                                         {"max-conns", required_argument, 0, O_MAXCONNS},
+                                         {"shutdown-deadline", required_argument, 0, O_SHUTDOWN},
+                                         {"help", no_argument, 0, O_HELP},
+                                         {0, 0, 0, 0}};
+    int ch;
+    unsigned long v;
+    cp_server_options *o = &cfg->so;
+    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        bool ok = true;
+        switch (ch) {
+        case O_ROOT:
+            cfg->root = optarg;
+            break;
+        case O_PORT:
+            ok = parse_uint(optarg, 65535, &v) == 0;
+            o->port = (uint16_t)v;
+            break;
+        case O_BIND:
+            o->bind = optarg;
+            break;
+        case O_THREADS:
+            ok = parse_uint(optarg, 1024, &v) == 0 && v > 0;
+            o->threads = (unsigned)v;
+            break;
+        case O_BACKEND:
+            if (strcmp(optarg, "io_uring") == 0)
+                o->backend = CP_BACKEND_IO_URING;
+            else if (strcmp(optarg, "epoll") == 0)
+                o->backend = CP_BACKEND_EPOLL;
+            else if (strcmp(optarg, "auto") == 0)
+                o->backend = CP_BACKEND_AUTO;
+            else
+                ok = false;
+            break;
+        case O_NOLOG:
+            cfg->access_log = false;
+            break;
+        case O_HEADER:
+            ok = parse_uint(optarg, 86400000, &v) == 0 && v > 0;
+            cfg->header_ms = (unsigned)v;
+            break;
+        case O_KEEPALIVE:
+            ok = parse_uint(optarg, 86400000, &v) == 0 && v > 0;
+            cfg->keepalive_ms = (unsigned)v;
+            break;
+        case O_MAXCONNS:
+            ok = parse_uint(optarg, 100000000, &v) == 0;
+            o->max_conns = (unsigned)v;
+            break;
+        case O_SHUTDOWN:
+            ok = parse_uint(optarg, 3600000, &v) == 0;
+            cfg->shutdown_ms = (unsigned)v;
+            break;
+        case O_HELP:
+            usage(stdout);
+            exit(0);
+        default:
+            ok = false;
+        }
+        if (!ok) {
+            if (ch != '?')
+                fprintf(stderr, "cport-httpd: bad value for --%s: %s\n", opts[ch - 1].name,
+                        optarg ? optarg : "");
+            return -1;
+        }
+    }
+    if (optind != argc)
+        return -1;
+    if (!cfg->root) {
+        fprintf(stderr, "cport-httpd: --root is required\n");
+        return -1;
+    }
+    return 0;
+}
+
+static void raise_fd_limit(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+static void print_stats(cp_server *sv, FILE *f)
+{
+    cp_server_stats s;
+    cp_server_get_stats(sv, &s);
+    fprintf(f,
+            "cport-httpd: conns_open=%llu conns_total=%llu conns_rejected=%llu "
+            "conns_reaped=%llu bytes_in=%llu bytes_out=%llu completions=%llu "
+            "backpressure_events=%llu allocations=%llu\n",
+            (unsigned long long)s.conns_open, (unsigned long long)s.conns_total,
+            (unsigned long long)s.conns_rejected, (unsigned long long)s.conns_reaped,
+            (unsigned long long)s.bytes_in, (unsigned long long)s.bytes_out,
+            (unsigned long long)s.completions, (unsigned long long)s.backpressure_events,
+            (unsigned long long)s.allocations);
+    fflush(f);
+}
+
+int main(int argc, char **argv)
+{
+    config cfg;
+    if (parse_args(argc, argv, &cfg) < 0) {
+        usage(stderr);
+        return 2;
+    }
+    cfg.root_fd = open(cfg.root, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (cfg.root_fd < 0) {
+        fprintf(stderr, "cport-httpd: cannot open the root %s: %s\n", cfg.root, strerror(errno));
+        return 1;
+    }
+    raise_fd_limit();
+    /* Signals are taken synchronously by main; workers never see them. */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    cp_server_callbacks cb = {.on_open = on_open,
+                              .on_data = on_data,
+                              .on_sent = on_sent,
+                              .on_close = on_close,
+                              .on_timeout = on_timeout};
+    cfg.so.user = &cfg;
+    cfg.so.conn_user_size = sizeof(hconn);
+    cfg.so.conn_deadlines = true;
+    cp_server *sv;
+    int r = cp_server_create(&sv, &cfg.so, &cb);
+    if (r == 0)
+        r = cp_server_start(sv);
+    if (r < 0) {
+        fprintf(stderr, "cport-httpd: cannot start: %s\n", cp_strerror(r));
+        close(cfg.root_fd);
+        return 1;
+    }
+    const cp_server_options *o = &cfg.so;
+    printf("cport-httpd: backend=%s threads=%u bind=%s port=%u root=%s access-log=%s "
+           "header-timeout=%ums keepalive-timeout=%ums max-conns=%u\n",
+           cp_port_backend_name(cp_server_port(sv)),
+           o->threads ? o->threads : (unsigned)sysconf(_SC_NPROCESSORS_ONLN), o->bind,
+           cp_server_listen_port(sv), cfg.root, cfg.access_log ? "on" : "off", cfg.header_ms,
+           cfg.keepalive_ms, o->max_conns);
+    printf("listening on %s:%u\n", o->bind, cp_server_listen_port(sv));
+    fflush(stdout);
+
+    int sig;
+    for (;;) {
+        sigwait(&sigs, &sig);
+        if (sig != SIGUSR1)
+            break;
+        print_stats(sv, stderr);
+    }
+    r = cp_server_shutdown(sv, cfg.shutdown_ms);
+    print_stats(sv, stdout);
+    cp_server_stats st;
+    cp_server_get_stats(sv, &st);
+    printf("cport-httpd: %s: accepted=%llu rejected=%llu closed=%llu; shut down %s\n",
+           strsignal(sig), (unsigned long long)st.conns_total,
+           (unsigned long long)st.conns_rejected,
+           (unsigned long long)(st.conns_total - st.conns_open),
+           r == 0 ? "cleanly" : "at the deadline (connections cut)");
+    fflush(stdout);
+    cp_server_destroy(sv);
+    close(cfg.root_fd);
+    return 0;
+}
