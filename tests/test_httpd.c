@@ -180,6 +180,20 @@ static size_t memfd_text(int fd, char *buf, size_t cap)
     return len;
 }
 
+/* The last cap - 1 bytes of a memfd (the exit line follows a long access log). */
+static void memfd_tail(int fd, char *buf, size_t cap)
+{
+    struct stat st;
+    CHECK_EQ(fstat(fd, &st), 0);
+    off_t from = st.st_size > (off_t)(cap - 1) ? st.st_size - (off_t)(cap - 1) : 0;
+    ssize_t n;
+    do
+        n = pread(fd, buf, cap - 1, from);
+    while (n < 0 && errno == EINTR);
+    CHECK(n >= 0);
+    buf[n] = 0;
+}
+
 static size_t count_str(const char *hay, const char *needle)
 {
     size_t n = 0;
@@ -467,7 +481,9 @@ static void server_reap(server *s, int sig, char *text)
     }
     char want[64];
     snprintf(want, sizeof want, "cport-httpd: %s: accepted=", strsignal(sig));
-    const char *p = strstr(text, want);
+    static char tail[8192];
+    memfd_tail(s->out, tail, sizeof tail);
+    const char *p = strstr(tail, want);
     CHECK(p != NULL);
     unsigned long long a, rj, c;
     CHECK_EQ(sscanf(p + strlen(want) - strlen("accepted="),
