@@ -846,25 +846,19 @@ TEST(downloads)
         }
     }
     /* Content types, index.html for directories, a symlink inside the root. */
+    static const struct {
+        const char *path, *body;
+    } index_pages[] = {
+        {"/", "<h1>root</h1>\n"}, {"/sub/", "<h1>sub</h1>\n"}, {"/sub", "<h1>sub</h1>\n"}};
     resp r;
-    hc_send(c, req_get("/"));
-    CHECK(resp_read(c, &r, false));
-    CHECK_EQ(r.status, 200);
-    CHECK(strcmp(r.body, "<h1>root</h1>\n") == 0);
-    CHECK(strcmp(hdr(&r, "Content-Type"), "text/html; charset=utf-8") == 0);
-    resp_free(&r);
-    hc_send(c, req_get("/sub/"));
-    CHECK(resp_read(c, &r, false));
-    CHECK_EQ(r.status, 200);
-    CHECK(strcmp(r.body, "<h1>sub</h1>\n") == 0);
-    CHECK(strcmp(hdr(&r, "Content-Type"), "text/html; charset=utf-8") == 0);
-    resp_free(&r);
-    hc_send(c, req_get("/sub"));
-    CHECK(resp_read(c, &r, false));
-    CHECK_EQ(r.status, 200);
-    CHECK(strcmp(r.body, "<h1>sub</h1>\n") == 0);
-    CHECK(strcmp(hdr(&r, "Content-Type"), "text/html; charset=utf-8") == 0);
-    resp_free(&r);
+    for (size_t i = 0; i < sizeof index_pages / sizeof index_pages[0]; i++) {
+        hc_send(c, req_get(index_pages[i].path));
+        CHECK(resp_read(c, &r, false));
+        CHECK_EQ(r.status, 200);
+        CHECK(strcmp(r.body, index_pages[i].body) == 0);
+        CHECK(strcmp(hdr(&r, "Content-Type"), "text/html; charset=utf-8") == 0);
+        resp_free(&r);
+    }
     hc_send(c, req_get("/page.css?v=1"));
     CHECK(resp_read(c, &r, false));
     CHECK_EQ(r.status, 200);
