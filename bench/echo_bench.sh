@@ -157,7 +157,7 @@ SC_ARGS[hold]="hold -n $HOLD_CONNS --echo"
 ECHO_METRICS="msgs_per_s:msgs/s:0 mib_per_s:MiB/s:1 p50_us:p50_us:1 p99_us:p99_us:1 server_user_us_per_msg:usr_us/msg:3 server_sys_us_per_msg:sys_us/msg:3 cpu_us_per_msg:cpu_us/msg:3 jain:jain:4"
 for s in echo_64x100 echo_64x1000d4 echo_16kx50d2; do SC_METRICS[$s]=$ECHO_METRICS; done
 SC_METRICS[connrate_64]="conns_per_s:conns/s:0 p50_us:p50_us:1 p99_us:p99_us:1 server_user_us_per_conn:usr_us/conn:2 server_sys_us_per_conn:sys_us/conn:2 cpu_us_per_conn:cpu_us/conn:2"
-SC_METRICS[hold]="held:held:0 conns_per_s:setup_conns/s:0 p99_us:setup_p99_us:0 server_rss_per_conn_b:rss_B/conn:0 server_rss_idle_kb:rss_KiB:0 cpu_us_per_conn:cpu_us/conn:2"
+SC_METRICS[hold]="held:held:0 conns_per_s:setup_conns/s:0 p99_us:setup_p99_us:0 server_rss_per_conn_b:rss_B/conn:0 server_rss_marginal_b:rss_marg_B:0 server_rss_idle_kb:rss_KiB:0 cpu_us_per_conn:cpu_us/conn:2"
 
 IFS=',' read -r -a SCEN_LIST <<<"$SCENARIOS"
 for s in "${SCEN_LIST[@]}"; do

@@ -161,7 +161,8 @@ void jobrun_free(struct jobrun *r);
 /* ---- server sampling, marks and results ---------------------------------------------------- */
 /* CPU time of a process in microseconds from /proc/PID/stat; false if unreadable. */
 bool proc_cpu_us(int pid, uint64_t *user_us, uint64_t *sys_us);
-/* VmRSS of a process in KiB, or -1. */
+/* Resident memory of a process in KiB (exact: /proc/PID/smaps_rollup; VmRSS where that
+ * is missing), or -1. */
 long proc_rss_kb(int pid);
 /* Number of open file descriptors of a process (entries of /proc/PID/fd), or -1. */
 long proc_fd_count(int pid);

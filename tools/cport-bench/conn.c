@@ -138,27 +138,53 @@ int run_hold(struct opts *o)
     long rss0 = o->server_pid > 0 ? proc_rss_kb(o->server_pid) : -1;
     long fds0 = o->server_pid > 0 ? proc_fd_count(o->server_pid) : -1;
 
+    /* Set up in two halves, sampling the server's RSS between them: what the second half
+     * adds is the server's memory per connection proper. The average over all of them
+     * (the growth from before the first connect) also carries fixed costs that the first
+     * connections trigger (buffer-pool pages touched by the set-up burst, lazily grown
+     * tables). */
+    int half = n / 2;
     struct jobrun jr = {.o = o,
                         .echo = o->echo,
                         .keep = true,
-                        .nslots = o->batch < n ? o->batch : n,
-                        .njobs = (uint64_t)n,
+                        .nslots = o->batch < half ? o->batch : half,
+                        .njobs = (uint64_t)half,
                         .fds = fds};
-    if (jobrun_init(&jr) < 0)
+    struct jobrun jr2 = {.o = o,
+                         .echo = o->echo,
+                         .keep = true,
+                         .nslots = o->batch < n - half ? o->batch : n - half,
+                         .njobs = (uint64_t)(n - half),
+                         .id_base = (uint64_t)half,
+                         .src_base = (uint64_t)half,
+                         .fds = fds + half};
+    if ((half > 0 && jobrun_init(&jr) < 0) || jobrun_init(&jr2) < 0)
         die_oom();
+    if (half == 0)
+        jr.hist.min = UINT64_MAX; /* (not initialised: it holds no jobs) */
     struct window est = {0};
     est.cpu0 = cpu_sample_take(o->server_pid);
     int64_t t0 = now_ns();
     mark_write("connect");
-    jobrun_run(&jr);
+    if (half > 0)
+        jobrun_run(&jr);
+    long rss_half = o->server_pid > 0 ? proc_rss_kb(o->server_pid) : -1;
+    uint64_t established_half = jr.done;
+    if (!bench_stopped())
+        jobrun_run(&jr2);
     int64_t t1 = now_ns();
     est.cpu1 = cpu_sample_take(o->server_pid);
     est.secs = (double)(t1 - t0) / 1e9;
     long rss1 = o->server_pid > 0 ? proc_rss_kb(o->server_pid) : -1;
-    uint64_t established = jr.done;
+    uint64_t established = jr.done + jr2.done;
+    errs_add(&jr.err, &jr2.err);
+    hist_merge(&jr.hist, &jr2.hist);
+    if (jr2.done)
+        jr.last_ns = jr2.last_ns;
+    int inflight = jr.nslots > jr2.nslots ? jr.nslots : jr2.nslots;
     double est_secs = established ? (double)(jr.last_ns - t0) / 1e9 : 0;
     say("cport-bench hold: %s:%d, %d connections%s, %d connects in flight at most\n", o->host,
-        o->port, n, o->echo ? " with one echo each" : "", jr.nslots);
+        o->port, n, o->echo ? " with one echo each" : "", inflight);
     say("established %" PRIu64 " in %.3f s (%.0f conns/s)\n", established, est_secs,
         est_secs > 0 ? (double)established / est_secs : 0);
     /* Hold them idle. */
@@ -208,13 +234,20 @@ int run_hold(struct opts *o)
         double per = (rss2 >= 0 && rss0 >= 0 && established)
                          ? (double)(rss2 - rss0) * 1024.0 / (double)established
                          : 0;
-        say("server RSS: %ld KiB before, %ld KiB established, %ld KiB after idling "
-            "(%.0f bytes per connection)\n",
-            rss0, rss1, rss2, per);
+        uint64_t second = established - established_half;
+        double marginal = (rss1 >= 0 && rss_half >= 0 && second && established_half)
+                              ? (double)(rss1 - rss_half) * 1024.0 / (double)second
+                              : 0;
+        say("server RSS: %ld KiB before, %ld KiB with half of them, %ld KiB established, %ld "
+            "KiB after idling (%.0f bytes per connection on average; the second half added "
+            "%.0f bytes each)\n",
+            rss0, rss_half, rss1, rss2, per, marginal);
         res_int("server_rss_before_kb", rss0);
+        res_int("server_rss_half_kb", rss_half);
         res_int("server_rss_established_kb", rss1);
         res_int("server_rss_idle_kb", rss2);
         res_num("server_rss_per_conn_b", per, 0);
+        res_num("server_rss_marginal_b", marginal, 0);
         /* Without --echo a connection counts as established once the kernel completed the
          * handshake, accepted by the server or not; its descriptor count tells. */
         say("server descriptors: %ld before, %ld after idling\n", fds0, fds2);
@@ -222,7 +255,9 @@ int run_hold(struct opts *o)
         res_int("server_fds_idle", fds2);
         report_server_cpu(o, &est, established, "conn");
     }
-    jobrun_free(&jr);
+    if (half > 0)
+        jobrun_free(&jr);
+    jobrun_free(&jr2);
     free(fds);
     return (lost || errs_total(&jr.err)) ? 1 : 0;
 }
