@@ -3155,7 +3155,7 @@ TEST(stats_counters_move)
 {
     enum { CLIENTS = 5, ROUNDS = 50, MSG = 700, REFUSED = 3, SILENT = 4 };
     cp_server_options o = {
-        .threads = 2, .handshake_timeout_ms = 300, .tick_ms = 20, .max_pending_send = 64 * 1024};
+        .threads = 2, .handshake_timeout_ms = 1000, .tick_ms = 20, .max_pending_send = 64 * 1024};
     tsrv *t = tsrv_new(ECHO_COPY);
     tsrv_start(t, &o);
     cp_server_stats s0 = tsrv_stats(t);
@@ -3317,7 +3317,7 @@ TEST(echo_stats_sigusr1_and_prometheus)
 {
     enum { CLIENTS = 3, MSG = 1000, ROUNDS = 4 };
     const char *args[] = {"--threads", "2", "--stats-port", "0", "--handshake-timeout",
-                          "300",       NULL};
+                          "1000",      NULL};
     echo_child e;
     echo_start(&e, 0, args);
     CHECK(e.stats_port != 0);
