@@ -703,6 +703,13 @@ int cp_conn_send_data(cp_conn *c, const void *data, size_t len)
     return queue_send(sv, c, x, 1);
 }
 
+/* What a transmit counts in `pending` (a 32-bit counter): its bytes, capped at half the
+ * range so that a huge file cannot wrap it. */
+static uint32_t xmit_pending(const cp__xmit *x)
+{
+    return (uint32_t)(x->len > UINT32_MAX / 2 ? UINT32_MAX / 2 : x->len);
+}
+
 int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int64_t offset,
                       uint64_t len, void *ctx)
 {
@@ -729,13 +736,10 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
     x->len = head_len + len;
     x->ctx = ctx;
     op_ref(c);
-    __atomic_add_fetch(&c->pending, (uint32_t)(x->len > UINT32_MAX / 2 ? UINT32_MAX / 2 : x->len),
-                       __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&c->pending, xmit_pending(x), __ATOMIC_SEQ_CST);
     int r = cp_socket_transmit_file(&c->s, &x->t, fd, offset, len, x->head, head_len, NULL, 0, 0);
     if (r < 0) {
-        __atomic_sub_fetch(&c->pending,
-                           (uint32_t)(x->len > UINT32_MAX / 2 ? UINT32_MAX / 2 : x->len),
-                           __ATOMIC_SEQ_CST);
+        __atomic_sub_fetch(&c->pending, xmit_pending(x), __ATOMIC_SEQ_CST);
         if (x->head)
             cp__server_buf_free(sv, x->head, x->head_size);
         cp__slab_free(&sv->xmits, x);
@@ -783,7 +787,7 @@ static void xmit_done(cp_server *sv, cp_conn *c, cp__xmit *x, int64_t res)
         sv->cb.on_sent(c, x->ctx, res);
         cp__lock_release(&c->lock);
     }
-    uint32_t len = (uint32_t)(x->len > UINT32_MAX / 2 ? UINT32_MAX / 2 : x->len);
+    uint32_t len = xmit_pending(x);
     cp__slab_free(&sv->xmits, x);
     sent(sv, c, len, res);
 }
@@ -842,22 +846,26 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
     }
 }
 
+/* An accepted socket is not kept: take back its count in conns_open, count it rejected. */
+static void refuse(cp_server *sv, int fd)
+{
+    __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
+    close(fd);
+    __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_RELAXED);
+}
+
 void cp__conn_start(cp_server *sv, int fd)
 {
     /* Count it first: several workers accept at once, and a check-then-add would let
      * each of them pass the limit. */
     uint64_t open = __atomic_add_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
     if (sv->o.max_conns && open > sv->o.max_conns) {
-        __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
-        close(fd); /* over the limit: refused at once, the others keep full service */
-        __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_RELAXED);
+        refuse(sv, fd); /* over the limit: refused at once, the others keep full service */
         return;
     }
     cp_conn *c = cp__slab_alloc(&sv->conns);
     if (!c) {
-        __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
-        close(fd);
-        __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_RELAXED);
+        refuse(sv, fd);
         return;
     }
     /* Everything but the state word, which the sweep and shutdown read while walking the
@@ -868,10 +876,8 @@ void cp__conn_start(cp_server *sv, int fd)
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     if (cp_pool_associate(sv->pool, &c->s, fd, &sv->conn_binding) < 0) {
-        __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
-        close(fd);
         cp__slab_free(&sv->conns, c);
-        __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_RELAXED);
+        refuse(sv, fd);
         return;
     }
     /* The life reference, plus one for this set-up. */
