@@ -144,6 +144,22 @@ static uint32_t op_total(const cp_op *op)
 
 /* Apply the result r of one step. Returns true when the op is finished (*res is its final
  * status), false when the backend must run another step. */
+/* Count r more bytes of a transfer of `total` bytes. True (result in *res) once it is
+ * complete, or when the kernel took nothing without an error (-EIO: do not spin). */
+static bool transfer_step(cp_op *op, int r, uint32_t total, int *res)
+{
+    if (r == 0 && op->cp__done < total) {
+        *res = -EIO;
+        return true;
+    }
+    op->cp__done += (uint32_t)r;
+    if (op->cp__done >= total) {
+        *res = 0;
+        return true;
+    }
+    return false;
+}
+
 static bool step_locked(cp_handle *h, cp_op *op, int r, int *res)
 {
     if (op->cp__flags & CP__OPF_POLLWAIT) {
@@ -166,15 +182,8 @@ static bool step_locked(cp_handle *h, cp_op *op, int r, int *res)
         *res = 0; /* the engine returns 0 only when everything went out */
         return true;
     case CP_OP_WRITE:
-        if (r == 0 && op->cp__done < op->cp__len) {
-            *res = -EIO;
+        if (transfer_step(op, r, op->cp__len, res))
             return true;
-        }
-        op->cp__done += (uint32_t)r;
-        if (op->cp__done >= op->cp__len) {
-            *res = 0;
-            return true;
-        }
         break;
     case CP_OP_CONNECT: {
         cp_connect_op *cop = CP_CONTAINER_OF(op, cp_connect_op, op);
@@ -188,27 +197,13 @@ static bool step_locked(cp_handle *h, cp_op *op, int r, int *res)
             op->cp__done = 0;
             break;
         }
-        if (r == 0) {
-            *res = -EIO;
+        if (transfer_step(op, r, cop->cp__data_len, res))
             return true;
-        }
-        op->cp__done += (uint32_t)r;
-        if (op->cp__done >= cop->cp__data_len) {
-            *res = 0;
-            return true;
-        }
         break;
     }
     case CP_OP_SEND:
-        if (r == 0 && op->cp__done < op_total(op)) {
-            *res = -EIO; /* the kernel accepted nothing without an error: do not spin */
+        if (transfer_step(op, r, op_total(op), res))
             return true;
-        }
-        op->cp__done += (uint32_t)r;
-        if (op->cp__done >= op_total(op)) {
-            *res = 0;
-            return true;
-        }
         break;
     case CP_OP_ACCEPT:
         if (!(op->cp__flags & CP__OPF_FIRSTDATA)) {
