@@ -168,6 +168,7 @@ static int ep_poll(cp_port *p, int64_t deadline, cp__oplist *done)
         n = epoll_wait(s->epfd, s->events, MAX_EVENTS, ms);
     }
     int err = n < 0 && errno != EINTR ? -errno : 0;
+    cp__port_poller_awake(p);
     for (int i = 0; i < n; i++) {
         struct epoll_event *ev = &s->events[i];
         if (ev->data.u64 == 0)

@@ -404,6 +404,7 @@ static int ur_poll(cp_port *p, int64_t deadline, cp__oplist *done)
         s->blocking = false;
         cp__lock_release(&s->sq_lock);
     }
+    cp__port_poller_awake(p);
 
     unsigned total = 0;
     if (overflow)

@@ -29,8 +29,8 @@
 /* Receive slot states (cp__rx_slot.len) when recvs > 1; otherwise its byte count. */
 enum { SLOT_POSTED = INT32_MIN, SLOT_IDLE = INT32_MIN + 1 };
 
-static int post_rx(cp_server *sv, cp_conn *c, cp_op *op);
-static void post_idle_slots(cp_server *sv, cp_conn *c);
+static int post_rx(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op);
+static void post_idle_slots(cp_server *sv, cp__worker *w, cp_conn *c);
 static bool drain_reading(cp_conn *c);
 
 /* ---- the state word ---------------------------------------------------------------------- */
@@ -101,13 +101,14 @@ static void free_conn(cp_server *sv, cp_conn *c)
     /* Receive buffers a connection owns (buffer mode); pool buffers were given back as
      * each delivery ended. */
     if (!sv->o.zero_byte) {
+        cp__worker *w = cp__server_worker(sv);
         if (sv->o.recvs <= 1) {
             if (c->rx.u.buf)
-                cp__server_buf_free(sv, c->rx.u.buf, sv->o.recv_buffer);
+                cp__server_buf_free(sv, w, c->rx.u.buf, sv->o.recv_buffer);
         } else {
             for (unsigned i = 0; i < sv->o.recvs; i++)
                 if (slot_of(sv, c, i)->op.u.buf)
-                    cp__server_buf_free(sv, slot_of(sv, c, i)->op.u.buf, sv->o.recv_buffer);
+                    cp__server_buf_free(sv, w, slot_of(sv, c, i)->op.u.buf, sv->o.recv_buffer);
         }
     }
     if (sv->o.framed)
@@ -156,15 +157,16 @@ void cp_conn_unref(cp_conn *c)
 
 /* ---- buffers handed to on_data ------------------------------------------------------ */
 
-static void hold_release(cp_server *sv, cp__hold *h)
+/* w: the calling thread's record. */
+static void hold_release(cp_server *sv, cp__worker *w, cp__hold *h)
 {
     if (__atomic_sub_fetch(&h->refs, 1, __ATOMIC_ACQ_REL) != 0)
         return;
     if (h->kind == BUF_POOL)
         cp_buffer_release(sv->port, h->buf);
     else
-        cp__server_buf_free(sv, h->buf, h->size);
-    cp__slab_free(&sv->holds, h);
+        cp__server_buf_free(sv, w, h->buf, h->size);
+    cp__cache_free(&w->holds, &sv->holds, h);
 }
 
 /* ---- close ----------------------------------------------------------------------------- */
@@ -340,9 +342,9 @@ void cp__conn_sweep(cp_server *sv, cp_conn *c, uint32_t now)
             cp__lock_acquire(&c->lock);
             if (drain_reading(c)) {
                 if (sv->o.recvs > 1) {
-                    post_idle_slots(sv, c);
+                    post_idle_slots(sv, cp__server_worker(sv), c);
                 } else if (!(st_or(c, CF_RX_OUT) & CF_RX_OUT)) {
-                    if (post_rx(sv, c, &c->rx) < 0)
+                    if (post_rx(sv, cp__server_worker(sv), c, &c->rx) < 0)
                         st_clear(c, CF_RX_OUT);
                 }
             }
@@ -367,7 +369,7 @@ void cp__conn_sweep(cp_server *sv, cp_conn *c, uint32_t now)
 /* ---- receiving ------------------------------------------------------------------------- */
 
 /* Start a receive on op (lock held). Returns 0 or a negative errno. */
-static int post_rx(cp_server *sv, cp_conn *c, cp_op *op)
+static int post_rx(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op)
 {
     int r;
     op_ref(c);
@@ -376,7 +378,7 @@ static int post_rx(cp_server *sv, cp_conn *c, cp_op *op)
     } else {
         if (!op->u.buf) {
             uint32_t got;
-            op->u.buf = cp__server_buf_alloc(sv, sv->o.recv_buffer, &got);
+            op->u.buf = cp__server_buf_alloc(sv, w, sv->o.recv_buffer, &got);
         }
         r = op->u.buf ? cp_socket_recv(&c->s, op, op->u.buf, sv->o.recv_buffer) : -ENOMEM;
     }
@@ -452,7 +454,7 @@ static void end_delivery(cp_server *sv, cp__worker *w, cp_op *op)
     if (w->cur_hold) {
         if (!sv->o.zero_byte)
             op->u.buf = NULL; /* the hold owns it; the next receive gets a fresh one */
-        hold_release(sv, w->cur_hold);
+        hold_release(sv, w, w->cur_hold);
         w->cur_hold = NULL;
     } else if (sv->o.zero_byte && op->u.buf) {
         cp_buffer_release(sv->port, op->u.buf);
@@ -484,9 +486,8 @@ static bool after_receive(cp_server *sv, cp_conn *c, int64_t res)
     return false;
 }
 
-static void rx_single(cp_server *sv, cp_conn *c, cp_op *op, int64_t res)
+static void rx_single(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64_t res)
 {
-    cp__worker *w = cp__server_worker(sv);
     cp__lock_acquire(&c->lock);
     st_clear(c, CF_RX_OUT);
     if (res > 0 && !(st_load(c) & CF_CLOSING)) {
@@ -501,7 +502,7 @@ static void rx_single(cp_server *sv, cp_conn *c, cp_op *op, int64_t res)
     }
     if (after_receive(sv, c, res)) {
         st_or(c, CF_RX_OUT);
-        int r = post_rx(sv, c, op);
+        int r = post_rx(sv, w, c, op);
         if (r < 0) {
             st_clear(c, CF_RX_OUT);
             start_close(sv, c, CP_CLOSE_ERROR, r, false);
@@ -511,7 +512,7 @@ static void rx_single(cp_server *sv, cp_conn *c, cp_op *op, int64_t res)
 }
 
 /* Post every idle slot, in sequence order (lock held). */
-static void post_idle_slots(cp_server *sv, cp_conn *c)
+static void post_idle_slots(cp_server *sv, cp__worker *w, cp_conn *c)
 {
     cp__rx_multi *m = multi_of(sv, c);
     for (unsigned i = 0; i < sv->o.recvs; i++) {
@@ -520,7 +521,7 @@ static void post_idle_slots(cp_server *sv, cp_conn *c)
             continue;
         s->seq = m->next_post++;
         s->len = SLOT_POSTED;
-        int r = post_rx(sv, c, &s->op);
+        int r = post_rx(sv, w, c, &s->op);
         if (r < 0) {
             s->len = SLOT_IDLE;
             start_close(sv, c, CP_CLOSE_ERROR, r, false);
@@ -529,9 +530,8 @@ static void post_idle_slots(cp_server *sv, cp_conn *c)
     }
 }
 
-static void rx_multi(cp_server *sv, cp_conn *c, cp_op *op, int64_t res)
+static void rx_multi(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64_t res)
 {
-    cp__worker *w = cp__server_worker(sv);
     cp__rx_multi *m = multi_of(sv, c);
     cp__lock_acquire(&c->lock);
     cp__rx_slot *done = CP_CONTAINER_OF(op, cp__rx_slot, op);
@@ -564,7 +564,7 @@ static void rx_multi(cp_server *sv, cp_conn *c, cp_op *op, int64_t res)
             after_receive(sv, c, len);
     }
     if (drain_reading(c) || may_read(sv, c))
-        post_idle_slots(sv, c);
+        post_idle_slots(sv, w, c);
     cp__lock_release(&c->lock);
 }
 
@@ -583,14 +583,14 @@ static void maybe_resume(cp_server *sv, cp_conn *c)
         if (sv->o.recvs <= 1) {
             if (!(st & CF_RX_OUT)) {
                 st_or(c, CF_RX_OUT);
-                int r = post_rx(sv, c, &c->rx);
+                int r = post_rx(sv, cp__server_worker(sv), c, &c->rx);
                 if (r < 0) {
                     st_clear(c, CF_RX_OUT);
                     start_close(sv, c, CP_CLOSE_ERROR, r, false);
                 }
             }
         } else {
-            post_idle_slots(sv, c);
+            post_idle_slots(sv, cp__server_worker(sv), c);
         }
     }
     cp__lock_release(&c->lock);
@@ -598,11 +598,21 @@ static void maybe_resume(cp_server *sv, cp_conn *c)
 
 /* ---- sending --------------------------------------------------------------------------- */
 
+/* Give back what a send that was not queued holds: its copy, or its share of a hold. */
+static void drop_send(cp_server *sv, cp__worker *w, cp__send *x)
+{
+    if (x->kind == SEND_COPY)
+        cp__server_buf_free(sv, w, x->buf, x->buf_size);
+    else if (x->kind == SEND_HOLD)
+        hold_release(sv, w, x->hold);
+    cp__cache_free(&w->sends, &sv->sends, x);
+}
+
 /* Queue x (filled in, iov set) on c. Takes the references; undoes everything on failure. */
-static int queue_send(cp_server *sv, cp_conn *c, cp__send *x, int iovcnt)
+static int queue_send(cp_server *sv, cp__worker *w, cp_conn *c, cp__send *x, int iovcnt)
 {
     if (st_load(c) & CF_CLOSING) {
-        cp__slab_free(&sv->sends, x);
+        drop_send(sv, w, x);
         return -EPIPE;
     }
     op_ref(c);
@@ -612,19 +622,15 @@ static int queue_send(cp_server *sv, cp_conn *c, cp__send *x, int iovcnt)
     if (r < 0) {
         __atomic_sub_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);
         op_unref(sv, c, 1);
-        if (x->kind == SEND_COPY)
-            cp__server_buf_free(sv, x->buf, x->buf_size);
-        else if (x->kind == SEND_HOLD)
-            hold_release(sv, x->hold);
-        cp__slab_free(&sv->sends, x);
+        drop_send(sv, w, x);
         return r == -EBADF ? -EPIPE : r;
     }
     return 0;
 }
 
-static cp__send *new_send(cp_server *sv, uint8_t kind, size_t len)
+static cp__send *new_send(cp_server *sv, cp__worker *w, uint8_t kind, size_t len)
 {
-    cp__send *x = cp__slab_alloc(&sv->sends);
+    cp__send *x = cp__cache_alloc(&w->sends, &sv->sends);
     if (!x)
         return NULL;
     memset(&x->op, 0, sizeof(x->op));
@@ -641,12 +647,13 @@ static int send_copy(cp_conn *c, const void *hdr, size_t hlen, const void *data,
     cp_server *sv = cp__conn_server(c);
     if (len + hlen == 0 || len > UINT32_MAX - 8)
         return -EINVAL;
-    cp__send *x = new_send(sv, SEND_COPY, hlen + len);
+    cp__worker *w = cp__server_worker(sv);
+    cp__send *x = new_send(sv, w, SEND_COPY, hlen + len);
     if (!x)
         return -ENOMEM;
-    x->buf = cp__server_buf_alloc(sv, hlen + len, &x->buf_size);
+    x->buf = cp__server_buf_alloc(sv, w, hlen + len, &x->buf_size);
     if (!x->buf) {
-        cp__slab_free(&sv->sends, x);
+        cp__cache_free(&w->sends, &sv->sends, x);
         return -ENOMEM;
     }
     if (hlen) /* memcpy from NULL is undefined even for 0 bytes */
@@ -654,7 +661,7 @@ static int send_copy(cp_conn *c, const void *hdr, size_t hlen, const void *data,
     if (len)
         memcpy((char *)x->buf + hlen, data, len);
     x->iov[0] = (struct iovec){x->buf, hlen + len};
-    return queue_send(sv, c, x, 1);
+    return queue_send(sv, w, c, x, 1);
 }
 
 int cp_conn_send(cp_conn *c, const void *data, size_t len)
@@ -685,7 +692,7 @@ int cp_conn_send_data(cp_conn *c, const void *data, size_t len)
     if (!w->cur_buf || d < w->cur_buf || d + len > w->cur_buf + w->cur_len)
         return w->cur_buf ? -EINVAL : cp_conn_send(c, data, len);
     if (!w->cur_hold) {
-        cp__hold *h = cp__slab_alloc(&sv->holds);
+        cp__hold *h = cp__cache_alloc(&w->holds, &sv->holds);
         if (!h)
             return cp_conn_send(c, data, len);
         h->buf = w->cur_base;
@@ -694,13 +701,13 @@ int cp_conn_send_data(cp_conn *c, const void *data, size_t len)
         h->refs = 1; /* the delivery's own, dropped when on_data returns */
         w->cur_hold = h;
     }
-    cp__send *x = new_send(sv, SEND_HOLD, len);
+    cp__send *x = new_send(sv, w, SEND_HOLD, len);
     if (!x)
         return -ENOMEM;
     __atomic_add_fetch(&w->cur_hold->refs, 1, __ATOMIC_RELAXED);
     x->hold = w->cur_hold;
     x->iov[0] = (struct iovec){(void *)(uintptr_t)data, len};
-    return queue_send(sv, c, x, 1);
+    return queue_send(sv, w, c, x, 1);
 }
 
 /* What a transmit counts in `pending` (a 32-bit counter): its bytes, capped at half the
@@ -725,8 +732,9 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
     memset(&x->t, 0, sizeof(x->t));
     x->head = NULL;
     x->head_size = 0;
+    cp__worker *w = cp__server_worker(sv);
     if (head_len) {
-        x->head = cp__server_buf_alloc(sv, head_len, &x->head_size);
+        x->head = cp__server_buf_alloc(sv, w, head_len, &x->head_size);
         if (!x->head) {
             cp__slab_free(&sv->xmits, x);
             return -ENOMEM;
@@ -741,7 +749,7 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
     if (r < 0) {
         __atomic_sub_fetch(&c->pending, xmit_pending(x), __ATOMIC_SEQ_CST);
         if (x->head)
-            cp__server_buf_free(sv, x->head, x->head_size);
+            cp__server_buf_free(sv, w, x->head, x->head_size);
         cp__slab_free(&sv->xmits, x);
         op_unref(sv, c, 1);
         return r == -EBADF ? -EPIPE : r;
@@ -754,12 +762,13 @@ int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *ctx)
     if (!c || !data || len == 0 || !ctx || len > UINT32_MAX)
         return -EINVAL;
     cp_server *sv = cp__conn_server(c);
-    cp__send *x = new_send(sv, SEND_REF, len);
+    cp__worker *w = cp__server_worker(sv);
+    cp__send *x = new_send(sv, w, SEND_REF, len);
     if (!x)
         return -ENOMEM;
     x->ctx = ctx;
     x->iov[0] = (struct iovec){(void *)(uintptr_t)data, len};
-    return queue_send(sv, c, x, 1);
+    return queue_send(sv, w, c, x, 1);
 }
 
 /* A send of `len` bytes left the queue: close if draining and empty, else resume. */
@@ -775,13 +784,12 @@ static void sent(cp_server *sv, cp_conn *c, uint32_t len, int64_t res)
         maybe_resume(sv, c);
 }
 
-static void xmit_done(cp_server *sv, cp_conn *c, cp__xmit *x, int64_t res)
+static void xmit_done(cp_server *sv, cp__worker *w, cp_conn *c, cp__xmit *x, int64_t res)
 {
-    cp__worker *w = cp__server_worker(sv);
     if (res > 0)
         __atomic_store_n(&w->bytes_out, w->bytes_out + (uint64_t)res, __ATOMIC_RELAXED);
     if (x->head)
-        cp__server_buf_free(sv, x->head, x->head_size);
+        cp__server_buf_free(sv, w, x->head, x->head_size);
     if (sv->cb.on_sent) {
         cp__lock_acquire(&c->lock);
         sv->cb.on_sent(c, x->ctx, res);
@@ -792,22 +800,21 @@ static void xmit_done(cp_server *sv, cp_conn *c, cp__xmit *x, int64_t res)
     sent(sv, c, len, res);
 }
 
-static void send_done(cp_server *sv, cp_conn *c, cp__send *x, int64_t res)
+static void send_done(cp_server *sv, cp__worker *w, cp_conn *c, cp__send *x, int64_t res)
 {
-    cp__worker *w = cp__server_worker(sv);
     if (res > 0)
         __atomic_store_n(&w->bytes_out, w->bytes_out + (uint64_t)res, __ATOMIC_RELAXED);
     if (x->kind == SEND_COPY)
-        cp__server_buf_free(sv, x->buf, x->buf_size);
+        cp__server_buf_free(sv, w, x->buf, x->buf_size);
     else if (x->kind == SEND_HOLD)
-        hold_release(sv, x->hold);
+        hold_release(sv, w, x->hold);
     else if (x->kind == SEND_REF && sv->cb.on_sent) {
         cp__lock_acquire(&c->lock);
         sv->cb.on_sent(c, x->ctx, res);
         cp__lock_release(&c->lock);
     }
     uint32_t len = x->len;
-    cp__slab_free(&sv->sends, x);
+    cp__cache_free(&w->sends, &sv->sends, x);
     sent(sv, c, len, res);
 }
 
@@ -823,17 +830,17 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
     case CP_OP_RECV:
     case CP_OP_RECV_POOL:
         if (sv->o.recvs <= 1)
-            rx_single(sv, c, op, result);
+            rx_single(sv, w, c, op, result);
         else
-            rx_multi(sv, c, op, result);
+            rx_multi(sv, w, c, op, result);
         op_unref(sv, c, 1);
         return;
     case CP_OP_SEND:
-        send_done(sv, c, CP_CONTAINER_OF(op, cp__send, op), result);
+        send_done(sv, w, c, CP_CONTAINER_OF(op, cp__send, op), result);
         op_unref(sv, c, 1);
         return;
     case CP_OP_TRANSMIT:
-        xmit_done(sv, c, CP_CONTAINER_OF(op, cp__xmit, t.op), result);
+        xmit_done(sv, w, c, CP_CONTAINER_OF(op, cp__xmit, t.op), result);
         op_unref(sv, c, 1);
         return;
     case CP_OP_CLOSE:
@@ -900,7 +907,7 @@ void cp__conn_start(cp_server *sv, int fd)
     st_or(c, CF_OPEN);
     if (sv->o.recvs <= 1) {
         st_or(c, CF_RX_OUT);
-        int r = post_rx(sv, c, &c->rx);
+        int r = post_rx(sv, cp__server_worker(sv), c, &c->rx);
         if (r < 0) {
             st_clear(c, CF_RX_OUT);
             start_close(sv, c, CP_CLOSE_ERROR, r, false);
@@ -908,7 +915,7 @@ void cp__conn_start(cp_server *sv, int fd)
     } else {
         for (unsigned i = 0; i < sv->o.recvs; i++)
             slot_of(sv, c, i)->len = SLOT_IDLE;
-        post_idle_slots(sv, c);
+        post_idle_slots(sv, cp__server_worker(sv), c);
     }
     cp__lock_release(&c->lock);
     op_unref(sv, c, 1);

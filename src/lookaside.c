@@ -73,9 +73,9 @@ static cp__chunk *new_chunk(cp__slab *s)
     return c;
 }
 
-void *cp__slab_alloc(cp__slab *s)
+/* One object, or NULL (lock held). */
+static void *alloc_locked(cp__slab *s)
 {
-    cp__lock_acquire(&s->lock);
     void *obj = s->free;
     cp__chunk *c;
     if (obj) {
@@ -85,14 +85,28 @@ void *cp__slab_alloc(cp__slab *s)
         c = s->chunks;
         if (!c || c->carved == c->cap)
             c = new_chunk(s);
-        if (!c) {
-            cp__lock_release(&s->lock);
+        if (!c)
             return NULL;
-        }
         obj = c->objs + c->carved++ * s->size;
     }
     mark(c, (size_t)((char *)obj - c->objs) / s->size, true);
     __atomic_store_n(&s->live, s->live + 1, __ATOMIC_RELAXED);
+    return obj;
+}
+
+static void free_locked(cp__slab *s, void *obj)
+{
+    cp__chunk *c = chunk_of(obj);
+    mark(c, (size_t)((char *)obj - c->objs) / s->size, false);
+    *(void **)obj = s->free;
+    s->free = obj;
+    __atomic_store_n(&s->live, s->live - 1, __ATOMIC_RELAXED);
+}
+
+void *cp__slab_alloc(cp__slab *s)
+{
+    cp__lock_acquire(&s->lock);
+    void *obj = alloc_locked(s);
     cp__lock_release(&s->lock);
     return obj;
 }
@@ -100,11 +114,28 @@ void *cp__slab_alloc(cp__slab *s)
 void cp__slab_free(cp__slab *s, void *obj)
 {
     cp__lock_acquire(&s->lock);
-    cp__chunk *c = chunk_of(obj);
-    mark(c, (size_t)((char *)obj - c->objs) / s->size, false);
-    *(void **)obj = s->free;
-    s->free = obj;
-    __atomic_store_n(&s->live, s->live - 1, __ATOMIC_RELAXED);
+    free_locked(s, obj);
+    cp__lock_release(&s->lock);
+}
+
+unsigned cp__slab_alloc_many(cp__slab *s, void **objs, unsigned n)
+{
+    unsigned got = 0;
+    cp__lock_acquire(&s->lock);
+    /* Free objects only, beyond the first: filling a cache never makes the slab grow. */
+    while (got < n && s->free)
+        objs[got++] = alloc_locked(s);
+    if (got == 0 && (objs[0] = alloc_locked(s)) != NULL)
+        got = 1;
+    cp__lock_release(&s->lock);
+    return got;
+}
+
+void cp__slab_free_many(cp__slab *s, void *const *objs, unsigned n)
+{
+    cp__lock_acquire(&s->lock);
+    for (unsigned i = 0; i < n; i++)
+        free_locked(s, objs[i]);
     cp__lock_release(&s->lock);
 }
 

@@ -36,6 +36,45 @@ void cp__slab_fini(cp__slab *s);
 void *cp__slab_alloc(cp__slab *s);
 void cp__slab_free(cp__slab *s, void *obj);
 
+/* A thread's private stack of free objects in front of a slab, like NT's per-processor
+ * lookaside lists: while it has objects (or room) an allocation (or free) by its owning
+ * thread touches no lock and no shared cache line. Objects in a cache count as handed out
+ * (they show up in `live` and in cp__slab_walk: do not cache objects a walk looks for).
+ * Only the owning thread may touch a cache; its objects go back to the slab's memory when
+ * the slab is finalised. Zero-initialise, then set `cap` (at most CP__CACHE_MAX). */
+enum { CP__CACHE_MAX = 64 };
+
+typedef struct cp__slab_cache {
+    unsigned n, cap;
+    void *objs[CP__CACHE_MAX];
+} cp__slab_cache;
+
+/* Move up to n objects into objs[] (one lock); returns how many (0 = out of memory).
+ * Beyond the first, only objects already free are taken: the slab never grows for this. */
+unsigned cp__slab_alloc_many(cp__slab *s, void **objs, unsigned n);
+/* Give back objs[0..n-1] (one lock). */
+void cp__slab_free_many(cp__slab *s, void *const *objs, unsigned n);
+
+/* An empty cache refills half its capacity at once and a full one gives half back, so
+ * that a worker which allocates a whole batch and frees it later still takes the slab's
+ * lock once per half-cache, not once per object. */
+static inline void *cp__cache_alloc(cp__slab_cache *c, cp__slab *s)
+{
+    if (c->n == 0 && (c->n = cp__slab_alloc_many(s, c->objs, c->cap / 2 ? c->cap / 2 : 1)) == 0)
+        return NULL;
+    return c->objs[--c->n];
+}
+
+static inline void cp__cache_free(cp__slab_cache *c, cp__slab *s, void *obj)
+{
+    if (c->n == c->cap) {
+        unsigned half = c->cap / 2;
+        cp__slab_free_many(s, c->objs + (c->n - half), half ? half : 1);
+        c->n -= half ? half : 1;
+    }
+    c->objs[c->n++] = obj;
+}
+
 /* Call fn(obj, arg) for every object handed out, with the slab locked (so none is freed
  * meanwhile; fn must not allocate from or free to this slab). */
 void cp__slab_walk(cp__slab *s, void (*fn)(void *obj, void *arg), void *arg);

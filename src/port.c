@@ -200,6 +200,7 @@ static void release_locked(cp_port *p, wake_list *wl)
     if (have_work(p)) {
         /* Work is queued and nobody is parked: only the poller can take it. */
         if (__atomic_load_n(&p->polling, __ATOMIC_SEQ_CST) &&
+            !__atomic_load_n(&p->wake_sent, __ATOMIC_SEQ_CST) &&
             !__atomic_exchange_n(&p->wake_sent, true, __ATOMIC_SEQ_CST))
             wl->poller = true;
     } else if (!p->polling && p->parked && need_poller(p)) {
@@ -542,6 +543,8 @@ static void poll_backend_locked(cp_port *p, cp__thread *t, int64_t deadline)
     int64_t timer = cp__io_next_deadline(p);
     if (timer >= 0 && (deadline < 0 || timer < deadline))
         deadline = timer > 0 ? timer : 0;
+    if (deadline == 0)
+        cp__port_poller_awake(p); /* it will not block: nothing to wake */
     cp__oplist done = {0};
     p->be->poll(p, deadline, &done);
     if ((done.flags & CP__OPLIST_POOL_FREED) ||

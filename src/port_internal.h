@@ -94,6 +94,16 @@ static inline bool cp__port_polling(cp_port *port)
     return __atomic_load_n(&port->polling, __ATOMIC_ACQUIRE);
 }
 
+/* The poller is back from its wait in the kernel (called by the backend's poll() right
+ * after the wait returns): from now on nobody needs to wake it, since it looks at the
+ * queues before it polls again. Without this, the completions it harvests itself would
+ * each ask to wake it: a write to the wake-up eventfd and, on io_uring, one more
+ * completion to reap, on every poll. */
+static inline void cp__port_poller_awake(cp_port *port)
+{
+    __atomic_store_n(&port->wake_sent, true, __ATOMIC_SEQ_CST);
+}
+
 /* A handle was associated with / released from the port. */
 void cp__port_handle_added(cp_port *port);
 void cp__port_handle_removed(cp_port *port);

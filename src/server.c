@@ -28,12 +28,12 @@ const char *cp_close_reason_name(cp_close_reason r)
 
 /* ---- buffers and workers ---------------------------------------------------------------- */
 
-void *cp__server_buf_alloc(cp_server *sv, size_t size, uint32_t *got)
+void *cp__server_buf_alloc(cp_server *sv, cp__worker *w, size_t size, uint32_t *got)
 {
     for (int i = 0; i < CP__SIZE_CLASSES; i++) {
         if (size <= size_classes[i]) {
             *got = size_classes[i];
-            return cp__slab_alloc(&sv->bufs[i]);
+            return cp__cache_alloc(&w->bufs[i], &sv->bufs[i]);
         }
     }
     /* Bigger than any class: a plain allocation, counted (rare: sends over 64 KiB). */
@@ -42,11 +42,11 @@ void *cp__server_buf_alloc(cp_server *sv, size_t size, uint32_t *got)
     return malloc(size);
 }
 
-void cp__server_buf_free(cp_server *sv, void *buf, uint32_t size)
+void cp__server_buf_free(cp_server *sv, cp__worker *w, void *buf, uint32_t size)
 {
     for (int i = 0; i < CP__SIZE_CLASSES; i++) {
         if (size == size_classes[i]) {
-            cp__slab_free(&sv->bufs[i], buf);
+            cp__cache_free(&w->bufs[i], &sv->bufs[i], buf);
             return;
         }
     }
@@ -58,7 +58,7 @@ void cp__server_buf_free(cp_server *sv, void *buf, uint32_t size)
 static void *frame_buf_alloc(void *ctx, size_t size)
 {
     uint32_t got;
-    return cp__server_buf_alloc(ctx, size, &got);
+    return cp__server_buf_alloc(ctx, cp__server_worker(ctx), size, &got);
 }
 
 static void frame_buf_free(void *ctx, void *buf, size_t size)
@@ -70,7 +70,7 @@ static void frame_buf_free(void *ctx, void *buf, size_t size)
             break;
         }
     }
-    cp__server_buf_free(ctx, buf, cls);
+    cp__server_buf_free(ctx, cp__server_worker(ctx), buf, cls);
 }
 
 cp__worker *cp__server_worker(cp_server *sv)
@@ -83,6 +83,12 @@ cp__worker *cp__server_worker(cp_server *sv)
         fprintf(stderr, "cport: out of memory for a worker record\n");
         abort(); /* once per thread at start-up; nothing sensible to fall back to */
     }
+    /* What a thread may keep aside: 64 contexts of each kind, and 256 KiB (4 KiB class),
+     * 1 MiB (16 KiB) and 1 MiB (64 KiB) of buffers: about one poll's batch of messages. */
+    w->sends.cap = w->holds.cap = CP__CACHE_MAX;
+    static const unsigned buf_cap[CP__SIZE_CLASSES] = {64, 64, 16};
+    for (int i = 0; i < CP__SIZE_CLASSES; i++)
+        w->bufs[i].cap = buf_cap[i];
     cp__lock_acquire(&sv->workers_lock);
     w->next = sv->workers;
     sv->workers = w;

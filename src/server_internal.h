@@ -130,6 +130,9 @@ typedef struct cp__worker {
     uint64_t completions; /* atomic (stores only by the owner) */
     uint64_t bytes_in;
     uint64_t bytes_out;
+    /* This thread's lookaside caches: a message's send context, hold and receive buffer
+     * are freed by the worker that allocates the next ones, without a lock. */
+    cp__slab_cache sends, holds, bufs[CP__SIZE_CLASSES];
 } cp__worker;
 
 struct cp_server {
@@ -197,9 +200,12 @@ void cp__conn_start(cp_server *sv, int fd);
 void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user);
 void cp__conn_sweep(cp_server *sv, cp_conn *c, uint32_t now);
 void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort);
+/* The calling thread's record (created on first use; freed with the server). */
 cp__worker *cp__server_worker(cp_server *sv);
-void *cp__server_buf_alloc(cp_server *sv, size_t size, uint32_t *got);
-void cp__server_buf_free(cp_server *sv, void *buf, uint32_t size);
+/* A buffer of at least `size` bytes from the size classes (its real size in *got), or
+ * malloc'd above the largest class; w is the calling thread's record. */
+void *cp__server_buf_alloc(cp_server *sv, cp__worker *w, size_t size, uint32_t *got);
+void cp__server_buf_free(cp_server *sv, cp__worker *w, void *buf, uint32_t size);
 void cp__server_signal_done(cp_server *sv);
 
 /* Ticks since the server started, off the monotonic clock (any thread). */

@@ -1875,6 +1875,50 @@ TEST(framed_large_frames_allocate_nothing)
 /* max_conns: connections beyond it are closed at once (no callback runs for them) and
  * counted, while the ones open keep full service, before, during and after. When one leaves,
  * a new one fits. */
+/* on_data closes the connection, then tries to reply both ways: the replies are refused
+ * with -EPIPE, and what they took (the received buffer's hold, the copy's buffer, the send
+ * contexts) goes back. */
+static void close_then_send_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    (void)u;
+    cp_conn_close(c);
+    note_send(t, cp_conn_send_data(c, data, len));
+    note_send(t, cp_conn_send(c, data, len));
+}
+
+/* Replies refused because the connection is closing must not keep anything: a lost hold
+ * would keep a 16 KiB receive buffer forever, so connection after connection the server's
+ * lookaside would grow. After a warm-up, hundreds more such connections allocate no new
+ * chunk. */
+TEST(refused_replies_free_their_buffers)
+{
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hook = close_then_send_hook;
+    cp_server_options o = {.threads = 1};
+    tsrv_start(t, &o);
+    uint8_t msg[1000];
+    pattern_fill(7, 0, msg, sizeof msg);
+    uint64_t before = 0;
+    int warm = 100, total = warm + (int)cpt_scaled(600, 200);
+    for (int i = 0; i < total; i++) {
+        if (i == warm)
+            before = tsrv_stats(t).allocations;
+        int fd = connect_to(t->port);
+        send_all(fd, msg, sizeof msg);
+        CHECK(wait_peer_close(fd, cpt_now_ms() + IO_MS, NULL) >= 0);
+        close(fd);
+    }
+    WAIT_FOR(LOAD(&t->closes) == (uint64_t)total, IO_MS);
+    uint64_t after = tsrv_stats(t).allocations;
+    fprintf(stderr, "%d connections, %llu replies refused, allocations %llu -> %llu\n", total,
+            (unsigned long long)LOAD(&t->epipe), (unsigned long long)before,
+            (unsigned long long)after);
+    CHECK_EQ(LOAD(&t->epipe), 2 * (uint64_t)total);
+    CHECK_EQ(LOAD(&t->send_errors), 0);
+    CHECK_EQ(after, before);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
 TEST(max_conns_refuses_extra)
 {
     enum { MAX = 10, EXTRA = 20 };
