@@ -9,7 +9,10 @@
  *     idle_timeout_ms, with one sweep per tick over all connections: no per-connection
  *     timer, no syscall per connection per tick (S3);
  *   - takes connections, I/O contexts and buffers from lookaside lists, so steady-state
- *     traffic allocates nothing (S4);
+ *     traffic allocates nothing (S4). Each thread keeps a small cache of free send
+ *     contexts and buffers in front of them (as NT's per-processor lookaside lists do), so
+ *     a message costs no lock there; a thread's cache holds at most 64 contexts of each
+ *     kind and 2.25 MiB of buffers;
  *   - refuses connections beyond max_conns at once (they are accepted and closed, and
  *     counted); stops reading from a peer whose replies pile up beyond max_pending_send
  *     (backpressure) and resumes when they drain; pauses accepting on EMFILE / ENFILE /
