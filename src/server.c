@@ -83,10 +83,13 @@ cp__worker *cp__server_worker(cp_server *sv)
         fprintf(stderr, "cport: out of memory for a worker record\n");
         abort(); /* once per thread at start-up; nothing sensible to fall back to */
     }
-    /* What a thread may keep aside: 64 contexts of each kind, and 256 KiB (4 KiB class),
-     * 1 MiB (16 KiB) and 1 MiB (64 KiB) of buffers: about one poll's batch of messages. */
+    /* What a thread may keep aside: 64 contexts of each kind, and 32 x 4 KiB, 8 x 16 KiB
+     * and 4 x 64 KiB buffers (512 KiB). Each buffer cache stays well below the slab's
+     * 1 MiB chunk (a few workers together keep less than one chunk of a class aside), so
+     * buffers that migrate between workers do not make the slab grow once traffic is
+     * steady. */
     w->sends.cap = w->holds.cap = CP__CACHE_MAX;
-    static const unsigned buf_cap[CP__SIZE_CLASSES] = {64, 64, 16};
+    static const unsigned buf_cap[CP__SIZE_CLASSES] = {32, 8, 4};
     for (int i = 0; i < CP__SIZE_CLASSES; i++)
         w->bufs[i].cap = buf_cap[i];
     cp__lock_acquire(&sv->workers_lock);

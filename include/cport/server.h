@@ -12,7 +12,7 @@
  *     traffic allocates nothing (S4). Each thread keeps a small cache of free send
  *     contexts and buffers in front of them (as NT's per-processor lookaside lists do), so
  *     a message costs no lock there; a thread's cache holds at most 64 contexts of each
- *     kind and 2.25 MiB of buffers;
+ *     kind and 512 KiB of buffers (32 of 4 KiB, 8 of 16 KiB, 4 of 64 KiB);
  *   - refuses connections beyond max_conns at once (they are accepted and closed, and
  *     counted); stops reading from a peer whose replies pile up beyond max_pending_send
  *     (backpressure) and resumes when they drain; pauses accepting on EMFILE / ENFILE /
