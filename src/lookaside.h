@@ -58,19 +58,29 @@ void cp__slab_free_many(cp__slab *s, void *const *objs, unsigned n);
 /* An empty cache refills half its capacity at once and a full one gives half back, so
  * that a worker which allocates a whole batch and frees it later still takes the slab's
  * lock once per half-cache, not once per object. */
+/* How many objects move between a cache and its slab at once. */
+static inline unsigned cp__cache_batch(const cp__slab_cache *c)
+{
+    return c->cap > 1 ? c->cap / 2 : 1;
+}
+
 static inline void *cp__cache_alloc(cp__slab_cache *c, cp__slab *s)
 {
-    if (c->n == 0 && (c->n = cp__slab_alloc_many(s, c->objs, c->cap / 2 ? c->cap / 2 : 1)) == 0)
+    if (c->n == 0 && (c->n = cp__slab_alloc_many(s, c->objs, cp__cache_batch(c))) == 0)
         return NULL;
     return c->objs[--c->n];
 }
 
 static inline void cp__cache_free(cp__slab_cache *c, cp__slab *s, void *obj)
 {
+    if (c->cap == 0) { /* a cache without room passes straight through */
+        cp__slab_free(s, obj);
+        return;
+    }
     if (c->n == c->cap) {
-        unsigned half = c->cap / 2;
-        cp__slab_free_many(s, c->objs + (c->n - half), half ? half : 1);
-        c->n -= half ? half : 1;
+        unsigned b = cp__cache_batch(c);
+        cp__slab_free_many(s, c->objs + (c->n - b), b);
+        c->n -= b;
     }
     c->objs[c->n++] = obj;
 }
