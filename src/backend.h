@@ -35,6 +35,20 @@ static inline void cp__oplist_push(cp__oplist *l, cp_op *op)
     l->n++;
 }
 
+/* Take the last op off l (the list is short: walks it). */
+static inline void cp__oplist_pop_tail(cp__oplist *l)
+{
+    cp_op *prev = NULL;
+    for (cp_op *op = l->head; op != l->tail; op = op->cp__next)
+        prev = op;
+    if (prev)
+        prev->cp__next = NULL;
+    else
+        l->head = NULL;
+    l->tail = prev;
+    l->n--;
+}
+
 /* cp__oplist.flags: pool buffers went back to the pool while collecting the list. */
 #define CP__OPLIST_POOL_FREED 1u
 

@@ -636,11 +636,45 @@ static int wait_writable(cp_handle *h, cp_op *op)
     return CP__PENDING;
 }
 
+/* A plain non-blocking send of what op has left (CP_SEND_SKIP_ON_SUCCESS): bytes sent,
+ * or a negative errno (-EAGAIN: the socket is full, use a kernel request). */
+static int send_now(cp_handle *h, cp_op *op)
+{
+    struct iovec tmp[IOV_MAX];
+    for (;;) {
+        ssize_t n;
+        if (op->cp__flags & CP__OPF_VEC) {
+            const struct iovec *iov;
+            int cnt = cp__op_iov(op, tmp, &iov);
+            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov,
+                                 .msg_iovlen = (size_t)cnt};
+            n = sendmsg(h->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } else {
+            n = send(h->fd, (char *)op->u.buf + op->cp__done, op->cp__len - op->cp__done,
+                     MSG_DONTWAIT | MSG_NOSIGNAL);
+        }
+        if (n >= 0)
+            return (int)n;
+        if (errno != EINTR)
+            return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    }
+}
+
 static int ur_start(cp_op *op)
 {
     cp_handle *h = op->cp__h;
     if (op->opcode == CP_OP_RECV_POOL)
         return arm_multishot(h);
+    if (op->opcode == CP_OP_SEND && (op->cp__flags & CP__OPF_TRYNOW)) {
+        /* The caller can take a send that finishes now as its result: a system call of
+         * its own costs less than a request, its completion and its trip through the
+         * port. Whatever is left (a short send, a full socket) goes to the kernel as a
+         * request. */
+        op->cp__flags &= (uint16_t)~CP__OPF_TRYNOW;
+        int r = send_now(h, op);
+        if (r != -EAGAIN)
+            return r;
+    }
     if (op->opcode == CP_OP_TRANSMIT) {
         int r = cp__transmit_run(h, CP_CONTAINER_OF(op, cp_transmit_op, op));
         return r == CP__AGAIN ? wait_writable(h, op) : r;

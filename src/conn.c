@@ -451,10 +451,17 @@ static void deliver(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t 
  * kept it (lock held). */
 static void end_delivery(cp_server *sv, cp__worker *w, cp_op *op)
 {
-    if (w->cur_hold) {
+    cp__hold *h = w->cur_hold;
+    if (h && h->kind == BUF_SLAB && h->buf == op->u.buf &&
+        __atomic_load_n(&h->refs, __ATOMIC_ACQUIRE) == 1) {
+        /* Every send that used the buffer is done already (they went out at once): the
+         * buffer stays with the receive. Nothing else can take a reference any more. */
+        cp__cache_free(&w->holds, &sv->holds, h);
+        w->cur_hold = NULL;
+    } else if (h) {
         if (!sv->o.zero_byte)
             op->u.buf = NULL; /* the hold owns it; the next receive gets a fresh one */
-        hold_release(sv, w, w->cur_hold);
+        hold_release(sv, w, h);
         w->cur_hold = NULL;
     } else if (sv->o.zero_byte && op->u.buf) {
         cp_buffer_release(sv->port, op->u.buf);
@@ -608,7 +615,14 @@ static void drop_send(cp_server *sv, cp__worker *w, cp__send *x)
     cp__cache_free(&w->sends, &sv->sends, x);
 }
 
-/* Queue x (filled in, iov set) on c. Takes the references; undoes everything on failure. */
+/* Queue x (filled in, iov set) on c. Takes the references; undoes everything on failure.
+ *
+ * Inside c's own on_data (this thread holds c's lock) a send that the kernel takes at once
+ * is finished here, without a trip through the port (CP_SEND_SKIP_ON_SUCCESS). Only there:
+ * finishing a send may have to resume reading, which takes c's lock, and taking another
+ * connection's lock from inside a callback could deadlock; the delivery in progress
+ * decides about reading itself when on_data returns. Not for SEND_REF either: its on_sent
+ * callbacks must come in order. */
 static int queue_send(cp_server *sv, cp__worker *w, cp_conn *c, cp__send *x, int iovcnt)
 {
     if (st_load(c) & CF_CLOSING) {
@@ -617,8 +631,20 @@ static int queue_send(cp_server *sv, cp__worker *w, cp_conn *c, cp__send *x, int
     }
     op_ref(c);
     __atomic_add_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);
-    int r = iovcnt == 1 ? cp_socket_send(&c->s, &x->op, x->iov[0].iov_base, x->iov[0].iov_len)
-                        : cp_socket_sendv(&c->s, &x->op, x->iov, iovcnt);
+    unsigned fl = w->cur_conn == c && x->kind != SEND_REF ? CP_SEND_SKIP_ON_SUCCESS : 0;
+    int r = iovcnt == 1
+                ? cp_socket_send_ex(&c->s, &x->op, x->iov[0].iov_base, x->iov[0].iov_len, fl)
+                : cp_socket_sendv_ex(&c->s, &x->op, x->iov, iovcnt, fl);
+    if (r == CP_DONE_NOW) {
+        uint32_t len = x->len;
+        __atomic_store_n(&w->bytes_out, w->bytes_out + len, __ATOMIC_RELAXED);
+        drop_send(sv, w, x);
+        /* Pairs with start_close (another thread may have begun a graceful close). */
+        if (__atomic_sub_fetch(&c->pending, len, __ATOMIC_SEQ_CST) == 0 && (st_load(c) & CF_DRAIN))
+            drain_step(sv, c);
+        op_unref(sv, c, 1);
+        return 0;
+    }
     if (r < 0) {
         __atomic_sub_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);
         op_unref(sv, c, 1);
@@ -648,19 +674,23 @@ static int send_copy(cp_conn *c, const void *hdr, size_t hlen, const void *data,
     if (len + hlen == 0 || len > UINT32_MAX - 8)
         return -EINVAL;
     cp__worker *w = cp__server_worker(sv);
-    cp__send *x = new_send(sv, w, SEND_COPY, hlen + len);
+    bool small = hlen + len <= CP__SEND_INLINE;
+    cp__send *x = new_send(sv, w, small ? SEND_INLINE : SEND_COPY, hlen + len);
     if (!x)
         return -ENOMEM;
-    x->buf = cp__server_buf_alloc(sv, w, hlen + len, &x->buf_size);
-    if (!x->buf) {
-        cp__cache_free(&w->sends, &sv->sends, x);
-        return -ENOMEM;
+    char *to = x->inl;
+    if (!small) {
+        to = x->buf = cp__server_buf_alloc(sv, w, hlen + len, &x->buf_size);
+        if (!to) {
+            cp__cache_free(&w->sends, &sv->sends, x);
+            return -ENOMEM;
+        }
     }
     if (hlen) /* memcpy from NULL is undefined even for 0 bytes */
-        memcpy(x->buf, hdr, hlen);
+        memcpy(to, hdr, hlen);
     if (len)
-        memcpy((char *)x->buf + hlen, data, len);
-    x->iov[0] = (struct iovec){x->buf, hlen + len};
+        memcpy(to + hlen, data, len);
+    x->iov[0] = (struct iovec){to, hlen + len};
     return queue_send(sv, w, c, x, 1);
 }
 
@@ -691,6 +721,8 @@ int cp_conn_send_data(cp_conn *c, const void *data, size_t len)
     const char *d = data;
     if (!w->cur_buf || d < w->cur_buf || d + len > w->cur_buf + w->cur_len)
         return w->cur_buf ? -EINVAL : cp_conn_send(c, data, len);
+    if (len <= CP__SEND_INLINE)
+        return send_copy(c, NULL, 0, data, len); /* copying beats keeping the buffer */
     if (!w->cur_hold) {
         cp__hold *h = cp__cache_alloc(&w->holds, &sv->holds);
         if (!h)

@@ -43,6 +43,8 @@ enum {
     CP__OPF_DISCONNECTED = 1u << 7, /* transmit: the final shutdown was done */
     CP__OPF_WITHDATA = 1u << 8,     /* connect_ex: data follows the connect */
     CP__OPF_INKERNEL = 1u << 9,     /* a kernel request of it is in flight (io_uring) */
+    CP__OPF_SKIP = 1u << 10,        /* CP_SEND_SKIP_ON_SUCCESS: done at once = no completion */
+    CP__OPF_TRYNOW = 1u << 11,      /* io_uring: try a plain send(2) before an SQE */
 };
 
 #define CP__NO_BUF 0xffffu

@@ -86,11 +86,16 @@ typedef struct cp__hold {
 
 /* A send (or close) context from the lookaside. */
 typedef enum cp__send_kind {
-    SEND_COPY = 1,  /* data copied into `buf` */
-    SEND_HOLD = 2,  /* part of a received buffer, kept by `hold` */
-    SEND_REF = 3,   /* the caller's memory; on_sent(ctx) when done */
-    SEND_CLOSE = 4, /* the op closes the socket */
+    SEND_COPY = 1,   /* data copied into `buf` */
+    SEND_HOLD = 2,   /* part of a received buffer, kept by `hold` */
+    SEND_REF = 3,    /* the caller's memory; on_sent(ctx) when done */
+    SEND_CLOSE = 4,  /* the op closes the socket */
+    SEND_INLINE = 5, /* a small copy, in `inl` */
 } cp__send_kind;
+
+/* Sends up to this size are copied into the send context itself: cheaper than keeping
+ * the received buffer (a hold) or taking a buffer from a size class. */
+enum { CP__SEND_INLINE = 128 };
 
 /* A TransmitFile through a connection (its own lookaside: bigger than a send). */
 typedef struct cp__xmit {
@@ -111,6 +116,7 @@ typedef struct cp__send {
     cp__hold *hold; /* SEND_HOLD */
     void *ctx;      /* SEND_REF */
     struct iovec iov[2];
+    char inl[CP__SEND_INLINE]; /* SEND_INLINE */
 } cp__send;
 
 /* ---- the server ------------------------------------------------------------------------ */

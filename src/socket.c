@@ -676,12 +676,22 @@ int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
     cp_op **q = which ? &h->cp__sq : &h->cp__rq;
     queue_append(q, op);
     kick_locked(h, q, &done);
+    op->cp__flags &= (uint16_t)~CP__OPF_TRYNOW;
+    /* Finished while starting, successfully, and the caller takes that as the result:
+     * it never reaches the port (only this op can have finished: it was the last in its
+     * queue, and a socket's queue starts nothing behind a pending head). */
+    bool now = (op->cp__flags & CP__OPF_SKIP) && op->cp__state == CP__OPS_DONE &&
+               !(op->cp__flags & CP__OPF_FAILED) && done.tail == op;
+    if (now) {
+        cp__oplist_pop_tail(&done);
+        __atomic_store_n(&op->cp__state, CP__OPS_IDLE, __ATOMIC_RELAXED); /* the caller's */
+    }
     unlock_flush(h, &done);
     cp__io_deliver(p, &done);
     /* A timed op may now be the earliest deadline: make sure the poller sees it. */
     if (timed && cp__port_polling(p))
         p->be->wake(p);
-    return 0;
+    return now ? CP_DONE_NOW : 0;
 }
 
 int cp_socket_accept(cp_socket *listener, cp_accept_op *aop, void *buf, size_t len)
@@ -780,22 +790,32 @@ int cp_socket_recv_pooled(cp_socket *s, cp_op *op)
     return cp__submit(s, op, CP_OP_RECV_POOL, 0);
 }
 
-int cp_socket_send(cp_socket *s, cp_op *op, const void *buf, size_t len)
+static uint16_t send_flags(unsigned flags)
 {
-    if (!op || !buf || len == 0 || len > UINT32_MAX)
+    return (flags & CP_SEND_SKIP_ON_SUCCESS) ? CP__OPF_SKIP | CP__OPF_TRYNOW : 0;
+}
+
+int cp_socket_send_ex(cp_socket *s, cp_op *op, const void *buf, size_t len, unsigned flags)
+{
+    if (!op || !buf || len == 0 || len > UINT32_MAX || (flags & ~CP_SEND_SKIP_ON_SUCCESS))
         return -EINVAL;
     if (cp__op_in_use(op))
         return -EBUSY;
     op->u.buf = (void *)(uintptr_t)buf;
     op->cp__len = (uint32_t)len;
-    op->cp__flags = 0;
+    op->cp__flags = send_flags(flags);
     return cp__submit(s, op, CP_OP_SEND, 1);
 }
 
-int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt)
+int cp_socket_send(cp_socket *s, cp_op *op, const void *buf, size_t len)
+{
+    return cp_socket_send_ex(s, op, buf, len, 0);
+}
+
+int cp_socket_sendv_ex(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt, unsigned flags)
 {
     uint32_t total;
-    int r = op ? iov_total(iov, iovcnt, &total) : -EINVAL;
+    int r = op && !(flags & ~CP_SEND_SKIP_ON_SUCCESS) ? iov_total(iov, iovcnt, &total) : -EINVAL;
     if (r < 0)
         return r;
     if (cp__op_in_use(op))
@@ -803,8 +823,13 @@ int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt
     op->u.iov = iov;
     op->cp__len = total;
     op->cp__aux = (uint16_t)iovcnt;
-    op->cp__flags = CP__OPF_VEC;
+    op->cp__flags = CP__OPF_VEC | send_flags(flags);
     return cp__submit(s, op, CP_OP_SEND, 1);
+}
+
+int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt)
+{
+    return cp_socket_sendv_ex(s, op, iov, iovcnt, 0);
 }
 
 int cp_socket_disconnect(cp_socket *s, cp_op *op)

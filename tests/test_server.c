@@ -3192,6 +3192,40 @@ static void check_prometheus(cp_server *sv, const cp_server_stats *s)
     CHECK_EQ(cp_server_stats_prometheus(sv, "t_", NULL, 0), n);
 }
 
+/* A reply the kernel takes at once, sent from the connection's own on_data, is finished
+ * right there (CP_SEND_SKIP_ON_SUCCESS): it costs no completion. With a client that waits
+ * for each echo, a round trip then takes one completion (the receive) instead of two. Run
+ * for small replies (copied into the send context), large copies and replies that keep
+ * the received buffer. */
+TEST(replies_sent_at_once_skip_the_port)
+{
+    enum { ROUNDS = 200 };
+    static const echo_mode modes[] = {ECHO_COPY, ECHO_DATA};
+    static const size_t sizes[] = {64, 3000};
+    for (size_t m = 0; m < 2; m++) {
+        cp_server_options o = {.threads = 1};
+        tsrv *t = tsrv_new(modes[m]);
+        tsrv_start(t, &o);
+        int fd = connect_to(t->port);
+        for (size_t k = 0; k < 2; k++) {
+            exchange(fd, 1, sizes[k]); /* the connection is set up and served */
+            cp_server_stats s0 = tsrv_stats(t);
+            for (uint32_t r = 0; r < ROUNDS; r++)
+                exchange(fd, r, sizes[k]);
+            WAIT_FOR(tsrv_stats(t).bytes_out == s0.bytes_out + ROUNDS * sizes[k], IO_MS);
+            cp_server_stats s1 = tsrv_stats(t);
+            uint64_t per100 = (s1.completions - s0.completions) * 100 / ROUNDS;
+            if (per100 > 150)
+                fprintf(stderr, "mode %zu, %zu B: %llu completions per 100 round trips\n", m,
+                        sizes[k], (unsigned long long)per100);
+            CHECK(per100 >= 100 && per100 <= 150); /* 200 if every send came back */
+        }
+        close(fd);
+        WAIT_FOR(tsrv_stats(t).conns_open == 0, IO_MS);
+        CHECK_EQ(tsrv_stop(t, 1000), 0);
+    }
+}
+
 /* Every counter moves by exactly what the traffic says: connections kept, refused by
  * on_open, reaped by the handshake timeout; bytes in and out; completions; a backpressure
  * pause; frames delivered and rejected. The Prometheus text says the same. */

@@ -397,6 +397,70 @@ TEST(sends_outstanding_go_out_whole_and_in_order)
     cp_port_destroy(p);
 }
 
+TEST(send_skip_on_success)
+{
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    uint8_t small[100], got[200];
+    fill_pattern(small, sizeof(small), 7);
+    cp_op op = {0}, plain = {0};
+
+    /* Taken whole at once: CP_DONE_NOW, and the op is free again at once. */
+    CHECK_EQ(cp_socket_send_ex(&pr.s, &op, small, 60, CP_SEND_SKIP_ON_SUCCESS), CP_DONE_NOW);
+    struct iovec iov[2] = {{small + 60, 30}, {small + 90, 10}};
+    CHECK_EQ(cp_socket_sendv_ex(&pr.s, &op, iov, 2, CP_SEND_SKIP_ON_SUCCESS), CP_DONE_NOW);
+    read_all(pr.client, got, sizeof(small));
+    CHECK(memcmp(got, small, sizeof(small)) == 0);
+    /* No completion was queued for them: a socket's completions come in the order its
+     * operations finished, so the next one dequeued must be this plain send's. */
+    CHECK_OK(cp_socket_send(&pr.s, &plain, small, 5));
+    cp_completion c = next(p);
+    CHECK(c.op == &plain);
+    CHECK_EQ(c.result, 5);
+    read_all(pr.client, got, 5);
+    CHECK_EQ(cp_socket_send_ex(&pr.s, &op, small, 1, 2), -EINVAL); /* unknown flag */
+
+    /* A send that cannot go out whole is accepted and completes once, through the port;
+     * one behind it is not finished at once either (it waits its turn), and both go out
+     * whole and in order. */
+    size_t len = (size_t)cpt_scaled(8 << 20, 4 << 20);
+    uint8_t *big = malloc(len);
+    fill_pattern(big, len, 8);
+    cp_op bop = {0};
+    CHECK_EQ(cp_socket_send_ex(&pr.s, &bop, big, len, CP_SEND_SKIP_ON_SUCCESS), 0);
+    CHECK_EQ(cp_socket_send_ex(&pr.s, &op, small, 50, CP_SEND_SKIP_ON_SUCCESS), 0);
+    uint8_t *all = malloc(len + 50);
+    size_t total = len + 50;
+    void *args[3] = {&pr.client, all, &total};
+    pthread_t th;
+    CHECK_OK(-pthread_create(&th, NULL, reader_thread, args));
+    c = next(p);
+    CHECK(c.op == &bop);
+    CHECK_EQ(c.result, (int64_t)len);
+    c = next(p);
+    CHECK(c.op == &op);
+    CHECK_EQ(c.result, 50);
+    pthread_join(th, NULL);
+    CHECK(memcmp(all, big, len) == 0 && memcmp(all + len, small, 50) == 0);
+
+    /* A failure is never "done now": the peer reset the connection, so the send is
+     * accepted and completes with the error. */
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    CHECK_OK(setsockopt(pr.client, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+    close(pr.client);
+    pr.client = -1;
+    int r = cp_socket_send_ex(&pr.s, &op, small, 10, CP_SEND_SKIP_ON_SUCCESS);
+    CHECK_EQ(r, 0);
+    c = next(p);
+    CHECK(c.op == &op);
+    CHECK(c.result == -ECONNRESET || c.result == -EPIPE);
+    pair_close(&pr, p);
+    free(big);
+    free(all);
+    cp_port_destroy(p);
+}
+
 TEST(vector_send_and_receive)
 {
     cp_port *p = make_port();

@@ -176,6 +176,33 @@ CP_EXTERN int cp_socket_send(cp_socket *s, cp_op *op, const void *buf, size_t le
  * valid until the completion is dequeued. */
 CP_EXTERN int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt);
 
+/* Flags of cp_socket_send_ex() / cp_socket_sendv_ex(). */
+enum cp_send_flags {
+    /* A send that the kernel takes whole while it is being started is finished right
+     * there: the call returns CP_DONE_NOW, the op is the caller's again at once and no
+     * completion is queued (IOCP's FILE_SKIP_COMPLETION_PORT_ON_SUCCESS, per operation).
+     * A send that must wait for room, or fails, is accepted (0) and completes through
+     * the port as usual. Because it skips the queue, such a send is reported before
+     * completions of the same socket that are queued but not yet dequeued. On io_uring
+     * the send is tried with a plain non-blocking send(2) first when nothing is queued
+     * ahead of it. */
+    CP_SEND_SKIP_ON_SUCCESS = 1u << 0,
+};
+
+/* cp_socket_send_ex() / cp_socket_sendv_ex(): the send finished at once (see
+ * CP_SEND_SKIP_ON_SUCCESS); every byte was handed to the kernel. */
+#define CP_DONE_NOW 1
+
+/* cp_socket_send() with flags (enum cp_send_flags). Returns 0 (accepted: one completion
+ * follows), CP_DONE_NOW (finished, no completion), or a negative errno (no completion). */
+CP_EXTERN int cp_socket_send_ex(cp_socket *s, cp_op *op, const void *buf, size_t len,
+                                unsigned flags);
+
+/* cp_socket_sendv() with flags; returns as cp_socket_send_ex(). With CP_DONE_NOW the
+ * iovec array may be reused at once. */
+CP_EXTERN int cp_socket_sendv_ex(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt,
+                                 unsigned flags);
+
 /* Cancel one outstanding operation (CancelIoEx with an OVERLAPPED). Returns 0 if the
  * operation was outstanding: it will complete (with -ECANCELED unless it finished first);
  * -ENOENT if op is not outstanding on s; -EALREADY if it is already being cancelled. */
