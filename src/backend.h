@@ -22,6 +22,10 @@ typedef struct cp__oplist {
     unsigned n;
     unsigned flags;  /* socket layer bookkeeping (e.g. pool buffers were freed) */
     cp_op *close_op; /* socket layer: a close completion to queue once its handle is unlocked */
+    /* Socket layer, harvest only: the tail and count when the current handle was locked,
+     * so that its own completions can be told from the other handles' before them. */
+    cp_op *mark;
+    unsigned mark_n;
 } cp__oplist;
 
 static inline void cp__oplist_push(cp__oplist *l, cp_op *op)
@@ -51,6 +55,9 @@ static inline void cp__oplist_pop_tail(cp__oplist *l)
 
 /* cp__oplist.flags: pool buffers went back to the pool while collecting the list. */
 #define CP__OPLIST_POOL_FREED 1u
+/* cp__oplist.flags: the list is the poller's harvest (see cp_port.harvesting): the socket
+ * layer leaves completions on it instead of queueing them on the port. */
+#define CP__OPLIST_HARVEST 2u
 
 /* Result of starting an operation in the kernel. */
 /* A step could not go on because the socket is full (transmit engine). */
@@ -69,8 +76,9 @@ typedef struct cp__backend {
     /* Release everything init() acquired. */
     void (*fini)(cp_port *port);
     /* Wait until an I/O event arrives, the deadline passes (absolute CLOCK_MONOTONIC ns;
-     * < 0 = none; 0 = do not block) or wake() is called. Push every operation that
-     * completed onto *done. Returns 0 or a negative errno other than timeouts. */
+     * < 0 = none; 0 = do not block) or wake() is called. Then call cp__port_poller_awake()
+     * (always, before completing anything) and push every operation that completed onto
+     * *done. Returns 0 or a negative errno other than timeouts. */
     int (*poll)(cp_port *port, int64_t deadline_ns, cp__oplist *done);
     /* Make a concurrent poll() return soon. Async-signal-safe. */
     void (*wake)(cp_port *port);

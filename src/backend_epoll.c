@@ -14,6 +14,7 @@
  * therefore deferred to the end of that batch (the handle stays pinned until then).
  */
 #include "handle.h"
+#include "sys.h"
 
 #include "cport/file.h"
 
@@ -247,24 +248,39 @@ static void clear_flag(cp_handle *h, uint16_t f)
     h->cp__flags &= (uint16_t)~f;
 }
 
+/* The vector forms keep their IOV_MAX-entry scratch array (16 KiB) off the stack frame of
+ * the common path. */
+static __attribute__((noinline)) long recv_vec(cp_handle *h, cp_op *op)
+{
+    struct iovec tmp[IOV_MAX];
+    const struct iovec *iov;
+    int cnt = cp__op_iov(op, tmp, &iov);
+    struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
+    return cp__sys_recvmsg(h->fd, &msg, 0);
+}
+
+static __attribute__((noinline)) long send_vec(cp_handle *h, cp_op *op)
+{
+    struct iovec tmp[IOV_MAX];
+    const struct iovec *iov;
+    int cnt = cp__op_iov(op, tmp, &iov);
+    struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
+    return cp__sys_sendmsg(h->fd, &msg, MSG_NOSIGNAL);
+}
+
 static int step_recv(cp_handle *h, cp_op *op)
 {
     if (!(h->cp__flags & CP__H_RD_READY))
         return CP__PENDING;
-    struct iovec tmp[IOV_MAX];
     for (;;) {
-        ssize_t n;
+        long n;
         size_t want;
         if (op->cp__flags & CP__OPF_VEC) {
-            const struct iovec *iov;
-            int cnt = cp__op_iov(op, tmp, &iov);
-            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov,
-                                 .msg_iovlen = (size_t)cnt};
             want = op->cp__len - op->cp__done;
-            n = recvmsg(h->fd, &msg, 0);
+            n = recv_vec(h, op);
         } else {
             want = op->cp__len;
-            n = recv(h->fd, op->u.buf, want, 0);
+            n = cp__sys_recv(h->fd, op->u.buf, want, 0);
         }
         if (n >= 0) {
             /* Drained; the next arrival is a new edge. Not once the peer's FIN was
@@ -273,13 +289,13 @@ static int step_recv(cp_handle *h, cp_op *op)
                 clear_flag(h, CP__H_RD_READY);
             return (int)n;
         }
-        if (errno == EINTR)
+        if (n == -EINTR)
             continue;
-        if (errno == EAGAIN) {
+        if (n == -EAGAIN) {
             clear_flag(h, CP__H_RD_READY);
             return CP__PENDING;
         }
-        return -errno;
+        return (int)n;
     }
 }
 
@@ -295,17 +311,17 @@ static int step_recv_pool(cp_handle *h, cp_op *op)
             return r;
     }
     void *buf = cp__bufpool_addr(bp, (uint16_t)id);
-    ssize_t n;
+    long n;
     do
-        n = recv(h->fd, buf, bp->size, 0);
-    while (n < 0 && errno == EINTR);
+        n = cp__sys_recv(h->fd, buf, bp->size, 0);
+    while (n == -EINTR);
     if (n > 0) {
         if ((size_t)n < bp->size && !(h->cp__flags & CP__H_RD_HUP))
             clear_flag(h, CP__H_RD_READY);
         op->u.buf = buf;
         return (int)n;
     }
-    int err = n < 0 ? errno : 0;
+    int err = n < 0 ? (int)-n : 0;
     if (cp__bufpool_put(bp, (uint16_t)id)) {
         /* Someone started waiting while we held it: have the poller serve them (not
          * here, under this handle's lock). */
@@ -323,31 +339,26 @@ static int step_send(cp_handle *h, cp_op *op)
 {
     if (!(h->cp__flags & CP__H_WR_READY))
         return CP__PENDING;
-    struct iovec tmp[IOV_MAX];
     size_t want = op->cp__len - op->cp__done;
     for (;;) {
-        ssize_t n;
+        long n;
         if (op->cp__flags & CP__OPF_VEC) {
-            const struct iovec *iov;
-            int cnt = cp__op_iov(op, tmp, &iov);
-            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov,
-                                 .msg_iovlen = (size_t)cnt};
-            n = sendmsg(h->fd, &msg, MSG_NOSIGNAL);
+            n = send_vec(h, op);
         } else {
-            n = send(h->fd, (char *)op->u.buf + op->cp__done, want, MSG_NOSIGNAL);
+            n = cp__sys_send(h->fd, (char *)op->u.buf + op->cp__done, want, MSG_NOSIGNAL);
         }
         if (n >= 0) {
             if ((size_t)n < want)
                 clear_flag(h, CP__H_WR_READY); /* full; EPOLLOUT will tell us */
             return (int)n;
         }
-        if (errno == EINTR)
+        if (n == -EINTR)
             continue;
-        if (errno == EAGAIN) {
+        if (n == -EAGAIN) {
             clear_flag(h, CP__H_WR_READY);
             return CP__PENDING;
         }
-        return -errno;
+        return (int)n;
     }
 }
 

@@ -18,6 +18,7 @@
  * and registers the ring itself.
  */
 #include "handle.h"
+#include "sys.h"
 
 #include "cport/file.h"
 
@@ -638,26 +639,56 @@ static int wait_writable(cp_handle *h, cp_op *op)
 
 /* A plain non-blocking send of what op has left (CP_SEND_SKIP_ON_SUCCESS): bytes sent,
  * or a negative errno (-EAGAIN: the socket is full, use a kernel request). */
-static int send_now(cp_handle *h, cp_op *op)
+static __attribute__((noinline)) long send_now_vec(cp_handle *h, cp_op *op)
 {
     struct iovec tmp[IOV_MAX];
+    const struct iovec *iov;
+    int cnt = cp__op_iov(op, tmp, &iov);
+    struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
+    return cp__sys_sendmsg(h->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+static int send_now(cp_handle *h, cp_op *op)
+{
     for (;;) {
-        ssize_t n;
+        long n;
         if (op->cp__flags & CP__OPF_VEC) {
-            const struct iovec *iov;
-            int cnt = cp__op_iov(op, tmp, &iov);
-            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov,
-                                 .msg_iovlen = (size_t)cnt};
-            n = sendmsg(h->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+            n = send_now_vec(h, op);
         } else {
-            n = send(h->fd, (char *)op->u.buf + op->cp__done, op->cp__len - op->cp__done,
-                     MSG_DONTWAIT | MSG_NOSIGNAL);
+            n = cp__sys_send(h->fd, (char *)op->u.buf + op->cp__done, op->cp__len - op->cp__done,
+                             MSG_DONTWAIT | MSG_NOSIGNAL);
         }
-        if (n >= 0)
+        if (n != -EINTR)
             return (int)n;
-        if (errno != EINTR)
-            return errno == EWOULDBLOCK ? -EAGAIN : -errno;
     }
+}
+
+/* A vector send: the msghdr and the trimmed iovec array live on this stack, so the
+ * request is submitted before returning (the kernel has consumed them when io_uring_enter
+ * returns: IORING_FEAT_SUBMIT_STABLE). Kept apart from ur_start so that the common path
+ * does not carry the 16 KiB scratch array in its frame. */
+static __attribute__((noinline)) int start_sendmsg(cp_handle *h, cp_op *op)
+{
+    cp_port *p = h->cp__port;
+    ur_state *s = state_of(p);
+    struct iovec tmp[IOV_MAX];
+    const struct iovec *iov;
+    int cnt = cp__op_iov(op, tmp, &iov);
+    struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
+    cp__lock_acquire(&s->sq_lock);
+    struct io_uring_sqe *sqe = get_sqe_locked(s);
+    if (!sqe) {
+        cp__lock_release(&s->sq_lock);
+        return -EBUSY;
+    }
+    io_uring_prep_sendmsg(sqe, h->fd, &msg, MSG_NOSIGNAL);
+    io_uring_sqe_set_data(sqe, op);
+    cp__h_pin(h);
+    op->cp__flags |= CP__OPF_INKERNEL;
+    cp__hb_release(op);
+    submit_now_locked(s);
+    cp__lock_release(&s->sq_lock);
+    return CP__PENDING;
 }
 
 static int ur_start(cp_op *op)
@@ -679,11 +710,10 @@ static int ur_start(cp_op *op)
         int r = cp__transmit_run(h, CP_CONTAINER_OF(op, cp_transmit_op, op));
         return r == CP__AGAIN ? wait_writable(h, op) : r;
     }
+    if (op->opcode == CP_OP_SEND && (op->cp__flags & CP__OPF_VEC))
+        return start_sendmsg(h, op);
     cp_port *p = h->cp__port;
     ur_state *s = state_of(p);
-    struct iovec tmp[IOV_MAX];
-    struct msghdr msg;
-    bool now = false;
     cp__lock_acquire(&s->sq_lock);
     struct io_uring_sqe *sqe = get_sqe_locked(s);
     if (!sqe) {
@@ -698,23 +728,12 @@ static int ur_start(cp_op *op)
             io_uring_prep_recv(sqe, h->fd, op->u.buf, op->cp__len, 0);
         break;
     case CP_OP_SEND:
-        if (op->cp__flags & CP__OPF_VEC) {
-            /* The msghdr lives on this stack: submit before returning (the kernel has
-             * consumed it when io_uring_enter returns, IORING_FEAT_SUBMIT_STABLE). */
-            const struct iovec *iov;
-            int cnt = cp__op_iov(op, tmp, &iov);
-            memset(&msg, 0, sizeof(msg));
-            msg.msg_iov = (struct iovec *)(uintptr_t)iov;
-            msg.msg_iovlen = (size_t)cnt;
-            io_uring_prep_sendmsg(sqe, h->fd, &msg, MSG_NOSIGNAL);
-            now = true;
-        } else {
-            /* No MSG_WAITALL: a short send completes and the socket layer sends the rest.
-             * The kernel may fail a request with -ECANCELED while it waits for room (its
-             * submitter exited, see cp__io_done); it must not have sent a part by then. */
-            io_uring_prep_send(sqe, h->fd, (char *)op->u.buf + op->cp__done,
-                               op->cp__len - op->cp__done, MSG_NOSIGNAL | MSG_WAITALL);
-        }
+        /* MSG_WAITALL: the kernel sends the whole buffer before it completes (retrying
+         * after short sends itself), or reports the bytes sent before an error; the
+         * socket layer continues from there. A request the kernel fails with -ECANCELED
+         * because its submitter exited reports what it sent before, too. */
+        io_uring_prep_send(sqe, h->fd, (char *)op->u.buf + op->cp__done,
+                           op->cp__len - op->cp__done, MSG_NOSIGNAL | MSG_WAITALL);
         break;
     case CP_OP_ACCEPT: {
         cp_accept_op *aop = CP_CONTAINER_OF(op, cp_accept_op, op);
@@ -761,10 +780,7 @@ static int ur_start(cp_op *op)
     cp__h_pin(h);
     op->cp__flags |= CP__OPF_INKERNEL;
     cp__hb_release(op);
-    if (now)
-        submit_now_locked(s);
-    else
-        submitted_locked(p, s);
+    submitted_locked(p, s);
     cp__lock_release(&s->sq_lock);
     return CP__PENDING;
 }

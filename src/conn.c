@@ -974,3 +974,8 @@ size_t cp_conn_pending(const cp_conn *c)
 {
     return __atomic_load_n(&c->pending, __ATOMIC_RELAXED);
 }
+
+int cp_conn_fd(const cp_conn *c)
+{
+    return c->s.fd;
+}

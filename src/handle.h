@@ -20,6 +20,8 @@ enum {
     CP__H_FILE = 1u << 10,      /* a regular file: operations run at once, in parallel */
     CP__H_RD_HUP = 1u << 11,    /* epoll: the peer's FIN (or an error) was reported; a short
                                    read no longer means the socket is drained */
+    CP__H_LATE = 1u << 12,      /* another thread queued completions after the poller's
+                                   harvest of generation cp__hgen (see cp_port.late) */
 };
 
 /* cp_op.cp__state */
@@ -127,8 +129,8 @@ static inline bool cp__op_in_use(const cp_op *op)
  * full, or a negative errno. Handle lock held. (transmit.c) */
 int cp__transmit_run(cp_handle *h, cp_transmit_op *t);
 
-/* Queue what a backend or the socket layer collected, then serve starving handles if
- * buffers were freed. */
+/* After a non-harvest list was collected (and queued by unlock_flush): serve starving
+ * handles if pool buffers were freed meanwhile. */
 void cp__io_deliver(cp_port *port, cp__oplist *done);
 
 #endif

@@ -104,33 +104,6 @@ static unsigned take_any_locked(cp_port *p, cp_completion *out, unsigned max)
     return n;
 }
 
-/* Take from the calling thread's own list (no lock: only it touches the list). */
-static unsigned take_local(cp__thread *t, cp_completion *out, unsigned max)
-{
-    unsigned n = 0;
-    while (n < max && t->lhead) {
-        cp_op *op = t->lhead;
-        t->lhead = op->cp__next;
-        cp__op_to_completion(op, &out[n++]);
-    }
-    if (!t->lhead)
-        t->ltail = NULL;
-    return n;
-}
-
-/* Move the thread's own completions to the shared queue (it stops running). */
-static void flush_local_locked(cp_port *p, cp__thread *t)
-{
-    if (!t->lhead)
-        return;
-    unsigned n = 0;
-    for (cp_op *op = t->lhead; op; op = op->cp__next)
-        n++;
-    append_io_locked(p, t->lhead, t->ltail, n);
-    __atomic_sub_fetch(&p->completed, n, __ATOMIC_RELAXED); /* counted when produced */
-    t->lhead = t->ltail = NULL;
-}
-
 static unsigned take_unlocked(cp_port *p, cp_completion *out, unsigned max)
 {
     unsigned n = 0;
@@ -285,7 +258,6 @@ static void record_destructor(void *arg)
     cp_port *p = t->port;
     wake_list wl = {0};
     cp__lock_acquire(&p->lock);
-    flush_local_locked(p, t);
     if (t->running) {
         t->running = false;
         add_running(p, -1);
@@ -471,41 +443,43 @@ int cp_port_post(cp_port *p, uintptr_t key, int64_t result, void *op)
     return 0;
 }
 
-void cp__port_complete_list(cp_port *p, cp__oplist *l)
+static void append_late_locked(cp_port *p, cp__oplist *l)
+{
+    if (p->late.tail)
+        p->late.tail->cp__next = l->head;
+    else
+        p->late.head = l->head;
+    p->late.tail = l->tail;
+    p->late.n += l->n;
+}
+
+bool cp__port_complete_handle(cp_port *p, cp__oplist *l, uint8_t hgen)
 {
     if (!l->head)
-        return;
+        return false;
     wake_list wl = {0};
+    bool late = false;
     cp__lock_acquire(&p->lock);
-    append_io_locked(p, l->head, l->tail, l->n);
-    release_locked(p, &wl);
+    if (__atomic_load_n(&p->harvesting, __ATOMIC_SEQ_CST) &&
+        hgen == (uint8_t)__atomic_load_n(&p->harvest_gen, __ATOMIC_SEQ_CST)) {
+        /* The handle may have earlier completions in the poller's harvest: follow it. (A
+         * stale stamp that happens to match only delays these until the harvest ends.) */
+        append_late_locked(p, l);
+        late = true;
+    } else {
+        append_io_locked(p, l->head, l->tail, l->n);
+        release_locked(p, &wl);
+    }
     cp__lock_release(&p->lock);
     wake_all(p, &wl);
+    return late;
 }
 
-void cp__port_complete_from_caller(cp_port *p, cp__oplist *l)
+void cp__port_complete_late(cp_port *p, cp__oplist *l)
 {
-    if (!l->head)
-        return;
-    cp__thread *t = pthread_getspecific(p->tkey);
-    if (!t || !t->running) {
-        cp__port_complete_list(p, l);
-        return;
-    }
-    if (t->ltail)
-        t->ltail->cp__next = l->head;
-    else
-        t->lhead = l->head;
-    t->ltail = l->tail;
-    l->tail->cp__next = NULL;
-    __atomic_add_fetch(&p->completed, l->n, __ATOMIC_RELAXED);
-}
-
-void cp__port_complete(cp_port *p, cp_op *op)
-{
-    cp__oplist l = {0};
-    cp__oplist_push(&l, op);
-    cp__port_complete_list(p, &l);
+    cp__lock_acquire(&p->lock);
+    append_late_locked(p, l);
+    cp__lock_release(&p->lock);
 }
 
 void cp__port_handle_added(cp_port *p)
@@ -545,7 +519,7 @@ static void poll_backend_locked(cp_port *p, cp__thread *t, int64_t deadline)
         deadline = timer > 0 ? timer : 0;
     if (deadline == 0)
         cp__port_poller_awake(p); /* it will not block: nothing to wake */
-    cp__oplist done = {0};
+    cp__oplist done = {.flags = CP__OPLIST_HARVEST};
     p->be->poll(p, deadline, &done);
     if ((done.flags & CP__OPLIST_POOL_FREED) ||
         __atomic_exchange_n(&p->pool.kick, 0, __ATOMIC_ACQ_REL))
@@ -556,8 +530,14 @@ static void poll_backend_locked(cp_port *p, cp__thread *t, int64_t deadline)
     cp__lock_acquire(&p->lock);
     __atomic_store_n(&p->poller, NULL, __ATOMIC_RELAXED);
     __atomic_store_n(&p->polling, false, __ATOMIC_SEQ_CST);
+    /* The harvest, then what other threads completed meanwhile for handles in it. */
+    __atomic_store_n(&p->harvesting, false, __ATOMIC_SEQ_CST);
     if (done.head)
         append_io_locked(p, done.head, done.tail, done.n);
+    if (p->late.head) {
+        append_io_locked(p, p->late.head, p->late.tail, p->late.n);
+        p->late = (cp__oplist){0};
+    }
 }
 
 static unsigned finish_take(cp__thread *t, unsigned n)
@@ -584,9 +564,7 @@ int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms
         bool poll_due = t->since_poll >= POLL_EVERY && need_poller(p) &&
                         !__atomic_load_n(&p->polling, __ATOMIC_RELAXED);
         if (!poll_due && load_running(p) <= p->concurrency) {
-            unsigned n = take_local(t, out, max);
-            if (n < max)
-                n += take_unlocked(p, out + n, max - n);
+            unsigned n = take_unlocked(p, out, max);
             if (n)
                 return (int)finish_take(t, n);
         }
@@ -603,7 +581,6 @@ int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms
     bool polled = false;
     int ret;
     cp__lock_acquire(&p->lock);
-    flush_local_locked(p, t);
     if (t->running) {
         t->running = false;
         add_running(p, -1);
@@ -711,7 +688,6 @@ void cp_port_block_begin(cp_port *p)
         p->be->flush(p);
     wake_list wl = {0};
     cp__lock_acquire(&p->lock);
-    flush_local_locked(p, t);
     t->running = false;
     t->blocked = true;
     add_running(p, -1);

@@ -21,11 +21,6 @@ typedef struct cp__thread {
     uint32_t futex;      /* 0 while parked, 1 once woken */
     bool running;        /* counted in port->running */
     unsigned since_poll; /* completions taken since this thread last polled the backend */
-    /* Completions this thread produced itself while running (e.g. an epoll send that
-     * finished inside the call): it takes them on its next dequeue without the port's
-     * lock. Only its own thread touches them; they move to the shared queue whenever the
-     * thread stops running (blocks, yields its slot, exits). */
-    cp_op *lhead, *ltail;
     uint64_t dequeued; /* completions handed to this thread (atomic, for stats) */
     bool blocked;      /* between cp_port_block_begin() and _end() */
     bool parked;       /* on the parked stack */
@@ -52,6 +47,18 @@ struct cp_port {
     cp__thread *parked;   /* top of the LIFO stack */
     cp_op *qhead, *qtail; /* FIFO of completed I/O operations */
     uint64_t io_queued;   /* atomic: length of that FIFO */
+    /* The poller's harvest: from the moment its wait in the kernel returns until it has
+     * collected what completed, the completions stay in the poller's own list and reach the
+     * FIFO in one go, so a batch costs one lock, not one per handle. Each handle with
+     * completions in the harvest is stamped with harvest_gen (cp_handle.cp__hgen); another
+     * thread that completes an operation of a stamped handle meanwhile queues it on `late`,
+     * which follows the harvest, so that a handle's completions still reach the FIFO in
+     * the order they finished. The harvest never spans a wait: a completion put on `late`
+     * waits only for the poller to finish collecting. */
+    uint32_t harvest_gen; /* atomic; bumped when a harvest begins */
+    bool harvesting;      /* atomic: set by the poller when its wait returns, cleared under
+                             the lock when the harvest is queued */
+    cp__oplist late;
 
     pthread_key_t tkey;
     cp__thread *threads;
@@ -75,13 +82,23 @@ struct cp_port {
     void *be_data;
 };
 
-/* Queue completed operations (from a backend or the socket layer) and release waiters or
- * wake the poller as the concurrency limit allows. Any thread; takes the port lock. */
-void cp__port_complete(cp_port *port, cp_op *op);
-void cp__port_complete_list(cp_port *port, cp__oplist *list);
-/* The same, but completions produced by a thread that is running work from this port
- * stay with that thread (see cp__thread.lhead). */
-void cp__port_complete_from_caller(cp_port *port, cp__oplist *list);
+/* Queue completed operations of one handle whose cp__hgen is `hgen` (read under the
+ * handle's lock), and release waiters or wake the poller as the concurrency limit allows.
+ * Any thread except the poller during its harvest (which keeps them in its list); takes
+ * the port lock. Returns true if they went on the late list (the handle has completions
+ * in the running harvest): the caller marks the handle CP__H_LATE. */
+bool cp__port_complete_handle(cp_port *port, cp__oplist *list, uint8_t hgen);
+
+/* The poller, during its harvest: queue a handle's completions on the late list (they
+ * follow completions of the same handle that other threads put there). */
+void cp__port_complete_late(cp_port *port, cp__oplist *list);
+
+/* The generation of the poller's current harvest (only the poller calls this while
+ * harvesting, so the value is stable for it). */
+static inline uint8_t cp__port_harvest_gen(cp_port *port)
+{
+    return (uint8_t)__atomic_load_n(&port->harvest_gen, __ATOMIC_RELAXED);
+}
 
 /* True if work the calling thread defers (io_uring submissions) will be flushed without
  * help: the thread is running work it dequeued from `port` (it will come back to dequeue)
@@ -95,13 +112,16 @@ static inline bool cp__port_polling(cp_port *port)
 }
 
 /* The poller is back from its wait in the kernel (called by the backend's poll() right
- * after the wait returns): from now on nobody needs to wake it, since it looks at the
- * queues before it polls again. Without this, the completions it harvests itself would
- * each ask to wake it: a write to the wake-up eventfd and, on io_uring, one more
- * completion to reap, on every poll. */
+ * after the wait returns, before it completes anything):
+ *   - nobody needs to wake it any more, since it looks at the queues before it polls
+ *     again (without this, the completions it harvests itself would each ask to wake it:
+ *     a write to the wake-up eventfd and, on io_uring, one more completion to reap);
+ *   - its harvest begins (see cp_port.harvesting). */
 static inline void cp__port_poller_awake(cp_port *port)
 {
     __atomic_store_n(&port->wake_sent, true, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&port->harvest_gen, port->harvest_gen + 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&port->harvesting, true, __ATOMIC_SEQ_CST);
 }
 
 /* A handle was associated with / released from the port. */

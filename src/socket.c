@@ -33,29 +33,81 @@ static const cp__backend *be_of(const cp_handle *h)
     return h->cp__port->be;
 }
 
+/* Lock h; in a harvest, note where h's own completions will begin. */
+static void lock_collect(cp_handle *h, cp__oplist *done)
+{
+    cp__h_lock(h);
+    done->mark = done->tail;
+    done->mark_n = done->n;
+}
+
+/* In the poller's harvest: whether h's completions must follow the late list (another
+ * thread queued some of h's there during this harvest). */
+static bool harvest_late(const cp_handle *h)
+{
+    return (h->cp__flags & CP__H_LATE) && h->cp__hgen == cp__port_harvest_gen(h->cp__port);
+}
+
 /* Queue the completions collected so far while h is still locked, so that completions of
  * one handle reach the port in the order they finished, whichever threads finish them
- * (lock order: handle, then port). The pool flag stays for cp__io_deliver(). */
+ * (lock order: handle, then port). The poller's harvest keeps them instead (it queues the
+ * whole harvest at once) and stamps h, so that other threads queue h's later completions
+ * after the harvest; once they have, h's further completions in this harvest follow
+ * theirs. The pool flag stays for cp__io_deliver(). */
 static void flush_locked(cp_handle *h, cp__oplist *done)
 {
     if (!done->head)
         return;
-    cp__port_complete_list(h->cp__port, done);
-    done->head = done->tail = NULL;
-    done->n = 0;
+    if (!(done->flags & CP__OPLIST_HARVEST)) {
+        if (cp__port_complete_handle(h->cp__port, done, h->cp__hgen))
+            h->cp__flags |= CP__H_LATE;
+        done->head = done->tail = NULL;
+        done->n = 0;
+        return;
+    }
+    if (!harvest_late(h)) {
+        h->cp__hgen = cp__port_harvest_gen(h->cp__port);
+        h->cp__flags &= (uint16_t)~CP__H_LATE;
+        return;
+    }
+    /* Split h's own completions (after the mark) off the harvest. */
+    cp__oplist mine = {.head = done->mark ? done->mark->cp__next : done->head,
+                       .tail = done->tail,
+                       .n = done->n - done->mark_n};
+    if (!mine.head)
+        return;
+    if (done->mark)
+        done->mark->cp__next = NULL;
+    else
+        done->head = NULL;
+    done->tail = done->mark;
+    done->n = done->mark_n;
+    cp__port_complete_late(h->cp__port, &mine);
 }
 
-/* Unlock h after queueing what it finished. A close completion goes on the list only now:
- * once it is dequeued the handle's memory is the user's, so it must not be queued while
- * this thread still holds the handle's lock. Nothing of h can complete after it. */
+/* Unlock h after queueing what it finished. A close completion is queued only now: once
+ * it is dequeued the handle's memory is the user's, so it must not be queued while this
+ * thread still holds the handle's lock. Nothing of h can complete after it. */
 static void unlock_flush(cp_handle *h, cp__oplist *done)
 {
     flush_locked(h, done);
     cp_op *cop = done->close_op;
     done->close_op = NULL;
+    cp_port *p = h->cp__port;
+    uint8_t hgen = h->cp__hgen;
+    bool harvest = (done->flags & CP__OPLIST_HARVEST) != 0;
+    bool late = harvest && harvest_late(h);
     cp__h_unlock(h);
-    if (cop)
+    if (!cop)
+        return;
+    cp__oplist one = {0};
+    cp__oplist_push(&one, cop);
+    if (late)
+        cp__port_complete_late(p, &one);
+    else if (harvest)
         cp__oplist_push(done, cop);
+    else
+        cp__port_complete_handle(p, &one, hgen);
 }
 
 /* ---- queues --------------------------------------------------------------------------- */
@@ -368,7 +420,7 @@ static void maybe_finish_close_locked(cp_handle *h, cp__oplist *done)
 void cp__io_done(cp_op *op, int res, cp__oplist *done)
 {
     cp_handle *h = op->cp__h;
-    cp__h_lock(h);
+    lock_collect(h, done);
     cp__h_unpin(h);
     op->cp__flags &= (uint16_t)~CP__OPF_INKERNEL;
     if (res == -ECANCELED && op->cp__state == CP__OPS_STARTED && op->opcode != CP_OP_CONNECT &&
@@ -388,7 +440,7 @@ void cp__io_done(cp_op *op, int res, cp__oplist *done)
 
 void cp__io_ready(cp_handle *h, bool readable, bool hup, bool writable, cp__oplist *done)
 {
-    cp__h_lock(h);
+    lock_collect(h, done);
     if (hup)
         h->cp__flags |= CP__H_RD_HUP; /* sticky: that edge does not come again */
     if (readable) {
@@ -405,7 +457,7 @@ void cp__io_ready(cp_handle *h, bool readable, bool hup, bool writable, cp__opli
 void cp__io_firstdata(cp_op *op, int res, cp__oplist *done)
 {
     cp_handle *h = op->cp__h;
-    cp__h_lock(h);
+    lock_collect(h, done);
     if (res == CP__PENDING) {
         if (op->cp__state == CP__OPS_STARTED)
             advance_locked(h, op, be_of(h)->start(op), done);
@@ -420,7 +472,7 @@ void cp__io_firstdata(cp_op *op, int res, cp__oplist *done)
 void cp__io_chunk(cp_handle *h, int res, uint16_t bufid, bool more, cp__oplist *done)
 {
     cp__bufpool *bp = &h->cp__port->pool;
-    cp__h_lock(h);
+    lock_collect(h, done);
     if (!more) {
         h->cp__flags &= (uint16_t) ~(CP__H_MSHOT | CP__H_MSHOT_STOP);
         cp__h_unpin(h);
@@ -456,7 +508,7 @@ void cp__io_chunk(cp_handle *h, int res, uint16_t bufid, bool more, cp__oplist *
 
 void cp__io_unpin(cp_handle *h, cp__oplist *done)
 {
-    cp__h_lock(h);
+    lock_collect(h, done);
     cp__h_unpin(h);
     maybe_finish_close_locked(h, done);
     unlock_flush(h, done);
@@ -464,7 +516,7 @@ void cp__io_unpin(cp_handle *h, cp__oplist *done)
 
 void cp__io_resume(cp_handle *h, cp__oplist *done)
 {
-    cp__h_lock(h);
+    lock_collect(h, done);
     h->cp__flags &= (uint16_t)~CP__H_STARVING;
     cp__h_unpin(h);
     if (!(h->cp__flags & CP__H_CLOSING))
@@ -482,7 +534,6 @@ void cp__io_serve_starving(cp_port *p)
         cp__oplist done = {0};
         for (uint32_t i = 0; i < n; i++)
             cp__io_resume(hs[i], &done);
-        cp__port_complete_list(p, &done);
         if (n < 16)
             break;
     }
@@ -490,8 +541,6 @@ void cp__io_serve_starving(cp_port *p)
 
 void cp__io_deliver(cp_port *p, cp__oplist *done)
 {
-    if (done->head)
-        cp__port_complete_list(p, done);
     if (done->flags & OPLIST_POOL_FREED)
         cp__io_serve_starving(p);
 }
@@ -590,7 +639,7 @@ void cp__io_expire(cp_port *p, int64_t now)
         cp__oplist done = {0};
         for (unsigned i = 0; i < n; i++) {
             cp_handle *h = due[i].h;
-            cp__h_lock(h);
+            lock_collect(h, &done);
             /* Compare by address before touching the op: it may have finished and been
              * reused; the sequence number tells a reuse on the same handle apart. */
             if ((queue_has(h->cp__rq, due[i].op) || queue_has(h->cp__sq, due[i].op)) &&
@@ -636,45 +685,21 @@ int cp_socket_associate(cp_socket *s, cp_port *port, int fd, uintptr_t key)
     return 0;
 }
 
-int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
+/* The rest of cp__submit (h locked, op counted): queue op, start what can start, queue
+ * what finished, unlock. `r` is the result of starting op already (it was the head of an
+ * idle queue), or CP__PENDING with op not queued yet. */
+static int submit_finish(cp_handle *h, cp_op *op, cp_op **q, int r, bool started)
 {
-    if (!h || !op || !h->cp__port)
-        return -EINVAL;
     cp_port *p = h->cp__port;
-    op->opcode = opcode;
-    op->cp__h = h;
-    op->cp__next = NULL;
-    op->cp__done = 0;
-    op->cp__tidx = 0;
     cp__oplist done = {0};
-    cp__h_lock(h);
-    if (h->cp__flags & CP__H_CLOSING) {
-        cp__h_unlock(h);
-        return -EBADF;
-    }
-    if (opcode == CP_OP_RECV &&
-        (h->cp__nstash || (h->cp__flags & CP__H_MSHOT) ||
-         (be_of(h)->pool_background && has_opcode(h->cp__rq, CP_OP_RECV_POOL)))) {
-        cp__h_unlock(h);
-        return -EBUSY; /* data already flows into pool buffers for this socket */
-    }
-    op->cp__seq = (uint16_t)++h->cp__opseq;
-    if (op->timeout_ms) {
-        cp__lock_acquire(&p->timer_lock);
-        int r = cp__heap_push(&p->timers, op, &op->cp__tidx,
-                              cp__now_ns() + (int64_t)op->timeout_ms * 1000000);
-        cp__lock_release(&p->timer_lock);
-        if (r < 0) {
-            cp__h_unlock(h);
-            return r;
-        }
-        cp__h_pin(h); /* the heap entry's */
-    }
     /* Read now: once its completion is queued the op may be another thread's. */
     bool timed = op->timeout_ms != 0;
-    __atomic_store_n(&op->cp__state, CP__OPS_QUEUED, __ATOMIC_RELAXED);
-    cp_op **q = which ? &h->cp__sq : &h->cp__rq;
-    queue_append(q, op);
+    if (started) {
+        advance_locked(h, op, r, &done);
+    } else {
+        __atomic_store_n(&op->cp__state, CP__OPS_QUEUED, __ATOMIC_RELAXED);
+        queue_append(q, op);
+    }
     kick_locked(h, q, &done);
     op->cp__flags &= (uint16_t)~CP__OPF_TRYNOW;
     /* Finished while starting, successfully, and the caller takes that as the result:
@@ -692,6 +717,65 @@ int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
     if (timed && cp__port_polling(p))
         p->be->wake(p);
     return now ? CP_DONE_NOW : 0;
+}
+
+int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
+{
+    if (!h || !op || !h->cp__port)
+        return -EINVAL;
+    op->opcode = opcode;
+    op->cp__h = h;
+    op->cp__next = NULL;
+    op->cp__done = 0;
+    op->cp__tidx = 0;
+    cp__h_lock(h);
+    uint16_t hf = h->cp__flags;
+    if (hf & CP__H_CLOSING) {
+        cp__h_unlock(h);
+        return -EBADF;
+    }
+    if (opcode == CP_OP_RECV &&
+        (h->cp__nstash || (hf & CP__H_MSHOT) ||
+         (be_of(h)->pool_background && has_opcode(h->cp__rq, CP_OP_RECV_POOL)))) {
+        cp__h_unlock(h);
+        return -EBUSY; /* data already flows into pool buffers for this socket */
+    }
+    op->cp__seq = (uint16_t)++h->cp__opseq;
+    cp_op **q = which ? &h->cp__sq : &h->cp__rq;
+    if (op->timeout_ms) {
+        cp_port *p = h->cp__port;
+        cp__lock_acquire(&p->timer_lock);
+        int r = cp__heap_push(&p->timers, op, &op->cp__tidx,
+                              cp__now_ns() + (int64_t)op->timeout_ms * 1000000);
+        cp__lock_release(&p->timer_lock);
+        if (r < 0) {
+            cp__h_unlock(h);
+            return r;
+        }
+        cp__h_pin(h); /* the heap entry's */
+        return submit_finish(h, op, q, CP__PENDING, false);
+    }
+    if (*q || (hf & CP__H_FILE))
+        return submit_finish(h, op, q, CP__PENDING, false);
+    /* The common case, straight through: an untimed operation on an idle queue starts at
+     * once, and usually waits in the kernel or finishes in full right here. */
+    *q = op;
+    __atomic_store_n(&op->cp__state, CP__OPS_STARTED, __ATOMIC_RELAXED);
+    int r = start_step_locked(h, op);
+    if (r == CP__PENDING) {
+        op->cp__flags &= (uint16_t)~CP__OPF_TRYNOW;
+        cp__h_unlock(h);
+        return 0;
+    }
+    if ((op->cp__flags & CP__OPF_SKIP) && r > 0 && (uint32_t)r == op->cp__len) {
+        /* A send taken whole (CP_SEND_SKIP_ON_SUCCESS): the caller's again, no completion;
+         * nothing can be queued behind it while we hold the lock. */
+        *q = NULL;
+        __atomic_store_n(&op->cp__state, CP__OPS_IDLE, __ATOMIC_RELAXED);
+        cp__h_unlock(h);
+        return CP_DONE_NOW;
+    }
+    return submit_finish(h, op, q, r, true);
 }
 
 int cp_socket_accept(cp_socket *listener, cp_accept_op *aop, void *buf, size_t len)

@@ -236,6 +236,11 @@ CP_EXTERN int cp_conn_peer(cp_conn *c, struct sockaddr_storage *addr, socklen_t 
 /* Bytes queued to send and not yet handed to the kernel. */
 CP_EXTERN size_t cp_conn_pending(const cp_conn *c);
 
+/* The connection's socket descriptor, for socket options (SO_SNDBUF, TCP_KEEPIDLE, ...)
+ * and getsockopt (TCP_INFO). It stays the connection's: do not read from it, write to it,
+ * shut it down or close it; it is valid until on_close has run. */
+CP_EXTERN int cp_conn_fd(const cp_conn *c);
+
 /* Keep the connection's memory valid beyond on_close; call inside one of its callbacks
  * (or while already holding a reference). */
 CP_EXTERN void cp_conn_ref(cp_conn *c);

@@ -112,7 +112,7 @@ struct cp_handle {
     uint16_t cp__stash_tail;
     uint16_t cp__opseq;
     uint8_t cp__err;
-    uint8_t cp__pad;
+    uint8_t cp__hgen;
 };
 
 /* An accept context (the AcceptEx per-I/O struct): a cp_op plus room for the result. */
