@@ -94,6 +94,12 @@ static uint16_t now_tick(cp_server *sv)
     return (uint16_t)cp__server_tick(sv);
 }
 
+/* The tick a delivery stamps its connection with (see cp__server_tick_late). */
+static uint16_t data_tick(cp_server *sv)
+{
+    return (uint16_t)cp__server_tick_late(sv);
+}
+
 /* ---- freeing --------------------------------------------------------------------------- */
 
 static void free_conn(cp_server *sv, cp_conn *c)
@@ -368,11 +374,13 @@ void cp__conn_sweep(cp_server *sv, cp_conn *c, uint32_t now)
 
 /* ---- receiving ------------------------------------------------------------------------- */
 
-/* Start a receive on op (lock held). Returns 0 or a negative errno. */
-static int post_rx(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op)
+/* Start a receive on op (lock held). Returns 0 or a negative errno. With have_ref the
+ * caller's operation reference passes to the receive (on success). */
+static int post_rx_ref(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, bool have_ref)
 {
     int r;
-    op_ref(c);
+    if (!have_ref)
+        op_ref(c);
     if (sv->o.zero_byte) {
         r = cp_socket_recv_pooled(&c->s, op);
     } else {
@@ -382,9 +390,14 @@ static int post_rx(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op)
         }
         r = op->u.buf ? cp_socket_recv(&c->s, op, op->u.buf, sv->o.recv_buffer) : -ENOMEM;
     }
-    if (r < 0)
+    if (r < 0 && !have_ref)
         __atomic_sub_fetch(&c->state, CS_OPREF, __ATOMIC_RELAXED); /* we hold another */
     return r;
+}
+
+static int post_rx(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op)
+{
+    return post_rx_ref(sv, w, c, op, false);
 }
 
 /* Whether receiving should go on (lock held); sets PAUSED when replies piled up. */
@@ -493,12 +506,15 @@ static bool after_receive(cp_server *sv, cp_conn *c, int64_t res)
     return false;
 }
 
-static void rx_single(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64_t res)
+/* The single receive completed. Returns true if its operation reference went on to the
+ * next receive (posted again on the same op); false if the caller must drop it. RX_OUT
+ * stays set while a receive is posted or its completion is being handled: everyone else
+ * looks at it under the lock, which this holds throughout. */
+static bool rx_single(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64_t res)
 {
     cp__lock_acquire(&c->lock);
-    st_clear(c, CF_RX_OUT);
     if (res > 0 && !(st_load(c) & CF_CLOSING)) {
-        touch(c, now_tick(sv));
+        touch(c, data_tick(sv));
         deliver(sv, c, w, op->u.buf, (size_t)res, sv->o.zero_byte ? BUF_POOL : BUF_SLAB, op->u.buf);
         end_delivery(sv, w, op);
     } else if (sv->o.zero_byte) {
@@ -507,15 +523,18 @@ static void rx_single(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64
             cp_buffer_release(sv->port, op->u.buf);
         op->u.buf = NULL;
     }
+    bool reposted = false;
     if (after_receive(sv, c, res)) {
-        st_or(c, CF_RX_OUT);
-        int r = post_rx(sv, w, c, op);
-        if (r < 0) {
-            st_clear(c, CF_RX_OUT);
+        int r = post_rx_ref(sv, w, c, op, true);
+        if (r < 0)
             start_close(sv, c, CP_CLOSE_ERROR, r, false);
-        }
+        else
+            reposted = true;
     }
+    if (!reposted)
+        st_clear(c, CF_RX_OUT);
     cp__lock_release(&c->lock);
+    return reposted;
 }
 
 /* Post every idle slot, in sequence order (lock held). */
@@ -559,7 +578,7 @@ static void rx_multi(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64_
         int32_t len = s->len;
         s->len = SLOT_IDLE;
         if (len > 0 && !(st_load(c) & CF_CLOSING)) {
-            touch(c, now_tick(sv));
+            touch(c, data_tick(sv));
             deliver(sv, c, w, s->op.u.buf, (size_t)len, sv->o.zero_byte ? BUF_POOL : BUF_SLAB,
                     s->op.u.buf);
             end_delivery(sv, w, &s->op);
@@ -615,43 +634,38 @@ static void drop_send(cp_server *sv, cp__worker *w, cp__send *x)
     cp__cache_free(&w->sends, &sv->sends, x);
 }
 
-/* Queue x (filled in, iov set) on c. Takes the references; undoes everything on failure.
- *
- * Inside c's own on_data (this thread holds c's lock) a send that the kernel takes at once
- * is finished here, without a trip through the port (CP_SEND_SKIP_ON_SUCCESS). Only there:
- * finishing a send may have to resume reading, which takes c's lock, and taking another
- * connection's lock from inside a callback could deadlock; the delivery in progress
- * decides about reading itself when on_data returns. Not for SEND_REF either: its on_sent
- * callbacks must come in order. */
+/* Account a send that will complete through the port (called under the socket's lock,
+ * before its completion can be handled anywhere): an operation reference and its bytes in
+ * `pending`. A reply the kernel takes at once is never accounted: it changes nothing. */
+static void send_queued(cp_op *op)
+{
+    cp__send *x = CP_CONTAINER_OF(op, cp__send, op);
+    cp_conn *c = CP_CONTAINER_OF(op->cp__h, cp_conn, s);
+    op_ref(c);
+    __atomic_add_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);
+}
+
+/* Send x (filled in, iov set) on c; w is the calling thread's record. A send the kernel
+ * takes whole at once is finished here (CP_SEND_SKIP_ON_SUCCESS), from any thread: it
+ * needs no completion, no accounting and no resumption. Sends with a caller's on_sent
+ * (SEND_REF) always complete through the port, so that their callbacks come in order. On
+ * failure x is given back. */
 static int queue_send(cp_server *sv, cp__worker *w, cp_conn *c, cp__send *x, int iovcnt)
 {
     if (st_load(c) & CF_CLOSING) {
         drop_send(sv, w, x);
         return -EPIPE;
     }
-    op_ref(c);
-    __atomic_add_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);
-    unsigned fl = w->cur_conn == c && x->kind != SEND_REF ? CP_SEND_SKIP_ON_SUCCESS : 0;
-    int r = iovcnt == 1
-                ? cp_socket_send_ex(&c->s, &x->op, x->iov[0].iov_base, x->iov[0].iov_len, fl)
-                : cp_socket_sendv_ex(&c->s, &x->op, x->iov, iovcnt, fl);
-    if (r == CP_DONE_NOW) {
-        uint32_t len = x->len;
-        __atomic_store_n(&w->bytes_out, w->bytes_out + len, __ATOMIC_RELAXED);
-        drop_send(sv, w, x);
-        /* Pairs with start_close (another thread may have begun a graceful close). */
-        if (__atomic_sub_fetch(&c->pending, len, __ATOMIC_SEQ_CST) == 0 && (st_load(c) & CF_DRAIN))
-            drain_step(sv, c);
-        op_unref(sv, c, 1);
+    unsigned fl = x->kind != SEND_REF ? CP_SEND_SKIP_ON_SUCCESS : 0;
+    int r = cp__socket_send_hooked(&c->s, &x->op, x->iov, iovcnt, fl, send_queued);
+    if (r == 0)
         return 0;
-    }
-    if (r < 0) {
-        __atomic_sub_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);
-        op_unref(sv, c, 1);
-        drop_send(sv, w, x);
-        return r == -EBADF ? -EPIPE : r;
-    }
-    return 0;
+    if (r == CP_DONE_NOW)
+        __atomic_store_n(&w->bytes_out, w->bytes_out + x->len, __ATOMIC_RELAXED);
+    drop_send(sv, w, x);
+    if (r == CP_DONE_NOW)
+        return 0;
+    return r == -EBADF ? -EPIPE : r;
 }
 
 static cp__send *new_send(cp_server *sv, cp__worker *w, uint8_t kind, size_t len)
@@ -668,12 +682,12 @@ static cp__send *new_send(cp_server *sv, cp__worker *w, uint8_t kind, size_t len
     return x;
 }
 
-static int send_copy(cp_conn *c, const void *hdr, size_t hlen, const void *data, size_t len)
+/* Send a copy of hdr + data (w: the calling thread's record). */
+static int send_copy(cp_server *sv, cp__worker *w, cp_conn *c, const void *hdr, size_t hlen,
+                     const void *data, size_t len)
 {
-    cp_server *sv = cp__conn_server(c);
     if (len + hlen == 0 || len > UINT32_MAX - 8)
         return -EINVAL;
-    cp__worker *w = cp__server_worker(sv);
     bool small = hlen + len <= CP__SEND_INLINE;
     cp__send *x = new_send(sv, w, small ? SEND_INLINE : SEND_COPY, hlen + len);
     if (!x)
@@ -698,7 +712,8 @@ int cp_conn_send(cp_conn *c, const void *data, size_t len)
 {
     if (!c || (!data && len))
         return -EINVAL;
-    return send_copy(c, NULL, 0, data, len);
+    cp_server *sv = cp__conn_server(c);
+    return send_copy(sv, cp__server_worker(sv), c, NULL, 0, data, len);
 }
 
 int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len)
@@ -707,7 +722,8 @@ int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len)
         return -EINVAL;
     uint8_t hdr[4];
     cp_frame_header(hdr, (uint32_t)len);
-    return send_copy(c, hdr, 4, payload, len);
+    cp_server *sv = cp__conn_server(c);
+    return send_copy(sv, cp__server_worker(sv), c, hdr, 4, payload, len);
 }
 
 int cp_conn_send_data(cp_conn *c, const void *data, size_t len)
@@ -716,17 +732,17 @@ int cp_conn_send_data(cp_conn *c, const void *data, size_t len)
         return -EINVAL;
     cp_server *sv = cp__conn_server(c);
     cp__worker *w = cp__server_worker(sv);
-    if (!w || w->cur_conn != c)
+    if (w->cur_conn != c)
         return -EINVAL; /* not inside this connection's on_data */
     const char *d = data;
     if (!w->cur_buf || d < w->cur_buf || d + len > w->cur_buf + w->cur_len)
-        return w->cur_buf ? -EINVAL : cp_conn_send(c, data, len);
+        return w->cur_buf ? -EINVAL : send_copy(sv, w, c, NULL, 0, data, len);
     if (len <= CP__SEND_INLINE)
-        return send_copy(c, NULL, 0, data, len); /* copying beats keeping the buffer */
+        return send_copy(sv, w, c, NULL, 0, data, len); /* copying beats keeping the buffer */
     if (!w->cur_hold) {
         cp__hold *h = cp__cache_alloc(&w->holds, &sv->holds);
         if (!h)
-            return cp_conn_send(c, data, len);
+            return send_copy(sv, w, c, NULL, 0, data, len);
         h->buf = w->cur_base;
         h->size = w->cur_size;
         h->kind = w->cur_kind;
@@ -861,10 +877,12 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
     switch (op->opcode) {
     case CP_OP_RECV:
     case CP_OP_RECV_POOL:
-        if (sv->o.recvs <= 1)
-            rx_single(sv, w, c, op, result);
-        else
+        if (sv->o.recvs <= 1) {
+            if (rx_single(sv, w, c, op, result))
+                return; /* its reference went on to the next receive */
+        } else {
             rx_multi(sv, w, c, op, result);
+        }
         op_unref(sv, c, 1);
         return;
     case CP_OP_SEND:

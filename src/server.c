@@ -293,6 +293,10 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     sv->linger_ticks = ms_to_ticks(o.linger_ms, sv->tick_ms);
     sv->tick_ns = (int64_t)sv->tick_ms * 1000000;
     sv->tick_epoch_ns = cp__now_ns();
+    struct timespec res;
+    sv->coarse_ns = clock_getres(CLOCK_MONOTONIC_COARSE, &res) == 0
+                        ? (int64_t)res.tv_sec * 1000000000 + res.tv_nsec
+                        : 10000000;
     sv->frame_cfg = (cp_frame_config){.max_frame = o.max_frame,
                                       .alloc = frame_buf_alloc,
                                       .free = frame_buf_free,

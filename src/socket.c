@@ -688,7 +688,8 @@ int cp_socket_associate(cp_socket *s, cp_port *port, int fd, uintptr_t key)
 /* The rest of cp__submit (h locked, op counted): queue op, start what can start, queue
  * what finished, unlock. `r` is the result of starting op already (it was the head of an
  * idle queue), or CP__PENDING with op not queued yet. */
-static int submit_finish(cp_handle *h, cp_op *op, cp_op **q, int r, bool started)
+static int submit_finish(cp_handle *h, cp_op *op, cp_op **q, int r, bool started,
+                         void (*queued)(cp_op *op))
 {
     cp_port *p = h->cp__port;
     cp__oplist done = {0};
@@ -710,6 +711,8 @@ static int submit_finish(cp_handle *h, cp_op *op, cp_op **q, int r, bool started
     if (now) {
         cp__oplist_pop_tail(&done);
         __atomic_store_n(&op->cp__state, CP__OPS_IDLE, __ATOMIC_RELAXED); /* the caller's */
+    } else if (queued) {
+        queued(op);
     }
     unlock_flush(h, &done);
     cp__io_deliver(p, &done);
@@ -719,7 +722,7 @@ static int submit_finish(cp_handle *h, cp_op *op, cp_op **q, int r, bool started
     return now ? CP_DONE_NOW : 0;
 }
 
-int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
+int cp__submit_ex(cp_handle *h, cp_op *op, uint8_t opcode, int which, void (*queued)(cp_op *op))
 {
     if (!h || !op || !h->cp__port)
         return -EINVAL;
@@ -753,10 +756,10 @@ int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
             return r;
         }
         cp__h_pin(h); /* the heap entry's */
-        return submit_finish(h, op, q, CP__PENDING, false);
+        return submit_finish(h, op, q, CP__PENDING, false, queued);
     }
     if (*q || (hf & CP__H_FILE))
-        return submit_finish(h, op, q, CP__PENDING, false);
+        return submit_finish(h, op, q, CP__PENDING, false, queued);
     /* The common case, straight through: an untimed operation on an idle queue starts at
      * once, and usually waits in the kernel or finishes in full right here. */
     *q = op;
@@ -764,6 +767,8 @@ int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
     int r = start_step_locked(h, op);
     if (r == CP__PENDING) {
         op->cp__flags &= (uint16_t)~CP__OPF_TRYNOW;
+        if (queued)
+            queued(op);
         cp__h_unlock(h);
         return 0;
     }
@@ -775,7 +780,12 @@ int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
         cp__h_unlock(h);
         return CP_DONE_NOW;
     }
-    return submit_finish(h, op, q, r, true);
+    return submit_finish(h, op, q, r, true, queued);
+}
+
+int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
+{
+    return cp__submit_ex(h, op, opcode, which, NULL);
 }
 
 int cp_socket_accept(cp_socket *listener, cp_accept_op *aop, void *buf, size_t len)
@@ -914,6 +924,26 @@ int cp_socket_sendv_ex(cp_socket *s, cp_op *op, const struct iovec *iov, int iov
 int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt)
 {
     return cp_socket_sendv_ex(s, op, iov, iovcnt, 0);
+}
+
+int cp__socket_send_hooked(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt,
+                           unsigned flags, void (*queued)(cp_op *op))
+{
+    if (iovcnt == 1) {
+        op->u.buf = iov[0].iov_base;
+        op->cp__len = (uint32_t)iov[0].iov_len;
+        op->cp__flags = send_flags(flags);
+    } else {
+        uint32_t total;
+        int r = iov_total(iov, iovcnt, &total);
+        if (r < 0)
+            return r;
+        op->u.iov = iov;
+        op->cp__len = total;
+        op->cp__aux = (uint16_t)iovcnt;
+        op->cp__flags = CP__OPF_VEC | send_flags(flags);
+    }
+    return cp__submit_ex(s, op, CP_OP_SEND, 1, queued);
 }
 
 int cp_socket_disconnect(cp_socket *s, cp_op *op)
