@@ -112,6 +112,10 @@ typedef struct cp__backend {
      * CP__PENDING, or the result (>= 0 bytes, or a negative errno) if it finished at once.
      * Called with the handle's lock held. */
     int (*start)(cp_op *op);
+    /* The server's immediate send (cp__send_try): send iov[0..iovcnt-1] (len bytes) now
+     * without blocking. Returns the bytes sent, or a negative errno (-EAGAIN: no room).
+     * Called with the handle's lock held and nothing queued to send. May be NULL. */
+    long (*try_send)(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len);
     /* Abandon a started operation. Returns 0 if nothing in the kernel refers to it any
      * more (the caller completes it with -ECANCELED now), or CP__PENDING if the kernel
      * will report its end through cp__io_done()/cp__io_firstdata() (typically -ECANCELED).

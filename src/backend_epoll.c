@@ -362,6 +362,25 @@ static int step_send(cp_handle *h, cp_op *op)
     }
 }
 
+static long ep_try_send(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len)
+{
+    if (!(h->cp__flags & CP__H_WR_READY))
+        return -EAGAIN;
+    long n;
+    do {
+        if (iovcnt == 1) {
+            n = cp__sys_send(h->fd, iov->iov_base, iov->iov_len, MSG_NOSIGNAL);
+        } else {
+            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov,
+                                 .msg_iovlen = (size_t)iovcnt};
+            n = cp__sys_sendmsg(h->fd, &msg, MSG_NOSIGNAL);
+        }
+    } while (n == -EINTR);
+    if (n == -EAGAIN || (n >= 0 && (size_t)n < len))
+        clear_flag(h, CP__H_WR_READY); /* full; EPOLLOUT will tell us */
+    return n;
+}
+
 /* An accept waiting for its first data: try the new socket; if it has nothing yet, watch
  * it (one-shot) on the poller's epoll set, pinning the listener while registered. */
 static int step_firstdata(cp_handle *h, cp_op *op)
@@ -664,5 +683,6 @@ const cp__backend cp__backend_epoll = {
     .attach = ep_attach,
     .detach = ep_detach,
     .start = ep_start,
+    .try_send = ep_try_send,
     .cancel = ep_cancel,
 };

@@ -691,6 +691,22 @@ static __attribute__((noinline)) int start_sendmsg(cp_handle *h, cp_op *op)
     return CP__PENDING;
 }
 
+static long ur_try_send(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len)
+{
+    (void)len;
+    long n;
+    do {
+        if (iovcnt == 1) {
+            n = cp__sys_send(h->fd, iov->iov_base, iov->iov_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } else {
+            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov,
+                                 .msg_iovlen = (size_t)iovcnt};
+            n = cp__sys_sendmsg(h->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        }
+    } while (n == -EINTR);
+    return n;
+}
+
 static int ur_start(cp_op *op)
 {
     cp_handle *h = op->cp__h;
@@ -819,5 +835,6 @@ const cp__backend cp__backend_io_uring = {
     .attach = ur_attach,
     .detach = ur_detach,
     .start = ur_start,
+    .try_send = ur_try_send,
     .cancel = ur_cancel,
 };

@@ -634,40 +634,6 @@ static void drop_send(cp_server *sv, cp__worker *w, cp__send *x)
     cp__cache_free(&w->sends, &sv->sends, x);
 }
 
-/* Account a send that will complete through the port (called under the socket's lock,
- * before its completion can be handled anywhere): an operation reference and its bytes in
- * `pending`. A reply the kernel takes at once is never accounted: it changes nothing. */
-static void send_queued(cp_op *op)
-{
-    cp__send *x = CP_CONTAINER_OF(op, cp__send, op);
-    cp_conn *c = CP_CONTAINER_OF(op->cp__h, cp_conn, s);
-    op_ref(c);
-    __atomic_add_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);
-}
-
-/* Send x (filled in, iov set) on c; w is the calling thread's record. A send the kernel
- * takes whole at once is finished here (CP_SEND_SKIP_ON_SUCCESS), from any thread: it
- * needs no completion, no accounting and no resumption. Sends with a caller's on_sent
- * (SEND_REF) always complete through the port, so that their callbacks come in order. On
- * failure x is given back. */
-static int queue_send(cp_server *sv, cp__worker *w, cp_conn *c, cp__send *x, int iovcnt)
-{
-    if (st_load(c) & CF_CLOSING) {
-        drop_send(sv, w, x);
-        return -EPIPE;
-    }
-    unsigned fl = x->kind != SEND_REF ? CP_SEND_SKIP_ON_SUCCESS : 0;
-    int r = cp__socket_send_hooked(&c->s, &x->op, x->iov, iovcnt, fl, send_queued);
-    if (r == 0)
-        return 0;
-    if (r == CP_DONE_NOW)
-        __atomic_store_n(&w->bytes_out, w->bytes_out + x->len, __ATOMIC_RELAXED);
-    drop_send(sv, w, x);
-    if (r == CP_DONE_NOW)
-        return 0;
-    return r == -EBADF ? -EPIPE : r;
-}
-
 static cp__send *new_send(cp_server *sv, cp__worker *w, uint8_t kind, size_t len)
 {
     cp__send *x = cp__cache_alloc(&w->sends, &sv->sends);
@@ -682,38 +648,135 @@ static cp__send *new_send(cp_server *sv, cp__worker *w, uint8_t kind, size_t len
     return x;
 }
 
-/* Send a copy of hdr + data (w: the calling thread's record). */
-static int send_copy(cp_server *sv, cp__worker *w, cp_conn *c, const void *hdr, size_t hlen,
-                     const void *data, size_t len)
+/* What a send keeps of bytes the kernel did not take at once. */
+typedef enum tail_mode {
+    TAIL_COPY, /* a copy (the caller's memory is free when the call returns) */
+    TAIL_HOLD, /* a reference on the buffer being delivered (cp_conn_send_data) */
+    TAIL_REF,  /* the caller's memory itself; on_sent(ctx) when done */
+} tail_mode;
+
+/* Copy `n` bytes of iov[0..cnt-1], after skipping `skip`, to `to`. */
+static void gather(char *to, const struct iovec *iov, int cnt, size_t skip, size_t n)
 {
-    if (len + hlen == 0 || len > UINT32_MAX - 8)
-        return -EINVAL;
-    bool small = hlen + len <= CP__SEND_INLINE;
-    cp__send *x = new_send(sv, w, small ? SEND_INLINE : SEND_COPY, hlen + len);
-    if (!x)
-        return -ENOMEM;
-    char *to = x->inl;
-    if (!small) {
-        to = x->buf = cp__server_buf_alloc(sv, w, hlen + len, &x->buf_size);
-        if (!to) {
-            cp__cache_free(&w->sends, &sv->sends, x);
-            return -ENOMEM;
+    for (int i = 0; i < cnt && n; i++) {
+        size_t l = iov[i].iov_len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        size_t take = l - skip < n ? l - skip : n;
+        memcpy(to, (const char *)iov[i].iov_base + skip, take);
+        to += take;
+        n -= take;
+        skip = 0;
+    }
+}
+
+/* Build the send context for the `rest` bytes after `skip` of iov (c's socket is locked).
+ * Returns it, or NULL when out of memory. */
+static cp__send *tail_send(cp_server *sv, cp__worker *w, const struct iovec *iov, int cnt,
+                           size_t skip, size_t rest, tail_mode mode, void *ctx)
+{
+    if (mode == TAIL_REF) {
+        cp__send *x = new_send(sv, w, SEND_REF, rest);
+        if (x) {
+            x->ctx = ctx;
+            x->iov[0] = iov[0];
+        }
+        return x;
+    }
+    if (mode == TAIL_HOLD && rest > CP__SEND_INLINE) {
+        /* Keep the delivered buffer alive rather than copying it. */
+        cp__hold *h = w->cur_hold;
+        if (!h && (h = cp__cache_alloc(&w->holds, &sv->holds)) != NULL) {
+            h->buf = w->cur_base;
+            h->size = w->cur_size;
+            h->kind = w->cur_kind;
+            h->refs = 1; /* the delivery's own, dropped when on_data returns */
+            w->cur_hold = h;
+        }
+        if (h) {
+            cp__send *x = new_send(sv, w, SEND_HOLD, rest);
+            if (x) {
+                __atomic_add_fetch(&h->refs, 1, __ATOMIC_RELAXED);
+                x->hold = h;
+                x->iov[0] = (struct iovec){(char *)iov[0].iov_base + skip, rest};
+            }
+            return x;
         }
     }
-    if (hlen) /* memcpy from NULL is undefined even for 0 bytes */
-        memcpy(to, hdr, hlen);
-    if (len)
-        memcpy(to + hlen, data, len);
-    x->iov[0] = (struct iovec){to, hlen + len};
-    return queue_send(sv, w, c, x, 1);
+    bool small = rest <= CP__SEND_INLINE;
+    cp__send *x = new_send(sv, w, small ? SEND_INLINE : SEND_COPY, rest);
+    if (!x)
+        return NULL;
+    char *to = x->inl;
+    if (!small) {
+        to = x->buf = cp__server_buf_alloc(sv, w, rest, &x->buf_size);
+        if (!to) {
+            cp__cache_free(&w->sends, &sv->sends, x);
+            return NULL;
+        }
+    }
+    gather(to, iov, cnt, skip, rest);
+    x->iov[0] = (struct iovec){to, rest};
+    return x;
+}
+
+/* Send iov[0..cnt-1] (len bytes in all) on c; w is the calling thread's record.
+ *
+ * The bytes go to the kernel right here when nothing is queued ahead of them and the
+ * socket has room: such a send needs no context, no copy, no accounting and no
+ * completion (IOCP's skip-completion-on-success), from any thread. Whatever the kernel
+ * does not take is queued, in order (the socket stays locked in between), with a context
+ * that keeps it, is accounted in `pending` and an operation reference, and completes
+ * through the port. Sends with a caller's on_sent (TAIL_REF) always take that way, so
+ * that their callbacks come in order. */
+static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iovec *iov, int cnt,
+                     size_t len, tail_mode mode, void *ctx)
+{
+    if (len == 0 || len > UINT32_MAX - 8)
+        return -EINVAL;
+    if (st_load(c) & CF_CLOSING)
+        return -EPIPE;
+    long n = cp__send_try(&c->s, iov, cnt, len, mode != TAIL_REF);
+    if (n == (long)len) {
+        __atomic_store_n(&w->bytes_out, w->bytes_out + len, __ATOMIC_RELAXED);
+        return 0;
+    }
+    if (n < 0)
+        return -EPIPE; /* closing */
+    /* c's socket is locked: queue the rest behind nothing. */
+    size_t rest = len - (size_t)n;
+    cp__send *x = tail_send(sv, w, iov, cnt, (size_t)n, rest, mode, ctx);
+    if (!x) {
+        cp__h_unlock(&c->s);
+        if (n > 0) /* part of it went out: the stream cannot go on without the rest */
+            start_close(sv, c, CP_CLOSE_ERROR, -ENOMEM, false);
+        return -ENOMEM;
+    }
+    if (n > 0)
+        __atomic_store_n(&w->bytes_out, w->bytes_out + (uint64_t)n, __ATOMIC_RELAXED);
+    op_ref(c);
+    __atomic_add_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);
+    x->op.u.buf = x->iov[0].iov_base;
+    x->op.cp__len = x->len;
+    int r = cp__submit_locked(&c->s, &x->op, CP_OP_SEND, 1);
+    if (r < 0) { /* not reached: the socket was not closing, and sends never get -EBUSY */
+        __atomic_sub_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);
+        drop_send(sv, w, x);
+        op_unref(sv, c, 1);
+        return -EPIPE;
+    }
+    return 0;
 }
 
 int cp_conn_send(cp_conn *c, const void *data, size_t len)
 {
-    if (!c || (!data && len))
+    if (!c || !data || len == 0)
         return -EINVAL;
     cp_server *sv = cp__conn_server(c);
-    return send_copy(sv, cp__server_worker(sv), c, NULL, 0, data, len);
+    struct iovec iov = {(void *)(uintptr_t)data, len};
+    return conn_send(sv, cp__server_worker(sv), c, &iov, 1, len, TAIL_COPY, NULL);
 }
 
 int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len)
@@ -722,8 +785,9 @@ int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len)
         return -EINVAL;
     uint8_t hdr[4];
     cp_frame_header(hdr, (uint32_t)len);
+    struct iovec iov[2] = {{hdr, 4}, {(void *)(uintptr_t)payload, len}};
     cp_server *sv = cp__conn_server(c);
-    return send_copy(sv, cp__server_worker(sv), c, hdr, 4, payload, len);
+    return conn_send(sv, cp__server_worker(sv), c, iov, len ? 2 : 1, 4 + len, TAIL_COPY, NULL);
 }
 
 int cp_conn_send_data(cp_conn *c, const void *data, size_t len)
@@ -735,27 +799,12 @@ int cp_conn_send_data(cp_conn *c, const void *data, size_t len)
     if (w->cur_conn != c)
         return -EINVAL; /* not inside this connection's on_data */
     const char *d = data;
-    if (!w->cur_buf || d < w->cur_buf || d + len > w->cur_buf + w->cur_len)
-        return w->cur_buf ? -EINVAL : send_copy(sv, w, c, NULL, 0, data, len);
-    if (len <= CP__SEND_INLINE)
-        return send_copy(sv, w, c, NULL, 0, data, len); /* copying beats keeping the buffer */
-    if (!w->cur_hold) {
-        cp__hold *h = cp__cache_alloc(&w->holds, &sv->holds);
-        if (!h)
-            return send_copy(sv, w, c, NULL, 0, data, len);
-        h->buf = w->cur_base;
-        h->size = w->cur_size;
-        h->kind = w->cur_kind;
-        h->refs = 1; /* the delivery's own, dropped when on_data returns */
-        w->cur_hold = h;
-    }
-    cp__send *x = new_send(sv, w, SEND_HOLD, len);
-    if (!x)
-        return -ENOMEM;
-    __atomic_add_fetch(&w->cur_hold->refs, 1, __ATOMIC_RELAXED);
-    x->hold = w->cur_hold;
-    x->iov[0] = (struct iovec){(void *)(uintptr_t)data, len};
-    return queue_send(sv, w, c, x, 1);
+    struct iovec iov = {(void *)(uintptr_t)data, len};
+    if (!w->cur_buf) /* a frame assembled by the decoder: it does not stay */
+        return conn_send(sv, w, c, &iov, 1, len, TAIL_COPY, NULL);
+    if (d < w->cur_buf || d + len > w->cur_buf + w->cur_len)
+        return -EINVAL;
+    return conn_send(sv, w, c, &iov, 1, len, TAIL_HOLD, NULL);
 }
 
 /* What a transmit counts in `pending` (a 32-bit counter): its bytes, capped at half the
@@ -810,13 +859,8 @@ int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *ctx)
     if (!c || !data || len == 0 || !ctx || len > UINT32_MAX)
         return -EINVAL;
     cp_server *sv = cp__conn_server(c);
-    cp__worker *w = cp__server_worker(sv);
-    cp__send *x = new_send(sv, w, SEND_REF, len);
-    if (!x)
-        return -ENOMEM;
-    x->ctx = ctx;
-    x->iov[0] = (struct iovec){(void *)(uintptr_t)data, len};
-    return queue_send(sv, w, c, x, 1);
+    struct iovec iov = {(void *)(uintptr_t)data, len};
+    return conn_send(sv, cp__server_worker(sv), c, &iov, 1, len, TAIL_REF, ctx);
 }
 
 /* A send of `len` bytes left the queue: close if draining and empty, else resume. */

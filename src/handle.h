@@ -117,19 +117,19 @@ int cp__op_iov(const cp_op *op, struct iovec *tmp, const struct iovec **out);
 
 /* Validate, set up and queue op on queue `which` of h (0 = receive, 1 = send). */
 int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which);
-/* The same; `queued` (if not NULL) runs with h locked once op is accepted and will
- * complete through the port: not when it fails to start, nor when it finishes at once
- * under CP_SEND_SKIP_ON_SUCCESS. */
-int cp__submit_ex(cp_handle *h, cp_op *op, uint8_t opcode, int which, void (*queued)(cp_op *op));
+/* The same with h already locked by the caller; unlocks it. */
+int cp__submit_locked(cp_handle *h, cp_op *op, uint8_t opcode, int which);
 
-/* A send for the server layer (op idle, iov[0..iovcnt-1] valid and non-empty), as
- * cp_socket_sendv_ex(s, op, iov, iovcnt, flags). `queued` runs with the socket's lock held
- * when the send is accepted and will complete through the port, before that completion
- * can be handled anywhere: not when it fails to start, nor when it finished at once
- * (CP_DONE_NOW). The server accounts a send there, so that a reply the kernel takes at
- * once costs no accounting at all. */
-int cp__socket_send_hooked(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt,
-                           unsigned flags, void (*queued)(cp_op *op));
+/* The server's send (cport/server.h): with `attempt`, send iov[0..iovcnt-1] (len bytes
+ * in all) right now if nothing is queued ahead on h and the kernel takes it. Returns
+ *   len          everything went out; h is unlocked; nothing is left to do;
+ *   0 .. len-1   that many bytes went out (0 also without `attempt`) and h is still
+ *                locked: the caller queues the rest with cp__submit_locked(), which
+ *                unlocks h, so that nothing can overtake it;
+ *   -EBADF       h is closing (unlocked).
+ * A failed attempt counts as 0 bytes: the queued send meets the error and reports it
+ * through the port. */
+long cp__send_try(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len, bool attempt);
 
 /* True if op is in use (started and not yet dequeued): it must not be touched. */
 static inline bool cp__op_in_use(const cp_op *op)

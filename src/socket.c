@@ -685,11 +685,10 @@ int cp_socket_associate(cp_socket *s, cp_port *port, int fd, uintptr_t key)
     return 0;
 }
 
-/* The rest of cp__submit (h locked, op counted): queue op, start what can start, queue
- * what finished, unlock. `r` is the result of starting op already (it was the head of an
- * idle queue), or CP__PENDING with op not queued yet. */
-static int submit_finish(cp_handle *h, cp_op *op, cp_op **q, int r, bool started,
-                         void (*queued)(cp_op *op))
+/* The rest of a submission (h locked): queue op, start what can start, queue what
+ * finished, unlock. `r` is the result of starting op already (it was the head of an idle
+ * queue), or CP__PENDING with op not queued yet. */
+static int submit_finish(cp_handle *h, cp_op *op, cp_op **q, int r, bool started)
 {
     cp_port *p = h->cp__port;
     cp__oplist done = {0};
@@ -711,8 +710,6 @@ static int submit_finish(cp_handle *h, cp_op *op, cp_op **q, int r, bool started
     if (now) {
         cp__oplist_pop_tail(&done);
         __atomic_store_n(&op->cp__state, CP__OPS_IDLE, __ATOMIC_RELAXED); /* the caller's */
-    } else if (queued) {
-        queued(op);
     }
     unlock_flush(h, &done);
     cp__io_deliver(p, &done);
@@ -722,16 +719,13 @@ static int submit_finish(cp_handle *h, cp_op *op, cp_op **q, int r, bool started
     return now ? CP_DONE_NOW : 0;
 }
 
-int cp__submit_ex(cp_handle *h, cp_op *op, uint8_t opcode, int which, void (*queued)(cp_op *op))
+int cp__submit_locked(cp_handle *h, cp_op *op, uint8_t opcode, int which)
 {
-    if (!h || !op || !h->cp__port)
-        return -EINVAL;
     op->opcode = opcode;
     op->cp__h = h;
     op->cp__next = NULL;
     op->cp__done = 0;
     op->cp__tidx = 0;
-    cp__h_lock(h);
     uint16_t hf = h->cp__flags;
     if (hf & CP__H_CLOSING) {
         cp__h_unlock(h);
@@ -756,10 +750,10 @@ int cp__submit_ex(cp_handle *h, cp_op *op, uint8_t opcode, int which, void (*que
             return r;
         }
         cp__h_pin(h); /* the heap entry's */
-        return submit_finish(h, op, q, CP__PENDING, false, queued);
+        return submit_finish(h, op, q, CP__PENDING, false);
     }
     if (*q || (hf & CP__H_FILE))
-        return submit_finish(h, op, q, CP__PENDING, false, queued);
+        return submit_finish(h, op, q, CP__PENDING, false);
     /* The common case, straight through: an untimed operation on an idle queue starts at
      * once, and usually waits in the kernel or finishes in full right here. */
     *q = op;
@@ -767,8 +761,6 @@ int cp__submit_ex(cp_handle *h, cp_op *op, uint8_t opcode, int which, void (*que
     int r = start_step_locked(h, op);
     if (r == CP__PENDING) {
         op->cp__flags &= (uint16_t)~CP__OPF_TRYNOW;
-        if (queued)
-            queued(op);
         cp__h_unlock(h);
         return 0;
     }
@@ -780,12 +772,34 @@ int cp__submit_ex(cp_handle *h, cp_op *op, uint8_t opcode, int which, void (*que
         cp__h_unlock(h);
         return CP_DONE_NOW;
     }
-    return submit_finish(h, op, q, r, true, queued);
+    return submit_finish(h, op, q, r, true);
 }
 
 int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
 {
-    return cp__submit_ex(h, op, opcode, which, NULL);
+    if (!h || !op || !h->cp__port)
+        return -EINVAL;
+    cp__h_lock(h);
+    return cp__submit_locked(h, op, opcode, which);
+}
+
+long cp__send_try(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len, bool attempt)
+{
+    cp__h_lock(h);
+    if (h->cp__flags & CP__H_CLOSING) {
+        cp__h_unlock(h);
+        return -EBADF;
+    }
+    if (!attempt || h->cp__sq || !be_of(h)->try_send)
+        return 0;
+    long n = be_of(h)->try_send(h, iov, iovcnt, len);
+    if (n == (long)len) {
+        cp__h_unlock(h);
+        return n;
+    }
+    /* Full, or failed: the queued send finds out again (and reports a failure through the
+     * port, as a send always does). */
+    return n > 0 ? n : 0;
 }
 
 int cp_socket_accept(cp_socket *listener, cp_accept_op *aop, void *buf, size_t len)
@@ -924,26 +938,6 @@ int cp_socket_sendv_ex(cp_socket *s, cp_op *op, const struct iovec *iov, int iov
 int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt)
 {
     return cp_socket_sendv_ex(s, op, iov, iovcnt, 0);
-}
-
-int cp__socket_send_hooked(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt,
-                           unsigned flags, void (*queued)(cp_op *op))
-{
-    if (iovcnt == 1) {
-        op->u.buf = iov[0].iov_base;
-        op->cp__len = (uint32_t)iov[0].iov_len;
-        op->cp__flags = send_flags(flags);
-    } else {
-        uint32_t total;
-        int r = iov_total(iov, iovcnt, &total);
-        if (r < 0)
-            return r;
-        op->u.iov = iov;
-        op->cp__len = total;
-        op->cp__aux = (uint16_t)iovcnt;
-        op->cp__flags = CP__OPF_VEC | send_flags(flags);
-    }
-    return cp__submit_ex(s, op, CP_OP_SEND, 1, queued);
 }
 
 int cp_socket_disconnect(cp_socket *s, cp_op *op)

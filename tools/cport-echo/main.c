@@ -140,7 +140,8 @@ static void usage(FILE *f)
                "                        (default 1048576)\n"
                "  --zero-byte           idle connections hold no receive buffer (pooled receives)\n"
                "  --recvs N             receives outstanding per connection (default 1)\n"
-               "  --buffer BYTES        receive buffer without --zero-byte (default 16384)\n"
+               "  --buffer BYTES        receive buffer size: per receive (default 16384), or with\n"
+               "                        --zero-byte per shared pool buffer (default 4096)\n"
                "  --framed              4-byte big-endian length-prefixed messages, echoed whole\n"
                "  --max-frame BYTES     largest frame accepted (default 1048576)\n"
                "  --stats-port N        serve the counters in Prometheus format on this port\n"
@@ -302,6 +303,11 @@ static int parse_args(int argc, char **argv, config *cfg)
         long page = sysconf(_SC_PAGESIZE);
         o->recv_buffer =
             (uint32_t)((o->recv_buffer + (uint32_t)page - 1) / (uint32_t)page * (uint32_t)page);
+    }
+    if (o->zero_byte && o->recv_buffer) {
+        /* Pooled receives draw from the port's pool: --buffer sizes its buffers. */
+        o->port_options.pool_buffer_size = o->recv_buffer;
+        o->recv_buffer = 0;
     }
     return optind == argc ? 0 : -1;
 }
