@@ -117,18 +117,19 @@ static struct io_uring_sqe *get_sqe_locked(ur_state *s)
 
 static void ur_wake(cp_port *p);
 
-/* Decide whether the SQEs just prepared go to the kernel now (see the file comment). */
+/* Decide whether the SQEs just prepared go to the kernel now (see the file comment):
+ * only when a poller is blocked in the kernel, which would not see them. */
 static void submitted_locked(cp_port *p, ur_state *s)
 {
-    if (cp__port_caller_defers(p)) {
-        if (s->blocking)
-            submit_now_locked(s);
-    } else if (s->blocking) {
+    if (!s->blocking)
+        return; /* the next poll submits them, with its wait */
+    if (cp__port_caller_defers(p))
+        submit_now_locked(s);
+    else
         /* Not one of the port's threads: it may exit while the request is pending, and the
          * kernel fails a request whose submitting task is gone (-ECANCELED). The poller
          * submits it instead. */
         ur_wake(p);
-    }
 }
 
 static void ur_flush(cp_port *p)
