@@ -739,10 +739,15 @@ static int ur_start(cp_op *op)
     }
     switch (op->opcode) {
     case CP_OP_RECV:
-        if (op->cp__flags & CP__OPF_VEC)
+        if (op->cp__flags & CP__OPF_VEC) {
             io_uring_prep_readv(sqe, h->fd, op->u.iov, op->cp__aux, 0);
-        else
+        } else {
             io_uring_prep_recv(sqe, h->fd, op->u.buf, op->cp__len, 0);
+            /* Wait for data before the first attempt: a receive is posted right after the
+             * last one emptied the socket, so trying at once mostly fails (a wasted pass
+             * through the TCP receive path); when data is there the wait ends at once. */
+            sqe->ioprio |= IORING_RECVSEND_POLL_FIRST;
+        }
         break;
     case CP_OP_SEND:
         /* MSG_WAITALL: the kernel sends the whole buffer before it completes (retrying

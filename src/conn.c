@@ -120,7 +120,10 @@ static void free_conn(cp_server *sv, cp_conn *c)
     if (sv->o.framed)
         cp_frame_decoder_free(decoder_of(sv, c), &sv->frame_cfg);
     cp__slab_free(&sv->conns, c);
-    cp__server_signal_done(sv);
+    /* Only cp_server_shutdown() waits for connections to go (pairs with its store of
+     * `stopping` and read of conns_open). */
+    if (__atomic_load_n(&sv->stopping, __ATOMIC_SEQ_CST))
+        cp__server_signal_done(sv);
 }
 
 static void run_on_close(cp_server *sv, cp_conn *c)
@@ -134,7 +137,7 @@ static void run_on_close(cp_server *sv, cp_conn *c)
             sv->cb.on_close(c, reason, err);
         cp__lock_release(&c->lock);
     }
-    __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
+    __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_SEQ_CST);
     uint64_t after = st_or(c, CF_ONCLOSE_DONE) | CF_ONCLOSE_DONE;
     if ((after & CS_UREF_MASK) == 0)
         free_conn(sv, c);
@@ -976,7 +979,8 @@ void cp__conn_start(cp_server *sv, int fd)
     memset((char *)c + st_end, 0, sv->off_user + sv->o.conn_user_size - st_end);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (cp_pool_associate(sv->pool, &c->s, fd, &sv->conn_binding) < 0) {
+    /* Accepted with SOCK_NONBLOCK. */
+    if (cp__socket_associate_nonblocking(&c->s, sv->port, fd, (uintptr_t)&sv->conn_binding) < 0) {
         cp__slab_free(&sv->conns, c);
         refuse(sv, fd);
         return;

@@ -115,6 +115,10 @@ void cp__io_resume(cp_handle *h, cp__oplist *done);
  * nothing moved yet, else a trimmed copy in tmp (IOV_MAX entries). Returns the count. */
 int cp__op_iov(const cp_op *op, struct iovec *tmp, const struct iovec **out);
 
+/* cp_socket_associate() for a descriptor known to be non-blocking already (an accepted
+ * socket): saves the fcntl calls. */
+int cp__socket_associate_nonblocking(cp_socket *s, cp_port *port, int fd, uintptr_t key);
+
 /* Validate, set up and queue op on queue `which` of h (0 = receive, 1 = send). */
 int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which);
 /* The same with h already locked by the caller; unlocks it. */

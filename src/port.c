@@ -484,10 +484,13 @@ void cp__port_complete_late(cp_port *p, cp__oplist *l)
 
 void cp__port_handle_added(cp_port *p)
 {
+    /* Only the first handle can leave the port without a poller: once there are handles,
+     * a thread polls or is running work and will poll when it comes back. */
+    if (__atomic_add_fetch(&p->io_handles, 1, __ATOMIC_SEQ_CST) != 1)
+        return;
     wake_list wl = {0};
     cp__lock_acquire(&p->lock);
-    __atomic_add_fetch(&p->io_handles, 1, __ATOMIC_RELAXED);
-    release_locked(p, &wl); /* the first handle may need a parked thread to start polling */
+    release_locked(p, &wl); /* a parked thread may need to start polling */
     cp__lock_release(&p->lock);
     wake_all(p, &wl);
 }

@@ -424,7 +424,7 @@ static bool wait_closed(cp_server *sv, const struct timespec *deadline)
         cp__lock_acquire(&sv->accept_lock);
         bool listener = sv->listener_open;
         cp__lock_release(&sv->accept_lock);
-        done = !listener && __atomic_load_n(&sv->conns_open, __ATOMIC_RELAXED) == 0;
+        done = !listener && __atomic_load_n(&sv->conns_open, __ATOMIC_SEQ_CST) == 0;
         if (done)
             break;
         if (!deadline) {

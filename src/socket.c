@@ -676,12 +676,13 @@ void cp__io_expire(cp_port *p, int64_t now)
 
 /* ---- public API ------------------------------------------------------------------------- */
 
-int cp_socket_associate(cp_socket *s, cp_port *port, int fd, uintptr_t key)
+/* Register fd; nonblocking says whether it is known to be non-blocking already. */
+static int associate(cp_socket *s, cp_port *port, int fd, uintptr_t key, bool nonblocking)
 {
     if (!s || !port || fd < 0)
         return -EINVAL;
-    int fl = fcntl(fd, F_GETFL);
-    if (fl < 0)
+    int fl = 0;
+    if (!nonblocking && (fl = fcntl(fd, F_GETFL)) < 0)
         return -errno;
     memset(s, 0, sizeof(*s));
     s->fd = fd;
@@ -694,10 +695,20 @@ int cp_socket_associate(cp_socket *s, cp_port *port, int fd, uintptr_t key)
         s->cp__port = NULL;
         return r;
     }
-    if (!(fl & O_NONBLOCK))
+    if (!nonblocking && !(fl & O_NONBLOCK))
         fcntl(fd, F_SETFL, fl | O_NONBLOCK);
     cp__port_handle_added(port);
     return 0;
+}
+
+int cp_socket_associate(cp_socket *s, cp_port *port, int fd, uintptr_t key)
+{
+    return associate(s, port, fd, key, false);
+}
+
+int cp__socket_associate_nonblocking(cp_socket *s, cp_port *port, int fd, uintptr_t key)
+{
+    return associate(s, port, fd, key, true);
 }
 
 /* The rest of a submission (h locked): queue op, start what can start, queue what
