@@ -49,10 +49,12 @@ enum {
     BUF_GROUP = 0,
     RING_START_BUFFERS = 64,
     PIPE_BYTES = 64 * 1024,
-    CALM_REFILLS = 256,
     REFILL_BATCH = 32,
     MAX_CQES_PER_POLL = 4096,
 };
+
+/* A ring target decays after this long without running dry. */
+#define RING_DECAY_NS (5 * 1000000000LL)
 
 typedef struct ur_state {
     struct io_uring ring;
@@ -67,7 +69,7 @@ typedef struct ur_state {
     cp__lock br_lock;      /* guards the ring's tail, ring_count and ring_target */
     uint32_t ring_count;   /* buffers in the kernel's ring (added minus consumed) */
     uint32_t ring_target;  /* how many we keep there; doubles when it runs dry */
-    uint32_t calm_refills; /* refills since it last ran dry; many in a row halve it */
+    int64_t last_dry_ns;   /* when it last ran dry (coarse clock) */
 
     /* TransmitFile's pipes (splice file -> pipe -> socket), created on first use. */
     cp__lock pipe_lock;
@@ -180,11 +182,17 @@ static uint32_t refill_ring(cp_port *p)
     ur_state *s = state_of(p);
     cp__bufpool *bp = &p->pool;
     cp__lock_acquire(&s->br_lock);
-    /* After a burst the target decays back, so the ring stops holding (and touching) the
-     * burst's worth of buffers; the surplus returns to the pool, which trims it. */
-    if (++s->calm_refills >= CALM_REFILLS && s->ring_target > RING_START_BUFFERS) {
-        s->ring_target /= 2;
-        s->calm_refills = 0;
+    /* Once the ring has not run dry for a while the target decays back, so the ring stops
+     * holding (and touching) a past burst's worth of buffers; the surplus returns to the
+     * pool, which trims it. Measured in time, not in refills: under steady load a target
+     * that shrank after so many refills would run dry again at once, and the ring would
+     * swing between the two sizes, faulting trimmed buffers back in each time. */
+    if (s->ring_target > RING_START_BUFFERS) {
+        int64_t now = cp__now_coarse_ns();
+        if (now - s->last_dry_ns >= RING_DECAY_NS) {
+            s->ring_target /= 2;
+            s->last_dry_ns = now;
+        }
     }
     while (s->ring_count < s->ring_target) {
         uint16_t ids[REFILL_BATCH];
@@ -353,7 +361,7 @@ static void dispatch(cp_port *p, ur_state *s, struct io_uring_cqe *cqe, cp__opli
             cp__lock_acquire(&s->br_lock);
             s->ring_target =
                 s->ring_target * 2 < ring_limit(p) ? s->ring_target * 2 : ring_limit(p);
-            s->calm_refills = 0;
+            s->last_dry_ns = cp__now_coarse_ns();
             cp__lock_release(&s->br_lock);
             refill_ring(p);
         }

@@ -7,11 +7,14 @@
 #include <sys/mman.h>
 
 enum {
-    /* Free buffers kept resident; beyond this many (plus slack) the coldest are trimmed
-     * down to it. */
+    /* Cold free buffers (unused for a whole check period) kept resident anyway. */
     KEEP_RESIDENT = 64,
-    TRIM_SLACK = 64,
+    /* Most buffers trimmed per check (bounds the time the pool stays locked). */
+    TRIM_MAX = 256,
+    /* The clock is looked at every this many puts. */
+    PUTS_PER_CHECK = 256,
 };
+#define TRIM_PERIOD_NS 1000000000LL
 
 int cp__bufpool_init(cp__bufpool *bp, uint32_t count, uint32_t size, uint32_t per_socket)
 {
@@ -63,7 +66,10 @@ static int get_locked(cp__bufpool *bp)
     if (bp->nfree) {
         if (bp->trimmed == bp->nfree)
             bp->trimmed--; /* a trimmed one: it faults back in when used */
-        return bp->free_ids[--bp->nfree];
+        int id = bp->free_ids[--bp->nfree];
+        if (bp->nfree < bp->min_free)
+            bp->min_free = bp->nfree;
+        return id;
     }
     if (bp->fresh < bp->count)
         return (int)bp->fresh++;
@@ -92,24 +98,33 @@ uint32_t cp__bufpool_get_many(cp__bufpool *bp, uint16_t *ids, uint32_t max)
     return n;
 }
 
-/* Give the pages of the coldest free buffers back to the OS. Under the lock: a buffer
- * being trimmed must not be handed out meanwhile. Runs only when the free stack has grown
- * KEEP_RESIDENT + TRIM_SLACK past the trimmed part, i.e. after a burst, not per release. */
-static void trim_locked(cp__bufpool *bp)
+/* Give the pages of cold free buffers back to the OS: those below the stack's low
+ * watermark, which nobody took since the last check, beyond KEEP_RESIDENT of them. Under
+ * the lock: a buffer being trimmed must not be handed out meanwhile. At most once per
+ * TRIM_PERIOD_NS, so buffers in circulation are never trimmed and faulted back in. */
+static void trim_cold_locked(cp__bufpool *bp, int64_t now)
 {
-    if (bp->nfree - bp->trimmed <= KEEP_RESIDENT + TRIM_SLACK)
-        return;
-    while (bp->nfree - bp->trimmed > KEEP_RESIDENT) {
-        madvise(cp__bufpool_addr(bp, bp->free_ids[bp->trimmed]), bp->size, MADV_DONTNEED);
-        bp->trimmed++;
-    }
+    bp->next_trim_ns = now + TRIM_PERIOD_NS;
+    uint32_t cold = bp->min_free > bp->trimmed ? bp->min_free - bp->trimmed : 0;
+    uint32_t n = cold > KEEP_RESIDENT ? cold - KEEP_RESIDENT : 0;
+    if (n > TRIM_MAX)
+        n = TRIM_MAX;
+    for (uint32_t i = 0; i < n; i++)
+        madvise(cp__bufpool_addr(bp, bp->free_ids[bp->trimmed + i]), bp->size, MADV_DONTNEED);
+    bp->trimmed += n;
+    bp->min_free = bp->nfree;
 }
 
 bool cp__bufpool_put(cp__bufpool *bp, uint16_t id)
 {
     cp__lock_acquire(&bp->lock);
     bp->free_ids[bp->nfree++] = id;
-    trim_locked(bp);
+    if (++bp->puts >= PUTS_PER_CHECK) {
+        bp->puts = 0;
+        int64_t now = cp__now_coarse_ns();
+        if (now >= bp->next_trim_ns)
+            trim_cold_locked(bp, now);
+    }
     bool waiting = bp->nstarving > 0;
     cp__lock_release(&bp->lock);
     return waiting;

@@ -5,9 +5,10 @@
  * never handed out are never touched (they cost no RSS). The io_uring backend moves
  * buffers from this stack into its provided-buffer ring on demand.
  *
- * When many buffers sit free after a burst, the coldest ones (the bottom of the stack)
- * give their pages back to the OS (MADV_DONTNEED), so RSS follows the load back down; a
- * trimmed buffer costs a page fault when it is next used.
+ * Free buffers that nobody took for a whole second (the bottom of the stack, below its low
+ * watermark) give their pages back to the OS (MADV_DONTNEED), so RSS follows the load back
+ * down after a burst; a trimmed buffer costs a page fault when it is next used. Buffers in
+ * steady circulation are never trimmed.
  *
  * Buffers a socket received but nobody has claimed yet (io_uring multishot) are chained
  * per socket through chunk_next/chunk_len, indexed by buffer id, so a socket needs only
@@ -35,6 +36,9 @@ typedef struct cp__bufpool {
     uint16_t *free_ids; /* LIFO stack of free buffer ids */
     uint32_t nfree;
     uint32_t trimmed; /* free_ids[0..trimmed) hold no memory (given back to the OS) */
+    uint32_t min_free;   /* lowest nfree since the last trim check */
+    uint32_t puts;       /* puts since the last look at the clock */
+    int64_t next_trim_ns; /* the next trim check (coarse monotonic clock) */
     uint32_t fresh;   /* ids >= fresh were never handed out */
     uint16_t *chunk_next;
     uint32_t *chunk_len;
