@@ -14,6 +14,15 @@
  * pages. -ENOBUFS ends a multishot (the ring was empty): the socket re-arms as soon as
  * buffers exist, or waits on the pool's starving list; it is never closed for it.
  *
+ * Where the kernel has them (6.12), the ring's buffers are consumed incrementally: each
+ * receive takes only the bytes it needs from the buffer at the head of the ring, so small
+ * messages of all sockets are packed one after the other and a few buffers serve many of
+ * them. The data the CPU touches then stays within a few buffers that are reused as soon
+ * as their chunks are released, instead of one whole buffer a message cycling through the
+ * ring (cold caches, and RSS that grows with the ring). A buffer counts its chunks
+ * (bufpool.h) and returns to the pool when the kernel has moved past it and every chunk in
+ * it is released.
+ *
  * liburing 2.3 (Debian 12) lacks io_uring_setup_buf_ring(): setup_buf_ring() below maps
  * and registers the ring itself.
  */
@@ -34,6 +43,15 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+/* Incrementally consumed provided buffers (kernel 6.12): not in liburing 2.3's headers.
+ * The flag goes in io_uring_buf_reg's 16 bits after bgid (`pad` in 2.3, `flags` since). */
+#ifndef IOU_PBUF_RING_INC
+#define IOU_PBUF_RING_INC 2
+#endif
+#ifndef IORING_CQE_F_BUF_MORE
+#define IORING_CQE_F_BUF_MORE (1U << 4)
+#endif
+
 /* Kernel 6.3's feature bit; cport requires a kernel with multishot receive (6.0), which
  * has no bit of its own, so this later bit stands in for it. */
 #ifndef IORING_FEAT_REG_REG_RING
@@ -48,6 +66,7 @@ enum {
     TAG_MASK = 7,
     BUF_GROUP = 0,
     RING_START_BUFFERS = 64,
+    RING_START_BUFFERS_INC = 8, /* each one holds many receives */
     PIPE_BYTES = 64 * 1024,
     REFILL_BATCH = 32,
     MAX_CQES_PER_POLL = 4096,
@@ -66,6 +85,8 @@ typedef struct ur_state {
     struct io_uring_buf_ring *br;
     size_t br_len;
     uint32_t br_entries;
+    bool br_inc;           /* consumed incrementally (IOU_PBUF_RING_INC) */
+    uint32_t ring_start;   /* the target a ring starts with and decays back to */
     cp__lock br_lock;      /* guards the ring's tail, ring_count and ring_target */
     uint32_t ring_count;   /* buffers in the kernel's ring (added minus consumed) */
     uint32_t ring_target;  /* how many we keep there; doubles when it runs dry */
@@ -161,9 +182,16 @@ static int setup_buf_ring(ur_state *s, uint32_t entries)
     void *br = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
     if (br == MAP_FAILED)
         return -errno;
-    struct io_uring_buf_reg reg = {
-        .ring_addr = (uint64_t)(uintptr_t)br, .ring_entries = entries, .bgid = BUF_GROUP};
+    struct io_uring_buf_reg reg = {.ring_addr = (uint64_t)(uintptr_t)br,
+                                   .ring_entries = entries,
+                                   .bgid = BUF_GROUP,
+                                   .pad = IOU_PBUF_RING_INC};
     int r = io_uring_register_buf_ring(&s->ring, &reg, 0);
+    s->br_inc = r == 0;
+    if (r == -EINVAL) { /* a kernel without incremental consumption */
+        reg.pad = 0;
+        r = io_uring_register_buf_ring(&s->ring, &reg, 0);
+    }
     if (r < 0) {
         munmap(br, len);
         return r;
@@ -187,7 +215,7 @@ static uint32_t refill_ring(cp_port *p)
      * pool, which trims it. Measured in time, not in refills: under steady load a target
      * that shrank after so many refills would run dry again at once, and the ring would
      * swing between the two sizes, faulting trimmed buffers back in each time. */
-    if (s->ring_target > RING_START_BUFFERS) {
+    if (s->ring_target > s->ring_start) {
         int64_t now = cp__now_coarse_ns();
         if (now - s->last_dry_ns >= RING_DECAY_NS) {
             s->ring_target /= 2;
@@ -200,9 +228,12 @@ static uint32_t refill_ring(cp_port *p)
         uint32_t n = cp__bufpool_get_many(bp, ids, want < REFILL_BATCH ? want : REFILL_BATCH);
         if (n == 0)
             break;
-        for (uint32_t i = 0; i < n; i++)
+        /* Each comes with one reference: the kernel's, until it has moved past it. */
+        for (uint32_t i = 0; i < n; i++) {
+            bp->filled[ids[i]] = 0;
             io_uring_buf_ring_add(s->br, cp__bufpool_addr(bp, ids[i]), bp->size, ids[i],
                                   io_uring_buf_ring_mask(s->br_entries), (int)i);
+        }
         io_uring_buf_ring_advance(s->br, (int)n);
         s->ring_count += n;
     }
@@ -297,7 +328,10 @@ static int ur_init(cp_port *p, const cp_port_options *opts)
         free(s);
         return r;
     }
-    s->ring_target = ring_limit(p) < RING_START_BUFFERS ? ring_limit(p) : RING_START_BUFFERS;
+    s->ring_start = s->br_inc ? RING_START_BUFFERS_INC : RING_START_BUFFERS;
+    if (s->ring_start > ring_limit(p))
+        s->ring_start = ring_limit(p);
+    s->ring_target = s->ring_start;
     p->be_data = s;
     refill_ring(p);
     cp__lock_acquire(&s->sq_lock);
@@ -348,12 +382,27 @@ static void dispatch(cp_port *p, ur_state *s, struct io_uring_cqe *cqe, cp__opli
         cp__io_done(ptr, cqe->res, done);
         break;
     case TAG_MSHOT: {
-        uint16_t bufid = CP__NO_BUF;
+        uint32_t chunk = CP__NO_CHUNK;
         if (cqe->flags & IORING_CQE_F_BUFFER) {
-            bufid = (uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
-            cp__lock_acquire(&s->br_lock);
-            s->ring_count--;
-            cp__lock_release(&s->br_lock);
+            cp__bufpool *bp = &p->pool;
+            uint16_t bufid = (uint16_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+            /* The kernel keeps filling the buffer (incremental consumption) or it has moved
+             * past it; then its reference passes to this chunk, or is dropped. */
+            bool kept = s->br_inc && (cqe->flags & IORING_CQE_F_BUF_MORE);
+            if (cqe->res > 0) {
+                chunk = (uint32_t)bufid * bp->size + bp->filled[bufid];
+                if (s->br_inc)
+                    bp->filled[bufid] += (uint32_t)cqe->res;
+                if (kept)
+                    cp__bufpool_ref(bp, bufid);
+            } else if (!kept && cp__bufpool_unref(bp, bufid)) {
+                done->flags |= CP__OPLIST_POOL_FREED;
+            }
+            if (!kept) {
+                cp__lock_acquire(&s->br_lock);
+                s->ring_count--;
+                cp__lock_release(&s->br_lock);
+            }
         }
         bool more = (cqe->flags & IORING_CQE_F_MORE) != 0;
         if (!more && cqe->res == -ENOBUFS) {
@@ -365,7 +414,7 @@ static void dispatch(cp_port *p, ur_state *s, struct io_uring_cqe *cqe, cp__opli
             cp__lock_release(&s->br_lock);
             refill_ring(p);
         }
-        cp__io_chunk(ptr, cqe->res, bufid, more, done);
+        cp__io_chunk(ptr, cqe->res, chunk, more, done);
         break;
     }
     case TAG_WAKE:
@@ -700,22 +749,6 @@ static __attribute__((noinline)) int start_sendmsg(cp_handle *h, cp_op *op)
     return CP__PENDING;
 }
 
-static long ur_try_send(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len)
-{
-    (void)len;
-    long n;
-    do {
-        if (iovcnt == 1) {
-            n = cp__sys_send(h->fd, iov->iov_base, iov->iov_len, MSG_DONTWAIT | MSG_NOSIGNAL);
-        } else {
-            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov,
-                                 .msg_iovlen = (size_t)iovcnt};
-            n = cp__sys_sendmsg(h->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-        }
-    } while (n == -EINTR);
-    return n;
-}
-
 static int ur_start(cp_op *op)
 {
     cp_handle *h = op->cp__h;
@@ -849,6 +882,9 @@ const cp__backend cp__backend_io_uring = {
     .attach = ur_attach,
     .detach = ur_detach,
     .start = ur_start,
-    .try_send = ur_try_send,
+    /* No immediate sends for the server (cp__send_try): its sends go to the kernel as
+     * requests, with the next poll's single io_uring_enter. A system call per reply costs
+     * more kernel time than the request and its completion (measured: bench/README.md). */
+    .try_send = NULL,
     .cancel = ur_cancel,
 };

@@ -30,9 +30,10 @@ int cp__bufpool_init(cp__bufpool *bp, uint32_t count, uint32_t size, uint32_t pe
         return -errno;
     bp->base = base;
     bp->free_ids = malloc(count * sizeof(*bp->free_ids));
-    bp->chunk_next = malloc(count * sizeof(*bp->chunk_next));
-    bp->chunk_len = malloc(count * sizeof(*bp->chunk_len));
-    if (!bp->free_ids || !bp->chunk_next || !bp->chunk_len) {
+    bp->refs = calloc(count, sizeof(*bp->refs));
+    bp->filled = calloc(count, sizeof(*bp->filled));
+    bp->chunk_free = CP__STASH_END;
+    if (!bp->free_ids || !bp->refs || !bp->filled) {
         cp__bufpool_fini(bp);
         return -ENOMEM;
     }
@@ -44,8 +45,10 @@ void cp__bufpool_fini(cp__bufpool *bp)
     if (bp->base)
         munmap(bp->base, bp->map_len);
     free(bp->free_ids);
-    free(bp->chunk_next);
-    free(bp->chunk_len);
+    free(bp->refs);
+    free(bp->filled);
+    for (int i = 0; i < CP__CHUNK_BLOCKS; i++)
+        free(bp->chunk_blocks[i]);
     free(bp->starving);
     *bp = (cp__bufpool){0};
 }
@@ -55,25 +58,24 @@ int cp__bufpool_id(const cp__bufpool *bp, const void *addr)
     const char *a = addr;
     if (!bp->base || a < bp->base || a >= bp->base + bp->map_len)
         return -1;
-    size_t off = (size_t)(a - bp->base);
-    if (off % bp->size)
-        return -1;
-    return (int)(off / bp->size);
+    return (int)((size_t)(a - bp->base) / bp->size);
 }
 
 static int get_locked(cp__bufpool *bp)
 {
+    int id = -1;
     if (bp->nfree) {
         if (bp->trimmed == bp->nfree)
             bp->trimmed--; /* a trimmed one: it faults back in when used */
-        int id = bp->free_ids[--bp->nfree];
+        id = bp->free_ids[--bp->nfree];
         if (bp->nfree < bp->min_free)
             bp->min_free = bp->nfree;
-        return id;
+    } else if (bp->fresh < bp->count) {
+        id = (int)bp->fresh++;
     }
-    if (bp->fresh < bp->count)
-        return (int)bp->fresh++;
-    return -1;
+    if (id >= 0)
+        __atomic_store_n(&bp->refs[id], 1, __ATOMIC_RELAXED);
+    return id;
 }
 
 int cp__bufpool_get(cp__bufpool *bp)
@@ -128,6 +130,13 @@ bool cp__bufpool_put(cp__bufpool *bp, uint16_t id)
     bool waiting = bp->nstarving > 0;
     cp__lock_release(&bp->lock);
     return waiting;
+}
+
+bool cp__bufpool_unref(cp__bufpool *bp, uint16_t id)
+{
+    if (__atomic_sub_fetch(&bp->refs[id], 1, __ATOMIC_ACQ_REL) != 0)
+        return false;
+    return cp__bufpool_put(bp, id);
 }
 
 int cp__bufpool_starve(cp__bufpool *bp, cp_handle *h)
@@ -191,25 +200,75 @@ uint32_t cp__bufpool_pop_starving(cp__bufpool *bp, cp_handle **out, uint32_t max
     return n;
 }
 
-void cp__stash_push(cp__bufpool *bp, cp_handle *h, uint16_t id, uint32_t len)
+static cp__chunk_rec *chunk_rec(const cp__bufpool *bp, uint32_t i)
 {
-    bp->chunk_next[id] = CP__STASH_END;
-    bp->chunk_len[id] = len;
-    if (h->cp__nstash == 0)
-        h->cp__stash_head = id;
-    else
-        bp->chunk_next[h->cp__stash_tail] = id;
-    h->cp__stash_tail = id;
-    h->cp__nstash++;
+    return &bp->chunk_blocks[i / CP__CHUNK_BLOCK][i % CP__CHUNK_BLOCK];
 }
 
-bool cp__stash_pop(cp__bufpool *bp, cp_handle *h, uint16_t *id, uint32_t *len)
+/* A free record index, or CP__STASH_END when out of memory. */
+static uint32_t chunk_alloc(cp__bufpool *bp)
+{
+    cp__lock_acquire(&bp->lock);
+    if (bp->chunk_free == CP__STASH_END && bp->chunk_cap < CP__CHUNK_BLOCK * CP__CHUNK_BLOCKS) {
+        cp__chunk_rec *blk = malloc(CP__CHUNK_BLOCK * sizeof(*blk));
+        if (blk) {
+            uint32_t first = bp->chunk_cap;
+            bp->chunk_blocks[first / CP__CHUNK_BLOCK] = blk;
+            for (uint32_t i = 0; i < CP__CHUNK_BLOCK; i++)
+                blk[i].next = i + 1 < CP__CHUNK_BLOCK ? first + i + 1 : CP__STASH_END;
+            bp->chunk_free = first;
+            bp->chunk_cap += CP__CHUNK_BLOCK;
+        }
+    }
+    uint32_t i = bp->chunk_free;
+    if (i != CP__STASH_END)
+        bp->chunk_free = chunk_rec(bp, i)->next;
+    cp__lock_release(&bp->lock);
+    return i;
+}
+
+static void chunk_free(cp__bufpool *bp, uint32_t i)
+{
+    cp__lock_acquire(&bp->lock);
+    chunk_rec(bp, i)->next = bp->chunk_free;
+    bp->chunk_free = i;
+    cp__lock_release(&bp->lock);
+}
+
+int cp__stash_push(cp__bufpool *bp, cp_handle *h, uint32_t off, uint32_t len)
+{
+    uint32_t i = chunk_alloc(bp);
+    if (i == CP__STASH_END)
+        return -ENOMEM;
+    cp__chunk_rec *r = chunk_rec(bp, i);
+    r->off = off;
+    r->len = len;
+    r->next = CP__STASH_END;
+    if (h->cp__nstash == 0) {
+        h->cp__stash_head = i;
+    } else {
+        cp__chunk_rec *first = chunk_rec(bp, h->cp__stash_head);
+        chunk_rec(bp, first->tail)->next = i;
+    }
+    chunk_rec(bp, h->cp__stash_head)->tail = i;
+    h->cp__nstash++;
+    return 0;
+}
+
+bool cp__stash_pop(cp__bufpool *bp, cp_handle *h, uint32_t *off, uint32_t *len)
 {
     if (h->cp__nstash == 0)
         return false;
-    *id = h->cp__stash_head;
-    *len = bp->chunk_len[*id];
-    h->cp__stash_head = bp->chunk_next[*id];
-    h->cp__nstash--;
+    uint32_t i = h->cp__stash_head;
+    cp__chunk_rec *r = chunk_rec(bp, i);
+    *off = r->off;
+    *len = r->len;
+    if (--h->cp__nstash) {
+        h->cp__stash_head = r->next;
+        chunk_rec(bp, r->next)->tail = r->tail;
+    } else {
+        h->cp__stash_head = CP__STASH_END;
+    }
+    chunk_free(bp, i);
     return true;
 }

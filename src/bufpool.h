@@ -10,10 +10,18 @@
  * down after a burst; a trimmed buffer costs a page fault when it is next used. Buffers in
  * steady circulation are never trimmed.
  *
- * Buffers a socket received but nobody has claimed yet (io_uring multishot) are chained
- * per socket through chunk_next/chunk_len, indexed by buffer id, so a socket needs only
- * two 16-bit ids for its backlog. Those arrays are guarded by the owning handle's lock;
- * the free stack and the starving list by the pool's lock.
+ * A buffer may hold several chunks of received data (io_uring fills its provided buffers
+ * incrementally, one receive after the other, whatever the socket), so every buffer
+ * counts references: one per chunk handed out and not released yet, plus one while the
+ * kernel may still fill it. It goes back to the free stack when the count drops to zero.
+ * A chunk is named by its byte offset in the mapping.
+ *
+ * Chunks a socket received but nobody has claimed yet (io_uring multishot) are chained per
+ * socket through chunk records (offset, length, next), so a socket needs only one 32-bit
+ * index for its backlog. The records come from blocks that are never moved or freed
+ * before the pool is; a record is touched only under its socket's lock once allocated.
+ * The free stack, the record free list and the starving list are guarded by the pool's
+ * lock, the references are atomic.
  */
 #ifndef CPORT_BUFPOOL_H
 #define CPORT_BUFPOOL_H
@@ -24,7 +32,19 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define CP__STASH_END 0xffffu
+#define CP__STASH_END 0xffffffffu
+/* No chunk (an offset no chunk can have). */
+#define CP__NO_CHUNK 0xffffffffu
+
+/* A chunk waiting in a socket's backlog. */
+typedef struct cp__chunk_rec {
+    uint32_t off;  /* byte offset of the data in the pool's mapping */
+    uint32_t len;  /* bytes */
+    uint32_t next; /* next record of the socket's backlog, or CP__STASH_END */
+    uint32_t tail; /* in the first record of a backlog: its last record */
+} cp__chunk_rec;
+
+enum { CP__CHUNK_BLOCK = 4096, CP__CHUNK_BLOCKS = 256 };
 
 typedef struct cp__bufpool {
     char *base;
@@ -40,8 +60,11 @@ typedef struct cp__bufpool {
     uint32_t puts;       /* puts since the last look at the clock */
     int64_t next_trim_ns; /* the next trim check (coarse monotonic clock) */
     uint32_t fresh;   /* ids >= fresh were never handed out */
-    uint16_t *chunk_next;
-    uint32_t *chunk_len;
+    uint32_t *refs;   /* per buffer, atomic: references (see above) */
+    uint32_t *filled; /* per buffer: bytes the kernel has filled (io_uring backend only) */
+    cp__chunk_rec *chunk_blocks[CP__CHUNK_BLOCKS]; /* records, CP__CHUNK_BLOCK a block */
+    uint32_t chunk_free;                           /* free records (linked by `next`) */
+    uint32_t chunk_cap;                            /* records in the blocks allocated */
     cp_handle **starving; /* handles waiting for a buffer, each pinned */
     uint32_t nstarving, cap_starving;
     uint64_t starved_total;
@@ -56,16 +79,27 @@ static inline void *cp__bufpool_addr(const cp__bufpool *bp, uint16_t id)
     return bp->base + (size_t)id * bp->size;
 }
 
-/* Buffer id of an address inside the pool, or -1. */
+/* Buffer id of an address inside the pool (anywhere in the buffer), or -1. */
 int cp__bufpool_id(const cp__bufpool *bp, const void *addr);
 
-/* Take a free buffer id (-1 if none). Thread-safe. */
+/* Take a free buffer id (-1 if none); it comes with one reference. Thread-safe. */
 int cp__bufpool_get(cp__bufpool *bp);
-/* Give a buffer back. Returns true if handles are waiting for one (the caller then serves
- * them: cp__io_serve_starving). Thread-safe. */
+/* Give back a buffer that has no reference left (or the one a failed user of
+ * cp__bufpool_get() holds). Returns true if handles are waiting for one (the caller then
+ * serves them: cp__io_serve_starving). Thread-safe. */
 bool cp__bufpool_put(cp__bufpool *bp, uint16_t id);
-/* Take up to max free ids into ids[]; returns how many. Thread-safe. */
+/* Take up to max free ids into ids[], each with one reference; returns how many. */
 uint32_t cp__bufpool_get_many(cp__bufpool *bp, uint16_t *ids, uint32_t max);
+
+/* One more reference on a buffer that has one. Thread-safe. */
+static inline void cp__bufpool_ref(cp__bufpool *bp, uint16_t id)
+{
+    __atomic_add_fetch(&bp->refs[id], 1, __ATOMIC_RELAXED);
+}
+
+/* Drop a reference; the last one gives the buffer back. Returns as cp__bufpool_put()
+ * (false when references remain). Thread-safe. */
+bool cp__bufpool_unref(cp__bufpool *bp, uint16_t id);
 
 /* Register h as waiting for a buffer (the caller pinned it and set CP__H_STARVING).
  * Returns 0, -EAGAIN if a buffer is free after all (try again: a release that came
@@ -78,8 +112,9 @@ bool cp__bufpool_unstarve(cp__bufpool *bp, cp_handle *h);
 uint32_t cp__bufpool_pop_starving(cp__bufpool *bp, cp_handle **out, uint32_t max,
                                   uint32_t elsewhere);
 
-/* Per-socket backlog of received, unclaimed buffers (caller holds h's lock). */
-void cp__stash_push(cp__bufpool *bp, cp_handle *h, uint16_t id, uint32_t len);
-bool cp__stash_pop(cp__bufpool *bp, cp_handle *h, uint16_t *id, uint32_t *len);
+/* Per-socket backlog of received, unclaimed chunks (caller holds h's lock). A pushed chunk
+ * keeps its buffer reference. Push returns 0, or -ENOMEM when no record can be had. */
+int cp__stash_push(cp__bufpool *bp, cp_handle *h, uint32_t off, uint32_t len);
+bool cp__stash_pop(cp__bufpool *bp, cp_handle *h, uint32_t *off, uint32_t *len);
 
 #endif

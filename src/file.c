@@ -23,7 +23,7 @@ int cp_file_associate(cp_file *f, cp_port *port, int fd, uintptr_t key)
     f->key = key;
     f->cp__port = port;
     f->cp__flags = CP__H_FILE;
-    f->cp__stash_head = f->cp__stash_tail = CP__STASH_END;
+    f->cp__stash_head = CP__STASH_END;
     cp__lock_init(&f->cp__lock);
     cp__port_handle_added(port);
     return 0;

@@ -49,7 +49,6 @@ enum {
     CP__OPF_TRYNOW = 1u << 11,      /* io_uring: try a plain send(2) before an SQE */
 };
 
-#define CP__NO_BUF 0xffffu
 
 static inline cp_port *cp__h_port(const cp_handle *h)
 {
@@ -101,9 +100,10 @@ void cp__io_firstdata(cp_op *op, int res, cp__oplist *done);
  * -ENOMEM. Called with h locked. */
 int cp__io_starve_locked(cp_handle *h);
 
-/* One completion of a multishot pool receive (io_uring): res bytes in buffer `bufid`
- * (CP__NO_BUF if none); `more` false when the multishot has ended. Takes the lock. */
-void cp__io_chunk(cp_handle *h, int res, uint16_t bufid, bool more, cp__oplist *done);
+/* One completion of a multishot pool receive (io_uring): res bytes at byte offset `chunk`
+ * of the pool (CP__NO_CHUNK if no buffer came with it; a chunk carries one reference on its
+ * buffer); `more` false when the multishot has ended. Takes the lock. */
+void cp__io_chunk(cp_handle *h, int res, uint32_t chunk, bool more, cp__oplist *done);
 
 /* Drop a pin taken by a backend (e.g. a deferred epoll detach). Takes the handle lock. */
 void cp__io_unpin(cp_handle *h, cp__oplist *done);

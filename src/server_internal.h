@@ -95,8 +95,10 @@ typedef enum cp__send_kind {
 } cp__send_kind;
 
 /* Sends up to this size are copied into the send context itself: cheaper than keeping
- * the received buffer (a hold) or taking a buffer from a size class. */
-enum { CP__SEND_INLINE = 128 };
+ * the received buffer (a hold) or taking a buffer from a size class. Replies from a
+ * delivered buffer (cp_conn_send_data) keep that buffer only above CP__SEND_HOLD_MIN
+ * (the smallest size class); smaller ones are copied. */
+enum { CP__SEND_INLINE = 128, CP__SEND_HOLD_MIN = 4096 };
 
 /* A TransmitFile through a connection (its own lookaside: bigger than a send). */
 typedef struct cp__xmit {

@@ -293,10 +293,9 @@ static inline __attribute__((always_inline)) int start_step_locked(cp_handle *h,
 {
     if (op->opcode == CP_OP_RECV_POOL) {
         cp__bufpool *bp = &h->cp__port->pool;
-        uint16_t id;
-        uint32_t len;
-        if (cp__stash_pop(bp, h, &id, &len)) {
-            op->u.buf = cp__bufpool_addr(bp, id);
+        uint32_t off, len;
+        if (cp__stash_pop(bp, h, &off, &len)) {
+            op->u.buf = bp->base + off;
             return (int)len;
         }
         if (h->cp__flags & CP__H_EOF)
@@ -401,10 +400,9 @@ static void maybe_finish_close_locked(cp_handle *h, cp__oplist *done)
         return;
     cp_port *p = h->cp__port;
     h->cp__flags |= CP__H_CLOSED;
-    uint16_t id;
-    uint32_t len;
-    while (cp__stash_pop(&p->pool, h, &id, &len))
-        if (cp__bufpool_put(&p->pool, id))
+    uint32_t off, len;
+    while (cp__stash_pop(&p->pool, h, &off, &len))
+        if (cp__bufpool_unref(&p->pool, (uint16_t)(off / p->pool.size)))
             done->flags |= OPLIST_POOL_FREED;
     /* Only now is no kernel request left that could name this fd. */
     close(h->fd);
@@ -484,7 +482,7 @@ void cp__io_firstdata(cp_op *op, int res, cp__oplist *done)
     unlock_flush(h, done);
 }
 
-void cp__io_chunk(cp_handle *h, int res, uint16_t bufid, bool more, cp__oplist *done)
+void cp__io_chunk(cp_handle *h, int res, uint32_t chunk, bool more, cp__oplist *done)
 {
     cp__bufpool *bp = &h->cp__port->pool;
     lock_collect(h, done);
@@ -492,18 +490,36 @@ void cp__io_chunk(cp_handle *h, int res, uint16_t bufid, bool more, cp__oplist *
         h->cp__flags &= (uint16_t) ~(CP__H_MSHOT | CP__H_MSHOT_STOP);
         cp__h_unpin(h);
     }
-    if (bufid != CP__NO_BUF) {
-        if (res > 0 && !(h->cp__flags & CP__H_CLOSING)) {
-            cp__stash_push(bp, h, bufid, (uint32_t)res);
-            /* Backpressure and fairness: a socket whose data nobody claims stops reading
-             * once it holds its share of the pool. */
-            if (h->cp__nstash >= bp->per_socket && (h->cp__flags & CP__H_MSHOT) &&
-                !(h->cp__flags & CP__H_MSHOT_STOP)) {
+    if (chunk != CP__NO_CHUNK) {
+        cp_op *op = h->cp__rq;
+        if (res <= 0 || (h->cp__flags & CP__H_CLOSING)) {
+            if (cp__bufpool_unref(bp, (uint16_t)(chunk / bp->size)))
+                done->flags |= OPLIST_POOL_FREED;
+        } else if (!h->cp__nstash && op && op->opcode == CP_OP_RECV_POOL &&
+                   op->cp__state == CP__OPS_STARTED && !op->timeout_ms) {
+            /* The common case written out: a pooled receive waits, nothing is ahead of
+             * this chunk: it takes it. */
+            h->cp__rq = op->cp__next;
+            op->u.buf = bp->base + chunk;
+            op->cp__done = (uint32_t)res;
+            __atomic_store_n(&op->cp__state, CP__OPS_DONE, __ATOMIC_RELAXED);
+            cp__oplist_push(done, op);
+        } else if (cp__stash_push(bp, h, chunk, (uint32_t)res) < 0) {
+            /* No memory to keep it: the connection cannot go on without these bytes. */
+            if (cp__bufpool_unref(bp, (uint16_t)(chunk / bp->size)))
+                done->flags |= OPLIST_POOL_FREED;
+            h->cp__flags |= CP__H_ERR;
+            h->cp__err = ENOMEM;
+            if ((h->cp__flags & CP__H_MSHOT) && !(h->cp__flags & CP__H_MSHOT_STOP)) {
                 h->cp__flags |= CP__H_MSHOT_STOP;
                 be_of(h)->pool_stop(h);
             }
-        } else if (cp__bufpool_put(bp, bufid)) {
-            done->flags |= OPLIST_POOL_FREED;
+        } else if (h->cp__nstash >= bp->per_socket && (h->cp__flags & CP__H_MSHOT) &&
+                   !(h->cp__flags & CP__H_MSHOT_STOP)) {
+            /* Backpressure and fairness: a socket whose data nobody claims stops reading
+             * once it holds its share of the pool. */
+            h->cp__flags |= CP__H_MSHOT_STOP;
+            be_of(h)->pool_stop(h);
         }
     } else if (!more) {
         if (res == 0) {
@@ -688,7 +704,7 @@ static int associate(cp_socket *s, cp_port *port, int fd, uintptr_t key, bool no
     s->fd = fd;
     s->key = key;
     s->cp__port = port;
-    s->cp__stash_head = s->cp__stash_tail = CP__STASH_END;
+    s->cp__stash_head = CP__STASH_END;
     cp__lock_init(&s->cp__lock);
     int r = port->be->attach(s);
     if (r < 0) {
@@ -1049,7 +1065,7 @@ void cp_buffer_release(cp_port *p, void *buf)
     int id = cp__bufpool_id(&p->pool, buf);
     if (id < 0)
         return;
-    if (cp__bufpool_put(&p->pool, (uint16_t)id))
+    if (cp__bufpool_unref(&p->pool, (uint16_t)id))
         cp__io_serve_starving(p);
 }
 

@@ -108,8 +108,7 @@ struct cp_handle {
     uint16_t cp__flags;
     uint16_t cp__nstash;
     uint32_t cp__inflight;
-    uint16_t cp__stash_head;
-    uint16_t cp__stash_tail;
+    uint32_t cp__stash_head;
     uint16_t cp__opseq;
     uint8_t cp__err;
     uint8_t cp__hgen;
