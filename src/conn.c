@@ -688,12 +688,13 @@ static cp__send *tail_send(cp_server *sv, cp__worker *w, const struct iovec *iov
         }
         return x;
     }
-    if (mode == TAIL_HOLD && rest > CP__SEND_HOLD_MIN && w->cur_kind != BUF_POOL) {
+    if (mode == TAIL_HOLD && rest > CP__SEND_HOLD_MIN) {
         /* Keep the delivered buffer alive rather than copying a large reply. Not for a
          * small one: a copy into a small buffer is cheaper than keeping a whole receive
-         * buffer (and taking a fresh one for the next receive). Not a pool buffer: it may
-         * hold other sockets' data too, and a peer that does not read would keep the whole
-         * of it from the pool. */
+         * buffer (and taking a fresh one for the next receive); and a pool buffer may
+         * hold other sockets' data too: a reply of at least CP__SEND_HOLD_MIN keeps at
+         * most pool_buffer_size / CP__SEND_HOLD_MIN times its own size from the pool
+         * (bounded by max_pending_send for a peer that does not read). */
         cp__hold *h = w->cur_hold;
         if (!h && (h = cp__cache_alloc(&w->holds, &sv->holds)) != NULL) {
             h->buf = w->cur_base;
