@@ -958,9 +958,10 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
 /* An accepted socket is not kept: take back its count in conns_open, count it rejected. */
 static void refuse(cp_server *sv, int fd)
 {
-    __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
+    /* Counted before the close: the peer sees the close, and must then see the count. */
+    __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_SEQ_CST);
+    __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_SEQ_CST);
     close(fd);
-    __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_RELAXED);
 }
 
 void cp__conn_start(cp_server *sv, int fd)
