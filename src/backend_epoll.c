@@ -211,9 +211,11 @@ static int ep_attach(cp_handle *h)
 {
     ep_state *s = state_of(h->cp__port);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = h};
-    /* Assume ready: the first attempt finds out, and costs one syscall at most. Set before
-     * the fd is registered: from then on the poller may be in cp__io_ready() for it. */
-    const uint16_t f = CP__H_ATTACHED | CP__H_RD_READY | CP__H_WR_READY;
+    /* Assume writable (the first send finds out, at the cost of one system call at most),
+     * not readable: a socket just accepted has mostly nothing to read yet, and registering
+     * it reports it readable at once if it has. Set before the fd is registered: from then
+     * on the poller may be in cp__io_ready() for it. */
+    const uint16_t f = CP__H_ATTACHED | CP__H_WR_READY;
     h->cp__flags |= f;
     cp__hb_release(h);
     if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, h->fd, &ev) < 0) {

@@ -104,10 +104,10 @@ static uint16_t data_tick(cp_server *sv)
 
 static void free_conn(cp_server *sv, cp_conn *c)
 {
+    cp__worker *w = cp__server_worker(sv);
     /* Receive buffers a connection owns (buffer mode); pool buffers were given back as
      * each delivery ended. */
     if (!sv->o.zero_byte) {
-        cp__worker *w = cp__server_worker(sv);
         if (sv->o.recvs <= 1) {
             if (c->rx.u.buf)
                 cp__server_buf_free(sv, w, c->rx.u.buf, sv->o.recv_buffer);
@@ -119,7 +119,7 @@ static void free_conn(cp_server *sv, cp_conn *c)
     }
     if (sv->o.framed)
         cp_frame_decoder_free(decoder_of(sv, c), &sv->frame_cfg);
-    cp__slab_free(&sv->conns, c);
+    cp__cache_free(&w->conns, &sv->conns, c);
     /* Only cp_server_shutdown() waits for connections to go (pairs with its store of
      * `stopping` and read of conns_open). */
     if (__atomic_load_n(&sv->stopping, __ATOMIC_SEQ_CST))
@@ -129,12 +129,11 @@ static void free_conn(cp_server *sv, cp_conn *c)
 static void run_on_close(cp_server *sv, cp_conn *c)
 {
     uint64_t st = st_load(c);
-    if (st & CF_OPEN) {
+    if ((st & CF_OPEN) && sv->cb.on_close) {
         cp_close_reason reason = (cp_close_reason)((st & CF_REASON_MASK) >> CF_REASON_SHIFT);
         int err = reason == CP_CLOSE_ERROR ? -(int)st_tick(st) : 0;
         cp__lock_acquire(&c->lock);
-        if (sv->cb.on_close)
-            sv->cb.on_close(c, reason, err);
+        sv->cb.on_close(c, reason, err);
         cp__lock_release(&c->lock);
     }
     __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_SEQ_CST);
@@ -184,7 +183,8 @@ static void issue_close(cp_server *sv, cp_conn *c)
 {
     if (st_or(c, CF_CLOSE_ISSUED) & CF_CLOSE_ISSUED)
         return;
-    cp__send *x = cp__slab_alloc(&sv->sends);
+    cp__worker *w = cp__server_worker(sv);
+    cp__send *x = cp__cache_alloc(&w->sends, &sv->sends);
     if (!x) {
         st_clear(c, CF_CLOSE_ISSUED); /* out of memory: the sweep retries */
         return;
@@ -193,7 +193,7 @@ static void issue_close(cp_server *sv, cp_conn *c)
     x->kind = SEND_CLOSE;
     op_ref(c);
     if (cp_socket_close(&c->s, &x->op) < 0) {
-        cp__slab_free(&sv->sends, x);
+        cp__cache_free(&w->sends, &sv->sends, x);
         op_unref(sv, c, 1);
     }
 }
@@ -946,7 +946,7 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
         op_unref(sv, c, 1);
         return;
     case CP_OP_CLOSE:
-        cp__slab_free(&sv->sends, CP_CONTAINER_OF(op, cp__send, op));
+        cp__cache_free(&w->sends, &sv->sends, CP_CONTAINER_OF(op, cp__send, op));
         op_unref(sv, c, 2); /* its own and the connection's life reference */
         return;
     default:
@@ -973,7 +973,8 @@ void cp__conn_start(cp_server *sv, int fd)
         refuse(sv, fd); /* over the limit: refused at once, the others keep full service */
         return;
     }
-    cp_conn *c = cp__slab_alloc(&sv->conns);
+    cp__worker *w = cp__server_worker(sv);
+    cp_conn *c = cp__cache_alloc(&w->conns, &sv->conns);
     if (!c) {
         refuse(sv, fd);
         return;
@@ -987,7 +988,7 @@ void cp__conn_start(cp_server *sv, int fd)
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     /* Accepted with SOCK_NONBLOCK. */
     if (cp__socket_associate_nonblocking(&c->s, sv->port, fd, (uintptr_t)&sv->conn_binding) < 0) {
-        cp__slab_free(&sv->conns, c);
+        cp__cache_free(&w->conns, &sv->conns, c);
         refuse(sv, fd);
         return;
     }
@@ -1011,7 +1012,7 @@ void cp__conn_start(cp_server *sv, int fd)
     st_or(c, CF_OPEN);
     if (sv->o.recvs <= 1) {
         st_or(c, CF_RX_OUT);
-        int r = post_rx(sv, cp__server_worker(sv), c, &c->rx);
+        int r = post_rx(sv, w, c, &c->rx);
         if (r < 0) {
             st_clear(c, CF_RX_OUT);
             start_close(sv, c, CP_CLOSE_ERROR, r, false);
@@ -1019,7 +1020,7 @@ void cp__conn_start(cp_server *sv, int fd)
     } else {
         for (unsigned i = 0; i < sv->o.recvs; i++)
             slot_of(sv, c, i)->len = SLOT_IDLE;
-        post_idle_slots(sv, cp__server_worker(sv), c);
+        post_idle_slots(sv, w, c);
     }
     cp__lock_release(&c->lock);
     op_unref(sv, c, 1);

@@ -88,7 +88,7 @@ cp__worker *cp__server_worker(cp_server *sv)
      * 1 MiB chunk (a few workers together keep less than one chunk of a class aside), so
      * buffers that migrate between workers do not make the slab grow once traffic is
      * steady. */
-    w->sends.cap = w->holds.cap = CP__CACHE_MAX;
+    w->sends.cap = w->holds.cap = w->conns.cap = CP__CACHE_MAX;
     static const unsigned buf_cap[CP__SIZE_CLASSES] = {32, 8, 4};
     for (int i = 0; i < CP__SIZE_CLASSES; i++)
         w->bufs[i].cap = buf_cap[i];
@@ -113,12 +113,12 @@ static void fill_accepts_locked(cp_server *sv)
 {
     if (sv->accept_paused || !sv->listener_open || __atomic_load_n(&sv->stopping, __ATOMIC_SEQ_CST))
         return;
-    for (unsigned i = 0; i < sv->o.accepts_max && sv->accepts_posted < sv->accepts_target; i++) {
-        if (sv->accept_busy[i])
-            continue;
+    while (sv->accepts_posted < sv->accepts_target && sv->naccept_idle) {
+        uint32_t i = sv->accept_idle[sv->naccept_idle - 1];
         memset(&sv->accepts[i], 0, sizeof(sv->accepts[i]));
         if (cp_socket_accept(&sv->listener, &sv->accepts[i], NULL, 0) < 0)
             break;
+        sv->naccept_idle--;
         sv->accept_busy[i] = 1;
         sv->accepts_posted++;
     }
@@ -152,6 +152,7 @@ static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
     int fd = aop->fd; /* before the refill below reuses this very op */
     cp__lock_acquire(&sv->accept_lock);
     sv->accept_busy[aop - sv->accepts] = 0;
+    sv->accept_idle[sv->naccept_idle++] = (uint32_t)(aop - sv->accepts);
     bool drained = sv->accepts_posted-- == 1 && res >= 0;
     sv->accepts_since_tick++;
     if (res >= 0 || res == -ECONNABORTED || res == -EPROTO) {
@@ -328,10 +329,15 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     pthread_cond_init(&sv->done_cond, NULL);
     sv->accepts = calloc(o.accepts_max, sizeof(*sv->accepts));
     sv->accept_busy = calloc(o.accepts_max, 1);
+    sv->accept_idle = calloc(o.accepts_max, sizeof(*sv->accept_idle));
+    for (unsigned i = 0; sv->accept_idle && i < o.accepts_max; i++)
+        sv->accept_idle[i] = o.accepts_max - 1 - i; /* slot 0 on top */
+    sv->naccept_idle = o.accepts_max;
     int r = pthread_key_create(&sv->wkey, NULL);
-    if (!sv->accepts || !sv->accept_busy || r != 0) {
+    if (!sv->accepts || !sv->accept_busy || !sv->accept_idle || r != 0) {
         free(sv->accepts);
         free(sv->accept_busy);
+        free(sv->accept_idle);
         if (r == 0)
             pthread_key_delete(sv->wkey);
         free(sv);
@@ -345,6 +351,7 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
         pthread_key_delete(sv->wkey);
         free(sv->accepts);
         free(sv->accept_busy);
+        free(sv->accept_idle);
         free(sv);
         return r;
     }
@@ -510,6 +517,7 @@ void cp_server_destroy(cp_server *sv)
     pthread_cond_destroy(&sv->done_cond);
     free(sv->accepts);
     free(sv->accept_busy);
+    free(sv->accept_idle);
     free(sv);
 }
 

@@ -142,6 +142,9 @@ typedef struct cp__worker {
     /* This thread's lookaside caches: a message's send context, hold and receive buffer
      * are freed by the worker that allocates the next ones, without a lock. */
     cp__slab_cache sends, holds, bufs[CP__SIZE_CLASSES];
+    /* Connections too: a free one in a cache is still walked by the sweep and shutdown,
+     * which skip it (its state word says it holds no reference). */
+    cp__slab_cache conns;
 } cp__worker;
 
 struct cp_server {
@@ -171,6 +174,8 @@ struct cp_server {
     cp__lock accept_lock;  /* guards the fields below */
     cp_accept_op *accepts; /* accepts_max of them */
     uint8_t *accept_busy;  /* 1 while posted */
+    uint32_t *accept_idle; /* stack of the slots not posted */
+    unsigned naccept_idle;
     unsigned accepts_posted;
     unsigned accepts_target;
     unsigned accepts_since_tick;

@@ -110,40 +110,82 @@ static void unlock_flush(cp_handle *h, cp__oplist *done)
         cp__port_complete_handle(p, &one, hgen);
 }
 
-/* ---- queues --------------------------------------------------------------------------- */
+/* ---- queues ---------------------------------------------------------------------------
+ *
+ * A handle's queue (cp__rq, cp__sq) is a circular list through cp__next, and the handle
+ * points at its LAST op, whose cp__next is the first: appending and taking the first op
+ * are one step each however many ops wait (a listener may hold hundreds of accepts).
+ * NULL is the empty queue. */
+
+static inline cp_op *q_first(const cp_op *last)
+{
+    return last ? last->cp__next : NULL;
+}
+
+/* The op after `op` in the queue whose last op is `last`, or NULL. */
+static inline cp_op *q_after(const cp_op *last, const cp_op *op)
+{
+    return op == last ? NULL : op->cp__next;
+}
 
 static void queue_append(cp_op **q, cp_op *op)
 {
-    op->cp__next = NULL;
-    while (*q)
-        q = &(*q)->cp__next;
+    if (*q) {
+        op->cp__next = (*q)->cp__next;
+        (*q)->cp__next = op;
+    } else {
+        op->cp__next = op;
+    }
     *q = op;
+}
+
+/* Take the first op off a queue that has one. */
+static inline void queue_pop_first(cp_op **q)
+{
+    cp_op *last = *q, *first = last->cp__next;
+    if (first == last)
+        *q = NULL;
+    else
+        last->cp__next = first->cp__next;
+    first->cp__next = NULL;
 }
 
 static bool queue_remove(cp_op **q, cp_op *op)
 {
-    for (; *q; q = &(*q)->cp__next) {
-        if (*q == op) {
-            *q = op->cp__next;
+    cp_op *last = *q;
+    if (!last)
+        return false;
+    cp_op *prev = last;
+    do {
+        cp_op *cur = prev->cp__next;
+        if (cur == op) {
+            if (cur == prev) {
+                *q = NULL; /* it was the only one */
+            } else {
+                prev->cp__next = cur->cp__next;
+                if (cur == last)
+                    *q = prev;
+            }
             op->cp__next = NULL;
             return true;
         }
-    }
+        prev = cur;
+    } while (prev != last);
     return false;
 }
 
-static bool has_opcode(const cp_op *q, uint8_t opcode)
+static bool has_opcode(const cp_op *last, uint8_t opcode)
 {
-    for (; q; q = q->cp__next)
-        if (q->opcode == opcode)
+    for (const cp_op *op = q_first(last); op; op = q_after(last, op))
+        if (op->opcode == opcode)
             return true;
     return false;
 }
 
-static bool queue_has(const cp_op *q, const cp_op *op)
+static bool queue_has(const cp_op *last, const cp_op *op)
 {
-    for (; q; q = q->cp__next)
-        if (q == op)
+    for (const cp_op *o = q_first(last); o; o = q_after(last, o))
+        if (o == op)
             return true;
     return false;
 }
@@ -328,7 +370,7 @@ static void kick_locked(cp_handle *h, cp_op **q, cp__oplist *done)
     if (h->cp__flags & CP__H_FILE) {
         for (bool again = true; again;) {
             again = false;
-            for (op = *q; op; op = op->cp__next) {
+            for (op = q_first(*q); op; op = q_after(*q, op)) {
                 if (op->cp__state == CP__OPS_QUEUED) {
                     __atomic_store_n(&op->cp__state, CP__OPS_STARTED, __ATOMIC_RELAXED);
                     advance_locked(h, op, start_step_locked(h, op), done);
@@ -339,7 +381,7 @@ static void kick_locked(cp_handle *h, cp_op **q, cp__oplist *done)
         }
         return;
     }
-    while ((op = *q) && op->cp__state == CP__OPS_QUEUED) {
+    while ((op = q_first(*q)) && op->cp__state == CP__OPS_QUEUED) {
         __atomic_store_n(&op->cp__state, CP__OPS_STARTED, __ATOMIC_RELAXED);
         advance_locked(h, op, start_step_locked(h, op), done);
     }
@@ -349,7 +391,7 @@ static void kick_locked(cp_handle *h, cp_op **q, cp__oplist *done)
  * then start what follows it. */
 static void retry_locked(cp_handle *h, cp_op **q, cp__oplist *done)
 {
-    cp_op *op = *q;
+    cp_op *op = q_first(*q);
     if (op && op->cp__state == CP__OPS_STARTED &&
         !(op->cp__flags & (CP__OPF_FIRSTDATA | CP__OPF_INKERNEL)))
         advance_locked(h, op, start_step_locked(h, op), done);
@@ -382,9 +424,9 @@ static int cancel_all_locked(cp_handle *h, cp__oplist *done)
     int n = 0;
     cp_op **queues[2] = {&h->cp__rq, &h->cp__sq};
     for (int i = 0; i < 2; i++) {
-        cp_op *op = *queues[i];
+        cp_op *op = q_first(*queues[i]);
         while (op) {
-            cp_op *next = op->cp__next; /* op may leave the queue */
+            cp_op *next = q_after(*queues[i], op); /* op may leave the queue */
             if (op->cp__state != CP__OPS_CANCELING && cancel_locked(h, op, done) == 0)
                 n++;
             op = next;
@@ -444,7 +486,7 @@ void cp__io_ready(cp_handle *h, bool readable, bool hup, bool writable, cp__opli
     if (readable) {
         h->cp__flags |= CP__H_RD_READY;
         cp_op *op = h->cp__rq;
-        if (op && !op->cp__next && op->opcode == CP_OP_RECV &&
+        if (op && op->cp__next == op && op->opcode == CP_OP_RECV &&
             op->cp__state == CP__OPS_STARTED && !op->timeout_ms) {
             /* The common case written out: the one receive posted takes the data. */
             int r = be_of(h)->start(op);
@@ -491,7 +533,7 @@ void cp__io_chunk(cp_handle *h, int res, uint32_t chunk, bool more, cp__oplist *
         cp__h_unpin(h);
     }
     if (chunk != CP__NO_CHUNK) {
-        cp_op *op = h->cp__rq;
+        cp_op *op = q_first(h->cp__rq);
         if (res <= 0 || (h->cp__flags & CP__H_CLOSING)) {
             if (cp__bufpool_unref(bp, (uint16_t)(chunk / bp->size)))
                 done->flags |= OPLIST_POOL_FREED;
@@ -499,7 +541,7 @@ void cp__io_chunk(cp_handle *h, int res, uint32_t chunk, bool more, cp__oplist *
                    op->cp__state == CP__OPS_STARTED && !op->timeout_ms) {
             /* The common case written out: a pooled receive waits, nothing is ahead of
              * this chunk: it takes it. */
-            h->cp__rq = op->cp__next;
+            queue_pop_first(&h->cp__rq);
             op->u.buf = bp->base + chunk;
             op->cp__done = (uint32_t)res;
             __atomic_store_n(&op->cp__state, CP__OPS_DONE, __ATOMIC_RELAXED);
@@ -798,6 +840,7 @@ int cp__submit_locked(cp_handle *h, cp_op *op, uint8_t opcode, int which)
         return submit_finish(h, op, q, CP__PENDING, false);
     /* The common case, straight through: an untimed operation on an idle queue starts at
      * once, and usually waits in the kernel or finishes in full right here. */
+    op->cp__next = op;
     *q = op;
     __atomic_store_n(&op->cp__state, CP__OPS_STARTED, __ATOMIC_RELAXED);
     int r = start_step_locked(h, op);

@@ -102,8 +102,8 @@ struct cp_handle {
     uint32_t cp__lock;
     uintptr_t key; /* the per-handle key every completion of this handle carries */
     cp_port *cp__port;
-    cp_op *cp__rq; /* receives (and accepts) in start order */
-    cp_op *cp__sq; /* sends (and connects) in start order */
+    cp_op *cp__rq; /* receives (and accepts) in start order: the last, circular */
+    cp_op *cp__sq; /* sends (and connects) in start order: the last, circular */
     void *cp__aux;
     uint16_t cp__flags;
     uint16_t cp__nstash;
