@@ -231,6 +231,7 @@ static uint32_t refill_ring(cp_port *p)
         /* Each comes with one reference: the kernel's, until it has moved past it. */
         for (uint32_t i = 0; i < n; i++) {
             bp->filled[ids[i]] = 0;
+            cp__hb_release(&bp->filled[ids[i]]); /* the poller reads it after the kernel */
             io_uring_buf_ring_add(s->br, cp__bufpool_addr(bp, ids[i]), bp->size, ids[i],
                                   io_uring_buf_ring_mask(s->br_entries), (int)i);
         }
@@ -389,6 +390,7 @@ static void dispatch(cp_port *p, ur_state *s, struct io_uring_cqe *cqe, cp__opli
             /* The kernel keeps filling the buffer (incremental consumption) or it has moved
              * past it; then its reference passes to this chunk, or is dropped. */
             bool kept = s->br_inc && (cqe->flags & IORING_CQE_F_BUF_MORE);
+            cp__hb_acquire(&bp->filled[bufid]);
             if (cqe->res > 0) {
                 chunk = (uint32_t)bufid * bp->size + bp->filled[bufid];
                 if (s->br_inc)
