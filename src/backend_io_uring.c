@@ -85,12 +85,12 @@ typedef struct ur_state {
     struct io_uring_buf_ring *br;
     size_t br_len;
     uint32_t br_entries;
-    bool br_inc;           /* consumed incrementally (IOU_PBUF_RING_INC) */
-    uint32_t ring_start;   /* the target a ring starts with and decays back to */
-    cp__lock br_lock;      /* guards the ring's tail, ring_count and ring_target */
-    uint32_t ring_count;   /* buffers in the kernel's ring (added minus consumed) */
-    uint32_t ring_target;  /* how many we keep there; doubles when it runs dry */
-    int64_t last_dry_ns;   /* when it last ran dry (coarse clock) */
+    bool br_inc;          /* consumed incrementally (IOU_PBUF_RING_INC) */
+    uint32_t ring_start;  /* the target a ring starts with and decays back to */
+    cp__lock br_lock;     /* guards the ring's tail, ring_count and ring_target */
+    uint32_t ring_count;  /* buffers in the kernel's ring (added minus consumed) */
+    uint32_t ring_target; /* how many we keep there; doubles when it runs dry */
+    int64_t last_dry_ns;  /* when it last ran dry (coarse clock) */
 
     /* TransmitFile's pipes (splice file -> pipe -> socket), created on first use. */
     cp__lock pipe_lock;
@@ -797,8 +797,8 @@ static int ur_start(cp_op *op)
          * after short sends itself), or reports the bytes sent before an error; the
          * socket layer continues from there. A request the kernel fails with -ECANCELED
          * because its submitter exited reports what it sent before, too. */
-        io_uring_prep_send(sqe, h->fd, (char *)op->u.buf + op->cp__done,
-                           op->cp__len - op->cp__done, MSG_NOSIGNAL | MSG_WAITALL);
+        io_uring_prep_send(sqe, h->fd, (char *)op->u.buf + op->cp__done, op->cp__len - op->cp__done,
+                           MSG_NOSIGNAL | MSG_WAITALL);
         break;
     case CP_OP_ACCEPT: {
         cp_accept_op *aop = CP_CONTAINER_OF(op, cp_accept_op, op);

@@ -55,17 +55,17 @@ typedef struct cp__bufpool {
     cp__lock lock;
     uint16_t *free_ids; /* LIFO stack of free buffer ids */
     uint32_t nfree;
-    uint32_t trimmed; /* free_ids[0..trimmed) hold no memory (given back to the OS) */
-    uint32_t min_free;   /* lowest nfree since the last trim check */
-    uint32_t puts;       /* puts since the last look at the clock */
+    uint32_t trimmed;     /* free_ids[0..trimmed) hold no memory (given back to the OS) */
+    uint32_t min_free;    /* lowest nfree since the last trim check */
+    uint32_t puts;        /* puts since the last look at the clock */
     int64_t next_trim_ns; /* the next trim check (coarse monotonic clock) */
-    uint32_t fresh;   /* ids >= fresh were never handed out */
-    uint32_t *refs;   /* per buffer, atomic: references (see above) */
-    uint32_t *filled; /* per buffer: bytes the kernel has filled (io_uring backend only) */
+    uint32_t fresh;       /* ids >= fresh were never handed out */
+    uint32_t *refs;       /* per buffer, atomic: references (see above) */
+    uint32_t *filled;     /* per buffer: bytes the kernel has filled (io_uring backend only) */
     cp__chunk_rec *chunk_blocks[CP__CHUNK_BLOCKS]; /* records, CP__CHUNK_BLOCK a block */
     uint32_t chunk_free;                           /* free records (linked by `next`) */
     uint32_t chunk_cap;                            /* records in the blocks allocated */
-    cp_handle **starving; /* handles waiting for a buffer, each pinned */
+    cp_handle **starving;                          /* handles waiting for a buffer, each pinned */
     uint32_t nstarving, cap_starving;
     uint64_t starved_total;
     uint32_t kick; /* atomic: waiting handles must be served by the next poll */

@@ -49,7 +49,6 @@ enum {
     CP__OPF_TRYNOW = 1u << 11,      /* io_uring: try a plain send(2) before an SQE */
 };
 
-
 static inline cp_port *cp__h_port(const cp_handle *h)
 {
     return h->cp__port;

@@ -21,11 +21,11 @@ typedef struct cp__thread {
     uint32_t futex;      /* 0 while parked, 1 once woken */
     bool running;        /* counted in port->running */
     unsigned since_poll; /* completions taken since this thread last polled the backend */
-    uint64_t dequeued; /* completions handed to this thread (atomic, for stats) */
-    bool blocked;      /* between cp_port_block_begin() and _end() */
-    bool parked;       /* on the parked stack */
-    unsigned want;     /* capacity of hand[] while parked */
-    unsigned nhand;    /* completions handed over while parked */
+    uint64_t dequeued;   /* completions handed to this thread (atomic, for stats) */
+    bool blocked;        /* between cp_port_block_begin() and _end() */
+    bool parked;         /* on the parked stack */
+    unsigned want;       /* capacity of hand[] while parked */
+    unsigned nhand;      /* completions handed over while parked */
     cp_completion *hand;
 } cp__thread;
 

@@ -588,10 +588,10 @@ int cp_server_stats_prometheus(cp_server *sv, const char *prefix, char *buf, siz
         /* Counting only (no buffer, or it is full): format into a byte that stays empty. */
         char none[1];
         bool room = buf && used < size;
-        int n = snprintf(room ? buf + used : none, room ? size - used : 0,
-                         "# HELP %s%s %s\n# TYPE %s%s %s\n%s%s %llu\n", prefix, m[i].name,
-                         m[i].help, prefix, m[i].name, m[i].type, prefix, m[i].name,
-                         (unsigned long long)m[i].v);
+        int n =
+            snprintf(room ? buf + used : none, room ? size - used : 0,
+                     "# HELP %s%s %s\n# TYPE %s%s %s\n%s%s %llu\n", prefix, m[i].name, m[i].help,
+                     prefix, m[i].name, m[i].type, prefix, m[i].name, (unsigned long long)m[i].v);
         if (n < 0)
             return n;
         used += (size_t)n;
