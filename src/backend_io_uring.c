@@ -174,7 +174,7 @@ static void arm_wake_locked(ur_state *s)
 
 /* ---- provided buffers ---------------------------------------------------------------- */
 
-static int setup_buf_ring(ur_state *s, uint32_t entries)
+static int setup_buf_ring(ur_state *s, uint32_t entries, bool whole)
 {
     size_t len = entries * sizeof(struct io_uring_buf);
     long page = sysconf(_SC_PAGESIZE);
@@ -185,10 +185,10 @@ static int setup_buf_ring(ur_state *s, uint32_t entries)
     struct io_uring_buf_reg reg = {.ring_addr = (uint64_t)(uintptr_t)br,
                                    .ring_entries = entries,
                                    .bgid = BUF_GROUP,
-                                   .pad = IOU_PBUF_RING_INC};
+                                   .pad = whole ? 0 : IOU_PBUF_RING_INC};
     int r = io_uring_register_buf_ring(&s->ring, &reg, 0);
-    s->br_inc = r == 0;
-    if (r == -EINVAL) { /* a kernel without incremental consumption */
+    s->br_inc = r == 0 && !whole;
+    if (r == -EINVAL && !whole) { /* a kernel without incremental consumption */
         reg.pad = 0;
         r = io_uring_register_buf_ring(&s->ring, &reg, 0);
     }
@@ -312,7 +312,7 @@ static int ur_init(cp_port *p, const cp_port_options *opts)
             io_uring_free_probe(probe);
     }
     if (r == 0)
-        r = setup_buf_ring(s, p->pool.count);
+        r = setup_buf_ring(s, p->pool.count, (opts->flags & CP_PORT_WHOLE_BUFFERS) != 0);
     if (r == 0) {
         s->wakefd = eventfd(0, EFD_CLOEXEC);
         if (s->wakefd < 0)
@@ -329,6 +329,7 @@ static int ur_init(cp_port *p, const cp_port_options *opts)
         free(s);
         return r;
     }
+    p->pool.packed = s->br_inc;
     s->ring_start = s->br_inc ? RING_START_BUFFERS_INC : RING_START_BUFFERS;
     if (s->ring_start > ring_limit(p))
         s->ring_start = ring_limit(p);

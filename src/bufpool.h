@@ -51,7 +51,8 @@ typedef struct cp__bufpool {
     size_t map_len;
     uint32_t size;       /* bytes per buffer */
     uint32_t count;      /* buffers */
-    uint32_t per_socket; /* most unclaimed buffers one socket may hold */
+    uint32_t per_socket; /* most unclaimed chunks one socket may hold */
+    bool packed;         /* the backend packs receives into shared buffers (set at init) */
     cp__lock lock;
     uint16_t *free_ids; /* LIFO stack of free buffer ids */
     uint32_t nfree;

@@ -737,6 +737,7 @@ void cp_port_get_stats(cp_port *p, cp_port_stats *s)
     s->completed = __atomic_load_n(&p->completed, __ATOMIC_RELAXED);
     s->wakeups = p->wakeups;
     s->polls = p->polls;
+    s->pool_packed = p->pool.packed;
     s->cq_overflows = __atomic_load_n(&p->cq_overflows, __ATOMIC_RELAXED);
     s->dequeued = p->dequeued_by_gone;
     for (cp__thread *t = p->threads; t; t = t->next)

@@ -11,6 +11,7 @@
 #ifndef CPORT_COMMON_H
 #define CPORT_COMMON_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 

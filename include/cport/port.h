@@ -59,6 +59,11 @@ typedef enum cp_backend_kind {
 
 /* Flags for cp_port_options.flags. */
 #define CP_PORT_QUIET 0x1u /* do not print the one-line notice when falling back to epoll */
+/* Every pooled receive gets a pool buffer of its own, its data at the buffer's start. By
+ * default, where the kernel can (io_uring, Linux 6.12+), receives of all sockets are
+ * packed one after the other into shared buffers, so small messages touch little memory;
+ * set this when received data must be buffer-aligned. */
+#define CP_PORT_WHOLE_BUFFERS 0x2u
 
 /* Creation options. Zero-initialise, then set what you need: every zero field means
  * "the default" described next to it. */
@@ -77,8 +82,8 @@ typedef struct cp_port_options {
                                   0 = 4096; rounded up to a power of two, at most 32768 */
     uint32_t pool_buffer_size; /* bytes per pool buffer, a multiple of the page size;
                                   0 = 4096 */
-    uint32_t pool_per_socket;  /* most pool buffers one socket may hold undelivered
-                                  (fairness cap); 0 = 4 */
+    uint32_t pool_per_socket;  /* most received chunks (pool buffers or parts of them) one
+                                  socket may hold undelivered (fairness cap); 0 = 4 */
     uint32_t max_pipes;        /* io_uring TransmitFile: pipes in the port's splice pool
                                   (64 KiB each); 0 = 256 */
     uint32_t file_threads;     /* epoll: threads doing file reads/writes (epoll cannot);
@@ -158,6 +163,7 @@ typedef struct cp_port_stats {
     uint64_t dequeued;     /* completions handed out, ever */
     uint64_t wakeups;      /* times a parked thread was woken */
     uint64_t polls;        /* times a thread waited in or polled the backend */
+    bool pool_packed;      /* pooled receives share pool buffers (see CP_PORT_WHOLE_BUFFERS) */
     uint64_t cq_overflows; /* times the kernel's completion queue was found overflowed
                               (io_uring; the overflow is drained, nothing is lost) */
 } cp_port_stats;

@@ -152,18 +152,22 @@ CP_EXTERN int cp_socket_recv(cp_socket *s, cp_op *op, void *buf, size_t len);
 CP_EXTERN int cp_socket_recvv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt);
 
 /* Receive with no buffer of the caller's (the seeds' zero-byte receive, I3): an idle
- * connection holds no receive buffer; when data arrives a buffer is taken from the port's
- * shared pool (a provided-buffer ring on io_uring), filled, and handed over in op->u.buf.
- * Result: bytes (> 0), 0 at end of stream, or a negative errno. The buffer must be given
- * back with cp_buffer_release(). One socket never holds more than the port's
- * pool_per_socket buffers undelivered, so a fast peer cannot take every buffer; when the
- * pool is empty the receive waits for a buffer instead of failing. */
+ * connection holds no receive buffer; when data arrives it is put into the port's shared
+ * pool (a provided-buffer ring on io_uring) and handed over in op->u.buf. Result: bytes
+ * (> 0), 0 at end of stream, or a negative errno. op->u.buf points into one of the pool's
+ * buffers: at its start, or, where receives are packed (io_uring on Linux 6.12+, unless
+ * CP_PORT_WHOLE_BUFFERS; cp_port_stats.pool_packed says), anywhere in a buffer that other
+ * receives, of any socket, share. Give the data back with cp_buffer_release(port, u.buf)
+ * (the pointer as handed over); a shared buffer returns to the pool when all of its data
+ * is given back. One socket never holds more than the port's pool_per_socket received
+ * chunks undelivered, so a fast peer cannot take every buffer; when the pool is empty the
+ * receive waits for a buffer instead of failing. */
 CP_EXTERN int cp_socket_recv_pooled(cp_socket *s, cp_op *op);
 
-/* Give a pool buffer (from a CP_OP_RECV_POOL completion) back to the port's pool. */
+/* Give the data of a CP_OP_RECV_POOL completion (its op->u.buf) back to the port's pool. */
 CP_EXTERN void cp_buffer_release(cp_port *port, void *buf);
 
-/* The size in bytes of each pool buffer of the port. */
+/* The size in bytes of each pool buffer of the port (the most one pooled receive returns). */
 CP_EXTERN size_t cp_buffer_size(const cp_port *port);
 
 /* Send len bytes from buf. The operation completes when all len bytes have been handed
