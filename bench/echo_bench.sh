@@ -48,8 +48,8 @@ usage: bench/echo_bench.sh [options]
   --port-base P        first TCP port; every run uses a new one (default 15000)
   --out DIR            keep raw outputs there (default: a new temporary directory)
 Default servers:
-  cport-uring|{build}/bin/cport-echo --port {port} --threads 1 --backend io_uring --buffer 65536|--zero-byte
-  cport-epoll|{build}/bin/cport-echo --port {port} --threads 1 --backend epoll --buffer 65536|--zero-byte
+  cport-uring|{build}/bin/cport-echo --port {port} --threads 1 --backend io_uring --buffer 65536|--zero-byte --buffer 4096
+  cport-epoll|{build}/bin/cport-echo --port {port} --threads 1 --backend epoll --buffer 65536|--zero-byte --buffer 4096
   ref|{build}/bin/ref_echo --port {port}|
 EOF
 }
@@ -87,8 +87,8 @@ BENCH=$BUILD/bin/cport-bench
 [ -x "$BENCH" ] || { echo "echo_bench.sh: $BENCH not found; build first" >&2; exit 2; }
 if [ ${#SERVERS[@]} -eq 0 ]; then
     SERVERS=(
-        "cport-uring|{build}/bin/cport-echo --port {port} --threads 1 --backend io_uring --buffer 65536|--zero-byte"
-        "cport-epoll|{build}/bin/cport-echo --port {port} --threads 1 --backend epoll --buffer 65536|--zero-byte"
+        "cport-uring|{build}/bin/cport-echo --port {port} --threads 1 --backend io_uring --buffer 65536|--zero-byte --buffer 4096"
+        "cport-epoll|{build}/bin/cport-echo --port {port} --threads 1 --backend epoll --buffer 65536|--zero-byte --buffer 4096"
         "ref|{build}/bin/ref_echo --port {port}|"
     )
 fi

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# instr_per_msg.sh: user-space instructions per echoed message of an echo server, counted by
+# valgrind's callgrind (exact and repeatable, unlike CPU time; see bench/README.md).
+#
+#   bench/instr_per_msg.sh [--build DIR] [--secs N] [--load 'ARGS'] [--top N] [--port P] \
+#                          -- SERVER [SERVER ARGS...]
+#
+# The server runs under callgrind (its own --port is added), cport-bench drives it with
+# `echo ARGS` (default: -c 100 -s 64 -d 1) for N seconds (default 6), and the script prints
+# the program's instructions divided by the messages echoed, then the N functions (default
+# 15) that executed the most. Start-up and shutdown are included: long runs shrink their
+# share. valgrind cannot run io_uring programs (3.19 does not know its system calls'
+# effects): measure cport-echo with --backend epoll; the port, socket layer and server code
+# are the same for both backends.
+set -u -o pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILD=$ROOT/build
+SECS=6
+LOAD="-c 100 -s 64 -d 1"
+TOP=15
+PORT=15900
+while [ $# -gt 0 ]; do
+    case $1 in
+    --build) BUILD=$2; shift ;;
+    --secs) SECS=$2; shift ;;
+    --load) LOAD=$2; shift ;;
+    --top) TOP=$2; shift ;;
+    --port) PORT=$2; shift ;;
+    --) shift; break ;;
+    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "instr_per_msg.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+[ $# -gt 0 ] || { echo "instr_per_msg.sh: no server command (after --)" >&2; exit 2; }
+command -v valgrind >/dev/null || { echo "instr_per_msg.sh: valgrind not found" >&2; exit 2; }
+BENCH=$BUILD/bin/cport-bench
+[ -x "$BENCH" ] || { echo "instr_per_msg.sh: $BENCH not found; build first" >&2; exit 2; }
+
+OUT=$(mktemp -d /tmp/instr_per_msg.XXXXXX)
+PIN_S=(taskset -c 0)
+PIN_C=(taskset -c 1)
+command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ] || { PIN_S=(); PIN_C=(); }
+
+"${PIN_S[@]}" valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" --dump-instr=no \
+    "$@" --port "$PORT" >"$OUT/server.log" 2>&1 &
+VPID=$!
+trap 'kill -INT $VPID 2>/dev/null' EXIT
+for _ in $(seq 1 200); do
+    awk -v h="$(printf '%04X' "$PORT")" '$4 == "0A" { n = split($2, a, ":"); if (a[n] == h) f = 1 }
+        END { exit !f }' /proc/net/tcp 2>/dev/null && break
+    kill -0 $VPID 2>/dev/null || break
+    sleep 0.1
+done
+read -r -a load <<<"$LOAD"
+"${PIN_C[@]}" "$BENCH" echo "${load[@]}" -w 0 -T "$SECS" --port "$PORT" >"$OUT/bench.out" 2>&1
+kill -INT $VPID
+wait $VPID 2>/dev/null
+trap - EXIT
+msgs=$(grep '^RESULT' "$OUT/bench.out" | tr ' ' '\n' | sed -n 's/^total_msgs=//p')
+ir=$(callgrind_annotate "$OUT/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+if [ -z "$msgs" ] || [ "$msgs" = 0 ] || [ -z "$ir" ]; then
+    echo "instr_per_msg.sh: no result (see $OUT)" >&2
+    exit 1
+fi
+echo "# $* under: cport-bench echo $LOAD -T $SECS"
+awk -v i="$ir" -v m="$msgs" 'BEGIN { printf "messages %d, instructions %d, per message %.0f\n", m, i, i / m }'
+echo "# top functions (instructions per message, self):"
+callgrind_annotate --auto=no "$OUT/cg.out" 2>/dev/null | awk -v m="$msgs" -v top="$TOP" '
+    /PROGRAM TOTALS/ { next }
+    $1 ~ /^[0-9,]+$/ && $3 ~ /:/ && n < top {
+        x = $1; gsub(",", "", x); sub(/^ *[^ ]+ +\([^)]*\) +/, ""); printf "%8.1f  %s\n", x / m, $0; n++ }'
+echo "# raw data: $OUT"
