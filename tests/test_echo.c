@@ -885,8 +885,16 @@ TEST(startup_line_settings)
     CHECK_EQ(server_setting(&s, "recvs"), 1);
     CHECK_EQ(server_setting(&s, "max-conns"), 0);
     CHECK(strstr(s.line, " zero-byte=on ") != NULL);
-    CHECK(server_setting(&s, "buffer") > 0);
+    CHECK_EQ(server_setting(&s, "buffer"), 4096); /* the pool's default */
     server_stop_sig(&s, SIGINT);
+
+    /* With --zero-byte, --buffer sizes the shared pool's buffers. */
+    server_start(&s, "--threads", "1", "--zero-byte", "--buffer", "65536", NULL);
+    CHECK_EQ(server_setting(&s, "buffer"), 65536);
+    fd = connect_to(&s);
+    exchange(fd, 200000, 2, EX_FULL);
+    close(fd);
+    server_stop(&s);
 }
 
 /* SIGTERM and SIGINT with idle connections and with traffic in flight (busy connections
