@@ -74,7 +74,8 @@ int main(int argc, char **argv)
 
     times(&u, &s);
     for (long i = 0; i < n / 2; i++)
-        if (write(sv[1], buf, sizeof buf) != sizeof buf || read(sv[0], buf, sizeof buf) != sizeof buf)
+        if (write(sv[1], buf, sizeof buf) != sizeof buf ||
+            read(sv[0], buf, sizeof buf) != sizeof buf)
             return 1;
     report("write + read of 64 B (per call)", n, u, s);
     return 0;

@@ -108,8 +108,9 @@ typedef struct cp_server_options {
     unsigned tick_ms;              /* timeout sweep period; 0 = 100. Timeouts are measured
                                       on the monotonic clock in whole ticks: one fires
                                       between (timeout - tick_ms) and (timeout + tick_ms +
-                                      the sweep's lateness) after its start, never earlier,
-                                      however late the sweep timer runs */
+                                      the sweep's lateness + one scheduler tick, the coarse
+                                      clock that stamps arriving data) after its start,
+                                      never earlier, however late the sweep timer runs */
     unsigned linger_ms;            /* graceful close: after the last reply, FIN is sent and the
                                       connection reads (and drops) what the peer still sends
                                       for at most this long, so that closing with unread data
@@ -188,13 +189,19 @@ CP_EXTERN int cp_server_stats_prometheus(cp_server *server, const char *prefix, 
 
 /* ---- connections ------------------------------------------------------------------- */
 
-/* Queue len bytes to send, copied (the caller may reuse data at once). Sends go out in
- * the order issued. Returns 0, -EPIPE if the connection is closing, -ENOMEM, or -EINVAL.
- * Any thread. In framed mode the bytes are sent as they are: use cp_conn_send_frame(). */
+/* Send len bytes; the caller may reuse data at once. Sends go out in the order issued.
+ * What the kernel takes right away (epoll: nothing queued ahead, room in the socket) is
+ * sent inside the call; the rest is copied and queued. Returns 0, -EPIPE if the
+ * connection is closing, -ENOMEM (nothing was sent; or, when part of the bytes had gone
+ * out already, the connection is aborted: its stream cannot go on without the rest), or
+ * -EINVAL. Any thread. In framed mode the bytes are sent as they are: use
+ * cp_conn_send_frame(). */
 CP_EXTERN int cp_conn_send(cp_conn *c, const void *data, size_t len);
 
-/* Send back (part of) the data on_data is handing over right now, without copying: data
- * must lie within that callback's buffer. Only from on_data of the same connection. */
+/* Send back (part of) the data on_data is handing over right now: data must lie within
+ * that callback's buffer. As cp_conn_send(), except that a remainder above 4 KiB the
+ * kernel does not take at once keeps the received buffer (no copy) until it is sent. Only
+ * from on_data of the same connection. */
 CP_EXTERN int cp_conn_send_data(cp_conn *c, const void *data, size_t len);
 
 /* Send caller-owned memory without copying; it must stay valid until on_sent(c, ctx, ..)
