@@ -192,9 +192,16 @@ static void issue_close(cp_server *sv, cp_conn *c)
     memset(&x->op, 0, sizeof(x->op));
     x->kind = SEND_CLOSE;
     op_ref(c);
-    if (cp_socket_close(&c->s, &x->op) < 0) {
+    /* Inside c's receive handler (which holds an operation reference, so the count cannot
+     * reach zero here, under c's lock) a close that completes at once is handled right
+     * away, without a trip through the port. */
+    int r = w->rx_conn == c ? cp__socket_close_now(&c->s, &x->op) : cp_socket_close(&c->s, &x->op);
+    if (r < 0) {
         cp__cache_free(&w->sends, &sv->sends, x);
         op_unref(sv, c, 1);
+    } else if (r == CP_DONE_NOW) {
+        cp__cache_free(&w->sends, &sv->sends, x);
+        op_unref(sv, c, 2); /* its own and the connection's life reference */
     }
 }
 
@@ -516,6 +523,7 @@ static bool after_receive(cp_server *sv, cp_conn *c, int64_t res)
 static bool rx_single(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64_t res)
 {
     cp__lock_acquire(&c->lock);
+    w->rx_conn = c;
     if (res > 0 && !(st_load(c) & CF_CLOSING)) {
         touch(c, data_tick(sv));
         deliver(sv, c, w, op->u.buf, (size_t)res, sv->o.zero_byte ? BUF_POOL : BUF_SLAB, op->u.buf);
@@ -536,6 +544,7 @@ static bool rx_single(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64
     }
     if (!reposted)
         st_clear(c, CF_RX_OUT);
+    w->rx_conn = NULL;
     cp__lock_release(&c->lock);
     return reposted;
 }

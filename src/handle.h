@@ -118,6 +118,12 @@ int cp__op_iov(const cp_op *op, struct iovec *tmp, const struct iovec **out);
  * socket): saves the fcntl calls. */
 int cp__socket_associate_nonblocking(cp_socket *s, cp_port *port, int fd, uintptr_t key);
 
+/* cp_socket_close() that, when nothing of the socket is outstanding any more, finishes
+ * the close right away: returns CP_DONE_NOW and queues no completion (completions of the
+ * socket's other operations may still be queued, not yet handled: the caller must be able
+ * to tell, as the server does by counting references). */
+int cp__socket_close_now(cp_socket *h, cp_op *op);
+
 /* Validate, set up and queue op on queue `which` of h (0 = receive, 1 = send). */
 int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which);
 /* The same with h already locked by the caller; unlocks it. */

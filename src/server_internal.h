@@ -130,6 +130,7 @@ enum { CP__SIZE_CLASSES = 3 }; /* 4 KiB, 16 KiB, 64 KiB buffers */
 typedef struct cp__worker {
     struct cp__worker *next;
     cp_conn *cur_conn;
+    cp_conn *rx_conn;    /* whose receive completion this thread handles (holding its ref) */
     const char *cur_buf; /* the delivery's buffer and its extent */
     size_t cur_len;
     uint8_t cur_kind;

@@ -1069,7 +1069,7 @@ int cp_socket_cancel_all(cp_socket *h)
     return n;
 }
 
-int cp_socket_close(cp_socket *h, cp_op *op)
+static int close_socket(cp_socket *h, cp_op *op, bool done_now_ok)
 {
     if (!h || !op || !h->cp__port)
         return -EINVAL;
@@ -1096,9 +1096,24 @@ int cp_socket_close(cp_socket *h, cp_op *op)
     }
     be_of(h)->detach(h);
     maybe_finish_close_locked(h, &done);
+    bool now = done_now_ok && done.close_op == op;
+    if (now) {
+        done.close_op = NULL;
+        __atomic_store_n(&op->cp__state, CP__OPS_IDLE, __ATOMIC_RELAXED); /* the caller's */
+    }
     unlock_flush(h, &done);
     cp__io_deliver(p, &done);
-    return 0;
+    return now ? CP_DONE_NOW : 0;
+}
+
+int cp_socket_close(cp_socket *h, cp_op *op)
+{
+    return close_socket(h, op, false);
+}
+
+int cp__socket_close_now(cp_socket *h, cp_op *op)
+{
+    return close_socket(h, op, true);
 }
 
 void cp_buffer_release(cp_port *p, void *buf)
