@@ -98,7 +98,7 @@ typedef enum cp__send_kind {
  * the received buffer (a hold) or taking a buffer from a size class. Replies from a
  * delivered buffer (cp_conn_send_data) keep that buffer only above CP__SEND_HOLD_MIN
  * (the smallest size class); smaller ones are copied. */
-enum { CP__SEND_INLINE = 128, CP__SEND_HOLD_MIN = 4096 };
+enum { CP__SEND_INLINE = 256, CP__SEND_HOLD_MIN = 4096 };
 
 /* A TransmitFile through a connection (its own lookaside: bigger than a send). */
 typedef struct cp__xmit {
