@@ -82,12 +82,17 @@ static void append_io_locked(cp_port *p, cp_op *head, cp_op *tail, unsigned n)
 
 static unsigned take_io_locked(cp_port *p, cp_completion *out, unsigned max)
 {
+    /* Two passes: unlinking the ops walks a chain of (mostly cold) per-I/O contexts; the
+     * handles their completions name are fetched meanwhile, not one miss after the other. */
     unsigned n = 0;
     while (n < max && p->qhead) {
         cp_op *op = p->qhead;
         p->qhead = op->cp__next;
-        cp__op_to_completion(op, &out[n++]);
+        __builtin_prefetch(op->cp__h);
+        out[n++].op = op;
     }
+    for (unsigned i = 0; i < n; i++)
+        cp__op_to_completion(out[i].op, &out[i]);
     if (!p->qhead)
         p->qtail = NULL;
     if (n)
