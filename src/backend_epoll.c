@@ -250,26 +250,6 @@ static void clear_flag(cp_handle *h, uint16_t f)
     h->cp__flags &= (uint16_t)~f;
 }
 
-/* The vector forms keep their IOV_MAX-entry scratch array (16 KiB) off the stack frame of
- * the common path. */
-static __attribute__((noinline)) long recv_vec(cp_handle *h, cp_op *op)
-{
-    struct iovec tmp[IOV_MAX];
-    const struct iovec *iov;
-    int cnt = cp__op_iov(op, tmp, &iov);
-    struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
-    return cp__sys_recvmsg(h->fd, &msg, 0);
-}
-
-static __attribute__((noinline)) long send_vec(cp_handle *h, cp_op *op)
-{
-    struct iovec tmp[IOV_MAX];
-    const struct iovec *iov;
-    int cnt = cp__op_iov(op, tmp, &iov);
-    struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
-    return cp__sys_sendmsg(h->fd, &msg, MSG_NOSIGNAL);
-}
-
 static int step_recv(cp_handle *h, cp_op *op)
 {
     if (!(h->cp__flags & CP__H_RD_READY))
@@ -279,7 +259,7 @@ static int step_recv(cp_handle *h, cp_op *op)
         size_t want;
         if (op->cp__flags & CP__OPF_VEC) {
             want = op->cp__len - op->cp__done;
-            n = recv_vec(h, op);
+            n = cp__op_recvmsg(op, h->fd, 0);
         } else {
             want = op->cp__len;
             n = cp__sys_recv(h->fd, op->u.buf, want, 0);
@@ -345,7 +325,7 @@ static int step_send(cp_handle *h, cp_op *op)
     for (;;) {
         long n;
         if (op->cp__flags & CP__OPF_VEC) {
-            n = send_vec(h, op);
+            n = cp__op_sendmsg(op, h->fd, MSG_NOSIGNAL);
         } else {
             n = cp__sys_send(h->fd, (char *)op->u.buf + op->cp__done, want, MSG_NOSIGNAL);
         }

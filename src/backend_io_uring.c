@@ -700,21 +700,12 @@ static int wait_writable(cp_handle *h, cp_op *op)
 
 /* A plain non-blocking send of what op has left (CP_SEND_SKIP_ON_SUCCESS): bytes sent,
  * or a negative errno (-EAGAIN: the socket is full, use a kernel request). */
-static __attribute__((noinline)) long send_now_vec(cp_handle *h, cp_op *op)
-{
-    struct iovec tmp[IOV_MAX];
-    const struct iovec *iov;
-    int cnt = cp__op_iov(op, tmp, &iov);
-    struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
-    return cp__sys_sendmsg(h->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-}
-
 static int send_now(cp_handle *h, cp_op *op)
 {
     for (;;) {
         long n;
         if (op->cp__flags & CP__OPF_VEC) {
-            n = send_now_vec(h, op);
+            n = cp__op_sendmsg(op, h->fd, MSG_DONTWAIT | MSG_NOSIGNAL);
         } else {
             n = cp__sys_send(h->fd, (char *)op->u.buf + op->cp__done, op->cp__len - op->cp__done,
                              MSG_DONTWAIT | MSG_NOSIGNAL);

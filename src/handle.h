@@ -114,6 +114,12 @@ void cp__io_resume(cp_handle *h, cp__oplist *done);
  * nothing moved yet, else a trimmed copy in tmp (IOV_MAX entries). Returns the count. */
 int cp__op_iov(const cp_op *op, struct iovec *tmp, const struct iovec **out);
 
+/* sendmsg(2) / recvmsg(2) on fd of what a vector op has left (cp__op_iov): bytes moved,
+ * or a negative errno (cp__sys_sendmsg). Out of line, so that callers' common paths do not
+ * carry the IOV_MAX-entry scratch array (16 KiB) in their stack frames. */
+long cp__op_sendmsg(const cp_op *op, int fd, int flags);
+long cp__op_recvmsg(const cp_op *op, int fd, int flags);
+
 /* cp_socket_associate() for a descriptor known to be non-blocking already (an accepted
  * socket): saves the fcntl calls. */
 int cp__socket_associate_nonblocking(cp_socket *s, cp_port *port, int fd, uintptr_t key);

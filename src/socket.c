@@ -16,6 +16,7 @@
  * The port never takes a handle lock.
  */
 #include "handle.h"
+#include "sys.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -657,6 +658,24 @@ int cp__op_iov(const cp_op *op, struct iovec *tmp, const struct iovec **out)
     }
     *out = tmp;
     return n;
+}
+
+long cp__op_sendmsg(const cp_op *op, int fd, int flags)
+{
+    struct iovec tmp[IOV_MAX];
+    const struct iovec *iov;
+    int cnt = cp__op_iov(op, tmp, &iov);
+    struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
+    return cp__sys_sendmsg(fd, &msg, flags);
+}
+
+long cp__op_recvmsg(const cp_op *op, int fd, int flags)
+{
+    struct iovec tmp[IOV_MAX];
+    const struct iovec *iov;
+    int cnt = cp__op_iov(op, tmp, &iov);
+    struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
+    return cp__sys_recvmsg(fd, &msg, flags);
 }
 
 /* ---- port hooks ----------------------------------------------------------------------- */
