@@ -4,10 +4,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
-enum {
-    CHUNK_BYTES = 2 << 20, /* one transparent huge page */
-    HUGE_OBJECTS = 16 * 1024,
-};
+enum { CHUNK_BYTES = 1 << 20 };
 
 struct cp__chunk {
     cp__chunk *next;
@@ -62,14 +59,6 @@ static cp__chunk *new_chunk(cp__slab *s)
         munmap(m, (size_t)(a - m));
     if (a + CHUNK_BYTES < m + 2 * CHUNK_BYTES)
         munmap(a + CHUNK_BYTES, (size_t)(m + 2 * CHUNK_BYTES - (a + CHUNK_BYTES)));
-    /* Chunks of big objects (receive and send buffers) ask for a transparent huge page:
-     * the kernel copies every message into or out of them, and on 4 KiB pages each copy
-     * pays a TLB miss per page once a server's buffers outgrow the TLB (bench/README.md:
-     * 4% less CPU per 16 KiB message on io_uring, 1% on epoll). Chunks of small objects
-     * keep 4 KiB pages, where memory never touched costs nothing. Advice only: where
-     * transparent huge pages are off it fails or does nothing, and that is harmless. */
-    if (s->size >= HUGE_OBJECTS)
-        (void)madvise(a, CHUNK_BYTES, MADV_HUGEPAGE);
     cp__chunk *c = (cp__chunk *)a;
     /* Header plus bitmap, then objects from the next 64-byte boundary. */
     size_t cap = (CHUNK_BYTES - sizeof(*c)) / s->size;

@@ -1,10 +1,7 @@
 /* Lookaside lists (S4): fixed-size objects recycled through free lists instead of malloc.
  *
- * A cp__slab hands out objects of one size, carved lazily from 2 MiB anonymous chunks
- * (untouched pages cost no memory) and recycled LIFO. Chunks of objects of 16 KiB and
- * more are advised as transparent huge pages (MADV_HUGEPAGE): where the system allows
- * it, the first such object touched commits the whole 2 MiB, and copies into and out of
- * the buffers cost fewer TLB misses. It can walk every object handed out
+ * A cp__slab hands out objects of one size, carved lazily from 1 MiB anonymous chunks
+ * (untouched pages cost no memory) and recycled LIFO. It can walk every object handed out
  * (the server's timeout sweep and shutdown use that): each chunk keeps a bitmap of its
  * live objects, so objects carry no header.
  *

@@ -85,7 +85,7 @@ cp__worker *cp__server_worker(cp_server *sv)
     }
     /* What a thread may keep aside: 64 contexts of each kind, and 32 x 4 KiB, 8 x 16 KiB
      * and 4 x 64 KiB buffers (512 KiB). Each buffer cache stays well below the slab's
-     * 2 MiB chunk (a few workers together keep less than one chunk of a class aside), so
+     * 1 MiB chunk (a few workers together keep less than one chunk of a class aside), so
      * buffers that migrate between workers do not make the slab grow once traffic is
      * steady. */
     w->sends.cap = w->holds.cap = w->conns.cap = CP__CACHE_MAX;
