@@ -404,17 +404,17 @@ static int step_accept(cp_handle *h, cp_op *op)
     cp_accept_op *aop = CP_CONTAINER_OF(op, cp_accept_op, op);
     for (;;) {
         aop->addrlen = sizeof(aop->addr);
-        int fd = accept4(h->fd, (struct sockaddr *)&aop->addr, &aop->addrlen,
-                         SOCK_NONBLOCK | SOCK_CLOEXEC);
+        long fd = cp__sys_accept4(h->fd, (struct sockaddr *)&aop->addr, &aop->addrlen,
+                                  SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0)
-            return fd;
-        if (errno == EINTR || errno == ECONNABORTED)
+            return (int)fd;
+        if (fd == -EINTR || fd == -ECONNABORTED)
             continue;
-        if (errno == EAGAIN) {
+        if (fd == -EAGAIN) {
             clear_flag(h, CP__H_RD_READY);
             return CP__PENDING;
         }
-        return -errno;
+        return (int)fd;
     }
 }
 

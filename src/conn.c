@@ -973,6 +973,24 @@ static void refuse(cp_server *sv, int fd)
     close(fd);
 }
 
+/* Replies go out at once (no Nagle delay). The listener has TCP_NODELAY set, and Linux
+ * copies it to accepted sockets: the first connection checks that, and only where it does
+ * not hold does every connection pay a setsockopt (a system call per connection). */
+static void set_nodelay(cp_server *sv, int fd)
+{
+    int inherited = __atomic_load_n(&sv->nodelay_inherited, __ATOMIC_RELAXED);
+    if (inherited == 0) {
+        int on = 0;
+        socklen_t len = sizeof(on);
+        inherited = getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, &len) == 0 && on ? 1 : -1;
+        __atomic_store_n(&sv->nodelay_inherited, inherited, __ATOMIC_RELAXED);
+    }
+    if (inherited < 0) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    }
+}
+
 void cp__conn_start(cp_server *sv, int fd)
 {
     /* Count it first: several workers accept at once, and a check-then-add would let
@@ -993,8 +1011,7 @@ void cp__conn_start(cp_server *sv, int fd)
     size_t st_off = offsetof(cp_conn, state), st_end = st_off + sizeof(c->state);
     memset(c, 0, st_off);
     memset((char *)c + st_end, 0, sv->off_user + sv->o.conn_user_size - st_end);
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    set_nodelay(sv, fd);
     /* Accepted with SOCK_NONBLOCK. */
     if (cp__socket_associate_nonblocking(&c->s, sv->port, fd, (uintptr_t)&sv->conn_binding) < 0) {
         cp__cache_free(&w->conns, &sv->conns, c);

@@ -169,6 +169,9 @@ struct cp_server {
 
     /* The listener and its accept pool. */
     int listen_fd;
+    /* Whether accepted sockets inherit the listener's TCP_NODELAY (atomic; 0 = not known
+     * yet, 1 = they do, -1 = each needs its own setsockopt). */
+    int nodelay_inherited;
     uint16_t listen_port;
     cp_socket listener;
     cp_op listener_close;

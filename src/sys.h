@@ -1,6 +1,6 @@
 /* Raw system calls for the per-message path.
  *
- * glibc's recv/send/recvmsg/sendmsg are cancellation points: every call switches
+ * glibc's recv/send/recvmsg/sendmsg/accept4 are cancellation points: every call switches
  * asynchronous cancellation on and off around the system call, about 30 instructions that
  * cport never needs (its threads are never cancelled). These helpers make the system call
  * directly and return the result or a negative errno, without touching errno.
@@ -92,6 +92,17 @@ static inline long cp__sys_recvmsg(int fd, struct msghdr *msg, int flags)
     return n < 0 ? -errno : n;
 #else
     return cp__syscall6(SYS_recvmsg, fd, (long)msg, flags, 0, 0, 0);
+#endif
+}
+
+/* accept4(2): the new descriptor, or a negative errno (EINTR included). */
+static inline long cp__sys_accept4(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
+{
+#ifdef CP__SYS_LIBC
+    int r = accept4(fd, addr, addrlen, flags);
+    return r < 0 ? -errno : r;
+#else
+    return cp__syscall6(SYS_accept4, fd, (long)addr, (long)addrlen, flags, 0, 0);
 #endif
 }
 

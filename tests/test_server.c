@@ -846,6 +846,7 @@ struct tsrv {
 
     /* Counters (atomic). */
     uint64_t open_calls, opens, refused, closes, open_now, open_now_max;
+    uint64_t nagle;          /* connections that reached on_open without TCP_NODELAY */
     uint64_t overlap;        /* two callbacks of one connection at once */
     uint64_t late;           /* a callback after on_close */
     uint64_t twice;          /* on_close twice */
@@ -926,6 +927,10 @@ static int t_on_open(cp_conn *c)
         cb_leave(u);
         return -1;
     }
+    int nodelay = 0;
+    socklen_t nlen = sizeof nodelay;
+    if (getsockopt(cp_conn_fd(c), IPPROTO_TCP, TCP_NODELAY, &nodelay, &nlen) < 0 || !nodelay)
+        ADD(&t->nagle, 1);
     if (t->sndbuf &&
         setsockopt(cp_conn_fd(c), SOL_SOCKET, SO_SNDBUF, &t->sndbuf, sizeof t->sndbuf) < 0)
         note_error(t, "SO_SNDBUF: %s", strerror(errno));
@@ -1396,6 +1401,8 @@ TEST(accept_burst_5000)
     }
     WAIT_FOR(LOAD(&t->closes) == N + N / 5, IO_MS);
     CHECK_EQ(LOAD(&t->opens), N + N / 5);
+    CHECK_EQ(LOAD(&t->nagle), 0); /* every one, including those set up while the first
+                                   * was still finding out whether it is inherited */
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 

@@ -72,9 +72,9 @@ typedef enum cp_close_reason {
 CP_EXTERN const char *cp_close_reason_name(cp_close_reason reason);
 
 typedef struct cp_server_callbacks {
-    /* A connection was accepted (its handshake may not have sent data yet). Return 0 to
-     * keep it; a negative value closes it at once, and no other callback runs for it.
-     * Optional. */
+    /* A connection was accepted (its handshake may not have sent data yet). Its socket
+     * has TCP_NODELAY set (cp_conn_fd() to change that). Return 0 to keep it; a negative
+     * value closes it at once, and no other callback runs for it. Optional. */
     int (*on_open)(cp_conn *c);
     /* Data arrived: in stream mode a chunk of bytes (any size >= 1), in framed mode the
      * payload of one whole frame (may be 0 bytes). `data` is valid until the callback
