@@ -484,6 +484,11 @@ static void server_reap(server *s, int sig, char *text)
     static char tail[8192];
     memfd_tail(s->out, tail, sizeof tail);
     const char *p = strstr(tail, want);
+    if (!p) {
+        size_t tl = strlen(tail);
+        fprintf(stderr, "no \"%s\" in the last %zu bytes of stdout; they end with:\n%s\n", want, tl,
+                tail + (tl > 1500 ? tl - 1500 : 0));
+    }
     CHECK(p != NULL);
     unsigned long long a, rj, c;
     CHECK_EQ(sscanf(p + strlen(want) - strlen("accepted="),
