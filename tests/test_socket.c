@@ -18,6 +18,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/utsname.h>
 #include <unistd.h>
@@ -356,6 +357,64 @@ TEST(receives_outstanding_fill_in_order)
     CHECK_EQ(have, sizeof(data));
     CHECK(memcmp(got, data, sizeof(data)) == 0);
     pair_close(&pr, p);
+    cp_port_destroy(p);
+}
+
+/* Several sockets with data at once, one receive each: every completion carries its
+ * socket's bytes, exactly. On epoll, in addition, how a harvest reaches the port: large
+ * receives one socket at a time (each handled before the next socket is read, as a plain
+ * event loop does), small ones all together. io_uring receives in the kernel, so there
+ * only the data is checked. */
+static void ready_sockets_phase(cp_port *p, size_t len, int want_per_dequeue)
+{
+    enum { NS = 3 };
+    static uint8_t data[NS][16384], bufs[NS][65536];
+    pair prs[NS];
+    cp_op ops[NS];
+    memset(ops, 0, sizeof(ops));
+    for (int i = 0; i < NS; i++) {
+        pair_open(&prs[i], p);
+        CHECK_OK(cp_socket_recv(&prs[i].s, &ops[i], bufs[i], sizeof bufs[i]));
+    }
+    for (int i = 0; i < NS; i++) {
+        fill_pattern(data[i], len, 100 + (uint32_t)i + (uint32_t)len);
+        write_all(prs[i].client, data[i], len);
+    }
+    /* All of it has reached the server's sockets before the port looks. */
+    for (int i = 0; i < NS; i++) {
+        struct pollfd pf = {.fd = prs[i].s.fd, .events = POLLIN};
+        CHECK_EQ(poll(&pf, 1, 5000), 1);
+        int queued = 0;
+        int64_t until = cpt_now_ms() + 5000;
+        while ((ioctl(prs[i].s.fd, FIONREAD, &queued) == 0 && (size_t)queued < len))
+            CHECK(cpt_now_ms() < until);
+    }
+    bool epoll = strcmp(cp_port_backend_name(p), "epoll") == 0;
+    int got = 0;
+    while (got < NS) {
+        cp_completion c[NS];
+        int n = cp_port_dequeue(p, c, NS, 5000);
+        CHECK(n > 0);
+        if (epoll && got == 0)
+            CHECK_EQ(n, want_per_dequeue);
+        for (int k = 0; k < n; k++) {
+            int i = (int)((cp_op *)c[k].op - ops);
+            CHECK(i >= 0 && i < NS);
+            CHECK_EQ(c[k].result, (long)len);
+            CHECK(memcmp(bufs[i], data[i], len) == 0);
+        }
+        got += n;
+    }
+    CHECK_EQ(got, NS);
+    for (int i = 0; i < NS; i++)
+        pair_close(&prs[i], p);
+}
+
+TEST(ready_sockets_large_receives_handed_over_one_at_a_time)
+{
+    cp_port *p = make_port();
+    ready_sockets_phase(p, 16384, 1);
+    ready_sockets_phase(p, 64, 3);
     cp_port_destroy(p);
 }
 
