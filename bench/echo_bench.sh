@@ -37,6 +37,8 @@ usage: bench/echo_bench.sh [options]
   --hold-secs T        how long hold keeps them idle (default 3)
   --scenarios LIST     comma-separated subset of:
                          echo_64x100 echo_64x1000d4 echo_16kx50d2 connrate_64 hold
+                       and, not in the default list, echo_16kx4d2 (few connections,
+                       large messages)
   --build DIR          build directory holding bin/ (default <repo>/build)
   --server 'NAME|COMMAND|HOLD_ARGS'
                        a server to compare (repeatable; replaces the default list).
@@ -150,12 +152,14 @@ SC_DESC[echo_64x1000d4]="echo 64 B x 1000 conns x depth 4"
 SC_ARGS[echo_64x1000d4]="echo -c 1000 -s 64 -d 4"
 SC_DESC[echo_16kx50d2]="echo 16 KiB x 50 conns x depth 2"
 SC_ARGS[echo_16kx50d2]="echo -c 50 -s 16384 -d 2"
+SC_DESC[echo_16kx4d2]="echo 16 KiB x 4 conns x depth 2"
+SC_ARGS[echo_16kx4d2]="echo -c 4 -s 16384 -d 2"
 SC_DESC[connrate_64]="connrate, 64 concurrent, 64 B echo per connection"
 SC_ARGS[connrate_64]="connrate -c 64 -s 64"
 SC_DESC[hold]="hold $HOLD_CONNS connections (one verified echo each, then idle)"
 SC_ARGS[hold]="hold -n $HOLD_CONNS --echo"
 ECHO_METRICS="msgs_per_s:msgs/s:0 mib_per_s:MiB/s:1 p50_us:p50_us:1 p99_us:p99_us:1 server_user_us_per_msg:usr_us/msg:3 server_sys_us_per_msg:sys_us/msg:3 cpu_us_per_msg:cpu_us/msg:3 jain:jain:4"
-for s in echo_64x100 echo_64x1000d4 echo_16kx50d2; do SC_METRICS[$s]=$ECHO_METRICS; done
+for s in echo_64x100 echo_64x1000d4 echo_16kx50d2 echo_16kx4d2; do SC_METRICS[$s]=$ECHO_METRICS; done
 SC_METRICS[connrate_64]="conns_per_s:conns/s:0 p50_us:p50_us:1 p99_us:p99_us:1 server_user_us_per_conn:usr_us/conn:2 server_sys_us_per_conn:sys_us/conn:2 cpu_us_per_conn:cpu_us/conn:2"
 SC_METRICS[hold]="held:held:0 conns_per_s:setup_conns/s:0 p99_us:setup_p99_us:0 server_rss_per_conn_b:rss_B/conn:0 server_rss_marginal_b:rss_marg_B:0 server_rss_idle_kb:rss_KiB:0 cpu_us_per_conn:cpu_us/conn:2"
 
