@@ -152,6 +152,44 @@ static size_t received_after(const cp__oplist *done, const cp_op *from)
     return bytes;
 }
 
+/* Wait for events until `deadline` (absolute ns; 0 = do not block; < 0 = forever) and
+ * make them the current harvest. Returns 0 or a negative errno. */
+static int harvest_events(ep_state *s, int64_t deadline)
+{
+    cp__lock_acquire(&s->lock);
+    s->in_poll = true;
+    cp__lock_release(&s->lock);
+
+    struct timespec ts, *tsp = NULL;
+    if (deadline >= 0) {
+        int64_t left = deadline == 0 ? 0 : deadline - cp__now_ns();
+        if (left < 0)
+            left = 0;
+        ts.tv_sec = left / 1000000000;
+        ts.tv_nsec = left % 1000000000;
+        tsp = &ts;
+    }
+    int n = -1;
+    if (!s->no_pwait2) {
+        n = epoll_pwait2(s->epfd, s->events, MAX_EVENTS, tsp, NULL);
+        if (n < 0 && errno == ENOSYS)
+            s->no_pwait2 = true; /* only the poller touches this flag */
+    }
+    if (s->no_pwait2) {
+        /* Whole milliseconds, rounded up: a wait never ends before its deadline. */
+        int ms = -1;
+        if (tsp) {
+            int64_t left = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+            ms = (int)((left + 999999) / 1000000);
+        }
+        n = epoll_wait(s->epfd, s->events, MAX_EVENTS, ms);
+    }
+    int err = n < 0 && errno != EINTR ? -errno : 0;
+    s->nevents = n > 0 ? n : 0;
+    s->next_event = 0;
+    return err;
+}
+
 /* A harvest is handled in parts: once the completions of one poll hold HANDOFF_BYTES of
  * received data, the poll returns and the port runs them; the next poll continues with the
  * events left, without a system call. So large messages are received, handled and
@@ -163,40 +201,7 @@ static size_t received_after(const cp__oplist *done, const cp_op *from)
 static int ep_poll(cp_port *p, int64_t deadline, cp__oplist *done)
 {
     ep_state *s = state_of(p);
-    int err = 0;
-    if (s->next_event >= s->nevents) {
-        cp__lock_acquire(&s->lock);
-        s->in_poll = true;
-        cp__lock_release(&s->lock);
-
-        struct timespec ts, *tsp = NULL;
-        if (deadline >= 0) {
-            int64_t left = deadline == 0 ? 0 : deadline - cp__now_ns();
-            if (left < 0)
-                left = 0;
-            ts.tv_sec = left / 1000000000;
-            ts.tv_nsec = left % 1000000000;
-            tsp = &ts;
-        }
-        int n = -1;
-        if (!s->no_pwait2) {
-            n = epoll_pwait2(s->epfd, s->events, MAX_EVENTS, tsp, NULL);
-            if (n < 0 && errno == ENOSYS)
-                s->no_pwait2 = true; /* only the poller touches this flag */
-        }
-        if (s->no_pwait2) {
-            /* Whole milliseconds, rounded up: a wait never ends before its deadline. */
-            int ms = -1;
-            if (tsp) {
-                int64_t left = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-                ms = (int)((left + 999999) / 1000000);
-            }
-            n = epoll_wait(s->epfd, s->events, MAX_EVENTS, ms);
-        }
-        err = n < 0 && errno != EINTR ? -errno : 0;
-        s->nevents = n > 0 ? n : 0;
-        s->next_event = 0;
-    }
+    int err = s->next_event < s->nevents ? 0 : harvest_events(s, deadline);
     cp__port_poller_awake(p);
     size_t received = 0;
     while (s->next_event < s->nevents && received < HANDOFF_BYTES) {

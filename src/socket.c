@@ -859,8 +859,7 @@ int cp__submit_locked(cp_handle *h, cp_op *op, uint8_t opcode, int which)
         return submit_finish(h, op, q, CP__PENDING, false);
     /* The common case, straight through: an untimed operation on an idle queue starts at
      * once, and usually waits in the kernel or finishes in full right here. */
-    op->cp__next = op;
-    *q = op;
+    queue_append(q, op);
     __atomic_store_n(&op->cp__state, CP__OPS_STARTED, __ATOMIC_RELAXED);
     int r = start_step_locked(h, op);
     if (r == CP__PENDING) {
