@@ -525,8 +525,12 @@ static void poll_backend_locked(cp_port *p, cp__thread *t, int64_t deadline)
     int64_t timer = cp__io_next_deadline(p);
     if (timer >= 0 && (deadline < 0 || timer < deadline))
         deadline = timer > 0 ? timer : 0;
+    /* It will not block: nothing to wake. (The harvest itself begins only when the
+     * backend's poll returns: one harvest must keep one generation from its start to its
+     * end, or completions that other threads put on the late list for a handle stamped
+     * with the first would be overtaken by the handle's later ones in the harvest.) */
     if (deadline == 0)
-        cp__port_poller_awake(p); /* it will not block: nothing to wake */
+        __atomic_store_n(&p->wake_sent, true, __ATOMIC_SEQ_CST);
     cp__oplist done = {.flags = CP__OPLIST_HARVEST};
     p->be->poll(p, deadline, &done);
     if ((done.flags & CP__OPLIST_POOL_FREED) ||
