@@ -9,6 +9,7 @@
 #include "sync.h"
 #include "timer_heap.h"
 
+#include <assert.h>
 #include <pthread.h>
 #include <stdbool.h>
 
@@ -119,6 +120,9 @@ static inline bool cp__port_polling(cp_port *port)
  *   - its harvest begins (see cp_port.harvesting). */
 static inline void cp__port_poller_awake(cp_port *port)
 {
+    /* One generation per harvest, from its start to its end (see cp_port.late): a harvest
+     * begins only after the previous one was queued. */
+    assert(!__atomic_load_n(&port->harvesting, __ATOMIC_RELAXED));
     __atomic_store_n(&port->wake_sent, true, __ATOMIC_SEQ_CST);
     __atomic_store_n(&port->harvest_gen, port->harvest_gen + 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&port->harvesting, true, __ATOMIC_SEQ_CST);
