@@ -1018,8 +1018,9 @@ void cp__conn_start(cp_server *sv, int fd)
         refuse(sv, fd);
         return;
     }
-    /* The life reference, plus one for this set-up. */
-    __atomic_store_n(&c->state, 2 * CS_OPREF | ((uint64_t)now_tick(sv) << CS_TICK_SHIFT),
+    /* The life reference, plus one for this set-up; the handshake timeout counts from a
+     * late stamp, like data's (never early, and the exact clock costs more per connection). */
+    __atomic_store_n(&c->state, 2 * CS_OPREF | ((uint64_t)data_tick(sv) << CS_TICK_SHIFT),
                      __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&sv->stopping, __ATOMIC_SEQ_CST)) {
         start_close(sv, c, CP_CLOSE_SHUTDOWN, 0, false);

@@ -448,7 +448,7 @@ static void maybe_finish_close_locked(cp_handle *h, cp__oplist *done)
         if (cp__bufpool_unref(&p->pool, (uint16_t)(off / p->pool.size)))
             done->flags |= OPLIST_POOL_FREED;
     /* Only now is no kernel request left that could name this fd. */
-    close(h->fd);
+    cp__sys_close(h->fd);
     cp__port_handle_removed(p);
     cp_op *cop = h->cp__aux;
     cop->cp__done = 0;

@@ -1,6 +1,6 @@
 /* Raw system calls for the per-message path.
  *
- * glibc's recv/send/recvmsg/sendmsg/accept4 are cancellation points: every call switches
+ * glibc's recv/send/recvmsg/sendmsg/accept4/close are cancellation points: every call switches
  * asynchronous cancellation on and off around the system call, about 30 instructions that
  * cport never needs (its threads are never cancelled). These helpers make the system call
  * directly and return the result or a negative errno, without touching errno.
@@ -114,6 +114,17 @@ static inline long cp__sys_sendmsg(int fd, const struct msghdr *msg, int flags)
     return n < 0 ? -errno : n;
 #else
     return cp__syscall6(SYS_sendmsg, fd, (long)msg, flags, 0, 0, 0);
+#endif
+}
+
+/* close(2): 0 or a negative errno. (Not retried on EINTR: Linux frees the descriptor
+ * even then.) */
+static inline long cp__sys_close(int fd)
+{
+#ifdef CP__SYS_LIBC
+    return close(fd) < 0 ? -errno : 0;
+#else
+    return cp__syscall6(SYS_close, fd, 0, 0, 0, 0, 0);
 #endif
 }
 
