@@ -227,6 +227,11 @@ static void drain_step(cp_server *sv, cp_conn *c)
     if ((st & (CF_CLOSING | CF_DRAIN | CF_CLOSE_ISSUED)) != (CF_CLOSING | CF_DRAIN) ||
         __atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) != 0)
         return;
+    /* Nothing queued: from here on sends fail with -EPIPE. Decided under the socket's lock,
+     * so that a send that saw no CF_CLOSING cannot queue a reply the close would cancel
+     * (conn_send raises `pending` under that lock). */
+    if (!cp__socket_seal_if_idle(&c->s, &c->pending))
+        return;
     if (st & CF_RX_ENDED) {
         issue_close(sv, c);
         return;
@@ -861,7 +866,11 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
     __atomic_add_fetch(&c->pending, xmit_pending(x), __ATOMIC_SEQ_CST);
     int r = cp_socket_transmit_file(&c->s, &x->t, fd, offset, len, x->head, head_len, NULL, 0, 0);
     if (r < 0) {
-        __atomic_sub_fetch(&c->pending, xmit_pending(x), __ATOMIC_SEQ_CST);
+        /* A graceful close that looked meanwhile saw these bytes pending and left the
+         * close to their completion: there is none, so look again. */
+        if (__atomic_sub_fetch(&c->pending, xmit_pending(x), __ATOMIC_SEQ_CST) == 0 &&
+            (st_load(c) & CF_DRAIN))
+            drain_step(sv, c);
         if (x->head)
             cp__server_buf_free(sv, w, x->head, x->head_size);
         cp__slab_free(&sv->xmits, x);

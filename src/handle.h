@@ -22,6 +22,7 @@ enum {
                                    read no longer means the socket is drained */
     CP__H_LATE = 1u << 12,      /* another thread queued completions after the poller's
                                    harvest of generation cp__hgen (see cp_port.late) */
+    CP__H_SEALED = 1u << 13,    /* no more sends (cp__socket_seal_if_idle) */
 };
 
 /* cp_op.cp__state */
@@ -145,6 +146,14 @@ int cp__submit_locked(cp_handle *h, cp_op *op, uint8_t opcode, int which);
  * A failed attempt counts as 0 bytes: the queued send meets the error and reports it
  * through the port. */
 long cp__send_try(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len, bool attempt);
+
+/* The server's graceful close: if *pending (bytes the caller has queued to send on h,
+ * raised only with h locked or before a send is submitted) is 0, refuse every later send
+ * on h (cp__send_try and sends submitted fail with -EBADF) and return true; else false.
+ * Deciding "nothing is left to send" under h's lock means no send can be accepted
+ * between that decision and the close (it would be cancelled by the close: a reply that
+ * was accepted and never sent). Any thread. */
+bool cp__socket_seal_if_idle(cp_handle *h, const uint32_t *pending);
 
 /* True if op is in use (started and not yet dequeued): it must not be touched. */
 static inline bool cp__op_in_use(const cp_op *op)

@@ -830,7 +830,7 @@ int cp__submit_locked(cp_handle *h, cp_op *op, uint8_t opcode, int which)
     op->cp__done = 0;
     op->cp__tidx = 0;
     uint16_t hf = h->cp__flags;
-    if (hf & CP__H_CLOSING) {
+    if (hf & (which ? CP__H_CLOSING | CP__H_SEALED : CP__H_CLOSING)) {
         cp__h_unlock(h);
         return -EBADF;
     }
@@ -889,7 +889,7 @@ int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
 long cp__send_try(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len, bool attempt)
 {
     cp__h_lock(h);
-    if (h->cp__flags & CP__H_CLOSING) {
+    if (h->cp__flags & (CP__H_CLOSING | CP__H_SEALED)) {
         cp__h_unlock(h);
         return -EBADF;
     }
@@ -903,6 +903,16 @@ long cp__send_try(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len,
     /* Full, or failed: the queued send finds out again (and reports a failure through the
      * port, as a send always does). */
     return n > 0 ? n : 0;
+}
+
+bool cp__socket_seal_if_idle(cp_handle *h, const uint32_t *pending)
+{
+    cp__h_lock(h);
+    bool idle = __atomic_load_n(pending, __ATOMIC_SEQ_CST) == 0;
+    if (idle)
+        h->cp__flags |= CP__H_SEALED;
+    cp__h_unlock(h);
+    return idle;
 }
 
 int cp_socket_accept(cp_socket *listener, cp_accept_op *aop, void *buf, size_t len)
