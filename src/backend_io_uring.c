@@ -698,6 +698,22 @@ static int wait_writable(cp_handle *h, cp_op *op)
     return CP__PENDING;
 }
 
+/* A connect started again (its request failed with -ECANCELED because the thread that
+ * submitted it exited; the kernel may have begun, finished or failed the connection
+ * meanwhile): connect(2) tells which - in progress (wait for writability and ask again),
+ * connected, or the error - and starts it if it never began. */
+static int connect_again(cp_handle *h, cp_op *op)
+{
+    for (;;) {
+        if (connect(h->fd, op->u.buf, op->cp__len) == 0 || errno == EISCONN)
+            return 0;
+        if (errno == EINPROGRESS || errno == EALREADY)
+            return wait_writable(h, op);
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
 /* A plain non-blocking send of what op has left (CP_SEND_SKIP_ON_SUCCESS): bytes sent,
  * or a negative errno (-EAGAIN: the socket is full, use a kernel request). */
 static int send_now(cp_handle *h, cp_op *op)
@@ -764,6 +780,9 @@ static int ur_start(cp_op *op)
     }
     if (op->opcode == CP_OP_SEND && (op->cp__flags & CP__OPF_VEC))
         return start_sendmsg(h, op);
+    if (op->opcode == CP_OP_CONNECT &&
+        (op->cp__flags & (CP__OPF_PHASE | CP__OPF_CONNECTED)) == CP__OPF_PHASE)
+        return connect_again(h, op);
     cp_port *p = h->cp__port;
     ur_state *s = state_of(p);
     cp__lock_acquire(&s->sq_lock);
@@ -810,6 +829,7 @@ static int ur_start(cp_op *op)
                                cop->cp__data_len - op->cp__done, MSG_NOSIGNAL);
         } else {
             io_uring_prep_connect(sqe, h->fd, op->u.buf, op->cp__len);
+            op->cp__flags |= CP__OPF_PHASE; /* a later start is a restart: connect_again */
         }
         break;
     case CP_OP_READ: {

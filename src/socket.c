@@ -464,11 +464,11 @@ void cp__io_done(cp_op *op, int res, cp__oplist *done)
     lock_collect(h, done);
     cp__h_unpin(h);
     op->cp__flags &= (uint16_t)~CP__OPF_INKERNEL;
-    if (res == -ECANCELED && op->cp__state == CP__OPS_STARTED && op->opcode != CP_OP_CONNECT &&
-        !(h->cp__flags & CP__H_CLOSING)) {
+    if (res == -ECANCELED && op->cp__state == CP__OPS_STARTED && !(h->cp__flags & CP__H_CLOSING)) {
         /* Nobody asked for this cancel: io_uring fails a waiting request whose submitting
          * thread has exited. Nothing was transferred (a partial transfer completes with
-         * its count): start it again from this thread. (A connect cannot be restarted.) */
+         * its count): start it again from this thread (the backend finds out how far a
+         * connect got). */
         op->cp__flags &= (uint16_t)~CP__OPF_POLLWAIT;
         res = start_step_locked(h, op);
     }

@@ -328,6 +328,68 @@ TEST(connect_refused)
     cp_port_destroy(p);
 }
 
+typedef struct connect_job {
+    cp_port *p;
+    cp_socket *s;
+    cp_op *op;
+    struct sockaddr_in sa;
+    int r, polled;
+} connect_job;
+
+/* Start the connect, then poll the port (which submits it to the kernel from this
+ * thread) until nothing came, and exit. */
+static void *connect_and_exit(void *arg)
+{
+    connect_job *j = arg;
+    j->r = cp_socket_connect(j->s, j->op, (struct sockaddr *)&j->sa, sizeof(j->sa));
+    cp_completion c;
+    j->polled = cp_port_dequeue(j->p, &c, 1, 100);
+    return NULL;
+}
+
+/* A connect started by a thread that exits before the connection is made still completes
+ * with the connection's result (io_uring fails a waiting request whose submitter exited
+ * with -ECANCELED; the library starts it again and finds out how far it got). The
+ * listener's accept queue is full, so the SYN is dropped; once a place is free, its
+ * retransmission (about a second later) gets through. */
+TEST(connect_outlives_the_thread_that_started_it)
+{
+    cp_port *p = make_port();
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(lfd >= 0);
+    struct sockaddr_in sa = loopback(0);
+    CHECK_OK(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)));
+    CHECK_OK(listen(lfd, 0)); /* holds one connection */
+    socklen_t len = sizeof(sa);
+    CHECK_OK(getsockname(lfd, (struct sockaddr *)&sa, &len));
+    int first = dial(ntohs(sa.sin_port));
+    cp_socket s;
+    CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
+    cp_op op = {0};
+    connect_job j = {p, &s, &op, sa, 1, 1};
+    pthread_t th;
+    CHECK_EQ(pthread_create(&th, NULL, connect_and_exit, &j), 0);
+    CHECK_EQ(pthread_join(th, NULL), 0);
+    CHECK_OK(j.r);
+    CHECK_EQ(j.polled, -ETIMEDOUT); /* the SYN was dropped: the connect waits */
+    expect_nothing(p, 100);
+    int a = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    CHECK(a >= 0);
+    cp_completion c = next(p);
+    CHECK(c.op == &op);
+    CHECK_EQ(c.result, 0);
+    int b = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    CHECK(b >= 0);
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&s, &cl));
+    CHECK(next(p).op == &cl);
+    close(a);
+    close(b);
+    close(first);
+    close(lfd);
+    cp_port_destroy(p);
+}
+
 /* ---- receive and send ------------------------------------------------------------------- */
 
 TEST(receives_outstanding_fill_in_order)
