@@ -341,11 +341,38 @@ static void timed_out(cp_server *sv, cp_conn *c, cp_close_reason reason, uint64_
     }
 }
 
-void cp__conn_sweep(cp_server *sv, cp_conn *c, uint32_t now)
+bool cp__conn_sweep_pin(cp_server *sv, cp_conn *c, uint32_t now)
 {
     uint64_t st = st_load(c);
     if (!(st & CS_OPREF_MASK))
-        return; /* being set up, or finished */
+        return false; /* being set up, or finished */
+    bool due;
+    if (st & CF_CLOSING) {
+        due = !(st & CF_CLOSE_ISSUED);
+    } else {
+        uint16_t idle = (uint16_t)((uint16_t)now - st_tick(st));
+        uint32_t at =
+            sv->o.conn_deadlines ? __atomic_load_n(deadline_of(sv, c), __ATOMIC_RELAXED) : 0;
+        due = (sv->hs_ticks && !(st & CF_GOT_DATA) && idle >= sv->hs_ticks) ||
+              (sv->idle_ticks && idle >= sv->idle_ticks) || (at && (int32_t)(now - at) >= 0);
+    }
+    /* The reference is taken only if the state word still holds what was looked at: then
+     * this is the same live connection, and it stays so until cp__conn_sweep drops it. */
+    return due && __atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, false,
+                                              __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+static void sweep_step(cp_server *sv, cp_conn *c, uint32_t now);
+
+void cp__conn_sweep(cp_server *sv, cp_conn *c, uint32_t now)
+{
+    sweep_step(sv, c, now);
+    op_unref(sv, c, 1);
+}
+
+static void sweep_step(cp_server *sv, cp_conn *c, uint32_t now)
+{
+    uint64_t st = st_load(c);
     if (st & CF_CLOSING) {
         if (st & CF_CLOSE_ISSUED)
             return;

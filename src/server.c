@@ -209,15 +209,32 @@ static void shrink_accepts(cp_server *sv)
 
 /* ---- the tick: timeouts and accept-pool upkeep ----------------------------------------- */
 
+enum { SWEEP_INLINE = 64 };
+
 typedef struct sweep_ctx {
     cp_server *sv;
     uint32_t now;
+    cp_conn **due; /* pinned by cp__conn_sweep_pin, acted on after the walk */
+    size_t n, cap;
+    cp_conn *inline_due[SWEEP_INLINE]; /* so that a quiet tick allocates nothing */
 } sweep_ctx;
 
 static void sweep_one(void *obj, void *arg)
 {
     sweep_ctx *x = arg;
-    cp__conn_sweep(x->sv, obj, x->now);
+    if (x->n == x->cap) {
+        size_t cap = x->cap * 2;
+        cp_conn **d =
+            x->due == x->inline_due ? malloc(cap * sizeof(*d)) : realloc(x->due, cap * sizeof(*d));
+        if (!d)
+            return; /* out of memory: this one waits for the next tick */
+        if (x->due == x->inline_due)
+            memcpy(d, x->inline_due, sizeof(x->inline_due));
+        x->due = d;
+        x->cap = cap;
+    }
+    if (cp__conn_sweep_pin(x->sv, obj, x->now))
+        x->due[x->n++] = obj;
 }
 
 static void on_tick(void *arg)
@@ -227,8 +244,14 @@ static void on_tick(void *arg)
     /* One pass over every connection: memory reads, no syscall, no per-connection timer
      * (a connection keeps a 16-bit tick of its last data in its state word). It also
      * retries closes that could not get an op when memory ran out. */
-    sweep_ctx x = {sv, now};
+    sweep_ctx x = {.sv = sv, .now = now, .cap = SWEEP_INLINE};
+    x.due = x.inline_due;
     cp__slab_walk(&sv->conns, sweep_one, &x);
+    /* Outside the slab's lock: closing may free connections into it. */
+    for (size_t i = 0; i < x.n; i++)
+        cp__conn_sweep(sv, x.due[i], now);
+    if (x.due != x.inline_due)
+        free(x.due);
     shrink_accepts(sv);
 }
 

@@ -217,6 +217,12 @@ struct cp_server {
 /* conn.c */
 void cp__conn_start(cp_server *sv, int fd);
 void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user);
+/* The tick's sweep, in two steps. While walking the connection slab (its lock held):
+ * true if c has a timeout due or a close to move on, and then it holds one more operation
+ * reference, so that it cannot finish (and its memory be reused by a new connection)
+ * before the second step. After the walk, without the lock: act, and drop that reference
+ * (which may run on_close and free c). */
+bool cp__conn_sweep_pin(cp_server *sv, cp_conn *c, uint32_t now);
 void cp__conn_sweep(cp_server *sv, cp_conn *c, uint32_t now);
 void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort);
 /* The calling thread's record (created on first use; freed with the server). */
