@@ -341,21 +341,28 @@ static void timed_out(cp_server *sv, cp_conn *c, cp_close_reason reason, uint64_
     }
 }
 
+/* The timeout of an open connection (state st) that is due at tick `now`, or -1. */
+static int timeout_due(cp_server *sv, cp_conn *c, uint64_t st, uint32_t now)
+{
+    uint16_t idle = (uint16_t)((uint16_t)now - st_tick(st));
+    if (sv->hs_ticks && !(st & CF_GOT_DATA) && idle >= sv->hs_ticks)
+        return CP_CLOSE_HANDSHAKE_TIMEOUT;
+    if (sv->idle_ticks && idle >= sv->idle_ticks)
+        return CP_CLOSE_IDLE_TIMEOUT;
+    if (sv->o.conn_deadlines) {
+        uint32_t at = __atomic_load_n(deadline_of(sv, c), __ATOMIC_RELAXED);
+        if (at && (int32_t)(now - at) >= 0)
+            return CP_CLOSE_DEADLINE;
+    }
+    return -1;
+}
+
 bool cp__conn_sweep_pin(cp_server *sv, cp_conn *c, uint32_t now)
 {
     uint64_t st = st_load(c);
     if (!(st & CS_OPREF_MASK))
         return false; /* being set up, or finished */
-    bool due;
-    if (st & CF_CLOSING) {
-        due = !(st & CF_CLOSE_ISSUED);
-    } else {
-        uint16_t idle = (uint16_t)((uint16_t)now - st_tick(st));
-        uint32_t at =
-            sv->o.conn_deadlines ? __atomic_load_n(deadline_of(sv, c), __ATOMIC_RELAXED) : 0;
-        due = (sv->hs_ticks && !(st & CF_GOT_DATA) && idle >= sv->hs_ticks) ||
-              (sv->idle_ticks && idle >= sv->idle_ticks) || (at && (int32_t)(now - at) >= 0);
-    }
+    bool due = (st & CF_CLOSING) ? !(st & CF_CLOSE_ISSUED) : timeout_due(sv, c, st, now) >= 0;
     /* The reference is taken only if the state word still holds what was looked at: then
      * this is the same live connection, and it stays so until cp__conn_sweep drops it. */
     return due && __atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, false,
@@ -400,18 +407,11 @@ static void sweep_step(cp_server *sv, cp_conn *c, uint32_t now)
         }
         return;
     }
-    uint16_t idle = (uint16_t)((uint16_t)now - st_tick(st));
-    if (sv->hs_ticks && !(st & CF_GOT_DATA) && idle >= sv->hs_ticks) {
-        timed_out(sv, c, CP_CLOSE_HANDSHAKE_TIMEOUT, st);
-    } else if (sv->idle_ticks && idle >= sv->idle_ticks) {
-        timed_out(sv, c, CP_CLOSE_IDLE_TIMEOUT, st);
-    } else if (sv->o.conn_deadlines) {
-        uint32_t at = __atomic_load_n(deadline_of(sv, c), __ATOMIC_RELAXED);
-        if (at && (int32_t)(now - at) >= 0) {
-            __atomic_store_n(deadline_of(sv, c), 0, __ATOMIC_RELAXED);
-            timed_out(sv, c, CP_CLOSE_DEADLINE, st);
-        }
-    }
+    int reason = timeout_due(sv, c, st, now);
+    if (reason == CP_CLOSE_DEADLINE)
+        __atomic_store_n(deadline_of(sv, c), 0, __ATOMIC_RELAXED);
+    if (reason >= 0)
+        timed_out(sv, c, (cp_close_reason)reason, st);
 }
 
 /* ---- receiving ------------------------------------------------------------------------- */
