@@ -298,12 +298,23 @@ void cp_conn_abort(cp_conn *c)
     start_close(cp__conn_server(c), c, CP_CLOSE_LOCAL, 0, false);
 }
 
+bool cp__conn_stop_pin(cp_conn *c, bool abort)
+{
+    uint64_t st = st_load(c);
+    if (!(st & CS_OPREF_MASK))
+        return false; /* being set up (it sees `stopping` itself), or finished */
+    /* What cp__conn_stop would still change: so that a walk repeated after running out of
+     * memory pins only the connections it missed. */
+    bool todo = abort ? !(st & CF_CLOSING) || (st & CF_DRAIN) : !(st & CF_STOP_READ);
+    return todo && __atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, false,
+                                               __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
 void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort)
 {
-    if (!(st_load(c) & CS_OPREF_MASK))
-        return; /* being set up (it sees `stopping` itself), or finished */
     st_or(c, CF_STOP_READ);
     start_close(sv, c, CP_CLOSE_SHUTDOWN, 0, !abort);
+    op_unref(sv, c, 1); /* the pin */
 }
 
 static uint32_t *deadline_of(cp_server *sv, cp_conn *c)

@@ -207,51 +207,76 @@ static void shrink_accepts(cp_server *sv)
     cp__lock_release(&sv->accept_lock);
 }
 
-/* ---- the tick: timeouts and accept-pool upkeep ----------------------------------------- */
+/* ---- walking the connections ----------------------------------------------------------- */
 
-enum { SWEEP_INLINE = 64 };
+/* Connections are looked at under the slab's lock, and acted on after the walk, without
+ * it: acting can finish a connection and free it into the slab. In between, each one the
+ * walk will act on is pinned (one more operation reference, see cp__conn_sweep_pin), so
+ * that it cannot finish and be reused by a new connection before the act. */
+typedef enum walk_kind { WALK_SWEEP, WALK_STOP, WALK_ABORT } walk_kind;
 
-typedef struct sweep_ctx {
+enum { PIN_INLINE = 64 };
+
+typedef struct pin_walk {
     cp_server *sv;
-    uint32_t now;
-    cp_conn **due; /* pinned by cp__conn_sweep_pin, acted on after the walk */
+    walk_kind kind;
+    uint32_t now;     /* WALK_SWEEP: the tick */
+    bool missed;      /* out of memory for the list: a connection was left out */
+    cp_conn **pinned; /* inline_pinned, or on the heap once that is full */
     size_t n, cap;
-    cp_conn *inline_due[SWEEP_INLINE]; /* so that a quiet tick allocates nothing */
-} sweep_ctx;
+    cp_conn *inline_pinned[PIN_INLINE]; /* so that a quiet tick allocates nothing */
+} pin_walk;
 
-static void sweep_one(void *obj, void *arg)
+static void pin_one(void *obj, void *arg)
 {
-    sweep_ctx *x = arg;
+    pin_walk *x = arg;
     if (x->n == x->cap) {
         size_t cap = x->cap * 2;
-        cp_conn **d =
-            x->due == x->inline_due ? malloc(cap * sizeof(*d)) : realloc(x->due, cap * sizeof(*d));
-        if (!d)
-            return; /* out of memory: this one waits for the next tick */
-        if (x->due == x->inline_due)
-            memcpy(d, x->inline_due, sizeof(x->inline_due));
-        x->due = d;
+        cp_conn **d = x->pinned == x->inline_pinned ? malloc(cap * sizeof(*d))
+                                                    : realloc(x->pinned, cap * sizeof(*d));
+        if (!d) {
+            x->missed = true;
+            return;
+        }
+        if (x->pinned == x->inline_pinned)
+            memcpy(d, x->inline_pinned, sizeof(x->inline_pinned));
+        x->pinned = d;
         x->cap = cap;
     }
-    if (cp__conn_sweep_pin(x->sv, obj, x->now))
-        x->due[x->n++] = obj;
+    bool pinned = x->kind == WALK_SWEEP ? cp__conn_sweep_pin(x->sv, obj, x->now)
+                                        : cp__conn_stop_pin(obj, x->kind == WALK_ABORT);
+    if (pinned)
+        x->pinned[x->n++] = obj;
 }
+
+/* One walk over every connection. Returns true if some connection was left out for want
+ * of memory; the first PIN_INLINE never are, so repeating the walk makes progress. */
+static bool walk_conns(cp_server *sv, walk_kind kind, uint32_t now)
+{
+    pin_walk x = {.sv = sv, .kind = kind, .now = now, .cap = PIN_INLINE};
+    x.pinned = x.inline_pinned;
+    cp__slab_walk(&sv->conns, pin_one, &x);
+    for (size_t i = 0; i < x.n; i++) {
+        if (kind == WALK_SWEEP)
+            cp__conn_sweep(sv, x.pinned[i], now);
+        else
+            cp__conn_stop(sv, x.pinned[i], kind == WALK_ABORT);
+    }
+    if (x.pinned != x.inline_pinned)
+        free(x.pinned);
+    return x.missed;
+}
+
+/* ---- the tick: timeouts and accept-pool upkeep ----------------------------------------- */
 
 static void on_tick(void *arg)
 {
     cp_server *sv = arg;
-    uint32_t now = cp__server_tick(sv);
     /* One pass over every connection: memory reads, no syscall, no per-connection timer
      * (a connection keeps a 16-bit tick of its last data in its state word). It also
-     * retries closes that could not get an op when memory ran out. */
-    sweep_ctx x = {.sv = sv, .now = now, .cap = SWEEP_INLINE};
-    x.due = x.inline_due;
-    cp__slab_walk(&sv->conns, sweep_one, &x);
-    /* Outside the slab's lock: closing may free connections into it. */
-    for (size_t i = 0; i < x.n; i++)
-        cp__conn_sweep(sv, x.due[i], now);
-    if (x.due != x.inline_due)
-        free(x.due);
+     * retries closes that could not get an op when memory ran out. What it misses for
+     * want of memory waits for the next tick. */
+    walk_conns(sv, WALK_SWEEP, cp__server_tick(sv));
     shrink_accepts(sv);
 }
 
@@ -438,15 +463,26 @@ void *cp_server_user(const cp_server *sv)
     return sv->o.user;
 }
 
-typedef struct stop_ctx {
-    cp_server *sv;
-    bool abort;
-} stop_ctx;
-
-static void stop_one(void *obj, void *arg)
+static void stop_all(void *arg)
 {
-    stop_ctx *x = arg;
-    cp__conn_stop(x->sv, obj, x->abort);
+    while (walk_conns(arg, WALK_STOP, 0))
+        ;
+}
+
+static void abort_all(void *arg)
+{
+    while (walk_conns(arg, WALK_ABORT, 0))
+        ;
+}
+
+/* Stop (or cut) every connection. On a worker, so that an on_close run by the walk's
+ * dropping the last reference runs there, like every other callback; from the calling
+ * thread only if the work item cannot be queued. */
+static void stop_conns(cp_server *sv, bool abort)
+{
+    cp_work_fn fn = abort ? abort_all : stop_all;
+    if (cp_pool_submit(sv->pool, fn, sv) < 0)
+        fn(sv);
 }
 
 /* Wait until every connection and the listener are closed, or the absolute deadline. */
@@ -495,14 +531,12 @@ int cp_server_shutdown(cp_server *sv, unsigned deadline_ms)
     if (listening)
         cp_socket_close(&sv->listener, &sv->listener_close);
     /* Stop reading; each connection closes once its replies are out. */
-    stop_ctx x = {sv, false};
-    cp__slab_walk(&sv->conns, stop_one, &x);
+    stop_conns(sv, false);
     int r = 0;
     if (!wait_closed(sv, &deadline)) {
         /* Deadline: cut what is left. */
         r = -ETIMEDOUT;
-        x.abort = true;
-        cp__slab_walk(&sv->conns, stop_one, &x);
+        stop_conns(sv, true);
         wait_closed(sv, NULL);
     }
     if (sv->ticker) {

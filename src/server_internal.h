@@ -224,6 +224,9 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user);
  * (which may run on_close and free c). */
 bool cp__conn_sweep_pin(cp_server *sv, cp_conn *c, uint32_t now);
 void cp__conn_sweep(cp_server *sv, cp_conn *c, uint32_t now);
+/* The shutdown's walk, in the same two steps: pin c if stopping it (abort: cutting it)
+ * would change anything; then stop it and drop the pin. */
+bool cp__conn_stop_pin(cp_conn *c, bool abort);
 void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort);
 /* The calling thread's record (created on first use; freed with the server). */
 cp__worker *cp__server_worker(cp_server *sv);
