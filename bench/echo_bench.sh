@@ -53,6 +53,7 @@ Default servers:
   cport-uring|{build}/bin/cport-echo --port {port} --threads 1 --backend io_uring --buffer 65536|--zero-byte --buffer 4096
   cport-epoll|{build}/bin/cport-echo --port {port} --threads 1 --backend epoll --buffer 65536|--zero-byte --buffer 4096
   ref|{build}/bin/ref_echo --port {port}|
+  ref-uring|{build}/bin/ref_uring_echo --port {port}|
 EOF
 }
 
@@ -92,6 +93,7 @@ if [ ${#SERVERS[@]} -eq 0 ]; then
         "cport-uring|{build}/bin/cport-echo --port {port} --threads 1 --backend io_uring --buffer 65536|--zero-byte --buffer 4096"
         "cport-epoll|{build}/bin/cport-echo --port {port} --threads 1 --backend epoll --buffer 65536|--zero-byte --buffer 4096"
         "ref|{build}/bin/ref_echo --port {port}|"
+        "ref-uring|{build}/bin/ref_uring_echo --port {port}|"
     )
 fi
 

@@ -1,5 +1,6 @@
-/* Tests of the load generator (tools/cport-bench) against the reference echo server
- * (bench/ref_echo): both are run as child processes from the test binary's directory. */
+/* Tests of the load generator (tools/cport-bench) against the reference echo servers
+ * (bench/ref_echo, bench/ref_uring_echo): all are run as child processes from the test
+ * binary's directory. */
 /* test-backends: none */
 #include "harness.h"
 
@@ -43,19 +44,20 @@ struct server {
     int port;
 };
 
-static struct server server_start(const char *extra, const char *extra_val)
+/* Starts bench/<name> on an ephemeral port, with one optional extra flag and value. */
+static struct server server_start_named(const char *name, const char *extra, const char *extra_val)
 {
     int p[2];
     CHECK(pipe2(p, O_CLOEXEC) == 0);
-    const char *exe = bin_path("ref_echo");
+    const char *exe = bin_path(name);
     pid_t pid = fork();
     CHECK(pid >= 0);
     if (pid == 0) {
         dup2(p[1], STDOUT_FILENO);
         if (extra)
-            execl(exe, "ref_echo", "--port", "0", extra, extra_val, (char *)NULL);
+            execl(exe, name, "--port", "0", extra, extra_val, (char *)NULL);
         else
-            execl(exe, "ref_echo", "--port", "0", (char *)NULL);
+            execl(exe, name, "--port", "0", (char *)NULL);
         _exit(127);
     }
     close(p[1]);
@@ -76,6 +78,11 @@ static struct server server_start(const char *extra, const char *extra_val)
     CHECK(sscanf(line, "listening on port %d", &s.port) == 1);
     CHECK(s.port > 0);
     return s;
+}
+
+static struct server server_start(const char *extra, const char *extra_val)
+{
+    return server_start_named("ref_echo", extra, extra_val);
 }
 
 static int wait_child(pid_t pid, int timeout_ms)
@@ -255,6 +262,27 @@ TEST(echo_ref)
     CHECK(strstr(run.out, "\"msgs_per_s\":") != NULL);
     CHECK(strstr(run.out, "\"errors\":0,") != NULL);
     server_stop(&s);
+}
+
+/* The io_uring yardstick echoes byte-exact in each of its task-run modes, including
+ * messages larger than its receive buffer (short receives and sends in order). */
+TEST(echo_ref_uring)
+{
+    static const char *modes[] = {"coop", "defer", "none"};
+    static const char *sizes[] = {"1", "16384", "200000"};
+    for (int m = 0; m < 3; m++) {
+        struct server s = server_start_named("ref_uring_echo", "--taskrun", modes[m]);
+        for (int i = 0; i < 3; i++) {
+            bench("echo", "--port", port_str(&s), "-c", "8", "-s", sizes[i], "-d", "4", "-T", "0.5",
+                  "-w", "0", NULL);
+            CHECK_EQ(run.status, 0);
+            CHECK(result("msgs") > 0);
+            CHECK_EQ(result("errors"), 0);
+            CHECK_EQ(result("verify_errors"), 0);
+            CHECK_EQ(result("established"), 8);
+        }
+        server_stop(&s);
+    }
 }
 
 TEST(echo_detects_corruption)
