@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <liburing.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <signal.h>
@@ -270,6 +271,10 @@ TEST(echo_ref_uring)
 {
     static const char *modes[] = {"coop", "defer", "none"};
     static const char *sizes[] = {"1", "16384", "200000"};
+    struct io_uring probe;
+    if (io_uring_queue_init(2, &probe, 0) < 0)
+        SKIP("io_uring is not available here");
+    io_uring_queue_exit(&probe);
     for (int m = 0; m < 3; m++) {
         struct server s = server_start_named("ref_uring_echo", "--taskrun", modes[m]);
         for (int i = 0; i < 3; i++) {

@@ -14,7 +14,8 @@
  *   S5     max_conns_refuses_extra, max_conns_burst, backpressure_bounds_memory,
  *          echo_fd_exhaustion
  *   S7     framed_split_and_batched, framed_bad_frame
- *   S8     shutdown_under_load, shutdown_deadline_cuts, echo_sigterm_under_load
+ *   S8     shutdown_under_load, shutdown_deadline_cuts, echo_sigterm_under_load,
+ *          shutdown_races_closing_peers
  *   stats  stats_counters_move, echo_stats_sigusr1_and_prometheus
  *   (shutdown_slow_reader_gets_every_reply, backpressure_keeps_order: S5/S8 corner cases)
  *
@@ -860,6 +861,9 @@ struct tsrv {
     uint64_t kind_reasons[8][8]; /* on_close test: [uconn.kind][reason] */
     uint32_t error_once;
     char first_error[256];
+    pthread_t shutdown_caller; /* with shutdown_caller_set: the thread in cp_server_shutdown */
+    int shutdown_caller_set;   /* atomic */
+    uint64_t closes_on_caller; /* on_close ran on shutdown_caller */
 
     pthread_mutex_t lock; /* guards held */
     cp_conn **held;
@@ -958,6 +962,8 @@ static void t_on_close(cp_conn *c, cp_close_reason reason, int err)
     u->err = err;
     ADD(&t->reasons[(unsigned)reason & 7], 1);
     ADD(&t->kind_reasons[LOAD(&u->kind) & 7][(unsigned)reason & 7], 1);
+    if (LOAD(&t->shutdown_caller_set) && pthread_equal(pthread_self(), t->shutdown_caller))
+        ADD(&t->closes_on_caller, 1);
     SUB(&t->open_now, 1);
     ADD(&t->closes, 1);
     cb_leave(u);
@@ -2791,6 +2797,69 @@ TEST(shutdown_under_load)
     CHECK_EQ(LOAD(&t->send_errors), 0);
     free(g);
     CHECK_EQ(tsrv_stop(t, 0), 0); /* idempotent */
+}
+
+typedef struct closer_arg {
+    int *fds;
+    int n;
+    int *started; /* atomic */
+} closer_arg;
+
+/* Closes its sockets one by one, every other one with a reset. */
+static void *closer_main(void *arg)
+{
+    closer_arg *a = arg;
+    STORE(a->started, 1);
+    for (int i = 0; i < a->n; i++) {
+        if (i % 2) {
+            struct linger lg = {.l_onoff = 1, .l_linger = 0};
+            setsockopt(a->fds[i], SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+        }
+        close(a->fds[i]);
+        a->fds[i] = -1;
+    }
+    return NULL;
+}
+
+/* Shutdown's walk while peers close and reset their connections (which finish, free and
+ * reuse connection records at the same time): every connection closes exactly once, and
+ * every on_close runs on a worker, not on the thread that called cp_server_shutdown. */
+TEST(shutdown_races_closing_peers)
+{
+    enum { N = 600 };
+    cp_server_options o = {.threads = 2};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    tsrv_start(t, &o);
+    static int fds[N];
+    for (int i = 0; i < N; i++) {
+        fds[i] = connect_to(t->port);
+        exchange(fds[i], (uint32_t)i, 64);
+    }
+    int started = 0;
+    closer_arg a = {fds, N / 2, &started};
+    pthread_t th;
+    CHECK_EQ(pthread_create(&th, NULL, closer_main, &a), 0);
+    while (!LOAD(&started))
+        sched_yield();
+    t->shutdown_caller = pthread_self();
+    STORE(&t->shutdown_caller_set, 1);
+    int r = cp_server_shutdown(t->sv, 10000);
+    CHECK_EQ(pthread_join(th, NULL), 0);
+    CHECK_EQ(r, 0);
+    CHECK_EQ(LOAD(&t->closes), N);
+    CHECK_EQ(LOAD(&t->closes_on_caller), 0);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_SHUTDOWN]) + LOAD(&t->reasons[CP_CLOSE_PEER]) +
+                 LOAD(&t->reasons[CP_CLOSE_ERROR]),
+             N);
+    fprintf(stderr, "closes: %llu by shutdown, %llu by the peer's end, %llu by its reset\n",
+            (unsigned long long)LOAD(&t->reasons[CP_CLOSE_SHUTDOWN]),
+            (unsigned long long)LOAD(&t->reasons[CP_CLOSE_PEER]),
+            (unsigned long long)LOAD(&t->reasons[CP_CLOSE_ERROR]));
+    for (int i = N / 2; i < N; i++) {
+        expect_closed(fds[i], IO_MS);
+        close(fds[i]);
+    }
+    CHECK_EQ(tsrv_stop(t, 0), 0);
 }
 
 /* Replies that cannot drain (clients that never read) are cut at the deadline: shutdown

@@ -172,7 +172,10 @@ CP_EXTERN void *cp_server_user(const cp_server *server);
  * close each connection as its sends drain; at deadline_ms after the call, cancel and
  * close whatever is left. Then stop the workers. Returns 0 if everything closed before the
  * deadline, -ETIMEDOUT if connections had to be cut. Blocks; must not be called from a
- * callback. Idempotent. cp_server_destroy() still has to be called. */
+ * callback. Idempotent. cp_server_destroy() still has to be called. The connections are
+ * stopped by a work item on a worker; only if that item cannot be queued (the port's
+ * queue is full, or memory ran out) does the calling thread stop them itself, and an
+ * on_close may then run on it. */
 CP_EXTERN int cp_server_shutdown(cp_server *server, unsigned deadline_ms);
 
 /* Free the server (shutting it down first with a zero deadline if needed). */
