@@ -47,6 +47,7 @@ struct server {
     int poll_first;
     struct signalfd_siginfo sig;
     struct conn *conns;
+    unsigned outstanding; /* requests submitted whose completion has not been seen */
 };
 
 static void die(const char *what, int err)
@@ -66,6 +67,7 @@ static struct io_uring_sqe *get_sqe(struct server *s)
         if (!sqe)
             die("io_uring_get_sqe", EBUSY);
     }
+    s->outstanding++;
     return sqe;
 }
 
@@ -267,7 +269,8 @@ int main(int argc, char **argv)
     printf("listening on port %u\n", (unsigned)ntohs(sa.sin_port));
     fflush(stdout);
 
-    for (;;) {
+    int stop = 0;
+    while (!stop) {
         r = io_uring_submit_and_wait(&s.ring, 1);
         if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY)
             die("io_uring_submit_and_wait", -r);
@@ -276,6 +279,7 @@ int main(int argc, char **argv)
         io_uring_for_each_cqe(&s.ring, head, cqe)
         {
             seen++;
+            s.outstanding--;
             uint64_t ud = cqe->user_data;
             struct conn *c = (struct conn *)(uintptr_t)(ud & ~(uint64_t)OP_MASK);
             switch (ud & OP_MASK) {
@@ -289,13 +293,28 @@ int main(int argc, char **argv)
                 on_send(&s, c, cqe->res);
                 break;
             case OP_SIGNAL:
-                goto out;
+                stop = 1;
+                break;
             }
         }
         io_uring_cq_advance(&s.ring, seen);
     }
-out:
-    io_uring_queue_exit(&s.ring); /* cancels what is outstanding: the buffers are free */
+    /* Cancel every request and wait until each has completed: only then is no buffer in
+     * the kernel's hands, and the connections may be freed. */
+    sqe = get_sqe(&s);
+    io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
+    io_uring_sqe_set_data64(sqe, 0);
+    while (s.outstanding) {
+        r = io_uring_submit_and_wait(&s.ring, 1);
+        if (r < 0 && r != -EINTR)
+            die("io_uring_submit_and_wait", -r);
+        struct io_uring_cqe *cqe;
+        unsigned head, seen = 0;
+        io_uring_for_each_cqe(&s.ring, head, cqe) seen++;
+        s.outstanding -= seen;
+        io_uring_cq_advance(&s.ring, seen);
+    }
+    io_uring_queue_exit(&s.ring);
     while (s.conns)
         close_conn(&s, s.conns);
     return 0;
