@@ -3,8 +3,10 @@
 
 #include "cport.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 enum { MAX_TESTS = 256 };
@@ -60,6 +62,14 @@ int64_t cpt_scaled(int64_t n, int64_t min)
 {
     int64_t v = (int64_t)((double)n * cpt_scale());
     return v < min ? min : v;
+}
+
+int cpt_memfd(const char *name)
+{
+    int fd = memfd_create(name, MFD_CLOEXEC);
+    CHECK(fd >= 0);
+    CHECK(fcntl(fd, F_SETFL, O_APPEND) == 0);
+    return fd;
 }
 
 int main(int argc, char **argv)

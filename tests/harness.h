@@ -74,4 +74,10 @@ int64_t cpt_now_ns(void);
 double cpt_scale(void);
 int64_t cpt_scaled(int64_t n, int64_t min);
 
+/* A memfd (close-on-exec) to capture a child's or the library's output in. It is in append
+ * mode: a memfd's file position is not serialised between threads (unlike a file opened
+ * with open()), so threads writing to it at once would overwrite each other's lines
+ * without O_APPEND. Fails the test if it cannot be made. */
+int cpt_memfd(const char *name);
+
 #endif

@@ -210,13 +210,6 @@ static const char *secs(int64_t ms, int64_t min_ms)
     return fmt("%.3f", (double)cpt_scaled(ms, min_ms) / 1000.0);
 }
 
-static int memfd(const char *name)
-{
-    int fd = memfd_create(name, MFD_CLOEXEC);
-    CHECK(fd >= 0);
-    return fd;
-}
-
 /* The whole content written so far to a memfd, NUL-terminated (at most cap - 1 bytes). */
 static size_t memfd_text(int fd, char *buf, size_t cap)
 {
@@ -324,7 +317,7 @@ static void server_spawn(server *s, const char *expect_backend, void (*pre)(void
         argv[argc++] = args[i];
     }
     argv[argc] = NULL;
-    *s = (server){.out = memfd("echo-out"), .err = memfd("echo-err")};
+    *s = (server){.out = cpt_memfd("echo-out"), .err = cpt_memfd("echo-err")};
     s->pid = spawn(argv, s->out, s->err, pre);
 
     static char text[TEXT_CAP];
@@ -493,7 +486,8 @@ static void bench_start(bench *b, const server *s, const char *mode, ...)
 {
     const char *argv[48];
     int argc = 0;
-    *b = (bench){.out = memfd("bench-out"), .err = memfd("bench-err"), .mark = memfd("mark")};
+    *b = (bench){
+        .out = cpt_memfd("bench-out"), .err = cpt_memfd("bench-err"), .mark = cpt_memfd("mark")};
     argv[argc++] = bin_path("cport-bench");
     argv[argc++] = mode;
     argv[argc++] = "--port";
@@ -812,7 +806,7 @@ static int echo_exit_status(const char *const *args, char *out, char *err, size_
     for (int i = 0; args[i]; i++)
         argv[argc++] = args[i];
     argv[argc] = NULL;
-    int o = memfd("out"), e = memfd("err");
+    int o = cpt_memfd("out"), e = cpt_memfd("err");
     pid_t pid = spawn(argv, o, e, NULL);
     int st = child_wait(pid, START_MS, "cport-echo");
     memfd_text(o, out, cap);

@@ -630,9 +630,7 @@ static void echo_start(echo_child *e, rlim_t nofile, const char *const *args)
     for (int i = 0; argv[i]; i++)
         fprintf(stderr, " %s", argv[i]);
     fprintf(stderr, nofile ? " (RLIMIT_NOFILE %llu)\n" : "\n", (unsigned long long)nofile);
-    *e = (echo_child){.out = memfd_create("echo-out", MFD_CLOEXEC),
-                      .err = memfd_create("echo-err", MFD_CLOEXEC)};
-    CHECK(e->out >= 0 && e->err >= 0);
+    *e = (echo_child){.out = cpt_memfd("echo-out"), .err = cpt_memfd("echo-err")};
     fflush(stderr);
     pid_t pid = fork();
     CHECK(pid >= 0);
@@ -2499,7 +2497,7 @@ TEST(framed_bad_frame)
     for (int i = 0; i < 4; i++)
         bad[i] = connect_to(t->port);
     fflush(stderr);
-    int saved = dup(STDERR_FILENO), cap = memfd_create("stderr", MFD_CLOEXEC);
+    int saved = dup(STDERR_FILENO), cap = cpt_memfd("stderr");
     CHECK(saved >= 0 && cap >= 0);
     dup2(cap, STDERR_FILENO);
     uint8_t hdr[4], hdr1[4];
