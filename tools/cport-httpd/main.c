@@ -21,7 +21,10 @@
  * Signals: SIGINT/SIGTERM shut down gracefully (stop accepting and reading, let responses
  * already queued go out, close; exit 0); SIGUSR1 prints the counters on stderr.
  * The access log (common log format, one line per request) goes to stdout, one write(2)
- * per line so that lines from several workers never interleave. */
+ * per line so that lines from several workers never interleave. If stdout is a regular
+ * file it is switched to append mode: otherwise, on a file whose position the kernel does
+ * not serialise between threads (a memfd, for one), two workers writing at once can write
+ * at the same offset and one line overwrites the other. */
 #include "cport.h"
 #include "http.h"
 
@@ -39,6 +42,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -89,6 +93,20 @@ static const char *log_time(void)
         last = now;
     }
     return text;
+}
+
+/* Make stdout append, if it is a regular file (see the file comment). */
+static void log_appends(void)
+{
+    struct stat st;
+    int fl = fcntl(STDOUT_FILENO, F_GETFL);
+    if (fl < 0 || (fl & O_APPEND) || fstat(STDOUT_FILENO, &st) < 0 || !S_ISREG(st.st_mode))
+        return;
+    if (fcntl(STDOUT_FILENO, F_SETFL, fl | O_APPEND) < 0)
+        fprintf(stderr,
+                "cport-httpd: cannot put stdout in append mode (%s); access-log lines "
+                "written at once may overwrite each other\n",
+                strerror(errno));
 }
 
 /* One line: host ident authuser [date] "request line" status bytes. req NULL: "-". */
@@ -606,6 +624,8 @@ int main(int argc, char **argv)
         return 1;
     }
     raise_fd_limit();
+    if (cfg.access_log)
+        log_appends();
     /* Signals are taken synchronously by main; workers never see them. */
     sigset_t sigs;
     sigemptyset(&sigs);
