@@ -569,6 +569,7 @@ typedef struct hc {
     int fd;
     size_t a, b; /* unread bytes: buf[a..b) */
     bool eof;
+    int err; /* with eof: the failed recv's errno, or 0 for the peer's end */
     char buf[128 * 1024];
 } hc;
 
@@ -649,6 +650,7 @@ static bool hc_fill(hc *c)
         }
         if (n <= 0) {
             c->eof = true;
+            c->err = n < 0 ? errno : 0;
             return false;
         }
         c->b += (size_t)n;
@@ -1615,7 +1617,12 @@ TEST(traversal)
             resp r;
             hc *c = hc_open(s.port);
             hc_send(c, req);
-            CHECK(resp_read(c, &r, head));
+            if (!resp_read(c, &r, head)) {
+                fprintf(stderr, "%s %s: the connection ended without a response (%s)\n",
+                        head ? "HEAD" : "GET", targets[i], c->err ? strerror(c->err) : "EOF");
+                dump_fd("cport-httpd stderr", s.err);
+                CHECK(!"a response");
+            }
             bool leak = (r.body && (strstr(r.body, t.marker) || strstr(r.body, "root:"))) ||
                         strstr(r.head, t.marker);
             if (r.status != 400 && r.status != 403 && r.status != 404)
