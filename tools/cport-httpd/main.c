@@ -146,29 +146,13 @@ static void finish(cp_conn *c, hconn *h)
     cp_conn_close(c);
 }
 
-/* on_sent's ctx: a file transmit carries (fd << 1) | 1; a memory send (send_copy) its
- * malloc'd buffer (even). */
+/* on_sent's ctx: only file transmits carry one, (fd << 1) | 1. Memory sends use
+ * cp_conn_send(), which copies what the kernel does not take at once. */
 #define FILE_CTX(fd) ((void *)(((uintptr_t)(unsigned)(fd) << 1) | 1))
-
-/* Queue a copy of buf. Equivalent to cp_conn_send(), which cannot be used as is: it does
- * memcpy(dst, NULL, 0) for its absent frame header (src/conn.c send_copy), undefined
- * behaviour that UBSan builds abort on. So: our own copy, sent by reference, freed in
- * on_sent. */
-static int send_copy(cp_conn *c, const void *buf, size_t len)
-{
-    void *p = malloc(len);
-    if (!p)
-        return -ENOMEM;
-    memcpy(p, buf, len);
-    int r = cp_conn_send_ref(c, p, len, p);
-    if (r < 0)
-        free(p);
-    return r;
-}
 
 static void send_or_fail(cp_conn *c, hconn *h, const void *buf, size_t len)
 {
-    int r = send_copy(c, buf, len);
+    int r = cp_conn_send(c, buf, len);
     if (r < 0) {
         h->closing = true;
         if (r != -EPIPE)
@@ -408,11 +392,7 @@ static void on_sent(cp_conn *c, void *ctx, int64_t result)
 {
     (void)result; /* a failed send closes the connection (the server layer sees to it) */
     hconn *h = cp_conn_user(c);
-    if (!((uintptr_t)ctx & 1)) {
-        free(ctx); /* a send_copy() */
-        return;
-    }
-    close((int)((uintptr_t)ctx >> 1));
+    close((int)((uintptr_t)ctx >> 1)); /* a file transmit's (FILE_CTX) */
     h->inflight--;
     if (!h->closing && h->in_len > 0) {
         pump(c, h);
