@@ -298,6 +298,15 @@ void cp_conn_abort(cp_conn *c)
     start_close(cp__conn_server(c), c, CP_CLOSE_LOCAL, 0, false);
 }
 
+/* Take one more operation reference on c, the walks' pin, only if its state word still
+ * holds st, what the walk looked at: then this is the same live connection, and it stays
+ * so until the reference is dropped. */
+static bool pin_if_unchanged(cp_conn *c, uint64_t st)
+{
+    return __atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, false, __ATOMIC_SEQ_CST,
+                                       __ATOMIC_SEQ_CST);
+}
+
 bool cp__conn_stop_pin(cp_conn *c, bool abort)
 {
     uint64_t st = st_load(c);
@@ -306,8 +315,7 @@ bool cp__conn_stop_pin(cp_conn *c, bool abort)
     /* What cp__conn_stop would still change: so that a walk repeated after running out of
      * memory pins only the connections it missed. */
     bool todo = abort ? !(st & CF_CLOSING) || (st & CF_DRAIN) : !(st & CF_STOP_READ);
-    return todo && __atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, false,
-                                               __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return todo && pin_if_unchanged(c, st);
 }
 
 void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort)
@@ -374,10 +382,7 @@ bool cp__conn_sweep_pin(cp_server *sv, cp_conn *c, uint32_t now)
     if (!(st & CS_OPREF_MASK))
         return false; /* being set up, or finished */
     bool due = (st & CF_CLOSING) ? !(st & CF_CLOSE_ISSUED) : timeout_due(sv, c, st, now) >= 0;
-    /* The reference is taken only if the state word still holds what was looked at: then
-     * this is the same live connection, and it stays so until cp__conn_sweep drops it. */
-    return due && __atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, false,
-                                              __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return due && pin_if_unchanged(c, st); /* cp__conn_sweep drops it */
 }
 
 static void sweep_step(cp_server *sv, cp_conn *c, uint32_t now);
