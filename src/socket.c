@@ -505,7 +505,8 @@ void cp__io_ready(cp_handle *h, bool readable, bool hup, bool writable, cp__opli
     }
     if (writable) {
         h->cp__flags |= CP__H_WR_READY;
-        retry_locked(h, &h->cp__sq, done);
+        if (h->cp__sq) /* mostly empty: each ACK that frees room is an edge of its own */
+            retry_locked(h, &h->cp__sq, done);
     }
     unlock_flush(h, done);
 }
