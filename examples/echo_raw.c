@@ -53,6 +53,7 @@ typedef struct config {
     bool zero_byte;
     unsigned recvs;
     unsigned buffer;
+    bool skip; /* sends the kernel takes at once complete in the call (default) */
 } config;
 
 /* ---- connection slab ----------------------------------------------------------------- */
@@ -255,10 +256,17 @@ static int post_recv(server *sv, conn *c, cp_op *op, unsigned idx)
     return start_result(c, cp_socket_recv(&c->s, op, slot_buffer(sv, c, idx), sv->cfg.buffer));
 }
 
+/* Send a received block back. Returns < 0 (failed), 0 (accepted: its completion follows)
+ * or CP_DONE_NOW: the kernel took every byte at once and no completion comes (IOCP's
+ * skip-completion-on-success), so the caller goes on with the op right away. */
 static int post_send(server *sv, conn *c, cp_op *op, unsigned idx, size_t len)
 {
     ref_before_start(c);
-    return start_result(c, cp_socket_send(&c->s, op, op_buffer(sv, c, op, idx), len));
+    int r = start_result(c, cp_socket_send_ex(&c->s, op, op_buffer(sv, c, op, idx), len,
+                                              sv->cfg.skip ? CP_SEND_SKIP_ON_SUCCESS : 0));
+    if (r == CP_DONE_NOW) /* no completion will drop it; the caller holds its own */
+        __atomic_sub_fetch(&c->refs, 1, __ATOMIC_RELAXED);
+    return r;
 }
 
 /* After (re)posting a receive: if shutdown began meanwhile, make sure it is cancelled
@@ -277,36 +285,47 @@ static void release_pool_buffer(server *sv, cp_op *op)
     }
 }
 
+/* The lean op's send is done (res: its result): receive again. */
+static void lean_sent(server *sv, conn *c, cp_op *op, int64_t res)
+{
+    release_pool_buffer(sv, op);
+    if (res < 0 || __atomic_load_n(&c->closing, __ATOMIC_SEQ_CST) || post_recv(sv, c, op, 0) < 0) {
+        close_conn(c, op);
+        return;
+    }
+    recheck_closing(c);
+}
+
 /* One receive per connection: its op alternates receive, send, receive. */
 static void lean_completion(server *sv, conn *c, cp_op *op, int64_t res)
 {
     switch (op->opcode) {
     case CP_OP_RECV:
-    case CP_OP_RECV_POOL:
+    case CP_OP_RECV_POOL: {
         if (res <= 0 || __atomic_load_n(&c->closing, __ATOMIC_SEQ_CST)) {
             if (res > 0)
                 release_pool_buffer(sv, op);
             close_conn(c, op);
             return;
         }
-        if (post_send(sv, c, op, 0, (size_t)res) < 0) {
+        int r = post_send(sv, c, op, 0, (size_t)res);
+        if (r == CP_DONE_NOW) {
+            lean_sent(sv, c, op, res);
+        } else if (r < 0) {
             release_pool_buffer(sv, op);
             close_conn(c, op);
         }
         return;
+    }
     case CP_OP_SEND:
-        release_pool_buffer(sv, op);
-        if (res < 0 || __atomic_load_n(&c->closing, __ATOMIC_SEQ_CST) ||
-            post_recv(sv, c, op, 0) < 0) {
-            close_conn(c, op);
-            return;
-        }
-        recheck_closing(c);
+        lean_sent(sv, c, op, res);
         return;
     default:
         return;
     }
 }
+
+static bool multi_sent(server *sv, conn *c, slot *sl, int64_t res);
 
 /* Send, in sequence order, every received block whose turn has come. Lock held. */
 static void send_in_order(server *sv, conn *c)
@@ -325,19 +344,39 @@ static void send_in_order(server *sv, conn *c)
         int32_t len = next->len;
         next->len = -1;
         ms->next_send++;
-        if (post_send(sv, c, &next->op, idx, (size_t)len) < 0) {
+        int r = post_send(sv, c, &next->op, idx, (size_t)len);
+        if (r < 0) {
             release_pool_buffer(sv, &next->op);
             close_conn(c, &next->op);
             return;
         }
+        if (r == CP_DONE_NOW && !multi_sent(sv, c, next, len))
+            return;
     }
+}
+
+/* A slot's send is done (res: its result): receive again on it. Lock held. Returns false
+ * if the connection is closing. */
+static bool multi_sent(server *sv, conn *c, slot *sl, int64_t res)
+{
+    release_pool_buffer(sv, &sl->op);
+    if (res < 0 || __atomic_load_n(&c->closing, __ATOMIC_SEQ_CST) || c->close_issued) {
+        close_conn(c, &sl->op);
+        return false;
+    }
+    sl->seq = mstate(c)->next_recv++;
+    if (post_recv(sv, c, &sl->op, (unsigned)(sl - slot_at(c, 0))) < 0) {
+        close_conn(c, &sl->op);
+        return false;
+    }
+    recheck_closing(c);
+    return true;
 }
 
 /* Several receives outstanding: received blocks go back strictly in arrival order. */
 static void multi_completion(server *sv, conn *c, cp_op *op, int64_t res)
 {
     slot *sl = CP_CONTAINER_OF(op, slot, op);
-    unsigned idx = (unsigned)(sl - slot_at(c, 0));
     spin_lock(&mstate(c)->lock);
     bool stop = __atomic_load_n(&c->closing, __ATOMIC_SEQ_CST) || c->close_issued;
     switch (op->opcode) {
@@ -353,17 +392,7 @@ static void multi_completion(server *sv, conn *c, cp_op *op, int64_t res)
         send_in_order(sv, c);
         break;
     case CP_OP_SEND:
-        release_pool_buffer(sv, op);
-        if (res < 0 || stop) {
-            close_conn(c, op);
-            break;
-        }
-        sl->seq = mstate(c)->next_recv++;
-        if (post_recv(sv, c, op, idx) < 0) {
-            close_conn(c, op);
-            break;
-        }
-        recheck_closing(c);
+        multi_sent(sv, c, sl, res);
         break;
     default:
         break;
@@ -517,6 +546,8 @@ static void usage(FILE *f)
             "  --zero-byte       idle connections hold no receive buffer (pooled receives)\n"
             "  --recvs N         receives outstanding per connection (default 1)\n"
             "  --buffer BYTES    receive buffer per receive without --zero-byte (default 16384)\n"
+            "  --no-skip         every send completes through the port (by default a send the\n"
+            "                    kernel takes whole at once finishes in the call)\n"
             "  --help            this text\n"
             "SIGINT/SIGTERM close everything cleanly and exit 0.\n");
 }
@@ -540,18 +571,15 @@ static int parse_args(int argc, char **argv, config *cfg)
                     .threads = cpus > 0 ? (unsigned)cpus : 1,
                     .accepts = 16,
                     .recvs = 1,
-                    .buffer = 16384};
-    static const struct option opts[] = {{"port", required_argument, 0, 'p'},
-                                         {"bind", required_argument, 0, 'b'},
-                                         {"threads", required_argument, 0, 't'},
-                                         {"backend", required_argument, 0, 'B'},
-                                         {"accepts", required_argument, 0, 'a'},
-                                         {"max-conns", required_argument, 0, 'm'},
-                                         {"zero-byte", no_argument, 0, 'z'},
-                                         {"recvs", required_argument, 0, 'r'},
-                                         {"buffer", required_argument, 0, 'f'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+                    .buffer = 16384,
+                    .skip = true};
+    static const struct option opts[] = {
+        {"port", required_argument, 0, 'p'},    {"bind", required_argument, 0, 'b'},
+        {"threads", required_argument, 0, 't'}, {"backend", required_argument, 0, 'B'},
+        {"accepts", required_argument, 0, 'a'}, {"max-conns", required_argument, 0, 'm'},
+        {"zero-byte", no_argument, 0, 'z'},     {"recvs", required_argument, 0, 'r'},
+        {"buffer", required_argument, 0, 'f'},  {"no-skip", no_argument, 0, 'S'},
+        {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
     int ch;
     unsigned v;
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -583,6 +611,9 @@ static int parse_args(int argc, char **argv, config *cfg)
         case 'm':
             if (parse_uint(optarg, 100000000, &cfg->max_conns) < 0)
                 return -1;
+            break;
+        case 'S':
+            cfg->skip = false;
             break;
         case 'z':
             cfg->zero_byte = true;
@@ -717,10 +748,11 @@ int main(int argc, char **argv)
         return 1;
     }
     printf("echo_raw: backend=%s threads=%u bind=%s port=%d accepts=%u max-conns=%u "
-           "zero-byte=%s recvs=%u buffer=%u conn-bytes=%zu\n",
+           "zero-byte=%s recvs=%u buffer=%u conn-bytes=%zu skip-on-success=%s\n",
            cp_port_backend_name(sv.port), cfg->threads, cfg->bind, port, cfg->accepts,
            cfg->max_conns, cfg->zero_byte ? "on" : "off", cfg->recvs,
-           cfg->zero_byte ? (unsigned)cp_buffer_size(sv.port) : cfg->buffer, sv.conn_size);
+           cfg->zero_byte ? (unsigned)cp_buffer_size(sv.port) : cfg->buffer, sv.conn_size,
+           cfg->skip ? "on" : "off");
     printf("listening on %s:%d\n", cfg->bind, port);
     fflush(stdout);
     for (unsigned i = 0; i < cfg->accepts; i++)

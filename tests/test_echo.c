@@ -293,6 +293,7 @@ static pid_t spawn(const char *const *argv, int outfd, int errfd, void (*pre)(vo
 /* ---- the server ---------------------------------------------------------------------------- */
 
 typedef struct server {
+    const char *prog; /* "cport-echo", or "echo_raw" (examples/): same flags and lines */
     pid_t pid;
     int port;
     int out, err;                        /* memfds holding its stdout and stderr */
@@ -300,14 +301,14 @@ typedef struct server {
     uint64_t accepted, rejected, closed; /* from its exit line */
 } server;
 
-/* Starts cport-echo --port 0 --bind 127.0.0.1 ARGS... and waits for "listening on". The
+/* Starts PROG --port 0 --bind 127.0.0.1 ARGS... and waits for "listening on". The
  * startup line must name expect_backend. */
-static void server_spawn(server *s, const char *expect_backend, void (*pre)(void),
-                         const char *const *args)
+static void server_spawn_prog(server *s, const char *prog, const char *expect_backend,
+                              void (*pre)(void), const char *const *args)
 {
     const char *argv[40];
     int argc = 0;
-    argv[argc++] = bin_path("cport-echo");
+    argv[argc++] = bin_path(prog);
     argv[argc++] = "--port";
     argv[argc++] = "0";
     argv[argc++] = "--bind";
@@ -317,7 +318,7 @@ static void server_spawn(server *s, const char *expect_backend, void (*pre)(void
         argv[argc++] = args[i];
     }
     argv[argc] = NULL;
-    *s = (server){.out = cpt_memfd("echo-out"), .err = cpt_memfd("echo-err")};
+    *s = (server){.prog = prog, .out = cpt_memfd("echo-out"), .err = cpt_memfd("echo-err")};
     s->pid = spawn(argv, s->out, s->err, pre);
 
     static char text[TEXT_CAP];
@@ -330,13 +331,13 @@ static void server_spawn(server *s, const char *expect_backend, void (*pre)(void
             break;
         int st;
         if (child_exited(s->pid, &st)) {
-            dump("cport-echo stdout", s->out);
-            dump("cport-echo stderr", s->err);
-            fprintf(stderr, "cport-echo exited during start-up (status 0x%x)\n", st);
+            dump("server stdout", s->out);
+            dump("server stderr", s->err);
+            fprintf(stderr, "%s exited during start-up (status 0x%x)\n", prog, st);
             CHECK(!"server started");
         }
         if (cpt_now_ms() > deadline) {
-            dump("cport-echo stderr", s->err);
+            dump("server stderr", s->err);
             CHECK(!"server printed 'listening on' in time");
         }
         usleep(2000);
@@ -344,7 +345,7 @@ static void server_spawn(server *s, const char *expect_backend, void (*pre)(void
     CHECK_EQ(sscanf(listening, "listening on 127.0.0.1:%d", &s->port), 1);
     CHECK(s->port > 0 && s->port < 65536);
     /* The settings line comes first and names the backend and every setting. */
-    const char *cfg = strstr(text, "cport-echo: backend=");
+    const char *cfg = strstr(text, fmt("%s: backend=", prog));
     CHECK(cfg != NULL && cfg < listening);
     size_t n = (size_t)(strchr(cfg, '\n') - cfg);
     CHECK(n < sizeof s->line);
@@ -360,6 +361,12 @@ static void server_spawn(server *s, const char *expect_backend, void (*pre)(void
         " zero-byte=", " recvs=",          " buffer="};
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
         CHECK(strstr(s->line, keys[i]) != NULL);
+}
+
+static void server_spawn(server *s, const char *expect_backend, void (*pre)(void),
+                         const char *const *args)
+{
+    server_spawn_prog(s, "cport-echo", expect_backend, pre, args);
 }
 
 /* server_start(&s, "--threads", "2", NULL): on the backend under test. */
@@ -391,20 +398,20 @@ static long server_setting(const server *s, const char *key)
 static void server_reap(server *s, int sig)
 {
     CHECK(s->pid > 0);
-    int st = child_wait(s->pid, STOP_MS, "cport-echo after a stop signal");
+    int st = child_wait(s->pid, STOP_MS, fmt("%s after a stop signal", s->prog));
     s->pid = 0;
-    dump("cport-echo stderr", s->err);
+    dump("server stderr", s->err);
     static char text[TEXT_CAP];
     memfd_text(s->out, text, sizeof text);
     close(s->out);
     close(s->err);
     if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-        fprintf(stderr, "%scport-echo: status 0x%x after %s\n", text, st, strsignal(sig));
+        fprintf(stderr, "%s%s: status 0x%x after %s\n", text, s->prog, st, strsignal(sig));
         CHECK(WIFEXITED(st));
         CHECK_EQ(WEXITSTATUS(st), 0);
     }
     char want[64];
-    snprintf(want, sizeof want, "cport-echo: %s: accepted=", strsignal(sig));
+    snprintf(want, sizeof want, "%s: %s: accepted=", s->prog, strsignal(sig));
     const char *p = strstr(text, want);
     if (!p)
         fprintf(stderr, "%s", text);
@@ -413,7 +420,7 @@ static void server_reap(server *s, int sig)
     CHECK_EQ(sscanf(p + strlen(want) - strlen("accepted="),
                     "accepted=%llu rejected=%llu closed=%llu", &a, &r, &c),
              3);
-    fprintf(stderr, "cport-echo exit: accepted=%llu rejected=%llu closed=%llu\n", a, r, c);
+    fprintf(stderr, "%s exit: accepted=%llu rejected=%llu closed=%llu\n", s->prog, a, r, c);
     s->accepted = a;
     s->rejected = r;
     s->closed = c;
@@ -427,9 +434,9 @@ static void server_check_alive(const server *s)
     CHECK(s->pid > 0);
     if (!child_exited(s->pid, &st))
         return;
-    dump("cport-echo stdout", s->out);
-    dump("cport-echo stderr", s->err);
-    fprintf(stderr, "cport-echo (pid %d) exited before the test stopped it: status 0x%x%s\n",
+    dump("server stdout", s->out);
+    dump("server stderr", s->err);
+    fprintf(stderr, "%s (pid %d) exited before the test stopped it: status 0x%x%s\n", s->prog,
             (int)s->pid, st,
             WIFEXITED(st) && WEXITSTATUS(st) == 0 ? " (a stop signal from outside this test?)"
                                                   : "");
@@ -1017,6 +1024,40 @@ TEST(order_threads_recvs)
             exchange(fd, (size_t)cpt_scaled(4 << 20, 1 << 20), (unsigned)i, EX_FULL);
             close(fd);
             server_stop(&s);
+        }
+    }
+}
+
+/* The raw-API example (examples/echo_raw.c: port, sockets and per-I/O contexts, no server
+ * layer) echoes byte-exact and in order: with one receive per connection (its op alternates
+ * receive and send) and with several (sequence numbers), with buffers of its own and pooled
+ * (zero-byte), with sends that complete in the call (CP_SEND_SKIP_ON_SUCCESS, its default)
+ * and through the port (--no-skip); two workers. Messages larger than its buffer make the
+ * sends short and the socket full, so both ways of finishing a send are taken. */
+TEST(raw_example)
+{
+    for (int zb = 0; zb < 2; zb++) {
+        for (int recvs = 1; recvs <= 4; recvs += 3) {
+            for (int skip = 0; skip < 2; skip++) {
+                const char *args[] = {"--threads",
+                                      "2",
+                                      "--recvs",
+                                      fmt("%d", recvs),
+                                      zb ? "--zero-byte" : "--buffer=1000",
+                                      skip ? NULL : "--no-skip",
+                                      NULL};
+                server s;
+                server_spawn_prog(&s, "echo_raw", cpt_backend(), NULL, args);
+                CHECK(strstr(s.line, skip ? " skip-on-success=on" : " skip-on-success=off"));
+                CHECK_EQ(server_setting(&s, "recvs"), recvs);
+                echo_run(&s, 4, "1", 16, secs(300, 150), 1);
+                echo_run(&s, 4, "100000", 4, secs(300, 150), 1);
+                int fd = connect_to(&s);
+                exchange(fd, (size_t)cpt_scaled(2 << 20, 1 << 19), (unsigned)recvs, EX_FULL);
+                close(fd);
+                server_stop(&s);
+                CHECK_EQ(s.accepted, 9);
+            }
         }
     }
 }
