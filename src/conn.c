@@ -210,9 +210,24 @@ static void issue_close(cp_server *sv, cp_conn *c)
 static bool quiet_both_ways(cp_conn *c)
 {
     int out = 0, in = 0;
-    if (ioctl(c->s.fd, SIOCOUTQ, &out) < 0 || ioctl(c->s.fd, SIOCINQ, &in) < 0)
-        return true;
-    return out == 0 && in == 0;
+    int fd = cp__socket_fd_hold(&c->s);
+    if (fd < 0)
+        return true; /* another thread issued the close already: issue_close() is a no-op */
+    bool failed = ioctl(fd, SIOCOUTQ, &out) < 0 || ioctl(fd, SIOCINQ, &in) < 0;
+    cp__socket_fd_release(&c->s);
+    return failed || (out == 0 && in == 0);
+}
+
+/* FIN to the peer, unless the close was issued meanwhile (by another thread: the sweep and
+ * the send completions move a graceful close on too). Then the descriptor may be closed
+ * and its number taken by a connection accepted since: that one would get the FIN. */
+static void shutdown_write(cp_conn *c)
+{
+    int fd = cp__socket_fd_hold(&c->s);
+    if (fd >= 0) {
+        shutdown(fd, SHUT_WR);
+        cp__socket_fd_release(&c->s);
+    }
 }
 
 /* A graceful close moves on (any thread). Once every reply is in the kernel: close if the
@@ -239,16 +254,16 @@ static void drain_step(cp_server *sv, cp_conn *c)
     if (quiet_both_ways(c)) {
         /* FIN first: input arriving between the check and the close then draws a reset
          * only after the peer has its FIN, and it reads the end, not the reset. */
-        shutdown(c->s.fd, SHUT_WR);
+        shutdown_write(c);
         issue_close(sv, c);
         return;
     }
-    while (!(st & CF_LINGER)) {
+    while (!(st & (CF_LINGER | CF_CLOSE_ISSUED))) {
         uint64_t want = (st & ~CS_TICK_MASK) | CF_LINGER |
                         ((uint64_t)now_tick(sv) << CS_TICK_SHIFT & CS_TICK_MASK);
         if (__atomic_compare_exchange_n(&c->state, &st, want, true, __ATOMIC_SEQ_CST,
                                         __ATOMIC_SEQ_CST)) {
-            shutdown(c->s.fd, SHUT_WR);
+            shutdown_write(c);
             break;
         }
     }
@@ -1119,7 +1134,32 @@ cp_server *cp_conn_server(cp_conn *c)
 int cp_conn_peer(cp_conn *c, struct sockaddr_storage *addr, socklen_t *len)
 {
     *len = sizeof(*addr);
-    return getpeername(c->s.fd, (struct sockaddr *)addr, len) == 0 ? 0 : -errno;
+    int fd = cp__socket_fd_hold(&c->s);
+    if (fd < 0)
+        return fd;
+    int r = getpeername(fd, (struct sockaddr *)addr, len) == 0 ? 0 : -errno;
+    cp__socket_fd_release(&c->s);
+    return r;
+}
+
+int cp_conn_setsockopt(cp_conn *c, int level, int name, const void *val, socklen_t len)
+{
+    int fd = cp__socket_fd_hold(&c->s);
+    if (fd < 0)
+        return fd;
+    int r = setsockopt(fd, level, name, val, len) == 0 ? 0 : -errno;
+    cp__socket_fd_release(&c->s);
+    return r;
+}
+
+int cp_conn_getsockopt(cp_conn *c, int level, int name, void *val, socklen_t *len)
+{
+    int fd = cp__socket_fd_hold(&c->s);
+    if (fd < 0)
+        return fd;
+    int r = getsockopt(fd, level, name, val, len) == 0 ? 0 : -errno;
+    cp__socket_fd_release(&c->s);
+    return r;
 }
 
 size_t cp_conn_pending(const cp_conn *c)

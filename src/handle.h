@@ -161,6 +161,14 @@ static inline bool cp__op_in_use(const cp_op *op)
     return __atomic_load_n(&op->cp__state, __ATOMIC_RELAXED) != CP__OPS_IDLE;
 }
 
+/* The descriptor of h for a system call of the caller's own (ioctl, shutdown,
+ * getpeername), with h locked; or -EBADF, h not locked, once h's close has begun: from
+ * then on the descriptor may be closed at any moment (under this lock) and its number
+ * given to a socket accepted since, which the call would hit instead. Pair a
+ * non-negative result with cp__socket_fd_release(). Any thread. */
+int cp__socket_fd_hold(cp_handle *h);
+void cp__socket_fd_release(cp_handle *h);
+
 /* Run a transmit as far as the socket takes it, with the backend's file leg. Returns 0
  * when everything (and the requested disconnect) is done, CP__AGAIN when the socket is
  * full, or a negative errno. Handle lock held. (transmit.c) */

@@ -916,6 +916,21 @@ bool cp__socket_seal_if_idle(cp_handle *h, const uint32_t *pending)
     return idle;
 }
 
+int cp__socket_fd_hold(cp_handle *h)
+{
+    cp__h_lock(h);
+    if (h->cp__flags & CP__H_CLOSING) {
+        cp__h_unlock(h);
+        return -EBADF;
+    }
+    return h->fd;
+}
+
+void cp__socket_fd_release(cp_handle *h)
+{
+    cp__h_unlock(h);
+}
+
 int cp_socket_accept(cp_socket *listener, cp_accept_op *aop, void *buf, size_t len)
 {
     if (!aop || len > UINT32_MAX || (len && !buf))

@@ -929,13 +929,13 @@ static int t_on_open(cp_conn *c)
         cb_leave(u);
         return -1;
     }
-    int nodelay = 0;
+    int nodelay = 0, r;
     socklen_t nlen = sizeof nodelay;
-    if (getsockopt(cp_conn_fd(c), IPPROTO_TCP, TCP_NODELAY, &nodelay, &nlen) < 0 || !nodelay)
+    if (cp_conn_getsockopt(c, IPPROTO_TCP, TCP_NODELAY, &nodelay, &nlen) < 0 || !nodelay)
         ADD(&t->nagle, 1);
     if (t->sndbuf &&
-        setsockopt(cp_conn_fd(c), SOL_SOCKET, SO_SNDBUF, &t->sndbuf, sizeof t->sndbuf) < 0)
-        note_error(t, "SO_SNDBUF: %s", strerror(errno));
+        (r = cp_conn_setsockopt(c, SOL_SOCKET, SO_SNDBUF, &t->sndbuf, sizeof t->sndbuf)) < 0)
+        note_error(t, "SO_SNDBUF: %s", strerror(-r));
     u->magic = UCONN_MAGIC;
     u->id = (uint32_t)ADD(&t->opens, 1);
     atomic_max(&t->open_now_max, ADD(&t->open_now, 1));
@@ -1931,6 +1931,76 @@ TEST(refused_replies_free_their_buffers)
     CHECK_EQ(LOAD(&t->epipe), 2 * (uint64_t)total);
     CHECK_EQ(LOAD(&t->send_errors), 0);
     CHECK_EQ(after, before);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* The descriptor guard. on_data asks for the peer and sets and reads a socket option,
+ * closes the connection (nothing is queued and nothing is in flight, so its socket closes
+ * right there), then opens and connects a socket of its own, which takes the lowest free
+ * descriptor number: mostly the one just freed. The connection's descriptor calls must now
+ * fail with -EBADF instead of reaching that socket (the graceful close's own FIN, sent from
+ * any thread, goes through the same guard). */
+typedef struct stale_fd_ctx {
+    uint64_t reused;  /* the new socket got the connection's old number */
+    uint64_t guarded; /* every call on the closed connection said -EBADF */
+} stale_fd_ctx;
+
+static void stale_fd_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    (void)u, (void)data, (void)len;
+    stale_fd_ctx *x = t->ctx;
+    struct sockaddr_storage peer;
+    socklen_t peer_len;
+    int one = 1, v = 0;
+    socklen_t vlen = sizeof v;
+    if (cp_conn_peer(c, &peer, &peer_len) != 0 || peer.ss_family != AF_INET ||
+        cp_conn_setsockopt(c, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one) != 0 ||
+        cp_conn_getsockopt(c, SOL_SOCKET, SO_KEEPALIVE, &v, &vlen) != 0 || !v)
+        note_error(t, "descriptor calls on an open connection failed");
+    int old = cp_conn_fd(c);
+    cp_conn_close(c);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sa = loopback(t->port);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        note_error(t, "own socket: %s", strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return;
+    }
+    if (fd == old)
+        ADD(&x->reused, 1);
+    vlen = sizeof v;
+    if (cp_conn_peer(c, &peer, &peer_len) == -EBADF &&
+        cp_conn_setsockopt(c, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one) == -EBADF &&
+        cp_conn_getsockopt(c, SOL_SOCKET, SO_KEEPALIVE, &v, &vlen) == -EBADF)
+        ADD(&x->guarded, 1);
+    close(fd);
+}
+
+TEST(descriptor_calls_after_close)
+{
+    enum { N = 20 };
+    tsrv *t = tsrv_new(ECHO_NONE);
+    stale_fd_ctx x = {0};
+    t->ctx = &x;
+    t->hook = stale_fd_hook;
+    cp_server_options o = {.threads = 1};
+    tsrv_start(t, &o);
+    for (int i = 0; i < N; i++) {
+        int fd = connect_to(t->port);
+        uint8_t b = (uint8_t)i;
+        send_all(fd, &b, 1);
+        CHECK(wait_peer_close(fd, cpt_now_ms() + IO_MS, NULL) >= 0);
+        close(fd);
+    }
+    /* Each client's connection and each socket the hook opened. */
+    WAIT_FOR(LOAD(&t->closes) == 2 * N, IO_MS);
+    fprintf(stderr,
+            "%d connections closed in on_data: descriptor number reused %llu times, "
+            "calls refused %llu times\n",
+            N, (unsigned long long)LOAD(&x.reused), (unsigned long long)LOAD(&x.guarded));
+    CHECK(LOAD(&x.reused) >= 1); /* else this test could not tell */
+    CHECK_EQ(LOAD(&x.guarded), N);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 

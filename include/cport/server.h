@@ -73,7 +73,7 @@ CP_EXTERN const char *cp_close_reason_name(cp_close_reason reason);
 
 typedef struct cp_server_callbacks {
     /* A connection was accepted (its handshake may not have sent data yet). Its socket
-     * has TCP_NODELAY set (cp_conn_fd() to change that). Return 0 to keep it; a negative
+     * has TCP_NODELAY set (cp_conn_setsockopt() to change that). Return 0 to keep it; a negative
      * value closes it at once, and no other callback runs for it. Optional. */
     int (*on_open)(cp_conn *c);
     /* Data arrived: in stream mode a chunk of bytes (any size >= 1), in framed mode the
@@ -240,15 +240,29 @@ CP_EXTERN void *cp_conn_user(cp_conn *c);
 /* The server the connection belongs to. */
 CP_EXTERN cp_server *cp_conn_server(cp_conn *c);
 
-/* The peer's address (getpeername). Returns 0 or a negative errno. */
+/* The peer's address (getpeername). Returns 0 or a negative errno: -EBADF once the
+ * connection's socket is being closed (a graceful close keeps it open while replies drain;
+ * in on_close it is closed). Any thread, while the caller holds the connection (a callback
+ * of it, or a cp_conn_ref). */
 CP_EXTERN int cp_conn_peer(cp_conn *c, struct sockaddr_storage *addr, socklen_t *len);
+
+/* setsockopt(2) / getsockopt(2) on the connection's socket (SO_SNDBUF, TCP_NODELAY,
+ * TCP_KEEPIDLE, TCP_INFO, ...). Return 0 or a negative errno: -EBADF once the socket is
+ * being closed, as for cp_conn_peer(); the check and the call are made under the socket's
+ * lock, so they never reach another socket. Any thread, while the caller holds the
+ * connection. */
+CP_EXTERN int cp_conn_setsockopt(cp_conn *c, int level, int name, const void *val, socklen_t len);
+CP_EXTERN int cp_conn_getsockopt(cp_conn *c, int level, int name, void *val, socklen_t *len);
 
 /* Bytes queued to send and not yet handed to the kernel. */
 CP_EXTERN size_t cp_conn_pending(const cp_conn *c);
 
-/* The connection's socket descriptor, for socket options (SO_SNDBUF, TCP_KEEPIDLE, ...)
- * and getsockopt (TCP_INFO). It stays the connection's: do not read from it, write to it,
- * shut it down or close it; it is valid until on_close has run. */
+/* The connection's socket descriptor, for calls the functions above do not cover. Do not
+ * read from it, write to it, shut it down or close it. The number is the connection's only
+ * until its socket's close begins, which another thread may start at any moment
+ * (cp_conn_close/abort, a timeout, the server's shutdown); from then on it may belong to a
+ * socket accepted or opened since, and in on_close it always may. Prefer cp_conn_peer(),
+ * cp_conn_setsockopt() and cp_conn_getsockopt(), which check under the socket's lock. */
 CP_EXTERN int cp_conn_fd(const cp_conn *c);
 
 /* Keep the connection's memory valid beyond on_close; call inside one of its callbacks
