@@ -11,7 +11,9 @@
  * receive, a connection is a cp_socket plus one cp_op and a few flags — 128 bytes — and
  * holds no buffer while idle: data lands in the port's shared pool only when it arrives.
  * The single op alternates receive → send → receive, so such a connection never has two
- * completions in flight and needs no lock.
+ * completions in flight and needs no lock. A reply the kernel takes whole at once
+ * (CP_SEND_SKIP_ON_SUCCESS; by default on epoll only, see main) finishes inside the call,
+ * and the op receives again right away: no completion, no trip through the port.
  *
  * Lifetime: the port queues a socket's close completion after all its other completions,
  * but with several workers another thread may still be running the handler of an earlier
@@ -53,7 +55,7 @@ typedef struct config {
     bool zero_byte;
     unsigned recvs;
     unsigned buffer;
-    bool skip; /* sends the kernel takes at once complete in the call (default) */
+    int skip; /* CP_SEND_SKIP_ON_SUCCESS: 1 on, 0 off, -1 by backend (see main) */
 } config;
 
 /* ---- connection slab ----------------------------------------------------------------- */
@@ -546,8 +548,9 @@ static void usage(FILE *f)
             "  --zero-byte       idle connections hold no receive buffer (pooled receives)\n"
             "  --recvs N         receives outstanding per connection (default 1)\n"
             "  --buffer BYTES    receive buffer per receive without --zero-byte (default 16384)\n"
-            "  --no-skip         every send completes through the port (by default a send the\n"
-            "                    kernel takes whole at once finishes in the call)\n"
+            "  --skip, --no-skip a send the kernel takes whole at once finishes in the call\n"
+            "                    (CP_SEND_SKIP_ON_SUCCESS), or every send completes through the\n"
+            "                    port (default: --skip on epoll, --no-skip on io_uring)\n"
             "  --help            this text\n"
             "SIGINT/SIGTERM close everything cleanly and exit 0.\n");
 }
@@ -572,14 +575,20 @@ static int parse_args(int argc, char **argv, config *cfg)
                     .accepts = 16,
                     .recvs = 1,
                     .buffer = 16384,
-                    .skip = true};
-    static const struct option opts[] = {
-        {"port", required_argument, 0, 'p'},    {"bind", required_argument, 0, 'b'},
-        {"threads", required_argument, 0, 't'}, {"backend", required_argument, 0, 'B'},
-        {"accepts", required_argument, 0, 'a'}, {"max-conns", required_argument, 0, 'm'},
-        {"zero-byte", no_argument, 0, 'z'},     {"recvs", required_argument, 0, 'r'},
-        {"buffer", required_argument, 0, 'f'},  {"no-skip", no_argument, 0, 'S'},
-        {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
+                    .skip = -1};
+    static const struct option opts[] = {{"port", required_argument, 0, 'p'},
+                                         {"bind", required_argument, 0, 'b'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"backend", required_argument, 0, 'B'},
+                                         {"accepts", required_argument, 0, 'a'},
+                                         {"max-conns", required_argument, 0, 'm'},
+                                         {"zero-byte", no_argument, 0, 'z'},
+                                         {"recvs", required_argument, 0, 'r'},
+                                         {"buffer", required_argument, 0, 'f'},
+                                         {"no-skip", no_argument, 0, 'S'},
+                                         {"skip", no_argument, 0, 's'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     int ch;
     unsigned v;
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -613,7 +622,10 @@ static int parse_args(int argc, char **argv, config *cfg)
                 return -1;
             break;
         case 'S':
-            cfg->skip = false;
+            cfg->skip = 0;
+            break;
+        case 's':
+            cfg->skip = 1;
             break;
         case 'z':
             cfg->zero_byte = true;
@@ -747,6 +759,11 @@ int main(int argc, char **argv)
         cp_pool_destroy(sv.pool, CP_POOL_CANCEL);
         return 1;
     }
+    /* On epoll a send the kernel takes at once saves its completion. On io_uring it is a
+     * send(2) of its own, while a request rides the poller's next io_uring_enter: at 64 B
+     * that measured 1.10x the reference's CPU per message against 0.99x (bench/README.md). */
+    if (cfg->skip < 0)
+        cfg->skip = cp_port_backend(sv.port) == CP_BACKEND_EPOLL;
     printf("echo_raw: backend=%s threads=%u bind=%s port=%d accepts=%u max-conns=%u "
            "zero-byte=%s recvs=%u buffer=%u conn-bytes=%zu skip-on-success=%s\n",
            cp_port_backend_name(sv.port), cfg->threads, cfg->bind, port, cfg->accepts,
