@@ -1006,6 +1006,20 @@ TEST(echo_2000_connections)
 /* Bytes of one connection come back in order with several workers and several receives
  * outstanding. Small --buffer splits every message over many receives; 1-byte messages
  * pipelined 16 deep make many tiny receives race. */
+/* Bytes of one connection come back in order: cport-bench with 4 connections of 1-byte
+ * messages at depth 16, then of 100 000-byte ones at depth 4, then one long stream (`stream`
+ * bytes, scaled down to no less than `stream_min`) checked by this test's own client. Stops
+ * the server. */
+static void order_workout(server *s, size_t stream, size_t stream_min, unsigned seed)
+{
+    echo_run(s, 4, "1", 16, secs(300, 150), 1);
+    echo_run(s, 4, "100000", 4, secs(300, 150), 1);
+    int fd = connect_to(s);
+    exchange(fd, (size_t)cpt_scaled((int64_t)stream, (int64_t)stream_min), seed, EX_FULL);
+    close(fd);
+    server_stop(s);
+}
+
 TEST(order_threads_recvs)
 {
     static const struct {
@@ -1017,13 +1031,7 @@ TEST(order_threads_recvs)
             server_start(&s, "--threads", fmt("%d", cfg[i].threads), "--recvs",
                          fmt("%d", cfg[i].recvs), zb ? "--zero-byte" : "--buffer=1000", NULL);
             CHECK_EQ(server_setting(&s, "recvs"), cfg[i].recvs);
-            echo_run(&s, 4, "1", 16, secs(300, 150), 1);
-            echo_run(&s, 4, "100000", 4, secs(300, 150), 1);
-            /* And a single stream checked by this test's own client. */
-            int fd = connect_to(&s);
-            exchange(fd, (size_t)cpt_scaled(4 << 20, 1 << 20), (unsigned)i, EX_FULL);
-            close(fd);
-            server_stop(&s);
+            order_workout(&s, 4 << 20, 1 << 20, (unsigned)i);
         }
     }
 }
@@ -1056,12 +1064,7 @@ TEST(raw_example)
                 bool on = skip == 2 ? strcmp(cpt_backend(), "epoll") == 0 : skip == 1;
                 CHECK(strstr(s.line, on ? " skip-on-success=on" : " skip-on-success=off"));
                 CHECK_EQ(server_setting(&s, "recvs"), recvs);
-                echo_run(&s, 4, "1", 16, secs(300, 150), 1);
-                echo_run(&s, 4, "100000", 4, secs(300, 150), 1);
-                int fd = connect_to(&s);
-                exchange(fd, (size_t)cpt_scaled(2 << 20, 1 << 19), (unsigned)recvs, EX_FULL);
-                close(fd);
-                server_stop(&s);
+                order_workout(&s, 2 << 20, 1 << 19, (unsigned)recvs);
                 CHECK_EQ(s.accepted, 9);
             }
         }
