@@ -94,9 +94,10 @@ typedef struct chunk {
 typedef struct slab {
     pthread_mutex_t lock;
     size_t size;
+    size_t zero; /* bytes zeroed at allocation, under the lock (receive buffers are not) */
     void *free;
     chunk *chunks;
-    size_t live;
+    size_t live; /* atomic: read without the lock (max-conns, shutdown) */
 } slab;
 
 static size_t chunk_first(void)
@@ -129,7 +130,9 @@ static void *slab_alloc(slab *s)
         }
         obj = (char *)c + chunk_first() + c->count++ * s->size;
     }
-    s->live++;
+    /* Under the lock: the shutdown walk reads every slot's `live` under it. */
+    memset(obj, 0, s->zero);
+    __atomic_add_fetch(&s->live, 1, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&s->lock);
     return obj;
 }
@@ -140,7 +143,7 @@ static void slab_free(slab *s, void *obj)
     ((conn *)obj)->live = 0;
     *(void **)obj = s->free;
     s->free = obj;
-    s->live--;
+    __atomic_sub_fetch(&s->live, 1, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&s->lock);
 }
 
@@ -429,7 +432,6 @@ static void start_conn(server *sv, int fd)
         __atomic_add_fetch(&sv->rejected, 1, __ATOMIC_SEQ_CST);
         return;
     }
-    memset(c, 0, sv->conn_size - (sv->cfg.zero_byte ? 0 : (size_t)sv->cfg.recvs * sv->cfg.buffer));
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     if (cp_pool_associate(sv->pool, &c->s, fd, &sv->conn_binding) < 0) {
@@ -439,7 +441,9 @@ static void start_conn(server *sv, int fd)
         return;
     }
     c->refs = 1; /* set-up's own reference */
-    c->live = 1;
+    pthread_mutex_lock(&sv->conns.lock);
+    c->live = 1; /* the shutdown walk may cancel it from now on */
+    pthread_mutex_unlock(&sv->conns.lock);
     __atomic_add_fetch(&sv->accepted, 1, __ATOMIC_SEQ_CST);
     if (!multi(sv)) {
         cp_op *op = lean_op(c);
@@ -732,6 +736,7 @@ int main(int argc, char **argv)
     size_t bufs = cfg->zero_byte ? 0 : (size_t)cfg->recvs * cfg->buffer;
     sv.conn_size = (sizeof(conn) + per + bufs + 7) & ~(size_t)7;
     sv.conns.size = sv.conn_size;
+    sv.conns.zero = sv.conn_size - bufs;
     pthread_mutex_init(&sv.conns.lock, NULL);
     pthread_mutex_init(&sv.park_lock, NULL);
     pthread_mutex_init(&sv.done_lock, NULL);

@@ -1957,11 +1957,16 @@ static void stale_fd_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, si
         cp_conn_setsockopt(c, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one) != 0 ||
         cp_conn_getsockopt(c, SOL_SOCKET, SO_KEEPALIVE, &v, &vlen) != 0 || !v)
         note_error(t, "descriptor calls on an open connection failed");
+    /* The server's own address, from the connection (t->port is written by the main thread
+     * in a way ThreadSanitizer cannot see ordered before this). */
     int old = cp_conn_fd(c);
+    struct sockaddr_in self;
+    socklen_t self_len = sizeof self;
+    if (getsockname(old, (struct sockaddr *)&self, &self_len) < 0)
+        note_error(t, "getsockname: %s", strerror(errno));
     cp_conn_close(c);
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in sa = loopback(t->port);
-    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+    if (fd < 0 || connect(fd, (struct sockaddr *)&self, sizeof self) < 0) {
         note_error(t, "own socket: %s", strerror(errno));
         if (fd >= 0)
             close(fd);
