@@ -55,6 +55,22 @@ static void op_ref(cp_conn *c)
     __atomic_add_fetch(&c->state, CS_OPREF, __ATOMIC_RELAXED);
 }
 
+/* An operation reference for a send started from outside c's handlers (any thread, one
+ * holding only a cp_conn_ref included), taken only while c is not closing: until then the
+ * close is not issued and the life reference is held, so the count is not zero. Once
+ * closing, it may have reached zero already (on_close ran): a reference taken then would
+ * run on_close again, and free c again, when dropped. */
+static bool op_ref_unless_closing(cp_conn *c)
+{
+    uint64_t st = st_load(c);
+    do {
+        if (st & CF_CLOSING)
+            return false;
+    } while (!__atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, true, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_SEQ_CST));
+    return true;
+}
+
 static uint16_t st_tick(uint64_t st)
 {
     return (uint16_t)((st & CS_TICK_MASK) >> CS_TICK_SHIFT);
@@ -901,11 +917,13 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
         head_len > UINT32_MAX)
         return -EINVAL;
     cp_server *sv = cp__conn_server(c);
-    if (st_load(c) & CF_CLOSING)
+    if (!op_ref_unless_closing(c))
         return -EPIPE;
     cp__xmit *x = cp__slab_alloc(&sv->xmits);
-    if (!x)
+    if (!x) {
+        op_unref(sv, c, 1);
         return -ENOMEM;
+    }
     memset(&x->t, 0, sizeof(x->t));
     x->head = NULL;
     x->head_size = 0;
@@ -914,13 +932,13 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
         x->head = cp__server_buf_alloc(sv, w, head_len, &x->head_size);
         if (!x->head) {
             cp__slab_free(&sv->xmits, x);
+            op_unref(sv, c, 1);
             return -ENOMEM;
         }
         memcpy(x->head, head, head_len);
     }
     x->len = head_len + len;
     x->ctx = ctx;
-    op_ref(c);
     __atomic_add_fetch(&c->pending, xmit_pending(x), __ATOMIC_SEQ_CST);
     int r = cp_socket_transmit_file(&c->s, &x->t, fd, offset, len, x->head, head_len, NULL, 0, 0);
     if (r < 0) {

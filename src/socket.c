@@ -1085,6 +1085,7 @@ int cp_socket_cancel(cp_socket *h, cp_op *op)
 {
     if (!h || !op || !h->cp__port)
         return -EINVAL;
+    cp_port *p = h->cp__port; /* once h is unlocked it may be closed and freed */
     cp__oplist done = {0};
     int r;
     cp__h_lock(h);
@@ -1096,7 +1097,7 @@ int cp_socket_cancel(cp_socket *h, cp_op *op)
         kick_locked(h, &h->cp__sq, &done);
     }
     unlock_flush(h, &done);
-    cp__io_deliver(h->cp__port, &done);
+    cp__io_deliver(p, &done);
     return r;
 }
 
