@@ -39,7 +39,7 @@ for step in "${steps[@]}"; do
   normal) run_suite normal build -DCMAKE_BUILD_TYPE=RelWithDebInfo ;;
   asan)
     CC=clang ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-      CPORT_TEST_SCALE=0.5 run_suite asan build-asan -DCMAKE_BUILD_TYPE=Debug -DCPORT_SANITIZE=address -DCPORT_FUZZ=ON ;;
+      CPORT_TEST_SCALE=0.5 run_suite asan build-asan -DCMAKE_BUILD_TYPE=Debug -DCPORT_SANITIZE=address -DCPORT_FUZZ=ON -DCPORT_INJECT=ON ;;
   tsan)
     CC=clang TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 CPORT_TEST_SCALE=0.2 \
       run_suite tsan build-tsan -DCMAKE_BUILD_TYPE=Debug -DCPORT_SANITIZE=thread ;;

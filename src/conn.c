@@ -13,6 +13,7 @@
  * the connection has been handled: on_close runs there, and nothing can follow it.
  */
 #include "server_internal.h"
+#include "inject.h"
 
 #include <errno.h>
 #include <netinet/in.h>
@@ -919,6 +920,7 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
     cp_server *sv = cp__conn_server(c);
     if (!op_ref_unless_closing(c))
         return -EPIPE;
+    CP__INJECT_DELAY("send_file_ref"); /* the connection may start closing meanwhile */
     cp__xmit *x = cp__slab_alloc(&sv->xmits);
     if (!x) {
         op_unref(sv, c, 1);

@@ -16,6 +16,7 @@
  * The port never takes a handle lock.
  */
 #include "handle.h"
+#include "inject.h"
 #include "sys.h"
 
 #include <errno.h>
@@ -1097,6 +1098,8 @@ int cp_socket_cancel(cp_socket *h, cp_op *op)
         kick_locked(h, &h->cp__sq, &done);
     }
     unlock_flush(h, &done);
+    /* From here on h may be closed and freed by the handler of what it queued. */
+    CP__INJECT_DELAY("cancel_queued");
     cp__io_deliver(p, &done);
     return r;
 }

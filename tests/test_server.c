@@ -39,6 +39,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
@@ -2007,6 +2008,73 @@ TEST(descriptor_calls_after_close)
     CHECK(LOAD(&x.reused) >= 1); /* else this test could not tell */
     CHECK_EQ(LOAD(&x.guarded), N);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* cp_conn_send_file from a thread that holds only a cp_conn_ref, while the peer ends the
+ * connection. The send takes its operation reference only if the connection is not closing
+ * yet; the close then waits for it, and on_close runs once. (It used to check first and add
+ * the reference later, unlocked: if the close completed in between, the late reference
+ * brought on_close back a second time and conns_open below zero.) In a build with
+ * CPORT_INJECT (the ASan build) the sender sleeps 300 ms right after taking its reference,
+ * while the peer's end is handled; elsewhere the test runs without the pause. */
+typedef struct file_sender {
+    cp_conn *c;
+    int fd;
+    int calling; /* atomic: about to call */
+    int result;
+} file_sender;
+
+static void *send_file_thread(void *arg)
+{
+    file_sender *f = arg;
+    STORE(&f->calling, 1);
+    uint64_t *block = malloc(sizeof(uint64_t)); /* t_on_sent's context: the expected result */
+    CHECK(block != NULL);
+    block[0] = 4096;
+    f->result = cp_conn_send_file(f->c, NULL, 0, f->fd, 0, 4096, block);
+    if (f->result < 0)
+        free(block); /* no on_sent for a send that was refused */
+    return NULL;
+}
+
+TEST(send_file_races_the_peers_end)
+{
+#ifdef CPORT_INJECT
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "send_file_ref:300000", 1)); /* before any thread */
+#endif
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true; /* the sender's cp_conn_ref */
+    cp_server_options o = {.threads = 2};
+    tsrv_start(t, &o);
+    int file = cpt_memfd("file");
+    uint8_t page[4096] = {0};
+    CHECK_EQ(write(file, page, sizeof page), (ssize_t)sizeof page);
+    int fd = connect_to(t->port);
+    WAIT_FOR(LOAD(&t->opens) == 1, IO_MS);
+    pthread_mutex_lock(&t->lock);
+    file_sender f = {.c = t->held[0], .fd = file};
+    pthread_mutex_unlock(&t->lock);
+    pthread_t th;
+    CHECK_OK(pthread_create(&th, NULL, send_file_thread, &f));
+    WAIT_FOR(LOAD(&f.calling) == 1, IO_MS);
+#ifdef CPORT_INJECT
+    usleep(50000); /* well inside the sender's 300 ms pause; only the window's use hangs on it */
+#endif
+    close(fd); /* the peer ends while the sender is inside the call */
+    CHECK_OK(pthread_join(th, NULL));
+    WAIT_FOR(LOAD(&t->closes) >= 1, IO_MS);
+    /* Refused (the close came first) or sent and reported: either way exactly once. */
+    fprintf(stderr, "cp_conn_send_file: %d; on_sent ok %llu, bad %llu\n", f.result,
+            (unsigned long long)LOAD(&t->ref_sent_ok), (unsigned long long)LOAD(&t->ref_sent_bad));
+    if (f.result < 0)
+        CHECK_EQ(f.result, -EPIPE);
+    else
+        WAIT_FOR(LOAD(&t->ref_sent_ok) + LOAD(&t->ref_sent_bad) == 1, IO_MS);
+    CHECK_EQ(tsrv_stats(t).conns_open, 0);
+    CHECK_EQ(LOAD(&t->twice), 0);
+    CHECK_EQ(LOAD(&t->closes), 1);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+    close(file);
 }
 
 TEST(max_conns_refuses_extra)

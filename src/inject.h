@@ -1,0 +1,36 @@
+/* Delay points for race tests.
+ *
+ * A race that needs one thread to stop inside a window of a few instructions cannot be
+ * tested by load alone. In a build configured with -DCPORT_INJECT=ON (the ASan+UBSan build
+ * of scripts/test.sh; never a release), CP__INJECT_DELAY("point") sleeps for the
+ * microseconds that the environment variable CPORT_INJECT_DELAY names for that point
+ * ("point:usec"), so that a test can hold one thread in the window while the others act,
+ * and the sanitizer or the test's counts catch what goes wrong. Elsewhere the macro is
+ * nothing. The environment is read at each pass: no state is kept. Tests set it before
+ * they start any thread.
+ */
+#ifndef CPORT_INJECT_H
+#define CPORT_INJECT_H
+
+#ifdef CPORT_INJECT
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static inline void cp__inject_delay(const char *point)
+{
+    const char *e = getenv("CPORT_INJECT_DELAY");
+    size_t n = strlen(point);
+    if (!e || strncmp(e, point, n) != 0 || e[n] != ':')
+        return;
+    long us = strtol(e + n + 1, NULL, 10);
+    struct timespec ts = {.tv_sec = us / 1000000, .tv_nsec = (us % 1000000) * 1000};
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+}
+#define CP__INJECT_DELAY(point) cp__inject_delay(point)
+#else
+#define CP__INJECT_DELAY(point) ((void)0)
+#endif
+
+#endif
