@@ -264,6 +264,7 @@ static void drain_step(cp_server *sv, cp_conn *c)
      * (conn_send raises `pending` under that lock). */
     if (!cp__socket_seal_if_idle(&c->s, &c->pending))
         return;
+    CP__INJECT_DELAY("drain_sealed"); /* another thread may issue the close meanwhile */
     if (st & CF_RX_ENDED) {
         issue_close(sv, c);
         return;
