@@ -13,6 +13,7 @@
 #define CPORT_INJECT_H
 
 #ifdef CPORT_INJECT
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -24,8 +25,10 @@ static inline void cp__inject_delay(const char *point)
     if (!e || strncmp(e, point, n) != 0 || e[n] != ':')
         return;
     long us = strtol(e + n + 1, NULL, 10);
+    if (us <= 0)
+        return;
     struct timespec ts = {.tv_sec = us / 1000000, .tv_nsec = (us % 1000000) * 1000};
-    while (nanosleep(&ts, &ts) != 0)
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
         ;
 }
 #define CP__INJECT_DELAY(point) cp__inject_delay(point)
