@@ -8,6 +8,11 @@
  * and the sanitizer or the test's counts catch what goes wrong. Elsewhere the macro is
  * nothing. The environment is read at each pass: no state is kept. Tests set it before
  * they start any thread.
+ *
+ * Failure points work the same way for paths that only a resource shortage reaches
+ * (realloc failing, a full submission queue): CP__INJECT_FAIL("point") is true at every
+ * pass while CPORT_INJECT_FAIL names that point (a comma-separated list of names), and
+ * false in every other build.
  */
 #ifndef CPORT_INJECT_H
 #define CPORT_INJECT_H
@@ -31,9 +36,25 @@ static inline void cp__inject_delay(const char *point)
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
         ;
 }
+
+static inline int cp__inject_fail(const char *point)
+{
+    const char *e = getenv("CPORT_INJECT_FAIL");
+    size_t n = strlen(point);
+    while (e && *e) {
+        if (strncmp(e, point, n) == 0 && (e[n] == ',' || e[n] == '\0'))
+            return 1;
+        e = strchr(e, ',');
+        if (e)
+            e++;
+    }
+    return 0;
+}
 #define CP__INJECT_DELAY(point) cp__inject_delay(point)
+#define CP__INJECT_FAIL(point) cp__inject_fail(point)
 #else
 #define CP__INJECT_DELAY(point) ((void)0)
+#define CP__INJECT_FAIL(point) 0
 #endif
 
 #endif
