@@ -14,6 +14,7 @@
  * therefore deferred to the end of that batch (the handle stays pinned until then).
  */
 #include "handle.h"
+#include "inject.h"
 #include "sys.h"
 
 #include "cport/file.h"
@@ -39,13 +40,18 @@ enum {
 typedef struct ep_state {
     int epfd;
     int wakefd;
-    cp__lock lock;       /* guards in_poll and the deferred lists */
-    bool in_poll;        /* a poller is waiting in, or handling the events of, epoll_pwait2 */
-    bool no_pwait2;      /* epoll_pwait2 (Linux 5.11) is missing: use epoll_wait */
-    cp_handle **zombies; /* handles detached during the current poll, pinned */
-    uint32_t nzombies, czombies;
-    cp_op **zops; /* first-data accepts cancelled during the current poll */
-    uint32_t nzops, czops;
+    cp__lock lock;  /* guards in_poll and the deferred lists */
+    bool in_poll;   /* a poller is waiting in, or handling the events of, epoll_pwait2 */
+    bool no_pwait2; /* epoll_pwait2 (Linux 5.11) is missing: use epoll_wait */
+    /* Handles detached during the current poll, pinned: their close ops, linked through
+     * cp__next (a closing handle's close op is not in any queue until the close
+     * completes, which the pin prevents). No allocation, so a detach cannot fail. */
+    cp_op *zombie_closes;
+    /* First-data accepts cancelled during the current poll. Room for every accept in its
+     * first-data phase (nphase) is reserved when it enters the phase, where running out
+     * of memory can still fail the accept cleanly: a cancel cannot fail. */
+    cp_op **zops;
+    uint32_t nzops, czops, nphase;
     struct epoll_event events[MAX_EVENTS]; /* only the poller touches these */
     int nevents, next_event;               /* the harvest, and how far it is handled */
 
@@ -128,7 +134,6 @@ static void ep_fini(cp_port *p)
     pthread_cond_destroy(&s->jobs_cond);
     close(s->epfd);
     close(s->wakefd);
-    free(s->zombies);
     free(s->zops);
     free(s);
     p->be_data = NULL;
@@ -227,21 +232,25 @@ static int ep_poll(cp_port *p, int64_t deadline, cp__oplist *done)
 
     cp__lock_acquire(&s->lock);
     s->in_poll = false;
-    cp_handle **zombies = s->zombies;
-    uint32_t nz = s->nzombies;
-    cp_op **zops = s->zops;
+    cp_op *zc = s->zombie_closes;
+    s->zombie_closes = NULL;
     uint32_t nzo = s->nzops;
-    s->zombies = NULL;
-    s->nzombies = s->czombies = 0;
-    s->zops = NULL;
-    s->nzops = s->czops = 0;
     cp__lock_release(&s->lock);
+    /* No other thread adds to zops now (in_poll is false), and only this thread, the
+     * poller, starts the next poll: the array is read without the lock. */
     for (uint32_t i = 0; i < nzo; i++)
-        cp__io_firstdata(zops[i], -ECANCELED, done);
-    for (uint32_t i = 0; i < nz; i++)
-        cp__io_unpin(zombies[i], done);
-    free(zombies);
-    free(zops);
+        cp__io_firstdata(s->zops[i], -ECANCELED, done);
+    if (nzo) {
+        cp__lock_acquire(&s->lock);
+        s->nzops = 0;
+        s->nphase -= nzo;
+        cp__lock_release(&s->lock);
+    }
+    while (zc) {
+        cp_op *next = zc->cp__next; /* the unpin may complete the close: read first */
+        cp__io_unpin(zc->cp__h, done);
+        zc = next;
+    }
     return err;
 }
 
@@ -273,9 +282,12 @@ static void ep_detach(cp_handle *h)
     epoll_ctl(s->epfd, EPOLL_CTL_DEL, h->fd, NULL);
     bool deferred = false;
     cp__lock_acquire(&s->lock);
-    if (s->in_poll && grow((void **)&s->zombies, &s->czombies, s->nzombies) == 0) {
+    if (s->in_poll) {
+        /* Events copied out of epoll may still name h: keep it until the poll is over. */
+        cp_op *close_op = h->cp__aux;
         cp__h_pin(h);
-        s->zombies[s->nzombies++] = h;
+        close_op->cp__next = s->zombie_closes;
+        s->zombie_closes = close_op;
         deferred = true;
     }
     cp__lock_release(&s->lock);
@@ -401,6 +413,25 @@ static long ep_try_send(cp_handle *h, const struct iovec *iov, int iovcnt, size_
     return n;
 }
 
+/* One more accept in its first-data phase: make sure zops has room for its cancel. */
+static int phase_reserve(ep_state *s)
+{
+    cp__lock_acquire(&s->lock);
+    int r = CP__INJECT_FAIL("ep_phase_reserve") ? -ENOMEM
+                                                : grow((void **)&s->zops, &s->czops, s->nphase);
+    if (r == 0)
+        s->nphase++;
+    cp__lock_release(&s->lock);
+    return r;
+}
+
+static void phase_release(ep_state *s)
+{
+    cp__lock_acquire(&s->lock);
+    s->nphase--;
+    cp__lock_release(&s->lock);
+}
+
 /* An accept waiting for its first data: try the new socket; if it has nothing yet, watch
  * it (one-shot) on the poller's epoll set, pinning the listener while registered. */
 static int step_firstdata(cp_handle *h, cp_op *op)
@@ -411,24 +442,30 @@ static int step_firstdata(cp_handle *h, cp_op *op)
     do
         n = recv(aop->fd, op->u.buf, op->cp__len, 0);
     while (n < 0 && errno == EINTR);
-    if (n < 0 && errno == EAGAIN) {
+    int r = n < 0 ? -errno : (int)n;
+    if (r == -EAGAIN) {
         struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLONESHOT,
                                  .data.u64 = (uint64_t)(uintptr_t)op | TAG_FIRSTDATA};
-        int ctl = (op->cp__flags & CP__OPF_PHASE) ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+        bool entering = !(op->cp__flags & CP__OPF_PHASE);
+        if (entering && (r = phase_reserve(s)) < 0)
+            return r;
         cp__hb_release(op);
-        if (epoll_ctl(s->epfd, ctl, aop->fd, &ev) < 0)
-            return -errno;
-        if (!(op->cp__flags & CP__OPF_PHASE)) {
-            op->cp__flags |= CP__OPF_PHASE;
-            cp__h_pin(h);
+        if (epoll_ctl(s->epfd, entering ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, aop->fd, &ev) == 0) {
+            if (entering) {
+                op->cp__flags |= CP__OPF_PHASE;
+                cp__h_pin(h);
+            }
+            return CP__PENDING;
         }
-        return CP__PENDING;
+        r = -errno; /* fails the accept; leaves the phase below (its pin and reservation) */
+        if (entering)
+            phase_release(s);
     }
-    int r = n < 0 ? -errno : (int)n;
     if (op->cp__flags & CP__OPF_PHASE) {
         epoll_ctl(s->epfd, EPOLL_CTL_DEL, aop->fd, NULL);
         op->cp__flags &= (uint16_t)~CP__OPF_PHASE;
         cp__h_unpin(h);
+        phase_release(s);
     }
     return r;
 }
@@ -676,9 +713,11 @@ static int ep_cancel(cp_op *op)
     epoll_ctl(s->epfd, EPOLL_CTL_DEL, aop->fd, NULL);
     int r = 0;
     cp__lock_acquire(&s->lock);
-    if (s->in_poll && grow((void **)&s->zops, &s->czops, s->nzops) == 0) {
-        s->zops[s->nzops++] = op; /* keeps its pin until the batch is done */
+    if (s->in_poll) {
+        s->zops[s->nzops++] = op; /* room reserved; keeps its pin until the batch is done */
         r = CP__PENDING;
+    } else {
+        s->nphase--;
     }
     cp__lock_release(&s->lock);
     if (r == 0) {
