@@ -69,6 +69,6 @@ awk -v i="$ir" -v m="$msgs" 'BEGIN { printf "messages %d, instructions %d, per m
 echo "# top functions (instructions per message, self):"
 callgrind_annotate --auto=no "$OUT/cg.out" 2>/dev/null | awk -v m="$msgs" -v top="$TOP" '
     /PROGRAM TOTALS/ { next }
-    $1 ~ /^[0-9,]+$/ && $3 ~ /:/ && n < top {
+    /^ *[0-9,]+ +\( *[0-9.]+%\) +[^ ]+:/ && n < top {
         x = $1; gsub(",", "", x); sub(/^ *[^ ]+ +\([^)]*\) +/, ""); printf "%8.1f  %s\n", x / m, $0; n++ }'
 echo "# raw data: $OUT"
