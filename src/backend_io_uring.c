@@ -27,6 +27,7 @@
  * and registers the ring itself.
  */
 #include "handle.h"
+#include "inject.h"
 #include "sys.h"
 
 #include "cport/file.h"
@@ -81,6 +82,10 @@ typedef struct ur_state {
     bool blocking;    /* the poller is in (or entering) a waiting io_uring_enter */
     int wakefd;
     uint64_t wake_value; /* target of the pending eventfd read (written by the kernel) */
+    /* One msghdr per SQE slot, for a vector send prepared in that slot: the kernel reads it
+     * when it consumes the SQE, which may be at a later io_uring_enter than the one its
+     * start made; the slot (and so its msghdr) is reused only after that. */
+    struct msghdr *msgs;
 
     struct io_uring_buf_ring *br;
     size_t br_len;
@@ -124,7 +129,7 @@ static unsigned flush_sq_locked(struct io_uring *ring)
 static void submit_now_locked(ur_state *s)
 {
     unsigned n = flush_sq_locked(&s->ring);
-    if (n)
+    if (n && !CP__INJECT_FAIL("submit_not_consumed"))
         io_uring_enter(s->ring.ring_fd, n, 0, 0, NULL);
 }
 
@@ -311,6 +316,11 @@ static int ur_init(cp_port *p, const cp_port_options *opts)
         if (probe)
             io_uring_free_probe(probe);
     }
+    if (r == 0) {
+        s->msgs = calloc(s->ring.sq.ring_entries, sizeof(*s->msgs));
+        if (!s->msgs)
+            r = -ENOMEM;
+    }
     if (r == 0)
         r = setup_buf_ring(s, p->pool.count, (opts->flags & CP_PORT_WHOLE_BUFFERS) != 0);
     if (r == 0) {
@@ -324,6 +334,7 @@ static int ur_init(cp_port *p, const cp_port_options *opts)
         if (s->wakefd >= 0)
             close(s->wakefd);
         io_uring_queue_exit(&s->ring);
+        free(s->msgs);
         free(s->pipes);
         free(s->free_pipes);
         free(s);
@@ -352,6 +363,7 @@ static void ur_fini(cp_port *p)
     if (s->br)
         munmap(s->br, s->br_len);
     close(s->wakefd);
+    free(s->msgs);
     for (uint32_t i = 0; i < s->npipes; i++) {
         if (s->pipes[i][0] >= 0)
             close(s->pipes[i][0]);
@@ -731,25 +743,38 @@ static int send_now(cp_handle *h, cp_op *op)
     }
 }
 
-/* A vector send: the msghdr and the trimmed iovec array live on this stack, so the
- * request is submitted before returning (the kernel has consumed them when io_uring_enter
- * returns: IORING_FEAT_SUBMIT_STABLE). Kept apart from ur_start so that the common path
- * does not carry the 16 KiB scratch array in its frame. */
-static __attribute__((noinline)) int start_sendmsg(cp_handle *h, cp_op *op)
+/* A vector send, submitted at once as it always was (its callers may wait for the bytes
+ * before anything polls). io_uring_enter may still consume fewer SQEs than it is given
+ * (-EAGAIN, -ENOMEM); then the SQE reaches the kernel at a later enter, after this call
+ * returned, so nothing it points to may live on this stack: the msghdr is its SQE slot's
+ * (msgs), the iovecs the caller's array (valid until the completion). After a short send
+ * the rest of a partly sent element goes first as a plain send, so that the next step
+ * starts on an element of that array and needs no trimmed copy. */
+static int start_sendmsg(cp_handle *h, cp_op *op)
 {
     cp_port *p = h->cp__port;
     ur_state *s = state_of(p);
-    struct iovec tmp[IOV_MAX];
-    const struct iovec *iov;
-    int cnt = cp__op_iov(op, tmp, &iov);
-    struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)cnt};
+    const struct iovec *iov = op->u.iov;
+    size_t cnt = op->cp__aux, off = op->cp__done;
+    while (cnt > 0 && off >= iov->iov_len) {
+        off -= iov->iov_len;
+        iov++;
+        cnt--;
+    }
     cp__lock_acquire(&s->sq_lock);
     struct io_uring_sqe *sqe = get_sqe_locked(s);
     if (!sqe) {
         cp__lock_release(&s->sq_lock);
         return -EBUSY;
     }
-    io_uring_prep_sendmsg(sqe, h->fd, &msg, MSG_NOSIGNAL);
+    if (off > 0) {
+        io_uring_prep_send(sqe, h->fd, (const char *)iov->iov_base + off, iov->iov_len - off,
+                           MSG_NOSIGNAL | MSG_WAITALL);
+    } else {
+        struct msghdr *msg = &s->msgs[sqe - s->ring.sq.sqes];
+        *msg = (struct msghdr){.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = cnt};
+        io_uring_prep_sendmsg(sqe, h->fd, msg, MSG_NOSIGNAL);
+    }
     io_uring_sqe_set_data(sqe, op);
     cp__h_pin(h);
     op->cp__flags |= CP__OPF_INKERNEL;

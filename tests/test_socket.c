@@ -1390,3 +1390,74 @@ TEST(pooled_many_sockets_large_streams)
     }
     cp_port_destroy(p);
 }
+
+/* ---- submissions the kernel does not take at once ---------------------------------------- */
+
+#ifdef CPORT_INJECT
+/* Overwrite the stack below the caller's frame, where the frames of the calls it made
+ * were: anything the library left pointing there reads as garbage from now on. */
+static __attribute__((noinline)) void scribble_stack(void)
+{
+    volatile unsigned char junk[64 * 1024];
+    for (size_t i = 0; i < sizeof(junk); i++)
+        junk[i] = 0xA5;
+}
+#endif
+
+/* io_uring_enter may consume fewer SQEs than it is given (-EAGAIN, -ENOMEM, ...). With the
+ * failure point submit_not_consumed every immediate submission consumes nothing, so a
+ * vector send's SQE reaches the kernel only at the next poll, after the call that
+ * prepared it has returned: what the SQE points to must still be valid then. Once
+ * small (fits the socket buffer), once large to a reader that is slower (short sends:
+ * the rest of an iovec element, then the following ones). */
+TEST(vector_send_sqe_outlives_its_start)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "submit_not_consumed", 1)); /* before any thread */
+    cp_port *p = make_port();
+    if (cp_port_backend(p) != CP_BACKEND_IO_URING) {
+        cp_port_destroy(p);
+        SKIP("the failure point is in the io_uring backend's submission path");
+    }
+    pair pr;
+    pair_open(&pr, p);
+    for (int round = 0; round < 2; round++) {
+        enum { PARTS = 4 };
+        size_t part = round == 0 ? 1000 : (size_t)cpt_scaled(1 << 20, 256 << 10);
+        uint8_t *parts[PARTS];
+        struct iovec iov[PARTS];
+        size_t total = 0;
+        for (int i = 0; i < PARTS; i++) {
+            size_t len = part + (size_t)i * 7;
+            parts[i] = malloc(len);
+            fill_pattern(parts[i], len, (uint32_t)(round * 10 + i));
+            iov[i] = (struct iovec){parts[i], len};
+            total += len;
+        }
+        uint8_t *got = malloc(total);
+        size_t totalv = total;
+        void *args[3] = {&pr.client, got, &totalv};
+        pthread_t th;
+        CHECK_OK(-pthread_create(&th, NULL, reader_thread, args));
+        cp_op sop = {0};
+        CHECK_OK(cp_socket_sendv(&pr.s, &sop, iov, PARTS));
+        scribble_stack();
+        cp_completion c = next(p);
+        CHECK(c.op == &sop);
+        CHECK_EQ(c.result, (int64_t)total);
+        pthread_join(th, NULL);
+        size_t off = 0;
+        for (int i = 0; i < PARTS; i++) {
+            CHECK(memcmp(got + off, parts[i], iov[i].iov_len) == 0);
+            off += iov[i].iov_len;
+            free(parts[i]);
+        }
+        expect_nothing(p, 20); /* exactly one completion */
+        free(got);
+    }
+    pair_close(&pr, p);
+    cp_port_destroy(p);
+#endif
+}
