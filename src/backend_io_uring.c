@@ -35,6 +35,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/sendfile.h>
 #include <liburing.h>
 #include <signal.h>
@@ -78,8 +79,17 @@ enum {
 
 typedef struct ur_state {
     struct io_uring ring;
-    cp__lock sq_lock; /* guards the submission queue and `blocking` */
+    cp__lock sq_lock; /* guards the submission queue, `blocking` and `poll_budget` */
     bool blocking;    /* the poller is in (or entering) a waiting io_uring_enter */
+    /* The poller submits with an io_uring_enter made without sq_lock (every other enter is
+     * made under it): until that enter is back, the kernel may consume up to poll_budget
+     * SQEs for it from the queue's head, whichever they are (others' enters may have taken
+     * some of those the poller flushed). poll_head is the head when the poller flushed,
+     * locked_taken what enters under sq_lock consumed since: the rest of the head's
+     * advance is the poller's. */
+    unsigned poll_budget;
+    unsigned poll_head;
+    unsigned locked_taken;
     int wakefd;
     uint64_t wake_value; /* target of the pending eventfd read (written by the kernel) */
     /* One msghdr per SQE slot, for a vector send prepared in that slot: the kernel reads it
@@ -129,8 +139,11 @@ static unsigned flush_sq_locked(struct io_uring *ring)
 static void submit_now_locked(ur_state *s)
 {
     unsigned n = flush_sq_locked(&s->ring);
-    if (n && !CP__INJECT_FAIL("submit_not_consumed"))
-        io_uring_enter(s->ring.ring_fd, n, 0, 0, NULL);
+    if (n == 0 || CP__INJECT_FAIL("submit_not_consumed"))
+        return;
+    int r = io_uring_enter(s->ring.ring_fd, n, 0, 0, NULL);
+    if (r > 0)
+        s->locked_taken += (unsigned)r;
 }
 
 static struct io_uring_sqe *get_sqe_locked(ur_state *s)
@@ -451,6 +464,9 @@ static int ur_poll(cp_port *p, int64_t deadline, cp__oplist *done)
     cp__lock_acquire(&s->sq_lock);
     unsigned to_submit = flush_sq_locked(ring);
     s->blocking = wait;
+    s->poll_budget = to_submit;
+    s->poll_head = ring->sq.sqe_tail - to_submit;
+    s->locked_taken = 0;
     cp__lock_release(&s->sq_lock);
 
     int r = 0;
@@ -473,9 +489,10 @@ static int ur_poll(cp_port *p, int64_t deadline, cp__oplist *done)
         r = io_uring_enter(ring->ring_fd, to_submit, 0, overflow ? IORING_ENTER_GETEVENTS : 0,
                            NULL);
     }
-    if (wait) {
+    if (wait || to_submit) {
         cp__lock_acquire(&s->sq_lock);
         s->blocking = false;
+        s->poll_budget = 0;
         cp__lock_release(&s->sq_lock);
     }
     cp__port_poller_awake(p);
@@ -887,22 +904,75 @@ static int ur_start(cp_op *op)
     return CP__PENDING;
 }
 
+/* Take back a request whose SQE the kernel has not consumed yet (user_data ud): it becomes
+ * a NOP nobody waits for. Returns 1 if it was taken back, 0 if no SQE in the queue carries
+ * ud (the kernel has the request, or has finished it: it commits the queue's head only
+ * after it issued what it consumed), or -EAGAIN if the poller's enter may be consuming
+ * it right now (it cannot be rewritten under the kernel's reads). */
+static int withdraw_locked(ur_state *s, uint64_t ud)
+{
+    struct io_uring_sq *sq = &s->ring.sq;
+    unsigned head = io_uring_smp_load_acquire(sq->khead);
+    /* What the poller's enter may still take: its budget less what it took (the kernel
+     * publishes the head once an enter has issued all it consumed; so while the poller's
+     * enter is inside, its whole budget counts). */
+    unsigned left = s->poll_budget ? s->poll_budget - (head - s->poll_head - s->locked_taken) : 0;
+    for (unsigned i = head; i != sq->sqe_tail; i++) {
+        struct io_uring_sqe *sqe = &sq->sqes[i & sq->ring_mask];
+        if (sqe->user_data != ud)
+            continue;
+        if (i - head < left)
+            return -EAGAIN;
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+        sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+        return 1;
+    }
+    return 0;
+}
+
 static int ur_cancel(cp_op *op)
 {
     if (op->opcode == CP_OP_RECV_POOL)
         return 0; /* waits on the socket's multishot, not on a request of its own */
-    cp_port *p = op->cp__h->cp__port;
+    cp_handle *h = op->cp__h;
+    cp_port *p = h->cp__port;
     ur_state *s = state_of(p);
-    cp__lock_acquire(&s->sq_lock);
-    struct io_uring_sqe *sqe = get_sqe_locked(s);
-    if (sqe) {
-        io_uring_prep_cancel(sqe, op, 0);
-        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
-        sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
-        submitted_locked(p, s);
+    uint64_t ud = (uint64_t)(uintptr_t)op;
+    for (;;) {
+        cp__lock_acquire(&s->sq_lock);
+        struct io_uring_sqe *sqe = CP__INJECT_FAIL("ur_cancel_no_sqe") ? NULL : get_sqe_locked(s);
+        if (sqe) {
+            io_uring_prep_cancel64(sqe, ud, 0);
+            io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+            sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+            submitted_locked(p, s);
+            cp__lock_release(&s->sq_lock);
+            return CP__PENDING;
+        }
+        /* The queue is full and the kernel takes nothing now (io_uring_enter failed or
+         * consumed fewer): a cancel request could only wait behind the rest, while the
+         * op may wait for data forever. */
+        int r = withdraw_locked(s, ud);
+        cp__lock_release(&s->sq_lock);
+        if (r == 1) {
+            /* The kernel never saw it: the op ends here, as if it had not started. */
+            op->cp__flags &= (uint16_t) ~(CP__OPF_INKERNEL | CP__OPF_POLLWAIT);
+            cp__h_unpin(h);
+            return 0;
+        }
+        if (r == 0) {
+            /* The kernel has it (or its completion is on the way): cancel it there with a
+             * system call that needs no SQE. A zero timeout: do not wait for a request
+             * that is running to stop; it reports its end through the queue in any case. */
+            struct io_uring_sync_cancel_reg reg = {.addr = ud, .timeout = {0, 0}};
+            io_uring_register_sync_cancel(&s->ring, &reg);
+            return CP__PENDING;
+        }
+        /* In the batch of the poller's enter: the kernel takes it, or the enter fails,
+         * within that one system call; then look again. */
+        sched_yield();
     }
-    cp__lock_release(&s->sq_lock);
-    return CP__PENDING;
 }
 
 const cp__backend cp__backend_io_uring = {

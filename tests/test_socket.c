@@ -1461,3 +1461,73 @@ TEST(vector_send_sqe_outlives_its_start)
     cp_port_destroy(p);
 #endif
 }
+
+/* A cancel finds the submission queue full (failure point ur_cancel_no_sqe: no SQE for the
+ * cancel request) and must still take effect, exactly once: for a receive whose SQE the
+ * kernel has not consumed yet, for one waiting in the kernel, and through a close. Without
+ * that each receive would wait for data that never comes, and the close for the receive. */
+TEST(cancel_without_room_for_its_request)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "ur_cancel_no_sqe", 1)); /* before any thread */
+    cp_port *p = make_port();
+    if (cp_port_backend(p) != CP_BACKEND_IO_URING) {
+        cp_port_destroy(p);
+        SKIP("the failure point is in the io_uring backend's cancel");
+    }
+    pair pr;
+    pair_open(&pr, p);
+    char buf[16];
+    cp_op r = {0};
+    /* Started from this thread, which is not polling: its SQE waits for the next poll. */
+    CHECK_OK(cp_socket_recv(&pr.s, &r, buf, sizeof(buf)));
+    CHECK_OK(cp_socket_cancel(&pr.s, &r));
+    cp_completion c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, -ECANCELED);
+    expect_nothing(p, 20);
+    /* The same once a poll has handed it to the kernel. */
+    CHECK_OK(cp_socket_recv(&pr.s, &r, buf, sizeof(buf)));
+    expect_nothing(p, 20);
+    CHECK_OK(cp_socket_cancel(&pr.s, &r));
+    c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, -ECANCELED);
+    expect_nothing(p, 20);
+    /* The socket's data still flows: nothing was lost or left behind. */
+    CHECK_OK(cp_socket_recv(&pr.s, &r, buf, sizeof(buf)));
+    write_all(pr.client, "ping", 4);
+    c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, 4);
+    CHECK(memcmp(buf, "ping", 4) == 0);
+    /* A close with a receive waiting in the kernel: the receive ends, then the close. */
+    CHECK_OK(cp_socket_recv(&pr.s, &r, buf, sizeof(buf)));
+    expect_nothing(p, 20);
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&pr.s, &cl));
+    c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, -ECANCELED);
+    c = next(p);
+    CHECK(c.op == &cl);
+    CHECK_EQ(c.result, 0);
+    expect_nothing(p, 20);
+    close(pr.client);
+    /* A close with a receive whose SQE has not reached the kernel yet. */
+    pair_open(&pr, p);
+    CHECK_OK(cp_socket_recv(&pr.s, &r, buf, sizeof(buf)));
+    CHECK_OK(cp_socket_close(&pr.s, &cl));
+    c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, -ECANCELED);
+    c = next(p);
+    CHECK(c.op == &cl);
+    CHECK_EQ(c.result, 0);
+    expect_nothing(p, 20);
+    close(pr.client);
+    cp_port_destroy(p);
+#endif
+}
