@@ -92,6 +92,10 @@ typedef struct ur_state {
     unsigned locked_taken;
     int wakefd;
     uint64_t wake_value; /* target of the pending eventfd read (written by the kernel) */
+    /* The eventfd read is queued or in the kernel (sq_lock). When the queue had no room to
+     * re-arm it, a wake-up cannot reach a waiting poller: polls then wait 1 ms at most and
+     * try to arm it again. */
+    bool wake_armed;
     /* One msghdr per SQE slot, for a vector send prepared in that slot: the kernel reads it
      * when it consumes the SQE, which may be at a later io_uring_enter than the one its
      * start made; the slot (and so its msghdr) is reused only after that. */
@@ -183,11 +187,12 @@ static void ur_flush(cp_port *p)
 
 static void arm_wake_locked(ur_state *s)
 {
-    struct io_uring_sqe *sqe = get_sqe_locked(s);
+    struct io_uring_sqe *sqe = CP__INJECT_FAIL("arm_wake_no_sqe") ? NULL : get_sqe_locked(s);
     if (!sqe)
         return;
     io_uring_prep_read(sqe, s->wakefd, &s->wake_value, sizeof(s->wake_value), 0);
     io_uring_sqe_set_data64(sqe, TAG_WAKE);
+    s->wake_armed = true;
 }
 
 /* ---- provided buffers ---------------------------------------------------------------- */
@@ -447,6 +452,7 @@ static void dispatch(cp_port *p, ur_state *s, struct io_uring_cqe *cqe, cp__opli
     }
     case TAG_WAKE:
         cp__lock_acquire(&s->sq_lock);
+        s->wake_armed = false;
         arm_wake_locked(s);
         cp__lock_release(&s->sq_lock);
         break;
@@ -462,6 +468,13 @@ static int ur_poll(cp_port *p, int64_t deadline, cp__oplist *done)
     bool wait = deadline != 0 && io_uring_cq_ready(ring) == 0;
 
     cp__lock_acquire(&s->sq_lock);
+    if (!s->wake_armed)
+        arm_wake_locked(s);
+    if (wait && !s->wake_armed) {
+        int64_t cap = cp__now_ns() + 1000000;
+        if (deadline < 0 || deadline > cap)
+            deadline = cap;
+    }
     unsigned to_submit = flush_sq_locked(ring);
     s->blocking = wait;
     s->poll_budget = to_submit;
@@ -539,21 +552,85 @@ static int ur_attach(cp_handle *h)
     return 0;
 }
 
-static void ur_pool_stop(cp_handle *h)
+/* Take back a request whose SQE the kernel has not consumed yet (user_data ud): it becomes
+ * a NOP nobody waits for. Returns 1 if it was taken back, 0 if no SQE in the queue carries
+ * ud (the kernel has the request, or has finished it: it commits the queue's head only
+ * after it issued what it consumed), or -EAGAIN if the poller's enter may be consuming
+ * it right now (it cannot be rewritten under the kernel's reads). */
+static int withdraw_locked(ur_state *s, uint64_t ud)
 {
-    cp_port *p = h->cp__port;
-    ur_state *s = state_of(p);
-    cp__lock_acquire(&s->sq_lock);
-    struct io_uring_sqe *sqe = get_sqe_locked(s);
-    if (sqe) {
-        io_uring_prep_cancel64(sqe, (uint64_t)(uintptr_t)h | TAG_MSHOT, 0);
+    struct io_uring_sq *sq = &s->ring.sq;
+    unsigned head = io_uring_smp_load_acquire(sq->khead);
+    /* What the poller's enter may still take: its budget less what it took (the kernel
+     * publishes the head once an enter has issued all it consumed; so while the poller's
+     * enter is inside, its whole budget counts). */
+    unsigned left = s->poll_budget ? s->poll_budget - (head - s->poll_head - s->locked_taken) : 0;
+    for (unsigned i = head; i != sq->sqe_tail; i++) {
+        struct io_uring_sqe *sqe = &sq->sqes[i & sq->ring_mask];
+        if (sqe->user_data != ud)
+            continue;
+        if (i - head < left)
+            return -EAGAIN;
+        io_uring_prep_nop(sqe);
         io_uring_sqe_set_data64(sqe, TAG_IGNORE);
         sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
-        /* At once, not batched: every moment the receive stays armed it may take
-         * another buffer from the shared pool. */
-        submit_now_locked(s);
+        return 1;
     }
-    cp__lock_release(&s->sq_lock);
+    return 0;
+}
+
+/* Cancel the request whose user_data is ud. Returns 0 when the kernel will end it (a
+ * completion follows), or 1 when its SQE was taken back before the kernel saw it (no
+ * completion will come: the caller ends it). `at_once` submits the cancel now instead of
+ * with the next poll. The caller holds the handle's lock, not sq_lock. */
+static int cancel_request(cp_port *p, uint64_t ud, bool at_once)
+{
+    ur_state *s = state_of(p);
+    for (;;) {
+        cp__lock_acquire(&s->sq_lock);
+        struct io_uring_sqe *sqe = CP__INJECT_FAIL("ur_cancel_no_sqe") ? NULL : get_sqe_locked(s);
+        if (sqe) {
+            io_uring_prep_cancel64(sqe, ud, 0);
+            io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+            sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+            if (at_once)
+                submit_now_locked(s);
+            else
+                submitted_locked(p, s);
+            cp__lock_release(&s->sq_lock);
+            return 0;
+        }
+        /* The queue is full and the kernel takes nothing now (io_uring_enter failed or
+         * consumed fewer): a cancel request could only wait behind the rest, while the
+         * request may wait for data forever. */
+        int r = withdraw_locked(s, ud);
+        cp__lock_release(&s->sq_lock);
+        if (r == 1)
+            return 1;
+        if (r == 0) {
+            /* The kernel has it (or its completion is on the way): cancel it there with a
+             * system call that needs no SQE. A zero timeout: do not wait for a request
+             * that is running to stop; it reports its end through the queue in any case. */
+            struct io_uring_sync_cancel_reg reg = {.addr = ud, .timeout = {0, 0}};
+            io_uring_register_sync_cancel(&s->ring, &reg);
+            return 0;
+        }
+        /* In the batch of the poller's enter: the kernel takes it, or the enter fails,
+         * within that one system call; then look again. */
+        sched_yield();
+    }
+}
+
+static void ur_pool_stop(cp_handle *h)
+{
+    /* At once, not batched: every moment the receive stays armed it may take another
+     * buffer from the shared pool. */
+    if (cancel_request(h->cp__port, (uint64_t)(uintptr_t)h | TAG_MSHOT, true) == 1) {
+        /* Taken back before it started: it ends here, as its last completion would end it
+         * (cp__io_chunk without `more`; h is locked). */
+        h->cp__flags &= (uint16_t) ~(CP__H_MSHOT | CP__H_MSHOT_STOP);
+        cp__h_unpin(h);
+    }
 }
 
 static void ur_detach(cp_handle *h)
@@ -904,75 +981,17 @@ static int ur_start(cp_op *op)
     return CP__PENDING;
 }
 
-/* Take back a request whose SQE the kernel has not consumed yet (user_data ud): it becomes
- * a NOP nobody waits for. Returns 1 if it was taken back, 0 if no SQE in the queue carries
- * ud (the kernel has the request, or has finished it: it commits the queue's head only
- * after it issued what it consumed), or -EAGAIN if the poller's enter may be consuming
- * it right now (it cannot be rewritten under the kernel's reads). */
-static int withdraw_locked(ur_state *s, uint64_t ud)
-{
-    struct io_uring_sq *sq = &s->ring.sq;
-    unsigned head = io_uring_smp_load_acquire(sq->khead);
-    /* What the poller's enter may still take: its budget less what it took (the kernel
-     * publishes the head once an enter has issued all it consumed; so while the poller's
-     * enter is inside, its whole budget counts). */
-    unsigned left = s->poll_budget ? s->poll_budget - (head - s->poll_head - s->locked_taken) : 0;
-    for (unsigned i = head; i != sq->sqe_tail; i++) {
-        struct io_uring_sqe *sqe = &sq->sqes[i & sq->ring_mask];
-        if (sqe->user_data != ud)
-            continue;
-        if (i - head < left)
-            return -EAGAIN;
-        io_uring_prep_nop(sqe);
-        io_uring_sqe_set_data64(sqe, TAG_IGNORE);
-        sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
-        return 1;
-    }
-    return 0;
-}
-
 static int ur_cancel(cp_op *op)
 {
     if (op->opcode == CP_OP_RECV_POOL)
         return 0; /* waits on the socket's multishot, not on a request of its own */
     cp_handle *h = op->cp__h;
-    cp_port *p = h->cp__port;
-    ur_state *s = state_of(p);
-    uint64_t ud = (uint64_t)(uintptr_t)op;
-    for (;;) {
-        cp__lock_acquire(&s->sq_lock);
-        struct io_uring_sqe *sqe = CP__INJECT_FAIL("ur_cancel_no_sqe") ? NULL : get_sqe_locked(s);
-        if (sqe) {
-            io_uring_prep_cancel64(sqe, ud, 0);
-            io_uring_sqe_set_data64(sqe, TAG_IGNORE);
-            sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
-            submitted_locked(p, s);
-            cp__lock_release(&s->sq_lock);
-            return CP__PENDING;
-        }
-        /* The queue is full and the kernel takes nothing now (io_uring_enter failed or
-         * consumed fewer): a cancel request could only wait behind the rest, while the
-         * op may wait for data forever. */
-        int r = withdraw_locked(s, ud);
-        cp__lock_release(&s->sq_lock);
-        if (r == 1) {
-            /* The kernel never saw it: the op ends here, as if it had not started. */
-            op->cp__flags &= (uint16_t) ~(CP__OPF_INKERNEL | CP__OPF_POLLWAIT);
-            cp__h_unpin(h);
-            return 0;
-        }
-        if (r == 0) {
-            /* The kernel has it (or its completion is on the way): cancel it there with a
-             * system call that needs no SQE. A zero timeout: do not wait for a request
-             * that is running to stop; it reports its end through the queue in any case. */
-            struct io_uring_sync_cancel_reg reg = {.addr = ud, .timeout = {0, 0}};
-            io_uring_register_sync_cancel(&s->ring, &reg);
-            return CP__PENDING;
-        }
-        /* In the batch of the poller's enter: the kernel takes it, or the enter fails,
-         * within that one system call; then look again. */
-        sched_yield();
-    }
+    if (cancel_request(h->cp__port, (uint64_t)(uintptr_t)op, false) == 0)
+        return CP__PENDING;
+    /* The kernel never saw it: the op ends here, as if it had not started. */
+    op->cp__flags &= (uint16_t) ~(CP__OPF_INKERNEL | CP__OPF_POLLWAIT);
+    cp__h_unpin(h);
+    return 0;
 }
 
 const cp__backend cp__backend_io_uring = {

@@ -1531,3 +1531,104 @@ TEST(cancel_without_room_for_its_request)
     cp_port_destroy(p);
 #endif
 }
+
+/* The same for a socket's multishot pooled receive, which a close (or a full stash) stops
+ * with a cancel of its own: with the queue full, a multishot still waiting in it is taken
+ * back, and one in the kernel is cancelled there. Either way the pooled receive ends with
+ * -ECANCELED and the close completes; without that the close would wait forever. */
+TEST(pooled_receive_stops_without_room_for_its_cancel)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "ur_cancel_no_sqe", 1)); /* before any thread */
+    cp_port *p = make_pool_port(64, 4);
+    if (cp_port_backend(p) != CP_BACKEND_IO_URING) {
+        cp_port_destroy(p);
+        SKIP("the failure point is in the io_uring backend's cancel");
+    }
+    for (int in_kernel = 0; in_kernel < 2; in_kernel++) {
+        pair pr;
+        pair_open(&pr, p);
+        cp_op r = {0};
+        CHECK_OK(cp_socket_recv_pooled(&pr.s, &r));
+        if (in_kernel) {
+            /* A poll hands the multishot to the kernel; data proves it is armed there. */
+            write_all(pr.client, "abc", 3);
+            cp_completion c = next(p);
+            CHECK(c.op == &r);
+            CHECK_EQ(c.result, 3);
+            CHECK(memcmp(r.u.buf, "abc", 3) == 0);
+            cp_buffer_release(p, r.u.buf);
+            CHECK_OK(cp_socket_recv_pooled(&pr.s, &r));
+            expect_nothing(p, 20);
+        }
+        cp_op cl = {0};
+        CHECK_OK(cp_socket_close(&pr.s, &cl));
+        cp_completion c = next(p);
+        CHECK(c.op == &r);
+        CHECK_EQ(c.result, -ECANCELED);
+        c = next(p);
+        CHECK(c.op == &cl);
+        CHECK_EQ(c.result, 0);
+        expect_nothing(p, 20);
+        close(pr.client);
+    }
+    cp_port_destroy(p);
+#endif
+}
+
+#ifdef CPORT_INJECT
+struct wake_arg {
+    cp_port *p;
+    int n;
+    cp_completion c;
+    int64_t returned_ms;
+};
+
+static void *dequeue_one(void *arg)
+{
+    struct wake_arg *a = arg;
+    a->n = cp_port_dequeue(a->p, &a->c, 1, 4000);
+    a->returned_ms = cpt_now_ms();
+    return NULL;
+}
+#endif
+
+/* The eventfd read through which other threads wake a poller waiting in the kernel cannot
+ * be queued (failure point arm_wake_no_sqe: no SQE for it, ever). A completion posted
+ * meanwhile must still reach the thread waiting in the port: the poller then waits a
+ * millisecond at a time and tries again to arm the read. Without that it sleeps through
+ * the post until its 4 s timeout (and only then finds the completion): the test wants it
+ * well before (2 s, for what takes about a millisecond). */
+TEST(poller_wakes_without_room_for_its_wake_read)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "arm_wake_no_sqe", 1)); /* before any thread */
+    cp_port *p = make_port();
+    if (cp_port_backend(p) != CP_BACKEND_IO_URING) {
+        cp_port_destroy(p);
+        SKIP("the failure point is in the io_uring backend");
+    }
+    pair pr; /* a socket, so that a waiting thread waits in the backend's poll */
+    pair_open(&pr, p);
+    for (int i = 0; i < 3; i++) {
+        struct wake_arg a = {.p = p};
+        pthread_t th;
+        CHECK_OK(-pthread_create(&th, NULL, dequeue_one, &a));
+        usleep(50000); /* usually in the kernel by now; correct either way */
+        static char token;
+        int64_t posted_ms = cpt_now_ms();
+        CHECK_OK(cp_port_post(p, 77, i, &token));
+        pthread_join(th, NULL);
+        CHECK_EQ(a.n, 1);
+        CHECK(a.returned_ms - posted_ms < 2000);
+        CHECK(a.c.op == &token);
+        CHECK_EQ(a.c.result, i);
+    }
+    pair_close(&pr, p);
+    cp_port_destroy(p);
+#endif
+}
