@@ -143,11 +143,19 @@ static unsigned flush_sq_locked(struct io_uring *ring)
 static void submit_now_locked(ur_state *s)
 {
     unsigned n = flush_sq_locked(&s->ring);
-    if (n == 0 || CP__INJECT_FAIL("submit_not_consumed"))
+    if (n == 0)
         return;
-    int r = io_uring_enter(s->ring.ring_fd, n, 0, 0, NULL);
+    int r = CP__INJECT_FAIL("submit_not_consumed") ? -EAGAIN
+                                                   : io_uring_enter(s->ring.ring_fd, n, 0, 0, NULL);
     if (r > 0)
         s->locked_taken += (unsigned)r;
+    if (r < (int)n && s->blocking) {
+        /* The kernel took fewer (-EAGAIN, -ENOMEM): the rest must not wait for a poller
+         * asleep in the kernel. Woken, it submits them with its next enter. */
+        uint64_t one = 1;
+        ssize_t w = write(s->wakefd, &one, sizeof(one));
+        (void)w;
+    }
 }
 
 static struct io_uring_sqe *get_sqe_locked(ur_state *s)

@@ -1632,3 +1632,44 @@ TEST(poller_wakes_without_room_for_its_wake_read)
     cp_port_destroy(p);
 #endif
 }
+
+/* A submission the kernel does not take (failure point submit_not_consumed) while the
+ * poller sleeps in the kernel: the poller must be woken to submit it with its own enter,
+ * or the request waits out the poller's 4 s timeout. A vector send from this thread is
+ * submitted at once (and refused) while another thread waits in the port. */
+TEST(refused_submission_wakes_the_poller)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "submit_not_consumed", 1)); /* before any thread */
+    cp_port *p = make_port();
+    if (cp_port_backend(p) != CP_BACKEND_IO_URING) {
+        cp_port_destroy(p);
+        SKIP("the failure point is in the io_uring backend's submission path");
+    }
+    pair pr;
+    pair_open(&pr, p);
+    for (int i = 0; i < 3; i++) {
+        struct wake_arg a = {.p = p};
+        pthread_t th;
+        CHECK_OK(-pthread_create(&th, NULL, dequeue_one, &a));
+        usleep(50000); /* usually in the kernel by now; correct either way */
+        char part1[] = "hello, ", part2[] = "world";
+        struct iovec iov[2] = {{part1, 7}, {part2, 5}};
+        cp_op sop = {0};
+        int64_t sent_ms = cpt_now_ms();
+        CHECK_OK(cp_socket_sendv(&pr.s, &sop, iov, 2));
+        pthread_join(th, NULL);
+        CHECK_EQ(a.n, 1);
+        CHECK(a.c.op == &sop);
+        CHECK_EQ(a.c.result, 12);
+        CHECK(a.returned_ms - sent_ms < 2000);
+        char got[12];
+        read_all(pr.client, got, sizeof(got));
+        CHECK(memcmp(got, "hello, world", 12) == 0);
+    }
+    pair_close(&pr, p);
+    cp_port_destroy(p);
+#endif
+}
