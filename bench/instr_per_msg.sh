@@ -12,6 +12,11 @@
 # share. valgrind cannot run io_uring programs (3.19 does not know its system calls'
 # effects): measure cport-echo with --backend epoll; the port, socket layer and server code
 # are the same for both backends.
+#
+# The program's atomic read-modify-write instructions (lock-prefixed or xchg: a lock's
+# acquire and release, reference counts) are counted too, per message: each costs ~20
+# cycles however few instructions surround it, which instruction counts do not show. Only
+# the program's own code is disassembled (objdump), not libc's or liburing's.
 set -u -o pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -43,7 +48,7 @@ PIN_S=(taskset -c 0)
 PIN_C=(taskset -c 1)
 command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ] || { PIN_S=(); PIN_C=(); }
 
-"${PIN_S[@]}" valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" --dump-instr=no \
+"${PIN_S[@]}" valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.out" --dump-instr=yes \
     "$@" --port "$PORT" >"$OUT/server.log" 2>&1 &
 VPID=$!
 trap 'kill -INT $VPID 2>/dev/null' EXIT
@@ -71,4 +76,28 @@ callgrind_annotate --auto=no "$OUT/cg.out" 2>/dev/null | awk -v m="$msgs" -v top
     /PROGRAM TOTALS/ { next }
     /^ *[0-9,]+ +\( *[0-9.]+%\) +[^ ]+:/ && n < top {
         x = $1; gsub(",", "", x); sub(/^ *[^ ]+ +\([^)]*\) +/, ""); printf "%8.1f  %s\n", x / m, $0; n++ }'
+# Atomics: the addresses of the program's lock-prefixed and xchg instructions, then the
+# times callgrind counted each executing (its cost lines: address, line, count; addresses
+# may be relative to the previous line; a line after calls= is a call's inclusive cost).
+PROG=$(realpath "$(command -v "$1")")
+objdump -d --no-show-raw-insn "$PROG" | awk '
+    /^[0-9a-f]+ <.*>:$/ { fn = substr($2, 2, length($2) - 3) }
+    /^ +[0-9a-f]+:	(lock |xchg )/ { a = $1; sub(":", "", a); print a, fn }' >"$OUT/atomics.txt"
+awk -v m="$msgs" -v prog="$PROG" -v top="$TOP" '
+    function hex(s,   i, c, v) { v = 0; s = tolower(s); sub(/^0x/, "", s)
+        for (i = 1; i <= length(s); i++) { c = index("0123456789abcdef", substr(s, i, 1)) - 1; v = v * 16 + c }
+        return v }
+    FNR == NR { at[hex($1)] = $2; next }
+    /^c?ob=\([0-9]+\) / { id = $1; sub(/^c?ob=/, "", id); name[id] = $2 }
+    /^ob=/ { id = $1; sub(/^ob=/, "", id); mine = (name[id] == prog); next }
+    /^calls=/ { skip = 1; next }
+    /^(0x[0-9a-f]+|[-+][0-9]+|\*)( |$)/ {
+        if ($1 ~ /^0x/) addr = hex($1); else if ($1 != "*") addr += $1
+        if (skip) { skip = 0; next }
+        if (mine && (addr in at)) { n[at[addr]] += $3; total += $3 }
+    }
+    END {
+        printf "atomic instructions (lock, xchg) per message: %.2f\n", total / m
+        for (f in n) printf "%8.2f  %s\n", n[f] / m, f | "sort -rn | head -" top
+    }' "$OUT/atomics.txt" "$OUT/cg.out"
 echo "# raw data: $OUT"
