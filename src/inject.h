@@ -51,10 +51,10 @@ static inline int cp__inject_fail(const char *point)
     return 0;
 }
 #define CP__INJECT_DELAY(point) cp__inject_delay(point)
-#define CP__INJECT_FAIL(point) cp__inject_fail(point)
+#define CP__INJECT_FAIL(point)  cp__inject_fail(point)
 #else
 #define CP__INJECT_DELAY(point) ((void)0)
-#define CP__INJECT_FAIL(point) 0
+#define CP__INJECT_FAIL(point)  0
 #endif
 
 #endif
