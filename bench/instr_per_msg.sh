@@ -2,12 +2,13 @@
 # instr_per_msg.sh: user-space instructions per echoed message of an echo server, counted by
 # valgrind's callgrind (exact and repeatable, unlike CPU time; see bench/README.md).
 #
-#   bench/instr_per_msg.sh [--build DIR] [--secs N] [--load 'ARGS'] [--top N] [--port P] \
-#                          -- SERVER [SERVER ARGS...]
+#   bench/instr_per_msg.sh [--build DIR] [--secs N] [--mode echo|connrate] [--load 'ARGS'] \
+#                          [--top N] [--port P] -- SERVER [SERVER ARGS...]
 #
 # The server runs under callgrind (its own --port is added), cport-bench drives it with
 # `echo ARGS` (default: -c 100 -s 64 -d 1) for N seconds (default 6), and the script prints
-# the program's instructions divided by the messages echoed, then the N functions (default
+# the program's instructions divided by the messages echoed (with --mode connrate: by the
+# connections, each one message; default load -c 64 -s 64), then the N functions (default
 # 15) that executed the most. Start-up and shutdown are included: long runs shrink their
 # share. valgrind cannot run io_uring programs (3.19 does not know its system calls'
 # effects): measure cport-echo with --backend epoll; the port, socket layer and server code
@@ -22,7 +23,8 @@ set -u -o pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD=$ROOT/build
 SECS=6
-LOAD="-c 100 -s 64 -d 1"
+LOAD=
+MODE=echo
 TOP=15
 PORT=15900
 while [ $# -gt 0 ]; do
@@ -30,6 +32,7 @@ while [ $# -gt 0 ]; do
     --build) BUILD=$2; shift ;;
     --secs) SECS=$2; shift ;;
     --load) LOAD=$2; shift ;;
+    --mode) MODE=$2; shift ;;
     --top) TOP=$2; shift ;;
     --port) PORT=$2; shift ;;
     --) shift; break ;;
@@ -39,6 +42,11 @@ while [ $# -gt 0 ]; do
     shift
 done
 [ $# -gt 0 ] || { echo "instr_per_msg.sh: no server command (after --)" >&2; exit 2; }
+case $MODE in
+echo) : "${LOAD:=-c 100 -s 64 -d 1}" ;;
+connrate) : "${LOAD:=-c 64 -s 64}" ;;
+*) echo "instr_per_msg.sh: --mode echo or connrate" >&2; exit 2 ;;
+esac
 command -v valgrind >/dev/null || { echo "instr_per_msg.sh: valgrind not found" >&2; exit 2; }
 BENCH=$BUILD/bin/cport-bench
 [ -x "$BENCH" ] || { echo "instr_per_msg.sh: $BENCH not found; build first" >&2; exit 2; }
@@ -59,17 +67,19 @@ for _ in $(seq 1 200); do
     sleep 0.1
 done
 read -r -a load <<<"$LOAD"
-"${PIN_C[@]}" "$BENCH" echo "${load[@]}" -w 0 -T "$SECS" --port "$PORT" >"$OUT/bench.out" 2>&1
+"${PIN_C[@]}" "$BENCH" "$MODE" "${load[@]}" -w 0 -T "$SECS" --port "$PORT" >"$OUT/bench.out" 2>&1
 kill -INT $VPID
 wait $VPID 2>/dev/null
 trap - EXIT
-msgs=$(grep '^RESULT' "$OUT/bench.out" | tr ' ' '\n' | sed -n 's/^total_msgs=//p')
+key=total_msgs
+[ "$MODE" = connrate ] && key=total_connections
+msgs=$(grep '^RESULT' "$OUT/bench.out" | tr ' ' '\n' | sed -n "s/^$key=//p")
 ir=$(callgrind_annotate "$OUT/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
 if [ -z "$msgs" ] || [ "$msgs" = 0 ] || [ -z "$ir" ]; then
     echo "instr_per_msg.sh: no result (see $OUT)" >&2
     exit 1
 fi
-echo "# $* under: cport-bench echo $LOAD -T $SECS"
+echo "# $* under: cport-bench $MODE $LOAD -T $SECS"
 awk -v i="$ir" -v m="$msgs" 'BEGIN { printf "messages %d, instructions %d, per message %.0f\n", m, i, i / m }'
 echo "# top functions (instructions per message, self):"
 callgrind_annotate --auto=no "$OUT/cg.out" 2>/dev/null | awk -v m="$msgs" -v top="$TOP" '
