@@ -143,6 +143,16 @@ static void free_conn(cp_server *sv, cp_conn *c)
         cp__server_signal_done(sv);
 }
 
+/* One connection less. cp_server_shutdown() waits for the count to reach zero, so wake it
+ * here: freeing is too late a signal, a connection the application still references is
+ * not freed (pairs with its store of `stopping` and read of conns_open). */
+static void conns_open_drop(cp_server *sv)
+{
+    __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&sv->stopping, __ATOMIC_SEQ_CST))
+        cp__server_signal_done(sv);
+}
+
 static void run_on_close(cp_server *sv, cp_conn *c)
 {
     uint64_t st = st_load(c);
@@ -153,7 +163,7 @@ static void run_on_close(cp_server *sv, cp_conn *c)
         sv->cb.on_close(c, reason, err);
         cp__lock_release(&c->lock);
     }
-    __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_SEQ_CST);
+    conns_open_drop(sv);
     uint64_t after = st_or(c, CF_ONCLOSE_DONE) | CF_ONCLOSE_DONE;
     if ((after & CS_UREF_MASK) == 0)
         free_conn(sv, c);
@@ -287,6 +297,22 @@ static void drain_step(cp_server *sv, cp_conn *c)
     }
 }
 
+/* Replies are still queued when a graceful close begins. A peer that has stopped reading
+ * would keep them, and the connection, forever (zero-window probes keep TCP alive), so the
+ * kernel is asked to give up once nothing has been acknowledged for linger_ms
+ * (TCP_USER_TIMEOUT, which also covers a zero window): the connection then fails with
+ * ETIMEDOUT, and its sends with it, which aborts the close. A peer that reads, however
+ * slowly, keeps it going. Not TCP (a Unix socket): no such bound, the call fails. */
+static void bound_drain(cp_server *sv, cp_conn *c)
+{
+    int fd = cp__socket_fd_hold(&c->s);
+    if (fd >= 0) {
+        unsigned ms = sv->o.linger_ms;
+        setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof(ms));
+        cp__socket_fd_release(&c->s);
+    }
+}
+
 /* Begin closing (any thread). With drain, the close waits for queued sends; without, they
  * are cancelled. The first caller's reason and errno stick. */
 static void start_close(cp_server *sv, cp_conn *c, cp_close_reason reason, int err, bool drain)
@@ -318,6 +344,8 @@ static void start_close(cp_server *sv, cp_conn *c, cp_close_reason reason, int e
     /* Receives go on (dropping data) so that the peer's input is consumed; the close
      * follows the last reply (drain_step). Pairs with the send completion: it lowers
      * `pending`, then reads the flags. */
+    if (__atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) != 0)
+        bound_drain(sv, c);
     drain_step(sv, c);
 }
 
@@ -382,13 +410,22 @@ int cp_conn_set_deadline(cp_conn *c, unsigned ms)
 /* A timeout fired: the application decides (on_timeout), or the connection is aborted. */
 static void timed_out(cp_server *sv, cp_conn *c, cp_close_reason reason, uint64_t st)
 {
-    __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
+    /* conns_reaped counts connections a handshake or idle timeout closed: before the close,
+     * so that a peer that sees it then sees the count. */
+    bool reap = reason != CP_CLOSE_DEADLINE;
     if (sv->cb.on_timeout && (st & CF_OPEN)) {
         cp__lock_acquire(&c->lock);
-        if (!(st_load(c) & CF_CLOSING))
+        if (!(st_load(c) & CF_CLOSING)) {
             sv->cb.on_timeout(c, reason);
+            /* Only if the application closed it: a timeout left standing fires again at
+             * every tick. */
+            if (reap && (st_load(c) & CF_CLOSING))
+                __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
+        }
         cp__lock_release(&c->lock);
     } else {
+        if (reap)
+            __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
         start_close(sv, c, reason, 0, false);
     }
 }
@@ -820,6 +857,20 @@ static cp__send *tail_send(cp_server *sv, cp__worker *w, const struct iovec *iov
     return x;
 }
 
+/* Account n more bytes queued to send, unless that would pass the 32-bit counter's range
+ * (4 GiB queued on one connection): a wrapped count would read as "nothing queued", and a
+ * graceful close would then send its FIN ahead of the data. */
+static bool pending_add(cp_conn *c, uint32_t n)
+{
+    uint32_t cur = __atomic_load_n(&c->pending, __ATOMIC_RELAXED);
+    do {
+        if (n > UINT32_MAX - cur)
+            return false;
+    } while (!__atomic_compare_exchange_n(&c->pending, &cur, cur + n, true, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_RELAXED));
+    return true;
+}
+
 /* Send iov[0..cnt-1] (len bytes in all) on c; w is the calling thread's record.
  *
  * The bytes go to the kernel right here when nothing is queued ahead of them and the
@@ -845,17 +896,23 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
         return -EPIPE; /* closing */
     /* c's socket is locked: queue the rest behind nothing. */
     size_t rest = len - (size_t)n;
-    cp__send *x = tail_send(sv, w, iov, cnt, (size_t)n, rest, mode, ctx);
+    int err = -ENOBUFS;
+    cp__send *x = NULL;
+    if (pending_add(c, (uint32_t)rest)) {
+        err = -ENOMEM;
+        x = tail_send(sv, w, iov, cnt, (size_t)n, rest, mode, ctx);
+        if (!x)
+            __atomic_sub_fetch(&c->pending, (uint32_t)rest, __ATOMIC_SEQ_CST);
+    }
     if (!x) {
         cp__h_unlock(&c->s);
         if (n > 0) /* part of it went out: the stream cannot go on without the rest */
-            start_close(sv, c, CP_CLOSE_ERROR, -ENOMEM, false);
-        return -ENOMEM;
+            start_close(sv, c, CP_CLOSE_ERROR, err, false);
+        return err;
     }
     if (n > 0)
         __atomic_store_n(&w->bytes_out, w->bytes_out + (uint64_t)n, __ATOMIC_RELAXED);
     op_ref(c);
-    __atomic_add_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);
     x->op.u.buf = x->iov[0].iov_base;
     x->op.cp__len = x->len;
     int r = cp__submit_locked(&c->s, &x->op, CP_OP_SEND, 1);
@@ -942,7 +999,13 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
     }
     x->len = head_len + len;
     x->ctx = ctx;
-    __atomic_add_fetch(&c->pending, xmit_pending(x), __ATOMIC_SEQ_CST);
+    if (!pending_add(c, xmit_pending(x))) {
+        if (x->head)
+            cp__server_buf_free(sv, w, x->head, x->head_size);
+        cp__slab_free(&sv->xmits, x);
+        op_unref(sv, c, 1);
+        return -ENOBUFS;
+    }
     int r = cp_socket_transmit_file(&c->s, &x->t, fd, offset, len, x->head, head_len, NULL, 0, 0);
     if (r < 0) {
         /* A graceful close that looked meanwhile saw these bytes pending and left the
@@ -1057,7 +1120,8 @@ static void refuse(cp_server *sv, int fd)
 {
     /* Counted before the close: the peer sees the close, and must then see the count. */
     __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_SEQ_CST);
-    __atomic_sub_fetch(&sv->conns_open, 1, __ATOMIC_SEQ_CST);
+    CP__INJECT_DELAY("refuse_count"); /* a shutdown may begin waiting meanwhile */
+    conns_open_drop(sv);
     close(fd);
 }
 

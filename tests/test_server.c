@@ -3138,6 +3138,196 @@ TEST(shutdown_deadline_cuts)
     CHECK_EQ(tsrv_stop(t, 0), 0);
 }
 
+/* A connection the application still references (cp_conn_ref) is closed by the shutdown
+ * but not freed: the shutdown must still see the last one go and return at once, not wait
+ * out its deadline (it used to be woken only when a connection was freed). */
+TEST(shutdown_sees_referenced_connections_close)
+{
+    enum { N = 3 };
+    cp_server_options o = {.threads = 2};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    t->hold_refs = true;
+    tsrv_start(t, &o);
+    int fds[N];
+    for (int i = 0; i < N; i++) {
+        fds[i] = connect_to(t->port);
+        exchange(fds[i], (uint32_t)i, 100);
+    }
+    int64_t t0 = cpt_now_ms();
+    CHECK_EQ(cp_server_shutdown(t->sv, 20000), 0);
+    fprintf(stderr, "shut down in %lld ms\n", (long long)(cpt_now_ms() - t0));
+    CHECK_EQ(tsrv_stats(t).conns_open, 0);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_SHUTDOWN]), N);
+    for (int i = 0; i < N; i++) {
+        expect_closed(fds[i], IO_MS);
+        close(fds[i]);
+    }
+    CHECK_EQ(tsrv_stop(t, 0), 0);
+}
+
+/* A connection refused over max_conns is counted out of conns_open after it was counted
+ * rejected. With CPORT_INJECT (the ASan build) the refusing thread pauses 500 ms in
+ * between, while the shutdown begins waiting: the count reaching zero must still wake it. */
+TEST(shutdown_sees_a_refused_connection_counted_out)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "refuse_count:500000", 1)); /* before any thread */
+    cp_server_options o = {.threads = 2, .max_conns = 1};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    tsrv_start(t, &o);
+    int a = connect_to(t->port);
+    exchange(a, 1, 100);
+    int b = connect_to(t->port); /* over max_conns: refused, slowly */
+    WAIT_FOR(tsrv_stats(t).conns_rejected == 1, IO_MS);
+    CHECK_EQ(tsrv_stats(t).conns_open, 2); /* inside the pause */
+    CHECK_EQ(cp_server_shutdown(t->sv, 20000), 0);
+    CHECK_EQ(tsrv_stats(t).conns_open, 0);
+    expect_closed(a, IO_MS);
+    expect_closed(b, IO_MS);
+    close(a);
+    close(b);
+    CHECK_EQ(tsrv_stop(t, 0), 0);
+#endif
+}
+
+/* conns_reaped counts connections a timeout closed, not timeouts: one that on_timeout
+ * leaves standing fires again at every tick, and used to be counted every time. */
+typedef struct reap_ctx {
+    uint32_t calls, close_at, closes;
+} reap_ctx;
+
+static void reap_on_data(cp_conn *c, const void *data, size_t len)
+{
+    (void)c;
+    (void)data;
+    (void)len;
+}
+
+static void reap_on_timeout(cp_conn *c, cp_close_reason reason)
+{
+    reap_ctx *x = cp_server_user(cp_conn_server(c));
+    CHECK_EQ(reason, CP_CLOSE_HANDSHAKE_TIMEOUT);
+    if (__atomic_add_fetch(&x->calls, 1, __ATOMIC_SEQ_CST) >= LOAD(&x->close_at))
+        cp_conn_close(c);
+}
+
+static void reap_on_close(cp_conn *c, cp_close_reason reason, int err)
+{
+    (void)reason;
+    (void)err;
+    reap_ctx *x = cp_server_user(cp_conn_server(c));
+    __atomic_add_fetch(&x->closes, 1, __ATOMIC_SEQ_CST);
+}
+
+TEST(conns_reaped_counts_connections_not_timeouts)
+{
+    reap_ctx x = {.close_at = UINT32_MAX};
+    cp_server_callbacks cb = {
+        .on_data = reap_on_data, .on_timeout = reap_on_timeout, .on_close = reap_on_close};
+    cp_server_options o = {
+        .bind = "127.0.0.1", .threads = 1, .handshake_timeout_ms = 100, .tick_ms = 20, .user = &x};
+    o.port_options.flags |= CP_PORT_QUIET;
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_start(sv));
+    int fd = connect_to(cp_server_listen_port(sv)); /* silent */
+    WAIT_FOR(LOAD(&x.calls) >= 3, IO_MS);
+    cp_server_stats st;
+    cp_server_get_stats(sv, &st);
+    CHECK_EQ(st.conns_reaped, 0); /* left standing each time */
+    __atomic_store_n(&x.close_at, 0, __ATOMIC_SEQ_CST);
+    WAIT_FOR(LOAD(&x.closes) == 1, IO_MS);
+    /* Counted once on_timeout has returned, which may be just after the close is seen. */
+    WAIT_FOR((cp_server_get_stats(sv, &st), st.conns_reaped == 1), IO_MS);
+    expect_closed(fd, IO_MS);
+    close(fd);
+    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
+    cp_server_destroy(sv);
+}
+
+/* Sends queued on one connection add up in a 32-bit counter (cp_conn_pending). 4 GiB of
+ * them used to wrap it to 0: a graceful close then saw nothing queued and sent its FIN
+ * ahead of the data. Now the send that would wrap it fails with -ENOBUFS. The bytes are
+ * an untouched MAP_NORESERVE mapping (it costs no memory: the kernel reads zero pages),
+ * sent twice with cp_conn_send_ref to a peer that does not read. */
+static void *big_map;
+static int wrap_results[3];
+
+static void send_4gib(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    (void)t;
+    (void)u;
+    (void)data;
+    (void)len;
+    static const size_t sizes[3] = {0x7ffff000, 0x7ffff000, 0x2000};
+    for (int i = 0; i < 3; i++) {
+        uint64_t *block = malloc(sizeof(*block));
+        CHECK(block != NULL);
+        block[0] = sizes[i];
+        wrap_results[i] = cp_conn_send_ref(c, big_map, sizes[i], block);
+        if (wrap_results[i] < 0)
+            free(block);
+    }
+    CHECK(cp_conn_pending(c) >= 0x7ffff000);
+    cp_conn_abort(c);
+}
+
+TEST(queued_sends_cannot_wrap_the_pending_count)
+{
+    big_map = mmap(NULL, 0x7ffff000, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    CHECK(big_map != MAP_FAILED);
+    cp_server_options o = {.threads = 1};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    t->hook = send_4gib;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    CHECK_EQ(send(fd, "x", 1, MSG_NOSIGNAL), 1); /* and never read */
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(wrap_results[0], 0);
+    CHECK_EQ(wrap_results[1], 0);
+    CHECK_EQ(wrap_results[2], -ENOBUFS);
+    CHECK_EQ(LOAD(&t->ref_sent_ok) + LOAD(&t->ref_sent_bad), 2); /* each accepted one, once */
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+    munmap(big_map, 0x7ffff000);
+}
+
+/* on_data queues more than a peer that has stopped reading will ever take, then closes
+ * gracefully. The replies cannot drain; once nothing has been acknowledged for linger_ms
+ * the close is aborted (TCP_USER_TIMEOUT), instead of keeping the connection forever. */
+static void send_lots_then_close(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    (void)t;
+    (void)u;
+    (void)data;
+    (void)len;
+    static const uint8_t zeros[65536];
+    for (int i = 0; i < 64; i++) /* 4 MiB */
+        CHECK_OK(cp_conn_send(c, zeros, sizeof(zeros)));
+    cp_conn_close(c);
+}
+
+TEST(graceful_close_of_a_peer_that_stopped_reading_ends)
+{
+    cp_server_options o = {.threads = 2, .linger_ms = 300, .max_pending_send = 8 << 20};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    t->hook = send_lots_then_close;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    int small = 4096;
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)));
+    CHECK_EQ(send(fd, "x", 1, MSG_NOSIGNAL), 1); /* and never read */
+    int64_t t0 = cpt_now_ms();
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    fprintf(stderr, "closed %lld ms after the request\n", (long long)(cpt_now_ms() - t0));
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_LOCAL]), 1);
+    CHECK_EQ(tsrv_stats(t).conns_open, 0);
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
 /* cport-echo: SIGTERM under framed load exits 0 within --shutdown-deadline, having closed
  * every connection cleanly; the clients see whole echoed frames, then EOF. */
 TEST(echo_sigterm_under_load)

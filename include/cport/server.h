@@ -115,7 +115,11 @@ typedef struct cp_server_options {
                                       connection reads (and drops) what the peer still sends
                                       for at most this long, so that closing with unread data
                                       does not reset the connection and destroy replies in
-                                      flight; 0 = 5000 */
+                                      flight. Replies still queued when the close begins
+                                      must make progress: once the peer has acknowledged
+                                      nothing for this long (it stopped reading), the close
+                                      is aborted (TCP: TCP_USER_TIMEOUT is set on the
+                                      socket then). 0 = 5000 */
     uint32_t max_pending_send;     /* bytes queued to send on one connection before reading
                                      from it pauses; resumes below half; 0 = 1 MiB */
     bool zero_byte;                /* pooled receives: an idle connection holds no buffer */
@@ -136,7 +140,8 @@ typedef struct cp_server_stats {
     uint64_t conns_open;          /* connections now (gauge) */
     uint64_t conns_total;         /* connections accepted and kept */
     uint64_t conns_rejected;      /* closed at accept: over max_conns or refused by on_open */
-    uint64_t conns_reaped;        /* closed by the handshake or idle timeout */
+    uint64_t conns_reaped;        /* closed by the handshake or idle timeout (by the server,
+                                     or by on_timeout closing them; not the deadline) */
     uint64_t accepts_outstanding; /* accepts posted now (gauge) */
     uint64_t accepts_target;      /* how many the accept pool aims for now (gauge) */
     uint64_t accept_pauses;       /* times accepting paused on a resource error */
@@ -196,9 +201,10 @@ CP_EXTERN int cp_server_stats_prometheus(cp_server *server, const char *prefix, 
  * What the kernel takes right away (epoll: nothing queued ahead, room in the socket) is
  * sent inside the call; the rest is copied and queued. Returns 0, -EPIPE if the
  * connection is closing, -ENOMEM (nothing was sent; or, when part of the bytes had gone
- * out already, the connection is aborted: its stream cannot go on without the rest), or
- * -EINVAL. Any thread. In framed mode the bytes are sent as they are: use
- * cp_conn_send_frame(). */
+ * out already, the connection is aborted: its stream cannot go on without the rest),
+ * -ENOBUFS (the same, when 4 GiB would be queued on the connection: cp_conn_pending()
+ * counts up to UINT32_MAX), or -EINVAL. Any thread. In framed mode the bytes are sent as they are:
+ * use cp_conn_send_frame(). */
 CP_EXTERN int cp_conn_send(cp_conn *c, const void *data, size_t len);
 
 /* Send back (part of) the data on_data is handing over right now: data must lie within
@@ -214,7 +220,7 @@ CP_EXTERN int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *c
 /* TransmitFile through the connection: head (copied; may be NULL/0), then len bytes of the
  * file fd from offset (len > 0), without copying the file through user space; ordered with
  * the connection's other sends. fd must stay open until on_sent(c, ctx, result) reports
- * the send done (ctx must not be NULL). Any thread. */
+ * the send done (ctx must not be NULL). -ENOBUFS as cp_conn_send(). Any thread. */
 CP_EXTERN int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd,
                                 int64_t offset, uint64_t len, void *ctx);
 
@@ -227,7 +233,8 @@ CP_EXTERN int cp_conn_set_deadline(cp_conn *c, unsigned ms);
 /* Framed mode: send one frame (header + payload, copied). Any thread. */
 CP_EXTERN int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len);
 
-/* Close after everything queued so far has been sent. Any thread. */
+/* Close after everything queued so far has been sent (bounded: see linger_ms). Any
+ * thread. */
 CP_EXTERN void cp_conn_close(cp_conn *c);
 
 /* Close now: queued sends are cancelled. Any thread. */
