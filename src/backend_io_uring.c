@@ -77,6 +77,19 @@ enum {
 /* A ring target decays after this long without running dry. */
 #define RING_DECAY_NS (5 * 1000000000LL)
 
+/* The most one request may ask to move: the kernel's MAX_RW_COUNT (INT_MAX rounded down
+ * to a 4 KiB page), what read(2) and send(2) move at most. io_uring fails a send or
+ * receive request for 2 GiB or more with -EINVAL, where the system calls move part; the
+ * API takes lengths up to 4 GiB. A capped send or
+ * write comes back short and the socket layer continues from there; a capped receive or
+ * read returns what it got, as the system call would. */
+#define UR_MAX_RW 0x7ffff000u
+
+static inline unsigned rw_len(uint64_t len)
+{
+    return len > UR_MAX_RW ? UR_MAX_RW : (unsigned)len;
+}
+
 typedef struct ur_state {
     struct io_uring ring;
     cp__lock sq_lock; /* guards the submission queue, `blocking` and `poll_budget` */
@@ -870,8 +883,8 @@ static int start_sendmsg(cp_handle *h, cp_op *op)
         return -EBUSY;
     }
     if (off > 0) {
-        io_uring_prep_send(sqe, h->fd, (const char *)iov->iov_base + off, iov->iov_len - off,
-                           MSG_NOSIGNAL | MSG_WAITALL);
+        io_uring_prep_send(sqe, h->fd, (const char *)iov->iov_base + off,
+                           rw_len(iov->iov_len - off), MSG_NOSIGNAL | MSG_WAITALL);
     } else {
         struct msghdr *msg = &s->msgs[sqe - s->ring.sq.sqes];
         *msg = (struct msghdr){.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = cnt};
@@ -923,7 +936,7 @@ static int ur_start(cp_op *op)
         if (op->cp__flags & CP__OPF_VEC) {
             io_uring_prep_readv(sqe, h->fd, op->u.iov, op->cp__aux, 0);
         } else {
-            io_uring_prep_recv(sqe, h->fd, op->u.buf, op->cp__len, 0);
+            io_uring_prep_recv(sqe, h->fd, op->u.buf, rw_len(op->cp__len), 0);
             /* Wait for data before the first attempt: a receive is posted right after the
              * last one emptied the socket, so trying at once mostly fails (a wasted pass
              * through the TCP receive path); when data is there the wait ends at once. */
@@ -935,13 +948,13 @@ static int ur_start(cp_op *op)
          * after short sends itself), or reports the bytes sent before an error; the
          * socket layer continues from there. A request the kernel fails with -ECANCELED
          * because its submitter exited reports what it sent before, too. */
-        io_uring_prep_send(sqe, h->fd, (char *)op->u.buf + op->cp__done, op->cp__len - op->cp__done,
-                           MSG_NOSIGNAL | MSG_WAITALL);
+        io_uring_prep_send(sqe, h->fd, (char *)op->u.buf + op->cp__done,
+                           rw_len(op->cp__len - op->cp__done), MSG_NOSIGNAL | MSG_WAITALL);
         break;
     case CP_OP_ACCEPT: {
         cp_accept_op *aop = CP_CONTAINER_OF(op, cp_accept_op, op);
         if (op->cp__flags & CP__OPF_FIRSTDATA) {
-            io_uring_prep_recv(sqe, aop->fd, op->u.buf, op->cp__len, 0);
+            io_uring_prep_recv(sqe, aop->fd, op->u.buf, rw_len(op->cp__len), 0);
         } else {
             aop->addrlen = sizeof(aop->addr);
             io_uring_prep_accept(sqe, h->fd, (struct sockaddr *)&aop->addr, &aop->addrlen,
@@ -953,7 +966,7 @@ static int ur_start(cp_op *op)
         if (op->cp__flags & CP__OPF_CONNECTED) {
             cp_connect_op *cop = CP_CONTAINER_OF(op, cp_connect_op, op);
             io_uring_prep_send(sqe, h->fd, (const char *)cop->cp__data + op->cp__done,
-                               cop->cp__data_len - op->cp__done, MSG_NOSIGNAL);
+                               rw_len(cop->cp__data_len - op->cp__done), MSG_NOSIGNAL);
         } else {
             io_uring_prep_connect(sqe, h->fd, op->u.buf, op->cp__len);
             op->cp__flags |= CP__OPF_PHASE; /* a later start is a restart: connect_again */
@@ -961,13 +974,13 @@ static int ur_start(cp_op *op)
         break;
     case CP_OP_READ: {
         cp_file_op *f = CP_CONTAINER_OF(op, cp_file_op, op);
-        io_uring_prep_read(sqe, h->fd, op->u.buf, op->cp__len, f->offset);
+        io_uring_prep_read(sqe, h->fd, op->u.buf, rw_len(op->cp__len), f->offset);
         break;
     }
     case CP_OP_WRITE: {
         cp_file_op *f = CP_CONTAINER_OF(op, cp_file_op, op);
         io_uring_prep_write(sqe, h->fd, (char *)op->u.buf + op->cp__done,
-                            op->cp__len - op->cp__done, f->offset + op->cp__done);
+                            rw_len(op->cp__len - op->cp__done), f->offset + op->cp__done);
         break;
     }
     case CP_OP_DISCONNECT:

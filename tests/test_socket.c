@@ -19,6 +19,7 @@
 #include <sched.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/utsname.h>
 #include <unistd.h>
@@ -1672,4 +1673,68 @@ TEST(refused_submission_wakes_the_poller)
     pair_close(&pr, p);
     cp_port_destroy(p);
 #endif
+}
+
+/* A send of 2 GiB or more (the API takes lengths below 4 GiB) goes out as a smaller one
+ * does. io_uring fails a request for 2^31 bytes or more with -EINVAL where send(2) moves
+ * what it can, so each request asks for at most MAX_RW_COUNT and the socket layer
+ * continues after it; the same for the rest of a partly sent element of a vector send.
+ * The buffer is an anonymous mapping never written: the kernel reads the shared zero page,
+ * so 2 GiB cost no memory. The peer reads 8 MiB of zeros while the send must not complete;
+ * closing the socket then ends it, once, with -ECANCELED. */
+TEST(send_of_two_gib_or_more_goes_out)
+{
+    /* 3 GiB: after the vector's first short send (a few MiB at most) its rest still
+     * exceeds 2 GiB. */
+    const size_t big_len = (size_t)3 << 30, want = 8u << 20;
+    void *big = mmap(NULL, big_len, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    CHECK(big != MAP_FAILED);
+    static const char zero;
+    cp_port *p = make_port();
+    for (int vec = 0; vec < 2; vec++) {
+        pair pr;
+        pair_open(&pr, p);
+        cp_op sop = {0};
+        /* The vector's first element is one byte: after the first short send, the rest
+         * is a partly sent element of over 2 GiB. */
+        struct iovec iov[2] = {{(void *)&zero, 1}, {big, big_len}};
+        if (vec)
+            CHECK_OK(cp_socket_sendv(&pr.s, &sop, iov, 2));
+        else
+            CHECK_OK(cp_socket_send(&pr.s, &sop, big, big_len));
+        static char buf[1 << 16];
+        size_t got = 0;
+        int64_t deadline = cpt_now_ms() + 20000;
+        while (got < want) {
+            cp_completion c;
+            int n = cp_port_dequeue(p, &c, 1, 1); /* drives the send */
+            if (n != -ETIMEDOUT) {
+                fprintf(stderr, "%s: completed after %zu bytes: %d, result %lld\n",
+                        vec ? "sendv" : "send", got, n, n == 1 ? (long long)c.result : 0);
+                CHECK(!"the send completed early");
+            }
+            ssize_t r = recv(pr.client, buf, sizeof(buf), MSG_DONTWAIT);
+            if (r < 0) {
+                CHECK(errno == EAGAIN || errno == EINTR);
+                CHECK(cpt_now_ms() < deadline);
+                continue;
+            }
+            CHECK(r > 0);
+            for (ssize_t i = 0; i < r; i++)
+                CHECK_EQ(buf[i], 0);
+            got += (size_t)r;
+        }
+        cp_op cl = {0};
+        CHECK_OK(cp_socket_close(&pr.s, &cl));
+        cp_completion c = next(p);
+        CHECK(c.op == &sop);
+        CHECK_EQ(c.result, -ECANCELED);
+        c = next(p);
+        CHECK(c.op == &cl);
+        CHECK_EQ(c.result, 0);
+        expect_nothing(p, 20);
+        close(pr.client);
+    }
+    cp_port_destroy(p);
+    munmap(big, big_len);
 }
