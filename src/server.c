@@ -1,5 +1,6 @@
 /* The server: listener and accept pool (S2), the timeout sweep (S3), lookaside buffers
  * (S4), graceful shutdown (S8) and stats. Connections themselves live in conn.c. */
+#include "inject.h"
 #include "server_internal.h"
 
 #include <arpa/inet.h>
@@ -168,13 +169,15 @@ static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
         }
         fill_accepts_locked(sv);
     } else if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM) {
-        /* Accepting again at once would fail again at once: pause, retry on a timer. */
+        /* Accepting again at once would fail again at once: pause, retry on a timer. The
+         * failed accept is not posted again until then: it may have been the last one.
+         * Without a timer the pause stays, and the tick resumes it (accept_upkeep), so
+         * accepting neither stops for good nor spins. */
         if (!sv->accept_paused) {
             sv->accept_paused = true;
             __atomic_add_fetch(&sv->accept_pauses, 1, __ATOMIC_RELAXED);
-            if (cp_timer_start(sv->pool, &sv->accept_retry, ACCEPT_RETRY_MS, 0, retry_accepts, sv) <
-                0)
-                sv->accept_paused = false;
+            if (!CP__INJECT_FAIL("accept_retry_timer"))
+                cp_timer_start(sv->pool, &sv->accept_retry, ACCEPT_RETRY_MS, 0, retry_accepts, sv);
         }
     } else if (res != -ECANCELED) {
         fill_accepts_locked(sv);
@@ -184,10 +187,16 @@ static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
         cp__conn_start(sv, fd);
 }
 
-/* Quiet for a while: shrink the pool back toward accepts_min (cancel the surplus). */
-static void shrink_accepts(cp_server *sv)
+/* The tick's care of the accept pool: end a pause whose retry timer could not be started,
+ * post the accepts that are missing (a pause's failed accept, an accept that could not be
+ * posted; nothing else would post them once none is left to complete), and, when quiet for
+ * a while, shrink the pool back toward accepts_min (cancel the surplus). */
+static void accept_upkeep(cp_server *sv)
 {
     cp__lock_acquire(&sv->accept_lock);
+    if (sv->accept_paused && !sv->accept_retry)
+        sv->accept_paused = false;
+    fill_accepts_locked(sv); /* nothing to do when the pool is full */
     if (sv->accepts_since_tick) {
         sv->quiet_ticks = 0;
     } else if (++sv->quiet_ticks >= QUIET_TICKS_TO_SHRINK &&
@@ -277,7 +286,7 @@ static void on_tick(void *arg)
      * retries closes that could not get an op when memory ran out. What it misses for
      * want of memory waits for the next tick. */
     walk_conns(sv, WALK_SWEEP, cp__server_tick(sv));
-    shrink_accepts(sv);
+    accept_upkeep(sv);
 }
 
 /* ---- life cycle ----------------------------------------------------------------------------- */

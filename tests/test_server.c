@@ -3938,3 +3938,62 @@ TEST(echo_stats_sigusr1_and_prometheus)
     close(e.out);
     close(e.err);
 }
+
+/* Accepting pauses on EMFILE and a retry timer resumes it. When that timer cannot be
+ * started (failure point accept_retry_timer), the tick must resume it: the accept that
+ * failed is not posted again until then, and with the last posted accept lost nothing else
+ * would ever post one. A pool of two accepts; RLIMIT_NOFILE lowered to the descriptors in
+ * use, so that both fail with EMFILE when clients connect; then the tick must keep trying
+ * (accept_pauses grows beyond the two the pool's accepts account for) and, once the limit
+ * is back, the server must accept and echo the waiting clients and new ones. Without the
+ * tick's resume both accepts are lost: accept_pauses stops at 2 and nobody is accepted
+ * again. */
+TEST(accepting_resumes_without_a_retry_timer)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    enum { EARLY = 3, LATE = 3, WAIT_MS = 5000 };
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "accept_retry_timer", 1)); /* before any thread */
+    cp_server_options o = {.threads = 1, .accepts_min = 2, .accepts_max = 2, .tick_ms = 50};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    tsrv_start(t, &o);
+    WAIT_FOR(tsrv_stats(t).accepts_outstanding == 2, WAIT_MS);
+    int fds[EARLY + LATE];
+    for (int i = 0; i < EARLY; i++)
+        fds[i] = sock_nb(); /* made while descriptors may still be made */
+    int lowest = fcntl(fds[0], F_DUPFD_CLOEXEC, 0);
+    CHECK(lowest >= 0);
+    close(lowest);
+    struct rlimit saved, low;
+    CHECK_OK(getrlimit(RLIMIT_NOFILE, &saved));
+    low = saved;
+    low.rlim_cur = (rlim_t)lowest; /* every descriptor below is in use: accepts fail */
+    CHECK_OK(setrlimit(RLIMIT_NOFILE, &low));
+    struct sockaddr_in sa = loopback(t->port);
+    for (int i = 0; i < EARLY; i++)
+        CHECK(connect(fds[i], (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EINPROGRESS);
+    /* A third pause means accepting was resumed while the limit held. */
+    int64_t deadline = cpt_now_ms() + WAIT_MS;
+    while (tsrv_stats(t).accept_pauses < 3 && cpt_now_ms() < deadline)
+        usleep(1000);
+    cp_server_stats st = tsrv_stats(t);
+    CHECK_OK(setrlimit(RLIMIT_NOFILE, &saved));
+    fprintf(stderr, "descriptor limit %d: accept_pauses %llu, accepts_outstanding %llu\n", lowest,
+            (unsigned long long)st.accept_pauses, (unsigned long long)st.accepts_outstanding);
+    CHECK(st.accept_pauses >= 3);
+    CHECK_EQ(st.conns_total, 0);
+    /* Descriptors again: the waiting clients and new ones are accepted and served. */
+    for (int i = 0; i < EARLY; i++)
+        CHECK_EQ(try_exchange(fds[i], (uint32_t)i, 1000, cpt_now_ms() + WAIT_MS), 0);
+    for (int i = EARLY; i < EARLY + LATE; i++) {
+        fds[i] = connect_to(t->port);
+        CHECK_EQ(try_exchange(fds[i], (uint32_t)i, 1000, cpt_now_ms() + WAIT_MS), 0);
+    }
+    CHECK_EQ(tsrv_stats(t).conns_total, EARLY + LATE);
+    for (int i = 0; i < EARLY + LATE; i++)
+        close(fds[i]);
+    WAIT_FOR(LOAD(&t->closes) == EARLY + LATE, IO_MS);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+#endif
+}
