@@ -1,10 +1,11 @@
 /* Lookaside slabs (see lookaside.h). */
 #include "lookaside.h"
 
+#include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
 
-enum { CHUNK_BYTES = 1 << 20 };
+enum { CHUNK_BYTES = CP__SLAB_CHUNK };
 
 struct cp__chunk {
     cp__chunk *next;
@@ -14,11 +15,20 @@ struct cp__chunk {
     uint64_t live[]; /* bitmap: handed out now */
 };
 
-void cp__slab_init(cp__slab *s, size_t size)
+/* A chunk holding one object: its header and a one-word bitmap fit in the 64 bytes in
+ * front of the object (see new_chunk). */
+_Static_assert(sizeof(cp__chunk) + sizeof(uint64_t) <= CP__SLAB_CHUNK - CP__SLAB_MAX_OBJECT,
+               "a chunk's header must leave room for its largest object");
+
+int cp__slab_init(cp__slab *s, size_t size)
 {
     memset(s, 0, sizeof(*s));
     cp__lock_init(&s->lock);
+    /* Bigger objects would fit no chunk: new_chunk would carve one past its end. */
+    if (size > CP__SLAB_MAX_OBJECT)
+        return -EINVAL;
     s->size = size < 16 ? 16 : (size + 15) & ~(size_t)15;
+    return 0;
 }
 
 void cp__slab_fini(cp__slab *s)

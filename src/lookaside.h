@@ -28,8 +28,14 @@ typedef struct cp__slab {
     uint64_t allocations; /* chunks mapped, ever (atomic for readers) */
 } cp__slab;
 
-/* Objects of `size` bytes (rounded up to 16; at least 16). */
-void cp__slab_init(cp__slab *s, size_t size);
+/* The chunk every object is carved from, and the largest object that fits one beside the
+ * chunk's header. */
+enum { CP__SLAB_CHUNK = 1 << 20, CP__SLAB_MAX_OBJECT = CP__SLAB_CHUNK - 64 };
+
+/* Objects of `size` bytes (rounded up to 16; at least 16). Returns 0, or -EINVAL when
+ * size exceeds CP__SLAB_MAX_OBJECT (the slab is then unusable): an object must fit its
+ * chunk. */
+int cp__slab_init(cp__slab *s, size_t size);
 void cp__slab_fini(cp__slab *s);
 
 /* An object (contents unspecified), or NULL when out of memory. Thread-safe. */

@@ -291,6 +291,16 @@ static void on_tick(void *arg)
 
 /* ---- life cycle ----------------------------------------------------------------------------- */
 
+/* The largest connection record (64 receives, framed, deadlines) with the largest user
+ * area fits a lookaside chunk, so that the conns slab never refuses a valid size. */
+enum {
+    CONN_RECORD_MAX = (sizeof(cp_conn) + sizeof(cp__rx_multi) + 64 * sizeof(cp__rx_slot) +
+                       sizeof(cp_frame_decoder) + sizeof(uint32_t) + 15) &
+                      ~(size_t)15
+};
+_Static_assert(CONN_RECORD_MAX + CP_CONN_USER_MAX <= CP__SLAB_MAX_OBJECT,
+               "CP_CONN_USER_MAX must leave room for a connection's own fields");
+
 static uint32_t ms_to_ticks(unsigned ms, unsigned tick_ms)
 {
     return ms ? (ms + tick_ms - 1) / tick_ms : 0;
@@ -329,7 +339,8 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     if (o.max_frame == 0)
         o.max_frame = CP_FRAME_DEFAULT_MAX;
     if (o.recv_buffer % (uint32_t)page || o.recv_buffer > size_classes[CP__SIZE_CLASSES - 1] ||
-        o.recvs > 64 || o.accepts_max > 65536 || o.max_frame > CP_FRAME_MAX_LIMIT)
+        o.recvs > 64 || o.accepts_max > 65536 || o.max_frame > CP_FRAME_MAX_LIMIT ||
+        o.conn_user_size > CP_CONN_USER_MAX)
         return -EINVAL;
 
     cp_server *sv = calloc(1, sizeof(*sv));
@@ -375,12 +386,17 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     off = (off + 15) & ~(size_t)15;
     sv->off_user = off;
     sv->conn_size = off + o.conn_user_size;
-    cp__slab_init(&sv->conns, sv->conn_size);
-    cp__slab_init(&sv->sends, sizeof(cp__send));
-    cp__slab_init(&sv->xmits, sizeof(cp__xmit));
-    cp__slab_init(&sv->holds, sizeof(cp__hold));
+    /* Cannot fail: CP_CONN_USER_MAX leaves room for the largest record (asserted above). */
+    int r = cp__slab_init(&sv->conns, sv->conn_size);
+    r |= cp__slab_init(&sv->sends, sizeof(cp__send));
+    r |= cp__slab_init(&sv->xmits, sizeof(cp__xmit));
+    r |= cp__slab_init(&sv->holds, sizeof(cp__hold));
     for (int i = 0; i < CP__SIZE_CLASSES; i++)
-        cp__slab_init(&sv->bufs[i], size_classes[i]);
+        r |= cp__slab_init(&sv->bufs[i], size_classes[i]);
+    if (r < 0) {
+        free(sv);
+        return -EINVAL;
+    }
     cp__lock_init(&sv->accept_lock);
     cp__lock_init(&sv->workers_lock);
     pthread_mutex_init(&sv->done_lock, NULL);
@@ -391,7 +407,7 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     for (unsigned i = 0; sv->accept_idle && i < o.accepts_max; i++)
         sv->accept_idle[i] = o.accepts_max - 1 - i; /* slot 0 on top */
     sv->naccept_idle = o.accepts_max;
-    int r = pthread_key_create(&sv->wkey, NULL);
+    r = pthread_key_create(&sv->wkey, NULL);
     if (!sv->accepts || !sv->accept_busy || !sv->accept_idle || r != 0) {
         free(sv->accepts);
         free(sv->accept_busy);

@@ -3997,3 +3997,100 @@ TEST(accepting_resumes_without_a_retry_timer)
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 #endif
 }
+
+/* A connection and its user area live in one lookaside chunk (1 MiB). conn_user_size
+ * beyond CP_CONN_USER_MAX is refused with -EINVAL (before, create succeeded and the first
+ * connection was carved past its chunk's end: a write out of bounds), without leaking a
+ * byte or a descriptor (ASan's leak check and the descriptor count). The largest size
+ * works with the largest connection record (64 receives, framed, deadlines): each
+ * connection finds its whole area zeroed, fills it, and still finds it intact when data
+ * arrives; an overrun would fault or show as a changed byte. */
+typedef struct big_user {
+    size_t size;
+    uint64_t opens, closes, dirty, damaged;
+} big_user;
+
+static int bu_on_open(cp_conn *c)
+{
+    big_user *x = cp_server_user(cp_conn_server(c));
+    const uint8_t *u = cp_conn_user(c);
+    for (size_t i = 0; i < x->size; i++) {
+        if (u[i]) {
+            ADD(&x->dirty, 1);
+            break;
+        }
+    }
+    memset(cp_conn_user(c), 0xab, x->size);
+    ADD(&x->opens, 1);
+    return 0;
+}
+
+static void bu_on_data(cp_conn *c, const void *data, size_t len)
+{
+    big_user *x = cp_server_user(cp_conn_server(c));
+    const uint8_t *u = cp_conn_user(c);
+    for (size_t i = 0; i < x->size; i++) {
+        if (u[i] != 0xab) {
+            ADD(&x->damaged, 1);
+            break;
+        }
+    }
+    cp_conn_send_frame(c, data, len);
+}
+
+static void bu_on_close(cp_conn *c, cp_close_reason reason, int err)
+{
+    (void)reason;
+    (void)err;
+    big_user *x = cp_server_user(cp_conn_server(c));
+    ADD(&x->closes, 1);
+}
+
+TEST(conn_user_size_up_to_its_maximum)
+{
+    enum { CONNS = 3, PAYLOAD = 5000 };
+    static const cp_server_callbacks cb = {
+        .on_open = bu_on_open, .on_data = bu_on_data, .on_close = bu_on_close};
+    big_user x = {0};
+    cp_server_options o = {.bind = "127.0.0.1",
+                           .threads = 2,
+                           .recvs = 64,
+                           .framed = true,
+                           .conn_deadlines = true,
+                           .user = &x};
+    o.port_options.flags |= CP_PORT_QUIET;
+    long fds0 = fd_count(getpid());
+    const size_t too_big[] = {CP_CONN_USER_MAX + 1, 2u << 20, SIZE_MAX};
+    for (size_t i = 0; i < sizeof too_big / sizeof too_big[0]; i++) {
+        cp_server *sv = (cp_server *)&x; /* must be overwritten */
+        o.conn_user_size = too_big[i];
+        CHECK_EQ(cp_server_create(&sv, &o, &cb), -EINVAL);
+        CHECK(sv == NULL);
+    }
+    CHECK_EQ(fd_count(getpid()), fds0);
+    x.size = o.conn_user_size = CP_CONN_USER_MAX;
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_start(sv));
+    uint16_t port = cp_server_listen_port(sv);
+    int fds[CONNS];
+    static uint8_t out[PAYLOAD + 4], in[PAYLOAD + 4];
+    for (int i = 0; i < CONNS; i++) /* open at once: each holds its own chunk */
+        fds[i] = connect_to(port);
+    for (int round = 0; round < 2; round++) {
+        for (int i = 0; i < CONNS; i++) {
+            size_t n = frame_build(out, (uint32_t)i, (uint32_t)round, PAYLOAD);
+            send_all(fds[i], out, n);
+            recv_all(fds[i], in, n);
+            CHECK(memcmp(in, out, n) == 0);
+        }
+    }
+    CHECK_EQ(LOAD(&x.opens), CONNS);
+    for (int i = 0; i < CONNS; i++)
+        close(fds[i]);
+    WAIT_FOR(LOAD(&x.closes) == CONNS, IO_MS);
+    CHECK_EQ(LOAD(&x.dirty), 0);
+    CHECK_EQ(LOAD(&x.damaged), 0);
+    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
+    cp_server_destroy(sv);
+}

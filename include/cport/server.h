@@ -94,6 +94,10 @@ typedef struct cp_server_callbacks {
     void (*on_timeout)(cp_conn *c, cp_close_reason reason);
 } cp_server_callbacks;
 
+/* The largest conn_user_size: a connection, with its user area, must fit in one of the
+ * server's 1 MiB lookaside chunks, beside its own fields (a few KiB at most). */
+#define CP_CONN_USER_MAX ((size_t)(1024 - 16) * 1024)
+
 typedef struct cp_server_options {
     const char *bind;              /* IPv4 address to listen on; NULL = "0.0.0.0" */
     uint16_t port;                 /* TCP port; 0 = any (see cp_server_listen_port) */
@@ -128,7 +132,9 @@ typedef struct cp_server_options {
     unsigned recvs;                /* receives outstanding per connection; 0 = 1 */
     bool framed;                   /* 4-byte big-endian length-prefixed messages */
     uint32_t max_frame;            /* framed: largest payload accepted; 0 = 1 MiB */
-    size_t conn_user_size;         /* bytes of per-connection user area (cp_conn_user) */
+    size_t conn_user_size;         /* bytes of per-connection user area (cp_conn_user); at
+                                      most CP_CONN_USER_MAX, else cp_server_create fails
+                                      with -EINVAL */
     bool conn_deadlines;           /* enable cp_conn_set_deadline (4 more bytes a connection) */
     void *user;                    /* the server's user pointer (cp_server_user) */
     cp_port_options port_options;  /* options of the port (concurrency and backend are set
