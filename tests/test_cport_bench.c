@@ -4,15 +4,19 @@
 /* test-backends: none */
 #include "harness.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <liburing.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -390,4 +394,80 @@ TEST(fd_limit)
     bench("hold", "--port", "1", "-n", ns, "-T", "1", NULL);
     CHECK_EQ(run.status, 2);
     CHECK(strstr(run.err, "RLIMIT_NOFILE") != NULL);
+}
+
+/* Every cport-bench process must send payloads of its own. Users run several processes to
+ * get past the open-file limit (README); with the same bytes in each, a server that
+ * delivered one process's echo to another process's connection of the same number would
+ * pass every check. Two runs against a listener that records each one's first message:
+ * the two messages must differ. */
+struct first_msg {
+    int lfd;
+    uint8_t got[64];
+    size_t n;
+};
+
+static void *record_first_msg(void *arg)
+{
+    struct first_msg *f = arg;
+    struct pollfd pl = {.fd = f->lfd, .events = POLLIN};
+    if (poll(&pl, 1, 10000) != 1)
+        return NULL;
+    int fd = accept4(f->lfd, NULL, NULL, SOCK_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    while (f->n < sizeof f->got) {
+        struct pollfd pf = {.fd = fd, .events = POLLIN};
+        if (poll(&pf, 1, 10000) != 1)
+            break;
+        ssize_t r = read(fd, f->got + f->n, sizeof f->got - f->n);
+        if (r <= 0)
+            break;
+        f->n += (size_t)r;
+    }
+    close(fd); /* cport-bench then reports the end of stream and exits */
+    return NULL;
+}
+
+TEST(echo_payloads_differ_between_processes)
+{
+    struct first_msg f[2];
+    memset(f, 0, sizeof f);
+    for (int i = 0; i < 2; i++) {
+        f[i].lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        CHECK(f[i].lfd >= 0);
+        struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        CHECK(bind(f[i].lfd, (struct sockaddr *)&sa, sizeof sa) == 0);
+        CHECK(listen(f[i].lfd, 16) == 0);
+        socklen_t sl = sizeof sa;
+        CHECK(getsockname(f[i].lfd, (struct sockaddr *)&sa, &sl) == 0);
+        char port[16];
+        snprintf(port, sizeof port, "%d", ntohs(sa.sin_port));
+        pthread_t th;
+        CHECK(pthread_create(&th, NULL, record_first_msg, &f[i]) == 0);
+        bench("echo", "--port", port, "-c", "1", "-s", "64", "-d", "1", "-T", "0.2", "-w", "0",
+              NULL);
+        pthread_join(th, NULL);
+        close(f[i].lfd);
+        CHECK_EQ(f[i].n, sizeof f[i].got);
+        CHECK(run.status != 0); /* the listener closed without echoing */
+    }
+    CHECK(memcmp(f[0].got, f[1].got, sizeof f[0].got) != 0);
+}
+
+/* A size suffix multiplied a value before its range was checked: 2^54 + 1 "k" wrapped to
+ * 1 KiB and ran. Values that overflow with their suffix are refused, those that fit work. */
+TEST(size_suffixes_that_overflow_are_refused)
+{
+    bench("echo", "--port", "1", "-s", "18014398509481985k", "-c", "1", "-T", "0.2", "-w", "0",
+          NULL);
+    CHECK_EQ(run.status, 2);
+    CHECK(strstr(run.err, "bad value for -s") != NULL);
+    CHECK(strstr(run.out, "RESULT") == NULL);
+    bench("echo", "--port", "1", "-c", "9007199254740993m", "-T", "0.2", "-w", "0", NULL);
+    CHECK_EQ(run.status, 2);
+    /* In range with a suffix: accepted (port 1: nothing listens, a connect error). */
+    bench("echo", "--port", "1", "-s", "64k", "-c", "1", "-T", "0.2", "-w", "0", NULL);
+    CHECK_EQ(run.status, 1);
+    CHECK_EQ(result("size"), 65536);
 }

@@ -56,6 +56,7 @@ void signals_block(bool block);
  * is one memcmp against it, so neither side does per-byte work. */
 extern const uint8_t *cb_pool;
 extern uint64_t cb_pool_starts;
+extern uint64_t cb_seed; /* per run: distinct payloads in every cport-bench process */
 void pool_init(size_t msg_size);
 
 static inline uint64_t mix64(uint64_t z)
@@ -68,7 +69,7 @@ static inline uint64_t mix64(uint64_t z)
 
 static inline const uint8_t *msg_bytes(uint64_t conn, uint64_t seq)
 {
-    return cb_pool + mix64(mix64(conn) ^ seq) % cb_pool_starts;
+    return cb_pool + mix64(mix64(conn ^ cb_seed) ^ seq) % cb_pool_starts;
 }
 
 /* ---- latency histogram: log buckets with 32 linear sub-buckets (< 3.2% error) --------- */

@@ -322,11 +322,22 @@ static void *eworker_main(void *arg)
         }
         atomic_store_explicit(&w->progress, w->msgs_total, memory_order_relaxed);
     }
-    /* Messages still unanswered after the drain time are lost. */
+    /* Messages still unanswered after the drain time are lost. A connection that got back
+     * everything it sent must have nothing more waiting: surplus bytes fail the run too. */
     w->err.timeouts += w->inflight;
-    for (int i = 0; i < w->n; i++)
-        if (!w->conns[i].dead)
-            close(w->conns[i].fd);
+    for (int i = 0; i < w->n; i++) {
+        struct econn *c = &w->conns[i];
+        if (c->dead)
+            continue;
+        char b;
+        if (c->rx_seq * o->size + c->rx_off == c->tx_seq * o->size + c->tx_off &&
+            recv(c->fd, &b, 1, MSG_DONTWAIT | MSG_PEEK) > 0) {
+            report_mismatch(w, c, "more bytes came back than were sent", NULL, 0);
+            kill_conn(w, c, &w->err.verify_errors);
+            continue;
+        }
+        close(c->fd);
+    }
     close(w->epfd);
     return NULL;
 }

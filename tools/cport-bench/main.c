@@ -114,14 +114,15 @@ static long long parse_int(const char *mode, const char *flag, const char *v, lo
 {
     char *end;
     errno = 0;
-    long long x = strtoll(v, &end, 10);
+    long long x = strtoll(v, &end, 10), mul = 1;
     if (*end == 'k' || *end == 'K')
-        x *= 1024, end++;
+        mul = 1024, end++;
     else if (*end == 'm' || *end == 'M')
-        x *= 1024 * 1024, end++;
-    if (errno || end == v || *end || x < min || x > max)
+        mul = 1024 * 1024, end++;
+    /* Range-check before scaling: x * mul must not overflow (every min here is >= 0). */
+    if (errno || end == v || *end || x < 0 || x > max / mul || x * mul < min)
         bad(mode, flag, v);
-    return x;
+    return x * mul;
 }
 
 static double parse_secs(const char *mode, const char *flag, const char *v, double min)

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -44,6 +45,7 @@ enum { POOL_EXTRA = 1 << 20 };
 
 const uint8_t *cb_pool;
 uint64_t cb_pool_starts;
+uint64_t cb_seed;
 
 void pool_init(size_t msg_size)
 {
@@ -58,6 +60,8 @@ void pool_init(size_t msg_size)
         memcpy(p + i, &w, 8);
     }
     cb_pool = p;
+    if (getrandom(&cb_seed, sizeof cb_seed, 0) != sizeof cb_seed)
+        cb_seed = mix64((uint64_t)now_ns() ^ ((uint64_t)getpid() << 32));
     cb_pool_starts = POOL_EXTRA + 1;
 }
 
