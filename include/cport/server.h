@@ -81,7 +81,9 @@ typedef struct cp_server_callbacks {
      * returns, or until the send completes if handed to cp_conn_send_data(). Required. */
     void (*on_data)(cp_conn *c, const void *data, size_t len);
     /* A send started with a non-NULL ctx finished: result is the byte count, or a
-     * negative errno. Optional. */
+     * negative errno. Sends that succeed report in the order they were issued; once the
+     * connection fails or is aborted, the ones it cancels may report in any order.
+     * Optional. */
     void (*on_sent)(cp_conn *c, void *ctx, int64_t result);
     /* The connection is closed; the last callback for it. err is a negative errno for
      * CP_CLOSE_ERROR, else 0. Optional. */
@@ -267,7 +269,10 @@ CP_EXTERN int cp_conn_peer(cp_conn *c, struct sockaddr_storage *addr, socklen_t 
 CP_EXTERN int cp_conn_setsockopt(cp_conn *c, int level, int name, const void *val, socklen_t len);
 CP_EXTERN int cp_conn_getsockopt(cp_conn *c, int level, int name, void *val, socklen_t *len);
 
-/* Bytes queued to send and not yet handed to the kernel. */
+/* Bytes of sends queued on the connection whose operations have not completed. A send
+ * completes once the kernel has taken all its bytes: on epoll as they are copied into the
+ * socket; on io_uring a send request waiting for room counts until the kernel finishes it.
+ * Sends taken whole inside the call are never counted. */
 CP_EXTERN size_t cp_conn_pending(const cp_conn *c);
 
 /* The connection's socket descriptor, for calls the functions above do not cover. Do not
