@@ -471,3 +471,22 @@ TEST(size_suffixes_that_overflow_are_refused)
     CHECK_EQ(run.status, 1);
     CHECK_EQ(result("size"), 65536);
 }
+
+/* Options of another mode are refused, not silently ignored (a run that looks configured
+ * but is not). --drain 0 is refused: every echo in flight at the end would time out. */
+TEST(options_of_another_mode_are_refused)
+{
+    bench("connrate", "--port", "1", "--depth", "7", "-T", "0.2", "-w", "0", NULL);
+    CHECK_EQ(run.status, 2);
+    CHECK(strstr(run.err, "does not apply") != NULL);
+    bench("hold", "--port", "1", "-n", "1", "--threads", "2", "-T", "0.2", NULL);
+    CHECK_EQ(run.status, 2);
+    bench("hold", "--port", "1", "-n", "1", "-w", "1", "-T", "0.2", NULL);
+    CHECK_EQ(run.status, 2);
+    bench("connrate", "--port", "1", "--drain", "1", "-T", "0.2", "-w", "0", NULL);
+    CHECK_EQ(run.status, 2);
+    bench("echo", "--port", "1", "--drain", "0", "-T", "0.2", "-w", "0", NULL);
+    CHECK_EQ(run.status, 2);
+    CHECK(strstr(run.err, "bad value for --drain") != NULL);
+    CHECK(strstr(run.out, "RESULT") == NULL);
+}

@@ -203,10 +203,16 @@ int main(int argc, char **argv)
         {"drain", required_argument, NULL, O_DRAIN},
         {NULL, 0, NULL, 0},
     };
-    const char *shorts = is_hold ? "n:s:T:w:t:h" : is_echo ? "c:s:d:T:w:t:h" : "c:s:T:w:t:h";
+    const char *shorts = is_hold ? "n:s:T:h" : is_echo ? "c:s:d:T:w:t:h" : "c:s:T:w:t:h";
     optind = 2;
     int ch;
+    /* Options another mode uses, refused here rather than silently ignored. */
+    const char *misplaced = NULL;
     while ((ch = getopt_long(argc, argv, shorts, lopts, NULL)) != -1) {
+        if ((ch == 'd' || ch == O_DRAIN) && !is_echo)
+            misplaced = ch == 'd' ? "-d/--depth" : "--drain";
+        if ((ch == 'w' || ch == 't') && is_hold)
+            misplaced = ch == 'w' ? "-w/--warmup" : "-t/--threads";
         switch (ch) {
         case 'n':
         case 'c':
@@ -267,7 +273,7 @@ int main(int argc, char **argv)
             o.echo = true;
             break;
         case O_DRAIN:
-            o.drain = parse_secs(m, "--drain", optarg, 0);
+            o.drain = parse_secs(m, "--drain", optarg, 0.001); /* 0: every run would time out */
             break;
         default:
             usage(stderr, m);
@@ -276,6 +282,11 @@ int main(int argc, char **argv)
     }
     if (optind < argc) {
         fprintf(stderr, "cport-bench %s: unexpected argument '%s'\n", m, argv[optind]);
+        return 2;
+    }
+    if (misplaced) {
+        fprintf(stderr, "cport-bench %s: option '%s' does not apply to this mode (see %s --help)\n",
+                m, misplaced, m);
         return 2;
     }
     o.addr.sin_family = AF_INET;
