@@ -336,6 +336,10 @@ static void start_close(cp_server *sv, cp_conn *c, cp_close_reason reason, int e
                                         __ATOMIC_SEQ_CST))
             break;
     }
+    /* Ticks may overlap (two workers each sweeping): only the close that wins counts, and
+     * before the peer can see it. */
+    if (reason == CP_CLOSE_HANDSHAKE_TIMEOUT || reason == CP_CLOSE_IDLE_TIMEOUT)
+        __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
     if (!drain) {
         cp_socket_cancel_all(&c->s);
         issue_close(sv, c);
@@ -410,8 +414,8 @@ int cp_conn_set_deadline(cp_conn *c, unsigned ms)
 /* A timeout fired: the application decides (on_timeout), or the connection is aborted. */
 static void timed_out(cp_server *sv, cp_conn *c, cp_close_reason reason, uint64_t st)
 {
-    /* conns_reaped counts connections a handshake or idle timeout closed: before the close,
-     * so that a peer that sees it then sees the count. */
+    /* conns_reaped counts connections a handshake or idle timeout closed (start_close
+     * counts those it closes itself). */
     bool reap = reason != CP_CLOSE_DEADLINE;
     if (sv->cb.on_timeout && (st & CF_OPEN)) {
         cp__lock_acquire(&c->lock);
@@ -419,14 +423,15 @@ static void timed_out(cp_server *sv, cp_conn *c, cp_close_reason reason, uint64_
             sv->cb.on_timeout(c, reason);
             /* Only if the application closed it: a timeout left standing fires again at
              * every tick. */
-            if (reap && (st_load(c) & CF_CLOSING))
+            uint64_t now = st_load(c);
+            if (reap && (now & CF_CLOSING) &&
+                (now & CF_REASON_MASK) >> CF_REASON_SHIFT == CP_CLOSE_LOCAL)
                 __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
         }
         cp__lock_release(&c->lock);
     } else {
-        if (reap)
-            __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
-        start_close(sv, c, reason, 0, false);
+        CP__INJECT_DELAY("timed_out");        /* the next tick's sweep may find it due too */
+        start_close(sv, c, reason, 0, false); /* counts it (once, however many sweeps) */
     }
 }
 

@@ -3247,6 +3247,29 @@ TEST(conns_reaped_counts_connections_not_timeouts)
     cp_server_destroy(sv);
 }
 
+/* Ticks can overlap (each runs on a worker): two sweeps may both find one connection's
+ * timeout due and both close it. With CPORT_INJECT (the ASan build) the first pauses
+ * 150 ms before its close, so that later ticks (every 20 ms) find the connection still
+ * due. It must be counted once. */
+TEST(a_connection_reaped_by_overlapping_ticks_counts_once)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "timed_out:150000", 1)); /* before any thread */
+    cp_server_options o = {.threads = 2, .handshake_timeout_ms = 100, .tick_ms = 20};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port); /* silent */
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    expect_closed(fd, IO_MS);
+    close(fd);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_HANDSHAKE_TIMEOUT]), 1);
+    CHECK_EQ(tsrv_stats(t).conns_reaped, 1);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+#endif
+}
+
 /* Sends queued on one connection add up in a 32-bit counter (cp_conn_pending). 4 GiB of
  * them used to wrap it to 0: a graceful close then saw nothing queued and sent its FIN
  * ahead of the data. Now the send that would wrap it fails with -ENOBUFS. The bytes are
