@@ -302,7 +302,7 @@ static void drain_step(cp_server *sv, cp_conn *c)
  * kernel is asked to give up once nothing has been acknowledged for linger_ms
  * (TCP_USER_TIMEOUT, which also covers a zero window): the connection then fails with
  * ETIMEDOUT, and its sends with it, which aborts the close. A peer that reads, however
- * slowly, keeps it going. Not TCP (a Unix socket): no such bound, the call fails. */
+ * slowly, keeps it going. (The server listens on TCP only.) */
 static void bound_drain(cp_server *sv, cp_conn *c)
 {
     int fd = cp__socket_fd_hold(&c->s);
