@@ -28,7 +28,15 @@ struct cp_timer {
     uint32_t running; /* firings running now */
     uint32_t idle;    /* futex word: bumped when a firing finishes */
     bool cancelled;
-    pthread_t runner; /* the thread of the last firing started */
+    /* The firings running now, one frame on each one's stack. A periodic timer's next
+     * firing may start on another worker while one still runs, so "the thread of the last
+     * firing" cannot tell a cancel from inside a callback. */
+    struct firing *firings;
+};
+
+struct firing {
+    pthread_t thread;
+    struct firing *next;
 };
 
 enum { RETRY_NS = 1000000 }; /* retry a firing the port could not take in 1 ms */
@@ -159,7 +167,8 @@ void cp__timer_fire(void *arg)
         return;
     }
     t->running++;
-    t->runner = pthread_self();
+    struct firing me = {pthread_self(), t->firings};
+    t->firings = &me;
     cp_work_fn fn = t->fn;
     void *fnarg = t->arg;
     cp__lock_release(&pool->tlock);
@@ -167,6 +176,12 @@ void cp__timer_fire(void *arg)
     fn(fnarg);
 
     cp__lock_acquire(&pool->tlock);
+    for (struct firing **f = &t->firings; *f; f = &(*f)->next) {
+        if (*f == &me) {
+            *f = me.next;
+            break;
+        }
+    }
     t->running--;
     __atomic_add_fetch(&t->idle, 1, __ATOMIC_RELEASE);
     bool waiters = t->cancelled;
@@ -205,7 +220,9 @@ int cp_timer_cancel(cp_timer *t, bool wait)
     cp_pool *pool = t->pool;
     cp__lock_acquire(&pool->tlock);
     stop_locked(pool, t);
-    bool self = t->running && pthread_equal(t->runner, pthread_self());
+    bool self = false; /* called from one of its own callbacks: waiting would never end */
+    for (struct firing *f = t->firings; f; f = f->next)
+        self |= pthread_equal(f->thread, pthread_self()) != 0;
     while (wait && !self && t->running) {
         uint32_t seen = __atomic_load_n(&t->idle, __ATOMIC_ACQUIRE);
         cp__lock_release(&pool->tlock);
