@@ -24,6 +24,7 @@
  *     parked thread is promoted to poll in its place.
  */
 #include "port_internal.h"
+#include "inject.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -173,7 +174,18 @@ static void release_locked(cp_port *p, wake_list *wl)
         w->next_wake = wl->threads;
         wl->threads = w;
     }
-    if (load_running(p) >= p->concurrency || __atomic_load_n(&p->closed, __ATOMIC_RELAXED))
+    if (__atomic_load_n(&p->closed, __ATOMIC_RELAXED)) {
+        /* Closed: parked threads stay for what is queued (the limit may release them
+         * later, e.g. at a cp_port_block_begin()); once it is gone they all leave. */
+        while (p->parked && !have_work(p)) {
+            cp__thread *w = pop_parked_locked(p);
+            w->nhand = 0;
+            w->next_wake = wl->threads;
+            wl->threads = w;
+        }
+        return;
+    }
+    if (load_running(p) >= p->concurrency)
         return;
     if (have_work(p)) {
         /* Work is queued and nobody is parked: only the poller can take it. */
@@ -191,6 +203,8 @@ static void release_locked(cp_port *p, wake_list *wl)
 
 static void wake_all(cp_port *p, wake_list *wl)
 {
+    if (wl->threads)
+        CP__INJECT_DELAY("wake_all"); /* a woken waiter that timed out may leave meanwhile */
     cp__thread *w = wl->threads;
     while (w) {
         /* Read the link before the store below lets the thread run on. The record itself
@@ -373,6 +387,9 @@ int cp_port_create_ex(cp_port **portp, const cp_port_options *opts)
         o.max_posted > (1u << 30))
         return -EINVAL;
     resolve_options(&o);
+    /* Pool receives are named by their byte offset in the pool, 32 bits wide. */
+    if ((uint64_t)o.pool_buffers * o.pool_buffer_size > UINT32_MAX)
+        return -EINVAL;
 
     cp_port *p = aligned_alloc(64, (sizeof(*p) + 63) & ~(size_t)63);
     if (!p)
@@ -577,8 +594,12 @@ int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms
                         !__atomic_load_n(&p->polling, __ATOMIC_RELAXED);
         if (!poll_due && load_running(p) <= p->concurrency) {
             unsigned n = take_unlocked(p, out, max);
-            if (n)
+            if (n) {
+                if (__atomic_load_n(&p->closed, __ATOMIC_ACQUIRE) &&
+                    __atomic_load_n(&p->nparked, __ATOMIC_SEQ_CST))
+                    wake_if_needed(p); /* the last of a closed port's queue: let them go */
                 return (int)finish_take(t, n);
+            }
         }
         /* Deferred submissions (io_uring batches them until the next poll): if a poller is
          * already blocked, nobody else will send them. */
@@ -617,17 +638,21 @@ int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms
             }
         }
         bool expired = deadline == 0 || (deadline > 0 && cp__now_ns() >= deadline);
-        if (can_poll && !__atomic_load_n(&p->closed, __ATOMIC_RELAXED) && !(polled && expired)) {
+        bool closed = __atomic_load_n(&p->closed, __ATOMIC_RELAXED);
+        if (can_poll && !polled && closed) {
+            /* Closed: I/O accepted before still completes; collect it without blocking. */
+            poll_backend_locked(p, t, 0);
+            polled = true;
+            continue;
+        }
+        if (can_poll && !closed && !(polled && expired)) {
             poll_backend_locked(p, t, deadline);
             polled = true;
             continue;
         }
-        if (__atomic_load_n(&p->closed, __ATOMIC_RELAXED)) {
-            ret = -ECANCELED;
-            break;
-        }
-        if (expired) {
-            ret = -ETIMEDOUT;
+        if ((closed && !have_work(p)) || expired) {
+            ret = closed && !have_work(p) ? -ECANCELED : -ETIMEDOUT;
+            release_locked(p, &wl); /* leaving: a parked thread may take the poller role */
             break;
         }
         /* Park: most recently parked is woken first. */
@@ -637,7 +662,8 @@ int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms
         __atomic_store_n(&t->futex, 0, __ATOMIC_RELAXED);
         push_parked_locked(p, t);
         /* A post may have slipped in before it could see us parked. */
-        if (load_running(p) < p->concurrency && have_work(p)) {
+        if ((load_running(p) < p->concurrency && have_work(p)) ||
+            (__atomic_load_n(&p->closed, __ATOMIC_RELAXED) && !have_work(p))) {
             remove_parked_locked(p, t);
             continue;
         }
@@ -647,8 +673,17 @@ int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms
                 break;
         }
         cp__lock_acquire(&p->lock);
-        if (t->parked)
+        if (t->parked) {
             remove_parked_locked(p, t); /* timed out before anyone woke us */
+        } else {
+            /* Popped by a waker that has not yet stored futex = 1 (it does so after
+             * unlocking): wait for that store, or the record could be freed under it. */
+            while (__atomic_load_n(&t->futex, __ATOMIC_ACQUIRE) == 0) {
+                cp__lock_release(&p->lock);
+                cp__futex_wait(&t->futex, 0, -1);
+                cp__lock_acquire(&p->lock);
+            }
+        }
         if (t->nhand) {
             /* Handed over by a waker, who already counted us as running. */
             unsigned n = t->nhand;
@@ -678,13 +713,8 @@ void cp_port_close(cp_port *p)
         /* Parked threads may still drain what is queued (within the limit)... */
         release_locked(p, &wl);
         __atomic_store_n(&p->closed, true, __ATOMIC_SEQ_CST);
-        /* ...and every other one wakes up to find the port closed. */
-        while (p->parked) {
-            cp__thread *w = pop_parked_locked(p);
-            w->nhand = 0;
-            w->next_wake = wl.threads;
-            wl.threads = w;
-        }
+        /* ...and every other one wakes up to find the port closed once nothing is left. */
+        release_locked(p, &wl);
         wl.poller = __atomic_load_n(&p->polling, __ATOMIC_RELAXED);
     }
     cp__lock_release(&p->lock);

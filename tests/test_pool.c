@@ -409,3 +409,46 @@ TEST(cancel_does_not_touch_a_socket_its_handler_freed)
     cp_pool_destroy(pool, CP_POOL_DRAIN);
 #endif
 }
+
+/* cp_pool_destroy(CP_POOL_DRAIN) while the only running item (concurrency 1) is about to
+ * block, bracketed with cp_port_block_begin/end, on an item queued behind it. The
+ * bracket must still let a spare worker run the queued item. The close used to send the
+ * spare workers away while work was still queued (the limit kept them from taking it),
+ * and the running item then waited for nothing. */
+typedef struct drain_block {
+    cp_pool *pool;
+    int y_ran, x_saw_y, x_gave_up;
+} drain_block;
+
+static void x_blocks_on_y(void *arg)
+{
+    drain_block *d = arg;
+    usleep(100000); /* the destroy begins meanwhile */
+    cp_port_block_begin(cp_pool_port(d->pool));
+    for (int64_t t0 = cpt_now_ms(); !__atomic_load_n(&d->y_ran, __ATOMIC_SEQ_CST);) {
+        if (cpt_now_ms() - t0 > 10000) {
+            __atomic_store_n(&d->x_gave_up, 1, __ATOMIC_SEQ_CST);
+            break;
+        }
+        usleep(1000);
+    }
+    cp_port_block_end(cp_pool_port(d->pool));
+    __atomic_store_n(&d->x_saw_y, __atomic_load_n(&d->y_ran, __ATOMIC_SEQ_CST), __ATOMIC_SEQ_CST);
+}
+
+static void y_item(void *arg)
+{
+    drain_block *d = arg;
+    __atomic_store_n(&d->y_ran, 1, __ATOMIC_SEQ_CST);
+}
+
+TEST(destroy_drain_lets_a_blocked_item_wait_for_a_queued_one)
+{
+    drain_block d = {0};
+    d.pool = make_pool(1, 2);
+    CHECK_OK(cp_pool_submit(d.pool, x_blocks_on_y, &d));
+    CHECK_OK(cp_pool_submit(d.pool, y_item, &d));
+    cp_pool_destroy(d.pool, CP_POOL_DRAIN);
+    CHECK_EQ(d.x_gave_up, 0);
+    CHECK_EQ(d.x_saw_y, 1);
+}

@@ -771,3 +771,159 @@ TEST(backend_probe_falls_back_under_seccomp)
     run_probe(EPERM);
     run_probe(ENOSYS);
 }
+
+/* ---- found by a review of the port (each fails without its fix) --------------------------- */
+
+struct timed_dequeue {
+    cp_port *p;
+    int timeout_ms;
+    int n;
+    cp_completion c;
+    int done; /* atomic */
+    int64_t returned_ms;
+    int leave; /* atomic: the thread stays alive (not in the port) until told */
+};
+
+static void *timed_dequeue_main(void *arg)
+{
+    struct timed_dequeue *d = arg;
+    d->n = cp_port_dequeue(d->p, &d->c, 1, d->timeout_ms);
+    d->returned_ms = cpt_now_ms();
+    __atomic_store_n(&d->done, 1, __ATOMIC_SEQ_CST);
+    while (!__atomic_load_n(&d->leave, __ATOMIC_SEQ_CST))
+        usleep(1000);
+    return NULL;
+}
+
+/* A thread holds the poller role with a finite timeout while another waits with none.
+ * When the first times out and leaves (staying alive, busy elsewhere), the waiting one
+ * must take over the polling: an I/O completion then reaches it. It used to reach nobody
+ * until the first thread called in again or exited, or the second one's own timeout
+ * (10 s) ran out; the test wants it well before (5 s, for what takes microseconds). */
+TEST(a_poller_that_times_out_hands_over_the_polling)
+{
+    cp_port *p = make_port(2);
+    io_anchor a;
+    anchor_open(&a, p);
+    struct timed_dequeue poller = {.p = p, .timeout_ms = 200};
+    struct timed_dequeue waiter = {.p = p, .timeout_ms = 10000};
+    pthread_t tp, tw;
+    CHECK_OK(-pthread_create(&tp, NULL, timed_dequeue_main, &poller));
+    wait_for_waiters(p, 1); /* the first one polls */
+    CHECK_OK(-pthread_create(&tw, NULL, timed_dequeue_main, &waiter));
+    wait_for_waiters(p, 2); /* the second one parks behind it */
+    while (!__atomic_load_n(&poller.done, __ATOMIC_SEQ_CST))
+        usleep(1000);
+    CHECK_EQ(poller.n, -ETIMEDOUT);
+    char buf[16];
+    cp_op op = {0};
+    CHECK_OK(cp_socket_recv(&a.s, &op, buf, sizeof(buf)));
+    int64_t written_ms = cpt_now_ms();
+    CHECK_EQ(write(a.peer, "hello", 5), 5);
+    while (!__atomic_load_n(&waiter.done, __ATOMIC_SEQ_CST))
+        usleep(1000);
+    CHECK_EQ(waiter.n, 1);
+    CHECK(waiter.returned_ms - written_ms < 5000);
+    CHECK(waiter.c.op == &op);
+    CHECK_EQ(waiter.c.result, 5);
+    __atomic_store_n(&poller.leave, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&waiter.leave, 1, __ATOMIC_SEQ_CST);
+    pthread_join(tp, NULL);
+    pthread_join(tw, NULL);
+    anchor_close(&a, p);
+    cp_port_close(p);
+    cp_port_destroy(p);
+}
+
+/* I/O accepted before cp_port_close() still completes and is handed out: a receive whose
+ * data arrives after the close, then the socket's close (on io_uring its cancel needs the
+ * backend polled). cp_port_destroy() requires that close completion to be dequeued. */
+TEST(a_closed_port_still_hands_out_io)
+{
+    cp_port *p = make_port(1);
+    io_anchor a;
+    anchor_open(&a, p);
+    char buf[16];
+    cp_op rx = {0};
+    CHECK_OK(cp_socket_recv(&a.s, &rx, buf, sizeof(buf)));
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 50), -ETIMEDOUT); /* the receive is in the backend */
+    cp_port_close(p);
+    CHECK_EQ(write(a.peer, "late", 4), 4);
+    bool got_rx = false, got_close = false;
+    cp_op cl = {0};
+    int64_t start = cpt_now_ms();
+    while (!got_close) {
+        CHECK(cpt_now_ms() - start < 10000);
+        if (got_rx && cl.opcode == 0)
+            CHECK_OK(cp_socket_close(&a.s, &cl));
+        int n = cp_port_dequeue(p, &c, 1, 100);
+        if (n == -ECANCELED) {
+            sched_yield(); /* nothing queued right now: call again */
+            continue;
+        }
+        CHECK_EQ(n, 1);
+        if (c.op == &rx) {
+            CHECK(!got_rx);
+            CHECK_EQ(c.result, 4);
+            CHECK(memcmp(buf, "late", 4) == 0);
+            got_rx = true;
+        } else {
+            CHECK(c.op == &cl);
+            CHECK_EQ(c.result, 0);
+            got_close = true;
+        }
+    }
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 0), -ECANCELED);
+    close(a.peer);
+    cp_port_destroy(p);
+}
+
+/* The shared receive pool names a buffer by its 32-bit byte offset: a pool of 4 GiB or
+ * more would hand out the wrong buffers. It is refused. */
+TEST(a_receive_pool_of_4_gib_is_refused)
+{
+    cp_port *p;
+    cp_port_options o = {.pool_buffers = 32768, .pool_buffer_size = 128 << 10};
+    CHECK_EQ(cp_port_create_ex(&p, &o), -EINVAL);
+    CHECK(p == NULL);
+    o.pool_buffer_size = 64 << 10; /* 2 GiB: fine (only reserved, not touched) */
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    cp_port_close(p);
+    cp_port_destroy(p);
+}
+
+/* A waiter popped by a waker times out before the waker (which stores the wake-up after
+ * unlocking) gets to it, and its thread exits, freeing its record. With CPORT_INJECT (the
+ * ASan build) the waker pauses 300 ms before storing: without the fix, the store lands in
+ * freed memory (an ASan error). */
+#ifdef CPORT_INJECT
+static void *dequeue_100ms_then_exit(void *arg)
+{
+    struct timed_dequeue *d = arg;
+    d->n = cp_port_dequeue(d->p, &d->c, 1, 100);
+    return NULL;
+}
+#endif
+
+TEST(a_timed_out_waiter_outlives_its_wakeup)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "wake_all:300000", 1)); /* before any thread */
+    cp_port *p = make_port(1);
+    struct timed_dequeue d = {.p = p};
+    pthread_t th;
+    CHECK_OK(-pthread_create(&th, NULL, dequeue_100ms_then_exit, &d));
+    wait_for_waiters(p, 1);
+    usleep(30000);
+    static int token;
+    CHECK_OK(cp_port_post(p, 1, 42, &token)); /* pops the waiter, then pauses */
+    pthread_join(th, NULL);
+    CHECK_EQ(d.n, 1); /* it got the completion it was handed */
+    CHECK(d.c.op == &token);
+    cp_port_close(p);
+    cp_port_destroy(p);
+#endif
+}

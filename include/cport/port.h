@@ -72,8 +72,10 @@ typedef struct cp_port_options {
     cp_backend_kind backend;   /* CP_BACKEND_AUTO unless forced; a forced backend that is
                                   unavailable makes creation fail (no silent switch) */
     uint32_t flags;            /* CP_PORT_* */
-    uint32_t max_posted;       /* most posted completions queued at once; 0 = 65536.
-                                  cp_port_post() fails with -EAGAIN beyond it */
+    uint32_t max_posted;       /* most posted completions queued at once, rounded up to a
+                                  power of two; 0 = 16384. cp_port_post() fails with
+                                  -EAGAIN beyond it (a pool's work items and timer
+                                  firings are posts too) */
     uint32_t ring_entries;     /* io_uring submission queue size; 0 = 1024 */
     uint32_t cq_entries;       /* io_uring completion queue size (overflow beyond it is kept
                                   by the kernel and drained, never lost); 0 = the larger of
@@ -81,7 +83,8 @@ typedef struct cp_port_options {
     uint32_t pool_buffers;     /* buffers in the shared receive pool (CP_RECV_POOL receives);
                                   0 = 4096; rounded up to a power of two, at most 32768 */
     uint32_t pool_buffer_size; /* bytes per pool buffer, a multiple of the page size;
-                                  0 = 4096 */
+                                  0 = 4096. The pool (buffers x size) must stay under
+                                  4 GiB: cp_port_create_ex() fails with -EINVAL */
     uint32_t pool_per_socket;  /* most received chunks (pool buffers or parts of them) one
                                   socket may hold undelivered (fairness cap); 0 = 4 */
     uint32_t max_pipes;        /* io_uring TransmitFile: pipes in the port's splice pool
@@ -119,7 +122,10 @@ CP_EXTERN int cp_port_post(cp_port *port, uintptr_t key, int64_t result, void *o
  *   -ENOMEM     this thread's record could not be allocated (first call only).
  * The calling thread stops counting as running when it enters and counts as running
  * again when this returns work. After cp_port_close() the completions still queued are
- * handed out (within the concurrency limit) before -ECANCELED is returned; none is lost. */
+ * handed out (within the concurrency limit) before -ECANCELED is returned; none is lost.
+ * Each call on a closed port also collects, without waiting, I/O that has completed
+ * meanwhile; -ECANCELED means nothing is queued at that moment, so call again for a
+ * completion still on its way (a socket's close completion, for one). */
 CP_EXTERN int cp_port_dequeue(cp_port *port, cp_completion *out, unsigned max, int timeout_ms);
 
 /* Close the port: from now on cp_port_post() fails with -ESHUTDOWN; every thread waiting
