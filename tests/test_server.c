@@ -4005,7 +4005,9 @@ TEST(accepting_resumes_without_a_retry_timer)
     fprintf(stderr, "descriptor limit %d: accept_pauses %llu, accepts_outstanding %llu\n", lowest,
             (unsigned long long)st.accept_pauses, (unsigned long long)st.accepts_outstanding);
     CHECK(st.accept_pauses >= 3);
-    CHECK_EQ(st.conns_total, 0);
+    /* Not checked: that nobody was accepted meanwhile. io_uring takes the descriptor limit
+     * when an accept request is submitted, so one submitted before the limit dropped may
+     * still succeed (seen 1 run in 30); the pauses show the limit held for the others. */
     /* Descriptors again: the waiting clients and new ones are accepted and served. */
     for (int i = 0; i < EARLY; i++)
         CHECK_EQ(try_exchange(fds[i], (uint32_t)i, 1000, cpt_now_ms() + WAIT_MS), 0);
