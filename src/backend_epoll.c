@@ -234,17 +234,25 @@ static int ep_poll(cp_port *p, int64_t deadline, cp__oplist *done)
     s->in_poll = false;
     cp_op *zc = s->zombie_closes;
     s->zombie_closes = NULL;
-    uint32_t nzo = s->nzops;
+    bool zops = s->nzops != 0;
     cp__lock_release(&s->lock);
-    /* No other thread adds to zops now (in_poll is false), and only this thread, the
-     * poller, starts the next poll: the array is read without the lock. */
-    for (uint32_t i = 0; i < nzo; i++)
-        cp__io_firstdata(s->zops[i], -ECANCELED, done);
-    if (nzo) {
+    /* No thread adds to zops now (in_poll is false), but another may grow the array (a
+     * first-data wait beginning): take the entries out under the lock, a few at a time. */
+    while (zops) {
+        cp_op *batch[32];
         cp__lock_acquire(&s->lock);
-        s->nzops = 0;
-        s->nphase -= nzo;
+        uint32_t k = s->nzops < 32 ? s->nzops : 32; /* in the order they were cancelled */
+        if (k) { /* zops may be NULL when nothing was ever reserved */
+            memcpy(batch, s->zops, k * sizeof(*batch));
+            memmove(s->zops, s->zops + k, (s->nzops - k) * sizeof(*batch));
+            s->nzops -= k;
+        }
+        s->nphase -= k; /* they leave the phase: their room is no longer needed */
         cp__lock_release(&s->lock);
+        if (k == 0)
+            break;
+        for (uint32_t i = 0; i < k; i++)
+            cp__io_firstdata(batch[i], -ECANCELED, done);
     }
     while (zc) {
         cp_op *next = zc->cp__next; /* the unpin may complete the close: read first */

@@ -738,8 +738,12 @@ void cp__io_expire(cp_port *p, int64_t now)
              * reused; the sequence number tells a reuse on the same handle apart. */
             if ((queue_has(h->cp__rq, due[i].op) || queue_has(h->cp__sq, due[i].op)) &&
                 due[i].op->cp__seq == due[i].seq) {
-                due[i].op->cp__flags |= CP__OPF_TIMEDOUT;
-                cancel_locked(h, due[i].op, &done);
+                /* Already being cancelled (a cancel, cancel-all or close waiting for the
+                 * kernel's answer): that cancel came first, and its -ECANCELED stands. */
+                if (due[i].op->cp__state != CP__OPS_CANCELING) {
+                    due[i].op->cp__flags |= CP__OPF_TIMEDOUT;
+                    cancel_locked(h, due[i].op, &done);
+                }
                 kick_locked(h, &h->cp__rq, &done);
                 kick_locked(h, &h->cp__sq, &done);
             }
@@ -884,6 +888,9 @@ int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
 {
     if (!h || !op || !h->cp__port)
         return -EINVAL;
+    /* A file takes reads and writes only (set at association, never changed). */
+    if ((h->cp__flags & CP__H_FILE) && opcode != CP_OP_READ && opcode != CP_OP_WRITE)
+        return -EINVAL;
     cp__h_lock(h);
     return cp__submit_locked(h, op, opcode, which);
 }
@@ -992,6 +999,8 @@ static int iov_total(const struct iovec *iov, int iovcnt, uint32_t *total)
     uint64_t sum = 0;
     for (int i = 0; i < iovcnt; i++) {
         if (iov[i].iov_len && !iov[i].iov_base)
+            return -EINVAL;
+        if (iov[i].iov_len > UINT32_MAX - sum) /* checked before adding: no wrap */
             return -EINVAL;
         sum += iov[i].iov_len;
     }

@@ -123,9 +123,11 @@ typedef struct cp_accept_op {
 } cp_accept_op;
 
 /* Associate the socket `fd` with `port` under the per-handle key `key`: from now on `s`
- * owns fd (cp_socket_close() closes it). Sets fd non-blocking. Returns 0, -EINVAL for a bad
- * fd, or an error from the backend (-ENOMEM, -EPERM, ...); on error nothing is changed and
- * fd stays the caller's. */
+ * owns fd (cp_socket_close() closes it). Sets fd non-blocking. Returns 0, -EINVAL for a
+ * negative fd, -EBADF for one that is not open, or an error from the backend (-ENOMEM,
+ * -EPERM, ...); on error nothing is changed and fd stays the caller's. A descriptor may be
+ * associated once: epoll refuses a second association with -EEXIST, io_uring cannot tell,
+ * and two handles owning one descriptor close it twice. */
 CP_EXTERN int cp_socket_associate(cp_socket *s, cp_port *port, int fd, uintptr_t key);
 
 /* Accept one connection on the listening socket `listener` (AcceptEx). Many accepts may
