@@ -888,10 +888,13 @@ int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
 {
     if (!h || !op || !h->cp__port)
         return -EINVAL;
-    /* A file takes reads and writes only (set at association, never changed). */
-    if ((h->cp__flags & CP__H_FILE) && opcode != CP_OP_READ && opcode != CP_OP_WRITE)
-        return -EINVAL;
     cp__h_lock(h);
+    /* A file takes reads and writes only. (The flag never changes, but other bits of the
+     * word do, under the lock.) */
+    if ((h->cp__flags & CP__H_FILE) && opcode != CP_OP_READ && opcode != CP_OP_WRITE) {
+        cp__h_unlock(h);
+        return -EINVAL;
+    }
     return cp__submit_locked(h, op, opcode, which);
 }
 
