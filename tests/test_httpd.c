@@ -1537,6 +1537,43 @@ TEST(slow_reader)
     server_stop(&s, NULL);
 }
 
+/* A keep-alive client that requests big files (pipelined) and never reads: the transfers
+ * stall on a zero window, which TCP would probe forever. The server must cut the connection
+ * once the peer has acknowledged nothing for a keep-alive period, and close the files it
+ * held open; it used to keep them all, forever (about 1 250 such clients would take every
+ * descriptor a process may open). A reader that is slow but keeps reading is not cut
+ * (slow_reader above). */
+TEST(a_client_that_never_reads_is_cut)
+{
+    tree t;
+    tree_make(&t, true);
+    server s;
+    server_start(&s, &t, "--threads", "1", "--keepalive-timeout", "500", NULL);
+    int fd = connect_to(s.port, 4096);
+    const char *req = "GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n";
+    for (int i = 0; i < 4; i++)
+        send_all(fd, req, strlen(req));
+    /* The server holds the file open while its transfers are stalled. */
+    int64_t t0 = cpt_now_ms();
+    while (open_files_in(&s, &t) == 0) {
+        CHECK(cpt_now_ms() - t0 < 10000);
+        usleep(5000);
+    }
+    /* Cut: the files are closed (well within 10 s for a 500 ms keep-alive period). */
+    wait_no_open_files(&s, &t);
+    fprintf(stderr, "stalled transfers cut %lld ms after the requests\n",
+            (long long)(cpt_now_ms() - t0));
+    /* And the connection is gone: reading now ends in EOF or a reset, after the data the
+     * socket buffers held. */
+    static char buf[64 * 1024];
+    ssize_t k;
+    while ((k = recv(fd, buf, sizeof buf, 0)) > 0)
+        ;
+    CHECK(k == 0 || errno == ECONNRESET);
+    close(fd);
+    server_stop(&s, NULL);
+}
+
 /* Ways out of the document root: every one answered 400, 403 or 404, never with the
  * content of a file outside the root. */
 TEST(traversal)

@@ -32,10 +32,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <linux/tcp.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -71,6 +73,7 @@ typedef struct hconn {
     uint16_t inflight; /* file transmits outstanding */
     bool closing;      /* the last response is queued: ignore what else arrives */
     bool head_started; /* a request head is partly received (the header deadline runs) */
+    uint64_t acked;    /* the peer's tcpi_bytes_acked at the last deadline while sending */
 } hconn;
 
 static const config *cfg_of(cp_conn *c)
@@ -410,7 +413,21 @@ static void on_timeout(cp_conn *c, cp_close_reason reason)
         return;
     }
     if (h->inflight > 0) {
-        cp_conn_set_deadline(c, cfg->keepalive_ms); /* still sending: not idle */
+        /* Still sending: not idle as long as the peer takes bytes. One that acknowledged
+         * nothing for a whole keep-alive period (it stopped reading: a zero window, which
+         * TCP would probe forever) is cut, and its open files with it. */
+        struct tcp_info ti;
+        socklen_t tl = sizeof(ti);
+        if (cp_conn_getsockopt(c, IPPROTO_TCP, TCP_INFO, &ti, &tl) == 0 &&
+            tl >= offsetof(struct tcp_info, tcpi_bytes_acked) + sizeof(ti.tcpi_bytes_acked)) {
+            if (ti.tcpi_bytes_acked == h->acked) {
+                h->closing = true;
+                cp_conn_abort(c);
+                return;
+            }
+            h->acked = ti.tcpi_bytes_acked;
+        }
+        cp_conn_set_deadline(c, cfg->keepalive_ms);
     } else if (h->head_started) {
         respond_error(c, h, NULL, 408, false, true, 0);
     } else {
