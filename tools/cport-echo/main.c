@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -68,6 +69,7 @@ static void print_stats(cp_server *sv, FILE *f)
 typedef struct stats_http {
     cp_server *sv;
     int fd;
+    int stop; /* atomic: set by stats_stop before it shuts the listener down */
     pthread_t th;
 } stats_http;
 
@@ -77,9 +79,15 @@ static void *stats_main(void *arg)
     for (;;) {
         int c = accept4(h->fd, NULL, NULL, SOCK_CLOEXEC);
         if (c < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
-            return NULL; /* the listening socket was shut down */
+            if (__atomic_load_n(&h->stop, __ATOMIC_ACQUIRE))
+                return NULL; /* the listening socket was shut down */
+            /* Out of descriptors or memory (the echo connections may hold every one the
+             * process may open; accept reserves one before it waits): wait, then retry,
+             * rather than end the stats thread for good. Others (EINTR, ECONNABORTED, a
+             * pending network error) are retried at once. */
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+                poll(NULL, 0, 100);
+            continue;
         }
         struct timeval tv = {1, 0};
         setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
@@ -116,6 +124,7 @@ static int stats_start(stats_http *h, const char *bind_addr, int port)
 
 static void stats_stop(stats_http *h)
 {
+    __atomic_store_n(&h->stop, 1, __ATOMIC_RELEASE);
     shutdown(h->fd, SHUT_RDWR); /* wakes the blocked accept */
     pthread_join(h->th, NULL);
     close(h->fd);
