@@ -3180,7 +3180,8 @@ TEST(shutdown_sees_a_refused_connection_counted_out)
     int a = connect_to(t->port);
     exchange(a, 1, 100);
     int b = connect_to(t->port); /* over max_conns: refused, slowly */
-    WAIT_FOR(tsrv_stats(t).conns_rejected == 1, IO_MS); /* the refusal is in its pause */
+    /* Counted rejected: the refusal is in its pause now. */
+    WAIT_FOR(tsrv_stats(t).conns_rejected == 1, IO_MS);
     CHECK_EQ(cp_server_shutdown(t->sv, 20000), 0);
     CHECK_EQ(tsrv_stats(t).conns_open, 0);
     expect_closed(a, IO_MS);
