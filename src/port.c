@@ -723,6 +723,8 @@ void cp_port_close(cp_port *p)
 
 void cp_port_block_begin(cp_port *p)
 {
+    if (!p)
+        return;
     cp__thread *t = pthread_getspecific(p->tkey);
     if (!t || !t->running)
         return;
@@ -740,6 +742,8 @@ void cp_port_block_begin(cp_port *p)
 
 void cp_port_block_end(cp_port *p)
 {
+    if (!p)
+        return;
     cp__thread *t = pthread_getspecific(p->tkey);
     if (!t || !t->blocked)
         return;
@@ -767,7 +771,11 @@ const char *cp_port_backend_name(const cp_port *p)
 
 void cp_port_get_stats(cp_port *p, cp_port_stats *s)
 {
+    if (!s)
+        return;
     memset(s, 0, sizeof(*s));
+    if (!p)
+        return;
     cp__lock_acquire(&p->lock);
     s->running = load_running(p);
     s->waiting = p->nwaiting;

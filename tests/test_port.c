@@ -685,6 +685,20 @@ TEST(post_limit_and_errors)
     cp_port_destroy(p);
     o.pool_buffer_size = 1000; /* not a page multiple */
     CHECK_EQ(cp_port_create_ex(&p, &o), -EINVAL);
+    /* NULL arguments: an error or no effect, never a crash. */
+    CHECK_EQ(cp_port_post(NULL, 0, 0, NULL), -EINVAL);
+    CHECK_EQ(cp_port_dequeue(NULL, &c, 1, 0), -EINVAL);
+    cp_port_close(NULL);
+    cp_port_block_begin(NULL);
+    cp_port_block_end(NULL);
+    cp_port_stats st;
+    memset(&st, 0xff, sizeof(st));
+    cp_port_get_stats(NULL, &st);
+    CHECK_EQ(st.completed, 0);
+    CHECK_OK(cp_port_create_ex(&p, NULL));
+    cp_port_get_stats(p, NULL);
+    cp_port_close(p);
+    cp_port_destroy(p);
 }
 
 /* ---- backend selection -------------------------------------------------------------------- */

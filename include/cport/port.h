@@ -143,11 +143,12 @@ CP_EXTERN void cp_port_destroy(cp_port *port);
 
 /* Tell the port that the calling thread, currently running work from this port, is about
  * to block on something else; another waiter may be released meanwhile. No effect if the
- * calling thread is not running work from this port. */
+ * calling thread is not running work from this port (or port is NULL). */
 CP_EXTERN void cp_port_block_begin(cp_port *port);
 
 /* Tell the port the blocking wait announced with cp_port_block_begin() is over: the
- * thread counts as running again (possibly above the concurrency value for a moment). */
+ * thread counts as running again (possibly above the concurrency value for a moment).
+ * No effect without a matching cp_port_block_begin() (or if port is NULL). */
 CP_EXTERN void cp_port_block_end(cp_port *port);
 
 /* The port's concurrency value (after resolving 0 to the CPU count). */
@@ -174,7 +175,8 @@ typedef struct cp_port_stats {
                               (io_uring; the overflow is drained, nothing is lost) */
 } cp_port_stats;
 
-/* Fill *stats with the port's counters. */
+/* Fill *stats with the port's counters (all zero for a NULL port; nothing for NULL
+ * stats). */
 CP_EXTERN void cp_port_get_stats(cp_port *port, cp_port_stats *stats);
 
 #ifdef __cplusplus
