@@ -650,8 +650,9 @@ int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms
             polled = true;
             continue;
         }
-        if ((closed && !have_work(p)) || expired) {
-            ret = closed && !have_work(p) ? -ECANCELED : -ETIMEDOUT;
+        bool drained = closed && !have_work(p);
+        if (drained || expired) {
+            ret = drained ? -ECANCELED : -ETIMEDOUT;
             release_locked(p, &wl); /* leaving: a parked thread may take the poller role */
             break;
         }

@@ -143,6 +143,7 @@ typedef struct self_ctx {
     cp_timer *t;
     int result;
     int done;
+    int calls; /* firings started */
 } self_ctx;
 
 static void cancel_self(void *arg)
@@ -193,29 +194,24 @@ TEST(timer_argument_errors)
  * later firing of the periodic timer has started on another worker meanwhile (the first
  * firing is slow). It used to recognise only the last firing's thread as "itself", and
  * then waited for its own firing to end: forever. */
-typedef struct self_cancel {
-    cp_timer *t;
-    int calls, ret, done;
-} self_cancel;
-
 static void slow_first_firing_cancels(void *arg)
 {
-    self_cancel *x = arg;
+    self_ctx *x = arg;
     if (__atomic_add_fetch(&x->calls, 1, __ATOMIC_SEQ_CST) != 1)
         return;
     /* Later firings (every 10 ms) start on the other workers meanwhile. */
     while (__atomic_load_n(&x->calls, __ATOMIC_SEQ_CST) < 3)
         sched_yield();
-    x->ret = cp_timer_cancel(x->t, true);
+    x->result = cp_timer_cancel(x->t, true);
     __atomic_store_n(&x->done, 1, __ATOMIC_SEQ_CST);
 }
 
 TEST(cancel_from_own_callback_while_a_later_firing_runs)
 {
     cp_pool *pool = make_pool(2, 4);
-    self_cancel x = {0};
+    self_ctx x = {0};
     CHECK_OK(cp_timer_start(pool, &x.t, 10, 10, slow_first_firing_cancels, &x));
     wait_until(&x.done, 1); /* fails after 20 s if the cancel waits for itself */
-    CHECK_EQ(x.ret, 1);     /* it is running (the caller's own firing) */
+    CHECK_EQ(x.result, 1);  /* it is running (the caller's own firing) */
     cp_pool_destroy(pool, CP_POOL_DRAIN);
 }
