@@ -458,6 +458,7 @@ int cp_port_post(cp_port *p, uintptr_t key, int64_t result, void *op)
         return -EINVAL;
     if (__atomic_load_n(&p->closed, __ATOMIC_ACQUIRE))
         return -ESHUTDOWN;
+    CP__INJECT_DELAY("post_push"); /* the port may be closed and drained meanwhile */
     int r = cp__ring_push(&p->ring, key, result, op);
     if (r < 0)
         return r;
@@ -713,6 +714,9 @@ void cp_port_close(cp_port *p)
     if (!__atomic_load_n(&p->closed, __ATOMIC_RELAXED)) {
         /* Parked threads may still drain what is queued (within the limit)... */
         release_locked(p, &wl);
+        /* Sealed before anyone can see the port closed: a post either counts as queued
+         * from now on or fails, so no post succeeds after a waiter got -ECANCELED. */
+        cp__ring_seal(&p->ring);
         __atomic_store_n(&p->closed, true, __ATOMIC_SEQ_CST);
         /* ...and every other one wakes up to find the port closed once nothing is left. */
         release_locked(p, &wl);
@@ -781,7 +785,7 @@ void cp_port_get_stats(cp_port *p, cp_port_stats *s)
     s->running = load_running(p);
     s->waiting = p->nwaiting;
     s->queued = __atomic_load_n(&p->io_queued, __ATOMIC_RELAXED) + cp__ring_count(&p->ring);
-    s->posted = __atomic_load_n(&p->ring.tail, __ATOMIC_RELAXED);
+    s->posted = __atomic_load_n(&p->ring.tail, __ATOMIC_RELAXED) & ~CP__RING_SEALED;
     s->completed = __atomic_load_n(&p->completed, __ATOMIC_RELAXED);
     s->wakeups = p->wakeups;
     s->polls = p->polls;

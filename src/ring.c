@@ -32,6 +32,8 @@ int cp__ring_push(cp__ring *r, uintptr_t key, int64_t result, void *op)
     uint64_t pos = __atomic_load_n(&r->tail, __ATOMIC_RELAXED);
     cp__ring_slot *s;
     for (;;) {
+        if (pos & CP__RING_SEALED)
+            return -ESHUTDOWN; /* a failed CAS below reloads pos, so a seal is always seen */
         s = &r->slots[pos & r->mask];
         uint64_t seq = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
         uint64_t lap = pos & ~r->mask;
@@ -51,6 +53,11 @@ int cp__ring_push(cp__ring *r, uintptr_t key, int64_t result, void *op)
     s->op = op;
     __atomic_store_n(&s->seq, (pos & ~r->mask) + 1, __ATOMIC_RELEASE);
     return 0;
+}
+
+void cp__ring_seal(cp__ring *r)
+{
+    __atomic_fetch_or(&r->tail, CP__RING_SEALED, __ATOMIC_SEQ_CST);
 }
 
 unsigned cp__ring_pop(cp__ring *r, cp_completion *out, unsigned max)

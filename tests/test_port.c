@@ -948,3 +948,44 @@ TEST(a_timed_out_waiter_outlives_its_wakeup)
     cp_port_destroy(p);
 #endif
 }
+
+/* A post that has found the port open is held (CPORT_INJECT: 200 ms) before it queues its
+ * completion, while the port is closed and a dequeue is told that nothing is left. The
+ * post must then fail with -ESHUTDOWN: before the fix it returned 0 and its completion was
+ * never handed out. (If the machine is so loaded that the post only starts after the
+ * close, it fails with -ESHUTDOWN too: the test cannot fail wrongly.) */
+#ifdef CPORT_INJECT
+struct slow_post {
+    cp_port *p;
+    int r;
+};
+
+static void *post_through_the_delay(void *arg)
+{
+    struct slow_post *sp = arg;
+    static int token;
+    sp->r = cp_port_post(sp->p, 7, 0, &token);
+    return NULL;
+}
+#endif
+
+TEST(no_post_succeeds_after_a_closed_port_reports_drained)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "post_push:200000", 1)); /* before any thread */
+    cp_port *p = make_port(1);
+    struct slow_post sp = {.p = p, .r = 1};
+    pthread_t th;
+    CHECK_OK(-pthread_create(&th, NULL, post_through_the_delay, &sp));
+    usleep(50000); /* the poster is inside the delay by now (on a loaded machine: see above) */
+    cp_port_close(p);
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 0), -ECANCELED);
+    pthread_join(th, NULL);
+    CHECK_EQ(sp.r, -ESHUTDOWN);
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 0), -ECANCELED);
+    cp_port_destroy(p);
+#endif
+}

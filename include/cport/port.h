@@ -131,8 +131,9 @@ CP_EXTERN int cp_port_dequeue(cp_port *port, cp_completion *out, unsigned max, i
 /* Close the port: from now on cp_port_post() fails with -ESHUTDOWN; every thread waiting
  * in cp_port_dequeue() wakes up and, once the queue is empty, gets -ECANCELED. I/O
  * completions of operations already accepted are still queued and handed out, so no
- * per-I/O context is forgotten. Idempotent; may be called from any thread, including a
- * handler. */
+ * per-I/O context is forgotten; so is every post that returned 0, even one racing with
+ * the close (it is counted as queued from the close on, or fails with -ESHUTDOWN). Idempotent; may
+ * be called from any thread, including a handler. */
 CP_EXTERN void cp_port_close(cp_port *port);
 
 /* Free the port and everything it owns. Call it once, after cp_port_close() and after
