@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Valgrind leak check of the examples and servers: each runs under valgrind (epoll backend:
 # valgrind does not model io_uring's shared rings), serves a short verified echo load from
-# cport-bench, gets SIGTERM, and must exit 0 with no leak and no error.
+# cport-bench, gets SIGTERM, and must exit 0 with no leak and no error. cport-echo also
+# serves one scrape of its --stats-port (a second cp_server in the same process).
 # Usage: scripts/valgrind.sh BUILD_DIR
 set -uo pipefail
 bin=${1:-build}/bin
@@ -17,7 +18,9 @@ fi
 
 for srv in echo_raw cport-echo; do
   echo "--- $srv under load"
-  CPORT_BACKEND=epoll "${vg[@]}" "$bin/$srv" --port 0 --bind 127.0.0.1 --threads 2 --backend epoll \
+  extra=()
+  [ "$srv" = cport-echo ] && extra=(--stats-port 0)
+  CPORT_BACKEND=epoll "${vg[@]}" "$bin/$srv" --port 0 --bind 127.0.0.1 --threads 2 --backend epoll "${extra[@]}" \
     >"$log/$srv.out" 2>"$log/$srv.err" &
   pid=$!
   port=""
@@ -33,6 +36,18 @@ for srv in echo_raw cport-echo; do
   fi
   if ! "$bin/cport-bench" echo --port "$port" -c 20 -s 1k -d 4 -T 2 -w 0 >"$log/bench.out" 2>&1; then
     echo "load against $srv failed:"; cat "$log/bench.out"; fail=1
+  fi
+  if [ "$srv" = cport-echo ]; then
+    sport=$(grep -oE 'stats on 127.0.0.1:[0-9]+' "$log/$srv.out" | grep -oE '[0-9]+$')
+    if ! exec 3<>"/dev/tcp/127.0.0.1/$sport"; then
+      echo "no stats port"; fail=1
+    else
+      printf 'GET / HTTP/1.1\r\nHost: x\r\n\r\n' >&3
+      if ! timeout 30 cat <&3 | grep -q '^cport_echo_bytes_received_total '; then
+        echo "the stats scrape failed"; fail=1
+      fi
+      exec 3<&-
+    fi
   fi
   kill -TERM $pid
   wait $pid; rc=$?

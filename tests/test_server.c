@@ -3962,6 +3962,54 @@ TEST(echo_stats_sigusr1_and_prometheus)
     close(e.err);
 }
 
+/* The stats port serves scrapers at once: one that connects and says nothing holds up
+ * nobody. (The old single-threaded responder answered the next scrape only after the
+ * silent one's 1 s read timeout, and answered and closed the silent one first.) */
+TEST(echo_stats_scrape_not_held_by_a_silent_client)
+{
+    const char *args[] = {"--threads", "1", "--stats-port", "0", NULL};
+    echo_child e;
+    echo_start(&e, 0, args);
+    CHECK(e.stats_port != 0);
+    int silent = connect_to(e.stats_port);
+    for (int i = 0; i < 3; i++) {
+        const char *resp = http_get(e.stats_port);
+        CHECK(strncmp(resp, "HTTP/1.1 200 OK\r\n", 17) == 0);
+        CHECK(strstr(resp, "cport_echo_connections_open") != NULL);
+    }
+    char b;
+    CHECK_EQ(recv(silent, &b, 1, MSG_DONTWAIT), -1); /* still open, nothing answered */
+    CHECK(errno == EAGAIN);
+    /* It is answered too, once it asks (a request in two pieces gets one answer). */
+    send_all(silent, "GET / HTTP/1.1\r\n", 16);
+    usleep(20000);
+    send_all(silent, "Host: x\r\n\r\n", 11);
+    char resp[8192];
+    size_t n = 0;
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    for (;;) {
+        CHECK(n < sizeof resp - 1);
+        ssize_t k = recv(silent, resp + n, sizeof resp - 1 - n, MSG_DONTWAIT);
+        if (k == 0)
+            break;
+        if (k > 0) {
+            n += (size_t)k;
+            continue;
+        }
+        CHECK(errno == EAGAIN);
+        CHECK(wait_fd(silent, POLLIN, deadline));
+    }
+    resp[n] = 0;
+    CHECK(strncmp(resp, "HTTP/1.1 200 OK\r\n", 17) == 0);
+    CHECK(strstr(resp + 17, "HTTP/1.1") == NULL);
+    close(silent);
+    CHECK_EQ(kill(e.pid, SIGTERM), 0);
+    int st = child_wait(e.pid, IO_MS);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    close(e.out);
+    close(e.err);
+}
+
 /* Accepting pauses on EMFILE and a retry timer resumes it. When that timer cannot be
  * started (failure point accept_retry_timer), the tick must resume it: the accept that
  * failed is not posted again until then, and with the last posted accept lost nothing else

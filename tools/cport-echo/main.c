@@ -15,7 +15,6 @@
 #include <errno.h>
 #include <getopt.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -63,71 +62,72 @@ static void print_stats(cp_server *sv, FILE *f)
     fflush(f);
 }
 
-/* A deliberately small HTTP responder on its own thread: one request per connection,
- * answered with the Prometheus text of the counters. Scrapes are rare; this keeps the echo
- * path free of it. */
-typedef struct stats_http {
-    cp_server *sv;
-    int fd;
-    int stop; /* atomic: set by stats_stop before it shuts the listener down */
-    pthread_t th;
-} stats_http;
+/* The counters over HTTP: a second, small cp_server (one worker) on the stats port. Each
+ * connection's first data is taken as the request (what it asks does not matter) and
+ * answered with the Prometheus text, then the connection is closed gracefully. Being a
+ * cp_server, it serves many scrapers at once: a client that connects and says nothing
+ * delays nobody (it is reaped after STATS_TIMEOUT_MS), a flood is capped at
+ * STATS_MAX_CONNS, and running out of descriptors pauses its accepting instead of ending
+ * it. The echo path never sees any of it. */
+enum { STATS_MAX_CONNS = 64, STATS_TIMEOUT_MS = 5000 };
 
-static void *stats_main(void *arg)
+static void on_stats_request(cp_conn *c, const void *data, size_t len)
 {
-    stats_http *h = arg;
-    for (;;) {
-        int c = accept4(h->fd, NULL, NULL, SOCK_CLOEXEC);
-        if (c < 0) {
-            if (__atomic_load_n(&h->stop, __ATOMIC_ACQUIRE))
-                return NULL; /* the listening socket was shut down */
-            /* Out of descriptors or memory (the echo connections may hold every one the
-             * process may open; accept reserves one before it waits): wait, then retry,
-             * rather than end the stats thread for good. Others (EINTR, ECONNABORTED, a
-             * pending network error) are retried at once. */
-            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
-                poll(NULL, 0, 100);
-            continue;
-        }
-        struct timeval tv = {1, 0};
-        setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-        char req[1024];
-        ssize_t n = recv(c, req, sizeof(req), 0); /* the request itself does not matter */
-        (void)n;
-        char body[4096];
-        int len = cp_server_stats_prometheus(h->sv, "cport_echo_", body, sizeof(body));
-        char head[160];
-        int hl = snprintf(head, sizeof(head),
-                          "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                          "Content-Length: %d\r\nConnection: close\r\n\r\n",
-                          len);
-        if (send(c, head, (size_t)hl, MSG_NOSIGNAL) == hl)
-            (void)!send(c, body, (size_t)len, MSG_NOSIGNAL);
-        close(c);
+    (void)data;
+    (void)len;
+    bool *answered = cp_conn_user(c);
+    if (*answered)
+        return; /* the rest of a request that came in several pieces */
+    *answered = true;
+    cp_server *echo = cp_server_user(cp_conn_server(c));
+    char body[4096];
+    int blen = cp_server_stats_prometheus(echo, "cport_echo_", body, sizeof(body));
+    if (blen < 0)
+        blen = 0;
+    char head[160];
+    int hl = snprintf(head, sizeof(head),
+                      "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                      "Content-Length: %d\r\nConnection: close\r\n\r\n",
+                      blen);
+    if (cp_conn_send(c, head, (size_t)hl) < 0 || cp_conn_send(c, body, (size_t)blen) < 0) {
+        cp_conn_abort(c);
+        return;
     }
+    cp_conn_close(c);
 }
 
-static int stats_start(stats_http *h, const char *bind_addr, int port)
+static int stats_start(cp_server **statsp, cp_server *echo, const cp_server_options *eo, int port)
 {
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    inet_pton(AF_INET, bind_addr, &sa.sin_addr);
-    h->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    int one = 1;
-    setsockopt(h->fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (h->fd < 0 || bind(h->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(h->fd, 16) < 0)
-        return -errno;
-    socklen_t len = sizeof(sa);
-    getsockname(h->fd, (struct sockaddr *)&sa, &len);
-    printf("stats on %s:%d\n", bind_addr, ntohs(sa.sin_port));
-    return -pthread_create(&h->th, NULL, stats_main, h);
+    static const cp_server_callbacks cb = {.on_data = on_stats_request};
+    cp_server_options o = {.bind = eo->bind,
+                           .port = (uint16_t)port,
+                           .threads = 1,
+                           .backend = eo->backend,
+                           .accepts_max = 16,
+                           .max_conns = STATS_MAX_CONNS,
+                           .handshake_timeout_ms = STATS_TIMEOUT_MS,
+                           .idle_timeout_ms = STATS_TIMEOUT_MS,
+                           .linger_ms = 1000,
+                           .recv_buffer = 4096,
+                           .conn_user_size = sizeof(bool),
+                           .user = echo,
+                           .port_options = {.flags = CP_PORT_QUIET}};
+    int r = cp_server_create(statsp, &o, &cb);
+    if (r < 0)
+        return r;
+    if ((r = cp_server_start(*statsp)) < 0) {
+        cp_server_destroy(*statsp);
+        *statsp = NULL;
+        return r;
+    }
+    printf("stats on %s:%u\n", eo->bind, cp_server_listen_port(*statsp));
+    return 0;
 }
 
-static void stats_stop(stats_http *h)
+static void stats_stop(cp_server *stats)
 {
-    __atomic_store_n(&h->stop, 1, __ATOMIC_RELEASE);
-    shutdown(h->fd, SHUT_RDWR); /* wakes the blocked accept */
-    pthread_join(h->th, NULL);
-    close(h->fd);
+    cp_server_shutdown(stats, 1000);
+    cp_server_destroy(stats);
 }
 
 /* ---- command line ---------------------------------------------------------------------- */
@@ -370,8 +370,8 @@ int main(int argc, char **argv)
            o->zero_byte ? (unsigned)cp_buffer_size(cp_server_port(sv))
                         : (o->recv_buffer ? o->recv_buffer : 16384),
            o->framed ? "on" : "off", o->max_frame ? o->max_frame : CP_FRAME_DEFAULT_MAX);
-    stats_http stats = {.sv = sv, .fd = -1};
-    if (cfg.stats_port >= 0 && (r = stats_start(&stats, o->bind, cfg.stats_port)) < 0) {
+    cp_server *stats = NULL;
+    if (cfg.stats_port >= 0 && (r = stats_start(&stats, sv, o, cfg.stats_port)) < 0) {
         fprintf(stderr, "cport-echo: cannot serve stats: %s\n", cp_strerror(r));
         cp_server_destroy(sv);
         return 1;
@@ -388,8 +388,8 @@ int main(int argc, char **argv)
         print_stats(sv, stderr);
     }
     r = cp_server_shutdown(sv, cfg.shutdown_ms);
-    if (stats.fd >= 0)
-        stats_stop(&stats);
+    if (stats)
+        stats_stop(stats);
     print_stats(sv, stdout);
     cp_server_stats st;
     cp_server_get_stats(sv, &st);
