@@ -11,6 +11,8 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 
@@ -21,6 +23,19 @@
  * when more really follows: a corked tail with nothing behind it would sit in the socket
  * until the kernel's cork timer (200 ms) fires. The backends' file legs read it. */
 enum { MORE_UNKNOWN = 0, MORE_NO = 1, MORE_YES = 2 /* backend_io_uring.c tests for 2 */ };
+
+/* The size of the file fd whose fstat is *st: st_size for a regular file; a block
+ * device's st_size is 0, its size comes from BLKGETSIZE64. Returns 0 or a negative errno. */
+static int file_size(int fd, const struct stat *st, uint64_t *size)
+{
+    if (S_ISBLK(st->st_mode)) {
+        if (ioctl(fd, BLKGETSIZE64, size) < 0)
+            return -errno;
+        return 0;
+    }
+    *size = (uint64_t)st->st_size;
+    return 0;
+}
 
 /* The length of the current element, resolving "to the end of the file". A file element
  * must name a regular file (or a block device): anything else (a socket, a pipe) would
@@ -42,8 +57,11 @@ static int element_end(cp_transmit_op *t, const cp_packet *e)
         t->cp__end = e->len;
         return 0;
     }
-    t->cp__end =
-        (uint64_t)st.st_size > (uint64_t)e->offset ? (uint64_t)st.st_size - (uint64_t)e->offset : 0;
+    uint64_t size;
+    int r = file_size(e->fd, &st, &size);
+    if (r < 0)
+        return r;
+    t->cp__end = size > (uint64_t)e->offset ? size - (uint64_t)e->offset : 0;
     return 0;
 }
 
@@ -55,7 +73,10 @@ static bool more_follows(cp_transmit_op *t)
         for (uint32_t i = t->cp__idx + 1; i < t->cp__n; i++) {
             const cp_packet *e = &t->cp__elems[i];
             struct stat st;
-            if (e->len || (e->fd >= 0 && (fstat(e->fd, &st) < 0 || st.st_size > e->offset))) {
+            uint64_t size = 0;
+            if (e->len ||
+                (e->fd >= 0 && (fstat(e->fd, &st) < 0 || file_size(e->fd, &st, &size) < 0 ||
+                                size > (uint64_t)e->offset))) {
                 t->cp__pad = MORE_YES; /* (a failing fstat fails the element later) */
                 break;
             }

@@ -19,6 +19,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <linux/fs.h>
+#include <linux/loop.h>
 #include <linux/sockios.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -1293,4 +1295,86 @@ TEST(disconnect_after_queued_sends)
     free(data);
     cp_port_destroy(p);
     CHECK_EQ(count_fds(), fds0);
+}
+
+/* ---- a block device as the file --------------------------------------------------------- */
+
+/* A loop device over a fresh 64 KiB file of pattern bytes, opened read-only, or -1 where
+ * none can be set up (not root, no loop driver). It detaches itself when closed
+ * (LO_FLAGS_AUTOCLEAR), also if the test dies. Both backends' runs may race for a free
+ * device: one that was just taken is skipped. */
+static int loop_device_open(void)
+{
+    int ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+    if (ctl < 0)
+        return -1;
+    int backing = make_file(64 << 10);
+    int dev = -1;
+    for (int attempt = 0; attempt < 8 && dev < 0; attempt++) {
+        int n = ioctl(ctl, LOOP_CTL_GET_FREE);
+        if (n < 0)
+            break;
+        char path[64];
+        snprintf(path, sizeof(path), "/dev/loop%d", n);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            break;
+        if (ioctl(fd, LOOP_SET_FD, backing) < 0) {
+            close(fd); /* taken meanwhile (EBUSY): ask again */
+            continue;
+        }
+        struct loop_info64 info = {.lo_flags = LO_FLAGS_AUTOCLEAR | LO_FLAGS_READ_ONLY};
+        if (ioctl(fd, LOOP_SET_STATUS64, &info) < 0) {
+            ioctl(fd, LOOP_CLR_FD, 0);
+            close(fd);
+            break;
+        }
+        dev = fd;
+    }
+    close(backing);
+    close(ctl);
+    return dev;
+}
+
+/* A block device's st_size is 0: "len 0 = to the end" must still mean its last byte (its
+ * size comes from BLKGETSIZE64). The device: CPORT_TEST_BLOCKDEV if set (readable, at
+ * least 8 KiB), else a loop device the test sets up (as root). */
+TEST(transmit_block_device_to_end)
+{
+    const char *dev = getenv("CPORT_TEST_BLOCKDEV");
+    int fd = dev && *dev ? open(dev, O_RDONLY | O_CLOEXEC) : loop_device_open();
+    if (fd < 0)
+        SKIP("no block device: not root, no loop driver, and no CPORT_TEST_BLOCKDEV");
+    uint64_t size = 0;
+    CHECK_OK(ioctl(fd, BLKGETSIZE64, &size));
+    if (size < 8192)
+        SKIP("block device smaller than 8 KiB");
+    uint8_t want[5000], head[10], tail[20];
+    CHECK_EQ(pread(fd, want, sizeof(want), (off_t)(size - sizeof(want))), (int64_t)sizeof(want));
+    fill_pattern(head, sizeof(head), 51);
+    fill_pattern(tail, sizeof(tail), 52);
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    rx r;
+    rx_init(&r, pr.client);
+    r.expect_eof = false;
+    rx_mem(&r, head, sizeof(head));
+    rx_mem(&r, want, sizeof(want));
+    rx_mem(&r, tail, sizeof(tail));
+    rx_mem(&r, want + 1000, sizeof(want) - 1000);
+    rx_start(&r);
+    cp_transmit_op t = {0};
+    CHECK_OK(cp_socket_transmit_file(&pr.s, &t, fd, (int64_t)(size - sizeof(want)), 0, head,
+                                     sizeof(head), tail, sizeof(tail), 0));
+    CHECK_EQ(next_of(p, &t.op), (int64_t)(sizeof(head) + sizeof(want) + sizeof(tail)));
+    cp_packet el[1] = {{.fd = fd, .offset = (int64_t)(size - sizeof(want) + 1000), .len = 0}};
+    CHECK_OK(cp_socket_transmit_packets(&pr.s, &t, el, 1, 0));
+    CHECK_EQ(next_of(p, &t.op), (int64_t)(sizeof(want) - 1000));
+    rx_join(&r);
+    CHECK_EQ(r.got, r.total);
+    pair_close_strict(&pr, p);
+    close(pr.client);
+    close(fd);
+    cp_port_destroy(p);
 }
