@@ -704,47 +704,55 @@ static int arm_multishot(cp_handle *h)
 
 /* ---- TransmitFile: a bounded pool of pipes ---- */
 
-/* A free pipe's index, creating one if the pool may still grow; -1 if none. */
+/* Open slot i's pipe. Returns false when no descriptor is left (the slot stays empty). */
+static bool pipe_open_locked(ur_state *s, uint32_t i)
+{
+    int fds[2];
+    if (CP__INJECT_FAIL("pipe_open") || pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0)
+        return false;
+    fcntl(fds[1], F_SETPIPE_SZ, PIPE_BYTES);
+    s->pipes[i][0] = fds[0];
+    s->pipes[i][1] = fds[1];
+    return true;
+}
+
+/* A free pipe's index, creating one if the pool may still grow; -1 if none. A free slot
+ * may be empty (its pipe was dropped, see pipe_put; empty ones are at the bottom of the
+ * stack): it gets a new pipe here. */
 static int pipe_get(ur_state *s)
 {
     int i = -1;
     cp__lock_acquire(&s->pipe_lock);
     if (s->nfree_pipes) {
-        i = (int)s->free_pipes[--s->nfree_pipes];
-    } else if (s->npipes < s->max_pipes) {
-        int fds[2];
-        if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) == 0) {
-            fcntl(fds[1], F_SETPIPE_SZ, PIPE_BYTES);
-            i = (int)s->npipes++;
-            s->pipes[i][0] = fds[0];
-            s->pipes[i][1] = fds[1];
+        uint32_t k = s->free_pipes[s->nfree_pipes - 1];
+        if (s->pipes[k][0] >= 0 || pipe_open_locked(s, k)) {
+            s->nfree_pipes--;
+            i = (int)k;
         }
+    } else if (s->npipes < s->max_pipes && pipe_open_locked(s, s->npipes)) {
+        i = (int)s->npipes++;
     }
     cp__lock_release(&s->pipe_lock);
     return i;
 }
 
 /* Give a pipe back. One that may still hold bytes (a transmit that failed or was
- * cancelled) is replaced by a fresh one: its leftovers must never reach another socket. */
+ * cancelled) is closed: its leftovers must never reach another socket. Its slot stays in
+ * the pool, empty, and the next pipe_get opens a fresh pipe for it (so running out of
+ * descriptors meanwhile cannot shrink the pool for good). */
 static void pipe_put(ur_state *s, int i, bool dirty)
 {
+    cp__lock_acquire(&s->pipe_lock);
+    uint32_t at = s->nfree_pipes++;
     if (dirty) {
         close(s->pipes[i][0]);
         close(s->pipes[i][1]);
-        int fds[2];
-        if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0) {
-            s->pipes[i][0] = s->pipes[i][1] = -1;
-            fds[0] = fds[1] = -1;
-        } else {
-            fcntl(fds[1], F_SETPIPE_SZ, PIPE_BYTES);
-        }
-        s->pipes[i][0] = fds[0];
-        s->pipes[i][1] = fds[1];
-        if (fds[0] < 0)
-            return; /* out of descriptors: the slot stays unusable */
+        s->pipes[i][0] = s->pipes[i][1] = -1;
+        /* Empty slots go to the bottom: pipe_get takes a ready pipe while there is one. */
+        s->free_pipes[at] = s->free_pipes[0];
+        at = 0;
     }
-    cp__lock_acquire(&s->pipe_lock);
-    s->free_pipes[s->nfree_pipes++] = (uint32_t)i;
+    s->free_pipes[at] = (uint32_t)i;
     cp__lock_release(&s->pipe_lock);
 }
 

@@ -1378,3 +1378,51 @@ TEST(transmit_block_device_to_end)
     close(fd);
     cp_port_destroy(p);
 }
+
+/* A pipe that a cancelled transmit leaves dirty is closed; when no descriptor is left for
+ * its replacement (failure point pipe_open, ASan build) the pool must not shrink for good:
+ * the next transmit after the shortage gets a pipe again. Before, the slot stayed
+ * unusable, and with max_pipes 1 every later transmit went the sendfile way. (epoll has
+ * no pipes: the same steps, no pipe expected.) */
+TEST(a_pipe_dropped_in_a_shortage_is_reopened_later)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    int fds0 = count_fds();
+    pipeset base;
+    list_pipes(&base);
+    cp_port *p = make_port_opts((cp_port_options){.max_pipes = 1});
+    int fd = make_file(4 << 20);
+    int count, holding;
+    pair a, b;
+    pair_open_ex(&a, p, true);
+    pair_open_ex(&b, p, true);
+    cp_transmit_op ta = {0}, tb = {0};
+    /* Nobody reads: the transmit stalls with file bytes in the pool's one pipe. */
+    CHECK_OK(cp_socket_transmit_file(&a.s, &ta, fd, 0, 0, NULL, 0, NULL, 0, 0));
+    pool_pipes(&base, &count, &holding);
+    CHECK_EQ(count, is_uring(p) ? 1 : 0);
+    CHECK_EQ(holding, is_uring(p) ? 1 : 0);
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "pipe_open", 1)); /* only this thread runs cport */
+    CHECK_OK(cp_socket_cancel(&a.s, &ta.op));
+    CHECK_EQ(next_of(p, &ta.op), -ECANCELED);
+    CHECK_OK(unsetenv("CPORT_INJECT_FAIL"));
+    pool_pipes(&base, &count, &holding);
+    CHECK_EQ(count, 0); /* the dirty pipe is gone, and no new one could be opened */
+    CHECK_OK(cp_socket_transmit_file(&b.s, &tb, fd, 0, 0, NULL, 0, NULL, 0, 0));
+    pool_pipes(&base, &count, &holding);
+    CHECK_EQ(count, is_uring(p) ? 1 : 0); /* the slot has its pipe again */
+    CHECK_EQ(holding, is_uring(p) ? 1 : 0);
+    CHECK_OK(cp_socket_cancel(&b.s, &tb.op));
+    CHECK_EQ(next_of(p, &tb.op), -ECANCELED);
+    pair_close_strict(&a, p);
+    pair_close_strict(&b, p);
+    close(a.client);
+    close(b.client);
+    close(fd);
+    cp_port_close(p);
+    cp_port_destroy(p);
+    CHECK_EQ(count_fds(), fds0);
+#endif
+}
