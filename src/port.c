@@ -219,6 +219,16 @@ static void wake_all(cp_port *p, wake_list *wl)
         p->be->wake(p);
 }
 
+/* Take the lock and release whoever release_locked() says may go. */
+static void release_now(cp_port *p)
+{
+    wake_list wl = {0};
+    cp__lock_acquire(&p->lock);
+    release_locked(p, &wl);
+    cp__lock_release(&p->lock);
+    wake_all(p, &wl);
+}
+
 /* After publishing work without the lock: take the lock only if someone may need waking. */
 static void wake_if_needed(cp_port *p)
 {
@@ -228,11 +238,7 @@ static void wake_if_needed(cp_port *p)
         (!__atomic_load_n(&p->polling, __ATOMIC_SEQ_CST) ||
          __atomic_load_n(&p->wake_sent, __ATOMIC_SEQ_CST)))
         return;
-    wake_list wl = {0};
-    cp__lock_acquire(&p->lock);
-    release_locked(p, &wl);
-    cp__lock_release(&p->lock);
-    wake_all(p, &wl);
+    release_now(p);
 }
 
 /* ---- thread records ------------------------------------------------------------------ */
@@ -406,7 +412,9 @@ int cp_port_create_ex(cp_port **portp, const cp_port_options *opts)
     }
     /* The ring holds exactly max_posted entries when that is a power of two; otherwise
      * the next power of two (documented as the cap rounded up). */
-    r = cp__ring_init(&p->ring, round_pow2(o.max_posted));
+    /* At least 2 slots: with one, a slot's "full" and "free for the next lap" sequence
+     * values coincide (see ring.h) and a second post would overwrite the first. */
+    r = cp__ring_init(&p->ring, o.max_posted < 2 ? 2 : round_pow2(o.max_posted));
     if (r == 0) {
         r = cp__bufpool_init(&p->pool, o.pool_buffers, o.pool_buffer_size, o.pool_per_socket);
         if (r == 0) {
@@ -596,9 +604,12 @@ int cp_port_dequeue(cp_port *p, cp_completion *out, unsigned max, int timeout_ms
         if (!poll_due && load_running(p) <= p->concurrency) {
             unsigned n = take_unlocked(p, out, max);
             if (n) {
+                /* Maybe the last of a closed port's queue: its waiters leave now, whatever
+                 * the running count (wake_if_needed() would stop at a full limit, and
+                 * they would wait for this thread to come back). */
                 if (__atomic_load_n(&p->closed, __ATOMIC_ACQUIRE) &&
                     __atomic_load_n(&p->nparked, __ATOMIC_SEQ_CST))
-                    wake_if_needed(p); /* the last of a closed port's queue: let them go */
+                    release_now(p);
                 return (int)finish_take(t, n);
             }
         }

@@ -38,7 +38,8 @@ typedef struct cp__ring {
  * (2^63 pushes). */
 #define CP__RING_SEALED (UINT64_C(1) << 63)
 
-/* capacity must be a power of two. Returns 0 or -ENOMEM. */
+/* capacity must be a power of two, at least 2 (with 1, "full" and "free for the next
+ * lap" are the same sequence value). Returns 0 or -ENOMEM. */
 int cp__ring_init(cp__ring *r, uint32_t capacity);
 void cp__ring_fini(cp__ring *r);
 

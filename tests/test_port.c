@@ -989,3 +989,72 @@ TEST(no_post_succeeds_after_a_closed_port_reports_drained)
     cp_port_destroy(p);
 #endif
 }
+
+struct closed_waiter {
+    cp_port *p;
+    int n;
+    int done;
+};
+
+static void *closed_waiter_main(void *arg)
+{
+    struct closed_waiter *w = arg;
+    cp_completion c;
+    w->n = cp_port_dequeue(w->p, &c, 1, -1);
+    __atomic_store_n(&w->done, 1, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+/* A running thread that takes the last completion of a closed port on the fast path must
+ * let the waiters go (they get -ECANCELED at once), although the concurrency limit is
+ * reached: they were held back only for what was queued, and nothing is queued now. */
+TEST(taking_the_last_of_a_closed_port_releases_the_waiters)
+{
+    cp_port *p = make_port(1);
+    CHECK_OK(cp_port_post(p, 1, 1, NULL));
+    CHECK_OK(cp_port_post(p, 1, 2, NULL));
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, -1), 1); /* this thread runs now: the limit is used */
+    struct closed_waiter w = {.p = p};
+    pthread_t th;
+    CHECK_OK(-pthread_create(&th, NULL, closed_waiter_main, &w));
+    wait_for_waiters(p, 1); /* parked: the limit holds it back from the second post */
+    cp_port_close(p);
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, -1), 1); /* the last one, on the fast path */
+    CHECK_EQ(c.result, 2);
+    /* This thread keeps running its "handler": the waiter must not wait for it. */
+    int64_t start = cpt_now_ms();
+    while (!__atomic_load_n(&w.done, __ATOMIC_SEQ_CST) && cpt_now_ms() - start < 2000)
+        usleep(1000);
+    int released = __atomic_load_n(&w.done, __ATOMIC_SEQ_CST);
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, -1), -ECANCELED); /* lets it go in any case */
+    pthread_join(th, NULL);
+    CHECK_EQ(released, 1);
+    CHECK_EQ(w.n, -ECANCELED);
+    cp_port_destroy(p);
+}
+
+/* The smallest ring (max_posted = 1 rounds up to 2 slots). With a ring of one slot, "full
+ * at lap L" (L + 1) and "free for the next lap" (L + capacity) were the same sequence
+ * value: a second post overwrote the first instead of failing with -EAGAIN, and the next
+ * dequeue spun forever on the overwritten slot (found by a review of the ring). */
+TEST(the_smallest_ring_refuses_a_post_when_full)
+{
+    cp_port_options o = {.concurrency = 1, .max_posted = 1};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    cp_completion c[4];
+    for (int lap = 0; lap < 4; lap++) { /* lap after lap */
+        CHECK_OK(cp_port_post(p, 7, 10 * lap + 1, NULL));
+        CHECK_OK(cp_port_post(p, 7, 10 * lap + 2, NULL));
+        CHECK_EQ(cp_port_post(p, 7, 10 * lap + 3, NULL), -EAGAIN);
+        CHECK_EQ(cp_port_dequeue(p, c, 4, 0), 2);
+        CHECK_EQ(c[0].result, 10 * lap + 1);
+        CHECK_EQ(c[1].result, 10 * lap + 2);
+        CHECK_EQ(cp_port_dequeue(p, c, 4, 0), -ETIMEDOUT);
+    }
+    CHECK_OK(cp_port_post(p, 7, 99, NULL)); /* one at a time works too */
+    CHECK_EQ(cp_port_dequeue(p, c, 4, 0), 1);
+    CHECK_EQ(c[0].result, 99);
+    cp_port_destroy(p);
+}

@@ -73,7 +73,7 @@ typedef struct cp_port_options {
                                   unavailable makes creation fail (no silent switch) */
     uint32_t flags;            /* CP_PORT_* */
     uint32_t max_posted;       /* most posted completions queued at once, rounded up to a
-                                  power of two; 0 = 16384. cp_port_post() fails with
+                                  power of two, at least 2; 0 = 16384. cp_port_post() fails with
                                   -EAGAIN beyond it (a pool's work items and timer
                                   firings are posts too) */
     uint32_t ring_entries;     /* io_uring submission queue size; 0 = 1024 */
@@ -108,9 +108,9 @@ CP_EXTERN int cp_port_create(cp_port **portp, unsigned concurrency);
 CP_EXTERN int cp_port_create_ex(cp_port **portp, const cp_port_options *opts);
 
 /* Post a completion (key, result, op) from any thread, like PostQueuedCompletionStatus.
- * No memory is allocated in steady state (packets are recycled). Returns 0, -EAGAIN when
- * opts.max_posted packets are already queued, -ENOMEM if a packet block could not be
- * allocated, or -ESHUTDOWN once the port is closed. */
+ * No memory is allocated: posts go to a ring sized at creation. Returns 0, -EAGAIN when
+ * opts.max_posted packets (rounded as above) are already queued, or -ESHUTDOWN once the
+ * port is closed. */
 CP_EXTERN int cp_port_post(cp_port *port, uintptr_t key, int64_t result, void *op);
 
 /* Dequeue up to `max` completions into out[0..max-1], waiting up to timeout_ms
