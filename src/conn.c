@@ -559,7 +559,7 @@ static void deliver(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t 
     w->cur_base = base;
     w->cur_size = kind == BUF_POOL ? (uint32_t)cp_buffer_size(sv->port) : sv->o.recv_buffer;
     w->cur_hold = NULL;
-    __atomic_store_n(&w->bytes_in, w->bytes_in + len, __ATOMIC_RELAXED); /* read by stats */
+    cp__worker_count(w, &w->bytes_in, len); /* read by stats */
     if (!sv->o.framed) {
         w->cur_buf = buf;
         w->cur_len = len;
@@ -894,7 +894,7 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
         return -EPIPE;
     long n = cp__send_try(&c->s, iov, cnt, len, mode != TAIL_REF);
     if (n == (long)len) {
-        __atomic_store_n(&w->bytes_out, w->bytes_out + len, __ATOMIC_RELAXED);
+        cp__worker_count(w, &w->bytes_out, len);
         return 0;
     }
     if (n < 0)
@@ -916,7 +916,7 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
         return err;
     }
     if (n > 0)
-        __atomic_store_n(&w->bytes_out, w->bytes_out + (uint64_t)n, __ATOMIC_RELAXED);
+        cp__worker_count(w, &w->bytes_out, (uint64_t)n);
     op_ref(c);
     x->op.u.buf = x->iov[0].iov_base;
     x->op.cp__len = x->len;
@@ -1052,7 +1052,7 @@ static void sent(cp_server *sv, cp_conn *c, uint32_t len, int64_t res)
 static void xmit_done(cp_server *sv, cp__worker *w, cp_conn *c, cp__xmit *x, int64_t res)
 {
     if (res > 0)
-        __atomic_store_n(&w->bytes_out, w->bytes_out + (uint64_t)res, __ATOMIC_RELAXED);
+        cp__worker_count(w, &w->bytes_out, (uint64_t)res);
     if (x->head)
         cp__server_buf_free(sv, w, x->head, x->head_size);
     if (sv->cb.on_sent) {
@@ -1068,7 +1068,7 @@ static void xmit_done(cp_server *sv, cp__worker *w, cp_conn *c, cp__xmit *x, int
 static void send_done(cp_server *sv, cp__worker *w, cp_conn *c, cp__send *x, int64_t res)
 {
     if (res > 0)
-        __atomic_store_n(&w->bytes_out, w->bytes_out + (uint64_t)res, __ATOMIC_RELAXED);
+        cp__worker_count(w, &w->bytes_out, (uint64_t)res);
     if (x->kind == SEND_COPY)
         cp__server_buf_free(sv, w, x->buf, x->buf_size);
     else if (x->kind == SEND_HOLD)
@@ -1089,8 +1089,8 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
 {
     cp_server *sv = user;
     cp_conn *c = CP_CONTAINER_OF(s, cp_conn, s);
-    cp__worker *w = cp__server_worker(sv);
-    __atomic_store_n(&w->completions, w->completions + 1, __ATOMIC_RELAXED);
+    cp__worker *w = cp__server_worker_own(sv);
+    cp__worker_count(w, &w->completions, 1);
     switch (op->opcode) {
     case CP_OP_RECV:
     case CP_OP_RECV_POOL:

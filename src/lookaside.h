@@ -47,7 +47,8 @@ void cp__slab_free(cp__slab *s, void *obj);
  * thread touches no lock and no shared cache line. Objects in a cache count as handed out
  * (they show up in `live` and in cp__slab_walk: do not cache objects a walk looks for).
  * Only the owning thread may touch a cache; its objects go back to the slab's memory when
- * the slab is finalised. Zero-initialise, then set `cap` (at most CP__CACHE_MAX). */
+ * the slab is finalised. Zero-initialise, then set `cap` (at most CP__CACHE_MAX). A cache
+ * with cap 0 keeps nothing and touches nothing of its own: any thread may use it. */
 enum { CP__CACHE_MAX = 64 };
 
 typedef struct cp__slab_cache {
@@ -72,6 +73,8 @@ static inline unsigned cp__cache_batch(const cp__slab_cache *c)
 
 static inline void *cp__cache_alloc(cp__slab_cache *c, cp__slab *s)
 {
+    if (c->cap == 0) /* a cache without room passes straight through (a shared one too) */
+        return cp__slab_alloc(s);
     if (c->n == 0 && (c->n = cp__slab_alloc_many(s, c->objs, cp__cache_batch(c))) == 0)
         return NULL;
     return c->objs[--c->n];

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 enum {
@@ -78,12 +79,23 @@ static void frame_buf_free(void *ctx, void *buf, size_t size)
 cp__worker *cp__server_worker(cp_server *sv)
 {
     cp__worker *w = pthread_getspecific(sv->wkey);
+    return w ? w : &sv->foreign;
+}
+
+cp__worker *cp__server_worker_own(cp_server *sv)
+{
+    cp__worker *w = pthread_getspecific(sv->wkey);
     if (w)
         return w;
-    w = calloc(1, sizeof(*w));
-    if (!w || pthread_setspecific(sv->wkey, w) != 0) {
-        fprintf(stderr, "cport: out of memory for a worker record\n");
-        abort(); /* once per thread at start-up; nothing sensible to fall back to */
+    /* Once per pool thread, on its first completion. Out of memory: wait for some rather
+     * than crash or share a record whose delivery fields this thread needs to itself. */
+    while (!(w = calloc(1, sizeof(*w)))) {
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    if (pthread_setspecific(sv->wkey, w) != 0) {
+        free(w);
+        return &sv->foreign; /* (glibc only fails this for an invalid key) */
     }
     /* What a thread may keep aside: 64 contexts of each kind, and 32 x 4 KiB, 8 x 16 KiB
      * and 4 x 64 KiB buffers (512 KiB). Each buffer cache stays well below the slab's
@@ -143,6 +155,7 @@ static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
 {
     (void)s;
     cp_server *sv = user;
+    cp__server_worker_own(sv); /* a pool thread: its own record from now on */
     if (op->opcode == CP_OP_CLOSE) {
         cp__lock_acquire(&sv->accept_lock);
         sv->listener_open = false;
@@ -399,6 +412,7 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     }
     cp__lock_init(&sv->accept_lock);
     cp__lock_init(&sv->workers_lock);
+    sv->foreign.shared = true; /* its caches stay without room (cap 0) */
     pthread_mutex_init(&sv->done_lock, NULL);
     pthread_cond_init(&sv->done_cond, NULL);
     sv->accepts = calloc(o.accepts_max, sizeof(*sv->accepts));
@@ -624,6 +638,9 @@ void cp_server_get_stats(cp_server *sv, cp_server_stats *st)
     st->accepts_outstanding = sv->accepts_posted;
     st->accepts_target = sv->accepts_target;
     cp__lock_release(&sv->accept_lock);
+    st->completions = __atomic_load_n(&sv->foreign.completions, __ATOMIC_RELAXED);
+    st->bytes_in = __atomic_load_n(&sv->foreign.bytes_in, __ATOMIC_RELAXED);
+    st->bytes_out = __atomic_load_n(&sv->foreign.bytes_out, __ATOMIC_RELAXED);
     cp__lock_acquire(&sv->workers_lock);
     for (cp__worker *w = sv->workers; w; w = w->next) {
         st->completions += __atomic_load_n(&w->completions, __ATOMIC_RELAXED);

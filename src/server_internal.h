@@ -126,9 +126,15 @@ typedef struct cp__send {
 
 enum { CP__SIZE_CLASSES = 3 }; /* 4 KiB, 16 KiB, 64 KiB buffers */
 
-/* Per worker thread: what on_data is handing over right now, and counters. */
+/* Per worker thread: what on_data is handing over right now, and counters. The pool's
+ * threads each get one when they first handle a completion (cp__server_worker_own). Any
+ * other thread (cp_conn_send and friends may be called from any thread) uses the server's
+ * one shared record instead: its caches have no room (every object goes straight to the
+ * slab, under its lock) and its counters are added atomically, so a thread that exits
+ * strands nothing and costs nothing, however many come and go. */
 typedef struct cp__worker {
     struct cp__worker *next;
+    bool shared; /* the server's record for threads that are not its workers */
     cp_conn *cur_conn;
     cp_conn *rx_conn;    /* whose receive completion this thread handles (holding its ref) */
     const char *cur_buf; /* the delivery's buffer and its extent */
@@ -207,7 +213,8 @@ struct cp_server {
 
     pthread_key_t wkey; /* cp__worker of the calling thread */
     cp__lock workers_lock;
-    cp__worker *workers;
+    cp__worker *workers; /* the pool threads' records */
+    cp__worker foreign;  /* the record every other thread shares (see cp__worker) */
 
     /* Counters (atomic). */
     uint64_t conns_open, conns_total, conns_rejected, conns_reaped, accept_pauses,
@@ -229,7 +236,21 @@ void cp__conn_sweep(cp_server *sv, cp_conn *c, uint32_t now);
 bool cp__conn_stop_pin(cp_conn *c, bool abort);
 void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort);
 /* The calling thread's record (created on first use; freed with the server). */
+/* The calling thread's record: its own if it is one of the pool's threads that has
+ * handled a completion, else the shared one. Never allocates. */
 cp__worker *cp__server_worker(cp_server *sv);
+/* The calling pool thread's own record, created on its first completion. */
+cp__worker *cp__server_worker_own(cp_server *sv);
+
+/* Add n to one of w's counters: a plain store by a record's own thread, an atomic add on
+ * the shared record. */
+static inline void cp__worker_count(const cp__worker *w, uint64_t *counter, uint64_t n)
+{
+    if (w->shared)
+        __atomic_add_fetch(counter, n, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(counter, *counter + n, __ATOMIC_RELAXED);
+}
 /* A buffer of at least `size` bytes from the size classes (its real size in *got), or
  * malloc'd above the largest class; w is the calling thread's record. */
 void *cp__server_buf_alloc(cp_server *sv, cp__worker *w, size_t size, uint32_t *got);

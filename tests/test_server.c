@@ -4167,3 +4167,63 @@ TEST(conn_user_size_up_to_its_maximum)
     CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
     cp_server_destroy(sv);
 }
+
+/* cp_conn_send() may be called from any thread. Each thread that did got its own record
+ * with lookaside caches, which refill several objects at once: one that exited stranded
+ * them for good (here about one 64 KiB copy buffer per thread) and its record too, so a
+ * program sending from a stream of short-lived threads grew without bound (found by a
+ * review of the lookaside lists). Threads other than the pool's now share one record
+ * whose caches keep nothing. */
+typedef struct one_send {
+    cp_conn *c;
+    int r;
+} one_send;
+
+enum { ONE_SEND = 65536 };
+
+static void *send_once_and_exit(void *arg)
+{
+    one_send *s = arg;
+    static char msg[ONE_SEND];
+    s->r = cp_conn_send(s->c, msg, sizeof msg);
+    return NULL;
+}
+
+TEST(short_lived_senders_do_not_strand_lookaside_objects)
+{
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    t->sndbuf = 4096;
+    cp_server_options o = {.threads = 1};
+    tsrv_start(t, &o);
+    /* A small receive window: the kernel takes little of each send, the rest is copied. */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(fd >= 0);
+    int small = 4096;
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small));
+    struct sockaddr_in sa = loopback(t->port);
+    CHECK_OK(connect(fd, (struct sockaddr *)&sa, sizeof sa));
+    WAIT_FOR(LOAD(&t->opens) == 1, IO_MS);
+    pthread_mutex_lock(&t->lock);
+    cp_conn *c = t->held[0];
+    pthread_mutex_unlock(&t->lock);
+    int threads = (int)cpt_scaled(1000, 300);
+    uint64_t before = 0;
+    static char sink[ONE_SEND];
+    for (int i = 0; i < threads; i++) {
+        if (i == 50)
+            before = tsrv_stats(t).allocations; /* warmed up */
+        one_send s = {.c = c};
+        pthread_t th;
+        CHECK_OK(-pthread_create(&th, NULL, send_once_and_exit, &s));
+        CHECK_OK(-pthread_join(th, NULL));
+        CHECK_OK(s.r);
+        recv_all(fd, sink, sizeof sink);
+    }
+    uint64_t after = tsrv_stats(t).allocations;
+    fprintf(stderr, "%d sending threads: server allocations %llu -> %llu\n", threads,
+            (unsigned long long)before, (unsigned long long)after);
+    CHECK(after <= before + 1);
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
