@@ -272,7 +272,7 @@ static uint32_t refill_ring(cp_port *p)
         uint32_t n = cp__bufpool_get_many(bp, ids, want < REFILL_BATCH ? want : REFILL_BATCH);
         if (n == 0)
             break;
-        /* Each comes with one reference: the kernel's, until it has moved past it. */
+        /* Each comes with the kernel's hold, until it has moved past it. */
         for (uint32_t i = 0; i < n; i++) {
             bp->filled[ids[i]] = 0;
             cp__hb_release(&bp->filled[ids[i]]); /* the poller reads it after the kernel */
@@ -449,7 +449,9 @@ static void dispatch(cp_port *p, ur_state *s, struct io_uring_cqe *cqe, cp__opli
                     bp->filled[bufid] += (uint32_t)cqe->res;
                 if (kept)
                     cp__bufpool_ref(bp, bufid);
-            } else if (!kept && cp__bufpool_unref(bp, bufid)) {
+                else
+                    cp__bufpool_pass(bp, bufid);
+            } else if (!kept && cp__bufpool_unhold(bp, bufid)) {
                 done->flags |= CP__OPLIST_POOL_FREED;
             }
             if (!kept) {
@@ -676,10 +678,26 @@ static int arm_multishot(cp_handle *h)
     while (in_ring == 0) {
         in_ring = refill_ring(p);
         if (in_ring == 0) {
+            /* A buffer released now sees nobody waiting, and the poller may move it into
+             * the ring. */
+            CP__INJECT_DELAY("arm_no_buffer");
             /* Arming now would end at once with ENOBUFS: wait for a buffer instead. */
             int r = cp__io_starve_locked(h);
-            if (r != -EAGAIN)
+            if (r == -EAGAIN)
+                continue;
+            if (r != CP__PENDING)
                 return r;
+            /* A buffer released between refill_ring() and the registration saw nobody
+             * waiting, and a refill (the poller's) may have moved it into the ring since:
+             * no later release would wake us for it. Look once more, now that every
+             * release sees us waiting. */
+            cp__lock_acquire(&s->br_lock);
+            in_ring = s->ring_count;
+            cp__lock_release(&s->br_lock);
+            if (in_ring == 0 || !cp__bufpool_unstarve(&p->pool, h))
+                return CP__PENDING; /* (not listed: a resume is on its way) */
+            h->cp__flags &= (uint16_t)~CP__H_STARVING;
+            cp__h_unpin(h);
         }
     }
     cp__lock_acquire(&s->sq_lock);

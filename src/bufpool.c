@@ -61,7 +61,7 @@ int cp__bufpool_id(const cp__bufpool *bp, const void *addr)
     return (int)((size_t)(a - bp->base) / bp->size);
 }
 
-static int get_locked(cp__bufpool *bp)
+static int get_locked(cp__bufpool *bp, uint32_t ref)
 {
     int id = -1;
     if (bp->nfree) {
@@ -74,14 +74,14 @@ static int get_locked(cp__bufpool *bp)
         id = (int)bp->fresh++;
     }
     if (id >= 0)
-        __atomic_store_n(&bp->refs[id], 1, __ATOMIC_RELAXED);
+        __atomic_store_n(&bp->refs[id], ref, __ATOMIC_RELAXED);
     return id;
 }
 
 int cp__bufpool_get(cp__bufpool *bp)
 {
     cp__lock_acquire(&bp->lock);
-    int id = get_locked(bp);
+    int id = get_locked(bp, 1);
     cp__lock_release(&bp->lock);
     return id;
 }
@@ -91,7 +91,7 @@ uint32_t cp__bufpool_get_many(cp__bufpool *bp, uint16_t *ids, uint32_t max)
     uint32_t n = 0;
     cp__lock_acquire(&bp->lock);
     while (n < max) {
-        int id = get_locked(bp);
+        int id = get_locked(bp, CP__REF_KERNEL);
         if (id < 0)
             break;
         ids[n++] = (uint16_t)id;
@@ -119,6 +119,9 @@ static void trim_cold_locked(cp__bufpool *bp, int64_t now)
 
 bool cp__bufpool_put(cp__bufpool *bp, uint16_t id)
 {
+    /* No reference left (a failed user of cp__bufpool_get() gives back its own): a late
+     * release must find the buffer holding nothing. */
+    __atomic_store_n(&bp->refs[id], 0, __ATOMIC_RELAXED);
     cp__lock_acquire(&bp->lock);
     bp->free_ids[bp->nfree++] = id;
     if (++bp->puts >= PUTS_PER_CHECK) {
@@ -137,6 +140,26 @@ bool cp__bufpool_unref(cp__bufpool *bp, uint16_t id)
     if (__atomic_sub_fetch(&bp->refs[id], 1, __ATOMIC_ACQ_REL) != 0)
         return false;
     return cp__bufpool_put(bp, id);
+}
+
+bool cp__bufpool_unhold(cp__bufpool *bp, uint16_t id)
+{
+    if (__atomic_sub_fetch(&bp->refs[id], CP__REF_KERNEL, __ATOMIC_ACQ_REL) != 0)
+        return false;
+    return cp__bufpool_put(bp, id);
+}
+
+int cp__bufpool_release(cp__bufpool *bp, uint16_t id)
+{
+    uint32_t v = __atomic_load_n(&bp->refs[id], __ATOMIC_RELAXED);
+    do {
+        if ((v & ~CP__REF_KERNEL) == 0)
+            return -EINVAL; /* no chunk of it is out: free, or only the kernel's */
+    } while (!__atomic_compare_exchange_n(&bp->refs[id], &v, v - 1, true, __ATOMIC_ACQ_REL,
+                                          __ATOMIC_RELAXED));
+    if (v - 1 != 0)
+        return 0;
+    return cp__bufpool_put(bp, id) ? 1 : 0;
 }
 
 int cp__bufpool_starve(cp__bufpool *bp, cp_handle *h)
@@ -244,14 +267,18 @@ int cp__stash_push(cp__bufpool *bp, cp_handle *h, uint32_t off, uint32_t len)
     r->off = off;
     r->len = len;
     r->next = CP__STASH_END;
+    uint32_t n = 1;
     if (h->cp__nstash == 0) {
         h->cp__stash_head = i;
     } else {
         cp__chunk_rec *first = chunk_rec(bp, h->cp__stash_head);
         chunk_rec(bp, first->tail)->next = i;
+        n = first->n + 1;
     }
-    chunk_rec(bp, h->cp__stash_head)->tail = i;
-    h->cp__nstash++;
+    cp__chunk_rec *first = chunk_rec(bp, h->cp__stash_head);
+    first->tail = i;
+    first->n = n;
+    h->cp__nstash = n > UINT16_MAX ? UINT16_MAX : (uint16_t)n;
     return 0;
 }
 
@@ -263,9 +290,12 @@ bool cp__stash_pop(cp__bufpool *bp, cp_handle *h, uint32_t *off, uint32_t *len)
     cp__chunk_rec *r = chunk_rec(bp, i);
     *off = r->off;
     *len = r->len;
-    if (--h->cp__nstash) {
+    uint32_t n = r->n - 1;
+    h->cp__nstash = n > UINT16_MAX ? UINT16_MAX : (uint16_t)n;
+    if (n) {
         h->cp__stash_head = r->next;
         chunk_rec(bp, r->next)->tail = r->tail;
+        chunk_rec(bp, r->next)->n = n;
     } else {
         h->cp__stash_head = CP__STASH_END;
     }

@@ -12,8 +12,11 @@
  *
  * A buffer may hold several chunks of received data (io_uring fills its provided buffers
  * incrementally, one receive after the other, whatever the socket), so every buffer
- * counts references: one per chunk handed out and not released yet, plus one while the
- * kernel may still fill it. It goes back to the free stack when the count drops to zero.
+ * counts references: one per chunk handed out and not released yet, plus the kernel's
+ * hold (CP__REF_KERNEL, a bit of its own) while the kernel may still fill it. It goes back
+ * to the free stack when the count drops to zero. Keeping the kernel's hold apart lets a
+ * user's release that finds no chunk in the buffer be refused (a second release): counted
+ * as one more reference, it would free a buffer that the kernel still fills.
  * A chunk is named by its byte offset in the mapping.
  *
  * Chunks a socket received but nobody has claimed yet (io_uring multishot) are chained per
@@ -33,6 +36,8 @@
 #include <stdint.h>
 
 #define CP__STASH_END 0xffffffffu
+/* In a buffer's references: the kernel's hold (the low bits count chunks). */
+#define CP__REF_KERNEL 0x80000000u
 /* No chunk (an offset no chunk can have). */
 #define CP__NO_CHUNK 0xffffffffu
 
@@ -42,6 +47,8 @@ typedef struct cp__chunk_rec {
     uint32_t len;  /* bytes */
     uint32_t next; /* next record of the socket's backlog, or CP__STASH_END */
     uint32_t tail; /* in the first record of a backlog: its last record */
+    uint32_t n;    /* in the first record of a backlog: its records (the handle's
+                      16-bit cp__nstash saturates; a backlog can hold more chunks) */
 } cp__chunk_rec;
 
 enum { CP__CHUNK_BLOCK = 4096, CP__CHUNK_BLOCKS = 256 };
@@ -83,24 +90,37 @@ static inline void *cp__bufpool_addr(const cp__bufpool *bp, uint16_t id)
 /* Buffer id of an address inside the pool (anywhere in the buffer), or -1. */
 int cp__bufpool_id(const cp__bufpool *bp, const void *addr);
 
-/* Take a free buffer id (-1 if none); it comes with one reference. Thread-safe. */
+/* Take a free buffer id (-1 if none); it comes with one chunk reference (the caller hands
+ * the whole buffer over as one chunk). Thread-safe. */
 int cp__bufpool_get(cp__bufpool *bp);
 /* Give back a buffer that has no reference left (or the one a failed user of
  * cp__bufpool_get() holds). Returns true if handles are waiting for one (the caller then
  * serves them: cp__io_serve_starving). Thread-safe. */
 bool cp__bufpool_put(cp__bufpool *bp, uint16_t id);
-/* Take up to max free ids into ids[], each with one reference; returns how many. */
+/* Take up to max free ids into ids[], each with the kernel's hold; returns how many. */
 uint32_t cp__bufpool_get_many(cp__bufpool *bp, uint16_t *ids, uint32_t max);
 
-/* One more reference on a buffer that has one. Thread-safe. */
+/* One more chunk reference on a buffer that has a reference. Thread-safe. */
 static inline void cp__bufpool_ref(cp__bufpool *bp, uint16_t id)
 {
     __atomic_add_fetch(&bp->refs[id], 1, __ATOMIC_RELAXED);
 }
 
-/* Drop a reference; the last one gives the buffer back. Returns as cp__bufpool_put()
- * (false when references remain). Thread-safe. */
+/* The kernel's hold on a buffer becomes a chunk reference (its last chunk). */
+static inline void cp__bufpool_pass(cp__bufpool *bp, uint16_t id)
+{
+    __atomic_sub_fetch(&bp->refs[id], CP__REF_KERNEL - 1, __ATOMIC_RELAXED);
+}
+
+/* Drop a chunk reference; the last reference gives the buffer back. Returns as
+ * cp__bufpool_put() (false when references remain). Thread-safe. */
 bool cp__bufpool_unref(cp__bufpool *bp, uint16_t id);
+/* Drop the kernel's hold; as cp__bufpool_unref(). */
+bool cp__bufpool_unhold(cp__bufpool *bp, uint16_t id);
+/* A user's release of a chunk of buffer id: as cp__bufpool_unref(), or -EINVAL when the
+ * buffer has no chunk handed out (a second release): nothing is changed then. Returns
+ * 1 if handles are waiting for a buffer (see cp__bufpool_put()), else 0. */
+int cp__bufpool_release(cp__bufpool *bp, uint16_t id);
 
 /* Register h as waiting for a buffer (the caller pinned it and set CP__H_STARVING).
  * Returns 0, -EAGAIN if a buffer is free after all (try again: a release that came

@@ -365,8 +365,12 @@ static void resolve_options(cp_port_options *o)
         o->max_posted = DEFAULT_MAX_POSTED;
     if (o->ring_entries == 0)
         o->ring_entries = 1024;
-    if (o->cq_entries == 0)
-        o->cq_entries = o->ring_entries * 4 > 4096 ? o->ring_entries * 4 : 4096;
+    if (o->cq_entries == 0) {
+        /* 4 x, within what the kernel takes (IORING_MAX_CQ_ENTRIES): a default beyond it
+         * would make the io_uring set-up fail with -EINVAL. */
+        uint64_t cq = (uint64_t)o->ring_entries * 4;
+        o->cq_entries = cq < 4096 ? 4096 : cq > 65536 ? 65536 : (uint32_t)cq;
+    }
     if (o->cq_entries < o->ring_entries)
         o->cq_entries = o->ring_entries;
     if (o->pool_buffers == 0)

@@ -1183,11 +1183,14 @@ void cp_buffer_release(cp_port *p, void *buf)
     int id = cp__bufpool_id(&p->pool, buf);
     if (id < 0)
         return;
-    if (cp__bufpool_unref(&p->pool, (uint16_t)id))
+    /* Whole buffers are handed out at their start: anything else was never handed out. */
+    if (!p->pool.packed && (size_t)((char *)buf - p->pool.base) % p->pool.size != 0)
+        return;
+    if (cp__bufpool_release(&p->pool, (uint16_t)id) > 0)
         cp__io_serve_starving(p);
 }
 
 size_t cp_buffer_size(const cp_port *p)
 {
-    return p->pool.size;
+    return p ? p->pool.size : 0;
 }

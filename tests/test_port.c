@@ -907,6 +907,22 @@ TEST(a_receive_pool_of_4_gib_is_refused)
     cp_port_destroy(p);
 }
 
+/* The completion queue's default size is 4 x ring_entries, but the kernel takes at most
+ * 65536 entries: with ring_entries 32768 (the most it allows for a submission queue) the
+ * default must not make the io_uring set-up fail (an error with the backend forced, a
+ * silent switch to epoll with CP_BACKEND_AUTO). */
+TEST(the_largest_submission_queue_keeps_io_uring)
+{
+    if (strcmp(cpt_backend(), "io_uring") != 0)
+        SKIP("io_uring only");
+    cp_port *p;
+    cp_port_options o = {.concurrency = 1, .backend = CP_BACKEND_IO_URING, .ring_entries = 32768};
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    CHECK_EQ(cp_port_backend(p), CP_BACKEND_IO_URING);
+    cp_port_close(p);
+    cp_port_destroy(p);
+}
+
 /* A waiter popped by a waker times out before the waker (which stores the wake-up after
  * unlocking) gets to it, and its thread exits, freeing its record. With CPORT_INJECT (the
  * ASan build) the waker pauses 300 ms before storing: without the fix, the store lands in

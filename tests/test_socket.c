@@ -685,6 +685,11 @@ TEST(send_skip_on_success)
     uint8_t *big = malloc(len);
     fill_pattern(big, len, 8);
     cp_op bop = {0};
+    /* Fixed buffers on both ends: autotuned ones took all of 4 MiB at once on a loaded
+     * machine (the send was then done at once, rightly). */
+    int bufsz = 65536;
+    CHECK_OK(setsockopt(pr.s.fd, SOL_SOCKET, SO_SNDBUF, &bufsz, sizeof(bufsz)));
+    CHECK_OK(setsockopt(pr.client, SOL_SOCKET, SO_RCVBUF, &bufsz, sizeof(bufsz)));
     CHECK_EQ(cp_socket_send_ex(&pr.s, &bop, big, len, CP_SEND_SKIP_ON_SUCCESS), 0);
     CHECK_EQ(cp_socket_send_ex(&pr.s, &op, small, 50, CP_SEND_SKIP_ON_SUCCESS), 0);
     uint8_t *all = malloc(len + 50);
@@ -943,6 +948,8 @@ TEST(pooled_receive_basics)
     CHECK(r.u.buf != NULL);
     CHECK(memcmp(r.u.buf, "pooled data", 11) == 0);
     CHECK_EQ(cp_buffer_size(p), 4096);
+    CHECK_EQ(cp_buffer_size(NULL), 0); /* bad input: no crash */
+    cp_buffer_release(NULL, r.u.buf);  /* (ignored) */
     cp_buffer_release(p, r.u.buf);
     /* A plain receive is refused while data flows into pool buffers for this socket. */
     char tmp[4];
@@ -1830,5 +1837,197 @@ TEST(submissions_the_api_cannot_serve_are_refused)
     CHECK(c.op == &cl);
     expect_nothing(p, 20);
     pair_close(&pr, p);
+    cp_port_destroy(p);
+}
+
+/* A socket's backlog of received, unclaimed chunks counts in 16 bits (cp__nstash), and the
+ * per-socket cap stops the multishot only once the poller sees the chunks. Everything the
+ * kernel posted before that is kept: with packed buffers a chunk can be one byte, and with
+ * ring_entries 16384 the completion queue has 65536 slots (4 x), so more than 65535 chunks
+ * of one socket can wait in it. The backlog must never lose any of them. */
+TEST(pooled_backlog_of_many_tiny_chunks)
+{
+    cp_port_options o = {.concurrency = 1,
+                         .ring_entries = 16384,
+                         .pool_buffers = 64,
+                         .pool_buffer_size = 16384,
+                         .pool_per_socket = 4};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    cp_port_stats st;
+    cp_port_get_stats(p, &st);
+    if (!st.pool_packed) {
+        cp_port_destroy(p);
+        SKIP("needs packed pool buffers (io_uring, Linux 6.12+)");
+    }
+    pair pr;
+    pair_open(&pr, p);
+    cp_op r = {0};
+    CHECK_OK(cp_socket_recv_pooled(&pr.s, &r));
+    /* A first byte through it: the multishot is armed in the kernel, by this thread, and
+     * no receive is waiting when the flood below is harvested (all of it is backlog). */
+    uint8_t z = 0;
+    CHECK_EQ(write(pr.client, &z, 1), 1);
+    cp_completion c0 = next(p);
+    CHECK(c0.op == &r);
+    CHECK_EQ(c0.result, 1);
+    cp_buffer_release(p, r.u.buf);
+    /* One byte per write: each write's return to user space runs the multishot's retry in
+     * this thread, one completion per byte, while nobody polls the port. */
+    enum { N = 66000 };
+    for (int i = 0; i < N; i++) {
+        uint8_t b = (uint8_t)(i % 251);
+        CHECK_EQ(write(pr.client, &b, 1), 1);
+    }
+    expect_nothing(p, 10); /* harvest: everything goes to the socket's backlog */
+    CHECK_OK(cp_socket_recv_pooled(&pr.s, &r));
+    int have = 0;
+    while (have < N) {
+        cp_completion c = next(p);
+        CHECK(c.op == &r);
+        CHECK(c.result > 0);
+        for (int64_t k = 0; k < c.result; k++)
+            CHECK_EQ(((uint8_t *)r.u.buf)[k], (uint8_t)((have + k) % 251));
+        have += (int)c.result;
+        cp_buffer_release(p, r.u.buf);
+        if (have < N)
+            CHECK_OK(cp_socket_recv_pooled(&pr.s, &r));
+    }
+    CHECK_EQ(have, N);
+    pair_close(&pr, p);
+    cp_port_destroy(p);
+}
+
+#ifdef CPORT_INJECT
+struct release_then_poll {
+    cp_port *p;
+    void *buf;
+};
+
+/* While the main thread is held in the delay point: give a buffer back (nobody waits for
+ * one yet), then poll once as a worker would, which moves it into the kernel's ring. */
+static void *release_then_poll(void *arg)
+{
+    struct release_then_poll *a = arg;
+    usleep(100000);
+    cp_buffer_release(a->p, a->buf);
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(a->p, &c, 1, 50), -ETIMEDOUT);
+    return NULL;
+}
+#endif
+
+/* A pooled receive finds no buffer in the ring nor in the pool and registers as waiting
+ * for one. A buffer released just before the registration sees nobody waiting, and the
+ * poller's refill moves it into the ring: the waiting socket must still get it when its
+ * data arrives, not wait for a release that may never come (every other buffer is held
+ * here until this socket's data arrives). Delay point arm_no_buffer holds the receive's
+ * start in that window. */
+TEST(pooled_receive_starving_while_the_ring_has_a_buffer)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "arm_no_buffer:400000", 1)); /* before any thread */
+    /* Concurrency 2: the helper may poll while this thread counts as running. */
+    cp_port_options o = {
+        .concurrency = 2, .pool_buffers = 4, .pool_per_socket = 4, .flags = CP_PORT_WHOLE_BUFFERS};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    p = uring_only(p);
+    pair a, b;
+    pair_open(&a, p);
+    pair_open(&b, p);
+    /* Take every buffer of the pool through a, and hold them. */
+    void *held[4];
+    cp_op ra = {0};
+    for (int i = 0; i < 4; i++) {
+        CHECK_OK(cp_socket_recv_pooled(&a.s, &ra));
+        write_all(a.client, "x", 1);
+        cp_completion c = next(p);
+        CHECK(c.op == &ra);
+        CHECK_EQ(c.result, 1);
+        held[i] = ra.u.buf;
+    }
+    struct release_then_poll arg = {p, held[0]};
+    pthread_t th;
+    CHECK_OK(-pthread_create(&th, NULL, release_then_poll, &arg));
+    cp_op rb = {0};
+    CHECK_OK(cp_socket_recv_pooled(&b.s, &rb)); /* held in the window */
+    pthread_join(th, NULL);
+    CHECK_OK(unsetenv("CPORT_INJECT_DELAY"));
+    write_all(b.client, "hello", 5);
+    cp_completion c = next(p); /* without the fix: nothing for 5 s */
+    CHECK(c.op == &rb);
+    CHECK_EQ(c.result, 5);
+    CHECK(memcmp(rb.u.buf, "hello", 5) == 0);
+    cp_buffer_release(p, rb.u.buf);
+    for (int i = 1; i < 4; i++)
+        cp_buffer_release(p, held[i]);
+    pair_close(&a, p);
+    pair_close(&b, p);
+    cp_port_destroy(p);
+#endif
+}
+
+/* Releasing a pooled receive's buffer twice is the caller's error, but it must not corrupt
+ * the pool silently when it can be told: here the buffer was given back, went into the
+ * kernel's ring again, and is released a second time while no received data is in it.
+ * Without a check the buffer is both in the ring and on the free stack, so it is handed to
+ * the kernel twice and two receives share it: data still held is overwritten. */
+TEST(pool_buffer_released_twice_is_ignored_while_it_holds_nothing)
+{
+    cp_port_options o = {
+        .concurrency = 1, .pool_buffers = 4, .pool_per_socket = 4, .flags = CP_PORT_WHOLE_BUFFERS};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    pair a;
+    pair_open(&a, p);
+    cp_op r = {0};
+    char *held[4];
+    char msg[4][8];
+    int nheld = 0;
+    /* X: received, released (back to the pool), then its buffer goes back to the ring as
+     * the next receives use up what the ring holds. */
+    CHECK_OK(cp_socket_recv_pooled(&a.s, &r));
+    write_all(a.client, "xx", 2);
+    cp_completion c = next(p);
+    CHECK(c.op == &r && c.result == 2);
+    void *x = r.u.buf;
+    cp_buffer_release(p, x);
+    /* The caller's error, a second release, while the buffer holds nothing: on epoll it is
+     * free in the pool now (the next receive takes it again at once); on io_uring it is
+     * back in the kernel's ring once the first receive below has used up the ring. */
+    bool uring = cp_port_backend(p) == CP_BACKEND_IO_URING;
+    if (!uring)
+        cp_buffer_release(p, x);
+    for (int i = 0; i < 4; i++) {
+        if (uring && i == 1)
+            cp_buffer_release(p, x);
+        snprintf(msg[i], sizeof msg[i], "msg%d", i);
+        CHECK_OK(cp_socket_recv_pooled(&a.s, &r));
+        write_all(a.client, msg[i], 4);
+        c = next(p);
+        CHECK(c.op == &r);
+        CHECK_EQ(c.result, 4);
+        held[nheld++] = r.u.buf;
+        for (int k = 0; k < nheld; k++) {
+            CHECK(memcmp(held[k], msg[k], 4) == 0); /* nothing held was overwritten */
+            for (int j = 0; j < k; j++)
+                CHECK(held[j] != held[k]); /* never one buffer twice */
+        }
+    }
+    for (int k = 0; k < nheld; k++)
+        cp_buffer_release(p, held[k]);
+    /* And the pool still works: every buffer comes back once. */
+    for (int i = 0; i < 50; i++) {
+        CHECK_OK(cp_socket_recv_pooled(&a.s, &r));
+        write_all(a.client, "more", 4);
+        c = next(p);
+        CHECK(c.op == &r && c.result == 4);
+        CHECK(memcmp(r.u.buf, "more", 4) == 0);
+        cp_buffer_release(p, r.u.buf);
+    }
+    pair_close(&a, p);
     cp_port_destroy(p);
 }

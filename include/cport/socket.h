@@ -166,10 +166,15 @@ CP_EXTERN int cp_socket_recvv(cp_socket *s, cp_op *op, const struct iovec *iov, 
  * receive waits for a buffer instead of failing. */
 CP_EXTERN int cp_socket_recv_pooled(cp_socket *s, cp_op *op);
 
-/* Give the data of a CP_OP_RECV_POOL completion (its op->u.buf) back to the port's pool. */
+/* Give the data of a CP_OP_RECV_POOL completion (its op->u.buf) back to the port's pool,
+ * once. A pointer that is not in the pool, or names a buffer none of whose data is out,
+ * is ignored; a second release of data whose buffer still holds other data that is out
+ * (another receive's, or, with whole buffers, the next receive's) cannot be told from a
+ * release of that data and gives the buffer back too early. */
 CP_EXTERN void cp_buffer_release(cp_port *port, void *buf);
 
-/* The size in bytes of each pool buffer of the port (the most one pooled receive returns). */
+/* The size in bytes of each pool buffer of the port (the most one pooled receive returns);
+ * 0 for a NULL port. */
 CP_EXTERN size_t cp_buffer_size(const cp_port *port);
 
 /* Send len bytes from buf. The operation completes when all len bytes have been handed
