@@ -85,8 +85,10 @@ typedef struct cp_port_options {
     uint32_t pool_buffer_size; /* bytes per pool buffer, a multiple of the page size;
                                   0 = 4096. The pool (buffers x size) must stay under
                                   4 GiB: cp_port_create_ex() fails with -EINVAL */
-    uint32_t pool_per_socket;  /* most received chunks (pool buffers or parts of them) one
-                                  socket may hold undelivered (fairness cap); 0 = 4 */
+    uint32_t pool_per_socket;  /* received chunks (pool buffers or parts of them) one
+                                  socket may hold undelivered before it stops receiving
+                                  into the pool (fairness cap; see
+                                  cp_socket_recv_pooled); 0 = 4, at most 255 */
     uint32_t max_pipes;        /* io_uring TransmitFile: pipes in the port's splice pool
                                   (64 KiB each); 0 = 256 */
     uint32_t file_threads;     /* epoll: threads doing file reads/writes (epoll cannot);

@@ -161,9 +161,11 @@ CP_EXTERN int cp_socket_recvv(cp_socket *s, cp_op *op, const struct iovec *iov, 
  * CP_PORT_WHOLE_BUFFERS; cp_port_stats.pool_packed says), anywhere in a buffer that other
  * receives, of any socket, share. Give the data back with cp_buffer_release(port, u.buf)
  * (the pointer as handed over); a shared buffer returns to the pool when all of its data
- * is given back. One socket never holds more than the port's pool_per_socket received
- * chunks undelivered, so a fast peer cannot take every buffer; when the pool is empty the
- * receive waits for a buffer instead of failing. */
+ * is given back. A socket that holds the port's pool_per_socket received chunks
+ * undelivered stops receiving into the pool until they are claimed; on io_uring what the
+ * kernel had already received by then is kept too (never dropped), but it never takes more
+ * than the buffers in the kernel's ring, at most half the pool: a fast peer cannot take
+ * every buffer. When the pool is empty the receive waits for a buffer instead of failing. */
 CP_EXTERN int cp_socket_recv_pooled(cp_socket *s, cp_op *op);
 
 /* Give the data of a CP_OP_RECV_POOL completion (its op->u.buf) back to the port's pool,
