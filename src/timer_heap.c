@@ -43,6 +43,10 @@ static void sift_down(cp__timer_heap *h, uint32_t i)
 int cp__heap_push(cp__timer_heap *h, void *owner, uint32_t *slot, int64_t deadline)
 {
     if (h->n == h->cap) {
+        /* Positions are kept as index + 1 in 32 bits: 2^31 entries is as far as doubling
+         * goes (once more would wrap to 0, and realloc(v, 0) would free the array). */
+        if (h->cap >= UINT32_C(1) << 31)
+            return -ENOMEM;
         uint32_t cap = h->cap ? h->cap * 2 : 64;
         cp__timer_entry *v = realloc(h->v, cap * sizeof(*v));
         if (!v)

@@ -4,6 +4,7 @@
 #include "harness.h"
 
 #include "cport.h"
+#include "timer_heap.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -214,4 +215,22 @@ TEST(cancel_from_own_callback_while_a_later_firing_runs)
     wait_until(&x.done, 1); /* fails after 20 s if the cancel waits for itself */
     CHECK_EQ(x.result, 1);  /* it is running (the caller's own firing) */
     cp_pool_destroy(pool, CP_POOL_DRAIN);
+}
+
+/* The deadline heap (src/timer_heap.c, also behind per-operation timeouts) doubles its
+ * 32-bit capacity: past 2^31 entries the doubling wrapped to 0, realloc(v, 0) freed the
+ * array, and the heap kept the freed pointer (a double free, or a write far past a new
+ * empty array). A full heap must refuse the entry and stay intact. The heap here only
+ * pretends to hold 2^31 entries: the push never looks at them. */
+TEST(a_full_deadline_heap_refuses_an_entry)
+{
+    cp__timer_entry *fake = malloc(sizeof(*fake));
+    CHECK(fake != NULL);
+    cp__timer_heap h = {.v = fake, .n = 1u << 31, .cap = 1u << 31};
+    uint32_t slot = 0;
+    CHECK_EQ(cp__heap_push(&h, &slot, &slot, 1), -ENOMEM);
+    CHECK(h.v == fake);
+    CHECK_EQ(h.n, 1u << 31);
+    CHECK_EQ(slot, 0);
+    free(fake);
 }
