@@ -607,6 +607,12 @@ static void *block_a(void *arg)
     cp_port_stats st;
     cp_port_get_stats(x->port, &st);
     CHECK_EQ(st.running, 2); /* briefly above the limit, as on Windows */
+    /* Only briefly: coming back to dequeue while B still runs, A yields its slot instead of
+     * taking queued work through the running thread's fast path. */
+    CHECK_OK(cp_port_post(x->port, 0, 3, NULL));
+    CHECK_EQ(cp_port_dequeue(x->port, &c, 1, 0), -ETIMEDOUT);
+    cp_port_get_stats(x->port, &st);
+    CHECK_EQ(st.running, 1);
     __atomic_store_n(&x->phase, 2, __ATOMIC_SEQ_CST);
     return NULL;
 }
@@ -620,6 +626,8 @@ static void *block_b(void *arg)
     __atomic_store_n(&x->phase, 1, __ATOMIC_SEQ_CST);
     while (__atomic_load_n(&x->phase, __ATOMIC_SEQ_CST) < 2)
         sched_yield();
+    CHECK_EQ(cp_port_dequeue(x->port, &c, 1, 0), 1); /* the item A left */
+    CHECK_EQ(c.result, 3);
     return NULL;
 }
 

@@ -2640,6 +2640,67 @@ TEST(framed_split_and_batched)
     framed_case(&b);
 }
 
+/* Framed mode: the on_data that closes its connection is the last one. Frames after it in
+ * the same receive are dropped (server.h: data that arrives after the close began is
+ * dropped), not handed to a connection that is closing. */
+typedef struct stop_counts {
+    int frames, after_close, closes; /* atomic */
+} stop_counts;
+
+static void stop_on_data(cp_conn *c, const void *data, size_t len)
+{
+    stop_counts *k = cp_server_user(cp_conn_server(c));
+    int *closed = cp_conn_user(c);
+    ADD(&k->frames, 1);
+    if (LOAD(closed))
+        ADD(&k->after_close, 1);
+    if (len == 4 && memcmp(data, "stop", 4) == 0) {
+        STORE(closed, 1);
+        cp_conn_close(c);
+    }
+}
+
+static void stop_on_close(cp_conn *c, cp_close_reason reason, int err)
+{
+    (void)reason;
+    (void)err;
+    stop_counts *k = cp_server_user(cp_conn_server(c));
+    ADD(&k->closes, 1);
+}
+
+TEST(framed_close_in_on_data_ends_delivery)
+{
+    stop_counts k = {0};
+    cp_server_callbacks cb = {.on_data = stop_on_data, .on_close = stop_on_close};
+    cp_server_options o = {.bind = "127.0.0.1",
+                           .threads = 2,
+                           .framed = true,
+                           .conn_user_size = sizeof(int),
+                           .user = &k};
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_start(sv));
+    int fd = connect_to(cp_server_listen_port(sv));
+    /* Four frames in one write, so that they arrive in one receive. */
+    static const char *const parts[] = {"a", "stop", "b", "c"};
+    uint8_t msg[64];
+    size_t len = 0;
+    for (int i = 0; i < 4; i++) {
+        size_t n = strlen(parts[i]);
+        cp_frame_header(msg + len, (uint32_t)n);
+        memcpy(msg + len + 4, parts[i], n);
+        len += 4 + n;
+    }
+    send_all(fd, msg, len);
+    expect_closed(fd, IO_MS);
+    WAIT_FOR(LOAD(&k.closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&k.frames), 2);
+    CHECK_EQ(LOAD(&k.after_close), 0);
+    close(fd);
+    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
+    cp_server_destroy(sv);
+}
+
 /* Frame echo clients on their own thread (the framed counterpart of pinger): each round
  * every connection sends a frame and reads its echo. */
 typedef struct fpinger {

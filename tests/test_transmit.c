@@ -574,7 +574,19 @@ TEST(transmit_invalid_arguments)
     /* A file element whose fd is not a file fails too. */
     cp_packet bad = {.fd = pr.client, .len = 10};
     CHECK_OK(cp_socket_transmit_packets(&pr.s, &t, &bad, 1, 0));
-    CHECK(next_of(p, &t.op) < 0);
+    CHECK_EQ(next_of(p, &t.op), -EINVAL);
+    /* ...before touching it: a pipe's bytes stay there (a splice would take them). */
+    int pfd[2];
+    CHECK_OK(pipe(pfd));
+    CHECK_EQ(write(pfd[1], "0123456789", 10), 10);
+    cp_packet piped = {.fd = pfd[0], .len = 10};
+    CHECK_OK(cp_socket_transmit_packets(&pr.s, &t, &piped, 1, 0));
+    CHECK_EQ(next_of(p, &t.op), -EINVAL);
+    char pb[11] = {0};
+    CHECK_EQ(read(pfd[0], pb, 10), 10);
+    CHECK(strcmp(pb, "0123456789") == 0);
+    close(pfd[0]);
+    close(pfd[1]);
     pair_close_strict(&pr, p);
     rx_join(&r);
     close(pr.client);
