@@ -188,6 +188,22 @@ is_listening() { # port
         /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }
 
+# Whether process PID itself holds the socket listening on PORT. cport-bench measures the
+# CPU and memory of the process the script started: a wrapper that runs the server as its
+# child (timeout, perf stat, a shell script without exec) would be measured instead of the
+# server, and a port already in use would send the load to somebody else's server.
+owns_listener() { # pid port
+    local hex ino fd
+    hex=$(printf '%04X' "$2")
+    for ino in $(awk -v h="$hex" '$4 == "0A" { n = split($2, a, ":"); if (a[n] == h) print $10 }' \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null); do
+        for fd in /proc/"$1"/fd/*; do
+            [ "$(readlink "$fd" 2>/dev/null)" = "socket:[$ino]" ] && return 0
+        done
+    done
+    return 1
+}
+
 stop_server() {
     local pid=$1 i
     kill -TERM "$pid" 2>/dev/null
@@ -223,6 +239,14 @@ run_one() { # scenario round server
     done
     if ! is_listening "$port"; then
         echo "  $tag: server did not start listening on port $port (see $OUT/$tag.server.log)"
+        printf '%s\t%s\t%s\tfailed\t1\n' "$sc" "$round" "$name" >>"$DATA"
+        stop_server "$pid"
+        return
+    fi
+    if ! owns_listener "$pid" "$port"; then
+        echo "  $tag: port $port is not listened on by the started process ($pid) but by another" \
+            "one (a wrapper that does not exec the server, or the port was in use): not measured" |
+            tee -a "$LOG"
         printf '%s\t%s\t%s\tfailed\t1\n' "$sc" "$round" "$name" >>"$DATA"
         stop_server "$pid"
         return

@@ -21,6 +21,7 @@
  * setting up — and is freed by whoever drops the last one.
  */
 #include "cport.h"
+#include "../src/inject.h" /* CP__INJECT_DELAY: a delay point in -DCPORT_INJECT=ON builds only */
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -80,7 +81,7 @@ typedef struct multi_state {
     uint32_t lock;
     uint32_t next_recv; /* sequence number of the next receive posted */
     uint32_t next_send; /* sequence number of the next receive to send back */
-    uint32_t pad;
+    uint32_t eof;       /* the end of stream came in its turn: a disconnect is under way */
 } multi_state;
 
 typedef struct chunk {
@@ -161,6 +162,7 @@ typedef struct server {
     slab conns;
     size_t conn_size;
     int stopping;
+    unsigned accepting; /* accept handlers that may still set up a connection (atomic) */
     uint64_t accepted, rejected, closed;
     /* Accepts parked after EMFILE/ENFILE/ENOBUFS/ENOMEM, retried by a timer. */
     pthread_mutex_t park_lock;
@@ -332,11 +334,26 @@ static void lean_completion(server *sv, conn *c, cp_op *op, int64_t res)
 
 static bool multi_sent(server *sv, conn *c, slot *sl, int64_t res);
 
-/* Send, in sequence order, every received block whose turn has come. Lock held. */
+/* Closing: received blocks still waiting for their turn will not be sent; give their pool
+ * buffers back (their receives have completed: the ops are ours). Lock held. */
+static void drop_waiting(server *sv, conn *c)
+{
+    for (unsigned i = 0; i < sv->cfg.recvs; i++) {
+        slot *s = slot_at(c, i);
+        if (s->len >= 0) {
+            release_pool_buffer(sv, &s->op);
+            s->len = -1;
+        }
+    }
+}
+
+/* Send, in sequence order, every received block whose turn has come. A block of length 0
+ * is the end of stream: every block before it has been sent or is being sent, so the
+ * connection disconnects (which completes after those sends) and then closes. Lock held. */
 static void send_in_order(server *sv, conn *c)
 {
     multi_state *ms = mstate(c);
-    for (;;) {
+    while (!ms->eof) {
         slot *next = NULL;
         for (unsigned i = 0; i < sv->cfg.recvs && !next; i++) {
             slot *s = slot_at(c, i);
@@ -349,9 +366,19 @@ static void send_in_order(server *sv, conn *c)
         int32_t len = next->len;
         next->len = -1;
         ms->next_send++;
+        if (len == 0) {
+            ms->eof = 1;
+            ref_before_start(c);
+            if (start_result(c, cp_socket_disconnect(&c->s, &next->op)) < 0) {
+                drop_waiting(sv, c);
+                close_conn(c, &next->op);
+            }
+            return;
+        }
         int r = post_send(sv, c, &next->op, idx, (size_t)len);
         if (r < 0) {
             release_pool_buffer(sv, &next->op);
+            drop_waiting(sv, c);
             close_conn(c, &next->op);
             return;
         }
@@ -366,9 +393,12 @@ static bool multi_sent(server *sv, conn *c, slot *sl, int64_t res)
 {
     release_pool_buffer(sv, &sl->op);
     if (res < 0 || __atomic_load_n(&c->closing, __ATOMIC_SEQ_CST) || c->close_issued) {
+        drop_waiting(sv, c);
         close_conn(c, &sl->op);
         return false;
     }
+    if (mstate(c)->eof)
+        return false; /* nothing more to receive; the disconnect closes */
     sl->seq = mstate(c)->next_recv++;
     if (post_recv(sv, c, &sl->op, (unsigned)(sl - slot_at(c, 0))) < 0) {
         close_conn(c, &sl->op);
@@ -387,17 +417,22 @@ static void multi_completion(server *sv, conn *c, cp_op *op, int64_t res)
     switch (op->opcode) {
     case CP_OP_RECV:
     case CP_OP_RECV_POOL:
-        if (res <= 0 || stop) {
+        if (res < 0 || stop) {
             if (res > 0)
                 release_pool_buffer(sv, op);
+            drop_waiting(sv, c);
             close_conn(c, op);
             break;
         }
-        sl->len = (int32_t)res;
+        sl->len = (int32_t)res; /* 0: the end of stream, which also waits for its turn */
         send_in_order(sv, c);
         break;
     case CP_OP_SEND:
         multi_sent(sv, c, sl, res);
+        break;
+    case CP_OP_DISCONNECT: /* every reply went out (or failed): close */
+        drop_waiting(sv, c);
+        close_conn(c, op);
         break;
     default:
         break;
@@ -420,6 +455,7 @@ static void on_conn(cp_socket *s, cp_op *op, int64_t res, void *user)
 
 static void start_conn(server *sv, int fd)
 {
+    CP__INJECT_DELAY("echo_raw_start_conn");
     if (sv->cfg.max_conns &&
         __atomic_load_n(&sv->conns.live, __ATOMIC_RELAXED) >= sv->cfg.max_conns) {
         close(fd); /* over the limit: refuse at once, keep serving the others */
@@ -441,8 +477,13 @@ static void start_conn(server *sv, int fd)
         return;
     }
     c->refs = 1; /* set-up's own reference */
+    CP__INJECT_DELAY("echo_raw_conn_live");
     pthread_mutex_lock(&sv->conns.lock);
     c->live = 1; /* the shutdown walk may cancel it from now on */
+    /* A walk that already ran did not see this connection: close it like the walk would.
+     * (The walk sets `stopping` before it takes the lock.) */
+    if (__atomic_load_n(&sv->stopping, __ATOMIC_SEQ_CST))
+        __atomic_store_n(&c->closing, 1, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&sv->conns.lock);
     __atomic_add_fetch(&sv->accepted, 1, __ATOMIC_SEQ_CST);
     if (!multi(sv)) {
@@ -521,11 +562,20 @@ static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
     cp_accept_op *aop = CP_CONTAINER_OF(op, cp_accept_op, op);
     if (res >= 0) {
         int fd = aop->fd;
+        /* The listener's close completion may be handled while this handler still runs, so
+         * shutdown also waits for `accepting` to drop to 0. Counted before `stopping` is
+         * read (both seq_cst): shutdown sees this handler, or this handler sees it stop. */
+        __atomic_add_fetch(&sv->accepting, 1, __ATOMIC_SEQ_CST);
         post_accept(sv, aop);
         if (__atomic_load_n(&sv->stopping, __ATOMIC_SEQ_CST))
             close(fd);
         else
             start_conn(sv, fd);
+        if (__atomic_sub_fetch(&sv->accepting, 1, __ATOMIC_SEQ_CST) == 0) {
+            pthread_mutex_lock(&sv->done_lock);
+            pthread_cond_broadcast(&sv->done_cond);
+            pthread_mutex_unlock(&sv->done_lock);
+        }
         return;
     }
     int err = (int)-res;
@@ -709,7 +759,8 @@ static void shutdown_server(server *sv)
     }
     pthread_mutex_unlock(&sv->conns.lock);
     pthread_mutex_lock(&sv->done_lock);
-    while (!sv->listener_closed || __atomic_load_n(&sv->conns.live, __ATOMIC_SEQ_CST) > 0)
+    while (!sv->listener_closed || __atomic_load_n(&sv->accepting, __ATOMIC_SEQ_CST) > 0 ||
+           __atomic_load_n(&sv->conns.live, __ATOMIC_SEQ_CST) > 0)
         pthread_cond_wait(&sv->done_cond, &sv->done_lock);
     pthread_mutex_unlock(&sv->done_lock);
     cp_pool_destroy(sv->pool, CP_POOL_DRAIN);

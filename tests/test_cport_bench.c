@@ -490,3 +490,52 @@ TEST(options_of_another_mode_are_refused)
     CHECK(strstr(run.err, "bad value for --drain") != NULL);
     CHECK(strstr(run.out, "RESULT") == NULL);
 }
+
+/* bench/echo_bench.sh measures the CPU and memory of the process it starts (cport-bench
+ * --server-pid). A server given through a wrapper that runs it as a child (timeout here;
+ * perf stat, a shell script without exec) must not be measured as the wrapper's near-zero
+ * CPU, which made a ratio of 0.000 against the reference: such a run is reported failed. */
+TEST(echo_bench_script_refuses_a_wrapped_server)
+{
+    char root[PATH_MAX];
+    snprintf(root, sizeof root, "%s", __FILE__);
+    char *t = strstr(root, "/tests/test_cport_bench.c");
+    if (!t)
+        SKIP("source path unknown");
+    *t = 0;
+    bin_path("ref_echo");
+    bin_path("cport-bench");
+    char out[PATH_MAX + 32];
+    snprintf(out, sizeof out, "/tmp/echo_bench_test.%d", (int)getpid());
+    char cmd[4 * PATH_MAX + 512];
+    snprintf(cmd, sizeof cmd,
+             "timeout -k 5 120 bash %s/bench/echo_bench.sh --build %s/.. --rounds 1 --secs 0.5 "
+             "--warmup 0.2 --scenarios echo_64x100 --port-base %d --out %s "
+             "--server 'ref|{build}/bin/ref_echo --port {port}|' "
+             "--server 'wrapped|timeout 300 {build}/bin/ref_echo --port {port}|' 2>&1; "
+             "rm -rf %s",
+             /* below the ephemeral range (32768-): other tests' connections cannot hold
+                it */
+             root, bindir, 20000 + 2 * (int)(getpid() % 5000), out, out);
+    fprintf(stderr, "$ %s\n", cmd);
+    FILE *f = popen(cmd, "r");
+    CHECK(f != NULL);
+    static char text[OUT_CAP];
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    text[n] = 0;
+    int st = pclose(f);
+    fprintf(stderr, "%s[status 0x%x]\n", text, st);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    /* The medians table: ref measured, the wrapped server's one run failed (no figures). */
+    const char *table = strstr(text, "\nmedian ");
+    CHECK(table != NULL);
+    const char *ref = strstr(table, "\nref ");
+    const char *wrapped = strstr(table, "\nwrapped ");
+    CHECK(ref != NULL && wrapped != NULL);
+    const char *eol = strchr(ref + 1, '\n');
+    CHECK(eol != NULL && strstr(ref, "1(0)") != NULL && strstr(ref, "1(0)") < eol);
+    eol = strchr(wrapped + 1, '\n');
+    CHECK(eol != NULL);
+    const char *fails = strstr(wrapped, "1(1)");
+    CHECK(fails != NULL && fails < eol);
+}

@@ -1071,6 +1071,68 @@ TEST(raw_example)
     }
 }
 
+/* The raw-API example with several receives outstanding and two workers: a client that sends
+ * its data and then shuts its write side down (half-close) gets every byte back before the
+ * server closes. The end of stream is one more event of the stream: the receive that reports
+ * it may complete (and be handled) while earlier receives still wait for their turn or their
+ * sends are still in flight, and those bytes must still go out. */
+TEST(raw_example_half_close)
+{
+    static const size_t sizes[] = {1000, 100000};
+    for (int zb = 0; zb < 2; zb++) {
+        const char *args[] = {
+            "--threads", "2", "--recvs", "4", zb ? "--zero-byte" : "--buffer=1000", NULL};
+        server s;
+        server_spawn_prog(&s, "echo_raw", cpt_backend(), NULL, args);
+        int rounds = (int)cpt_scaled(60, 20);
+        for (int r = 0; r < rounds; r++) {
+            for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+                int fd = connect_to(&s);
+                exchange(fd, sizes[i], (unsigned)(r * 4 + (int)i), EX_HALF_CLOSE);
+                close(fd);
+            }
+        }
+        server_stop(&s);
+        CHECK_EQ(s.accepted, 2 * (uint64_t)rounds);
+    }
+}
+
+/* A stop signal while an accept's handler is still setting its connection up (delay points,
+ * ASan build): the listener's close completion is handled meanwhile on the other worker.
+ * echo_raw_start_conn holds the handler before it takes the connection's slot (the shutdown
+ * must not free the pool under it: the connection was never closed), echo_raw_conn_live
+ * between taking the slot and marking it live (the shutdown walk cannot see the connection:
+ * it must still be closed, instead of the shutdown waiting for it forever). */
+static void delay_start_conn(void)
+{
+    setenv("CPORT_INJECT_DELAY", "echo_raw_start_conn:300000", 1);
+}
+
+static void delay_conn_live(void)
+{
+    setenv("CPORT_INJECT_DELAY", "echo_raw_conn_live:300000", 1);
+}
+
+TEST(raw_example_stop_during_accept)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#endif
+    for (int i = 0; i < 4; i++) {
+        const char *args[] = {"--threads", "2", "--recvs", i % 2 ? "4" : "1", NULL};
+        server s;
+        server_spawn_prog(&s, "echo_raw", cpt_backend(), i < 2 ? delay_start_conn : delay_conn_live,
+                          args);
+        int fd = connect_to(&s);
+        usleep(100 * 1000); /* its handler is in the window now (in a CPORT_INJECT build) */
+        server_signal(&s, SIGTERM);
+        expect_closed(fd, 10000, true); /* the server closes it, not its exit */
+        close(fd);
+        server_reap(&s, SIGTERM);
+        CHECK_EQ(s.accepted, 1);
+    }
+}
+
 /* ---- accept burst --------------------------------------------------------------------------- */
 
 /* N non-blocking connects fired at once; every one must connect (none refused) and then get
