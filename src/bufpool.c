@@ -117,6 +117,29 @@ static void trim_cold_locked(cp__bufpool *bp, int64_t now)
     bp->min_free = bp->nfree;
 }
 
+/* Publish when an idle poller should run the check: while more free buffers than
+ * KEEP_RESIDENT hold memory, the next check may trim some. */
+static void publish_trim_at_locked(cp__bufpool *bp)
+{
+    int64_t at = 0;
+    if (bp->nfree - bp->trimmed > KEEP_RESIDENT)
+        at = bp->next_trim_ns ? bp->next_trim_ns : 1; /* (never checked yet: now) */
+    if (at != bp->trim_at)
+        __atomic_store_n(&bp->trim_at, at, __ATOMIC_RELAXED);
+}
+
+void cp__bufpool_maintain(cp__bufpool *bp, int64_t now)
+{
+    if (now < cp__bufpool_trim_at(bp))
+        return;
+    cp__lock_acquire(&bp->lock);
+    if (now >= bp->next_trim_ns) {
+        trim_cold_locked(bp, now);
+        publish_trim_at_locked(bp);
+    }
+    cp__lock_release(&bp->lock);
+}
+
 bool cp__bufpool_put(cp__bufpool *bp, uint16_t id)
 {
     /* No reference left (a failed user of cp__bufpool_get() gives back its own): a late
@@ -130,6 +153,7 @@ bool cp__bufpool_put(cp__bufpool *bp, uint16_t id)
         if (now >= bp->next_trim_ns)
             trim_cold_locked(bp, now);
     }
+    publish_trim_at_locked(bp);
     bool waiting = bp->nstarving > 0;
     cp__lock_release(&bp->lock);
     return waiting;

@@ -7,8 +7,9 @@
  *
  * Free buffers that nobody took for a whole second (the bottom of the stack, below its low
  * watermark) give their pages back to the OS (MADV_DONTNEED), so RSS follows the load back
- * down after a burst; a trimmed buffer costs a page fault when it is next used. Buffers in
- * steady circulation are never trimmed.
+ * down after a burst, also when no traffic follows it (the poller then wakes for the
+ * check); a trimmed buffer costs a page fault when it is next used. Buffers in steady
+ * circulation are never trimmed.
  *
  * A buffer may hold several chunks of received data (io_uring fills its provided buffers
  * incrementally, one receive after the other, whatever the socket), so every buffer
@@ -67,6 +68,8 @@ typedef struct cp__bufpool {
     uint32_t min_free;    /* lowest nfree since the last trim check */
     uint32_t puts;        /* puts since the last look at the clock */
     int64_t next_trim_ns; /* the next trim check (coarse monotonic clock) */
+    int64_t trim_at;      /* atomic: next_trim_ns while resident free buffers beyond those
+                             kept could be trimmed, else 0 (read by the poller) */
     uint32_t fresh;       /* ids >= fresh were never handed out */
     uint32_t *refs;       /* per buffer, atomic: references (see above) */
     uint32_t *filled;     /* per buffer: bytes the kernel has filled (io_uring backend only) */
@@ -121,6 +124,17 @@ bool cp__bufpool_unhold(cp__bufpool *bp, uint16_t id);
  * buffer has no chunk handed out (a second release): nothing is changed then. Returns
  * 1 if handles are waiting for a buffer (see cp__bufpool_put()), else 0. */
 int cp__bufpool_release(cp__bufpool *bp, uint16_t id);
+
+/* When an idle port should look at the pool again (monotonic ns): the time of the next
+ * trim check while free buffers that could be trimmed still hold memory, else 0. Releases
+ * run the check themselves; a port that receives nothing runs it through its poller, which
+ * waits at most until then (cp__bufpool_maintain). Lock-free. */
+static inline int64_t cp__bufpool_trim_at(const cp__bufpool *bp)
+{
+    return __atomic_load_n(&bp->trim_at, __ATOMIC_RELAXED);
+}
+/* Run the trim check if it is due at `now` (cp__now_ns()). Thread-safe. */
+void cp__bufpool_maintain(cp__bufpool *bp, int64_t now);
 
 /* Register h as waiting for a buffer (the caller pinned it and set CP__H_STARVING).
  * Returns 0, -EAGAIN if a buffer is free after all (try again: a release that came

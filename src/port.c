@@ -555,6 +555,11 @@ static void poll_backend_locked(cp_port *p, cp__thread *t, int64_t deadline)
     int64_t timer = cp__io_next_deadline(p);
     if (timer >= 0 && (deadline < 0 || timer < deadline))
         deadline = timer > 0 ? timer : 0;
+    /* Pool buffers a burst left behind are trimmed on releases; with no traffic, this
+     * poll wakes for the check (only while something could be trimmed). */
+    int64_t trim = cp__bufpool_trim_at(&p->pool);
+    if (trim > 0 && (deadline < 0 || trim < deadline))
+        deadline = trim;
     /* It will not block: nothing to wake. (The harvest itself begins only when the
      * backend's poll returns: one harvest must keep one generation from its start to its
      * end, or completions that other threads put on the late list for a handle stamped
@@ -568,6 +573,8 @@ static void poll_backend_locked(cp_port *p, cp__thread *t, int64_t deadline)
         cp__io_serve_starving(p);
     if (timer >= 0)
         cp__io_expire(p, cp__now_ns());
+    if (trim > 0)
+        cp__bufpool_maintain(&p->pool, cp__now_ns());
 
     cp__lock_acquire(&p->lock);
     __atomic_store_n(&p->poller, NULL, __ATOMIC_RELAXED);
@@ -810,4 +817,8 @@ void cp_port_get_stats(cp_port *p, cp_port_stats *s)
     for (cp__thread *t = p->threads; t; t = t->next)
         s->dequeued += __atomic_load_n(&t->dequeued, __ATOMIC_RELAXED);
     cp__lock_release(&p->lock);
+    cp__lock_acquire(&p->pool.lock);
+    s->pool_free = p->pool.nfree;
+    s->pool_trimmed = p->pool.trimmed;
+    cp__lock_release(&p->pool.lock);
 }

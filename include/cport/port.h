@@ -176,6 +176,10 @@ typedef struct cp_port_stats {
     bool pool_packed;      /* pooled receives share pool buffers (see CP_PORT_WHOLE_BUFFERS) */
     uint64_t cq_overflows; /* times the kernel's completion queue was found overflowed
                               (io_uring; the overflow is drained, nothing is lost) */
+    uint32_t pool_free;    /* receive-pool buffers free now (not handed out, not in the
+                              kernel's ring; never-used ones not counted) */
+    uint32_t pool_trimmed; /* ...of which hold no memory: given back to the OS after a
+                              second unused (all but 64), also when no traffic follows */
 } cp_port_stats;
 
 /* Fill *stats with the port's counters (all zero for a NULL port; nothing for NULL
