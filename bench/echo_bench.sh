@@ -17,6 +17,7 @@ WARMUP=
 SECS=
 HOLD_CONNS=
 HOLD_SECS=
+HOLD_SETTLE=
 SERVER_CPU=0
 CLIENT_CPU=1
 PORT_BASE=15000
@@ -35,6 +36,10 @@ usage: bench/echo_bench.sh [options]
   --warmup W           warm-up seconds before the measured window (default 2)
   --hold-conns N       connections in the hold scenario (default 19000)
   --hold-secs T        how long hold keeps them idle (default 3)
+  --hold-settle T      before each of hold's RSS samples of the set-up, wait (at most T)
+                       until the server's RSS has not changed for 1.2 s, so that both
+                       find it at rest (default 10; pool buffers a burst left free are
+                       trimmed after a second, in steps)
   --scenarios LIST     comma-separated subset of:
                          echo_64x100 echo_64x1000d4 echo_16kx50d2 connrate_64 hold
                        and, not in the default list, echo_16kx4d2 (few connections,
@@ -66,6 +71,7 @@ while [ $# -gt 0 ]; do
     --warmup) WARMUP=$2; shift ;;
     --hold-conns) HOLD_CONNS=$2; shift ;;
     --hold-secs) HOLD_SECS=$2; shift ;;
+    --hold-settle) HOLD_SETTLE=$2; shift ;;
     --scenarios) SCENARIOS=$2; shift ;;
     --build) BUILD=$2; shift ;;
     --server) SERVERS+=("$2"); shift ;;
@@ -81,9 +87,9 @@ while [ $# -gt 0 ]; do
 done
 # Defaults; --quick only changes the values not given explicitly.
 if [ "$QUICK" = 1 ]; then
-    : "${ROUNDS:=2}" "${WARMUP:=0.5}" "${SECS:=1}" "${HOLD_CONNS:=2000}" "${HOLD_SECS:=1}"
+    : "${ROUNDS:=2}" "${WARMUP:=0.5}" "${SECS:=1}" "${HOLD_CONNS:=2000}" "${HOLD_SECS:=1}" "${HOLD_SETTLE:=3}"
 else
-    : "${ROUNDS:=5}" "${WARMUP:=2}" "${SECS:=5}" "${HOLD_CONNS:=19000}" "${HOLD_SECS:=3}"
+    : "${ROUNDS:=5}" "${WARMUP:=2}" "${SECS:=5}" "${HOLD_CONNS:=19000}" "${HOLD_SECS:=3}" "${HOLD_SETTLE:=10}"
 fi
 BUILD=$(cd "$BUILD" 2>/dev/null && pwd) || { echo "echo_bench.sh: no build directory" >&2; exit 2; }
 BENCH=$BUILD/bin/cport-bench
@@ -159,7 +165,7 @@ SC_ARGS[echo_16kx4d2]="echo -c 4 -s 16384 -d 2"
 SC_DESC[connrate_64]="connrate, 64 concurrent, 64 B echo per connection"
 SC_ARGS[connrate_64]="connrate -c 64 -s 64"
 SC_DESC[hold]="hold $HOLD_CONNS connections (one verified echo each, then idle)"
-SC_ARGS[hold]="hold -n $HOLD_CONNS --echo"
+SC_ARGS[hold]="hold -n $HOLD_CONNS --echo --settle $HOLD_SETTLE"
 ECHO_METRICS="msgs_per_s:msgs/s:0 mib_per_s:MiB/s:1 p50_us:p50_us:1 p99_us:p99_us:1 server_user_us_per_msg:usr_us/msg:3 server_sys_us_per_msg:sys_us/msg:3 cpu_us_per_msg:cpu_us/msg:3 jain:jain:4"
 for s in echo_64x100 echo_64x1000d4 echo_16kx50d2 echo_16kx4d2; do SC_METRICS[$s]=$ECHO_METRICS; done
 SC_METRICS[connrate_64]="conns_per_s:conns/s:0 p50_us:p50_us:1 p99_us:p99_us:1 server_user_us_per_conn:usr_us/conn:2 server_sys_us_per_conn:sys_us/conn:2 cpu_us_per_conn:cpu_us/conn:2"
@@ -258,7 +264,7 @@ run_one() { # scenario round server
     fi
     read -r -a cargv <<<"$BENCH $bargs --port $port --server-pid $pid"
     local limit
-    limit=$(awk -v w="$WARMUP" -v t="$SECS" -v h="$HOLD_SECS" 'BEGIN { printf "%d", w + t + h + 90 }')
+    limit=$(awk -v w="$WARMUP" -v t="$SECS" -v h="$HOLD_SECS" -v s="$HOLD_SETTLE" 'BEGIN { printf "%d", w + t + h + 2 * s + 90 }')
     {
         echo "# $tag"
         echo "server: ${PIN_S[*]} ${sargv[*]}"
@@ -338,7 +344,7 @@ echo "# date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')  host: $(uname -n)  kernel: $(
 echo "# cpu: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), $(nproc) CPUs;" \
     "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# git: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (modified)')"
-echo "# rounds $ROUNDS, warm-up ${WARMUP}s, measured ${SECS}s; hold: $HOLD_CONNS conns for ${HOLD_SECS}s"
+echo "# rounds $ROUNDS, warm-up ${WARMUP}s, measured ${SECS}s; hold: $HOLD_CONNS conns for ${HOLD_SECS}s, RSS sampled once settled (at most ${HOLD_SETTLE}s)"
 echo "# server pinned: ${PIN_S[*]:-none}; client pinned: ${PIN_C[*]:-none}; reference: $REF"
 echo "# raw results and per-run commands: $OUT"
 for n in "${NAMES[@]}"; do

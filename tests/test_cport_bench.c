@@ -347,6 +347,19 @@ TEST(hold)
     CHECK_EQ(result("lost"), 0);
     CHECK_EQ(result("errors"), 0);
     CHECK(result("server_rss_idle_kb") > 0);
+    /* --settle: before each RSS sample of the set-up, wait until the RSS has not changed for
+     * 1.2 s (the reference's never changes); the wait is not set-up time. The hold counts
+     * from the end of the set-up, so the second wait is part of it. */
+    int64_t t0 = cpt_now_ms();
+    bench("hold", "--port", port_str(&s), "-n", "200", "--echo", "-T", "1", "--settle", "5",
+          "--server-pid", pid, NULL);
+    int64_t took = cpt_now_ms() - t0;
+    CHECK_EQ(run.status, 0);
+    CHECK_EQ(result("held"), 200);
+    CHECK(result("establish_s") < 1.2); /* (the wait is not set-up time) */
+    CHECK(took >= 2400);                /* 1.2 s settled twice (the hold's 1 s is inside) */
+    CHECK(result("secs") >= 1.2);
+    CHECK(strstr(run.out, "each once settled") != NULL);
     server_stop(&s);
 }
 
@@ -485,6 +498,9 @@ TEST(options_of_another_mode_are_refused)
     CHECK_EQ(run.status, 2);
     bench("connrate", "--port", "1", "--drain", "1", "-T", "0.2", "-w", "0", NULL);
     CHECK_EQ(run.status, 2);
+    bench("echo", "--port", "1", "--settle", "1", "-T", "0.2", "-w", "0", NULL);
+    CHECK_EQ(run.status, 2);
+    CHECK(strstr(run.err, "--settle") != NULL);
     bench("echo", "--port", "1", "--drain", "0", "-T", "0.2", "-w", "0", NULL);
     CHECK_EQ(run.status, 2);
     CHECK(strstr(run.err, "bad value for --drain") != NULL);

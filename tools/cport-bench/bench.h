@@ -24,6 +24,7 @@ struct opts {
     size_t size; /* message size in bytes */
     int depth;   /* echo: messages in flight per connection */
     double secs, warmup, drain;
+    double settle; /* hold: idle pause before each RSS sample of the set-up (0 = none) */
     int threads;
     bool json;
     const char *mark_file;

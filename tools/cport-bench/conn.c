@@ -125,6 +125,26 @@ int run_connrate(struct opts *o)
 
 /* ---- hold -------------------------------------------------------------------------------------
  */
+
+/* The server's RSS once it has settled: sampled every 200 ms until it has not changed for
+ * 1.2 s (a server trimming what a burst left behind changes it at least once a second), or
+ * after `max` seconds. Without --server-pid, -1; with max 0, a sample at once. */
+static long settled_rss_kb(int pid, double max)
+{
+    if (pid <= 0)
+        return -1;
+    long rss = proc_rss_kb(pid);
+    int64_t end = now_ns() + (int64_t)(max * 1e9), since = now_ns();
+    while (now_ns() < end && now_ns() - since < 1200000000LL && !bench_stopped()) {
+        sleep_until(now_ns() + 200000000LL);
+        long r = proc_rss_kb(pid);
+        if (r != rss) {
+            rss = r;
+            since = now_ns();
+        }
+    }
+    return rss;
+}
 int run_hold(struct opts *o)
 {
     if (o->echo)
@@ -168,21 +188,31 @@ int run_hold(struct opts *o)
     mark_write("connect");
     if (half > 0)
         jobrun_run(&jr);
-    long rss_half = o->server_pid > 0 ? proc_rss_kb(o->server_pid) : -1;
+    /* --settle: the RSS samples find the server at rest (waiting at most that long); the
+     * pause is left out of the set-up time and of its CPU. */
+    struct cpu_sample pause0 = cpu_sample_take(o->server_pid);
+    int64_t p0 = now_ns();
+    long rss_half = settled_rss_kb(o->server_pid, o->settle);
+    struct cpu_sample pause1 = cpu_sample_take(o->server_pid);
+    int64_t paused = now_ns() - p0;
     uint64_t established_half = jr.done;
     if (!bench_stopped())
         jobrun_run(&jr2);
     int64_t t1 = now_ns();
     est.cpu1 = cpu_sample_take(o->server_pid);
-    est.secs = (double)(t1 - t0) / 1e9;
-    long rss1 = o->server_pid > 0 ? proc_rss_kb(o->server_pid) : -1;
+    if (pause0.ok && pause1.ok) {
+        est.cpu1.user_us -= pause1.user_us - pause0.user_us;
+        est.cpu1.sys_us -= pause1.sys_us - pause0.sys_us;
+    }
+    est.secs = (double)(t1 - t0 - paused) / 1e9;
+    long rss1 = settled_rss_kb(o->server_pid, o->settle);
     uint64_t established = jr.done + jr2.done;
     errs_add(&jr.err, &jr2.err);
     hist_merge(&jr.hist, &jr2.hist);
     if (jr2.done)
         jr.last_ns = jr2.last_ns;
     int inflight = jr.nslots > jr2.nslots ? jr.nslots : jr2.nslots;
-    double est_secs = established ? (double)(jr.last_ns - t0) / 1e9 : 0;
+    double est_secs = established ? (double)(jr.last_ns - t0 - (jr2.done ? paused : 0)) / 1e9 : 0;
     say("cport-bench hold: %s:%d, %d connections%s, %d connects in flight at most\n", o->host,
         o->port, n, o->echo ? " with one echo each" : "", inflight);
     say("established %" PRIu64 " in %.3f s (%.0f conns/s)\n", established, est_secs,
@@ -238,10 +268,10 @@ int run_hold(struct opts *o)
         double marginal = (rss1 >= 0 && rss_half >= 0 && second && established_half)
                               ? (double)(rss1 - rss_half) * 1024.0 / (double)second
                               : 0;
-        say("server RSS: %ld KiB before, %ld KiB with half of them, %ld KiB established, %ld "
-            "KiB after idling (%.0f bytes per connection on average; the second half added "
+        say("server RSS: %ld KiB before, %ld KiB with half of them, %ld KiB established%s, "
+            "%ld KiB after idling (%.0f bytes per connection on average; the second half added "
             "%.0f bytes each)\n",
-            rss0, rss_half, rss1, rss2, per, marginal);
+            rss0, rss_half, rss1, o->settle > 0 ? " (each once settled)" : "", rss2, per, marginal);
         res_int("server_rss_before_kb", rss0);
         res_int("server_rss_half_kb", rss_half);
         res_int("server_rss_established_kb", rss1);

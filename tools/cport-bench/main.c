@@ -93,6 +93,11 @@ static void usage(FILE *f, const char *mode)
                 "  --echo              send and verify one message on each after connecting\n"
                 "  -s, --size BYTES    that message's size (default 64)\n"
                 "  -T, --secs SEC      how long to hold them (default 5)\n"
+                "  --settle SEC        before each RSS sample of the set-up (half set up, all\n"
+                "                      set up) wait, at most SEC, until the server's RSS has not\n"
+                "                      changed for 1.2 s (at rest: e.g. its buffers trimmed); the\n"
+                "                      wait is not in set-up time or CPU (with --server-pid;\n"
+                "                      default 0: sample at once)\n"
                 "%s",
                 common_help);
     } else {
@@ -147,6 +152,7 @@ enum {
     O_SRC_START,
     O_ECHO,
     O_DRAIN,
+    O_SETTLE,
 };
 
 int main(int argc, char **argv)
@@ -201,6 +207,7 @@ int main(int argc, char **argv)
         {"src-start", required_argument, NULL, O_SRC_START},
         {"echo", no_argument, NULL, O_ECHO},
         {"drain", required_argument, NULL, O_DRAIN},
+        {"settle", required_argument, NULL, O_SETTLE},
         {NULL, 0, NULL, 0},
     };
     const char *shorts = is_hold ? "n:s:T:h" : is_echo ? "c:s:d:T:w:t:h" : "c:s:T:w:t:h";
@@ -274,6 +281,11 @@ int main(int argc, char **argv)
             break;
         case O_DRAIN:
             o.drain = parse_secs(m, "--drain", optarg, 0.001); /* 0: every run would time out */
+            break;
+        case O_SETTLE:
+            if (!is_hold)
+                bad(m, "--settle", "(only for hold)");
+            o.settle = parse_secs(m, "--settle", optarg, 0);
             break;
         default:
             usage(stderr, m);
