@@ -20,6 +20,7 @@
 #include "cport/file.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sys/sendfile.h>
 #include <stdlib.h>
@@ -222,8 +223,9 @@ static int ep_poll(cp_port *p, int64_t deadline, cp__oplist *done)
         uint32_t e = ev->events;
         cp_op *before = done->tail;
         cp__hb_acquire(ev->data.ptr);
-        cp__io_ready(ev->data.ptr, (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0,
-                     (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0,
+        cp__io_ready(ev->data.ptr,
+                     (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR | EPOLLPRI)) != 0,
+                     (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR | EPOLLPRI)) != 0,
                      (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0, done);
         received += received_after(done, before);
     }
@@ -265,11 +267,15 @@ static int ep_poll(cp_port *p, int64_t deadline, cp__oplist *done)
 static int ep_attach(cp_handle *h)
 {
     ep_state *s = state_of(h->cp__port);
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = h};
+    /* EPOLLPRI: TCP urgent data makes a receive stop short at the urgent mark with more
+     * bytes queued behind it (see CP__H_RD_HUP). */
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET,
+                             .data.ptr = h};
     /* Assume writable (the first send finds out, at the cost of one system call at most),
      * not readable: a socket just accepted has mostly nothing to read yet, and registering
      * it reports it readable at once if it has. Set before the fd is registered: from then
-     * on the poller may be in cp__io_ready() for it. */
+     * on the poller may be in cp__io_ready() for it. (A datagram socket comes with
+     * CP__H_RD_HUP already set: see associate() in socket.c.) */
     const uint16_t f = CP__H_ATTACHED | CP__H_WR_READY;
     h->cp__flags |= f;
     cp__hb_release(h);
@@ -527,6 +533,17 @@ static int step_connect(cp_handle *h, cp_op *op)
     if (getpeername(h->fd, (struct sockaddr *)&peer, &plen) < 0) {
         if (errno != ENOTCONN)
             return -errno;
+        /* Not connected: still connecting, or failed with an error that an operation of
+         * the other queue (a receive posted meanwhile) has already taken off the socket.
+         * A socket still connecting reports nothing; a failed one reports a hang-up, and
+         * no further edge will come for it. */
+        struct pollfd pf = {.fd = h->fd, .events = POLLOUT};
+        if (poll(&pf, 1, 0) == 1 && (pf.revents & (POLLHUP | POLLERR))) {
+            len = sizeof(err);
+            if (getsockopt(h->fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err)
+                return -err;
+            return -ENOTCONN;
+        }
         clear_flag(h, CP__H_WR_READY);
         return CP__PENDING;
     }

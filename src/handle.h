@@ -18,8 +18,9 @@ enum {
     CP__H_STARVING = 1u << 8,   /* waiting for a free pool buffer (pinned, on the list) */
     CP__H_ATTACHED = 1u << 9,   /* the backend registered the fd */
     CP__H_FILE = 1u << 10,      /* a regular file: operations run at once, in parallel */
-    CP__H_RD_HUP = 1u << 11,    /* epoll: the peer's FIN (or an error) was reported; a short
-                                   read no longer means the socket is drained */
+    CP__H_RD_HUP = 1u << 11,    /* epoll: a short read does not mean the socket is drained:
+                                   the peer's FIN (or an error) or TCP urgent data was
+                                   reported, or a datagram socket */
     CP__H_LATE = 1u << 12,      /* another thread queued completions after the poller's
                                    harvest of generation cp__hgen (see cp_port.late) */
     CP__H_SEALED = 1u << 13,    /* no more sends (cp__socket_seal_if_idle) */

@@ -773,6 +773,16 @@ static int associate(cp_socket *s, cp_port *port, int fd, uintptr_t key, bool no
     s->cp__port = port;
     s->cp__stash_head = CP__STASH_END;
     cp__lock_init(&s->cp__lock);
+    if (!nonblocking) {
+        /* A receive of a datagram socket (UDP, SOCK_SEQPACKET) takes one message: short of
+         * its buffer says nothing about the next one, so there a short read never means
+         * the socket is drained (epoll). The server's accepted sockets (nonblocking) are
+         * TCP streams: no system call for them. */
+        int type = SOCK_STREAM;
+        socklen_t tlen = sizeof(type);
+        if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tlen) == 0 && type != SOCK_STREAM)
+            s->cp__flags |= CP__H_RD_HUP;
+    }
     int r = port->be->attach(s);
     if (r < 0) {
         s->cp__port = NULL;
