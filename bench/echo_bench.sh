@@ -37,7 +37,7 @@ usage: bench/echo_bench.sh [options]
   --hold-conns N       connections in the hold scenario (default 19000)
   --hold-secs T        how long hold keeps them idle (default 3)
   --hold-settle T      before each of hold's RSS samples of the set-up, wait (at most T)
-                       until the server's RSS has not changed for 1.2 s, so that both
+                       until the server's RSS has not changed for 2.5 s, so that both
                        find it at rest (default 10; pool buffers a burst left free are
                        trimmed after a second, in steps)
   --scenarios LIST     comma-separated subset of:

@@ -43,6 +43,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 /* Incrementally consumed provided buffers (kernel 6.12): not in liburing 2.3's headers.
@@ -109,6 +110,7 @@ typedef struct ur_state {
      * re-arm it, a wake-up cannot reach a waiting poller: polls then wait 1 ms at most and
      * try to arm it again. */
     bool wake_armed;
+    bool wake_by_msg; /* wakes post a message into the ring (Linux 6.13+), no eventfd read */
     /* One msghdr per SQE slot, for a vector send prepared in that slot: the kernel reads it
      * when it consumes the SQE, which may be at a later io_uring_enter than the one its
      * start made; the slot (and so its msghdr) is reused only after that. */
@@ -153,6 +155,36 @@ static unsigned flush_sq_locked(struct io_uring *ring)
     return tail - io_uring_smp_load_acquire(sq->khead);
 }
 
+#ifndef IORING_REGISTER_SEND_MSG_RING
+#define IORING_REGISTER_SEND_MSG_RING 31 /* Linux 6.13; liburing 2.3's headers predate it */
+#endif
+
+/* Post a message CQE (user_data TAG_IGNORE) straight into this ring, from any thread, with
+ * no ring of the caller's and no SQE of the ring's: a blocked poller wakes up. Unlike the
+ * eventfd read, it does not complete through the task work of the thread that submitted
+ * the read, which may be stuck in an uninterruptible wait (vfork, disk I/O) for long.
+ * Returns 0 or a negative errno (-EINVAL before Linux 6.13). */
+static int post_wake_msg(ur_state *s)
+{
+    if (CP__INJECT_FAIL("wake_msg"))
+        return -EINVAL; /* tests of the eventfd read, the older kernels' way */
+    struct io_uring_sqe sqe;
+    memset(&sqe, 0, sizeof(sqe));
+    io_uring_prep_msg_ring(&sqe, s->ring.ring_fd, 0, TAG_IGNORE, 0);
+    long r = syscall(__NR_io_uring_register, -1, IORING_REGISTER_SEND_MSG_RING, &sqe, 1);
+    return r < 0 ? -errno : 0;
+}
+
+/* Wake a poller blocked in io_uring_enter(). Async-signal-safe. */
+static void wake_poller(ur_state *s)
+{
+    if (s->wake_by_msg && post_wake_msg(s) == 0)
+        return;
+    uint64_t one = 1; /* (also if the message could not be posted: the CQ overflowed) */
+    ssize_t w = write(s->wakefd, &one, sizeof(one));
+    (void)w;
+}
+
 static void submit_now_locked(ur_state *s)
 {
     unsigned n = flush_sq_locked(&s->ring);
@@ -165,9 +197,7 @@ static void submit_now_locked(ur_state *s)
     if (r < (int)n && s->blocking) {
         /* The kernel took fewer (-EAGAIN, -ENOMEM): the rest must not wait for a poller
          * asleep in the kernel. Woken, it submits them with its next enter. */
-        uint64_t one = 1;
-        ssize_t w = write(s->wakefd, &one, sizeof(one));
-        (void)w;
+        wake_poller(s);
     }
 }
 
@@ -333,7 +363,11 @@ static int ur_init(cp_port *p, const cp_port_options *opts)
      * thread next returns to user space or sleeps, instead of interrupting it with an IPI
      * whenever data arrives; measured here to save ~25% of the server's system time per
      * echoed message. A thread busy in a handler posts them at its next syscall or tick. */
-    params.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN;
+    /* TASKRUN_FLAG: the kernel says (IORING_SQ_TASKRUN) when completions wait as task work
+     * to be posted; a poll that does not block then enters the kernel to post them (the
+     * calling thread's; any system call of a thread posts its own). */
+    params.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN |
+                   IORING_SETUP_TASKRUN_FLAG;
     params.cq_entries = opts->cq_entries;
     int r = io_uring_queue_init_params(opts->ring_entries, &s->ring, &params);
     if (r < 0) {
@@ -386,8 +420,14 @@ static int ur_init(cp_port *p, const cp_port_options *opts)
     s->ring_target = s->ring_start;
     p->be_data = s;
     refill_ring(p);
+    /* Wake-ups by message where the kernel has them (this first one is ignored: its CQE
+     * carries TAG_IGNORE); else by the eventfd read, re-armed after each completion. */
+    s->wake_by_msg = post_wake_msg(s) == 0;
     cp__lock_acquire(&s->sq_lock);
-    arm_wake_locked(s);
+    if (s->wake_by_msg)
+        s->wake_armed = true; /* for good: nothing to re-arm */
+    else
+        arm_wake_locked(s);
     submit_now_locked(s);
     cp__lock_release(&s->sq_lock);
     return 0;
@@ -417,9 +457,7 @@ static void ur_fini(cp_port *p)
 
 static void ur_wake(cp_port *p)
 {
-    uint64_t one = 1;
-    ssize_t r = write(state_of(p)->wakefd, &one, sizeof(one));
-    (void)r;
+    wake_poller(state_of(p));
 }
 
 /* ---- completion -------------------------------------------------------------------------- */
@@ -507,6 +545,10 @@ static int ur_poll(cp_port *p, int64_t deadline, cp__oplist *done)
 
     int r = 0;
     bool overflow = io_uring_cq_has_overflow(ring);
+    /* COOP_TASKRUN: completions of requests this thread submitted may be waiting as task
+     * work, posted only when it enters the kernel. A poll that does not wait must enter
+     * for them, or it reports nothing for I/O that has finished (until the next tick). */
+    bool taskrun = (IO_URING_READ_ONCE(*ring->sq.kflags) & IORING_SQ_TASKRUN) != 0;
     if (wait) {
         struct __kernel_timespec ts;
         struct io_uring_getevents_arg arg = {.sigmask_sz = _NSIG / 8};
@@ -521,9 +563,9 @@ static int ur_poll(cp_port *p, int64_t deadline, cp__oplist *done)
         r = io_uring_enter2(ring->ring_fd, to_submit, 1,
                             IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, (sigset_t *)&arg,
                             sizeof(arg));
-    } else if (to_submit || overflow) {
-        r = io_uring_enter(ring->ring_fd, to_submit, 0, overflow ? IORING_ENTER_GETEVENTS : 0,
-                           NULL);
+    } else if (to_submit || overflow || taskrun) {
+        r = io_uring_enter(ring->ring_fd, to_submit, 0,
+                           overflow || taskrun ? IORING_ENTER_GETEVENTS : 0, NULL);
     }
     if (wait || to_submit) {
         cp__lock_acquire(&s->sq_lock);

@@ -1745,8 +1745,9 @@ static void *dequeue_one(void *arg)
 }
 #endif
 
-/* The eventfd read through which other threads wake a poller waiting in the kernel cannot
- * be queued (failure point arm_wake_no_sqe: no SQE for it, ever). A completion posted
+/* The eventfd read through which other threads wake a poller waiting in the kernel (before
+ * Linux 6.13; failure point wake_msg makes the port use it here too) cannot be queued
+ * (failure point arm_wake_no_sqe: no SQE for it, ever). A completion posted
  * meanwhile must still reach the thread waiting in the port: the poller then waits a
  * millisecond at a time and tries again to arm the read. Without that it sleeps through
  * the post until its 4 s timeout (and only then finds the completion): the test wants it
@@ -1756,7 +1757,7 @@ TEST(poller_wakes_without_room_for_its_wake_read)
 #ifndef CPORT_INJECT
     SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
 #else
-    CHECK_OK(setenv("CPORT_INJECT_FAIL", "arm_wake_no_sqe", 1)); /* before any thread */
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "arm_wake_no_sqe,wake_msg", 1)); /* before threads */
     cp_port *p = uring_only(make_port());
     pair pr; /* a socket, so that a waiting thread waits in the backend's poll */
     pair_open(&pr, p);
@@ -2357,5 +2358,61 @@ TEST(connect_refused_with_a_receive_posted_completes)
         CHECK_OK(cp_socket_close(&s, &cl));
         CHECK(next(p).op == &cl);
     }
+    cp_port_destroy(p);
+}
+
+typedef struct late_writer {
+    pair *pr;
+    int go, ready;
+} late_writer;
+
+static void *write_then_flag(void *arg)
+{
+    late_writer *w = arg;
+    while (!__atomic_load_n(&w->go, __ATOMIC_ACQUIRE))
+        ;
+    write_all(w->pr->client, "x", 1);
+    /* Wait until the byte is in the server socket's receive queue (at most 1 s: where the
+     * other thread enters the kernel after all, as under TSan, its receive may have taken
+     * it already, and the dequeue then finds the completion posted). */
+    int64_t until = cpt_now_ms() + 1000;
+    for (int q = 0; q < 1 && cpt_now_ms() < until;)
+        CHECK_OK(ioctl(w->pr->s.fd, FIONREAD, &q));
+    __atomic_store_n(&w->ready, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+/* A non-blocking dequeue made after a receive's data arrived reports it (as epoll does):
+ * the completion must not wait until the submitting thread happens to enter the kernel. */
+TEST(a_nonblocking_dequeue_sees_data_that_arrived)
+{
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    int fails = 0, rounds = 20;
+    for (int i = 0; i < rounds; i++) {
+        char b;
+        cp_op op = {0};
+        CHECK_OK(cp_socket_recv(&pr.s, &op, &b, 1));
+        cp_completion c;
+        CHECK_EQ(cp_port_dequeue(p, &c, 1, 0), -ETIMEDOUT); /* submits it from this thread */
+        late_writer w = {&pr, 0, 0};
+        pthread_t th;
+        CHECK_OK(-pthread_create(&th, NULL, write_then_flag, &w));
+        __atomic_store_n(&w.go, 1, __ATOMIC_RELEASE);
+        while (!__atomic_load_n(&w.ready, __ATOMIC_ACQUIRE))
+            ; /* no system call on this thread meanwhile */
+        int n = cp_port_dequeue(p, &c, 1, 0);
+        if (n != 1) {
+            fails++;
+            c = next(p);
+        }
+        CHECK(c.op == &op);
+        CHECK_EQ(c.result, 1);
+        pthread_join(th, NULL);
+    }
+    fprintf(stderr, "non-blocking dequeue missed arrived data %d of %d times\n", fails, rounds);
+    CHECK_EQ(fails, 0);
+    pair_close(&pr, p);
     cp_port_destroy(p);
 }

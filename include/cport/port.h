@@ -76,10 +76,12 @@ typedef struct cp_port_options {
                                   power of two, at least 2; 0 = 16384. cp_port_post() fails with
                                   -EAGAIN beyond it (a pool's work items and timer
                                   firings are posts too) */
-    uint32_t ring_entries;     /* io_uring submission queue size; 0 = 1024 */
+    uint32_t ring_entries;     /* io_uring submission queue size; 0 = 1024, at most 32768
+                                  (the kernel's limit; above it creation fails with -EINVAL) */
     uint32_t cq_entries;       /* io_uring completion queue size (overflow beyond it is kept
                                   by the kernel and drained, never lost); 0 = the larger of
-                                  4096 and 4 x ring_entries, at most 65536 (the kernel's limit) */
+                                  4096 and 4 x ring_entries, at most 65536 (the kernel's limit;
+                                  a larger value makes creation fail with -EINVAL) */
     uint32_t pool_buffers;     /* buffers in the shared receive pool (CP_RECV_POOL receives);
                                   0 = 4096; rounded up to a power of two, at most 32768 */
     uint32_t pool_buffer_size; /* bytes per pool buffer, a multiple of the page size;

@@ -127,7 +127,8 @@ int run_connrate(struct opts *o)
  */
 
 /* The server's RSS once it has settled: sampled every 200 ms until it has not changed for
- * 1.2 s (a server trimming what a burst left behind changes it at least once a second), or
+ * 2.5 s (a server trimming what a burst left behind changes it every second or two: cport
+ * looks once a second and trims what was not used since the look before), or
  * after `max` seconds. Without --server-pid, -1; with max 0, a sample at once. */
 static long settled_rss_kb(int pid, double max)
 {
@@ -135,7 +136,7 @@ static long settled_rss_kb(int pid, double max)
         return -1;
     long rss = proc_rss_kb(pid);
     int64_t end = now_ns() + (int64_t)(max * 1e9), since = now_ns();
-    while (now_ns() < end && now_ns() - since < 1200000000LL && !bench_stopped()) {
+    while (now_ns() < end && now_ns() - since < 2500000000LL && !bench_stopped()) {
         sleep_until(now_ns() + 200000000LL);
         long r = proc_rss_kb(pid);
         if (r != rss) {

@@ -95,7 +95,7 @@ static void usage(FILE *f, const char *mode)
                 "  -T, --secs SEC      how long to hold them (default 5)\n"
                 "  --settle SEC        before each RSS sample of the set-up (half set up, all\n"
                 "                      set up) wait, at most SEC, until the server's RSS has not\n"
-                "                      changed for 1.2 s (at rest: e.g. its buffers trimmed); the\n"
+                "                      changed for 2.5 s (at rest: e.g. its buffers trimmed); the\n"
                 "                      wait is not in set-up time or CPU (with --server-pid;\n"
                 "                      default 0: sample at once)\n"
                 "%s",
