@@ -110,7 +110,8 @@ typedef struct ur_state {
      * re-arm it, a wake-up cannot reach a waiting poller: polls then wait 1 ms at most and
      * try to arm it again. */
     bool wake_armed;
-    bool wake_by_msg; /* wakes post a message into the ring (Linux 6.13+), no eventfd read */
+    bool wake_by_msg; /* wakes post a message into the ring (Linux 6.13+); the eventfd
+                         read is then only the fallback (see wake_poller) */
     /* One msghdr per SQE slot, for a vector send prepared in that slot: the kernel reads it
      * when it consumes the SQE, which may be at a later io_uring_enter than the one its
      * start made; the slot (and so its msghdr) is reused only after that. */
@@ -180,7 +181,7 @@ static void wake_poller(ur_state *s)
 {
     if (s->wake_by_msg && post_wake_msg(s) == 0)
         return;
-    uint64_t one = 1; /* (also if the message could not be posted: the CQ overflowed) */
+    uint64_t one = 1; /* (also if the message could not be posted: out of memory) */
     ssize_t w = write(s->wakefd, &one, sizeof(one));
     (void)w;
 }
@@ -421,13 +422,12 @@ static int ur_init(cp_port *p, const cp_port_options *opts)
     p->be_data = s;
     refill_ring(p);
     /* Wake-ups by message where the kernel has them (this first one is ignored: its CQE
-     * carries TAG_IGNORE); else by the eventfd read, re-armed after each completion. */
+     * carries TAG_IGNORE); else by the eventfd read, re-armed after each completion. The
+     * read is armed in both cases: with messages it is the fallback for one that cannot be
+     * posted (no memory for it). */
     s->wake_by_msg = post_wake_msg(s) == 0;
     cp__lock_acquire(&s->sq_lock);
-    if (s->wake_by_msg)
-        s->wake_armed = true; /* for good: nothing to re-arm */
-    else
-        arm_wake_locked(s);
+    arm_wake_locked(s);
     submit_now_locked(s);
     cp__lock_release(&s->sq_lock);
     return 0;
@@ -531,7 +531,7 @@ static int ur_poll(cp_port *p, int64_t deadline, cp__oplist *done)
     cp__lock_acquire(&s->sq_lock);
     if (!s->wake_armed)
         arm_wake_locked(s);
-    if (wait && !s->wake_armed) {
+    if (wait && !s->wake_armed && !s->wake_by_msg) {
         int64_t cap = cp__now_ns() + 1000000;
         if (deadline < 0 || deadline > cap)
             deadline = cap;

@@ -417,9 +417,9 @@ int cp_port_create_ex(cp_port **portp, const cp_port_options *opts)
         return -r;
     }
     /* The ring holds exactly max_posted entries when that is a power of two; otherwise
-     * the next power of two (documented as the cap rounded up). */
-    /* At least 2 slots: with one, a slot's "full" and "free for the next lap" sequence
-     * values coincide (see ring.h) and a second post would overwrite the first. */
+     * the next power of two (documented as the cap rounded up). At least 2: with one slot,
+     * its "full" and "free for the next lap" sequence values coincide (see ring.h) and a
+     * second post would overwrite the first. */
     r = cp__ring_init(&p->ring, o.max_posted < 2 ? 2 : round_pow2(o.max_posted));
     if (r == 0) {
         r = cp__bufpool_init(&p->pool, o.pool_buffers, o.pool_buffer_size, o.pool_per_socket);

@@ -221,7 +221,10 @@ CP_EXTERN int cp_socket_sendv_ex(cp_socket *s, cp_op *op, const struct iovec *io
 
 /* Cancel one outstanding operation (CancelIoEx with an OVERLAPPED). Returns 0 if the
  * operation was outstanding: it will complete (with -ECANCELED unless it finished first);
- * -ENOENT if op is not outstanding on s; -EALREADY if it is already being cancelled. */
+ * -ENOENT if op is not outstanding on s; -EALREADY if it is already being cancelled.
+ * A send (or transmit) cancelled, or timed out, after part of it went out reports
+ * -ECANCELED (-ETIMEDOUT) without that count: the peer has a prefix of it, and a later
+ * send follows that prefix, so on a stream the usual next step is to close. */
 CP_EXTERN int cp_socket_cancel(cp_socket *s, cp_op *op);
 
 /* Cancel every outstanding operation of s (CancelIoEx without one). Returns how many
