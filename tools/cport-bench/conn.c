@@ -146,6 +146,7 @@ static long settled_rss_kb(int pid, double max)
     }
     return rss;
 }
+
 int run_hold(struct opts *o)
 {
     if (o->echo)

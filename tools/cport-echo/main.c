@@ -80,8 +80,17 @@ static void on_stats_request(cp_conn *c, const void *data, size_t len)
         return; /* the rest of a request that came in several pieces */
     *answered = true;
     cp_server *echo = cp_server_user(cp_conn_server(c));
-    char body[4096];
-    int blen = cp_server_stats_prometheus(echo, "cport_echo_", body, sizeof(body));
+    char small[4096], *body = small;
+    int blen = cp_server_stats_prometheus(echo, "cport_echo_", body, sizeof(small));
+    if (blen >= (int)sizeof(small)) { /* (it returns what it needed, like snprintf) */
+        body = malloc((size_t)blen + 1);
+        if (!body ||
+            cp_server_stats_prometheus(echo, "cport_echo_", body, (size_t)blen + 1) != blen) {
+            free(body);
+            cp_conn_abort(c);
+            return;
+        }
+    }
     if (blen < 0)
         blen = 0;
     char head[160];
@@ -89,11 +98,13 @@ static void on_stats_request(cp_conn *c, const void *data, size_t len)
                       "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
                       "Content-Length: %d\r\nConnection: close\r\n\r\n",
                       blen);
-    if (cp_conn_send(c, head, (size_t)hl) < 0 || cp_conn_send(c, body, (size_t)blen) < 0) {
+    /* (cp_conn_send copies what the kernel does not take at once) */
+    if (cp_conn_send(c, head, (size_t)hl) < 0 || cp_conn_send(c, body, (size_t)blen) < 0)
         cp_conn_abort(c);
-        return;
-    }
-    cp_conn_close(c);
+    else
+        cp_conn_close(c);
+    if (body != small)
+        free(body);
 }
 
 static int stats_start(cp_server **statsp, cp_server *echo, const cp_server_options *eo, int port)
