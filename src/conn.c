@@ -106,11 +106,6 @@ static cp_frame_decoder *decoder_of(cp_server *sv, cp_conn *c)
     return (cp_frame_decoder *)((char *)c + sv->off_frame);
 }
 
-static uint16_t now_tick(cp_server *sv)
-{
-    return (uint16_t)cp__server_tick(sv);
-}
-
 /* The tick a delivery stamps its connection with (see cp__server_tick_late). */
 static uint16_t data_tick(cp_server *sv)
 {
@@ -287,8 +282,9 @@ static void drain_step(cp_server *sv, cp_conn *c)
         return;
     }
     while (!(st & (CF_LINGER | CF_CLOSE_ISSUED))) {
-        uint64_t want = (st & ~CS_TICK_MASK) | CF_LINGER |
-                        ((uint64_t)now_tick(sv) << CS_TICK_SHIFT & CS_TICK_MASK);
+        uint16_t unit = (uint16_t)(cp__server_tick(sv) >> sv->linger_shift);
+        uint64_t want =
+            (st & ~CS_TICK_MASK) | CF_LINGER | ((uint64_t)unit << CS_TICK_SHIFT & CS_TICK_MASK);
         if (__atomic_compare_exchange_n(&c->state, &st, want, true, __ATOMIC_SEQ_CST,
                                         __ATOMIC_SEQ_CST)) {
             shutdown_write(c);
@@ -402,8 +398,17 @@ int cp_conn_set_deadline(cp_conn *c, unsigned ms)
         return -EINVAL;
     uint32_t at = 0;
     if (ms) {
-        uint32_t ticks = (ms + sv->tick_ms - 1) / sv->tick_ms;
-        at = cp__server_tick(sv) + (ticks ? ticks : 1);
+        /* The first tick that begins at or after the deadline: the sweep fires it at a tick
+         * >= at, so never before the deadline, and at most one tick after it. (Rounding up
+         * from the tick the call falls in fired up to a tick early.) In 64 bits: ms near
+         * UINT_MAX wrapped to a deadline at the next tick. The sweep compares ticks modulo
+         * 2^32: a deadline 2^31 ticks away or more (beyond 24 days with tick_ms 1) does not
+         * fit and is refused. */
+        int64_t now = cp__now_ns() - sv->tick_epoch_ns;
+        int64_t due = (now + (int64_t)ms * 1000000 + sv->tick_ns - 1) / sv->tick_ns;
+        if (due - now / sv->tick_ns >= INT32_MAX)
+            return -EINVAL;
+        at = (uint32_t)due;
         if (at == 0)
             at = 1; /* 0 means "none" */
     }
@@ -411,27 +416,47 @@ int cp_conn_set_deadline(cp_conn *c, unsigned ms)
     return 0;
 }
 
-/* A timeout fired: the application decides (on_timeout), or the connection is aborted. */
-static void timed_out(cp_server *sv, cp_conn *c, cp_close_reason reason, uint64_t st)
+static int timeout_due(cp_server *sv, cp_conn *c, uint64_t st, uint32_t now);
+
+/* A timeout fired: the application decides (on_timeout), or the connection is aborted.
+ * The sweep found it due before taking c's lock, which a callback of c may have held
+ * meanwhile for as long as it ran: data may have arrived, the deadline may have been
+ * replaced or cleared. So it is decided again under the lock, on the state as it is now;
+ * a deadline is used up (cleared) only if it is still the one that is due, so that one
+ * set meanwhile (by another thread holding a reference) stands. */
+static void timed_out(cp_server *sv, cp_conn *c, uint32_t now)
 {
+    cp__lock_acquire(&c->lock);
+    uint64_t st = st_load(c);
+    int reason = (st & CF_CLOSING) ? -1 : timeout_due(sv, c, st, now);
+    if (reason == CP_CLOSE_DEADLINE) {
+        uint32_t at = __atomic_load_n(deadline_of(sv, c), __ATOMIC_RELAXED);
+        if (!at || !__atomic_compare_exchange_n(deadline_of(sv, c), &at, 0, false, __ATOMIC_RELAXED,
+                                                __ATOMIC_RELAXED))
+            reason = -1;
+    }
+    if (reason < 0) {
+        cp__lock_release(&c->lock);
+        return;
+    }
     /* conns_reaped counts connections a handshake or idle timeout closed (start_close
      * counts those it closes itself). */
     bool reap = reason != CP_CLOSE_DEADLINE;
     if (sv->cb.on_timeout && (st & CF_OPEN)) {
-        cp__lock_acquire(&c->lock);
-        if (!(st_load(c) & CF_CLOSING)) {
-            sv->cb.on_timeout(c, reason);
-            /* Only if the application closed it: a timeout left standing fires again at
-             * every tick. */
-            uint64_t now = st_load(c);
-            if (reap && (now & CF_CLOSING) &&
-                (now & CF_REASON_MASK) >> CF_REASON_SHIFT == CP_CLOSE_LOCAL)
-                __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
-        }
+        sv->cb.on_timeout(c, (cp_close_reason)reason);
+        /* Only if the application closed it: a timeout left standing fires again at
+         * every tick. */
+        uint64_t after = st_load(c);
+        if (reap && (after & CF_CLOSING) &&
+            (after & CF_REASON_MASK) >> CF_REASON_SHIFT == CP_CLOSE_LOCAL)
+            __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
         cp__lock_release(&c->lock);
     } else {
-        CP__INJECT_DELAY("timed_out");        /* the next tick's sweep may find it due too */
-        start_close(sv, c, reason, 0, false); /* counts it (once, however many sweeps) */
+        /* Under the lock (as cp_conn_abort from a callback), so that nothing changes
+         * between the decision and the close. */
+        CP__INJECT_DELAY("timed_out"); /* the next tick's sweep may find it due too */
+        start_close(sv, c, (cp_close_reason)reason, 0, false); /* counts it (once) */
+        cp__lock_release(&c->lock);
     }
 }
 
@@ -478,7 +503,8 @@ static void sweep_step(cp_server *sv, cp_conn *c, uint32_t now)
             issue_close(sv, c); /* it could not get its op (out of memory): retry */
         } else if (!(st & CF_LINGER)) {
             drain_step(sv, c);
-        } else if ((uint16_t)((uint16_t)now - st_tick(st)) >= sv->linger_ticks) {
+        } else if ((uint16_t)((uint16_t)(now >> sv->linger_shift) - st_tick(st)) >=
+                   sv->linger_units) {
             start_close(sv, c, (cp_close_reason)((st & CF_REASON_MASK) >> CF_REASON_SHIFT), 0,
                         false); /* lingered long enough: abort */
         } else if (quiet_both_ways(c)) {
@@ -498,11 +524,8 @@ static void sweep_step(cp_server *sv, cp_conn *c, uint32_t now)
         }
         return;
     }
-    int reason = timeout_due(sv, c, st, now);
-    if (reason == CP_CLOSE_DEADLINE)
-        __atomic_store_n(deadline_of(sv, c), 0, __ATOMIC_RELAXED);
-    if (reason >= 0)
-        timed_out(sv, c, (cp_close_reason)reason, st);
+    if (timeout_due(sv, c, st, now) >= 0)
+        timed_out(sv, c, now);
 }
 
 /* ---- receiving ------------------------------------------------------------------------- */

@@ -316,7 +316,8 @@ _Static_assert(CONN_RECORD_MAX + CP_CONN_USER_MAX <= CP__SLAB_MAX_OBJECT,
 
 static uint32_t ms_to_ticks(unsigned ms, unsigned tick_ms)
 {
-    return ms ? (ms + tick_ms - 1) / tick_ms : 0;
+    /* In 64 bits: ms within tick_ms of UINT_MAX wrapped to 0 ticks (off). */
+    return (uint32_t)(((uint64_t)ms + tick_ms - 1) / tick_ms);
 }
 
 int cp_server_create(cp_server **serverp, const cp_server_options *opts,
@@ -363,17 +364,24 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     sv->cb = *cb;
     sv->listen_fd = -1;
     /* Timeouts are counted in 16-bit ticks: make a tick long enough that the longest
-     * timeout stays under half their range. */
+     * timeout stays under half their range. Not for linger_ms: a long linger would make
+     * the tick, and with it the short timeouts' rounding, coarse (a 300 ms handshake
+     * timeout with tick_ms 10 fired after 220 ms when linger_ms was half an hour). The
+     * linger is counted in units of 2^linger_shift ticks instead. */
     unsigned longest =
         o.handshake_timeout_ms > o.idle_timeout_ms ? o.handshake_timeout_ms : o.idle_timeout_ms;
-    if (o.linger_ms > longest)
-        longest = o.linger_ms;
     sv->tick_ms = o.tick_ms;
     if (longest / sv->tick_ms >= 16384)
         sv->tick_ms = longest / 16384 + 1;
     sv->hs_ticks = ms_to_ticks(o.handshake_timeout_ms, sv->tick_ms);
     sv->idle_ticks = ms_to_ticks(o.idle_timeout_ms, sv->tick_ms);
-    sv->linger_ticks = ms_to_ticks(o.linger_ms, sv->tick_ms);
+    uint64_t linger = ms_to_ticks(o.linger_ms, sv->tick_ms);
+    unsigned shift = 0;
+    while (((linger + (1ull << shift) - 1) >> shift) >= 16383)
+        shift++;
+    sv->linger_shift = shift;
+    /* One unit more when units are coarser than a tick: the stamp is rounded down. */
+    sv->linger_units = (uint32_t)(((linger + (1ull << shift) - 1) >> shift) + (shift ? 1 : 0));
     sv->tick_ns = (int64_t)sv->tick_ms * 1000000;
     sv->tick_epoch_ns = cp__now_ns();
     struct timespec res;
@@ -414,7 +422,13 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     cp__lock_init(&sv->workers_lock);
     sv->foreign.shared = true; /* its caches stay without room (cap 0) */
     pthread_mutex_init(&sv->done_lock, NULL);
-    pthread_cond_init(&sv->done_cond, NULL);
+    /* The shutdown's deadline is measured on the monotonic clock: on the wall clock a step
+     * (NTP, an administrator) would move it, by hours back or forth. */
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&sv->done_cond, &ca);
+    pthread_condattr_destroy(&ca);
     sv->accepts = calloc(o.accepts_max, sizeof(*sv->accepts));
     sv->accept_busy = calloc(o.accepts_max, 1);
     sv->accept_idle = calloc(o.accepts_max, sizeof(*sv->accept_idle));
@@ -551,7 +565,7 @@ int cp_server_shutdown(cp_server *sv, unsigned deadline_ms)
     if (!sv || sv->shut_down)
         return 0;
     struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
+    clock_gettime(CLOCK_MONOTONIC, &deadline); /* done_cond's clock */
     deadline.tv_sec += deadline_ms / 1000;
     deadline.tv_nsec += (long)(deadline_ms % 1000) * 1000000;
     if (deadline.tv_nsec >= 1000000000) {

@@ -202,7 +202,9 @@ struct cp_server {
     int64_t tick_ns;
     int64_t coarse_ns; /* resolution of the coarse clock (cp__server_tick_late) */
     unsigned tick_ms;
-    uint32_t hs_ticks, idle_ticks, linger_ticks;
+    uint32_t hs_ticks, idle_ticks;
+    uint32_t linger_units; /* linger_ms in units of 2^linger_shift ticks (see create) */
+    unsigned linger_shift;
     cp_timer *ticker;
 
     /* Shutdown. */

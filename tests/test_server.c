@@ -4288,3 +4288,540 @@ TEST(short_lived_senders_do_not_strand_lookaside_objects)
     close(fd);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
+
+/* ---- cp_conn_set_deadline: when a deadline fires ------------------------------------------
+ *
+ * A small server of its own: each client sends 2-byte commands [index, command]; the index
+ * (0..DL_MAX-1) names the slot where the server records what happened to that connection.
+ *   'D' set the slot's deadline (dl->ms[i]), noting the time just before the call
+ *   'C' clear the deadline (0)
+ *   'B' block in on_data for dl->block_ms, then set the slot's deadline as 'D' does
+ *   'X' queue dl->big bytes the client does not read, cp_conn_close(), then set a deadline
+ *   'T' another thread (holding a reference) sets the deadline while on_data blocks
+ * on_timeout notes the first firing's time and counts firings; it aborts the connection
+ * unless dl->keep is set. */
+enum { DL_MAX = 32 };
+
+typedef struct dlsrv {
+    cp_server *sv;
+    uint16_t port;
+    unsigned ms[DL_MAX];
+    unsigned block_ms;
+    size_t big;
+    bool keep;
+    unsigned linger_ms;
+    int64_t set_ns[DL_MAX];   /* atomic: just before the (last) cp_conn_set_deadline */
+    int set_ret[DL_MAX];      /* atomic: what it returned, +1 (0 = not called) */
+    int64_t fired_ns[DL_MAX]; /* atomic: the first on_timeout, 0 = none */
+    uint32_t fires[DL_MAX];   /* atomic */
+    uint32_t closes[DL_MAX];  /* atomic */
+    int32_t close_reason[DL_MAX];
+    uint32_t bad_reason, overlap, opens, closes_all;
+} dlsrv;
+
+typedef struct dlconn {
+    int idx;      /* -1 until the first command */
+    uint8_t half; /* 1 = the index byte of a command arrived, its command not yet */
+    uint32_t inside;
+} dlconn;
+
+typedef struct dl_thread_arg {
+    dlsrv *dl;
+    cp_conn *c;
+    int idx;
+} dl_thread_arg;
+
+static void dl_enter(dlsrv *dl, dlconn *u)
+{
+    if (XCHG(&u->inside, 1))
+        ADD(&dl->overlap, 1);
+}
+
+static void dl_leave(dlconn *u)
+{
+    STORE(&u->inside, 0);
+}
+
+static void dl_set(dlsrv *dl, cp_conn *c, int i, unsigned ms)
+{
+    STORE(&dl->set_ns[i], cpt_now_ns());
+    STORE(&dl->set_ret[i], cp_conn_set_deadline(c, ms) + 1);
+}
+
+static void *dl_thread_main(void *arg)
+{
+    dl_thread_arg *a = arg;
+    dl_set(a->dl, a->c, a->idx, LOAD(&a->dl->ms[a->idx]));
+    cp_conn_unref(a->c);
+    return NULL;
+}
+
+static int dl_on_open(cp_conn *c)
+{
+    dlconn *u = cp_conn_user(c);
+    u->idx = -1;
+    ADD(&((dlsrv *)cp_server_user(cp_conn_server(c)))->opens, 1);
+    return 0;
+}
+
+static void dl_command(dlsrv *dl, cp_conn *c, int i, uint8_t cmd)
+{
+    switch (cmd) {
+    case 'D':
+        dl_set(dl, c, i, LOAD(&dl->ms[i]));
+        break;
+    case 'C':
+        dl_set(dl, c, i, 0);
+        break;
+    case 'B':
+        cp_port_block_begin(cp_server_port(dl->sv));
+        usleep(LOAD(&dl->block_ms) * 1000u);
+        cp_port_block_end(cp_server_port(dl->sv));
+        dl_set(dl, c, i, LOAD(&dl->ms[i]));
+        break;
+    case 'X': {
+        char *junk = calloc(1, LOAD(&dl->big));
+        CHECK(junk != NULL);
+        CHECK_OK(cp_conn_send(c, junk, LOAD(&dl->big)));
+        free(junk);
+        CHECK(cp_conn_pending(c) > 0);
+        cp_conn_close(c);
+        dl_set(dl, c, i, LOAD(&dl->ms[i]));
+        break;
+    }
+    case 'Q': {
+        char *junk = calloc(1, LOAD(&dl->big));
+        CHECK(junk != NULL);
+        CHECK_OK(cp_conn_send(c, junk, LOAD(&dl->big)));
+        free(junk);
+        STORE(&dl->set_ret[i], 1);
+        break;
+    }
+    case 'T': {
+        static dl_thread_arg args[DL_MAX];
+        args[i] = (dl_thread_arg){dl, c, i};
+        cp_conn_ref(c);
+        pthread_t th;
+        CHECK_OK(-pthread_create(&th, NULL, dl_thread_main, &args[i]));
+        cp_port_block_begin(cp_server_port(dl->sv));
+        WAIT_FOR(LOAD(&dl->set_ret[i]) != 0, IO_MS); /* set while this callback runs */
+        usleep(LOAD(&dl->block_ms) * 1000u);
+        cp_port_block_end(cp_server_port(dl->sv));
+        CHECK_OK(-pthread_join(th, NULL));
+        break;
+    }
+    }
+}
+
+static void dl_on_data(cp_conn *c, const void *data, size_t len)
+{
+    dlsrv *dl = cp_server_user(cp_conn_server(c));
+    dlconn *u = cp_conn_user(c);
+    dl_enter(dl, u);
+    const uint8_t *d = data;
+    for (size_t k = 0; k < len; k++) {
+        if (!u->half) {
+            CHECK(d[k] < DL_MAX);
+            u->idx = d[k];
+            u->half = 1;
+        } else {
+            u->half = 0;
+            dl_command(dl, c, u->idx, d[k]);
+        }
+    }
+    dl_leave(u);
+}
+
+static void dl_on_timeout(cp_conn *c, cp_close_reason reason)
+{
+    dlsrv *dl = cp_server_user(cp_conn_server(c));
+    dlconn *u = cp_conn_user(c);
+    dl_enter(dl, u);
+    int64_t now = cpt_now_ns();
+    if (reason != CP_CLOSE_DEADLINE || u->idx < 0) {
+        ADD(&dl->bad_reason, 1);
+    } else {
+        int64_t zero = 0;
+        __atomic_compare_exchange_n(&dl->fired_ns[u->idx], &zero, now, false, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_SEQ_CST);
+        ADD(&dl->fires[u->idx], 1);
+    }
+    if (!dl->keep)
+        cp_conn_abort(c);
+    dl_leave(u);
+}
+
+static void dl_on_close(cp_conn *c, cp_close_reason reason, int err)
+{
+    (void)err;
+    dlsrv *dl = cp_server_user(cp_conn_server(c));
+    dlconn *u = cp_conn_user(c);
+    dl_enter(dl, u);
+    if (u->idx >= 0) {
+        STORE(&dl->close_reason[u->idx], (int32_t)reason);
+        ADD(&dl->closes[u->idx], 1);
+    }
+    ADD(&dl->closes_all, 1);
+    dl_leave(u);
+}
+
+static const cp_server_callbacks dl_callbacks = {.on_open = dl_on_open,
+                                                 .on_data = dl_on_data,
+                                                 .on_timeout = dl_on_timeout,
+                                                 .on_close = dl_on_close};
+
+static dlsrv *dl_start_linger(unsigned tick_ms, bool deadlines, unsigned threads,
+                              unsigned linger_ms)
+{
+    dlsrv *dl = calloc(1, sizeof(*dl));
+    CHECK(dl != NULL);
+    cp_server_options o = {.bind = "127.0.0.1",
+                           .linger_ms = linger_ms,
+                           .threads = threads,
+                           .tick_ms = tick_ms,
+                           .conn_deadlines = deadlines,
+                           .conn_user_size = sizeof(dlconn),
+                           .user = dl};
+    o.port_options.flags |= CP_PORT_QUIET;
+    CHECK_OK(cp_server_create(&dl->sv, &o, &dl_callbacks));
+    CHECK_OK(cp_server_start(dl->sv));
+    dl->port = cp_server_listen_port(dl->sv);
+    return dl;
+}
+
+__attribute__((unused)) static dlsrv *dl_start(unsigned tick_ms, bool deadlines, unsigned threads)
+{
+    return dl_start_linger(tick_ms, deadlines, threads, 0);
+}
+
+static void dl_cmd(int fd, int idx, char cmd)
+{
+    uint8_t m[2] = {(uint8_t)idx, (uint8_t)cmd};
+    send_all(fd, m, 2);
+}
+
+__attribute__((unused)) static void dl_stop(dlsrv *dl)
+{
+    cp_server_shutdown(dl->sv, 1000);
+    CHECK_EQ(LOAD(&dl->closes_all), LOAD(&dl->opens));
+    CHECK_EQ(LOAD(&dl->overlap), 0);
+    CHECK_EQ(LOAD(&dl->bad_reason), 0);
+    cp_server_destroy(dl->sv);
+    free(dl);
+}
+
+/* Milliseconds from the set call to the first firing. */
+__attribute__((unused)) static double dl_elapsed_ms(dlsrv *dl, int i)
+{
+    return (double)(LOAD(&dl->fired_ns[i]) - LOAD(&dl->set_ns[i])) / 1e6;
+}
+
+/* A 1 s deadline with a 100 ms tick fires never before 1 s after the call, and well within
+ * the documented bound after it (tick_ms + the sweep's lateness; 2.5 s here, so that a
+ * loaded machine cannot fail it, while a deadline 3x late still does). The calls are spread
+ * over the phases of the tick: a deadline rounded to the tick it was set in fires early
+ * by up to one tick. */
+TEST(deadline_fires_after_it_passes_and_not_before)
+{
+    enum { N = 10 };
+    dlsrv *dl = dl_start(100, true, 2);
+    int fds[N];
+    for (int i = 0; i < N; i++) {
+        STORE(&dl->ms[i], 1000);
+        fds[i] = connect_to(dl->port);
+    }
+    for (int i = 0; i < N; i++) {
+        dl_cmd(fds[i], i, 'D');
+        usleep(13 * 1000); /* the next one in another phase of the tick */
+    }
+    for (int i = 0; i < N; i++)
+        WAIT_FOR(LOAD(&dl->fired_ns[i]) != 0, IO_MS);
+    int early = 0, late = 0;
+    for (int i = 0; i < N; i++) {
+        double e = dl_elapsed_ms(dl, i);
+        fprintf(stderr, "deadline %d: 1000 ms asked, fired after %.1f ms\n", i, e);
+        CHECK_EQ(LOAD(&dl->set_ret[i]), 1);
+        early += e < 1000.0;
+        late += e >= 2500.0;
+    }
+    CHECK_EQ(early, 0);
+    CHECK_EQ(late, 0);
+    for (int i = 0; i < N; i++) {
+        expect_closed(fds[i], IO_MS); /* aborted by on_timeout */
+        close(fds[i]);
+        CHECK_EQ(LOAD(&dl->fires[i]), 1);
+    }
+    WAIT_FOR(LOAD(&dl->closes_all) == N, IO_MS);
+    dl_stop(dl);
+}
+
+/* Cleared (0), a deadline never fires: checked once two deadlines set after the clear, one
+ * at twice and one at four times its length, have fired (so sweeps well past it ran). */
+TEST(deadline_cleared_never_fires)
+{
+    dlsrv *dl = dl_start(50, true, 2);
+    dl->keep = true;
+    STORE(&dl->ms[0], 300);
+    STORE(&dl->ms[1], 600);
+    STORE(&dl->ms[2], 1200);
+    int a = connect_to(dl->port), b = connect_to(dl->port), c = connect_to(dl->port);
+    dl_cmd(a, 0, 'D');
+    WAIT_FOR(LOAD(&dl->set_ret[0]) != 0, IO_MS);
+    dl_cmd(a, 0, 'C');
+    WAIT_FOR(LOAD(&dl->set_ns[0]) != 0 && LOAD(&dl->set_ret[0]) == 1, IO_MS);
+    usleep(10 * 1000);
+    dl_cmd(b, 1, 'D');
+    dl_cmd(c, 2, 'D');
+    WAIT_FOR(LOAD(&dl->fires[1]) && LOAD(&dl->fires[2]), IO_MS);
+    CHECK_EQ(LOAD(&dl->fires[0]), 0);
+    /* A deadline on_timeout left standing does not fire again: it was used up. */
+    CHECK_EQ(LOAD(&dl->fires[1]), 1);
+    close(a);
+    close(b);
+    close(c);
+    WAIT_FOR(LOAD(&dl->closes_all) == 3, IO_MS);
+    CHECK_EQ(LOAD(&dl->fires[0]), 0);
+    dl_stop(dl);
+}
+
+/* Without options.conn_deadlines: -EINVAL. A huge deadline (UINT_MAX ms, the natural
+ * "forever") is taken as it is, or refused with -EINVAL, but never wraps to a deadline that
+ * fires at the next tick; the same for one beyond 2^31 ticks (tick_ms 1). */
+TEST(deadline_invalid_and_huge_values)
+{
+    dlsrv *off = dl_start(100, false, 1);
+    STORE(&off->ms[0], 1000);
+    int fd = connect_to(off->port);
+    dl_cmd(fd, 0, 'D');
+    WAIT_FOR(LOAD(&off->set_ret[0]) != 0, IO_MS);
+    CHECK_EQ(LOAD(&off->set_ret[0]) - 1, -EINVAL);
+    close(fd);
+    WAIT_FOR(LOAD(&off->closes_all) == 1, IO_MS);
+    dl_stop(off);
+
+    static const unsigned ticks[2] = {100, 1};
+    for (int k = 0; k < 2; k++) {
+        dlsrv *dl = dl_start(ticks[k], true, 2);
+        STORE(&dl->ms[0], UINT_MAX);
+        STORE(&dl->ms[1], 0x80000000u);
+        STORE(&dl->ms[2], UINT_MAX - 50);
+        STORE(&dl->ms[3], 400); /* the marker: set after the others */
+        int fds[4];
+        for (int i = 0; i < 4; i++) {
+            fds[i] = connect_to(dl->port);
+            if (i == 3)
+                WAIT_FOR(LOAD(&dl->set_ret[2]) != 0, IO_MS);
+            dl_cmd(fds[i], i, 'D');
+        }
+        WAIT_FOR(LOAD(&dl->fires[3]) != 0, IO_MS);
+        usleep(3 * ticks[k] * 1000);
+        for (int i = 0; i < 3; i++) {
+            int r = LOAD(&dl->set_ret[i]) - 1;
+            fprintf(stderr, "tick %u ms, deadline %u ms: %d, fired %u times\n", ticks[k],
+                    LOAD(&dl->ms[i]), r, LOAD(&dl->fires[i]));
+            CHECK(r == 0 || r == -EINVAL);
+            CHECK_EQ(LOAD(&dl->fires[i]), 0);
+        }
+        for (int i = 0; i < 4; i++)
+            close(fds[i]);
+        WAIT_FOR(LOAD(&dl->closes_all) == 4, IO_MS);
+        dl_stop(dl);
+    }
+}
+
+/* A deadline set on a connection that is closing (gracefully, its replies held up by a
+ * peer that does not read) does not fire: the close stands, with its own reason. */
+TEST(deadline_on_a_closing_connection)
+{
+    dlsrv *dl = dl_start(20, true, 2);
+    STORE(&dl->big, (size_t)8 << 20);
+    STORE(&dl->ms[0], 50);
+    STORE(&dl->ms[1], 500); /* the marker */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(fd >= 0);
+    int small = 4096;
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small));
+    struct sockaddr_in sa = loopback(dl->port);
+    CHECK_OK(connect(fd, (struct sockaddr *)&sa, sizeof sa));
+    int m = connect_to(dl->port);
+    dl_cmd(fd, 0, 'X');
+    WAIT_FOR(LOAD(&dl->set_ret[0]) != 0, IO_MS);
+    dl_cmd(m, 1, 'D');
+    WAIT_FOR(LOAD(&dl->fires[1]) != 0, IO_MS);
+    CHECK_EQ(LOAD(&dl->fires[0]), 0);
+    CHECK_EQ(LOAD(&dl->closes[0]), 0); /* still draining */
+    /* Read everything: the close completes with its own reason. */
+    static char sink[65536];
+    ssize_t n;
+    int64_t until = cpt_now_ms() + IO_MS;
+    while ((n = recv(fd, sink, sizeof sink, 0)) > 0)
+        CHECK(cpt_now_ms() < until);
+    WAIT_FOR(LOAD(&dl->closes[0]) == 1, IO_MS);
+    CHECK_EQ(LOAD(&dl->close_reason[0]), CP_CLOSE_LOCAL);
+    CHECK_EQ(LOAD(&dl->fires[0]), 0);
+    close(fd);
+    close(m);
+    WAIT_FOR(LOAD(&dl->closes_all) == 2, IO_MS);
+    dl_stop(dl);
+}
+
+/* Set from another thread (holding a reference) while the connection's on_data runs: the
+ * deadline holds (not before, within the bound) and on_timeout waits for on_data. */
+TEST(deadline_set_from_another_thread_during_a_callback)
+{
+    dlsrv *dl = dl_start(20, true, 2);
+    STORE(&dl->ms[0], 200);
+    STORE(&dl->block_ms, 400); /* on_data still runs when the deadline passes */
+    int fd = connect_to(dl->port);
+    dl_cmd(fd, 0, 'T');
+    WAIT_FOR(LOAD(&dl->fires[0]) != 0, IO_MS);
+    double e = dl_elapsed_ms(dl, 0);
+    fprintf(stderr, "deadline 200 ms set by another thread: fired after %.1f ms\n", e);
+    CHECK_EQ(LOAD(&dl->set_ret[0]), 1);
+    CHECK(e >= 400.0); /* after on_data returned */
+    CHECK(e < 2500.0);
+    CHECK_EQ(LOAD(&dl->overlap), 0);
+    expect_closed(fd, IO_MS);
+    close(fd);
+    WAIT_FOR(LOAD(&dl->closes_all) == 1, IO_MS);
+    dl_stop(dl);
+}
+
+/* A deadline passes while on_data runs, and on_data sets a new one before returning: the
+ * sweep that found the old one due must not fire it after it was replaced, nor wipe the new
+ * one (which would then never fire). */
+TEST(deadline_replaced_while_the_sweep_waits_for_the_callback)
+{
+    dlsrv *dl = dl_start(20, true, 2);
+    dl->keep = true;
+    STORE(&dl->ms[0], 50);
+    int fd = connect_to(dl->port);
+    dl_cmd(fd, 0, 'D');
+    WAIT_FOR(LOAD(&dl->set_ret[0]) != 0, IO_MS);
+    STORE(&dl->ms[0], 600);
+    STORE(&dl->block_ms, 300); /* the 50 ms deadline passes meanwhile */
+    dl_cmd(fd, 0, 'B');
+    int64_t until = cpt_now_ms() + 5000;
+    while (!LOAD(&dl->fires[0]) && cpt_now_ms() < until)
+        usleep(1000);
+    CHECK(LOAD(&dl->fires[0]) != 0); /* the new deadline fired */
+    double e = dl_elapsed_ms(dl, 0);
+    fprintf(stderr, "deadline replaced by 600 ms: fired after %.1f ms\n", e);
+    CHECK(e >= 500.0); /* the new one (the old one fired at once); "not before" is checked above */
+    close(fd);
+    WAIT_FOR(LOAD(&dl->closes_all) == 1, IO_MS);
+    dl_stop(dl);
+}
+
+/* ---- cp_server_shutdown's deadline and the wall clock ---------------------------------------
+ *
+ * The wall clock can be stepped (NTP, date -s) at any moment; this process cannot step the
+ * machine's clock, so the test interposes clock_gettime: while realtime_shift_s is set,
+ * CLOCK_REALTIME reads that many seconds ahead, as it did before a step back by that much.
+ * The monotonic clocks are untouched. */
+#include <dlfcn.h>
+
+static int64_t realtime_shift_s; /* atomic */
+
+int clock_gettime(clockid_t id, struct timespec *ts)
+{
+    static int (*real)(clockid_t, struct timespec *);
+    int (*f)(clockid_t, struct timespec *) = __atomic_load_n(&real, __ATOMIC_ACQUIRE);
+    if (!f) {
+        f = (int (*)(clockid_t, struct timespec *))dlsym(RTLD_NEXT, "clock_gettime");
+        if (!f)
+            abort();
+        __atomic_store_n(&real, f, __ATOMIC_RELEASE);
+    }
+    int r = f(id, ts);
+    if (r == 0 && id == CLOCK_REALTIME)
+        ts->tv_sec += (time_t)__atomic_load_n(&realtime_shift_s, __ATOMIC_RELAXED);
+    return r;
+}
+
+typedef struct shut_arg {
+    cp_server *sv;
+    unsigned deadline_ms;
+    int r;
+    uint32_t done; /* atomic */
+} shut_arg;
+
+static void *shut_main(void *arg)
+{
+    shut_arg *a = arg;
+    a->r = cp_server_shutdown(a->sv, a->deadline_ms);
+    STORE(&a->done, 1);
+    return NULL;
+}
+
+/* A shutdown with a 300 ms deadline cuts a connection whose replies cannot drain (its peer
+ * does not read) at about 300 ms, also when the wall clock is stepped back an hour right
+ * after the call read it: the deadline is a span of time, not a time of day. */
+TEST(shutdown_deadline_ignores_wall_clock_steps)
+{
+    dlsrv *dl = dl_start_linger(20, false, 2, 60000);
+    STORE(&dl->big, (size_t)8 << 20);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(fd >= 0);
+    int small = 4096;
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small));
+    struct sockaddr_in sa = loopback(dl->port);
+    CHECK_OK(connect(fd, (struct sockaddr *)&sa, sizeof sa));
+    dl_cmd(fd, 0, 'Q');
+    WAIT_FOR(LOAD(&dl->set_ret[0]) != 0, IO_MS);
+    shut_arg a = {.sv = dl->sv, .deadline_ms = 300};
+    STORE(&realtime_shift_s, 3600);
+    int64_t t0 = cpt_now_ms();
+    pthread_t th;
+    CHECK_OK(-pthread_create(&th, NULL, shut_main, &a));
+    int64_t until = t0 + 5000;
+    while (!LOAD(&a.done) && cpt_now_ms() < until)
+        usleep(1000);
+    STORE(&realtime_shift_s, 0);
+    int64_t took = cpt_now_ms() - t0;
+    fprintf(stderr, "shutdown(300 ms) with the wall clock an hour ahead: %s after %lld ms\n",
+            LOAD(&a.done) ? "returned" : "still waiting", (long long)took);
+    CHECK(LOAD(&a.done)); /* a wall-clock deadline waits an hour (here: until linger_ms) */
+    CHECK_OK(-pthread_join(th, NULL));
+    CHECK_EQ(a.r, -ETIMEDOUT);
+    CHECK(took >= 300);
+    close(fd);
+    CHECK_EQ(LOAD(&dl->closes_all), LOAD(&dl->opens));
+    cp_server_destroy(dl->sv);
+    free(dl);
+}
+
+/* server.h: a timeout fires no earlier than (timeout - tick_ms) after its start. A long
+ * linger_ms (4.5 hours) must not change that for a 1 s handshake timeout: the ticks are
+ * 16-bit, and cp_server_create lengthened the tick so that the longest of the three fit (to
+ * 1001 ms here), so the handshake timeout fired anywhere from ~0 to 1 s after the accept
+ * (one lengthened tick, in the phase of the sweep timer). Connections spread over a
+ * second; each must close no earlier than 990 ms (985: idle_timeout's slack). */
+TEST(a_long_linger_does_not_make_timeouts_early)
+{
+    enum { N = 8, HS = 1000, TICK = 10 };
+    cp_server_options o = {
+        .threads = 2, .handshake_timeout_ms = HS, .tick_ms = TICK, .linger_ms = 16384000};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    tsrv_start(t, &o);
+    int fds[N];
+    int64_t at[N];
+    for (int i = 0; i < N; i++) {
+        at[i] = cpt_now_ms();
+        fds[i] = connect_to(t->port);
+        usleep(130 * 1000);
+    }
+    int64_t earliest = INT64_MAX;
+    for (int i = 0; i < N; i++) {
+        int64_t closed = wait_peer_close(fds[i], cpt_now_ms() + IO_MS, NULL);
+        CHECK(closed >= 0);
+        if (closed - at[i] < earliest)
+            earliest = closed - at[i];
+        close(fds[i]);
+    }
+    fprintf(stderr, "handshake timeout %d ms, tick %d ms: earliest close after %lld ms\n", HS, TICK,
+            (long long)earliest);
+    CHECK(earliest >= HS - TICK - 5); /* the slack idle_timeout allows (ms clocks) */
+    WAIT_FOR(LOAD(&t->closes) == N, IO_MS);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}

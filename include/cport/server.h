@@ -116,7 +116,11 @@ typedef struct cp_server_options {
                                       between (timeout - tick_ms) and (timeout + tick_ms +
                                       the sweep's lateness + one scheduler tick, the coarse
                                       clock that stamps arriving data) after its start,
-                                      never earlier, however late the sweep timer runs */
+                                      never earlier, however late the sweep timer runs.
+                                      Ticks are 16-bit: when the longer of the handshake
+                                      and idle timeouts is 16384 ticks or more, the tick
+                                      is lengthened to a 16384th of it (plus 1 ms), and
+                                      these bounds use that tick */
     unsigned linger_ms;            /* graceful close: after the last reply, FIN is sent and the
                                       connection reads (and drops) what the peer still sends
                                       for at most this long, so that closing with unread data
@@ -234,8 +238,10 @@ CP_EXTERN int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, i
 
 /* Set (ms > 0) or clear (0) a deadline for the connection: when it passes, on_timeout
  * runs with CP_CLOSE_DEADLINE (or the connection is aborted). Checked at every tick, so
- * it fires within tick_ms after the deadline. Needs options.conn_deadlines; -EINVAL
- * otherwise. From the connection's callbacks. */
+ * it fires never before the deadline and within tick_ms (plus the sweep's lateness) after
+ * it. Needs options.conn_deadlines; -EINVAL otherwise, and for a deadline 2^31 ticks away
+ * or more (only possible with tick_ms 1: beyond about 24 days). From the connection's
+ * callbacks. */
 CP_EXTERN int cp_conn_set_deadline(cp_conn *c, unsigned ms);
 
 /* Framed mode: send one frame (header + payload, copied). Any thread. */
