@@ -6,7 +6,10 @@
  * A seeded random mix over many loopback TCP connections (server ends associated with
  * plain client fds as peers, associated connectors and what a listener accepts from them,
  * plus listeners with accepts outstanding): receives (plain, vector, pooled), sends (plain,
- * vector), accepts (with and without first data), connects, disconnects, per-operation
+ * vector, and both with CP_SEND_SKIP_ON_SUCCESS: a CP_DONE_NOW send must never complete),
+ * TransmitFile and TransmitPackets from small memfds (memory and file ranges mixed, "to the
+ * end of the file", CP_TF_DISCONNECT), accepts (with and without first data), connects and
+ * ConnectEx with first data, disconnects, per-operation
  * timeouts (some tiny, so they fire), cancel of one operation, cancel-all, close with
  * operations outstanding, the peer writing, reading, half-closing, closing and resetting,
  * and deliberately failing starts. Every operation is tracked in its own record; every
@@ -19,10 +22,14 @@
  *   - with one consumer thread: a socket's close completion is its last one, received
  *     bytes are exactly the peer's stream in order (no byte lost, duplicated or moved),
  *     successful operations of one queue complete in the order they were started;
+ *   - in every mode: what a pair's plain peer reads is the socket's outgoing stream, in start
+ *     order, each send and transmit whole and never interleaved, up to the first send that
+ *     failed (cancelled, timed out, reset: its prefix may be out);
  * and at the end, with everything closed: completions == accepted starts per kind, and the
- * port is silent. Operation records and their buffers are freed as soon as the completion
- * is handled and sockets once nothing refers to them (per-socket reference counts, as
- * cport/socket.h asks), so ASan sees cport touching anything it no longer owns.
+ * port is silent, and the process has as many descriptors open as before the run. Operation records
+ * and their buffers are freed as soon as the completion is handled and sockets once nothing refers
+ * to them (per-socket reference counts, as cport/socket.h asks), so ASan sees cport touching
+ * anything it no longer owns.
  *
  * Variants: one thread doing everything (exact: every start result is predictable);
  * three workers dequeuing (batch 1 and batch 16) with actions from their handlers and from
@@ -52,7 +59,9 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <dirent.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -142,18 +151,44 @@ static void stream_fill(uint32_t seed, uint64_t off, uint8_t *dst, size_t n)
 
 /* ---- operation and socket records ----------------------------------------------------- */
 
-enum kind { K_RECV, K_RECVV, K_POOL, K_SEND, K_SENDV, K_ACCEPT, K_CONNECT, K_DISC, K_CLOSE, K__N };
+enum kind {
+    K_RECV,
+    K_RECVV,
+    K_POOL,
+    K_SEND,
+    K_SENDV,
+    K_ACCEPT,
+    K_CONNECT,
+    K_DISC,
+    K_CLOSE,
+    K_SENDX, /* send_ex / sendv_ex with CP_SEND_SKIP_ON_SUCCESS */
+    K_CONNX, /* connect_ex with first data */
+    K_XMIT,  /* transmit_file / transmit_packets from a small memfd */
+    K__N
+};
 
-static const char *const kind_name[K__N] = {"recv",   "recvv",   "recv_pooled", "send", "sendv",
-                                            "accept", "connect", "disconnect",  "close"};
-static const uint8_t kind_opcode[K__N] = {CP_OP_RECV,    CP_OP_RECV,       CP_OP_RECV_POOL,
-                                          CP_OP_SEND,    CP_OP_SEND,       CP_OP_ACCEPT,
-                                          CP_OP_CONNECT, CP_OP_DISCONNECT, CP_OP_CLOSE};
+static const char *const kind_name[K__N] = {"recv",  "recvv",     "recv_pooled", "send",
+                                            "sendv", "accept",    "connect",     "disconnect",
+                                            "close", "send_skip", "connect_ex",  "transmit"};
+static const uint8_t kind_opcode[K__N] = {
+    CP_OP_RECV,    CP_OP_RECV,       CP_OP_RECV_POOL, CP_OP_SEND, CP_OP_SEND,    CP_OP_ACCEPT,
+    CP_OP_CONNECT, CP_OP_DISCONNECT, CP_OP_CLOSE,     CP_OP_SEND, CP_OP_CONNECT, CP_OP_TRANSMIT};
 /* Which of a socket's queues an operation runs on (0 receive, 1 send). */
-static const int kind_queue[K__N] = {0, 0, 0, 1, 1, 0, 1, 1, -1};
+static const int kind_queue[K__N] = {0, 0, 0, 1, 1, 0, 1, 1, -1, 1, 1, 1};
+
+/* Kinds that put bytes of the socket's outgoing stream on the wire. */
+static bool kind_tx(int kind)
+{
+    return kind == K_SEND || kind == K_SENDV || kind == K_SENDX || kind == K_XMIT;
+}
 
 enum { ST_STARTING = 1, ST_OUT, ST_DONE, ST_REJECTED };
-enum { MAGIC_LIVE = 0x4c495645, MAGIC_DEAD = 0x44454144, MAGIC_REJECTED = 0x52454a44 };
+enum {
+    MAGIC_LIVE = 0x4c495645,
+    MAGIC_DEAD = 0x44454144,
+    MAGIC_REJECTED = 0x52454a44,
+    MAGIC_DONENOW = 0x4e4f5721
+};
 enum { SID_FREE = 0, SID_LIVE, SID_CLOSED };
 
 typedef struct sock sock;
@@ -174,7 +209,13 @@ typedef struct hist_ent {
  * still inside the start call, which socket.h allows - so that ASan catches cport touching
  * any of it after handing the completion over. */
 typedef struct opmem {
-    cp_accept_op aop; /* aop.op is the cp_op (first member) */
+    union {
+        cp_accept_op aop; /* aop.op is the cp_op (first member of each) */
+        cp_connect_op cop;
+        cp_transmit_op top;
+    };
+    int memfd;       /* a transmit's file, closed once its completion is handled */
+    cp_packet pk[4]; /* a transmit's elements */
     uint32_t magic;
     struct opblk *rec;
     struct iovec iov[4];
@@ -197,11 +238,14 @@ typedef struct opblk {
     uint8_t *buf;      /* m->data */
     void *expect_ubuf; /* what op.u must hold while in use */
     int iovcnt;
-    uint64_t cancels_done0;    /* s->cancels_done when the start began */
-    atomic_int cancel_req;     /* cp_socket_cancel() was called on it */
-    atomic_int dequeued;       /* its completion is in a batch being handled */
-    atomic_int state;          /* ST_* */
-    atomic_int refs;           /* the completion's and the starter's; freed at 0 */
+    uint64_t out_start;     /* tx kinds: offset of its first byte in the socket's outgoing stream */
+    uint64_t expect_res;    /* connect_ex, transmit: the result of a success */
+    bool tx_tracked;        /* out_start is valid (an R_PAIR socket) */
+    uint64_t cancels_done0; /* s->cancels_done when the start began */
+    atomic_int cancel_req;  /* cp_socket_cancel() was called on it */
+    atomic_int dequeued;    /* its completion is in a batch being handled */
+    atomic_int state;       /* ST_* */
+    atomic_int refs;        /* the completion's and the starter's; freed at 0 */
     struct opblk *prev, *next; /* s->ops while outstanding; the graveyard once rejected */
 } opblk;
 
@@ -233,6 +277,15 @@ struct sock {
     bool rx_eof;
     uint64_t last_ok[2]; /* qserial of the last successful completion per queue */
     uint64_t last_ok_accept0;
+    /* The outgoing stream (sends, transmits) as the plain peer reads it: start calls
+     * take start_mu and reserve their bytes in start order; the peer checks what it reads.
+     * A mismatch is a bug unless a send failed (cancelled, timed out, reset) at or before
+     * that offset: checked once every completion of the socket has been handled. */
+    uint32_t out_seed;
+    uint64_t out_off;      /* bytes reserved by accepted (or starting) tx operations */
+    uint64_t out_fail_off; /* lowest out_start of a failed tx operation, or UINT64_MAX */
+    uint64_t peer_rx;      /* bytes the peer read */
+    uint64_t peer_bad_off; /* the first offset where the peer read a wrong byte, or UINT64_MAX */
     hist_ent hist[48];
     unsigned nhist;
 };
@@ -313,7 +366,8 @@ typedef struct world {
     int target_pairs;
     atomic_int live_socks;
     atomic_long outstanding;
-    atomic_ulong accepted[K__N], completed[K__N], rejected[K__N];
+    atomic_ulong accepted[K__N], completed[K__N], rejected[K__N], done_now[K__N];
+    atomic_ulong n_peer_checked, n_tx_broken;
     atomic_ulong n_cancelled, n_timedout, n_neterr, n_ok, n_rx_bytes, n_actions, n_invalid;
     atomic_int quiesce, stop;
     unsigned long budget;
@@ -384,6 +438,7 @@ static opblk *op_new(int kind, size_t len)
     opmem *m = calloc(1, sizeof(*m) + len); /* zeroed: "zero-initialise it once" */
     CHECK(b != NULL && m != NULL);
     m->magic = MAGIC_LIVE;
+    m->memfd = -1;
     m->rec = b;
     b->m = m;
     b->op = &m->aop.op;
@@ -402,6 +457,8 @@ static void op_free_mem(opblk *b)
     opmem *m = b->m;
     b->m = NULL;
     b->buf = NULL;
+    if (m->memfd >= 0)
+        close(m->memfd);
     m->magic = MAGIC_DEAD;
     free(m);
 }
@@ -442,6 +499,20 @@ static void sock_put(world *w, sock *s)
     WCHECK(w, atomic_load(&w->sid_state[s->id]) == SID_CLOSED);
     WCHECK(w, s->nout == 0 && s->ops == NULL);
     WCHECK(w, s->slot == -1);
+    /* What the peer read of the outgoing stream: wrong bytes only after a failed send. */
+    if (s->peer_bad_off != UINT64_MAX && s->peer_bad_off < s->out_fail_off) {
+        fprintf(stderr,
+                "outgoing stream of socket %" PRIu64 " (%s): the peer read a wrong byte at %" PRIu64
+                " (reserved %" PRIu64 ", read %" PRIu64 "), the first failed send began at %" PRIu64
+                "\n",
+                s->id, role_name[s->role], s->peer_bad_off, s->out_off, s->peer_rx,
+                s->out_fail_off);
+        hist_dump(s);
+        die_seed(w);
+        CHECK(s->peer_bad_off >= s->out_fail_off);
+    }
+    if (s->peer_bad_off != UINT64_MAX)
+        atomic_fetch_add(&w->n_tx_broken, 1);
     if (s->client >= 0)
         close(s->client);
     pthread_mutex_destroy(&s->mu);
@@ -471,6 +542,9 @@ static sock *sock_add(world *w, int fd, int role, int client, const pend *pd)
     s->role = role;
     s->slot = -1;
     s->client = client;
+    s->out_seed = (uint32_t)mix64(id * 0x9E3779B97F4A7C15ull ^ w->seed);
+    s->out_fail_off = UINT64_MAX;
+    s->peer_bad_off = UINT64_MAX;
     atomic_init(&s->refs, 2); /* the table's (until the close completion) + the caller's */
     pthread_mutex_init(&s->mu, NULL);
     pthread_mutex_init(&s->start_mu, NULL);
@@ -751,9 +825,17 @@ static void peer_action(world *w, tctx *t, int what)
             hist_add_locked(s, 'w', -1, 0, (int64_t)s->tx_off, NULL);
             break;
         case P_READ:
-            for (int i = 0; i < 4; i++)
-                if (recv(s->client, t->scratch, SCRATCH, MSG_DONTWAIT) <= 0)
+            for (int i = 0; i < 4; i++) {
+                ssize_t k = recv(s->client, t->scratch, SCRATCH, MSG_DONTWAIT);
+                if (k <= 0)
                     break;
+                for (ssize_t j = 0; j < k && s->peer_bad_off == UINT64_MAX; j++)
+                    if (s->peer_rx + (uint64_t)j >= s->out_off ||
+                        t->scratch[j] != stream_byte(s->out_seed, s->peer_rx + (uint64_t)j))
+                        s->peer_bad_off = s->peer_rx + (uint64_t)j;
+                s->peer_rx += (uint64_t)k;
+                atomic_fetch_add(&w->n_peer_checked, (unsigned long)k);
+            }
             break;
         case P_SHUT:
             shutdown(s->client, SHUT_WR);
@@ -812,6 +894,63 @@ static void split_iov(opblk *b, rng *r)
     b->iovcnt = cnt;
 }
 
+/* A transmit of len bytes of the outgoing stream from b->out_start: memory and ranges of a
+ * memfd that holds the same bytes after a random prefix, as TransmitFile or as packets. */
+static void prepare_transmit(world *w, opblk *b, rng *r, unsigned *flags, bool *as_file,
+                             size_t *head, size_t *flen, size_t *tail, int64_t *foff)
+{
+    opmem *m = b->m;
+    size_t len = b->len;
+    size_t pre = rng_below(r, 3) == 0 ? 0 : rng_size(r, 8192);
+    m->memfd = memfd_create("inv-xmit", MFD_CLOEXEC);
+    WCHECK(w, m->memfd >= 0);
+    uint8_t *tmp = malloc(pre + len);
+    CHECK(tmp != NULL);
+    memset(tmp, 0xee, pre);
+    memcpy(tmp + pre, b->buf, len);
+    WCHECK(w, pwrite(m->memfd, tmp, pre + len, 0) == (ssize_t)(pre + len));
+    free(tmp);
+    *flags = rng_pct(r, 4) ? CP_TF_DISCONNECT : 0;
+    *as_file = rng_pct(r, 50);
+    *foff = (int64_t)pre;
+    if (*as_file) {
+        *head = rng_pct(r, 50) ? rng_below(r, (uint32_t)len + 1) : 0;
+        *tail = rng_pct(r, 50) ? rng_below(r, (uint32_t)(len - *head) + 1) : 0;
+        *flen = len - *head - *tail;
+        if (*flen == 0) { /* the file part must hold a byte: len 0 would mean "to the end" */
+            if (*tail)
+                (*tail)--;
+            else
+                (*head)--;
+            *flen = 1;
+        }
+        return;
+    }
+    /* Packets: 1..4 slices, each from memory or from the file. */
+    int n = 1 + (int)rng_below(r, 4);
+    size_t pos = 0;
+    for (int i = 0; i < n; i++) {
+        size_t part = i == n - 1 ? len - pos : rng_below(r, (uint32_t)(len - pos) + 1);
+        if (part == 0 && i != n - 1)
+            part = len - pos > 1 ? 1 : len - pos;
+        if (part == 0)
+            break;
+        bool file = rng_pct(r, 50);
+        if (file)
+            m->pk[i] = (cp_packet){.fd = m->memfd,
+                                   .offset = (int64_t)(pre + pos),
+                                   /* the last one may say "to the end of the file" */
+                                   .len = (i == n - 1 && rng_pct(r, 50)) ? 0 : part};
+        else
+            m->pk[i] = (cp_packet){.buf = b->buf + pos, .len = part, .fd = -1};
+        pos += part;
+        b->iovcnt = i + 1;
+        if (pos == len)
+            break;
+    }
+    CHECK(pos == len);
+}
+
 /* Start an operation of `kind` on s (the caller holds a reference). */
 static void start_op(world *w, tctx *t, sock *s, int kind)
 {
@@ -822,6 +961,8 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
         kind = K_RECV;
     else if (s->recv_style == 2 && (kind == K_RECV || kind == K_RECVV))
         kind = K_POOL;
+    if (kind == K_CONNX && s->role != R_CONN)
+        kind = K_SENDX;
     size_t len = 0;
     switch (kind) {
     case K_RECV:
@@ -830,15 +971,22 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
         break;
     case K_SEND:
     case K_SENDV:
+    case K_SENDX:
         len = rng_pct(r, 85) ? rng_size(r, 4096) : rng_size(r, SEND_MAX);
+        break;
+    case K_XMIT:
+        len = rng_pct(r, 85) ? rng_size(r, 8192) : rng_size(r, SEND_MAX);
         break;
     case K_ACCEPT:
         len = rng_pct(r, 50) ? 0 : rng_size(r, FIRST_MAX);
         break;
+    case K_CONNX:
+        len = rng_pct(r, 20) ? 0 : rng_size(r, FIRST_MAX);
+        break;
     default:
         break;
     }
-    if (kind == K_CONNECT) {
+    if (kind == K_CONNECT || kind == K_CONNX) {
         int zero = 0;
         if (!atomic_compare_exchange_strong(&s->connect_started, &zero, 1))
             return; /* one connect per connector */
@@ -848,21 +996,25 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
     b->sid = s->id;
     b->timeout_ms = pick_timeout(r);
     b->op->timeout_ms = b->timeout_ms;
-    if (kind == K_SEND || kind == K_SENDV)
+    if (kind == K_SEND || kind == K_SENDV || kind == K_SENDX || kind == K_XMIT || kind == K_CONNX)
         memset(b->buf, 0x5a, len);
-    if (kind == K_RECVV || kind == K_SENDV)
+    bool vec = kind == K_RECVV || kind == K_SENDV || (kind == K_SENDX && rng_pct(r, 50));
+    if (vec)
         split_iov(b, r);
-    if (kind == K_CONNECT) {
+    if (kind == K_CONNECT || kind == K_CONNX) {
         pthread_mutex_lock(&w->mu);
         b->m->addr = w->laddr;
         pthread_mutex_unlock(&w->mu);
         if (rng_pct(r, 10))
             b->m->addr.sin_port = 0; /* nobody listens on port 0: refused */
     }
+    b->expect_res = len;
 
     /* One-consumer modes: starts on a socket are serialised, so the test knows the order of
-     * its queues. */
-    bool ordered = w->single_consumer;
+     * its queues. Sends of a socket whose peer checks the stream are serialised in every
+     * mode: the order of the start calls is the order of the bytes. */
+    bool track = kind_tx(kind) && s->role == R_PAIR;
+    bool ordered = w->single_consumer || track;
     if (ordered)
         pthread_mutex_lock(&s->start_mu);
     /* Fill in the record, then publish it on the socket's list (cancellers look there). */
@@ -873,12 +1025,17 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
             pthread_mutex_unlock(&s->start_mu);
         free(b->m);
         free(b);
-        if (kind == K_CONNECT)
+        if (kind == K_CONNECT || kind == K_CONNX)
             atomic_store(&s->connect_started, 0);
         return;
     }
-    if (ordered)
+    if (w->single_consumer)
         b->qserial = ++s->next_serial[kind_queue[kind]];
+    if (track) {
+        b->tx_tracked = true;
+        b->out_start = s->out_off;
+        s->out_off += len;
+    }
     int closing_before = atomic_load(&s->closing);
     b->cancels_done0 = atomic_load(&s->cancels_done);
     b->t0 = cpt_now_ns();
@@ -889,6 +1046,14 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
     s->nout++;
     hist_add_locked(s, 's', kind, b->qserial, (int64_t)b->timeout_ms, b->op);
     pthread_mutex_unlock(&s->mu);
+    if (track)
+        stream_fill(s->out_seed, b->out_start, b->buf, len);
+    unsigned xflags = 0;
+    bool xfile = false;
+    size_t xhead = 0, xflen = 0, xtail = 0;
+    int64_t xfoff = 0;
+    if (kind == K_XMIT)
+        prepare_transmit(w, b, r, &xflags, &xfile, &xhead, &xflen, &xtail, &xfoff);
     sock_get(s); /* the operation's reference, dropped once its completion is handled */
     atomic_fetch_add(&w->outstanding, 1);
     if (kind == K_POOL)
@@ -896,6 +1061,7 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
     /* From the start call on, b->m may be freed by another thread at any moment. */
     opmem *m = b->m;
     cp_op *op = b->op;
+    int memfd = m->memfd;
     int ret;
     switch (kind) {
     case K_RECV:
@@ -917,6 +1083,23 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
         b->expect_ubuf = m->iov;
         ret = cp_socket_sendv(&s->s, op, m->iov, b->iovcnt);
         break;
+    case K_SENDX:
+        if (vec) {
+            b->expect_ubuf = m->iov;
+            ret = cp_socket_sendv_ex(&s->s, op, m->iov, b->iovcnt, CP_SEND_SKIP_ON_SUCCESS);
+        } else {
+            b->expect_ubuf = b->buf;
+            ret = cp_socket_send_ex(&s->s, op, b->buf, len, CP_SEND_SKIP_ON_SUCCESS);
+        }
+        break;
+    case K_XMIT:
+        b->expect_ubuf = NULL;
+        if (xfile)
+            ret = cp_socket_transmit_file(&s->s, &m->top, memfd, xfoff + (int64_t)xhead, xflen,
+                                          b->buf, xhead, b->buf + xhead + xflen, xtail, xflags);
+        else
+            ret = cp_socket_transmit_packets(&s->s, &m->top, m->pk, (unsigned)b->iovcnt, xflags);
+        break;
     case K_ACCEPT:
         b->expect_ubuf = b->buf;
         ret = cp_socket_accept(&s->s, &m->aop, b->buf, len);
@@ -925,12 +1108,61 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
         b->expect_ubuf = &m->addr;
         ret = cp_socket_connect(&s->s, op, (struct sockaddr *)&m->addr, sizeof(m->addr));
         break;
+    case K_CONNX:
+        b->expect_ubuf = &m->addr;
+        ret = cp_socket_connect_ex(&s->s, &m->cop, (struct sockaddr *)&m->addr, sizeof(m->addr),
+                                   len ? b->buf : NULL, len);
+        break;
     default:
         ret = cp_socket_disconnect(&s->s, op);
         break;
     }
+    /* A tracked send that was refused puts nothing on the wire: give its bytes back while
+     * no later send can have reserved any (start_mu is still held). */
+    if (track && ret < 0) {
+        pthread_mutex_lock(&s->mu);
+        WCHECK(w, s->out_off == b->out_start + len);
+        s->out_off = b->out_start;
+        pthread_mutex_unlock(&s->mu);
+    }
     if (ordered)
         pthread_mutex_unlock(&s->start_mu);
+
+    if (ret == CP_DONE_NOW) {
+        /* Sent whole inside the call: the op is ours again and nothing may ever complete
+         * for it (its memory is kept, poisoned, to recognise one that would). */
+        if (kind != K_SENDX) {
+            fprintf(stderr, "%s returned CP_DONE_NOW\n", kind_name[kind]);
+            die_seed(w);
+            CHECK(kind == K_SENDX);
+        }
+        atomic_fetch_add(&w->done_now[kind], 1);
+        int st = ST_STARTING;
+        if (!atomic_compare_exchange_strong(&b->state, &st, ST_REJECTED)) {
+            fprintf(stderr, "send returned CP_DONE_NOW but the op completed as well\n");
+            die_seed(w);
+            CHECK(st == ST_STARTING);
+        }
+        hist_add(s, 'n', kind, b->qserial, (int64_t)len, b->op);
+        pthread_mutex_lock(&s->mu);
+        if (b->prev)
+            b->prev->next = b->next;
+        else
+            s->ops = b->next;
+        if (b->next)
+            b->next->prev = b->prev;
+        s->nout--;
+        pthread_mutex_unlock(&s->mu);
+        atomic_fetch_sub(&w->outstanding, 1);
+        b->magic = MAGIC_DONENOW;
+        b->m->magic = MAGIC_DONENOW;
+        pthread_mutex_lock(&w->mu);
+        b->next = w->graveyard;
+        w->graveyard = b;
+        pthread_mutex_unlock(&w->mu);
+        sock_put(w, s);
+        return;
+    }
 
     if (ret == 0) {
         atomic_fetch_add(&w->accepted[kind], 1);
@@ -948,6 +1180,10 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
     }
 
     /* Refused at submission: nothing may ever complete for it. */
+    if (memfd >= 0) {
+        close(memfd);
+        b->m->memfd = -1;
+    }
     atomic_fetch_add(&w->rejected[kind], 1);
     hist_add(s, 'r', kind, b->qserial, ret, b->op);
     int st = ST_STARTING;
@@ -979,7 +1215,7 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
         b->next->prev = b->prev;
     s->nout--;
     pthread_mutex_unlock(&s->mu);
-    if (kind == K_CONNECT)
+    if (kind == K_CONNECT || kind == K_CONNX)
         atomic_store(&s->connect_started, 0);
     atomic_fetch_sub(&w->outstanding, 1);
     op_bury(w, b);
@@ -1101,7 +1337,20 @@ static void invalid_starts(world *w, tctx *t)
     b->sid = s->id;
     cp_op *op = b->op;
     struct iovec none[2] = {{b->buf, 0}, {b->buf, 0}};
-    switch (rng_below(&t->r, 6)) {
+    switch (rng_below(&t->r, 7)) {
+    case 6: {
+        /* The newer starts refuse bad input too, and queue nothing. */
+        cp_transmit_op *top = &b->m->top;
+        cp_packet none_pk = {.buf = NULL, .len = 4, .fd = -1};
+        WCHECK(w, cp_socket_send_ex(&s->s, op, b->buf, 4, 0x80) == -EINVAL);
+        WCHECK(w, cp_socket_sendv_ex(&s->s, op, none, 0, CP_SEND_SKIP_ON_SUCCESS) == -EINVAL);
+        WCHECK(w, cp_socket_transmit_packets(&s->s, top, &none_pk, 0, 0) == -EINVAL);
+        WCHECK(w, cp_socket_transmit_packets(&s->s, top, &none_pk, 1, 0) == -EINVAL);
+        WCHECK(w, cp_socket_transmit_file(&s->s, top, -1, 0, 0, NULL, 0, NULL, 0, 0) == -EINVAL);
+        WCHECK(w, cp_socket_connect_ex(&s->s, &b->m->cop, (struct sockaddr *)&b->m->addr,
+                                       sizeof(b->m->addr), NULL, 8) == -EINVAL);
+        break;
+    }
     case 0:
         WCHECK(w, cp_socket_recv(&s->s, op, b->buf, 0) == -EINVAL);
         break;
@@ -1199,7 +1448,7 @@ static void connector(world *w, tctx *t)
     sock *s = sock_add(w, fd, R_CONN, -1, NULL);
     if (!s)
         return;
-    start_op(w, t, s, K_CONNECT);
+    start_op(w, t, s, rng_pct(&t->r, 50) ? K_CONNX : K_CONNECT);
     sock_put(w, s);
 }
 
@@ -1367,6 +1616,12 @@ static void handle(world *w, tctx *t, const cp_completion *c)
             OPCHECK(w, b, res, m->aop.fd == -1);
         if (b->kind == K_POOL)
             OPCHECK(w, b, res, m->aop.op.u.buf == NULL);
+        if (b->tx_tracked) {
+            pthread_mutex_lock(&s->mu);
+            if (b->out_start < s->out_fail_off)
+                s->out_fail_off = b->out_start;
+            pthread_mutex_unlock(&s->mu);
+        }
     } else {
         atomic_fetch_add(&w->n_ok, 1);
         switch (b->kind) {
@@ -1395,7 +1650,12 @@ static void handle(world *w, tctx *t, const cp_completion *c)
             break;
         case K_SEND:
         case K_SENDV:
+        case K_SENDX:
+        case K_CONNX:
             OPCHECK(w, b, res, (uint64_t)res == b->len);
+            break;
+        case K_XMIT:
+            OPCHECK(w, b, res, (uint64_t)res == b->expect_res && m->top.sent == (uint64_t)res);
             break;
         case K_ACCEPT:
             OPCHECK(w, b, res, (uint64_t)res <= b->len);
@@ -1477,7 +1737,7 @@ static void handle(world *w, tctx *t, const cp_completion *c)
     atomic_fetch_sub(&w->outstanding, 1);
 
     /* Follow-ups, as a server would: the same operation again, or something random. */
-    bool again = !phase_over(w) && kind != K_CLOSE && kind != K_CONNECT &&
+    bool again = !phase_over(w) && kind != K_CLOSE && kind != K_CONNECT && kind != K_CONNX &&
                  !atomic_load(&s->closing) && rng_pct(&t->r, 45);
     if (again && !(kind == K_POOL && res < 0))
         start_op(w, t, s, kind);
@@ -1543,6 +1803,8 @@ enum act {
     A_RELEASE,
     A_INVALID,
     A_DEQUEUE,
+    A_SENDX,
+    A_XMIT,
     A__N
 };
 
@@ -1552,7 +1814,7 @@ static const unsigned act_weight[A__N] = {
     [A_DIAL] = 30,        [A_CANCEL] = 90,     [A_CANCEL_ALL] = 20, [A_CLOSE] = 28,
     [A_PEER_WRITE] = 120, [A_PEER_READ] = 100, [A_PEER_SHUT] = 6,   [A_PEER_CLOSE] = 5,
     [A_PEER_RESET] = 5,   [A_PEND_WRITE] = 30, [A_PEND_CLOSE] = 4,  [A_RELEASE] = 30,
-    [A_INVALID] = 15,     [A_DEQUEUE] = 120,
+    [A_INVALID] = 15,     [A_DEQUEUE] = 120,   [A_SENDX] = 60,      [A_XMIT] = 25,
 };
 
 static void do_action(world *w, tctx *t, bool may_dequeue)
@@ -1636,6 +1898,12 @@ static void do_action(world *w, tctx *t, bool may_dequeue)
         break;
     case A_RELEASE:
         release_held(w, t, false);
+        break;
+    case A_SENDX:
+        start_random(w, t, K_SENDX);
+        break;
+    case A_XMIT:
+        start_random(w, t, K_XMIT);
         break;
     case A_INVALID:
         invalid_starts(w, t);
@@ -1826,8 +2094,13 @@ static void final_checks(world *w, int64_t t0)
             atomic_load(&w->n_neterr), atomic_load(&w->n_rx_bytes),
             (double)(cpt_now_ns() - t0) / 1e9);
     for (int k = 0; k < K__N; k++)
-        fprintf(stderr, "  %-12s %7lu accepted %7lu rejected\n", kind_name[k],
-                atomic_load(&w->accepted[k]), atomic_load(&w->rejected[k]));
+        fprintf(stderr, "  %-12s %7lu accepted %7lu rejected %7lu done at once\n", kind_name[k],
+                atomic_load(&w->accepted[k]), atomic_load(&w->rejected[k]),
+                atomic_load(&w->done_now[k]));
+    fprintf(stderr,
+            "  outgoing bytes the peers read and checked: %lu; streams broken by a failed "
+            "send: %lu\n",
+            atomic_load(&w->n_peer_checked), atomic_load(&w->n_tx_broken));
     pthread_mutex_lock(&w->mu);
     fprintf(stderr, "  closed pending clients accepted later: %lu; dials that met one: %lu\n",
             w->ghosts_accepted, w->dials_haunted);
@@ -1853,6 +2126,34 @@ static void world_free(world *w)
     free(w);
 }
 
+/* Open descriptors of the process: the same after a run as before it. */
+static int count_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)))
+        if (e->d_name[0] != '.')
+            n++;
+    closedir(d);
+    return n;
+}
+
+static void check_fds(int before)
+{
+    int after = count_fds();
+    if (after != before) {
+        fprintf(stderr, "descriptors: %d before the run, %d after it\n", before, after);
+        char cmd[64];
+        snprintf(cmd, sizeof(cmd), "ls -l /proc/%d/fd >&2", (int)getpid());
+        if (system(cmd) != 0)
+            fprintf(stderr, "(could not list them)\n");
+    }
+    CHECK_EQ(after, before);
+}
+
 static void seed_initial(world *w, tctx *t)
 {
     ensure_listener(w);
@@ -1866,6 +2167,7 @@ static void seed_initial(world *w, tctx *t)
 TEST(mix_single_thread)
 {
     int64_t t0 = cpt_now_ns();
+    int fds0 = count_fds();
     world *w = world_new("single thread", true, true, 1, (long)cpt_scaled(400000, 20000));
     w->action_deadline_ms = cpt_now_ms() + ACTION_PHASE_MS;
     tctx t;
@@ -1896,6 +2198,7 @@ TEST(mix_single_thread)
     final_checks(w, t0);
     free(t.scratch);
     world_free(w);
+    check_fds(fds0);
 }
 
 /* ---- variants 2 and 3: worker threads plus an acting thread -------------------------------- */
@@ -1935,6 +2238,7 @@ static void *actor_main(void *arg)
 static void run_threads(const char *mode, unsigned nworkers, unsigned batch, long budget)
 {
     int64_t t0 = cpt_now_ns();
+    int fds0 = count_fds();
     bool single = nworkers == 1;
     world *w = world_new(mode, false, single, nworkers, budget);
     w->action_deadline_ms = cpt_now_ms() + ACTION_PHASE_MS;
@@ -1992,6 +2296,7 @@ static void run_threads(const char *mode, unsigned nworkers, unsigned batch, lon
     final_checks(w, t0);
     free(main_t.scratch);
     world_free(w);
+    check_fds(fds0);
 }
 
 TEST(mix_three_workers_batch1)
