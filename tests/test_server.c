@@ -1733,10 +1733,13 @@ TEST(idle_timeout)
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 
-/* Timeouts cost no syscall per connection per tick: with 5,000 idle connections under
- * both timeouts and a 5 ms tick (1,000,000 connection checks a second), the whole process
- * uses well under a quarter of one CPU. A syscall or timer per connection per tick would
- * cost several times that. */
+/* Timeouts cost no event and no syscall per connection per tick: with 5,000 idle
+ * connections under both timeouts and a 5 ms tick (1,000,000 connection checks a second),
+ * the connections' handlers see no completion at all (a timed operation per connection
+ * would bring 5,000 a tick), and the whole process uses less than one CPU (a syscall per
+ * connection per tick alone would take about that; the sweep takes about 1% here). The
+ * completions are counted, not timed; the CPU bound is loose enough for a sanitizer build
+ * on a loaded machine. */
 TEST(idle_connections_cost_no_cpu)
 {
     enum { N = 5000, TICK = 5 };
@@ -1754,12 +1757,16 @@ TEST(idle_connections_cost_no_cpu)
         CHECK_EQ(back, b);
     }
     WAIT_FOR(tsrv_stats(t).conns_open == N, IO_MS);
+    uint64_t done0 = tsrv_stats(t).completions;
     int64_t c0 = self_cpu_ms(), w0 = cpt_now_ms();
     usleep(1000000); /* a measurement window, not a wait for something */
     int64_t cpu = self_cpu_ms() - c0, wall = cpt_now_ms() - w0;
-    fprintf(stderr, "%d idle connections, %d ms tick: %lld ms CPU in %lld ms\n", N, TICK,
-            (long long)cpu, (long long)wall);
-    CHECK(cpu * 4 < wall);
+    uint64_t done = tsrv_stats(t).completions - done0;
+    fprintf(stderr,
+            "%d idle connections, %d ms tick: %lld ms CPU and %llu completions in %lld ms\n", N,
+            TICK, (long long)cpu, (unsigned long long)done, (long long)wall);
+    CHECK(done <= 100); /* none expected; far from 5,000 a tick */
+    CHECK(cpu < wall);
     CHECK_EQ(tsrv_stats(t).conns_reaped, 0);
     for (int i = 0; i < N; i++)
         close(fds[i]);
