@@ -461,9 +461,21 @@ static void timed_out(cp_server *sv, cp_conn *c, uint32_t now)
 }
 
 /* The timeout of an open connection (state st) that is due at tick `now`, or -1. */
+/* Ticks from a 16-bit stamp to now. A stamp ahead of now is no idleness at all: the sweep
+ * reads its tick once, before a walk that may take a while, while connections accepted or
+ * fed meanwhile are stamped with later ticks (and data with a late one: see
+ * cp__server_tick_late). Taken modulo 2^16 such a stamp looked 65 535 ticks old, and a
+ * connection accepted during the walk was reaped at once. Timeouts stay below 2^15 ticks
+ * (see cp_server_create), so the sign tells. */
+static uint16_t ticks_since(uint32_t now, uint16_t stamp)
+{
+    int16_t d = (int16_t)(uint16_t)((uint16_t)now - stamp);
+    return d < 0 ? 0 : (uint16_t)d;
+}
+
 static int timeout_due(cp_server *sv, cp_conn *c, uint64_t st, uint32_t now)
 {
-    uint16_t idle = (uint16_t)((uint16_t)now - st_tick(st));
+    uint16_t idle = ticks_since(now, st_tick(st));
     if (sv->hs_ticks && !(st & CF_GOT_DATA) && idle >= sv->hs_ticks)
         return CP_CLOSE_HANDSHAKE_TIMEOUT;
     if (sv->idle_ticks && idle >= sv->idle_ticks)
@@ -503,8 +515,7 @@ static void sweep_step(cp_server *sv, cp_conn *c, uint32_t now)
             issue_close(sv, c); /* it could not get its op (out of memory): retry */
         } else if (!(st & CF_LINGER)) {
             drain_step(sv, c);
-        } else if ((uint16_t)((uint16_t)(now >> sv->linger_shift) - st_tick(st)) >=
-                   sv->linger_units) {
+        } else if (ticks_since(now >> sv->linger_shift, st_tick(st)) >= sv->linger_units) {
             start_close(sv, c, (cp_close_reason)((st & CF_REASON_MASK) >> CF_REASON_SHIFT), 0,
                         false); /* lingered long enough: abort */
         } else if (quiet_both_ways(c)) {

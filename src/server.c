@@ -298,7 +298,9 @@ static void on_tick(void *arg)
      * (a connection keeps a 16-bit tick of its last data in its state word). It also
      * retries closes that could not get an op when memory ran out. What it misses for
      * want of memory waits for the next tick. */
-    walk_conns(sv, WALK_SWEEP, cp__server_tick(sv));
+    uint32_t now = cp__server_tick(sv);
+    CP__INJECT_DELAY("sweep_walk"); /* connections accepted meanwhile get later stamps */
+    walk_conns(sv, WALK_SWEEP, now);
     accept_upkeep(sv);
 }
 

@@ -1549,6 +1549,62 @@ static void pinger_close(pinger *p)
     free(p->round_rtt);
 }
 
+/* The sweep reads its tick once and then walks every connection, which takes a while with
+ * many of them. A connection accepted during the walk is stamped with a later tick; taken
+ * modulo 2^16 that stamp looked 65 535 ticks old and the connection was reaped at once (one
+ * CI run saw a silent connection closed 127 ms after its connect with a 1 s handshake
+ * timeout). Delay point sweep_walk (ASan build) holds each sweep 130 ms between reading the
+ * tick and walking (4 workers: the others accept meanwhile): silent connections made
+ * meanwhile must still get their whole second. */
+TEST(a_connection_accepted_during_a_sweep_gets_its_whole_timeout)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    enum { N = 8, HS_MS = 1000, TICK = 100 };
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "sweep_walk:130000", 1)); /* before any thread */
+    cp_server_options o = {.threads = 4, .handshake_timeout_ms = HS_MS, .tick_ms = TICK};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    tsrv_start(t, &o);
+    int fds[N];
+    int64_t t_up[N], t_down[N];
+    for (int i = 0; i < N; i++) {
+        fds[i] = connect_to(t->port);
+        t_up[i] = cpt_now_ms();
+        t_down[i] = 0;
+        usleep(37 * 1000); /* spread over the sweeps' phases */
+    }
+    int left = N;
+    int64_t deadline = cpt_now_ms() + 10000;
+    while (left > 0) {
+        CHECK(cpt_now_ms() < deadline);
+        struct pollfd pf[N];
+        for (int i = 0; i < N; i++)
+            pf[i] = (struct pollfd){.fd = t_down[i] ? -1 : fds[i], .events = POLLIN};
+        CHECK(poll(pf, N, 100) >= 0 || errno == EINTR);
+        for (int i = 0; i < N; i++) {
+            if (t_down[i] || !(pf[i].revents & (POLLIN | POLLHUP | POLLERR)))
+                continue;
+            t_down[i] = cpt_now_ms();
+            left--;
+        }
+    }
+    int64_t earliest = INT64_MAX;
+    for (int i = 0; i < N; i++) {
+        earliest = t_down[i] - t_up[i] < earliest ? t_down[i] - t_up[i] : earliest;
+        close(fds[i]);
+    }
+    fprintf(stderr,
+            "%d silent connections made during slow sweeps: closed after %lld ms at "
+            "the earliest\n",
+            N, (long long)earliest);
+    CHECK(earliest >= HS_MS - TICK - 5);
+    CHECK_EQ(tsrv_stats(t).conns_reaped, N);
+    WAIT_FOR(LOAD(&t->closes) == N, IO_MS);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+#endif
+}
+
 /* 5,000 connections that connect and send nothing are all closed within
  * handshake_timeout + 1 s of connecting (and not before the timeout), counted as reaped,
  * while 100 well-behaved clients keep echoing without an error and without a stall. */
