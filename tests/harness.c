@@ -3,6 +3,7 @@
 
 #include "cport.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <string.h>
@@ -62,6 +63,19 @@ int64_t cpt_scaled(int64_t n, int64_t min)
 {
     int64_t v = (int64_t)((double)n * cpt_scale());
     return v < min ? min : v;
+}
+
+int cpt_count_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    CHECK(d);
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)))
+        if (e->d_name[0] != '.')
+            n++;
+    closedir(d);
+    return n - 1; /* the directory's own fd */
 }
 
 int cpt_memfd(const char *name)

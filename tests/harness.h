@@ -74,6 +74,10 @@ int64_t cpt_now_ns(void);
 double cpt_scale(void);
 int64_t cpt_scaled(int64_t n, int64_t min);
 
+/* Descriptors this process has open now (not counting the one that lists them), to check
+ * that nothing leaks. Fails the test if /proc/self/fd cannot be read. */
+int cpt_count_fds(void);
+
 /* A memfd (close-on-exec) to capture a child's or the library's output in. It is in append
  * mode: a memfd's file position is not serialised between threads (unlike a file opened
  * with open()), so threads writing to it at once would overwrite each other's lines

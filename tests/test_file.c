@@ -62,19 +62,6 @@ static int temp_file(void)
     return fd;
 }
 
-static int count_fds(void)
-{
-    DIR *d = opendir("/proc/self/fd");
-    CHECK(d);
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)))
-        if (e->d_name[0] != '.')
-            n++;
-    closedir(d);
-    return n - 1;
-}
-
 static void *noop_thread(void *arg)
 {
     *(pid_t *)arg = gettid();
@@ -145,7 +132,7 @@ static void close_file(cp_file *f, cp_port *p)
  * across the end; every op completes exactly once with the full length. */
 static void write_read_back(unsigned file_threads)
 {
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     int threads0 = threads_before();
     cp_port *p = make_port_opts((cp_port_options){.file_threads = file_threads});
     int fd = temp_file();
@@ -273,7 +260,7 @@ static void write_read_back(unsigned file_threads)
     free(ops);
     free(ops2);
     cp_port_destroy(p);
-    CHECK_EQ(count_fds(), fds0);
+    CHECK_EQ(cpt_count_fds(), fds0);
 }
 
 TEST(file_write_read_back)
@@ -329,7 +316,7 @@ TEST(file_large_write)
  * -ECANCELED if it had not run yet), and the close completion comes after all of them. */
 TEST(file_close_after_outstanding)
 {
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     cp_port *p = make_port_opts((cp_port_options){.file_threads = 2});
     enum { N = 200, LEN = 65536 };
     uint8_t *buf = malloc((size_t)N * LEN);
@@ -382,7 +369,7 @@ TEST(file_close_after_outstanding)
     free(buf);
     free(ops);
     cp_port_destroy(p);
-    CHECK_EQ(count_fds(), fds0);
+    CHECK_EQ(cpt_count_fds(), fds0);
 }
 
 /* Cancel single operations: each still completes exactly once. */

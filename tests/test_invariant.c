@@ -474,14 +474,29 @@ static void op_put(opblk *b)
 
 /* A start failed: keep the record and its memory (never freed during the run) so that a
  * completion for it, which must never come, is recognised as such. */
-static void op_bury(world *w, opblk *b)
+/* Keep a rejected or done-at-once op's memory, marked `magic`, to recognise a completion
+ * that would still come for it. */
+static void op_bury(world *w, opblk *b, uint32_t magic)
 {
-    b->magic = MAGIC_REJECTED;
-    b->m->magic = MAGIC_REJECTED;
+    b->magic = magic;
+    b->m->magic = magic;
     pthread_mutex_lock(&w->mu);
     b->next = w->graveyard;
     w->graveyard = b;
     pthread_mutex_unlock(&w->mu);
+}
+
+/* Take b off its socket's list of outstanding ops (s->mu held). */
+static void sock_unlink_op_locked(sock *s, opblk *b)
+{
+    if (b->prev)
+        b->prev->next = b->next;
+    else
+        s->ops = b->next;
+    if (b->next)
+        b->next->prev = b->prev;
+    b->prev = b->next = NULL;
+    s->nout--;
 }
 
 static void sock_get(sock *s)
@@ -1145,21 +1160,10 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
         }
         hist_add(s, 'n', kind, b->qserial, (int64_t)len, b->op);
         pthread_mutex_lock(&s->mu);
-        if (b->prev)
-            b->prev->next = b->next;
-        else
-            s->ops = b->next;
-        if (b->next)
-            b->next->prev = b->prev;
-        s->nout--;
+        sock_unlink_op_locked(s, b);
         pthread_mutex_unlock(&s->mu);
         atomic_fetch_sub(&w->outstanding, 1);
-        b->magic = MAGIC_DONENOW;
-        b->m->magic = MAGIC_DONENOW;
-        pthread_mutex_lock(&w->mu);
-        b->next = w->graveyard;
-        w->graveyard = b;
-        pthread_mutex_unlock(&w->mu);
+        op_bury(w, b, MAGIC_DONENOW);
         sock_put(w, s);
         return;
     }
@@ -1207,18 +1211,12 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
         CHECK(ok);
     }
     pthread_mutex_lock(&s->mu);
-    if (b->prev)
-        b->prev->next = b->next;
-    else
-        s->ops = b->next;
-    if (b->next)
-        b->next->prev = b->prev;
-    s->nout--;
+    sock_unlink_op_locked(s, b);
     pthread_mutex_unlock(&s->mu);
     if (kind == K_CONNECT || kind == K_CONNX)
         atomic_store(&s->connect_started, 0);
     atomic_fetch_sub(&w->outstanding, 1);
-    op_bury(w, b);
+    op_bury(w, b, MAGIC_REJECTED);
     sock_put(w, s); /* the operation's reference */
 }
 
@@ -1235,7 +1233,7 @@ static void close_sock(world *w, tctx *t, sock *s)
             WCHECK(w, r == -EBADF);
             atomic_fetch_add(&w->n_invalid, 1);
             atomic_store(&b->state, ST_REJECTED);
-            op_bury(w, b);
+            op_bury(w, b, MAGIC_REJECTED);
         }
         return;
     }
@@ -1385,7 +1383,7 @@ static void invalid_starts(world *w, tctx *t)
     }
     }
     atomic_store(&b->state, ST_REJECTED);
-    op_bury(w, b);
+    op_bury(w, b, MAGIC_REJECTED);
 
     /* Starting an op that is still in use fails with -EBUSY and must leave the op as it
      * was. Only on one thread: there "outstanding" cannot turn into "dequeued" meanwhile. */
@@ -1709,14 +1707,7 @@ static void handle(world *w, tctx *t, const cp_completion *c)
                 *last = b->qserial;
             }
         }
-        if (b->prev)
-            b->prev->next = b->next;
-        else
-            s->ops = b->next;
-        if (b->next)
-            b->next->prev = b->prev;
-        b->prev = b->next = NULL;
-        s->nout--;
+        sock_unlink_op_locked(s, b);
     }
     op_free_mem(b); /* under s->mu: a canceller holding it may still name the op */
     pthread_mutex_unlock(&s->mu);
@@ -2126,24 +2117,9 @@ static void world_free(world *w)
     free(w);
 }
 
-/* Open descriptors of the process: the same after a run as before it. */
-static int count_fds(void)
-{
-    DIR *d = opendir("/proc/self/fd");
-    if (!d)
-        return -1;
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)))
-        if (e->d_name[0] != '.')
-            n++;
-    closedir(d);
-    return n;
-}
-
 static void check_fds(int before)
 {
-    int after = count_fds();
+    int after = cpt_count_fds();
     if (after != before) {
         fprintf(stderr, "descriptors: %d before the run, %d after it\n", before, after);
         char cmd[64];
@@ -2167,7 +2143,7 @@ static void seed_initial(world *w, tctx *t)
 TEST(mix_single_thread)
 {
     int64_t t0 = cpt_now_ns();
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     world *w = world_new("single thread", true, true, 1, (long)cpt_scaled(400000, 20000));
     w->action_deadline_ms = cpt_now_ms() + ACTION_PHASE_MS;
     tctx t;
@@ -2238,7 +2214,7 @@ static void *actor_main(void *arg)
 static void run_threads(const char *mode, unsigned nworkers, unsigned batch, long budget)
 {
     int64_t t0 = cpt_now_ns();
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     bool single = nworkers == 1;
     world *w = world_new(mode, false, single, nworkers, budget);
     w->action_deadline_ms = cpt_now_ms() + ACTION_PHASE_MS;

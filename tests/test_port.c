@@ -1111,6 +1111,7 @@ TEST(the_smallest_ring_refuses_a_post_when_full)
     CHECK_EQ(c[0].result, 99);
     cp_port_destroy(p);
 }
+
 /* A post wakes a poller blocked in the kernel at once, whatever the other threads of the
  * port are doing. The eventfd read that wakes it belongs (io_uring) to the thread that
  * submitted it - here the one that created the port - and completes only when that thread

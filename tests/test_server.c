@@ -681,6 +681,18 @@ static void echo_start(echo_child *e, rlim_t nofile, const char *const *args)
     }
 }
 
+/* SIGTERM: cport-echo must exit 0 (its stderr is shown if not); its pipes are closed. */
+static void echo_stop_cleanly(echo_child *e)
+{
+    CHECK_EQ(kill(e->pid, SIGTERM), 0);
+    int st = child_wait(e->pid, IO_MS);
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        fprintf(stderr, "cport-echo: status 0x%x\n%s\n", st, memfd_text(e->err));
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    close(e->out);
+    close(e->err);
+}
+
 /* The last "cport-echo: conns_open=..." counter line on its stderr after SIGUSR1. */
 static uint64_t echo_counter(const char *line, const char *key)
 {
@@ -2486,13 +2498,7 @@ TEST(echo_fd_exhaustion)
     for (int i = 0; i < N; i++)
         if (fds[i] >= 0)
             close(fds[i]);
-    CHECK_EQ(kill(e.pid, SIGTERM), 0);
-    int st = child_wait(e.pid, IO_MS);
-    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
-        fprintf(stderr, "cport-echo: status 0x%x\n%s\n", st, memfd_text(e.err));
-    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
-    close(e.out);
-    close(e.err);
+    echo_stop_cleanly(&e);
 }
 
 /* Backpressure on and off all the time, with several receives outstanding and several
@@ -4002,17 +4008,14 @@ TEST(stats_counters_move)
 }
 
 /* GET / on a stats port; returns the whole response (static buffer). */
-static const char *http_get(uint16_t port)
+/* Read fd until the peer closes (IO_MS at most) into buf, NUL-terminated. */
+static void read_to_eof(int fd, char *buf, size_t cap)
 {
-    static char resp[16384];
-    int fd = connect_to(port);
-    static const char req[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-    send_all(fd, req, sizeof req - 1);
     size_t n = 0;
     int64_t deadline = cpt_now_ms() + IO_MS;
     for (;;) {
-        CHECK(n < sizeof resp - 1);
-        ssize_t k = recv(fd, resp + n, sizeof resp - 1 - n, MSG_DONTWAIT);
+        CHECK(n < cap - 1);
+        ssize_t k = recv(fd, buf + n, cap - 1 - n, MSG_DONTWAIT);
         if (k == 0)
             break;
         if (k > 0) {
@@ -4022,8 +4025,17 @@ static const char *http_get(uint16_t port)
         CHECK(errno == EAGAIN);
         CHECK(wait_fd(fd, POLLIN, deadline));
     }
+    buf[n] = 0;
+}
+
+static const char *http_get(uint16_t port)
+{
+    static char resp[16384];
+    int fd = connect_to(port);
+    static const char req[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    send_all(fd, req, sizeof req - 1);
+    read_to_eof(fd, resp, sizeof resp);
     close(fd);
-    resp[n] = 0;
     return resp;
 }
 
@@ -4084,11 +4096,7 @@ TEST(echo_stats_sigusr1_and_prometheus)
     CHECK(strncmp(http_get(e.stats_port), "HTTP/1.1 200 OK\r\n", 17) == 0);
     for (int i = 0; i < CLIENTS; i++)
         close(fds[i]);
-    CHECK_EQ(kill(e.pid, SIGTERM), 0);
-    int st = child_wait(e.pid, IO_MS);
-    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
-    close(e.out);
-    close(e.err);
+    echo_stop_cleanly(&e);
 }
 
 /* The stats port serves scrapers at once: one that connects and says nothing holds up
@@ -4114,29 +4122,11 @@ TEST(echo_stats_scrape_not_held_by_a_silent_client)
     usleep(20000);
     send_all(silent, "Host: x\r\n\r\n", 11);
     char resp[8192];
-    size_t n = 0;
-    int64_t deadline = cpt_now_ms() + IO_MS;
-    for (;;) {
-        CHECK(n < sizeof resp - 1);
-        ssize_t k = recv(silent, resp + n, sizeof resp - 1 - n, MSG_DONTWAIT);
-        if (k == 0)
-            break;
-        if (k > 0) {
-            n += (size_t)k;
-            continue;
-        }
-        CHECK(errno == EAGAIN);
-        CHECK(wait_fd(silent, POLLIN, deadline));
-    }
-    resp[n] = 0;
+    read_to_eof(silent, resp, sizeof resp);
     CHECK(strncmp(resp, "HTTP/1.1 200 OK\r\n", 17) == 0);
     CHECK(strstr(resp + 17, "HTTP/1.1") == NULL);
     close(silent);
-    CHECK_EQ(kill(e.pid, SIGTERM), 0);
-    int st = child_wait(e.pid, IO_MS);
-    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
-    close(e.out);
-    close(e.err);
+    echo_stop_cleanly(&e);
 }
 
 /* Accepting pauses on EMFILE and a retry timer resumes it. When that timer cannot be

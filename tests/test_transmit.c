@@ -199,20 +199,6 @@ static int make_file(uint64_t size)
     return fd;
 }
 
-/* Open descriptors of this process (to check that nothing leaks). */
-static int count_fds(void)
-{
-    DIR *d = opendir("/proc/self/fd");
-    CHECK(d);
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)))
-        if (e->d_name[0] != '.')
-            n++;
-    closedir(d);
-    return n - 1; /* the directory's own fd */
-}
-
 /* ---- pipes in this process (the io_uring pool's) --------------------------------------- */
 
 enum { MAX_PIPES_SEEN = 64 };
@@ -446,7 +432,7 @@ static void tf_one(cp_port *p, pair *pr, rx *r, cp_transmit_op *t, int fd, uint6
 
 TEST(transmit_file_sizes)
 {
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     cp_port *p = make_port();
     static const uint64_t sizes[] = {0, 1, 4095, 4096, 1 << 20};
     uint8_t head[17], tail[4099];
@@ -504,12 +490,12 @@ TEST(transmit_file_sizes)
         free(r);
     }
     cp_port_destroy(p);
-    CHECK_EQ(count_fds(), fds0);
+    CHECK_EQ(cpt_count_fds(), fds0);
 }
 
 TEST(transmit_file_100mib)
 {
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     cp_port *p = make_port();
     /* 100 MiB in the normal build; CPORT_TEST_SCALE shrinks it for sanitizer runs. */
     uint64_t sz = (uint64_t)cpt_scaled(100ll << 20, 8ll << 20);
@@ -544,7 +530,7 @@ TEST(transmit_file_100mib)
     close(fd);
     free(r);
     cp_port_destroy(p);
-    CHECK_EQ(count_fds(), fds0);
+    CHECK_EQ(cpt_count_fds(), fds0);
 }
 
 TEST(transmit_invalid_arguments)
@@ -606,7 +592,7 @@ typedef struct qop {
 
 TEST(transmit_packets_order)
 {
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     cp_port *p = make_port();
     uint64_t fsz = 3ull << 20;
     int fd = make_file(fsz);
@@ -706,14 +692,14 @@ TEST(transmit_packets_order)
     free(r);
     free(mem);
     cp_port_destroy(p);
-    CHECK_EQ(count_fds(), fds0);
+    CHECK_EQ(cpt_count_fds(), fds0);
 }
 
 /* ---- CP_TF_DISCONNECT ------------------------------------------------------------------- */
 
 TEST(transmit_disconnect_eof)
 {
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     cp_port *p = make_port();
     uint64_t fsz = 1 << 20;
     int fd = make_file(fsz);
@@ -779,7 +765,7 @@ TEST(transmit_disconnect_eof)
     close(empty);
     free(r);
     cp_port_destroy(p);
-    CHECK_EQ(count_fds(), fds0);
+    CHECK_EQ(cpt_count_fds(), fds0);
 }
 
 /* A head with a file range that turns out empty and nothing after it: the head must not be
@@ -844,7 +830,7 @@ TEST(transmit_head_then_empty_range_not_corked)
 
 TEST(pipe_pool_exhausted_falls_back)
 {
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     pipeset base;
     list_pipes(&base);
     cp_port *p = make_port_opts((cp_port_options){.max_pipes = 2});
@@ -909,13 +895,13 @@ TEST(pipe_pool_exhausted_falls_back)
     free(rs);
     free(ts);
     cp_port_destroy(p);
-    CHECK_EQ(count_fds(), fds0);
+    CHECK_EQ(cpt_count_fds(), fds0);
 }
 
 /* A transmit to a peer that goes away: one negative completion, and the pipe goes back. */
 TEST(transmit_peer_closes_midway)
 {
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     pipeset base;
     list_pipes(&base);
     cp_port *p = make_port_opts((cp_port_options){.max_pipes = 1});
@@ -968,14 +954,14 @@ TEST(transmit_peer_closes_midway)
     }
     close(fd);
     cp_port_destroy(p);
-    CHECK_EQ(count_fds(), fds0);
+    CHECK_EQ(cpt_count_fds(), fds0);
 }
 
 /* ---- cancel, timeout and close with a transmit in flight -------------------------------- */
 
 TEST(transmit_cancel_and_close_inflight)
 {
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     pipeset base;
     list_pipes(&base);
     cp_port *p = make_port_opts((cp_port_options){.max_pipes = 1});
@@ -1059,7 +1045,7 @@ TEST(transmit_cancel_and_close_inflight)
     close(b.client);
     close(fd);
     cp_port_destroy(p);
-    CHECK_EQ(count_fds(), fds0);
+    CHECK_EQ(cpt_count_fds(), fds0);
 }
 
 /* Cancel racing with a transmit that is making progress (a reader drains the peer and
@@ -1097,7 +1083,7 @@ static void *race_worker(void *arg)
 
 TEST(transmit_cancel_race)
 {
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     cp_port *p = make_port_opts((cp_port_options){.max_pipes = 4});
     uint64_t fsz = 1 << 20;
     int fd = make_file(fsz);
@@ -1153,7 +1139,7 @@ TEST(transmit_cancel_race)
     fprintf(stderr, "%d cancelled, %d finished first\n", cancelled, finished);
     close(fd);
     cp_port_destroy(p);
-    CHECK_EQ(count_fds(), fds0);
+    CHECK_EQ(cpt_count_fds(), fds0);
 }
 
 /* ---- ConnectEx with data, DisconnectEx -------------------------------------------------- */
@@ -1189,7 +1175,7 @@ static void *srv_main(void *arg)
 
 TEST(connect_ex_with_data)
 {
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     cp_port *p = make_port();
     size_t sizes[] = {1, 5000, (size_t)cpt_scaled(8 << 20, 1 << 20)};
     for (size_t k = 0; k < 3; k++) {
@@ -1240,7 +1226,7 @@ TEST(connect_ex_with_data)
     CHECK_EQ(sv.got, 0);
     close(sv.lfd);
     cp_port_destroy(p);
-    CHECK_EQ(count_fds(), fds0);
+    CHECK_EQ(cpt_count_fds(), fds0);
 }
 
 TEST(connect_ex_refused)
@@ -1275,7 +1261,7 @@ TEST(connect_ex_refused)
 
 TEST(disconnect_after_queued_sends)
 {
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     cp_port *p = make_port();
     pair pr;
     pair_open_ex(&pr, p, true);
@@ -1306,7 +1292,7 @@ TEST(disconnect_after_queued_sends)
     close(pr.client);
     free(data);
     cp_port_destroy(p);
-    CHECK_EQ(count_fds(), fds0);
+    CHECK_EQ(cpt_count_fds(), fds0);
 }
 
 /* ---- a block device as the file --------------------------------------------------------- */
@@ -1401,7 +1387,7 @@ TEST(a_pipe_dropped_in_a_shortage_is_reopened_later)
 #ifndef CPORT_INJECT
     SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
 #else
-    int fds0 = count_fds();
+    int fds0 = cpt_count_fds();
     pipeset base;
     list_pipes(&base);
     cp_port *p = make_port_opts((cp_port_options){.max_pipes = 1});
@@ -1435,6 +1421,6 @@ TEST(a_pipe_dropped_in_a_shortage_is_reopened_later)
     close(fd);
     cp_port_close(p);
     cp_port_destroy(p);
-    CHECK_EQ(count_fds(), fds0);
+    CHECK_EQ(cpt_count_fds(), fds0);
 #endif
 }
