@@ -507,11 +507,27 @@ static int step_accept(cp_handle *h, cp_op *op)
     }
 }
 
+/* A stream socket registered before its connect() reports a hang-up at once (it has no
+ * peer yet), and that makes CP__H_RD_HUP stick: every short read of the connection would
+ * then cost a further read that finds nothing. Once connected, the flag is what the socket
+ * reports now. Cleared first, so an edge arriving meanwhile sets it again. */
+static int connected(cp_handle *h)
+{
+    if ((h->cp__flags & (CP__H_RD_HUP | CP__H_DGRAM)) == CP__H_RD_HUP) {
+        clear_flag(h, CP__H_RD_HUP);
+        struct pollfd pf = {.fd = h->fd, .events = POLLIN | POLLPRI | POLLRDHUP};
+        int n = poll(&pf, 1, 0);
+        if (n < 0 || (n == 1 && (pf.revents & (POLLPRI | POLLRDHUP | POLLHUP | POLLERR))))
+            h->cp__flags |= CP__H_RD_HUP;
+    }
+    return 0;
+}
+
 static int step_connect(cp_handle *h, cp_op *op)
 {
     if (!(op->cp__flags & CP__OPF_PHASE)) {
         if (connect(h->fd, op->u.buf, op->cp__len) == 0)
-            return 0;
+            return connected(h);
         if (errno != EINPROGRESS && errno != EINTR)
             return -errno;
         op->cp__flags |= CP__OPF_PHASE;
@@ -547,7 +563,7 @@ static int step_connect(cp_handle *h, cp_op *op)
         clear_flag(h, CP__H_WR_READY);
         return CP__PENDING;
     }
-    return 0;
+    return connected(h);
 }
 
 /* ---- files: blocking threads ---- */

@@ -781,7 +781,7 @@ static int associate(cp_socket *s, cp_port *port, int fd, uintptr_t key, bool no
         int type = SOCK_STREAM;
         socklen_t tlen = sizeof(type);
         if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tlen) == 0 && type != SOCK_STREAM)
-            s->cp__flags |= CP__H_RD_HUP;
+            s->cp__flags |= CP__H_RD_HUP | CP__H_DGRAM;
     }
     int r = port->be->attach(s);
     if (r < 0) {

@@ -7,6 +7,7 @@
 #include "harness.h"
 
 #include "cport.h"
+#include "handle.h" /* a_connected_client_socket_is_read_as_a_stream */
 
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -2321,6 +2322,59 @@ TEST(datagram_receives_each_get_one)
     c = next(p);
     CHECK(c.op == &cl);
     close(sv[1]);
+    cp_port_destroy(p);
+}
+
+/* epoll: a stream socket registered before its connect() reports a hang-up (it has no peer
+ * yet). That must not outlive the connect: a short read of the connection means drained
+ * again, or every receive pays a further read that finds nothing. White-box (the flag is
+ * the only trace: both reads succeed either way), then the end of stream is still seen. */
+TEST(a_connected_client_socket_is_read_as_a_stream)
+{
+    cp_port *p = make_port();
+    int port;
+    int lfd = listen_any(&port);
+    cp_socket s;
+    CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
+    expect_nothing(p, 5); /* the fresh socket's first event (the hang-up) is seen */
+    cp_op op = {0};
+    struct sockaddr_in sa = loopback(port);
+    CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
+    cp_completion c = next(p);
+    CHECK(c.op == &op);
+    CHECK_EQ(c.result, 0);
+    int peer = accept(lfd, NULL, NULL);
+    CHECK(peer >= 0);
+    char buf[100];
+    for (int i = 0; i < 5; i++) {
+        write_all(peer, "0123456789", 10);
+        cp_op r = {0};
+        CHECK_OK(cp_socket_recv(&s, &r, buf, sizeof buf));
+        c = next(p);
+        CHECK(c.op == &r);
+        CHECK_EQ(c.result, 10);
+        CHECK(memcmp(buf, "0123456789", 10) == 0);
+    }
+    CHECK(!(s.cp__flags & CP__H_RD_HUP));
+    write_all(peer, "abc", 3);
+    CHECK_OK(shutdown(peer, SHUT_WR));
+    wait_readable_bytes(s.fd, 3);
+    int got = 0, eof = 0;
+    while (!eof) {
+        cp_op r = {0};
+        CHECK_OK(cp_socket_recv(&s, &r, buf, sizeof buf));
+        c = next(p);
+        CHECK(c.op == &r);
+        CHECK(c.result >= 0);
+        got += c.result;
+        eof = c.result == 0;
+    }
+    CHECK_EQ(got, 3);
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&s, &cl));
+    CHECK(next(p).op == &cl);
+    close(peer);
+    close(lfd);
     cp_port_destroy(p);
 }
 
