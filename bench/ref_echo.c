@@ -142,12 +142,15 @@ static void on_accept(int lfd)
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
             if ((errno == EMFILE || errno == ENFILE) && spare_fd >= 0) {
-                /* Out of descriptors: accept and drop one so the backlog does not spin. */
+                /* Out of descriptors: accept and drop one so the backlog does not spin.
+                 * The error comes whether a connection is queued or not: stop when none. */
                 close(spare_fd);
                 fd = accept(lfd, NULL, NULL);
                 if (fd >= 0)
                     close(fd);
                 spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+                if (fd < 0)
+                    return;
                 continue;
             }
             return; /* EAGAIN, or a transient error: epoll reports the next one */

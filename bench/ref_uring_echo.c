@@ -18,10 +18,13 @@
  * with status 0. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <liburing.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,7 +34,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-enum { OP_ACCEPT = 1, OP_RECV = 2, OP_SEND = 3, OP_SIGNAL = 4, OP_MASK = 7 };
+enum { OP_ACCEPT = 1, OP_RECV = 2, OP_SEND = 3, OP_SIGNAL = 4, OP_LISTEN_POLL = 5, OP_MASK = 7 };
 
 struct conn {
     struct conn *prev, *next; /* all open connections, so that exit frees them */
@@ -43,6 +46,7 @@ struct conn {
 struct server {
     struct io_uring ring;
     int lfd, sfd;
+    int spare_fd; /* held open so an accept can shed a connection when out of descriptors */
     uint32_t buf_size;
     int poll_first;
     struct signalfd_siginfo sig;
@@ -106,11 +110,34 @@ static void close_conn(struct server *s, struct conn *c)
     free(c);
 }
 
+/* Out of descriptors. An accept fails so whether a connection is queued or not (the
+ * descriptor comes first), and trying it again at once would fail at once, forever. A
+ * queued connection is taken with the spare descriptor and dropped (its client sees its
+ * end), as bench/ref_echo.c does; with none queued, the server waits until one is. */
+static bool shed_one(struct server *s)
+{
+    struct pollfd pf = {.fd = s->lfd, .events = POLLIN};
+    if (s->spare_fd < 0 || poll(&pf, 1, 0) != 1)
+        return false; /* the listener is blocking: accept only what is there */
+    close(s->spare_fd);
+    int fd = accept(s->lfd, NULL, NULL);
+    if (fd >= 0)
+        close(fd);
+    s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    return true;
+}
+
 static void on_accept(struct server *s, int res)
 {
+    if ((res == -EMFILE || res == -ENFILE) && !shed_one(s)) {
+        struct io_uring_sqe *sqe = get_sqe(s);
+        io_uring_prep_poll_add(sqe, s->lfd, POLLIN);
+        io_uring_sqe_set_data64(sqe, OP_LISTEN_POLL);
+        return;
+    }
     post_accept(s);
     if (res < 0)
-        return; /* EMFILE, ECONNABORTED...: the next accept tries again */
+        return; /* ECONNABORTED...: the next accept tries again */
     int one = 1;
     setsockopt(res, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     struct conn *c = malloc(sizeof *c + s->buf_size);
@@ -261,6 +288,7 @@ int main(int argc, char **argv)
     if (r < 0)
         die("io_uring_queue_init_params", -r);
 
+    s.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     post_accept(&s);
     struct io_uring_sqe *sqe = get_sqe(&s);
     io_uring_prep_read(sqe, s.sfd, &s.sig, sizeof s.sig, 0);
@@ -291,6 +319,9 @@ int main(int argc, char **argv)
                 break;
             case OP_SEND:
                 on_send(&s, c, cqe->res);
+                break;
+            case OP_LISTEN_POLL: /* a connection is queued: accept (or shed) it */
+                post_accept(&s);
                 break;
             case OP_SIGNAL:
                 stop = 1;
