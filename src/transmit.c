@@ -10,6 +10,7 @@
 #include "handle.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
@@ -52,6 +53,14 @@ static int element_end(cp_transmit_op *t, const cp_packet *e)
     if (fstat(e->fd, &st) < 0)
         return -errno;
     if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+        return -EINVAL;
+    /* O_DIRECT: the kernel's splice/sendfile reads such a file with direct I/O, which
+     * fails (-EINVAL) at the first offset or length that is not block-aligned, typically
+     * the last piece of the file, after the rest went out: refuse it whole, up front. */
+    int fl = fcntl(e->fd, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    if (fl & O_DIRECT)
         return -EINVAL;
     if (e->len) {
         t->cp__end = e->len;

@@ -580,6 +580,42 @@ TEST(transmit_invalid_arguments)
     cp_port_destroy(p);
 }
 
+/* A file opened O_DIRECT is refused whole (-EINVAL) before any of its bytes go out. Before,
+ * splice/sendfile read it with direct I/O: a 100 000-byte file sent its first 64 KiB
+ * (the aligned part) and then failed with -EINVAL, leaving the peer a stream cut in the
+ * middle of the file (a file whose size is block-aligned went through whole). */
+TEST(transmit_o_direct_file_refused_before_any_byte)
+{
+    int fds0 = cpt_count_fds();
+    cp_port *p = make_port();
+    uint64_t fsz = 100000;
+    int fd0 = make_file(fsz);
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd0);
+    int fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+    if (fd < 0) {
+        close(fd0);
+        cp_port_destroy(p);
+        SKIP("no O_DIRECT on this file system");
+    }
+    pair pr;
+    pair_open(&pr, p);
+    cp_transmit_op t = {0};
+    CHECK_OK(cp_socket_transmit_file(&pr.s, &t, fd, 0, 0, NULL, 0, NULL, 0, 0));
+    int64_t res = next_of(p, &t.op);
+    fprintf(stderr, "result %" PRId64 ", %" PRIu64 " bytes sent\n", res, t.sent);
+    CHECK_EQ(res, -EINVAL);
+    CHECK_EQ(t.sent, 0);
+    pair_close_strict(&pr, p);
+    char b[16];
+    CHECK_EQ(read(pr.client, b, sizeof(b)), 0); /* nothing of the file reached the peer */
+    close(pr.client);
+    close(fd);
+    close(fd0);
+    cp_port_destroy(p);
+    CHECK_EQ(cpt_count_fds(), fds0);
+}
+
 /* ---- TransmitPackets: ordering with plain sends ----------------------------------------- */
 
 typedef struct qop {

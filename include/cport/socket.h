@@ -259,7 +259,9 @@ CP_EXTERN int cp_socket_connect_ex(cp_socket *s, cp_connect_op *op, const struct
 /* ---- TransmitFile / TransmitPackets (I5) ---------------------------------------------- */
 
 /* One element of a transmit: memory (fd < 0: buf, len) or a file range (fd >= 0: offset,
- * len; len 0 = to the end of the file). */
+ * len; len 0 = to the end of the file). The fd must be a regular file or a block device,
+ * not opened O_DIRECT: anything else fails the transmit with -EINVAL when it reaches
+ * that element, before any of its bytes. */
 typedef struct cp_packet {
     const void *buf;
     uint64_t len;
