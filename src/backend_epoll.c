@@ -23,6 +23,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sys/sendfile.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -573,8 +574,10 @@ static void *job_main(void *arg)
     ep_state *s = arg;
     pthread_mutex_lock(&s->jobs_lock);
     for (;;) {
-        while (!s->jobs_head && !s->jobs_stop)
+        while (!s->jobs_head && !s->jobs_stop) {
             pthread_cond_wait(&s->jobs_cond, &s->jobs_lock);
+            CP__INJECT_DELAY("file_thread_woken");
+        }
         if (!s->jobs_head)
             break;
         cp_file_op *f = s->jobs_head;
@@ -601,6 +604,19 @@ static void *job_main(void *arg)
     return NULL;
 }
 
+/* Failure point file_thread_<i> (ASan build): the pool's i-th pthread_create fails. */
+static bool job_thread_fail(unsigned i)
+{
+#ifdef CPORT_INJECT
+    char point[32];
+    snprintf(point, sizeof(point), "file_thread_%u", i);
+    return CP__INJECT_FAIL(point);
+#else
+    (void)i;
+    return false;
+#endif
+}
+
 static int start_file_job(cp_handle *h, cp_op *op)
 {
     ep_state *s = state_of(h->cp__port);
@@ -609,8 +625,11 @@ static int start_file_job(cp_handle *h, cp_op *op)
     if (!s->job_threads) {
         unsigned n = h->cp__port->opts.file_threads ? h->cp__port->opts.file_threads : 2;
         s->job_threads = calloc(n, sizeof(*s->job_threads));
+        /* Threads that could start are packed at the front: ep_fini joins the first
+         * njob_threads (a failure between two successes must leave no hole there). */
         for (unsigned i = 0; s->job_threads && i < n; i++)
-            if (pthread_create(&s->job_threads[i], NULL, job_main, s) == 0)
+            if (!job_thread_fail(i) &&
+                pthread_create(&s->job_threads[s->njob_threads], NULL, job_main, s) == 0)
                 s->njob_threads++;
         if (s->njob_threads == 0) {
             free(s->job_threads);

@@ -516,3 +516,54 @@ TEST(file_invalid_arguments)
     close_file(&f, p);
     cp_port_destroy(p);
 }
+
+/* epoll: a file thread that fails to start before one that does (failure point
+ * file_thread_0, ASan build) leaves the pool working, and destroying the port joins
+ * every thread it started. Before, the threads were stored at their attempt's index but
+ * counted without gaps: ep_fini joined the failed slot (a zeroed pthread_t, which
+ * pthread_join refuses at once) and never the thread that did start, which went on using
+ * the freed pool state (ASan: heap-use-after-free in job_main). */
+TEST(file_thread_start_failure_leaves_no_thread_unjoined)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    int threads0 = threads_before();
+    /* Set before the port's threads start. A thread pauses each time it wakes up (the
+     * last time: told to stop), so a thread left unjoined reads the pool's state after
+     * the port freed it. */
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "file_thread_0", 1));
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "file_thread_woken:200000", 1));
+    cp_port *p = make_port_opts((cp_port_options){.file_threads = 2});
+    if (cp_port_backend(p) != CP_BACKEND_EPOLL) {
+        cp_port_destroy(p);
+        SKIP("epoll only: io_uring reads and writes files itself");
+    }
+    int fd = temp_file();
+    cp_file f;
+    CHECK_OK(cp_file_associate(&f, p, fd, 1));
+    cp_file_op ops[8];
+    memset(ops, 0, sizeof(ops));
+    uint8_t buf[8][512];
+    for (int i = 0; i < 8; i++) {
+        memset(buf[i], 'a' + i, sizeof(buf[i]));
+        CHECK_OK(cp_file_write(&f, &ops[i], buf[i], sizeof(buf[i]), (uint64_t)i * 512));
+    }
+    for (int i = 0; i < 8; i++) {
+        cp_completion c = next(p);
+        CHECK_EQ(c.result, 512);
+    }
+    CHECK_EQ(count_threads(), threads0 + 1); /* thread 1 runs */
+    close_file(&f, p);
+    cp_port_close(p);
+    cp_port_destroy(p);
+    CHECK_OK(unsetenv("CPORT_INJECT_FAIL"));
+    CHECK_OK(unsetenv("CPORT_INJECT_DELAY"));
+    /* Every thread the pool started is gone (joined). */
+    int64_t until = cpt_now_ms() + 5000;
+    while (count_threads() != threads0) {
+        CHECK(cpt_now_ms() < until);
+        sched_yield();
+    }
+#endif
+}
