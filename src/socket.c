@@ -730,14 +730,28 @@ void cp__io_expire(cp_port *p, int64_t now)
         cp__lock_release(&p->timer_lock);
         if (n == 0)
             return;
+        /* Entries taken out, their handles not locked yet: the ops may finish, be handled
+         * and start again meanwhile. */
+        CP__INJECT_DELAY("expire_due");
         cp__oplist done = {0};
         for (unsigned i = 0; i < n; i++) {
             cp_handle *h = due[i].h;
             lock_collect(h, &done);
             /* Compare by address before touching the op: it may have finished and been
-             * reused; the sequence number tells a reuse on the same handle apart. */
-            if ((queue_has(h->cp__rq, due[i].op) || queue_has(h->cp__sq, due[i].op)) &&
-                due[i].op->cp__seq == due[i].seq) {
+             * reused; the sequence number tells a reuse on the same handle apart, unless
+             * exactly a multiple of 65 536 starts happened there meanwhile: then only the
+             * entry does. The op whose entry we took is timed and out of the heap; a
+             * restart of it is untimed or has an entry of its own. (Its slot is written by
+             * other ops' heap moves: read it under the timer lock.) */
+            cp_op *op = due[i].op;
+            bool ours = (queue_has(h->cp__rq, op) || queue_has(h->cp__sq, op)) &&
+                        op->cp__seq == due[i].seq && op->timeout_ms != 0;
+            if (ours) {
+                cp__lock_acquire(&p->timer_lock);
+                ours = op->cp__tidx == 0;
+                cp__lock_release(&p->timer_lock);
+            }
+            if (ours) {
                 /* Already being cancelled (a cancel, cancel-all or close waiting for the
                  * kernel's answer): that cancel came first, and its -ECANCELED stands. */
                 if (due[i].op->cp__state != CP__OPS_CANCELING) {

@@ -2470,3 +2470,84 @@ TEST(a_nonblocking_dequeue_sees_data_that_arrived)
     pair_close(&pr, p);
     cp_port_destroy(p);
 }
+
+#ifdef CPORT_INJECT
+struct dq_arg {
+    cp_port *p;
+    cp_op *watch;
+    int64_t result;
+    int stop, got;
+};
+
+/* Dequeues (and so polls) until told to stop; records the completion of `watch`. */
+static void *dq_thread(void *arg)
+{
+    struct dq_arg *a = arg;
+    while (!__atomic_load_n(&a->stop, __ATOMIC_ACQUIRE)) {
+        cp_completion c;
+        if (cp_port_dequeue(a->p, &c, 1, 20) == 1 && c.op == a->watch) {
+            a->result = c.result;
+            __atomic_store_n(&a->got, 1, __ATOMIC_RELEASE);
+        }
+    }
+    return NULL;
+}
+#endif
+
+/* The expiry takes a due entry out of the heap and only then locks the op's socket; it
+ * recognises the same operation by address, socket and a 16-bit per-socket start count.
+ * An op that finished meanwhile and was started again, untimed, on the same socket after
+ * exactly 65 536 starts there looks like the one that was due: it was cancelled with
+ * -ETIMEDOUT although it had no timeout (socket.h: -ETIMEDOUT "when its timeout
+ * expires"). Delay point expire_due holds the poller between the two steps. */
+TEST(expiry_does_not_hit_a_restarted_op_with_the_same_count)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "expire_due:1500000", 1)); /* before any thread */
+    cp_port_options o = {.concurrency = 2};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    pair pr;
+    pair_open(&pr, p);
+    char buf[16];
+    cp_op head = {0}, x = {.timeout_ms = 30};
+    CHECK_OK(cp_socket_recv(&pr.s, &head, buf, 8)); /* keeps x queued behind it */
+    CHECK_OK(cp_socket_recv(&pr.s, &x, buf + 8, 8));
+    struct dq_arg a = {.p = p, .watch = &x};
+    pthread_t th;
+    CHECK_OK(-pthread_create(&th, NULL, dq_thread, &a));
+    usleep(300000); /* the poller took x's entry out and is held at expire_due */
+    CHECK_EQ(cp_socket_cancel(&pr.s, &x), 0);
+    cp_completion c = next(p); /* here: the other thread is held */
+    CHECK(c.op == &x);
+    CHECK_EQ(c.result, -ECANCELED);
+    /* 65 535 more starts on the socket (sends the kernel takes at once: no completion). */
+    cp_op y = {0};
+    char b = 'b';
+    int drained = 0;
+    for (int i = 0; i < 65535; i++) {
+        CHECK_EQ(cp_socket_send_ex(&pr.s, &y, &b, 1, CP_SEND_SKIP_ON_SUCCESS), CP_DONE_NOW);
+        if (i % 4096 == 4095) {
+            char sink[4096];
+            while (drained < i + 1) {
+                ssize_t r = recv(pr.client, sink, sizeof(sink), 0);
+                CHECK(r > 0);
+                drained += (int)r;
+            }
+        }
+    }
+    x.timeout_ms = 0; /* the op is the caller's again: now an untimed receive */
+    CHECK_OK(cp_socket_recv(&pr.s, &x, buf + 8, 8));
+    usleep(1500000); /* the poller goes on with the entry it holds */
+    if (__atomic_load_n(&a.got, __ATOMIC_ACQUIRE))
+        fprintf(stderr, "the untimed receive completed: %" PRId64 "\n", a.result);
+    CHECK_EQ(__atomic_load_n(&a.got, __ATOMIC_ACQUIRE), 0); /* x must still wait */
+    __atomic_store_n(&a.stop, 1, __ATOMIC_RELEASE);
+    pthread_join(th, NULL);
+    CHECK_OK(unsetenv("CPORT_INJECT_DELAY"));
+    pair_close(&pr, p);
+    cp_port_destroy(p);
+#endif
+}

@@ -131,7 +131,10 @@ typedef struct cp_accept_op {
 CP_EXTERN int cp_socket_associate(cp_socket *s, cp_port *port, int fd, uintptr_t key);
 
 /* Accept one connection on the listening socket `listener` (AcceptEx). Many accepts may
- * be outstanding on one listener; they complete in the order posted. On success the
+ * be outstanding on one listener; they take connections in the order posted, and those
+ * with len == 0 complete in that order. One waiting for first data leaves the queue with
+ * its connection, so a silent peer does not hold up the accepts behind it: they may
+ * complete before it. On success the
  * completion's result is the number of first-data bytes received into buf, op->fd holds
  * the new socket and op->addr/addrlen the peer. With len > 0 the completion waits until
  * the first data arrives (result > 0; 0 if the peer closed first); with len == 0 it
