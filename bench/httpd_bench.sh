@@ -32,7 +32,8 @@ usage: bench/httpd_bench.sh [options]
   --quick            smoke test: 2 rounds of 1 s runs
   --rounds N         alternating rounds (default 5)
   --secs T           measured seconds per run (default 4)
-  --warmup W         warm-up seconds before each measured run (default 1)
+  --warmup W         warm-up seconds before each measured run (default 1; 0 = none)
+  (wrk takes whole seconds only: --secs and --warmup must be integers)
   --small-conns C    wrk connections for the 4 KiB file (default 50)
   --large-conns C    wrk connections for the 1 MiB file (default 8)
   --servers LIST     subset of nginx,cport-uring,cport-epoll (default all three)
@@ -48,7 +49,7 @@ EOF
 CMDLINE="$0 $*"
 while [ $# -gt 0 ]; do
     case $1 in
-    --quick) ROUNDS=2; SECS=1; WARMUP=0.5 ;;
+    --quick) ROUNDS=2; SECS=1; WARMUP=1 ;;
     --rounds) ROUNDS=$2; shift ;;
     --secs) SECS=$2; shift ;;
     --warmup) WARMUP=$2; shift ;;
@@ -65,6 +66,15 @@ while [ $# -gt 0 ]; do
     *) echo "httpd_bench.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
     shift
+done
+# wrk -d takes whole seconds ("0.5s" makes it print its usage and exit 1): a fractional
+# warm-up was skipped without a word, a fractional --secs failed every run.
+for v in "--rounds:$ROUNDS:1" "--secs:$SECS:1" "--warmup:$WARMUP:0"; do
+    IFS=: read -r opt val min <<<"$v"
+    if ! [[ $val =~ ^[0-9]+$ ]] || [ "$val" -lt "$min" ]; then
+        echo "httpd_bench.sh: $opt needs a whole number >= $min (wrk takes whole seconds), not '$val'" >&2
+        exit 2
+    fi
 done
 
 for tool in wrk nginx taskset curl ss; do
@@ -179,22 +189,28 @@ for sc in "${scenarios[@]}"; do
             free_port
             start_server "$name" "$PORT" || exit 1
             url="http://127.0.0.1:$PORT$path"
-            taskset -c "$CLIENT_CPU" wrk -t1 -c"$conns" -d"${WARMUP}s" "$url" >/dev/null 2>&1
+            if [ "$WARMUP" -gt 0 ] &&
+                ! taskset -c "$CLIENT_CPU" wrk -t1 -c"$conns" -d"${WARMUP}s" "$url" >/dev/null 2>&1; then
+                echo "  $sc round $r $name: warm-up failed (wrk exit status $?)" >&2
+            fi
             raw=$OUT/$sc-$r-$name.txt
             cpu0=$(cpu_ticks "$SERVER_PID")
             taskset -c "$CLIENT_CPU" wrk -t1 -c"$conns" -d"${SECS}s" "$url" >"$raw" 2>&1
             cpu1=$(cpu_ticks "$SERVER_PID")
             stop_server
             rps=$(awk '/^Requests\/sec:/ {print $2}' "$raw")
+            reqs=$(awk '/ requests in / {print $1; exit}' "$raw") # served in the measured run
             bad=$(awk '/Non-2xx|Socket errors/ {print}' "$raw")
-            if [ -z "$rps" ] || [ -n "$bad" ]; then
+            if [ -z "$rps" ] || [ -z "$reqs" ] || [ -n "$bad" ]; then
                 echo "  $sc round $r $name: FAILED: ${bad:-no figures}" >&2
                 continue
             fi
-            # 1 MiB bodies: requests/s = MiB/s of body. Server CPU: microseconds per request.
+            # 1 MiB bodies: requests/s = MiB/s of body. Server CPU: microseconds per request
+            # served (wrk's count; its run lasts a little longer than -d, so rps x SECS fell
+            # short of it: 5559 x 1 s against 5602 served in 1.01 s).
             val=$rps
-            cpu=$(awk -v t=$((cpu1 - cpu0)) -v hz="$HZ" -v r="$rps" -v s="$SECS" \
-                'BEGIN {printf "%.2f", (r > 0 ? t / hz * 1e6 / (r * s) : 0)}')
+            cpu=$(awk -v t=$((cpu1 - cpu0)) -v hz="$HZ" -v n="$reqs" \
+                'BEGIN {printf "%.2f", (n > 0 ? t / hz * 1e6 / n : 0)}')
             printf "  %-6s round %d %-12s %12.1f %s  server cpu %8.2f us/req\n" "$sc" "$r" "$name" \
                 "$val" "$([ "$sc" = small ] && echo req/s || echo MiB/s)" "$cpu"
             echo "$sc $r $name $val $cpu" >>"$RESULTS"
@@ -210,13 +226,13 @@ function median(s,    a, n, i, j, t) {
     for (i = 2; i <= n; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
     return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
 }
-{ v[$1, $2, $3] = $4; c[$1, $2, $3] = $5; all[$1, $3] = all[$1, $3] " " $4; allc[$1, $3] = allc[$1, $3] " " $5 }
+{ v[$1, $2, $3] = $4; c[$1, $2, $3] = $5; all[$1, $3] = all[$1, $3] " " $4; allc[$1, $3] = allc[$1, $3] " " $5; ok[$1, $3]++ }
 END {
     ns = split(servers, S, ","); nc = split(scen, C, ",")
     for (k = 1; k <= nc; k++) {
         sc = C[k]; unit = sc == "small" ? "req/s (4 KiB file)" : "MiB/s (1 MiB file)"
-        printf "%s: medians of %d rounds\n", sc, 0 + ROUNDS
-        printf "  %-12s %14s %10s %16s %10s\n", "server", unit ~ /req/ ? "req/s" : "MiB/s", "vs nginx", "cpu us/req", "vs nginx"
+        printf "%s: medians of the runs that succeeded (%d rounds)\n", sc, 0 + ROUNDS
+        printf "  %-12s %14s %10s %16s %10s %6s\n", "server", unit ~ /req/ ? "req/s" : "MiB/s", "vs nginx", "cpu us/req", "vs nginx", "ok"
         for (i = 1; i <= ns; i++) {
             rat = ""; ratc = ""
             for (r = 0; r < 1000; r++)
@@ -225,9 +241,9 @@ END {
                     if (c[sc, r, S[i]] > 0) ratc = ratc " " c[sc, r, "nginx"] / c[sc, r, S[i]]
                 }
             m = median(all[sc, S[i]]); q = median(rat); mc = median(allc[sc, S[i]]); qc = median(ratc)
-            printf "  %-12s %14s %10s %16s %10s\n", S[i], m == "" ? "-" : sprintf("%.1f", m),
+            printf "  %-12s %14s %10s %16s %10s %6s\n", S[i], m == "" ? "-" : sprintf("%.1f", m),
                    q == "" ? "-" : sprintf("%.3f", q), mc == "" ? "-" : sprintf("%.2f", mc),
-                   qc == "" ? "-" : sprintf("%.3f", qc)
+                   qc == "" ? "-" : sprintf("%.3f", qc), (0 + ok[sc, S[i]]) "/" (0 + ROUNDS)
         }
     }
     print "(ratios: median of the per-round ratios; for cpu, nginx us/req / server us/req, so > 1 = cheaper)"

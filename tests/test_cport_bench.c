@@ -626,3 +626,336 @@ TEST(echo_bench_script_refuses_a_wrapped_server)
     const char *fails = strstr(wrapped, "1(1)");
     CHECK(fails != NULL && fails < eol);
 }
+
+/* bench/httpd_bench.sh: wrk -d takes whole seconds only ("0.5s" makes wrk print its usage
+ * and exit 1). --quick's 0.5 s warm-up was therefore never run, without a word, and a
+ * fractional --secs failed every run. Fractions are refused; --quick warms up for 1 s. A
+ * stand-in wrk (first in PATH) records how it is called and answers like wrk 4.1. */
+TEST(httpd_bench_script_runs_wrk_with_whole_seconds)
+{
+    char root[PATH_MAX];
+    snprintf(root, sizeof root, "%s", __FILE__);
+    char *t = strstr(root, "/tests/test_cport_bench.c");
+    if (!t)
+        SKIP("source path unknown");
+    *t = 0;
+    bin_path("cport-bench"); /* sets bindir */
+    char httpd[PATH_MAX + 32];
+    snprintf(httpd, sizeof httpd, "%s/cport-httpd", bindir);
+    if (access(httpd, X_OK) != 0)
+        SKIP("cport-httpd not built");
+    if (system("PATH=$PATH:/usr/sbin; for t in nginx curl ss taskset; do command -v $t >/dev/null "
+               "|| exit 1; done") != 0)
+        SKIP("nginx, curl, ss or taskset missing");
+    char dir[64];
+    snprintf(dir, sizeof dir, "/tmp/httpd_bench_test.%d", (int)getpid());
+    char cmd[4 * PATH_MAX + 1024];
+    snprintf(cmd, sizeof cmd,
+             "mkdir -p %s && cat >%s/wrk <<'EOS'\n"
+             "#!/bin/sh\n"
+             "echo \"$*\" >>%s/calls\n"
+             "for a; do case $a in -d*) echo \"$a\" | grep -Eq '^-d[0-9]+[smh]?$' || "
+             "{ echo 'Usage: wrk <options> <url>'; exit 1; } ;; esac; done\n"
+             "printf '  50 requests in 1.00s, 200.00KB read\\nRequests/sec:     49.00\\n'\n"
+             "EOS\n"
+             "chmod +x %s/wrk",
+             dir, dir, dir, dir);
+    CHECK(system(cmd) == 0);
+    int port = 20000 + 2 * (int)(getpid() % 5000) + 1;
+    /* A fractional duration is refused before anything starts. */
+    snprintf(cmd, sizeof cmd,
+             "PATH=%s:$PATH timeout -k 5 60 bash %s/bench/httpd_bench.sh --build %s/.. --rounds 1 "
+             "--secs 1.5 --servers cport-epoll --scenarios small --small-conns 1 --port-base %d "
+             "2>&1",
+             dir, root, bindir, port);
+    fprintf(stderr, "$ %s\n", cmd);
+    FILE *f = popen(cmd, "r");
+    CHECK(f != NULL);
+    static char text[OUT_CAP];
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    text[n] = 0;
+    int st = pclose(f);
+    fprintf(stderr, "%s[status 0x%x]\n", text, st);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 2);
+    CHECK(strstr(text, "whole") != NULL);
+    /* --quick: every wrk run (warm-up included) gets a duration wrk takes. */
+    snprintf(cmd, sizeof cmd,
+             "PATH=%s:$PATH timeout -k 5 60 bash %s/bench/httpd_bench.sh --build %s/.. --quick "
+             "--rounds 1 --servers cport-epoll --scenarios small --small-conns 1 --port-base %d "
+             "2>&1",
+             dir, root, bindir, port);
+    fprintf(stderr, "$ %s\n", cmd);
+    f = popen(cmd, "r");
+    CHECK(f != NULL);
+    n = fread(text, 1, sizeof text - 1, f);
+    text[n] = 0;
+    st = pclose(f);
+    fprintf(stderr, "%s[status 0x%x]\n", text, st);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    char calls_path[96];
+    snprintf(calls_path, sizeof calls_path, "%s/calls", dir);
+    FILE *cf = fopen(calls_path, "r");
+    CHECK(cf != NULL);
+    char line[512];
+    int runs = 0;
+    while (fgets(line, sizeof line, cf)) {
+        fprintf(stderr, "wrk %s", line);
+        const char *d = strstr(line, " -d");
+        if (!d)
+            continue; /* wrk -v */
+        runs++;
+        CHECK(strncmp(d, " -d1s ", 6) == 0); /* --quick: 1 s warm-up, 1 s measured */
+    }
+    fclose(cf);
+    CHECK_EQ(runs, 2); /* the warm-up and the measured run */
+    CHECK(strstr(text, "49.0") != NULL);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(system(cmd) == 0);
+}
+
+/* Options that would have no effect are refused like those of another mode: connrate keeps
+ * -c connects in flight whatever --batch says (its help listed --batch as "connects in
+ * flight at most"), and hold without --echo sends nothing, so -s sized nothing. */
+TEST(options_without_effect_are_refused)
+{
+    bench("connrate", "--port", "1", "-c", "2", "--batch", "1", "-T", "0.2", "-w", "0", NULL);
+    CHECK_EQ(run.status, 2);
+    CHECK(strstr(run.err, "--batch") != NULL);
+    CHECK(strstr(run.out, "RESULT") == NULL);
+    bench("hold", "--port", "1", "-n", "1", "-s", "100", "-T", "0.2", NULL);
+    CHECK_EQ(run.status, 2);
+    CHECK(strstr(run.err, "--echo") != NULL);
+    /* Where they act, they are taken (port 1: nothing listens, a connect error). */
+    bench("hold", "--port", "1", "-n", "1", "-s", "100", "--echo", "-T", "0.2", NULL);
+    CHECK_EQ(run.status, 1);
+    bench("echo", "--port", "1", "-c", "1", "--batch", "1", "-T", "0.2", "-w", "0", NULL);
+    CHECK_EQ(run.status, 1);
+}
+
+/* ---- a misbehaving echo server ------------------------------------------------------------
+ * Echoes byte-exact except on its first accepted connection, where one fault is applied at
+ * stream offset `at`: the client must notice every one of them. */
+enum fault { F_NONE, F_CORRUPT, F_DROP, F_DUP, F_SWAP, F_CLOSE, F_SILENT, F_DEAF };
+
+struct bad_server {
+    int lfd, port;
+    enum fault fault;
+    uint64_t at, len; /* F_SWAP: blocks [at, at+len) and [at+len, at+2len) change places */
+    _Atomic int stop, nconns;
+    pthread_t acceptor, conn_th[32];
+};
+
+struct bad_conn {
+    struct bad_server *s;
+    int fd;
+    bool faulty;
+};
+
+static bool bad_write_all(int fd, const uint8_t *p, size_t n)
+{
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return false;
+        p += w;
+        n -= (size_t)w;
+    }
+    return true;
+}
+
+static void *bad_conn_main(void *arg)
+{
+    struct bad_conn *c = arg;
+    struct bad_server *s = c->s;
+    enum fault f = c->faulty ? s->fault : F_NONE;
+    uint64_t off = 0; /* bytes received */
+    static _Thread_local uint8_t in[65536], out[2 * 65536 + 16];
+    uint8_t *hold = NULL;
+    size_t nhold = 0;
+    if (f == F_SWAP)
+        hold = malloc(2 * s->len);
+    while (!atomic_load(&s->stop)) {
+        struct pollfd pf = {.fd = c->fd, .events = f == F_DEAF ? 0 : POLLIN};
+        int pr = poll(&pf, 1, 50);
+        if (pr <= 0 || f == F_DEAF)
+            continue;
+        ssize_t n = read(c->fd, in, sizeof in);
+        if (n <= 0)
+            break;
+        size_t no = 0;
+        bool closing = false;
+        for (ssize_t i = 0; i < n; i++, off++) {
+            uint8_t b = in[i];
+            switch (f) {
+            case F_CORRUPT:
+                out[no++] = off == s->at ? (uint8_t)(b ^ 0x5a) : b;
+                break;
+            case F_DROP:
+                if (off != s->at)
+                    out[no++] = b;
+                break;
+            case F_DUP:
+                out[no++] = b;
+                if (off == s->at)
+                    out[no++] = b;
+                break;
+            case F_SWAP:
+                if (off >= s->at && off < s->at + 2 * s->len) {
+                    hold[nhold++] = b;
+                    if (nhold == 2 * s->len) {
+                        if (!bad_write_all(c->fd, out, no))
+                            goto done;
+                        no = 0;
+                        if (!bad_write_all(c->fd, hold + s->len, s->len) ||
+                            !bad_write_all(c->fd, hold, s->len))
+                            goto done;
+                    }
+                } else {
+                    out[no++] = b;
+                }
+                break;
+            case F_CLOSE:
+                if (off == s->at)
+                    closing = true;
+                else if (!closing)
+                    out[no++] = b;
+                break;
+            case F_SILENT:
+                break;
+            default:
+                out[no++] = b;
+            }
+        }
+        if (no && !bad_write_all(c->fd, out, no))
+            break;
+        if (closing)
+            break;
+    }
+done:
+    free(hold);
+    close(c->fd);
+    free(c);
+    return NULL;
+}
+
+static void *bad_accept_main(void *arg)
+{
+    struct bad_server *s = arg;
+    while (!atomic_load(&s->stop)) {
+        struct pollfd pf = {.fd = s->lfd, .events = POLLIN};
+        if (poll(&pf, 1, 50) != 1)
+            continue;
+        int fd = accept4(s->lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0)
+            continue;
+        int k = atomic_load(&s->nconns);
+        if (k == 32) {
+            close(fd);
+            continue;
+        }
+        struct bad_conn *c = malloc(sizeof *c);
+        CHECK(c != NULL);
+        *c = (struct bad_conn){.s = s, .fd = fd, .faulty = k == 0};
+        CHECK(pthread_create(&s->conn_th[k], NULL, bad_conn_main, c) == 0);
+        atomic_store(&s->nconns, k + 1);
+    }
+    return NULL;
+}
+
+static void bad_server_start(struct bad_server *s, enum fault f, uint64_t at, uint64_t len)
+{
+    memset(s, 0, sizeof *s);
+    s->fault = f;
+    s->at = at;
+    s->len = len;
+    s->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(s->lfd >= 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    CHECK(bind(s->lfd, (struct sockaddr *)&sa, sizeof sa) == 0);
+    CHECK(listen(s->lfd, 64) == 0);
+    socklen_t sl = sizeof sa;
+    CHECK(getsockname(s->lfd, (struct sockaddr *)&sa, &sl) == 0);
+    s->port = ntohs(sa.sin_port);
+    CHECK(pthread_create(&s->acceptor, NULL, bad_accept_main, s) == 0);
+}
+
+static void bad_server_stop(struct bad_server *s)
+{
+    atomic_store(&s->stop, 1);
+    pthread_join(s->acceptor, NULL);
+    for (int i = 0; i < atomic_load(&s->nconns); i++)
+        pthread_join(s->conn_th[i], NULL);
+    close(s->lfd);
+}
+
+static const char *bad_port(const struct bad_server *s)
+{
+    snprintf(port_buf, sizeof port_buf, "%d", s->port);
+    return port_buf;
+}
+
+/* Every fault on the stream is caught, at depth 1 and deeper, with message sizes that are
+ * no multiple of any buffer size on either side, and the run ends within its bounds. */
+TEST(echo_detects_every_fault)
+{
+    static const size_t sizes[] = {1, 1000, 70001, 300001};
+    static const int depths[] = {1, 3};
+    static const struct {
+        enum fault f;
+        const char *name;
+    } faults[] = {{F_NONE, "none"},   {F_CORRUPT, "corrupt"}, {F_DROP, "drop"},
+                  {F_DUP, "dup"},     {F_SWAP, "swap bytes"}, {F_SWAP, "swap messages"},
+                  {F_CLOSE, "close"}, {F_SILENT, "silent"},   {F_DEAF, "deaf"}};
+    for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++) {
+        for (size_t di = 0; di < 2; di++) {
+            for (size_t fi = 0; fi < sizeof faults / sizeof *faults; fi++) {
+                size_t size = sizes[si];
+                int depth = depths[di];
+                enum fault f = faults[fi].f;
+                bool msgswap = fi == 5;
+                if (msgswap && depth == 1)
+                    continue; /* a server cannot hold a message back at depth 1 */
+                uint64_t at = 5 * (uint64_t)size + (size > 1 ? size / 2 + 3 : 0), len = 1;
+                if (f == F_SWAP && size == 1 && depth == 1)
+                    continue; /* two bytes in flight needed */
+                if (msgswap) {
+                    at = 5 * (uint64_t)size;
+                    len = size;
+                    if (depth < 2)
+                        continue;
+                }
+                if (f == F_SWAP && !msgswap && size == 1)
+                    at = 5; /* crosses messages: depth 3 has them in flight */
+                struct bad_server s;
+                bad_server_start(&s, f, at, len);
+                char ssz[32], sd[16];
+                snprintf(ssz, sizeof ssz, "%zu", size);
+                snprintf(sd, sizeof sd, "%d", depth);
+                fprintf(stderr, "== fault %s size %zu depth %d at %" PRIu64 "\n", faults[fi].name,
+                        size, depth, at);
+                int64_t t0 = cpt_now_ms();
+                bench("echo", "--port", bad_port(&s), "-c", "2", "-s", ssz, "-d", sd, "-T", "0.4",
+                      "-w", "0", "--drain", "0.5", NULL);
+                int64_t took = cpt_now_ms() - t0;
+                bad_server_stop(&s);
+                CHECK(took < 3000);
+                if (f == F_NONE) {
+                    CHECK_EQ(run.status, 0);
+                    CHECK_EQ(result("errors"), 0);
+                    CHECK(result("msgs") > 10);
+                    continue;
+                }
+                CHECK_EQ(run.status, 1);
+                CHECK(result("errors") >= 1);
+                if (f == F_CORRUPT || f == F_DUP || f == F_SWAP)
+                    CHECK(result("verify_errors") >= 1);
+                if (f == F_CLOSE)
+                    CHECK(result("eof") + result("resets") + result("verify_errors") >= 1);
+                if (f == F_SILENT || f == F_DEAF)
+                    CHECK(result("timeouts") >= 1);
+            }
+        }
+    }
+}

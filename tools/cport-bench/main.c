@@ -45,7 +45,8 @@ static const char common_help[] =
     "  --mark-file FILE    write \"start <ns>\" / \"end <ns>\" lines (CLOCK_MONOTONIC) to FILE\n"
     "                      when the measured window starts and ends\n"
     "  --connect-timeout MS  per-connection setup deadline (default 5000)\n"
-    "  --batch N           connects in flight at most (default 512)\n"
+    "  --batch N           connects in flight at most while connecting (echo, hold;\n"
+    "                      default 512)\n"
     "  --src-per-ip N      bind every N connections to the next source address, starting at\n"
     "                      --src-start (default 127.0.0.1); 0 = let the kernel choose.\n"
     "                      Default 5000 for a 127/8 server, else 0. (Linux's ephemeral port\n"
@@ -215,11 +216,17 @@ int main(int argc, char **argv)
     int ch;
     /* Options another mode uses, refused here rather than silently ignored. */
     const char *misplaced = NULL;
+    bool size_given = false;
     while ((ch = getopt_long(argc, argv, shorts, lopts, NULL)) != -1) {
         if ((ch == 'd' || ch == O_DRAIN) && !is_echo)
             misplaced = ch == 'd' ? "-d/--depth" : "--drain";
         if ((ch == 'w' || ch == 't') && is_hold)
             misplaced = ch == 'w' ? "-w/--warmup" : "-t/--threads";
+        /* connrate keeps -c connects in flight: --batch would have no effect. */
+        if (ch == O_BATCH && !is_echo && !is_hold)
+            misplaced = "--batch";
+        if (ch == 's')
+            size_given = true;
         switch (ch) {
         case 'n':
         case 'c':
@@ -292,6 +299,8 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    if (is_hold && size_given && !o.echo)
+        misplaced = "-s/--size without --echo"; /* hold sends nothing then */
     if (optind < argc) {
         fprintf(stderr, "cport-bench %s: unexpected argument '%s'\n", m, argv[optind]);
         return 2;
