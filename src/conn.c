@@ -597,6 +597,7 @@ static void deliver(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t 
     if (!sv->o.framed) {
         w->cur_buf = buf;
         w->cur_len = len;
+        w->cur_copy = false;
         sv->cb.on_data(c, buf, len);
     } else {
         cp_frame_decoder *d = decoder_of(sv, c);
@@ -608,8 +609,9 @@ static void deliver(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t 
             __atomic_add_fetch(&sv->frames_in, 1, __ATOMIC_RELAXED);
             bool inside = (const char *)f.data >= buf && (const char *)f.data + f.len <= buf + len;
             /* A frame assembled across receives lives in the decoder: sends copy it. */
-            w->cur_buf = inside ? (const char *)f.data : NULL;
-            w->cur_len = inside ? f.len : 0;
+            w->cur_buf = (const char *)f.data;
+            w->cur_len = f.len;
+            w->cur_copy = !inside;
             sv->cb.on_data(c, f.data, f.len);
             if (st_load(c) & CF_CLOSING)
                 break;
@@ -619,7 +621,10 @@ static void deliver(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t 
             cp_frame_describe(d, &sv->frame_cfg, why, sizeof(why));
             fprintf(stderr, "cport: closing connection: %s\n", why);
             __atomic_add_fetch(&sv->frames_rejected, 1, __ATOMIC_RELAXED);
-            start_close(sv, c, CP_CLOSE_BAD_FRAME, 0, false);
+            /* Gracefully: the replies to the good frames before it are queued, and must
+             * not be cancelled (nor destroyed by a reset); the rest of the input is read
+             * and dropped while they go out (bounded by linger_ms). */
+            start_close(sv, c, CP_CLOSE_BAD_FRAME, 0, true);
         } else if (r == -ENOMEM) {
             start_close(sv, c, CP_CLOSE_ERROR, -ENOMEM, false);
         }
@@ -994,11 +999,10 @@ int cp_conn_send_data(cp_conn *c, const void *data, size_t len)
         return -EINVAL; /* not inside this connection's on_data */
     const char *d = data;
     struct iovec iov = {(void *)(uintptr_t)data, len};
-    if (!w->cur_buf) /* a frame assembled by the decoder: it does not stay */
-        return conn_send(sv, w, c, &iov, 1, len, TAIL_COPY, NULL);
-    if (d < w->cur_buf || d + len > w->cur_buf + w->cur_len)
+    if (d < w->cur_buf || len > w->cur_len || (size_t)(d - w->cur_buf) > w->cur_len - len)
         return -EINVAL;
-    return conn_send(sv, w, c, &iov, 1, len, TAIL_HOLD, NULL);
+    /* A frame assembled by the decoder does not stay: copied. */
+    return conn_send(sv, w, c, &iov, 1, len, w->cur_copy ? TAIL_COPY : TAIL_HOLD, NULL);
 }
 
 /* What a transmit counts in `pending` (a 32-bit counter): its bytes, capped at half the

@@ -2,6 +2,7 @@
 #include "cport/common.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <string.h>
 
 /* The errno values cport and its callers meet most; others still get strerror() text. */
@@ -17,6 +18,8 @@
 
 const char *cp_err_name(int err)
 {
+    if (err == INT_MIN)
+        return "UNKNOWN"; /* not negatable, and no errno anyway */
     if (err < 0)
         err = -err;
     switch (err) {
@@ -32,6 +35,8 @@ const char *cp_err_name(int err)
 
 const char *cp_strerror(int err)
 {
+    if (err == INT_MIN)
+        return "Unknown error"; /* not negatable, and no errno anyway */
     if (err < 0)
         err = -err;
     if (err == 0)

@@ -18,6 +18,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -283,6 +284,8 @@ size_t cp_frame_held(const cp_frame_decoder *d)
 
 const char *cp_frame_strerror(int err)
 {
+    if (err == INT_MIN)
+        return "Unknown error"; /* not negatable, and no errno anyway */
     switch (err < 0 ? -err : err) {
     case 0:
         return "no error";

@@ -139,6 +139,7 @@ typedef struct cp__worker {
     cp_conn *rx_conn;    /* whose receive completion this thread handles (holding its ref) */
     const char *cur_buf; /* the delivery's buffer and its extent */
     size_t cur_len;
+    bool cur_copy; /* cur_buf is a frame assembled by the decoder: sends copy it */
     uint8_t cur_kind;
     void *cur_base;
     uint32_t cur_size;

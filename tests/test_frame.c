@@ -10,6 +10,7 @@
 #include "cport/frame.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <string.h>
 
 /* ---- a counting allocator ------------------------------------------------------------ */
@@ -1124,6 +1125,18 @@ TEST(encoder)
 }
 
 /* Error descriptions for the log: specific texts, snprintf() semantics. */
+/* Any int is a valid argument of cp_frame_strerror(): INT_MIN was negated (signed
+ * overflow: UBSan aborts the ASan build). */
+TEST(error_text_of_int_min)
+{
+    CHECK(cp_frame_strerror(INT_MIN) != NULL);
+    CHECK(cp_frame_strerror(INT_MAX) != NULL);
+    /* The library's own texts too (cport/common.h), under UBSan. */
+    CHECK(strcmp(cp_strerror(INT_MIN), "Unknown error") == 0);
+    CHECK(strcmp(cp_err_name(INT_MIN), "UNKNOWN") == 0);
+    CHECK(strcmp(cp_err_name(-ECONNRESET), "ECONNRESET") == 0);
+}
+
 TEST(error_texts)
 {
     static const int errs[] = {0, -EMSGSIZE, -EBADMSG, -ENOMEM, -EINVAL, -ECONNRESET, 12345};

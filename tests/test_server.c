@@ -2910,6 +2910,90 @@ TEST(framed_bad_frame)
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 
+/* A bad frame after a good one: the reply to the good frame, already accepted by
+ * cp_conn_send_frame(), still reaches the peer in full before the connection ends (the bad
+ * frame closes it as bad-frame, it does not destroy replies queued to earlier requests). */
+TEST(framed_bad_frame_keeps_earlier_replies)
+{
+    enum { BIG = 512 * 1024 };
+    cp_server_options o = {
+        .threads = 2, .framed = true, .max_frame = 1 << 20, .max_pending_send = 8 << 20};
+    tsrv *t = tsrv_new(ECHO_FRAME);
+    t->sndbuf = 4096; /* most of the reply stays queued at the server */
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    int small = 4096;
+    CHECK_EQ(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small), 0);
+    size_t cap = BIG + 4 + 4 + 100;
+    uint8_t *buf = malloc(cap), *back = malloc(BIG + 4);
+    CHECK(buf && back);
+    size_t n = frame_build(buf, 1, 0, BIG);
+    cp_frame_header(buf + n, (1u << 20) + 1); /* over max_frame */
+    n += 4;
+    memset(buf + n, 'x', 100); /* some of its payload */
+    n += 100;
+    send_all(fd, buf, n);
+    WAIT_FOR(tsrv_stats(t).frames_rejected == 1, IO_MS);
+    usleep(100 * 1000); /* let the close go on */
+    int r = try_recv_all(fd, back, BIG + 4, cpt_now_ms() + IO_MS);
+    if (r < 0)
+        fprintf(stderr, "reply to the good frame: %s\n", r == -EPIPE ? "EOF" : strerror(-r));
+    CHECK_EQ(r, 0);
+    CHECK(memcmp(back, buf, BIG + 4) == 0);
+    size_t extra = 1;
+    CHECK(wait_peer_close(fd, cpt_now_ms() + IO_MS, &extra) >= 0);
+    CHECK_EQ(extra, 0);
+    WAIT_FOR(LOAD(&t->reasons[CP_CLOSE_BAD_FRAME]) == 1, IO_MS);
+    close(fd);
+    free(buf);
+    free(back);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* cp_conn_send_data() in framed mode takes only bytes of the frame being handed over, for
+ * a frame assembled across receives as for one that arrived whole: a range past the
+ * payload is refused with -EINVAL (it read past the assembly buffer, and sent what lay
+ * there, when the frame was assembled). */
+static int sd_results[2]; /* [assembled] = result of the over-long send_data */
+
+static void send_data_past_frame_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data,
+                                      size_t len)
+{
+    (void)u;
+    int r = cp_conn_send_data(c, data, len + 16);
+    STORE(&sd_results[len > 10000], r);
+    note_send(t, cp_conn_send_frame(c, data, len));
+}
+
+TEST(framed_send_data_stays_within_the_frame)
+{
+    cp_server_options o = {.threads = 2, .framed = true, .recv_buffer = 4096};
+    tsrv *t = tsrv_new(ECHO_FRAME);
+    t->hook = send_data_past_frame_hook;
+    tsrv_start(t, &o);
+    STORE(&sd_results[0], 1);
+    STORE(&sd_results[1], 1);
+    int fd = connect_to(t->port);
+    enum { BIG = 50000 };
+    uint8_t *buf = malloc(2 * (BIG + 4)), *back = malloc(2 * (BIG + 4));
+    CHECK(buf && back);
+    /* A small frame followed by more data in the same send (arrives whole), then a frame
+     * far bigger than a receive (assembled). */
+    size_t n = frame_build(buf, 1, 0, 100);
+    n += frame_build(buf + n, 1, 1, BIG);
+    send_all(fd, buf, n);
+    WAIT_FOR(tsrv_stats(t).frames_in == 2, IO_MS);
+    CHECK_EQ(LOAD(&sd_results[0]), -EINVAL);
+    CHECK_EQ(LOAD(&sd_results[1]), -EINVAL);
+    recv_all(fd, back, n);
+    CHECK(memcmp(back, buf, n) == 0);
+    close(fd);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    free(buf);
+    free(back);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
 /* ---- S8: graceful shutdown ------------------------------------------------------------------ */
 
 enum { FL_MAX = 32, FL_PAYLOAD = 3000, FL_WINDOW = 16 };

@@ -137,7 +137,10 @@ typedef struct cp_server_options {
                                       multiple; 0 = 16384 */
     unsigned recvs;                /* receives outstanding per connection; 0 = 1 */
     bool framed;                   /* 4-byte big-endian length-prefixed messages */
-    uint32_t max_frame;            /* framed: largest payload accepted; 0 = 1 MiB */
+    uint32_t max_frame;            /* framed: largest payload accepted; 0 = 1 MiB. A
+                                      header over it closes the connection gracefully
+                                      (CP_CLOSE_BAD_FRAME, one line on stderr): replies
+                                      to the frames before it still go out */
     size_t conn_user_size;         /* bytes of per-connection user area (cp_conn_user); at
                                       most CP_CONN_USER_MAX, else cp_server_create fails
                                       with -EINVAL */
