@@ -959,3 +959,30 @@ TEST(echo_detects_every_fault)
         }
     }
 }
+
+/* A failed connect says why (the first one's reason), and hold's source addresses stay in
+ * 127/8 when the range reaches its end (they went on to 128.0.0.x, which fails to bind). */
+TEST(connect_errors_say_why_and_sources_stay_in_loopback)
+{
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    CHECK_OK(bind(lfd, (struct sockaddr *)&sa, sizeof sa));
+    socklen_t sl = sizeof sa;
+    CHECK_OK(getsockname(lfd, (struct sockaddr *)&sa, &sl));
+    char port[16];
+    snprintf(port, sizeof port, "%d", ntohs(sa.sin_port));
+    close(lfd); /* nothing listens there now */
+    bench("connrate", "--port", port, "-c", "1", "-T", "0.2", "-w", "0", NULL);
+    CHECK_EQ(run.status, 1);
+    CHECK(result("connect_errors") > 0);
+    CHECK(strstr(run.out, "first connect error: Connection refused") != NULL);
+
+    struct server s = server_start(NULL, NULL);
+    bench("hold", "--port", port_str(&s), "-n", "6", "--src-per-ip", "1", "--src-start",
+          "127.255.255.253", "-T", "0.2", NULL);
+    CHECK_EQ(run.status, 0);
+    CHECK_EQ(result("held"), 6);
+    CHECK_EQ(result("connect_errors"), 0);
+    CHECK(strstr(run.out, "first connect error") == NULL);
+    server_stop(&s);
+}

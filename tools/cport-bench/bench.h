@@ -114,6 +114,7 @@ struct errs {
     uint64_t eof;            /* peer closed while we expected data */
     uint64_t verify_errors;  /* echoed bytes differ from what was sent (or too many) */
     uint64_t timeouts;       /* echo not complete in time */
+    int connect_errno;       /* why the first failed connect failed; 0 = none failed */
 };
 void errs_add(struct errs *into, const struct errs *e);
 uint64_t errs_total(const struct errs *e);

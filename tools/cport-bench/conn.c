@@ -22,6 +22,8 @@ static void report_errs(const struct errs *err)
     say("errors: %" PRIu64 " (connect %" PRIu64 ", resets %" PRIu64 ", eof %" PRIu64
         ", verify %" PRIu64 ", timeouts %" PRIu64 ")\n",
         nerr, err->connect_errors, err->resets, err->eof, err->verify_errors, err->timeouts);
+    if (err->connect_errno)
+        say("first connect error: %s\n", strerror(err->connect_errno));
     res_int("connect_errors", (int64_t)err->connect_errors);
     res_int("resets", (int64_t)err->resets);
     res_int("eof", (int64_t)err->eof);

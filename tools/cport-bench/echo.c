@@ -473,6 +473,8 @@ int run_echo(struct opts *o)
     res_int("established", established);
     res_num("connect_ms", (double)(tc1 - tc0) / 1e6, 1);
     res_int("total_msgs", (int64_t)total);
+    if (err.connect_errno)
+        say("first connect error: %s\n", strerror(err.connect_errno));
     res_int("connect_errors", (int64_t)err.connect_errors);
     res_int("resets", (int64_t)err.resets);
     res_int("eof", (int64_t)err.eof);

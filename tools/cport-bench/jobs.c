@@ -70,6 +70,14 @@ static void slot_fail(struct jobrun *r, struct slot *s, uint64_t *counter)
     slot_release(r, s);
 }
 
+/* A connect failed with err: counted, and the first one's reason kept for the report. */
+static void connect_fail(struct jobrun *r, struct slot *s, int err)
+{
+    if (!r->err.connect_errno)
+        r->err.connect_errno = err ? err : ECONNABORTED;
+    slot_fail(r, s, &r->err.connect_errors);
+}
+
 static void slot_done(struct jobrun *r, struct slot *s, int64_t now, bool registered)
 {
     uint64_t lat = (uint64_t)(now - s->t0);
@@ -149,7 +157,7 @@ static void slot_start(struct jobrun *r, struct slot *s, uint64_t job)
     bool done;
     s->fd = start_connect(r->o, r->src_base + job, &done);
     if (s->fd < 0) {
-        slot_fail(r, s, &r->err.connect_errors);
+        connect_fail(r, s, errno);
         return;
     }
     if (done)
@@ -197,7 +205,7 @@ static void slot_event(struct jobrun *r, struct slot *s, uint32_t events, int64_
         if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
             err = errno;
         if (err || !(events & EPOLLOUT)) {
-            slot_fail(r, s, &r->err.connect_errors);
+            connect_fail(r, s, err);
             return;
         }
         slot_connected(r, s, now, true);
@@ -259,8 +267,10 @@ void jobrun_run(struct jobrun *r)
                 struct slot *s = &r->slots[i];
                 if (s->state == S_FREE || now < s->deadline)
                     continue;
-                slot_fail(r, s,
-                          s->state == S_CONNECTING ? &r->err.connect_errors : &r->err.timeouts);
+                if (s->state == S_CONNECTING)
+                    connect_fail(r, s, ETIMEDOUT);
+                else
+                    slot_fail(r, s, &r->err.timeouts);
             }
         }
     }

@@ -52,7 +52,8 @@ static const char common_help[] =
     "                      Default 5000 for a 127/8 server, else 0. (Linux's ephemeral port\n"
     "                      search gets quadratic beyond ~14000 connections per source address.)\n"
     "  --src-start ADDR    first source address; give each cport-bench process its own range\n"
-    "                      (e.g. 127.1.0.1, 127.2.0.1) when several run against one server\n"
+    "                      (e.g. 127.1.0.1, 127.2.0.1) when several run against one server;\n"
+    "                      the addresses wrap after 65536 or at the end of its /8\n"
     "  -h, --help          this help\n";
 
 static void usage(FILE *f, const char *mode)

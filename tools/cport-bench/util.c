@@ -119,6 +119,8 @@ void errs_add(struct errs *into, const struct errs *e)
     into->eof += e->eof;
     into->verify_errors += e->verify_errors;
     into->timeouts += e->timeouts;
+    if (!into->connect_errno)
+        into->connect_errno = e->connect_errno;
 }
 
 uint64_t errs_total(const struct errs *e)
@@ -131,8 +133,12 @@ uint32_t src_addr_for(const struct opts *o, uint64_t src_index)
 {
     if (o->src_per_ip <= 0)
         return 0;
-    /* Wraps after 65536 addresses (connrate keeps counting). */
-    return o->src_start + (uint32_t)((src_index / (uint64_t)o->src_per_ip) % 65536);
+    /* Wraps after 65536 addresses (connrate keeps counting), or at the end of the start
+     * address's /8 (127.255.255.255 for loopback), whichever comes first. */
+    uint64_t span = ((uint64_t)(o->src_start & 0xff000000u) + 0x1000000u) - o->src_start;
+    if (span > 65536)
+        span = 65536;
+    return o->src_start + (uint32_t)((src_index / (uint64_t)o->src_per_ip) % span);
 }
 
 int start_connect(const struct opts *o, uint64_t src_index, bool *done)
