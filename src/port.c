@@ -396,7 +396,8 @@ int cp_port_create_ex(cp_port **portp, const cp_port_options *opts)
     /* The ring sizes the kernel refuses (IORING_MAX_ENTRIES, IORING_MAX_CQ_ENTRIES): bad
      * input, not a reason to fall back to epoll as if io_uring were denied. */
     if (o.pool_buffer_size % (uint32_t)page != 0 || o.pool_per_socket > 255 ||
-        o.max_posted > (1u << 30) || o.ring_entries > 32768 || o.cq_entries > 65536)
+        o.max_posted > (1u << 30) || o.ring_entries > 32768 || o.cq_entries > 65536 ||
+        o.file_threads > 256)
         return -EINVAL;
     resolve_options(&o);
     /* Pool receives are named by their byte offset in the pool, 32 bits wide. */

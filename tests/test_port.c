@@ -952,9 +952,16 @@ TEST(queue_sizes_beyond_the_kernels_limits_are_refused)
         CHECK_EQ(r, -EINVAL);
         CHECK(p == NULL);
     }
+    /* A file thread pool beyond its limit (each thread would start at the first file
+     * operation, under the file's lock). */
+    cp_port *fp = NULL;
+    cp_port_options fo = {.concurrency = 1, .file_threads = 100000};
+    CHECK_EQ(cp_port_create_ex(&fp, &fo), -EINVAL);
+    CHECK(fp == NULL);
     /* The largest sizes still work. */
     cp_port *p;
-    cp_port_options o = {.concurrency = 1, .ring_entries = 32768, .cq_entries = 65536};
+    cp_port_options o = {
+        .concurrency = 1, .ring_entries = 32768, .cq_entries = 65536, .file_threads = 256};
     CHECK_OK(cp_port_create_ex(&p, &o));
     cp_port_close(p);
     cp_port_destroy(p);

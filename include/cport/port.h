@@ -94,7 +94,8 @@ typedef struct cp_port_options {
     uint32_t max_pipes;        /* io_uring TransmitFile: pipes in the port's splice pool
                                   (64 KiB each); 0 = 256 */
     uint32_t file_threads;     /* epoll: threads doing file reads/writes (epoll cannot);
-                                  0 = 2 */
+                                  0 = 2, at most 256 (started at the first file
+                                  operation) */
 } cp_port_options;
 
 /* Create a port with `concurrency` (0 = number of online CPUs) and default options.
