@@ -42,7 +42,7 @@ enum {
     CP__OPF_VEC = 1u << 1,          /* u.iov / cp__len is an iovec array / count */
     CP__OPF_FIRSTDATA = 1u << 2,    /* accept: connection taken, waiting for first data */
     CP__OPF_PHASE = 1u << 3,        /* backend-private step marker (connect) */
-    CP__OPF_FAILED = 1u << 4,       /* finished with an error: cp__done holds the errno */
+    CP__OPF_FAILED = 1u << 4,       /* finished with an error: cp__aux holds the errno */
     CP__OPF_POLLWAIT = 1u << 5,     /* io_uring: waiting for writability; a result = retry */
     CP__OPF_CONNECTED = 1u << 6,    /* connect_ex: connected, sending the first data */
     CP__OPF_DISCONNECTED = 1u << 7, /* transmit: the final shutdown was done */

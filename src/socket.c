@@ -225,7 +225,9 @@ static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
         aop->fd = -1;
     }
     if (res < 0) {
-        op->cp__done = (uint32_t)-res;
+        /* The errno goes where the iovec count was (read only while the op runs): the
+         * count of bytes moved stays, for cp_op_transferred(). */
+        op->cp__aux = (uint16_t)(-res < 65536 ? -res : EIO);
         op->cp__flags |= CP__OPF_FAILED;
     }
     __atomic_store_n(&op->cp__state, CP__OPS_DONE, __ATOMIC_RELAXED);
@@ -682,12 +684,17 @@ long cp__op_recvmsg(const cp_op *op, int fd, int flags)
 
 /* ---- port hooks ----------------------------------------------------------------------- */
 
+uint32_t cp_op_transferred(const cp_op *op)
+{
+    return op->cp__done;
+}
+
 void cp__op_to_completion(cp_op *op, cp_completion *c)
 {
     c->op = op;
     c->key = op->cp__h->key;
     if (op->cp__flags & CP__OPF_FAILED)
-        c->result = -(int64_t)op->cp__done;
+        c->result = -(int64_t)op->cp__aux;
     else if (op->opcode == CP_OP_TRANSMIT)
         c->result = (int64_t)CP_CONTAINER_OF(op, cp_transmit_op, op)->sent;
     else

@@ -145,6 +145,17 @@ static void read_all(int fd, void *buf, size_t len)
     }
 }
 
+/* Wait until fd has at least n bytes to read (5 s). */
+static void wait_readable_bytes(int fd, int n)
+{
+    int64_t until = cpt_now_ms() + 5000;
+    int q = 0;
+    while (ioctl(fd, FIONREAD, &q) == 0 && q < n) {
+        CHECK(cpt_now_ms() < until);
+        usleep(1000);
+    }
+}
+
 static void *reader_thread(void *arg)
 {
     void **a = arg;
@@ -903,6 +914,78 @@ TEST(cancel_twice_is_already_or_gone)
     expect_nothing(p, 20);
     CHECK_EQ(cp_socket_cancel(&pr.s, &op), -ENOENT); /* completed: not outstanding */
     pair_close(&pr, p);
+    cp_port_destroy(p);
+}
+
+/* A send cancelled after part of it went out completes with -ECANCELED, and
+ * cp_op_transferred() says how much went out: exactly what the peer then reads, a
+ * byte-exact prefix (plain and vector sends). A cancelled receive moved nothing; a
+ * finished one moved its result. */
+TEST(a_cancelled_partial_send_tells_how_much_went_out)
+{
+    cp_port *p = make_port();
+    enum { BIG = 8 << 20 };
+    uint8_t *data = malloc(BIG), *got = malloc(BIG);
+    CHECK(data && got);
+    fill_pattern(data, BIG, 7);
+    for (int vec = 0; vec < 2; vec++) {
+        pair pr;
+        pair_open(&pr, p);
+        int small = 65536;
+        setsockopt(pr.s.fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+        setsockopt(pr.client, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+        cp_op op = {0};
+        struct iovec iov[3] = {
+            {data, 1000}, {data + 1000, BIG / 2}, {data + 1000 + BIG / 2, BIG / 2 - 1000}};
+        if (vec)
+            CHECK_OK(cp_socket_sendv(&pr.s, &op, iov, 3));
+        else
+            CHECK_OK(cp_socket_send(&pr.s, &op, data, BIG));
+        expect_nothing(p, 20);             /* a poll: submitted (io_uring) */
+        wait_readable_bytes(pr.client, 1); /* part of it is out; the peer is not reading */
+        expect_nothing(p, 20);
+        CHECK_EQ(cp_socket_cancel(&pr.s, &op), 0);
+        cp_completion c = next(p);
+        CHECK(c.op == &op);
+        CHECK_EQ(c.result, -ECANCELED);
+        uint32_t sent = cp_op_transferred(&op);
+        fprintf(stderr, "%s: %u of %d bytes went out\n", vec ? "sendv" : "send", sent, BIG);
+        CHECK(sent > 0 && sent < BIG);
+        /* The peer gets exactly that much, then the end of the stream. */
+        cp_op cl = {0};
+        CHECK_OK(cp_socket_close(&pr.s, &cl));
+        CHECK(next(p).op == &cl);
+        size_t n = 0;
+        for (;;) {
+            ssize_t r = read(pr.client, got + n, BIG - n);
+            CHECK(r >= 0);
+            if (r == 0)
+                break;
+            n += (size_t)r;
+        }
+        CHECK_EQ(n, sent);
+        CHECK(memcmp(got, data, n) == 0);
+        close(pr.client);
+    }
+    /* Receives: cancelled, nothing; finished, the result. */
+    pair pr;
+    pair_open(&pr, p);
+    char b[16];
+    cp_op r = {0};
+    CHECK_OK(cp_socket_recv(&pr.s, &r, b, sizeof(b)));
+    expect_nothing(p, 20);
+    CHECK_EQ(cp_socket_cancel(&pr.s, &r), 0);
+    cp_completion c = next(p);
+    CHECK_EQ(c.result, -ECANCELED);
+    CHECK_EQ(cp_op_transferred(&r), 0);
+    write_all(pr.client, "hello", 5);
+    CHECK_OK(cp_socket_recv(&pr.s, &r, b, sizeof(b)));
+    c = next(p);
+    CHECK_EQ(c.result, 5);
+    CHECK_EQ(cp_op_transferred(&r), 5);
+    pair_close(&pr, p);
+    free(data);
+    free(got);
     cp_port_destroy(p);
 }
 
@@ -2252,17 +2335,6 @@ TEST(pool_memory_returns_after_a_burst_without_traffic)
 }
 
 /* ---- epoll: a short read that does not mean "drained" --------------------------- */
-
-/* Wait until fd has at least n bytes to read (5 s). */
-static void wait_readable_bytes(int fd, int n)
-{
-    int64_t until = cpt_now_ms() + 5000;
-    int q = 0;
-    while (ioctl(fd, FIONREAD, &q) == 0 && q < n) {
-        CHECK(cpt_now_ms() < until);
-        usleep(1000);
-    }
-}
 
 /* TCP urgent data: a receive stops at the urgent mark, short, with the bytes after it
  * already queued. The next receive must get them without a new arrival. */

@@ -226,9 +226,19 @@ CP_EXTERN int cp_socket_sendv_ex(cp_socket *s, cp_op *op, const struct iovec *io
  * operation was outstanding: it will complete (with -ECANCELED unless it finished first);
  * -ENOENT if op is not outstanding on s; -EALREADY if it is already being cancelled.
  * A send (or transmit) cancelled, or timed out, after part of it went out reports
- * -ECANCELED (-ETIMEDOUT) without that count: the peer has a prefix of it, and a later
- * send follows that prefix, so on a stream the usual next step is to close. */
+ * -ECANCELED (-ETIMEDOUT); cp_op_transferred() (cp_transmit_op.sent) tells how much of it
+ * the peer gets. A later send follows that prefix, so on a stream the usual next step is
+ * to close. */
 CP_EXTERN int cp_socket_cancel(cp_socket *s, cp_op *op);
+
+/* The bytes a finished send or receive moved (IOCP's bytes transferred, which it reports
+ * with a failure too). After a success, the result. After a failure, a cancel or a
+ * timeout, the part that had moved before it: for a send, the prefix handed to the
+ * kernel (the peer gets it); for a receive, 0 (a receive that got data completes with
+ * it). Call it after the op's completion is dequeued and before the op is started again,
+ * from the thread that dequeued it (or one it handed the op to). For a transmit, read
+ * cp_transmit_op.sent. */
+CP_EXTERN uint32_t cp_op_transferred(const cp_op *op);
 
 /* Cancel every outstanding operation of s (CancelIoEx without one). Returns how many
  * operations were asked to cancel (>= 0). */
