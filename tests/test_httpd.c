@@ -1142,7 +1142,7 @@ TEST(timeouts)
     tree t;
     tree_make(&t, false);
     server s;
-    server_start(&s, &t, "--header-timeout", "400", "--keepalive-timeout", "600", NULL);
+    server_start(&s, &t, "--header-timeout", "400", "--keepalive-timeout", "1500", NULL);
 
     hc *c = hc_open(s.port);
     int64_t t0 = cpt_now_ms();
@@ -1166,13 +1166,15 @@ TEST(timeouts)
     hc_send(c, req_get("/one.bin"));
     resp_read_file(c, &r, 200, 1, 0, 1);
     t0 = cpt_now_ms();
-    usleep(300000);                  /* longer than nothing, shorter than the keep-alive timeout */
+    /* Longer than nothing, well within the keep-alive timeout (a stalled test thread
+     * must not make the connection look idle). */
+    usleep(300000);
     hc_send(c, req_get("/one.bin")); /* still open: served, and the idle clock restarts */
     resp_read_file(c, &r, 200, 1, 0, 1);
     hc_expect_eof(c);
     dt = cpt_now_ms() - t0;
     fprintf(stderr, "keep-alive close after %lld ms\n", (long long)dt);
-    CHECK(dt >= 750 && dt < 6000);
+    CHECK(dt >= 1650 && dt < 7000);
     hc_close(c);
 
     /* A connection that sends nothing. */

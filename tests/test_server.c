@@ -1747,7 +1747,9 @@ TEST(handshake_timeout_reaps_silent)
  * it, as idle-timeout, counted as reaped. */
 TEST(idle_timeout)
 {
-    enum { IDLE_MS = 400, TICK = 20 };
+    /* The talker's gaps (IDLE/10) leave 900 ms for a stalled test thread (sanitizers, a
+     * loaded machine) before it would look idle. */
+    enum { IDLE_MS = 1000, TICK = 20 };
     cp_server_options o = {.threads = 2, .idle_timeout_ms = IDLE_MS, .tick_ms = TICK};
     tsrv *t = tsrv_new(ECHO_DATA);
     tsrv_start(t, &o);
@@ -1758,12 +1760,12 @@ TEST(idle_timeout)
     int64_t q_sent = cpt_now_ms();
     exchange(quiet, 1, 1000);
     int64_t q_echoed = cpt_now_ms();
-    /* The talker sends every IDLE/4 for 3 x IDLE; the others are reaped meanwhile. */
+    /* The talker sends every IDLE/10 for 3 x IDLE; the others are reaped meanwhile. */
     int64_t mute_closed = -1, quiet_closed = -1;
     uint32_t seq = 0;
     for (int64_t end = cpt_now_ms() + 3 * IDLE_MS; cpt_now_ms() < end;) {
         exchange(talker, 100 + seq++, 10);
-        int64_t next = cpt_now_ms() + IDLE_MS / 4;
+        int64_t next = cpt_now_ms() + IDLE_MS / 10;
         while (cpt_now_ms() < next) {
             struct pollfd pf[2] = {{.fd = mute_closed < 0 ? mute : -1, .events = POLLIN},
                                    {.fd = quiet_closed < 0 ? quiet : -1, .events = POLLIN}};
