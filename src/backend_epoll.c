@@ -20,6 +20,7 @@
 #include "cport/file.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/sendfile.h>
@@ -187,7 +188,8 @@ static int harvest_events(ep_state *s, int64_t deadline)
         int ms = -1;
         if (tsp) {
             int64_t left = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-            ms = (int)((left + 999999) / 1000000);
+            int64_t whole = (left + 999999) / 1000000;
+            ms = whole > INT_MAX ? INT_MAX : (int)whole; /* then it wakes early, and waits on */
         }
         n = epoll_wait(s->epfd, s->events, MAX_EVENTS, ms);
     }

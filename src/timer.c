@@ -74,7 +74,15 @@ static int64_t fire_due_locked(cp_pool *pool, int64_t now)
         if (t->queued == 0) {
             t->refs++;
             t->queued++;
-            if (cp__pool_post(pool, cp__timer_fire, t) < 0) {
+            int r = cp__pool_post(pool, cp__timer_fire, t);
+            if (r == -ESHUTDOWN) {
+                /* The port was closed: no firing will ever be taken. */
+                t->refs--;
+                t->queued--;
+                unref_locked(pool, t); /* the heap's reference */
+                continue;
+            }
+            if (r < 0) {
                 /* The port is full: try again shortly, same firing. */
                 t->refs--;
                 t->queued--;

@@ -1190,3 +1190,125 @@ TEST(a_post_wakes_the_poller_while_another_port_thread_sleeps)
     cp_port_close(o.p);
     cp_port_destroy(o.p);
 }
+
+/* ---- a thread that waits elsewhere: cp_port_block_begin() ------------------------------- */
+
+struct two_ports {
+    cp_port *a, *b;
+    int took_a; /* atomic */
+    int n_b;
+};
+
+static void *run_a_then_wait_on_b(void *arg)
+{
+    struct two_ports *x = arg;
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(x->a, &c, 1, 5000), 1); /* now running work from port A */
+    __atomic_store_n(&x->took_a, 1, __ATOMIC_SEQ_CST);
+    cp_port_block_begin(x->a); /* port A knows nothing of B: the wait is announced */
+    x->n_b = cp_port_dequeue(x->b, &c, 1, -1); /* waits on B until B closes */
+    cp_port_block_end(x->a);
+    return NULL;
+}
+
+/* A thread that got work from port A and then waits on port B counts as running on A until
+ * it says otherwise (port.h: cport keeps no state per thread across ports, so Windows'
+ * moving association is cp_port_block_begin(A) here). Bracketed so, with concurrency 1, a
+ * post to A reaches another of A's threads while it waits on B. */
+TEST(a_thread_waiting_on_another_port_announces_it)
+{
+    struct two_ports x = {.a = make_port(1), .b = make_port(1)};
+    pthread_t th;
+    CHECK_OK(cp_port_post(x.a, 1, 0, NULL));
+    CHECK_OK(-pthread_create(&th, NULL, run_a_then_wait_on_b, &x));
+    while (!__atomic_load_n(&x.took_a, __ATOMIC_SEQ_CST))
+        usleep(1000);
+    wait_for_waiters(x.b, 1);
+    cp_port_stats st;
+    cp_port_get_stats(x.a, &st);
+    CHECK_EQ(st.running, 0);
+    CHECK_OK(cp_port_post(x.a, 2, 0, NULL));
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(x.a, &c, 1, 2000), 1); /* this thread may run: A's slot is free */
+    CHECK_EQ(c.key, 2);
+    cp_port_close(x.b);
+    pthread_join(th, NULL);
+    CHECK_EQ(x.n_b, -ECANCELED);
+    cp_port_close(x.a);
+    cp_port_destroy(x.a);
+    cp_port_destroy(x.b);
+}
+
+struct send_then_b {
+    cp_port *a, *b;
+    io_anchor *anc;
+    cp_op op;
+    int n_b;
+};
+
+static void *send_on_a_then_wait_on_b(void *arg)
+{
+    struct send_then_b *x = arg;
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(x->a, &c, 1, 5000), 1);          /* a handler of port A... */
+    CHECK_OK(cp_socket_send(&x->anc->s, &x->op, "hello", 5)); /* ...starts a send... */
+    cp_port_block_begin(x->a); /* ...and the thread moves on to port B */
+    x->n_b = cp_port_dequeue(x->b, &c, 1, -1);
+    cp_port_block_end(x->a);
+    return NULL;
+}
+
+/* What a thread started on port A goes out when it moves on to port B, announced with
+ * cp_port_block_begin(A) (on io_uring a running thread's submissions wait for its next
+ * look at A, which may never come: the bracket hands them to the kernel). */
+TEST(a_send_started_before_moving_to_another_port_goes_out)
+{
+    struct send_then_b x = {.a = make_port(1), .b = make_port(1)};
+    io_anchor anc;
+    anchor_open(&anc, x.a);
+    x.anc = &anc;
+    CHECK_OK(cp_port_post(x.a, 1, 0, NULL));
+    pthread_t th;
+    CHECK_OK(-pthread_create(&th, NULL, send_on_a_then_wait_on_b, &x));
+    struct timeval tv = {2, 0};
+    CHECK_OK(setsockopt(anc.peer, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)));
+    char buf[8];
+    CHECK_EQ(recv(anc.peer, buf, sizeof(buf), 0), 5);
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(x.a, &c, 1, 2000), 1);
+    CHECK(c.op == &x.op);
+    cp_port_close(x.b);
+    pthread_join(th, NULL);
+    CHECK_EQ(x.n_b, -ECANCELED);
+    anchor_close(&anc, x.a);
+    cp_port_close(x.a);
+    cp_port_destroy(x.a);
+    cp_port_destroy(x.b);
+}
+/* A handler that starts a send and then waits for the peer's answer outside the port
+ * announces the wait (port.h): its send reaches the peer before it returns to the port. */
+TEST(a_send_from_a_handler_goes_out_while_it_waits_announced)
+{
+    cp_port *p = make_port(1);
+    io_anchor a;
+    anchor_open(&a, p);
+    CHECK_OK(cp_port_post(p, 1, 0, NULL));
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 1000), 1); /* running: the "handler" starts */
+    cp_op op = {0};
+    CHECK_OK(cp_socket_send(&a.s, &op, "hello", 5));
+    cp_port_block_begin(p); /* the handler then waits on the peer */
+    struct timeval tv = {2, 0};
+    CHECK_OK(setsockopt(a.peer, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)));
+    char buf[8];
+    int64_t t0 = cpt_now_ms();
+    ssize_t got = recv(a.peer, buf, sizeof(buf), 0);
+    fprintf(stderr, "peer got %zd after %lld ms\n", got, (long long)(cpt_now_ms() - t0));
+    cp_port_block_end(p);
+    CHECK_EQ(got, 5);
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 1000), 1);
+    CHECK(c.op == &op);
+    anchor_close(&a, p);
+    cp_port_close(p);
+    cp_port_destroy(p);
+}

@@ -8,7 +8,12 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <dirent.h>
 #include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
 
 static cp_pool *make_pool(unsigned concurrency, unsigned threads)
 {
@@ -233,4 +238,48 @@ TEST(a_full_deadline_heap_refuses_an_entry)
     CHECK_EQ(h.n, 1u << 31);
     CHECK_EQ(slot, 0);
     free(fake);
+}
+
+/* Voluntary context switches of every thread of this process so far. */
+static long ctx_switches(void)
+{
+    long total = 0;
+    DIR *d = opendir("/proc/self/task");
+    CHECK(d != NULL);
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[300], line[128];
+        snprintf(path, sizeof(path), "/proc/self/task/%s/status", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue; /* the thread exited */
+        while (fgets(line, sizeof(line), f))
+            if (strncmp(line, "voluntary_ctxt_switches:", 24) == 0)
+                total += atol(line + 24);
+        fclose(f);
+    }
+    closedir(d);
+    return total;
+}
+
+/* Once a handler closed the pool's port, a periodic timer stops trying to fire: it tried
+ * again every millisecond until the pool was destroyed (each try a wake-up of the timer
+ * thread). Counted in context switches over 300 ms while the port is closed. */
+TEST(timers_stop_trying_once_the_port_is_closed)
+{
+    cp_pool *pool = make_pool(1, 1);
+    fire_log l = {0};
+    cp_timer *t;
+    CHECK_OK(cp_timer_start(pool, &t, 1, 1, log_fire, &l));
+    wait_until(&l.n, 2);
+    cp_port_close(cp_pool_port(pool));
+    usleep(50000);
+    long before = ctx_switches();
+    usleep(300000);
+    long switches = ctx_switches() - before;
+    fprintf(stderr, "%ld context switches in 300 ms with the port closed\n", switches);
+    CHECK(switches < 50); /* ~300 when it kept trying */
+    cp_pool_destroy(pool, CP_POOL_CANCEL);
 }

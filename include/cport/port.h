@@ -13,10 +13,19 @@
  * Threads and "running". Linux cannot see a worker block the way the NT kernel does. A
  * thread therefore counts as running from the moment cp_port_dequeue() returns it work
  * until it calls cp_port_dequeue() again (or exits). A handler about to block on
- * something other than the port (a lock, a disk read, sleep) should bracket the wait
- * with cp_port_block_begin()/cp_port_block_end() so another waiter may run meanwhile;
+ * something other than the port (a lock, a disk read, sleep, a reply from a peer,
+ * another port's cp_port_dequeue()) should bracket the wait with
+ * cp_port_block_begin()/cp_port_block_end() so another waiter may run meanwhile;
  * after cp_port_block_end() the thread counts as running again, so the number of running
  * threads may briefly exceed the concurrency value, exactly as on Windows.
+ *   - Waiting on another port does not end a thread's running on this one (Windows moves
+ *     the thread's association; cport keeps no per-thread state across ports): with
+ *     concurrency 1 and no bracket, this port's work waits until the thread is back.
+ *   - On io_uring the bracket is required when the wait depends on I/O the handler
+ *     started: a running thread's submissions reach the kernel in one batch when it comes
+ *     back to the port, at cp_port_block_begin(), or through a thread blocked polling;
+ *     with every thread running, a send started and then waited on without it never
+ *     leaves (on epoll it goes out at once).
  *
  * Ownership. cp_port_create() allocates the port; cp_port_destroy() frees it and
  * everything it owns. The port records, per thread that ever dequeued from it, a small
