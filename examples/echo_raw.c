@@ -95,7 +95,8 @@ typedef struct chunk {
 typedef struct slab {
     pthread_mutex_t lock;
     size_t size;
-    size_t zero; /* bytes zeroed at allocation, under the lock (receive buffers are not) */
+    size_t zero;        /* bytes zeroed at allocation, under the lock (receive buffers are not) */
+    size_t chunk_bytes; /* CHUNK_BYTES, or more when one object needs more */
     void *free;
     chunk *chunks;
     size_t live; /* atomic: read without the lock (max-conns, shutdown) */
@@ -108,7 +109,19 @@ static size_t chunk_first(void)
 
 static size_t chunk_capacity(const slab *s)
 {
-    return (CHUNK_BYTES - chunk_first()) / s->size;
+    return (s->chunk_bytes - chunk_first()) / s->size;
+}
+
+/* Chunks hold at least one object: a connection with large buffers (--buffer, --recvs)
+ * may be bigger than CHUNK_BYTES. */
+static void slab_init(slab *s, size_t size, size_t zero)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t need = (chunk_first() + size + page - 1) / page * page;
+    s->size = size;
+    s->zero = zero;
+    s->chunk_bytes = need > CHUNK_BYTES ? need : CHUNK_BYTES;
+    pthread_mutex_init(&s->lock, NULL);
 }
 
 static void *slab_alloc(slab *s)
@@ -120,7 +133,8 @@ static void *slab_alloc(slab *s)
     } else {
         chunk *c = s->chunks;
         if (!c || c->count == chunk_capacity(s)) {
-            c = mmap(NULL, CHUNK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            c = mmap(NULL, s->chunk_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+                     0);
             if (c == MAP_FAILED) {
                 pthread_mutex_unlock(&s->lock);
                 return NULL;
@@ -786,9 +800,7 @@ int main(int argc, char **argv)
     size_t per = multi(&sv) ? sizeof(multi_state) + cfg->recvs * sizeof(slot) : sizeof(cp_op);
     size_t bufs = cfg->zero_byte ? 0 : (size_t)cfg->recvs * cfg->buffer;
     sv.conn_size = (sizeof(conn) + per + bufs + 7) & ~(size_t)7;
-    sv.conns.size = sv.conn_size;
-    sv.conns.zero = sv.conn_size - bufs;
-    pthread_mutex_init(&sv.conns.lock, NULL);
+    slab_init(&sv.conns, sv.conn_size, sv.conn_size - bufs);
     pthread_mutex_init(&sv.park_lock, NULL);
     pthread_mutex_init(&sv.done_lock, NULL);
     pthread_cond_init(&sv.done_cond, NULL);
@@ -813,6 +825,8 @@ int main(int argc, char **argv)
         if (lfd >= 0)
             fprintf(stderr, "echo_raw: cannot associate the listener: %s\n", cp_strerror(r));
         cp_pool_destroy(sv.pool, CP_POOL_CANCEL);
+        free(sv.parked);
+        free(sv.accepts);
         return 1;
     }
     /* On epoll a send the kernel takes at once saves its completion. On io_uring it is a
@@ -839,7 +853,7 @@ int main(int argc, char **argv)
            (unsigned long long)sv.closed);
     for (chunk *ch = sv.conns.chunks; ch;) {
         chunk *next = ch->next;
-        munmap(ch, CHUNK_BYTES);
+        munmap(ch, sv.conns.chunk_bytes);
         ch = next;
     }
     free(sv.parked);

@@ -239,9 +239,15 @@ static int parse_args(int argc, char **argv, config *cfg)
             ok = parse_uint(optarg, 65535, &v) == 0;
             o->port = (uint16_t)v;
             break;
-        case O_BIND:
+        case O_BIND: {
+            struct in_addr a;
+            ok = inet_pton(AF_INET, optarg, &a) == 1; /* not a name, not IPv6 */
             o->bind = optarg;
+            if (!ok)
+                fprintf(stderr, "cport-echo: --bind takes an IPv4 address (such as 0.0.0.0 "
+                                "or 127.0.0.1)\n");
             break;
+        }
         case O_THREADS:
             ok = parse_uint(optarg, 1024, &v) == 0 && v > 0;
             o->threads = (unsigned)v;
@@ -324,6 +330,11 @@ static int parse_args(int argc, char **argv, config *cfg)
         o->recv_buffer =
             (uint32_t)((o->recv_buffer + (uint32_t)page - 1) / (uint32_t)page * (uint32_t)page);
     }
+    if (o->accepts_min && o->accepts_max && o->accepts_max < o->accepts_min) {
+        fprintf(stderr, "cport-echo: --accepts-max %u is below --accepts-min %u\n", o->accepts_max,
+                o->accepts_min);
+        return -1;
+    }
     if (o->zero_byte && o->recv_buffer) {
         /* Pooled receives draw from the port's pool: --buffer sizes its buffers. */
         o->port_options.pool_buffer_size = o->recv_buffer;
@@ -362,28 +373,44 @@ int main(int argc, char **argv)
     cfg.so.user = &cfg.so;
     cp_server *sv;
     int r = cp_server_create(&sv, &cfg.so, &cb);
-    if (r == 0)
-        r = cp_server_start(sv);
     if (r < 0) {
         fprintf(stderr, "cport-echo: cannot start: %s\n", cp_strerror(r));
         return 1;
     }
     const cp_server_options *o = &cfg.so;
+    if ((r = cp_server_start(sv)) < 0) {
+        fprintf(stderr, "cport-echo: cannot listen on %s:%u: %s\n", o->bind, (unsigned)o->port,
+                cp_strerror(r));
+        cp_server_destroy(sv);
+        return 1;
+    }
+    unsigned amin = o->accepts_min ? o->accepts_min : 4;
+    unsigned amax = o->accepts_max ? o->accepts_max : 256;
+    if (amax < amin)
+        amax = amin; /* (what the server does: --accepts above the default maximum) */
     printf("cport-echo: backend=%s threads=%u bind=%s port=%u accepts=%u..%u max-conns=%u "
            "handshake-timeout=%ums idle-timeout=%ums max-pending=%u zero-byte=%s recvs=%u "
            "buffer=%u framed=%s max-frame=%u\n",
            cp_port_backend_name(cp_server_port(sv)),
            o->threads ? o->threads : (unsigned)sysconf(_SC_NPROCESSORS_ONLN), o->bind,
-           cp_server_listen_port(sv), o->accepts_min ? o->accepts_min : 4,
-           o->accepts_max ? o->accepts_max : 256, o->max_conns, o->handshake_timeout_ms,
+           cp_server_listen_port(sv), amin, amax, o->max_conns, o->handshake_timeout_ms,
            o->idle_timeout_ms, o->max_pending_send ? o->max_pending_send : 1u << 20,
            o->zero_byte ? "on" : "off", o->recvs ? o->recvs : 1,
            o->zero_byte ? (unsigned)cp_buffer_size(cp_server_port(sv))
                         : (o->recv_buffer ? o->recv_buffer : 16384),
            o->framed ? "on" : "off", o->max_frame ? o->max_frame : CP_FRAME_DEFAULT_MAX);
+    struct rlimit rl;
+    if (o->max_conns && getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        o->max_conns > rl.rlim_cur)
+        fprintf(stderr,
+                "cport-echo: note: --max-conns %u is above the limit of open files (%llu): "
+                "when descriptors run out, accepting pauses and connections wait in the "
+                "backlog instead of being closed at once\n",
+                o->max_conns, (unsigned long long)rl.rlim_cur);
     cp_server *stats = NULL;
     if (cfg.stats_port >= 0 && (r = stats_start(&stats, sv, o, cfg.stats_port)) < 0) {
-        fprintf(stderr, "cport-echo: cannot serve stats: %s\n", cp_strerror(r));
+        fprintf(stderr, "cport-echo: cannot serve stats on %s:%d: %s\n", o->bind, cfg.stats_port,
+                cp_strerror(r));
         cp_server_destroy(sv);
         return 1;
     }
