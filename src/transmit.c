@@ -94,7 +94,22 @@ static bool more_follows(cp_transmit_op *t)
     return t->cp__pad == MORE_YES;
 }
 
+static int transmit_steps(cp_handle *h, cp_transmit_op *t);
+
+/* A transmit that fails after part of it went out (a file that ended before its range did
+ * or could not be read; a socket error) leaves a hole in the stream: whatever is queued
+ * behind it would follow the hole and be taken by the peer for the missing bytes. The
+ * socket's sending side is shut down, so that those sends fail (-EPIPE) instead. Not when
+ * it was cancelled (or timed out): socket.h leaves the next step to the caller then. */
 int cp__transmit_run(cp_handle *h, cp_transmit_op *t)
+{
+    int r = transmit_steps(h, t);
+    if (r < 0 && r != CP__AGAIN && r != CP__PENDING && r != -ECANCELED && t->sent > 0)
+        shutdown(h->fd, SHUT_WR);
+    return r;
+}
+
+static int transmit_steps(cp_handle *h, cp_transmit_op *t)
 {
     const cp__backend *be = h->cp__port->be;
     for (;;) {

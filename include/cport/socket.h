@@ -306,7 +306,11 @@ typedef struct cp_transmit_op {
  * from the page cache to the socket without passing through user space (epoll: sendfile;
  * io_uring: splice through a pipe from the port's bounded pool, or sendfile when the pool
  * is exhausted). elems and the memory and files they name must stay valid (and the fds
- * open) until the completion is dequeued. Ordered with the socket's sends. n >= 1. */
+ * open) until the completion is dequeued. Ordered with the socket's sends. n >= 1.
+ * A transmit that fails after some of its bytes went out (a file that ends before its
+ * range does reports -EIO) shuts down the socket's sending side: sends queued behind it
+ * then fail (-EPIPE) rather than follow the hole in the stream. (Not one that is
+ * cancelled or times out: see cp_socket_cancel().) */
 CP_EXTERN int cp_socket_transmit_packets(cp_socket *s, cp_transmit_op *op, const cp_packet *elems,
                                          unsigned n, unsigned flags);
 

@@ -393,10 +393,14 @@ static void on_data(cp_conn *c, const void *data, size_t len)
 
 static void on_sent(cp_conn *c, void *ctx, int64_t result)
 {
-    (void)result; /* a failed send closes the connection (the server layer sees to it) */
     hconn *h = cp_conn_user(c);
     close((int)((uintptr_t)ctx >> 1)); /* a file transmit's (FILE_CTX) */
     h->inflight--;
+    /* A failed transmit (the file shrank, the peer went away) left its response short: the
+     * server layer closes the connection after this callback, and no later response may
+     * follow the hole, so serve no more. */
+    if (result < 0)
+        h->closing = true;
     if (!h->closing && h->in_len > 0) {
         pump(c, h);
         arm_deadline(c, h);
