@@ -297,8 +297,10 @@ static void drain_step(cp_server *sv, cp_conn *c)
  * would keep them, and the connection, forever (zero-window probes keep TCP alive), so the
  * kernel is asked to give up once nothing has been acknowledged for linger_ms
  * (TCP_USER_TIMEOUT, which also covers a zero window): the connection then fails with
- * ETIMEDOUT, and its sends with it, which aborts the close. A peer that reads, however
- * slowly, keeps it going. (The server listens on TCP only.) */
+ * ETIMEDOUT, and its sends with it, which aborts the close. (Linux counts a zero window
+ * that opens by less than the next segment as no progress either: a slow reader with a
+ * small window can be cut; server.h says so at linger_ms.) (The server listens on TCP
+ * only.) */
 static void bound_drain(cp_server *sv, cp_conn *c)
 {
     int fd = cp__socket_fd_hold(&c->s);

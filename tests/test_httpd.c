@@ -1630,6 +1630,106 @@ TEST(a_file_truncated_while_sent_ends_the_connection)
     server_stop(&s, NULL);
 }
 
+/* A client without keep-alive (HTTP/1.0) that reads a big file slowly but steadily, with
+ * a small receive window; and a keep-alive one whose pipelined bad request (a 400, then
+ * the close) follows the file. The close the server starts right after queuing the last
+ * response must not cut them while they make progress: they used to be reset after about
+ * 5 s (the server layer bounds a close with queued replies by TCP_USER_TIMEOUT = linger_ms,
+ * which Linux fires on a zero-window peer that reads, but never a whole segment's worth at
+ * once; and after the last byte is queued, a lingering close is aborted after linger_ms
+ * whatever the peer reads). Both backends, every run. */
+static void slow_read_whole_file(int port, const char *req, uint64_t size, bool then_400)
+{
+    int fd = connect_to(port, 32 * 1024);
+    send_all(fd, req, strlen(req));
+    static char buf[4096];
+    uint64_t got = 0;
+    verify v = {size, 0, true};
+    size_t hl = 0;
+    int64_t t0 = cpt_now_ms();
+    while (cpt_now_ms() - t0 < 6500) { /* about 80 KB/s, for longer than the linger */
+        ssize_t k = recv(fd, buf, sizeof buf, 0);
+        if (k <= 0)
+            fprintf(stderr, "after %llu bytes in %lld ms: %s\n", (unsigned long long)got,
+                    (long long)(cpt_now_ms() - t0), k == 0 ? "EOF" : strerror(errno));
+        CHECK(k > 0);
+        size_t skip = 0;
+        if (!hl) {
+            CHECK(k > 13 && strncmp(buf, "HTTP/1.1 200 ", 13) == 0);
+            char *e = memmem(buf, (size_t)k, "\r\n\r\n", 4);
+            CHECK(e != NULL);
+            hl = skip = (size_t)(e + 4 - buf);
+        }
+        verify_fn(&v, buf + skip, (size_t)k - skip);
+        got += (uint64_t)k - skip;
+        usleep(50 * 1000);
+    }
+    CHECK(v.ok);
+    fprintf(stderr, "%llu bytes in 6.5 s, still going\n", (unsigned long long)got);
+    /* Now the rest at full speed: the whole file, the 400 if asked for, then the end. */
+    static char big[256 * 1024];
+    uint64_t tail = 0;
+    ssize_t k;
+    while ((k = recv(fd, big, sizeof big, 0)) > 0) {
+        size_t n = (size_t)k;
+        if (got + n > size) {
+            CHECK(then_400);
+            size_t extra = (size_t)(got + n - size);
+            CHECK(tail + extra < sizeof buf);
+            memcpy(buf + tail, big + n - extra, extra);
+            tail += extra;
+            n -= extra;
+        }
+        verify_fn(&v, big, n);
+        got += n;
+    }
+    CHECK_EQ(k, 0);
+    CHECK(v.ok);
+    CHECK_EQ(got, size);
+    if (then_400)
+        CHECK(tail > 13 && strncmp(buf, "HTTP/1.1 400 ", 13) == 0);
+    close(fd);
+}
+
+TEST(a_slow_reader_is_not_cut_by_the_close)
+{
+    tree t;
+    tree_make(&t, true);
+    uint64_t size = big_size();
+    server s;
+    server_start(&s, &t, "--threads", "1", "--keepalive-timeout", "3000", NULL);
+    slow_read_whole_file(s.port, "GET /big.bin HTTP/1.0\r\n\r\n", size, false);
+    slow_read_whole_file(s.port, "GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\nBAD\r\n\r\n", size, true);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* A client without keep-alive that stops reading is still cut (and its file closed) once
+ * it has acknowledged nothing for a keep-alive period. */
+TEST(a_stalled_reader_without_keep_alive_is_cut)
+{
+    tree t;
+    tree_make(&t, true);
+    server s;
+    server_start(&s, &t, "--threads", "1", "--keepalive-timeout", "500", NULL);
+    int fd = connect_to(s.port, 4096);
+    const char *req = "GET /big.bin HTTP/1.0\r\n\r\n";
+    send_all(fd, req, strlen(req));
+    int64_t t0 = cpt_now_ms();
+    while (open_files_in(&s, &t) == 0) {
+        CHECK(cpt_now_ms() - t0 < 10000);
+        usleep(5000);
+    }
+    wait_no_open_files(&s, &t);
+    static char buf[64 * 1024];
+    ssize_t k;
+    while ((k = recv(fd, buf, sizeof buf, 0)) > 0)
+        ;
+    CHECK(k == 0 || errno == ECONNRESET);
+    close(fd);
+    server_stop(&s, NULL);
+}
+
 /* Ways out of the document root: every one answered 400, 403 or 404, never with the
  * content of a file outside the root. */
 TEST(traversal)

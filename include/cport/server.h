@@ -129,7 +129,12 @@ typedef struct cp_server_options {
                                       must make progress: once the peer has acknowledged
                                       nothing for this long (it stopped reading), the close
                                       is aborted (TCP: TCP_USER_TIMEOUT is set on the
-                                      socket then). 0 = 5000 */
+                                      socket then). Linux also counts a window too small
+                                      for the next segment as no progress: a peer reading
+                                      slowly through a small receive window can be cut.
+                                      A server that closes after a large reply to slow
+                                      readers should wait until the peer has (most of) it
+                                      (tcpi_bytes_acked; cport-httpd does). 0 = 5000 */
     uint32_t max_pending_send;     /* bytes queued to send on one connection before reading
                                      from it pauses; resumes below half; 0 = 1 MiB */
     bool zero_byte;                /* pooled receives: an idle connection holds no buffer */

@@ -49,11 +49,14 @@
 #include <unistd.h>
 
 enum {
-    MAX_INFLIGHT = 16,   /* file transmits outstanding per connection */
-    IN_MAX = 256 * 1024, /* unserved pipelined bytes kept per connection */
-    IN_MIN = 4096,       /* first size of that buffer */
-    HEAD_CAP = 640,      /* response heads (http.h: 512 always suffice) */
-    ERR_CAP = 768,       /* error responses with their body */
+    MAX_INFLIGHT = 16,       /* file transmits outstanding per connection */
+    IN_MAX = 256 * 1024,     /* unserved pipelined bytes kept per connection */
+    IN_MIN = 4096,           /* first size of that buffer */
+    HEAD_CAP = 640,          /* response heads (http.h: 512 always suffice) */
+    ERR_CAP = 768,           /* error responses with their body */
+    SETTLE_MS = 100,         /* last response of a connection: how often to look whether the
+                                peer has (nearly) all of it */
+    SETTLE_LEFT = 64 * 1024, /* ...and how much it may still lack when the close begins */
 };
 
 typedef struct config {
@@ -73,7 +76,10 @@ typedef struct hconn {
     uint16_t inflight; /* file transmits outstanding */
     bool closing;      /* the last response is queued: ignore what else arrives */
     bool head_started; /* a request head is partly received (the header deadline runs) */
+    bool settling;     /* closing: the last response includes a file; close once the peer
+                          has acknowledged all of it */
     uint64_t acked;    /* the peer's tcpi_bytes_acked at the last deadline while sending */
+    int64_t acked_ms;  /* settling: when acked last grew (monotonic ms) */
 } hconn;
 
 static const config *cfg_of(cp_conn *c)
@@ -142,11 +148,67 @@ static void access_log(cp_conn *c, const http_request *req, int status, uint64_t
 
 /* ---- responses ------------------------------------------------------------------------- */
 
-/* The last response is queued: close once it has gone out. */
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* The peer's TCP state: false if it cannot be read (the connection is going away). */
+static bool tcp_state(cp_conn *c, struct tcp_info *ti)
+{
+    socklen_t tl = sizeof(*ti);
+    return cp_conn_getsockopt(c, IPPROTO_TCP, TCP_INFO, ti, &tl) == 0 &&
+           tl >= offsetof(struct tcp_info, tcpi_notsent_bytes) + sizeof(ti->tcpi_notsent_bytes);
+}
+
+/* The last response of a connection includes a file. A graceful close started while it is
+ * queued, or while the socket buffer still holds much of it, is bounded by the server
+ * layer's linger (TCP_USER_TIMEOUT while replies are queued, then linger_ms after FIN),
+ * which cuts a peer that reads slowly but steadily (a small window: Linux's zero-window
+ * probes time out though every probe is answered). So the close waits until the file is
+ * sent and the peer lacks at most SETTLE_LEFT bytes of it (a tiny response closes at
+ * once, as before); a peer that acknowledged nothing for a keep-alive period (it stopped
+ * reading) is cut. Looked at every SETTLE_MS. */
+static void settle(cp_conn *c, hconn *h)
+{
+    const config *cfg = cfg_of(c);
+    struct tcp_info ti;
+    if (!tcp_state(c, &ti)) {
+        cp_conn_abort(c);
+        return;
+    }
+    int64_t now = now_ms();
+    uint64_t left = (uint64_t)ti.tcpi_notsent_bytes + (uint64_t)ti.tcpi_unacked * ti.tcpi_snd_mss;
+    if (h->inflight == 0 && left <= SETTLE_LEFT) {
+        h->settling = false;
+        cp_conn_close(c); /* the peer has (nearly) all of it */
+        return;
+    }
+    if (ti.tcpi_bytes_acked != h->acked) {
+        h->acked = ti.tcpi_bytes_acked;
+        h->acked_ms = now;
+    } else if (now - h->acked_ms >= (int64_t)cfg->keepalive_ms) {
+        cp_conn_abort(c);
+        return;
+    }
+    cp_conn_set_deadline(c, SETTLE_MS);
+}
+
+/* The last response is queued: close once it has gone out (see settle() while files of
+ * this connection are still being sent). */
 static void finish(cp_conn *c, hconn *h)
 {
     h->closing = true;
-    cp_conn_close(c);
+    if (h->inflight == 0) {
+        cp_conn_close(c);
+        return;
+    }
+    h->settling = true;
+    h->acked = 0;
+    h->acked_ms = now_ms();
+    cp_conn_set_deadline(c, SETTLE_MS);
 }
 
 /* on_sent's ctx: only file transmits carry one, (fd << 1) | 1. Memory sends use
@@ -401,6 +463,10 @@ static void on_sent(cp_conn *c, void *ctx, int64_t result)
      * follow the hole, so serve no more. */
     if (result < 0)
         h->closing = true;
+    if (h->settling && h->inflight == 0 && result >= 0) {
+        settle(c, h); /* the peer may have it all already */
+        return;
+    }
     if (!h->closing && h->in_len > 0) {
         pump(c, h);
         arm_deadline(c, h);
@@ -411,6 +477,10 @@ static void on_timeout(cp_conn *c, cp_close_reason reason)
 {
     hconn *h = cp_conn_user(c);
     const config *cfg = cfg_of(c);
+    if (reason == CP_CLOSE_DEADLINE && h->settling) {
+        settle(c, h);
+        return;
+    }
     if (reason != CP_CLOSE_DEADLINE || h->closing) {
         h->closing = true;
         cp_conn_abort(c);
