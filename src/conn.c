@@ -172,6 +172,30 @@ static void op_unref(cp_server *sv, cp_conn *c, uint64_t n)
         run_on_close(sv, c);
 }
 
+/* The last operation reference as a work item: on_close runs on a worker. */
+static void op_unref_work(void *arg)
+{
+    cp_conn *c = arg;
+    op_unref(cp__conn_server(c), c, 1);
+}
+
+/* Drop an operation reference taken by a call from any thread (cp_conn_send_file) whose
+ * operation was not started. If it is the last one (the connection closed meanwhile),
+ * on_close must not run here, on the caller's thread and inside its call (callbacks run on
+ * the server's workers; a caller holding a lock that on_close takes would deadlock): a
+ * worker drops it. The pool outlives the reference (shutdown waits for on_close). */
+static void op_unref_caller(cp_server *sv, cp_conn *c)
+{
+    uint64_t st = st_load(c);
+    while ((st & CS_OPREF_MASK) != CS_OPREF) {
+        if (__atomic_compare_exchange_n(&c->state, &st, st - CS_OPREF, true, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST))
+            return;
+    }
+    if (cp_pool_submit(sv->pool, op_unref_work, c) < 0)
+        op_unref(sv, c, 1); /* the queue is full or memory ran out: here after all */
+}
+
 void cp_conn_ref(cp_conn *c)
 {
     __atomic_add_fetch(&c->state, CS_UREF, __ATOMIC_RELAXED);
@@ -861,7 +885,13 @@ static cp__send *tail_send(cp_server *sv, cp__worker *w, const struct iovec *iov
         }
         return x;
     }
-    if (mode == TAIL_HOLD && rest > CP__SEND_HOLD_MIN) {
+    /* Not when the reply is a small part of the buffer, either: a peer that does not read
+     * would make reading pause only when max_pending_send bytes of replies are queued, and
+     * each reply of a little over 4 KiB kept a whole buffer (16 times as much memory as the
+     * cap counts with 64 KiB buffers). At a quarter of a buffer or more, what is kept stays
+     * within 4 times what is counted (as a copy does, rounded up to its size class), and
+     * a 16 KiB echo from a 64 KiB buffer still goes out without a copy. */
+    if (mode == TAIL_HOLD && rest > CP__SEND_HOLD_MIN && (uint64_t)rest * 4 >= w->cur_size) {
         /* Keep the delivered buffer alive rather than copying a large reply. Not for a
          * small one: a copy into a small buffer is cheaper than keeping a whole receive
          * buffer (and taking a fresh one for the next receive); and a pool buffer may
@@ -1026,7 +1056,7 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
     CP__INJECT_DELAY("send_file_ref"); /* the connection may start closing meanwhile */
     cp__xmit *x = cp__slab_alloc(&sv->xmits);
     if (!x) {
-        op_unref(sv, c, 1);
+        op_unref_caller(sv, c);
         return -ENOMEM;
     }
     memset(&x->t, 0, sizeof(x->t));
@@ -1037,7 +1067,7 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
         x->head = cp__server_buf_alloc(sv, w, head_len, &x->head_size);
         if (!x->head) {
             cp__slab_free(&sv->xmits, x);
-            op_unref(sv, c, 1);
+            op_unref_caller(sv, c);
             return -ENOMEM;
         }
         memcpy(x->head, head, head_len);
@@ -1048,7 +1078,7 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
         if (x->head)
             cp__server_buf_free(sv, w, x->head, x->head_size);
         cp__slab_free(&sv->xmits, x);
-        op_unref(sv, c, 1);
+        op_unref_caller(sv, c);
         return -ENOBUFS;
     }
     int r = cp_socket_transmit_file(&c->s, &x->t, fd, offset, len, x->head, head_len, NULL, 0, 0);
@@ -1061,7 +1091,7 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
         if (x->head)
             cp__server_buf_free(sv, w, x->head, x->head_size);
         cp__slab_free(&sv->xmits, x);
-        op_unref(sv, c, 1);
+        op_unref_caller(sv, c);
         return r == -EBADF ? -EPIPE : r;
     }
     return 0;

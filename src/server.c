@@ -47,8 +47,11 @@ void *cp__server_buf_alloc(cp_server *sv, cp__worker *w, size_t size, uint32_t *
 
 void cp__server_buf_free(cp_server *sv, cp__worker *w, void *buf, uint32_t size)
 {
+    /* By the class cp__server_buf_alloc took it from, the smallest that fits: callers may
+     * give back by the size they asked for (a receive buffer of recv_buffer bytes, e.g.
+     * 8 KiB, which is no class; freeing that with free() hit lookaside memory). */
     for (int i = 0; i < CP__SIZE_CLASSES; i++) {
-        if (size == size_classes[i]) {
+        if (size <= size_classes[i]) {
             cp__cache_free(&w->bufs[i], &sv->bufs[i], buf);
             return;
         }
@@ -488,14 +491,23 @@ int cp_server_start(cp_server *sv)
     socklen_t len = sizeof(sa);
     getsockname(fd, (struct sockaddr *)&sa, &len);
     sv->listen_port = ntohs(sa.sin_port);
-    int r = cp_pool_associate(sv->pool, &sv->listener, fd, &sv->listener_binding);
+    /* The ticker first: it can be cancelled, while a listener associated with the port
+     * could only be closed through it (a failed start left it open, listening, and its
+     * descriptor leaked). Until the listener is open the tick has no accepts to tend. */
+    int r = CP__INJECT_FAIL("server_ticker")
+                ? -ENOMEM
+                : cp_timer_start(sv->pool, &sv->ticker, sv->tick_ms, sv->tick_ms, on_tick, sv);
     if (r < 0) {
         close(fd);
         return r;
     }
-    r = cp_timer_start(sv->pool, &sv->ticker, sv->tick_ms, sv->tick_ms, on_tick, sv);
-    if (r < 0)
+    r = cp_pool_associate(sv->pool, &sv->listener, fd, &sv->listener_binding);
+    if (r < 0) {
+        cp_timer_cancel(sv->ticker, true);
+        sv->ticker = NULL;
+        close(fd);
         return r;
+    }
     cp__lock_acquire(&sv->accept_lock);
     sv->listener_open = true;
     fill_accepts_locked(sv);

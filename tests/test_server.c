@@ -4969,3 +4969,156 @@ TEST(a_long_linger_does_not_make_timeouts_early)
     WAIT_FOR(LOAD(&t->closes) == N, IO_MS);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
+
+/* Callbacks run on the server's worker threads. A cp_conn_send_file() from
+ * another thread that loses the race with the connection's close must not run on_close on
+ * the caller's thread, inside the call (an application holding its own lock around the
+ * call, which on_close also takes, would deadlock). With CPORT_INJECT the sender pauses
+ * 300 ms after taking its reference while the peer's end closes the connection. */
+#ifdef CPORT_INJECT
+static void *send_file_thread_marked(void *arg)
+{
+    file_sender *f = arg;
+    tsrv *t = tsrv_of(f->c);
+    t->shutdown_caller = pthread_self(); /* reusing the "on_close ran on this thread" count */
+    STORE(&t->shutdown_caller_set, 1);
+    return send_file_thread(arg);
+}
+#endif
+
+TEST(send_file_losing_to_the_close_runs_no_callback_on_the_caller)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "send_file_ref:300000", 1)); /* before any thread */
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    cp_server_options o = {.threads = 2};
+    tsrv_start(t, &o);
+    int file = cpt_memfd("file");
+    uint8_t page[4096] = {0};
+    CHECK_EQ(write(file, page, sizeof page), (ssize_t)sizeof page);
+    int fd = connect_to(t->port);
+    WAIT_FOR(LOAD(&t->opens) == 1, IO_MS);
+    pthread_mutex_lock(&t->lock);
+    file_sender f = {.c = t->held[0], .fd = file};
+    pthread_mutex_unlock(&t->lock);
+    pthread_t th;
+    CHECK_OK(pthread_create(&th, NULL, send_file_thread_marked, &f));
+    WAIT_FOR(LOAD(&f.calling) == 1, IO_MS);
+    usleep(50000);
+    close(fd);
+    CHECK_OK(pthread_join(th, NULL));
+    WAIT_FOR(LOAD(&t->closes) >= 1, IO_MS);
+    fprintf(stderr, "cp_conn_send_file: %d; on_close on the sender's thread: %llu\n", f.result,
+            (unsigned long long)LOAD(&t->closes_on_caller));
+    CHECK_EQ(LOAD(&t->closes_on_caller), 0);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+    close(file);
+#endif
+}
+
+/* recv_buffer may be any page multiple up to 64 KiB (8 KiB, 12 KiB, ...);
+ * receive buffers come from the size class that fits (16 KiB) but were given back by
+ * recv_buffer's size, which matches no class: free() on lookaside memory. Both ways: the
+ * connection's own buffer at close, and a buffer kept by a large reply (a hold). */
+TEST(receive_buffers_between_size_classes)
+{
+    static const uint32_t sizes[] = {8192, 12288, 32768};
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+        cp_server_options o = {.threads = 2, .recv_buffer = sizes[k]};
+        tsrv *t = tsrv_new(ECHO_DATA); /* replies above 4 KiB keep the received buffer */
+        t->sndbuf = 4096;
+        tsrv_start(t, &o);
+        int fd = connect_to(t->port);
+        exchange(fd, 1, 1 << 20);
+        close(fd);
+        WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+        CHECK_EQ(tsrv_stop(t, 1000), 0);
+    }
+}
+
+/* With backpressure, memory per connection stays bounded by about 4 times the cap plus one
+ * receive (README). A reply of just over 4 KiB taken from each
+ * received 64 KiB buffer (cp_conn_send_data) keeps the whole buffer: the queued bytes the
+ * cap counts are a 16th of the memory kept. */
+static void reply_a_slice(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    (void)u;
+    size_t n = len < 4097 ? len : 4097;
+    note_send(t, cp_conn_send_data(c, data, n));
+}
+
+TEST(backpressure_bounds_memory_with_slices_of_big_buffers)
+{
+    enum { CAP = 1 << 20, CHUNK = 65536 };
+    cp_server_options o = {.threads = 1, .recv_buffer = 65536, .max_pending_send = CAP};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hook = reply_a_slice;
+    t->sndbuf = 4096;
+    tsrv_start(t, &o);
+    int fd = sock_nb();
+    int small = 4096;
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small));
+    struct sockaddr_in sa = loopback(t->port);
+    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EINPROGRESS);
+    CHECK(wait_fd(fd, POLLOUT, cpt_now_ms() + IO_MS));
+    uint64_t heap0 = heap_in_use();
+    uint8_t *tx = calloc(1, CHUNK);
+    CHECK(tx != NULL);
+    uint64_t sent = 0;
+    for (;;) {
+        ssize_t w = send(fd, tx, CHUNK, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) {
+            sent += (uint64_t)w;
+            continue;
+        }
+        CHECK(errno == EAGAIN);
+        if (!wait_fd(fd, POLLOUT, cpt_now_ms() + 500))
+            break;
+    }
+    cp_server_stats st = tsrv_stats(t);
+    fprintf(stderr,
+            "sent %llu KiB, server read %llu KiB; queued at most %llu KiB (cap %d KiB); "
+            "allocations %llu; heap +%lld KiB\n",
+            (unsigned long long)(sent >> 10), (unsigned long long)(st.bytes_in >> 10),
+            (unsigned long long)(LOAD(&t->max_pending) >> 10), CAP >> 10,
+            (unsigned long long)st.allocations, (long long)(heap_in_use() - heap0) / 1024);
+    CHECK(st.backpressure_events > 0);
+    /* The lookaside grew (1 MiB chunks) by what the queued replies keep: a few times the
+     * cap at most (a copy rounds up to its size class), not 16 times. */
+    CHECK(st.allocations <= 4 * (CAP >> 20) + 6);
+    close(fd);
+    free(tx);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* cp_server_start() failing to start its ticker (out of memory, or no thread
+ * for the timers) must not leave the listener behind: its descriptor leaked, and the port
+ * stayed bound and listening (a retry on it got -EADDRINUSE). Failure point
+ * "server_ticker" (CPORT_INJECT builds). */
+TEST(a_failed_start_leaves_no_listener)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "server_ticker", 1)); /* before any thread */
+    int fds0 = cpt_count_fds();
+    cp_server_options o = {.threads = 1, .bind = "127.0.0.1"};
+    o.port_options.flags |= CP_PORT_QUIET;
+    cp_server_callbacks cb = {.on_data = reap_on_data};
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    int fds1 = cpt_count_fds();
+    CHECK(cp_server_start(sv) < 0);
+    int fds2 = cpt_count_fds();
+    cp_server_destroy(sv);
+    int fds3 = cpt_count_fds();
+    fprintf(stderr, "descriptors: %d before, %d created, %d after the failed start, %d destroyed\n",
+            fds0, fds1, fds2, fds3);
+    CHECK_EQ(fds2, fds1);
+    CHECK_EQ(fds3, fds0);
+#endif
+}
