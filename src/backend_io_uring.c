@@ -214,13 +214,22 @@ static struct io_uring_sqe *get_sqe_locked(ur_state *s)
 
 static void ur_wake(cp_port *p);
 
-/* Decide whether the SQEs just prepared go to the kernel now (see the file comment):
- * only when a poller is blocked in the kernel, which would not see them. */
+/* Decide whether the SQEs just prepared go to the kernel now (see the file comment): a
+ * thread of the port defers them to its next poll unless a poller is blocked in the
+ * kernel, which would not see them; any other thread never leaves them waiting. */
 static void submitted_locked(cp_port *p, ur_state *s)
 {
-    if (!s->blocking)
-        return; /* the next poll submits them, with its wait */
-    if (cp__port_caller_defers(p))
+    bool defers = cp__port_caller_defers(p);
+    if (!s->blocking) {
+        /* A thread of the port comes back to poll. Another thread does not, and nothing
+         * says one of the port's will poll soon (all may be busy in handlers): the
+         * request goes now, and if this thread exits before it ends, the socket layer
+         * restarts it (-ECANCELED, see cp__io_done). */
+        if (!defers)
+            submit_now_locked(s);
+        return;
+    }
+    if (defers)
         submit_now_locked(s);
     else
         /* Not one of the port's threads: it may exit while the request is pending, and the

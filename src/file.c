@@ -12,7 +12,7 @@
 int cp_file_associate(cp_file *f, cp_port *port, int fd, uintptr_t key)
 {
     struct stat st;
-    if (!f || !port || fd < 0)
+    if (!f || !port || fd < 0 || ((uintptr_t)f & (_Alignof(cp_file) - 1)) != 0)
         return -EINVAL;
     if (fstat(fd, &st) < 0)
         return -errno;
@@ -42,6 +42,8 @@ static int file_op(cp_file *f, cp_file_op *fop, uint8_t opcode, const void *buf,
     bool is_file = (f->cp__flags & CP__H_FILE) != 0;
     cp__h_unlock(f);
     if (!is_file)
+        return -EINVAL;
+    if (cp__op_misaligned(fop))
         return -EINVAL;
     if (cp__op_in_use(&fop->op))
         return -EBUSY;

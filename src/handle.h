@@ -157,6 +157,15 @@ long cp__send_try(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len,
  * was accepted and never sent). Any thread. */
 bool cp__socket_seal_if_idle(cp_handle *h, const uint32_t *pending);
 
+/* True if an op (or the struct it begins) at p is misaligned: the backends tag the low
+ * bits of an op's address (io_uring user_data, epoll's first-data wait), so one at an odd
+ * address (inside a packed structure) would be taken for another when it completes.
+ * Checked before anything reads the op. */
+static inline bool cp__op_misaligned(const void *p)
+{
+    return ((uintptr_t)p & (_Alignof(cp_op) - 1)) != 0;
+}
+
 /* True if op is in use (started and not yet dequeued): it must not be touched. */
 static inline bool cp__op_in_use(const cp_op *op)
 {

@@ -783,7 +783,8 @@ void cp__io_expire(cp_port *p, int64_t now)
 /* Register fd; nonblocking says whether it is known to be non-blocking already. */
 static int associate(cp_socket *s, cp_port *port, int fd, uintptr_t key, bool nonblocking)
 {
-    if (!s || !port || fd < 0)
+    /* Misaligned: its pooled receive's tag (io_uring) would name another address. */
+    if (!s || !port || fd < 0 || ((uintptr_t)s & (_Alignof(cp_socket) - 1)) != 0)
         return -EINVAL;
     int fl = 0;
     if (!nonblocking && (fl = fcntl(fd, F_GETFL)) < 0)
@@ -977,6 +978,8 @@ int cp_socket_accept(cp_socket *listener, cp_accept_op *aop, void *buf, size_t l
 {
     if (!aop || len > UINT32_MAX || (len && !buf))
         return -EINVAL;
+    if (cp__op_misaligned(aop))
+        return -EINVAL;
     if (cp__op_in_use(&aop->op))
         return -EBUSY;
     aop->fd = -1;
@@ -991,6 +994,8 @@ int cp_socket_connect(cp_socket *s, cp_op *op, const struct sockaddr *addr, sock
 {
     if (!op || !addr || addrlen == 0)
         return -EINVAL;
+    if (cp__op_misaligned(op))
+        return -EINVAL;
     if (cp__op_in_use(op))
         return -EBUSY;
     op->u.buf = (void *)(uintptr_t)addr;
@@ -1003,6 +1008,8 @@ int cp_socket_connect_ex(cp_socket *s, cp_connect_op *cop, const struct sockaddr
                          socklen_t addrlen, const void *data, size_t len)
 {
     if (!cop || !addr || addrlen == 0 || (len && !data) || len > UINT32_MAX)
+        return -EINVAL;
+    if (cp__op_misaligned(cop))
         return -EINVAL;
     if (cp__op_in_use(&cop->op))
         return -EBUSY;
@@ -1017,6 +1024,8 @@ int cp_socket_connect_ex(cp_socket *s, cp_connect_op *cop, const struct sockaddr
 int cp_socket_recv(cp_socket *s, cp_op *op, void *buf, size_t len)
 {
     if (!op || !buf || len == 0 || len > UINT32_MAX)
+        return -EINVAL;
+    if (cp__op_misaligned(op))
         return -EINVAL;
     if (cp__op_in_use(op))
         return -EBUSY;
@@ -1050,6 +1059,8 @@ int cp_socket_recvv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt
     int r = op ? iov_total(iov, iovcnt, &total) : -EINVAL;
     if (r < 0)
         return r;
+    if (cp__op_misaligned(op))
+        return -EINVAL;
     if (cp__op_in_use(op))
         return -EBUSY;
     op->u.iov = iov;
@@ -1062,6 +1073,8 @@ int cp_socket_recvv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt
 int cp_socket_recv_pooled(cp_socket *s, cp_op *op)
 {
     if (!op)
+        return -EINVAL;
+    if (cp__op_misaligned(op))
         return -EINVAL;
     if (cp__op_in_use(op))
         return -EBUSY;
@@ -1079,6 +1092,8 @@ static uint16_t send_flags(unsigned flags)
 int cp_socket_send_ex(cp_socket *s, cp_op *op, const void *buf, size_t len, unsigned flags)
 {
     if (!op || !buf || len == 0 || len > UINT32_MAX || (flags & ~CP_SEND_SKIP_ON_SUCCESS))
+        return -EINVAL;
+    if (cp__op_misaligned(op))
         return -EINVAL;
     if (cp__op_in_use(op))
         return -EBUSY;
@@ -1099,6 +1114,8 @@ int cp_socket_sendv_ex(cp_socket *s, cp_op *op, const struct iovec *iov, int iov
     int r = op && !(flags & ~CP_SEND_SKIP_ON_SUCCESS) ? iov_total(iov, iovcnt, &total) : -EINVAL;
     if (r < 0)
         return r;
+    if (cp__op_misaligned(op))
+        return -EINVAL;
     if (cp__op_in_use(op))
         return -EBUSY;
     op->u.iov = iov;
@@ -1116,6 +1133,8 @@ int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt
 int cp_socket_disconnect(cp_socket *s, cp_op *op)
 {
     if (!op)
+        return -EINVAL;
+    if (cp__op_misaligned(op))
         return -EINVAL;
     if (cp__op_in_use(op))
         return -EBUSY;
@@ -1163,6 +1182,8 @@ int cp_socket_cancel_all(cp_socket *h)
 static int close_socket(cp_socket *h, cp_op *op, bool done_now_ok)
 {
     if (!h || !op || !h->cp__port)
+        return -EINVAL;
+    if (cp__op_misaligned(op))
         return -EINVAL;
     if (cp__op_in_use(op))
         return -EBUSY;

@@ -165,6 +165,8 @@ int cp_socket_transmit_packets(cp_socket *s, cp_transmit_op *t, const cp_packet 
             (elems[i].offset < 0 || elems[i].len > (uint64_t)(INT64_MAX - elems[i].offset)))
             return -EINVAL;
     }
+    if (cp__op_misaligned(t))
+        return -EINVAL;
     if (cp__op_in_use(&t->op))
         return -EBUSY;
     t->cp__elems = elems;
@@ -188,6 +190,8 @@ int cp_socket_transmit_file(cp_socket *s, cp_transmit_op *t, int fd, int64_t off
                             unsigned flags)
 {
     if (!t || fd < 0 || offset < 0 || (head_len && !head) || (tail_len && !tail))
+        return -EINVAL;
+    if (cp__op_misaligned(t))
         return -EINVAL;
     if (cp__op_in_use(&t->op))
         return -EBUSY;

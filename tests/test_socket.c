@@ -594,8 +594,10 @@ static void ready_sockets_phase(cp_port *p, size_t len, int want_per_dequeue)
         fill_pattern(data[i], len, 100 + (uint32_t)i + (uint32_t)len);
         write_all(prs[i].client, data[i], len);
     }
-    /* All of it has reached the server's sockets before the port looks. */
-    for (int i = 0; i < NS; i++) {
+    bool epoll = strcmp(cp_port_backend_name(p), "epoll") == 0;
+    /* All of it has reached the server's sockets before the port looks (epoll; on io_uring
+     * the receives are in the kernel already and take it as it comes). */
+    for (int i = 0; epoll && i < NS; i++) {
         struct pollfd pf = {.fd = prs[i].s.fd, .events = POLLIN};
         CHECK_EQ(poll(&pf, 1, 5000), 1);
         int queued = 0;
@@ -603,7 +605,6 @@ static void ready_sockets_phase(cp_port *p, size_t len, int want_per_dequeue)
         while ((ioctl(prs[i].s.fd, FIONREAD, &queued) == 0 && (size_t)queued < len))
             CHECK(cpt_now_ms() < until);
     }
-    bool epoll = strcmp(cp_port_backend_name(p), "epoll") == 0;
     int got = 0;
     while (got < NS) {
         cp_completion c[NS];
@@ -2622,4 +2623,123 @@ TEST(expiry_does_not_hit_a_restarted_op_with_the_same_count)
     pair_close(&pr, p);
     cp_port_destroy(p);
 #endif
+}
+
+/* A send started by a thread that is not one of the port's goes out at once, also while
+ * every thread of the port is busy in a handler (overlapped I/O proceeds without a
+ * dequeue, as on Windows). io_uring left the request in the submission queue for the next
+ * poll, i.e. until a worker came back: the peer waited out the whole handler (epoll sends
+ * at once). */
+typedef struct busy_worker {
+    cp_port *p;
+    int busy_ms;
+    int in_handler;
+} busy_worker;
+
+static void *busy_handler(void *arg)
+{
+    busy_worker *w = arg;
+    cp_completion c;
+    if (cp_port_dequeue(w->p, &c, 1, 5000) == 1) {
+        __atomic_store_n(&w->in_handler, 1, __ATOMIC_RELEASE);
+        usleep((useconds_t)w->busy_ms * 1000); /* a long handler, not announced */
+    }
+    return NULL;
+}
+
+TEST(a_send_from_another_thread_goes_out_while_the_workers_are_busy)
+{
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    busy_worker w = {.p = p, .busy_ms = 2000};
+    pthread_t th;
+    CHECK_EQ(pthread_create(&th, NULL, busy_handler, &w), 0);
+    CHECK_OK(cp_port_post(p, 1, 0, NULL));
+    while (!__atomic_load_n(&w.in_handler, __ATOMIC_ACQUIRE))
+        usleep(1000);
+    /* The only port thread runs its handler; this thread never dequeued. */
+    cp_op op = {0};
+    int64_t t0 = cpt_now_ms();
+    CHECK_OK(cp_socket_send(&pr.s, &op, "hello", 5));
+    struct pollfd pf = {.fd = pr.client, .events = POLLIN};
+    int ready = poll(&pf, 1, 1000);
+    fprintf(stderr, "peer readable after %" PRId64 " ms (handler: %d ms)\n", cpt_now_ms() - t0,
+            w.busy_ms);
+    CHECK_EQ(ready, 1);
+    char b[8];
+    CHECK_EQ(read(pr.client, b, sizeof(b)), 5);
+    CHECK(memcmp(b, "hello", 5) == 0);
+    pthread_join(th, NULL);
+    cp_completion c = next(p);
+    CHECK(c.op == &op);
+    CHECK_EQ(c.result, 5);
+    pair_close(&pr, p);
+    cp_port_destroy(p);
+}
+
+/* An op or socket at a misaligned address (inside a packed structure, as code ported from
+ * Windows may embed its OVERLAPPED) is refused at submission. The backends tag the low
+ * bits of these addresses: io_uring took the completion for the op at the address below
+ * and hung or crashed; epoll crashed on an accept waiting for its first data. */
+typedef struct __attribute__((packed)) packed_recv {
+    char tag;
+    cp_op op;
+} packed_recv;
+
+typedef struct __attribute__((packed)) packed_accept {
+    char tag;
+    cp_accept_op aop;
+} packed_accept;
+
+TEST(misaligned_ops_and_sockets_are_refused)
+{
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    packed_recv *x = calloc(1, sizeof(*x) + 16);
+    cp_op *op = (cp_op *)((char *)x + 1); /* &x->op, without the compiler's warning */
+    char buf[16];
+    int r = cp_socket_recv(&pr.s, op, buf, sizeof(buf));
+    if (r == 0) { /* accepted: then it must complete as itself, with the data */
+        write_all(pr.client, "hello", 5);
+        cp_completion c = next(p);
+        CHECK(c.op == op);
+        CHECK_EQ(c.result, 5);
+    } else {
+        CHECK_EQ(r, -EINVAL);
+    }
+    int port;
+    int lfd = listen_any(&port);
+    cp_socket ls;
+    CHECK_OK(cp_socket_associate(&ls, p, lfd, 9));
+    packed_accept *y = calloc(1, sizeof(*y) + 16);
+    cp_accept_op *aop = (cp_accept_op *)((char *)y + 1);
+    r = cp_socket_accept(&ls, aop, buf, sizeof(buf));
+    if (r == 0) {
+        int cfd = dial(port);
+        expect_nothing(p, 100); /* taken off the queue, waiting for its first data */
+        write_all(cfd, "first", 5);
+        cp_completion c = next(p);
+        CHECK(c.op == &aop->op);
+        CHECK_EQ(c.result, 5);
+        close(aop->fd);
+        close(cfd);
+    } else {
+        CHECK_EQ(r, -EINVAL);
+    }
+    /* A socket at an odd address: refused before anything is changed. */
+    char *raw = calloc(1, sizeof(cp_socket) + 16);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0);
+    CHECK_EQ(cp_socket_associate((cp_socket *)(raw + 1), p, fd, 1), -EINVAL);
+    close(fd);
+    cp_op cop = {0};
+    CHECK_OK(cp_socket_close(&ls, &cop));
+    CHECK(next(p).op == &cop);
+    pair_close(&pr, p);
+    free(raw);
+    free(x);
+    free(y);
+    cp_port_destroy(p);
 }

@@ -71,7 +71,9 @@ enum cp_opcode {
 };
 
 /* The per-I/O context (OVERLAPPED). Caller-allocated; zero-initialise it once. 48 bytes
- * on 64-bit Linux. */
+ * on 64-bit Linux. It must be aligned as the compiler aligns it (not inside a packed
+ * structure): a submission with a misaligned one fails with -EINVAL. The same holds for
+ * a cp_socket / cp_file given to cp_socket_associate() / cp_file_associate(). */
 typedef struct cp_op {
     struct cp_op *cp__next;
     cp_handle *cp__h;
