@@ -5122,3 +5122,57 @@ TEST(a_failed_start_leaves_no_listener)
     CHECK_EQ(fds3, fds0);
 #endif
 }
+
+/* A graceful close with replies queued to a peer that reads slowly but steadily through a
+ * small receive window, for longer than linger_ms: the replies all arrive, then the end of
+ * the stream (with plain sends this holds here; server.h's linger_ms tells where Linux's
+ * TCP_USER_TIMEOUT cuts such a peer all the same). */
+static void send_1mib_then_close(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    (void)t;
+    (void)u;
+    (void)data;
+    (void)len;
+    static uint8_t block[65536];
+    for (size_t i = 0; i < sizeof(block); i++)
+        block[i] = (uint8_t)(i * 7 + 1);
+    for (int i = 0; i < 16; i++)
+        CHECK_OK(cp_conn_send(c, block, sizeof(block)));
+    cp_conn_close(c);
+}
+
+TEST(graceful_close_to_a_slow_reader_delivers_everything)
+{
+    cp_server_options o = {.threads = 2, .linger_ms = 1000, .max_pending_send = 8 << 20};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    t->hook = send_1mib_then_close;
+    t->sndbuf = 4 << 20; /* the replies are in the kernel at once: the close lingers */
+    tsrv_start(t, &o);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int small = 4096;
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)));
+    struct sockaddr_in sa = loopback(t->port);
+    CHECK_OK(connect(fd, (struct sockaddr *)&sa, sizeof sa));
+    CHECK_EQ(send(fd, "x", 1, MSG_NOSIGNAL), 1);
+    uint64_t got = 0;
+    bool ok = true;
+    int64_t t0 = cpt_now_ms();
+    uint8_t buf[4096];
+    ssize_t k;
+    /* About 400 KB/s: 4 KiB every 10 ms; 1 MiB in ~2.6 s, well past linger_ms. */
+    while ((k = recv(fd, buf, sizeof(buf), 0)) > 0) {
+        for (ssize_t i = 0; i < k; i++)
+            ok = ok && buf[i] == (uint8_t)((got + (uint64_t)i) % 65536 * 7 + 1);
+        got += (uint64_t)k;
+        usleep(10000);
+    }
+    fprintf(stderr, "%llu of %d bytes in %lld ms, then %s\n", (unsigned long long)got, 1 << 20,
+            (long long)(cpt_now_ms() - t0), k == 0 ? "EOF" : strerror(errno));
+    CHECK_EQ(k, 0);
+    CHECK_EQ(got, 1u << 20);
+    CHECK(ok);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_LOCAL]), 1);
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
