@@ -5146,7 +5146,7 @@ TEST(graceful_close_to_a_slow_reader_delivers_everything)
     cp_server_options o = {.threads = 2, .linger_ms = 1000, .max_pending_send = 8 << 20};
     tsrv *t = tsrv_new(ECHO_DATA);
     t->hook = send_1mib_then_close;
-    t->sndbuf = 4 << 20; /* the replies are in the kernel at once: the close lingers */
+    t->sndbuf = 4 << 20; /* (capped by wmem_max) replies reach the kernel early: it lingers */
     tsrv_start(t, &o);
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int small = 4096;
