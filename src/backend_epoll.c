@@ -180,7 +180,10 @@ static int harvest_events(ep_state *s, int64_t deadline)
     int n = -1;
     if (!s->no_pwait2) {
         n = epoll_pwait2(s->epfd, s->events, MAX_EVENTS, tsp, NULL);
-        if (n < 0 && errno == ENOSYS)
+        /* Missing (ENOSYS), or refused by a seccomp filter older than the call: such
+         * filters' default action is mostly EPERM (Docker's profile, systemd), and
+         * epoll_pwait2 itself never fails with EPERM. */
+        if (n < 0 && (errno == ENOSYS || errno == EPERM))
             s->no_pwait2 = true; /* only the poller touches this flag */
     }
     if (s->no_pwait2) {

@@ -24,7 +24,7 @@ enum {
     CP__H_LATE = 1u << 12,      /* another thread queued completions after the poller's
                                    harvest of generation cp__hgen (see cp_port.late) */
     CP__H_SEALED = 1u << 13,    /* no more sends (cp__socket_seal_if_idle) */
-    CP__H_DGRAM = 1u << 14,     /* not a stream socket: RD_HUP for good */
+    CP__H_DGRAM = 1u << 14,     /* not a TCP stream (see associate()): RD_HUP for good */
 };
 
 /* cp_op.cp__state */

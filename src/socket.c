@@ -22,7 +22,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <netinet/in.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 enum {
@@ -780,6 +782,22 @@ void cp__io_expire(cp_port *p, int64_t now)
 
 /* ---- public API ------------------------------------------------------------------------- */
 
+/* Whether the stream socket fd is TCP (or MPTCP), whose short read means drained. Not so
+ * for every stream: a Unix stream ends a read after a segment that carried descriptors
+ * (SCM_RIGHTS, discarded by a plain receive) or, with SO_PASSCRED, at a change of writer;
+ * an SCTP one-to-one socket at a message's end. The bytes behind are queued already, and
+ * no edge will come for them (epoll). */
+static bool tcp_stream(int fd)
+{
+    int domain = 0, proto = 0;
+    socklen_t dlen = sizeof(domain), plen = sizeof(proto);
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &dlen) < 0 ||
+        getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &proto, &plen) < 0)
+        return true; /* not a socket: its operations fail anyway */
+    return (domain == AF_INET || domain == AF_INET6) &&
+           (proto == IPPROTO_TCP || proto == 262 /* IPPROTO_MPTCP */);
+}
+
 /* Register fd; nonblocking says whether it is known to be non-blocking already. */
 static int associate(cp_socket *s, cp_port *port, int fd, uintptr_t key, bool nonblocking)
 {
@@ -802,7 +820,8 @@ static int associate(cp_socket *s, cp_port *port, int fd, uintptr_t key, bool no
          * TCP streams: no system call for them. */
         int type = SOCK_STREAM;
         socklen_t tlen = sizeof(type);
-        if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tlen) == 0 && type != SOCK_STREAM)
+        if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tlen) == 0 &&
+            (type != SOCK_STREAM || !tcp_stream(fd)))
             s->cp__flags |= CP__H_RD_HUP | CP__H_DGRAM;
     }
     int r = port->be->attach(s);

@@ -2743,3 +2743,125 @@ TEST(misaligned_ops_and_sockets_are_refused)
     free(y);
     cp_port_destroy(p);
 }
+
+/* ---- epoll: epoll_pwait2 refused by a seccomp filter with EPERM ---------------------- */
+
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+
+/* The epoll backend is the one for sandboxes (io_uring denied by seccomp). A filter that
+ * predates epoll_pwait2 (Linux 5.11) refuses it with its default action, which for Docker's
+ * profile and systemd's SystemCallFilter= is EPERM, not ENOSYS: the backend must fall back
+ * to epoll_wait() then too. Before, every poll failed at once: no I/O event was ever
+ * harvested (a receive with its data waiting never completed) and a dequeue spun. */
+TEST(epoll_works_where_a_sandbox_refuses_epoll_pwait2)
+{
+#ifndef __NR_epoll_pwait2
+    SKIP("no epoll_pwait2 on this architecture");
+#else
+    if (strcmp(cpt_backend(), "epoll") != 0)
+        SKIP("epoll only");
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_epoll_pwait2, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {.len = sizeof(f) / sizeof(f[0]), .filter = f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
+        SKIP("cannot install a seccomp filter");
+    CHECK_EQ(syscall(__NR_epoll_pwait2, -1, NULL, 0, NULL, NULL, 0), -1);
+    CHECK_EQ(errno, EPERM);
+
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    char buf[16] = {0};
+    cp_op rop = {0};
+    CHECK_OK(cp_socket_recv(&pr.s, &rop, buf, sizeof(buf)));
+    CHECK_EQ(write(pr.client, "ping", 4), 4);
+    struct rusage r0, r1;
+    getrusage(RUSAGE_SELF, &r0);
+    int64_t t0 = cpt_now_ms();
+    cp_completion c;
+    int n = cp_port_dequeue(p, &c, 1, 1000);
+    CHECK_EQ(n, 1);
+    CHECK(c.op == &rop);
+    CHECK_EQ(c.result, 4);
+    CHECK(memcmp(buf, "ping", 4) == 0);
+    /* An idle wait sleeps: it does not spin on a failing poll. */
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 300), -ETIMEDOUT);
+    getrusage(RUSAGE_SELF, &r1);
+    int64_t cpu_ms = (r1.ru_utime.tv_sec - r0.ru_utime.tv_sec) * 1000 +
+                     (r1.ru_utime.tv_usec - r0.ru_utime.tv_usec) / 1000 +
+                     (r1.ru_stime.tv_sec - r0.ru_stime.tv_sec) * 1000 +
+                     (r1.ru_stime.tv_usec - r0.ru_stime.tv_usec) / 1000;
+    int64_t wall_ms = cpt_now_ms() - t0;
+    CHECK(cpu_ms < wall_ms / 4);
+    close(pr.client);
+    pair_close(&pr, p);
+    cp_port_destroy(p);
+#endif
+}
+
+/* ---- epoll: a short read of a Unix stream socket that does not mean "drained" -------- */
+
+/* Send "FDS!" with a descriptor attached (SCM_RIGHTS) on a Unix stream socket. */
+static void send_with_fd(int sock, int fd)
+{
+    char data[4] = {'F', 'D', 'S', '!'};
+    struct iovec iov = {.iov_base = data, .iov_len = sizeof data};
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    memset(&u, 0, sizeof u);
+    struct msghdr m = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    CHECK_EQ(sendmsg(sock, &m, 0), 4);
+}
+
+/* A Unix stream socket ends a read after a segment that carried descriptors (the peer
+ * passed some with SCM_RIGHTS; a plain receive discards them): the read is short with the
+ * bytes sent after it already queued, and no new arrival will make an edge for them. The
+ * next receive must still get them (as a short read of a datagram or at the urgent mark). */
+TEST(unix_stream_receive_after_passed_descriptors_is_not_stalled)
+{
+    cp_port *p = make_port();
+    int sv[2];
+    CHECK_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
+    cp_socket s;
+    CHECK_OK(cp_socket_associate(&s, p, sv[0], 1));
+    int fds_before = cpt_count_fds();
+    send_with_fd(sv[1], sv[1]);
+    CHECK_EQ(send(sv[1], "MORE", 4, 0), 4);
+    expect_nothing(p, 50); /* the poller sees the arrival with nothing posted */
+    char b1[64], b2[64];
+    cp_op r1 = {0}, r2 = {0};
+    CHECK_OK(cp_socket_recv(&s, &r1, b1, sizeof b1));
+    cp_completion c = next(p);
+    CHECK(c.op == &r1);
+    CHECK_EQ(c.result, 4); /* the kernel stops after the descriptors */
+    CHECK(memcmp(b1, "FDS!", 4) == 0);
+    CHECK_OK(cp_socket_recv(&s, &r2, b2, sizeof b2));
+    c = next(p); /* epoll: timed out, nothing new arrives to make an edge */
+    CHECK(c.op == &r2);
+    CHECK_EQ(c.result, 4);
+    CHECK(memcmp(b2, "MORE", 4) == 0);
+    CHECK_EQ(cpt_count_fds(), fds_before); /* the passed descriptor was closed */
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&s, &cl));
+    CHECK(next(p).op == &cl);
+    close(sv[1]);
+    cp_port_destroy(p);
+}
