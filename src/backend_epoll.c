@@ -683,7 +683,10 @@ static bool unqueue_file_job(ep_state *s, cp_op *op)
 static int ep_file_leg(cp_handle *h, cp_transmit_op *t, int fd, int64_t offset, uint64_t len)
 {
     off_t off = (off_t)offset;
+    cp__nopipe g;
+    cp__nopipe_begin(&g);
     ssize_t n = sendfile(h->fd, fd, &off, len > (1u << 30) ? (1u << 30) : (size_t)len);
+    cp__nopipe_end(&g, n < 0 ? errno : 0);
     if (n < 0)
         return errno == EAGAIN ? CP__AGAIN : errno == EINTR ? 0 : -errno;
     if (n == 0)

@@ -834,7 +834,10 @@ static int ur_file_leg(cp_handle *h, cp_transmit_op *t, int fd, int64_t offset, 
         t->cp__pipe = pipe_get(s);
     if (t->cp__pipe < 0) {
         off_t off = (off_t)offset;
+        cp__nopipe g;
+        cp__nopipe_begin(&g);
         ssize_t n = sendfile(h->fd, fd, &off, len > (1u << 30) ? (1u << 30) : (size_t)len);
+        cp__nopipe_end(&g, n < 0 ? errno : 0);
         if (n < 0)
             return errno == EAGAIN ? CP__AGAIN : errno == EINTR ? 0 : -errno;
         if (n == 0)
@@ -848,8 +851,11 @@ static int ur_file_leg(cp_handle *h, cp_transmit_op *t, int fd, int64_t offset, 
      * bytes (transmit.c caches that in cp__pad: 2 = yes). Never cork the last bytes. */
     bool more = len > 0 || t->cp__pad == 2;
     while (t->cp__inpipe > 0) {
+        cp__nopipe g;
+        cp__nopipe_begin(&g);
         ssize_t n = splice(pr, NULL, h->fd, NULL, t->cp__inpipe,
                            SPLICE_F_MOVE | SPLICE_F_NONBLOCK | (more ? SPLICE_F_MORE : 0));
+        cp__nopipe_end(&g, n < 0 ? errno : 0);
         if (n < 0)
             return errno == EAGAIN ? CP__AGAIN : errno == EINTR ? 0 : -errno;
         t->cp__inpipe -= (uint32_t)n;

@@ -472,6 +472,10 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
 
 int cp_server_start(cp_server *sv)
 {
+    /* Once: a second start would associate a new listener over the live one (its accepts
+     * outstanding) and leak it, bound and listening; after a shutdown the pool is gone. */
+    if (sv->ticker || sv->shut_down)
+        return -EALREADY;
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(sv->o.port)};
     if (inet_pton(AF_INET, sv->o.bind ? sv->o.bind : "0.0.0.0", &sa.sin_addr) != 1)
         return -EINVAL;

@@ -14,6 +14,10 @@
 #include "sync.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -126,6 +130,46 @@ static inline long cp__sys_close(int fd)
 #else
     return cp__syscall6(SYS_close, fd, 0, 0, 0, 0, 0);
 #endif
+}
+
+/* sendfile(2) and splice(2) into a socket take no MSG_NOSIGNAL: on a broken connection
+ * the kernel raises SIGPIPE at the calling thread, which kills a program that left its
+ * disposition at the default (cport's sends promise never to raise it). Around such a
+ * call SIGPIPE is blocked on this thread, and one the call raised (it then failed with
+ * EPIPE) is taken back before the mask is restored. A SIGPIPE already pending before the
+ * call (only possible if the thread had it blocked) is left alone. */
+typedef struct cp__nopipe {
+    sigset_t old;
+    bool pending_before;
+} cp__nopipe;
+
+static inline void cp__nopipe_begin(cp__nopipe *g)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &set, &g->old);
+    g->pending_before = false;
+    if (sigismember(&g->old, SIGPIPE)) {
+        sigset_t pend;
+        g->pending_before = sigpending(&pend) == 0 && sigismember(&pend, SIGPIPE);
+    }
+}
+
+/* err: the call's errno (0 on success). Preserves errno. */
+static inline void cp__nopipe_end(cp__nopipe *g, int err)
+{
+    int saved = errno;
+    if (err == EPIPE && !g->pending_before) {
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGPIPE);
+        struct timespec zero = {0, 0};
+        while (sigtimedwait(&set, NULL, &zero) < 0 && errno == EINTR)
+            ;
+    }
+    pthread_sigmask(SIG_SETMASK, &g->old, NULL);
+    errno = saved;
 }
 
 #endif

@@ -5176,3 +5176,28 @@ TEST(graceful_close_to_a_slow_reader_delivers_everything)
     close(fd);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
+
+/* cp_server_start() called a second time on a started server: it opened and bound a
+ * second listener, associated it over the first one's cp_socket while that one's accepts
+ * were outstanding, and started a second ticker; it returned 0. The first listener's
+ * descriptor was never closed (still listening after cp_server_destroy). It is refused
+ * with -EALREADY, and so is a start after cp_server_shutdown(). */
+TEST(a_second_start_is_refused)
+{
+    int fds0 = cpt_count_fds();
+    cp_server_options o = {.threads = 1, .bind = "127.0.0.1"};
+    o.port_options.flags |= CP_PORT_QUIET;
+    cp_server_callbacks cb = {.on_data = reap_on_data};
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_start(sv));
+    uint16_t port = cp_server_listen_port(sv);
+    int fds1 = cpt_count_fds();
+    CHECK_EQ(cp_server_start(sv), -EALREADY);
+    CHECK_EQ(cpt_count_fds(), fds1);
+    CHECK_EQ(cp_server_listen_port(sv), port);
+    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
+    CHECK_EQ(cp_server_start(sv), -EALREADY);
+    cp_server_destroy(sv);
+    CHECK_EQ(cpt_count_fds(), fds0);
+}

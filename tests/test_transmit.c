@@ -25,6 +25,7 @@
 #include <netinet/tcp.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -1459,4 +1460,40 @@ TEST(a_pipe_dropped_in_a_shortage_is_reopened_later)
     cp_port_destroy(p);
     CHECK_EQ(cpt_count_fds(), fds0);
 #endif
+}
+
+/* A program that does not ignore SIGPIPE (the default disposition; cport's sends promise
+ * never to raise it) transmits a file to a peer that has reset the connection: the file
+ * leg's sendfile(2)/splice(2), which take no MSG_NOSIGNAL, raised SIGPIPE and the process
+ * died inside cp_socket_transmit_file() (both backends, every run). The transmit must
+ * fail with -EPIPE/-ECONNRESET instead, as a send does. */
+TEST(transmit_to_a_reset_peer_raises_no_sigpipe)
+{
+    signal(SIGPIPE, SIG_DFL); /* what a program that never touched it has */
+    cp_port *p = make_port();
+    int fd = make_file(1 << 20);
+    pair a;
+    pair_open_ex(&a, p, true);
+    struct linger lg = {1, 0};
+    CHECK_OK(setsockopt(a.client, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)));
+    close(a.client); /* RST */
+    /* The reset is seen by a plain send first (no SIGPIPE: MSG_NOSIGNAL). */
+    cp_op op = {0};
+    CHECK_OK(cp_socket_send(&a.s, &op, "x", 1));
+    int64_t res = next_of(p, &op);
+    CHECK(res == -ECONNRESET || res == -EPIPE || res == 1);
+    for (int i = 0; i < 2; i++) {
+        cp_transmit_op t = {0};
+        int r = cp_socket_transmit_file(&a.s, &t, fd, 0, 0, NULL, 0, NULL, 0, 0);
+        if (r == 0) {
+            res = next_of(p, &t.op);
+            CHECK(res == -ECONNRESET || res == -EPIPE);
+        } else {
+            CHECK(r == -ECONNRESET || r == -EPIPE);
+        }
+    }
+    signal(SIGPIPE, SIG_IGN);
+    pair_close_strict(&a, p);
+    close(fd);
+    cp_port_destroy(p);
 }

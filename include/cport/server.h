@@ -181,7 +181,9 @@ typedef struct cp_server_stats {
 CP_EXTERN int cp_server_create(cp_server **serverp, const cp_server_options *opts,
                                const cp_server_callbacks *cb);
 
-/* Bind, listen and start accepting. Returns 0, or a negative errno (-EADDRINUSE, ...). */
+/* Bind, listen and start accepting. Returns 0, or a negative errno (-EADDRINUSE, ...;
+ * -EINVAL for a bind string that is not an IPv4 address). Once per server: a second call,
+ * or one after cp_server_shutdown(), returns -EALREADY. */
 CP_EXTERN int cp_server_start(cp_server *server);
 
 /* The TCP port the server listens on (after cp_server_start). */

@@ -312,7 +312,7 @@ typedef struct cp_transmit_op {
  * A transmit that fails after some of its bytes went out (a file that ends before its
  * range does reports -EIO) shuts down the socket's sending side: sends queued behind it
  * then fail (-EPIPE) rather than follow the hole in the stream. (Not one that is
- * cancelled or times out: see cp_socket_cancel().) */
+ * cancelled or times out: see cp_socket_cancel().) Never raises SIGPIPE. */
 CP_EXTERN int cp_socket_transmit_packets(cp_socket *s, cp_transmit_op *op, const cp_packet *elems,
                                          unsigned n, unsigned flags);
 
