@@ -16,9 +16,13 @@
  *
  * Ownership: cp_pool_create() allocates the pool, its port and its threads;
  * cp_pool_destroy() joins the threads and frees everything. Timer records are allocated
- * by the pool (cp_timer_start) and freed by it once cancelled or expired and no callback
- * refers to them any more. Bindings are the caller's and must outlive the sockets bound
- * to them.
+ * by the pool (cp_timer_start) and freed by it once cancelled (a one-shot timer that has
+ * fired too: see cp_timer_cancel()) and no callback refers to them any more, or by
+ * cp_pool_destroy(), after which every cp_timer pointer is invalid. Bindings are the
+ * caller's and must outlive the sockets bound to them.
+ *
+ * Threads: every function may be called from any thread, including a worker, except
+ * cp_pool_destroy() (not from a worker).
  */
 #ifndef CPORT_POOL_H
 #define CPORT_POOL_H
@@ -51,9 +55,11 @@ typedef struct cp_pool_options {
     unsigned concurrency; /* items running at once; 0 = online CPUs */
     unsigned threads;     /* worker threads; 0 = 2 x concurrency (at least 2) */
     unsigned batch;       /* completions a worker dequeues at once; 0 = 1 (best for CPU-bound
-                             items); servers doing small I/O handlers gain from 16-64 */
-    /* Called, on the destroying thread, for each work item discarded by
-     * cp_pool_destroy(pool, CP_POOL_CANCEL), so its argument can be freed. May be NULL. */
+                             items), at most 256 (larger values are taken as 256);
+                             servers doing small I/O handlers gain from 16-64 */
+    /* Called for each work item discarded by cp_pool_destroy(pool, CP_POOL_CANCEL), so its
+     * argument can be freed: on a worker thread (the workers take what is queued while
+     * they exit) or, for what they leave, on the destroying thread. May be NULL. */
     void (*on_discard)(cp_work_fn fn, void *arg);
     cp_port_options port; /* options of the pool's port (concurrency is taken from above) */
 } cp_pool_options;
@@ -70,12 +76,12 @@ CP_EXTERN unsigned cp_pool_threads(const cp_pool *pool);
 
 /* Queue fn(arg) to run on a worker. Any thread, including a running item. No allocation
  * in steady state. Returns 0, -ESHUTDOWN once destroy has begun, -EAGAIN if the port's
- * max_posted items are already queued, -ENOMEM. */
+ * max_posted items are already queued, -ENOMEM, or -EINVAL (NULL pool or fn). */
 CP_EXTERN int cp_pool_submit(cp_pool *pool, cp_work_fn fn, void *arg);
 
 /* Associate socket `fd` with the pool's port; every completion of an operation started
  * on `s` then runs b->fn(s, op, result, b->user) on a worker. Same returns as
- * cp_socket_associate(). */
+ * cp_socket_associate(), and -EINVAL for a NULL pool, b or b->fn. */
 CP_EXTERN int cp_pool_associate(cp_pool *pool, cp_socket *s, int fd, const cp_io_binding *b);
 
 /* What cp_pool_destroy() does with work items still queued. */
@@ -93,10 +99,13 @@ CP_EXTERN void cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode);
 
 /* Start a timer: fn(arg) runs on a worker once `due_ms` milliseconds have passed, then,
  * if period_ms > 0, every period_ms after the previous due time (a late firing does not
- * shift the schedule; it never fires early). Stores the timer in *timerp before it can
- * fire (so the callback may read it), and it stays valid until cp_timer_cancel()
- * (periodic or not: cancel it to release it). Returns 0,
- * -EINVAL, -ENOMEM, or -ESHUTDOWN once destroy has begun. */
+ * shift the schedule; it never fires early; a firing is not queued while the previous one
+ * has not started, and periods missed meanwhile are skipped, not made up). Stores the
+ * timer in *timerp before it can fire (so the callback may read it), and it stays valid
+ * until cp_timer_cancel() or cp_pool_destroy() (periodic or not: cancel it to release
+ * it). Returns 0, -EINVAL (NULL pool, timerp or fn; due_ms or period_ms above about 146
+ * years), -ENOMEM, -EAGAIN (the pool's timer thread could not be started), or
+ * -ESHUTDOWN once destroy has begun. Any thread. */
 CP_EXTERN int cp_timer_start(cp_pool *pool, cp_timer **timerp, uint64_t due_ms, uint64_t period_ms,
                              cp_work_fn fn, void *arg);
 
@@ -104,7 +113,9 @@ CP_EXTERN int cp_timer_start(cp_pool *pool, cp_timer **timerp, uint64_t due_ms, 
  * starts after this returns. Returns 1 if a callback of this timer is running right now
  * (it will complete; with wait == true and called from another thread, cancel waits for
  * it and returns 0), or 0 if no callback is running or will run. A one-shot timer that
- * already fired must still be cancelled to release it; cancel then returns 0. */
+ * already fired must still be cancelled to release it; cancel then returns 0. -EINVAL
+ * for NULL. Any thread, including the timer's own callback; not after cp_pool_destroy()
+ * (which already freed every timer). */
 CP_EXTERN int cp_timer_cancel(cp_timer *timer, bool wait);
 
 #ifdef __cplusplus

@@ -82,7 +82,8 @@ typedef struct cp_port_options {
                                   unavailable makes creation fail (no silent switch) */
     uint32_t flags;            /* CP_PORT_* */
     uint32_t max_posted;       /* most posted completions queued at once, rounded up to a
-                                  power of two, at least 2; 0 = 16384. cp_port_post() fails with
+                                  power of two, at least 2; 0 = 16384; at most 2^30 (above
+                                  it creation fails with -EINVAL). cp_port_post() fails with
                                   -EAGAIN beyond it (a pool's work items and timer
                                   firings are posts too) */
     uint32_t ring_entries;     /* io_uring submission queue size; 0 = 1024, at most 32768
@@ -90,21 +91,25 @@ typedef struct cp_port_options {
     uint32_t cq_entries;       /* io_uring completion queue size (overflow beyond it is kept
                                   by the kernel and drained, never lost); 0 = the larger of
                                   4096 and 4 x ring_entries, at most 65536 (the kernel's limit;
-                                  a larger value makes creation fail with -EINVAL) */
+                                  a larger value makes creation fail with -EINVAL); a value
+                                  below ring_entries is raised to it */
     uint32_t pool_buffers;     /* buffers in the shared receive pool (CP_RECV_POOL receives);
-                                  0 = 4096; rounded up to a power of two, at most 32768 */
-    uint32_t pool_buffer_size; /* bytes per pool buffer, a multiple of the page size;
+                                  0 = 4096; rounded up to a power of two, at most 32768
+                                  (a larger value is taken as 32768) */
+    uint32_t pool_buffer_size; /* bytes per pool buffer, a multiple of the page size
+                                  (else cp_port_create_ex() fails with -EINVAL);
                                   0 = 4096. The pool (buffers x size) must stay under
                                   4 GiB: cp_port_create_ex() fails with -EINVAL */
     uint32_t pool_per_socket;  /* received chunks (pool buffers or parts of them) one
                                   socket may hold undelivered before it stops receiving
                                   into the pool (fairness cap; see
-                                  cp_socket_recv_pooled); 0 = 4, at most 255 */
+                                  cp_socket_recv_pooled); 0 = 4, at most 255 (above it
+                                  creation fails with -EINVAL) */
     uint32_t max_pipes;        /* io_uring TransmitFile: pipes in the port's splice pool
                                   (64 KiB each); 0 = 256 */
     uint32_t file_threads;     /* epoll: threads doing file reads/writes (epoll cannot);
                                   0 = 2, at most 256 (started at the first file
-                                  operation) */
+                                  operation; above 256 creation fails with -EINVAL) */
 } cp_port_options;
 
 /* Create a port with `concurrency` (0 = number of online CPUs) and default options.
@@ -112,7 +117,8 @@ typedef struct cp_port_options {
  * (-ENOMEM, -EMFILE, -ENOSYS if no backend can run, ...). */
 CP_EXTERN int cp_port_create(cp_port **portp, unsigned concurrency);
 
-/* Create a port with explicit options (NULL = defaults). Same returns as cp_port_create().
+/* Create a port with explicit options (NULL = defaults). Same returns as cp_port_create(),
+ * and -EINVAL for a NULL portp or an option outside the limits given above.
  * If opts->backend (or CPORT_BACKEND=io_uring|epoll in the environment, when opts->backend
  * is CP_BACKEND_AUTO) forces a backend that cannot run here, returns its error (-EPERM,
  * -ENOSYS, -EOPNOTSUPP) instead of switching. With CP_BACKEND_AUTO, io_uring is probed
@@ -123,16 +129,17 @@ CP_EXTERN int cp_port_create_ex(cp_port **portp, const cp_port_options *opts);
 
 /* Post a completion (key, result, op) from any thread, like PostQueuedCompletionStatus.
  * No memory is allocated: posts go to a ring sized at creation. Returns 0, -EAGAIN when
- * opts.max_posted packets (rounded as above) are already queued, or -ESHUTDOWN once the
- * port is closed. */
+ * opts.max_posted packets (rounded as above) are already queued, -ESHUTDOWN once the
+ * port is closed, or -EINVAL for a NULL port. */
 CP_EXTERN int cp_port_post(cp_port *port, uintptr_t key, int64_t result, void *op);
 
 /* Dequeue up to `max` completions into out[0..max-1], waiting up to timeout_ms
- * milliseconds (0 = poll without waiting, -1 = wait forever). Completions from one poster
- * come out in the order posted. Returns the number dequeued (1..max), or
+ * milliseconds (0 = poll without waiting, -1 or any negative value = wait forever).
+ * Completions from one poster come out in the order posted. Returns the number dequeued
+ * (1..max), or
  *   -ETIMEDOUT  nothing arrived in time (also for timeout_ms == 0),
  *   -ECANCELED  the port is closed and nothing is left to hand out to this thread,
- *   -EINVAL     max == 0,
+ *   -EINVAL     max == 0 (or port or out NULL),
  *   -ENOMEM     this thread's record could not be allocated (first call only).
  * The calling thread stops counting as running when it enters and counts as running
  * again when this returns work. After cp_port_close() the completions still queued are

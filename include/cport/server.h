@@ -29,8 +29,9 @@
  * never run concurrently and see its data in arrival order; callbacks of different
  * connections run in parallel (up to `threads`). A callback should not block for long;
  * if it must, bracket the wait with cp_port_block_begin/end(cp_server_port(server)).
- * cp_conn_send*(), cp_conn_close() and cp_conn_abort() may be called from any thread,
- * including callbacks of other connections; the other cp_conn_* calls from the
+ * cp_conn_send*() (except cp_conn_send_data(): only from the connection's own on_data),
+ * cp_conn_close() and cp_conn_abort() may be called from any thread, including callbacks
+ * of other connections; the other cp_conn_* calls from the
  * connection's own callbacks (or while holding a reference, see cp_conn_ref()).
  *
  * Lifetime. The server allocates each cp_conn when it accepts the connection. A cp_conn
@@ -106,7 +107,8 @@ typedef struct cp_server_options {
     unsigned threads;              /* worker threads, all may run at once; 0 = online CPUs */
     cp_backend_kind backend;       /* CP_BACKEND_AUTO unless forced (see cport/port.h) */
     unsigned accepts_min;          /* accepts kept posted at least; 0 = 4 */
-    unsigned accepts_max;          /* ...and at most; 0 = 256 (never below accepts_min) */
+    unsigned accepts_max;          /* ...and at most; 0 = 256 (never below accepts_min);
+                                      above 65536 cp_server_create fails with -EINVAL */
     unsigned backlog;              /* listen(2) backlog; 0 = 4096 */
     unsigned max_conns;            /* connections at once; beyond, closed at accept; 0 = none */
     unsigned handshake_timeout_ms; /* close if nothing arrives this long after accept; 0 = off */
@@ -139,10 +141,13 @@ typedef struct cp_server_options {
                                      from it pauses; resumes below half; 0 = 1 MiB */
     bool zero_byte;                /* pooled receives: an idle connection holds no buffer */
     uint32_t recv_buffer;          /* receive buffer per receive without zero_byte; page
-                                      multiple; 0 = 16384 */
-    unsigned recvs;                /* receives outstanding per connection; 0 = 1 */
+                                      multiple, at most 65536 (else cp_server_create fails
+                                      with -EINVAL, with zero_byte too); 0 = 16384 */
+    unsigned recvs;                /* receives outstanding per connection; 0 = 1, at most
+                                      64 (else -EINVAL) */
     bool framed;                   /* 4-byte big-endian length-prefixed messages */
-    uint32_t max_frame;            /* framed: largest payload accepted; 0 = 1 MiB. A
+    uint32_t max_frame;            /* framed: largest payload accepted; 0 = 1 MiB, at most
+                                      CP_FRAME_MAX_LIMIT (else -EINVAL). A
                                       header over it closes the connection gracefully
                                       (CP_CLOSE_BAD_FRAME, one line on stderr): replies
                                       to the frames before it still go out */
@@ -175,9 +180,11 @@ typedef struct cp_server_stats {
                                      state) */
 } cp_server_stats;
 
-/* Create a server (not yet listening). Copies the options; cb must stay valid for the
- * server's life. Returns 0 and stores it in *serverp, or a negative errno (-EINVAL for
- * bad options, port creation errors). */
+/* Create a server (not yet listening). Copies the options and the callbacks, but not the
+ * string opts->bind points to: cp_server_start() reads it, so it must stay valid until
+ * then. Returns 0 and stores it in *serverp, or a negative errno (-EINVAL for bad options
+ * or a NULL on_data, port creation errors, -ENOMEM, -EAGAIN if the workers could not be
+ * started). */
 CP_EXTERN int cp_server_create(cp_server **serverp, const cp_server_options *opts,
                                const cp_server_callbacks *cb);
 
@@ -205,7 +212,8 @@ CP_EXTERN void *cp_server_user(const cp_server *server);
  * on_close may then run on it. */
 CP_EXTERN int cp_server_shutdown(cp_server *server, unsigned deadline_ms);
 
-/* Free the server (shutting it down first with a zero deadline if needed). */
+/* Free the server (shutting it down first with a zero deadline if needed). Not from a
+ * callback, as cp_server_shutdown(). */
 CP_EXTERN void cp_server_destroy(cp_server *server);
 
 /* Fill *stats (a consistent-enough snapshot; any thread). */
@@ -230,13 +238,17 @@ CP_EXTERN int cp_server_stats_prometheus(cp_server *server, const char *prefix, 
 CP_EXTERN int cp_conn_send(cp_conn *c, const void *data, size_t len);
 
 /* Send back (part of) the data on_data is handing over right now: data must lie within
- * that callback's buffer. As cp_conn_send(), except that a remainder above 4 KiB the
- * kernel does not take at once keeps the received buffer (no copy) until it is sent. Only
- * from on_data of the same connection. */
+ * that callback's buffer. As cp_conn_send(), except that a remainder the kernel does not
+ * take at once keeps the received buffer (no copy) until it is sent when it is above
+ * 4 KiB and at least a quarter of that buffer (smaller ones, and frames the decoder
+ * assembled, are copied). Only from on_data of the same connection: elsewhere, or for
+ * data outside the buffer, -EINVAL. */
 CP_EXTERN int cp_conn_send_data(cp_conn *c, const void *data, size_t len);
 
 /* Send caller-owned memory without copying; it must stay valid until on_sent(c, ctx, ..)
- * reports the send done (ctx must not be NULL). Any thread. */
+ * reports the send done (ctx must not be NULL; set on_sent, without it nothing reports).
+ * Returns as cp_conn_send(); after a negative return on_sent is not called for it. Any
+ * thread. */
 CP_EXTERN int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *ctx);
 
 /* TransmitFile through the connection: head (copied; may be NULL/0), then len bytes of the
@@ -248,10 +260,10 @@ CP_EXTERN int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, i
 
 /* Set (ms > 0) or clear (0) a deadline for the connection: when it passes, on_timeout
  * runs with CP_CLOSE_DEADLINE (or the connection is aborted). Checked at every tick, so
- * it fires never before the deadline and within tick_ms (plus the sweep's lateness) after
+ * it fires never before the deadline and within one tick (plus the sweep's lateness) after
  * it. Needs options.conn_deadlines; -EINVAL otherwise, and for a deadline 2^31 ticks away
  * or more (only possible with tick_ms 1: beyond about 24 days). From the connection's
- * callbacks. */
+ * callbacks. (A tick is tick_ms, or longer when the timeouts are long: see tick_ms.) */
 CP_EXTERN int cp_conn_set_deadline(cp_conn *c, unsigned ms);
 
 /* Framed mode: send one frame (header + payload, copied). Any thread. */

@@ -9,6 +9,11 @@
  *     -ECANCELED when cancelled or when its socket is closed, or with -ETIMEDOUT when its
  *     timeout expires.
  *
+ * Every call that starts an operation fails with -EBUSY when its cp_op is still in use
+ * (started and its completion not yet dequeued), with -EINVAL for NULL or out-of-range
+ * arguments, a misaligned op, or a handle that is not associated (or is a cp_file), and
+ * with -EBADF once the socket's close has begun.
+ *
  * Ownership and lifetime.
  *   - The caller allocates every cp_socket and cp_op (usually embedded in its own
  *     per-connection and per-I/O structs) and never moves them while in use.
@@ -151,11 +156,15 @@ CP_EXTERN int cp_socket_connect(cp_socket *s, cp_op *op, const struct sockaddr *
                                 socklen_t addrlen);
 
 /* Receive up to len bytes into buf. Result: bytes received (> 0), 0 at end of stream, or a
- * negative errno. len must be > 0 and < 4 GiB. */
+ * negative errno. len must be > 0 and < 4 GiB. Fails with -EBUSY on a socket whose data
+ * flows into the pool (cp_socket_recv_pooled): on io_uring from its first pooled receive
+ * on while the kernel's multishot receive stays armed, on either backend while received
+ * chunks are held for it undelivered. Do not mix the two kinds of receive on a socket. */
 CP_EXTERN int cp_socket_recv(cp_socket *s, cp_op *op, void *buf, size_t len);
 
-/* Receive into iov[0..iovcnt-1] (scatter). Same results as cp_socket_recv(); the iovec
- * array must stay valid until the completion is dequeued. iovcnt <= IOV_MAX. */
+/* Receive into iov[0..iovcnt-1] (scatter). Same results and -EBUSY as cp_socket_recv();
+ * the iovec array must stay valid until the completion is dequeued. 1 <= iovcnt <=
+ * IOV_MAX, and the total length must be > 0 and < 4 GiB (else -EINVAL). */
 CP_EXTERN int cp_socket_recvv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt);
 
 /* Receive with no buffer of the caller's (the seeds' zero-byte receive, I3): an idle
@@ -186,11 +195,13 @@ CP_EXTERN size_t cp_buffer_size(const cp_port *port);
 
 /* Send len bytes from buf. The operation completes when all len bytes have been handed
  * to the kernel (result == len) or with a negative errno (-EPIPE, -ECONNRESET, ...);
- * short writes are continued internally. Never raises SIGPIPE. len < 4 GiB. */
+ * short writes are continued internally. Never raises SIGPIPE. 0 < len < 4 GiB (len 0 is
+ * -EINVAL). */
 CP_EXTERN int cp_socket_send(cp_socket *s, cp_op *op, const void *buf, size_t len);
 
 /* Send iov[0..iovcnt-1] (gather), in full; as cp_socket_send(). The iovec array must stay
- * valid until the completion is dequeued. */
+ * valid until the completion is dequeued. 1 <= iovcnt <= IOV_MAX, total length > 0 and
+ * < 4 GiB (else -EINVAL). */
 CP_EXTERN int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt);
 
 /* Flags of cp_socket_send_ex() / cp_socket_sendv_ex(). */
@@ -226,7 +237,8 @@ CP_EXTERN int cp_socket_sendv_ex(cp_socket *s, cp_op *op, const struct iovec *io
 
 /* Cancel one outstanding operation (CancelIoEx with an OVERLAPPED). Returns 0 if the
  * operation was outstanding: it will complete (with -ECANCELED unless it finished first);
- * -ENOENT if op is not outstanding on s; -EALREADY if it is already being cancelled.
+ * -ENOENT if op is not outstanding on s; -EALREADY if it is already being cancelled;
+ * -EINVAL for a NULL or unassociated s or a NULL op.
  * A send (or transmit) cancelled, or timed out, after part of it went out reports
  * -ECANCELED (-ETIMEDOUT); cp_op_transferred() (cp_transmit_op.sent) tells how much of it
  * the peer gets. A later send follows that prefix, so on a stream the usual next step is
@@ -243,13 +255,14 @@ CP_EXTERN int cp_socket_cancel(cp_socket *s, cp_op *op);
 CP_EXTERN uint32_t cp_op_transferred(const cp_op *op);
 
 /* Cancel every outstanding operation of s (CancelIoEx without one). Returns how many
- * operations were asked to cancel (>= 0). */
+ * operations were asked to cancel (>= 0), or -EINVAL for a NULL or unassociated s. */
 CP_EXTERN int cp_socket_cancel_all(cp_socket *s);
 
 /* Close the socket: every outstanding operation completes with -ECANCELED (unless it
  * finished first), the fd is closed, and then `op` completes (opcode CP_OP_CLOSE, result 0)
  * — after that completion the socket's memory may be freed. Further starts on s fail with
- * -EBADF. Returns 0, or -EBADF if the socket is already closing. */
+ * -EBADF. Returns 0, -EBADF if the socket is already closing, -EBUSY if op is still in
+ * use, or -EINVAL (NULL or unassociated s, NULL or misaligned op). */
 CP_EXTERN int cp_socket_close(cp_socket *s, cp_op *op);
 
 /* Shut down the sending side (DisconnectEx without reuse): completes after every send
@@ -273,8 +286,9 @@ CP_EXTERN int cp_socket_connect_ex(cp_socket *s, cp_connect_op *op, const struct
 
 /* ---- TransmitFile / TransmitPackets (I5) ---------------------------------------------- */
 
-/* One element of a transmit: memory (fd < 0: buf, len) or a file range (fd >= 0: offset,
- * len; len 0 = to the end of the file). The fd must be a regular file or a block device,
+/* One element of a transmit: memory (fd < 0: buf, len) or a file range (fd >= 0: offset
+ * >= 0, len; len 0 = to the end of the file; offset + len must fit in int64_t, else the
+ * start fails with -EINVAL). The fd must be a regular file or a block device,
  * not opened O_DIRECT: anything else fails the transmit with -EINVAL when it reaches
  * that element, before any of its bytes. */
 typedef struct cp_packet {
