@@ -517,6 +517,31 @@ TEST(file_invalid_arguments)
     cp_port_destroy(p);
 }
 
+/* A cp_file or cp_file_op at an odd address (inside a packed structure, as ported Windows
+ * code embeds an OVERLAPPED) is refused with -EINVAL before anything reads it. */
+TEST(file_misaligned_file_or_op_refused)
+{
+    cp_port *p = make_port_opts((cp_port_options){0});
+    char *raw = calloc(1, sizeof(cp_file) + sizeof(cp_file_op) + 64);
+    CHECK(raw);
+    int fd = temp_file();
+    CHECK_EQ(cp_file_associate((cp_file *)(raw + 1), p, fd, 1), -EINVAL);
+    cp_file f;
+    CHECK_OK(cp_file_associate(&f, p, fd, 1));
+    cp_file_op *op = (cp_file_op *)(raw + 33);
+    uint8_t b[8];
+    CHECK_EQ(cp_file_write(&f, op, "abcdefgh", 8, 0), -EINVAL);
+    CHECK_EQ(cp_file_read(&f, op, b, 8, 0), -EINVAL);
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 50), -ETIMEDOUT);
+    struct stat st;
+    CHECK_OK(fstat(fd, &st));
+    CHECK_EQ(st.st_size, 0); /* nothing was written */
+    close_file(&f, p);
+    free(raw);
+    cp_port_destroy(p);
+}
+
 /* epoll: a file thread that fails to start before one that does (failure point
  * file_thread_0, ASan build) leaves the pool working, and destroying the port joins
  * every thread it started. Before, the threads were stored at their attempt's index but

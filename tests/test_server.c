@@ -2996,6 +2996,53 @@ TEST(framed_send_data_stays_within_the_frame)
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 
+/* on_data: the frame back with cp_conn_send_data (the payload, no header). */
+static void send_data_echo_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    (void)u;
+    note_send(t, cp_conn_send_data(c, data, len));
+}
+
+/* A frame assembled across receives lives in the decoder's buffer, which goes back to the
+ * lookaside after on_data and assembles the next frame: cp_conn_send_data must send such
+ * a frame by copy. Replies stay queued (small SO_SNDBUF, the peer reads only at the end)
+ * while later frames are assembled; every byte must come back as it was sent. */
+TEST(framed_send_data_of_assembled_frames_keeps_their_bytes)
+{
+    cp_server_options o = {.threads = 1, .framed = true, .recv_buffer = 4096};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hook = send_data_echo_hook;
+    t->sndbuf = 4096;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    enum { BIG = 50000, N = 8 };
+    uint8_t *buf = malloc(N * (BIG + 4)), *want = malloc(N * BIG), *back = malloc(N * BIG);
+    CHECK(buf && want && back);
+    size_t n = 0;
+    for (uint32_t i = 0; i < N; i++) {
+        size_t f = frame_build(buf + n, 3, i, BIG);
+        memcpy(want + (size_t)i * BIG, buf + n + 4, BIG);
+        n += f;
+    }
+    send_all(fd, buf, n);
+    WAIT_FOR(tsrv_stats(t).frames_in == N, IO_MS);
+    recv_all(fd, back, (size_t)N * BIG);
+    for (size_t i = 0; i < (size_t)N * BIG; i++) {
+        if (back[i] != want[i]) {
+            fprintf(stderr, "byte %zu (frame %zu) is 0x%02x, expected 0x%02x\n", i, i / BIG,
+                    back[i], want[i]);
+            CHECK(back[i] == want[i]);
+        }
+    }
+    CHECK_EQ(LOAD(&t->send_errors), 0);
+    close(fd);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    free(buf);
+    free(want);
+    free(back);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
 /* ---- S8: graceful shutdown ------------------------------------------------------------------ */
 
 enum { FL_MAX = 32, FL_PAYLOAD = 3000, FL_WINDOW = 16 };
@@ -5068,14 +5115,17 @@ TEST(backpressure_bounds_memory_with_slices_of_big_buffers)
     uint8_t *tx = calloc(1, CHUNK);
     CHECK(tx != NULL);
     uint64_t sent = 0;
-    for (;;) {
+    /* Until the server has stopped reading (paused, and nothing taken for 500 ms): a slow
+     * server thread does not end the loop early. */
+    for (int64_t until = cpt_now_ms() + 20000;;) {
         ssize_t w = send(fd, tx, CHUNK, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (w > 0) {
             sent += (uint64_t)w;
             continue;
         }
         CHECK(errno == EAGAIN);
-        if (!wait_fd(fd, POLLOUT, cpt_now_ms() + 500))
+        if (!wait_fd(fd, POLLOUT, cpt_now_ms() + 500) &&
+            (tsrv_stats(t).backpressure_events > 0 || cpt_now_ms() > until))
             break;
     }
     cp_server_stats st = tsrv_stats(t);
@@ -5123,11 +5173,12 @@ TEST(a_failed_start_leaves_no_listener)
 #endif
 }
 
-/* A graceful close with replies queued to a peer that reads slowly but steadily through a
- * small receive window, for longer than linger_ms: the replies all arrive, then the end of
- * the stream (with plain sends this holds here; server.h's linger_ms tells where Linux's
+/* A graceful close with 1.5 MiB of replies queued to a peer that reads slowly but steadily
+ * through a small receive window, for longer than linger_ms: the replies all arrive, then the
+ * end of the stream (with plain sends this holds here; server.h's linger_ms tells where Linux's
  * TCP_USER_TIMEOUT cuts such a peer all the same). */
-static void send_1mib_then_close(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+static void send_lots_slowly_read_then_close(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data,
+                                             size_t len)
 {
     (void)t;
     (void)u;
@@ -5136,16 +5187,18 @@ static void send_1mib_then_close(tsrv *t, cp_conn *c, uconn *u, const uint8_t *d
     static uint8_t block[65536];
     for (size_t i = 0; i < sizeof(block); i++)
         block[i] = (uint8_t)(i * 7 + 1);
-    for (int i = 0; i < 16; i++)
+    for (int i = 0; i < 24; i++)
         CHECK_OK(cp_conn_send(c, block, sizeof(block)));
     cp_conn_close(c);
 }
 
 TEST(graceful_close_to_a_slow_reader_delivers_everything)
 {
-    cp_server_options o = {.threads = 2, .linger_ms = 1000, .max_pending_send = 8 << 20};
+    /* linger_ms leaves room for a stalled test thread (its window stays shut meanwhile);
+     * the reading takes longer. */
+    cp_server_options o = {.threads = 2, .linger_ms = 2500, .max_pending_send = 8 << 20};
     tsrv *t = tsrv_new(ECHO_DATA);
-    t->hook = send_1mib_then_close;
+    t->hook = send_lots_slowly_read_then_close;
     t->sndbuf = 4 << 20; /* (capped by wmem_max) replies reach the kernel early: it lingers */
     tsrv_start(t, &o);
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -5159,17 +5212,17 @@ TEST(graceful_close_to_a_slow_reader_delivers_everything)
     int64_t t0 = cpt_now_ms();
     uint8_t buf[4096];
     ssize_t k;
-    /* About 400 KB/s: 4 KiB every 10 ms; 1 MiB in ~2.6 s, well past linger_ms. */
+    /* About 400 KB/s: 4 KiB every 10 ms; 1.5 MiB in ~3.9 s, past linger_ms. */
     while ((k = recv(fd, buf, sizeof(buf), 0)) > 0) {
         for (ssize_t i = 0; i < k; i++)
             ok = ok && buf[i] == (uint8_t)((got + (uint64_t)i) % 65536 * 7 + 1);
         got += (uint64_t)k;
         usleep(10000);
     }
-    fprintf(stderr, "%llu of %d bytes in %lld ms, then %s\n", (unsigned long long)got, 1 << 20,
+    fprintf(stderr, "%llu of %d bytes in %lld ms, then %s\n", (unsigned long long)got, 24 << 16,
             (long long)(cpt_now_ms() - t0), k == 0 ? "EOF" : strerror(errno));
     CHECK_EQ(k, 0);
-    CHECK_EQ(got, 1u << 20);
+    CHECK_EQ(got, 24u << 16);
     CHECK(ok);
     WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
     CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_LOCAL]), 1);

@@ -2451,6 +2451,52 @@ TEST(a_connected_client_socket_is_read_as_a_stream)
     cp_port_destroy(p);
 }
 
+/* The peer sent its data and its end before the port saw the connect complete: the hang-up
+ * edge came with the connect's (epoll) and is spent, so once connected the flag must be
+ * what the socket reports then, or a short read would be taken for "drained" and the end
+ * of stream never read (the second receive would wait for an edge that does not come). */
+TEST(a_client_socket_whose_peer_ended_before_the_connect_completed_sees_the_end)
+{
+    cp_port *p = make_port();
+    int port;
+    int lfd = listen_any(&port);
+    cp_socket s;
+    CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
+    expect_nothing(p, 5); /* the fresh socket's first event (the hang-up) is seen */
+    cp_op op = {0};
+    struct sockaddr_in sa = loopback(port);
+    CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
+    /* Before the port looks again: the peer takes the connection, sends and ends. */
+    int peer = accept(lfd, NULL, NULL);
+    CHECK(peer >= 0);
+    write_all(peer, "abc", 3);
+    CHECK_OK(shutdown(peer, SHUT_WR));
+    wait_readable_bytes(s.fd, 3);
+    struct pollfd pf = {.fd = s.fd, .events = POLLRDHUP};
+    CHECK_EQ(poll(&pf, 1, 5000), 1); /* the end has arrived too */
+    cp_completion c = next(p);
+    CHECK(c.op == &op);
+    CHECK_EQ(c.result, 0);
+    char buf[100];
+    int got = 0, eof = 0;
+    while (!eof) {
+        cp_op r = {0};
+        CHECK_OK(cp_socket_recv(&s, &r, buf, sizeof buf));
+        c = next(p); /* (5 s: the end must be read without a further edge) */
+        CHECK(c.op == &r);
+        CHECK(c.result >= 0);
+        got += c.result;
+        eof = c.result == 0;
+    }
+    CHECK_EQ(got, 3);
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&s, &cl));
+    CHECK(next(p).op == &cl);
+    close(peer);
+    close(lfd);
+    cp_port_destroy(p);
+}
+
 /* A receive posted while the connect is under way (the two queues are independent): when
  * the connection is refused, the receive may take the socket's error first; the connect
  * must still complete, with an error, not wait forever. */
@@ -2573,9 +2619,12 @@ static void *dq_thread(void *arg)
  * exactly 65 536 starts there looks like the one that was due: it was cancelled with
  * -ETIMEDOUT although it had no timeout (socket.h: -ETIMEDOUT "when its timeout
  * expires"). Delay point expire_due holds the poller between the two steps. */
-TEST(expiry_does_not_hit_a_restarted_op_with_the_same_count)
+/* restart_timeout_ms: how the op starts again, untimed (0) or timed with an entry of its
+ * own (then the stale entry must tell it apart by that entry, not by the timeout). */
+static void expiry_vs_restart_with_the_same_count(uint32_t restart_timeout_ms)
 {
 #ifndef CPORT_INJECT
+    (void)restart_timeout_ms;
     SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
 #else
     CHECK_OK(setenv("CPORT_INJECT_DELAY", "expire_due:1500000", 1)); /* before any thread */
@@ -2611,11 +2660,12 @@ TEST(expiry_does_not_hit_a_restarted_op_with_the_same_count)
             }
         }
     }
-    x.timeout_ms = 0; /* the op is the caller's again: now an untimed receive */
+    x.timeout_ms = restart_timeout_ms; /* the op is the caller's again */
     CHECK_OK(cp_socket_recv(&pr.s, &x, buf + 8, 8));
     usleep(1500000); /* the poller goes on with the entry it holds */
     if (__atomic_load_n(&a.got, __ATOMIC_ACQUIRE))
-        fprintf(stderr, "the untimed receive completed: %" PRId64 "\n", a.result);
+        fprintf(stderr, "the restarted receive (timeout %u ms) completed: %" PRId64 "\n",
+                (unsigned)restart_timeout_ms, a.result);
     CHECK_EQ(__atomic_load_n(&a.got, __ATOMIC_ACQUIRE), 0); /* x must still wait */
     __atomic_store_n(&a.stop, 1, __ATOMIC_RELEASE);
     pthread_join(th, NULL);
@@ -2623,6 +2673,18 @@ TEST(expiry_does_not_hit_a_restarted_op_with_the_same_count)
     pair_close(&pr, p);
     cp_port_destroy(p);
 #endif
+}
+
+TEST(expiry_does_not_hit_a_restarted_op_with_the_same_count)
+{
+    expiry_vs_restart_with_the_same_count(0);
+}
+
+/* The same with the restart timed (60 s): it has a heap entry of its own, and the stale
+ * entry taken out before must still not cancel it (-ETIMEDOUT at once). */
+TEST(expiry_does_not_hit_a_timed_restart_with_the_same_count)
+{
+    expiry_vs_restart_with_the_same_count(60000);
 }
 
 /* A send started by a thread that is not one of the port's goes out at once, also while
@@ -2863,5 +2925,58 @@ TEST(unix_stream_receive_after_passed_descriptors_is_not_stalled)
     CHECK_OK(cp_socket_close(&s, &cl));
     CHECK(next(p).op == &cl);
     close(sv[1]);
+    cp_port_destroy(p);
+}
+
+/* Every entry point that takes an op refuses one at an odd address before reading it (the
+ * test above starts a receive and an accept only): a send, vector send or receive, pooled
+ * receive, connect, disconnect or close. Nothing completes, and the socket stays usable. */
+TEST(misaligned_ops_are_refused_at_every_entry_point)
+{
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &(cp_port_options){.concurrency = 1, .pool_buffers = 64}));
+    pair pr;
+    pair_open(&pr, p);
+    char *raw = calloc(1, 16 * 1024);
+    CHECK(raw);
+#define ODD_AT(type, k) ((type *)(raw + 1 + (k)*1024)) /* each its own, at an odd address */
+    char buf[16] = "hello";
+    struct iovec iov = {buf, sizeof(buf)};
+    CHECK_EQ(cp_socket_send(&pr.s, ODD_AT(cp_op, 0), buf, 5), -EINVAL);
+    CHECK_EQ(cp_socket_send_ex(&pr.s, ODD_AT(cp_op, 1), buf, 5, CP_SEND_SKIP_ON_SUCCESS), -EINVAL);
+    CHECK_EQ(cp_socket_sendv(&pr.s, ODD_AT(cp_op, 2), &iov, 1), -EINVAL);
+    CHECK_EQ(cp_socket_recvv(&pr.s, ODD_AT(cp_op, 3), &iov, 1), -EINVAL);
+    CHECK_EQ(cp_socket_recv_pooled(&pr.s, ODD_AT(cp_op, 4)), -EINVAL);
+    CHECK_EQ(cp_socket_disconnect(&pr.s, ODD_AT(cp_op, 5)), -EINVAL);
+    CHECK_EQ(cp_socket_close(&pr.s, ODD_AT(cp_op, 6)), -EINVAL);
+    int port;
+    int lfd = listen_any(&port);
+    struct sockaddr_in sa = loopback(port);
+    cp_socket cs;
+    CHECK_OK(cp_socket_associate(&cs, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 7));
+    CHECK_EQ(cp_socket_connect(&cs, ODD_AT(cp_op, 7), (struct sockaddr *)&sa, sizeof(sa)), -EINVAL);
+    CHECK_EQ(cp_socket_connect_ex(&cs, ODD_AT(cp_connect_op, 8), (struct sockaddr *)&sa, sizeof(sa),
+                                  buf, 5),
+             -EINVAL);
+#undef ODD_AT
+    expect_nothing(p, 50);
+    /* Nothing was started or changed: the pair still carries data both ways. */
+    cp_op sop = {0}, rop = {0};
+    CHECK_OK(cp_socket_send(&pr.s, &sop, "ping", 4));
+    CHECK(next(p).op == &sop);
+    char got[4];
+    read_all(pr.client, got, 4);
+    CHECK(memcmp(got, "ping", 4) == 0);
+    CHECK_OK(cp_socket_recv(&pr.s, &rop, buf, sizeof(buf)));
+    write_all(pr.client, "pong", 4);
+    cp_completion c = next(p);
+    CHECK(c.op == &rop);
+    CHECK_EQ(c.result, 4);
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&cs, &cl));
+    CHECK(next(p).op == &cl);
+    pair_close(&pr, p);
+    close(lfd);
+    free(raw);
     cp_port_destroy(p);
 }

@@ -617,6 +617,72 @@ TEST(transmit_o_direct_file_refused_before_any_byte)
     CHECK_EQ(cpt_count_fds(), fds0);
 }
 
+/* A transmit op at an odd address (inside a packed structure) is refused with -EINVAL
+ * before anything reads it, by both entry points: the backends tag the low bits of an
+ * op's address. Nothing reaches the peer, and the socket stays usable. */
+TEST(transmit_misaligned_op_refused)
+{
+    cp_port *p = make_port();
+    int fd = make_file(1000);
+    pair pr;
+    pair_open(&pr, p);
+    char *raw = calloc(1, sizeof(cp_transmit_op) + 16);
+    CHECK(raw);
+    cp_transmit_op *t = (cp_transmit_op *)(raw + 1);
+    cp_packet el = {.fd = fd, .offset = 0, .len = 1000};
+    CHECK_EQ(cp_socket_transmit_file(&pr.s, t, fd, 0, 0, "head", 4, NULL, 0, 0), -EINVAL);
+    CHECK_EQ(cp_socket_transmit_packets(&pr.s, t, &el, 1, 0), -EINVAL);
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 50), -ETIMEDOUT);
+    cp_transmit_op ok = {0};
+    CHECK_OK(cp_socket_transmit_file(&pr.s, &ok, fd, 0, 0, NULL, 0, NULL, 0, 0));
+    CHECK_EQ(next_of(p, &ok.op), 1000);
+    pair_close_strict(&pr, p);
+    uint8_t b[1001];
+    size_t got = 0;
+    ssize_t n;
+    while ((n = read(pr.client, b + got, sizeof(b) - got)) > 0)
+        got += (size_t)n;
+    CHECK_EQ(got, 1000); /* the file once, nothing before it */
+    close(pr.client);
+    close(fd);
+    free(raw);
+    cp_port_destroy(p);
+}
+
+/* A transmit that fails before any of its bytes went out leaves no hole in the stream: the
+ * socket's sending side stays open (it is shut down only after a partial transmit), and
+ * a send behind it goes out. Here the element's descriptor is a pipe, refused when the
+ * transmit reaches it. */
+TEST(transmit_failing_before_any_byte_leaves_the_socket_usable)
+{
+    cp_port *p = make_port();
+    pair pr;
+    pair_open(&pr, p);
+    int pp[2];
+    CHECK_OK(pipe2(pp, O_CLOEXEC));
+    cp_packet el = {.fd = pp[0], .offset = 0, .len = 10};
+    cp_transmit_op t = {0};
+    CHECK_OK(cp_socket_transmit_packets(&pr.s, &t, &el, 1, 0));
+    CHECK_EQ(next_of(p, &t.op), -EINVAL);
+    CHECK_EQ(t.sent, 0);
+    cp_op sop = {0};
+    CHECK_OK(cp_socket_send(&pr.s, &sop, "after", 5));
+    CHECK_EQ(next_of(p, &sop), 5);
+    pair_close_strict(&pr, p);
+    char b[16];
+    size_t got = 0;
+    ssize_t n;
+    while ((n = read(pr.client, b + got, sizeof(b) - got)) > 0)
+        got += (size_t)n;
+    CHECK_EQ(got, 5);
+    CHECK(memcmp(b, "after", 5) == 0);
+    close(pr.client);
+    close(pp[0]);
+    close(pp[1]);
+    cp_port_destroy(p);
+}
+
 /* ---- TransmitPackets: ordering with plain sends ----------------------------------------- */
 
 typedef struct qop {
