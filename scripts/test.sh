@@ -4,7 +4,8 @@
 # Usage: scripts/test.sh [normal|asan|tsan|valgrind|format ...]   (default: everything)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh
+# (no set -e: every step runs and reports; a failed set-up stops everything)
+scripts/deps.sh || { echo "scripts/deps.sh failed: cannot install what the tests need"; exit 1; }
 jobs=$(nproc)
 steps=("$@")
 ((${#steps[@]})) || steps=(format normal asan tsan valgrind)
@@ -14,7 +15,7 @@ overall=0
 run_suite() { # name builddir cmake-args... ; env vars come from the caller
   local name=$1 dir=$2; shift 2
   echo "=== [$name] configure + build in $dir"
-  if ! cmake -S . -B "$dir" "$@" >/dev/null || ! cmake --build "$dir" -j"$jobs" >"$dir.log" 2>&1; then
+  if ! cmake -S . -B "$dir" "$@" >"$dir.log" 2>&1 || ! cmake --build "$dir" -j"$jobs" >>"$dir.log" 2>&1; then
     tail -50 "$dir.log"; result[$name]="BUILD FAILED"; overall=1; return
   fi
   echo "=== [$name] ctest"

@@ -50,6 +50,11 @@ for srv in echo_raw cport-echo; do
     fi
   fi
   kill -TERM $pid
+  # A server that hangs under valgrind must fail the run, not hold CI until its time limit.
+  for _ in $(seq 1 1200); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+  if kill -0 $pid 2>/dev/null; then
+    echo "$srv did not exit within 120 s of SIGTERM"; kill -KILL $pid 2>/dev/null; fail=1
+  fi
   wait $pid; rc=$?
   if ((rc != 0)); then
     echo "$srv exited $rc under valgrind:"; cat "$log/$srv.err"; fail=1
