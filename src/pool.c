@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 enum { ITEMS_PER_BLOCK = 256, MAX_BATCH = 256 };
@@ -99,6 +100,16 @@ static void *worker_main(void *arg)
         int n = cp_port_dequeue(pool->port, c, pool->batch, -1);
         if (n == -ECANCELED)
             break;
+        if (n < 0) {
+            /* Out of memory for this thread's record (its first dequeue): wait a little
+             * and try again rather than spin, and give up once the pool is stopping (the
+             * closed port cannot say so while the record cannot be made). */
+            if (__atomic_load_n(&pool->stopping, __ATOMIC_ACQUIRE))
+                break;
+            struct timespec ms = {0, 1000000};
+            nanosleep(&ms, NULL);
+            continue;
+        }
         for (int i = 0; i < n; i++)
             dispatch(pool, &c[i]);
     }

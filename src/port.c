@@ -248,7 +248,7 @@ static cp__thread *self_record(cp_port *p)
     cp__thread *t = pthread_getspecific(p->tkey);
     if (t)
         return t;
-    t = calloc(1, sizeof(*t));
+    t = CP__INJECT_FAIL("thread_record") ? NULL : calloc(1, sizeof(*t));
     if (!t)
         return NULL;
     t->port = p;

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -451,4 +452,34 @@ TEST(destroy_drain_lets_a_blocked_item_wait_for_a_queued_one)
     cp_pool_destroy(d.pool, CP_POOL_DRAIN);
     CHECK_EQ(d.x_gave_up, 0);
     CHECK_EQ(d.x_saw_y, 1);
+}
+
+/* A worker whose first dequeue cannot allocate its thread record (-ENOMEM) waits and tries
+ * again instead of spinning, and cp_pool_destroy() still ends it (the closed port cannot
+ * tell it so while the record cannot be made). Failure point thread_record (ASan build). */
+TEST(workers_without_memory_for_their_record_neither_spin_nor_hang)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "thread_record", 1)); /* before any thread */
+    cp_pool_options o = {.concurrency = 2, .threads = 2};
+    cp_pool *pool;
+    CHECK_OK(cp_pool_create(&pool, &o));
+    struct rusage r0, r1;
+    getrusage(RUSAGE_SELF, &r0);
+    int64_t t0 = cpt_now_ms();
+    usleep(300000);
+    getrusage(RUSAGE_SELF, &r1);
+    int64_t cpu_ms = (r1.ru_utime.tv_sec - r0.ru_utime.tv_sec) * 1000 +
+                     (r1.ru_utime.tv_usec - r0.ru_utime.tv_usec) / 1000 +
+                     (r1.ru_stime.tv_sec - r0.ru_stime.tv_sec) * 1000 +
+                     (r1.ru_stime.tv_usec - r0.ru_stime.tv_usec) / 1000;
+    int64_t wall_ms = cpt_now_ms() - t0;
+    fprintf(stderr, "%lld ms of CPU in %lld ms with the workers out of memory\n", (long long)cpu_ms,
+            (long long)wall_ms);
+    CHECK(cpu_ms < wall_ms / 2);          /* two spinning workers: about twice the wall time */
+    cp_pool_destroy(pool, CP_POOL_DRAIN); /* returns: the workers gave up */
+    CHECK_OK(unsetenv("CPORT_INJECT_FAIL"));
+#endif
 }
