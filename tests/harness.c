@@ -7,7 +7,9 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <string.h>
+#include <limits.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <time.h>
 
 enum { MAX_TESTS = 256 };
@@ -63,6 +65,25 @@ int64_t cpt_scaled(int64_t n, int64_t min)
 {
     int64_t v = (int64_t)((double)n * cpt_scale());
     return v < min ? min : v;
+}
+
+int64_t cpt_cpu_ms(void)
+{
+    struct rusage ru;
+    CHECK_EQ(getrusage(RUSAGE_SELF, &ru), 0);
+    return (int64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000 +
+           (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1000;
+}
+
+const char *cpt_source_root(void)
+{
+    static char root[PATH_MAX];
+    snprintf(root, sizeof root, "%s", __FILE__);
+    char *t = strstr(root, "/tests/harness.c");
+    if (!t)
+        return NULL;
+    *t = 0;
+    return root;
 }
 
 int cpt_count_fds(void)

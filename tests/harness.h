@@ -84,4 +84,11 @@ int cpt_count_fds(void);
  * without O_APPEND. Fails the test if it cannot be made. */
 int cpt_memfd(const char *name);
 
+/* This process's CPU time (user + system, all threads) in ms. */
+int64_t cpt_cpu_ms(void);
+
+/* The root of the source tree (from the harness's own path at build time), or NULL if it
+ * cannot be told. */
+const char *cpt_source_root(void);
+
 #endif

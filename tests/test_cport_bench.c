@@ -129,6 +129,20 @@ static void server_stop(struct server *s)
     CHECK_EQ(WEXITSTATUS(st), 0);
 }
 
+/* Runs cmd through the shell; its standard output (cmd adds 2>&1 for the rest) goes into
+ * text, NUL-terminated. Prints both; returns the wait status. */
+static int shell_output(const char *cmd, char *text, size_t cap)
+{
+    fprintf(stderr, "$ %s\n", cmd);
+    FILE *f = popen(cmd, "r");
+    CHECK(f != NULL);
+    size_t n = fread(text, 1, cap - 1, f);
+    text[n] = 0;
+    int st = pclose(f);
+    fprintf(stderr, "%s[status 0x%x]\n", text, st);
+    return st;
+}
+
 /* ---- running cport-bench ------------------------------------------------------------------ */
 struct run {
     int status; /* exit status */
@@ -584,12 +598,9 @@ TEST(options_of_another_mode_are_refused)
  * CPU, which made a ratio of 0.000 against the reference: such a run is reported failed. */
 TEST(echo_bench_script_refuses_a_wrapped_server)
 {
-    char root[PATH_MAX];
-    snprintf(root, sizeof root, "%s", __FILE__);
-    char *t = strstr(root, "/tests/test_cport_bench.c");
-    if (!t)
+    const char *root = cpt_source_root();
+    if (!root)
         SKIP("source path unknown");
-    *t = 0;
     bin_path("ref_echo");
     bin_path("cport-bench");
     char out[PATH_MAX + 32];
@@ -604,14 +615,8 @@ TEST(echo_bench_script_refuses_a_wrapped_server)
              /* below the ephemeral range (32768-): other tests' connections cannot hold
                 it */
              root, bindir, 20000 + 2 * (int)(getpid() % 5000), out, out);
-    fprintf(stderr, "$ %s\n", cmd);
-    FILE *f = popen(cmd, "r");
-    CHECK(f != NULL);
     static char text[OUT_CAP];
-    size_t n = fread(text, 1, sizeof text - 1, f);
-    text[n] = 0;
-    int st = pclose(f);
-    fprintf(stderr, "%s[status 0x%x]\n", text, st);
+    int st = shell_output(cmd, text, sizeof text);
     CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
     /* The medians table: ref measured, the wrapped server's one run failed (no figures). */
     const char *table = strstr(text, "\nmedian ");
@@ -633,12 +638,9 @@ TEST(echo_bench_script_refuses_a_wrapped_server)
  * stand-in wrk (first in PATH) records how it is called and answers like wrk 4.1. */
 TEST(httpd_bench_script_runs_wrk_with_whole_seconds)
 {
-    char root[PATH_MAX];
-    snprintf(root, sizeof root, "%s", __FILE__);
-    char *t = strstr(root, "/tests/test_cport_bench.c");
-    if (!t)
+    const char *root = cpt_source_root();
+    if (!root)
         SKIP("source path unknown");
-    *t = 0;
     bin_path("cport-bench"); /* sets bindir */
     char httpd[PATH_MAX + 32];
     snprintf(httpd, sizeof httpd, "%s/cport-httpd", bindir);
@@ -668,14 +670,8 @@ TEST(httpd_bench_script_runs_wrk_with_whole_seconds)
              "--secs 1.5 --servers cport-epoll --scenarios small --small-conns 1 --port-base %d "
              "2>&1",
              dir, root, bindir, port);
-    fprintf(stderr, "$ %s\n", cmd);
-    FILE *f = popen(cmd, "r");
-    CHECK(f != NULL);
     static char text[OUT_CAP];
-    size_t n = fread(text, 1, sizeof text - 1, f);
-    text[n] = 0;
-    int st = pclose(f);
-    fprintf(stderr, "%s[status 0x%x]\n", text, st);
+    int st = shell_output(cmd, text, sizeof text);
     CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 2);
     CHECK(strstr(text, "whole") != NULL);
     /* --quick: every wrk run (warm-up included) gets a duration wrk takes. */
@@ -684,13 +680,7 @@ TEST(httpd_bench_script_runs_wrk_with_whole_seconds)
              "--rounds 1 --servers cport-epoll --scenarios small --small-conns 1 --port-base %d "
              "2>&1",
              dir, root, bindir, port);
-    fprintf(stderr, "$ %s\n", cmd);
-    f = popen(cmd, "r");
-    CHECK(f != NULL);
-    n = fread(text, 1, sizeof text - 1, f);
-    text[n] = 0;
-    st = pclose(f);
-    fprintf(stderr, "%s[status 0x%x]\n", text, st);
+    st = shell_output(cmd, text, sizeof text);
     CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
     char calls_path[96];
     snprintf(calls_path, sizeof calls_path, "%s/calls", dir);

@@ -1729,6 +1729,42 @@ TEST(backend_probe_seccomp)
 
 /* ---- the set-up scripts ----------------------------------------------------------------- */
 
+/* In a stand-in program: the file, beside it, where it records how it was called. */
+#define CALLS "\"$(dirname \"$0\")/calls\""
+
+/* Runs scripts/deps.sh with stand-in programs first in PATH, so that nothing is installed
+ * for real: dpkg-query (nothing is installed), systemctl (does nothing) and what
+ * `stand_ins` writes (shell run in a fresh directory; it makes them executable). What the
+ * stand-ins record in CALLS ends up in text (NUL-terminated, empty if nothing). Returns
+ * deps.sh's wait status. */
+static int run_deps_with_stand_ins(const char *stand_ins, char *text, size_t cap)
+{
+    const char *root = cpt_source_root();
+    if (!root)
+        SKIP("source path unknown");
+    char dir[64];
+    snprintf(dir, sizeof dir, "/tmp/deps_test.%d", (int)getpid());
+    char cmd[2 * PATH_MAX + 1024];
+    snprintf(cmd, sizeof cmd,
+             "mkdir -p %s && cd %s && "
+             "printf '#!/bin/sh\\nexit 1\\n' >dpkg-query && "
+             "printf '#!/bin/sh\\nexit 0\\n' >systemctl && "
+             "chmod +x dpkg-query systemctl && %s && "
+             "PATH=%s:$PATH timeout -k 5 60 bash %s/scripts/deps.sh >/dev/null 2>&1",
+             dir, dir, stand_ins, dir, root);
+    int st = system(cmd);
+    char calls[128];
+    snprintf(calls, sizeof calls, "%s/calls", dir);
+    int fd = open(calls, O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd >= 0 ? read(fd, text, cap - 1) : -1;
+    if (fd >= 0)
+        close(fd);
+    text[n > 0 ? n : 0] = 0;
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(system(cmd) == 0);
+    return st;
+}
+
 /* scripts/test.sh (the README's test command, and CI) runs the format check first, with
  * clang-format (CMake's format-check target exists only when it is found; without it the
  * step fails: "No rule to make target 'format-check'"). On a fresh Debian 12 machine
@@ -1737,37 +1773,13 @@ TEST(backend_probe_seccomp)
  * arguments), so nothing is installed for real. */
 TEST(deps_script_installs_what_the_suite_needs)
 {
-    char root[PATH_MAX];
-    snprintf(root, sizeof root, "%s", __FILE__);
-    char *t = strstr(root, "/tests/test_echo.c");
-    if (!t)
-        SKIP("source path unknown");
-    *t = 0;
-    char dir[64];
-    snprintf(dir, sizeof dir, "/tmp/deps_test.%d", (int)getpid());
-    char cmd[2 * PATH_MAX + 1024];
-    snprintf(cmd, sizeof cmd,
-             "mkdir -p %s && cd %s && "
-             "printf '#!/bin/sh\\nexit 1\\n' >dpkg-query && "
-             "printf '#!/bin/sh\\necho 0\\n' >id && "
-             "printf '#!/bin/sh\\necho \"$*\" >>%s/calls\\n' >apt-get && "
-             "printf '#!/bin/sh\\nexit 0\\n' >systemctl && "
-             "chmod +x dpkg-query id apt-get systemctl && "
-             "PATH=%s:$PATH timeout -k 5 60 bash %s/scripts/deps.sh >/dev/null 2>&1",
-             dir, dir, dir, dir, root);
-    int st = system(cmd);
-    char calls[128];
-    snprintf(calls, sizeof calls, "%s/calls", dir);
-    int fd = open(calls, O_RDONLY | O_CLOEXEC);
     static char text[8192];
-    ssize_t n = fd >= 0 ? read(fd, text, sizeof text - 1) : -1;
-    if (fd >= 0)
-        close(fd);
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    CHECK(system(cmd) == 0);
+    int st = run_deps_with_stand_ins("printf '#!/bin/sh\\necho 0\\n' >id && "
+                                     "printf '#!/bin/sh\\necho \"$*\" >>" CALLS "\\n' >apt-get && "
+                                     "chmod +x id apt-get",
+                                     text, sizeof text);
     CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
-    CHECK(n > 0);
-    text[n] = 0;
+    CHECK(text[0] != 0);
     fprintf(stderr, "apt-get calls:\n%s", text);
     const char *install = strstr(text, "install ");
     CHECK(install != NULL);
@@ -1798,38 +1810,15 @@ TEST(deps_script_installs_what_the_suite_needs)
  * environment as the real one does, and an apt-get that records what it got. */
 TEST(deps_script_passes_noninteractive_through_sudo)
 {
-    char root[PATH_MAX];
-    snprintf(root, sizeof root, "%s", __FILE__);
-    char *t = strstr(root, "/tests/test_echo.c");
-    if (!t)
-        SKIP("source path unknown");
-    *t = 0;
-    char dir[64];
-    snprintf(dir, sizeof dir, "/tmp/deps_sudo_test.%d", (int)getpid());
-    char cmd[2 * PATH_MAX + 1024];
-    snprintf(cmd, sizeof cmd,
-             "mkdir -p %s && cd %s && "
-             "printf '#!/bin/sh\\nexit 1\\n' >dpkg-query && "
-             "printf '#!/bin/sh\\necho 1000\\n' >id && "
-             "printf '#!/bin/sh\\nexec env -i PATH=\"$PATH\" \"$@\"\\n' >sudo && "
-             "printf '#!/bin/sh\\necho \"[$DEBIAN_FRONTEND] $*\" >>%s/calls\\n' >apt-get && "
-             "printf '#!/bin/sh\\nexit 0\\n' >systemctl && "
-             "chmod +x dpkg-query id sudo apt-get systemctl && "
-             "PATH=%s:$PATH timeout -k 5 60 bash %s/scripts/deps.sh >/dev/null 2>&1",
-             dir, dir, dir, dir, root);
-    int st = system(cmd);
-    char calls[128];
-    snprintf(calls, sizeof calls, "%s/calls", dir);
-    int fd = open(calls, O_RDONLY | O_CLOEXEC);
     static char text[8192];
-    ssize_t n = fd >= 0 ? read(fd, text, sizeof text - 1) : -1;
-    if (fd >= 0)
-        close(fd);
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    CHECK(system(cmd) == 0);
+    int st = run_deps_with_stand_ins(
+        "printf '#!/bin/sh\\necho 1000\\n' >id && "
+        "printf '#!/bin/sh\\nexec env -i PATH=\"$PATH\" \"$@\"\\n' >sudo && "
+        "printf '#!/bin/sh\\necho \"[$DEBIAN_FRONTEND] $*\" >>" CALLS "\\n' >apt-get && "
+        "chmod +x id sudo apt-get",
+        text, sizeof text);
     CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
-    CHECK(n > 0);
-    text[n] = 0;
+    CHECK(text[0] != 0);
     fprintf(stderr, "apt-get calls:\n%s", text);
     CHECK(strstr(text, "[noninteractive] install ") != NULL);
 }

@@ -469,15 +469,6 @@ static int64_t cpu_ms(pid_t pid)
     return (int64_t)(ut + st) * 1000 / sysconf(_SC_CLK_TCK);
 }
 
-/* This process's CPU time (all threads) in ms. */
-static int64_t self_cpu_ms(void)
-{
-    struct rusage ru;
-    CHECK_EQ(getrusage(RUSAGE_SELF, &ru), 0);
-    return (int64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000 +
-           (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1000;
-}
-
 static long fd_count(pid_t pid)
 {
     char path[64];
@@ -1833,9 +1824,9 @@ TEST(idle_connections_cost_no_cpu)
     }
     WAIT_FOR(tsrv_stats(t).conns_open == N, IO_MS);
     uint64_t done0 = tsrv_stats(t).completions;
-    int64_t c0 = self_cpu_ms(), w0 = cpt_now_ms();
+    int64_t c0 = cpt_cpu_ms(), w0 = cpt_now_ms();
     usleep(1000000); /* a measurement window, not a wait for something */
-    int64_t cpu = self_cpu_ms() - c0, wall = cpt_now_ms() - w0;
+    int64_t cpu = cpt_cpu_ms() - c0, wall = cpt_now_ms() - w0;
     uint64_t done = tsrv_stats(t).completions - done0;
     fprintf(stderr,
             "%d idle connections, %d ms tick: %lld ms CPU and %llu completions in %lld ms\n", N,
@@ -2119,13 +2110,16 @@ static void *send_file_thread(void *arg)
     return NULL;
 }
 
-TEST(send_file_races_the_peers_end)
+/* The race both send-file tests run: a server holding its connection (the sender's
+ * cp_conn_ref), a thread running `sender` (cp_conn_send_file of a 4 KiB file on it), and
+ * the peer's end while the sender is inside the call (with CPORT_INJECT, 50 ms into the
+ * sender's 300 ms pause at send_file_ref, set by the caller; only the window's use hangs
+ * on the sleep). Returns once the sender has returned and on_close has run; f has the
+ * result, and f->fd the file, which the caller closes after stopping the server. */
+static tsrv *send_file_race(file_sender *f, void *(*sender)(void *))
 {
-#ifdef CPORT_INJECT
-    CHECK_OK(setenv("CPORT_INJECT_DELAY", "send_file_ref:300000", 1)); /* before any thread */
-#endif
     tsrv *t = tsrv_new(ECHO_NONE);
-    t->hold_refs = true; /* the sender's cp_conn_ref */
+    t->hold_refs = true;
     cp_server_options o = {.threads = 2};
     tsrv_start(t, &o);
     int file = cpt_memfd("file");
@@ -2134,17 +2128,27 @@ TEST(send_file_races_the_peers_end)
     int fd = connect_to(t->port);
     WAIT_FOR(LOAD(&t->opens) == 1, IO_MS);
     pthread_mutex_lock(&t->lock);
-    file_sender f = {.c = t->held[0], .fd = file};
+    *f = (file_sender){.c = t->held[0], .fd = file};
     pthread_mutex_unlock(&t->lock);
     pthread_t th;
-    CHECK_OK(pthread_create(&th, NULL, send_file_thread, &f));
-    WAIT_FOR(LOAD(&f.calling) == 1, IO_MS);
+    CHECK_OK(pthread_create(&th, NULL, sender, f));
+    WAIT_FOR(LOAD(&f->calling) == 1, IO_MS);
 #ifdef CPORT_INJECT
-    usleep(50000); /* well inside the sender's 300 ms pause; only the window's use hangs on it */
+    usleep(50000);
 #endif
     close(fd); /* the peer ends while the sender is inside the call */
     CHECK_OK(pthread_join(th, NULL));
     WAIT_FOR(LOAD(&t->closes) >= 1, IO_MS);
+    return t;
+}
+
+TEST(send_file_races_the_peers_end)
+{
+#ifdef CPORT_INJECT
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "send_file_ref:300000", 1)); /* before any thread */
+#endif
+    file_sender f;
+    tsrv *t = send_file_race(&f, send_file_thread);
     /* Refused (the close came first) or sent and reported: either way exactly once. */
     fprintf(stderr, "cp_conn_send_file: %d; on_sent ok %llu, bad %llu\n", f.result,
             (unsigned long long)LOAD(&t->ref_sent_ok), (unsigned long long)LOAD(&t->ref_sent_bad));
@@ -2156,7 +2160,7 @@ TEST(send_file_races_the_peers_end)
     CHECK_EQ(LOAD(&t->twice), 0);
     CHECK_EQ(LOAD(&t->closes), 1);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
-    close(file);
+    close(f.fd);
 }
 
 /* A graceful close's FIN must reach its own connection. The test thread closes the first
@@ -5039,30 +5043,13 @@ TEST(send_file_losing_to_the_close_runs_no_callback_on_the_caller)
     SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
 #else
     CHECK_OK(setenv("CPORT_INJECT_DELAY", "send_file_ref:300000", 1)); /* before any thread */
-    tsrv *t = tsrv_new(ECHO_NONE);
-    t->hold_refs = true;
-    cp_server_options o = {.threads = 2};
-    tsrv_start(t, &o);
-    int file = cpt_memfd("file");
-    uint8_t page[4096] = {0};
-    CHECK_EQ(write(file, page, sizeof page), (ssize_t)sizeof page);
-    int fd = connect_to(t->port);
-    WAIT_FOR(LOAD(&t->opens) == 1, IO_MS);
-    pthread_mutex_lock(&t->lock);
-    file_sender f = {.c = t->held[0], .fd = file};
-    pthread_mutex_unlock(&t->lock);
-    pthread_t th;
-    CHECK_OK(pthread_create(&th, NULL, send_file_thread_marked, &f));
-    WAIT_FOR(LOAD(&f.calling) == 1, IO_MS);
-    usleep(50000);
-    close(fd);
-    CHECK_OK(pthread_join(th, NULL));
-    WAIT_FOR(LOAD(&t->closes) >= 1, IO_MS);
+    file_sender f;
+    tsrv *t = send_file_race(&f, send_file_thread_marked);
     fprintf(stderr, "cp_conn_send_file: %d; on_close on the sender's thread: %llu\n", f.result,
             (unsigned long long)LOAD(&t->closes_on_caller));
     CHECK_EQ(LOAD(&t->closes_on_caller), 0);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
-    close(file);
+    close(f.fd);
 #endif
 }
 

@@ -14,15 +14,20 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stddef.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
@@ -2398,6 +2403,37 @@ TEST(datagram_receives_each_get_one)
     cp_port_destroy(p);
 }
 
+/* A client socket associated before its connect() (its first event, the hang-up of a
+ * socket with no peer, is seen), then connecting to the loopback port with op. */
+static void start_client_connect(cp_port *p, cp_socket *s, cp_op *op, int port)
+{
+    CHECK_OK(cp_socket_associate(s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
+    expect_nothing(p, 5);
+    struct sockaddr_in sa = loopback(port);
+    CHECK_OK(cp_socket_connect(s, op, (struct sockaddr *)&sa, sizeof(sa)));
+}
+
+/* Receives on s until the end of the stream (each receive dequeued at once), then closes
+ * it. Returns the bytes received. */
+static int recv_to_eof_and_close(cp_port *p, cp_socket *s)
+{
+    char buf[100];
+    int got = 0, eof = 0;
+    while (!eof) {
+        cp_op r = {0};
+        CHECK_OK(cp_socket_recv(s, &r, buf, sizeof buf));
+        cp_completion c = next(p);
+        CHECK(c.op == &r);
+        CHECK(c.result >= 0);
+        got += (int)c.result;
+        eof = c.result == 0;
+    }
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(s, &cl));
+    CHECK(next(p).op == &cl);
+    return got;
+}
+
 /* epoll: a stream socket registered before its connect() reports a hang-up (it has no peer
  * yet). That must not outlive the connect: a short read of the connection means drained
  * again, or every receive pays a further read that finds nothing. White-box (the flag is
@@ -2408,11 +2444,8 @@ TEST(a_connected_client_socket_is_read_as_a_stream)
     int port;
     int lfd = listen_any(&port);
     cp_socket s;
-    CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
-    expect_nothing(p, 5); /* the fresh socket's first event (the hang-up) is seen */
     cp_op op = {0};
-    struct sockaddr_in sa = loopback(port);
-    CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
+    start_client_connect(p, &s, &op, port);
     cp_completion c = next(p);
     CHECK(c.op == &op);
     CHECK_EQ(c.result, 0);
@@ -2432,20 +2465,7 @@ TEST(a_connected_client_socket_is_read_as_a_stream)
     write_all(peer, "abc", 3);
     CHECK_OK(shutdown(peer, SHUT_WR));
     wait_readable_bytes(s.fd, 3);
-    int got = 0, eof = 0;
-    while (!eof) {
-        cp_op r = {0};
-        CHECK_OK(cp_socket_recv(&s, &r, buf, sizeof buf));
-        c = next(p);
-        CHECK(c.op == &r);
-        CHECK(c.result >= 0);
-        got += c.result;
-        eof = c.result == 0;
-    }
-    CHECK_EQ(got, 3);
-    cp_op cl = {0};
-    CHECK_OK(cp_socket_close(&s, &cl));
-    CHECK(next(p).op == &cl);
+    CHECK_EQ(recv_to_eof_and_close(p, &s), 3);
     close(peer);
     close(lfd);
     cp_port_destroy(p);
@@ -2461,11 +2481,8 @@ TEST(a_client_socket_whose_peer_ended_before_the_connect_completed_sees_the_end)
     int port;
     int lfd = listen_any(&port);
     cp_socket s;
-    CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
-    expect_nothing(p, 5); /* the fresh socket's first event (the hang-up) is seen */
     cp_op op = {0};
-    struct sockaddr_in sa = loopback(port);
-    CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
+    start_client_connect(p, &s, &op, port);
     /* Before the port looks again: the peer takes the connection, sends and ends. */
     int peer = accept(lfd, NULL, NULL);
     CHECK(peer >= 0);
@@ -2477,21 +2494,8 @@ TEST(a_client_socket_whose_peer_ended_before_the_connect_completed_sees_the_end)
     cp_completion c = next(p);
     CHECK(c.op == &op);
     CHECK_EQ(c.result, 0);
-    char buf[100];
-    int got = 0, eof = 0;
-    while (!eof) {
-        cp_op r = {0};
-        CHECK_OK(cp_socket_recv(&s, &r, buf, sizeof buf));
-        c = next(p); /* (5 s: the end must be read without a further edge) */
-        CHECK(c.op == &r);
-        CHECK(c.result >= 0);
-        got += c.result;
-        eof = c.result == 0;
-    }
-    CHECK_EQ(got, 3);
-    cp_op cl = {0};
-    CHECK_OK(cp_socket_close(&s, &cl));
-    CHECK(next(p).op == &cl);
+    /* (next() waits 5 s: the end must be read without a further edge) */
+    CHECK_EQ(recv_to_eof_and_close(p, &s), 3);
     close(peer);
     close(lfd);
     cp_port_destroy(p);
@@ -2808,13 +2812,6 @@ TEST(misaligned_ops_and_sockets_are_refused)
 
 /* ---- epoll: epoll_pwait2 refused by a seccomp filter with EPERM ---------------------- */
 
-#include <linux/filter.h>
-#include <linux/seccomp.h>
-#include <stddef.h>
-#include <sys/prctl.h>
-#include <sys/resource.h>
-#include <sys/syscall.h>
-
 /* The epoll backend is the one for sandboxes (io_uring denied by seccomp). A filter that
  * predates epoll_pwait2 (Linux 5.11) refuses it with its default action, which for Docker's
  * profile and systemd's SystemCallFilter= is EPERM, not ENOSYS: the backend must fall back
@@ -2847,9 +2844,7 @@ TEST(epoll_works_where_a_sandbox_refuses_epoll_pwait2)
     cp_op rop = {0};
     CHECK_OK(cp_socket_recv(&pr.s, &rop, buf, sizeof(buf)));
     CHECK_EQ(write(pr.client, "ping", 4), 4);
-    struct rusage r0, r1;
-    getrusage(RUSAGE_SELF, &r0);
-    int64_t t0 = cpt_now_ms();
+    int64_t cpu0 = cpt_cpu_ms(), t0 = cpt_now_ms();
     cp_completion c;
     int n = cp_port_dequeue(p, &c, 1, 1000);
     CHECK_EQ(n, 1);
@@ -2858,11 +2853,7 @@ TEST(epoll_works_where_a_sandbox_refuses_epoll_pwait2)
     CHECK(memcmp(buf, "ping", 4) == 0);
     /* An idle wait sleeps: it does not spin on a failing poll. */
     CHECK_EQ(cp_port_dequeue(p, &c, 1, 300), -ETIMEDOUT);
-    getrusage(RUSAGE_SELF, &r1);
-    int64_t cpu_ms = (r1.ru_utime.tv_sec - r0.ru_utime.tv_sec) * 1000 +
-                     (r1.ru_utime.tv_usec - r0.ru_utime.tv_usec) / 1000 +
-                     (r1.ru_stime.tv_sec - r0.ru_stime.tv_sec) * 1000 +
-                     (r1.ru_stime.tv_usec - r0.ru_stime.tv_usec) / 1000;
+    int64_t cpu_ms = cpt_cpu_ms() - cpu0;
     int64_t wall_ms = cpt_now_ms() - t0;
     CHECK(cpu_ms < wall_ms / 4);
     close(pr.client);
