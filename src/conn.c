@@ -20,7 +20,6 @@
 #include <linux/sockios.h>
 #include <netinet/tcp.h>
 #include <stddef.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -643,9 +642,6 @@ static void deliver(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t 
                 break;
         }
         if (r < 0 && r != -ENOMEM) {
-            char why[128];
-            cp_frame_describe(d, &sv->frame_cfg, why, sizeof(why));
-            fprintf(stderr, "cport: closing connection: %s\n", why);
             __atomic_add_fetch(&sv->frames_rejected, 1, __ATOMIC_RELAXED);
             /* Gracefully: the replies to the good frames before it are queued, and must
              * not be cancelled (nor destroyed by a reset); the rest of the input is read
@@ -1289,6 +1285,14 @@ void *cp_conn_user(cp_conn *c)
 cp_server *cp_conn_server(cp_conn *c)
 {
     return cp__conn_server(c);
+}
+
+int cp_conn_frame_state(cp_conn *c, char *buf, size_t size)
+{
+    cp_server *sv = cp__conn_server(c);
+    if (!sv->o.framed)
+        return -EINVAL;
+    return cp_frame_describe(decoder_of(sv, c), &sv->frame_cfg, buf, size);
 }
 
 int cp_conn_peer(cp_conn *c, struct sockaddr_storage *addr, socklen_t *len)

@@ -186,10 +186,12 @@ int cp_pool_associate(cp_pool *pool, cp_socket *s, int fd, const cp_io_binding *
     return cp_socket_associate(s, pool->port, fd, (uintptr_t)b);
 }
 
-void cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode)
+int cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode)
 {
     if (!pool)
-        return;
+        return 0;
+    if (cp__port_in_callback(pool->port))
+        return -EDEADLK;
     /* Cancelling first: an item that sees submit fail must already see items discarded. */
     if (mode == CP_POOL_CANCEL)
         __atomic_store_n(&pool->cancelling, true, __ATOMIC_RELEASE);
@@ -213,4 +215,5 @@ void cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode)
     }
     free(pool->threads);
     free(pool);
+    return 0;
 }

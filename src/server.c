@@ -578,10 +578,19 @@ static bool wait_closed(cp_server *sv, const struct timespec *deadline)
     return done;
 }
 
+/* Whether the caller is one of the server's callbacks (on a worker of its pool), which
+ * the shutdown would wait for, and whose worker it would join. */
+static bool in_callback(cp_server *sv)
+{
+    return sv->pool && cp__port_in_callback(cp_pool_port(sv->pool));
+}
+
 int cp_server_shutdown(cp_server *sv, unsigned deadline_ms)
 {
     if (!sv || sv->shut_down)
         return 0;
+    if (in_callback(sv))
+        return -EDEADLK;
     struct timespec deadline;
     clock_gettime(CLOCK_MONOTONIC, &deadline); /* done_cond's clock */
     deadline.tv_sec += deadline_ms / 1000;
@@ -620,10 +629,12 @@ int cp_server_shutdown(cp_server *sv, unsigned deadline_ms)
     return r;
 }
 
-void cp_server_destroy(cp_server *sv)
+int cp_server_destroy(cp_server *sv)
 {
     if (!sv)
-        return;
+        return 0;
+    if (in_callback(sv))
+        return -EDEADLK;
     if (!sv->shut_down) {
         if (sv->listener_open || __atomic_load_n(&sv->conns_open, __ATOMIC_RELAXED))
             cp_server_shutdown(sv, 0);
@@ -651,6 +662,7 @@ void cp_server_destroy(cp_server *sv)
     free(sv->accept_busy);
     free(sv->accept_idle);
     free(sv);
+    return 0;
 }
 
 /* ---- stats ------------------------------------------------------------------------------ */

@@ -476,3 +476,57 @@ TEST(workers_without_memory_for_their_record_neither_spin_nor_hang)
     CHECK_OK(unsetenv("CPORT_INJECT_FAIL"));
 #endif
 }
+
+/* cp_pool_destroy() from the pool's own worker (an item, one between block_begin and
+ * block_end, a timer callback) returns -EDEADLK and does nothing: it would join the
+ * thread it runs on and free the port under it. The pool keeps working; the owner's
+ * destroy then returns 0. */
+typedef struct self_destroy {
+    cp_pool *pool;
+    int item_r, blocked_r, timer_r; /* results, written once each */
+    int done;                       /* atomic: callbacks finished */
+} self_destroy;
+
+static void destroy_from_item(void *arg)
+{
+    self_destroy *s = arg;
+    s->item_r = cp_pool_destroy(s->pool, CP_POOL_DRAIN);
+    __atomic_add_fetch(&s->done, 1, __ATOMIC_SEQ_CST);
+}
+
+static void destroy_from_blocked_item(void *arg)
+{
+    self_destroy *s = arg;
+    cp_port_block_begin(cp_pool_port(s->pool));
+    s->blocked_r = cp_pool_destroy(s->pool, CP_POOL_CANCEL);
+    cp_port_block_end(cp_pool_port(s->pool));
+    __atomic_add_fetch(&s->done, 1, __ATOMIC_SEQ_CST);
+}
+
+static void destroy_from_timer(void *arg)
+{
+    self_destroy *s = arg;
+    s->timer_r = cp_pool_destroy(s->pool, CP_POOL_DRAIN);
+    __atomic_add_fetch(&s->done, 1, __ATOMIC_SEQ_CST);
+}
+
+TEST(destroy_from_a_worker_is_refused)
+{
+    self_destroy s = {.pool = make_pool(2, 2), .item_r = 1, .blocked_r = 1, .timer_r = 1};
+    CHECK_OK(cp_pool_submit(s.pool, destroy_from_item, &s));
+    CHECK_OK(cp_pool_submit(s.pool, destroy_from_blocked_item, &s));
+    cp_timer *t;
+    CHECK_OK(cp_timer_start(s.pool, &t, 1, 0, destroy_from_timer, &s));
+    wait_until(&s.done, 3);
+    CHECK_EQ(s.item_r, -EDEADLK);
+    CHECK_EQ(s.blocked_r, -EDEADLK);
+    CHECK_EQ(s.timer_r, -EDEADLK);
+    /* Still a working pool. */
+    sum_ctx x = {0};
+    sum_item it = {.x = &x, .v = 7};
+    CHECK_OK(cp_pool_submit(s.pool, add_item, &it));
+    wait_until(&x.count, 1);
+    cp_timer_cancel(t, true);
+    CHECK_EQ(cp_pool_destroy(s.pool, CP_POOL_DRAIN), 0);
+    CHECK_EQ(cp_pool_destroy(NULL, CP_POOL_DRAIN), 0);
+}

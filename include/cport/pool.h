@@ -93,9 +93,11 @@ typedef enum cp_pool_destroy_mode {
 /* Stop the pool: from now on cp_pool_submit() fails with -ESHUTDOWN; every timer is
  * cancelled; queued items are run or discarded as `mode` says; the workers exit and are
  * joined; everything is freed. No item or timer callback runs after this returns. Bound
- * sockets must have been closed (and their close completions run) before. Must not be
- * called from a worker. */
-CP_EXTERN void cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode);
+ * sockets must have been closed (and their close completions run) before. Returns 0
+ * (also for NULL), or -EDEADLK when called from one of the pool's own workers (an item,
+ * a timer or an I/O callback, even between cp_port_block_begin and _end): a worker
+ * cannot join itself, so nothing is done; destroy the pool from another thread. */
+CP_EXTERN int cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode);
 
 /* Start a timer: fn(arg) runs on a worker once `due_ms` milliseconds have passed, then,
  * if period_ms > 0, every period_ms after the previous due time (a late firing does not

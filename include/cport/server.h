@@ -149,8 +149,8 @@ typedef struct cp_server_options {
     uint32_t max_frame;            /* framed: largest payload accepted; 0 = 1 MiB, at most
                                       CP_FRAME_MAX_LIMIT (else -EINVAL). A
                                       header over it closes the connection gracefully
-                                      (CP_CLOSE_BAD_FRAME, one line on stderr): replies
-                                      to the frames before it still go out */
+                                      (CP_CLOSE_BAD_FRAME; cp_conn_frame_state() says
+                                      why): replies to the frames before it still go out */
     size_t conn_user_size;         /* bytes of per-connection user area (cp_conn_user); at
                                       most CP_CONN_USER_MAX, else cp_server_create fails
                                       with -EINVAL */
@@ -205,16 +205,18 @@ CP_EXTERN void *cp_server_user(const cp_server *server);
 /* Shut down gracefully: stop accepting, stop reading, let what is queued to send go out,
  * close each connection as its sends drain; at deadline_ms after the call, cancel and
  * close whatever is left. Then stop the workers. Returns 0 if everything closed before the
- * deadline, -ETIMEDOUT if connections had to be cut. Blocks; must not be called from a
- * callback. Idempotent. cp_server_destroy() still has to be called. The connections are
+ * deadline, -ETIMEDOUT if connections had to be cut, or -EDEADLK (nothing done) when
+ * called from one of the server's callbacks: it would wait for that callback to end.
+ * Blocks. Idempotent. cp_server_destroy() still has to be called. The connections are
  * stopped by a work item on a worker; only if that item cannot be queued (the port's
  * queue is full, or memory ran out) does the calling thread stop them itself, and an
  * on_close may then run on it. */
 CP_EXTERN int cp_server_shutdown(cp_server *server, unsigned deadline_ms);
 
-/* Free the server (shutting it down first with a zero deadline if needed). Not from a
- * callback, as cp_server_shutdown(). */
-CP_EXTERN void cp_server_destroy(cp_server *server);
+/* Free the server (shutting it down first with a zero deadline if needed). Returns 0
+ * (also for NULL), or -EDEADLK (nothing done) when called from one of its callbacks, as
+ * cp_server_shutdown(). */
+CP_EXTERN int cp_server_destroy(cp_server *server);
 
 /* Fill *stats (a consistent-enough snapshot; any thread). */
 CP_EXTERN void cp_server_get_stats(cp_server *server, cp_server_stats *stats);
@@ -268,6 +270,16 @@ CP_EXTERN int cp_conn_set_deadline(cp_conn *c, unsigned ms);
 
 /* Framed mode: send one frame (header + payload, copied). Any thread. */
 CP_EXTERN int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len);
+
+/* Framed mode: describe the connection's frame decoder for a log, as cp_frame_describe()
+ * does with the server's limit, e.g. in on_close with CP_CLOSE_BAD_FRAME: "frame header
+ * announces 16777216 bytes (0x01000000), over the 1048576-byte limit". The library logs
+ * nothing itself: a peer sending bad frames must not be able to flood the server's log,
+ * so what to log, and how often, is the application's choice. Writes at most size bytes
+ * including the NUL and returns the length of the whole description (as snprintf), or
+ * -EINVAL when the server is not framed. Only inside the connection's own callbacks
+ * (on_close included), which see the decoder at rest. */
+CP_EXTERN int cp_conn_frame_state(cp_conn *c, char *buf, size_t size);
 
 /* Close after everything queued so far has been sent (bounded: see linger_ms). Any
  * thread. */
