@@ -34,6 +34,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 enum {
@@ -1024,6 +1025,115 @@ TEST(sigint_closes_cleanly)
 {
     stop_under_load(SIGINT, "--recvs=4");
     stop_under_load(SIGINT, "--zero-byte");
+}
+
+/* SIGHUP (the terminal went away) stops the server as SIGTERM does: gracefully, exit 0. */
+TEST(sighup_closes_cleanly)
+{
+    server s;
+    server_start(&s, NULL);
+    int fd = connect_to(&s);
+    exchange(fd, 100, 1, EX_FULL);
+    server_signal(&s, SIGHUP);
+    expect_closed(fd, IO_MS, true);
+    close(fd);
+    server_reap(&s, SIGHUP);
+    CHECK_EQ(s.accepted, 1);
+}
+
+static int64_t coarse_sec(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return ts.tv_sec;
+}
+
+static size_t count_lines_with(const char *text, const char *needle)
+{
+    size_t n = 0;
+    for (const char *p = text; (p = strstr(p, needle)) != NULL; p += strlen(needle))
+        n++;
+    return n;
+}
+
+/* --framed: a connection closed for a bad frame is logged with its peer and the reason
+ * (the library itself logs nothing), at most one line per second of the system's coarse
+ * monotonic clock, which the server and this test share: a flood of bad peers cannot
+ * flood the log, and a later line counts the closes left out. */
+TEST(framed_bad_frames_are_logged_at_most_once_a_second)
+{
+    server s;
+    server_start(&s, "--framed", "--max-frame", "100", NULL);
+    enum { BAD = 20 };
+    int64_t first_sec = coarse_sec();
+    for (int i = 0; i < BAD; i++) {
+        int fd = connect_to(&s);
+        uint8_t hdr[4] = {0, 0, 0, 101};
+        CHECK_EQ(send(fd, hdr, 4, MSG_NOSIGNAL), 4);
+        expect_closed(fd, IO_MS, true);
+        close(fd);
+    }
+    int err = dup(s.err), out = dup(s.out); /* (the stop closes the server's) */
+    CHECK(err >= 0 && out >= 0);
+    server_stop(&s);
+    int64_t secs = coarse_sec() - first_sec + 1; /* seconds the closes can fall in */
+    static char text[TEXT_CAP];
+    memfd_text(err, text, sizeof text);
+    fprintf(stderr, "server stderr:\n%s", text);
+    size_t lines = count_lines_with(text, "cport-echo: closed 127.0.0.1:");
+    CHECK(lines >= 1 && (int64_t)lines <= secs && lines <= BAD);
+    CHECK_EQ(count_lines_with(text, "over the 100-byte limit"), lines);
+    CHECK_EQ(count_lines_with(text, "announces 101 bytes"), lines);
+    CHECK(strstr(text, "cport: ") == NULL); /* nothing from the library */
+    memfd_text(out, text, sizeof text);
+    CHECK(strstr(text, fmt("frames_rejected=%d ", BAD)) != NULL);
+    close(err);
+    close(out);
+}
+
+/* Whether a new connection to the server is refused (its listener is closed). */
+static bool refuses_connections(const server *s)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0);
+    struct sockaddr_in sa = server_addr(s);
+    int r = connect(fd, (struct sockaddr *)&sa, sizeof sa), e = errno;
+    close(fd);
+    return r < 0 && e == ECONNREFUSED;
+}
+
+/* A second stop signal while the graceful shutdown waits (here for a peer that reads
+ * nothing, under a 60 s deadline: the first signal alone keeps the server waiting for
+ * seconds) ends the process at once, with status 1 and a line that says so. */
+TEST(second_stop_signal_exits_at_once)
+{
+    server s;
+    server_start(&s, "--shutdown-deadline", "60000", NULL);
+    enum { BYTES = 8 << 20 };
+    uint8_t *tx = pattern(3, BYTES);
+    int busy = connect_to(&s);
+    CHECK(send(busy, tx, BYTES, MSG_NOSIGNAL) > 0);
+    struct pollfd p = {.fd = busy, .events = POLLIN};
+    CHECK_EQ(poll(&p, 1, IO_MS), 1); /* its echo has started, and is not read */
+    server_signal(&s, SIGTERM);
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    while (!refuses_connections(&s)) { /* the shutdown has begun */
+        CHECK(cpt_now_ms() < deadline);
+        usleep(2000);
+    }
+    server_signal(&s, SIGTERM); /* (checks that it still runs) */
+    int st = child_wait(s.pid, STOP_MS, "cport-echo after a second SIGTERM");
+    s.pid = 0;
+    static char text[TEXT_CAP];
+    memfd_text(s.err, text, sizeof text);
+    fprintf(stderr, "server stderr:\n%s", text);
+    CHECK(WIFEXITED(st));
+    CHECK_EQ(WEXITSTATUS(st), 1);
+    CHECK(strstr(text, "Terminated again: exiting without waiting") != NULL);
+    close(s.out);
+    close(s.err);
+    close(busy);
+    free(tx);
 }
 
 /* ---- echo integrity ------------------------------------------------------------------------- */

@@ -5,8 +5,9 @@
  * receives, length-prefixed framing, graceful shutdown, counters. This file is the echo
  * itself (send back what arrives, without copying it) and the command line.
  *
- * Signals: SIGINT/SIGTERM shut down gracefully (stop accepting and reading, let replies
- * to what was received go out, close; exit 0); SIGUSR1 prints the counters on stderr.
+ * Signals: SIGINT/SIGTERM/SIGHUP shut down gracefully (stop accepting and reading, let
+ * replies to what was received go out, close; exit 0); a second one during that shutdown
+ * exits at once (status 1); SIGUSR1 prints the counters on stderr.
  * With --stats-port, GET / on that port answers the counters in Prometheus text format.
  */
 #include "cport.h"
@@ -23,22 +24,72 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef struct config {
     cp_server_options so;
     int stats_port; /* -1 = off */
     unsigned shutdown_ms;
+    /* Bad-frame log lines (atomic): the second of the last one, and how many were left
+     * out since. */
+    int64_t bad_frame_sec;
+    uint64_t bad_frames_unlogged;
 } config;
 
 /* ---- the echo ----------------------------------------------------------------------------- */
 
 static void on_data(cp_conn *c, const void *data, size_t len)
 {
-    const cp_server_options *o = cp_server_user(cp_conn_server(c));
-    int r = o->framed ? cp_conn_send_frame(c, data, len) : cp_conn_send_data(c, data, len);
+    const config *cfg = cp_server_user(cp_conn_server(c));
+    int r = cfg->so.framed ? cp_conn_send_frame(c, data, len) : cp_conn_send_data(c, data, len);
     if (r < 0 && r != -EPIPE)
         cp_conn_abort(c);
+}
+
+/* Framed mode: a connection closed for a bad frame is logged with its peer and the reason,
+ * at most one line a second: peers sending garbage must not flood the log (the counter
+ * frames_rejected has them all). The peer is noted at open, in the connection's user area
+ * (framed mode only: the stream echo keeps its connections at 128 bytes and skips the
+ * call); at close its socket is gone. */
+static int on_open_framed(cp_conn *c)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    if (cp_conn_peer(c, &ss, &sl) == 0 && ss.ss_family == AF_INET)
+        memcpy(cp_conn_user(c), &ss, sizeof(struct sockaddr_in));
+    return 0;
+}
+
+static void on_close(cp_conn *c, cp_close_reason reason, int err)
+{
+    (void)err;
+    if (reason != CP_CLOSE_BAD_FRAME)
+        return;
+    config *cfg = cp_server_user(cp_conn_server(c));
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+    int64_t last = __atomic_load_n(&cfg->bad_frame_sec, __ATOMIC_RELAXED);
+    if (now.tv_sec == last ||
+        !__atomic_compare_exchange_n(&cfg->bad_frame_sec, &last, (int64_t)now.tv_sec, false,
+                                     __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+        __atomic_add_fetch(&cfg->bad_frames_unlogged, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    char why[160], peer[INET_ADDRSTRLEN] = "?";
+    cp_conn_frame_state(c, why, sizeof why);
+    struct sockaddr_in in;
+    memcpy(&in, cp_conn_user(c), sizeof in);
+    unsigned peer_port = ntohs(in.sin_port);
+    if (in.sin_family == AF_INET)
+        inet_ntop(AF_INET, &in.sin_addr, peer, sizeof peer);
+    uint64_t unlogged = __atomic_exchange_n(&cfg->bad_frames_unlogged, 0, __ATOMIC_RELAXED);
+    if (unlogged)
+        fprintf(stderr,
+                "cport-echo: closed %s:%u: %s (and %llu more bad-frame closes not logged)\n", peer,
+                peer_port, why, (unsigned long long)unlogged);
+    else
+        fprintf(stderr, "cport-echo: closed %s:%u: %s\n", peer, peer_port, why);
 }
 
 /* ---- counters ----------------------------------------------------------------------------- */
@@ -167,7 +218,8 @@ static void usage(FILE *f)
                "  --stats-port N        serve the counters in Prometheus format on this port\n"
                "  --shutdown-deadline MS  how long SIGTERM lets replies drain (default 5000)\n"
                "  --help                this text\n"
-               "SIGINT/SIGTERM shut down gracefully and exit 0; SIGUSR1 prints the counters.\n");
+               "SIGINT/SIGTERM/SIGHUP shut down gracefully and exit 0 (a second one during\n"
+               "that shutdown exits at once with status 1); SIGUSR1 prints the counters.\n");
 }
 
 static int parse_uint(const char *s, unsigned long max, unsigned long *out)
@@ -343,6 +395,31 @@ static int parse_args(int argc, char **argv, config *cfg)
     return optind == argc ? 0 : -1;
 }
 
+/* While the graceful shutdown runs (up to --shutdown-deadline): a second stop signal ends
+ * the process at once, for an operator who will not wait; SIGUSR1 still prints. */
+typedef struct shutdown_watch {
+    cp_server *sv;
+    const sigset_t *sigs;
+} shutdown_watch;
+
+static void *watch_second_signal(void *arg)
+{
+    const shutdown_watch *w = arg;
+    for (;;) {
+        int sig;
+        if (sigwait(w->sigs, &sig) != 0)
+            continue;
+        if (sig == SIGUSR1) {
+            print_stats(w->sv, stderr);
+            continue;
+        }
+        fprintf(stderr, "cport-echo: %s again: exiting without waiting for the shutdown\n",
+                strsignal(sig));
+        _exit(1);
+    }
+    return NULL;
+}
+
 static void raise_fd_limit(void)
 {
     struct rlimit rl;
@@ -365,12 +442,18 @@ int main(int argc, char **argv)
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGHUP);
     sigaddset(&sigs, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
     cp_server_callbacks cb = {.on_data = on_data};
-    cfg.so.user = &cfg.so;
+    if (cfg.so.framed) {
+        cb.on_open = on_open_framed;
+        cb.on_close = on_close;
+        cfg.so.conn_user_size = sizeof(struct sockaddr_in);
+    }
+    cfg.so.user = &cfg;
     cp_server *sv;
     int r = cp_server_create(&sv, &cfg.so, &cb);
     if (r < 0) {
@@ -425,7 +508,14 @@ int main(int argc, char **argv)
             break;
         print_stats(sv, stderr);
     }
+    shutdown_watch watch = {.sv = sv, .sigs = &sigs};
+    pthread_t watcher;
+    bool watching = pthread_create(&watcher, NULL, watch_second_signal, &watch) == 0;
     r = cp_server_shutdown(sv, cfg.shutdown_ms);
+    if (watching) {
+        pthread_cancel(watcher); /* (sigwait is a cancellation point) */
+        pthread_join(watcher, NULL);
+    }
     if (stats)
         stats_stop(stats);
     print_stats(sv, stdout);
