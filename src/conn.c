@@ -959,6 +959,11 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
         return -EINVAL;
     if (st_load(c) & CF_CLOSING)
         return -EPIPE;
+    if (sv->o.send_queue_limit &&
+        __atomic_load_n(&c->pending, __ATOMIC_RELAXED) + (uint64_t)len > sv->o.send_queue_limit) {
+        __atomic_add_fetch(&sv->sends_refused, 1, __ATOMIC_RELAXED);
+        return -ENOBUFS;
+    }
     long n = cp__send_try(&c->s, iov, cnt, len, mode != TAIL_REF);
     if (n == (long)len) {
         cp__worker_count(w, &w->bytes_out, len);

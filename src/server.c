@@ -678,6 +678,7 @@ void cp_server_get_stats(cp_server *sv, cp_server_stats *st)
     st->backpressure_events = __atomic_load_n(&sv->backpressure_events, __ATOMIC_RELAXED);
     st->frames_in = __atomic_load_n(&sv->frames_in, __ATOMIC_RELAXED);
     st->frames_rejected = __atomic_load_n(&sv->frames_rejected, __ATOMIC_RELAXED);
+    st->sends_refused = __atomic_load_n(&sv->sends_refused, __ATOMIC_RELAXED);
     cp__lock_acquire(&sv->accept_lock);
     st->accepts_outstanding = sv->accepts_posted;
     st->accepts_target = sv->accepts_target;
@@ -727,6 +728,8 @@ int cp_server_stats_prometheus(cp_server *sv, const char *prefix, char *buf, siz
         {"frames_received_total", "counter", "Frames delivered", s.frames_in},
         {"frames_rejected_total", "counter", "Connections closed for a bad frame",
          s.frames_rejected},
+        {"sends_refused_total", "counter", "Sends refused by the send queue limit",
+         s.sends_refused},
         {"allocations_total", "counter", "Lookaside chunks and large buffers allocated",
          s.allocations},
     };

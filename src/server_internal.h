@@ -221,7 +221,7 @@ struct cp_server {
 
     /* Counters (atomic). */
     uint64_t conns_open, conns_total, conns_rejected, conns_reaped, accept_pauses,
-        backpressure_events, frames_in, frames_rejected;
+        backpressure_events, frames_in, frames_rejected, sends_refused;
 };
 
 /* conn.c */

@@ -3492,6 +3492,59 @@ TEST(shutdown_sees_referenced_connections_close)
     CHECK_EQ(tsrv_stop(t, 0), 0);
 }
 
+/* send_queue_limit: pushes from another thread to a peer that reads nothing are refused
+ * with -ENOBUFS (counted in sends_refused) once the queue would pass the limit, before any
+ * byte of them goes out; the connection stays open. Once the peer reads, it gets exactly
+ * the pushes that were taken, byte-exact, and pushes are taken again. */
+TEST(send_queue_limit_refuses_pushes_to_a_slow_reader)
+{
+    enum { LIMIT = 256 * 1024, MSG = 16 * 1024, MAX_PUSHES = 4096 };
+    cp_server_options o = {.threads = 2, .send_queue_limit = LIMIT};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    t->sndbuf = 64 * 1024;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    WAIT_FOR(LOAD(&t->opens) == 1, IO_MS);
+    pthread_mutex_lock(&t->lock);
+    cp_conn *c = t->nheld ? t->held[0] : NULL; /* (held in on_open, before opens counts) */
+    pthread_mutex_unlock(&t->lock);
+    CHECK(c != NULL);
+    uint8_t msg[MSG];
+    int pushed = 0, r = 0;
+    while (pushed < MAX_PUSHES) {
+        pattern_fill(9, (uint64_t)pushed * MSG, msg, MSG);
+        if ((r = cp_conn_send(c, msg, MSG)) != 0)
+            break;
+        pushed++;
+    }
+    size_t pending = cp_conn_pending(c);
+    fprintf(stderr, "%d pushes of %d bytes taken, then %d; %zu bytes queued\n", pushed, MSG, r,
+            pending);
+    CHECK_EQ(r, -ENOBUFS);
+    CHECK(pending <= LIMIT && pending + MSG > LIMIT);
+    CHECK_EQ(tsrv_stats(t).sends_refused, 1);
+    CHECK_EQ(LOAD(&t->closes), 0);
+    /* The peer reads: every push taken, nothing of the refused one. */
+    size_t total = (size_t)pushed * MSG;
+    uint8_t *got = malloc(total), *want = malloc(total);
+    CHECK(got && want);
+    recv_all(fd, got, total);
+    pattern_fill(9, 0, want, total);
+    CHECK(memcmp(got, want, total) == 0);
+    WAIT_FOR(cp_conn_pending(c) == 0, IO_MS);
+    pattern_fill(9, total, msg, MSG);
+    CHECK_OK(cp_conn_send(c, msg, MSG));
+    recv_all(fd, got, MSG);
+    CHECK(memcmp(got, msg, MSG) == 0);
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    CHECK_EQ(poll(&p, 1, 50), 0); /* nothing more */
+    free(got);
+    free(want);
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
 /* A connection refused over max_conns is counted out of conns_open after it was counted
  * rejected. With CPORT_INJECT (the ASan build) the refusing thread pauses 500 ms in
  * between, while the shutdown begins waiting: the count reaching zero must still wake it. */
@@ -4013,6 +4066,7 @@ static void check_prometheus(cp_server *sv, const cp_server_stats *s)
     CHECK_EQ(prom_value(buf, "t_backpressure_events_total", "counter"), s->backpressure_events);
     CHECK_EQ(prom_value(buf, "t_frames_received_total", "counter"), s->frames_in);
     CHECK_EQ(prom_value(buf, "t_frames_rejected_total", "counter"), s->frames_rejected);
+    CHECK_EQ(prom_value(buf, "t_sends_refused_total", "counter"), s->sends_refused);
     CHECK(prom_value(buf, "t_completions_total", "counter") >= s->completions);
     /* Too small a buffer: truncated, NUL-terminated, and the length it needed returned. */
     char small[64];

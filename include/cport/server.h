@@ -139,6 +139,18 @@ typedef struct cp_server_options {
                                       (tcpi_bytes_acked; cport-httpd does). 0 = 5000 */
     uint32_t max_pending_send;     /* bytes queued to send on one connection before reading
                                      from it pauses; resumes below half; 0 = 1 MiB */
+    uint32_t send_queue_limit;     /* bytes a connection may have queued to send at most:
+                                      a send of len bytes when cp_conn_pending() + len is
+                                      over it fails with -ENOBUFS before any byte goes out
+                                      (counted in sends_refused), and the connection stays
+                                      open (drop the message, or close a peer that does not
+                                      read). For pushes from other threads (broadcasts)
+                                      to slow readers, which max_pending_send does not
+                                      bound. Concurrent sends may pass it by one message
+                                      each. Set it above max_pending_send plus the largest
+                                      reply on_data makes, or replies to a connection's own
+                                      data can fail too. Transmits (send_file) are not
+                                      limited. 0 = none (4 GiB) */
     bool zero_byte;                /* pooled receives: an idle connection holds no buffer */
     uint32_t recv_buffer;          /* receive buffer per receive without zero_byte; page
                                       multiple, at most 65536 (else cp_server_create fails
@@ -176,6 +188,7 @@ typedef struct cp_server_stats {
     uint64_t backpressure_events; /* times reading paused because replies piled up */
     uint64_t frames_in;           /* framed mode: frames delivered */
     uint64_t frames_rejected;     /* framed mode: connections closed for a bad frame */
+    uint64_t sends_refused;       /* sends refused by send_queue_limit */
     uint64_t allocations;         /* lookaside chunks and buffers allocated (flat in steady
                                      state) */
 } cp_server_stats;
@@ -235,7 +248,8 @@ CP_EXTERN int cp_server_stats_prometheus(cp_server *server, const char *prefix, 
  * connection is closing, -ENOMEM (nothing was sent; or, when part of the bytes had gone
  * out already, the connection is aborted: its stream cannot go on without the rest),
  * -ENOBUFS (the same, when 4 GiB would be queued on the connection: cp_conn_pending()
- * counts up to UINT32_MAX), or -EINVAL. Any thread. In framed mode the bytes are sent as they are:
+ * counts up to UINT32_MAX; or before any byte goes out when options.send_queue_limit
+ * would be passed), or -EINVAL. Any thread. In framed mode the bytes are sent as they are:
  * use cp_conn_send_frame(). */
 CP_EXTERN int cp_conn_send(cp_conn *c, const void *data, size_t len);
 
