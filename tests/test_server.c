@@ -5350,3 +5350,70 @@ TEST(a_second_start_is_refused)
     cp_server_destroy(sv);
     CHECK_EQ(cpt_count_fds(), fds0);
 }
+
+/* Every descriptor the library opens is close-on-exec — the port's ring or epoll instance
+ * and its eventfd, the listener, accepted sockets, TransmitFile's pipes (io_uring) — so a
+ * server that starts another program leaks none of them into it (see port.h on fork). */
+static void mark_open_fds(bool *open, int cap)
+{
+    DIR *d = opendir("/proc/self/fd");
+    CHECK(d != NULL);
+    for (struct dirent *e; (e = readdir(d)) != NULL;) {
+        int fd = atoi(e->d_name);
+        if (e->d_name[0] != '.' && fd != dirfd(d) && fd < cap)
+            open[fd] = true;
+    }
+    closedir(d);
+}
+
+TEST(descriptors_are_close_on_exec)
+{
+    enum { CAP = 4096 };
+    static bool before[CAP], after[CAP];
+    memset(before, 0, sizeof before);
+    memset(after, 0, sizeof after);
+    int file = cpt_memfd("file");
+    uint8_t page[4096];
+    pattern_fill(5, 0, page, sizeof page);
+    CHECK_EQ(write(file, page, sizeof page), (ssize_t)sizeof page);
+    mark_open_fds(before, CAP);
+    tsrv *t = tsrv_new(ECHO_DATA);
+    t->hold_refs = true;
+    cp_server_options o = {.threads = 2};
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    exchange(fd, 1, 100);
+    pthread_mutex_lock(&t->lock);
+    cp_conn *c = t->nheld ? t->held[0] : NULL;
+    pthread_mutex_unlock(&t->lock);
+    CHECK(c != NULL);
+    uint64_t *block = malloc(sizeof(uint64_t)); /* t_on_sent's context: the expected result */
+    CHECK(block != NULL);
+    block[0] = sizeof page;
+    CHECK_OK(cp_conn_send_file(c, NULL, 0, file, 0, sizeof page, block));
+    uint8_t got[sizeof page];
+    recv_all(fd, got, sizeof got);
+    CHECK(memcmp(got, page, sizeof page) == 0);
+    WAIT_FOR(LOAD(&t->ref_sent_ok) == 1, IO_MS);
+    mark_open_fds(after, CAP);
+    int created = 0;
+    for (int i = 0; i < CAP; i++) {
+        if (!after[i] || before[i] || i == fd)
+            continue;
+        created++;
+        int flags = fcntl(i, F_GETFD);
+        if (flags < 0 || !(flags & FD_CLOEXEC)) {
+            char path[64], target[256] = "?";
+            snprintf(path, sizeof path, "/proc/self/fd/%d", i);
+            ssize_t n = readlink(path, target, sizeof target - 1);
+            target[n > 0 ? n : 1] = 0;
+            fprintf(stderr, "descriptor %d (%s) is not close-on-exec\n", i, target);
+            CHECK(flags >= 0 && (flags & FD_CLOEXEC));
+        }
+    }
+    fprintf(stderr, "%d descriptors opened by the library, all close-on-exec\n", created);
+    CHECK(created >= 4); /* port (and its eventfd), listener, the accepted socket */
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+    close(file);
+}

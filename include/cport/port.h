@@ -35,6 +35,14 @@
  * Thread safety. Every function here may be called from any thread, concurrently,
  * except cp_port_destroy(), which must be the last call on the port and must not race
  * with any other call on it (including threads still exiting after having dequeued).
+ *
+ * fork(). A port does not cross into a child process. The child shares the parent's
+ * io_uring ring or epoll instance (the same kernel object), but not its threads: a
+ * request it submitted would complete in the parent's queue, and a lock a parent thread
+ * held at the fork stays held. The child must make no call on the parent's ports, nor on
+ * pools, sockets or servers built on them, not even the destroy functions (a pool's
+ * destroy would wait for workers that do not exist there): it execs, exits with _exit(),
+ * or creates ports of its own. (Descriptors cport creates are close-on-exec.)
  */
 #ifndef CPORT_PORT_H
 #define CPORT_PORT_H
