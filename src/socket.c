@@ -607,16 +607,18 @@ void cp__io_resume(cp_handle *h, cp__oplist *done)
 
 void cp__io_serve_starving(cp_port *p)
 {
-    uint32_t in_kernel = p->be->pool_refill ? p->be->pool_refill(p) : 0;
     cp_handle *hs[16];
     uint32_t n;
-    while ((n = cp__bufpool_pop_starving(&p->pool, hs, 16, in_kernel)) > 0) {
+    /* Buffers are counted again after each batch: a waiter served may take none (its
+     * receive was cancelled or timed out, or, on io_uring, it arms and waits for data),
+     * and the next waiter must then get the buffer it was counted for. */
+    do {
+        uint32_t in_kernel = p->be->pool_refill ? p->be->pool_refill(p) : 0;
+        n = cp__bufpool_pop_starving(&p->pool, hs, 16, in_kernel);
         cp__oplist done = {0};
         for (uint32_t i = 0; i < n; i++)
             cp__io_resume(hs[i], &done);
-        if (n < 16)
-            break;
-    }
+    } while (n > 0);
 }
 
 void cp__io_deliver(cp_port *p, cp__oplist *done)

@@ -2340,6 +2340,82 @@ TEST(pool_memory_returns_after_a_burst_without_traffic)
     cp_port_destroy(p);
 }
 
+/* Every pool buffer is held (through x) while socket a, then b, wait for one; b has data.
+ * A released buffer served the waiters one per free buffer, oldest first: it went to a,
+ * which took none (its receive was cancelled, or, on io_uring, it armed and waits for
+ * data that never comes), and b was never served although a buffer was there for it
+ * (every other buffer is held here until b's data arrives). */
+static void pool_waiter_behind_another(bool cancel_first)
+{
+    cp_port_options o = {
+        .concurrency = 1, .pool_buffers = 2, .pool_per_socket = 4, .flags = CP_PORT_WHOLE_BUFFERS};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    pair x, a, b;
+    pair_open(&x, p);
+    pair_open(&a, p);
+    pair_open(&b, p);
+    void *held[2];
+    cp_op rx = {0};
+    for (int i = 0; i < 2; i++) {
+        CHECK_OK(cp_socket_recv_pooled(&x.s, &rx));
+        write_all(x.client, "x", 1);
+        cp_completion c = next(p);
+        CHECK(c.op == &rx);
+        CHECK_EQ(c.result, 1);
+        held[i] = rx.u.buf;
+    }
+    cp_op ra = {0};
+    cp_completion c;
+    if (cancel_first) {
+        /* a waits for a buffer (on epoll once its data is there), then gives up; its
+         * close would take it off the waiting list, its cancel does not. */
+        write_all(a.client, "a", 1);
+        CHECK_OK(cp_socket_recv_pooled(&a.s, &ra));
+        expect_nothing(p, 50);
+        CHECK_OK(cp_socket_cancel(&a.s, &ra));
+        c = next(p);
+        CHECK(c.op == &ra);
+        CHECK_EQ(c.result, -ECANCELED);
+    } else {
+        /* An idle connection's receive (on epoll it waits for data, not for a buffer). */
+        CHECK_OK(cp_socket_recv_pooled(&a.s, &ra));
+    }
+    cp_op rb = {0};
+    write_all(b.client, "hello", 5);
+    CHECK_OK(cp_socket_recv_pooled(&b.s, &rb));
+    expect_nothing(p, 50);
+    cp_buffer_release(p, held[0]);
+    c = next(p); /* without the fix: nothing for 5 s */
+    CHECK(c.op == &rb);
+    CHECK_EQ(c.result, 5);
+    CHECK(memcmp(rb.u.buf, "hello", 5) == 0);
+    cp_buffer_release(p, rb.u.buf);
+    if (!cancel_first) {
+        write_all(a.client, "late", 4);
+        c = next(p);
+        CHECK(c.op == &ra);
+        CHECK_EQ(c.result, 4);
+        CHECK(memcmp(ra.u.buf, "late", 4) == 0);
+        cp_buffer_release(p, ra.u.buf);
+    }
+    cp_buffer_release(p, held[1]);
+    pair_close(&x, p);
+    pair_close(&a, p);
+    pair_close(&b, p);
+    cp_port_destroy(p);
+}
+
+TEST(pool_waiter_behind_a_cancelled_one_is_served)
+{
+    pool_waiter_behind_another(true);
+}
+
+TEST(pool_waiter_behind_an_idle_one_is_served)
+{
+    pool_waiter_behind_another(false);
+}
+
 /* ---- epoll: a short read that does not mean "drained" --------------------------- */
 
 /* TCP urgent data: a receive stops at the urgent mark, short, with the bytes after it
