@@ -384,8 +384,12 @@ static void resolve_options(cp_port_options *o)
     if (o->pool_buffers > 32768)
         o->pool_buffers = 32768;
     o->pool_buffers = round_pow2(o->pool_buffers);
-    if (o->pool_buffer_size == 0)
-        o->pool_buffer_size = 4096;
+    if (o->pool_buffer_size == 0) {
+        /* A page multiple also where pages are larger: trimming gives whole buffers back
+         * with madvise, which works on whole pages. */
+        long page = sysconf(_SC_PAGESIZE);
+        o->pool_buffer_size = page > 4096 ? (uint32_t)page : 4096;
+    }
     if (o->pool_per_socket == 0)
         o->pool_per_socket = 4;
 }

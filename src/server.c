@@ -351,8 +351,8 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
         o.linger_ms = 5000;
     if (o.max_pending_send == 0)
         o.max_pending_send = 1 << 20;
-    if (o.recv_buffer == 0)
-        o.recv_buffer = 16384;
+    if (o.recv_buffer == 0) /* (a page multiple also where pages are 64 KiB) */
+        o.recv_buffer = page > 16384 ? (uint32_t)page : 16384;
     if (o.recvs == 0)
         o.recvs = 1;
     if (o.max_frame == 0)

@@ -106,7 +106,8 @@ typedef struct cp_port_options {
                                   (a larger value is taken as 32768) */
     uint32_t pool_buffer_size; /* bytes per pool buffer, a multiple of the page size
                                   (else cp_port_create_ex() fails with -EINVAL);
-                                  0 = 4096. The pool (buffers x size) must stay under
+                                  0 = 4096, or the page size where pages are larger.
+                                  The pool (buffers x size) must stay under
                                   4 GiB: cp_port_create_ex() fails with -EINVAL */
     uint32_t pool_per_socket;  /* received chunks (pool buffers or parts of them) one
                                   socket may hold undelivered before it stops receiving

@@ -154,7 +154,8 @@ typedef struct cp_server_options {
     bool zero_byte;                /* pooled receives: an idle connection holds no buffer */
     uint32_t recv_buffer;          /* receive buffer per receive without zero_byte; page
                                       multiple, at most 65536 (else cp_server_create fails
-                                      with -EINVAL, with zero_byte too); 0 = 16384 */
+                                      with -EINVAL, with zero_byte too); 0 = 16384, or
+                                      the page size where pages are larger */
     unsigned recvs;                /* receives outstanding per connection; 0 = 1, at most
                                       64 (else -EINVAL) */
     bool framed;                   /* 4-byte big-endian length-prefixed messages */

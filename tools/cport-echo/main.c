@@ -170,10 +170,11 @@ static int stats_start(cp_server **statsp, cp_server *echo, const cp_server_opti
                            .handshake_timeout_ms = STATS_TIMEOUT_MS,
                            .idle_timeout_ms = STATS_TIMEOUT_MS,
                            .linger_ms = 1000,
-                           .recv_buffer = 4096,
                            .conn_user_size = sizeof(bool),
                            .user = echo,
                            .port_options = {.flags = CP_PORT_QUIET}};
+    long page = sysconf(_SC_PAGESIZE); /* (a receive buffer is a page multiple) */
+    o.recv_buffer = page > 4096 ? (uint32_t)page : 4096;
     int r = cp_server_create(statsp, &o, &cb);
     if (r < 0)
         return r;
