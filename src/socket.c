@@ -541,7 +541,10 @@ void cp__io_chunk(cp_handle *h, int res, uint32_t chunk, bool more, cp__oplist *
     }
     if (chunk != CP__NO_CHUNK) {
         cp_op *op = q_first(h->cp__rq);
-        if (res <= 0 || (h->cp__flags & CP__H_CLOSING)) {
+        /* After a chunk was lost (no record to keep it, CP__H_ERR), later ones go too: the
+         * reader gets what came before the loss, then the error, never a stream with a
+         * hole in it. */
+        if (res <= 0 || (h->cp__flags & (CP__H_CLOSING | CP__H_ERR))) {
             if (cp__bufpool_unref(bp, (uint16_t)(chunk / bp->size)))
                 done->flags |= OPLIST_POOL_FREED;
         } else if (!h->cp__nstash && op && op->opcode == CP_OP_RECV_POOL &&
