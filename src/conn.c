@@ -442,6 +442,40 @@ int cp_conn_set_deadline(cp_conn *c, unsigned ms)
 }
 
 static int timeout_due(cp_server *sv, cp_conn *c, uint64_t st, uint32_t now);
+static uint16_t ticks_since(uint32_t now, uint16_t stamp);
+enum { STAMP_MAX_AGE = 1 << 14 }; /* ticks; timeouts are at most this long (cp_server_create) */
+
+/* A handshake or idle timeout left standing stays due: its 16-bit stamp is kept at most
+ * 2^14 ticks old (every timeout is shorter), else at 2^15 ticks it would look ahead of the
+ * tick, and the timeout would stop firing for the next 2^15 ticks. Data arriving meanwhile
+ * wins (the CAS fails). */
+static void age_standing(cp_conn *c, uint32_t now)
+{
+    uint64_t st = st_load(c);
+    if ((st & CF_CLOSING) || ticks_since(now, st_tick(st)) < STAMP_MAX_AGE)
+        return;
+    uint64_t stamp = (uint16_t)(now - STAMP_MAX_AGE);
+    uint64_t want = (st & ~CS_TICK_MASK) | (stamp << CS_TICK_SHIFT);
+    __atomic_compare_exchange_n(&c->state, &st, want, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+/* Whether c's deadline is set and due at tick `now`. */
+static bool timeout_due_deadline(cp_server *sv, cp_conn *c, uint32_t now)
+{
+    if (!sv->o.conn_deadlines)
+        return false;
+    uint32_t at = __atomic_load_n(deadline_of(sv, c), __ATOMIC_RELAXED);
+    return at && (int32_t)(now - at) >= 0;
+}
+
+/* Use up c's deadline (clear it) if it is still the one that was found due (lock held);
+ * false if it was replaced or cleared meanwhile. */
+static bool take_deadline(cp_server *sv, cp_conn *c)
+{
+    uint32_t at = __atomic_load_n(deadline_of(sv, c), __ATOMIC_RELAXED);
+    return at && __atomic_compare_exchange_n(deadline_of(sv, c), &at, 0, false, __ATOMIC_RELAXED,
+                                             __ATOMIC_RELAXED);
+}
 
 /* A timeout fired: the application decides (on_timeout), or the connection is aborted.
  * The sweep found it due before taking c's lock, which a callback of c may have held
@@ -454,12 +488,8 @@ static void timed_out(cp_server *sv, cp_conn *c, uint32_t now)
     cp__lock_acquire(&c->lock);
     uint64_t st = st_load(c);
     int reason = (st & CF_CLOSING) ? -1 : timeout_due(sv, c, st, now);
-    if (reason == CP_CLOSE_DEADLINE) {
-        uint32_t at = __atomic_load_n(deadline_of(sv, c), __ATOMIC_RELAXED);
-        if (!at || !__atomic_compare_exchange_n(deadline_of(sv, c), &at, 0, false, __ATOMIC_RELAXED,
-                                                __ATOMIC_RELAXED))
-            reason = -1;
-    }
+    if (reason == CP_CLOSE_DEADLINE && !take_deadline(sv, c))
+        reason = -1;
     if (reason < 0) {
         cp__lock_release(&c->lock);
         return;
@@ -475,6 +505,13 @@ static void timed_out(cp_server *sv, cp_conn *c, uint32_t now)
         if (reap && (after & CF_CLOSING) &&
             (after & CF_REASON_MASK) >> CF_REASON_SHIFT == CP_CLOSE_LOCAL)
             __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
+        /* A standing handshake or idle timeout is found due first at every tick: a deadline
+         * due as well would never fire. It fires now, once. */
+        if (reap && !(after & CF_CLOSING) && timeout_due_deadline(sv, c, now) &&
+            take_deadline(sv, c))
+            sv->cb.on_timeout(c, CP_CLOSE_DEADLINE);
+        if (reap)
+            age_standing(c, now);
         cp__lock_release(&c->lock);
     } else {
         /* Under the lock (as cp_conn_abort from a callback), so that nothing changes
@@ -505,12 +542,7 @@ static int timeout_due(cp_server *sv, cp_conn *c, uint64_t st, uint32_t now)
         return CP_CLOSE_HANDSHAKE_TIMEOUT;
     if (sv->idle_ticks && idle >= sv->idle_ticks)
         return CP_CLOSE_IDLE_TIMEOUT;
-    if (sv->o.conn_deadlines) {
-        uint32_t at = __atomic_load_n(deadline_of(sv, c), __ATOMIC_RELAXED);
-        if (at && (int32_t)(now - at) >= 0)
-            return CP_CLOSE_DEADLINE;
-    }
-    return -1;
+    return timeout_due_deadline(sv, c, now) ? CP_CLOSE_DEADLINE : -1;
 }
 
 bool cp__conn_sweep_pin(cp_server *sv, cp_conn *c, uint32_t now)

@@ -25,6 +25,7 @@
 #include "harness.h"
 
 #include "cport.h"
+#include "server_internal.h" /* the tick clock, to make time pass */
 
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -3621,6 +3622,102 @@ TEST(conns_reaped_counts_connections_not_timeouts)
     WAIT_FOR(LOAD(&x.closes) == 1, IO_MS);
     /* Counted once on_timeout has returned, which may be just after the close is seen. */
     WAIT_FOR((cp_server_get_stats(sv, &st), st.conns_reaped == 1), IO_MS);
+    expect_closed(fd, IO_MS);
+    close(fd);
+    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
+    cp_server_destroy(sv);
+}
+
+/* A timeout left standing fires again at every tick, also once the connection has been
+ * silent for 2^15 ticks or more: its 16-bit stamp used to look ahead of the tick then, and
+ * it stopped firing for the next 2^15 ticks (55 minutes with tick_ms 100). Time passes
+ * here by moving the server's tick epoch back 10,000 ticks at each firing, from
+ * on_timeout: the only worker runs it, and it is the only thread reading the epoch. */
+static void standing_on_timeout(cp_conn *c, cp_close_reason reason)
+{
+    cp_server *sv = cp_conn_server(c);
+    reap_ctx *x = cp_server_user(sv);
+    CHECK_EQ(reason, CP_CLOSE_HANDSHAKE_TIMEOUT);
+    sv->tick_epoch_ns -= 10000 * sv->tick_ns;
+    ADD(&x->calls, 1);
+}
+
+TEST(a_timeout_left_standing_keeps_firing_across_the_tick_wrap)
+{
+    reap_ctx x = {0};
+    cp_server_callbacks cb = {
+        .on_data = reap_on_data, .on_timeout = standing_on_timeout, .on_close = reap_on_close};
+    cp_server_options o = {
+        .bind = "127.0.0.1", .threads = 1, .handshake_timeout_ms = 100, .tick_ms = 20, .user = &x};
+    o.port_options.flags |= CP_PORT_QUIET;
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_start(sv));
+    int fd = connect_to(cp_server_listen_port(sv)); /* silent */
+    /* The 4th firing sees it 30,000 ticks old, the 5th 40,000 (more than 2^15). */
+    WAIT_FOR(LOAD(&x.calls) >= 8, IO_MS);
+    close(fd);
+    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
+    cp_server_destroy(sv);
+    CHECK_EQ(LOAD(&x.closes), 1);
+}
+
+/* A deadline set on a connection whose handshake or idle timeout on_timeout leaves standing
+ * fires too: the standing timeout was found due first at every tick, and the deadline never
+ * ran (on_timeout saw the handshake timeout again and again). */
+typedef struct starve_ctx {
+    uint32_t standing, deadlines, closes;
+} starve_ctx;
+
+static void starve_on_data(cp_conn *c, const void *data, size_t len)
+{
+    (void)c;
+    (void)data;
+    (void)len;
+}
+
+static void starve_on_timeout(cp_conn *c, cp_close_reason reason)
+{
+    starve_ctx *x = cp_server_user(cp_conn_server(c));
+    if (reason == CP_CLOSE_DEADLINE) {
+        ADD(&x->deadlines, 1);
+        cp_conn_abort(c);
+        return;
+    }
+    CHECK_EQ(reason, CP_CLOSE_HANDSHAKE_TIMEOUT);
+    if (ADD(&x->standing, 1) == 1)
+        CHECK_OK(cp_conn_set_deadline(c, 1)); /* left standing, with a deadline to end it */
+}
+
+static void starve_on_close(cp_conn *c, cp_close_reason reason, int err)
+{
+    (void)err;
+    starve_ctx *x = cp_server_user(cp_conn_server(c));
+    CHECK_EQ(reason, CP_CLOSE_LOCAL);
+    ADD(&x->closes, 1);
+}
+
+TEST(a_deadline_fires_while_a_timeout_is_left_standing)
+{
+    starve_ctx x = {0};
+    cp_server_callbacks cb = {
+        .on_data = starve_on_data, .on_timeout = starve_on_timeout, .on_close = starve_on_close};
+    cp_server_options o = {.bind = "127.0.0.1",
+                           .threads = 1,
+                           .handshake_timeout_ms = 100,
+                           .tick_ms = 20,
+                           .conn_deadlines = true,
+                           .user = &x};
+    o.port_options.flags |= CP_PORT_QUIET;
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_start(sv));
+    int fd = connect_to(cp_server_listen_port(sv)); /* silent */
+    WAIT_FOR(LOAD(&x.closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&x.deadlines), 1);
+    cp_server_stats st;
+    cp_server_get_stats(sv, &st);
+    CHECK_EQ(st.conns_reaped, 0); /* closed by its deadline */
     expect_closed(fd, IO_MS);
     close(fd);
     CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
