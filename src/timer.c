@@ -228,10 +228,12 @@ int cp_timer_cancel(cp_timer *t, bool wait)
     cp_pool *pool = t->pool;
     cp__lock_acquire(&pool->tlock);
     stop_locked(pool, t);
-    bool self = false; /* called from one of its own callbacks: waiting would never end */
+    /* Called from one of its own callbacks: that one cannot be waited for, but a firing
+     * running on another worker (a periodic timer's next one) still must be. */
+    uint32_t self = 0;
     for (struct firing *f = t->firings; f; f = f->next)
-        self |= pthread_equal(f->thread, pthread_self()) != 0;
-    while (wait && !self && t->running) {
+        self += pthread_equal(f->thread, pthread_self()) != 0;
+    while (wait && t->running > self) {
         uint32_t seen = __atomic_load_n(&t->idle, __ATOMIC_ACQUIRE);
         cp__lock_release(&pool->tlock);
         cp__futex_wait(&t->idle, seen, -1);

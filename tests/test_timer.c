@@ -222,6 +222,49 @@ TEST(cancel_from_own_callback_while_a_later_firing_runs)
     cp_pool_destroy(pool, CP_POOL_DRAIN);
 }
 
+/* ... and with wait == true it waits for that later firing, running on another worker,
+ * to end: the caller may free what the callbacks use once cancel returns. (It returned at
+ * once, with the other firing still running.) The second firing runs until the main
+ * thread, which sees the first inside cancel, lets it go. */
+typedef struct overlap_ctx {
+    cp_timer *t;
+    int calls, in_cancel, release, second_done, second_done_at_return, done, result;
+} overlap_ctx;
+
+static void overlapping_firings(void *arg)
+{
+    overlap_ctx *x = arg;
+    int call = __atomic_add_fetch(&x->calls, 1, __ATOMIC_SEQ_CST);
+    if (call == 2) {
+        while (!__atomic_load_n(&x->release, __ATOMIC_SEQ_CST))
+            sched_yield();
+        __atomic_store_n(&x->second_done, 1, __ATOMIC_SEQ_CST);
+    }
+    if (call != 1)
+        return;
+    while (__atomic_load_n(&x->calls, __ATOMIC_SEQ_CST) < 2) /* the second has started */
+        sched_yield();
+    __atomic_store_n(&x->in_cancel, 1, __ATOMIC_SEQ_CST);
+    x->result = cp_timer_cancel(x->t, true);
+    x->second_done_at_return = __atomic_load_n(&x->second_done, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&x->done, 1, __ATOMIC_SEQ_CST);
+}
+
+TEST(cancel_from_own_callback_waits_for_a_later_firing)
+{
+    cp_pool *pool = make_pool(2, 2);
+    overlap_ctx x = {0};
+    CHECK_OK(cp_timer_start(pool, &x.t, 10, 1, overlapping_firings, &x));
+    wait_until(&x.in_cancel, 1);
+    usleep(20000); /* (only lets a cancel that does not wait return first) */
+    __atomic_store_n(&x.release, 1, __ATOMIC_SEQ_CST);
+    wait_until(&x.done, 1);
+    CHECK_EQ(x.second_done_at_return, 1);
+    CHECK_EQ(x.result, 1); /* the caller's own firing runs */
+    CHECK_EQ(x.calls, 2);  /* nothing started after the cancel */
+    cp_pool_destroy(pool, CP_POOL_DRAIN);
+}
+
 /* The deadline heap (src/timer_heap.c, also behind per-operation timeouts) doubles its
  * 32-bit capacity: past 2^31 entries the doubling wrapped to 0, realloc(v, 0) freed the
  * array, and the heap kept the freed pointer (a double free, or a write far past a new
