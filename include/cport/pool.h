@@ -116,10 +116,10 @@ CP_EXTERN int cp_timer_start(cp_pool *pool, cp_timer **timerp, uint64_t due_ms, 
  * (it will complete), or 0 if no callback is running or will run. With wait == true,
  * cancel first waits for the callbacks running on other threads: called from another
  * thread it then returns 0; from one of the timer's own callbacks (a periodic timer's
- * next firing may run on another worker meanwhile) it returns 1, for that callback. A one-shot
- * timer that already fired must still be cancelled to release it; cancel then returns 0. -EINVAL
- * for NULL. Any thread, including the timer's own callback; not after cp_pool_destroy()
- * (which already freed every timer). */
+ * next firing may run on another worker meanwhile) it returns 1, for that callback. A
+ * one-shot timer that already fired must still be cancelled to release it; cancel then
+ * returns 0. -EINVAL for NULL. Any thread, including the timer's own callback; not after
+ * cp_pool_destroy() (which already freed every timer). */
 CP_EXTERN int cp_timer_cancel(cp_timer *timer, bool wait);
 
 #ifdef __cplusplus
