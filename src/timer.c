@@ -92,8 +92,10 @@ static int64_t fire_due_locked(cp_pool *pool, int64_t now)
             }
         }
         if (t->period > 0) {
-            while (t->due <= now)
-                t->due += t->period;
+            /* The next due time after now on the schedule, in one step (after a long stall a
+             * 1 ms timer has missed millions of periods). */
+            if (t->due <= now)
+                t->due += ((now - t->due) / t->period + 1) * t->period;
             if (cp__heap_push(&pool->theap, t, &t->heap_slot, t->due) == 0)
                 continue;
         }
