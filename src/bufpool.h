@@ -9,7 +9,12 @@
  * watermark) give their pages back to the OS (MADV_DONTNEED), so RSS follows the load back
  * down after a burst, also when no traffic follows it (the poller then wakes for the
  * check); a trimmed buffer costs a page fault when it is next used. Buffers in steady
- * circulation are never trimmed.
+ * circulation are never trimmed, nor (io_uring) those sitting in the kernel's ring: the
+ * kernel may write into any of them at any moment. The ring's target decays back to its
+ * start (8 or 64 buffers) only as later refills find it has not run dry for 5 s, so after
+ * a burst with no traffic following, the ring keeps what the burst grew it to (at most
+ * half the pool) until traffic resumes. At most 256 buffers are trimmed per check, one
+ * check a second.
  *
  * A buffer may hold several chunks of received data (io_uring fills its provided buffers
  * incrementally, one receive after the other, whatever the socket), so every buffer

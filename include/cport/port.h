@@ -207,7 +207,8 @@ typedef struct cp_port_stats {
     uint32_t pool_free;    /* receive-pool buffers free now (not handed out, not in the
                               kernel's ring; never-used ones not counted) */
     uint32_t pool_trimmed; /* ...of which hold no memory: given back to the OS after a
-                              second unused (all but 64), also when no traffic follows */
+                              second unused (all but 64; at most 256 a second), also when
+                              no traffic follows */
 } cp_port_stats;
 
 /* Fill *stats with the port's counters (all zero for a NULL port; nothing for NULL
