@@ -334,6 +334,17 @@ static void bound_drain(cp_server *sv, cp_conn *c)
     }
 }
 
+/* A send was queued after its check that c is not closing. If a graceful close began in
+ * between, the close may have looked at `pending` before these bytes were counted, and not
+ * bounded them: a peer that never reads would keep the connection for good. Pairs with
+ * start_close (it sets CF_CLOSING, then reads `pending`; the send raised `pending`, then
+ * reads the flags): one of the two sees the other and bounds it. */
+static void bound_late_send(cp_server *sv, cp_conn *c)
+{
+    if (st_load(c) & CF_DRAIN)
+        bound_drain(sv, c);
+}
+
 /* Begin closing (any thread). With drain, the close waits for queued sends; without, they
  * are cancelled. The first caller's reason and errno stick. */
 static void start_close(cp_server *sv, cp_conn *c, cp_close_reason reason, int err, bool drain)
@@ -371,6 +382,7 @@ static void start_close(cp_server *sv, cp_conn *c, cp_close_reason reason, int e
      * `pending`, then reads the flags. */
     if (__atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) != 0)
         bound_drain(sv, c);
+    CP__INJECT_DELAY("close_looked"); /* a send that saw no CF_CLOSING may queue meanwhile */
     drain_step(sv, c);
 }
 
@@ -396,12 +408,23 @@ static bool pin_if_unchanged(cp_conn *c, uint64_t st)
 bool cp__conn_stop_pin(cp_conn *c, bool abort)
 {
     uint64_t st = st_load(c);
-    if (!(st & CS_OPREF_MASK))
-        return false; /* being set up (it sees `stopping` itself), or finished */
-    /* What cp__conn_stop would still change: so that a walk repeated after running out of
-     * memory pins only the connections it missed. */
-    bool todo = abort ? !(st & CF_CLOSING) || (st & CF_DRAIN) : !(st & CF_STOP_READ);
-    return todo && pin_if_unchanged(c, st);
+    CP__INJECT_DELAY("stop_pin"); /* the state word may change meanwhile */
+    /* Retried until the word holds still: it changes all the time (data in a new tick, a
+     * send queued or done, a cp_conn_ref), and a connection the walk leaves out is never
+     * stopped (nothing else tells it). Whatever connection the word belongs to by then,
+     * one with a reference is live, and stopping it is right. */
+    for (;;) {
+        if (!(st & CS_OPREF_MASK))
+            return false; /* being set up (it sees `stopping` itself), or finished */
+        /* What cp__conn_stop would still change: so that a walk repeated after running out
+         * of memory pins only the connections it missed. */
+        bool todo = abort ? !(st & CF_CLOSING) || (st & CF_DRAIN) : !(st & CF_STOP_READ);
+        if (!todo)
+            return false;
+        if (__atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, false, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST))
+            return true;
+    }
 }
 
 void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort)
@@ -562,6 +585,22 @@ void cp__conn_sweep(cp_server *sv, cp_conn *c, uint32_t now)
     op_unref(sv, c, 1);
 }
 
+/* A graceful close keeps reading (and dropping) what the peer sends, also where
+ * backpressure paused reading. */
+static void read_on(cp_server *sv, cp_conn *c)
+{
+    cp__lock_acquire(&c->lock);
+    if (drain_reading(c)) {
+        if (sv->o.recvs > 1) {
+            post_idle_slots(sv, cp__server_worker(sv), c);
+        } else if (!(st_or(c, CF_RX_OUT) & CF_RX_OUT)) {
+            if (post_rx(sv, cp__server_worker(sv), c, &c->rx) < 0)
+                st_clear(c, CF_RX_OUT);
+        }
+    }
+    cp__lock_release(&c->lock);
+}
+
 static void sweep_step(cp_server *sv, cp_conn *c, uint32_t now)
 {
     uint64_t st = st_load(c);
@@ -572,23 +611,16 @@ static void sweep_step(cp_server *sv, cp_conn *c, uint32_t now)
             issue_close(sv, c); /* it could not get its op (out of memory): retry */
         } else if (!(st & CF_LINGER)) {
             drain_step(sv, c);
+            /* Replies still going out: a peer blocked writing reads them only once its
+             * input is taken, which backpressure may have paused. */
+            read_on(sv, c);
         } else if (ticks_since(now >> sv->linger_shift, st_tick(st)) >= sv->linger_units) {
             start_close(sv, c, (cp_close_reason)((st & CF_REASON_MASK) >> CF_REASON_SHIFT), 0,
                         false); /* lingered long enough: abort */
         } else if (quiet_both_ways(c)) {
             issue_close(sv, c); /* the peer has every reply */
         } else {
-            /* Keep reading what the peer sends, also where backpressure paused it. */
-            cp__lock_acquire(&c->lock);
-            if (drain_reading(c)) {
-                if (sv->o.recvs > 1) {
-                    post_idle_slots(sv, cp__server_worker(sv), c);
-                } else if (!(st_or(c, CF_RX_OUT) & CF_RX_OUT)) {
-                    if (post_rx(sv, cp__server_worker(sv), c, &c->rx) < 0)
-                        st_clear(c, CF_RX_OUT);
-                }
-            }
-            cp__lock_release(&c->lock);
+            read_on(sv, c);
         }
         return;
     }
@@ -996,6 +1028,7 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
         __atomic_add_fetch(&sv->sends_refused, 1, __ATOMIC_RELAXED);
         return -ENOBUFS;
     }
+    CP__INJECT_DELAY("send_checked"); /* a graceful close may begin meanwhile */
     long n = cp__send_try(&c->s, iov, cnt, len, mode != TAIL_REF);
     if (n == (long)len) {
         cp__worker_count(w, &w->bytes_out, len);
@@ -1031,6 +1064,7 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
         op_unref(sv, c, 1);
         return -EPIPE;
     }
+    bound_late_send(sv, c);
     return 0;
 }
 
@@ -1127,6 +1161,7 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
         op_unref_caller(sv, c);
         return r == -EBADF ? -EPIPE : r;
     }
+    bound_late_send(sv, c);
     return 0;
 }
 

@@ -4,10 +4,10 @@
  * tested by load alone. In a build configured with -DCPORT_INJECT=ON (the ASan+UBSan build
  * of scripts/test.sh; never a release), CP__INJECT_DELAY("point") sleeps for the
  * microseconds that the environment variable CPORT_INJECT_DELAY names for that point
- * ("point:usec"), so that a test can hold one thread in the window while the others act,
- * and the sanitizer or the test's counts catch what goes wrong. Elsewhere the macro is
- * nothing. The environment is read at each pass: no state is kept. Tests set it before
- * they start any thread.
+ * ("point:usec", or a comma-separated list of them), so that a test can hold one thread
+ * in the window while the others act, and the sanitizer or the test's counts catch what
+ * goes wrong. Elsewhere the macro is nothing. The environment is read at each pass: no
+ * state is kept. Tests set it before they start any thread.
  *
  * Failure points work the same way for paths that only a resource shortage reaches
  * (realloc failing, a full submission queue): CP__INJECT_FAIL("point") is true at every
@@ -27,7 +27,13 @@ static inline void cp__inject_delay(const char *point)
 {
     const char *e = getenv("CPORT_INJECT_DELAY");
     size_t n = strlen(point);
-    if (!e || strncmp(e, point, n) != 0 || e[n] != ':')
+    /* A comma-separated list: a race between two threads may need both held. */
+    while (e && *e && (strncmp(e, point, n) != 0 || e[n] != ':')) {
+        e = strchr(e, ',');
+        if (e)
+            e++;
+    }
+    if (!e || !*e)
         return;
     long us = strtol(e + n + 1, NULL, 10);
     if (us <= 0)

@@ -5514,3 +5514,214 @@ TEST(descriptors_are_close_on_exec)
     CHECK_EQ(tsrv_stop(t, 1000), 0);
     close(file);
 }
+
+/* The shutdown's walk pins each connection with a compare-and-swap on its state word. That
+ * word changes whenever data arrives in a new tick, a send is queued or completes, or the
+ * application takes a reference; a connection whose word changed between the walk's look
+ * and its swap was left out. Never stopped, it went on reading and kept the shutdown
+ * waiting for its deadline, and when the deadline's walk missed it too, for ever. With
+ * CPORT_INJECT (the ASan build) the walk pauses 200 ms between the look and the swap,
+ * while this thread takes a reference every millisecond: the connection must still be
+ * stopped, and the shutdown return 0 at once. */
+TEST(shutdown_stops_a_connection_whose_state_changes_during_the_walk)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    enum { MAX_REFS = 3000 };                                     /* the count has 12 bits */
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "stop_pin:200000", 1)); /* before any thread */
+    cp_server_options o = {.threads = 2};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    t->hold_refs = true;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    exchange(fd, 1, 100);
+    pthread_mutex_lock(&t->lock);
+    CHECK_EQ(t->nheld, 1);
+    cp_conn *c = t->held[0];
+    pthread_mutex_unlock(&t->lock);
+    sd_thread s = {.sv = t->sv, .deadline_ms = 2000};
+    CHECK_EQ(pthread_create(&s.th, NULL, sd_thread_main, &s), 0);
+    int refs = 0;
+    /* Well past the deadline: a connection both walks missed keeps the shutdown until its
+     * client ends it. */
+    for (int64_t until = cpt_now_ms() + 10000; !LOAD(&s.done) && cpt_now_ms() < until;) {
+        if (refs < MAX_REFS) {
+            cp_conn_ref(c);
+            refs++;
+        }
+        usleep(1000);
+    }
+    int done_in_time = LOAD(&s.done);
+    close(fd); /* ends a connection that was left out */
+    pthread_join(s.th, NULL);
+    fprintf(stderr, "shutdown %s before the client closed (%d references taken); returned %d\n",
+            done_in_time ? "returned" : "had not returned", refs, s.result);
+    for (int i = 0; i < refs; i++)
+        cp_conn_unref(c);
+    CHECK(done_in_time);
+    CHECK_EQ(s.result, 0);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_SHUTDOWN]), 1);
+    CHECK_EQ(tsrv_stop(t, 0), 0);
+#endif
+}
+
+/* A graceful close reads (and drops) what the peer still sends while its replies go out, so
+ * that a peer blocked writing (a client that reads only once its request is sent) can
+ * finish and then read them. A connection paused by backpressure did not: the close
+ * waited for replies the peer would never read, until TCP_USER_TIMEOUT (linger_ms) cut
+ * it with a reset, replies lost. Here the client sends until the server has paused it,
+ * the application closes the connection (from another thread, holding a reference), and
+ * the client goes on sending 1 MiB more before it reads: it must get every reply, then
+ * EOF. */
+TEST(graceful_close_of_a_paused_connection_reads_on)
+{
+    enum { CHUNK = 65536, MORE = 1 << 20 };
+    cp_server_options o = {.threads = 2, .max_pending_send = 65536, .linger_ms = 1000};
+    tsrv *t = tsrv_new(ECHO_COPY);
+    t->hold_refs = true;
+    t->sndbuf = 4096;
+    tsrv_start(t, &o);
+    int fd = sock_nb();
+    int small = 4096;
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small));
+    struct sockaddr_in sa = loopback(t->port);
+    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EINPROGRESS);
+    CHECK(wait_fd(fd, POLLOUT, cpt_now_ms() + IO_MS));
+    uint8_t *tx = malloc(CHUNK);
+    CHECK(tx != NULL);
+    uint64_t sent = 0;
+    /* Until the server has paused reading and the client's sending has stalled. */
+    for (int64_t until = cpt_now_ms() + 20000;;) {
+        pattern_fill(5, sent, tx, CHUNK);
+        ssize_t w = send(fd, tx, CHUNK, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) {
+            sent += (uint64_t)w;
+            continue;
+        }
+        CHECK(errno == EAGAIN);
+        if (!wait_fd(fd, POLLOUT, cpt_now_ms() + 300) &&
+            (tsrv_stats(t).backpressure_events > 0 || cpt_now_ms() > until))
+            break;
+    }
+    CHECK(tsrv_stats(t).backpressure_events > 0);
+    pthread_mutex_lock(&t->lock);
+    CHECK_EQ(t->nheld, 1);
+    cp_conn *c = t->held[0];
+    pthread_mutex_unlock(&t->lock);
+    CHECK(cp_conn_pending(c) > 0);
+    cp_conn_close(c);
+    /* The rest of the request, then the replies. */
+    uint64_t total = sent + MORE;
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    int r = 0;
+    while (sent < total && r == 0) {
+        size_t n = total - sent < CHUNK ? (size_t)(total - sent) : CHUNK;
+        pattern_fill(5, sent, tx, n);
+        r = try_send_all(fd, tx, n, deadline);
+        if (r == 0)
+            sent += n;
+    }
+    uint8_t buf[65536], want[65536];
+    uint64_t got = 0;
+    ssize_t k = 0;
+    bool same = true;
+    for (;;) {
+        k = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (k > 0) {
+            pattern_fill(5, got, want, (size_t)k);
+            same = same && memcmp(buf, want, (size_t)k) == 0;
+            got += (uint64_t)k;
+        } else if (k == 0 || errno != EAGAIN || !wait_fd(fd, POLLIN, deadline)) {
+            break;
+        }
+    }
+    int rerr = k < 0 ? errno : 0;
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    cp_server_stats st = tsrv_stats(t);
+    fprintf(stderr,
+            "client sent %llu bytes (%s), read %llu of the %llu replied, then %s; on_close: %s\n",
+            (unsigned long long)sent, r ? strerror(-r) : "all", (unsigned long long)got,
+            (unsigned long long)st.bytes_out, k == 0 ? "EOF" : strerror(rerr),
+            LOAD(&t->reasons[CP_CLOSE_LOCAL]) ? "local" : "other");
+    CHECK_EQ(r, 0);
+    CHECK_EQ(k, 0);
+    CHECK(same);
+    CHECK_EQ(got, st.bytes_out);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_LOCAL]), 1);
+    free(tx);
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* A graceful close bounds replies still queued with TCP_USER_TIMEOUT (linger_ms), set if
+ * any are queued when the close begins. A send from another thread that had found the
+ * connection open before the close began, and queued its bytes just after the close
+ * looked, was not bounded: with a peer that never reads, the connection stayed for good.
+ * With CPORT_INJECT (the ASan build) the send pauses 300 ms after its check and the close
+ * 400 ms after its look; the close begins 100 ms into the send's pause (a test thread
+ * stalled past the pause only makes the test miss the window: it cannot fail it). */
+typedef struct late_sender {
+    cp_conn *c;
+    int result;
+    pthread_t th;
+} late_sender;
+
+#ifdef CPORT_INJECT
+static size_t held_count(tsrv *t)
+{
+    pthread_mutex_lock(&t->lock);
+    size_t n = t->nheld;
+    pthread_mutex_unlock(&t->lock);
+    return n;
+}
+
+static void *late_sender_main(void *arg)
+{
+    late_sender *l = arg;
+    static uint8_t big[4 << 20];
+    l->result = cp_conn_send(l->c, big, sizeof big);
+    return NULL;
+}
+#endif
+
+TEST(a_send_queued_as_the_close_begins_is_bounded)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "send_checked:300000,close_looked:400000", 1));
+    /* A 10 s tick: the sweep, which moves graceful closes on too, stays out of the way. */
+    cp_server_options o = {
+        .threads = 2, .tick_ms = 10000, .linger_ms = 300, .max_pending_send = 8 << 20};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    t->sndbuf = 4096;
+    tsrv_start(t, &o);
+    int fd = sock_nb();
+    int small = 4096;
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small));
+    struct sockaddr_in sa = loopback(t->port);
+    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EINPROGRESS);
+    WAIT_FOR(held_count(t) == 1, IO_MS);
+    late_sender l = {.c = t->held[0]};
+    CHECK_EQ(pthread_create(&l.th, NULL, late_sender_main, &l), 0);
+    usleep(100000); /* into the send's pause */
+    int64_t t0 = cpt_now_ms();
+    cp_conn_close(l.c);
+    pthread_join(l.th, NULL);
+    /* The peer never reads: the close ends once nothing was acknowledged for linger_ms. */
+    while (LOAD(&t->closes) == 0 && cpt_now_ms() - t0 < 10000)
+        usleep(1000);
+    uint64_t closed = LOAD(&t->closes);
+    fprintf(stderr, "send: %d, %zu bytes still queued; %s %lld ms after the close began\n",
+            l.result, cp_conn_pending(l.c), closed ? "closed" : "still open",
+            (long long)(cpt_now_ms() - t0));
+    if (!closed)
+        cp_conn_abort(l.c);
+    CHECK_EQ(closed, 1);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_LOCAL]), 1);
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+#endif
+}

@@ -38,8 +38,10 @@
  * pointer is valid from on_open until on_close returns; to use it after that (e.g. from
  * another thread), take a reference with cp_conn_ref() inside a callback and drop it with
  * cp_conn_unref(); the connection's memory (and its user area) stays valid until the last
- * reference is dropped. Data passed to on_data is valid until the callback returns,
- * unless handed back with cp_conn_send_data().
+ * reference is dropped. Every reference must be dropped before cp_server_destroy(), which
+ * frees all connections' memory (after cp_server_shutdown() is fine). Data passed to
+ * on_data is valid until the callback returns, unless handed back with
+ * cp_conn_send_data().
  */
 #ifndef CPORT_SERVER_H
 #define CPORT_SERVER_H
@@ -59,7 +61,9 @@ typedef struct cp_conn cp_conn;
 
 /* Why a connection closed (on_close's reason). */
 typedef enum cp_close_reason {
-    CP_CLOSE_PEER = 0,              /* the peer closed its side and everything was sent */
+    CP_CLOSE_PEER = 0,              /* the peer closed its side; then what was queued was
+                                       sent, unless the peer stopped taking it (see
+                                       linger_ms: the close is cut, the reason stays) */
     CP_CLOSE_ERROR = 1,             /* a receive or send failed (err says why) */
     CP_CLOSE_LOCAL = 2,             /* cp_conn_close() or cp_conn_abort() */
     CP_CLOSE_HANDSHAKE_TIMEOUT = 3, /* no data within handshake_timeout_ms of accepting */
@@ -339,7 +343,7 @@ CP_EXTERN size_t cp_conn_pending(const cp_conn *c);
 CP_EXTERN int cp_conn_fd(const cp_conn *c);
 
 /* Keep the connection's memory valid beyond on_close; call inside one of its callbacks
- * (or while already holding a reference). */
+ * (or while already holding a reference). Drop it before cp_server_destroy(). */
 CP_EXTERN void cp_conn_ref(cp_conn *c);
 
 /* Drop a reference taken with cp_conn_ref(). Any thread. */
