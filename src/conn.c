@@ -224,28 +224,62 @@ static void hold_release(cp_server *sv, cp__worker *w, cp__hold *h)
 
 /* ---- close ----------------------------------------------------------------------------- */
 
+/* A close context: from the sends slab or, when that has none (out of memory), one of the
+ * server's spares. NULL if those are all in use too. */
+static cp_op *close_op_take(cp_server *sv, cp__worker *w)
+{
+    cp__send *x = CP__INJECT_FAIL("close_ctx") ? NULL : cp__cache_alloc(&w->sends, &sv->sends);
+    if (x) {
+        memset(&x->op, 0, sizeof(x->op));
+        x->kind = SEND_CLOSE;
+        return &x->op;
+    }
+    const uint32_t all = CP__CLOSE_SPARES == 32 ? UINT32_MAX : (1u << CP__CLOSE_SPARES) - 1;
+    uint32_t busy = __atomic_load_n(&sv->close_spares_busy, __ATOMIC_RELAXED);
+    for (;;) {
+        uint32_t idle = ~busy & all;
+        if (!idle)
+            return NULL;
+        uint32_t bit = idle & -idle;
+        if (__atomic_compare_exchange_n(&sv->close_spares_busy, &busy, busy | bit, true,
+                                        __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+            cp_op *op = &sv->close_spares[__builtin_ctz(bit)];
+            memset(op, 0, sizeof(*op));
+            return op;
+        }
+    }
+}
+
+static void close_op_give(cp_server *sv, cp__worker *w, cp_op *op)
+{
+    uintptr_t off = (uintptr_t)op - (uintptr_t)sv->close_spares; /* (wraps if below) */
+    if (off < sizeof(sv->close_spares))
+        __atomic_and_fetch(&sv->close_spares_busy, ~(1u << (off / sizeof(cp_op))),
+                           __ATOMIC_RELEASE);
+    else
+        cp__cache_free(&w->sends, &sv->sends, CP_CONTAINER_OF(op, cp__send, op));
+}
+
 static void issue_close(cp_server *sv, cp_conn *c)
 {
     if (st_or(c, CF_CLOSE_ISSUED) & CF_CLOSE_ISSUED)
         return;
     cp__worker *w = cp__server_worker(sv);
-    cp__send *x = cp__cache_alloc(&w->sends, &sv->sends);
-    if (!x) {
-        st_clear(c, CF_CLOSE_ISSUED); /* out of memory: the sweep retries */
+    cp_op *op = close_op_take(sv, w);
+    if (!op) {
+        st_clear(c, CF_CLOSE_ISSUED); /* every spare in use: the sweep retries */
         return;
     }
-    memset(&x->op, 0, sizeof(x->op));
-    x->kind = SEND_CLOSE;
     op_ref(c);
     /* Inside c's receive handler (which holds an operation reference, so the count cannot
      * reach zero here, under c's lock) a close that completes at once is handled right
      * away, without a trip through the port. */
-    int r = w->rx_conn == c ? cp__socket_close_now(&c->s, &x->op) : cp_socket_close(&c->s, &x->op);
+    int r = w->rx_conn == c ? cp__socket_close_now(&c->s, op) : cp_socket_close(&c->s, op);
     if (r < 0) {
-        cp__cache_free(&w->sends, &sv->sends, x);
+        close_op_give(sv, w, op);
         op_unref(sv, c, 1);
     } else if (r == CP_DONE_NOW) {
-        cp__cache_free(&w->sends, &sv->sends, x);
+        close_op_give(sv, w, op);
         op_unref(sv, c, 2); /* its own and the connection's life reference */
     }
 }
@@ -1249,7 +1283,7 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
         op_unref(sv, c, 1);
         return;
     case CP_OP_CLOSE:
-        cp__cache_free(&w->sends, &sv->sends, CP_CONTAINER_OF(op, cp__send, op));
+        close_op_give(sv, w, op);
         op_unref(sv, c, 2); /* its own and the connection's life reference */
         return;
     default:

@@ -124,7 +124,8 @@ typedef struct cp__send {
 
 /* ---- the server ------------------------------------------------------------------------ */
 
-enum { CP__SIZE_CLASSES = 3 }; /* 4 KiB, 16 KiB, 64 KiB buffers */
+enum { CP__SIZE_CLASSES = 3 };  /* 4 KiB, 16 KiB, 64 KiB buffers */
+enum { CP__CLOSE_SPARES = 16 }; /* at most 32: a bit each in close_spares_busy */
 
 /* Per worker thread: what on_data is handing over right now, and counters. The pool's
  * threads each get one when they first handle a completion (cp__server_worker_own). Any
@@ -207,6 +208,13 @@ struct cp_server {
     uint32_t linger_units; /* linger_ms in units of 2^linger_shift ticks (see create) */
     unsigned linger_shift;
     cp_timer *ticker;
+
+    /* Spare close contexts, for when the sends slab has none to give (out of memory): closing
+     * is what gives memory back, so it must not need any. A close completes promptly, and
+     * the sweep retries the closes that found none spare. Bit i of close_spares_busy
+     * (atomic): close_spares[i] is in use. */
+    cp_op close_spares[CP__CLOSE_SPARES];
+    uint32_t close_spares_busy;
 
     /* Shutdown. */
     int stopping;   /* atomic */

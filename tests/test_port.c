@@ -1312,3 +1312,23 @@ TEST(a_send_from_a_handler_goes_out_while_it_waits_announced)
     cp_port_close(p);
     cp_port_destroy(p);
 }
+
+/* The io_uring set-up's probe of the supported operations fails only for want of memory
+ * (failure point uring_probe): with the backend forced, creation must say -ENOMEM, not
+ * -EOPNOTSUPP (as if the kernel could not run io_uring), and leak nothing. */
+TEST(io_uring_without_memory_for_its_probe_says_enomem)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    if (strcmp(cpt_backend(), "io_uring") != 0)
+        SKIP("io_uring only");
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "uring_probe", 1)); /* before any thread */
+    int fds0 = cpt_count_fds();
+    cp_port *p = NULL;
+    cp_port_options o = {.concurrency = 1, .backend = CP_BACKEND_IO_URING};
+    CHECK_EQ(cp_port_create_ex(&p, &o), -ENOMEM);
+    CHECK(p == NULL);
+    CHECK_EQ(cpt_count_fds(), fds0);
+#endif
+}

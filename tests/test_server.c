@@ -5366,6 +5366,43 @@ TEST(a_failed_start_leaves_no_listener)
 #endif
 }
 
+/* Closing a connection must not need memory: when its close context cannot be had (failure
+ * point close_ctx: the sends slab has no chunk and none can be mapped, as when the address
+ * space is full of the receive buffers of the very connections that want to close), the
+ * close used to wait for the next tick's retry, which failed the same way for ever: the
+ * connections never closed, their memory was never given back, and cp_server_shutdown()
+ * waited for them without end. More connections than the server keeps spare close
+ * contexts, closed by their peers; then more, left to the shutdown. */
+TEST(connections_close_without_memory_for_a_close_context)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    enum { N = 40, WAIT_MS = 10000 };
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "close_ctx", 1)); /* before any thread */
+    cp_server_options o = {.threads = 2, .tick_ms = 20};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    tsrv_start(t, &o);
+    int fds[N];
+    for (int i = 0; i < N; i++) {
+        fds[i] = connect_to(t->port);
+        exchange(fds[i], (uint32_t)i, 100);
+    }
+    for (int i = 0; i < N; i++)
+        close(fds[i]);
+    WAIT_FOR(LOAD(&t->closes) == N, WAIT_MS);
+    CHECK_EQ(tsrv_stats(t).conns_open, 0);
+    /* The shutdown closes these: it returns, within its deadline. */
+    for (int i = 0; i < N; i++) {
+        fds[i] = connect_to(t->port);
+        exchange(fds[i], (uint32_t)i, 100);
+    }
+    CHECK_EQ(tsrv_stop(t, WAIT_MS), 0);
+    for (int i = 0; i < N; i++)
+        close(fds[i]);
+#endif
+}
+
 /* A graceful close with 1.5 MiB of replies queued to a peer that reads slowly but steadily
  * through a small receive window, for longer than linger_ms: the replies all arrive, then the
  * end of the stream (with plain sends this holds here; server.h's linger_ms tells where Linux's
