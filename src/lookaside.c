@@ -1,5 +1,6 @@
 /* Lookaside slabs (see lookaside.h). */
 #include "lookaside.h"
+#include "inject.h"
 
 #include <errno.h>
 #include <string.h>
@@ -94,7 +95,7 @@ static void *alloc_locked(cp__slab *s)
     } else {
         c = s->chunks;
         if (!c || c->carved == c->cap)
-            c = new_chunk(s);
+            c = CP__INJECT_FAIL("slab_grow") ? NULL : new_chunk(s); /* (not reserve's) */
         if (!c)
             return NULL;
         obj = c->objs + c->carved++ * s->size;
@@ -111,6 +112,14 @@ static void free_locked(cp__slab *s, void *obj)
     *(void **)obj = s->free;
     s->free = obj;
     __atomic_store_n(&s->live, s->live - 1, __ATOMIC_RELAXED);
+}
+
+int cp__slab_reserve(cp__slab *s)
+{
+    cp__lock_acquire(&s->lock);
+    int r = s->chunks || new_chunk(s) ? 0 : -ENOMEM;
+    cp__lock_release(&s->lock);
+    return r;
 }
 
 void *cp__slab_alloc(cp__slab *s)

@@ -38,6 +38,11 @@ enum { CP__SLAB_CHUNK = 1 << 20, CP__SLAB_MAX_OBJECT = CP__SLAB_CHUNK - 64 };
 int cp__slab_init(cp__slab *s, size_t size);
 void cp__slab_fini(cp__slab *s);
 
+/* Map the slab's first chunk now, if it has none (touching only its header): a slab that
+ * must keep working after memory ran out (the server's replies and closes) claims it
+ * while memory is there. Returns 0 or -ENOMEM. Thread-safe. */
+int cp__slab_reserve(cp__slab *s);
+
 /* An object (contents unspecified), or NULL when out of memory. Thread-safe. */
 void *cp__slab_alloc(cp__slab *s);
 void cp__slab_free(cp__slab *s, void *obj);

@@ -325,6 +325,25 @@ static uint32_t ms_to_ticks(unsigned ms, unsigned tick_ms)
     return (uint32_t)(((uint64_t)ms + tick_ms - 1) / tick_ms);
 }
 
+static int reserve_slabs(cp_server *sv)
+{
+    int r = cp__slab_reserve(&sv->conns) | cp__slab_reserve(&sv->sends) |
+            cp__slab_reserve(&sv->xmits) | cp__slab_reserve(&sv->holds);
+    for (int i = 0; i < CP__SIZE_CLASSES; i++)
+        r |= cp__slab_reserve(&sv->bufs[i]);
+    return r;
+}
+
+static void fini_slabs(cp_server *sv)
+{
+    cp__slab_fini(&sv->conns);
+    cp__slab_fini(&sv->sends);
+    cp__slab_fini(&sv->xmits);
+    cp__slab_fini(&sv->holds);
+    for (int i = 0; i < CP__SIZE_CLASSES; i++)
+        cp__slab_fini(&sv->bufs[i]);
+}
+
 int cp_server_create(cp_server **serverp, const cp_server_options *opts,
                      const cp_server_callbacks *cb)
 {
@@ -422,6 +441,15 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     if (r < 0) {
         free(sv);
         return -EINVAL;
+    }
+    /* Each slab's first chunk now: after a burst took all memory (lookaside chunks are
+     * kept, never given back), a slab that never grew could not serve again (on io_uring
+     * every reply needs a context, every close too), and the server would accept and
+     * drop every connection until restarted. Touches one page per slab. */
+    if (reserve_slabs(sv) < 0) {
+        fini_slabs(sv);
+        free(sv);
+        return -ENOMEM;
     }
     cp__lock_init(&sv->accept_lock);
     cp__lock_init(&sv->workers_lock);
@@ -644,12 +672,7 @@ int cp_server_destroy(cp_server *sv)
             cp_pool_destroy(sv->pool, CP_POOL_DRAIN);
         }
     }
-    cp__slab_fini(&sv->conns);
-    cp__slab_fini(&sv->sends);
-    cp__slab_fini(&sv->xmits);
-    cp__slab_fini(&sv->holds);
-    for (int i = 0; i < CP__SIZE_CLASSES; i++)
-        cp__slab_fini(&sv->bufs[i]);
+    fini_slabs(sv);
     while (sv->workers) {
         cp__worker *w = sv->workers;
         sv->workers = w->next;
