@@ -55,16 +55,29 @@ static void op_ref(cp_conn *c)
     __atomic_add_fetch(&c->state, CS_OPREF, __ATOMIC_RELAXED);
 }
 
+/* Whether c takes new sends: while it is not closing, and while the close is the one the
+ * peer's end began and has not been issued (nor the server's shutdown come): replies to
+ * what arrived before the end may still be queued, from on_sent of an earlier reply for
+ * one (which runs before that reply leaves `pending`, so before the close can be issued).
+ * Once the last reply is out, the socket is sealed under its lock: later sends fail. */
+static bool takes_sends(uint64_t st)
+{
+    if (!(st & CF_CLOSING))
+        return true;
+    return (st & (CF_DRAIN | CF_CLOSE_ISSUED | CF_STOP_READ)) == CF_DRAIN &&
+           (st & CF_REASON_MASK) >> CF_REASON_SHIFT == CP_CLOSE_PEER;
+}
+
 /* An operation reference for a send started from outside c's handlers (any thread, one
- * holding only a cp_conn_ref included), taken only while c is not closing: until then the
- * close is not issued and the life reference is held, so the count is not zero. Once
- * closing, it may have reached zero already (on_close ran): a reference taken then would
- * run on_close again, and free c again, when dropped. */
+ * holding only a cp_conn_ref included), taken only while c takes sends: until the close
+ * is issued the life reference is held, so the count is not zero. After that, it may
+ * have reached zero already (on_close ran): a reference taken then would run on_close
+ * again, and free c again, when dropped. */
 static bool op_ref_unless_closing(cp_conn *c)
 {
     uint64_t st = st_load(c);
     do {
-        if (st & CF_CLOSING)
+        if (!takes_sends(st))
             return false;
     } while (!__atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, true, __ATOMIC_SEQ_CST,
                                           __ATOMIC_SEQ_CST));
@@ -1055,7 +1068,7 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
 {
     if (len == 0 || len > UINT32_MAX - 8)
         return -EINVAL;
-    if (st_load(c) & CF_CLOSING)
+    if (!takes_sends(st_load(c)))
         return -EPIPE;
     if (sv->o.send_queue_limit &&
         __atomic_load_n(&c->pending, __ATOMIC_RELAXED) + (uint64_t)len > sv->o.send_queue_limit) {

@@ -1187,6 +1187,39 @@ TEST(timeouts)
     server_stop(&s, NULL);
 }
 
+/* The keep-alive period runs from the end of a response, not from its request: a client
+ * that took most of a keep-alive period to download a file may send its next request a
+ * little later on the same connection. The period used to start with the request (the
+ * deadline was not re-armed when the transfer completed), so the connection was closed
+ * 0.8 s after a response that took 1.2 s, under a 2 s keep-alive timeout. */
+TEST(keep_alive_runs_from_the_end_of_the_response)
+{
+    tree t;
+    tree_make(&t, false);
+    uint64_t size = 8 * MIB; /* more than the socket buffers hold: sent while it is read */
+    make_file(&t, "stall.bin", size);
+    server s;
+    server_start(&s, &t, "--threads", "1", "--keepalive-timeout", "2000", NULL);
+    hc *c = hc_open(s.port);
+    int64_t t0 = cpt_now_ms();
+    hc_send(c, req_get("/stall.bin"));
+    usleep(1200 * 1000); /* nothing read: the transfer stalls on the full buffers */
+    resp r;
+    resp_read_file(c, &r, 200, size, 0, size);
+    int64_t t1 = cpt_now_ms();
+    fprintf(stderr, "response read %lld ms after its request\n", (long long)(t1 - t0));
+    usleep(1200 * 1000); /* idle, well within the keep-alive period */
+    hc_send(c, req_get("/one.bin"));
+    CHECK(resp_head(c, &r));
+    CHECK_EQ(r.status, 200);
+    verify v = {1, 0, true};
+    body_each(c, 1, verify_fn, &v);
+    CHECK(v.ok);
+    hc_close(c);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
 static void start_pre(server *sv, const tree *tt, void (*pre)(void), ...)
 {
     va_list ap;
@@ -1335,6 +1368,43 @@ TEST(pipelined)
     resp r;
     resp_read_file(c, &r, 200, 1, 0, 1);
     resp_read_file(c, &r, 200, 4095, 0, 4095);
+    hc_close(c);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* A client that pipelines more requests than the server sends files at once (16), then
+ * ends its side (shutdown(SHUT_WR), as "nc -N" does), gets every answer. The requests held
+ * back were served from on_sent, after the server layer had seen the end and begun the
+ * close: their sends failed with -EPIPE and the connection ended after 32 of 200 answers
+ * (epoll) or 96 (io_uring), silently. */
+TEST(pipelined_then_half_closed)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, "--threads", "1", NULL);
+    enum { N = 200 };
+    static char reqs[N * 64];
+    size_t len = 0;
+    for (int i = 0; i < N; i++)
+        len += (size_t)snprintf(reqs + len, sizeof reqs - len,
+                                "GET /one.bin HTTP/1.1\r\nHost: x\r\n\r\n");
+    hc *c = hc_open(s.port);
+    send_all(c->fd, reqs, len);
+    CHECK_EQ(shutdown(c->fd, SHUT_WR), 0);
+    for (int i = 0; i < N; i++) {
+        resp r;
+        if (!resp_head(c, &r)) {
+            fprintf(stderr, "EOF after %d of %d responses\n", i, N);
+            CHECK(!"every response");
+        }
+        CHECK_EQ(r.status, 200);
+        verify v = {1, 0, true};
+        body_each(c, 1, verify_fn, &v);
+        CHECK(v.ok);
+    }
+    hc_expect_eof(c);
     hc_close(c);
     wait_no_open_files(&s, &t);
     server_stop(&s, NULL);

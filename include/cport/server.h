@@ -250,12 +250,14 @@ CP_EXTERN int cp_server_stats_prometheus(cp_server *server, const char *prefix, 
 /* Send len bytes; the caller may reuse data at once. Sends go out in the order issued.
  * What the kernel takes right away (epoll: nothing queued ahead, room in the socket) is
  * sent inside the call; the rest is copied and queued. Returns 0, -EPIPE if the
- * connection is closing, -ENOMEM (nothing was sent; or, when part of the bytes had gone
- * out already, the connection is aborted: its stream cannot go on without the rest),
- * -ENOBUFS (the same, when 4 GiB would be queued on the connection: cp_conn_pending()
- * counts up to UINT32_MAX; or before any byte goes out when options.send_queue_limit
- * would be passed), or -EINVAL. Any thread. In framed mode the bytes are sent as they are:
- * use cp_conn_send_frame(). */
+ * connection is closing (not yet when the peer has ended its side: until the replies
+ * queued before its end have gone out, more may follow, e.g. from on_sent, for requests
+ * the application received but held back), -ENOMEM (nothing was sent; or, when part of
+ * the bytes had gone out already, the connection is aborted: its stream cannot go on
+ * without the rest), -ENOBUFS (the same, when 4 GiB would be queued on the connection:
+ * cp_conn_pending() counts up to UINT32_MAX; or before any byte goes out when
+ * options.send_queue_limit would be passed), or -EINVAL. Any thread. In framed mode the bytes are
+ * sent as they are: use cp_conn_send_frame(). */
 CP_EXTERN int cp_conn_send(cp_conn *c, const void *data, size_t len);
 
 /* Send back (part of) the data on_data is handing over right now: data must lie within

@@ -467,8 +467,10 @@ static void on_sent(cp_conn *c, void *ctx, int64_t result)
         settle(c, h); /* the peer may have it all already */
         return;
     }
-    if (!h->closing && h->in_len > 0) {
-        pump(c, h);
+    if (!h->closing) {
+        if (h->in_len > 0)
+            pump(c, h);
+        /* The keep-alive period runs from the end of the response, not from its request. */
         arm_deadline(c, h);
     }
 }
