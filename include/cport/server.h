@@ -256,8 +256,8 @@ CP_EXTERN int cp_server_stats_prometheus(cp_server *server, const char *prefix, 
  * the bytes had gone out already, the connection is aborted: its stream cannot go on
  * without the rest), -ENOBUFS (the same, when 4 GiB would be queued on the connection:
  * cp_conn_pending() counts up to UINT32_MAX; or before any byte goes out when
- * options.send_queue_limit would be passed), or -EINVAL. Any thread. In framed mode the bytes are
- * sent as they are: use cp_conn_send_frame(). */
+ * options.send_queue_limit would be passed), or -EINVAL. Any thread. In framed mode the
+ * bytes are sent as they are: use cp_conn_send_frame(). */
 CP_EXTERN int cp_conn_send(cp_conn *c, const void *data, size_t len);
 
 /* Send back (part of) the data on_data is handing over right now: data must lie within
