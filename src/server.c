@@ -90,9 +90,16 @@ cp__worker *cp__server_worker_own(cp_server *sv)
     cp__worker *w = pthread_getspecific(sv->wkey);
     if (w)
         return w;
-    /* Once per pool thread, on its first completion. Out of memory: wait for some rather
-     * than crash or share a record whose delivery fields this thread needs to itself. */
-    while (!(w = calloc(1, sizeof(*w)))) {
+    /* Once per pool thread, on its first completion: one of the records made at creation
+     * (one per thread). Should there be none (not reached: the pool's threads are fixed),
+     * wait for memory rather than share a record whose delivery fields this thread needs
+     * to itself. */
+    cp__lock_acquire(&sv->workers_lock);
+    w = sv->spare_workers;
+    if (w)
+        sv->spare_workers = w->next;
+    cp__lock_release(&sv->workers_lock);
+    while (!w && !(w = CP__INJECT_FAIL("worker_record") ? NULL : calloc(1, sizeof(*w)))) {
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL);
     }
@@ -334,6 +341,15 @@ static int reserve_slabs(cp_server *sv)
     return r;
 }
 
+static void free_worker_list(cp__worker *w)
+{
+    while (w) {
+        cp__worker *next = w->next;
+        free(w);
+        w = next;
+    }
+}
+
 static void fini_slabs(cp_server *sv)
 {
     cp__slab_fini(&sv->conns);
@@ -468,13 +484,24 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     for (unsigned i = 0; sv->accept_idle && i < o.accepts_max; i++)
         sv->accept_idle[i] = o.accepts_max - 1 - i; /* slot 0 on top */
     sv->naccept_idle = o.accepts_max;
+    bool spares = true;
+    for (unsigned i = 0; spares && i < o.threads; i++) {
+        cp__worker *w = calloc(1, sizeof(*w));
+        if (w) {
+            w->next = sv->spare_workers;
+            sv->spare_workers = w;
+        }
+        spares = w != NULL;
+    }
     r = pthread_key_create(&sv->wkey, NULL);
-    if (!sv->accepts || !sv->accept_busy || !sv->accept_idle || r != 0) {
+    if (!sv->accepts || !sv->accept_busy || !sv->accept_idle || !spares || r != 0) {
         free(sv->accepts);
         free(sv->accept_busy);
         free(sv->accept_idle);
+        free_worker_list(sv->spare_workers);
         if (r == 0)
             pthread_key_delete(sv->wkey);
+        fini_slabs(sv);
         free(sv);
         return -ENOMEM;
     }
@@ -487,6 +514,8 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
         free(sv->accepts);
         free(sv->accept_busy);
         free(sv->accept_idle);
+        free_worker_list(sv->spare_workers);
+        fini_slabs(sv);
         free(sv);
         return r;
     }
@@ -673,11 +702,8 @@ int cp_server_destroy(cp_server *sv)
         }
     }
     fini_slabs(sv);
-    while (sv->workers) {
-        cp__worker *w = sv->workers;
-        sv->workers = w->next;
-        free(w);
-    }
+    free_worker_list(sv->workers);
+    free_worker_list(sv->spare_workers);
     pthread_key_delete(sv->wkey);
     pthread_mutex_destroy(&sv->done_lock);
     pthread_cond_destroy(&sv->done_cond);

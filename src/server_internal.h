@@ -224,8 +224,11 @@ struct cp_server {
 
     pthread_key_t wkey; /* cp__worker of the calling thread */
     cp__lock workers_lock;
-    cp__worker *workers; /* the pool threads' records */
-    cp__worker foreign;  /* the record every other thread shares (see cp__worker) */
+    cp__worker *workers;       /* the pool threads' records */
+    cp__worker *spare_workers; /* records made at creation, one per pool thread, not yet
+                                  taken (workers_lock): a thread's first completion then
+                                  needs no memory */
+    cp__worker foreign;        /* the record every other thread shares (see cp__worker) */
 
     /* Counters (atomic). */
     uint64_t conns_open, conns_total, conns_rejected, conns_reaped, accept_pauses,

@@ -432,7 +432,8 @@ static void expect_closed(int fd, int timeout_ms)
 /* ---- processes ------------------------------------------------------------------------- */
 
 /* Resident memory in KiB of pid (0 = this process). */
-static long rss_kb(pid_t pid)
+/* A field of /proc/PID/status in kB ("VmRSS", "VmSize"); pid 0 = this process. */
+static long status_kb(pid_t pid, const char *field)
 {
     char path[64], buf[4096];
     if (pid)
@@ -445,9 +446,16 @@ static long rss_kb(pid_t pid)
     close(fd);
     CHECK(n > 0);
     buf[n] = 0;
-    const char *p = strstr(buf, "\nVmRSS:");
+    char key[32];
+    snprintf(key, sizeof key, "\n%s:", field);
+    const char *p = strstr(buf, key);
     CHECK(p != NULL);
-    return strtol(p + 7, NULL, 10);
+    return strtol(p + strlen(key), NULL, 10);
+}
+
+static long rss_kb(pid_t pid)
+{
+    return status_kb(pid, "VmRSS");
 }
 
 /* CPU time (user + system) of pid in ms, from /proc/PID/stat. */
@@ -5826,4 +5834,57 @@ TEST(a_server_whose_slabs_cannot_grow_sheds_and_keeps_serving)
     CHECK_EQ(tsrv_stats(t).allocations, 7);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 #endif
+}
+
+/* Each pool thread's record (its caches, what on_data is handing over) is made when the
+ * server is created: a worker's first completion needs no memory. It used to be allocated
+ * then, and a worker that found no memory waited for some, for ever if none came (the
+ * shutdown with it). With CPORT_INJECT (the ASan build) that allocation fails (fail point
+ * worker_record): every worker must still serve. */
+TEST(worker_records_are_made_at_creation)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    enum { N = 30 };
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "worker_record", 1)); /* before any thread */
+    cp_server_options o = {.threads = 3, .recvs = 2};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    tsrv_start(t, &o);
+    int fds[N];
+    for (int i = 0; i < N; i++)
+        fds[i] = connect_to(t->port);
+    for (int round = 0; round < 3; round++)
+        for (int i = 0; i < N; i++)
+            exchange(fds[i], (uint32_t)(round * N + i), 3000);
+    for (int i = 0; i < N; i++)
+        close(fds[i]);
+    WAIT_FOR(LOAD(&t->closes) == N, IO_MS);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+#endif
+}
+
+/* A cp_server_create that fails after its slabs mapped their first chunks (here the port
+ * refuses its options) unmaps them: eight failed creations leave the address space as it
+ * was (each would otherwise keep 7 MiB). */
+static void ignore_data(cp_conn *c, const void *data, size_t len)
+{
+    (void)c;
+    (void)data;
+    (void)len;
+}
+
+TEST(a_failed_server_create_unmaps_its_slabs)
+{
+    cp_server_options o = {.threads = 1, .port_options = {.ring_entries = 1u << 20}};
+    cp_server_callbacks cb = {.on_data = ignore_data};
+    long before = status_kb(0, "VmSize");
+    for (int i = 0; i < 8; i++) {
+        cp_server *sv = NULL;
+        CHECK_EQ(cp_server_create(&sv, &o, &cb), -EINVAL);
+        CHECK(sv == NULL);
+    }
+    long after = status_kb(0, "VmSize");
+    fprintf(stderr, "VmSize %ld -> %ld kB\n", before, after);
+    CHECK(after - before < 8 * 1024);
 }
