@@ -13,8 +13,8 @@
  *             the wakeup path only; the throughput goal does not apply (the producer's pace
  *             sets the rate).
  * The port runs with concurrency = --concurrency (default: online CPUs); the mutex queue
- * has no such limit. Both queues hold at most 65536 entries (the port's max_posted
- * default), take up to `batch` entries per dequeue, and are driven by the same code
+ * has no such limit. Both queues hold at most 65536 entries (the bench sets the port's
+ * max_posted to it), take up to `batch` entries per dequeue, and are driven by the same code
  * through a small vtable.
  *
  * Each configuration is calibrated once (one short unmeasured run of each queue) so that
@@ -57,7 +57,7 @@
 #include <unistd.h>
 
 enum {
-    QUEUE_CAPACITY = 65536, /* both queues: the port's default max_posted */
+    QUEUE_CAPACITY = 65536, /* both queues (the port's max_posted is set to it) */
     MAX_BATCH = 32,
     RUN_TIMEOUT_S = 60, /* a single run taking longer than this is a hang: abort */
     MAX_ROUNDS = 101,

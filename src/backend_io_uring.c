@@ -4,9 +4,11 @@
  * poller reaps completions. Submissions made by a thread that will come back to the port
  * (a worker running a handler, or the poller itself) are not sent at once: the next
  * poll hands them to the kernel together with its wait, in one io_uring_enter. With one
- * worker a whole batch of receives and sends therefore costs one system call. A
- * submission from any other thread, or while a poller is blocked in the kernel, is sent
- * immediately so nothing waits on a sleeper.
+ * worker a whole batch of receives and sends therefore costs one system call. Nothing
+ * waits on a sleeper: a port thread's submission made while a poller is blocked in the
+ * kernel is sent at once; one from any other thread is sent at once by that thread, or,
+ * while a poller is blocked, by the poller, which it wakes (a request fails when the
+ * thread that submitted it exits, and such a thread may exit at any time).
  *
  * Pooled receives use a multishot receive per socket over a provided-buffer ring. The
  * ring is filled lazily from the port's LIFO buffer pool (bufpool.h): it starts with a

@@ -1,9 +1,11 @@
 /* Tests of the public headers (include/): every public function is documented where it is
- * declared, and cport.h includes every header. */
+ * declared, cport.h includes every header, and every error they name has a name. */
 /* test-backends: none */
+#include "cport.h"
 #include "harness.h"
 
 #include <dirent.h>
+#include <errno.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -113,4 +115,74 @@ TEST(cport_h_includes_every_header)
     }
     closedir(d);
     CHECK_EQ(absent, 0);
+}
+
+/* Every error the public headers say a call returns has a name and a text: cp_err_name()
+ * and cp_strerror() ("UNKNOWN", "Unknown error" for values cport does not know) are what
+ * a program logs it with. -EDEADLK, which cp_pool_destroy() and cp_server_shutdown()
+ * return when called from a callback, was missing: logged as "Unknown error". */
+TEST(every_error_the_headers_name_has_a_name)
+{
+    /* The names cport knows: what cp_err_name() says for each errno value. */
+    static char known[256][24];
+    for (int e = 1; e < 256; e++)
+        snprintf(known[e], sizeof known[e], "%s", cp_err_name(-e));
+    const char *root = cpt_source_root();
+    CHECK(root != NULL);
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s/include/cport", root);
+    DIR *d = opendir(dir);
+    CHECK(d != NULL);
+    int named = 0, unknown = 0;
+    for (struct dirent *ent; (ent = readdir(d)) != NULL;) {
+        size_t len = strlen(ent->d_name);
+        if (len < 3 || strcmp(ent->d_name + len - 2, ".h") != 0)
+            continue;
+        char path[PATH_MAX + 256];
+        snprintf(path, sizeof path, "%s/%s", dir, ent->d_name);
+        int n = read_lines(path);
+        for (int i = 0; i < n; i++) {
+            for (const char *p = lines[i]; (p = strstr(p, "-E")) != NULL; p++) {
+                char name[24];
+                size_t k = 0;
+                for (const char *q = p + 1;
+                     k < sizeof name - 1 && ((*q >= 'A' && *q <= 'Z') || (*q >= '0' && *q <= '9'));
+                     q++)
+                    name[k++] = *q;
+                name[k] = 0;
+                if (k < 3)
+                    continue; /* not an errno name ("-E" alone) */
+                named++;
+                bool found = false;
+                for (int e = 1; e < 256 && !found; e++)
+                    found = strcmp(known[e], name) == 0;
+                if (!found) {
+                    fprintf(stderr, "%s:%d: -%s has no name (cp_err_name says UNKNOWN)\n", path,
+                            i + 1, name);
+                    unknown++;
+                }
+            }
+        }
+    }
+    closedir(d);
+    fprintf(stderr, "%d error mentions in the headers, %d without a name\n", named, unknown);
+    CHECK(named >= 50);
+    CHECK_EQ(unknown, 0);
+    CHECK(strcmp(cp_strerror(-EDEADLK), "Unknown error") != 0);
+}
+
+/* Errors a system call passes through that cport itself never makes (a file write's
+ * -EDQUOT, -EROFS) are named and described too (glibc 2.32+); values no errno has are
+ * "UNKNOWN" and "Unknown error", never NULL. */
+TEST(passed_through_errors_have_names_and_texts)
+{
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || __GLIBC_MINOR__ >= 32)
+    CHECK(strcmp(cp_err_name(-EDQUOT), "EDQUOT") == 0);
+    CHECK(strcmp(cp_err_name(EROFS), "EROFS") == 0);
+    CHECK(strcmp(cp_strerror(-EROFS), "Read-only file system") == 0);
+    CHECK(strcmp(cp_strerror(-EFBIG), "File too large") == 0);
+#endif
+    CHECK(strcmp(cp_err_name(-4000), "UNKNOWN") == 0);
+    CHECK(strcmp(cp_strerror(-4000), "Unknown error") == 0);
+    CHECK(strcmp(cp_strerror(0), "Success") == 0);
 }

@@ -19,9 +19,9 @@
  * -EMSGSIZE as soon as its 4th byte is fed, before anything is allocated or buffered; a
  * zero-length frame fails with -EBADMSG if the configuration rejects those. Both errors are
  * sticky: the decoder refuses all further input with the same error until cp_frame_reset()
- * (a server logs cp_frame_describe() and closes the connection). -ENOMEM (the allocator
- * failed) is not sticky: nothing is lost, and feeding the unconsumed rest again later
- * retries. -EINVAL (bad arguments or configuration) changes nothing.
+ * (the server layer closes the connection; cp_conn_frame_state() says why, for a log).
+ * -ENOMEM (the allocator failed) is not sticky: nothing is lost, and feeding the unconsumed
+ * rest again later retries. -EINVAL (bad arguments or configuration) changes nothing.
  *
  * Configuration. Settings shared by every connection of a server (the limit, the flags and
  * the allocator) live in a cp_frame_config that the caller keeps and passes to every call;
@@ -198,8 +198,8 @@ CP_EXTERN const char *cp_frame_strerror(int err);
 
 /* Describe the decoder's state for a log, with details: for a sticky error the announced
  * length and the limit, e.g. "frame header announces 16777216 bytes (0x01000000), over the
- * 1048576-byte limit"; otherwise a summary such as "incomplete frame: 100 of 4100 bytes"
- * or "between frames". Writes at most size bytes including the terminating NUL (nothing
+ * 1048576-byte limit"; otherwise a summary such as "incomplete frame: 100 of 4100 payload
+ * bytes" or "between frames". Writes at most size bytes including the terminating NUL (nothing
  * when size == 0) and returns the length of the whole description, as snprintf() does.
  * cfg gives the limit (NULL: not shown). */
 CP_EXTERN int cp_frame_describe(const cp_frame_decoder *d, const cp_frame_config *cfg, char *buf,

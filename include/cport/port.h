@@ -130,7 +130,8 @@ CP_EXTERN int cp_port_create(cp_port **portp, unsigned concurrency);
  * and -EINVAL for a NULL portp or an option outside the limits given above.
  * If opts->backend (or CPORT_BACKEND=io_uring|epoll in the environment, when opts->backend
  * is CP_BACKEND_AUTO) forces a backend that cannot run here, returns its error (-EPERM,
- * -ENOSYS, -EOPNOTSUPP) instead of switching. With CP_BACKEND_AUTO, io_uring is probed
+ * -ENOSYS, -EOPNOTSUPP; -ENOMEM when io_uring's probe cannot be allocated) instead of
+ * switching. With CP_BACKEND_AUTO, io_uring is probed
  * first (setup plus every opcode and feature cport relies on); if it is denied, the port
  * uses epoll and prints one line saying so on stderr (unless CP_PORT_QUIET). An unknown
  * CPORT_BACKEND value is -EINVAL. */

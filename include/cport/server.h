@@ -68,7 +68,7 @@ typedef enum cp_close_reason {
     CP_CLOSE_LOCAL = 2,             /* cp_conn_close() or cp_conn_abort() */
     CP_CLOSE_HANDSHAKE_TIMEOUT = 3, /* no data within handshake_timeout_ms of accepting */
     CP_CLOSE_IDLE_TIMEOUT = 4,      /* no data for idle_timeout_ms */
-    CP_CLOSE_BAD_FRAME = 5,         /* framed mode: a header over max_frame or malformed */
+    CP_CLOSE_BAD_FRAME = 5,         /* framed mode: a header announcing more than max_frame */
     CP_CLOSE_SHUTDOWN = 6,          /* the server is shutting down */
     CP_CLOSE_DEADLINE = 7,          /* the deadline set with cp_conn_set_deadline passed */
 } cp_close_reason;
@@ -181,7 +181,8 @@ typedef struct cp_server_options {
 typedef struct cp_server_stats {
     uint64_t conns_open;          /* connections now (gauge) */
     uint64_t conns_total;         /* connections accepted and kept */
-    uint64_t conns_rejected;      /* closed at accept: over max_conns or refused by on_open */
+    uint64_t conns_rejected;      /* closed at accept: over max_conns, refused by on_open, or
+                                     no memory for its record */
     uint64_t conns_reaped;        /* closed by the handshake or idle timeout (by the server,
                                      or by on_timeout closing them; not the deadline) */
     uint64_t accepts_outstanding; /* accepts posted now (gauge) */
@@ -194,8 +195,9 @@ typedef struct cp_server_stats {
     uint64_t frames_in;           /* framed mode: frames delivered */
     uint64_t frames_rejected;     /* framed mode: connections closed for a bad frame */
     uint64_t sends_refused;       /* sends refused by send_queue_limit */
-    uint64_t allocations;         /* lookaside chunks and buffers allocated (flat in steady
-                                     state) */
+    uint64_t allocations;         /* lookaside chunks and buffers allocated (7 from
+                                     cp_server_create: each lookaside list maps its first
+                                     chunk then; flat in steady state) */
 } cp_server_stats;
 
 /* Create a server (not yet listening). Copies the options and the callbacks, but not the
@@ -277,19 +279,23 @@ CP_EXTERN int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *c
 /* TransmitFile through the connection: head (copied; may be NULL/0), then len bytes of the
  * file fd from offset (len > 0), without copying the file through user space; ordered with
  * the connection's other sends. fd must stay open until on_sent(c, ctx, result) reports
- * the send done (ctx must not be NULL). -ENOBUFS as cp_conn_send(). Any thread. */
+ * the send done (ctx must not be NULL). Returns as cp_conn_send(), except that
+ * send_queue_limit does not apply (-ENOBUFS only when 4 GiB would be queued). Any thread. */
 CP_EXTERN int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd,
                                 int64_t offset, uint64_t len, void *ctx);
 
 /* Set (ms > 0) or clear (0) a deadline for the connection: when it passes, on_timeout
  * runs with CP_CLOSE_DEADLINE (or the connection is aborted). Checked at every tick, so
  * it fires never before the deadline and within one tick (plus the sweep's lateness) after
- * it. Needs options.conn_deadlines; -EINVAL otherwise, and for a deadline 2^31 ticks away
- * or more (only possible with tick_ms 1: beyond about 24 days). From the connection's
- * callbacks. (A tick is tick_ms, or longer when the timeouts are long: see tick_ms.) */
+ * it. Needs options.conn_deadlines; -EINVAL otherwise, and for a deadline 2^31 - 1 ticks
+ * away or more (with tick_ms 1 beyond about 24.8 days; with tick_ms 2 only ms within a
+ * few of UINT_MAX; never with longer ticks). From the connection's callbacks. (A tick is
+ * tick_ms, or longer when the timeouts are long: see tick_ms.) */
 CP_EXTERN int cp_conn_set_deadline(cp_conn *c, unsigned ms);
 
-/* Framed mode: send one frame (header + payload, copied). Any thread. */
+/* Framed mode: send one frame (header + payload, copied). Returns as cp_conn_send() (the
+ * 4-byte header counts toward send_queue_limit); -EINVAL for a payload over
+ * CP_FRAME_MAX_LIMIT. Any thread. */
 CP_EXTERN int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len);
 
 /* Framed mode: describe the connection's frame decoder for a log, as cp_frame_describe()

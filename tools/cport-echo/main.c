@@ -212,8 +212,9 @@ static void usage(FILE *f)
                "                        (default 1048576)\n"
                "  --zero-byte           idle connections hold no receive buffer (pooled receives)\n"
                "  --recvs N             receives outstanding per connection (default 1)\n"
-               "  --buffer BYTES        receive buffer size: per receive (default 16384), or with\n"
-               "                        --zero-byte per shared pool buffer (default 4096)\n"
+               "  --buffer BYTES        receive buffer size (rounded up to a page multiple): per\n"
+               "                        receive (default 16384), or with --zero-byte per shared\n"
+               "                        pool buffer (default 4096); defaults are at least a page\n"
                "  --framed              4-byte big-endian length-prefixed messages, echoed whole\n"
                "  --max-frame BYTES     largest frame accepted (default 1048576)\n"
                "  --stats-port N        serve the counters in Prometheus format on this port\n"
@@ -472,6 +473,11 @@ int main(int argc, char **argv)
     unsigned amax = o->accepts_max ? o->accepts_max : 256;
     if (amax < amin)
         amax = amin; /* (what the server does: --accepts above the default maximum) */
+    long page = sysconf(_SC_PAGESIZE);
+    unsigned buffer = o->zero_byte     ? (unsigned)cp_buffer_size(cp_server_port(sv))
+                      : o->recv_buffer ? o->recv_buffer
+                      : page > 16384   ? (unsigned)page /* (the server's default there) */
+                                       : 16384;
     printf("cport-echo: backend=%s threads=%u bind=%s port=%u accepts=%u..%u max-conns=%u "
            "handshake-timeout=%ums idle-timeout=%ums max-pending=%u zero-byte=%s recvs=%u "
            "buffer=%u framed=%s max-frame=%u\n",
@@ -479,10 +485,8 @@ int main(int argc, char **argv)
            o->threads ? o->threads : (unsigned)sysconf(_SC_NPROCESSORS_ONLN), o->bind,
            cp_server_listen_port(sv), amin, amax, o->max_conns, o->handshake_timeout_ms,
            o->idle_timeout_ms, o->max_pending_send ? o->max_pending_send : 1u << 20,
-           o->zero_byte ? "on" : "off", o->recvs ? o->recvs : 1,
-           o->zero_byte ? (unsigned)cp_buffer_size(cp_server_port(sv))
-                        : (o->recv_buffer ? o->recv_buffer : 16384),
-           o->framed ? "on" : "off", o->max_frame ? o->max_frame : CP_FRAME_DEFAULT_MAX);
+           o->zero_byte ? "on" : "off", o->recvs ? o->recvs : 1, buffer, o->framed ? "on" : "off",
+           o->max_frame ? o->max_frame : CP_FRAME_DEFAULT_MAX);
     struct rlimit rl;
     if (o->max_conns && getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
         o->max_conns > rl.rlim_cur)
