@@ -10,6 +10,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 enum { MAX_LINES = 4096, LINE_MAX_LEN = 512 };
 
@@ -185,4 +187,49 @@ TEST(passed_through_errors_have_names_and_texts)
     CHECK(strcmp(cp_err_name(-4000), "UNKNOWN") == 0);
     CHECK(strcmp(cp_strerror(-4000), "Unknown error") == 0);
     CHECK(strcmp(cp_strerror(0), "Success") == 0);
+}
+
+/* The README's first program builds against the installed library: `cmake --install` into
+ * a fresh prefix (not the configured one: the .pc file must name paths relative to where
+ * it lies), then cc -Wall -Wextra -Werror with `pkg-config --cflags --libs cport` from
+ * there, and the program links. Normal builds only: a sanitizer build's library needs its
+ * runtime linked in too. */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define API_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define API_SANITIZED 1
+#endif
+#endif
+
+TEST(the_readme_program_builds_against_the_installed_library)
+{
+#ifdef API_SANITIZED
+    SKIP("a sanitizer build's library needs its runtime: checked in the normal build");
+#else
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    CHECK(n > 0);
+    exe[n] = 0;
+    char *bin = strstr(exe, "/bin/test_api");
+    CHECK(bin != NULL);
+    *bin = 0; /* the build directory */
+    const char *root = cpt_source_root();
+    CHECK(root != NULL);
+    char cmd[4 * PATH_MAX];
+    snprintf(cmd, sizeof cmd,
+             "set -e; d=$(mktemp -d); trap 'rm -rf \"$d\"' EXIT;"
+             "cmake --install '%s' --prefix \"$d/prefix\" >/dev/null;"
+             "awk '/^## A first program/{f=1} f&&/^```c/{p=1;next} p&&/^```/{exit} p'"
+             " '%s/README.md' >\"$d/first.c\";"
+             "test -s \"$d/first.c\";"
+             "pc=$(dirname \"$(find \"$d/prefix\" -name cport.pc)\");"
+             "cc -std=c11 -Wall -Wextra -Werror \"$d/first.c\" -o \"$d/first\""
+             " $(PKG_CONFIG_PATH=\"$pc\" pkg-config --cflags --libs cport);"
+             "test -x \"$d/first\"",
+             exe, root);
+    int st = system(cmd);
+    CHECK(WIFEXITED(st));
+    CHECK_EQ(WEXITSTATUS(st), 0);
+#endif
 }
