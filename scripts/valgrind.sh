@@ -16,7 +16,7 @@ if ! "${vg[@]}" "$bin/pool_vs_naive" --quick >"$log/pool.out" 2>"$log/pool.err";
   cat "$log/pool.err"; fail=1
 fi
 
-for srv in echo_raw cport-echo; do
+for srv in echo_raw iocp_style cport-echo; do
   echo "--- $srv under load"
   extra=()
   [ "$srv" = cport-echo ] && extra=(--stats-port 0)
