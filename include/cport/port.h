@@ -22,8 +22,10 @@
  *     the thread's association; cport keeps no per-thread state across ports): with
  *     concurrency 1 and no bracket, this port's work waits until the thread is back.
  *   - On io_uring the bracket is required when the wait depends on I/O the handler
- *     started: a running thread's submissions reach the kernel in one batch when it comes
- *     back to the port, at cp_port_block_begin(), or through a thread blocked polling;
+ *     started: a running thread's submissions reach the kernel in one batch when it next
+ *     polls (back at the port with nothing queued for it, or after taking 64 completions
+ *     without a poll while no other thread polls), at cp_port_block_begin(), or through a
+ *     thread blocked polling;
  *     with every thread running, a send started and then waited on without it never
  *     leaves (on epoll it goes out at once).
  *
