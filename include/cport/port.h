@@ -25,9 +25,8 @@
  *     started: a running thread's submissions reach the kernel in one batch when it next
  *     polls (back at the port with nothing queued for it, or after taking 64 completions
  *     without a poll while no other thread polls), at cp_port_block_begin(), or through a
- *     thread blocked polling;
- *     with every thread running, a send started and then waited on without it never
- *     leaves (on epoll it goes out at once).
+ *     thread blocked polling; with every thread running, a send started and then waited
+ *     on without it never leaves (on epoll it goes out at once).
  *
  * Ownership. cp_port_create() allocates the port; cp_port_destroy() frees it and
  * everything it owns. The port records, per thread that ever dequeued from it, a small
