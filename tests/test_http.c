@@ -1448,9 +1448,12 @@ TEST(open_files_and_dirs)
     EXPECT_FETCH(&t, "/empty.txt", 0, "");
     EXPECT_FETCH(&t, "/dir/page.css", 0, "body{}");
     EXPECT_FETCH(&t, "/./dir//page.css?x=1", 0, "body{}");
-    /* directories are served through index.html, with or without the slash */
+    /* directories are served through index.html; without the slash, a 301 to it (the index
+     * used to be served there, and its relative links resolved against the parent) */
     EXPECT_FETCH(&t, "/dir/", 0, "<h1>dir</h1>");
-    EXPECT_FETCH(&t, "/dir", 0, "<h1>dir</h1>");
+    EXPECT_FETCH(&t, "/dir", 301, NULL);
+    EXPECT_FETCH(&t, "//dir", 301, NULL);
+    EXPECT_FETCH(&t, "/upindex", 301, NULL);
     EXPECT_FETCH(&t, "/dir/.", 0, "<h1>dir</h1>");
     EXPECT_FETCH(&t, "/dir/index.html", 0, "<h1>dir</h1>");
     EXPECT_FETCH(&t, "/upindex/", 0, "hello"); /* index symlink to ../file.txt, inside */
@@ -1507,7 +1510,7 @@ TEST(open_symlinks)
     EXPECT_FETCH(&t, "/link_in", 0, "hello");
     EXPECT_FETCH(&t, "/link_in_dotdot", 0, "hello");
     EXPECT_FETCH(&t, "/link_dir/", 0, "<h1>dir</h1>");
-    EXPECT_FETCH(&t, "/link_dir", 0, "<h1>dir</h1>");
+    EXPECT_FETCH(&t, "/link_dir", 301, NULL); /* a directory: to "/link_dir/" */
     EXPECT_FETCH(&t, "/link_dir/page.css", 0, "body{}");
     /* everything that leads outside the root is refused */
     EXPECT_FETCH(&t, "/link_passwd", 403, NULL);
@@ -1963,6 +1966,20 @@ TEST(format_head_statuses)
                      "Date: Thu, 01 Jan 1970 00:00:00 GMT\r\n"
                      "Last-Modified: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
                      "Connection: keep-alive\r\n\r\n");
+    /* 301 with its Location; a location that could end the field is refused */
+    http_response mv = {.status = 301,
+                        .keep_alive = true,
+                        .date = 0,
+                        .has_content_length = true,
+                        .location = {"/dir/?q=1", 9}};
+    expect_head(&mv, "HTTP/1.1 301 Moved Permanently\r\nServer: cport-httpd\r\n"
+                     "Date: Thu, 01 Jan 1970 00:00:00 GMT\r\nContent-Length: 0\r\n"
+                     "Location: /dir/?q=1\r\nConnection: keep-alive\r\n\r\n");
+    static const char *const bad_loc[] = {"/a\r\nSet-Cookie: x", "/a b", "/a\x7f", "/\xc3\xa9"};
+    for (size_t i = 0; i < sizeof bad_loc / sizeof bad_loc[0]; i++) {
+        mv.location = (http_slice){bad_loc[i], strlen(bad_loc[i])};
+        CHECK_EQ(http_format_head(&mv, buf, sizeof buf), -EINVAL);
+    }
     /* 416 and 405 */
     http_response un = {.status = 416, .date = 0, .complete_length = 500};
     expect_head(&un, "HTTP/1.1 416 Range Not Satisfiable\r\nServer: cport-httpd\r\n"
@@ -1988,6 +2005,7 @@ TEST(format_reasons)
         const char *reason;
     } all[] = {{200, "OK"},
                {206, "Partial Content"},
+               {301, "Moved Permanently"},
                {304, "Not Modified"},
                {400, "Bad Request"},
                {403, "Forbidden"},

@@ -25,6 +25,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -340,7 +341,10 @@ typedef struct server {
     pid_t pid;
     int port;
     int out, err;
+    bool pipe; /* out is the read end of a pipe (else a memfd) */
 } server;
+
+static bool stdout_pipe; /* server_start: the next server's stdout is a pipe */
 
 static struct rlimit child_nofile; /* for pre_limit */
 
@@ -383,9 +387,17 @@ static void server_startv(server *s, const tree *t, void (*pre)(void), va_list a
     argv[argc] = NULL;
     /* stdout not in append mode: cport-httpd must switch it, or lines written by two
      * workers at once overwrite each other (many_clients counts them). */
-    int out = memfd_create("httpd-out", MFD_CLOEXEC);
+    int out = -1, wr = -1;
+    if (stdout_pipe) {
+        int p[2];
+        CHECK_EQ(pipe2(p, O_CLOEXEC), 0);
+        out = p[0];
+        wr = p[1];
+    } else {
+        out = memfd_create("httpd-out", MFD_CLOEXEC);
+    }
     CHECK(out >= 0);
-    *s = (server){.out = out, .err = cpt_memfd("httpd-err")};
+    *s = (server){.out = out, .err = cpt_memfd("httpd-err"), .pipe = stdout_pipe};
     fprintf(stderr, "$");
     for (int i = 0; argv[i]; i++)
         fprintf(stderr, " %s", argv[i]);
@@ -393,7 +405,7 @@ static void server_startv(server *s, const tree *t, void (*pre)(void), va_list a
     pid_t pid = fork();
     CHECK(pid >= 0);
     if (pid == 0) {
-        if (dup2(s->out, STDOUT_FILENO) < 0 || dup2(s->err, STDERR_FILENO) < 0)
+        if (dup2(wr >= 0 ? wr : s->out, STDOUT_FILENO) < 0 || dup2(s->err, STDERR_FILENO) < 0)
             _exit(126);
         if (pre)
             pre();
@@ -402,12 +414,22 @@ static void server_startv(server *s, const tree *t, void (*pre)(void), va_list a
     }
     child_add(pid, s->err);
     s->pid = pid;
+    if (wr >= 0)
+        close(wr);
 
     static char text[8192];
+    size_t tlen = 0;
     int64_t deadline = cpt_now_ms() + START_MS;
     const char *listening;
     for (;;) {
-        memfd_text(s->out, text, sizeof text);
+        if (s->pipe) { /* read no further than the start-up lines: nothing else comes yet */
+            struct pollfd p = {s->out, POLLIN, 0};
+            ssize_t n = poll(&p, 1, 0) == 1 ? read(s->out, text + tlen, sizeof text - 1 - tlen) : 0;
+            tlen += n > 0 ? (size_t)n : 0;
+            text[tlen] = 0;
+        } else {
+            memfd_text(s->out, text, sizeof text);
+        }
         listening = strstr(text, "listening on ");
         if (listening && strchr(listening, '\n'))
             break;
@@ -852,8 +874,7 @@ TEST(downloads)
     /* Content types, index.html for directories, a symlink inside the root. */
     static const struct {
         const char *path, *body;
-    } index_pages[] = {
-        {"/", "<h1>root</h1>\n"}, {"/sub/", "<h1>sub</h1>\n"}, {"/sub", "<h1>sub</h1>\n"}};
+    } index_pages[] = {{"/", "<h1>root</h1>\n"}, {"/sub/", "<h1>sub</h1>\n"}};
     resp r;
     for (size_t i = 0; i < sizeof index_pages / sizeof index_pages[0]; i++) {
         hc_send(c, req_get(index_pages[i].path));
@@ -975,6 +996,61 @@ TEST(range)
     resp_free(&r);
     hc_close(c);
     wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* A directory named without its trailing slash gets a 301 to the name with it (query kept,
+ * for HEAD too), so that relative links in its index resolve within it: it used to be
+ * served its index.html with a 200, and "a.css" in /sub's page meant /a.css. */
+TEST(a_directory_without_its_slash_is_redirected)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, NULL);
+    hc *c = hc_open(s.port);
+    static const struct {
+        const char *request, *location;
+    } cases[] = {
+        {"GET /sub HTTP/1.1\r\nHost: x\r\n\r\n", "/sub/"},
+        {"GET /sub?x=1&y=/2 HTTP/1.1\r\nHost: x\r\n\r\n", "/sub/?x=1&y=/2"},
+        {"GET /sub? HTTP/1.1\r\nHost: x\r\n\r\n", "/sub/?"},
+        {"HEAD /sub?a HTTP/1.1\r\nHost: x\r\n\r\n", "/sub/?a"},
+        {"GET /%73ub HTTP/1.1\r\nHost: x\r\n\r\n", "/%73ub/"},
+        {"GET //sub HTTP/1.1\r\nHost: x\r\n\r\n", "/sub/"}, /* not "//sub/": a host */
+        {"GET http://x/sub HTTP/1.1\r\nHost: x\r\n\r\n", "/sub/"},
+    };
+    resp r;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        hc_send(c, cases[i].request);
+        CHECK(resp_read(c, &r, strncmp(cases[i].request, "HEAD", 4) == 0));
+        if (r.status != 301)
+            fprintf(stderr, "%s->\n%s", cases[i].request, r.head);
+        CHECK_EQ(r.status, 301);
+        CHECK(hdr(&r, "Location") != NULL);
+        CHECK(strcmp(hdr(&r, "Location"), cases[i].location) == 0);
+        CHECK_EQ(r.clen, 0);
+        CHECK(strcmp(hdr(&r, "Connection"), "keep-alive") == 0);
+        resp_free(&r);
+    }
+    /* where it leads */
+    hc_send(c, req_get("/sub/"));
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 200);
+    CHECK(strcmp(r.body, "<h1>sub</h1>\n") == 0);
+    resp_free(&r);
+    /* a directory without an index is still a 403 */
+    hc_send(c, req_get("/noindex"));
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 403);
+    resp_free(&r);
+    hc_send(c, "GET /sub HTTP/1.0\r\n\r\n"); /* no keep-alive: closed after the 301 */
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 301);
+    CHECK(strcmp(hdr(&r, "Connection"), "close") == 0);
+    resp_free(&r);
+    hc_expect_eof(c);
+    hc_close(c);
     server_stop(&s, NULL);
 }
 
@@ -1217,6 +1293,39 @@ TEST(keep_alive_runs_from_the_end_of_the_response)
     CHECK(v.ok);
     hc_close(c);
     wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* Empty lines before a request (RFC 9112 2.2: a server SHOULD ignore at least one; some
+ * old clients send a CRLF after a request) are not the start of a request: an idle
+ * connection that got one is closed quietly after the keep-alive timeout. The stray CRLF
+ * used to be kept as a partial head, which started the header timeout and ended the idle
+ * connection with an unsolicited 408. Also with the CRLF in the request's own segment, and
+ * empty lines before a pipelined request. */
+TEST(a_stray_crlf_between_requests_is_ignored)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, "--header-timeout", "200", "--keepalive-timeout", "1500", NULL);
+    for (int round = 0; round < 2; round++) {
+        hc *c = hc_open(s.port);
+        resp r;
+        if (round == 0) {
+            hc_send(c, req_get("/one.bin"));
+            resp_read_file(c, &r, 200, 1, 0, 1);
+            hc_send(c, "\r\n"); /* after the response: on its own */
+        } else {
+            /* in the request's segment, and between pipelined requests */
+            hc_send(c, "\r\n\nGET /one.bin HTTP/1.1\r\nHost: x\r\n\r\n\r\n\r\n"
+                       "GET /f4095.bin HTTP/1.1\r\nHost: x\r\n\r\n\r\n");
+            resp_read_file(c, &r, 200, 1, 0, 1);
+            resp_read_file(c, &r, 200, 4095, 0, 4095);
+        }
+        /* No 408 after the header timeout: nothing at all, then the keep-alive close. */
+        hc_expect_eof(c);
+        hc_close(c);
+    }
     server_stop(&s, NULL);
 }
 
@@ -1962,6 +2071,125 @@ TEST(access_log)
     CHECK(strstr(text, "access-log=off") != NULL);
     CHECK_EQ(count_str(text, "127.0.0.1 - - ["), 0);
     CHECK_EQ(count_str(text, "HTTP/1."), 0);
+}
+
+/* The access log never blocks a worker. stdout is a pipe of one page that the test stops
+ * reading after the start-up lines: the ~2 KiB lines of requests with long targets fill it
+ * at once, then the server's queue, and then lines are dropped; every request is still
+ * answered, and SIGTERM still ends the server (exit 0, once stdout took nothing for a
+ * second), the counts of dropped and unwritten lines on stderr. Workers used to write their
+ * lines themselves, with a blocking write(2): each one that logged stopped there for good
+ * and the server answered nothing more. */
+TEST(a_stalled_access_log_blocks_no_worker)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    stdout_pipe = true;
+    server_start(&s, &t, "--threads", "2", NULL);
+    stdout_pipe = false;
+    CHECK(fcntl(s.out, F_SETPIPE_SZ, 4096) > 0);
+    int cap = fcntl(s.out, F_GETPIPE_SZ);
+    static char req[2200];
+    memcpy(req, "GET /", 5);
+    memset(req + 5, 'a', 2000); /* longer than NAME_MAX: a 404 */
+    strcpy(req + 2005, " HTTP/1.1\r\nHost: x\r\n\r\n");
+    enum { N = 400 }; /* 800 KiB of log lines: more than the pipe and the queue hold */
+    hc *c = hc_open(s.port);
+    struct timeval tv = {10, 0}; /* each answer is immediate, unless a worker is stuck */
+    CHECK_EQ(setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv), 0);
+    for (int i = 0; i < N; i++) {
+        hc_send(c, req);
+        resp r;
+        CHECK(resp_read(c, &r, false));
+        CHECK_EQ(r.status, 404);
+        resp_free(&r);
+    }
+    hc_close(c);
+    int queued;
+    CHECK_EQ(ioctl(s.out, FIONREAD, &queued), 0);
+    fprintf(stderr, "%d bytes in the pipe of %d\n", queued, cap);
+    CHECK(queued + 2100 > cap); /* no room for one more line: the reader did stall */
+
+    CHECK_EQ(kill(s.pid, SIGTERM), 0);
+    int64_t deadline = cpt_now_ms() + STOP_MS;
+    int st;
+    pid_t r;
+    while ((r = waitpid(s.pid, &st, WNOHANG)) == 0) {
+        CHECK(cpt_now_ms() < deadline);
+        usleep(2000);
+    }
+    CHECK_EQ(r, s.pid);
+    child_forget(s.pid);
+    static char text[8192];
+    memfd_text(s.err, text, sizeof text);
+    fprintf(stderr, "---- its stderr ----\n%s", text);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    CHECK(strstr(text, "Terminated: accepted=1 rejected=0 closed=1; shut down cleanly\n"));
+    unsigned long long dropped = 0, unwritten = 0;
+    const char *p = strstr(text, "cport-httpd: access log: ");
+    CHECK(p != NULL);
+    CHECK_EQ(sscanf(p, "cport-httpd: access log: %llu lines dropped", &dropped), 1);
+    p = strstr(p + 1, "cport-httpd: access log: ");
+    CHECK(p != NULL);
+    CHECK_EQ(sscanf(p, "cport-httpd: access log: %llu lines not written at exit", &unwritten), 1);
+    CHECK(dropped > 0 && dropped < N);
+    CHECK(unwritten > 0 && dropped + unwritten <= N);
+    /* What the pipe got: the first request's line, whole. */
+    ssize_t n = read(s.out, text, sizeof text - 1);
+    CHECK(n > 0);
+    text[n] = 0;
+    CHECK(strncmp(text, "127.0.0.1 - - [", 15) == 0);
+    CHECK(strstr(text, "aaaa HTTP/1.1\" 404 14\n") != NULL);
+    close(s.out);
+    close(s.err);
+}
+
+/* A request-target may hold '"' and '\' (visible ASCII): the access log escapes them as
+ * \xHH inside the quoted request field. They were written raw, so a target could close the
+ * field and forge what follows it (the status, the size, another request). */
+TEST(access_log_escapes_the_request)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    static char text[TEXT_CAP];
+    server_start(&s, &t, NULL);
+    hc *c = hc_open(s.port);
+    static const struct {
+        const char *target;
+        int status;
+    } reqs[] = {{"/a\"b", 404}, {"/a\\b", 400}, {"/x\"_200_1_\"GET_/", 404}};
+    for (size_t i = 0; i < sizeof reqs / sizeof reqs[0]; i++) {
+        hc_send(c, req_get(reqs[i].target));
+        resp r;
+        CHECK(resp_read(c, &r, false));
+        CHECK_EQ(r.status, reqs[i].status);
+        resp_free(&r);
+    }
+    /* A long one: the logged part (2048 bytes) is escaped whole, then "...". */
+    static char req[2400], want[2048 * 4 + 64];
+    memcpy(req, "GET /", 5);
+    memset(req + 5, '"', 2200);
+    strcpy(req + 5 + 2200, " HTTP/1.1\r\nHost: x\r\n\r\n");
+    hc_send(c, req);
+    resp r;
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 404);
+    resp_free(&r);
+    hc_close(c);
+    server_stop(&s, text);
+    fprintf(stderr, "%.3000s\n", text);
+    CHECK_EQ(count_str(text, "\n127.0.0.1 - - ["), 4);
+    size_t n = (size_t)snprintf(want, sizeof want, "\"GET /");
+    for (int i = 0; i < 2047; i++)
+        n += (size_t)snprintf(want + n, sizeof want - n, "\\x22");
+    snprintf(want + n, sizeof want - n, "... HTTP/1.1\" 404 14\n");
+    CHECK_EQ(count_str(text, want), 1);
+    CHECK_EQ(count_str(text, " +0000] \"GET /a\\x22b HTTP/1.1\" 404 14\n"), 1);
+    CHECK_EQ(count_str(text, " +0000] \"GET /a\\x5Cb HTTP/1.1\" 400 16\n"), 1);
+    CHECK_EQ(count_str(text, " +0000] \"GET /x\\x22_200_1_\\x22GET_/ HTTP/1.1\" 404 14\n"), 1);
+    CHECK_EQ(count_str(text, "\""), 8); /* two per line: each field is whole */
 }
 
 /* Random bytes, truncated heads and resets on many connections never take the server down;

@@ -882,6 +882,10 @@ int http_open_beneath(int root_fd, const http_path *path, http_file *file)
 
     fd = open_stat(root_fd, idx, &st);
     if (fd >= 0) {
+        if (S_ISREG(st.st_mode) && !path->is_dir) {
+            close(fd);
+            return 301; /* "dir": links in its index are relative to "dir/" (see http.h) */
+        }
         if (S_ISREG(st.st_mode)) {
             file->index = true;
             return serve(file, fd, &st);
@@ -1165,6 +1169,8 @@ const char *http_reason(int status)
         return "OK";
     case 206:
         return "Partial Content";
+    case 301:
+        return "Moved Permanently";
     case 304:
         return "Not Modified";
     case 400:
@@ -1288,6 +1294,13 @@ static int format_head(const http_response *r, const char *body_type, bool has_l
         put_u64(&w, r->complete_length);
     } else if (status == 405) {
         PUT_LIT(&w, "\r\nAllow: GET, HEAD");
+    }
+    if (r->location.ptr) {
+        for (size_t i = 0; i < r->location.len; i++)
+            if (!(cls[(unsigned char)r->location.ptr[i]] & C_TARGET))
+                return -EINVAL; /* CR, LF, ...: would end the field */
+        PUT_LIT(&w, "\r\nLocation: ");
+        put(&w, r->location.ptr, r->location.len);
     }
     if (r->keep_alive)
         PUT_LIT(&w, "\r\nConnection: keep-alive\r\n\r\n");

@@ -27,7 +27,7 @@
  *     case HTTP_PARSE_DONE:        // serve it; the next request starts at buf + req.head_len
  *         if (req.method == HTTP_METHOD_OTHER) -> 405 (keep-alive allowed)
  *         http_resolve_path(req.path.ptr, req.path.len, &path)     -> 400/414 or ok
- *         http_open_beneath(root_fd, &path, &file)                 -> 403/404/500 or ok
+ *         http_open_beneath(root_fd, &path, &file)                 -> 301/403/404/500 or ok
  *         http_not_modified(&req, file.mtime)                      -> 304
  *         http_request_range(&req, file.size, file.mtime, &a, &b)  -> 200 / 206 / 416
  *         http_format_head(&(http_response){...}, out, sizeof out)
@@ -285,6 +285,9 @@ typedef struct http_file {
  * are refused. Directories (path->is_dir, or a path that turns out to be a directory) are
  * served through their "index.html", opened beneath the root too; there is no listing.
  * Only regular files are served. Returns 0 with file->fd open, or the status to answer:
+ *   301  a directory with an index.html named without its trailing '/' (path->is_dir
+ *        false): redirect to the request path with a '/' appended, or relative links in
+ *        the index would resolve against the parent directory (file->fd is -1)
  *   403  EACCES EPERM EXDEV ELOOP ENXIO ENODEV; not a regular file (FIFO, socket, device,
  *        directory named index.html); a directory without an index.html
  *   404  ENOENT ENOTDIR ENAMETOOLONG
@@ -326,8 +329,8 @@ bool http_date_parse_at(const char *s, size_t len, time_t now, time_t *out);
 
 /* ---- responses ------------------------------------------------------------------------------- */
 
-/* The reason phrase of a supported status (200 206 304 400 403 404 405 408 413 414 416 431
- * 500 501 505), or NULL. */
+/* The reason phrase of a supported status (200 206 301 304 400 403 404 405 408 413 414 416
+ * 431 500 501 505), or NULL. */
 const char *http_reason(int status);
 
 /* What goes into a response head. Zero-initialise, then set what applies. */
@@ -344,16 +347,18 @@ typedef struct http_response {
     uint64_t range_first; /* 206: Content-Range: bytes first-last/complete_length */
     uint64_t range_last;
     uint64_t complete_length; /* 206 and 416: the file size in Content-Range */
+    http_slice location;      /* Location: location (visible ASCII only); ptr NULL: none */
 } http_response;
 
 /* Write the response head (status line, fields, final CRLF) into buf[0..cap). Fields, in
  * order: Server, Date, Content-Type, Content-Length, Last-Modified, Accept-Ranges,
- * Content-Range (206, 416), Allow: GET, HEAD (405), Connection. The status line always says
- * HTTP/1.1. For 206 the Content-Length is last - first + 1 whatever has_content_length
- * says; a 304 never gets Content-Type, Content-Length or Content-Range.
- * Returns the length, -EINVAL for an unsupported status or a 206 whose range is not within
- * complete_length, -ENOSPC if it does not fit (buf then holds garbage). 512 bytes always
- * suffice with a Content-Type from http_mime_type(). No NUL is written. */
+ * Content-Range (206, 416), Allow: GET, HEAD (405), Location, Connection. The status line
+ * always says HTTP/1.1. For 206 the Content-Length is last - first + 1 whatever
+ * has_content_length says; a 304 never gets Content-Type, Content-Length or Content-Range.
+ * Returns the length, -EINVAL for an unsupported status, a 206 whose range is not within
+ * complete_length or a location with a byte outside 0x21-0x7E (no field can be injected),
+ * -ENOSPC if it does not fit (buf then holds garbage). 512 bytes plus the location's length
+ * always suffice with a Content-Type from http_mime_type(). No NUL is written. */
 int http_format_head(const http_response *r, char *buf, size_t cap);
 
 /* Write a complete error response for r->status: the head (as http_format_head(), with

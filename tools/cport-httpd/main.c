@@ -15,16 +15,22 @@
  *     descriptors one client can pin), and a client that pipelines more than IN_MAX bytes
  *     of requests without reading the answers is cut;
  *   - one deadline (cp_conn_set_deadline): --header-timeout from the first byte of a
- *     request head (then 408 and close), --keepalive-timeout while idle between requests
- *     (then a quiet close), re-armed while a file is still being sent.
+ *     request head (then 408 and close; empty lines before a request are dropped and start
+ *     none), --keepalive-timeout while idle between requests (then a quiet close), re-armed
+ *     while a file is still being sent.
  *
  * Signals: SIGINT/SIGTERM shut down gracefully (stop accepting and reading, let responses
  * already queued go out, close; exit 0); SIGUSR1 prints the counters on stderr.
- * The access log (common log format, one line per request) goes to stdout, one write(2)
- * per line so that lines from several workers never interleave. If stdout is a regular
- * file it is switched to append mode: otherwise, on a file whose position the kernel does
- * not serialise between threads (a memfd, for one), two workers writing at once can write
- * at the same offset and one line overwrites the other. */
+ * The access log (common log format, one line per request) goes to stdout. Workers never
+ * write it themselves: a pipe whose reader stalls, or a terminal stopped with Ctrl-S, would
+ * block each of them in write(2) in turn and the server would stop answering. They queue
+ * lines in a bounded buffer that one logger thread writes out (whole lines per write(2));
+ * when it is full, lines are dropped and counted (SIGUSR1's counters and the exit report
+ * them). stdout stays blocking (it may be the shell's terminal, shared). At exit what is
+ * queued is written as long as stdout takes it. If stdout is a regular file it is switched
+ * to append mode: otherwise, on a file whose position the kernel does not serialise
+ * between threads (a memfd, for one), the logger and main's own lines written at once can
+ * land at the same offset and one overwrites the other. */
 #include "cport.h"
 #include "http.h"
 
@@ -118,6 +124,173 @@ static void log_appends(void)
                 strerror(errno));
 }
 
+/* The queue between the workers and the logger thread (see the file comment). */
+enum {
+    LOG_QUEUE = 256 * 1024, /* bytes queued at most */
+    LOG_CHUNK = 16 * 1024,  /* written at once at most (lines are shorter) */
+    LOG_STALL_MS = 1000,    /* at exit: give up when stdout takes no chunk for this long */
+};
+
+static char log_ring[LOG_QUEUE];
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake;     /* for the logger: lines queued, or stop */
+    pthread_cond_t progress; /* for main at exit: a chunk written, or the logger ended */
+    size_t head, len;        /* the queued bytes: log_ring[head..head+len), wrapping */
+    uint64_t held;           /* lines the logger took off the queue and is writing */
+    uint64_t dropped;        /* lines dropped: the queue was full, or stdout failed */
+    uint64_t chunks;         /* chunks written */
+    bool stop, ended;
+    pthread_t thread;
+} lq = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+static uint64_t count_lines(const char *s, size_t n)
+{
+    uint64_t k = 0;
+    for (const char *e = s + n; (s = memchr(s, '\n', (size_t)(e - s))) != NULL; s++)
+        k++;
+    return k;
+}
+
+/* Queue one line; never blocks on I/O (a full queue drops it). */
+static void log_push(const char *line, size_t n)
+{
+    pthread_mutex_lock(&lq.mu);
+    if (LOG_QUEUE - lq.len < n) {
+        lq.dropped++;
+    } else {
+        size_t tail = (lq.head + lq.len) % LOG_QUEUE;
+        size_t k = LOG_QUEUE - tail < n ? LOG_QUEUE - tail : n;
+        memcpy(log_ring + tail, line, k);
+        memcpy(log_ring, line + k, n - k);
+        lq.len += n;
+        pthread_cond_signal(&lq.wake);
+    }
+    pthread_mutex_unlock(&lq.mu);
+}
+
+/* The logger thread: the only one that blocks on stdout. */
+static void *logger_main(void *arg)
+{
+    (void)arg;
+    static char chunk[LOG_CHUNK];
+    pthread_mutex_lock(&lq.mu);
+    for (;;) {
+        while (lq.len == 0 && !lq.stop)
+            pthread_cond_wait(&lq.wake, &lq.mu);
+        if (lq.len == 0)
+            break; /* stopped and drained */
+        size_t n = lq.len < LOG_CHUNK ? lq.len : LOG_CHUNK;
+        size_t k = LOG_QUEUE - lq.head < n ? LOG_QUEUE - lq.head : n;
+        memcpy(chunk, log_ring + lq.head, k);
+        memcpy(chunk + k, log_ring, n - k);
+        const char *nl = memrchr(chunk, '\n', n);
+        if (nl)
+            n = (size_t)(nl + 1 - chunk); /* whole lines (each is shorter than a chunk) */
+        lq.head = (lq.head + n) % LOG_QUEUE;
+        lq.len -= n;
+        lq.held = count_lines(chunk, n);
+        pthread_mutex_unlock(&lq.mu);
+        size_t done = 0;
+        while (done < n) {
+            ssize_t w = write(STDOUT_FILENO, chunk + done, n - done);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0)
+                break; /* EPIPE, ENOSPC, ...: these lines are lost */
+            done += (size_t)w;
+        }
+        pthread_mutex_lock(&lq.mu);
+        lq.dropped += count_lines(chunk + done, n - done);
+        lq.held = 0;
+        lq.chunks++;
+        pthread_cond_signal(&lq.progress);
+    }
+    lq.ended = true;
+    pthread_cond_signal(&lq.progress);
+    pthread_mutex_unlock(&lq.mu);
+    return NULL;
+}
+
+static int log_start(void)
+{
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&lq.wake, NULL);
+    pthread_cond_init(&lq.progress, &ca);
+    pthread_condattr_destroy(&ca);
+    return -pthread_create(&lq.thread, NULL, logger_main, NULL);
+}
+
+/* At exit (no worker logs any more): let the logger write what is queued as long as stdout
+ * takes it. Returns false if no chunk was written for LOG_STALL_MS: the logger is then left
+ * blocked in write(2), to end with the process, and *unwritten counts the lines it had not
+ * written (at most). *dropped: the lines dropped. */
+static bool log_stop(uint64_t *dropped, uint64_t *unwritten)
+{
+    pthread_mutex_lock(&lq.mu);
+    lq.stop = true;
+    pthread_cond_signal(&lq.wake);
+    while (!lq.ended) {
+        uint64_t seen = lq.chunks;
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_sec += LOG_STALL_MS / 1000;
+        until.tv_nsec += (LOG_STALL_MS % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        while (!lq.ended && lq.chunks == seen)
+            if (pthread_cond_timedwait(&lq.progress, &lq.mu, &until) != 0)
+                break; /* ETIMEDOUT */
+        if (!lq.ended && lq.chunks == seen)
+            break; /* stdout is stuck */
+    }
+    bool ended = lq.ended;
+    *dropped = lq.dropped;
+    *unwritten = 0;
+    if (!ended) {
+        size_t k = LOG_QUEUE - lq.head < lq.len ? LOG_QUEUE - lq.head : lq.len;
+        *unwritten =
+            count_lines(log_ring + lq.head, k) + count_lines(log_ring, lq.len - k) + lq.held;
+    }
+    pthread_mutex_unlock(&lq.mu);
+    if (ended)
+        pthread_join(lq.thread, NULL);
+    return ended;
+}
+
+static uint64_t log_dropped(void)
+{
+    pthread_mutex_lock(&lq.mu);
+    uint64_t d = lq.dropped;
+    pthread_mutex_unlock(&lq.mu);
+    return d;
+}
+
+/* s[0..n) for the quoted request field, into out (4 * n bytes suffice): '"', '\\', control
+ * characters and bytes >= 0x7F as \xHH (as nginx does), so that a request-target cannot
+ * end the field early and forge the rest of the line, or split it. Returns the length. */
+static size_t log_escape(char *out, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch == '"' || ch == '\\' || ch < 0x20 || ch >= 0x7f) {
+            out[k++] = '\\';
+            out[k++] = 'x';
+            out[k++] = hex[ch >> 4];
+            out[k++] = hex[ch & 15];
+        } else {
+            out[k++] = (char)ch;
+        }
+    }
+    return k;
+}
+
 /* One line: host ident authuser [date] "request line" status bytes. req NULL: "-". */
 static void access_log(cp_conn *c, const http_request *req, int status, uint64_t bytes)
 {
@@ -128,22 +301,24 @@ static void access_log(cp_conn *c, const http_request *req, int status, uint64_t
     char ip[INET_ADDRSTRLEN];
     struct in_addr a = {.s_addr = h->peer};
     inet_ntop(AF_INET, &a, ip, sizeof ip);
-    char line[2600];
+    char line[8900];
     int n;
     if (req) {
-        /* method and target are tokens / visible ASCII (the parser made sure) */
-        int tl = req->target.len > 2048 ? 2048 : (int)req->target.len;
+        /* The method is a token; the target is visible ASCII, which includes '"' and '\\'. */
+        char target[4 * 2048];
+        size_t tl = req->target.len > 2048 ? 2048 : req->target.len;
         int ml = req->method_name.len > 64 ? 64 : (int)req->method_name.len;
         n = snprintf(line, sizeof line, "%s - - %s \"%.*s %.*s%s HTTP/1.%d\" %d %llu\n", ip,
-                     log_time(), ml, req->method_name.ptr, tl, req->target.ptr,
-                     tl < (int)req->target.len ? "..." : "", req->minor_version, status,
+                     log_time(), ml, req->method_name.ptr,
+                     (int)log_escape(target, req->target.ptr, tl), target,
+                     tl < req->target.len ? "..." : "", req->minor_version, status,
                      (unsigned long long)bytes);
     } else {
         n = snprintf(line, sizeof line, "%s - - %s \"-\" %d %llu\n", ip, log_time(), status,
                      (unsigned long long)bytes);
     }
     if (n > 0)
-        (void)!write(STDOUT_FILENO, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+        log_push(line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
 }
 
 /* ---- responses ------------------------------------------------------------------------- */
@@ -248,6 +423,42 @@ static void respond_error(cp_conn *c, hconn *h, const http_request *req, int sta
         finish(c, h);
 }
 
+/* 301 to the request's path with a '/' appended (a directory named without it), query
+ * kept. Leading slashes are collapsed to one: "//dir/" would be a host name, not a path. */
+static void redirect_to_dir(cp_conn *c, hconn *h, const http_request *req, bool keep)
+{
+    char loc[HTTP_MAX_REQUEST_LINE + 2], head[HEAD_CAP + sizeof loc];
+    const char *p = req->path.ptr;
+    size_t pl = req->path.len, n = 0;
+    while (pl > 0 && *p == '/') {
+        p++;
+        pl--;
+    }
+    loc[n++] = '/';
+    memcpy(loc + n, p, pl); /* path and query are parts of the request line: they fit */
+    n += pl;
+    loc[n++] = '/';
+    if (req->query.ptr) {
+        loc[n++] = '?';
+        memcpy(loc + n, req->query.ptr, req->query.len);
+        n += req->query.len;
+    }
+    http_response r = {.status = 301,
+                       .keep_alive = keep,
+                       .date = time(NULL),
+                       .has_content_length = true,
+                       .location = {loc, n}};
+    int len = http_format_head(&r, head, sizeof head);
+    if (len < 0) { /* cannot happen: the parser let only visible ASCII through */
+        respond_error(c, h, req, 500, false, req->method != HTTP_METHOD_HEAD, 0);
+        return;
+    }
+    access_log(c, req, 301, 0);
+    send_or_fail(c, h, head, (size_t)len);
+    if (!keep && !h->closing)
+        finish(c, h);
+}
+
 /* Serve one parsed request. */
 static void serve(cp_conn *c, hconn *h, const http_request *req)
 {
@@ -266,6 +477,10 @@ static void serve(cp_conn *c, hconn *h, const http_request *req)
     }
     http_file f;
     st = http_open_beneath(cfg->root_fd, &path, &f);
+    if (st == 301) {
+        redirect_to_dir(c, h, req, keep);
+        return;
+    }
     if (st) {
         respond_error(c, h, req, st, keep, !head_only, 0);
         return;
@@ -332,6 +547,20 @@ static void serve(cp_conn *c, hconn *h, const http_request *req)
         finish(c, h);
 }
 
+/* The bytes of the complete empty lines ("\r\n" or "\n") at the start of buf[0..len). */
+static size_t empty_lines(const char *buf, size_t len)
+{
+    size_t i = 0;
+    for (;;) {
+        if (i < len && buf[i] == '\n')
+            i++;
+        else if (len - i >= 2 && buf[i] == '\r' && buf[i + 1] == '\n')
+            i += 2;
+        else
+            return i;
+    }
+}
+
 /* Serve the complete requests at the start of buf[0..len), in order, while the transmit
  * limit allows. Returns the bytes consumed; what is left is a partial head or requests
  * that wait for transmits to complete. */
@@ -339,6 +568,13 @@ static size_t process(cp_conn *c, hconn *h, const char *buf, size_t len)
 {
     size_t off = 0;
     while (off < len && !h->closing && h->inflight < MAX_INFLIGHT) {
+        /* Empty lines before a request (a stray CRLF some clients send after one) are
+         * dropped here rather than kept as a partial head, which would start the header
+         * timeout and end an idle connection with a 408 (RFC 9112 2.2: ignore them). The
+         * parser never sees a request's start moved: it has seen at most a lone CR. */
+        off += empty_lines(buf + off, len - off);
+        if (off == len)
+            break;
         http_request req;
         http_parse_status ps = http_parse(&h->parser, buf + off, len - off, &req);
         if (ps == HTTP_PARSE_NEED_MORE)
@@ -436,6 +672,10 @@ static void on_data(cp_conn *c, const void *data, size_t len)
     if (h->closing)
         return;
     if (h->in_len == 0) {
+        /* Only empty lines: no request has started and nothing was served, so the deadline
+         * running (keep-alive, or the first request's) stays as it is. */
+        if (empty_lines(data, len) == len)
+            return;
         size_t used = process(c, h, data, len);
         if (!h->closing && used < len && !keep_bytes(h, (const char *)data + used, len - used)) {
             h->closing = true;
@@ -531,7 +771,9 @@ static void usage(FILE *f)
                "  --bind ADDR             IPv4 address to listen on (default 0.0.0.0)\n"
                "  --threads N             worker threads (default: online CPUs)\n"
                "  --backend B             auto, io_uring or epoll (default auto)\n"
-               "  --no-access-log         no access log lines on stdout\n"
+               "  --no-access-log         no access log lines on stdout (a stdout that\n"
+               "                          does not take them blocks no worker: lines past\n"
+               "                          a 256 KiB queue are dropped and counted)\n"
                "  --header-timeout MS     a request head must arrive within MS of its first\n"
                "                          byte (default 10000), else 408 and close\n"
                "  --keepalive-timeout MS  close a connection idle this long between requests\n"
@@ -675,12 +917,12 @@ static void print_stats(cp_server *sv, FILE *f)
     fprintf(f,
             "cport-httpd: conns_open=%llu conns_total=%llu conns_rejected=%llu "
             "conns_reaped=%llu bytes_in=%llu bytes_out=%llu completions=%llu "
-            "backpressure_events=%llu allocations=%llu\n",
+            "backpressure_events=%llu allocations=%llu access_log_dropped=%llu\n",
             (unsigned long long)s.conns_open, (unsigned long long)s.conns_total,
             (unsigned long long)s.conns_rejected, (unsigned long long)s.conns_reaped,
             (unsigned long long)s.bytes_in, (unsigned long long)s.bytes_out,
             (unsigned long long)s.completions, (unsigned long long)s.backpressure_events,
-            (unsigned long long)s.allocations);
+            (unsigned long long)s.allocations, (unsigned long long)log_dropped());
     fflush(f);
 }
 
@@ -691,6 +933,7 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    int r;
     cfg.root_fd = open(cfg.root, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (cfg.root_fd < 0) {
         fprintf(stderr, "cport-httpd: cannot open the root %s: %s\n", cfg.root, strerror(errno));
@@ -707,6 +950,11 @@ int main(int argc, char **argv)
     sigaddset(&sigs, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
+    if (cfg.access_log && (r = log_start()) < 0) {
+        fprintf(stderr, "cport-httpd: cannot start the logger thread: %s\n", strerror(-r));
+        close(cfg.root_fd);
+        return 1;
+    }
 
     cp_server_callbacks cb = {.on_open = on_open,
                               .on_data = on_data,
@@ -717,7 +965,7 @@ int main(int argc, char **argv)
     cfg.so.conn_user_size = sizeof(hconn);
     cfg.so.conn_deadlines = true;
     cp_server *sv;
-    int r = cp_server_create(&sv, &cfg.so, &cb);
+    r = cp_server_create(&sv, &cfg.so, &cb);
     if (r == 0)
         r = cp_server_start(sv);
     if (r < 0) {
@@ -743,15 +991,28 @@ int main(int argc, char **argv)
         print_stats(sv, stderr);
     }
     r = cp_server_shutdown(sv, cfg.shutdown_ms);
-    print_stats(sv, stdout);
+    /* The access log first; if stdout is stuck, the last lines go to stderr instead. */
+    uint64_t dropped = 0, unwritten = 0;
+    FILE *out = stdout;
+    if (cfg.access_log && !log_stop(&dropped, &unwritten))
+        out = stderr;
+    print_stats(sv, out);
     cp_server_stats st;
     cp_server_get_stats(sv, &st);
-    printf("cport-httpd: %s: accepted=%llu rejected=%llu closed=%llu; shut down %s\n",
-           strsignal(sig), (unsigned long long)st.conns_total,
-           (unsigned long long)st.conns_rejected,
-           (unsigned long long)(st.conns_total - st.conns_open),
-           r == 0 ? "cleanly" : "at the deadline (connections cut)");
-    fflush(stdout);
+    fprintf(out, "cport-httpd: %s: accepted=%llu rejected=%llu closed=%llu; shut down %s\n",
+            strsignal(sig), (unsigned long long)st.conns_total,
+            (unsigned long long)st.conns_rejected,
+            (unsigned long long)(st.conns_total - st.conns_open),
+            r == 0 ? "cleanly" : "at the deadline (connections cut)");
+    fflush(out);
+    if (dropped)
+        fprintf(stderr, "cport-httpd: access log: %llu lines dropped (stdout did not keep up)\n",
+                (unsigned long long)dropped);
+    if (out == stderr)
+        fprintf(stderr,
+                "cport-httpd: access log: %llu lines not written at exit (stdout blocked for "
+                "%d ms)\n",
+                (unsigned long long)unwritten, LOG_STALL_MS);
     cp_server_destroy(sv);
     close(cfg.root_fd);
     return 0;
