@@ -574,9 +574,22 @@ static int ur_poll(cp_port *p, int64_t deadline, cp__oplist *done)
             ts.tv_nsec = left % 1000000000;
             arg.ts = (uint64_t)(uintptr_t)&ts;
         }
-        r = io_uring_enter2(ring->ring_fd, to_submit, 1,
-                            IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, (sigset_t *)&arg,
-                            sizeof(arg));
+        if (CP__INJECT_FAIL("cq_dropped")) /* what such a kernel does: submit, no wait */
+            r = io_uring_enter(ring->ring_fd, to_submit, 0, 0, NULL) > 0 ? 0 : -EBADR;
+        else
+            r = io_uring_enter2(ring->ring_fd, to_submit, 1,
+                                IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, (sigset_t *)&arg,
+                                sizeof(arg));
+        if (r == -EBADR) {
+            /* The kernel dropped a completion (no memory for its overflow entry) and says
+             * so at every wait from now on, without waiting: report it, and sleep instead
+             * of spinning (completions are still read from the ring below, and the
+             * thread's task work runs on the way back from the sleep). */
+            __atomic_store_n(&p->cq_dropped, true, __ATOMIC_RELAXED);
+            int64_t left = deadline > 0 ? deadline - cp__now_ns() : 1000000;
+            struct timespec nap = {0, left < 1000000 ? (left > 0 ? left : 0) : 1000000};
+            nanosleep(&nap, NULL);
+        }
     } else if (to_submit || overflow || taskrun) {
         r = io_uring_enter(ring->ring_fd, to_submit, 0,
                            overflow || taskrun ? IORING_ENTER_GETEVENTS : 0, NULL);

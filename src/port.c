@@ -826,6 +826,7 @@ void cp_port_get_stats(cp_port *p, cp_port_stats *s)
     s->polls = p->polls;
     s->pool_packed = p->pool.packed;
     s->cq_overflows = __atomic_load_n(&p->cq_overflows, __ATOMIC_RELAXED);
+    s->cq_dropped = __atomic_load_n(&p->cq_dropped, __ATOMIC_RELAXED);
     s->dequeued = p->dequeued_by_gone;
     for (cp__thread *t = p->threads; t; t = t->next)
         s->dequeued += __atomic_load_n(&t->dequeued, __ATOMIC_RELAXED);

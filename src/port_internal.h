@@ -69,6 +69,7 @@ struct cp_port {
     uint64_t wakeups;          /* parked threads woken, ever */
     uint64_t polls;            /* backend polls, ever */
     uint64_t cq_overflows;     /* atomic: times the kernel's completion queue overflowed */
+    bool cq_dropped;           /* atomic: the kernel dropped completions (-EBADR) */
     uint64_t dequeued_by_gone; /* dequeued by threads whose records were freed */
 
     /* Per-operation timeouts: a heap of (deadline, op) guarded by its own lock, taken

@@ -1870,6 +1870,45 @@ TEST(poller_wakes_without_room_for_its_wake_read)
 #endif
 }
 
+/* io_uring: a kernel that dropped a completion (no memory for its overflow entry) answers
+ * every later wait with -EBADR at once. The port says so (cq_dropped), and its polls sleep
+ * 1 ms instead of spinning while I/O still completes. Fail point cq_dropped (the ASan
+ * build): every wait behaves so. */
+TEST(a_ring_that_dropped_completions_is_reported_and_does_not_spin)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "cq_dropped", 1)); /* before any thread */
+    cp_port *p = uring_only(make_port());
+    pair pr;
+    pair_open(&pr, p);
+    for (int i = 0; i < 20; i++) { /* I/O still completes, byte-exact */
+        char buf[64], msg[32];
+        int n = snprintf(msg, sizeof msg, "message %d", i);
+        cp_op op = {0};
+        CHECK_OK(cp_socket_recv(&pr.s, &op, buf, sizeof buf));
+        CHECK_EQ(send(pr.client, msg, (size_t)n, 0), n);
+        cp_completion c = next(p);
+        CHECK(c.op == &op);
+        CHECK_EQ(c.result, n);
+        CHECK(memcmp(buf, msg, (size_t)n) == 0);
+    }
+    /* Nothing to do for 300 ms: a thread waiting in the port must not spin. */
+    int64_t cpu0 = cpt_cpu_ms();
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(p, &c, 1, 300), -ETIMEDOUT);
+    int64_t cpu = cpt_cpu_ms() - cpu0;
+    fprintf(stderr, "%lld ms of CPU in a 300 ms wait\n", (long long)cpu);
+    CHECK(cpu < 150);
+    cp_port_stats st;
+    cp_port_get_stats(p, &st);
+    CHECK(st.cq_dropped);
+    pair_close(&pr, p);
+    cp_port_destroy(p);
+#endif
+}
+
 /* A submission the kernel does not take (failure point submit_not_consumed) while the
  * poller sleeps in the kernel: the poller must be woken to submit it with its own enter,
  * or the request waits out the poller's 4 s timeout. A vector send from this thread is

@@ -204,8 +204,14 @@ typedef struct cp_port_stats {
     uint64_t wakeups;      /* times a parked thread was woken */
     uint64_t polls;        /* times a thread waited in or polled the backend */
     bool pool_packed;      /* pooled receives share pool buffers (see CP_PORT_WHOLE_BUFFERS) */
+    bool cq_dropped;       /* io_uring: the kernel dropped completions (it had no memory to
+                              keep an overflow aside: io_uring_enter said -EBADR). Some
+                              accepted operations will then never complete; from then on
+                              the ring's waits return at once, so each poll that would
+                              wait sleeps 1 ms instead (no spin). Recreate the port. */
     uint64_t cq_overflows; /* times the kernel's completion queue was found overflowed
-                              (io_uring; the overflow is drained, nothing is lost) */
+                              (io_uring; the overflow is drained, nothing is lost, unless
+                              cq_dropped) */
     uint32_t pool_free;    /* receive-pool buffers free now (not handed out, not in the
                               kernel's ring; never-used ones not counted) */
     uint32_t pool_trimmed; /* ...of which hold no memory: given back to the OS after a
