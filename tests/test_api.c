@@ -36,6 +36,34 @@ static bool starts_with(const char *s, const char *prefix)
     return strncmp(s, prefix, strlen(prefix)) == 0;
 }
 
+enum { MAX_HEADERS = 32 };
+
+/* The public headers (every .h in include/cport): their file names and full paths.
+ * Returns how many. */
+static int public_headers(char names[MAX_HEADERS][64], char paths[MAX_HEADERS][PATH_MAX])
+{
+    const char *root = cpt_source_root();
+    CHECK(root != NULL);
+    char dir[PATH_MAX - 128];
+    snprintf(dir, sizeof dir, "%s/include/cport", root);
+    DIR *d = opendir(dir);
+    CHECK(d != NULL);
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d)) != NULL;) {
+        size_t len = strlen(e->d_name);
+        if (len < 3 || len >= 64 || strcmp(e->d_name + len - 2, ".h") != 0)
+            continue;
+        CHECK(n < MAX_HEADERS);
+        snprintf(names[n], 64, "%s", e->d_name);
+        snprintf(paths[n], PATH_MAX, "%s/%s", dir, e->d_name);
+        n++;
+    }
+    closedir(d);
+    return n;
+}
+
+static char header_names[MAX_HEADERS][64], header_paths[MAX_HEADERS][PATH_MAX];
+
 /* A line that continues the declaration above it (its parameters, indented). */
 static bool continues_declaration(const char *l)
 {
@@ -66,23 +94,9 @@ static int undocumented_in(const char *path, int *declared)
 
 TEST(every_public_function_is_documented)
 {
-    const char *root = cpt_source_root();
-    CHECK(root != NULL);
-    char dir[PATH_MAX];
-    snprintf(dir, sizeof dir, "%s/include/cport", root);
-    DIR *d = opendir(dir);
-    CHECK(d != NULL);
-    int headers = 0, declared = 0, missing = 0;
-    for (struct dirent *e; (e = readdir(d)) != NULL;) {
-        size_t len = strlen(e->d_name);
-        if (len < 3 || strcmp(e->d_name + len - 2, ".h") != 0)
-            continue;
-        char path[PATH_MAX + 256];
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        headers++;
-        missing += undocumented_in(path, &declared);
-    }
-    closedir(d);
+    int headers = public_headers(header_names, header_paths), declared = 0, missing = 0;
+    for (int h = 0; h < headers; h++)
+        missing += undocumented_in(header_paths[h], &declared);
     fprintf(stderr, "%d headers, %d public functions, %d undocumented\n", headers, declared,
             missing);
     CHECK(headers >= 7 && declared >= 80);
@@ -92,21 +106,13 @@ TEST(every_public_function_is_documented)
 /* cport.h, the one header a program needs, includes every public header. */
 TEST(cport_h_includes_every_header)
 {
-    const char *root = cpt_source_root();
-    CHECK(root != NULL);
-    char path[PATH_MAX];
-    snprintf(path, sizeof path, "%s/include/cport.h", root);
+    int headers = public_headers(header_names, header_paths), absent = 0;
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/include/cport.h", cpt_source_root());
     int n = read_lines(path);
-    snprintf(path, sizeof path, "%s/include/cport", root);
-    DIR *d = opendir(path);
-    CHECK(d != NULL);
-    int absent = 0;
-    for (struct dirent *e; (e = readdir(d)) != NULL;) {
-        size_t len = strlen(e->d_name);
-        if (len < 3 || strcmp(e->d_name + len - 2, ".h") != 0)
-            continue;
-        char want[300];
-        snprintf(want, sizeof want, "#include \"cport/%s\"", e->d_name);
+    for (int h = 0; h < headers; h++) {
+        char want[96];
+        snprintf(want, sizeof want, "#include \"cport/%.63s\"", header_names[h]);
         bool found = false;
         for (int i = 0; i < n && !found; i++)
             found = strcmp(lines[i], want) == 0;
@@ -115,7 +121,6 @@ TEST(cport_h_includes_every_header)
             absent++;
         }
     }
-    closedir(d);
     CHECK_EQ(absent, 0);
 }
 
@@ -129,19 +134,9 @@ TEST(every_error_the_headers_name_has_a_name)
     static char known[256][24];
     for (int e = 1; e < 256; e++)
         snprintf(known[e], sizeof known[e], "%s", cp_err_name(-e));
-    const char *root = cpt_source_root();
-    CHECK(root != NULL);
-    char dir[PATH_MAX];
-    snprintf(dir, sizeof dir, "%s/include/cport", root);
-    DIR *d = opendir(dir);
-    CHECK(d != NULL);
-    int named = 0, unknown = 0;
-    for (struct dirent *ent; (ent = readdir(d)) != NULL;) {
-        size_t len = strlen(ent->d_name);
-        if (len < 3 || strcmp(ent->d_name + len - 2, ".h") != 0)
-            continue;
-        char path[PATH_MAX + 256];
-        snprintf(path, sizeof path, "%s/%s", dir, ent->d_name);
+    int headers = public_headers(header_names, header_paths), named = 0, unknown = 0;
+    for (int h = 0; h < headers; h++) {
+        const char *path = header_paths[h];
         int n = read_lines(path);
         for (int i = 0; i < n; i++) {
             for (const char *p = lines[i]; (p = strstr(p, "-E")) != NULL; p++) {
@@ -166,7 +161,6 @@ TEST(every_error_the_headers_name_has_a_name)
             }
         }
     }
-    closedir(d);
     fprintf(stderr, "%d error mentions in the headers, %d without a name\n", named, unknown);
     CHECK(named >= 50);
     CHECK_EQ(unknown, 0);
