@@ -161,6 +161,26 @@ static void retry_accepts(void *arg)
         cp_timer_cancel(t, false); /* release the fired one-shot */
 }
 
+/* An error of the connection being accepted, not of accepting: the next accept does not
+ * meet it (accept(2) passes a new connection's pending network error on). */
+static bool connection_error(int64_t res)
+{
+    switch (-res) {
+    case ECONNABORTED:
+    case EPROTO:
+    case ENETDOWN:
+    case ENOPROTOOPT:
+    case EHOSTDOWN:
+    case ENONET:
+    case EHOSTUNREACH:
+    case EOPNOTSUPP:
+    case ENETUNREACH:
+        return true;
+    default:
+        return false;
+    }
+}
+
 static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
 {
     (void)s;
@@ -179,8 +199,11 @@ static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
     sv->accept_busy[aop - sv->accepts] = 0;
     sv->accept_idle[sv->naccept_idle++] = (uint32_t)(aop - sv->accepts);
     bool drained = sv->accepts_posted-- == 1 && res >= 0;
-    sv->accepts_since_tick++;
-    if (res >= 0 || res == -ECONNABORTED || res == -EPROTO) {
+    /* Not the surplus the tick cancelled when shrinking: counted as arrivals, they made the
+     * next connection look like a burst and the pool grew straight back. */
+    if (res != -ECANCELED)
+        sv->accepts_since_tick++;
+    if (res >= 0 || connection_error(res)) {
         /* Connections arrived while no accept was left posted (the seeds' FD_ACCEPT
          * signal), or more of them within one tick than accepts are posted (a burst the
          * immediate re-posting hides): post more of them. */
@@ -191,19 +214,20 @@ static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
                 sv->accepts_target = sv->o.accepts_max;
         }
         fill_accepts_locked(sv);
-    } else if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM) {
-        /* Accepting again at once would fail again at once: pause, retry on a timer. The
-         * failed accept is not posted again until then: it may have been the last one.
-         * Without a timer the pause stays, and the tick resumes it (accept_upkeep), so
-         * accepting neither stops for good nor spins. */
+    } else if (res != -ECANCELED) {
+        /* Out of descriptors or memory, or an error that stays (EPERM from a seccomp filter
+         * or an LSM, which the kernel checks before taking a connection; a listener that no
+         * longer listens): accepting again at once would fail again at once, and the
+         * workers would spin. Pause, retry on a timer. The failed accept is not posted
+         * again until then: it may have been the last one. Without a timer the pause
+         * stays, and the tick resumes it (accept_upkeep), so accepting neither stops for
+         * good nor spins. */
         if (!sv->accept_paused) {
             sv->accept_paused = true;
             __atomic_add_fetch(&sv->accept_pauses, 1, __ATOMIC_RELAXED);
             if (!CP__INJECT_FAIL("accept_retry_timer"))
                 cp_timer_start(sv->pool, &sv->accept_retry, ACCEPT_RETRY_MS, 0, retry_accepts, sv);
         }
-    } else if (res != -ECANCELED) {
-        fill_accepts_locked(sv);
     }
     cp__lock_release(&sv->accept_lock);
     if (res >= 0)
@@ -767,7 +791,7 @@ int cp_server_stats_prometheus(cp_server *sv, const char *prefix, char *buf, siz
          "Connections closed by the handshake or idle timeout", s.conns_reaped},
         {"accepts_outstanding", "gauge", "Accepts posted now", s.accepts_outstanding},
         {"accepts_target", "gauge", "Accepts the pool aims to keep posted", s.accepts_target},
-        {"accept_pauses_total", "counter", "Times accepting paused on a resource error",
+        {"accept_pauses_total", "counter", "Times accepting paused on a resource or lasting error",
          s.accept_pauses},
         {"bytes_received_total", "counter", "Bytes received", s.bytes_in},
         {"bytes_sent_total", "counter", "Bytes sent", s.bytes_out},

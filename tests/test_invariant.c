@@ -12,8 +12,11 @@
  * ConnectEx with first data, disconnects, per-operation
  * timeouts (some tiny, so they fire), cancel of one operation, cancel-all, close with
  * operations outstanding, the peer writing, reading, half-closing, closing and resetting,
- * and deliberately failing starts. Every operation is tracked in its own record; every
- * completion is checked:
+ * and deliberately failing starts; now and then an operation on the wrong kind of socket
+ * (an accept on a connection, a receive or send on a listener), which must complete (or be
+ * refused) like any other, with an error. Contexts are reused (not zeroed again) for other
+ * operations on other sockets once they are the caller's again. Every operation is tracked in its
+ * own record; every completion is checked:
  *   - it belongs to an operation whose start returned 0, that had not completed yet
  *     (exactly once), with the socket's key and the opcode it was started with;
  *   - its result is plausible: a send moves its full length or fails, a receive 0..len
@@ -44,7 +47,9 @@
  * CPORT_TEST_INV_SKIP (development aid) may name probes to leave out, comma-separated:
  * "busy" (starting an op still in use), "order" (one-consumer ordering and stream checks),
  * "mixrecv" (plain and pooled receives on one socket), "threadexit" (acting threads that exit:
- * one acting thread runs for the whole phase instead).
+ * one acting thread runs for the whole phase instead), "reuse" (contexts given back to cport
+ * without zeroing them again, for any kind of operation on any socket, once their completion
+ * was handled, their start failed or the send finished at once).
  */
 #include "harness.h"
 
@@ -220,6 +225,7 @@ typedef struct opmem {
     struct opblk *rec;
     struct iovec iov[4];
     struct sockaddr_in addr; /* connect target */
+    size_t cap;              /* room in data */
     uint8_t data[];          /* the operation's buffer */
 } opmem;
 
@@ -241,6 +247,7 @@ typedef struct opblk {
     uint64_t out_start;     /* tx kinds: offset of its first byte in the socket's outgoing stream */
     uint64_t expect_res;    /* connect_ex, transmit: the result of a success */
     bool tx_tracked;        /* out_start is valid (an R_PAIR socket) */
+    bool short_file;        /* a transmit whose file ends inside its range: -EIO */
     uint64_t cancels_done0; /* s->cancels_done when the start began */
     atomic_int cancel_req;  /* cp_socket_cancel() was called on it */
     atomic_int dequeued;    /* its completion is in a batch being handled */
@@ -367,7 +374,7 @@ typedef struct world {
     atomic_int live_socks;
     atomic_long outstanding;
     atomic_ulong accepted[K__N], completed[K__N], rejected[K__N], done_now[K__N];
-    atomic_ulong n_peer_checked, n_tx_broken;
+    atomic_ulong n_peer_checked, n_tx_broken, n_odd, n_short_file;
     atomic_ulong n_cancelled, n_timedout, n_neterr, n_ok, n_rx_bytes, n_actions, n_invalid;
     atomic_int quiesce, stop;
     unsigned long budget;
@@ -432,11 +439,71 @@ static void hist_dump(const sock *s)
 
 /* ---- records ------------------------------------------------------------------------------ */
 
+/* Contexts whose completion has been handled (or whose start failed, or that were sent at
+ * once) are given back to cport as they are, not zeroed again, for any operation on any
+ * socket ("after its completion is dequeued it is the caller's again and may be reused"):
+ * about half of them go to this stack, the others are freed (ASan then sees cport touching
+ * them). A leaf lock. */
+enum { MAX_RECYCLED = 64 };
+static pthread_mutex_t recycle_mu = PTHREAD_MUTEX_INITIALIZER;
+static opmem *recycled[MAX_RECYCLED];
+static int nrecycled;
+static atomic_ulong recycle_turn;
+static uint64_t recycle_seed;
+static bool recycle_on = true; /* CPORT_TEST_INV_SKIP=reuse turns it off */
+static atomic_ulong n_reused;
+
+/* Free m, or keep it for reuse (marked dead until then). */
+static void op_recycle(opmem *m)
+{
+    m->magic = MAGIC_DEAD;
+    m->rec = NULL;
+    if (recycle_on && (mix64(atomic_fetch_add(&recycle_turn, 1) ^ recycle_seed) & 1)) {
+        pthread_mutex_lock(&recycle_mu);
+        if (nrecycled < MAX_RECYCLED) {
+            recycled[nrecycled++] = m;
+            m = NULL;
+        }
+        pthread_mutex_unlock(&recycle_mu);
+    }
+    free(m);
+}
+
+/* A kept context with room for len bytes, or NULL. */
+static opmem *op_reuse(size_t len)
+{
+    opmem *m = NULL;
+    pthread_mutex_lock(&recycle_mu);
+    for (int i = nrecycled - 1; i >= 0 && !m; i--) {
+        if (recycled[i]->cap >= len) {
+            m = recycled[i];
+            recycled[i] = recycled[--nrecycled];
+        }
+    }
+    pthread_mutex_unlock(&recycle_mu);
+    if (m)
+        atomic_fetch_add(&n_reused, 1);
+    return m;
+}
+
+static void recycle_drain(void)
+{
+    pthread_mutex_lock(&recycle_mu);
+    while (nrecycled)
+        free(recycled[--nrecycled]);
+    pthread_mutex_unlock(&recycle_mu);
+}
+
 static opblk *op_new(int kind, size_t len)
 {
     opblk *b = calloc(1, sizeof(*b));
-    opmem *m = calloc(1, sizeof(*m) + len); /* zeroed: "zero-initialise it once" */
-    CHECK(b != NULL && m != NULL);
+    opmem *m = op_reuse(len);
+    if (!m) {
+        m = calloc(1, sizeof(*m) + len); /* zeroed: "zero-initialise it once" */
+        CHECK(m != NULL);
+        m->cap = len;
+    }
+    CHECK(b != NULL);
     m->magic = MAGIC_LIVE;
     m->memfd = -1;
     m->rec = b;
@@ -459,8 +526,8 @@ static void op_free_mem(opblk *b)
     b->buf = NULL;
     if (m->memfd >= 0)
         close(m->memfd);
-    m->magic = MAGIC_DEAD;
-    free(m);
+    m->memfd = -1;
+    op_recycle(m);
 }
 
 static void op_put(opblk *b)
@@ -484,6 +551,20 @@ static void op_bury(world *w, opblk *b, uint32_t magic)
     b->next = w->graveyard;
     w->graveyard = b;
     pthread_mutex_unlock(&w->mu);
+}
+
+/* A refused or done-at-once op is the caller's again at once: half of them are kept (as
+ * op_bury does), the others reused or freed. */
+static void op_bury_or_reuse(world *w, opblk *b, uint32_t magic, rng *r)
+{
+    if (!recycle_on || rng_pct(r, 50)) {
+        op_bury(w, b, magic);
+        return;
+    }
+    opmem *m = b->m;
+    b->m = NULL;
+    op_recycle(m);
+    free(b);
 }
 
 /* Take b off its socket's list of outstanding ops (s->mu held). */
@@ -896,6 +977,12 @@ static bool plausible_errno(int e)
     }
 }
 
+/* An operation started on the wrong kind of socket (see start_random). */
+static bool odd_op(const opblk *b)
+{
+    return b->kind != K_CLOSE && (b->kind == K_ACCEPT) != (b->s->role == R_LISTEN);
+}
+
 static void split_iov(opblk *b, rng *r)
 {
     int cnt = 1 + (int)rng_below(r, 4);
@@ -1038,7 +1125,7 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
         pthread_mutex_unlock(&s->mu);
         if (ordered)
             pthread_mutex_unlock(&s->start_mu);
-        free(b->m);
+        op_recycle(b->m);
         free(b);
         if (kind == K_CONNECT || kind == K_CONNX)
             atomic_store(&s->connect_started, 0);
@@ -1067,8 +1154,15 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
     bool xfile = false;
     size_t xhead = 0, xflen = 0, xtail = 0;
     int64_t xfoff = 0;
-    if (kind == K_XMIT)
+    if (kind == K_XMIT) {
         prepare_transmit(w, b, r, &xflags, &xfile, &xhead, &xflen, &xtail, &xfoff);
+        if (xfile && rng_pct(r, 3)) {
+            /* The file ends inside the range: the transmit fails (-EIO) once it gets there. */
+            b->short_file = true;
+            WCHECK(w, ftruncate(b->m->memfd, xfoff + (int64_t)xhead +
+                                                 (int64_t)rng_below(r, (uint32_t)xflen)) == 0);
+        }
+    }
     sock_get(s); /* the operation's reference, dropped once its completion is handled */
     atomic_fetch_add(&w->outstanding, 1);
     if (kind == K_POOL)
@@ -1163,7 +1257,7 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
         sock_unlink_op_locked(s, b);
         pthread_mutex_unlock(&s->mu);
         atomic_fetch_sub(&w->outstanding, 1);
-        op_bury(w, b, MAGIC_DONENOW);
+        op_bury_or_reuse(w, b, MAGIC_DONENOW, r);
         sock_put(w, s);
         return;
     }
@@ -1198,7 +1292,9 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
         CHECK(st == ST_STARTING);
     }
     bool ok = false;
-    if (ret == -EBADF)
+    if (odd_op(b) && ret != -EBADF)
+        ok = true; /* the wrong kind of socket may be refused at once, as long as for good */
+    else if (ret == -EBADF)
         ok = atomic_load(&s->closing) >= 1; /* only a closing socket refuses with EBADF */
     else if (ret == -EBUSY)
         ok = (kind == K_RECV || kind == K_RECVV) && w->uring && atomic_load(&s->pool_used);
@@ -1216,7 +1312,7 @@ static void start_op(world *w, tctx *t, sock *s, int kind)
     if (kind == K_CONNECT || kind == K_CONNX)
         atomic_store(&s->connect_started, 0);
     atomic_fetch_sub(&w->outstanding, 1);
-    op_bury(w, b, MAGIC_REJECTED);
+    op_bury_or_reuse(w, b, MAGIC_REJECTED, r);
     sock_put(w, s); /* the operation's reference */
 }
 
@@ -1453,7 +1549,10 @@ static void connector(world *w, tctx *t)
 static void start_random(world *w, tctx *t, int kind)
 {
     sock *s;
-    if (kind == K_ACCEPT) {
+    /* Now and then on the wrong kind of socket: an accept on a connection, a receive or a
+     * send on a listener. Accepted or refused, each is an operation like any other. */
+    bool odd = rng_pct(&t->r, 3);
+    if ((kind == K_ACCEPT) != odd) {
         ensure_listener(w);
         s = pick_sock(w, &t->r, 1u << R_LISTEN, rng_pct(&t->r, 5));
     } else {
@@ -1607,7 +1706,13 @@ static void handle(world *w, tctx *t, const cp_completion *c)
             OPCHECK(w, b, res, cpt_now_ns() - b->t0 >= (int64_t)b->timeout_ms * 1000000);
             atomic_fetch_add(&w->n_timedout, 1);
         } else {
-            OPCHECK(w, b, res, plausible_errno((int)-res) && b->kind != K_CLOSE);
+            OPCHECK(w, b, res,
+                    (plausible_errno((int)-res) || odd_op(b) || (b->short_file && res == -EIO)) &&
+                        b->kind != K_CLOSE);
+            if (b->short_file && res == -EIO)
+                atomic_fetch_add(&w->n_short_file, 1);
+            if (odd_op(b))
+                atomic_fetch_add(&w->n_odd, 1);
             atomic_fetch_add(&w->n_neterr, 1);
         }
         if (b->kind == K_ACCEPT)
@@ -1622,6 +1727,10 @@ static void handle(world *w, tctx *t, const cp_completion *c)
         }
     } else {
         atomic_fetch_add(&w->n_ok, 1);
+        /* Only a disconnect may succeed on the wrong kind of socket (a listener). */
+        OPCHECK(w, b, res, !odd_op(b) || b->kind == K_DISC);
+        if (odd_op(b))
+            atomic_fetch_add(&w->n_odd, 1);
         switch (b->kind) {
         case K_RECV:
         case K_RECVV:
@@ -1653,6 +1762,7 @@ static void handle(world *w, tctx *t, const cp_completion *c)
             OPCHECK(w, b, res, (uint64_t)res == b->len);
             break;
         case K_XMIT:
+            OPCHECK(w, b, res, !b->short_file); /* it cannot send what the file lacks */
             OPCHECK(w, b, res, (uint64_t)res == b->expect_res && m->top.sent == (uint64_t)res);
             break;
         case K_ACCEPT:
@@ -1936,6 +2046,8 @@ static world *world_new(const char *mode, bool exact, bool single_consumer, unsi
     w->check_order = !skipped("order");
     w->mix_recv = !skipped("mixrecv");
     w->actors_exit = !skipped("threadexit");
+    recycle_on = !skipped("reuse");
+    recycle_seed = w->seed;
     rng r = {w->seed ^ 0x1234};
     cp_port_options o = {.concurrency = workers, .flags = CP_PORT_QUIET};
     const char *cfg;
@@ -2092,6 +2204,10 @@ static void final_checks(world *w, int64_t t0)
             "  outgoing bytes the peers read and checked: %lu; streams broken by a failed "
             "send: %lu\n",
             atomic_load(&w->n_peer_checked), atomic_load(&w->n_tx_broken));
+    fprintf(stderr,
+            "  contexts reused without zeroing: %lu; operations on the wrong kind of socket "
+            "completed: %lu; transmits short of file (-EIO): %lu\n",
+            atomic_load(&n_reused), atomic_load(&w->n_odd), atomic_load(&w->n_short_file));
     pthread_mutex_lock(&w->mu);
     fprintf(stderr, "  closed pending clients accepted later: %lu; dials that met one: %lu\n",
             w->ghosts_accepted, w->dials_haunted);
@@ -2110,6 +2226,7 @@ static void world_free(world *w)
         free(b);
     }
     pthread_mutex_unlock(&w->mu);
+    recycle_drain();
     close(w->plain_lfd);
     free((void *)w->sid_state);
     pthread_mutex_destroy(&w->mu);

@@ -16,7 +16,8 @@
  *   - refuses connections beyond max_conns at once (they are accepted and closed, and
  *     counted); stops reading from a peer whose replies pile up beyond max_pending_send
  *     (backpressure) and resumes when they drain; pauses accepting on EMFILE / ENFILE /
- *     ENOBUFS / ENOMEM and retries on a timer, without spinning (S5);
+ *     ENOBUFS / ENOMEM (and on any accept error that is not the new connection's own, such
+ *     as EPERM from an LSM) and retries on a timer, without spinning (S5);
  *   - hands one connection's data to its callbacks in arrival order, never two callbacks
  *     of one connection at once, with any number of workers and receives outstanding;
  *     sends go out in the order issued (S6);
@@ -187,7 +188,8 @@ typedef struct cp_server_stats {
                                      or by on_timeout closing them; not the deadline) */
     uint64_t accepts_outstanding; /* accepts posted now (gauge) */
     uint64_t accepts_target;      /* how many the accept pool aims for now (gauge) */
-    uint64_t accept_pauses;       /* times accepting paused on a resource error */
+    uint64_t accept_pauses;       /* times accepting paused on a resource error (or on
+                                     another that would stay, e.g. EPERM from an LSM) */
     uint64_t bytes_in;            /* bytes received */
     uint64_t bytes_out;           /* bytes sent */
     uint64_t completions;         /* completions dequeued by the workers */
