@@ -3058,6 +3058,96 @@ TEST(framed_bad_frame_keeps_earlier_replies)
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 
+/* cp_conn_close() while a reply is still queued: the close waits for the reply, and sends
+ * after it are refused with -EPIPE (only a close the peer's end began takes more sends,
+ * for the replies held back). The peer gets the reply, exactly, then the end. */
+enum { LQ_BIG = 2 << 20 }; /* more than the socket buffers take before the peer reads */
+static uint8_t *lq_big;
+static int lq_r[3], lq_done; /* the hook's results; lq_done atomic */
+static size_t lq_pending;    /* queued when the close began */
+
+static void close_with_reply_queued_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data,
+                                         size_t len)
+{
+    (void)t;
+    (void)u;
+    lq_r[0] = cp_conn_send(c, lq_big, LQ_BIG);
+    lq_pending = cp_conn_pending(c);
+    cp_conn_close(c);
+    lq_r[1] = cp_conn_send(c, data, len);
+    lq_r[2] = cp_conn_send_data(c, data, len);
+    STORE(&lq_done, 1);
+}
+
+TEST(sends_after_a_local_close_with_a_reply_queued_are_refused)
+{
+    lq_big = malloc(LQ_BIG);
+    CHECK(lq_big != NULL);
+    pattern_fill(5, 0, lq_big, LQ_BIG);
+    cp_server_options o = {.threads = 2, .max_pending_send = 8 << 20};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hook = close_with_reply_queued_hook;
+    t->sndbuf = 4096; /* most of the reply stays queued at the server */
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port); /* (its receive buffer not shrunk: read at full speed) */
+    send_all(fd, "x", 1);
+    WAIT_FOR(LOAD(&lq_done), IO_MS);
+    fprintf(stderr, "reply %d, %zu bytes of it queued; then %d %d\n", lq_r[0], lq_pending, lq_r[1],
+            lq_r[2]);
+    CHECK_EQ(lq_r[0], 0);
+    CHECK(lq_pending > 0); /* (else the close was issued at once: not the case tested) */
+    CHECK_EQ(lq_r[1], -EPIPE);
+    CHECK_EQ(lq_r[2], -EPIPE);
+    uint8_t *back = malloc(LQ_BIG);
+    CHECK(back != NULL);
+    CHECK_EQ(try_recv_all(fd, back, LQ_BIG, cpt_now_ms() + IO_MS), 0);
+    CHECK(memcmp(back, lq_big, LQ_BIG) == 0);
+    size_t extra = 1;
+    CHECK(wait_peer_close(fd, cpt_now_ms() + IO_MS, &extra) >= 0);
+    CHECK_EQ(extra, 0);
+    WAIT_FOR(LOAD(&t->reasons[CP_CLOSE_LOCAL]) == 1, IO_MS);
+    close(fd);
+    free(back);
+    free(lq_big);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* A connection whose peer ended its side takes sends until its close is issued (replies
+ * to requests held back); once on_close has run, a send through a cp_conn_ref is refused
+ * with -EPIPE, and nothing reaches the peer. */
+TEST(sends_after_a_peer_ended_connection_closed_are_refused)
+{
+    cp_server_options o = {.threads = 2};
+    tsrv *t = tsrv_new(ECHO_COPY);
+    t->hold_refs = true;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    uint8_t msg[100], back[100];
+    pattern_fill(6, 0, msg, sizeof msg);
+    send_all(fd, msg, sizeof msg);
+    CHECK_EQ(shutdown(fd, SHUT_WR), 0);
+    recv_all(fd, back, sizeof back);
+    CHECK(memcmp(back, msg, sizeof msg) == 0);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_PEER]), 1);
+    pthread_mutex_lock(&t->lock);
+    cp_conn *c = t->nheld ? t->held[0] : NULL;
+    pthread_mutex_unlock(&t->lock);
+    CHECK(c != NULL);
+    CHECK_EQ(cp_conn_send(c, msg, sizeof msg), -EPIPE);
+    int file = cpt_memfd("after-close");
+    CHECK_EQ(write(file, msg, sizeof msg), (ssize_t)sizeof msg);
+    uint64_t block = sizeof msg; /* (no on_sent for a refused send) */
+    CHECK_EQ(cp_conn_send_file(c, NULL, 0, file, 0, sizeof msg, &block), -EPIPE);
+    size_t extra = 1;
+    CHECK(wait_peer_close(fd, cpt_now_ms() + IO_MS, &extra) >= 0);
+    CHECK_EQ(extra, 0);
+    CHECK_EQ(LOAD(&t->closes), 1);
+    close(file);
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
 /* cp_conn_send_data() in framed mode takes only bytes of the frame being handed over, for
  * a frame assembled across receives as for one that arrived whole: a range past the
  * payload is refused with -EINVAL (it read past the assembly buffer, and sent what lay
@@ -3764,6 +3854,63 @@ TEST(a_deadline_fires_while_a_timeout_is_left_standing)
     cp_server_stats st;
     cp_server_get_stats(sv, &st);
     CHECK_EQ(st.conns_reaped, 0); /* closed by its deadline */
+    expect_closed(fd, IO_MS);
+    close(fd);
+    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
+    cp_server_destroy(sv);
+}
+
+/* The same deadline, left standing too (on_timeout neither closes nor re-arms it), has
+ * fired: it is used up, and does not fire again at the ticks after it while the handshake
+ * timeout keeps firing. */
+typedef struct once_ctx {
+    uint32_t standing, deadlines, standing_at_deadline, closes;
+} once_ctx;
+
+static void once_on_timeout(cp_conn *c, cp_close_reason reason)
+{
+    once_ctx *x = cp_server_user(cp_conn_server(c));
+    if (reason == CP_CLOSE_DEADLINE) {
+        if (ADD(&x->deadlines, 1) == 1)
+            STORE(&x->standing_at_deadline, LOAD(&x->standing));
+        return; /* left standing */
+    }
+    CHECK_EQ(reason, CP_CLOSE_HANDSHAKE_TIMEOUT);
+    uint32_t n = ADD(&x->standing, 1);
+    if (n == 1)
+        CHECK_OK(cp_conn_set_deadline(c, 1));
+    else if (LOAD(&x->deadlines) && n >= LOAD(&x->standing_at_deadline) + 5)
+        cp_conn_abort(c); /* five more ticks with the deadline passed: enough */
+}
+
+static void once_on_close(cp_conn *c, cp_close_reason reason, int err)
+{
+    (void)err;
+    once_ctx *x = cp_server_user(cp_conn_server(c));
+    CHECK_EQ(reason, CP_CLOSE_LOCAL);
+    ADD(&x->closes, 1);
+}
+
+TEST(a_deadline_left_standing_fires_once)
+{
+    once_ctx x = {0};
+    cp_server_callbacks cb = {
+        .on_data = starve_on_data, .on_timeout = once_on_timeout, .on_close = once_on_close};
+    cp_server_options o = {.bind = "127.0.0.1",
+                           .threads = 1,
+                           .handshake_timeout_ms = 100,
+                           .tick_ms = 20,
+                           .conn_deadlines = true,
+                           .user = &x};
+    o.port_options.flags |= CP_PORT_QUIET;
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_start(sv));
+    int fd = connect_to(cp_server_listen_port(sv)); /* silent */
+    WAIT_FOR(LOAD(&x.closes) == 1, IO_MS);
+    fprintf(stderr, "handshake timeout fired %u times, the deadline %u\n", LOAD(&x.standing),
+            LOAD(&x.deadlines));
+    CHECK_EQ(LOAD(&x.deadlines), 1);
     expect_closed(fd, IO_MS);
     close(fd);
     CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
@@ -5839,6 +5986,74 @@ TEST(a_send_queued_as_the_close_begins_is_bounded)
     CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_LOCAL]), 1);
     close(fd);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
+#endif
+}
+
+/* The same with cp_conn_send_file: the transmit queued just after the close looked is
+ * bounded too. The sender pauses 300 ms after taking its reference (send_file_ref), the
+ * close 400 ms after its look; the close begins 100 ms into the sender's pause. */
+#ifdef CPORT_INJECT
+typedef struct late_file_sender {
+    cp_conn *c;
+    int fd;
+    int result;
+    pthread_t th;
+} late_file_sender;
+
+static void *late_file_sender_main(void *arg)
+{
+    late_file_sender *l = arg;
+    uint64_t *block = malloc(sizeof(uint64_t)); /* t_on_sent's context: the expected result */
+    CHECK(block != NULL);
+    block[0] = 4 << 20;
+    l->result = cp_conn_send_file(l->c, NULL, 0, l->fd, 0, 4 << 20, block);
+    if (l->result < 0)
+        free(block); /* no on_sent for a send that was refused */
+    return NULL;
+}
+#endif
+
+TEST(a_send_file_queued_as_the_close_begins_is_bounded)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "send_file_ref:300000,close_looked:400000", 1));
+    cp_server_options o = {
+        .threads = 2, .tick_ms = 10000, .linger_ms = 300, .max_pending_send = 8 << 20};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    t->sndbuf = 4096;
+    tsrv_start(t, &o);
+    int file = cpt_memfd("late-file");
+    CHECK_OK(ftruncate(file, 4 << 20));
+    int fd = sock_nb();
+    int small = 4096;
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small));
+    struct sockaddr_in sa = loopback(t->port);
+    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EINPROGRESS);
+    WAIT_FOR(held_count(t) == 1, IO_MS);
+    late_file_sender l = {.c = t->held[0], .fd = file};
+    CHECK_EQ(pthread_create(&l.th, NULL, late_file_sender_main, &l), 0);
+    usleep(100000); /* into the sender's pause */
+    int64_t t0 = cpt_now_ms();
+    cp_conn_close(l.c);
+    pthread_join(l.th, NULL);
+    /* The peer never reads: the close ends once nothing was acknowledged for linger_ms. */
+    while (LOAD(&t->closes) == 0 && cpt_now_ms() - t0 < 10000)
+        usleep(1000);
+    uint64_t closed = LOAD(&t->closes);
+    fprintf(stderr, "send_file: %d, %zu bytes still queued; %s %lld ms after the close began\n",
+            l.result, cp_conn_pending(l.c), closed ? "closed" : "still open",
+            (long long)(cpt_now_ms() - t0));
+    if (!closed)
+        cp_conn_abort(l.c);
+    CHECK_EQ(l.result, 0);
+    CHECK_EQ(closed, 1);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_LOCAL]), 1);
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+    close(file);
 #endif
 }
 
