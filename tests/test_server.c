@@ -3709,18 +3709,19 @@ TEST(shutdown_sees_a_refused_connection_counted_out)
 #endif
 }
 
-/* conns_reaped counts connections a timeout closed, not timeouts: one that on_timeout
- * leaves standing fires again at every tick, and used to be counted every time. */
-typedef struct reap_ctx {
-    uint32_t calls, close_at, closes;
-} reap_ctx;
-
-static void reap_on_data(cp_conn *c, const void *data, size_t len)
+/* An on_data for servers whose tests look at other callbacks. */
+static void ignore_data(cp_conn *c, const void *data, size_t len)
 {
     (void)c;
     (void)data;
     (void)len;
 }
+
+/* conns_reaped counts connections a timeout closed, not timeouts: one that on_timeout
+ * leaves standing fires again at every tick, and used to be counted every time. */
+typedef struct reap_ctx {
+    uint32_t calls, close_at, closes;
+} reap_ctx;
 
 static void reap_on_timeout(cp_conn *c, cp_close_reason reason)
 {
@@ -3742,7 +3743,7 @@ TEST(conns_reaped_counts_connections_not_timeouts)
 {
     reap_ctx x = {.close_at = UINT32_MAX};
     cp_server_callbacks cb = {
-        .on_data = reap_on_data, .on_timeout = reap_on_timeout, .on_close = reap_on_close};
+        .on_data = ignore_data, .on_timeout = reap_on_timeout, .on_close = reap_on_close};
     cp_server_options o = {
         .bind = "127.0.0.1", .threads = 1, .handshake_timeout_ms = 100, .tick_ms = 20, .user = &x};
     o.port_options.flags |= CP_PORT_QUIET;
@@ -3782,7 +3783,7 @@ TEST(a_timeout_left_standing_keeps_firing_across_the_tick_wrap)
 {
     reap_ctx x = {0};
     cp_server_callbacks cb = {
-        .on_data = reap_on_data, .on_timeout = standing_on_timeout, .on_close = reap_on_close};
+        .on_data = ignore_data, .on_timeout = standing_on_timeout, .on_close = reap_on_close};
     cp_server_options o = {
         .bind = "127.0.0.1", .threads = 1, .handshake_timeout_ms = 100, .tick_ms = 20, .user = &x};
     o.port_options.flags |= CP_PORT_QUIET;
@@ -3804,13 +3805,6 @@ TEST(a_timeout_left_standing_keeps_firing_across_the_tick_wrap)
 typedef struct starve_ctx {
     uint32_t standing, deadlines, closes;
 } starve_ctx;
-
-static void starve_on_data(cp_conn *c, const void *data, size_t len)
-{
-    (void)c;
-    (void)data;
-    (void)len;
-}
 
 static void starve_on_timeout(cp_conn *c, cp_close_reason reason)
 {
@@ -3837,7 +3831,7 @@ TEST(a_deadline_fires_while_a_timeout_is_left_standing)
 {
     starve_ctx x = {0};
     cp_server_callbacks cb = {
-        .on_data = starve_on_data, .on_timeout = starve_on_timeout, .on_close = starve_on_close};
+        .on_data = ignore_data, .on_timeout = starve_on_timeout, .on_close = starve_on_close};
     cp_server_options o = {.bind = "127.0.0.1",
                            .threads = 1,
                            .handshake_timeout_ms = 100,
@@ -3895,7 +3889,7 @@ TEST(a_deadline_left_standing_fires_once)
 {
     once_ctx x = {0};
     cp_server_callbacks cb = {
-        .on_data = starve_on_data, .on_timeout = once_on_timeout, .on_close = once_on_close};
+        .on_data = ignore_data, .on_timeout = once_on_timeout, .on_close = once_on_close};
     cp_server_options o = {.bind = "127.0.0.1",
                            .threads = 1,
                            .handshake_timeout_ms = 100,
@@ -5577,7 +5571,7 @@ TEST(a_failed_start_leaves_no_listener)
     int fds0 = cpt_count_fds();
     cp_server_options o = {.threads = 1, .bind = "127.0.0.1"};
     o.port_options.flags |= CP_PORT_QUIET;
-    cp_server_callbacks cb = {.on_data = reap_on_data};
+    cp_server_callbacks cb = {.on_data = ignore_data};
     cp_server *sv;
     CHECK_OK(cp_server_create(&sv, &o, &cb));
     int fds1 = cpt_count_fds();
@@ -5696,7 +5690,7 @@ TEST(a_second_start_is_refused)
     int fds0 = cpt_count_fds();
     cp_server_options o = {.threads = 1, .bind = "127.0.0.1"};
     o.port_options.flags |= CP_PORT_QUIET;
-    cp_server_callbacks cb = {.on_data = reap_on_data};
+    cp_server_callbacks cb = {.on_data = ignore_data};
     cp_server *sv;
     CHECK_OK(cp_server_create(&sv, &o, &cb));
     CHECK_OK(cp_server_start(sv));
@@ -6151,13 +6145,6 @@ TEST(worker_records_are_made_at_creation)
 /* A cp_server_create that fails after its slabs mapped their first chunks (here the port
  * refuses its options) unmaps them: eight failed creations leave the address space as it
  * was (each would otherwise keep 7 MiB). */
-static void ignore_data(cp_conn *c, const void *data, size_t len)
-{
-    (void)c;
-    (void)data;
-    (void)len;
-}
-
 TEST(a_failed_server_create_unmaps_its_slabs)
 {
     cp_server_options o = {.threads = 1, .port_options = {.ring_entries = 1u << 20}};
