@@ -3801,14 +3801,52 @@ TEST(a_timeout_left_standing_keeps_firing_across_the_tick_wrap)
 
 /* A deadline set on a connection whose handshake or idle timeout on_timeout leaves standing
  * fires too: the standing timeout was found due first at every tick, and the deadline never
- * ran (on_timeout saw the handshake timeout again and again). */
-typedef struct starve_ctx {
-    uint32_t standing, deadlines, closes;
-} starve_ctx;
+ * ran (on_timeout saw the handshake timeout again and again). Both tests run a silent
+ * connection on a server with a 100 ms handshake timeout and 20 ms ticks; their on_timeout
+ * sets a 1 ms deadline at the first firing. */
+typedef struct standing_ctx {
+    uint32_t standing, deadlines, standing_at_deadline, closes;
+} standing_ctx;
+
+static void standing_on_close(cp_conn *c, cp_close_reason reason, int err)
+{
+    (void)err;
+    standing_ctx *x = cp_server_user(cp_conn_server(c));
+    CHECK_EQ(reason, CP_CLOSE_LOCAL);
+    ADD(&x->closes, 1);
+}
+
+/* Runs the silent connection until on_close; returns the server's conns_reaped. */
+static uint64_t run_standing(standing_ctx *x, void (*on_timeout)(cp_conn *, cp_close_reason))
+{
+    cp_server_callbacks cb = {
+        .on_data = ignore_data, .on_timeout = on_timeout, .on_close = standing_on_close};
+    cp_server_options o = {.bind = "127.0.0.1",
+                           .threads = 1,
+                           .handshake_timeout_ms = 100,
+                           .tick_ms = 20,
+                           .conn_deadlines = true,
+                           .user = x};
+    o.port_options.flags |= CP_PORT_QUIET;
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_start(sv));
+    int fd = connect_to(cp_server_listen_port(sv)); /* silent */
+    WAIT_FOR(LOAD(&x->closes) == 1, IO_MS);
+    fprintf(stderr, "handshake timeout fired %u times, the deadline %u\n", LOAD(&x->standing),
+            LOAD(&x->deadlines));
+    cp_server_stats st;
+    cp_server_get_stats(sv, &st);
+    expect_closed(fd, IO_MS);
+    close(fd);
+    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
+    cp_server_destroy(sv);
+    return st.conns_reaped;
+}
 
 static void starve_on_timeout(cp_conn *c, cp_close_reason reason)
 {
-    starve_ctx *x = cp_server_user(cp_conn_server(c));
+    standing_ctx *x = cp_server_user(cp_conn_server(c));
     if (reason == CP_CLOSE_DEADLINE) {
         ADD(&x->deadlines, 1);
         cp_conn_abort(c);
@@ -3819,51 +3857,20 @@ static void starve_on_timeout(cp_conn *c, cp_close_reason reason)
         CHECK_OK(cp_conn_set_deadline(c, 1)); /* left standing, with a deadline to end it */
 }
 
-static void starve_on_close(cp_conn *c, cp_close_reason reason, int err)
-{
-    (void)err;
-    starve_ctx *x = cp_server_user(cp_conn_server(c));
-    CHECK_EQ(reason, CP_CLOSE_LOCAL);
-    ADD(&x->closes, 1);
-}
-
 TEST(a_deadline_fires_while_a_timeout_is_left_standing)
 {
-    starve_ctx x = {0};
-    cp_server_callbacks cb = {
-        .on_data = ignore_data, .on_timeout = starve_on_timeout, .on_close = starve_on_close};
-    cp_server_options o = {.bind = "127.0.0.1",
-                           .threads = 1,
-                           .handshake_timeout_ms = 100,
-                           .tick_ms = 20,
-                           .conn_deadlines = true,
-                           .user = &x};
-    o.port_options.flags |= CP_PORT_QUIET;
-    cp_server *sv;
-    CHECK_OK(cp_server_create(&sv, &o, &cb));
-    CHECK_OK(cp_server_start(sv));
-    int fd = connect_to(cp_server_listen_port(sv)); /* silent */
-    WAIT_FOR(LOAD(&x.closes) == 1, IO_MS);
+    standing_ctx x = {0};
+    uint64_t reaped = run_standing(&x, starve_on_timeout);
     CHECK_EQ(LOAD(&x.deadlines), 1);
-    cp_server_stats st;
-    cp_server_get_stats(sv, &st);
-    CHECK_EQ(st.conns_reaped, 0); /* closed by its deadline */
-    expect_closed(fd, IO_MS);
-    close(fd);
-    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
-    cp_server_destroy(sv);
+    CHECK_EQ(reaped, 0); /* closed by its deadline */
 }
 
 /* The same deadline, left standing too (on_timeout neither closes nor re-arms it), has
  * fired: it is used up, and does not fire again at the ticks after it while the handshake
  * timeout keeps firing. */
-typedef struct once_ctx {
-    uint32_t standing, deadlines, standing_at_deadline, closes;
-} once_ctx;
-
 static void once_on_timeout(cp_conn *c, cp_close_reason reason)
 {
-    once_ctx *x = cp_server_user(cp_conn_server(c));
+    standing_ctx *x = cp_server_user(cp_conn_server(c));
     if (reason == CP_CLOSE_DEADLINE) {
         if (ADD(&x->deadlines, 1) == 1)
             STORE(&x->standing_at_deadline, LOAD(&x->standing));
@@ -3877,38 +3884,11 @@ static void once_on_timeout(cp_conn *c, cp_close_reason reason)
         cp_conn_abort(c); /* five more ticks with the deadline passed: enough */
 }
 
-static void once_on_close(cp_conn *c, cp_close_reason reason, int err)
-{
-    (void)err;
-    once_ctx *x = cp_server_user(cp_conn_server(c));
-    CHECK_EQ(reason, CP_CLOSE_LOCAL);
-    ADD(&x->closes, 1);
-}
-
 TEST(a_deadline_left_standing_fires_once)
 {
-    once_ctx x = {0};
-    cp_server_callbacks cb = {
-        .on_data = ignore_data, .on_timeout = once_on_timeout, .on_close = once_on_close};
-    cp_server_options o = {.bind = "127.0.0.1",
-                           .threads = 1,
-                           .handshake_timeout_ms = 100,
-                           .tick_ms = 20,
-                           .conn_deadlines = true,
-                           .user = &x};
-    o.port_options.flags |= CP_PORT_QUIET;
-    cp_server *sv;
-    CHECK_OK(cp_server_create(&sv, &o, &cb));
-    CHECK_OK(cp_server_start(sv));
-    int fd = connect_to(cp_server_listen_port(sv)); /* silent */
-    WAIT_FOR(LOAD(&x.closes) == 1, IO_MS);
-    fprintf(stderr, "handshake timeout fired %u times, the deadline %u\n", LOAD(&x.standing),
-            LOAD(&x.deadlines));
+    standing_ctx x = {0};
+    run_standing(&x, once_on_timeout);
     CHECK_EQ(LOAD(&x.deadlines), 1);
-    expect_closed(fd, IO_MS);
-    close(fd);
-    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
-    cp_server_destroy(sv);
 }
 
 /* Ticks can overlap (each runs on a worker): two sweeps may both find one connection's
