@@ -1,6 +1,7 @@
 /* The server: listener and accept pool (S2), the timeout sweep (S3), lookaside buffers
  * (S4), graceful shutdown (S8) and stats. Connections themselves live in conn.c. */
 #include "inject.h"
+#include "pool_internal.h"
 #include "server_internal.h"
 
 #include <arpa/inet.h>
@@ -517,11 +518,14 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
         }
         spares = w != NULL;
     }
+    sv->pool_threads = calloc(o.threads, sizeof(*sv->pool_threads));
     r = pthread_key_create(&sv->wkey, NULL);
-    if (!sv->accepts || !sv->accept_busy || !sv->accept_idle || !spares || r != 0) {
+    if (!sv->accepts || !sv->accept_busy || !sv->accept_idle || !spares || !sv->pool_threads ||
+        r != 0) {
         free(sv->accepts);
         free(sv->accept_busy);
         free(sv->accept_idle);
+        free(sv->pool_threads);
         free_worker_list(sv->spare_workers);
         if (r == 0)
             pthread_key_delete(sv->wkey);
@@ -538,11 +542,15 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
         free(sv->accepts);
         free(sv->accept_busy);
         free(sv->accept_idle);
+        free(sv->pool_threads);
         free_worker_list(sv->spare_workers);
         fini_slabs(sv);
         free(sv);
         return r;
     }
+    /* (The pool's threads are started and fixed by now.) */
+    sv->npool_threads = sv->pool->nthreads < o.threads ? sv->pool->nthreads : o.threads;
+    memcpy(sv->pool_threads, sv->pool->threads, sv->npool_threads * sizeof(pthread_t));
     sv->port = cp_pool_port(sv->pool);
     sv->conn_binding = (cp_io_binding){cp__conn_io, sv};
     sv->listener_binding = (cp_io_binding){on_listener, sv};
@@ -555,7 +563,7 @@ int cp_server_start(cp_server *sv)
 {
     /* Once: a second start would associate a new listener over the live one (its accepts
      * outstanding) and leak it, bound and listening; after a shutdown the pool is gone. */
-    if (sv->ticker || sv->shut_down)
+    if (sv->ticker || __atomic_load_n(&sv->shutdown_state, __ATOMIC_RELAXED) != 0)
         return -EALREADY;
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(sv->o.port)};
     if (inet_pton(AF_INET, sv->o.bind ? sv->o.bind : "0.0.0.0", &sa.sin_addr) != 1)
@@ -663,15 +671,30 @@ static bool wait_closed(cp_server *sv, const struct timespec *deadline)
  * the shutdown would wait for, and whose worker it would join. */
 static bool in_callback(cp_server *sv)
 {
-    return sv->pool && cp__port_in_callback(cp_pool_port(sv->pool));
+    /* By thread, not through the port: the pool may be being destroyed by a shutdown on
+     * another thread. The server's callbacks run on the pool's workers only. */
+    for (unsigned i = 0; i < sv->npool_threads; i++)
+        if (pthread_equal(sv->pool_threads[i], pthread_self()))
+            return true;
+    return false;
 }
 
 int cp_server_shutdown(cp_server *sv, unsigned deadline_ms)
 {
-    if (!sv || sv->shut_down)
+    if (!sv)
         return 0;
     if (in_callback(sv))
         return -EDEADLK;
+    /* Once; a caller that comes while another shuts down waits until it has finished. */
+    pthread_mutex_lock(&sv->done_lock);
+    bool first = sv->shutdown_state == 0;
+    if (first)
+        sv->shutdown_state = 1;
+    while (sv->shutdown_state == 1 && !first)
+        pthread_cond_wait(&sv->done_cond, &sv->done_lock);
+    pthread_mutex_unlock(&sv->done_lock);
+    if (!first)
+        return 0;
     struct timespec deadline;
     clock_gettime(CLOCK_MONOTONIC, &deadline); /* done_cond's clock */
     deadline.tv_sec += deadline_ms / 1000;
@@ -706,7 +729,10 @@ int cp_server_shutdown(cp_server *sv, unsigned deadline_ms)
     }
     cp_pool_destroy(sv->pool, CP_POOL_DRAIN);
     sv->pool = NULL;
-    sv->shut_down = true;
+    pthread_mutex_lock(&sv->done_lock);
+    sv->shutdown_state = 2;
+    pthread_cond_broadcast(&sv->done_cond);
+    pthread_mutex_unlock(&sv->done_lock);
     return r;
 }
 
@@ -716,9 +742,12 @@ int cp_server_destroy(cp_server *sv)
         return 0;
     if (in_callback(sv))
         return -EDEADLK;
-    if (!sv->shut_down) {
-        if (sv->listener_open || __atomic_load_n(&sv->conns_open, __ATOMIC_RELAXED))
-            cp_server_shutdown(sv, 0);
+    pthread_mutex_lock(&sv->done_lock);
+    int state = sv->shutdown_state;
+    pthread_mutex_unlock(&sv->done_lock);
+    if (state != 2) {
+        if (state == 1 || sv->listener_open || __atomic_load_n(&sv->conns_open, __ATOMIC_RELAXED))
+            cp_server_shutdown(sv, 0); /* (waits for one running on another thread) */
         else {
             if (sv->ticker)
                 cp_timer_cancel(sv->ticker, true);
@@ -734,6 +763,7 @@ int cp_server_destroy(cp_server *sv)
     free(sv->accepts);
     free(sv->accept_busy);
     free(sv->accept_idle);
+    free(sv->pool_threads);
     free(sv);
     return 0;
 }

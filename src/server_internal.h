@@ -217,8 +217,12 @@ struct cp_server {
     uint32_t close_spares_busy;
 
     /* Shutdown. */
-    int stopping;   /* atomic */
-    bool shut_down; /* cp_server_shutdown finished */
+    int stopping; /* atomic */
+    /* cp_server_shutdown: 0 not begun, 1 running, 2 finished (done_lock; a second caller
+     * waits for the first). */
+    int shutdown_state;
+    pthread_t *pool_threads; /* the pool's workers, to refuse calls from callbacks */
+    unsigned npool_threads;
     pthread_mutex_t done_lock;
     pthread_cond_t done_cond;
 

@@ -6314,3 +6314,49 @@ TEST(accepting_resumes_on_its_timer_and_drains_the_backlog)
     WAIT_FOR(LOAD(&t->closes) == N, IO_MS);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
+
+/* cp_server_shutdown from several threads at once (a signal thread and main, say): one
+ * shuts down, the others wait until it has finished (every connection closed, the workers
+ * stopped) and return 0. (Before, each caller ran the whole shutdown: the pool was
+ * destroyed twice.) */
+typedef struct sd_racer {
+    cp_server *sv;
+    tsrv *t;
+    pthread_t th;
+    int result;
+    uint64_t open_at_return;
+} sd_racer;
+
+static void *sd_racer_main(void *arg)
+{
+    sd_racer *r = arg;
+    r->result = cp_server_shutdown(r->sv, 5000);
+    r->open_at_return = tsrv_stats(r->t).conns_open;
+    return NULL;
+}
+
+TEST(concurrent_shutdowns_wait_for_the_first)
+{
+    enum { RACERS = 3 };
+    tsrv *t = tsrv_new(ECHO_DATA);
+    cp_server_options o = {.threads = 2};
+    tsrv_start(t, &o);
+    int idle = connect_to(t->port);
+    exchange(idle, 1, 100);
+    sd_racer r[RACERS];
+    for (int i = 0; i < RACERS; i++) {
+        r[i] = (sd_racer){.sv = t->sv, .t = t, .result = 1};
+        CHECK_OK(pthread_create(&r[i].th, NULL, sd_racer_main, &r[i]));
+    }
+    expect_closed(idle, IO_MS);
+    close(idle);
+    int zeros = 0;
+    for (int i = 0; i < RACERS; i++) {
+        pthread_join(r[i].th, NULL);
+        CHECK_EQ(r[i].open_at_return, 0); /* none returned before the shutdown ended */
+        zeros += r[i].result == 0;
+    }
+    CHECK_EQ(zeros, RACERS);
+    CHECK_EQ(LOAD(&t->closes), LOAD(&t->opens));
+    CHECK_EQ(tsrv_stop(t, 0), 0); /* (a shutdown after them: 0 at once) */
+}

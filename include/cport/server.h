@@ -229,15 +229,18 @@ CP_EXTERN void *cp_server_user(const cp_server *server);
  * close whatever is left. Then stop the workers. Returns 0 if everything closed before the
  * deadline, -ETIMEDOUT if connections had to be cut, or -EDEADLK (nothing done) when
  * called from one of the server's callbacks: it would wait for that callback to end.
- * Blocks. Idempotent. cp_server_destroy() still has to be called. The connections are
+ * Blocks. Once: any thread (not a callback) may call it, also several at once; a later
+ * or concurrent call waits until the first has finished and returns 0.
+ * cp_server_destroy() still has to be called. The connections are
  * stopped by a work item on a worker; only if that item cannot be queued (the port's
  * queue is full, or memory ran out) does the calling thread stop them itself, and an
  * on_close may then run on it. */
 CP_EXTERN int cp_server_shutdown(cp_server *server, unsigned deadline_ms);
 
-/* Free the server (shutting it down first with a zero deadline if needed). Returns 0
- * (also for NULL), or -EDEADLK (nothing done) when called from one of its callbacks, as
- * cp_server_shutdown(). */
+/* Free the server (shutting it down first with a zero deadline if needed; a shutdown
+ * running on another thread is waited for). Returns 0 (also for NULL), or -EDEADLK
+ * (nothing done) when called from one of its callbacks, as cp_server_shutdown(). The last
+ * call on the server: nothing else may run on it meanwhile but that shutdown. */
 CP_EXTERN int cp_server_destroy(cp_server *server);
 
 /* Fill *stats (a consistent-enough snapshot; any thread). */
