@@ -5900,6 +5900,7 @@ TEST(graceful_close_of_a_paused_connection_reads_on)
  * stalled past the pause only makes the test miss the window: it cannot fail it). */
 typedef struct late_sender {
     cp_conn *c;
+    int fd; /* the file, for late_file_sender_main */
     int result;
     pthread_t th;
 } late_sender;
@@ -5920,14 +5921,24 @@ static void *late_sender_main(void *arg)
     l->result = cp_conn_send(l->c, big, sizeof big);
     return NULL;
 }
-#endif
 
-TEST(a_send_queued_as_the_close_begins_is_bounded)
+static void *late_file_sender_main(void *arg)
 {
-#ifndef CPORT_INJECT
-    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
-#else
-    CHECK_OK(setenv("CPORT_INJECT_DELAY", "send_checked:300000,close_looked:400000", 1));
+    late_sender *l = arg;
+    uint64_t *block = malloc(sizeof(uint64_t)); /* t_on_sent's context: the expected result */
+    CHECK(block != NULL);
+    block[0] = 4 << 20;
+    l->result = cp_conn_send_file(l->c, NULL, 0, l->fd, 0, 4 << 20, block);
+    if (l->result < 0)
+        free(block); /* no on_sent for a send that was refused */
+    return NULL;
+}
+
+/* Both tests: a peer that reads nothing (4 KiB buffers), `sender` started on the held
+ * connection (file: its file), the close 100 ms into the sender's pause; the close must
+ * end (LOCAL) once nothing was acknowledged for linger_ms. Returns the sender's result. */
+static int late_send_race(void *(*sender)(void *), int file)
+{
     /* A 10 s tick: the sweep, which moves graceful closes on too, stays out of the way. */
     cp_server_options o = {
         .threads = 2, .tick_ms = 10000, .linger_ms = 300, .max_pending_send = 8 << 20};
@@ -5941,13 +5952,12 @@ TEST(a_send_queued_as_the_close_begins_is_bounded)
     struct sockaddr_in sa = loopback(t->port);
     CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EINPROGRESS);
     WAIT_FOR(held_count(t) == 1, IO_MS);
-    late_sender l = {.c = t->held[0]};
-    CHECK_EQ(pthread_create(&l.th, NULL, late_sender_main, &l), 0);
-    usleep(100000); /* into the send's pause */
+    late_sender l = {.c = t->held[0], .fd = file};
+    CHECK_EQ(pthread_create(&l.th, NULL, sender, &l), 0);
+    usleep(100000); /* into the sender's pause */
     int64_t t0 = cpt_now_ms();
     cp_conn_close(l.c);
     pthread_join(l.th, NULL);
-    /* The peer never reads: the close ends once nothing was acknowledged for linger_ms. */
     while (LOAD(&t->closes) == 0 && cpt_now_ms() - t0 < 10000)
         usleep(1000);
     uint64_t closed = LOAD(&t->closes);
@@ -5960,73 +5970,32 @@ TEST(a_send_queued_as_the_close_begins_is_bounded)
     CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_LOCAL]), 1);
     close(fd);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
+    return l.result;
+}
+#endif
+
+TEST(a_send_queued_as_the_close_begins_is_bounded)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "send_checked:300000,close_looked:400000", 1));
+    late_send_race(late_sender_main, -1);
 #endif
 }
 
 /* The same with cp_conn_send_file: the transmit queued just after the close looked is
  * bounded too. The sender pauses 300 ms after taking its reference (send_file_ref), the
- * close 400 ms after its look; the close begins 100 ms into the sender's pause. */
-#ifdef CPORT_INJECT
-typedef struct late_file_sender {
-    cp_conn *c;
-    int fd;
-    int result;
-    pthread_t th;
-} late_file_sender;
-
-static void *late_file_sender_main(void *arg)
-{
-    late_file_sender *l = arg;
-    uint64_t *block = malloc(sizeof(uint64_t)); /* t_on_sent's context: the expected result */
-    CHECK(block != NULL);
-    block[0] = 4 << 20;
-    l->result = cp_conn_send_file(l->c, NULL, 0, l->fd, 0, 4 << 20, block);
-    if (l->result < 0)
-        free(block); /* no on_sent for a send that was refused */
-    return NULL;
-}
-#endif
-
+ * close 400 ms after its look. */
 TEST(a_send_file_queued_as_the_close_begins_is_bounded)
 {
 #ifndef CPORT_INJECT
     SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
 #else
     CHECK_OK(setenv("CPORT_INJECT_DELAY", "send_file_ref:300000,close_looked:400000", 1));
-    cp_server_options o = {
-        .threads = 2, .tick_ms = 10000, .linger_ms = 300, .max_pending_send = 8 << 20};
-    tsrv *t = tsrv_new(ECHO_NONE);
-    t->hold_refs = true;
-    t->sndbuf = 4096;
-    tsrv_start(t, &o);
     int file = cpt_memfd("late-file");
     CHECK_OK(ftruncate(file, 4 << 20));
-    int fd = sock_nb();
-    int small = 4096;
-    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small));
-    struct sockaddr_in sa = loopback(t->port);
-    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EINPROGRESS);
-    WAIT_FOR(held_count(t) == 1, IO_MS);
-    late_file_sender l = {.c = t->held[0], .fd = file};
-    CHECK_EQ(pthread_create(&l.th, NULL, late_file_sender_main, &l), 0);
-    usleep(100000); /* into the sender's pause */
-    int64_t t0 = cpt_now_ms();
-    cp_conn_close(l.c);
-    pthread_join(l.th, NULL);
-    /* The peer never reads: the close ends once nothing was acknowledged for linger_ms. */
-    while (LOAD(&t->closes) == 0 && cpt_now_ms() - t0 < 10000)
-        usleep(1000);
-    uint64_t closed = LOAD(&t->closes);
-    fprintf(stderr, "send_file: %d, %zu bytes still queued; %s %lld ms after the close began\n",
-            l.result, cp_conn_pending(l.c), closed ? "closed" : "still open",
-            (long long)(cpt_now_ms() - t0));
-    if (!closed)
-        cp_conn_abort(l.c);
-    CHECK_EQ(l.result, 0);
-    CHECK_EQ(closed, 1);
-    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_LOCAL]), 1);
-    close(fd);
-    CHECK_EQ(tsrv_stop(t, 1000), 0);
+    CHECK_EQ(late_send_race(late_file_sender_main, file), 0);
     close(file);
 #endif
 }
