@@ -980,43 +980,51 @@ TEST(bad_bind_busy_port_and_settings_shown)
  * keep sending without reading, so the server has sends outstanding on full sockets): the
  * server closes every connection — idle ones see a clean EOF, busy ones EOF or a reset after
  * the echoed data — exits 0, and reports every accepted connection closed. */
-static void stop_under_load(int sig, const char *mode_flag)
+enum { STOP_IDLE = 20, STOP_BUSY_MAX = 16, STOP_BUSY_BYTES = 1 << 20 };
+
+/* The stop on a started server s, with STOP_IDLE idle and `nbusy` busy connections. */
+static void stop_started_under_load(server *s, int sig, int nbusy)
 {
-    server s;
-    server_start(&s, "--threads", "3", mode_flag, NULL);
-    enum { IDLE = 20, BUSY = 16, BUSY_BYTES = 1 << 20 };
-    int idle[IDLE], busy[BUSY];
-    for (int i = 0; i < IDLE; i++) {
-        idle[i] = connect_to(&s);
+    CHECK(nbusy <= STOP_BUSY_MAX);
+    int idle[STOP_IDLE], busy[STOP_BUSY_MAX];
+    for (int i = 0; i < STOP_IDLE; i++) {
+        idle[i] = connect_to(s);
         exchange(idle[i], 100, (unsigned)i, EX_FULL);
     }
-    uint8_t *tx = pattern(5, BUSY_BYTES);
-    for (int i = 0; i < BUSY; i++) {
-        busy[i] = connect_to(&s);
-        ssize_t w = send(busy[i], tx, BUSY_BYTES, MSG_NOSIGNAL);
+    uint8_t *tx = pattern(5, STOP_BUSY_BYTES);
+    for (int i = 0; i < nbusy; i++) {
+        busy[i] = connect_to(s);
+        ssize_t w = send(busy[i], tx, STOP_BUSY_BYTES, MSG_NOSIGNAL);
         CHECK(w > 0);
     }
     /* Each busy one is in service: its echo has started coming back. */
-    for (int i = 0; i < BUSY; i++) {
+    for (int i = 0; i < nbusy; i++) {
         struct pollfd p = {.fd = busy[i], .events = POLLIN};
         CHECK_EQ(poll(&p, 1, IO_MS), 1);
     }
     int64_t t0 = cpt_now_ms();
-    server_signal(&s, sig);
+    server_signal(s, sig);
     /* Read while it shuts down (a server may let replies drain first). */
-    for (int i = 0; i < IDLE; i++) {
+    for (int i = 0; i < STOP_IDLE; i++) {
         expect_closed(idle[i], IO_MS, true);
         close(idle[i]);
     }
-    for (int i = 0; i < BUSY; i++) {
+    for (int i = 0; i < nbusy; i++) {
         size_t echoed = drain_until_closed(busy[i], IO_MS);
-        CHECK(echoed > 0 && echoed <= BUSY_BYTES);
+        CHECK(echoed > 0 && echoed <= STOP_BUSY_BYTES);
         close(busy[i]);
     }
-    server_reap(&s, sig);
+    server_reap(s, sig);
     fprintf(stderr, "stopped in %" PRId64 " ms\n", cpt_now_ms() - t0);
-    CHECK_EQ(s.accepted, IDLE + BUSY);
+    CHECK_EQ(s->accepted, (uint64_t)(STOP_IDLE + nbusy));
     free(tx);
+}
+
+static void stop_under_load(int sig, const char *mode_flag)
+{
+    server s;
+    server_start(&s, "--threads", "3", mode_flag, NULL);
+    stop_started_under_load(&s, sig, STOP_BUSY_MAX);
 }
 
 TEST(sigterm_closes_cleanly)
@@ -1384,31 +1392,7 @@ TEST(iocp_example_stop_with_connections_open)
         const char *args[] = {"--threads", "3", NULL};
         server s;
         server_spawn_prog(&s, "iocp_style", cpt_backend(), NULL, args);
-        enum { IDLE = 20, BUSY = 8, BUSY_BYTES = 1 << 20 };
-        int idle[IDLE], busy[BUSY];
-        for (int i = 0; i < IDLE; i++) {
-            idle[i] = connect_to(&s);
-            exchange(idle[i], 100, (unsigned)i, EX_FULL);
-        }
-        uint8_t *tx = pattern(5, BUSY_BYTES);
-        for (int i = 0; i < BUSY; i++) {
-            busy[i] = connect_to(&s);
-            CHECK(send(busy[i], tx, BUSY_BYTES, MSG_NOSIGNAL) > 0);
-            struct pollfd p = {.fd = busy[i], .events = POLLIN}; /* its echo is coming back */
-            CHECK_EQ(poll(&p, 1, IO_MS), 1);
-        }
-        server_signal(&s, sigs[k]);
-        for (int i = 0; i < IDLE; i++) {
-            expect_closed(idle[i], IO_MS, true);
-            close(idle[i]);
-        }
-        for (int i = 0; i < BUSY; i++) {
-            drain_until_closed(busy[i], IO_MS);
-            close(busy[i]);
-        }
-        server_reap(&s, sigs[k]);
-        CHECK_EQ(s.accepted, IDLE + BUSY);
-        free(tx);
+        stop_started_under_load(&s, sigs[k], 8);
     }
 }
 
