@@ -617,6 +617,16 @@ TEST(transmit_o_direct_file_refused_before_any_byte)
     CHECK_EQ(cpt_count_fds(), fds0);
 }
 
+/* Read fd until EOF (or cap bytes) into buf; returns how many bytes came. */
+static size_t read_to_eof(int fd, void *buf, size_t cap)
+{
+    size_t got = 0;
+    ssize_t n;
+    while (got < cap && (n = read(fd, (char *)buf + got, cap - got)) > 0)
+        got += (size_t)n;
+    return got;
+}
+
 /* A transmit op at an odd address (inside a packed structure) is refused with -EINVAL
  * before anything reads it, by both entry points: the backends tag the low bits of an
  * op's address. Nothing reaches the peer, and the socket stays usable. */
@@ -639,11 +649,7 @@ TEST(transmit_misaligned_op_refused)
     CHECK_EQ(next_of(p, &ok.op), 1000);
     pair_close_strict(&pr, p);
     uint8_t b[1001];
-    size_t got = 0;
-    ssize_t n;
-    while ((n = read(pr.client, b + got, sizeof(b) - got)) > 0)
-        got += (size_t)n;
-    CHECK_EQ(got, 1000); /* the file once, nothing before it */
+    CHECK_EQ(read_to_eof(pr.client, b, sizeof b), 1000); /* the file once, nothing before */
     close(pr.client);
     close(fd);
     free(raw);
@@ -671,11 +677,7 @@ TEST(transmit_failing_before_any_byte_leaves_the_socket_usable)
     CHECK_EQ(next_of(p, &sop), 5);
     pair_close_strict(&pr, p);
     char b[16];
-    size_t got = 0;
-    ssize_t n;
-    while ((n = read(pr.client, b + got, sizeof(b) - got)) > 0)
-        got += (size_t)n;
-    CHECK_EQ(got, 5);
+    CHECK_EQ(read_to_eof(pr.client, b, sizeof b), 5);
     CHECK(memcmp(b, "after", 5) == 0);
     close(pr.client);
     close(pp[0]);
