@@ -190,7 +190,7 @@ int cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode)
 {
     if (!pool)
         return 0;
-    if (cp__port_in_callback(pool->port))
+    if (cp__pool_thread_in(pool->threads, pool->nthreads))
         return -EDEADLK;
     /* Cancelling first: an item that sees submit fail must already see items discarded. */
     if (mode == CP_POOL_CANCEL)

@@ -38,6 +38,17 @@ struct cp_pool {
     pthread_t timer_thread;
 };
 
+/* Whether the calling thread is one of the workers `ids` names: a callback, which must not
+ * destroy what it runs on (cp_pool_destroy, and the server, from its copy of the ids, which
+ * outlives the pool). */
+static inline bool cp__pool_thread_in(const pthread_t *ids, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++)
+        if (pthread_equal(ids[i], pthread_self()))
+            return true;
+    return false;
+}
+
 /* Post fn(arg) as a work item even while stopping (timers use it). */
 int cp__pool_post(cp_pool *pool, cp_work_fn fn, void *arg);
 

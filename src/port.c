@@ -300,12 +300,6 @@ bool cp__port_caller_defers(cp_port *p)
     return t && (t->running || __atomic_load_n(&p->poller, __ATOMIC_RELAXED) == t);
 }
 
-bool cp__port_in_callback(cp_port *p)
-{
-    cp__thread *t = pthread_getspecific(p->tkey);
-    return t && (t->running || t->blocked);
-}
-
 /* ---- creation ------------------------------------------------------------------------ */
 
 static int backend_from_env(cp_backend_kind *kind)

@@ -107,11 +107,6 @@ static inline uint8_t cp__port_harvest_gen(cp_port *port)
  * or it is the port's poller right now. Lock-free. */
 bool cp__port_caller_defers(cp_port *port);
 
-/* Whether the calling thread is running work it dequeued from the port (between its
- * dequeue and its next one, blocked or not): a callback, which must not destroy what it
- * runs on. */
-bool cp__port_in_callback(cp_port *port);
-
 /* True if a thread holds the poller role right now (it may be blocked in the kernel). */
 static inline bool cp__port_polling(cp_port *port)
 {

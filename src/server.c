@@ -671,12 +671,9 @@ static bool wait_closed(cp_server *sv, const struct timespec *deadline)
  * the shutdown would wait for, and whose worker it would join. */
 static bool in_callback(cp_server *sv)
 {
-    /* By thread, not through the port: the pool may be being destroyed by a shutdown on
+    /* From the server's copy of the ids: the pool may be being destroyed by a shutdown on
      * another thread. The server's callbacks run on the pool's workers only. */
-    for (unsigned i = 0; i < sv->npool_threads; i++)
-        if (pthread_equal(sv->pool_threads[i], pthread_self()))
-            return true;
-    return false;
+    return cp__pool_thread_in(sv->pool_threads, sv->npool_threads);
 }
 
 int cp_server_shutdown(cp_server *sv, unsigned deadline_ms)
