@@ -95,6 +95,8 @@ static void dispatch(cp_pool *pool, const cp_completion *c)
 static void *worker_main(void *arg)
 {
     cp_pool *pool = arg;
+    if (pool->thread_start)
+        pool->thread_start(pool->thread_start_arg);
     cp_completion c[MAX_BATCH];
     for (;;) {
         int n = cp_port_dequeue(pool->port, c, pool->batch, -1);
@@ -118,6 +120,12 @@ static void *worker_main(void *arg)
 
 int cp_pool_create(cp_pool **poolp, const cp_pool_options *opts)
 {
+    return cp__pool_create_marked(poolp, opts, NULL, NULL);
+}
+
+int cp__pool_create_marked(cp_pool **poolp, const cp_pool_options *opts,
+                           void (*thread_start)(void *arg), void *arg)
+{
     if (!poolp)
         return -EINVAL;
     *poolp = NULL;
@@ -139,6 +147,8 @@ int cp_pool_create(cp_pool **poolp, const cp_pool_options *opts)
         return -ENOMEM;
     pool->batch = o.batch;
     pool->on_discard = o.on_discard;
+    pool->thread_start = thread_start;
+    pool->thread_start_arg = arg;
     cp__lock_init(&pool->items_lock);
     cp__lock_init(&pool->tlock);
     o.port.concurrency = o.concurrency;
@@ -190,8 +200,10 @@ int cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode)
 {
     if (!pool)
         return 0;
-    if (cp__pool_thread_in(pool->threads, pool->nthreads))
-        return -EDEADLK;
+    /* (The pool is alive, so are its workers: no other thread can have one of their ids.) */
+    for (unsigned i = 0; i < pool->nthreads; i++)
+        if (pthread_equal(pool->threads[i], pthread_self()))
+            return -EDEADLK;
     /* Cancelling first: an item that sees submit fail must already see items discarded. */
     if (mode == CP_POOL_CANCEL)
         __atomic_store_n(&pool->cancelling, true, __ATOMIC_RELEASE);

@@ -20,6 +20,8 @@ struct cp_pool {
     cp_port *port;
     pthread_t *threads;
     unsigned nthreads;
+    void (*thread_start)(void *arg); /* run first on each worker (may be NULL) */
+    void *thread_start_arg;
     unsigned batch;
     void (*on_discard)(cp_work_fn fn, void *arg);
     bool stopping;   /* destroy has begun (atomic) */
@@ -38,16 +40,10 @@ struct cp_pool {
     pthread_t timer_thread;
 };
 
-/* Whether the calling thread is one of the workers `ids` names: a callback, which must not
- * destroy what it runs on (cp_pool_destroy, and the server, from its copy of the ids, which
- * outlives the pool). */
-static inline bool cp__pool_thread_in(const pthread_t *ids, unsigned n)
-{
-    for (unsigned i = 0; i < n; i++)
-        if (pthread_equal(ids[i], pthread_self()))
-            return true;
-    return false;
-}
+/* cp_pool_create(), plus thread_start(arg), run on each worker as it starts, before it
+ * takes any completion (the server marks its workers with it). */
+int cp__pool_create_marked(cp_pool **poolp, const cp_pool_options *opts,
+                           void (*thread_start)(void *arg), void *arg);
 
 /* Post fn(arg) as a work item even while stopping (timers use it). */
 int cp__pool_post(cp_pool *pool, cp_work_fn fn, void *arg);

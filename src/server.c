@@ -385,6 +385,15 @@ static void fini_slabs(cp_server *sv)
         cp__slab_fini(&sv->bufs[i]);
 }
 
+/* Each worker, as it starts: its record, marked (see in_callback). */
+static void mark_worker(void *server)
+{
+    cp_server *sv = server;
+    cp__worker *w = cp__server_worker_own(sv);
+    if (w != &sv->foreign)
+        w->pool_thread = true;
+}
+
 int cp_server_create(cp_server **serverp, const cp_server_options *opts,
                      const cp_server_callbacks *cb)
 {
@@ -518,14 +527,11 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
         }
         spares = w != NULL;
     }
-    sv->pool_threads = calloc(o.threads, sizeof(*sv->pool_threads));
     r = pthread_key_create(&sv->wkey, NULL);
-    if (!sv->accepts || !sv->accept_busy || !sv->accept_idle || !spares || !sv->pool_threads ||
-        r != 0) {
+    if (!sv->accepts || !sv->accept_busy || !sv->accept_idle || !spares || r != 0) {
         free(sv->accepts);
         free(sv->accept_busy);
         free(sv->accept_idle);
-        free(sv->pool_threads);
         free_worker_list(sv->spare_workers);
         if (r == 0)
             pthread_key_delete(sv->wkey);
@@ -536,21 +542,18 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     cp_pool_options po = {.concurrency = o.threads, .threads = o.threads, .batch = 64};
     po.port = o.port_options;
     po.port.backend = o.backend;
-    r = cp_pool_create(&sv->pool, &po);
+    r = cp__pool_create_marked(&sv->pool, &po, mark_worker, sv);
     if (r < 0) {
         pthread_key_delete(sv->wkey);
         free(sv->accepts);
         free(sv->accept_busy);
         free(sv->accept_idle);
-        free(sv->pool_threads);
+        free_worker_list(sv->workers); /* (the threads that started took theirs) */
         free_worker_list(sv->spare_workers);
         fini_slabs(sv);
         free(sv);
         return r;
     }
-    /* (The pool's threads are started and fixed by now.) */
-    sv->npool_threads = sv->pool->nthreads < o.threads ? sv->pool->nthreads : o.threads;
-    memcpy(sv->pool_threads, sv->pool->threads, sv->npool_threads * sizeof(pthread_t));
     sv->port = cp_pool_port(sv->pool);
     sv->conn_binding = (cp_io_binding){cp__conn_io, sv};
     sv->listener_binding = (cp_io_binding){on_listener, sv};
@@ -667,13 +670,19 @@ static bool wait_closed(cp_server *sv, const struct timespec *deadline)
     return done;
 }
 
-/* Whether the caller is one of the server's callbacks (on a worker of its pool), which
- * the shutdown would wait for, and whose worker it would join. */
+/* Whether the caller is one of the server's callbacks, which the shutdown would wait for
+ * (and whose worker it would join): a worker, marked as it started (by a thread-specific
+ * record: thread ids are reused once the workers are joined, and a new thread could then
+ * pass for one), or the thread running the shutdown, on which an on_close may run. */
 static bool in_callback(cp_server *sv)
 {
-    /* From the server's copy of the ids: the pool may be being destroyed by a shutdown on
-     * another thread. The server's callbacks run on the pool's workers only. */
-    return cp__pool_thread_in(sv->pool_threads, sv->npool_threads);
+    cp__worker *w = pthread_getspecific(sv->wkey);
+    if (w && w->pool_thread)
+        return true;
+    pthread_mutex_lock(&sv->done_lock);
+    bool r = sv->shutdown_state == 1 && pthread_equal(sv->shutdown_thread, pthread_self());
+    pthread_mutex_unlock(&sv->done_lock);
+    return r;
 }
 
 int cp_server_shutdown(cp_server *sv, unsigned deadline_ms)
@@ -685,8 +694,10 @@ int cp_server_shutdown(cp_server *sv, unsigned deadline_ms)
     /* Once; a caller that comes while another shuts down waits until it has finished. */
     pthread_mutex_lock(&sv->done_lock);
     bool first = sv->shutdown_state == 0;
-    if (first)
+    if (first) {
         sv->shutdown_state = 1;
+        sv->shutdown_thread = pthread_self();
+    }
     while (sv->shutdown_state == 1 && !first)
         pthread_cond_wait(&sv->done_cond, &sv->done_lock);
     pthread_mutex_unlock(&sv->done_lock);
@@ -760,7 +771,6 @@ int cp_server_destroy(cp_server *sv)
     free(sv->accepts);
     free(sv->accept_busy);
     free(sv->accept_idle);
-    free(sv->pool_threads);
     free(sv);
     return 0;
 }

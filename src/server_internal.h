@@ -135,7 +135,8 @@ enum { CP__CLOSE_SPARES = 16 }; /* at most 32: a bit each in close_spares_busy *
  * strands nothing and costs nothing, however many come and go. */
 typedef struct cp__worker {
     struct cp__worker *next;
-    bool shared; /* the server's record for threads that are not its workers */
+    bool shared;      /* the server's record for threads that are not its workers */
+    bool pool_thread; /* taken by a worker as it started (other threads' records: false) */
     cp_conn *cur_conn;
     cp_conn *rx_conn;    /* whose receive completion this thread handles (holding its ref) */
     const char *cur_buf; /* the delivery's buffer and its extent */
@@ -221,8 +222,8 @@ struct cp_server {
     /* cp_server_shutdown: 0 not begun, 1 running, 2 finished (done_lock; a second caller
      * waits for the first). */
     int shutdown_state;
-    pthread_t *pool_threads; /* the pool's workers, to refuse calls from callbacks */
-    unsigned npool_threads;
+    pthread_t shutdown_thread; /* the first caller, while state is 1 (an on_close may run
+                                  on it) */
     pthread_mutex_t done_lock;
     pthread_cond_t done_cond;
 
