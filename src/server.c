@@ -644,7 +644,7 @@ static void abort_all(void *arg)
 static void stop_conns(cp_server *sv, bool abort)
 {
     cp_work_fn fn = abort ? abort_all : stop_all;
-    if (cp_pool_submit(sv->pool, fn, sv) < 0)
+    if (CP__INJECT_FAIL("stop_item") || cp_pool_submit(sv->pool, fn, sv) < 0)
         fn(sv);
 }
 

@@ -6349,6 +6349,64 @@ static void *reuse_probe_main(void *arg)
     return NULL;
 }
 
+/* When the shutdown cannot queue its stop item, it stops the connections itself, and an
+ * on_close may run on the shutting-down thread. A cp_server_shutdown (or destroy) from
+ * that on_close is refused like one from a worker: it would wait for the very shutdown
+ * it runs inside. (Without the check it waited forever.) */
+#ifdef CPORT_INJECT
+typedef struct nested_stop {
+    pthread_t caller;
+    uint64_t closes, on_caller, refused, other; /* atomic */
+} nested_stop;
+
+static void nested_stop_on_close(cp_conn *c, cp_close_reason reason, int err)
+{
+    (void)reason;
+    (void)err;
+    cp_server *sv = cp_conn_server(c);
+    nested_stop *k = cp_server_user(sv);
+    int r = cp_server_shutdown(sv, 0);
+    int d = cp_server_destroy(sv);
+    ADD(r == -EDEADLK && d == -EDEADLK ? &k->refused : &k->other, 1);
+    if (pthread_equal(pthread_self(), k->caller))
+        ADD(&k->on_caller, 1);
+    ADD(&k->closes, 1);
+}
+#endif
+
+TEST(a_shutdown_from_an_on_close_run_by_the_shutdown_is_refused)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "stop_item", 1)); /* before any thread */
+    enum { N = 40 };
+    nested_stop k = {.caller = pthread_self()};
+    cp_server_callbacks cb = {.on_data = ignore_data, .on_close = nested_stop_on_close};
+    cp_server_options o = {.bind = "127.0.0.1", .threads = 2, .user = &k};
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_start(sv));
+    int fds[N];
+    for (int i = 0; i < N; i++)
+        fds[i] = connect_to(cp_server_listen_port(sv));
+    cp_server_stats st = {0};
+    WAIT_FOR((cp_server_get_stats(sv, &st), st.conns_open == N), IO_MS);
+    CHECK_EQ(cp_server_shutdown(sv, 2000), 0);
+    fprintf(stderr, "%llu of %d on_close ran on the shutting-down thread\n",
+            (unsigned long long)LOAD(&k.on_caller), N);
+    CHECK_EQ(LOAD(&k.closes), N);
+    CHECK_EQ(LOAD(&k.refused), N);
+    CHECK_EQ(LOAD(&k.other), 0);
+    CHECK_OK(cp_server_destroy(sv));
+    for (int i = 0; i < N; i++)
+        close(fds[i]);
+    unsetenv("CPORT_INJECT_FAIL");
+    if (LOAD(&k.on_caller) == 0)
+        SKIP("no on_close ran on the shutting-down thread here");
+#endif
+}
+
 TEST(a_new_thread_with_a_joined_workers_id_is_no_callback)
 {
     tsrv *t = tsrv_new(ECHO_DATA);
