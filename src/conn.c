@@ -1305,14 +1305,38 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
     }
 }
 
-/* An accepted socket is not kept: take back its count in conns_open, count it rejected. */
+/* An accepted socket is not kept: count it rejected and close it. Counted before the
+ * close: the peer sees the close, and must then see the count. */
+static void refuse_uncounted(cp_server *sv, int fd)
+{
+    __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_SEQ_CST);
+    CP__INJECT_DELAY("refuse_count"); /* others connect, close, shut down meanwhile */
+    close(fd);
+}
+
+/* ...one already counted in conns_open: take that back too. */
 static void refuse(cp_server *sv, int fd)
 {
-    /* Counted before the close: the peer sees the close, and must then see the count. */
     __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_SEQ_CST);
     CP__INJECT_DELAY("refuse_count"); /* a shutdown may begin waiting meanwhile */
     conns_open_drop(sv);
     close(fd);
+}
+
+/* Take a place in conns_open, unless max_conns are open. Checked and taken in one step:
+ * several workers accept at once, and a check-then-add would let each of them pass the
+ * limit. A connection refused here is never counted: counted first and taken back after,
+ * it filled a place meanwhile, and a connection arriving then on another worker was
+ * refused although fewer than max_conns were open. */
+static bool admit(cp_server *sv)
+{
+    uint64_t open = __atomic_load_n(&sv->conns_open, __ATOMIC_SEQ_CST);
+    do {
+        if (sv->o.max_conns && open >= sv->o.max_conns)
+            return false;
+    } while (!__atomic_compare_exchange_n(&sv->conns_open, &open, open + 1, true, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_SEQ_CST));
+    return true;
 }
 
 /* Replies go out at once (no Nagle delay). The listener has TCP_NODELAY set, and Linux
@@ -1335,11 +1359,8 @@ static void set_nodelay(cp_server *sv, int fd)
 
 void cp__conn_start(cp_server *sv, int fd)
 {
-    /* Count it first: several workers accept at once, and a check-then-add would let
-     * each of them pass the limit. */
-    uint64_t open = __atomic_add_fetch(&sv->conns_open, 1, __ATOMIC_RELAXED);
-    if (sv->o.max_conns && open > sv->o.max_conns) {
-        refuse(sv, fd); /* over the limit: refused at once, the others keep full service */
+    if (!admit(sv)) {
+        refuse_uncounted(sv, fd); /* at the limit: refused at once, the others keep service */
         return;
     }
     cp__worker *w = cp__server_worker(sv);

@@ -3683,9 +3683,11 @@ TEST(send_queue_limit_refuses_pushes_to_a_slow_reader)
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 
-/* A connection refused over max_conns is counted out of conns_open after it was counted
- * rejected. With CPORT_INJECT (the ASan build) the refusing thread pauses 500 ms in
- * between, while the shutdown begins waiting: the count reaching zero must still wake it. */
+/* A shutdown that begins while a connection is being refused at max_conns (with
+ * CPORT_INJECT, the ASan build, the refusing thread pauses 500 ms after counting it
+ * rejected) ends with nothing open and the refused connection closed. (The refusal once
+ * counted the connection in conns_open and took it back after the pause: the count
+ * reaching zero then had to wake the shutdown. Now it never counts it.) */
 TEST(shutdown_sees_a_refused_connection_counted_out)
 {
 #ifndef CPORT_INJECT
@@ -3707,6 +3709,44 @@ TEST(shutdown_sees_a_refused_connection_counted_out)
     close(a);
     close(b);
     CHECK_EQ(tsrv_stop(t, 0), 0);
+#endif
+}
+
+/* A connection refused at max_conns takes no place among the open ones, not even while it
+ * is being refused: it was counted in conns_open first and taken back after, and a
+ * connection that came meanwhile, on another worker, was refused although fewer than
+ * max_conns were open. With max_conns 1: A is open, B is refused (held 3 s inside the
+ * refusal by the delay point), A closes, and C, with nothing open, must be served. It was
+ * refused (conns_rejected 2). */
+TEST(a_connection_below_max_conns_is_served_while_another_is_refused)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "refuse_count:3000000", 1)); /* before any thread */
+    cp_server_options o = {.threads = 2, .max_conns = 1};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    tsrv_start(t, &o);
+    int a = connect_to(t->port);
+    exchange(a, 1, 100);
+    int b = connect_to(t->port);                        /* at the limit: refused, slowly */
+    WAIT_FOR(tsrv_stats(t).conns_rejected == 1, IO_MS); /* B is in the refusal's pause */
+    close(a);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS); /* A's on_close has run: nothing is open */
+    int c = connect_to(t->port);
+    WAIT_FOR(LOAD(&t->opens) == 2 || tsrv_stats(t).conns_rejected == 2, IO_MS);
+    /* B's refusal was still in its pause when C was decided (else this run could not tell). */
+    struct pollfd p = {.fd = b, .events = POLLIN};
+    CHECK_EQ(poll(&p, 1, 0), 0);
+    cp_server_stats st = tsrv_stats(t);
+    CHECK_EQ(st.conns_rejected, 1);
+    CHECK_EQ(LOAD(&t->opens), 2);
+    exchange(c, 2, 100);
+    expect_closed(b, IO_MS);
+    close(b);
+    close(c);
+    WAIT_FOR(LOAD(&t->closes) == 2, IO_MS);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
 #endif
 }
 

@@ -115,7 +115,12 @@ typedef struct cp_server_options {
     unsigned accepts_max;          /* ...and at most; 0 = 256 (never below accepts_min);
                                       above 65536 cp_server_create fails with -EINVAL */
     unsigned backlog;              /* listen(2) backlog; 0 = 4096 */
-    unsigned max_conns;            /* connections at once; beyond, closed at accept; 0 = none */
+    unsigned max_conns;            /* connections at once; beyond, closed at accept; 0 = none.
+                                      A connection counts from its accept until its on_close
+                                      has returned (or, refused by on_open, until its socket
+                                      is closed): one closing still counts while it lingers.
+                                      One closed at the limit never counts, so it cannot
+                                      make another be refused */
     unsigned handshake_timeout_ms; /* close if nothing arrives this long after accept; 0 = off */
     unsigned idle_timeout_ms;      /* close if nothing arrives for this long; 0 = off */
     unsigned tick_ms;              /* timeout sweep period; 0 = 100. Timeouts are measured
