@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -182,6 +183,20 @@ static bool connection_error(int64_t res)
     }
 }
 
+/* Whether connections wait in the listener's backlog: accepts posted in the kernel take
+ * each as it arrives, so one waiting found them all taken (accept_lock held; a system call,
+ * made only when the pool would grow). */
+static bool connections_waiting(cp_server *sv)
+{
+    int fd = cp__socket_fd_hold(&sv->listener);
+    if (fd < 0)
+        return false;
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    bool waiting = poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+    cp__socket_fd_release(&sv->listener);
+    return waiting;
+}
+
 static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
 {
     (void)s;
@@ -205,11 +220,14 @@ static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
     if (res != -ECANCELED)
         sv->accepts_since_tick++;
     if (res >= 0 || connection_error(res)) {
-        /* Connections arrived while no accept was left posted (the seeds' FD_ACCEPT
-         * signal), or more of them within one tick than accepts are posted (a burst the
-         * immediate re-posting hides): post more of them. */
+        /* A burst: connections wait in the backlog, having found every accept taken (the
+         * seeds' FD_ACCEPT signal), when the last posted one completed or more completed
+         * within one tick than are posted (a burst the immediate re-posting hides): post
+         * more of them. Not on those conditions alone: with one accept posted each
+         * connection drains the pool, and a steady trickle passes any count per tick, one
+         * connection at a time, which one accept serves; the pool grew to accepts_max. */
         if ((drained || sv->accepts_since_tick >= sv->accepts_target) &&
-            sv->accepts_target < sv->o.accepts_max) {
+            sv->accepts_target < sv->o.accepts_max && connections_waiting(sv)) {
             sv->accepts_target *= 2;
             if (sv->accepts_target > sv->o.accepts_max)
                 sv->accepts_target = sv->o.accepts_max;

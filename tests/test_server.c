@@ -1474,6 +1474,79 @@ TEST(one_connection_after_the_pool_shrinks_does_not_regrow_it)
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 
+/* S2: the accept pool grows for bursts (connections that find every accept taken), not for
+ * a rate. With accepts_min 1 every connection took the only accept, and was taken for a
+ * burst: a trickle of connections, one at a time, each closed before the next, doubled the
+ * pool at the 1st, 2nd, 4th, 8th... connection of a tick, to 32 after 16 of them. The
+ * tick is long (no tick during the test), so every connection falls within one. */
+TEST(a_trickle_of_connections_does_not_grow_the_accept_pool)
+{
+    enum { AMIN = 1, AMAX = 64, TICK = 60000 };
+    cp_server_options o = {.threads = 2, .accepts_min = AMIN, .accepts_max = AMAX, .tick_ms = TICK};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    tsrv_start(t, &o);
+    int n = (int)cpt_scaled(32, 16);
+    for (int i = 0; i < n; i++) {
+        int fd = connect_to(t->port);
+        exchange(fd, (uint32_t)i, 100); /* served: its accept was handled */
+        close(fd);
+        WAIT_FOR(LOAD(&t->closes) == (uint64_t)i + 1, IO_MS);
+    }
+    cp_server_stats st = tsrv_stats(t);
+    fprintf(stderr, "after %d connections one at a time: target %llu, outstanding %llu\n", n,
+            (unsigned long long)st.accepts_target, (unsigned long long)st.accepts_outstanding);
+    CHECK_EQ(st.accepts_target, AMIN);
+    CHECK_EQ(st.accepts_outstanding, AMIN);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* ...while a burst still grows it: connections made while the only worker is held in a
+ * callback all find the one accept taken (they wait in the backlog). */
+typedef struct burst_hold {
+    int held, release;
+} burst_hold;
+
+static void burst_hold_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    (void)c;
+    (void)u;
+    (void)data;
+    (void)len;
+    burst_hold *h = t->ctx;
+    STORE(&h->held, 1);
+    WAIT_FOR(LOAD(&h->release), IO_MS);
+}
+
+TEST(a_burst_of_connections_grows_the_accept_pool_from_one)
+{
+    enum { AMIN = 1, AMAX = 64, TICK = 60000, N = 8 };
+    cp_server_options o = {.threads = 1, .accepts_min = AMIN, .accepts_max = AMAX, .tick_ms = TICK};
+    burst_hold h = {0};
+    tsrv *t = tsrv_new(ECHO_DATA);
+    t->hook = burst_hold_hook;
+    t->ctx = &h;
+    tsrv_start(t, &o);
+    int holder = connect_to(t->port);
+    CHECK_EQ(send(holder, "x", 1, 0), 1);
+    WAIT_FOR(LOAD(&h.held), IO_MS);
+    int fds[N];
+    for (int i = 0; i < N; i++)
+        fds[i] = connect_to(t->port); /* the kernel completes them; they wait to be accepted */
+    STORE(&h.release, 1);
+    WAIT_FOR(LOAD(&t->opens) == N + 1, IO_MS);
+    cp_server_stats st = tsrv_stats(t);
+    fprintf(stderr, "after a burst of %d: target %llu, outstanding %llu\n", N,
+            (unsigned long long)st.accepts_target, (unsigned long long)st.accepts_outstanding);
+    CHECK(st.accepts_target > AMIN);
+    CHECK(st.accepts_target <= AMAX);
+    CHECK_EQ(st.accepts_outstanding, st.accepts_target);
+    close(holder);
+    for (int i = 0; i < N; i++)
+        close(fds[i]);
+    WAIT_FOR(LOAD(&t->closes) == N + 1, IO_MS);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
 /* ---- S3: handshake and idle timeouts -------------------------------------------------------- */
 
 /* Well-behaved clients: n connections echoing small messages round after round on their own
