@@ -53,5 +53,8 @@ void cp__timer_fire(void *timer);        /* a timer's work item */
 void cp__timer_discard(void *timer);     /* ...dropped at destroy */
 void cp__timers_shutdown(cp_pool *pool); /* stop the thread, cancel all */
 void cp__timers_free(cp_pool *pool);     /* free every record */
+/* Post every timer due at `now` (ns, cp__now_ns()'s clock) as the timer thread does, and
+ * return the next deadline (-1: none). For tests, which pass the time they want. */
+int64_t cp__timers_fire_due(cp_pool *pool, int64_t now);
 
 #endif

@@ -105,6 +105,14 @@ static int64_t fire_due_locked(cp_pool *pool, int64_t now)
     return top ? top->deadline : -1;
 }
 
+int64_t cp__timers_fire_due(cp_pool *pool, int64_t now)
+{
+    cp__lock_acquire(&pool->tlock);
+    int64_t next = fire_due_locked(pool, now);
+    cp__lock_release(&pool->tlock);
+    return next;
+}
+
 static void *timer_thread_main(void *arg)
 {
     cp_pool *pool = arg;

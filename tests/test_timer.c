@@ -4,6 +4,7 @@
 #include "harness.h"
 
 #include "cport.h"
+#include "pool_internal.h" /* cp__timers_fire_due: the timer thread's pass at a chosen time */
 #include "timer_heap.h"
 
 #include <errno.h>
@@ -73,6 +74,58 @@ TEST(periodic_schedule_never_early)
         CHECK(l.at[i] - start >= (20 + 10 * (int64_t)i) * 1000000LL); /* each due time kept */
     cp_pool_destroy(pool, CP_POOL_DRAIN);
     CHECK_EQ(l.n, fired); /* nothing after cancel returned */
+}
+
+/* A periodic timer that fires late skips the periods it missed and keeps its schedule: the
+ * next due time is the first one on the schedule after now, one firing per pass however
+ * late. Counted exactly, on a clock the test sets: the timer is due in an hour (the timer
+ * thread never fires it) and the test runs the timer thread's pass itself at chosen times.
+ * A catch-up that skipped one period too many (or too few) was caught by no test: the
+ * tests on the real clock only check that firings are never early. */
+typedef struct stall_ctx {
+    int n;       /* firings started */
+    int hold_at; /* this firing waits for release */
+    int release;
+} stall_ctx;
+
+static void stall_fire(void *arg)
+{
+    stall_ctx *x = arg;
+    if (__atomic_add_fetch(&x->n, 1, __ATOMIC_SEQ_CST) == x->hold_at)
+        wait_until(&x->release, 1);
+}
+
+TEST(periodic_catch_up_skips_exactly_the_missed_periods)
+{
+    cp_pool *pool = make_pool(1, 1);
+    stall_ctx x = {.hold_at = 4};
+    cp_timer *t;
+    const int64_t p = 10 * 1000000LL; /* 10 ms */
+    CHECK_OK(cp_timer_start(pool, &t, 3600 * 1000, 10, stall_fire, &x));
+    int64_t due = cp__timers_fire_due(pool, 0); /* nothing due: the first due time */
+    CHECK(due > cpt_now_ns());
+    CHECK_EQ(cp__timers_fire_due(pool, due - 1), due); /* not yet */
+    /* On time: one firing, the next one period on. */
+    CHECK_EQ(cp__timers_fire_due(pool, due), due + p);
+    wait_until(&x.n, 1);
+    /* 3.5 periods late: one firing; the 3 missed are skipped, the schedule stays. */
+    CHECK_EQ(cp__timers_fire_due(pool, due + 4 * p + p / 2), due + 5 * p);
+    wait_until(&x.n, 2);
+    /* A million periods late, exactly on a due time: one firing, the next one period on. */
+    CHECK_EQ(cp__timers_fire_due(pool, due + 1000005 * p), due + 1000006 * p);
+    wait_until(&x.n, 3);
+    /* Almost two periods late: one skipped. */
+    CHECK_EQ(cp__timers_fire_due(pool, due + 1000008 * p - 1), due + 1000008 * p);
+    wait_until(&x.n, 4); /* held: the worker is busy */
+    /* The next firing is queued behind it; then one more period passes while it waits: that
+     * one is skipped (no pile-up), the schedule still moves on. */
+    CHECK_EQ(cp__timers_fire_due(pool, due + 1000008 * p), due + 1000009 * p);
+    CHECK_EQ(cp__timers_fire_due(pool, due + 1000011 * p + 1), due + 1000012 * p);
+    __atomic_store_n(&x.release, 1, __ATOMIC_SEQ_CST);
+    wait_until(&x.n, 5);
+    CHECK_EQ(cp_timer_cancel(t, true), 0);
+    cp_pool_destroy(pool, CP_POOL_DRAIN);
+    CHECK_EQ(x.n, 5); /* one firing per pass that found none queued */
 }
 
 TEST(cancel_before_due_never_runs)
