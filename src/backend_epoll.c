@@ -222,6 +222,8 @@ static int ep_poll(cp_port *p, int64_t deadline, cp__oplist *done)
             continue; /* wake-up */
         if (ev->data.u64 & TAG_FIRSTDATA) {
             cp_op *op = (cp_op *)(uintptr_t)(ev->data.u64 & ~(uint64_t)TAG_FIRSTDATA);
+            /* The harvest names op: a cancel of it now must be deferred (ep_cancel). */
+            CP__INJECT_DELAY("ep_firstdata_event");
             cp__hb_acquire(op);
             cp__io_firstdata(op, CP__PENDING, done);
             continue;

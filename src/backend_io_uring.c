@@ -556,6 +556,10 @@ static int ur_poll(cp_port *p, int64_t deadline, cp__oplist *done)
     s->poll_head = ring->sq.sqe_tail - to_submit;
     s->locked_taken = 0;
     cp__lock_release(&s->sq_lock);
+    /* Its batch published, its enter not made yet: a cancel of one of those SQEs must
+     * wait for the enter (withdraw_locked's -EAGAIN) and cancel it in the kernel. */
+    if (to_submit)
+        CP__INJECT_DELAY("ur_poll_enter");
 
     int r = 0;
     bool overflow = io_uring_cq_has_overflow(ring);

@@ -1103,6 +1103,253 @@ TEST(framed_bad_frames_are_logged_at_most_once_a_second)
     close(out);
 }
 
+/* Waits until the server has accepted `total` connections and closed each (conns_open
+ * drops after on_close returned, so every log line of theirs is written): its counters
+ * come on stderr for SIGUSR1. */
+static void wait_all_closed(server *s, uint64_t total)
+{
+    static char text[TEXT_CAP];
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    for (;;) {
+        size_t before = memfd_text(s->err, text, sizeof text);
+        server_signal(s, SIGUSR1);
+        const char *line = NULL;
+        while (!line) { /* this signal's line */
+            CHECK(cpt_now_ms() < deadline);
+            usleep(2000);
+            memfd_text(s->err, text, sizeof text);
+            const char *p = text + before;
+            while ((p = strstr(p, "cport-echo: conns_open=")) != NULL)
+                line = p++;
+        }
+        unsigned long long open = 0, conns = 0;
+        CHECK_EQ(sscanf(line, "cport-echo: conns_open=%llu conns_total=%llu", &open, &conns), 2);
+        if (open == 0 && conns == total)
+            return;
+        CHECK(cpt_now_ms() < deadline);
+        usleep(5000);
+    }
+}
+
+/* A connection closed for a bad frame: its local port. */
+static int bad_frame_close(const server *s)
+{
+    int fd = connect_to(s);
+    struct sockaddr_in me;
+    socklen_t len = sizeof me;
+    CHECK_EQ(getsockname(fd, (struct sockaddr *)&me, &len), 0);
+    uint8_t hdr[4] = {0, 0, 0, 101};
+    CHECK_EQ(send(fd, hdr, 4, MSG_NOSIGNAL), 4);
+    expect_closed(fd, IO_MS, true);
+    close(fd);
+    return ntohs(me.sin_port);
+}
+
+/* The bad-frame log counts every close it leaves out: K closes in a burst, then, once the
+ * second of the last of them is over, one more, which is logged (the first of its second)
+ * and must report every close left out since the line before it. Where the seconds split
+ * the burst does not matter: the closes each line stands for (itself and the N it reports
+ * left out) add up to all the closes, and the last line's N is exactly those left out
+ * after the line before it. */
+TEST(framed_bad_frame_log_counts_the_closes_left_out)
+{
+    enum { K = 12 };
+    server s;
+    server_start(&s, "--framed", "--max-frame", "100", "--threads", "2", NULL);
+    for (int i = 0; i < K; i++)
+        bad_frame_close(&s);
+    wait_all_closed(&s, K);
+    int64_t done_sec = coarse_sec();
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    while (coarse_sec() <= done_sec) { /* the server reads the same clock */
+        CHECK(cpt_now_ms() < deadline);
+        usleep(5000);
+    }
+    int last_port = bad_frame_close(&s);
+    wait_all_closed(&s, K + 1);
+    int err = dup(s.err);
+    CHECK(err >= 0);
+    server_stop(&s);
+    static char text[TEXT_CAP];
+    memfd_text(err, text, sizeof text);
+    close(err);
+    fprintf(stderr, "server stderr:\n%s", text);
+    const char *const tag = "cport-echo: closed 127.0.0.1:";
+    uint64_t before = 0; /* closes the lines before the last one stand for */
+    int lines = 0, port = 0;
+    unsigned long long n = 0;
+    for (const char *p = text; (p = strstr(p, tag)) != NULL; p += strlen(tag)) {
+        before += 1 + n; /* the previous line's */
+        lines++;
+        CHECK_EQ(sscanf(p + strlen(tag), "%d", &port), 1);
+        const char *end = strchr(p, '\n');
+        CHECK(end != NULL);
+        const char *more = strstr(p, " (and ");
+        n = 0;
+        if (more && more < end)
+            CHECK_EQ(sscanf(more, " (and %llu more bad-frame closes not logged)", &n), 1);
+    }
+    before -= 1; /* (no line before the first) */
+    CHECK(lines >= 2);
+    CHECK_EQ(port, last_port); /* the last close has the last line */
+    fprintf(stderr, "%d lines; the last reports %llu left out; expected %llu\n", lines, n,
+            (unsigned long long)(K - before));
+    CHECK_EQ(n, K - before);
+}
+
+#ifdef CPORT_INJECT
+/* Waits (deadline) until a thread of process pid sleeps in nanosleep: in a CPORT_INJECT
+ * build, held at a delay point (no other thread of cport-echo sleeps so). Skips where /proc
+ * does not tell a thread's system call. */
+static void wait_child_held_at_delay_point(pid_t pid, int timeout_ms)
+{
+    char dir[64];
+    snprintf(dir, sizeof dir, "/proc/%d/task", (int)pid);
+    int64_t deadline = cpt_now_ms() + timeout_ms;
+    for (;;) {
+        DIR *d = opendir(dir);
+        CHECK(d != NULL);
+        bool held = false, readable = false;
+        struct dirent *e;
+        while (!held && (e = readdir(d)) != NULL) {
+            if (e->d_name[0] == '.')
+                continue;
+            char path[128];
+            snprintf(path, sizeof path, "%s/%s/syscall", dir, e->d_name);
+            FILE *f = fopen(path, "r");
+            if (!f)
+                continue;
+            readable = true;
+            long nr = -1;
+            int got = fscanf(f, "%ld", &nr); /* "running" while it runs */
+            fclose(f);
+            held = got == 1 && nr == SYS_clock_nanosleep;
+#ifdef SYS_nanosleep
+            held = held || (got == 1 && nr == SYS_nanosleep);
+#endif
+        }
+        closedir(d);
+        if (!readable)
+            SKIP("/proc/PID/task/TID/syscall cannot be read");
+        if (held)
+            return;
+        CHECK(cpt_now_ms() < deadline);
+        usleep(1000);
+    }
+}
+
+/* The stats port of a server started with --stats-port 0. */
+static int stats_port_of(const server *s)
+{
+    static char text[TEXT_CAP];
+    memfd_text(s->out, text, sizeof text);
+    const char *p = strstr(text, "stats on 127.0.0.1:");
+    CHECK(p != NULL);
+    int port = 0;
+    CHECK_EQ(sscanf(p, "stats on 127.0.0.1:%d", &port), 1);
+    CHECK(port > 0 && port < 65536);
+    return port;
+}
+
+/* Reads fd (non-blocking) until EOF or a reset, within IO_MS, into buf (NUL-terminated). */
+static size_t read_until_closed(int fd, char *buf, size_t cap)
+{
+    size_t len = 0;
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    for (;;) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int left = (int)(deadline - cpt_now_ms());
+        CHECK(left > 0);
+        int r = poll(&p, 1, left);
+        if (r < 0 && errno == EINTR)
+            continue;
+        CHECK(r >= 0);
+        if (r == 0)
+            continue;
+        ssize_t k = recv(fd, buf + len, cap - 1 - len, 0);
+        if (k < 0 && errno == EAGAIN)
+            continue;
+        if (k == 0 || (k < 0 && errno == ECONNRESET))
+            break;
+        CHECK(k > 0);
+        len += (size_t)k;
+        CHECK(len < cap - 1);
+    }
+    buf[len] = 0;
+    return len;
+}
+
+/* A whole stats answer: 200, the Prometheus text, a Content-Length that is its length.
+ * Returns the value of metric `name`. */
+static uint64_t stats_answer_value(const char *resp, const char *name)
+{
+    if (strncmp(resp, "HTTP/1.1 200 OK\r\n", 17) != 0)
+        fprintf(stderr, "stats answer: \"%s\"\n", resp);
+    CHECK(strncmp(resp, "HTTP/1.1 200 OK\r\n", 17) == 0);
+    const char *body = strstr(resp, "\r\n\r\n");
+    CHECK(body != NULL);
+    body += 4;
+    unsigned long clen = 0;
+    const char *cl = strstr(resp, "Content-Length: ");
+    CHECK(cl != NULL && sscanf(cl, "Content-Length: %lu", &clen) == 1);
+    CHECK_EQ(strlen(body), clen);
+    CHECK(clen > 0 && body[clen - 1] == '\n');
+    const char *want = fmt("# TYPE %s ", name);
+    CHECK(strstr(body, want) != NULL);
+    const char *v = strstr(body, fmt("\n%s ", name));
+    CHECK(v != NULL);
+    char *end;
+    unsigned long long x = strtoull(v + strlen(name) + 2, &end, 10);
+    CHECK(*end == '\n');
+    return x;
+}
+
+/* The stats text as if it needed more than the 4 KiB buffer on the stack (failure point
+ * echo_stats_small: that buffer takes nothing), with the stats worker held between
+ * making the text and making it again in a heap buffer (delay point echo_stats_retry). */
+static void stats_long_text(void)
+{
+    setenv("CPORT_INJECT_FAIL", "echo_stats_small", 1);
+    setenv("CPORT_INJECT_DELAY", "echo_stats_retry:1000000", 1);
+}
+
+#endif
+
+/* A stats text longer than the stack buffer is made again in a heap buffer; the counters
+ * keep moving meanwhile. Once quiet: the same text twice. Once with echo traffic while the
+ * worker is held between the two (bytes_received_total goes from 0 to 1000: the text
+ * grows by 3 bytes): the answer is still whole, with the later counters and a
+ * Content-Length that is the body's length. (The heap buffer was once sized for the first
+ * text exactly and the scrape aborted when the second came out different.) */
+TEST(stats_text_longer_than_the_stack_buffer_is_whole)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    const char *args[] = {"--threads", "1", "--stats-port", "0", NULL};
+    server s;
+    server_spawn(&s, cpt_backend(), stats_long_text, args);
+    struct server st = s;
+    st.port = stats_port_of(&s);
+    static char resp[TEXT_CAP];
+    for (int round = 0; round < 2; round++) {
+        int fd = connect_to(&st);
+        const char req[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        CHECK_EQ(send(fd, req, sizeof req - 1, MSG_NOSIGNAL), (ssize_t)(sizeof req - 1));
+        if (round == 1) {
+            wait_child_held_at_delay_point(s.pid, IO_MS); /* the first text is made */
+            int e = connect_to(&s);
+            exchange(e, 1000, 7, EX_FULL);
+            close(e);
+        }
+        read_until_closed(fd, resp, sizeof resp);
+        close(fd);
+        CHECK_EQ(stats_answer_value(resp, "cport_echo_bytes_received_total"), round ? 1000 : 0);
+    }
+    server_stop(&s);
+#endif
+}
+
 /* Whether a new connection to the server is refused (its listener is closed). */
 static bool refuses_connections(const server *s)
 {

@@ -1776,6 +1776,249 @@ TEST(cancel_without_room_for_its_request)
 #endif
 }
 
+#ifdef CPORT_INJECT
+/* Waits (5 s) until thread tid of this process sleeps in nanosleep: a CPORT_INJECT build
+ * holds it at a delay point (nothing else on a port's paths sleeps so). Skips where
+ * /proc does not tell a thread's system call. */
+static void wait_held_at_delay_point(pid_t tid)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/task/%d/syscall", (int)tid);
+    int64_t until = cpt_now_ms() + 5000;
+    for (;;) {
+        FILE *f = fopen(path, "r");
+        if (!f)
+            SKIP("/proc/self/task/TID/syscall cannot be read");
+        long nr = -1;
+        int got = fscanf(f, "%ld", &nr); /* "running" while it runs */
+        fclose(f);
+        if (got == 1 && nr == SYS_clock_nanosleep)
+            return;
+#ifdef SYS_nanosleep
+        if (got == 1 && nr == SYS_nanosleep)
+            return;
+#endif
+        CHECK(cpt_now_ms() < until);
+        usleep(1000);
+    }
+}
+
+/* A thread that dequeues `want` completions (5 s each), the poller while it waits. */
+struct held_poller {
+    cp_port *p;
+    pid_t tid;
+    int want, got;
+    cp_completion c[4];
+};
+
+static void *held_poller_main(void *arg)
+{
+    struct held_poller *a = arg;
+    __atomic_store_n(&a->tid, gettid(), __ATOMIC_RELEASE);
+    while (a->got < a->want && cp_port_dequeue(a->p, &a->c[a->got], 1, 5000) == 1)
+        a->got++;
+    return NULL;
+}
+
+/* Starts a held_poller and returns once it is held at the delay point. */
+static void held_poller_start(struct held_poller *a, pthread_t *th, cp_port *p, int want)
+{
+    *a = (struct held_poller){.p = p, .want = want};
+    CHECK_OK(-pthread_create(th, NULL, held_poller_main, a));
+    int64_t until = cpt_now_ms() + 5000;
+    while (__atomic_load_n(&a->tid, __ATOMIC_ACQUIRE) == 0) {
+        CHECK(cpt_now_ms() < until);
+        usleep(1000);
+    }
+    wait_held_at_delay_point(a->tid);
+}
+
+/* This thread becomes one of the port's running threads (it dequeued a completion): what
+ * it submits waits for the next poll. */
+static void become_running(cp_port *p)
+{
+    static char token;
+    CHECK_OK(cp_port_post(p, 0, 0, &token));
+    CHECK(next(p).op == &token);
+}
+#endif
+
+/* A cancel that lands in the poller's window: the poller has published its batch of SQEs
+ * (poll_budget) and is about to hand them to the kernel with its io_uring_enter (held
+ * there: delay point ur_poll_enter), and the cancel finds no SQE for its request
+ * (failure point ur_cancel_no_sqe). The op's SQE is in that batch, so it can neither be
+ * taken back (the kernel may be reading it) nor cancelled in the kernel (not there yet):
+ * the cancel must retry until the enter is made, then cancel it in the kernel. Once for a
+ * receive (cp_socket_cancel), once for a multishot pooled receive stopped by a close. Each
+ * op completes exactly once, with -ECANCELED; the close completes; the socket still
+ * works after the first. A cancel that gave up in the window would leave the receive (and
+ * so the close) waiting for data forever. */
+TEST(cancel_in_the_pollers_window_is_retried)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "ur_cancel_no_sqe", 1)); /* before any thread */
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "ur_poll_enter:500000", 1));
+    cp_port_options o = {.concurrency = 2, .pool_buffers = 64, .pool_per_socket = 4};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    p = uring_only(p);
+    pair pr;
+    pair_open(&pr, p);
+    char buf[16];
+    cp_op r = {0};
+    become_running(p);
+    CHECK_OK(cp_socket_recv(&pr.s, &r, buf, sizeof(buf))); /* its SQE waits for a poll */
+    struct held_poller a;
+    pthread_t th;
+    held_poller_start(&a, &th, p, 1); /* held with the receive's SQE in its batch */
+    int64_t t0 = cpt_now_ms();
+    CHECK_OK(cp_socket_cancel(&pr.s, &r));
+    fprintf(stderr, "cancel returned after %" PRId64 " ms\n", cpt_now_ms() - t0);
+    pthread_join(th, NULL);
+    CHECK_EQ(a.got, 1);
+    CHECK(a.c[0].op == &r);
+    CHECK_EQ(a.c[0].result, -ECANCELED);
+    expect_nothing(p, 50);
+    /* Nothing was lost or left behind: the next receive gets the data. */
+    CHECK_OK(cp_socket_recv(&pr.s, &r, buf, sizeof(buf)));
+    write_all(pr.client, "ping", 4);
+    cp_completion c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, 4);
+    CHECK(memcmp(buf, "ping", 4) == 0);
+    pair_close(&pr, p);
+
+    /* The multishot's stop, from a close, in the same window. */
+    pair_open(&pr, p);
+    become_running(p);
+    CHECK_OK(cp_socket_recv_pooled(&pr.s, &r)); /* arms the multishot: its SQE waits */
+    held_poller_start(&a, &th, p, 2);
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&pr.s, &cl));
+    pthread_join(th, NULL);
+    CHECK_EQ(a.got, 2);
+    CHECK(a.c[0].op == &r);
+    CHECK_EQ(a.c[0].result, -ECANCELED);
+    CHECK(a.c[1].op == &cl);
+    CHECK_EQ(a.c[1].result, 0);
+    expect_nothing(p, 50);
+    close(pr.client);
+    cp_port_destroy(p);
+    CHECK_OK(unsetenv("CPORT_INJECT_DELAY"));
+    CHECK_OK(unsetenv("CPORT_INJECT_FAIL"));
+#endif
+}
+
+#ifdef CPORT_INJECT
+/* One of two threads that wait for a single I/O completion: the one that gets it records
+ * it, frees the op at once (as a caller may) and posts `marker` to release the other. */
+struct one_of_two {
+    cp_port *p;
+    cp_accept_op *aop;
+    pid_t tid;
+    int n, result, fd, markers;
+};
+
+static char one_of_two_marker;
+
+static void take_one_of_two(struct one_of_two *a)
+{
+    cp_completion c;
+    CHECK_EQ(cp_port_dequeue(a->p, &c, 1, 5000), 1);
+    if (c.op == &one_of_two_marker) {
+        __atomic_add_fetch(&a->markers, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    CHECK(c.op == &a->aop->op);
+    a->result = (int)c.result;
+    a->fd = a->aop->fd;
+    free(a->aop); /* the op is the caller's again: nothing may touch it from now on */
+    __atomic_add_fetch(&a->n, 1, __ATOMIC_RELAXED);
+    CHECK_OK(cp_port_post(a->p, 0, 0, &one_of_two_marker));
+}
+
+static void *take_one_of_two_main(void *arg)
+{
+    struct one_of_two *a = arg;
+    __atomic_store_n(&a->tid, gettid(), __ATOMIC_RELEASE);
+    take_one_of_two(a);
+    return NULL;
+}
+#endif
+
+/* epoll: a first-data accept cancelled while the poller holds its readiness event (the
+ * harvest names the op; the poller is held there: delay point ep_firstdata_event). The
+ * cancel is deferred to the end of that harvest: the op completes once, with -ECANCELED,
+ * only after the poller is done with the event, and the connection it had taken is
+ * closed. The op is freed the moment its completion is dequeued: a cancel completed at
+ * once would let that happen while the poller still holds the event, and the poller would
+ * then use the freed op (an ASan error). */
+TEST(first_data_accept_cancelled_while_the_poller_holds_its_event)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "ep_firstdata_event:500000", 1)); /* before threads */
+    cp_port_options o = {.concurrency = 2};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    if (cp_port_backend(p) != CP_BACKEND_EPOLL) {
+        cp_port_destroy(p);
+        SKIP("the delay point is in the epoll backend");
+    }
+    int port;
+    cp_socket listener;
+    int lfd = listen_any(&port);
+    CHECK_OK(cp_socket_associate(&listener, p, lfd, 1));
+    static char buf[16];
+    struct one_of_two a = {.p = p, .aop = calloc(1, sizeof(cp_accept_op))};
+    CHECK(a.aop != NULL);
+    CHECK_OK(cp_socket_accept(&listener, a.aop, buf, sizeof(buf)));
+    int client = dial(port);
+    /* A poll takes the connection; the accept then waits for its first data. */
+    for (int tries = 0;; tries++) {
+        expect_nothing(p, 10);
+        struct tcp_info ti;
+        socklen_t tl = sizeof(ti);
+        CHECK_OK(getsockopt(lfd, IPPROTO_TCP, TCP_INFO, &ti, &tl));
+        if (ti.tcpi_unacked == 0)
+            break;
+        CHECK(tries < 500);
+    }
+    write_all(client, "x", 1);
+    pthread_t th;
+    CHECK_OK(-pthread_create(&th, NULL, take_one_of_two_main, &a));
+    int64_t until = cpt_now_ms() + 5000;
+    while (__atomic_load_n(&a.tid, __ATOMIC_ACQUIRE) == 0) {
+        CHECK(cpt_now_ms() < until);
+        usleep(1000);
+    }
+    wait_held_at_delay_point(a.tid); /* its harvest holds the first-data event */
+    CHECK_OK(cp_socket_cancel(&listener, &a.aop->op));
+    take_one_of_two(&a);
+    pthread_join(th, NULL);
+    CHECK_EQ(a.n, 1);
+    CHECK_EQ(a.markers, 1);
+    CHECK_EQ(a.result, -ECANCELED);
+    CHECK_EQ(a.fd, -1); /* the connection it had taken is closed */
+    struct pollfd pf = {.fd = client, .events = POLLIN};
+    CHECK_EQ(poll(&pf, 1, 5000), 1);
+    char b;
+    ssize_t k = read(client, &b, 1);
+    CHECK(k == 0 || (k < 0 && errno == ECONNRESET));
+    close(client);
+    expect_nothing(p, 50);
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&listener, &cl));
+    CHECK(next(p).op == &cl);
+    expect_nothing(p, 20);
+    cp_port_destroy(p);
+    CHECK_OK(unsetenv("CPORT_INJECT_DELAY"));
+#endif
+}
+
 /* The same for a socket's multishot pooled receive, which a close (or a full stash) stops
  * with a cancel of its own: with the queue full, a multishot still waiting in it is taken
  * back, and one in the kernel is cancelled there. Either way the pooled receive ends with

@@ -12,6 +12,8 @@
  */
 #include "cport.h"
 
+#include "../../src/inject.h" /* delay and failure points in -DCPORT_INJECT=ON builds only */
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <getopt.h>
@@ -122,6 +124,33 @@ static void print_stats(cp_server *sv, FILE *f)
  * it. The echo path never sees any of it. */
 enum { STATS_MAX_CONNS = 64, STATS_TIMEOUT_MS = 5000 };
 
+/* The Prometheus text: in `small` when it fits, else in a heap buffer (*body != small, for
+ * the caller to free). The counters move between two calls (a value that gains digits
+ * makes the text longer), so the heap buffer has room to spare and the text is made again
+ * until it fits. Returns its length, or -1 without memory. */
+static int stats_text(cp_server *echo, char *small, size_t small_size, char **body)
+{
+    /* Failure point echo_stats_small: the stack buffer takes no text, as if it were long. */
+    size_t size = CP__INJECT_FAIL("echo_stats_small") ? 1 : small_size;
+    char *buf = small;
+    for (;;) {
+        int n = cp_server_stats_prometheus(echo, "cport_echo_", buf, size);
+        if (n < 0)
+            n = 0;
+        if ((size_t)n < size) {
+            *body = buf;
+            return n;
+        }
+        CP__INJECT_DELAY("echo_stats_retry"); /* the counters may move meanwhile */
+        if (buf != small)
+            free(buf);
+        size = (size_t)n + (size_t)n / 4 + 64;
+        buf = malloc(size);
+        if (!buf)
+            return -1;
+    }
+}
+
 static void on_stats_request(cp_conn *c, const void *data, size_t len)
 {
     (void)data;
@@ -131,19 +160,12 @@ static void on_stats_request(cp_conn *c, const void *data, size_t len)
         return; /* the rest of a request that came in several pieces */
     *answered = true;
     cp_server *echo = cp_server_user(cp_conn_server(c));
-    char small[4096], *body = small;
-    int blen = cp_server_stats_prometheus(echo, "cport_echo_", body, sizeof(small));
-    if (blen >= (int)sizeof(small)) { /* (it returns what it needed, like snprintf) */
-        body = malloc((size_t)blen + 1);
-        if (!body ||
-            cp_server_stats_prometheus(echo, "cport_echo_", body, (size_t)blen + 1) != blen) {
-            free(body);
-            cp_conn_abort(c);
-            return;
-        }
+    char small[4096], *body;
+    int blen = stats_text(echo, small, sizeof(small), &body);
+    if (blen < 0) {
+        cp_conn_abort(c);
+        return;
     }
-    if (blen < 0)
-        blen = 0;
     char head[160];
     int hl = snprintf(head, sizeof(head),
                       "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
