@@ -1329,6 +1329,50 @@ TEST(a_stray_crlf_between_requests_is_ignored)
     server_stop(&s, NULL);
 }
 
+/* A lone CR (a stray CRLF whose LF has not arrived, or never will) is no request's start
+ * either (RFC 9112 2.2: a request line cannot begin with CR): the header timeout does not
+ * start, and the connection idles as before. It was kept as a partial head, so an idle
+ * connection got an unsolicited 408 after the header timeout (200 ms), long before its
+ * keep-alive period (or a fresh connection's first-request wait) ended. An LF after it
+ * makes an empty line; any other byte makes it a bare CR: 400 and close. */
+TEST(a_lone_cr_between_requests_starts_no_request)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, "--header-timeout", "200", "--keepalive-timeout", "1500", NULL);
+    resp r;
+    /* After a response: nothing at all, then the keep-alive close. */
+    hc *c = hc_open(s.port);
+    hc_send(c, req_get("/one.bin"));
+    resp_read_file(c, &r, 200, 1, 0, 1);
+    hc_send(c, "\r\n\r");
+    hc_expect_eof(c);
+    hc_close(c);
+    /* Before the first request: the first request's wait ends quietly too. */
+    c = hc_open(s.port);
+    hc_send(c, "\r");
+    hc_expect_eof(c);
+    hc_close(c);
+    /* Its LF in a later segment: an empty line; then a request is served. */
+    c = hc_open(s.port);
+    hc_send(c, req_get("/one.bin"));
+    resp_read_file(c, &r, 200, 1, 0, 1);
+    hc_send(c, "\r");
+    hc_send(c, "\n\r");
+    hc_send(c, "\nGET /f4095.bin HTTP/1.1\r\nHost: x\r\n\r\n\r");
+    resp_read_file(c, &r, 200, 4095, 0, 4095);
+    /* Then not an LF: a bare CR. */
+    hc_send(c, "GET /one.bin HTTP/1.1\r\nHost: x\r\n\r\n");
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 400);
+    CHECK(strcmp(hdr(&r, "Connection"), "close") == 0);
+    resp_free(&r);
+    hc_expect_eof(c);
+    hc_close(c);
+    server_stop(&s, NULL);
+}
+
 static void start_pre(server *sv, const tree *tt, void (*pre)(void), ...)
 {
     va_list ap;

@@ -16,8 +16,8 @@
  *     of requests without reading the answers is cut;
  *   - one deadline (cp_conn_set_deadline): --header-timeout from the first byte of a
  *     request head (then 408 and close; empty lines before a request are dropped and start
- *     none), --keepalive-timeout while idle between requests (then a quiet close), re-armed
- *     while a file is still being sent.
+ *     none, nor does a CR that may begin one more), --keepalive-timeout while idle between
+ *     requests (then a quiet close), re-armed while a file is still being sent.
  *
  * Signals: SIGINT/SIGTERM shut down gracefully (stop accepting and reading, let responses
  * already queued go out, close; exit 0); SIGUSR1 prints the counters on stderr.
@@ -561,6 +561,22 @@ static size_t empty_lines(const char *buf, size_t len)
     }
 }
 
+/* No request has begun in buf[0..len): it is only empty lines, perhaps ending with a lone
+ * CR, the first half of one more whose LF has not arrived yet. A CR cannot start a request
+ * line (RFC 9112 2.2): when the next byte is an LF it was an empty line, and anything else
+ * makes it a bare CR, which the parser refuses (400). */
+static bool no_request(const char *buf, size_t len)
+{
+    size_t i = empty_lines(buf, len);
+    return i == len || (i + 1 == len && buf[i] == '\r');
+}
+
+/* h->in holds only such a lone CR. */
+static bool lone_cr(const hconn *h)
+{
+    return h->in_len == 1 && h->in[0] == '\r';
+}
+
 /* Serve the complete requests at the start of buf[0..len), in order, while the transmit
  * limit allows. Returns the bytes consumed; what is left is a partial head or requests
  * that wait for transmits to complete. */
@@ -637,7 +653,7 @@ static void arm_deadline(cp_conn *c, hconn *h)
     if (h->closing)
         return;
     const config *cfg = cfg_of(c);
-    if (h->in_len > 0 && h->inflight < MAX_INFLIGHT) {
+    if (h->in_len > 0 && h->inflight < MAX_INFLIGHT && !lone_cr(h)) {
         /* A partial head: the header timeout runs from its first byte, not its last. */
         if (!h->head_started) {
             h->head_started = true;
@@ -669,13 +685,26 @@ static int on_open(cp_conn *c)
 static void on_data(cp_conn *c, const void *data, size_t len)
 {
     hconn *h = cp_conn_user(c);
-    if (h->closing)
+    if (h->closing || len == 0)
         return;
-    if (h->in_len == 0) {
-        /* Only empty lines: no request has started and nothing was served, so the deadline
-         * running (keep-alive, or the first request's) stays as it is. */
-        if (empty_lines(data, len) == len)
+    const char *d = data;
+    if (h->in_len == 0 || lone_cr(h)) {
+        /* Only empty lines (with a lone CR kept from before, or a lone CR at the end): no
+         * request has started and nothing is served, so the deadline running (keep-alive,
+         * or the first request's) stays as it is. A lone CR used to be kept as a partial
+         * head, which started the header timeout: an idle connection got a 408 early. */
+        size_t skip = h->in_len && d[0] == '\n' ? 1 : 0; /* a kept CR's LF */
+        if ((h->in_len == 0 || skip) && no_request(d + skip, len - skip)) {
+            bool cr = empty_lines(d + skip, len - skip) < len - skip; /* it ends with one */
+            h->in_len = 0;
+            if (cr && !keep_bytes(h, "\r", 1)) {
+                h->closing = true;
+                cp_conn_abort(c);
+            }
             return;
+        }
+    }
+    if (h->in_len == 0) {
         size_t used = process(c, h, data, len);
         if (!h->closing && used < len && !keep_bytes(h, (const char *)data + used, len - used)) {
             h->closing = true;
