@@ -615,14 +615,20 @@ static int connect_to(int port, int rcvbuf)
     return fd;
 }
 
-static hc *hc_open(int port)
+/* A client whose receive buffer is rcvbuf bytes (0: the default, autotuned). */
+static hc *hc_open_rcvbuf(int port, int rcvbuf)
 {
     hc *c = malloc(sizeof *c);
     CHECK(c != NULL);
-    c->fd = connect_to(port, 0);
+    c->fd = connect_to(port, rcvbuf);
     c->a = c->b = 0;
     c->eof = false;
     return c;
+}
+
+static hc *hc_open(int port)
+{
+    return hc_open_rcvbuf(port, 0);
 }
 
 static void hc_close(hc *c)
@@ -1264,33 +1270,47 @@ TEST(timeouts)
 }
 
 /* The keep-alive period runs from the end of a response, not from its request: a client
- * that took most of a keep-alive period to download a file may send its next request a
- * little later on the same connection. The period used to start with the request (the
- * deadline was not re-armed when the transfer completed), so the connection was closed
- * 0.8 s after a response that took 1.2 s, under a 2 s keep-alive timeout. */
+ * that took a while to download a file may send its next request a keep-alive period after
+ * the download ended. The period used to start with the request (the deadline was not
+ * re-armed when the transfer completed), so the connection was closed 0.8 s after a
+ * response that took 1.2 s, under a 2 s keep-alive timeout.
+ * Timing is checked from below only: the client reads nothing for STALL ms (at least),
+ * and the file is larger than the socket buffers hold, so the server's transfer cannot
+ * complete before the client starts reading at `ts`; deadlines never fire early, so the
+ * quiet close comes at least KEEP ms after ts. With the bug it came KEEP ms after the
+ * request, i.e. at most about KEEP - STALL ms after ts. */
 TEST(keep_alive_runs_from_the_end_of_the_response)
 {
+    enum { KEEP = 1200, STALL = 500 };
     tree t;
     tree_make(&t, false);
-    uint64_t size = 8 * MIB; /* more than the socket buffers hold: sent while it is read */
+    /* More than the server's largest send buffer plus the client's 64 KiB receive buffer
+     * (fixed: no autotuning) hold: the transfer stalls while nothing is read. */
+    uint64_t size = 8 * MIB;
+    FILE *f = fopen("/proc/sys/net/ipv4/tcp_wmem", "r");
+    unsigned long wmin, wdef, wmax;
+    if (f && fscanf(f, "%lu %lu %lu", &wmin, &wdef, &wmax) == 3 && 2 * (uint64_t)wmax > size)
+        size = 2 * (uint64_t)wmax;
+    if (f)
+        fclose(f);
     make_file(&t, "stall.bin", size);
     server s;
-    server_start(&s, &t, "--threads", "1", "--keepalive-timeout", "2000", NULL);
-    hc *c = hc_open(s.port);
+    char keep[16];
+    snprintf(keep, sizeof keep, "%d", KEEP);
+    server_start(&s, &t, "--threads", "1", "--keepalive-timeout", keep, NULL);
+    hc *c = hc_open_rcvbuf(s.port, 64 * 1024);
     int64_t t0 = cpt_now_ms();
     hc_send(c, req_get("/stall.bin"));
-    usleep(1200 * 1000); /* nothing read: the transfer stalls on the full buffers */
+    usleep(STALL * 1000); /* a lower bound: a longer stall only widens the gap checked */
+    int64_t ts = cpt_now_ms();
     resp r;
     resp_read_file(c, &r, 200, size, 0, size);
     int64_t t1 = cpt_now_ms();
-    fprintf(stderr, "response read %lld ms after its request\n", (long long)(t1 - t0));
-    usleep(1200 * 1000); /* idle, well within the keep-alive period */
-    hc_send(c, req_get("/one.bin"));
-    CHECK(resp_head(c, &r));
-    CHECK_EQ(r.status, 200);
-    verify v = {1, 0, true};
-    body_each(c, 1, verify_fn, &v);
-    CHECK(v.ok);
+    hc_expect_eof(c); /* nothing more: the quiet keep-alive close */
+    int64_t te = cpt_now_ms();
+    fprintf(stderr, "stalled %lld ms, read in %lld ms, closed %lld ms after reading began\n",
+            (long long)(ts - t0), (long long)(t1 - ts), (long long)(te - ts));
+    CHECK(te - ts >= KEEP - 2); /* -2: millisecond truncation of the two clocks' readings */
     hc_close(c);
     wait_no_open_files(&s, &t);
     server_stop(&s, NULL);
