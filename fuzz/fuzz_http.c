@@ -33,10 +33,13 @@ static void check_path(const http_path *p)
         return;
     ASSERT(p->buf[0] != '/' && p->buf[p->len - 1] != '/');
     const char *seg = p->buf, *end = p->buf + p->len;
+    bool dot = false; /* some segment starts with '.', a first ".well-known" aside */
     while (seg < end) {
         const char *sl = memchr(seg, '/', (size_t)(end - seg));
         size_t l = sl ? (size_t)(sl - seg) : (size_t)(end - seg);
         ASSERT(l > 0);
+        if (seg[0] == '.' && !(seg == p->buf && l == 11 && memcmp(seg, ".well-known", 11) == 0))
+            dot = true;
         ASSERT(!(l == 1 && seg[0] == '.'));
         ASSERT(!(l == 2 && seg[0] == '.' && seg[1] == '.'));
         for (size_t i = 0; i < l; i++) {
@@ -45,6 +48,7 @@ static void check_path(const http_path *p)
         }
         seg += l + 1;
     }
+    ASSERT(http_path_is_dotfile(p) == dot);
 }
 
 static void check_head(const char *buf, int n, size_t cap)

@@ -1247,6 +1247,64 @@ TEST(resolve_path_bytes)
     }
 }
 
+static bool dotfile(const char *in)
+{
+    http_path p;
+    CHECK_EQ(http_resolve_path(in, strlen(in), &p), 0);
+    return http_path_is_dotfile(&p);
+}
+
+/* A segment starting with '.', however it is spelled, is a dotfile; ".well-known" only as
+ * the first segment, exactly, is not (the files below it are checked as well). */
+TEST(path_dotfiles)
+{
+    static const char *const dot[] = {
+        "/.env",
+        "/.git/config",
+        "/.git/",
+        "/.git",
+        "/%2egit/config",
+        "/%2Egit.x",
+        "/a/.htpasswd",
+        "/a/b/.c/d",
+        "/./.env",
+        "//.env",
+        "/a//.b",
+        "/...",
+        "/..a",
+        "/.well-known/.git",
+        "/.well-known/a/.b",
+        "/.well-knownx/a",
+        "/.well-know/a",
+        "/.Well-Known/a",
+        "/a/.well-known/x",
+        "/.well-known%2e/a",
+    };
+    for (size_t i = 0; i < sizeof dot / sizeof dot[0]; i++) {
+        if (!dotfile(dot[i]))
+            fprintf(stderr, "%s: not a dotfile\n", dot[i]);
+        CHECK(dotfile(dot[i]));
+    }
+    static const char *const plain[] = {
+        "/",
+        "/index.html",
+        "/a.b/c.d",
+        "/a./b",
+        "/a/b.",
+        "/.well-known",
+        "/.well-known/",
+        "/.well-known/acme-challenge/tok.en",
+        "/%2ewell-known/security.txt",
+        "/./a",
+        "/a/./b/.",
+    };
+    for (size_t i = 0; i < sizeof plain / sizeof plain[0]; i++) {
+        if (dotfile(plain[i]))
+            fprintf(stderr, "%s: a dotfile\n", plain[i]);
+        CHECK(!dotfile(plain[i]));
+    }
+}
+
 TEST(resolve_path_length)
 {
     /* the decoded path may be HTTP_PATH_MAX - 1 bytes */

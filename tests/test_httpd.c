@@ -2110,6 +2110,66 @@ static void log_requests(int port)
     hc_close(c);
 }
 
+/* Dotfiles (a path segment starting with '.': .git/, .env, .htpasswd) get 404 by default,
+ * however the path spells them, also for a directory named without its '/' (no 301 tells
+ * that it exists); /.well-known/ is served (RFC 8615), but not a dotfile below it. With
+ * --dotfiles they are all served. They used to be served always. */
+TEST(dotfiles)
+{
+    tree t;
+    tree_make(&t, false);
+    CHECK_EQ(mkdir(path_in(t.root, ".git"), 0755), 0);
+    make_text(path_in(t.root, ".git/config"), "[core]\n");
+    make_text(path_in(t.root, ".git/index.html"), "git\n");
+    make_text(path_in(t.root, ".env"), "KEY=1\n");
+    make_text(path_in(t.root, "sub/.htpasswd"), "u:x\n");
+    CHECK_EQ(mkdir(path_in(t.root, ".well-known"), 0755), 0);
+    CHECK_EQ(mkdir(path_in(t.root, ".well-known/acme-challenge"), 0755), 0);
+    make_text(path_in(t.root, ".well-known/acme-challenge/tok"), "tok\n");
+    make_text(path_in(t.root, ".well-known/.secret"), "s\n");
+    static const struct {
+        const char *target;
+        int hidden, shown; /* the status by default and with --dotfiles */
+    } cases[] = {
+        {"/.env", 404, 200},          {"/.git/config", 404, 200},
+        {"/%2egit/config", 404, 200}, {"/%2Eenv", 404, 200},
+        {"/./.env", 404, 200},        {"//.env", 404, 200},
+        {"/.git", 404, 301},          {"/.git/", 404, 200},
+        {"/sub/.htpasswd", 404, 200}, {"/.well-known/.secret", 404, 200},
+        {"/.nonexistent", 404, 404},  {"/.well-known/acme-challenge/tok", 200, 200},
+        {"/.well-known/", 403, 403}, /* a directory without an index: as any other */
+        {"/sub/", 200, 200},
+    };
+    for (int round = 0; round < 2; round++) {
+        server s;
+        if (round == 0)
+            server_start(&s, &t, NULL);
+        else
+            server_start(&s, &t, "--dotfiles", NULL);
+        hc *c = hc_open(s.port); /* all on one connection: none of them closes it */
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+            int want = round == 0 ? cases[i].hidden : cases[i].shown;
+            for (int head = 0; head < 2; head++) {
+                char req[512];
+                snprintf(req, sizeof req, "%s %s HTTP/1.1\r\nHost: x\r\n\r\n",
+                         head ? "HEAD" : "GET", cases[i].target);
+                hc_send(c, req);
+                resp r;
+                CHECK(resp_read(c, &r, head));
+                if (r.status != want)
+                    fprintf(stderr, "%s: %d, want %d\n", req, r.status, want);
+                CHECK_EQ(r.status, want);
+                if (want == 404 && !head)
+                    CHECK(strcmp(r.body, "404 Not Found\n") == 0);
+                resp_free(&r);
+            }
+        }
+        hc_close(c);
+        wait_no_open_files(&s, &t);
+        server_stop(&s, NULL);
+    }
+}
+
 TEST(access_log)
 {
     tree t;

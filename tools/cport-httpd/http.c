@@ -778,6 +778,19 @@ int http_resolve_path(const char *path, size_t len, http_path *out)
     return st;
 }
 
+bool http_path_is_dotfile(const http_path *path)
+{
+    static const char wk[] = ".well-known";
+    const char *s = path->buf, *e = path->buf + path->len;
+    if ((size_t)(e - s) >= sizeof wk - 1 && memcmp(s, wk, sizeof wk - 1) == 0 &&
+        (s + sizeof wk - 1 == e || s[sizeof wk - 1] == '/'))
+        s += sizeof wk - 1; /* the first segment, exactly (see http.h) */
+    for (; s < e; s++)
+        if (*s == '.' && (s == path->buf || s[-1] == '/'))
+            return true;
+    return false;
+}
+
 int http_status_from_errno(int err)
 {
     switch (err) {

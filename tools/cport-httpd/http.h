@@ -268,6 +268,13 @@ typedef struct http_path {
  * resolved, not even one that would stay inside. On refusal *out is the empty path. */
 int http_resolve_path(const char *path, size_t len, http_path *out);
 
+/* Whether a resolved path names a dotfile: some segment starts with '.' (".git/config",
+ * ".env", "a/.htpasswd"). A first segment ".well-known" (exactly) is not one: RFC 8615
+ * reserves that name for public site metadata (ACME http-01 challenges, security.txt), so
+ * it is meant to be served; a dot segment below it (".well-known/.x") still is one.
+ * cport-httpd refuses dotfiles with 404 unless --dotfiles. */
+bool http_path_is_dotfile(const http_path *path);
+
 /* A file opened for serving. */
 typedef struct http_file {
     int fd; /* O_RDONLY | O_CLOEXEC, blocking; -1 on failure */

@@ -70,6 +70,7 @@ typedef struct config {
     const char *root;
     int root_fd;
     bool access_log;
+    bool dotfiles; /* serve paths with a segment starting with '.' (default: 404) */
     unsigned header_ms, keepalive_ms, shutdown_ms;
 } config;
 
@@ -475,6 +476,12 @@ static void serve(cp_conn *c, hconn *h, const http_request *req)
         respond_error(c, h, req, st, keep, !head_only, 0);
         return;
     }
+    /* .git/, .env, .htpasswd: not published by default; 404 says no more than that (a 403,
+     * or a 301 for a directory, would tell that it exists). */
+    if (!cfg->dotfiles && http_path_is_dotfile(&path)) {
+        respond_error(c, h, req, 404, keep, !head_only, 0);
+        return;
+    }
     http_file f;
     st = http_open_beneath(cfg->root_fd, &path, &f);
     if (st == 301) {
@@ -808,6 +815,9 @@ static void usage(FILE *f)
                "  --keepalive-timeout MS  close a connection idle this long between requests\n"
                "                          (default 30000)\n"
                "  --max-conns N           connections beyond N are closed at once (default: none)\n"
+               "  --dotfiles              also serve paths with a segment starting with '.'\n"
+               "                          (.git/, .env, ...); by default they get 404, except\n"
+               "                          /.well-known/ (RFC 8615: public site metadata)\n"
                "  --shutdown-deadline MS  how long SIGTERM lets responses drain (default 5000)\n"
                "  --help                  this text\n"
                "SIGINT/SIGTERM shut down gracefully and exit 0; SIGUSR1 prints the counters.\n");
@@ -845,6 +855,7 @@ static int parse_args(int argc, char **argv, config *cfg)
         O_KEEPALIVE,
         O_MAXCONNS,
         O_SHUTDOWN,
+        O_DOTFILES,
         O_HELP
     };
     static const struct option opts[] = {{"root", required_argument, 0, O_ROOT},
@@ -857,6 +868,7 @@ static int parse_args(int argc, char **argv, config *cfg)
                                          {"keepalive-timeout", required_argument, 0, O_KEEPALIVE},
                                          {"max-conns", required_argument, 0, O_MAXCONNS},
                                          {"shutdown-deadline", required_argument, 0, O_SHUTDOWN},
+                                         {"dotfiles", no_argument, 0, O_DOTFILES},
                                          {"help", no_argument, 0, O_HELP},
                                          {0, 0, 0, 0}};
     int ch;
@@ -907,6 +919,9 @@ static int parse_args(int argc, char **argv, config *cfg)
         case O_SHUTDOWN:
             ok = parse_uint(optarg, 3600000, &v) == 0;
             cfg->shutdown_ms = (unsigned)v;
+            break;
+        case O_DOTFILES:
+            cfg->dotfiles = true;
             break;
         case O_HELP:
             usage(stdout);
@@ -1004,11 +1019,11 @@ int main(int argc, char **argv)
     }
     const cp_server_options *o = &cfg.so;
     printf("cport-httpd: backend=%s threads=%u bind=%s port=%u root=%s access-log=%s "
-           "header-timeout=%ums keepalive-timeout=%ums max-conns=%u\n",
+           "header-timeout=%ums keepalive-timeout=%ums max-conns=%u dotfiles=%s\n",
            cp_port_backend_name(cp_server_port(sv)),
            o->threads ? o->threads : (unsigned)sysconf(_SC_NPROCESSORS_ONLN), o->bind,
            cp_server_listen_port(sv), cfg.root, cfg.access_log ? "on" : "off", cfg.header_ms,
-           cfg.keepalive_ms, o->max_conns);
+           cfg.keepalive_ms, o->max_conns, cfg.dotfiles ? "on" : "off");
     printf("listening on %s:%u\n", o->bind, cp_server_listen_port(sv));
     fflush(stdout);
 
