@@ -119,6 +119,7 @@ static void check_request(const http_request *req, const char *base, size_t len,
     }
     ASSERT(!req->range.present || req->method == HTTP_METHOD_GET);
     ASSERT(!(req->has_if_modified_since && req->has_if_none_match));
+    ASSERT(!req->if_none_match_any || req->has_if_none_match);
 
     http_path p;
     int st = http_resolve_path(req->path.ptr, req->path.len, &p);

@@ -84,7 +84,8 @@ static bool same_request(const http_request *a, const http_request *b)
     return a->method == b->method && a->minor_version == b->minor_version &&
            a->has_if_modified_since == b->has_if_modified_since &&
            a->if_modified_since == b->if_modified_since &&
-           a->has_if_none_match == b->has_if_none_match && a->range.present == b->range.present &&
+           a->has_if_none_match == b->has_if_none_match &&
+           a->if_none_match_any == b->if_none_match_any && a->range.present == b->range.present &&
            a->range.suffix == b->range.suffix && a->range.first == b->range.first &&
            a->range.last == b->range.last && a->range.suffix_len == b->range.suffix_len &&
            a->if_range == b->if_range && a->if_range_date == b->if_range_date &&
@@ -584,7 +585,34 @@ TEST(parse_if_modified_since)
              HTTP_PARSE_DONE);
     CHECK(!req.has_if_modified_since);
     CHECK(req.has_if_none_match);
+    CHECK(!req.if_none_match_any);
     CHECK(!http_not_modified(&req, 0));
+    /* If-None-Match: * matches any file: 304 whatever the dates (RFC 9110 13.1.2). It
+     * used to be treated as any other If-None-Match: never matching, a 200. */
+    CHECK_EQ(parse("GET / HTTP/1.1\r\nHost: a\r\nIf-None-Match:  * \r\nIf-Modified-Since: Sun, "
+                   "06 Nov 1994 08:49:37 GMT\r\n\r\n",
+                   &req),
+             HTTP_PARSE_DONE);
+    CHECK(req.if_none_match_any);
+    CHECK(!req.has_if_modified_since);
+    CHECK(http_not_modified(&req, 0));
+    CHECK(http_not_modified(&req, (time_t)4000000000));
+    static const char *const not_any[] = {
+        "If-None-Match: \"*\"\r\n",
+        "If-None-Match: *, \"x\"\r\n",
+        "If-None-Match: **\r\n",
+        "If-None-Match: *\r\nIf-None-Match: \"x\"\r\n",
+        "If-None-Match: *\r\nIf-None-Match: *\r\n",
+        "If-None-Match:\r\n",
+    };
+    for (size_t i = 0; i < sizeof not_any / sizeof not_any[0]; i++) {
+        char head[256];
+        snprintf(head, sizeof head, "GET / HTTP/1.1\r\nHost: a\r\n%s\r\n", not_any[i]);
+        CHECK_EQ(parse(head, &req), HTTP_PARSE_DONE);
+        CHECK(req.has_if_none_match);
+        CHECK(!req.if_none_match_any);
+        CHECK(!http_not_modified(&req, 0));
+    }
 }
 
 TEST(parse_range_fields)

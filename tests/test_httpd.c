@@ -1061,7 +1061,9 @@ TEST(a_directory_without_its_slash_is_redirected)
 }
 
 /* If-Modified-Since: 304 (no body, Last-Modified kept) when not modified since; 200 when
- * the file is newer; ignored with If-None-Match or an invalid date. */
+ * the file is newer; ignored with If-None-Match or an invalid date. If-None-Match: * is a
+ * 304 for any existing file, also with a Range (it used to get a 200), and a 404 for a
+ * missing one. */
 TEST(not_modified)
 {
     tree t;
@@ -1095,6 +1097,27 @@ TEST(not_modified)
     hc_send(c, "HEAD /f4096.bin HTTP/1.1\r\nHost: x\r\nIf-Modified-Since: " MTIME_TEXT "\r\n\r\n");
     CHECK(resp_read(c, &r, true));
     CHECK_EQ(r.status, 304);
+    resp_free(&r);
+    static const char *const any[] = {
+        "GET /f4096.bin HTTP/1.1\r\nHost: x\r\nIf-None-Match: *\r\n\r\n",
+        "HEAD /f4096.bin HTTP/1.1\r\nHost: x\r\nIf-None-Match: *\r\n\r\n",
+        "GET /f4096.bin HTTP/1.1\r\nHost: x\r\nIf-None-Match: *\r\nRange: bytes=0-9\r\n\r\n",
+        ("GET /f4096.bin HTTP/1.1\r\nHost: x\r\nIf-None-Match: *\r\n"
+         "If-Modified-Since: Thu, 02 Jan 2020 03:04:04 GMT\r\n\r\n"),
+        "GET /sub/ HTTP/1.1\r\nHost: x\r\nIf-None-Match: *\r\n\r\n",
+    };
+    for (size_t i = 0; i < sizeof any / sizeof any[0]; i++) {
+        hc_send(c, any[i]);
+        CHECK(resp_read(c, &r, any[i][0] == 'H'));
+        if (r.status != 304)
+            fprintf(stderr, "%s-> %d\n", any[i], r.status);
+        CHECK_EQ(r.status, 304);
+        CHECK_EQ(r.clen, -1);
+        resp_free(&r);
+    }
+    hc_send(c, "GET /missing HTTP/1.1\r\nHost: x\r\nIf-None-Match: *\r\n\r\n");
+    CHECK(resp_read(c, &r, false));
+    CHECK_EQ(r.status, 404);
     resp_free(&r);
     hc_close(c);
     wait_no_open_files(&s, &t);

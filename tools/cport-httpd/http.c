@@ -361,8 +361,10 @@ static int parse_field(http_parser *p, const unsigned char *u, size_t s, size_t 
             parse_connection(p, u, vs, ve);
         break;
     case 13:
-        if (name_is(name, "if-none-match", 13))
+        if (name_is(name, "if-none-match", 13)) {
             p->inm = true;
+            p->inm_any = ++p->inm_count == 1 && vn == 1 && v[0] == '*'; /* "*, ..." is no "*" */
+        }
         break;
     case 14:
         if (name_is(name, "content-length", 14))
@@ -423,6 +425,7 @@ static http_parse_status finish(http_parser *p, const char *buf, size_t end, htt
     else
         req->host = slice(buf, p->host_off, p->host_len);
     req->has_if_none_match = p->inm;
+    req->if_none_match_any = p->inm_any;
     req->has_if_modified_since = p->ims_count == 1 && p->ims_valid && !p->inm;
     req->if_modified_since = req->has_if_modified_since ? p->ims : 0;
     memset(&req->range, 0, sizeof req->range);
@@ -645,6 +648,8 @@ http_range_result http_request_range(const http_request *req, uint64_t size, tim
 
 bool http_not_modified(const http_request *req, time_t mtime)
 {
+    if (req->if_none_match_any)
+        return true; /* RFC 9110 13.1.2: "*" is false when a representation exists */
     return req->has_if_modified_since && mtime <= req->if_modified_since;
 }
 

@@ -63,7 +63,9 @@
  *     Keep-alive: HTTP/1.1 unless "close"; HTTP/1.0 only with "keep-alive" and no "close".
  *   - If-Modified-Since: ignored when invalid, when sent more than once, and when the
  *     request also has If-None-Match (RFC 9110 13.1.3; this server sends no ETags, so the
- *     server should treat If-None-Match as not matching and serve normally).
+ *     server should treat If-None-Match as not matching and serve normally). The one
+ *     exception is If-None-Match: * (one field, exactly "*"): it matches any current
+ *     representation, so a GET or HEAD of an existing file gets 304 (RFC 9110 13.1.2).
  *   - Range: honoured only for GET (RFC 9110 14.2), only "bytes=" (unit case-insensitive)
  *     with exactly one range-spec (empty list elements are skipped). Several ranges, a bad
  *     syntax, first > last, other units or a repeated Range field -> the field is ignored
@@ -155,6 +157,7 @@ typedef struct http_request {
     bool has_if_modified_since; /* one valid If-Modified-Since and no If-None-Match */
     time_t if_modified_since;
     bool has_if_none_match;
+    bool if_none_match_any;  /* If-None-Match: * (one field): any file matches */
     http_range range;        /* range.present only for GET with one valid Range field */
     http_if_range if_range;  /* only meaningful if range.present */
     time_t if_range_date;    /* HTTP_IF_RANGE_DATE */
@@ -180,12 +183,12 @@ typedef struct http_parser {
     int state;
     int error; /* sticky error status */
     unsigned nfields;
-    unsigned hosts, ims_count, range_count, if_range_count;
+    unsigned hosts, ims_count, range_count, if_range_count, inm_count;
     size_t method_off, method_len, target_off, target_len, path_off, path_len;
     size_t query_off, query_len, host_off, host_len, authority_off, authority_len;
     http_method method;
     int minor_version;
-    bool conn_close, conn_keep_alive, te, cl_seen, ims_valid, inm, range_valid, path_root;
+    bool conn_close, conn_keep_alive, te, cl_seen, ims_valid, inm, inm_any, range_valid, path_root;
     uint64_t content_length;
     time_t ims;
     http_range range;
@@ -243,7 +246,8 @@ http_range_result http_request_range(const http_request *req, uint64_t size, tim
                                      uint64_t *first, uint64_t *last);
 
 /* True when the request has a usable If-Modified-Since and the file (modified at `mtime`,
- * whole seconds) has not changed since: answer 304. Only meaningful for GET and HEAD. */
+ * whole seconds) has not changed since, or has If-None-Match: * (the file exists): answer
+ * 304. Only meaningful for GET and HEAD of an existing file. */
 bool http_not_modified(const http_request *req, time_t mtime);
 
 /* ---- paths ----------------------------------------------------------------------------------- */
