@@ -72,7 +72,9 @@ static void on_close(cp_conn *c, cp_close_reason reason, int err)
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
     int64_t last = __atomic_load_n(&cfg->bad_frame_sec, __ATOMIC_RELAXED);
-    if (now.tv_sec == last ||
+    /* (<=: a worker whose clock read came before another's later second must neither
+     * log nor set the second back, or the later second logs twice.) */
+    if (now.tv_sec <= last ||
         !__atomic_compare_exchange_n(&cfg->bad_frame_sec, &last, (int64_t)now.tv_sec, false,
                                      __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
         __atomic_add_fetch(&cfg->bad_frames_unlogged, 1, __ATOMIC_RELAXED);
