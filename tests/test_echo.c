@@ -22,6 +22,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -302,6 +303,7 @@ typedef struct server {
     int out, err;                        /* memfds holding its stdout and stderr */
     char line[512];                      /* the startup settings line */
     uint64_t accepted, rejected, closed; /* from its exit line */
+    char exit_line[512];                 /* the exit line, from "accepted=" on */
 } server;
 
 /* Starts PROG --port 0 --bind 127.0.0.1 ARGS... and waits for "listening on". The
@@ -362,8 +364,8 @@ static void server_spawn_prog(server *s, const char *prog, const char *expect_ba
     static const char *const keys[] = {" threads=", " bind=127.0.0.1 ", " accepts="};
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
         CHECK(strstr(s->line, keys[i]) != NULL);
-    if (strcmp(prog, "iocp_style") == 0)
-        return; /* the porting example has none of the echo servers' other settings */
+    if (strcmp(prog, "iocp_style") == 0 || strcmp(prog, "proxy") == 0)
+        return; /* the porting example and the proxy have none of the echo servers' settings */
     static const char *const echo_keys[] = {" max-conns=", " zero-byte=", " recvs=", " buffer="};
     for (size_t i = 0; i < sizeof echo_keys / sizeof echo_keys[0]; i++)
         CHECK(strstr(s->line, echo_keys[i]) != NULL);
@@ -427,6 +429,9 @@ static void server_reap(server *s, int sig)
                     "accepted=%llu rejected=%llu closed=%llu", &a, &r, &c),
              3);
     fprintf(stderr, "%s exit: accepted=%llu rejected=%llu closed=%llu\n", s->prog, a, r, c);
+    const char *line = p + strlen(want) - strlen("accepted=");
+    size_t len = strcspn(line, "\n");
+    snprintf(s->exit_line, sizeof s->exit_line, "%.*s", (int)len, line);
     s->accepted = a;
     s->rejected = r;
     s->closed = c;
@@ -628,10 +633,13 @@ static int nb_socket(void)
     return fd;
 }
 
-/* A connected non-blocking socket. */
-static int connect_to(const server *s)
+/* A connected non-blocking socket whose receive buffer is rcvbuf bytes (0: the kernel's
+ * default and autotuning). */
+static int connect_with_rcvbuf(const server *s, int rcvbuf)
 {
     int fd = nb_socket();
+    if (rcvbuf)
+        CHECK_EQ(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf), 0);
     struct sockaddr_in sa = server_addr(s);
     if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
         CHECK(errno == EINPROGRESS);
@@ -645,6 +653,12 @@ static int connect_to(const server *s)
         CHECK_EQ(err, 0);
     }
     return fd;
+}
+
+/* A connected non-blocking socket. */
+static int connect_to(const server *s)
+{
+    return connect_with_rcvbuf(s, 0);
 }
 
 /* Close with RST (SO_LINGER {1, 0}). */
@@ -2231,4 +2245,688 @@ TEST(deps_script_passes_noninteractive_through_sudo)
     CHECK(text[0] != 0);
     fprintf(stderr, "apt-get calls:\n%s", text);
     CHECK(strstr(text, "[noninteractive] install ") != NULL);
+}
+
+/* ---- examples/proxy.c: a TCP forwarding proxy ---------------------------------------------- */
+
+/* A tiny upstream for the proxy, on threads of this process (blocking sockets, a thread per
+ * connection). The first byte a connection sends says what the upstream does with it:
+ *   'e'  echo each chunk as it comes, until EOF;
+ *   'E'  read everything until EOF, then send it all back and close: nothing comes back
+ *        unless the client's SHUT_WR reached the upstream;
+ *   'S'  stream stream_total bytes of pat(STREAM_SEED, i) (counting them in `streamed`),
+ *        then FIN, then read until EOF;
+ *   'H'  send "hello", FIN, then count what the client still sends until its EOF (result:
+ *        the count, or -errno);
+ *   'W'  send "k", then read until EOF or an error (result: 0 or -errno);
+ *   'R'  reset the connection (SO_LINGER {1, 0} and close). */
+enum { UP_MAX_CONNS = 64, STREAM_SEED = 99, UP_CHUNK = 65536 };
+
+#define UP_PENDING INT64_MIN
+
+typedef struct upstream {
+    int lfd, port;
+    pthread_t acceptor;
+    pthread_t conns[UP_MAX_CONNS];
+    int nconns;            /* written by the acceptor thread, read after joining it */
+    uint64_t stream_total; /* 'S' */
+    uint64_t streamed;     /* 'S': bytes the kernel took so far (atomic) */
+    int64_t result;        /* 'H', 'W' (atomic; UP_PENDING until known) */
+} upstream;
+
+typedef struct up_conn {
+    upstream *u;
+    int fd;
+} up_conn;
+
+static int send_all(int fd, const void *buf, size_t n)
+{
+    for (size_t off = 0; off < n;) {
+        ssize_t w = send(fd, (const char *)buf + off, n - off, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return -1;
+        off += (size_t)w;
+    }
+    return 0;
+}
+
+/* Runs on its own thread: never CHECKs (a failure shows in what the test observes). */
+static void *upstream_conn(void *arg)
+{
+    up_conn *uc = arg;
+    upstream *u = uc->u;
+    int fd = uc->fd;
+    free(uc);
+    char mode = 0;
+    char *buf = malloc(UP_CHUNK);
+    if (!buf || recv(fd, &mode, 1, MSG_WAITALL) != 1)
+        mode = 0;
+    ssize_t k = 0;
+    switch (mode) {
+    case 'e':
+        while ((k = recv(fd, buf, UP_CHUNK, 0)) > 0 && send_all(fd, buf, (size_t)k) == 0)
+            ;
+        break;
+    case 'E': {
+        size_t cap = 1 << 20, len = 0;
+        char *all = malloc(cap);
+        while (all) {
+            if (len == cap) {
+                char *more = realloc(all, cap *= 2);
+                if (!more) {
+                    free(all);
+                    all = NULL;
+                    break;
+                }
+                all = more;
+            }
+            k = recv(fd, all + len, cap - len, 0);
+            if (k <= 0)
+                break;
+            len += (size_t)k;
+        }
+        if (all && k == 0 && len)
+            send_all(fd, all, len);
+        free(all);
+        break;
+    }
+    case 'S': {
+        int small = 65536; /* keep what the kernel holds on this side small */
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+        uint64_t i = 0;
+        while (i < u->stream_total) {
+            size_t n = u->stream_total - i < UP_CHUNK ? (size_t)(u->stream_total - i) : UP_CHUNK;
+            for (size_t j = 0; j < n; j++)
+                buf[j] = (char)pat(STREAM_SEED, i + j);
+            ssize_t w = send(fd, buf, n, MSG_NOSIGNAL);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0)
+                break;
+            i += (uint64_t)w;
+            __atomic_store_n(&u->streamed, i, __ATOMIC_SEQ_CST);
+        }
+        shutdown(fd, SHUT_WR);
+        while (recv(fd, buf, UP_CHUNK, 0) > 0)
+            ;
+        break;
+    }
+    case 'H': {
+        int64_t total = 0;
+        if (send_all(fd, "hello", 5) == 0 && shutdown(fd, SHUT_WR) == 0) {
+            while ((k = recv(fd, buf, UP_CHUNK, 0)) > 0)
+                total += k;
+            if (k < 0)
+                total = -errno;
+        } else {
+            total = -errno;
+        }
+        __atomic_store_n(&u->result, total, __ATOMIC_SEQ_CST);
+        break;
+    }
+    case 'W':
+        if (send_all(fd, "k", 1) == 0) {
+            while ((k = recv(fd, buf, UP_CHUNK, 0)) > 0)
+                ;
+            __atomic_store_n(&u->result, k == 0 ? 0 : -(int64_t)errno, __ATOMIC_SEQ_CST);
+        }
+        break;
+    case 'R': {
+        struct linger l = {.l_onoff = 1, .l_linger = 0};
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+        break;
+    }
+    default:
+        break;
+    }
+    close(fd);
+    free(buf);
+    return NULL;
+}
+
+static void *upstream_accept(void *arg)
+{
+    upstream *u = arg;
+    for (;;) {
+        int fd = accept4(u->lfd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0 && (errno == EINTR || errno == ECONNABORTED))
+            continue;
+        if (fd < 0)
+            break; /* upstream_stop shut the listener down */
+        up_conn *uc = malloc(sizeof *uc);
+        if (!uc || u->nconns == UP_MAX_CONNS) {
+            free(uc);
+            close(fd);
+            continue;
+        }
+        *uc = (up_conn){.u = u, .fd = fd};
+        if (pthread_create(&u->conns[u->nconns], NULL, upstream_conn, uc) == 0)
+            u->nconns++;
+        else {
+            close(fd);
+            free(uc);
+        }
+    }
+    return NULL;
+}
+
+static void upstream_start(upstream *u)
+{
+    u->result = UP_PENDING;
+    u->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(u->lfd >= 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof sa;
+    CHECK_EQ(bind(u->lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    CHECK_EQ(listen(u->lfd, 128), 0);
+    CHECK_EQ(getsockname(u->lfd, (struct sockaddr *)&sa, &len), 0);
+    u->port = ntohs(sa.sin_port);
+    CHECK_EQ(pthread_create(&u->acceptor, NULL, upstream_accept, u), 0);
+}
+
+/* Stops accepting and waits for every connection's thread: each ends when its connection
+ * does, so the proxy must have closed them all. */
+static void upstream_stop(upstream *u)
+{
+    CHECK_EQ(shutdown(u->lfd, SHUT_RDWR), 0); /* wakes accept() */
+    CHECK_EQ(pthread_join(u->acceptor, NULL), 0);
+    for (int i = 0; i < u->nconns; i++)
+        CHECK_EQ(pthread_join(u->conns[i], NULL), 0);
+    close(u->lfd);
+}
+
+static int64_t upstream_result(upstream *u)
+{
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    int64_t r;
+    while ((r = __atomic_load_n(&u->result, __ATOMIC_SEQ_CST)) == UP_PENDING) {
+        CHECK(cpt_now_ms() < deadline);
+        usleep(1000);
+    }
+    __atomic_store_n(&u->result, UP_PENDING, __ATOMIC_SEQ_CST);
+    return r;
+}
+
+/* The proxy in front of 127.0.0.1:upstream_port, two workers, on the backend under test
+ * (named with --backend); connect_timeout (ms) NULL for the default. */
+static void proxy_start_timeout(server *s, int upstream_port, const char *connect_timeout)
+{
+    const char *args[] = {"--upstream",
+                          fmt("127.0.0.1:%d", upstream_port),
+                          "--threads",
+                          "2",
+                          "--backend",
+                          cpt_backend(),
+                          connect_timeout ? "--connect-timeout" : NULL,
+                          connect_timeout,
+                          NULL};
+    server_spawn_prog(s, "proxy", cpt_backend(), NULL, args);
+}
+
+static void proxy_start(server *s, int upstream_port)
+{
+    proxy_start_timeout(s, upstream_port, NULL);
+}
+
+/* A counter from the proxy's exit line (after server_stop). */
+static uint64_t exit_count(const server *s, const char *key)
+{
+    const char *p = strstr(s->exit_line, fmt(" %s=", key));
+    if (!p)
+        fprintf(stderr, "no %s in: %s\n", key, s->exit_line);
+    CHECK(p != NULL);
+    return strtoull(p + strlen(key) + 2, NULL, 10);
+}
+
+static void send_byte(int fd, char c)
+{
+    struct pollfd p = {.fd = fd, .events = POLLOUT};
+    CHECK_EQ(poll(&p, 1, IO_MS), 1);
+    CHECK_EQ(send(fd, &c, 1, MSG_NOSIGNAL), 1);
+}
+
+/* Reads exactly n bytes (deadline IO_MS without progress) into buf. */
+static void recv_exact(int fd, void *buf, size_t n)
+{
+    size_t got = 0;
+    while (got < n) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        CHECK_EQ(poll(&p, 1, IO_MS), 1);
+        ssize_t k = recv(fd, (char *)buf + got, n - got, 0);
+        if (k < 0 && errno == EAGAIN)
+            continue;
+        if (k <= 0)
+            fprintf(stderr, "recv after %zu of %zu bytes: %zd (%s)\n", got, n, k,
+                    k < 0 ? strerror(errno) : "EOF");
+        CHECK(k > 0);
+        got += (size_t)k;
+    }
+}
+
+/* The next event on fd is a reset (not data, not EOF), within IO_MS. */
+static void expect_reset(int fd)
+{
+    char b[64];
+    for (;;) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        CHECK_EQ(poll(&p, 1, IO_MS), 1);
+        ssize_t k = recv(fd, b, sizeof b, 0);
+        if (k < 0 && errno == EAGAIN)
+            continue;
+        if (k >= 0 || errno != ECONNRESET)
+            fprintf(stderr, "wanted a reset, got %zd (%s)\n", k,
+                    k < 0 ? strerror(errno)
+                    : k   ? "data"
+                          : "EOF");
+        CHECK(k < 0 && errno == ECONNRESET);
+        return;
+    }
+}
+
+/* Reads stream `seed` until EOF: exactly n bytes, each checked. */
+static void recv_stream(int fd, uint64_t n, unsigned seed)
+{
+    static uint8_t b[UP_CHUNK];
+    uint64_t got = 0;
+    for (;;) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int r = poll(&p, 1, IO_MS);
+        if (r == 0)
+            fprintf(stderr, "stream: %" PRIu64 " of %" PRIu64 " bytes, then nothing\n", got, n);
+        CHECK_EQ(r, 1);
+        ssize_t k = recv(fd, b, sizeof b, 0);
+        if (k < 0 && errno == EAGAIN)
+            continue;
+        if (k < 0)
+            fprintf(stderr, "stream: recv after %" PRIu64 " bytes: %s\n", got, strerror(errno));
+        CHECK(k >= 0);
+        if (k == 0)
+            break;
+        for (ssize_t j = 0; j < k; j++) {
+            if (b[j] != pat(seed, got + (uint64_t)j)) {
+                fprintf(stderr, "stream byte %" PRIu64 " differs\n", got + (uint64_t)j);
+                CHECK(!"stream identical");
+            }
+        }
+        got += (uint64_t)k;
+        CHECK(got <= n);
+    }
+    CHECK_EQ(got, n);
+}
+
+/* `conns` connections at once, each sending n bytes of its own stream in chunks of random
+ * sizes (1 B .. 64 KiB) and reading in random sizes too, then shutting down its write side:
+ * every byte must come back, in order, followed by EOF. */
+static void many_through(const server *s, int conns, size_t n, unsigned seed)
+{
+    typedef struct flow {
+        int fd;
+        size_t sent, got;
+        bool eof;
+    } flow;
+    flow *f = calloc((size_t)conns, sizeof *f);
+    struct pollfd *p = calloc((size_t)conns, sizeof *p);
+    static uint8_t buf[65536];
+    CHECK(f && p);
+    uint64_t rng = seed * 0x9e3779b97f4a7c15ull + 1;
+    for (int i = 0; i < conns; i++)
+        f[i].fd = connect_to(s);
+    int done = 0;
+    int64_t deadline = cpt_now_ms() + IO_MS; /* moved on by every progress */
+    while (done < conns) {
+        for (int i = 0; i < conns; i++) {
+            p[i].fd = f[i].eof ? -1 : f[i].fd;
+            p[i].events = (short)(POLLIN | (f[i].sent < n ? POLLOUT : 0));
+            p[i].revents = 0;
+        }
+        int left = (int)(deadline - cpt_now_ms());
+        if (left <= 0) {
+            for (int i = 0; i < conns; i++)
+                if (!f[i].eof)
+                    fprintf(stderr, "connection %d: sent %zu, got %zu of %zu\n", i, f[i].sent,
+                            f[i].got, n);
+            CHECK(!"progress within IO_MS");
+        }
+        int r = poll(p, (nfds_t)conns, left);
+        if (r < 0 && errno == EINTR)
+            continue;
+        CHECK(r >= 0);
+        for (int i = 0; i < conns; i++) {
+            flow *c = &f[i];
+            unsigned fs = seed * 64 + (unsigned)i;
+            if ((p[i].revents & POLLOUT) && c->sent < n) {
+                rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+                size_t want = 1 + (size_t)(rng % sizeof buf);
+                if (want > n - c->sent)
+                    want = n - c->sent;
+                for (size_t j = 0; j < want; j++)
+                    buf[j] = pat(fs, c->sent + j);
+                ssize_t w = send(c->fd, buf, want, MSG_NOSIGNAL);
+                if (w < 0 && errno != EAGAIN)
+                    fprintf(stderr, "connection %d: send: %s\n", i, strerror(errno));
+                CHECK(w > 0 || errno == EAGAIN);
+                if (w > 0) {
+                    c->sent += (size_t)w;
+                    deadline = cpt_now_ms() + IO_MS;
+                    if (c->sent == n)
+                        CHECK_EQ(shutdown(c->fd, SHUT_WR), 0);
+                }
+            }
+            if (p[i].revents & (POLLIN | POLLHUP | POLLERR)) {
+                rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+                size_t want = 1 + (size_t)(rng % sizeof buf);
+                ssize_t k = recv(c->fd, buf, want, 0);
+                if (k < 0 && errno == EAGAIN)
+                    continue;
+                if (k < 0)
+                    fprintf(stderr, "connection %d: recv: %s\n", i, strerror(errno));
+                CHECK(k >= 0);
+                deadline = cpt_now_ms() + IO_MS;
+                if (k == 0) {
+                    if (c->got != n || c->sent != n)
+                        fprintf(stderr, "connection %d: EOF after %zu of %zu bytes\n", i, c->got,
+                                n);
+                    CHECK_EQ(c->got, n);
+                    CHECK_EQ(c->sent, n);
+                    c->eof = true;
+                    done++;
+                    continue;
+                }
+                CHECK(c->got + (size_t)k <= n);
+                for (ssize_t j = 0; j < k; j++) {
+                    if (buf[j] != pat(fs, c->got + (size_t)j)) {
+                        fprintf(stderr, "connection %d: byte %zu differs\n", i, c->got + (size_t)j);
+                        CHECK(!"byte-exact");
+                    }
+                }
+                c->got += (size_t)k;
+            }
+        }
+    }
+    for (int i = 0; i < conns; i++)
+        close(f[i].fd);
+    free(f);
+    free(p);
+}
+
+/* The proxy in front of cport-echo: 50 connections at once, 1 MiB each (256 KiB under
+ * sanitizers), sent and read in chunks of random sizes and ended with a half-close: every
+ * byte comes back in order, then EOF. The exit line counts each byte both ways. */
+TEST(proxy_50_connections_of_1mib_in_random_chunks)
+{
+    server echo;
+    server_start(&echo, "--threads", "2", NULL);
+    server px;
+    proxy_start(&px, echo.port);
+    CHECK(strstr(px.line, fmt(" upstream=127.0.0.1:%d ", echo.port)) != NULL);
+    size_t n = (size_t)cpt_scaled(1 << 20, 256 << 10);
+    many_through(&px, 50, n, 1);
+    server_stop(&px);
+    CHECK_EQ(px.accepted, 50);
+    CHECK_EQ(exit_count(&px, "bytes_up"), 50 * (uint64_t)n);
+    CHECK_EQ(exit_count(&px, "bytes_down"), 50 * (uint64_t)n);
+    CHECK_EQ(exit_count(&px, "aborted"), 0);
+    CHECK_EQ(exit_count(&px, "upstream_failed"), 0);
+    server_stop(&echo);
+    CHECK_EQ(echo.accepted, 50);
+}
+
+/* Half-close both ways. The client sends, then SHUT_WR: the upstream answers only once it
+ * sees EOF ('E'), so the answer proves that the FIN went through and that the other
+ * direction keeps flowing after one has ended; then the client gets EOF. And the other way
+ * round: the upstream says hello and ends its side first; the client gets hello and EOF,
+ * and everything it sends afterwards still reaches the upstream. */
+TEST(proxy_half_close)
+{
+    upstream u = {0};
+    upstream_start(&u);
+    server px;
+    proxy_start(&px, u.port);
+    long base_fds = fd_count(px.pid);
+    static const size_t sizes[] = {1, 1000, 65536 + 7, (1 << 20) + 3};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        int fd = connect_to(&px);
+        send_byte(fd, 'E');
+        exchange(fd, sizes[i], (unsigned)i, EX_HALF_CLOSE);
+        close(fd);
+    }
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        int fd = connect_to(&px);
+        send_byte(fd, 'H');
+        char hello[5];
+        recv_exact(fd, hello, 5);
+        CHECK(memcmp(hello, "hello", 5) == 0);
+        expect_closed(fd, IO_MS, true); /* EOF, and the connection stays open for sending */
+        uint8_t *tx = pattern((unsigned)i, sizes[i]);
+        int flags = fcntl(fd, F_GETFL);
+        CHECK_EQ(fcntl(fd, F_SETFL, flags & ~O_NONBLOCK), 0);
+        CHECK_EQ(send_all(fd, tx, sizes[i]), 0);
+        CHECK_EQ(shutdown(fd, SHUT_WR), 0);
+        CHECK_EQ(upstream_result(&u), (int64_t)sizes[i]);
+        free(tx);
+        close(fd);
+    }
+    wait_fd_count(&px, base_fds, IO_MS); /* both sockets of every pair closed */
+    server_stop(&px);
+    CHECK_EQ(px.accepted, 8);
+    CHECK_EQ(exit_count(&px, "aborted"), 0);
+    upstream_stop(&u);
+}
+
+/* An upstream that refuses (its port is bound, nothing listens): each client is closed at
+ * once, and the proxy keeps no descriptor and no pair of it. */
+TEST(proxy_upstream_refuses)
+{
+    int hold = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(hold >= 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof sa;
+    CHECK_EQ(bind(hold, (struct sockaddr *)&sa, sizeof sa), 0);
+    CHECK_EQ(getsockname(hold, (struct sockaddr *)&sa, &len), 0);
+    server px;
+    proxy_start(&px, ntohs(sa.sin_port));
+    long base_fds = fd_count(px.pid);
+    enum { ROUNDS = 20 };
+    for (int r = 0; r < ROUNDS; r++) {
+        int fd = connect_to(&px);
+        if (r % 2) /* data the proxy never read: the close may then be a reset */
+            send_byte(fd, 'x');
+        expect_closed(fd, CLOSE_AT_ONCE_MS, r % 2 == 0);
+        close(fd);
+    }
+    wait_fd_count(&px, base_fds, IO_MS);
+    server_stop(&px);
+    CHECK_EQ(px.accepted, ROUNDS);
+    CHECK_EQ(exit_count(&px, "upstream_failed"), ROUNDS);
+    CHECK_EQ(exit_count(&px, "bytes_up"), 0);
+    close(hold);
+}
+
+/* An upstream that does not answer: a listener whose accept queue is full (backlog 0, one
+ * connection waiting, more in the SYN stage), so the kernel drops the proxy's SYNs. With
+ * --connect-timeout 300 the client is closed once the connect times out; with the default
+ * (10 s) a stop signal while the connect is pending cancels it, and the proxy exits 0. */
+TEST(proxy_upstream_that_does_not_answer)
+{
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(lfd >= 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof sa;
+    CHECK_EQ(bind(lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    CHECK_EQ(listen(lfd, 0), 0);
+    CHECK_EQ(getsockname(lfd, (struct sockaddr *)&sa, &len), 0);
+    int fill[3];
+    for (int i = 0; i < 3; i++) {
+        fill[i] = nb_socket();
+        CHECK(connect(fill[i], (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EINPROGRESS);
+    }
+    int port = ntohs(sa.sin_port);
+
+    server px;
+    proxy_start_timeout(&px, port, "300");
+    int64_t t0 = cpt_now_ms();
+    int fd = connect_to(&px);
+    expect_closed(fd, CLOSE_AT_ONCE_MS, true);
+    CHECK(cpt_now_ms() - t0 >= 300); /* closed by the timeout, not by a refusal */
+    close(fd);
+    server_stop(&px);
+    CHECK_EQ(exit_count(&px, "upstream_failed"), 1);
+
+    proxy_start(&px, port);
+    long base_fds = fd_count(px.pid);
+    fd = connect_to(&px);
+    wait_fd_count(&px, base_fds + 2, IO_MS); /* the client's socket and the upstream's */
+    server_stop(&px);
+    CHECK_EQ(px.accepted, 1);
+    expect_closed(fd, IO_MS, true);
+    close(fd);
+    for (int i = 0; i < 3; i++)
+        close(fill[i]);
+    close(lfd);
+}
+
+/* The largest value of a net.ipv4.tcp_rmem / tcp_wmem triple. */
+static uint64_t sysctl_third(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    CHECK(f != NULL);
+    unsigned long long a, b, c;
+    CHECK_EQ(fscanf(f, "%llu %llu %llu", &a, &b, &c), 3);
+    fclose(f);
+    return c;
+}
+
+/* A client that never reads while the upstream streams: the proxy stops reading from the
+ * upstream (the upstream stalls having sent no more than the kernel's buffers on the way
+ * can hold), its memory stays flat, and other connections get full service meanwhile. When
+ * the client reads at last, the whole stream arrives, byte-exact, then EOF. A proxy that
+ * read on regardless would take the whole stream (32 MiB more than those buffers) and hold
+ * it. */
+TEST(proxy_client_that_does_not_read_holds_the_upstream_back)
+{
+    enum { CLIENT_RCVBUF = 65536, RSS_SLACK_KB = 8192 };
+    /* Between the upstream and the client the kernel holds at most: the upstream's send
+     * buffer and the client's receive buffer (both set to 64 KiB here, doubled by the
+     * kernel), the proxy's send buffer towards the client and its receive buffer from the
+     * upstream (autotuned up to the sysctl maxima); the proxy's own 32 KiB buffer; 1 MiB
+     * of slack. */
+    uint64_t bound = sysctl_third("/proc/sys/net/ipv4/tcp_wmem") +
+                     sysctl_third("/proc/sys/net/ipv4/tcp_rmem") + 4 * 65536 + 32768 + (1 << 20);
+    upstream u = {.stream_total = bound + (32 << 20)};
+    upstream_start(&u);
+    server px;
+    proxy_start(&px, u.port);
+    int e = connect_to(&px); /* warm-up: the workers' stacks and the code paths in memory */
+    send_byte(e, 'e');
+    exchange(e, 1 << 20, 1, EX_FULL);
+    close(e);
+    long rss0 = status_kb(px.pid, "VmRSS");
+
+    int fd = connect_with_rcvbuf(&px, CLIENT_RCVBUF);
+    send_byte(fd, 'S');
+    /* Until the stream stops moving (1 s without a byte) or has all gone through. */
+    uint64_t last = UINT64_MAX;
+    int64_t since = cpt_now_ms(), deadline = since + 2 * IO_MS;
+    for (;;) {
+        uint64_t cur = __atomic_load_n(&u.streamed, __ATOMIC_SEQ_CST);
+        if (cur == u.stream_total)
+            break;
+        if (cur != last) {
+            last = cur;
+            since = cpt_now_ms();
+        } else if (cpt_now_ms() - since >= 1000) {
+            break;
+        }
+        CHECK(cpt_now_ms() < deadline);
+        usleep(10000);
+    }
+    long rss1 = status_kb(px.pid, "VmRSS");
+    fprintf(stderr,
+            "the upstream stalled after %" PRIu64 " of %" PRIu64 " bytes (bound %" PRIu64
+            "); proxy RSS %ld -> %ld KiB\n",
+            last, u.stream_total, bound, rss0, rss1);
+    CHECK(last < bound);
+    CHECK(rss1 - rss0 < RSS_SLACK_KB);
+
+    for (int i = 0; i < 2; i++) { /* other connections meanwhile */
+        e = connect_to(&px);
+        send_byte(e, 'e');
+        exchange(e, 1 << 20, (unsigned)(i + 2), EX_FULL);
+        close(e);
+    }
+    long rss2 = status_kb(px.pid, "VmRSS");
+    CHECK(rss2 - rss0 < RSS_SLACK_KB);
+
+    recv_stream(fd, u.stream_total, STREAM_SEED);
+    close(fd);
+    server_stop(&px);
+    CHECK_EQ(px.accepted, 4);
+    CHECK_EQ(exit_count(&px, "aborted"), 0);
+    CHECK_EQ(exit_count(&px, "bytes_down"), (3 << 20) + u.stream_total);
+    upstream_stop(&u);
+}
+
+/* A reset on one side aborts the other: the other peer sees a reset too, not an EOF that
+ * would pass a cut stream off as a whole one. */
+TEST(proxy_reset_aborts_the_other_side)
+{
+    upstream u = {0};
+    upstream_start(&u);
+    server px;
+    proxy_start(&px, u.port);
+    long base_fds = fd_count(px.pid);
+    int rounds = (int)cpt_scaled(5, 2);
+    for (int r = 0; r < rounds; r++) {
+        /* The client resets: the upstream's read fails with ECONNRESET. */
+        int fd = connect_to(&px);
+        send_byte(fd, 'W');
+        char k;
+        recv_exact(fd, &k, 1);
+        CHECK_EQ(k, 'k');
+        abort_conn(fd);
+        CHECK_EQ(upstream_result(&u), -ECONNRESET);
+        /* The upstream resets: the client's read fails with ECONNRESET. */
+        fd = connect_to(&px);
+        send_byte(fd, 'R');
+        expect_reset(fd);
+        close(fd);
+    }
+    wait_fd_count(&px, base_fds, IO_MS);
+    server_stop(&px);
+    CHECK_EQ(px.accepted, 2 * (uint64_t)rounds);
+    CHECK_EQ(exit_count(&px, "aborted"), 2 * (uint64_t)rounds);
+    upstream_stop(&u);
+}
+
+/* SIGTERM / SIGINT with pairs open (an idle one, one whose client does not read while the
+ * upstream streams): the proxy closes them all and exits 0; its clients see the close and
+ * the upstream's connections end too. */
+TEST(proxy_stop_signal_with_connections_open)
+{
+    static const int sigs[] = {SIGTERM, SIGINT};
+    for (size_t i = 0; i < 2; i++) {
+        upstream u = {.stream_total = 1ull << 40};
+        upstream_start(&u);
+        server px;
+        proxy_start(&px, u.port);
+        int idle = connect_to(&px);
+        send_byte(idle, 'e');
+        exchange(idle, 1000, 3, EX_FULL);
+        int busy = connect_with_rcvbuf(&px, 65536);
+        send_byte(busy, 'S');
+        int64_t deadline = cpt_now_ms() + IO_MS;
+        while (__atomic_load_n(&u.streamed, __ATOMIC_SEQ_CST) < (1 << 20)) {
+            CHECK(cpt_now_ms() < deadline);
+            usleep(1000);
+        }
+        server_stop_sig(&px, sigs[i]);
+        CHECK_EQ(px.accepted, 2);
+        expect_closed(idle, IO_MS, false);
+        drain_until_closed(busy, IO_MS);
+        close(idle);
+        close(busy);
+        upstream_stop(&u);
+    }
 }

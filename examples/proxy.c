@@ -1,0 +1,696 @@
+/* proxy: a TCP forwarding proxy on cport's sockets and worker pool.
+ *
+ *   proxy --port 8080 --upstream backend.example:80 [--threads N] [--backend io_uring|epoll]
+ *
+ * Listens on --port; for each client it accepts it opens a socket, connects it to
+ * --upstream (cp_socket_connect: ConnectEx), and then forwards bytes both ways until both
+ * directions have ended. SIGINT/SIGTERM close everything and exit 0.
+ *
+ * The layer: cport sockets bound to a cp_pool, for both sides. The server layer
+ * (cport/server.h) would run the client side with less code, but it lacks two things a
+ * proxy needs:
+ *   - pausing the reading of a connection because *another* socket is slow. Its
+ *     backpressure pauses reading only when that connection's own replies pile up
+ *     (max_pending_send); here the client's bytes go to the upstream socket, which the
+ *     server layer does not see. on_data must take every chunk, so the only ways to bound
+ *     the client-to-upstream direction would be to buffer without limit or to block a
+ *     worker in on_data until the upstream drains;
+ *   - half-close. The peer's end of stream starts the connection's graceful close: once the
+ *     replies queued at that moment have gone out, FIN follows and later sends fail with
+ *     -EPIPE, and there is no callback for the end alone. The upstream's answers to what
+ *     the client sent before its SHUT_WR usually arrive after that, and would be lost.
+ * With plain sockets on a pool the proxy decides when to read, and it can shut down one
+ * direction (cp_socket_disconnect: DisconnectEx) while the other goes on.
+ *
+ * One connection pair: two cp_sockets (client, upstream) and two directions. Each
+ * direction owns one cp_op and one buffer of --buffer bytes (default 32 KiB), and its op
+ * alternates: receive from one side into the buffer, send the buffer to the other side,
+ * receive again. The next receive starts only when the send has completed, i.e. when the
+ * kernel took every byte. That is the backpressure, both ways: a side that does not read
+ * fills its socket's send buffer, the send to it waits, the proxy stops reading from the
+ * other side, that side's receive buffer fills, and TCP's window stops the sender.
+ *
+ * Memory bound: a pair's user-space memory is fixed at accept and never grows: the pair
+ * struct with its two buffers, 2 x --buffer + about 400 bytes (printed as pair-bytes at
+ * start; 64 KiB + 400 B by default). Beyond it only the kernel's buffers of the two
+ * sockets hold data in flight, bounded by net.ipv4.tcp_rmem / tcp_wmem.
+ *
+ * The ends of a stream:
+ *   - a receive that returns 0 (the peer shut down its sending side) becomes a
+ *     cp_socket_disconnect() of the other side: FIN after the bytes already sent. The other
+ *     direction keeps flowing. When both directions have ended, both sockets are closed.
+ *   - an error (a reset, a send to a peer that went away, a failed disconnect) aborts the
+ *     pair: both sockets get SO_LINGER {1, 0} and are closed, so the other peer sees a
+ *     reset too, not a clean end that would pass a cut stream for a whole one. Limit: once
+ *     a direction has ended, nothing is outstanding on its source socket, so a reset from
+ *     that peer is noticed at the next send to it (cport has no operation that waits for
+ *     an error alone, as poll's POLLERR would).
+ *   - an upstream that refuses, or does not answer within --connect-timeout (the connect
+ *     op's timeout_ms), closes the client at once (counted as upstream_failed). The
+ *     client's first bytes are not awaited before connecting (AcceptEx with a buffer): an
+ *     upstream that speaks first (SMTP, SSH) would never be reached.
+ *
+ * Lifetime: a pair counts references, one per operation started (taken before the start:
+ * the completion may run on another worker before the start returns), one per close, and
+ * one held by whoever sets it up, walks it or handles one of its completions; the last
+ * one unlinks and frees it (the close completions come last, but "queued after" is not
+ * "handled after" with several workers). The listener counts the same way, so the
+ * shutdown can wait for an accept handler still setting a pair up.
+ *
+ * Shutdown (SIGINT/SIGTERM, taken with sigwait in main): stop accepting, close every
+ * pair, wait until every pair and the listener are gone, destroy the pool.
+ */
+#include "cport.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <getopt.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+enum {
+    ACCEPTS = 16,         /* accepts kept posted on the listener */
+    BATCH = 64,           /* completions a worker takes at once */
+    ACCEPT_RETRY_MS = 100 /* pause after EMFILE/ENFILE/ENOBUFS/ENOMEM before accepting again */
+};
+
+typedef struct config {
+    int port;
+    const char *bind;
+    const char *upstream;
+    unsigned threads;
+    cp_backend_kind backend;
+    unsigned buffer;
+    unsigned connect_timeout_ms;
+} config;
+
+/* One direction of a pair: reads `from`, writes `to`. */
+typedef struct dir {
+    cp_op op;
+    cp_socket *from, *to;
+    char *buf;
+} dir;
+
+typedef struct pair {
+    cp_socket client;
+    cp_socket upstream;
+    cp_op client_close, upstream_close;
+    dir up;   /* client -> upstream */
+    dir down; /* upstream -> client; its op first carries the connect */
+    uint32_t refs;
+    uint32_t ended;           /* directions whose end was passed on (disconnect done) */
+    int closing;              /* the sockets' close has been started (once) */
+    bool has_upstream;        /* the upstream socket was made and associated */
+    struct pair *prev, *next; /* the server's list, for the shutdown walk */
+    /* the two buffers follow */
+} pair;
+
+typedef struct server server;
+
+typedef struct acceptor {
+    cp_accept_op aop;
+    cp_timer *retry; /* after a resource error: the pause before accepting again */
+    server *sv;
+} acceptor;
+
+struct server {
+    config cfg;
+    cp_pool *pool;
+    cp_port *port;
+    unsigned skip; /* CP_SEND_SKIP_ON_SUCCESS or 0 */
+    struct sockaddr_storage up_addr;
+    socklen_t up_len;
+    cp_io_binding listener_binding, client_binding, upstream_binding;
+    cp_socket listener;
+    cp_op listener_close;
+    uint32_t listener_refs; /* accepts outstanding or waiting to retry, plus the close */
+    acceptor accepts[ACCEPTS];
+    pthread_mutex_t lock; /* the list, stopping, listener_done; done_cond */
+    pthread_cond_t done_cond;
+    pair *pairs;
+    int stopping;
+    bool listener_done;
+    /* Counters (atomic). */
+    uint64_t accepted, rejected, closed, upstream_failed, aborted, bytes_up, bytes_down;
+};
+
+static void count(uint64_t *c, uint64_t n)
+{
+    __atomic_add_fetch(c, n, __ATOMIC_RELAXED);
+}
+
+/* ---- pairs: references, closing ------------------------------------------------------- */
+
+/* Unlinks and frees p. Lock held. */
+static void pair_free_locked(server *sv, pair *p)
+{
+    if (p->prev)
+        p->prev->next = p->next;
+    else
+        sv->pairs = p->next;
+    if (p->next)
+        p->next->prev = p->prev;
+    count(&sv->closed, 1);
+    if (sv->stopping && !sv->pairs)
+        pthread_cond_broadcast(&sv->done_cond);
+    free(p);
+}
+
+static void pair_unref(server *sv, pair *p)
+{
+    if (__atomic_sub_fetch(&p->refs, 1, __ATOMIC_ACQ_REL) != 0)
+        return;
+    pthread_mutex_lock(&sv->lock);
+    pair_free_locked(sv, p);
+    pthread_mutex_unlock(&sv->lock);
+}
+
+/* Takes a reference for an operation about to start. */
+static void pair_ref(pair *p)
+{
+    __atomic_add_fetch(&p->refs, 1, __ATOMIC_RELAXED);
+}
+
+/* After a start: a failed one (r < 0) or one finished in the call (CP_DONE_NOW) has no
+ * completion to drop its reference. Every caller holds a reference of its own, so this never
+ * drops the last one. Returns r. */
+static int started(pair *p, int r)
+{
+    if (r != 0)
+        __atomic_sub_fetch(&p->refs, 1, __ATOMIC_RELAXED);
+    return r;
+}
+
+static void close_socket(pair *p, cp_socket *s, cp_op *op)
+{
+    pair_ref(p);
+    /* It cannot fail: the op is the socket's own and `closing` lets this run once. */
+    if (started(p, cp_socket_close(s, op)) < 0)
+        fprintf(stderr, "proxy: cannot close a socket\n");
+}
+
+/* A reset makes the kernel send RST on close instead of FIN. */
+static void set_reset_on_close(cp_socket *s)
+{
+    struct linger l = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(s->fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+}
+
+/* Closes both sockets, once (operations outstanding complete with -ECANCELED). With
+ * `reset`, both peers get a reset. The caller holds a reference. */
+static void pair_close(server *sv, pair *p, bool reset)
+{
+    if (__atomic_exchange_n(&p->closing, 1, __ATOMIC_ACQ_REL))
+        return;
+    if (reset) {
+        count(&sv->aborted, 1);
+        /* The descriptors are still the sockets' own: only this call closes them. */
+        set_reset_on_close(&p->client);
+        if (p->has_upstream)
+            set_reset_on_close(&p->upstream);
+    }
+    close_socket(p, &p->client, &p->client_close);
+    if (p->has_upstream)
+        close_socket(p, &p->upstream, &p->upstream_close);
+}
+
+/* ---- forwarding ------------------------------------------------------------------------- */
+
+static uint64_t *dir_bytes(server *sv, pair *p, dir *d)
+{
+    return d == &p->up ? &sv->bytes_up : &sv->bytes_down;
+}
+
+static void recv_next(server *sv, pair *p, dir *d)
+{
+    pair_ref(p);
+    if (started(p, cp_socket_recv(d->from, &d->op, d->buf, sv->cfg.buffer)) < 0)
+        pair_close(sv, p, true); /* -EBADF: the pair is closing already */
+}
+
+/* The send of a received block finished (res: its result): receive the next one. */
+static void sent(server *sv, pair *p, dir *d, int64_t res)
+{
+    if (res < 0) {
+        pair_close(sv, p, true);
+        return;
+    }
+    count(dir_bytes(sv, p, d), (uint64_t)res);
+    recv_next(sv, p, d);
+}
+
+static void received(server *sv, pair *p, dir *d, int64_t res)
+{
+    if (res < 0) { /* a reset, or -ECANCELED by our own close */
+        pair_close(sv, p, true);
+        return;
+    }
+    pair_ref(p);
+    if (res == 0) {
+        /* The end of this direction: FIN to the other side. The op is the direction's only
+         * one, so each of its sends has completed: the FIN follows all of their bytes. */
+        if (started(p, cp_socket_disconnect(d->to, &d->op)) < 0)
+            pair_close(sv, p, true);
+        return;
+    }
+    int r = started(p, cp_socket_send_ex(d->to, &d->op, d->buf, (size_t)res, sv->skip));
+    if (r == CP_DONE_NOW)
+        sent(sv, p, d, res); /* the kernel took it all in the call: no completion comes */
+    else if (r < 0)
+        pair_close(sv, p, true);
+}
+
+static void ended(server *sv, pair *p, int64_t res)
+{
+    if (res < 0)
+        pair_close(sv, p, true);
+    else if (__atomic_add_fetch(&p->ended, 1, __ATOMIC_ACQ_REL) == 2)
+        pair_close(sv, p, false); /* both ways ended: every byte was passed on */
+}
+
+static void connected(server *sv, pair *p, int64_t res)
+{
+    if (res < 0) {
+        /* -ECANCELED: the shutdown closed the pair first. */
+        if (res != -ECANCELED && __atomic_add_fetch(&sv->upstream_failed, 1, __ATOMIC_RELAXED) == 1)
+            fprintf(stderr, "proxy: cannot connect to %s: %s (further failures are counted)\n",
+                    sv->cfg.upstream, cp_strerror((int)res));
+        pair_close(sv, p, false);
+        return;
+    }
+    p->down.op.timeout_ms = 0; /* read at each start: the receives wait as long as needed */
+    recv_next(sv, p, &p->down);
+    recv_next(sv, p, &p->up);
+}
+
+static void pair_io(server *sv, pair *p, cp_op *op, int64_t res)
+{
+    dir *d = op == &p->up.op ? &p->up : &p->down;
+    switch (op->opcode) {
+    case CP_OP_CONNECT:
+        connected(sv, p, res);
+        break;
+    case CP_OP_RECV:
+        received(sv, p, d, res);
+        break;
+    case CP_OP_SEND:
+        sent(sv, p, d, res);
+        break;
+    case CP_OP_DISCONNECT:
+        ended(sv, p, res);
+        break;
+    default: /* CP_OP_CLOSE: only its reference to drop */
+        break;
+    }
+    pair_unref(sv, p); /* this completion's reference, after the last touch of p */
+}
+
+static void on_client(cp_socket *s, cp_op *op, int64_t res, void *user)
+{
+    pair_io(user, CP_CONTAINER_OF(s, pair, client), op, res);
+}
+
+static void on_upstream(cp_socket *s, cp_op *op, int64_t res, void *user)
+{
+    pair_io(user, CP_CONTAINER_OF(s, pair, upstream), op, res);
+}
+
+static void nodelay(int fd)
+{
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+/* An accepted client: make its pair and connect the upstream side. */
+static void new_pair(server *sv, int fd)
+{
+    pair *p = malloc(sizeof *p + 2 * (size_t)sv->cfg.buffer);
+    if (!p) {
+        close(fd);
+        count(&sv->rejected, 1);
+        return;
+    }
+    memset(p, 0, sizeof *p); /* not the buffers: untouched pages cost nothing */
+    nodelay(fd);
+    if (cp_pool_associate(sv->pool, &p->client, fd, &sv->client_binding) < 0) {
+        close(fd); /* not associated: still ours */
+        free(p);
+        count(&sv->rejected, 1);
+        return;
+    }
+    p->refs = 1; /* this set-up's */
+    p->up = (dir){.from = &p->client, .to = &p->upstream, .buf = (char *)(p + 1)};
+    p->down = (dir){.from = &p->upstream, .to = &p->client, .buf = p->up.buf + sv->cfg.buffer};
+    int ufd = socket(sv->up_addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (ufd >= 0) {
+        nodelay(ufd);
+        if (cp_pool_associate(sv->pool, &p->upstream, ufd, &sv->upstream_binding) == 0)
+            p->has_upstream = true;
+        else
+            close(ufd);
+    }
+    pthread_mutex_lock(&sv->lock);
+    p->next = sv->pairs;
+    if (p->next)
+        p->next->prev = p;
+    sv->pairs = p;
+    /* Read under the lock the shutdown's walk holds: the walk saw p, or this sees it. */
+    bool stopping = sv->stopping;
+    pthread_mutex_unlock(&sv->lock);
+    count(&sv->accepted, 1);
+    if (stopping) {
+        pair_close(sv, p, false);
+    } else if (!p->has_upstream) {
+        count(&sv->upstream_failed, 1);
+        pair_close(sv, p, false);
+    } else {
+        p->down.op.timeout_ms = sv->cfg.connect_timeout_ms;
+        pair_ref(p);
+        if (started(p, cp_socket_connect(&p->upstream, &p->down.op, (struct sockaddr *)&sv->up_addr,
+                                         sv->up_len)) < 0) {
+            count(&sv->upstream_failed, 1);
+            pair_close(sv, p, false);
+        }
+    }
+    pair_unref(sv, p);
+}
+
+/* ---- the listener ------------------------------------------------------------------------ */
+
+static void listener_unref(server *sv)
+{
+    if (__atomic_sub_fetch(&sv->listener_refs, 1, __ATOMIC_ACQ_REL) != 0)
+        return;
+    pthread_mutex_lock(&sv->lock);
+    sv->listener_done = true;
+    pthread_cond_broadcast(&sv->done_cond);
+    pthread_mutex_unlock(&sv->lock);
+}
+
+static void post_accept(server *sv, acceptor *a)
+{
+    __atomic_add_fetch(&sv->listener_refs, 1, __ATOMIC_RELAXED);
+    int r = cp_socket_accept(&sv->listener, &a->aop, NULL, 0);
+    if (r < 0) {
+        if (r != -EBADF) /* -EBADF: the listener is closing */
+            fprintf(stderr, "proxy: cannot post an accept: %s\n", cp_strerror(r));
+        listener_unref(sv);
+    }
+}
+
+static void retry_accept(void *arg)
+{
+    acceptor *a = arg;
+    server *sv = a->sv;
+    cp_timer_cancel(a->retry, false); /* release the fired one-shot */
+    post_accept(sv, a);
+    listener_unref(sv); /* the reference the parked accept held */
+}
+
+static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
+{
+    (void)s;
+    server *sv = user;
+    if (op->opcode == CP_OP_ACCEPT) {
+        acceptor *a = CP_CONTAINER_OF(op, acceptor, aop.op);
+        if (res >= 0) {
+            new_pair(sv, a->aop.fd); /* read the fd before the op is posted again */
+            post_accept(sv, a);
+        } else if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM) {
+            /* Accepting again at once would fail at once: retry after a pause, holding a
+             * listener reference meanwhile (the shutdown waits at most the pause). */
+            __atomic_add_fetch(&sv->listener_refs, 1, __ATOMIC_RELAXED);
+            if (cp_timer_start(sv->pool, &a->retry, ACCEPT_RETRY_MS, 0, retry_accept, a) < 0) {
+                fprintf(stderr, "proxy: accepting stops: no retry timer\n");
+                listener_unref(sv);
+            }
+        } else if (res != -ECANCELED) {
+            fprintf(stderr, "proxy: accept: %s\n", cp_strerror((int)res));
+            post_accept(sv, a);
+        }
+    }
+    listener_unref(sv); /* this completion's (or, for CP_OP_CLOSE, the close's) */
+}
+
+/* ---- start-up and shutdown --------------------------------------------------------------- */
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: proxy --upstream HOST:PORT [options]\n"
+            "  --upstream H:P         where to forward to (a name, IPv4, or [IPv6]:port)\n"
+            "  --port N               TCP port to listen on (default 5050; 0 = any, printed)\n"
+            "  --bind ADDR            IPv4 address to listen on (default 0.0.0.0)\n"
+            "  --threads N            worker threads (default: online CPUs)\n"
+            "  --backend B            io_uring or epoll (default: io_uring if allowed)\n"
+            "  --buffer BYTES         buffer per direction of a connection (default 32768;\n"
+            "                         a connection holds 2 x BYTES at most)\n"
+            "  --connect-timeout MS   give up on the upstream after MS (default 10000; 0 = never)\n"
+            "  --help                 this text\n"
+            "SIGINT/SIGTERM close everything and exit 0.\n");
+}
+
+static int parse_uint(const char *s, unsigned max, unsigned *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (errno || *s == 0 || *s == '-' || *end || v > max)
+        return -1;
+    *out = (unsigned)v;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, config *cfg)
+{
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    *cfg = (config){.port = 5050,
+                    .bind = "0.0.0.0",
+                    .threads = cpus > 0 ? (unsigned)cpus : 1,
+                    .buffer = 32768,
+                    .connect_timeout_ms = 10000};
+    static const struct option opts[] = {{"port", required_argument, 0, 'p'},
+                                         {"bind", required_argument, 0, 'b'},
+                                         {"upstream", required_argument, 0, 'u'},
+                                         {"threads", required_argument, 0, 't'},
+                                         {"backend", required_argument, 0, 'B'},
+                                         {"buffer", required_argument, 0, 'f'},
+                                         {"connect-timeout", required_argument, 0, 'c'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    int ch;
+    unsigned v;
+    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'p':
+            if (parse_uint(optarg, 65535, &v) < 0)
+                return -1;
+            cfg->port = (int)v;
+            break;
+        case 'b':
+            cfg->bind = optarg;
+            break;
+        case 'u':
+            cfg->upstream = optarg;
+            break;
+        case 't':
+            if (parse_uint(optarg, 1024, &cfg->threads) < 0 || cfg->threads == 0)
+                return -1;
+            break;
+        case 'B':
+            if (strcmp(optarg, "io_uring") == 0)
+                cfg->backend = CP_BACKEND_IO_URING;
+            else if (strcmp(optarg, "epoll") == 0)
+                cfg->backend = CP_BACKEND_EPOLL;
+            else
+                return -1;
+            break;
+        case 'f':
+            if (parse_uint(optarg, 16 << 20, &cfg->buffer) < 0 || cfg->buffer == 0)
+                return -1;
+            break;
+        case 'c':
+            if (parse_uint(optarg, 3600 * 1000, &cfg->connect_timeout_ms) < 0)
+                return -1;
+            break;
+        case 'h':
+            usage(stdout);
+            exit(0);
+        default:
+            return -1;
+        }
+    }
+    return optind == argc && cfg->upstream ? 0 : -1;
+}
+
+/* HOST:PORT or [HOST]:PORT, resolved once at start. */
+static int resolve_upstream(server *sv)
+{
+    const char *spec = sv->cfg.upstream;
+    const char *colon = strrchr(spec, ':');
+    if (!colon || colon == spec || colon[1] == 0) {
+        fprintf(stderr, "proxy: --upstream wants HOST:PORT, not %s\n", spec);
+        return -1;
+    }
+    char host[256];
+    size_t hlen = (size_t)(colon - spec);
+    if (spec[0] == '[' && hlen >= 2 && spec[hlen - 1] == ']') {
+        spec++;
+        hlen -= 2;
+    }
+    if (hlen >= sizeof host)
+        return -1;
+    memcpy(host, spec, hlen);
+    host[hlen] = 0;
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res;
+    int r = getaddrinfo(host, colon + 1, &hints, &res);
+    if (r != 0) {
+        fprintf(stderr, "proxy: cannot resolve %s: %s\n", sv->cfg.upstream, gai_strerror(r));
+        return -1;
+    }
+    memcpy(&sv->up_addr, res->ai_addr, res->ai_addrlen);
+    sv->up_len = res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
+static int open_listener(const config *cfg, int *port_out)
+{
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)cfg->port)};
+    if (inet_pton(AF_INET, cfg->bind, &sa.sin_addr) != 1) {
+        fprintf(stderr, "proxy: bad --bind address %s\n", cfg->bind);
+        return -1;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
+        bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(fd, 4096) < 0) {
+        fprintf(stderr, "proxy: cannot listen on %s:%d: %s\n", cfg->bind, cfg->port,
+                strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    socklen_t len = sizeof sa;
+    getsockname(fd, (struct sockaddr *)&sa, &len);
+    *port_out = ntohs(sa.sin_port);
+    return fd;
+}
+
+/* Two descriptors a client: raise the soft limit as far as allowed. */
+static void raise_fd_limit(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+static void shutdown_proxy(server *sv)
+{
+    pthread_mutex_lock(&sv->lock);
+    sv->stopping = 1;
+    /* Each pair is held by a reference of the walk's while it is closed; a pair in the list
+     * is not freed while the lock is held (unlinking takes it), so `next` stays valid. */
+    for (pair *p = sv->pairs, *next; p; p = next) {
+        pair_ref(p);
+        pair_close(sv, p, false);
+        next = p->next;
+        if (__atomic_sub_fetch(&p->refs, 1, __ATOMIC_ACQ_REL) == 0)
+            pair_free_locked(sv, p);
+    }
+    pthread_mutex_unlock(&sv->lock);
+    __atomic_add_fetch(&sv->listener_refs, 1, __ATOMIC_RELAXED);
+    if (cp_socket_close(&sv->listener, &sv->listener_close) < 0)
+        listener_unref(sv);
+    listener_unref(sv); /* main's own, held since start-up */
+    pthread_mutex_lock(&sv->lock);
+    while (!sv->listener_done || sv->pairs)
+        pthread_cond_wait(&sv->done_cond, &sv->lock);
+    pthread_mutex_unlock(&sv->lock);
+    cp_pool_destroy(sv->pool, CP_POOL_CANCEL); /* pending accept retries are dropped */
+}
+
+static unsigned long long get(const uint64_t *c)
+{
+    return (unsigned long long)__atomic_load_n(c, __ATOMIC_RELAXED);
+}
+
+int main(int argc, char **argv)
+{
+    static server sv; /* large (the accepts): not on the stack */
+    if (parse_args(argc, argv, &sv.cfg) < 0) {
+        usage(stderr);
+        return 2;
+    }
+    const config *cfg = &sv.cfg;
+    if (resolve_upstream(&sv) < 0)
+        return 2;
+    raise_fd_limit();
+    /* Handle SIGINT/SIGTERM synchronously in main: every thread inherits the mask. */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    pthread_mutex_init(&sv.lock, NULL);
+    pthread_cond_init(&sv.done_cond, NULL);
+
+    cp_pool_options po = {.concurrency = cfg->threads, .threads = cfg->threads, .batch = BATCH};
+    po.port.backend = cfg->backend;
+    int r = cp_pool_create(&sv.pool, &po);
+    if (r < 0) {
+        fprintf(stderr, "proxy: cannot create the pool: %s\n", cp_strerror(r));
+        return 1;
+    }
+    sv.port = cp_pool_port(sv.pool);
+    sv.listener_binding = (cp_io_binding){on_listener, &sv};
+    sv.client_binding = (cp_io_binding){on_client, &sv};
+    sv.upstream_binding = (cp_io_binding){on_upstream, &sv};
+    int port = 0;
+    int lfd = open_listener(cfg, &port);
+    if (lfd < 0 || (r = cp_pool_associate(sv.pool, &sv.listener, lfd, &sv.listener_binding)) < 0) {
+        if (lfd >= 0) {
+            fprintf(stderr, "proxy: cannot associate the listener: %s\n", cp_strerror(r));
+            close(lfd);
+        }
+        cp_pool_destroy(sv.pool, CP_POOL_CANCEL);
+        return 1;
+    }
+    /* On epoll a send the kernel takes whole at once then needs no completion; on io_uring
+     * it would cost a send(2) of its own (see CP_SEND_SKIP_ON_SUCCESS). */
+    sv.skip = cp_port_backend(sv.port) == CP_BACKEND_EPOLL ? CP_SEND_SKIP_ON_SUCCESS : 0;
+    sv.listener_refs = 1; /* main's, dropped by the shutdown */
+    printf("proxy: backend=%s threads=%u bind=%s port=%d accepts=%u upstream=%s buffer=%u "
+           "pair-bytes=%zu connect-timeout=%u\n",
+           cp_port_backend_name(sv.port), cfg->threads, cfg->bind, port, (unsigned)ACCEPTS,
+           cfg->upstream, cfg->buffer, sizeof(pair) + 2 * (size_t)cfg->buffer,
+           cfg->connect_timeout_ms);
+    printf("listening on %s:%d\n", cfg->bind, port);
+    fflush(stdout);
+    for (unsigned i = 0; i < ACCEPTS; i++) {
+        sv.accepts[i].sv = &sv;
+        post_accept(&sv, &sv.accepts[i]);
+    }
+
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    shutdown_proxy(&sv);
+    printf("proxy: %s: accepted=%llu rejected=%llu closed=%llu upstream_failed=%llu "
+           "aborted=%llu bytes_up=%llu bytes_down=%llu\n",
+           strsignal(sig), get(&sv.accepted), get(&sv.rejected), get(&sv.closed),
+           get(&sv.upstream_failed), get(&sv.aborted), get(&sv.bytes_up), get(&sv.bytes_down));
+    return 0;
+}
