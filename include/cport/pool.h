@@ -45,7 +45,10 @@ typedef void (*cp_work_fn)(void *arg);
 /* The callback of a bound socket: one call per completion of one of its operations. */
 typedef void (*cp_io_fn)(cp_socket *s, cp_op *op, int64_t result, void *user);
 
-/* A socket binding (caller-owned; may be shared by many sockets). */
+/* A socket binding (caller-owned; may be shared by many sockets). The pool uses the
+ * socket's key for it (s->key is the binding), and `user` is the same for every socket
+ * bound with it: find a socket's own state from s, by embedding the cp_socket in it
+ * (CP_CONTAINER_OF), or use one binding per kind of socket. */
 typedef struct cp_io_binding {
     cp_io_fn fn;
     void *user;

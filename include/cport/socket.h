@@ -93,7 +93,9 @@ typedef struct cp_op {
     uint32_t cp__done; /* bytes moved so far; the errno once failed */
     /* Optional per-operation timeout in milliseconds, read when the operation starts;
      * 0 = none. When it expires the operation is cancelled and completes with
-     * -ETIMEDOUT. The field is the caller's: cport never changes it. */
+     * -ETIMEDOUT. The field is the caller's: cport never changes it, so it carries over
+     * when the context is reused for another operation (a connect's timeout would apply
+     * to the receive after it): set it before each start. */
     uint32_t timeout_ms;
     uint32_t cp__tidx;
     uint8_t opcode; /* CP_OP_*: the operation this context last carried (read-only) */
@@ -105,7 +107,9 @@ typedef struct cp_op {
 
 /* The per-handle context. Caller-allocated; filled in by cp_socket_associate(). */
 struct cp_handle {
-    int fd; /* the descriptor (read-only) */
+    int fd; /* the descriptor (read-only): never close it or change its O_NONBLOCK; socket
+               options may be set on it from any thread until cp_socket_close() is called
+               (e.g. SO_LINGER {1, 0} just before, to close with a reset) */
     uint32_t cp__lock;
     uintptr_t key; /* the per-handle key every completion of this handle carries */
     cp_port *cp__port;
@@ -150,8 +154,11 @@ CP_EXTERN int cp_socket_associate(cp_socket *s, cp_port *port, int fd, uintptr_t
  * Returns 0 or a negative errno at submission (-EBADF if the socket is closing). */
 CP_EXTERN int cp_socket_accept(cp_socket *listener, cp_accept_op *op, void *buf, size_t len);
 
-/* Connect the socket to addr (ConnectEx without data). addr must stay valid until the
- * completion is dequeued. Result 0 on success or a negative errno (-ECONNREFUSED, ...). */
+/* Connect the socket to addr (ConnectEx without data). The caller makes the socket
+ * (socket(2), of addr's family) and associates it first; no bind is needed. addr must stay
+ * valid until the completion is dequeued. Result 0 on success or a negative errno
+ * (-ECONNREFUSED, -ETIMEDOUT from the op's timeout_ms, -ECANCELED, ...). After a failed
+ * connect the socket's state is unspecified (POSIX): close it and use a new one. */
 CP_EXTERN int cp_socket_connect(cp_socket *s, cp_op *op, const struct sockaddr *addr,
                                 socklen_t addrlen);
 
