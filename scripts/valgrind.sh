@@ -5,6 +5,7 @@
 # serves one scrape of its --stats-port (a second cp_server in the same process). The proxy
 # (examples/proxy.c) runs in front of a cport-echo of its own (not under valgrind), and the
 # load goes through it.
+# The chat example gets a load of its own (below).
 # Usage: scripts/valgrind.sh BUILD_DIR
 set -uo pipefail
 bin=${1:-build}/bin
@@ -96,5 +97,79 @@ for srv in echo_raw iocp_style cport-echo proxy; do
   fi
   stop_upstream
 done
+# The chat example: 4 clients each send 1500 framed messages (about 1 KiB each, 1.5 MB)
+# while reading everything the others send, a fifth never reads (dropped once its queue
+# passes --queue-limit: reset), and clients join and leave meanwhile. Each reading client
+# must get its welcome and then exactly the others' relayed frames (by byte count: the
+# test suite checks the content); then SIGTERM.
+chat_frames() { # client number -> its messages, framed, on stdout
+  local i=$1 k n body
+  body=$(printf 'chat%.0s' $(seq 1 600)) # 2400 bytes to cut the messages from
+  for ((k = 0; k < 1500; k++)); do
+    n=$((500 + (k * 37 + i * 11) % 1000))
+    printf "$(printf '\\x%02x\\x%02x\\x%02x\\x%02x' $((n >> 24)) $((n >> 16 & 255)) \
+      $((n >> 8 & 255)) $((n & 255)))%s" "${body:0:n}"
+  done
+}
+echo "--- chat under load"
+CPORT_BACKEND=epoll "${vg[@]}" "$bin/chat" --port 0 --bind 127.0.0.1 --threads 2 --backend epoll \
+  --queue-limit 262144 >"$log/chat.out" 2>"$log/chat.err" &
+pid=$!
+port=""
+for _ in $(seq 1 300); do
+  port=$(grep -oE 'listening on 127.0.0.1:[0-9]+' "$log/chat.out" 2>/dev/null | grep -oE '[0-9]+$')
+  [ -n "$port" ] && break
+  kill -0 $pid 2>/dev/null || break
+  sleep 0.1
+done
+if [ -z "$port" ]; then
+  echo "chat did not start"; cat "$log/chat.err"; kill $pid 2>/dev/null; wait $pid; fail=1
+else
+  fds=() readers=() senders=()
+  for i in 0 1 2 3 4; do
+    [ $i -lt 4 ] && chat_frames $i >"$log/tx.$i"
+    exec {fd}<>"/dev/tcp/127.0.0.1/$port"
+    fds+=("$fd")
+    # Its welcome (12 bytes) first: it is in the room before anyone talks.
+    timeout 60 head -c 12 <&"$fd" >/dev/null
+  done
+  for i in 0 1 2 3; do
+    want=0 # (the welcome is read)
+    for j in 0 1 2 3; do
+      [ $j -ne $i ] && want=$((want + $(stat -c %s "$log/tx.$j") + 4 * 1500))
+    done
+    echo $want >"$log/want.$i"
+    timeout 300 head -c "$want" <&"${fds[$i]}" >"$log/rx.$i" &
+    readers+=($!)
+  done
+  for i in 0 1 2 3; do
+    cat "$log/tx.$i" >&"${fds[$i]}" &
+    senders+=($!)
+  done
+  for _ in $(seq 1 20); do # joins and leaves during the traffic
+    exec {c}<>"/dev/tcp/127.0.0.1/$port"
+    exec {c}>&-
+  done
+  wait "${senders[@]}"
+  for i in 0 1 2 3; do
+    wait "${readers[$i]}"
+    got=$(stat -c %s "$log/rx.$i") want=$(cat "$log/want.$i")
+    if [ "$got" != "$want" ]; then
+      echo "chat client $i got $got bytes of relayed frames, expected $want"; fail=1
+    fi
+  done
+  for fd in "${fds[@]}"; do exec {fd}>&-; done
+  kill -TERM $pid
+  for _ in $(seq 1 1200); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+  if kill -0 $pid 2>/dev/null; then
+    echo "chat did not exit within 120 s of SIGTERM"; kill -KILL $pid 2>/dev/null; fail=1
+  fi
+  wait $pid; rc=$?
+  if ((rc != 0)); then
+    echo "chat exited $rc under valgrind:"; cat "$log/chat.err"; fail=1
+  elif ! grep -q ' dropped=1 ' "$log/chat.out"; then
+    echo "chat did not drop the client that never reads:"; cat "$log/chat.out"; fail=1
+  fi
+fi
 rm -rf "$log"
 exit $fail
