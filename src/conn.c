@@ -438,8 +438,24 @@ void cp_conn_close(cp_conn *c)
     start_close(cp__conn_server(c), c, CP_CLOSE_LOCAL, 0, true);
 }
 
+/* An abortive close resets the connection (SO_LINGER {1, 0}): what the kernel still holds
+ * unsent is discarded at once, instead of being sent by an orphaned socket for minutes to
+ * a peer that may never read it, and the peer sees a reset, not an end of stream that would
+ * pass the cut stream for a whole one. Set before the close is issued; a no-op once it
+ * has been (the descriptor is no longer this connection's). */
+static void reset_on_close(cp_conn *c)
+{
+    int fd = cp__socket_fd_hold(&c->s);
+    if (fd >= 0) {
+        struct linger lg = {.l_onoff = 1, .l_linger = 0};
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        cp__socket_fd_release(&c->s);
+    }
+}
+
 void cp_conn_abort(cp_conn *c)
 {
+    reset_on_close(c);
     start_close(cp__conn_server(c), c, CP_CLOSE_LOCAL, 0, false);
 }
 
@@ -477,6 +493,8 @@ bool cp__conn_stop_pin(cp_conn *c, bool abort)
 void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort)
 {
     st_or(c, CF_STOP_READ);
+    if (abort)
+        reset_on_close(c); /* the shutdown's deadline cut */
     start_close(sv, c, CP_CLOSE_SHUTDOWN, 0, !abort);
     op_unref(sv, c, 1); /* the pin */
 }

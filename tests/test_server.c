@@ -4247,6 +4247,85 @@ TEST(shutdown_slow_reader_gets_every_reply)
     CHECK_EQ(tsrv_stop(t, 0), 0);
 }
 
+/* How a peer's stream ends: 0 at EOF, else the errno (ECONNRESET for a reset); reads and
+ * discards data up to the deadline (-1 then). */
+static int stream_end(int fd, int64_t deadline)
+{
+    uint8_t buf[65536];
+    for (;;) {
+        ssize_t r = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (r > 0)
+            continue;
+        if (r == 0)
+            return 0;
+        if (errno != EAGAIN && errno != EINTR)
+            return errno;
+        if (!wait_fd(fd, POLLIN, deadline))
+            return -1;
+    }
+}
+
+/* A client with a small receive buffer that reads nothing: replies pile up. */
+static int connect_not_reading(uint16_t port)
+{
+    int fd = sock_nb();
+    int small = 4096;
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small));
+    struct sockaddr_in sa = loopback(port);
+    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EINPROGRESS);
+    CHECK(wait_fd(fd, POLLOUT, cpt_now_ms() + IO_MS));
+    return fd;
+}
+
+/* Fill c's queue until the kernel holds data it cannot send (the peer does not read). */
+static void fill_unread(tsrv *t, cp_conn *c)
+{
+    static uint8_t chunk[65536];
+    for (int i = 0; i < 64; i++)
+        CHECK_OK(cp_conn_send(c, chunk, sizeof chunk));
+    WAIT_FOR(cp_conn_pending(c) > 0, IO_MS); /* the kernel took what it could, no more */
+    (void)t;
+}
+
+/* cp_conn_abort and the shutdown's deadline cut are abortive closes: the peer gets a reset,
+ * not an end of stream after part of the data (which would pass a cut stream for a whole
+ * one), and the kernel drops what it still held instead of sending it for minutes to a
+ * peer that does not read. (Before, the socket was closed normally: its unsent data went
+ * on, followed by a FIN.) */
+TEST(abort_and_the_shutdown_cut_reset_the_peer)
+{
+    cp_server_options o = {.threads = 2};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    tsrv_start(t, &o);
+    int a = connect_not_reading(t->port);
+    int b = connect_not_reading(t->port);
+    WAIT_FOR(LOAD(&t->opens) == 2 && t->nheld == 2, IO_MS);
+    pthread_mutex_lock(&t->lock);
+    cp_conn *held[2] = {t->held[0], t->held[1]};
+    pthread_mutex_unlock(&t->lock);
+    for (int i = 0; i < 2; i++)
+        fill_unread(t, held[i]);
+    /* Which client is held[0]'s peer: the accept order is the server's. */
+    struct sockaddr_storage peer;
+    socklen_t pl = sizeof peer;
+    CHECK_OK(cp_conn_peer(held[0], &peer, &pl));
+    struct sockaddr_in mine;
+    socklen_t ml = sizeof mine;
+    CHECK_OK(getsockname(a, (struct sockaddr *)&mine, &ml));
+    bool a_first = ((struct sockaddr_in *)&peer)->sin_port == mine.sin_port;
+    int aborted = a_first ? a : b, other = a_first ? b : a;
+    cp_conn_abort(held[0]);
+    CHECK_EQ(stream_end(aborted, cpt_now_ms() + IO_MS), ECONNRESET);
+    /* The other one is cut by the shutdown's deadline. */
+    tsrv_release(t);
+    CHECK_EQ(cp_server_shutdown(t->sv, 100), -ETIMEDOUT);
+    CHECK_EQ(stream_end(other, cpt_now_ms() + IO_MS), ECONNRESET);
+    close(a);
+    close(b);
+    CHECK_EQ(tsrv_stop(t, 0), 0);
+}
+
 /* ---- T3/S6: on_close exactly once, whichever way a connection ends ---------------------- */
 
 /* The first byte a client sends says how its connection is to end. */

@@ -231,15 +231,14 @@ CP_EXTERN void *cp_server_user(const cp_server *server);
 
 /* Shut down gracefully: stop accepting, stop reading, let what is queued to send go out,
  * close each connection as its sends drain; at deadline_ms after the call, cancel and
- * close whatever is left. Then stop the workers. Returns 0 if everything closed before the
- * deadline, -ETIMEDOUT if connections had to be cut, or -EDEADLK (nothing done) when
- * called from one of the server's callbacks: it would wait for that callback to end.
- * Blocks. Once: any thread (not a callback) may call it, also several at once; a later
- * or concurrent call waits until the first has finished and returns 0.
- * cp_server_destroy() still has to be called. The connections are
- * stopped by a work item on a worker; only if that item cannot be queued (the port's
- * queue is full, or memory ran out) does the calling thread stop them itself, and an
- * on_close may then run on it. */
+ * close whatever is left, as cp_conn_abort() does (a reset). Then stop the workers. Returns 0 if
+ * everything closed before the deadline, -ETIMEDOUT if connections had to be cut, or -EDEADLK
+ * (nothing done) when called from one of the server's callbacks: it would wait for that callback to
+ * end. Blocks. Once: any thread (not a callback) may call it, also several at once; a later or
+ * concurrent call waits until the first has finished and returns 0. cp_server_destroy() still has
+ * to be called. The connections are stopped by a work item on a worker; only if that item cannot be
+ * queued (the port's queue is full, or memory ran out) does the calling thread stop them itself,
+ * and an on_close may then run on it. */
 CP_EXTERN int cp_server_shutdown(cp_server *server, unsigned deadline_ms);
 
 /* Free the server (shutting it down first with a zero deadline if needed; a shutdown
@@ -322,7 +321,10 @@ CP_EXTERN int cp_conn_frame_state(cp_conn *c, char *buf, size_t size);
  * thread. */
 CP_EXTERN void cp_conn_close(cp_conn *c);
 
-/* Close now: queued sends are cancelled. Any thread. */
+/* Close now, with a reset (an abortive close, SO_LINGER {1, 0}): queued sends are
+ * cancelled, what the kernel still holds unsent is discarded, and the peer gets a reset
+ * (ECONNRESET), never an end of stream that would make a cut stream look whole. (Also
+ * frees at once the kernel memory of a peer that stopped reading.) Any thread. */
 CP_EXTERN void cp_conn_abort(cp_conn *c);
 
 /* The connection's user area (conn_user_size bytes, zeroed at accept; 16-byte aligned),
