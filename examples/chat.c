@@ -29,8 +29,8 @@
  * without bound, and max_pending_send cannot stop it: it pauses reading from the slow
  * client itself, while the messages come from other connections. So the server is
  * started with send_queue_limit (--queue-limit, default 1 MiB): a send that would pass it
- * fails with -ENOBUFS, and the policy here is to DROP THAT CLIENT at once (cp_conn_abort
- * after SO_LINGER {on, 0}: its queue is cancelled and its socket reset, see drop()).
+ * fails with -ENOBUFS, and the policy here is to DROP THAT CLIENT at once (cp_conn_abort:
+ * its queue is cancelled and its socket reset, see drop()).
  * Skipping the one message instead would leave it a gap without telling it; waiting for
  * it would hold every sender. A dropped client is counted (dropped= in the exit line); a
  * client that does not read never delays the others. A client also stops being read
@@ -209,20 +209,15 @@ static void on_close(cp_conn *c, cp_close_reason reason, int err)
 
 /* A receiver whose queue is full, or that the message could not be queued for: it would
  * miss the message, so it goes. cp_conn_abort, not cp_conn_close: a graceful close would
- * keep its queue (up to linger_ms) for a client that is not reading it. And with a reset:
- * cp_conn_abort cancels what is queued but closes the socket as close(2) does, and the
- * kernel would keep the socket (orphaned), its send buffer full of messages the client is
- * not reading, for minutes of zero-window probes; the client would not even see the end
- * (it sits behind those messages). SO_LINGER {on, 0} makes the close a reset: the kernel
- * frees it all at once and the client sees ECONNRESET. */
+ * keep its queue (up to linger_ms) for a client that is not reading it. The abort is a
+ * reset: the kernel frees the socket's full send buffer at once, and the client sees
+ * ECONNRESET, not an end of stream behind messages it is not reading. */
 static void drop(room *rm, cp_conn *to, int err)
 {
     member *m = cp_conn_user(to); /* (the roster's reference keeps it valid) */
     if (__atomic_exchange_n(&m->dropped, 1, __ATOMIC_RELAXED))
         return;
     __atomic_add_fetch(err == -ENOBUFS ? &rm->dropped : &rm->no_mem, 1, __ATOMIC_RELAXED);
-    struct linger reset = {.l_onoff = 1, .l_linger = 0};
-    cp_conn_setsockopt(to, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset)); /* -EBADF: closing */
     cp_conn_abort(to);
 }
 
