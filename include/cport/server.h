@@ -159,8 +159,16 @@ typedef struct cp_server_options {
                                       bound. Concurrent sends may pass it by one message
                                       each. Set it above max_pending_send plus the largest
                                       reply on_data makes, or replies to a connection's own
-                                      data can fail too. Transmits (send_file) are not
-                                      limited. 0 = none (4 GiB) */
+                                      data can fail too. On io_uring a send counts from
+                                      its start until its completion is handled, even
+                                      when the socket has room: the sends issued to one
+                                      connection between two polls count together, so a
+                                      reader keeping up can still be refused a burst
+                                      larger than the limit (on epoll a send the socket
+                                      takes inside the call never counts). Bytes, not
+                                      memory: each queued send also holds a 384-byte
+                                      context. Transmits (send_file) are not limited.
+                                      0 = none (4 GiB) */
     bool zero_byte;                /* pooled receives: an idle connection holds no buffer */
     uint32_t recv_buffer;          /* receive buffer per receive without zero_byte; page
                                       multiple, at most 65536 (else cp_server_create fails
