@@ -61,12 +61,12 @@ static void check_head(const char *buf, int n, size_t cap)
 
 static void check_formatting(const http_request *req, const uint8_t *data, size_t size)
 {
-    static const int statuses[] = {200, 206, 304, 400, 403, 404, 405, 408,
+    static const int statuses[] = {200, 206, 304, 400, 403, 404, 405, 408, 412,
                                    413, 414, 416, 431, 500, 501, 505, 302};
     uint64_t x = 0;
     memcpy(&x, data, size < 8 ? size : 8);
     http_response r = {
-        .status = statuses[x % 16],
+        .status = statuses[x % (sizeof statuses / sizeof statuses[0])],
         .keep_alive = req->keep_alive,
         .date = (time_t)(x >> 3) - (time_t)(1ull << 40),
         .content_type = http_mime_type(req->path.ptr, req->path.len),
@@ -120,6 +120,8 @@ static void check_request(const http_request *req, const char *base, size_t len,
     ASSERT(!req->range.present || req->method == HTTP_METHOD_GET);
     ASSERT(!(req->has_if_modified_since && req->has_if_none_match));
     ASSERT(!req->if_none_match_any || req->has_if_none_match);
+    ASSERT(!req->if_match_any || req->has_if_match);
+    ASSERT(!(req->has_if_unmodified_since && req->has_if_match));
 
     http_path p;
     int st = http_resolve_path(req->path.ptr, req->path.len, &p);
@@ -130,12 +132,20 @@ static void check_request(const http_request *req, const char *base, size_t len,
     uint64_t fsize = 0, a = 0, b = 0;
     memcpy(&fsize, data, size < 8 ? size : 8);
     fsize >>= (fsize & 63);
-    http_range_result rr = http_request_range(req, fsize, req->if_range_date, &a, &b);
+    /* now: one second after the file's date (If-Range's date may match), or the same */
+    http_range_result rr = http_request_range(req, fsize, req->if_range_date,
+                                              req->if_range_date + (time_t)(fsize & 1), &a, &b);
     if (rr == HTTP_RANGE_PARTIAL)
         ASSERT(a <= b && b < fsize);
     if (!req->range.present)
         ASSERT(rr == HTTP_RANGE_FULL);
     (void)http_not_modified(req, (time_t)fsize);
+    int pre = http_preconditions(req, (time_t)fsize);
+    ASSERT(pre == 0 || pre == 304 || pre == 412);
+    if (req->has_if_match && !req->if_match_any)
+        ASSERT(pre == 412);
+    if (pre != 412)
+        ASSERT((pre == 304) == http_not_modified(req, (time_t)fsize));
 
     http_slice v;
     if (http_header_get(req, "host", &v))
@@ -161,7 +171,10 @@ static bool same(const http_request *a, const http_request *b)
            a->has_if_modified_since == b->has_if_modified_since &&
            a->if_modified_since == b->if_modified_since && a->range.present == b->range.present &&
            a->range.first == b->range.first && a->range.last == b->range.last &&
-           a->range.suffix_len == b->range.suffix_len && a->if_range == b->if_range;
+           a->range.suffix_len == b->range.suffix_len && a->if_range == b->if_range &&
+           a->has_if_match == b->has_if_match && a->if_match_any == b->if_match_any &&
+           a->has_if_unmodified_since == b->has_if_unmodified_since &&
+           a->if_unmodified_since == b->if_unmodified_since;
 #undef OFF
 }
 

@@ -85,12 +85,15 @@ static bool same_request(const http_request *a, const http_request *b)
            a->has_if_modified_since == b->has_if_modified_since &&
            a->if_modified_since == b->if_modified_since &&
            a->has_if_none_match == b->has_if_none_match &&
-           a->if_none_match_any == b->if_none_match_any && a->range.present == b->range.present &&
-           a->range.suffix == b->range.suffix && a->range.first == b->range.first &&
-           a->range.last == b->range.last && a->range.suffix_len == b->range.suffix_len &&
-           a->if_range == b->if_range && a->if_range_date == b->if_range_date &&
-           a->content_length == b->content_length && a->head_len == b->head_len &&
-           a->nfields == b->nfields;
+           a->if_none_match_any == b->if_none_match_any && a->has_if_match == b->has_if_match &&
+           a->if_match_any == b->if_match_any &&
+           a->has_if_unmodified_since == b->has_if_unmodified_since &&
+           a->if_unmodified_since == b->if_unmodified_since &&
+           a->range.present == b->range.present && a->range.suffix == b->range.suffix &&
+           a->range.first == b->range.first && a->range.last == b->range.last &&
+           a->range.suffix_len == b->range.suffix_len && a->if_range == b->if_range &&
+           a->if_range_date == b->if_range_date && a->content_length == b->content_length &&
+           a->head_len == b->head_len && a->nfields == b->nfields;
 }
 
 /* Feed s[0..len) to one parser at every split point k (first k bytes, then all), byte by
@@ -615,6 +618,109 @@ TEST(parse_if_modified_since)
     }
 }
 
+/* If-Match and If-Unmodified-Since (RFC 9110 13.1.1, 13.1.4) and the order of all four
+ * preconditions (13.2.2): a failed If-Match, or without it a failed If-Unmodified-Since,
+ * is a 412 whatever If-None-Match and If-Modified-Since say. Both used to be ignored: a
+ * client guarding a download (or the resumption of one) against a changed file got it. */
+TEST(parse_if_match_and_if_unmodified_since)
+{
+    http_request req;
+    const time_t d = 784111777; /* Sun, 06 Nov 1994 08:49:37 GMT */
+    CHECK_EQ(parse("GET / HTTP/1.1\r\nHost: a\r\n\r\n", &req), HTTP_PARSE_DONE);
+    CHECK(!req.has_if_match && !req.if_match_any && !req.has_if_unmodified_since);
+    CHECK_EQ(http_preconditions(&req, d), 0);
+    /* If-Match: * matches any existing file; any entity-tag fails (no ETags are sent) */
+    CHECK_EQ(parse("GET / HTTP/1.1\r\nHost: a\r\nIf-Match:  *\t\r\n\r\n", &req), HTTP_PARSE_DONE);
+    CHECK(req.has_if_match && req.if_match_any);
+    CHECK_EQ(http_preconditions(&req, d), 0);
+    static const char *const fail[] = {
+        "If-Match: \"x\"\r\n",    "If-Match: W/\"x\"\r\n",          "If-Match: \"*\"\r\n",
+        "If-Match: *, \"x\"\r\n", "If-Match: *\r\nIf-Match: *\r\n", "If-Match:\r\n",
+        "if-match: **\r\n",
+    };
+    for (size_t i = 0; i < sizeof fail / sizeof fail[0]; i++) {
+        char head[256];
+        snprintf(head, sizeof head, "HEAD / HTTP/1.1\r\nHost: a\r\n%s\r\n", fail[i]);
+        CHECK_EQ(parse(head, &req), HTTP_PARSE_DONE);
+        CHECK(req.has_if_match && !req.if_match_any);
+        CHECK_EQ(http_preconditions(&req, d), 412);
+    }
+    /* If-Unmodified-Since: 412 only for a file modified after the date */
+    CHECK_EQ(parse("GET / HTTP/1.1\r\nHost: a\r\nIf-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 "
+                   "GMT\r\n\r\n",
+                   &req),
+             HTTP_PARSE_DONE);
+    CHECK(req.has_if_unmodified_since);
+    CHECK_EQ(req.if_unmodified_since, d);
+    CHECK_EQ(http_preconditions(&req, d), 0);
+    CHECK_EQ(http_preconditions(&req, d - 100), 0);
+    CHECK_EQ(http_preconditions(&req, d + 1), 412);
+    /* the other two formats */
+    CHECK_EQ(parse("GET / HTTP/1.1\r\nHost: a\r\nIF-UNMODIFIED-SINCE: Sun Nov  6 08:49:37 1994"
+                   "\r\n\r\n",
+                   &req),
+             HTTP_PARSE_DONE);
+    CHECK(req.has_if_unmodified_since && req.if_unmodified_since == d);
+    /* invalid, a list, repeated: ignored */
+    static const char *const ignored[] = {
+        "If-Unmodified-Since: yesterday\r\n",
+        "If-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 GMT, Mon, 07 Nov 1994 08:49:37 GMT\r\n",
+        ("If-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+         "If-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n"),
+        "If-Unmodified-Since:\r\n",
+    };
+    for (size_t i = 0; i < sizeof ignored / sizeof ignored[0]; i++) {
+        char head[256];
+        snprintf(head, sizeof head, "GET / HTTP/1.1\r\nHost: a\r\n%s\r\n", ignored[i]);
+        CHECK_EQ(parse(head, &req), HTTP_PARSE_DONE);
+        CHECK(!req.has_if_unmodified_since);
+        CHECK_EQ(http_preconditions(&req, d + 1), 0);
+    }
+    /* with If-Match: ignored (13.1.4), whether If-Match matches or not */
+    CHECK_EQ(parse("GET / HTTP/1.1\r\nHost: a\r\nIf-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 "
+                   "GMT\r\nIf-Match: *\r\n\r\n",
+                   &req),
+             HTTP_PARSE_DONE);
+    CHECK(!req.has_if_unmodified_since);
+    CHECK_EQ(http_preconditions(&req, d + 1), 0);
+    CHECK_EQ(parse("GET / HTTP/1.1\r\nHost: a\r\nIf-Match: \"x\"\r\nIf-Unmodified-Since: Sun, 06 "
+                   "Nov 1994 08:49:37 GMT\r\n\r\n",
+                   &req),
+             HTTP_PARSE_DONE);
+    CHECK(!req.has_if_unmodified_since);
+    CHECK_EQ(http_preconditions(&req, d), 412);
+    /* order: 412 beats 304 (If-None-Match: *, If-Modified-Since) */
+    static const struct {
+        const char *fields;
+        time_t mtime;
+        int want;
+    } order[] = {
+        {"If-Match: \"x\"\r\nIf-None-Match: *\r\n", d, 412},
+        {"If-None-Match: *\r\nIf-Unmodified-Since: Sun, 06 Nov 1994 08:49:36 GMT\r\n", d, 412},
+        {"If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\nIf-Match: \"x\"\r\n", d, 412},
+        {"If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+         "If-Unmodified-Since: Sun, 06 Nov 1994 08:49:36 GMT\r\n",
+         d, 412},
+        {"If-Match: *\r\nIf-None-Match: *\r\n", d, 304},
+        {"If-Match: *\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n", d, 304},
+        {"If-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+         "If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n",
+         d, 304},
+        {"If-Match: *\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:36 GMT\r\n", d, 0},
+    };
+    for (size_t i = 0; i < sizeof order / sizeof order[0]; i++) {
+        char head[512];
+        snprintf(head, sizeof head, "GET / HTTP/1.1\r\nHost: a\r\n%s\r\n", order[i].fields);
+        CHECK_EQ(parse(head, &req), HTTP_PARSE_DONE);
+        if (http_preconditions(&req, order[i].mtime) != order[i].want)
+            fprintf(stderr, "%s-> %d\n", order[i].fields, http_preconditions(&req, order[i].mtime));
+        CHECK_EQ(http_preconditions(&req, order[i].mtime), order[i].want);
+    }
+}
+
+/* "now" for If-Range: long after every date the tests use */
+#define NOW ((time_t)2000000000)
+
 TEST(parse_range_fields)
 {
     http_request req;
@@ -624,15 +730,15 @@ TEST(parse_range_fields)
     CHECK(req.range.present);
     CHECK_EQ(req.range.first, 10);
     CHECK_EQ(req.range.last, 19);
-    CHECK_EQ(http_request_range(&req, 100, 5, &a, &b), HTTP_RANGE_PARTIAL);
+    CHECK_EQ(http_request_range(&req, 100, 5, NOW, &a, &b), HTTP_RANGE_PARTIAL);
     CHECK_EQ(a, 10);
     CHECK_EQ(b, 19);
-    CHECK_EQ(http_request_range(&req, 5, 5, &a, &b), HTTP_RANGE_UNSATISFIABLE);
+    CHECK_EQ(http_request_range(&req, 5, 5, NOW, &a, &b), HTTP_RANGE_UNSATISFIABLE);
     /* HEAD and other methods: Range is ignored (RFC 9110 14.2) */
     CHECK_EQ(parse("HEAD / HTTP/1.1\r\nHost: a\r\nRange: bytes=10-19\r\n\r\n", &req),
              HTTP_PARSE_DONE);
     CHECK(!req.range.present);
-    CHECK_EQ(http_request_range(&req, 100, 5, &a, &b), HTTP_RANGE_FULL);
+    CHECK_EQ(http_request_range(&req, 100, 5, NOW, &a, &b), HTTP_RANGE_FULL);
     /* several ranges, bad syntax, repeated: ignored */
     const char *ignored[] = {"Range: bytes=0-1,5-6\r\n", "Range: bytes=5-1\r\n",
                              "Range: items=0-1\r\n",     "Range: bytes=0-1\r\nRange: bytes=0-1\r\n",
@@ -642,7 +748,7 @@ TEST(parse_range_fields)
         snprintf(buf, sizeof buf, "GET / HTTP/1.1\r\nHost: a\r\n%s\r\n", ignored[i]);
         CHECK_EQ(parse(buf, &req), HTTP_PARSE_DONE);
         CHECK(!req.range.present);
-        CHECK_EQ(http_request_range(&req, 100, 5, &a, &b), HTTP_RANGE_FULL);
+        CHECK_EQ(http_request_range(&req, 100, 5, NOW, &a, &b), HTTP_RANGE_FULL);
     }
     /* If-Range: an exactly matching date lets the range through, anything else does not */
     const char *ims = "Sun, 06 Nov 1994 08:49:37 GMT";
@@ -652,25 +758,30 @@ TEST(parse_range_fields)
     CHECK_EQ(parse(buf, &req), HTTP_PARSE_DONE);
     CHECK_EQ(req.if_range, HTTP_IF_RANGE_DATE);
     CHECK_EQ(req.if_range_date, 784111777);
-    CHECK_EQ(http_request_range(&req, 100, 784111777, &a, &b), HTTP_RANGE_PARTIAL);
+    CHECK_EQ(http_request_range(&req, 100, 784111777, NOW, &a, &b), HTTP_RANGE_PARTIAL);
     CHECK_EQ(a, 95);
     CHECK_EQ(b, 99);
-    CHECK_EQ(http_request_range(&req, 100, 784111778, &a, &b), HTTP_RANGE_FULL);
-    CHECK_EQ(http_request_range(&req, 100, 784111776, &a, &b), HTTP_RANGE_FULL);
+    CHECK_EQ(http_request_range(&req, 100, 784111778, NOW, &a, &b), HTTP_RANGE_FULL);
+    CHECK_EQ(http_request_range(&req, 100, 784111776, NOW, &a, &b), HTTP_RANGE_FULL);
+    /* ...and only when the file's mtime is at least a second before now (RFC 9110 8.8.2.2:
+     * modified within the current second, it may change again and keep its date) */
+    CHECK_EQ(http_request_range(&req, 100, 784111777, 784111778, &a, &b), HTTP_RANGE_PARTIAL);
+    CHECK_EQ(http_request_range(&req, 100, 784111777, 784111777, &a, &b), HTTP_RANGE_FULL);
+    CHECK_EQ(http_request_range(&req, 100, 784111777, 784111700, &a, &b), HTTP_RANGE_FULL);
     const char *no[] = {"\"etag\"", "W/\"etag\"", "garbage"};
     for (size_t i = 0; i < 3; i++) {
         snprintf(buf, sizeof buf,
                  "GET / HTTP/1.1\r\nHost: a\r\nRange: bytes=0-0\r\nIf-Range: %s\r\n\r\n", no[i]);
         CHECK_EQ(parse(buf, &req), HTTP_PARSE_DONE);
         CHECK_EQ(req.if_range, HTTP_IF_RANGE_NOMATCH);
-        CHECK_EQ(http_request_range(&req, 100, 784111777, &a, &b), HTTP_RANGE_FULL);
+        CHECK_EQ(http_request_range(&req, 100, 784111777, NOW, &a, &b), HTTP_RANGE_FULL);
     }
     snprintf(
         buf, sizeof buf,
         "GET / HTTP/1.1\r\nHost: a\r\nRange: bytes=0-0\r\nIf-Range: %s\r\nIf-Range: %s\r\n\r\n",
         ims, ims);
     CHECK_EQ(parse(buf, &req), HTTP_PARSE_DONE);
-    CHECK_EQ(http_request_range(&req, 100, 784111777, &a, &b), HTTP_RANGE_FULL);
+    CHECK_EQ(http_request_range(&req, 100, 784111777, NOW, &a, &b), HTTP_RANGE_FULL);
 }
 
 /* ---- ranges ---------------------------------------------------------------------------------- */
@@ -825,6 +936,8 @@ static const char *const corpus[] = {
     "GET http://h:1/p?q HTTP/1.1\r\nHost: h\r\nIf-Range: \"e\"\r\nRange: bytes=-5\r\n\r\n",
     "OPTIONS * HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
     "GET / HTTP/1.1\r\nHost: a\r\nIf-Range: Sun Nov  6 08:49:37 1994\r\nRange: bytes=5-\r\n\r\n",
+    "HEAD / HTTP/1.1\r\nHost: a\r\nIf-Match: *\r\nIf-Unmodified-Since: Sun Nov 6 1994\r\n\r\n",
+    "GET / HTTP/1.1\r\nHost: a\r\nIf-Unmodified-Since: Sun Nov  6 08:49:37 1994\r\n\r\n",
     "GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n z\r\n\r\n",
     "GET / HTTP/1.1\r\nHost: a\r\r\n\r\n",
     "GET / HTTP/2.0\r\n\r\n",
@@ -2098,6 +2211,7 @@ TEST(format_reasons)
                {404, "Not Found"},
                {405, "Method Not Allowed"},
                {408, "Request Timeout"},
+               {412, "Precondition Failed"},
                {413, "Content Too Large"},
                {414, "URI Too Long"},
                {416, "Range Not Satisfiable"},
@@ -2167,7 +2281,7 @@ TEST(format_error_responses)
     CHECK(strstr(buf, "image/png") == NULL);
     CHECK(strstr(buf, "Content-Length: 14\r\n") != NULL);
 
-    static const int statuses[] = {400, 403, 404, 405, 408, 413, 414, 416, 431, 500, 501, 505};
+    static const int statuses[] = {400, 403, 404, 405, 408, 412, 413, 414, 416, 431, 500, 501, 505};
     for (size_t i = 0; i < sizeof statuses / sizeof statuses[0]; i++) {
         http_response e = {.status = statuses[i], .date = 0, .complete_length = 1000};
         n = http_format_error(&e, true, buf, sizeof buf);
@@ -2216,7 +2330,7 @@ TEST(end_to_end)
     CHECK_EQ(http_open_beneath(t.root, &p, &f), 0);
     CHECK(!http_not_modified(&req, f.mtime));
     uint64_t a, b;
-    CHECK_EQ(http_request_range(&req, f.size, f.mtime, &a, &b), HTTP_RANGE_PARTIAL);
+    CHECK_EQ(http_request_range(&req, f.size, f.mtime, time(NULL), &a, &b), HTTP_RANGE_PARTIAL);
     http_response r = {.status = 206,
                        .keep_alive = req.keep_alive,
                        .date = time(NULL),

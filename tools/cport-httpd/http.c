@@ -353,8 +353,12 @@ static int parse_field(http_parser *p, const unsigned char *u, size_t s, size_t 
         }
         break;
     case 8:
-        if (name_is(name, "if-range", 8))
+        if (name_is(name, "if-range", 8)) {
             parse_if_range(p, v, vn);
+        } else if (name_is(name, "if-match", 8)) {
+            /* No ETags are sent, so only "*" (one field, exactly) can match. */
+            p->im_any = ++p->im_count == 1 && vn == 1 && v[0] == '*';
+        }
         break;
     case 10:
         if (name_is(name, "connection", 10))
@@ -376,6 +380,12 @@ static int parse_field(http_parser *p, const unsigned char *u, size_t s, size_t 
         } else if (name_is(name, "if-modified-since", 17)) {
             p->ims_count++;
             p->ims_valid = http_date_parse(v, vn, &p->ims);
+        }
+        break;
+    case 19:
+        if (name_is(name, "if-unmodified-since", 19)) {
+            p->ius_count++;
+            p->ius_valid = http_date_parse(v, vn, &p->ius);
         }
         break;
     default:
@@ -428,6 +438,11 @@ static http_parse_status finish(http_parser *p, const char *buf, size_t end, htt
     req->if_none_match_any = p->inm_any;
     req->has_if_modified_since = p->ims_count == 1 && p->ims_valid && !p->inm;
     req->if_modified_since = req->has_if_modified_since ? p->ims : 0;
+    req->has_if_match = p->im_count > 0;
+    req->if_match_any = p->im_count == 1 && p->im_any;
+    /* RFC 9110 13.1.4: ignored with If-Match, when invalid, or a list (repeated) */
+    req->has_if_unmodified_since = p->ius_count == 1 && p->ius_valid && p->im_count == 0;
+    req->if_unmodified_since = req->has_if_unmodified_since ? p->ius : 0;
     memset(&req->range, 0, sizeof req->range);
     if (p->method == HTTP_METHOD_GET && p->range_count == 1 && p->range_valid)
         req->range = p->range;
@@ -636,12 +651,15 @@ http_range_result http_range_resolve(const http_range *r, uint64_t size, uint64_
 }
 
 http_range_result http_request_range(const http_request *req, uint64_t size, time_t mtime,
-                                     uint64_t *first, uint64_t *last)
+                                     time_t now, uint64_t *first, uint64_t *last)
 {
     if (!req->range.present)
         return HTTP_RANGE_FULL;
+    /* A date is a strong validator only if the file was not modified in the second it was
+     * looked at (RFC 9110 8.8.2.2): mtime has whole seconds, so a second change within
+     * that second would keep the date, and the client would splice two versions. */
     if (req->if_range == HTTP_IF_RANGE_NOMATCH ||
-        (req->if_range == HTTP_IF_RANGE_DATE && req->if_range_date != mtime))
+        (req->if_range == HTTP_IF_RANGE_DATE && (req->if_range_date != mtime || mtime >= now)))
         return HTTP_RANGE_FULL;
     return http_range_resolve(&req->range, size, first, last);
 }
@@ -651,6 +669,19 @@ bool http_not_modified(const http_request *req, time_t mtime)
     if (req->if_none_match_any)
         return true; /* RFC 9110 13.1.2: "*" is false when a representation exists */
     return req->has_if_modified_since && mtime <= req->if_modified_since;
+}
+
+int http_preconditions(const http_request *req, time_t mtime)
+{
+    /* RFC 9110 13.2.2, in its order: a failed If-Match or If-Unmodified-Since (412) wins
+     * over a 304 from If-None-Match or If-Modified-Since. */
+    if (req->has_if_match) {
+        if (!req->if_match_any)
+            return 412; /* an entity-tag: we send none, so none matches */
+    } else if (req->has_if_unmodified_since && mtime > req->if_unmodified_since) {
+        return 412;
+    }
+    return http_not_modified(req, mtime) ? 304 : 0;
 }
 
 /* ---- paths ----------------------------------------------------------------------------------- */
@@ -1201,6 +1232,8 @@ const char *http_reason(int status)
         return "Method Not Allowed";
     case 408:
         return "Request Timeout";
+    case 412:
+        return "Precondition Failed";
     case 413:
         return "Content Too Large";
     case 414:

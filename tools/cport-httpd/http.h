@@ -12,7 +12,8 @@
  *   5. http_format_head()     response head into a caller buffer;  http_format_error(): a
  *                             complete small error response
  *      http_request_range()   Range (+ If-Range) resolution against the file;
- *      http_not_modified()    If-Modified-Since evaluation
+ *      http_preconditions()   If-Match, If-Unmodified-Since, If-None-Match and
+ *                             If-Modified-Since evaluation (http_not_modified(): the last two)
  *
  * A typical request on a connection whose received, not yet consumed bytes are buf[0..len):
  *
@@ -28,8 +29,8 @@
  *         if (req.method == HTTP_METHOD_OTHER) -> 405 (keep-alive allowed)
  *         http_resolve_path(req.path.ptr, req.path.len, &path)     -> 400/414 or ok
  *         http_open_beneath(root_fd, &path, &file)                 -> 301/403/404/500 or ok
- *         http_not_modified(&req, file.mtime)                      -> 304
- *         http_request_range(&req, file.size, file.mtime, &a, &b)  -> 200 / 206 / 416
+ *         http_preconditions(&req, file.mtime)                     -> 412 / 304
+ *         http_request_range(&req, file.size, file.mtime, now, &a, &b) -> 200 / 206 / 416
  *         http_format_head(&(http_response){...}, out, sizeof out)
  *     }
  *
@@ -66,11 +67,18 @@
  *     server should treat If-None-Match as not matching and serve normally). The one
  *     exception is If-None-Match: * (one field, exactly "*"): it matches any current
  *     representation, so a GET or HEAD of an existing file gets 304 (RFC 9110 13.1.2).
+ *   - If-Match: "*" (one field, exactly) matches any existing file; anything else (an
+ *     entity-tag list, an empty or repeated field) never matches, since no ETags are sent:
+ *     412 Precondition Failed. If-Unmodified-Since: ignored with If-Match, when invalid and
+ *     when repeated (RFC 9110 13.1.4); a file modified after the date gets 412. Both come
+ *     before If-None-Match and If-Modified-Since (RFC 9110 13.2.2): a 412 beats a 304.
  *   - Range: honoured only for GET (RFC 9110 14.2), only "bytes=" (unit case-insensitive)
  *     with exactly one range-spec (empty list elements are skipped). Several ranges, a bad
  *     syntax, first > last, other units or a repeated Range field -> the field is ignored
  *     (a 200 with the whole file). If-Range: a date must equal the file's mtime exactly,
- *     an entity-tag never matches (we send none); when it does not match, Range is ignored.
+ *     and the mtime must be at least one second before the response's Date (else the date
+ *     is a weak validator, RFC 9110 8.8.2.2); an entity-tag never matches (we send none);
+ *     when it does not match, Range is ignored.
  *   - Errors: every HTTP_PARSE_ERROR means the connection must be closed after answering
  *     (req.keep_alive is false): after a malformed head the framing cannot be trusted. The
  *     method of a refused request is unknown, so error responses carry their small body.
@@ -157,7 +165,11 @@ typedef struct http_request {
     bool has_if_modified_since; /* one valid If-Modified-Since and no If-None-Match */
     time_t if_modified_since;
     bool has_if_none_match;
-    bool if_none_match_any;  /* If-None-Match: * (one field): any file matches */
+    bool if_none_match_any;       /* If-None-Match: * (one field): any file matches */
+    bool has_if_match;            /* If-Match, one field or more */
+    bool if_match_any;            /* If-Match: * (one field): any file matches */
+    bool has_if_unmodified_since; /* one valid If-Unmodified-Since and no If-Match */
+    time_t if_unmodified_since;
     http_range range;        /* range.present only for GET with one valid Range field */
     http_if_range if_range;  /* only meaningful if range.present */
     time_t if_range_date;    /* HTTP_IF_RANGE_DATE */
@@ -183,14 +195,15 @@ typedef struct http_parser {
     int state;
     int error; /* sticky error status */
     unsigned nfields;
-    unsigned hosts, ims_count, range_count, if_range_count, inm_count;
+    unsigned hosts, ims_count, range_count, if_range_count, inm_count, im_count, ius_count;
     size_t method_off, method_len, target_off, target_len, path_off, path_len;
     size_t query_off, query_len, host_off, host_len, authority_off, authority_len;
     http_method method;
     int minor_version;
     bool conn_close, conn_keep_alive, te, cl_seen, ims_valid, inm, inm_any, range_valid, path_root;
+    bool im_any, ius_valid;
     uint64_t content_length;
-    time_t ims;
+    time_t ims, ius;
     http_range range;
     http_if_range if_range;
     time_t if_range_date;
@@ -241,14 +254,29 @@ http_range_result http_range_resolve(const http_range *r, uint64_t size, uint64_
                                      uint64_t *last);
 
 /* The request's Range after If-Range, resolved against the file: FULL when the request had
- * no usable Range or If-Range did not match `mtime` (an exact date match is required). */
+ * no usable Range or If-Range does not match. A date matches only when it equals `mtime`
+ * exactly and mtime is at least one second before `now` (the response's Date): only then
+ * is it a strong validator (RFC 9110 8.8.2.2, 13.1.5). mtime has whole seconds, so a file
+ * modified in the current second may change again within it and keep its date; a range
+ * of the new version spliced onto the old would corrupt the client's copy. */
 http_range_result http_request_range(const http_request *req, uint64_t size, time_t mtime,
-                                     uint64_t *first, uint64_t *last);
+                                     time_t now, uint64_t *first, uint64_t *last);
 
 /* True when the request has a usable If-Modified-Since and the file (modified at `mtime`,
  * whole seconds) has not changed since, or has If-None-Match: * (the file exists): answer
- * 304. Only meaningful for GET and HEAD of an existing file. */
+ * 304. Only meaningful for GET and HEAD of an existing file. Steps 3 and 4 of
+ * http_preconditions(), which a server should call instead. */
 bool http_not_modified(const http_request *req, time_t mtime);
+
+/* Evaluate the preconditions of a GET or HEAD of an existing file modified at `mtime`
+ * (RFC 9110 13.2.2; a request that would not get a 2xx without them, e.g. a 404 or 301,
+ * ignores them, 13.2.1): returns 412 when
+ *   1. If-Match is present and false: anything but "*" (one field, exactly) is false, as
+ *      this server sends no ETags, so no entity-tag can match;
+ *   2. else (no If-Match) If-Unmodified-Since is usable and the file was modified after it;
+ * else 304 when http_not_modified() (3. If-None-Match, 4. If-Modified-Since); else 0: go
+ * on to Range and If-Range (step 5, http_request_range()). */
+int http_preconditions(const http_request *req, time_t mtime);
 
 /* ---- paths ----------------------------------------------------------------------------------- */
 
@@ -340,8 +368,8 @@ bool http_date_parse_at(const char *s, size_t len, time_t now, time_t *out);
 
 /* ---- responses ------------------------------------------------------------------------------- */
 
-/* The reason phrase of a supported status (200 206 301 304 400 403 404 405 408 413 414 416
- * 431 500 501 505), or NULL. */
+/* The reason phrase of a supported status (200 206 301 304 400 403 404 405 408 412 413 414
+ * 416 431 500 501 505), or NULL. */
 const char *http_reason(int status);
 
 /* What goes into a response head. Zero-initialise, then set what applies. */

@@ -17,7 +17,11 @@
  *   - one deadline (cp_conn_set_deadline): --header-timeout from the first byte of a
  *     request head (then 408 and close; empty lines before a request are dropped and start
  *     none, nor does a CR that may begin one more), --keepalive-timeout while idle between
- *     requests (then a quiet close), re-armed while a file is still being sent.
+ *     requests (then a quiet close). While files are being sent, neither: the deadline is
+ *     a keep-alive period from the first transmit's start, and when it passes the peer is
+ *     cut if it acknowledged nothing since the last such check (it stopped reading), else
+ *     it runs again; bytes received meanwhile do not move it. The header timeout of a
+ *     pipelined head that is still partial starts when the last transmit completes.
  *
  * Signals: SIGINT/SIGTERM shut down gracefully (stop accepting and reading, let responses
  * already queued go out, close; exit 0); SIGUSR1 prints the counters on stderr.
@@ -85,6 +89,7 @@ typedef struct hconn {
     bool head_started; /* a request head is partly received (the header deadline runs) */
     bool settling;     /* closing: the last response includes a file; close once the peer
                           has acknowledged all of it */
+    bool sending;      /* the progress deadline runs: file transmits are outstanding */
     uint64_t acked;    /* the peer's tcpi_bytes_acked at the last deadline while sending */
     int64_t acked_ms;  /* settling: when acked last grew (monotonic ms) */
 } hconn;
@@ -504,12 +509,18 @@ static void serve(cp_conn *c, hconn *h, const http_request *req)
                        .last_modified = f.mtime,
                        .accept_ranges = true};
     uint64_t first = 0, len = f.size;
-    if (http_not_modified(req, f.mtime)) {
+    int pre = http_preconditions(req, f.mtime);
+    if (pre == 412) {
+        close(f.fd);
+        respond_error(c, h, req, 412, keep, !head_only, 0);
+        return;
+    }
+    if (pre == 304) {
         r.status = 304;
         len = 0;
     } else {
         uint64_t a, b;
-        switch (http_request_range(req, f.size, f.mtime, &a, &b)) {
+        switch (http_request_range(req, f.size, f.mtime, r.date, &a, &b)) {
         case HTTP_RANGE_PARTIAL:
             r.status = 206;
             r.range_first = first = a;
@@ -660,7 +671,22 @@ static void arm_deadline(cp_conn *c, hconn *h)
     if (h->closing)
         return;
     const config *cfg = cfg_of(c);
-    if (h->in_len > 0 && h->inflight < MAX_INFLIGHT && !lone_cr(h)) {
+    if (h->inflight > 0) {
+        /* A response is being sent: only the progress rule applies (on_timeout, every
+         * keep-alive period from the transmit's start). What arrives meanwhile, a pipelined
+         * head complete or not, changes nothing: a partial head's header timeout starts when
+         * the last transmit completes (the client may wait for the response before sending
+         * the rest), and a reader that stopped is cut for that, not by the header timeout.
+         * Re-arming here would also let a non-reader that trickles bytes escape the check. */
+        if (!h->sending) {
+            h->sending = true;
+            cp_conn_set_deadline(c, cfg->keepalive_ms);
+        }
+        h->head_started = false;
+        return;
+    }
+    h->sending = false;
+    if (h->in_len > 0 && !lone_cr(h)) {
         /* A partial head: the header timeout runs from its first byte, not its last. */
         if (!h->head_started) {
             h->head_started = true;
@@ -811,9 +837,13 @@ static void usage(FILE *f)
                "                          does not take them blocks no worker: lines past\n"
                "                          a 256 KiB queue are dropped and counted)\n"
                "  --header-timeout MS     a request head must arrive within MS of its first\n"
-               "                          byte (default 10000), else 408 and close\n"
+               "                          byte (default 10000), else 408 and close; for a head\n"
+               "                          pipelined behind files still being sent, within MS\n"
+               "                          of the last one's end\n"
                "  --keepalive-timeout MS  close a connection idle this long between requests\n"
-               "                          (default 30000)\n"
+               "                          (default 30000); while files are being sent, cut a\n"
+               "                          client that acknowledged nothing for a period (checked\n"
+               "                          every MS: cut 1 to 2 periods after its last progress)\n"
                "  --max-conns N           connections beyond N are closed at once (default: none)\n"
                "  --dotfiles              also serve paths with a segment starting with '.'\n"
                "                          (.git/, .env, ...); by default they get 404, except\n"
