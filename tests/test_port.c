@@ -818,6 +818,21 @@ static void *timed_dequeue_main(void *arg)
     return NULL;
 }
 
+/* Waits until n threads wait in the port (true), or until *done is set (false). */
+static bool waiters_before(cp_port *p, unsigned n, const int *done)
+{
+    for (int64_t start = cpt_now_ms();;) {
+        cp_port_stats st;
+        cp_port_get_stats(p, &st);
+        if (st.waiting >= n)
+            return true;
+        if (__atomic_load_n(done, __ATOMIC_SEQ_CST))
+            return false;
+        CHECK(cpt_now_ms() - start < 10000);
+        sched_yield();
+    }
+}
+
 /* A thread holds the poller role with a finite timeout while another waits with none.
  * When the first times out and leaves (staying alive, busy elsewhere), the waiting one
  * must take over the polling: an I/O completion then reaches it. It used to reach nobody
@@ -828,13 +843,33 @@ TEST(a_poller_that_times_out_hands_over_the_polling)
     cp_port *p = make_port(2);
     io_anchor a;
     anchor_open(&a, p);
-    struct timed_dequeue poller = {.p = p, .timeout_ms = 200};
-    struct timed_dequeue waiter = {.p = p, .timeout_ms = 10000};
+    struct timed_dequeue poller, waiter;
     pthread_t tp, tw;
-    CHECK_OK(-pthread_create(&tp, NULL, timed_dequeue_main, &poller));
-    wait_for_waiters(p, 1); /* the first one polls */
-    CHECK_OK(-pthread_create(&tw, NULL, timed_dequeue_main, &waiter));
-    wait_for_waiters(p, 2); /* the second one parks behind it */
+    /* The second thread must park before the first one's timeout runs out. On a loaded
+     * machine it may not (the first one then just times out alone, and the second one
+     * polls): that round proves nothing, so it is undone and run again with a longer
+     * timeout, until the order is the one under test. */
+    for (int timeout_ms = 200;; timeout_ms *= 2) {
+        CHECK(timeout_ms <= 12800);
+        poller = (struct timed_dequeue){.p = p, .timeout_ms = timeout_ms};
+        /* (Its own timeout must run out well after the handover is due.) */
+        waiter = (struct timed_dequeue){.p = p, .timeout_ms = timeout_ms + 10000};
+        CHECK_OK(-pthread_create(&tp, NULL, timed_dequeue_main, &poller));
+        bool polls = waiters_before(p, 1, &poller.done); /* the first one polls */
+        CHECK_OK(-pthread_create(&tw, NULL, timed_dequeue_main, &waiter));
+        if (polls && waiters_before(p, 2, &poller.done)) /* the second one parks behind it */
+            break;
+        fprintf(stderr, "the %d ms poller timed out before the second thread parked: again\n",
+                timeout_ms);
+        CHECK_OK(cp_port_post(p, 1, 0, NULL)); /* lets the second one go */
+        while (!__atomic_load_n(&waiter.done, __ATOMIC_SEQ_CST))
+            usleep(1000);
+        CHECK_EQ(waiter.n, 1);
+        __atomic_store_n(&poller.leave, 1, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&waiter.leave, 1, __ATOMIC_SEQ_CST);
+        pthread_join(tp, NULL);
+        pthread_join(tw, NULL);
+    }
     while (!__atomic_load_n(&poller.done, __ATOMIC_SEQ_CST))
         usleep(1000);
     CHECK_EQ(poller.n, -ETIMEDOUT);
