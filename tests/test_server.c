@@ -930,6 +930,16 @@ static void hold(tsrv *t, cp_conn *c)
     pthread_mutex_unlock(&t->lock);
 }
 
+/* How many connections on_open has held so far (under the lock: on_open holds after it
+ * counts `opens`, so opens alone does not say the hold is done). */
+static size_t held_count(tsrv *t)
+{
+    pthread_mutex_lock(&t->lock);
+    size_t n = t->nheld;
+    pthread_mutex_unlock(&t->lock);
+    return n;
+}
+
 static int t_on_open(cp_conn *c)
 {
     tsrv *t = tsrv_of(c);
@@ -3777,9 +3787,9 @@ TEST(send_queue_limit_refuses_pushes_to_a_slow_reader)
     t->sndbuf = 64 * 1024;
     tsrv_start(t, &o);
     int fd = connect_to(t->port);
-    WAIT_FOR(LOAD(&t->opens) == 1, IO_MS);
+    WAIT_FOR(held_count(t) == 1, IO_MS); /* (on_open counts opens before it holds) */
     pthread_mutex_lock(&t->lock);
-    cp_conn *c = t->nheld ? t->held[0] : NULL; /* (held in on_open, before opens counts) */
+    cp_conn *c = t->held[0];
     pthread_mutex_unlock(&t->lock);
     CHECK(c != NULL);
     uint8_t msg[MSG];
@@ -4361,7 +4371,7 @@ TEST(abort_and_the_shutdown_cut_reset_the_peer)
     tsrv_start(t, &o);
     int a = connect_not_reading(t->port);
     int b = connect_not_reading(t->port);
-    WAIT_FOR(LOAD(&t->opens) == 2 && t->nheld == 2, IO_MS);
+    WAIT_FOR(held_count(t) == 2, IO_MS);
     pthread_mutex_lock(&t->lock);
     cp_conn *held[2] = {t->held[0], t->held[1]};
     pthread_mutex_unlock(&t->lock);
@@ -6160,14 +6170,6 @@ typedef struct late_sender {
 } late_sender;
 
 #ifdef CPORT_INJECT
-static size_t held_count(tsrv *t)
-{
-    pthread_mutex_lock(&t->lock);
-    size_t n = t->nheld;
-    pthread_mutex_unlock(&t->lock);
-    return n;
-}
-
 static void *late_sender_main(void *arg)
 {
     late_sender *l = arg;
