@@ -62,6 +62,8 @@
  */
 #include "cport.h"
 
+#include "../src/inject.h" /* CP__INJECT_DELAY: a delay point in -DCPORT_INJECT=ON builds only */
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <getopt.h>
@@ -170,6 +172,7 @@ static void pair_unref(server *sv, pair *p)
 {
     if (__atomic_sub_fetch(&p->refs, 1, __ATOMIC_ACQ_REL) != 0)
         return;
+    CP__INJECT_DELAY("proxy_last_unref"); /* a shutdown's walk may find p meanwhile */
     pthread_mutex_lock(&sv->lock);
     pair_free_locked(sv, p);
     pthread_mutex_unlock(&sv->lock);
@@ -179,6 +182,20 @@ static void pair_unref(server *sv, pair *p)
 static void pair_ref(pair *p)
 {
     __atomic_add_fetch(&p->refs, 1, __ATOMIC_RELAXED);
+}
+
+/* Takes a reference unless the last one is gone: a pair whose count reached zero is being
+ * freed by the thread that dropped it (waiting for the lock to unlink it), and must not be
+ * revived by a walk. */
+static bool pair_ref_if_live(pair *p)
+{
+    uint32_t n = __atomic_load_n(&p->refs, __ATOMIC_ACQUIRE);
+    do {
+        if (n == 0)
+            return false;
+    } while (!__atomic_compare_exchange_n(&p->refs, &n, n + 1, true, __ATOMIC_ACQ_REL,
+                                          __ATOMIC_ACQUIRE));
+    return true;
 }
 
 /* After a start: a failed one (r < 0) or one finished in the call (CP_DONE_NOW) has no
@@ -604,7 +621,9 @@ static void shutdown_proxy(server *sv)
     /* Each pair is held by a reference of the walk's while it is closed; a pair in the list
      * is not freed while the lock is held (unlinking takes it), so `next` stays valid. */
     for (pair *p = sv->pairs, *next; p; p = next) {
-        pair_ref(p);
+        next = p->next;
+        if (!pair_ref_if_live(p))
+            continue; /* its last reference is gone: the dropper frees it */
         pair_close(sv, p, false);
         next = p->next;
         if (__atomic_sub_fetch(&p->refs, 1, __ATOMIC_ACQ_REL) == 0)

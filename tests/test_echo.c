@@ -3520,6 +3520,38 @@ TEST(proxy_reset_aborts_the_other_side)
 /* SIGTERM / SIGINT with pairs open (an idle one, one whose client does not read while the
  * upstream streams): the proxy closes them all and exits 0; its clients see the close and
  * the upstream's connections end too. */
+/* A stop signal while a pair's last reference has just been dropped (delay point
+ * proxy_last_unref, ASan build): the dropper waits for the lock to free the pair, and the
+ * shutdown's walk finds it in the list. The walk must leave it to the dropper. (Before, it
+ * took a reference on the dead pair and freed it too: a double free, found by valgrind.) */
+static void delay_last_unref(void)
+{
+    setenv("CPORT_INJECT_DELAY", "proxy_last_unref:1000000", 1);
+}
+
+TEST(proxy_stop_while_a_pair_is_being_freed)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#endif
+    upstream u = {0};
+    upstream_start(&u);
+    server px;
+    const char *args[] = {
+        "--upstream", fmt("127.0.0.1:%d", u.port), "--threads", "2", "--backend", cpt_backend(),
+        NULL};
+    server_spawn_prog(&px, "proxy", cpt_backend(), delay_last_unref, args);
+    int fd = connect_to(&px);
+    send_byte(fd, 'R'); /* the upstream resets: the pair is aborted, then freed */
+    drain_until_closed(fd, IO_MS);
+    usleep(200 * 1000); /* the close completions are in: the last unref is held (1 s) */
+    server_signal(&px, SIGTERM);
+    server_reap(&px, SIGTERM);
+    CHECK_EQ(px.accepted, 1);
+    close(fd);
+    upstream_stop(&u);
+}
+
 TEST(proxy_stop_signal_with_connections_open)
 {
     static const int sigs[] = {SIGTERM, SIGINT};
