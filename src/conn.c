@@ -73,15 +73,17 @@ static bool takes_sends(uint64_t st)
  * is issued the life reference is held, so the count is not zero. After that, it may
  * have reached zero already (on_close ran): a reference taken then would run on_close
  * again, and free c again, when dropped. */
-static bool op_ref_unless_closing(cp_conn *c)
+static int op_ref_unless_closing(cp_conn *c)
 {
     uint64_t st = st_load(c);
     do {
         if (!takes_sends(st))
-            return false;
+            return -EPIPE;
+        if ((st & CS_OPREF_MASK) >= CS_OPREF_SENDS_MAX)
+            return -ENOBUFS;
     } while (!__atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, true, __ATOMIC_SEQ_CST,
                                           __ATOMIC_SEQ_CST));
-    return true;
+    return 0;
 }
 
 static uint16_t st_tick(uint64_t st)
@@ -625,6 +627,10 @@ static uint16_t ticks_since(uint32_t now, uint16_t stamp)
 
 static int timeout_due(cp_server *sv, cp_conn *c, uint64_t st, uint32_t now)
 {
+    /* The application stopped reading (cp_conn_pause_recv): silence is its doing, not the
+     * peer's. The stamp is renewed when it resumes. */
+    if (st & CF_APP_PAUSED)
+        return timeout_due_deadline(sv, c, now) ? CP_CLOSE_DEADLINE : -1;
     uint16_t idle = ticks_since(now, st_tick(st));
     if (sv->hs_ticks && !(st & CF_GOT_DATA) && idle >= sv->hs_ticks)
         return CP_CLOSE_HANDSHAKE_TIMEOUT;
@@ -721,11 +727,12 @@ static int post_rx(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op)
     return post_rx_ref(sv, w, c, op, false);
 }
 
-/* Whether receiving should go on (lock held); sets PAUSED when replies piled up. */
+/* Whether receiving should go on (lock held): not closing, not ended, not paused by the
+ * application; sets PAUSED when replies piled up. */
 static bool may_read(cp_server *sv, cp_conn *c)
 {
     uint64_t st = st_load(c);
-    if (st & (CF_CLOSING | CF_STOP_READ))
+    if (st & (CF_CLOSING | CF_STOP_READ | CF_APP_PAUSED | CF_RX_ENDED))
         return false;
     if (__atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) > sv->o.max_pending_send) {
         if (!(st_or(c, CF_PAUSED) & CF_PAUSED))
@@ -829,6 +836,15 @@ static bool after_receive(cp_server *sv, cp_conn *c, int64_t res)
     return false;
 }
 
+/* A receive was not posted again because the application paused reading: stop the
+ * socket's background pooled receive too (io_uring), unless another receive still waits.
+ * (Backpressure pauses do not: they end as soon as replies drain.) */
+static void park_if_paused(cp_server *sv, cp_conn *c)
+{
+    if (sv->o.zero_byte && (st_load(c) & (CF_APP_PAUSED | CF_CLOSING)) == CF_APP_PAUSED)
+        cp__socket_pool_park(&c->s);
+}
+
 /* The single receive completed. Returns true if its operation reference went on to the
  * next receive (posted again on the same op); false if the caller must drop it. RX_OUT
  * stays set while a receive is posted or its completion is being handled: everyone else
@@ -855,8 +871,10 @@ static bool rx_single(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64
         else
             reposted = true;
     }
-    if (!reposted)
+    if (!reposted) {
         st_clear(c, CF_RX_OUT);
+        park_if_paused(sv, c);
+    }
     w->rx_conn = NULL;
     cp__lock_release(&c->lock);
     return reposted;
@@ -916,10 +934,31 @@ static void rx_multi(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64_
     }
     if (drain_reading(c) || may_read(sv, c))
         post_idle_slots(sv, w, c);
+    else
+        park_if_paused(sv, c);
     cp__lock_release(&c->lock);
 }
 
-/* Replies drained below half the cap: read again (any worker). */
+/* Post the receives that are not outstanding, if reading may run (lock held). While
+ * backpressure holds (PAUSED) it waits for maybe_resume: the replies must drain below half
+ * the cap first, also when the application resumes meanwhile. */
+static void read_again(cp_server *sv, cp__worker *w, cp_conn *c)
+{
+    if ((st_load(c) & CF_PAUSED) || !may_read(sv, c))
+        return;
+    if (sv->o.recvs > 1) {
+        post_idle_slots(sv, w, c);
+    } else if (!(st_or(c, CF_RX_OUT) & CF_RX_OUT)) {
+        int r = post_rx(sv, w, c, &c->rx);
+        if (r < 0) {
+            st_clear(c, CF_RX_OUT);
+            start_close(sv, c, CP_CLOSE_ERROR, r, false);
+        }
+    }
+}
+
+/* Replies drained below half the cap: read again (any worker), unless the application
+ * paused reading too (its resume reads again then). */
 static void maybe_resume(cp_server *sv, cp_conn *c)
 {
     if (!(st_load(c) & CF_PAUSED) ||
@@ -931,20 +970,80 @@ static void maybe_resume(cp_server *sv, cp_conn *c)
     if ((st & CF_PAUSED) && !(st & (CF_CLOSING | CF_STOP_READ)) &&
         __atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) <= sv->o.max_pending_send / 2) {
         st_clear(c, CF_PAUSED);
-        if (sv->o.recvs <= 1) {
-            if (!(st & CF_RX_OUT)) {
-                st_or(c, CF_RX_OUT);
-                int r = post_rx(sv, cp__server_worker(sv), c, &c->rx);
-                if (r < 0) {
-                    st_clear(c, CF_RX_OUT);
-                    start_close(sv, c, CP_CLOSE_ERROR, r, false);
-                }
-            }
-        } else {
-            post_idle_slots(sv, cp__server_worker(sv), c);
-        }
+        read_again(sv, cp__server_worker(sv), c);
     }
     cp__lock_release(&c->lock);
+}
+
+/* ---- pausing ------------------------------------------------------------------------------ */
+
+int cp_conn_pause_recv(cp_conn *c)
+{
+    if (!c)
+        return -EINVAL;
+    cp_server *sv = cp__conn_server(c);
+    uint64_t st = st_load(c);
+    do {
+        if (st & CF_CLOSING)
+            return -EPIPE;
+        if (st & CF_APP_PAUSED)
+            return 0;
+    } while (!__atomic_compare_exchange_n(&c->state, &st, st | CF_APP_PAUSED, true,
+                                          __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    /* Receives outstanding complete (and deliver) as usual and are not posted again. With
+     * none outstanding (backpressure had paused reading, or the receive side is between a
+     * completion and its next post, which then sees the flag), stop the background
+     * receive now: it would go on filling pool buffers. */
+    if (sv->o.zero_byte)
+        cp__socket_pool_park(&c->s);
+    return 0;
+}
+
+/* A resume that could not take c's lock at once: posts on a worker (holding an operation
+ * reference). */
+static void resume_work(void *arg)
+{
+    cp_conn *c = arg;
+    cp_server *sv = cp__conn_server(c);
+    cp__lock_acquire(&c->lock);
+    read_again(sv, cp__server_worker(sv), c);
+    cp__lock_release(&c->lock);
+    op_unref(sv, c, 1);
+}
+
+int cp_conn_resume_recv(cp_conn *c)
+{
+    if (!c)
+        return -EINVAL;
+    cp_server *sv = cp__conn_server(c);
+    uint64_t stamp = (uint64_t)data_tick(sv) << CS_TICK_SHIFT;
+    uint64_t st = st_load(c);
+    /* Unpaused, with the idle (handshake) timeout counting from now, and an operation
+     * reference for what follows, in one step: while not closing, the life reference is
+     * held, so the count is not zero. */
+    do {
+        if (st & CF_CLOSING)
+            return -EPIPE;
+        if (!(st & CF_APP_PAUSED))
+            return 0;
+    } while (!__atomic_compare_exchange_n(
+        &c->state, &st, ((st & ~(uint64_t)CF_APP_PAUSED & ~CS_TICK_MASK) | stamp) + CS_OPREF, true,
+        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    /* c's lock is held by its callbacks (this may be one: a resume from on_data) and its
+     * receive path; waiting for it here could deadlock two connections whose callbacks
+     * resume each other. Taken only if free, else a worker posts. */
+    if (cp__lock_try(&c->lock)) {
+        read_again(sv, cp__server_worker(sv), c);
+        cp__lock_release(&c->lock);
+        op_unref_caller(sv, c);
+        return 0;
+    }
+    int r = cp_pool_submit(sv->pool, resume_work, c);
+    if (r < 0) {
+        st_or(c, CF_APP_PAUSED); /* still paused: the caller may try again */
+        op_unref_caller(sv, c);
+    }
+    return r;
 }
 
 /* ---- sending --------------------------------------------------------------------------- */
@@ -1086,8 +1185,11 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
 {
     if (len == 0 || len > UINT32_MAX - 8)
         return -EINVAL;
-    if (!takes_sends(st_load(c)))
+    uint64_t st = st_load(c);
+    if (!takes_sends(st))
         return -EPIPE;
+    if ((st & CS_OPREF_MASK) >= CS_OPREF_SENDS_MAX)
+        return -ENOBUFS; /* about a million sends queued: the reference count is full */
     if (sv->o.send_queue_limit &&
         __atomic_load_n(&c->pending, __ATOMIC_RELAXED) + (uint64_t)len > sv->o.send_queue_limit) {
         __atomic_add_fetch(&sv->sends_refused, 1, __ATOMIC_RELAXED);
@@ -1183,8 +1285,9 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
         head_len > UINT32_MAX)
         return -EINVAL;
     cp_server *sv = cp__conn_server(c);
-    if (!op_ref_unless_closing(c))
-        return -EPIPE;
+    int refd = op_ref_unless_closing(c);
+    if (refd < 0)
+        return refd;
     CP__INJECT_DELAY("send_file_ref"); /* the connection may start closing meanwhile */
     cp__xmit *x = cp__slab_alloc(&sv->xmits);
     if (!x) {
@@ -1418,18 +1521,10 @@ void cp__conn_start(cp_server *sv, int fd)
     }
     __atomic_add_fetch(&sv->conns_total, 1, __ATOMIC_RELAXED);
     st_or(c, CF_OPEN);
-    if (sv->o.recvs <= 1) {
-        st_or(c, CF_RX_OUT);
-        int r = post_rx(sv, w, c, &c->rx);
-        if (r < 0) {
-            st_clear(c, CF_RX_OUT);
-            start_close(sv, c, CP_CLOSE_ERROR, r, false);
-        }
-    } else {
+    if (sv->o.recvs > 1)
         for (unsigned i = 0; i < sv->o.recvs; i++)
             slot_of(sv, c, i)->len = SLOT_IDLE;
-        post_idle_slots(sv, w, c);
-    }
+    read_again(sv, w, c); /* unless on_open paused reading */
     cp__lock_release(&c->lock);
     op_unref(sv, c, 1);
 }

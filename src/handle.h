@@ -157,6 +157,13 @@ long cp__send_try(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len,
  * was accepted and never sent). Any thread. */
 bool cp__socket_seal_if_idle(cp_handle *h, const uint32_t *pending);
 
+/* The server paused reading h (cp_conn_pause_recv): if no pooled receive waits on h,
+ * stop its background pooled receive (io_uring multishot), so that the peer's data stays
+ * in the kernel's socket buffer, where TCP's window stops the peer, instead of taking the
+ * shared pool's buffers. Chunks already taken stay for the next pooled receive, which
+ * re-arms it. Nothing on epoll (it reads only for a waiting receive). Any thread. */
+void cp__socket_pool_park(cp_handle *h);
+
 /* True if an op (or the struct it begins) at p is misaligned: the backends tag the low
  * bits of an op's address (io_uring user_data, epoll's first-data wait), so one at an odd
  * address (inside a packed structure) would be taken for another when it completes.

@@ -17,12 +17,13 @@
 /* ---- a connection --------------------------------------------------------------------- */
 
 /* cp_conn.state, one atomic 64-bit word:
- *   bits  0-13  flags (CF_*)
- *   bits 14-29  server tick of the last data received (once closing: the close errno, or
+ *   bits  0-15  flags (CF_*)
+ *   bits 16-31  server tick of the last data received (once closing: the close errno, or
  *               the tick the lingering close began)
- *   bits 30-51  operation references: each operation in flight (until its handler is done)
+ *   bits 32-51  operation references: each operation in flight (until its handler is done)
  *               plus one "life" reference dropped when the close completes. When they
- *               reach zero no callback can follow: on_close runs then.
+ *               reach zero no callback can follow: on_close runs then. Sends are refused
+ *               (-ENOBUFS) before they would pass CS_OPREF_SENDS_MAX.
  *   bits 52-63  user references (cp_conn_ref). Memory is freed when both counts are zero
  *               and on_close has run. */
 enum {
@@ -39,14 +40,19 @@ enum {
     CF_ONCLOSE_DONE = 1u << 11, /* on_close has run (or will not) */
     CF_LINGER = 1u << 12,       /* graceful close: replies sent, FIN sent, reading until EOF */
     CF_RX_ENDED = 1u << 13,     /* a receive reported the end (EOF or an error) */
+    CF_APP_PAUSED = 1u << 14,   /* cp_conn_pause_recv: no new receives until resumed */
 };
-#define CS_FLAGS      0x3fffull
-#define CS_TICK_SHIFT 14
+#define CS_FLAGS      0xffffull
+#define CS_TICK_SHIFT 16
 #define CS_TICK_MASK  (0xffffull << CS_TICK_SHIFT)
-#define CS_OPREF      (1ull << 30)
-#define CS_OPREF_MASK (0x3fffffull << 30)
-#define CS_UREF       (1ull << 52)
-#define CS_UREF_MASK  (0xfffull << 52)
+#define CS_OPREF      (1ull << 32)
+#define CS_OPREF_MASK (0xfffffull << 32)
+/* The most operation references sends may take (about a million sends queued on one
+ * connection, some 400 MB of send contexts): the room above is left to the receives,
+ * the close and callers racing past the check. */
+#define CS_OPREF_SENDS_MAX (0xff000ull << 32)
+#define CS_UREF            (1ull << 52)
+#define CS_UREF_MASK       (0xfffull << 52)
 
 /* 128 bytes with one receive in zero-byte mode, no framing, no user area. What follows
  * depends on the server's options (offsets in cp_server): receive slots when recvs > 1,

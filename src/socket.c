@@ -983,6 +983,21 @@ bool cp__socket_seal_if_idle(cp_handle *h, const uint32_t *pending)
     return idle;
 }
 
+void cp__socket_pool_park(cp_handle *h)
+{
+    cp_port *p = h->cp__port;
+    cp__oplist done = {0};
+    lock_collect(h, &done);
+    if ((h->cp__flags & (CP__H_MSHOT | CP__H_MSHOT_STOP | CP__H_CLOSING)) == CP__H_MSHOT &&
+        !has_opcode(h->cp__rq, CP_OP_RECV_POOL)) {
+        h->cp__flags |= CP__H_MSHOT_STOP;
+        be_of(h)->pool_stop(h);
+    }
+    maybe_finish_close_locked(h, &done);
+    unlock_flush(h, &done);
+    cp__io_deliver(p, &done);
+}
+
 int cp__socket_fd_hold(cp_handle *h)
 {
     cp__h_lock(h);

@@ -849,12 +849,13 @@ struct tsrv {
     uint16_t port;
     cp_server_options o;
     echo_mode echo;
-    bool check_stream;     /* on_data checks each connection's stream pattern */
-    bool yield;            /* callbacks yield now and then inside the in-callback window */
-    bool hold_refs;        /* on_open takes a reference, dropped by tsrv_release() */
-    int sndbuf;            /* on_open sets the connection's SO_SNDBUF to this (0 = leave it) */
-    uint32_t refuse_every; /* atomic: on_open refuses every n-th connection; 0 = none */
-    data_hook hook;        /* replaces the echo */
+    bool check_stream;      /* on_data checks each connection's stream pattern */
+    bool yield;             /* callbacks yield now and then inside the in-callback window */
+    bool hold_refs;         /* on_open takes a reference, dropped by tsrv_release() */
+    int sndbuf;             /* on_open sets the connection's SO_SNDBUF to this (0 = leave it) */
+    uint32_t pause_on_open; /* atomic: on_open pauses reading (cp_conn_pause_recv) */
+    uint32_t refuse_every;  /* atomic: on_open refuses every n-th connection; 0 = none */
+    data_hook hook;         /* replaces the echo */
     void *ctx;
 
     /* Counters (atomic). */
@@ -965,6 +966,8 @@ static int t_on_open(cp_conn *c)
     u->magic = UCONN_MAGIC;
     u->id = (uint32_t)ADD(&t->opens, 1);
     atomic_max(&t->open_now_max, ADD(&t->open_now, 1));
+    if (LOAD(&t->pause_on_open) && (r = cp_conn_pause_recv(c)) != 0)
+        note_error(t, "cp_conn_pause_recv in on_open: %d", r);
     if (t->hold_refs)
         hold(t, c);
     cb_leave(u);
@@ -6684,4 +6687,562 @@ TEST(a_new_thread_with_a_joined_workers_id_is_no_callback)
     CHECK_EQ(tsrv_stop(t, 0), 0);
     if (!reused)
         SKIP("no thread id was reused here, so the case did not arise");
+}
+
+/* ---- cp_conn_pause_recv / cp_conn_resume_recv ------------------------------------------ */
+
+/* The pause tests' hook state (atomic fields). */
+typedef struct pz {
+    uint64_t bytes;    /* delivered to on_data */
+    uint64_t calls;    /* on_data calls */
+    uint64_t at_bytes; /* ...when on_data paused its connection */
+    uint64_t at_calls;
+    uint32_t paused;    /* connections paused by the hook */
+    uint32_t pause_max; /* the hook pauses the first pause_max connections (0: none) */
+    uint32_t echo_from; /* connections with an id from this one echo (cp_conn_send); 0: none */
+    uint32_t cross;     /* pause and resume another held connection on every delivery */
+    uint64_t cross_calls;
+} pz;
+
+static cp_conn *held_at(tsrv *t, size_t i)
+{
+    pthread_mutex_lock(&t->lock);
+    cp_conn *c = i < t->nheld ? t->held[i] : NULL;
+    pthread_mutex_unlock(&t->lock);
+    return c;
+}
+
+static size_t held_n(tsrv *t)
+{
+    pthread_mutex_lock(&t->lock);
+    size_t n = t->nheld;
+    pthread_mutex_unlock(&t->lock);
+    return n;
+}
+
+/* Resume, retrying while the work item could not be queued. */
+static int resume_retry(cp_conn *c)
+{
+    int r;
+    while ((r = cp_conn_resume_recv(c)) == -EAGAIN || r == -ENOMEM)
+        sched_yield();
+    return r;
+}
+
+static void pause_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    pz *z = t->ctx;
+    uint64_t bytes = ADD(&z->bytes, len);
+    uint64_t calls = ADD(&z->calls, 1);
+    /* u->frames: deliveries before this one. */
+    if (u->frames == 0 && u->id <= LOAD(&z->pause_max)) {
+        int r1 = cp_conn_pause_recv(c), r2 = cp_conn_pause_recv(c);
+        if (r1 != 0 || r2 != 0)
+            note_error(t, "cp_conn_pause_recv: %d, again: %d", r1, r2);
+        STORE(&z->at_bytes, bytes);
+        STORE(&z->at_calls, calls);
+        ADD(&z->paused, 1);
+    }
+    if (z->echo_from && u->id >= z->echo_from)
+        note_send(t, cp_conn_send(c, data, len));
+    if (LOAD(&z->cross)) {
+        /* Another connection's pause and resume from this callback: never waits for its
+         * callbacks (two connections doing this to each other would deadlock). */
+        size_t n = held_n(t);
+        cp_conn *o = n ? held_at(t, (u->id + 1) % n) : NULL;
+        if (o) {
+            int r1 = cp_conn_pause_recv(o), r2 = resume_retry(o);
+            if ((r1 != 0 && r1 != -EPIPE) || (r2 != 0 && r2 != -EPIPE))
+                note_error(t, "cross pause %d, resume %d", r1, r2);
+            ADD(&z->cross_calls, 1);
+        }
+        /* Resuming a connection that is not paused does nothing. */
+        int r = cp_conn_resume_recv(c);
+        if (r != 0 && r != -EAGAIN && r != -ENOMEM)
+            note_error(t, "resume of a running connection: %d", r);
+    }
+}
+
+/* Send stream `seed` from `*sent` on until the kernel takes no more for 500 ms (at most
+ * `cap` bytes: a server that does not stop reading fails the test). */
+static void send_until_blocked(int fd, uint32_t seed, uint64_t *sent, uint64_t cap)
+{
+    uint8_t tx[65536];
+    for (;;) {
+        CHECK(*sent < cap);
+        stream_fill(seed, *sent, tx, sizeof tx);
+        ssize_t w = send(fd, tx, sizeof tx, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) {
+            *sent += (uint64_t)w;
+            continue;
+        }
+        CHECK(w < 0 && errno == EAGAIN);
+        if (!wait_fd(fd, POLLOUT, cpt_now_ms() + 500))
+            return;
+    }
+}
+
+/* Send stream `seed` from *sent up to `total` (blocking as needed). */
+static void send_stream_to(int fd, uint32_t seed, uint64_t *sent, uint64_t total)
+{
+    uint8_t tx[65536];
+    while (*sent < total) {
+        size_t n = total - *sent < sizeof tx ? (size_t)(total - *sent) : sizeof tx;
+        stream_fill(seed, *sent, tx, n);
+        send_all(fd, tx, n);
+        *sent += n;
+    }
+}
+
+/* The receives one connection of `o` may have outstanding, and the most bytes each takes. */
+static uint64_t rx_bound(tsrv *t, const cp_server_options *o)
+{
+    uint64_t per = o->zero_byte ? cp_buffer_size(cp_server_port(t->sv))
+                                : (o->recv_buffer ? o->recv_buffer : 16384);
+    return (o->recvs ? o->recvs : 1) * per;
+}
+
+/* A client streams; on_data pauses its connection at the first delivery. Then at most
+ * `recvs` receives are delivered, the client's sends block (kernel buffers full), and
+ * after cp_conn_resume_recv() from this thread everything arrives byte-exact and in order
+ * (check_stream), the rest of the stream too. Framed: the payloads form the stream. */
+static void pause_case(const cp_server_options *base)
+{
+    cp_server_options o = *base;
+    o.threads = 2;
+    pz z = {.pause_max = 1};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->check_stream = true;
+    t->hold_refs = true;
+    t->hook = pause_hook;
+    t->ctx = &z;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    uint32_t seed = 77;
+    uint64_t sent = 0;
+    if (o.framed) {
+        /* Frames of 1000 payload bytes of the stream, many in a receive. */
+        enum { PAY = 1000, FRAMES = 16384 };
+        size_t len = (size_t)FRAMES * (4 + PAY), off = 0;
+        uint8_t *fr = malloc(len);
+        CHECK(fr != NULL);
+        for (size_t i = 0; i < FRAMES; i++) {
+            cp_frame_header(fr + i * (4 + PAY), PAY);
+            stream_fill(seed, i * PAY, fr + i * (4 + PAY) + 4, PAY);
+        }
+        for (;;) {
+            CHECK(off < len);
+            ssize_t w = send(fd, fr + off, len - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (w > 0) {
+                off += (size_t)w;
+                continue;
+            }
+            CHECK(errno == EAGAIN);
+            if (!wait_fd(fd, POLLOUT, cpt_now_ms() + 500))
+                break;
+        }
+        uint64_t after = LOAD(&z.bytes) - LOAD(&z.at_bytes);
+        fprintf(stderr,
+                "framed: %zu bytes sent, %llu payload bytes delivered, %llu after the pause\n", off,
+                (unsigned long long)LOAD(&z.bytes), (unsigned long long)after);
+        CHECK_EQ(LOAD(&z.paused), 1);
+        /* The rest of the receive being delivered, and the receives outstanding. */
+        CHECK(after <= rx_bound(t, &o) +
+                           (o.zero_byte ? cp_buffer_size(cp_server_port(t->sv)) : o.recv_buffer));
+        CHECK(LOAD(&z.bytes) < off);
+        CHECK_OK(cp_conn_resume_recv(held_at(t, 0)));
+        CHECK_OK(cp_conn_resume_recv(held_at(t, 0)));
+        send_all(fd, fr + off, len - off);
+        free(fr);
+        uint64_t frames = FRAMES;
+        WAIT_FOR(LOAD(&z.bytes) == frames * PAY, IO_MS);
+    } else {
+        uint8_t first[100];
+        stream_fill(seed, 0, first, sizeof first);
+        send_all(fd, first, sizeof first);
+        sent = sizeof first;
+        WAIT_FOR(LOAD(&z.paused) == 1, IO_MS);
+        send_until_blocked(fd, seed, &sent, 256ull << 20);
+        uint64_t calls = LOAD(&z.calls) - LOAD(&z.at_calls);
+        uint64_t after = LOAD(&z.bytes) - LOAD(&z.at_bytes);
+        fprintf(stderr,
+                "recvs %u%s: sent %llu bytes until blocked; after the pause %llu deliveries, "
+                "%llu bytes (bound %llu)\n",
+                o.recvs, o.zero_byte ? " zero-byte" : "", (unsigned long long)sent,
+                (unsigned long long)calls, (unsigned long long)after,
+                (unsigned long long)rx_bound(t, &o));
+        CHECK(calls <= (o.recvs ? o.recvs : 1));
+        CHECK(after <= rx_bound(t, &o));
+        CHECK(LOAD(&z.bytes) < sent);
+        CHECK_OK(cp_conn_resume_recv(held_at(t, 0)));
+        CHECK_OK(cp_conn_resume_recv(held_at(t, 0)));
+        send_stream_to(fd, seed, &sent, sent + (1 << 20));
+        WAIT_FOR(LOAD(&z.bytes) == sent, IO_MS);
+    }
+    close(fd);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_PEER]), 1);
+    CHECK_EQ(cp_conn_pause_recv(held_at(t, 0)), -EPIPE);
+    CHECK_EQ(cp_conn_resume_recv(held_at(t, 0)), -EPIPE);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+TEST(pause_recv_stops_reading_and_resume_delivers_everything)
+{
+    cp_server_options a = {.recvs = 1, .recv_buffer = 4096};
+    pause_case(&a);
+    cp_server_options b = {.recvs = 4, .recv_buffer = 4096};
+    pause_case(&b);
+    cp_server_options c = {.recvs = 1, .zero_byte = true};
+    pause_case(&c);
+    cp_server_options d = {.recvs = 3, .zero_byte = true};
+    pause_case(&d);
+    cp_server_options e = {.recvs = 1, .recv_buffer = 4096, .framed = true};
+    pause_case(&e);
+    cp_server_options f = {.recvs = 2, .zero_byte = true, .framed = true};
+    pause_case(&f);
+}
+
+/* A thread pauses and resumes the connections over and over while they stream and echo,
+ * and every on_data pauses and resumes another connection (from a callback: must not wait
+ * for that connection's callbacks): the echo stays byte-exact, callbacks never overlap. */
+typedef struct toggler {
+    tsrv *t;
+    int stop;
+    uint64_t pauses, resumes;
+    pthread_t th;
+} toggler;
+
+static void *toggler_main(void *arg)
+{
+    toggler *g = arg;
+    uint64_t rng = 99;
+    while (!LOAD(&g->stop)) {
+        size_t n = held_n(g->t);
+        if (!n) {
+            sched_yield();
+            continue;
+        }
+        cp_conn *c = held_at(g->t, rng_next(&rng) % n);
+        int r = cp_conn_pause_recv(c);
+        if (r == 0)
+            ADD(&g->pauses, 1);
+        else
+            CHECK_EQ(r, -EPIPE);
+        if (rng_next(&rng) % 2)
+            sched_yield();
+        r = resume_retry(c);
+        if (r == 0)
+            ADD(&g->resumes, 1);
+        else
+            CHECK_EQ(r, -EPIPE);
+    }
+    return NULL;
+}
+
+static void toggle_case(const cp_server_options *base)
+{
+    cp_server_options o = *base;
+    pz z = {.echo_from = 1, .cross = 1};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->check_stream = true;
+    t->hold_refs = true;
+    t->yield = true;
+    t->hook = pause_hook;
+    t->ctx = &z;
+    tsrv_start(t, &o);
+    toggler g = {.t = t};
+    CHECK_EQ(pthread_create(&g.th, NULL, toggler_main, &g), 0);
+    stream_echo(t->port, 6, (uint64_t)cpt_scaled(2 << 20, 128 << 10), 20000, 300);
+    STORE(&g.stop, 1);
+    pthread_join(g.th, NULL);
+    fprintf(stderr, "%llu pauses and %llu resumes from a thread, %llu from callbacks\n",
+            (unsigned long long)g.pauses, (unsigned long long)g.resumes,
+            (unsigned long long)LOAD(&z.cross_calls));
+    CHECK(g.pauses > 0 && LOAD(&z.cross_calls) > 0);
+    WAIT_FOR(LOAD(&t->closes) == 6, IO_MS);
+    CHECK_EQ(LOAD(&t->send_errors), 0);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+TEST(pause_and_resume_from_other_threads_while_data_flows)
+{
+    cp_server_options a = {.threads = 3, .recvs = 1, .recv_buffer = 4096};
+    toggle_case(&a);
+    cp_server_options b = {.threads = 3, .recvs = 4, .zero_byte = true};
+    toggle_case(&b);
+    cp_server_options c = {.threads = 2, .recvs = 1, .zero_byte = true};
+    toggle_case(&c);
+}
+
+/* Paused, the peer sends more and closes: nothing is noticed until the resume; then the
+ * rest of the data, then on_close(PEER). */
+static void pause_peer_close_case(const cp_server_options *base)
+{
+    cp_server_options o = *base;
+    o.threads = 2;
+    pz z = {.pause_max = 1};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->check_stream = true;
+    t->hold_refs = true;
+    t->hook = pause_hook;
+    t->ctx = &z;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    uint64_t sent = 0;
+    send_stream_to(fd, 5, &sent, 100);
+    WAIT_FOR(LOAD(&z.paused) == 1, IO_MS);
+    send_stream_to(fd, 5, &sent, 200000);
+    close(fd);
+    usleep(200000); /* nothing may happen meanwhile: this only gives it the chance */
+    CHECK_EQ(LOAD(&t->closes), 0);
+    CHECK(LOAD(&z.bytes) - LOAD(&z.at_bytes) <= rx_bound(t, &o));
+    CHECK_OK(cp_conn_resume_recv(held_at(t, 0)));
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&z.bytes), sent);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_PEER]), 1);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+TEST(pause_then_the_peer_closes)
+{
+    cp_server_options a = {.recvs = 1, .recv_buffer = 4096};
+    pause_peer_close_case(&a);
+    cp_server_options b = {.recvs = 2, .zero_byte = true};
+    pause_peer_close_case(&b);
+}
+
+/* A paused connection whose peer keeps its sends queued does not hold up the shutdown:
+ * the close reads (and drops) the input, and the connection closes without the deadline. */
+static void pause_shutdown_case(const cp_server_options *base)
+{
+    cp_server_options o = *base;
+    o.threads = 2;
+    o.tick_ms = 20;
+    pz z = {.pause_max = 1};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->check_stream = true;
+    t->hook = pause_hook;
+    t->ctx = &z;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    uint64_t sent = 0;
+    send_stream_to(fd, 6, &sent, 100);
+    WAIT_FOR(LOAD(&z.paused) == 1, IO_MS);
+    send_until_blocked(fd, 6, &sent, 256ull << 20);
+    int64_t t0 = cpt_now_ms();
+    int r = cp_server_shutdown(t->sv, 20000);
+    fprintf(stderr, "shutdown: %d after %lld ms\n", r, (long long)(cpt_now_ms() - t0));
+    CHECK_EQ(r, 0);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_SHUTDOWN]), 1);
+    expect_closed(fd, IO_MS);
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+TEST(pause_then_shutdown_completes)
+{
+    cp_server_options a = {.recvs = 1, .recv_buffer = 4096};
+    pause_shutdown_case(&a);
+    cp_server_options b = {.recvs = 1, .zero_byte = true};
+    pause_shutdown_case(&b);
+}
+
+static bool peer_closed(int fd)
+{
+    uint8_t b;
+    ssize_t r = recv(fd, &b, 1, MSG_DONTWAIT);
+    return r == 0 || (r < 0 && errno != EAGAIN);
+}
+
+/* Neither the handshake nor the idle timeout reaps a connection the application paused
+ * (one paused in on_open, before any data; one after its first data); both count again
+ * from the resume. A silent connection that is not paused is reaped meanwhile. */
+TEST(paused_connections_are_not_reaped_until_resumed)
+{
+    enum { IDLE_MS = 400, TICK = 20 };
+    cp_server_options o = {
+        .threads = 2, .handshake_timeout_ms = IDLE_MS, .idle_timeout_ms = IDLE_MS, .tick_ms = TICK};
+    pz z = {.pause_max = 2};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    t->hook = pause_hook;
+    t->ctx = &z;
+    tsrv_start(t, &o);
+    STORE(&t->pause_on_open, 1);
+    int a = connect_to(t->port);
+    WAIT_FOR(held_n(t) == 1, IO_MS);
+    STORE(&t->pause_on_open, 0);
+    int b = connect_to(t->port);
+    WAIT_FOR(held_n(t) == 2, IO_MS);
+    send_all(b, "x", 1);
+    WAIT_FOR(LOAD(&z.paused) == 1, IO_MS);
+    int silent = connect_to(t->port);
+    int64_t t0 = cpt_now_ms();
+    expect_closed(silent, IDLE_MS + 1000);
+    /* Three timeouts long. */
+    while (cpt_now_ms() - t0 < 3 * IDLE_MS) {
+        CHECK(!peer_closed(a));
+        CHECK(!peer_closed(b));
+        usleep(10000);
+    }
+    CHECK_EQ(LOAD(&t->closes), 1);
+    CHECK_EQ(tsrv_stats(t).conns_reaped, 1);
+    int64_t tr = cpt_now_ms();
+    CHECK_OK(cp_conn_resume_recv(held_at(t, 0)));
+    CHECK_OK(cp_conn_resume_recv(held_at(t, 1)));
+    size_t data;
+    int64_t ca = wait_peer_close(a, tr + IDLE_MS + 2000, &data);
+    int64_t cb = wait_peer_close(b, tr + IDLE_MS + 2000, &data);
+    fprintf(stderr, "reaped %lld and %lld ms after the resume\n", (long long)(ca - tr),
+            (long long)(cb - tr));
+    CHECK(ca >= 0 && cb >= 0);
+    CHECK(ca - tr >= IDLE_MS - TICK - 5);
+    CHECK(cb - tr >= IDLE_MS - TICK - 5);
+    WAIT_FOR(LOAD(&t->closes) == 3, IO_MS);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_HANDSHAKE_TIMEOUT]), 2); /* silent and a */
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_IDLE_TIMEOUT]), 1);
+    close(a);
+    close(b);
+    close(silent);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* The two pauses combine: reading runs only when neither holds. A client that does not
+ * read its echo makes backpressure pause the connection; a resume by the application then
+ * keeps it paused, and so does the replies' draining while the application's pause holds;
+ * only both ended read again, and the whole stream is echoed byte-exact. */
+static void pause_backpressure_case(const cp_server_options *base)
+{
+    cp_server_options o = *base;
+    o.threads = 2;
+    o.max_pending_send = 65536;
+    pz z = {.echo_from = 1};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->check_stream = true;
+    t->hold_refs = true;
+    t->sndbuf = 4096;
+    t->hook = pause_hook;
+    t->ctx = &z;
+    tsrv_start(t, &o);
+    int fd = sock_nb();
+    int small = 4096;
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small));
+    struct sockaddr_in sa = loopback(t->port);
+    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EINPROGRESS);
+    CHECK(wait_fd(fd, POLLOUT, cpt_now_ms() + IO_MS));
+    uint64_t sent = 0, got = 0;
+    send_until_blocked(fd, 8, &sent, 256ull << 20);
+    CHECK(tsrv_stats(t).backpressure_events > 0);
+    cp_conn *c = held_at(t, 0);
+    uint32_t *cst = (uint32_t *)&c->state; /* low half: the flags */
+    CHECK(LOAD(cst) & CF_PAUSED);
+    /* Backpressure holds: the application's pause and resume leave it paused. */
+    CHECK_OK(cp_conn_pause_recv(c));
+    CHECK_OK(cp_conn_resume_recv(c));
+    uint64_t in0 = LOAD(&z.bytes);
+    usleep(200000); /* a wrong resume would read on meanwhile: this gives it the chance */
+    CHECK_EQ(LOAD(&z.bytes), in0);
+    /* Paused by the application, the replies drain: still no reading. */
+    CHECK_OK(cp_conn_pause_recv(c));
+    uint8_t buf[65536], want[65536];
+    while (got < in0) {
+        CHECK(wait_fd(fd, POLLIN, cpt_now_ms() + IO_MS));
+        ssize_t k = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+        CHECK(k > 0);
+        stream_fill(8, got, want, (size_t)k);
+        CHECK(memcmp(buf, want, (size_t)k) == 0);
+        got += (uint64_t)k;
+    }
+    WAIT_FOR(!(LOAD(cst) & CF_PAUSED), IO_MS); /* the drain ended the backpressure */
+    usleep(200000);
+    CHECK_EQ(LOAD(&z.bytes), in0);
+    CHECK_EQ(cp_conn_pending(c), 0);
+    /* Both ended: everything is read and echoed. */
+    CHECK_OK(cp_conn_resume_recv(c));
+    uint64_t total = sent + (1 << 20);
+    uint8_t tx[16384];
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    while (got < total) {
+        CHECK(cpt_now_ms() < deadline);
+        short ev = (short)(POLLIN | (sent < total ? POLLOUT : 0));
+        CHECK(wait_fd(fd, ev, deadline));
+        if (sent < total) {
+            size_t n = total - sent < sizeof tx ? (size_t)(total - sent) : sizeof tx;
+            stream_fill(8, sent, tx, n);
+            ssize_t w = send(fd, tx, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+            CHECK(w > 0 || errno == EAGAIN);
+            if (w > 0)
+                sent += (uint64_t)w;
+        }
+        ssize_t k = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (k > 0) {
+            stream_fill(8, got, want, (size_t)k);
+            CHECK(memcmp(buf, want, (size_t)k) == 0);
+            got += (uint64_t)k;
+        } else {
+            CHECK(k < 0 && errno == EAGAIN);
+        }
+    }
+    CHECK_EQ(LOAD(&z.bytes), total);
+    close(fd);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->send_errors), 0);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+TEST(pause_and_backpressure_combine)
+{
+    cp_server_options a = {.recvs = 1, .recv_buffer = 4096};
+    pause_backpressure_case(&a);
+    cp_server_options b = {.recvs = 2, .zero_byte = true};
+    pause_backpressure_case(&b);
+}
+
+/* Zero-byte mode: paused connections whose peers keep sending leave the shared receive
+ * pool to the others. On io_uring a socket's background (multishot) receive went on
+ * taking pool buffers after the server stopped posting receives, up to its share
+ * (pool_per_socket); 12 paused sockets x 4 took the whole 32-buffer pool, and a 13th
+ * connection starved. The pause stops it. */
+TEST(paused_connections_leave_the_pool_to_others)
+{
+    enum { PAUSED = 12 };
+    cp_server_options o = {.threads = 2, .zero_byte = true};
+    o.port_options.pool_buffers = 32;
+    o.port_options.pool_per_socket = 4;
+    o.port_options.flags = CP_PORT_WHOLE_BUFFERS;
+    pz z = {.pause_max = PAUSED, .echo_from = PAUSED + 1};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    t->hook = pause_hook;
+    t->ctx = &z;
+    tsrv_start(t, &o);
+    int fds[PAUSED];
+    for (int i = 0; i < PAUSED; i++) {
+        fds[i] = connect_to(t->port);
+        WAIT_FOR(held_n(t) == (size_t)i + 1, IO_MS); /* ids in connect order */
+        send_all(fds[i], "x", 1);
+        WAIT_FOR(LOAD(&z.paused) == (uint32_t)i + 1, IO_MS);
+    }
+    /* Each paused peer sends more than its share could take. */
+    uint8_t tx[65536];
+    memset(tx, 'y', sizeof tx);
+    uint64_t total = 200000;
+    for (int i = 0; i < PAUSED; i++) {
+        ssize_t w = send(fds[i], tx, sizeof tx, MSG_NOSIGNAL | MSG_DONTWAIT);
+        CHECK(w > 0);
+        total += 1 + (uint64_t)w;
+    }
+    int other = connect_to(t->port);
+    int r = try_exchange(other, 3, 200000, cpt_now_ms() + 5000);
+    fprintf(stderr, "the unpaused connection's echo: %s\n", r ? strerror(-r) : "complete");
+    CHECK_EQ(r, 0);
+    for (int i = 0; i < PAUSED; i++)
+        CHECK_OK(cp_conn_resume_recv(held_at(t, (size_t)i)));
+    close(other);
+    for (int i = 0; i < PAUSED; i++)
+        close(fds[i]);
+    WAIT_FOR(LOAD(&t->closes) == PAUSED + 1, IO_MS);
+    CHECK_EQ(LOAD(&z.bytes), total); /* every byte sent reached on_data */
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
 }

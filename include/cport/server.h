@@ -15,7 +15,9 @@
  *     kind and 512 KiB of buffers (32 of 4 KiB, 8 of 16 KiB, 4 of 64 KiB);
  *   - refuses connections beyond max_conns at once (they are accepted and closed, and
  *     counted); stops reading from a peer whose replies pile up beyond max_pending_send
- *     (backpressure) and resumes when they drain; pauses accepting on EMFILE / ENFILE /
+ *     (backpressure) and resumes when they drain, and lets the application pause reading
+ *     a connection for reasons of its own (cp_conn_pause_recv); pauses accepting on
+ *     EMFILE / ENFILE /
  *     ENOBUFS / ENOMEM (and on any accept error that is not the new connection's own, such
  *     as EPERM from an LSM) and retries on a timer, without spinning (S5);
  *   - hands one connection's data to its callbacks in arrival order, never two callbacks
@@ -31,9 +33,10 @@
  * connections run in parallel (up to `threads`). A callback should not block for long;
  * if it must, bracket the wait with cp_port_block_begin/end(cp_server_port(server)).
  * cp_conn_send*() (except cp_conn_send_data(): only from the connection's own on_data),
- * cp_conn_close() and cp_conn_abort() may be called from any thread, including callbacks
- * of other connections; the other cp_conn_* calls from the
- * connection's own callbacks (or while holding a reference, see cp_conn_ref()).
+ * cp_conn_close(), cp_conn_abort(), cp_conn_pause_recv() and cp_conn_resume_recv() may be
+ * called from any thread, including callbacks of other connections; the other cp_conn_*
+ * calls from the connection's own callbacks (or while holding a reference, see
+ * cp_conn_ref()).
  *
  * Lifetime. The server allocates each cp_conn when it accepts the connection. A cp_conn
  * pointer is valid from on_open until on_close returns; to use it after that (e.g. from
@@ -275,7 +278,8 @@ CP_EXTERN int cp_server_stats_prometheus(cp_server *server, const char *prefix, 
  * the bytes had gone out already, the connection is aborted: its stream cannot go on
  * without the rest), -ENOBUFS (the same, when 4 GiB would be queued on the connection:
  * cp_conn_pending() counts up to UINT32_MAX; or before any byte goes out when
- * options.send_queue_limit would be passed), or -EINVAL. Any thread. In framed mode the
+ * options.send_queue_limit would be passed, or when about a million sends are queued on
+ * the connection), or -EINVAL. Any thread. In framed mode the
  * bytes are sent as they are: use cp_conn_send_frame(). */
 CP_EXTERN int cp_conn_send(cp_conn *c, const void *data, size_t len);
 
@@ -297,7 +301,8 @@ CP_EXTERN int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *c
  * file fd from offset (len > 0), without copying the file through user space; ordered with
  * the connection's other sends. fd must stay open until on_sent(c, ctx, result) reports
  * the send done (ctx must not be NULL). Returns as cp_conn_send(), except that
- * send_queue_limit does not apply (-ENOBUFS only when 4 GiB would be queued). Any thread. */
+ * send_queue_limit does not apply (-ENOBUFS only when 4 GiB, or about a million sends,
+ * would be queued). Any thread. */
 CP_EXTERN int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd,
                                 int64_t offset, uint64_t len, void *ctx);
 
@@ -324,6 +329,36 @@ CP_EXTERN int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len);
  * -EINVAL when the server is not framed. Only inside the connection's own callbacks
  * (on_close included), which see the decoder at rest. */
 CP_EXTERN int cp_conn_frame_state(cp_conn *c, char *buf, size_t size);
+
+/* Stop reading from the connection, e.g. because the application cannot pass the data on
+ * yet (a proxy whose upstream is slow); cp_conn_resume_recv() reads again. This pause
+ * and the server's own (backpressure: max_pending_send) are separate: reading runs only
+ * while neither holds. After the call returns no new receive starts; what receives
+ * already hold is still delivered: on_data may still be called for the rest of a
+ * delivery in progress (framed: the rest of the frames of that receive) and for the
+ * receives outstanding (at most `recvs`, each up to recv_buffer bytes, or a pool buffer
+ * with zero_byte). Nothing is lost: the peer's further data stays in the kernel's socket
+ * buffer, and TCP's window stops the peer when that is full. A paused connection posts
+ * no receive, so in zero-byte mode it holds no pool buffer beyond those receives (on
+ * io_uring the socket's background receive is stopped too; chunks it had already taken
+ * wait for the resume). The peer's end or a reset is noticed only when reading resumes.
+ * While paused, neither the handshake nor the idle timeout applies (the silence is the
+ * application's doing): both count again from the resume. A deadline
+ * (cp_conn_set_deadline) still fires. A close (cp_conn_close, a bad frame, shutdown)
+ * reads on regardless, dropping the input, as a graceful close always does. Idempotent.
+ * Returns 0, -EPIPE once the connection is closing, or -EINVAL (NULL). Any thread, while
+ * the caller holds the connection (one of its callbacks, or a cp_conn_ref); also in
+ * on_open, before the first receive. */
+CP_EXTERN int cp_conn_pause_recv(cp_conn *c);
+
+/* Read again after cp_conn_pause_recv() (unless backpressure still holds: then when the
+ * replies have drained). Resuming a connection that is not paused does nothing and
+ * returns 0. Returns 0, -EPIPE once the connection is closing, -EINVAL (NULL), or, when
+ * the receive must be posted by a worker (the call came from a callback of the
+ * connection, or one ran) and that work item could not be queued, the error of
+ * cp_pool_submit() (-EAGAIN, -ENOMEM): the connection then stays paused. Any thread,
+ * while the caller holds the connection; it never waits for the connection's callbacks. */
+CP_EXTERN int cp_conn_resume_recv(cp_conn *c);
 
 /* Close after everything queued so far has been sent (bounded: see linger_ms). Any
  * thread. */
