@@ -62,6 +62,8 @@ static void op_ref(cp_conn *c)
  * Once the last reply is out, the socket is sealed under its lock: later sends fail. */
 static bool takes_sends(uint64_t st)
 {
+    if (st & CF_SHUT_SEND)
+        return false;
     if (!(st & CF_CLOSING))
         return true;
     return (st & (CF_DRAIN | CF_CLOSE_ISSUED | CF_STOP_READ)) == CF_DRAIN &&
@@ -322,6 +324,37 @@ static void shutdown_write(cp_conn *c)
         shutdown(fd, SHUT_WR);
         cp__socket_fd_release(&c->s);
     }
+}
+
+/* cp_conn_shutdown_send: FIN once nothing is queued (any thread; again at the last send's
+ * completion). The decision is made under the socket's lock, as the close's is: a send
+ * that found the connection taking sends either counted its bytes before (then this
+ * waits for them) or is refused after. */
+static void fin_step(cp_conn *c)
+{
+    uint64_t st = st_load(c);
+    if ((st & (CF_SHUT_SEND | CF_CLOSE_ISSUED)) != CF_SHUT_SEND ||
+        __atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) != 0)
+        return;
+    if (cp__socket_seal_if_idle(&c->s, &c->pending))
+        shutdown_write(c);
+}
+
+int cp_conn_shutdown_send(cp_conn *c)
+{
+    if (!c)
+        return -EINVAL;
+    uint64_t st = st_load(c);
+    do {
+        if (st & CF_SHUT_SEND)
+            return 0;
+        if (st & CF_CLOSING)
+            return -EPIPE;
+    } while (!__atomic_compare_exchange_n(&c->state, &st, st | CF_SHUT_SEND, true, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_SEQ_CST));
+    /* Pairs with the send completion: it lowers `pending`, then reads the flags. */
+    fin_step(c);
+    return 0;
 }
 
 /* A graceful close moves on (any thread). Once every reply is in the kernel: close if the
@@ -629,7 +662,7 @@ static int timeout_due(cp_server *sv, cp_conn *c, uint64_t st, uint32_t now)
 {
     /* The application stopped reading (cp_conn_pause_recv): silence is its doing, not the
      * peer's. The stamp is renewed when it resumes. */
-    if (st & CF_APP_PAUSED)
+    if (st & (CF_APP_PAUSED | CF_RX_ENDED))
         return timeout_due_deadline(sv, c, now) ? CP_CLOSE_DEADLINE : -1;
     uint16_t idle = ticks_since(now, st_tick(st));
     if (sv->hs_ticks && !(st & CF_GOT_DATA) && idle >= sv->hs_ticks)
@@ -827,7 +860,15 @@ static bool after_receive(cp_server *sv, cp_conn *c, int64_t res)
 {
     if (res > 0)
         return drain_reading(c) || may_read(sv, c);
-    st_or(c, CF_RX_ENDED);
+    uint64_t prev = st_or(c, CF_RX_ENDED);
+    if (res == 0 && sv->o.half_close && !(prev & CF_CLOSING)) {
+        /* Half-close: the connection stays; the application closes it. Once, also when
+         * several receives report the end. */
+        if (!(prev & CF_RX_ENDED))
+            sv->cb.on_end(c);
+        drain_step(sv, c); /* on_end may have closed it */
+        return false;
+    }
     if (res == 0)
         start_close(sv, c, CP_CLOSE_PEER, 0, true); /* reply to what came, then close */
     else if (!(st_load(c) & CF_CLOSING))
@@ -1320,9 +1361,13 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
     if (r < 0) {
         /* A graceful close that looked meanwhile saw these bytes pending and left the
          * close to their completion: there is none, so look again. */
-        if (__atomic_sub_fetch(&c->pending, xmit_pending(x), __ATOMIC_SEQ_CST) == 0 &&
-            (st_load(c) & CF_DRAIN))
-            drain_step(sv, c);
+        if (__atomic_sub_fetch(&c->pending, xmit_pending(x), __ATOMIC_SEQ_CST) == 0) {
+            uint64_t st = st_load(c);
+            if (st & CF_DRAIN)
+                drain_step(sv, c);
+            else if (st & CF_SHUT_SEND)
+                fin_step(c);
+        }
         if (x->head)
             cp__server_buf_free(sv, w, x->head, x->head_size);
         cp__slab_free(&sv->xmits, x);
@@ -1349,10 +1394,14 @@ static void sent(cp_server *sv, cp_conn *c, uint32_t len, int64_t res)
         start_close(sv, c, CP_CLOSE_ERROR, (int)res, false);
     /* Pairs with start_close: it sets DRAIN, then reads `pending`. */
     uint32_t left = __atomic_sub_fetch(&c->pending, len, __ATOMIC_SEQ_CST);
-    if (left == 0 && (st_load(c) & CF_DRAIN))
+    uint64_t st = left == 0 ? st_load(c) : 0;
+    if (st & CF_DRAIN) {
         drain_step(sv, c);
-    else
+    } else {
+        if (st & CF_SHUT_SEND)
+            fin_step(c);
         maybe_resume(sv, c);
+    }
 }
 
 static void xmit_done(cp_server *sv, cp__worker *w, cp_conn *c, cp__xmit *x, int64_t res)

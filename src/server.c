@@ -415,7 +415,7 @@ static void mark_worker(void *server)
 int cp_server_create(cp_server **serverp, const cp_server_options *opts,
                      const cp_server_callbacks *cb)
 {
-    if (!serverp || !opts || !cb || !cb->on_data)
+    if (!serverp || !opts || !cb || !cb->on_data || (opts->half_close && !cb->on_end))
         return -EINVAL;
     *serverp = NULL;
     cp_server_options o = *opts;

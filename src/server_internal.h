@@ -41,6 +41,7 @@ enum {
     CF_LINGER = 1u << 12,       /* graceful close: replies sent, FIN sent, reading until EOF */
     CF_RX_ENDED = 1u << 13,     /* a receive reported the end (EOF or an error) */
     CF_APP_PAUSED = 1u << 14,   /* cp_conn_pause_recv: no new receives until resumed */
+    CF_SHUT_SEND = 1u << 15,    /* cp_conn_shutdown_send: no new sends; FIN once drained */
 };
 #define CS_FLAGS      0xffffull
 #define CS_TICK_SHIFT 16

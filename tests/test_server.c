@@ -856,6 +856,9 @@ struct tsrv {
     uint32_t pause_on_open; /* atomic: on_open pauses reading (cp_conn_pause_recv) */
     uint32_t refuse_every;  /* atomic: on_open refuses every n-th connection; 0 = none */
     data_hook hook;         /* replaces the echo */
+    void (*end_hook)(tsrv *t, cp_conn *c, uconn *u); /* on_end (half_close) */
+    uint64_t ends;                                   /* atomic: on_end calls */
+    uint64_t end_rx;                                 /* atomic: u->rx summed at on_end */
     void *ctx;
 
     /* Counters (atomic). */
@@ -1109,6 +1112,20 @@ static void t_on_data(cp_conn *c, const void *data, size_t len)
     cb_leave(u);
 }
 
+static void t_on_end(cp_conn *c)
+{
+    tsrv *t = tsrv_of(c);
+    uconn *u = cp_conn_user(c);
+    cb_enter(t, u);
+    if (!t->o.half_close)
+        note_error(t, "on_end without half_close");
+    ADD(&t->ends, 1);
+    ADD(&t->end_rx, u->rx);
+    if (t->end_hook)
+        t->end_hook(t, c, u);
+    cb_leave(u);
+}
+
 static tsrv *tsrv_new(echo_mode echo)
 {
     tsrv *t = calloc(1, sizeof(*t));
@@ -1118,8 +1135,11 @@ static tsrv *tsrv_new(echo_mode echo)
     return t;
 }
 
-static const cp_server_callbacks t_callbacks = {
-    .on_open = t_on_open, .on_data = t_on_data, .on_sent = t_on_sent, .on_close = t_on_close};
+static const cp_server_callbacks t_callbacks = {.on_open = t_on_open,
+                                                .on_data = t_on_data,
+                                                .on_sent = t_on_sent,
+                                                .on_close = t_on_close,
+                                                .on_end = t_on_end};
 
 /* Create and start the server on 127.0.0.1, any port, on the backend under test. */
 static void tsrv_start(tsrv *t, const cp_server_options *o)
@@ -7245,4 +7265,167 @@ TEST(paused_connections_leave_the_pool_to_others)
     WAIT_FOR(LOAD(&t->closes) == PAUSED + 1, IO_MS);
     CHECK_EQ(LOAD(&z.bytes), total); /* every byte sent reached on_data */
     CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* ---- half_close and cp_conn_shutdown_send ----------------------------------------------- */
+
+static void end_trailer_hook(tsrv *t, cp_conn *c, uconn *u)
+{
+    uint64_t rx = u->rx;
+    int r = cp_conn_send(c, &rx, sizeof rx);
+    if (r != 0)
+        note_error(t, "send after on_end: %d", r);
+}
+
+/* Read stream `seed` (total bytes) byte-exact, then exactly `tail` (tail_len bytes), then
+ * the end of stream. */
+static void expect_stream_then(int fd, uint32_t seed, uint64_t total, const void *tail,
+                               size_t tail_len)
+{
+    uint8_t buf[65536], want[65536];
+    uint64_t got = 0;
+    while (got < total) {
+        size_t n = total - got < sizeof buf ? (size_t)(total - got) : sizeof buf;
+        recv_all(fd, buf, n);
+        stream_fill(seed, got, want, n);
+        CHECK(memcmp(buf, want, n) == 0);
+        got += n;
+    }
+    if (tail_len) {
+        CHECK(tail_len <= sizeof buf);
+        recv_all(fd, buf, tail_len);
+        CHECK(memcmp(buf, tail, tail_len) == 0);
+    }
+    CHECK(wait_fd(fd, POLLIN, cpt_now_ms() + IO_MS));
+    CHECK_EQ(recv(fd, buf, 1, MSG_DONTWAIT), 0);
+}
+
+/* half_close: the client sends its request and shuts down its sending side; on_end runs
+ * once, after every byte was delivered; sends go on after it (one from on_end, one from
+ * another thread later, as a proxy's upstream answer would come), and the application's
+ * cp_conn_close() ends the connection after them: the client reads everything, then EOF. */
+static void half_close_case(const cp_server_options *base)
+{
+    cp_server_options o = *base;
+    o.threads = 2;
+    o.half_close = true;
+    o.idle_timeout_ms = 300; /* an ended connection is exempt */
+    o.tick_ms = 20;
+    tsrv *t = tsrv_new(ECHO_COPY);
+    t->check_stream = true;
+    t->hold_refs = true;
+    t->end_hook = end_trailer_hook;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    uint64_t sent = 0, total = 300000;
+    send_stream_to(fd, 11, &sent, total);
+    CHECK_OK(shutdown(fd, SHUT_WR));
+    WAIT_FOR(LOAD(&t->ends) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->end_rx), total);
+    usleep(500000); /* past the idle timeout: it must not reap the ended connection */
+    CHECK_EQ(LOAD(&t->closes), 0);
+    cp_conn *c = held_at(t, 0);
+    CHECK_OK(cp_conn_send(c, "late", 4));
+    cp_conn_close(c);
+    uint8_t tail[12];
+    memcpy(tail, &total, 8);
+    memcpy(tail + 8, "late", 4);
+    expect_stream_then(fd, 11, total, tail, sizeof tail);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->ends), 1);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_LOCAL]), 1);
+    CHECK_EQ(LOAD(&t->send_errors) + LOAD(&t->epipe), 0);
+    CHECK_EQ(cp_conn_send(c, "x", 1), -EPIPE);
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+TEST(half_close_sends_after_the_peers_end)
+{
+    cp_server_options a = {.recvs = 1, .recv_buffer = 4096};
+    half_close_case(&a);
+    cp_server_options b = {.recvs = 3, .zero_byte = true};
+    half_close_case(&b);
+    /* Without the option the end closes (the default is unchanged). */
+    tsrv *t = tsrv_new(ECHO_COPY);
+    cp_server_options d = {.threads = 2};
+    tsrv_start(t, &d);
+    int fd = connect_to(t->port);
+    uint64_t sent = 0;
+    send_stream_to(fd, 12, &sent, 1000);
+    CHECK_OK(shutdown(fd, SHUT_WR));
+    expect_stream_then(fd, 12, 1000, NULL, 0);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->ends), 0);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_PEER]), 1);
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+    /* half_close needs on_end. */
+    cp_server *sv;
+    cp_server_callbacks cb = {.on_data = t_on_data};
+    cp_server_options h = {.half_close = true};
+    CHECK_EQ(cp_server_create(&sv, &h, &cb), -EINVAL);
+}
+
+enum { SHUT_REPLY = 100000 };
+
+static void shut_send_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    (void)data;
+    (void)len;
+    if (u->frames != 0)
+        return;
+    static uint8_t reply[SHUT_REPLY];
+    stream_fill(21, 0, reply, sizeof reply);
+    int r1 = cp_conn_send(c, reply, sizeof reply);
+    int r2 = cp_conn_shutdown_send(c), r3 = cp_conn_shutdown_send(c);
+    int r4 = cp_conn_send(c, reply, 1);
+    if (r1 != 0 || r2 != 0 || r3 != 0 || r4 != -EPIPE)
+        note_error(t, "send %d, shutdown_send %d, again %d, send after it %d", r1, r2, r3, r4);
+}
+
+static void end_close_hook(tsrv *t, cp_conn *c, uconn *u)
+{
+    (void)t;
+    (void)u;
+    cp_conn_close(c);
+}
+
+/* cp_conn_shutdown_send: the reply queued before it reaches the client, then the FIN (the
+ * client reads EOF) while the connection stays open: the client keeps sending and the
+ * server keeps receiving every byte. The client's close then ends it (on_close PEER; with
+ * half_close, on_end, whose cp_conn_close ends it: LOCAL). */
+static void shutdown_send_case(const cp_server_options *base, bool half)
+{
+    cp_server_options o = *base;
+    o.threads = 2;
+    o.half_close = half;
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->check_stream = true;
+    t->hook = shut_send_hook;
+    t->end_hook = end_close_hook;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    uint64_t sent = 0;
+    send_stream_to(fd, 22, &sent, 100);
+    expect_stream_then(fd, 21, SHUT_REPLY, NULL, 0); /* ...then EOF */
+    CHECK_EQ(LOAD(&t->closes), 0);
+    send_stream_to(fd, 22, &sent, 2 << 20);
+    WAIT_FOR(LOAD(&t->checked) == sent, IO_MS);
+    CHECK_EQ(LOAD(&t->closes), 0);
+    close(fd);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->reasons[half ? CP_CLOSE_LOCAL : CP_CLOSE_PEER]), 1);
+    CHECK_EQ(LOAD(&t->ends), half ? 1 : 0);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+TEST(shutdown_send_ends_the_sending_side_and_reading_goes_on)
+{
+    cp_server_options a = {.recvs = 1, .recv_buffer = 4096};
+    shutdown_send_case(&a, false);
+    shutdown_send_case(&a, true);
+    cp_server_options b = {.recvs = 2, .zero_byte = true};
+    shutdown_send_case(&b, false);
+    shutdown_send_case(&b, true);
 }

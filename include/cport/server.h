@@ -103,6 +103,13 @@ typedef struct cp_server_callbacks {
      * standing fires again at the next tick. Optional: without it the connection is
      * aborted with that reason. */
     void (*on_timeout)(cp_conn *c, cp_close_reason reason);
+    /* With options.half_close: the peer ended its sending side (EOF), after every byte it
+     * sent before was delivered to on_data. Once per connection, never after on_close and
+     * not on a connection already closing. The connection stays open: sends go on (an
+     * answer the peer still waits for), and the application ends it with cp_conn_close()
+     * (FIN after what is queued) or cp_conn_abort() when it is done. Required with
+     * half_close (cp_server_create fails with -EINVAL without it); unused otherwise. */
+    void (*on_end)(cp_conn *c);
 } cp_server_callbacks;
 
 /* The largest conn_user_size: a connection, with its user area, must fit in one of the
@@ -173,6 +180,13 @@ typedef struct cp_server_options {
                                       context. Transmits (send_file) are not limited.
                                       0 = none (4 GiB) */
     bool zero_byte;                /* pooled receives: an idle connection holds no buffer */
+    bool half_close;               /* the peer's end of stream does not close the
+                                      connection: on_end runs, and the application closes it
+                                      when it is done (a proxy passing the end on). A
+                                      connection whose peer has ended is exempt from the
+                                      idle and handshake timeouts (nothing more can arrive);
+                                      a deadline still fires. Off: the end starts the
+                                      graceful close (CP_CLOSE_PEER). */
     uint32_t recv_buffer;          /* receive buffer per receive without zero_byte; page
                                       multiple, at most 65536 (else cp_server_create fails
                                       with -EINVAL, with zero_byte too); 0 = 16384, or
@@ -359,6 +373,15 @@ CP_EXTERN int cp_conn_pause_recv(cp_conn *c);
  * cp_pool_submit() (-EAGAIN, -ENOMEM): the connection then stays paused. Any thread,
  * while the caller holds the connection; it never waits for the connection's callbacks. */
 CP_EXTERN int cp_conn_resume_recv(cp_conn *c);
+
+/* End the sending side: FIN to the peer once everything queued so far has been sent
+ * (DisconnectEx without the close); reading goes on, and the connection stays open until
+ * it is closed (cp_conn_close, or the peer's end without half_close). From the call on,
+ * sends fail with -EPIPE (as does a send racing the call that the FIN would have
+ * overtaken: a send either reaches the peer before the FIN or fails). Returns 0 (also
+ * when called again), -EPIPE once the connection is closing, or -EINVAL (NULL). Any
+ * thread, while the caller holds the connection. */
+CP_EXTERN int cp_conn_shutdown_send(cp_conn *c);
 
 /* Close after everything queued so far has been sent (bounded: see linger_ms). Any
  * thread. */
