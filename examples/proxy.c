@@ -6,21 +6,13 @@
  * --upstream (cp_socket_connect: ConnectEx), and then forwards bytes both ways until both
  * directions have ended. SIGINT/SIGTERM close everything and exit 0.
  *
- * The layer: cport sockets bound to a cp_pool, for both sides. The server layer
- * (cport/server.h) would run the client side with less code, but it lacks two things a
- * proxy needs:
- *   - pausing the reading of a connection because *another* socket is slow. Its
- *     backpressure pauses reading only when that connection's own replies pile up
- *     (max_pending_send); here the client's bytes go to the upstream socket, which the
- *     server layer does not see. on_data must take every chunk, so the only ways to bound
- *     the client-to-upstream direction would be to buffer without limit or to block a
- *     worker in on_data until the upstream drains;
- *   - half-close. The peer's end of stream starts the connection's graceful close: once the
- *     replies queued at that moment have gone out, FIN follows and later sends fail with
- *     -EPIPE, and there is no callback for the end alone. The upstream's answers to what
- *     the client sent before its SHUT_WR usually arrive after that, and would be lost.
- * With plain sockets on a pool the proxy decides when to read, and it can shut down one
- * direction (cp_socket_disconnect: DisconnectEx) while the other goes on.
+ * The layer: cport sockets bound to a cp_pool, for both sides, to show the socket layer
+ * (the IOCP shape: contexts, ConnectEx, DisconnectEx) on a real job. The server layer
+ * (cport/server.h) could run the client side with less code since it has
+ * cp_conn_pause_recv/cp_conn_resume_recv (stop reading a client while its upstream is
+ * slow) and the half_close option with on_end and cp_conn_shutdown_send (pass one
+ * direction's end through while the other goes on); with plain sockets the proxy decides
+ * when to read, and shuts down one direction (cp_socket_disconnect) itself.
  *
  * One connection pair: two cp_sockets (client, upstream) and two directions. Each
  * direction owns one cp_op and one buffer of --buffer bytes (default 32 KiB), and its op
