@@ -7145,12 +7145,7 @@ static void pause_backpressure_case(const cp_server_options *base)
     t->hook = pause_hook;
     t->ctx = &z;
     tsrv_start(t, &o);
-    int fd = sock_nb();
-    int small = 4096;
-    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small));
-    struct sockaddr_in sa = loopback(t->port);
-    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EINPROGRESS);
-    CHECK(wait_fd(fd, POLLOUT, cpt_now_ms() + IO_MS));
+    int fd = connect_not_reading(t->port); /* (until it reads below) */
     uint64_t sent = 0, got = 0;
     send_until_blocked(fd, 8, &sent, 256ull << 20);
     CHECK(tsrv_stats(t).backpressure_events > 0);
