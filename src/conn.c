@@ -1475,21 +1475,15 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
     }
 }
 
-/* An accepted socket is not kept: count it rejected and close it. Counted before the
- * close: the peer sees the close, and must then see the count. */
-static void refuse_uncounted(cp_server *sv, int fd)
+/* An accepted socket is not kept: count it rejected, take back its place in conns_open if
+ * it took one (`counted`: admit() gave it one), close it. Counted before the close: the
+ * peer sees the close, and must then see the count. */
+static void refuse(cp_server *sv, int fd, bool counted)
 {
     __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_SEQ_CST);
     CP__INJECT_DELAY("refuse_count"); /* others connect, close, shut down meanwhile */
-    close(fd);
-}
-
-/* ...one already counted in conns_open: take that back too. */
-static void refuse(cp_server *sv, int fd)
-{
-    __atomic_add_fetch(&sv->conns_rejected, 1, __ATOMIC_SEQ_CST);
-    CP__INJECT_DELAY("refuse_count"); /* a shutdown may begin waiting meanwhile */
-    conns_open_drop(sv);
+    if (counted)
+        conns_open_drop(sv);
     close(fd);
 }
 
@@ -1530,13 +1524,13 @@ static void set_nodelay(cp_server *sv, int fd)
 void cp__conn_start(cp_server *sv, int fd)
 {
     if (!admit(sv)) {
-        refuse_uncounted(sv, fd); /* at the limit: refused at once, the others keep service */
+        refuse(sv, fd, false); /* at the limit: refused at once, the others keep service */
         return;
     }
     cp__worker *w = cp__server_worker(sv);
     cp_conn *c = cp__cache_alloc(&w->conns, &sv->conns);
     if (!c) {
-        refuse(sv, fd);
+        refuse(sv, fd, true);
         return;
     }
     /* Everything but the state word, which the sweep and shutdown read while walking the
@@ -1548,7 +1542,7 @@ void cp__conn_start(cp_server *sv, int fd)
     /* Accepted with SOCK_NONBLOCK. */
     if (cp__socket_associate_nonblocking(&c->s, sv->port, fd, (uintptr_t)&sv->conn_binding) < 0) {
         cp__cache_free(&w->conns, &sv->conns, c);
-        refuse(sv, fd);
+        refuse(sv, fd, true);
         return;
     }
     /* The life reference, plus one for this set-up; the handshake timeout counts from a

@@ -398,9 +398,10 @@ static void exchange(int fd, uint32_t seed, size_t len)
     CHECK_EQ(r, 0);
 }
 
-/* Read until the peer closes (EOF or reset), discarding data; *data gets the byte count.
- * Returns the close's time (ms), or -1 at the deadline. */
-static int64_t wait_peer_close(int fd, int64_t deadline, size_t *data)
+/* Read until the peer closes (EOF or reset), discarding data; *data gets the byte count,
+ * *how 0 for EOF or the errno (ECONNRESET for a reset). Returns the close's time (ms), or
+ * -1 at the deadline. data and how may be NULL. */
+static int64_t read_to_close(int fd, int64_t deadline, size_t *data, int *how)
 {
     uint8_t buf[16384];
     if (data)
@@ -412,11 +413,19 @@ static int64_t wait_peer_close(int fd, int64_t deadline, size_t *data)
                 *data += (size_t)r;
             continue;
         }
-        if (r == 0 || (errno != EAGAIN && errno != EINTR))
+        if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+            if (how)
+                *how = r == 0 ? 0 : errno;
             return cpt_now_ms();
+        }
         if (!wait_fd(fd, POLLIN, deadline))
             return -1;
     }
+}
+
+static int64_t wait_peer_close(int fd, int64_t deadline, size_t *data)
+{
+    return read_to_close(fd, deadline, data, NULL);
 }
 
 /* The server closes fd without sending anything, within timeout_ms. */
@@ -4341,22 +4350,12 @@ TEST(shutdown_slow_reader_gets_every_reply)
     CHECK_EQ(tsrv_stop(t, 0), 0);
 }
 
-/* How a peer's stream ends: 0 at EOF, else the errno (ECONNRESET for a reset); reads and
- * discards data up to the deadline (-1 then). */
+/* How a peer's stream ends: 0 at EOF, else the errno (ECONNRESET for a reset); -1 at the
+ * deadline. */
 static int stream_end(int fd, int64_t deadline)
 {
-    uint8_t buf[65536];
-    for (;;) {
-        ssize_t r = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
-        if (r > 0)
-            continue;
-        if (r == 0)
-            return 0;
-        if (errno != EAGAIN && errno != EINTR)
-            return errno;
-        if (!wait_fd(fd, POLLIN, deadline))
-            return -1;
-    }
+    int how = 0;
+    return read_to_close(fd, deadline, NULL, &how) < 0 ? -1 : how;
 }
 
 /* A client with a small receive buffer that reads nothing: replies pile up. */
@@ -4372,13 +4371,12 @@ static int connect_not_reading(uint16_t port)
 }
 
 /* Fill c's queue until the kernel holds data it cannot send (the peer does not read). */
-static void fill_unread(tsrv *t, cp_conn *c)
+static void fill_unread(cp_conn *c)
 {
     static uint8_t chunk[65536];
     for (int i = 0; i < 64; i++)
         CHECK_OK(cp_conn_send(c, chunk, sizeof chunk));
     WAIT_FOR(cp_conn_pending(c) > 0, IO_MS); /* the kernel took what it could, no more */
-    (void)t;
 }
 
 /* cp_conn_abort and the shutdown's deadline cut are abortive closes: the peer gets a reset,
@@ -4399,7 +4397,7 @@ TEST(abort_and_the_shutdown_cut_reset_the_peer)
     cp_conn *held[2] = {t->held[0], t->held[1]};
     pthread_mutex_unlock(&t->lock);
     for (int i = 0; i < 2; i++)
-        fill_unread(t, held[i]);
+        fill_unread(held[i]);
     /* Which client is held[0]'s peer: the accept order is the server's. */
     struct sockaddr_storage peer;
     socklen_t pl = sizeof peer;
