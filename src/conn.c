@@ -408,12 +408,8 @@ static void drain_step(cp_server *sv, cp_conn *c)
  * only.) */
 static void bound_drain(cp_server *sv, cp_conn *c)
 {
-    int fd = cp__socket_fd_hold(&c->s);
-    if (fd >= 0) {
-        unsigned ms = sv->o.linger_ms;
-        setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof(ms));
-        cp__socket_fd_release(&c->s);
-    }
+    unsigned ms = sv->o.linger_ms;
+    cp_conn_setsockopt(c, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof(ms));
 }
 
 /* A send was queued after its check that c is not closing. If a graceful close began in
@@ -476,16 +472,12 @@ void cp_conn_close(cp_conn *c)
 /* An abortive close resets the connection (SO_LINGER {1, 0}): what the kernel still holds
  * unsent is discarded at once, instead of being sent by an orphaned socket for minutes to
  * a peer that may never read it, and the peer sees a reset, not an end of stream that would
- * pass the cut stream for a whole one. Set before the close is issued; a no-op once it
- * has been (the descriptor is no longer this connection's). */
+ * pass the cut stream for a whole one. Set before the close is issued; a no-op (-EBADF)
+ * once it has been (the descriptor is no longer this connection's). */
 static void reset_on_close(cp_conn *c)
 {
-    int fd = cp__socket_fd_hold(&c->s);
-    if (fd >= 0) {
-        struct linger lg = {.l_onoff = 1, .l_linger = 0};
-        setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
-        cp__socket_fd_release(&c->s);
-    }
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    cp_conn_setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 }
 
 void cp_conn_abort(cp_conn *c)
