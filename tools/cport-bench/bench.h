@@ -162,8 +162,9 @@ void jobrun_run(struct jobrun *r);
 void jobrun_free(struct jobrun *r);
 
 /* ---- server sampling, marks and results ---------------------------------------------------- */
-/* CPU time of a process in microseconds from /proc/PID/stat; false if unreadable. */
-bool proc_cpu_us(int pid, uint64_t *user_us, uint64_t *sys_us);
+/* CPU time of a process in microseconds and its start time (clock ticks after boot: which
+ * process the pid names) from /proc/PID/stat; false if unreadable. */
+bool proc_cpu_us(int pid, uint64_t *user_us, uint64_t *sys_us, uint64_t *start);
 /* Resident memory of a process in KiB (exact: /proc/PID/smaps_rollup; VmRSS where that
  * is missing), or -1. */
 long proc_rss_kb(int pid);
@@ -185,8 +186,12 @@ void set_say_stream(bool json);
 struct cpu_sample {
     bool ok;
     uint64_t user_us, sys_us;
+    uint64_t start; /* the process's start time: a server that exited and left its pid to
+                     * another process must not be measured as that process */
 };
 struct cpu_sample cpu_sample_take(int pid);
+/* Whether two samples are of one process and the second is not behind the first. */
+bool cpu_same_process(const struct cpu_sample *a, const struct cpu_sample *b);
 
 /* The measured window, driven by the main thread: marks, server CPU samples, progress. */
 struct window {

@@ -128,11 +128,29 @@ int run_connrate(struct opts *o)
 /* ---- hold -------------------------------------------------------------------------------------
  */
 
+/* Whether the server is still the process `id` sampled: one that exited may have left its pid
+ * to another process, whose figures must not pass for the server's. */
+static bool still_server(int pid, const struct cpu_sample *id)
+{
+    struct cpu_sample now = cpu_sample_take(pid);
+    return id->ok && now.ok && now.start == id->start;
+}
+
+/* sample(pid) if the server is still the process `id` sampled, else -1. */
+static long server_sample(int pid, const struct cpu_sample *id, long (*sample)(int))
+{
+    if (pid <= 0 || !id->ok)
+        return -1;
+    long v = sample(pid);
+    return still_server(pid, id) ? v : -1;
+}
+
 /* The server's RSS once it has settled: sampled every 200 ms until it has not changed for
  * 2.5 s (a server trimming what a burst left behind changes it every second or two: cport
  * looks once a second and trims what was not used since the look before), or
- * after `max` seconds. Without --server-pid, -1; with max 0, a sample at once. */
-static long settled_rss_kb(int pid, double max)
+ * after `max` seconds. Without --server-pid (or a server gone), -1; with max 0, a sample at
+ * once. */
+static long settled_rss_kb(int pid, const struct cpu_sample *id, double max)
 {
     if (pid <= 0)
         return -1;
@@ -146,7 +164,7 @@ static long settled_rss_kb(int pid, double max)
             since = now_ns();
         }
     }
-    return rss;
+    return still_server(pid, id) ? rss : -1;
 }
 
 int run_hold(struct opts *o)
@@ -159,8 +177,9 @@ int run_hold(struct opts *o)
         die_oom();
     for (int i = 0; i < n; i++)
         fds[i] = -1;
-    long rss0 = o->server_pid > 0 ? proc_rss_kb(o->server_pid) : -1;
-    long fds0 = o->server_pid > 0 ? proc_fd_count(o->server_pid) : -1;
+    struct cpu_sample server = cpu_sample_take(o->server_pid); /* which process it is */
+    long rss0 = server_sample(o->server_pid, &server, proc_rss_kb);
+    long fds0 = server_sample(o->server_pid, &server, proc_fd_count);
 
     /* Set up in two halves, sampling the server's RSS between them: what the second half
      * adds is the server's memory per connection proper. The average over all of them
@@ -196,7 +215,7 @@ int run_hold(struct opts *o)
      * pause is left out of the set-up time and of its CPU. */
     struct cpu_sample pause0 = cpu_sample_take(o->server_pid);
     int64_t p0 = now_ns();
-    long rss_half = settled_rss_kb(o->server_pid, o->settle);
+    long rss_half = settled_rss_kb(o->server_pid, &server, o->settle);
     struct cpu_sample pause1 = cpu_sample_take(o->server_pid);
     int64_t paused = now_ns() - p0;
     uint64_t established_half = jr.done;
@@ -209,7 +228,7 @@ int run_hold(struct opts *o)
         est.cpu1.sys_us -= pause1.sys_us - pause0.sys_us;
     }
     est.secs = (double)(t1 - t0 - paused) / 1e9;
-    long rss1 = settled_rss_kb(o->server_pid, o->settle);
+    long rss1 = settled_rss_kb(o->server_pid, &server, o->settle);
     uint64_t established = jr.done + jr2.done;
     errs_add(&jr.err, &jr2.err);
     hist_merge(&jr.hist, &jr2.hist);
@@ -226,8 +245,8 @@ int run_hold(struct opts *o)
     sleep_until(t1 + (int64_t)(o->secs * 1e9));
     mark_write("end");
     double held_secs = (double)(now_ns() - t1) / 1e9;
-    long rss2 = o->server_pid > 0 ? proc_rss_kb(o->server_pid) : -1;
-    long fds2 = o->server_pid > 0 ? proc_fd_count(o->server_pid) : -1;
+    long rss2 = server_sample(o->server_pid, &server, proc_rss_kb);
+    long fds2 = server_sample(o->server_pid, &server, proc_fd_count);
 
     /* Every connection must still be open: no EOF, no error, no unexpected data. */
     uint64_t open_ok = 0, closed = 0, broken = 0, unexpected = 0;
@@ -265,6 +284,10 @@ int run_hold(struct opts *o)
     report_errs(&jr.err);
     res_int("interrupted", bench_stopped() ? 1 : 0);
     if (o->server_pid > 0) {
+        if (server.ok && !still_server(o->server_pid, &server))
+            say("server: process %d exited during the run; what was sampled after is not "
+                "reported (-1)\n",
+                o->server_pid);
         double per = (rss2 >= 0 && rss0 >= 0 && established)
                          ? (double)(rss2 - rss0) * 1024.0 / (double)established
                          : 0;

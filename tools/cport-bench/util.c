@@ -186,19 +186,23 @@ static int read_small_file(const char *path, char *buf, size_t cap)
     return 0;
 }
 
-bool proc_cpu_us(int pid, uint64_t *user_us, uint64_t *sys_us)
+bool proc_cpu_us(int pid, uint64_t *user_us, uint64_t *sys_us, uint64_t *start)
 {
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%d/stat", pid);
     if (read_small_file(path, buf, sizeof buf) < 0)
         return false;
-    /* Fields after the ")" ending the command name: state is field 3, utime 14, stime 15. */
+    /* Fields after the ")" ending the command name: state is field 3, utime 14, stime 15,
+     * starttime 22. */
     char *p = strrchr(buf, ')');
     if (!p)
         return false;
-    unsigned long long ut, st;
-    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+    unsigned long long ut, st, t0;
+    if (sscanf(p + 2,
+               "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu %*d %*d %*d %*d %*d %*d %llu",
+               &ut, &st, &t0) != 3)
         return false;
+    *start = t0;
     long hz = sysconf(_SC_CLK_TCK);
     if (hz <= 0)
         hz = 100;
@@ -248,8 +252,14 @@ struct cpu_sample cpu_sample_take(int pid)
 {
     struct cpu_sample s = {0};
     if (pid > 0)
-        s.ok = proc_cpu_us(pid, &s.user_us, &s.sys_us);
+        s.ok = proc_cpu_us(pid, &s.user_us, &s.sys_us, &s.start);
     return s;
+}
+
+bool cpu_same_process(const struct cpu_sample *a, const struct cpu_sample *b)
+{
+    return a->ok && b->ok && a->start == b->start && b->user_us >= a->user_us &&
+           b->sys_us >= a->sys_us;
 }
 
 /* ---- mark file ----------------------------------------------------------------------------------
@@ -411,8 +421,11 @@ void report_server_cpu(const struct opts *o, const struct window *w, uint64_t op
 {
     if (o->server_pid <= 0)
         return;
-    if (!w->cpu0.ok || !w->cpu1.ok) {
-        say("server CPU: could not read /proc/%d/stat\n", o->server_pid);
+    if (!cpu_same_process(&w->cpu0, &w->cpu1)) {
+        if (w->cpu0.ok) /* gone, or the pid names another process now */
+            say("server CPU: process %d exited during the window; not measured\n", o->server_pid);
+        else
+            say("server CPU: could not read /proc/%d/stat\n", o->server_pid);
         res_int("server_pid", o->server_pid);
         res_int("server_cpu_ok", 0);
         return;
