@@ -1677,6 +1677,136 @@ TEST(the_header_timeout_of_a_pipelined_head_starts_after_the_response)
     server_stop(&s, NULL);
 }
 
+/* The send and receive queues of the loopback connection from local port `lport` to
+ * `rport` (/proc/net/tcp: tx_queue is what the socket holds unacknowledged or unsent, rx_queue
+ * what it holds unread). False if there is no such connection. */
+static bool tcp_queues(int lport, int rport, uint64_t *tx, uint64_t *rx)
+{
+    FILE *f = fopen("/proc/net/tcp", "r");
+    CHECK(f != NULL);
+    char line[512];
+    bool found = false;
+    while (!found && fgets(line, sizeof line, f)) {
+        unsigned long la, ra, txq, rxq;
+        unsigned lp, rp, st;
+        if (sscanf(line, " %*d: %8lX:%4X %8lX:%4X %2X %lX:%lX", &la, &lp, &ra, &rp, &st, &txq,
+                   &rxq) == 7 &&
+            (int)lp == lport && (int)rp == rport) {
+            *tx = txq;
+            *rx = rxq;
+            found = true;
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+/* The same as the test above for responses built in memory (a 404 here; also 304, 412, 301,
+ * HEAD and the other error pages): the header timeout of a pipelined partial head starts
+ * once they have been handed to the kernel. They were not tracked as being sent, so a
+ * partial head arriving behind a 404 still queued in the server got its 408 HDR ms after it
+ * arrived, however long the client took to read what came before it.
+ * The client (64 KiB receive buffer, reading nothing) pipelines 404s in batches until the
+ * server holds some of the responses itself: once a batch is answered (logged), more bytes
+ * were answered than the two sockets hold (/proc/net/tcp). Batches are small, so the server
+ * never stops reading (max_pending_send), nor drops log lines. Then the start of a request,
+ * a stall of STALL ms, and the client reads everything: the 404s, then the 408, which
+ * cannot come before HDR ms after the reading began. */
+TEST(the_header_timeout_of_a_head_pipelined_behind_memory_responses_starts_after_them)
+{
+    enum { HDR = 1000, STALL = 300, BATCH = 2000, STABLE_MS = 300 };
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, "--threads", "1", "--header-timeout", "1000", NULL);
+    /* The length of one 404 response (the Date has a fixed length). */
+    const char *req = "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n";
+    resp r;
+    fetch(s.port, req, &r, false);
+    CHECK_EQ(r.status, 404);
+    uint64_t rlen = strlen(r.head) + r.blen;
+    resp_free(&r);
+
+    hc *c = hc_open_rcvbuf(s.port, 64 * 1024);
+    struct sockaddr_in me;
+    socklen_t ml = sizeof me;
+    CHECK_EQ(getsockname(c->fd, (struct sockaddr *)&me, &ml), 0);
+    int cport = ntohs(me.sin_port);
+    static char batch[BATCH * 40];
+    size_t bl = 0;
+    for (int i = 0; i < BATCH; i++) {
+        memcpy(batch + bl, req, strlen(req));
+        bl += strlen(req);
+    }
+    uint64_t asked = 0, logged = 0, held = 0; /* logged: these and the fetch above */
+    off_t seen = 0;
+    static char text[64 * 1024];
+    for (int round = 0;; round++) {
+        if (round == 200)
+            SKIP("the socket buffers took 400000 responses: tcp_wmem's maximum is too large");
+        send_all(c->fd, batch, bl);
+        asked += BATCH;
+        /* All answered (the log has whole lines); then what the sockets hold settles. */
+        int64_t deadline = cpt_now_ms() + IO_S * 1000;
+        while (logged < asked + 1) {
+            CHECK(cpt_now_ms() < deadline);
+            ssize_t k = pread(s.out, text, sizeof text - 1, seen);
+            CHECK(k >= 0);
+            if (k == 0) {
+                usleep(2000);
+                continue;
+            }
+            const char *nl = memrchr(text, '\n', (size_t)k);
+            if (!nl)
+                continue;
+            text[nl + 1 - text] = 0;
+            logged += count_str(text, "\"GET /nope HTTP/1.1\" 404 ");
+            seen += nl + 1 - text;
+        }
+        CHECK_EQ(logged, asked + 1);
+        int64_t since = cpt_now_ms();
+        uint64_t last = UINT64_MAX;
+        for (;;) {
+            uint64_t stx, srx, ctx, crx;
+            CHECK(tcp_queues(s.port, cport, &stx, &srx));
+            CHECK(tcp_queues(cport, s.port, &ctx, &crx));
+            held = stx + crx;
+            if (held != last) {
+                last = held;
+                since = cpt_now_ms();
+            } else if (cpt_now_ms() - since >= STABLE_MS) {
+                break;
+            }
+            CHECK(cpt_now_ms() < deadline);
+            usleep(5000);
+        }
+        if (asked * rlen > held)
+            break; /* the server holds the rest */
+    }
+    fprintf(stderr, "%llu responses of %llu bytes; the sockets hold %llu bytes\n",
+            (unsigned long long)asked, (unsigned long long)rlen, (unsigned long long)held);
+    int64_t t0 = cpt_now_ms();
+    hc_send(c, "GET /one.bin HTTP/1.1\r\nHo");
+    usleep(STALL * 1000); /* a lower bound: a longer stall only widens the gap checked */
+    int64_t ts = cpt_now_ms();
+    for (uint64_t i = 0; i < asked; i++) {
+        CHECK(resp_read(c, &r, false));
+        CHECK_EQ(r.status, 404);
+        resp_free(&r);
+    }
+    int64_t t1 = cpt_now_ms();
+    CHECK(resp_read(c, &r, false));
+    int64_t te = cpt_now_ms();
+    fprintf(stderr, "stalled %lld ms, 404s read in %lld ms, 408 %lld ms after the partial head\n",
+            (long long)(ts - t0), (long long)(t1 - ts), (long long)(te - t0));
+    CHECK_EQ(r.status, 408);
+    resp_free(&r);
+    CHECK(te - ts >= HDR - 2); /* -2: millisecond truncation of the two clocks' readings */
+    hc_expect_eof(c);
+    hc_close(c);
+    server_stop(&s, NULL);
+}
+
 /* Empty lines before a request (RFC 9112 2.2: a server SHOULD ignore at least one; some
  * old clients send a CRLF after a request) are not the start of a request: an idle
  * connection that got one is closed quietly after the keep-alive timeout. The stray CRLF

@@ -17,11 +17,13 @@
  *   - one deadline (cp_conn_set_deadline): --header-timeout from the first byte of a
  *     request head (then 408 and close; empty lines before a request are dropped and start
  *     none, nor does a CR that may begin one more), --keepalive-timeout while idle between
- *     requests (then a quiet close). While files are being sent, neither: the deadline is
- *     a keep-alive period from the first transmit's start, and when it passes the peer is
- *     cut if it acknowledged nothing since the last such check (it stopped reading), else
- *     it runs again; bytes received meanwhile do not move it. The header timeout of a
- *     pipelined head that is still partial starts when the last transmit completes.
+ *     requests (then a quiet close). While responses are being sent (file transmits, and
+ *     keep-alive responses built in memory until the kernel has taken them), neither: the
+ *     deadline is a keep-alive period from the first one's start, and when it passes the
+ *     peer is cut if it acknowledged nothing since the last such check (it stopped
+ *     reading), else it runs again; bytes received meanwhile do not move it. The header
+ *     timeout of a pipelined head that is still partial starts when the last of them
+ *     completes.
  *
  * Signals: SIGINT/SIGTERM shut down gracefully (stop accepting and reading, let responses
  * already queued go out, close; exit 0); SIGUSR1 prints the counters on stderr.
@@ -84,12 +86,14 @@ typedef struct hconn {
     char *in; /* bytes received and not yet served: in[0..in_len) */
     uint32_t in_len, in_cap;
     uint32_t peer;     /* IPv4 address (network order), for the log */
-    uint16_t inflight; /* file transmits outstanding */
+    uint32_t inflight; /* responses outstanding (not yet all handed to the kernel): file
+                          transmits and keep-alive responses built in memory */
+    uint16_t files;    /* file transmits among them (MAX_INFLIGHT bounds these) */
     bool closing;      /* the last response is queued: ignore what else arrives */
     bool head_started; /* a request head is partly received (the header deadline runs) */
-    bool settling;     /* closing: the last response includes a file; close once the peer
-                          has acknowledged all of it */
-    bool sending;      /* the progress deadline runs: file transmits are outstanding */
+    bool settling;     /* closing while responses are outstanding (the last ones include a
+                          file, or many in memory); close once the peer has (nearly) all */
+    bool sending;      /* the progress deadline runs: responses are outstanding */
     uint64_t acked;    /* the peer's tcpi_bytes_acked at the last deadline while sending */
     int64_t acked_ms;  /* settling: when acked last grew (monotonic ms) */
 } hconn;
@@ -344,7 +348,8 @@ static bool tcp_state(cp_conn *c, struct tcp_info *ti)
            tl >= offsetof(struct tcp_info, tcpi_notsent_bytes) + sizeof(ti->tcpi_notsent_bytes);
 }
 
-/* The last response of a connection includes a file. A graceful close started while it is
+/* The last responses of a connection include a file (or responses built in memory were
+ * still outstanding when the last one was queued). A graceful close started while it is
  * queued, or while the socket buffer still holds much of it, is bounded by the server
  * layer's linger (TCP_USER_TIMEOUT while replies are queued, then linger_ms after FIN),
  * which cuts a peer that reads slowly but steadily (a small window: Linux's zero-window
@@ -377,8 +382,8 @@ static void settle(cp_conn *c, hconn *h)
     cp_conn_set_deadline(c, SETTLE_MS);
 }
 
-/* The last response is queued: close once it has gone out (see settle() while files of
- * this connection are still being sent). */
+/* The last response is queued: close once it has gone out (see settle() while earlier
+ * responses of this connection are still being sent). */
 static void finish(cp_conn *c, hconn *h)
 {
     h->closing = true;
@@ -392,9 +397,10 @@ static void finish(cp_conn *c, hconn *h)
     cp_conn_set_deadline(c, SETTLE_MS);
 }
 
-/* on_sent's ctx: only file transmits carry one, (fd << 1) | 1. Memory sends use
- * cp_conn_send(), which copies what the kernel does not take at once. */
-#define FILE_CTX(fd) ((void *)(((uintptr_t)(unsigned)(fd) << 1) | 1))
+/* on_sent's ctx: a file transmit's is (fd << 1) | 1; a response built in memory sent with
+ * cp_conn_send_ref() passes its malloc'ed copy (aligned: low bit 0). */
+#define FILE_CTX(fd)     ((void *)(((uintptr_t)(unsigned)(fd) << 1) | 1))
+#define IS_FILE_CTX(ctx) (((uintptr_t)(ctx)&1) != 0)
 
 static void send_or_fail(cp_conn *c, hconn *h, const void *buf, size_t len)
 {
@@ -404,6 +410,32 @@ static void send_or_fail(cp_conn *c, hconn *h, const void *buf, size_t len)
         if (r != -EPIPE)
             cp_conn_abort(c);
     }
+}
+
+/* A response built in memory (304, 301, a HEAD's head, an error page). One the connection
+ * stays open after is outstanding until the kernel has taken it, as a file transmit is:
+ * the header timeout of a head pipelined behind it starts after it, and a client that
+ * stops reading it is governed by the progress rule. cp_conn_send() would report nothing
+ * when a copy it queued has gone out, so it is sent from a copy of ours with
+ * cp_conn_send_ref(), and on_sent frees it. A last response needs no tracking (the close
+ * waits for it); nor does one that finds no memory for the copy: sent untracked. */
+static void send_mem(cp_conn *c, hconn *h, const void *buf, size_t len, bool keep_alive)
+{
+    void *copy = keep_alive ? malloc(len) : NULL;
+    if (!copy) {
+        send_or_fail(c, h, buf, len);
+        return;
+    }
+    memcpy(copy, buf, len);
+    int r = cp_conn_send_ref(c, copy, len, copy);
+    if (r < 0) {
+        free(copy);
+        h->closing = true;
+        if (r != -EPIPE)
+            cp_conn_abort(c);
+        return;
+    }
+    h->inflight++;
 }
 
 /* A small error response (its body unless for HEAD); closes after it unless keep_alive. */
@@ -424,7 +456,7 @@ static void respond_error(cp_conn *c, hconn *h, const http_request *req, int sta
     const char *nl = memmem(buf, (size_t)n, "\r\n\r\n", 4);
     uint64_t body = nl ? (uint64_t)n - (uint64_t)(nl + 4 - buf) : 0;
     access_log(c, req, status, body);
-    send_or_fail(c, h, buf, (size_t)n);
+    send_mem(c, h, buf, (size_t)n, keep_alive);
     if (!keep_alive && !h->closing)
         finish(c, h);
 }
@@ -460,7 +492,7 @@ static void redirect_to_dir(cp_conn *c, hconn *h, const http_request *req, bool 
         return;
     }
     access_log(c, req, 301, 0);
-    send_or_fail(c, h, head, (size_t)len);
+    send_mem(c, h, head, (size_t)len, keep);
     if (!keep && !h->closing)
         finish(c, h);
 }
@@ -548,7 +580,7 @@ static void serve(cp_conn *c, hconn *h, const http_request *req)
     access_log(c, req, r.status, len);
     if (len == 0) {
         close(f.fd);
-        send_or_fail(c, h, head, (size_t)n);
+        send_mem(c, h, head, (size_t)n, keep);
     } else {
         /* ctx carries the descriptor; on_sent closes it. */
         int e = cp_conn_send_file(c, head, (size_t)n, f.fd, (int64_t)first, len, FILE_CTX(f.fd));
@@ -560,6 +592,7 @@ static void serve(cp_conn *c, hconn *h, const http_request *req)
             return;
         }
         h->inflight++;
+        h->files++;
     }
     if (!keep && !h->closing)
         finish(c, h);
@@ -601,7 +634,7 @@ static bool lone_cr(const hconn *h)
 static size_t process(cp_conn *c, hconn *h, const char *buf, size_t len)
 {
     size_t off = 0;
-    while (off < len && !h->closing && h->inflight < MAX_INFLIGHT) {
+    while (off < len && !h->closing && h->files < MAX_INFLIGHT) {
         /* Empty lines before a request (a stray CRLF some clients send after one) are
          * dropped here rather than kept as a partial head, which would start the header
          * timeout and end an idle connection with a 408 (RFC 9112 2.2: ignore them). The
@@ -673,9 +706,9 @@ static void arm_deadline(cp_conn *c, hconn *h)
     const config *cfg = cfg_of(c);
     if (h->inflight > 0) {
         /* A response is being sent: only the progress rule applies (on_timeout, every
-         * keep-alive period from the transmit's start). What arrives meanwhile, a pipelined
+         * keep-alive period from the send's start). What arrives meanwhile, a pipelined
          * head complete or not, changes nothing: a partial head's header timeout starts when
-         * the last transmit completes (the client may wait for the response before sending
+         * the last response is sent (the client may wait for the response before sending
          * the rest), and a reader that stopped is cut for that, not by the header timeout.
          * Re-arming here would also let a non-reader that trickles bytes escape the check. */
         if (!h->sending) {
@@ -758,7 +791,12 @@ static void on_data(cp_conn *c, const void *data, size_t len)
 static void on_sent(cp_conn *c, void *ctx, int64_t result)
 {
     hconn *h = cp_conn_user(c);
-    close((int)((uintptr_t)ctx >> 1)); /* a file transmit's (FILE_CTX) */
+    if (IS_FILE_CTX(ctx)) {
+        close((int)((uintptr_t)ctx >> 1));
+        h->files--;
+    } else {
+        free(ctx); /* send_mem()'s copy */
+    }
     h->inflight--;
     /* A failed transmit (the file shrank, the peer went away) left its response short: the
      * server layer closes the connection after this callback, and no later response may
@@ -793,7 +831,7 @@ static void on_timeout(cp_conn *c, cp_close_reason reason)
     if (h->inflight > 0) {
         /* Still sending: not idle as long as the peer takes bytes. One that acknowledged
          * nothing for a whole keep-alive period (it stopped reading: a zero window, which
-         * TCP would probe forever) is cut, and its open files with it. */
+         * TCP would probe forever) is cut, and its open files and queued responses with it. */
         struct tcp_info ti;
         socklen_t tl = sizeof(ti);
         if (cp_conn_getsockopt(c, IPPROTO_TCP, TCP_INFO, &ti, &tl) == 0 &&
@@ -838,12 +876,13 @@ static void usage(FILE *f)
                "                          a 256 KiB queue are dropped and counted)\n"
                "  --header-timeout MS     a request head must arrive within MS of its first\n"
                "                          byte (default 10000), else 408 and close; for a head\n"
-               "                          pipelined behind files still being sent, within MS\n"
-               "                          of the last one's end\n"
+               "                          pipelined behind responses still being sent, within\n"
+               "                          MS of the last one's end\n"
                "  --keepalive-timeout MS  close a connection idle this long between requests\n"
-               "                          (default 30000); while files are being sent, cut a\n"
-               "                          client that acknowledged nothing for a period (checked\n"
-               "                          every MS: cut 1 to 2 periods after its last progress)\n"
+               "                          (default 30000); while responses are being sent,\n"
+               "                          cut a client that acknowledged nothing for a period\n"
+               "                          (checked every MS: cut 1 to 2 periods after its last\n"
+               "                          progress)\n"
                "  --max-conns N           connections beyond N are closed at once (default: none)\n"
                "  --dotfiles              also serve paths with a segment starting with '.'\n"
                "                          (.git/, .env, ...); by default they get 404, except\n"
