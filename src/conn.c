@@ -26,6 +26,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+/* The most operation references sends may take (CS_OPREF_SENDS_MAX). With CPORT_INJECT,
+ * fail point sends_max_16 lowers it to 16, so that a test can reach it (a million queued
+ * sends it could not); elsewhere it is the constant. */
+#define SENDS_LIMIT (CP__INJECT_FAIL("sends_max_16") ? 16 * CS_OPREF : CS_OPREF_SENDS_MAX)
+
 /* Receive slot states (cp__rx_slot.len) when recvs > 1; otherwise its byte count. */
 enum { SLOT_POSTED = INT32_MIN, SLOT_IDLE = INT32_MIN + 1 };
 
@@ -81,7 +86,7 @@ static int op_ref_unless_closing(cp_conn *c)
     do {
         if (!takes_sends(st))
             return -EPIPE;
-        if ((st & CS_OPREF_MASK) >= CS_OPREF_SENDS_MAX)
+        if ((st & CS_OPREF_MASK) >= SENDS_LIMIT)
             return -ENOBUFS;
     } while (!__atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, true, __ATOMIC_SEQ_CST,
                                           __ATOMIC_SEQ_CST));
@@ -188,18 +193,19 @@ static void op_unref(cp_server *sv, cp_conn *c, uint64_t n)
         run_on_close(sv, c);
 }
 
-/* The last operation reference as a work item: on_close runs on a worker. */
-static void op_unref_work(void *arg)
-{
-    cp_conn *c = arg;
-    op_unref(cp__conn_server(c), c, 1);
-}
+/* The opcode of op_unref_caller()'s last reference, queued on the port as c->rx. */
+enum { OP_LAST_UNREF = CP_OP__COUNT };
 
 /* Drop an operation reference taken by a call from any thread (cp_conn_send_file) whose
  * operation was not started. If it is the last one (the connection closed meanwhile),
  * on_close must not run here, on the caller's thread and inside its call (callbacks run on
- * the server's workers; a caller holding a lock that on_close takes would deadlock): a
- * worker drops it. The pool outlives the reference (shutdown waits for on_close). */
+ * the server's workers; a caller holding a lock that on_close takes would deadlock, and a
+ * shutdown from that on_close would not be refused): a worker drops it. It goes to the
+ * port as an I/O completion of c, which cannot fail (a work item can: the port's ring
+ * may be full, memory may run out), carried by c->rx: every receive holds an operation
+ * reference until its handler is done, and none is posted once the close is done, so the
+ * receive context is idle now and stays so (unused when recvs > 1). Its buffer (u.buf)
+ * is left for free_conn(). The pool outlives the reference (shutdown waits for on_close). */
 static void op_unref_caller(cp_server *sv, cp_conn *c)
 {
     uint64_t st = st_load(c);
@@ -208,8 +214,11 @@ static void op_unref_caller(cp_server *sv, cp_conn *c)
                                         __ATOMIC_SEQ_CST))
             return;
     }
-    if (cp_pool_submit(sv->pool, op_unref_work, c) < 0)
-        op_unref(sv, c, 1); /* the queue is full or memory ran out: here after all */
+    c->rx.cp__h = &c->s;
+    c->rx.opcode = OP_LAST_UNREF;
+    c->rx.cp__flags = 0;
+    c->rx.cp__done = 0;
+    cp__port_complete_op(sv->port, &c->rx);
 }
 
 void cp_conn_ref(cp_conn *c)
@@ -1221,7 +1230,7 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
     uint64_t st = st_load(c);
     if (!takes_sends(st))
         return -EPIPE;
-    if ((st & CS_OPREF_MASK) >= CS_OPREF_SENDS_MAX)
+    if ((st & CS_OPREF_MASK) >= SENDS_LIMIT)
         return -ENOBUFS; /* about a million sends queued: the reference count is full */
     if (sv->o.send_queue_limit &&
         __atomic_load_n(&c->pending, __ATOMIC_RELAXED) + (uint64_t)len > sv->o.send_queue_limit) {
@@ -1261,7 +1270,7 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
     if (r < 0) { /* not reached: the socket was not closing, and sends never get -EBUSY */
         __atomic_sub_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);
         drop_send(sv, w, x);
-        op_unref(sv, c, 1);
+        op_unref_caller(sv, c); /* (any thread) */
         return -EPIPE;
     }
     bound_late_send(sv, c);
@@ -1461,6 +1470,7 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
         close_op_give(sv, w, op);
         op_unref(sv, c, 2); /* its own and the connection's life reference */
         return;
+    case OP_LAST_UNREF: /* op_unref_caller() */
     default:
         op_unref(sv, c, 1);
         return;

@@ -2,6 +2,7 @@
  * bindings (see cport/pool.h). Timers live in timer.c. */
 #include "pool_internal.h"
 #include "port_internal.h"
+#include "inject.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -65,6 +66,8 @@ int cp_pool_submit(cp_pool *pool, cp_work_fn fn, void *arg)
         return -EINVAL;
     if (__atomic_load_n(&pool->stopping, __ATOMIC_ACQUIRE))
         return -ESHUTDOWN;
+    if (CP__INJECT_FAIL("pool_submit"))
+        return -EAGAIN; /* as when the port's queue is full */
     return cp__pool_post(pool, fn, arg);
 }
 

@@ -524,6 +524,16 @@ void cp__port_complete_late(cp_port *p, cp__oplist *l)
     cp__lock_release(&p->lock);
 }
 
+void cp__port_complete_op(cp_port *p, cp_op *op)
+{
+    wake_list wl = {0};
+    cp__lock_acquire(&p->lock);
+    append_io_locked(p, op, op, 1);
+    release_locked(p, &wl);
+    cp__lock_release(&p->lock);
+    wake_all(p, &wl);
+}
+
 void cp__port_handle_added(cp_port *p)
 {
     /* Only the first handle can leave the port without a poller: once there are handles,

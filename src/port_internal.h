@@ -95,6 +95,12 @@ bool cp__port_complete_handle(cp_port *port, cp__oplist *list, uint8_t hgen);
  * follow completions of the same handle that other threads put there). */
 void cp__port_complete_late(cp_port *port, cp__oplist *list);
 
+/* Queue op (op->cp__h set) at the end of the completed I/O operations, outside its
+ * handle's order: for an op whose handle has nothing else in flight. Any thread; cannot
+ * fail (the op is the queue's node: no allocation, no bounded ring), so a caller whose
+ * work must reach a worker never has to run it itself. */
+void cp__port_complete_op(cp_port *port, cp_op *op);
+
 /* The generation of the poller's current harvest (only the poller calls this while
  * harvesting, so the value is stable for it). */
 static inline uint8_t cp__port_harvest_gen(cp_port *port)

@@ -1213,41 +1213,47 @@ TEST(framed_bad_frame_log_counts_the_closes_left_out)
 }
 
 #ifdef CPORT_INJECT
-/* Waits (deadline) until a thread of process pid sleeps in nanosleep: in a CPORT_INJECT
- * build, held at a delay point (no other thread of cport-echo sleeps so). Skips where /proc
+/* Whether a thread of process pid sleeps in nanosleep now: in a CPORT_INJECT build, held at
+ * a delay point (no other thread of cport-echo sleeps so, nor restarts a sleep). Skips where /proc
  * does not tell a thread's system call. */
-static void wait_child_held_at_delay_point(pid_t pid, int timeout_ms)
+static bool child_held_at_delay_point(pid_t pid)
 {
     char dir[64];
     snprintf(dir, sizeof dir, "/proc/%d/task", (int)pid);
-    int64_t deadline = cpt_now_ms() + timeout_ms;
-    for (;;) {
-        DIR *d = opendir(dir);
-        CHECK(d != NULL);
-        bool held = false, readable = false;
-        struct dirent *e;
-        while (!held && (e = readdir(d)) != NULL) {
-            if (e->d_name[0] == '.')
-                continue;
-            char path[128];
-            snprintf(path, sizeof path, "%s/%s/syscall", dir, e->d_name);
-            FILE *f = fopen(path, "r");
-            if (!f)
-                continue;
-            readable = true;
-            long nr = -1;
-            int got = fscanf(f, "%ld", &nr); /* "running" while it runs */
-            fclose(f);
-            held = got == 1 && nr == SYS_clock_nanosleep;
+    DIR *d = opendir(dir);
+    CHECK(d != NULL);
+    bool held = false, readable = false;
+    struct dirent *e;
+    while (!held && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[128];
+        snprintf(path, sizeof path, "%s/%s/syscall", dir, e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        readable = true;
+        long nr = -1;
+        int got = fscanf(f, "%ld", &nr); /* "running" while it runs */
+        fclose(f);
+        /* (restart_syscall: a sleep interrupted by task work, as io_uring's completions
+         * of requests the thread submitted, goes on in it) */
+        held = got == 1 && (nr == SYS_clock_nanosleep || nr == SYS_restart_syscall);
 #ifdef SYS_nanosleep
-            held = held || (got == 1 && nr == SYS_nanosleep);
+        held = held || (got == 1 && nr == SYS_nanosleep);
 #endif
-        }
-        closedir(d);
-        if (!readable)
-            SKIP("/proc/PID/task/TID/syscall cannot be read");
-        if (held)
-            return;
+    }
+    closedir(d);
+    if (!readable)
+        SKIP("/proc/PID/task/TID/syscall cannot be read");
+    return held;
+}
+
+/* Waits (deadline) until a thread of process pid is held at a delay point. */
+static void wait_child_held_at_delay_point(pid_t pid, int timeout_ms)
+{
+    int64_t deadline = cpt_now_ms() + timeout_ms;
+    while (!child_held_at_delay_point(pid)) {
         CHECK(cpt_now_ms() < deadline);
         usleep(1000);
     }
@@ -1329,6 +1335,90 @@ static void stats_long_text(void)
 }
 
 #endif
+
+#ifdef CPORT_INJECT
+/* The line logged for the bad-frame close of local port `port`, waited for (IO_MS); NULL
+ * with wait false if there is none now. Points into a static buffer. */
+static const char *bad_frame_line(const server *s, int port, bool wait)
+{
+    static char text[TEXT_CAP];
+    char tag[64];
+    snprintf(tag, sizeof tag, "cport-echo: closed 127.0.0.1:%d:", port);
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    for (;;) {
+        memfd_text(s->err, text, sizeof text);
+        const char *p = strstr(text, tag);
+        if (p || !wait)
+            return p;
+        CHECK(cpt_now_ms() < deadline);
+        usleep(2000);
+    }
+}
+
+static void hold_first_bad_frame(void)
+{
+    setenv("CPORT_INJECT_DELAY", "echo_bad_frame_first:5000000", 1);
+}
+#endif
+
+/* Two workers must not log bad frames twice in one second. Worker A reads the clock (second
+ * S) and is held there (delay point echo_bad_frame_first, 5 s) while worker B, in a later
+ * second, logs. A then finds a later second logged: it neither logs nor sets the second
+ * back (else it logged a line for S after B's, and the next close in B's second logged
+ * again); its close is counted left out, reported by the next line (C's, in a later
+ * second still). */
+TEST(framed_bad_frame_log_a_late_worker_does_not_set_the_second_back)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    const char *args[] = {"--framed", "--max-frame", "100", "--threads", "2", NULL};
+    server s;
+    server_spawn(&s, cpt_backend(), hold_first_bad_frame, args);
+    int port_a = bad_frame_close(&s);
+    wait_child_held_at_delay_point(s.pid, IO_MS); /* A read second S, and waits */
+    int64_t held_sec = coarse_sec();              /* >= S: the server reads this clock */
+    int64_t held_ms = cpt_now_ms();
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    while (coarse_sec() <= held_sec) {
+        CHECK(cpt_now_ms() < deadline);
+        usleep(5000);
+    }
+    int port_b = bad_frame_close(&s); /* on the other worker, in a later second */
+    bad_frame_line(&s, port_b, true);
+    fprintf(stderr, "B logged %lld ms after A was held\n", (long long)(cpt_now_ms() - held_ms));
+    /* The window was used: A still held while B logged (else the test proves nothing). */
+    CHECK(child_held_at_delay_point(s.pid));
+    deadline = cpt_now_ms() + IO_MS;
+    while (child_held_at_delay_point(s.pid)) { /* A goes on */
+        CHECK(cpt_now_ms() < deadline);
+        usleep(5000);
+    }
+    wait_all_closed(&s, 2);
+    int64_t done_sec = coarse_sec();
+    while (coarse_sec() <= done_sec) {
+        CHECK(cpt_now_ms() < deadline);
+        usleep(5000);
+    }
+    int port_c = bad_frame_close(&s);
+    const char *c_line = bad_frame_line(&s, port_c, true);
+    unsigned long long more = 0;
+    const char *m = strstr(c_line, " (and ");
+    if (m && m < strchr(c_line, '\n'))
+        CHECK_EQ(sscanf(m, " (and %llu more bad-frame closes not logged)", &more), 1);
+    bool a_logged = bad_frame_line(&s, port_a, false) != NULL;
+    int err = dup(s.err);
+    CHECK(err >= 0);
+    server_stop(&s);
+    static char text[TEXT_CAP];
+    memfd_text(err, text, sizeof text);
+    close(err);
+    fprintf(stderr, "server stderr:\n%s", text);
+    CHECK(!a_logged);
+    CHECK_EQ(more, 1); /* A's close, left out */
+    CHECK_EQ(count_lines_with(text, "cport-echo: closed 127.0.0.1:"), 2);
+#endif
+}
 
 /* A stats text longer than the stack buffer is made again in a heap buffer; the counters
  * keep moving meanwhile. Once quiet: the same text twice. Once with echo traffic while the

@@ -5742,6 +5742,174 @@ TEST(send_file_losing_to_the_close_runs_no_callback_on_the_caller)
 #endif
 }
 
+/* About a million sends queued on one connection fill its operation references: the next
+ * send is refused with -ENOBUFS (conn_send's and cp_conn_send_file's guard). With fail
+ * point sends_max_16 the limit is 16 references. The peer reads nothing, so a first large
+ * send stays queued and every later one queues behind it: each holds a reference until
+ * its completion is handled. A refused send fails at submission and never completes (no
+ * on_sent, none of its bytes sent); once the peer reads, everything accepted arrives in
+ * order and the connection takes sends again. */
+#ifdef CPORT_INJECT
+enum { FULL_BIG = 1 << 20, FULL_MSG = 64, FULL_MAX = 64 };
+
+typedef struct sends_full {
+    cp_conn *c;                /* held by on_open's cp_conn_ref */
+    uint64_t sent[FULL_MAX];   /* atomic: on_sent per send, by index */
+    int64_t result[FULL_MAX];  /* on_sent's result */
+    uint64_t sent_all, closes; /* atomic */
+} sends_full;
+
+/* The operation references c holds. */
+static uint64_t sends_oprefs(cp_conn *c)
+{
+    return (LOAD(&c->state) & CS_OPREF_MASK) / CS_OPREF;
+}
+
+static int sends_full_on_open(cp_conn *c)
+{
+    sends_full *k = cp_server_user(cp_conn_server(c));
+    int small = 4096;
+    CHECK_OK(cp_conn_setsockopt(c, SOL_SOCKET, SO_SNDBUF, &small, sizeof small));
+    cp_conn_ref(c);
+    STORE(&k->c, c);
+    return 0;
+}
+
+static void sends_full_on_sent(cp_conn *c, void *ctx, int64_t result)
+{
+    sends_full *k = cp_server_user(cp_conn_server(c));
+    uintptr_t i = (uintptr_t)ctx - 1;
+    k->result[i] = result;
+    ADD(&k->sent[i], 1);
+    ADD(&k->sent_all, 1);
+}
+
+static void sends_full_on_close(cp_conn *c, cp_close_reason reason, int err)
+{
+    (void)reason;
+    (void)err;
+    sends_full *k = cp_server_user(cp_conn_server(c));
+    ADD(&k->closes, 1);
+}
+
+/* Read exactly len bytes from fd into buf (deadline: IO_MS). */
+static void read_n(int fd, uint8_t *buf, size_t len)
+{
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    size_t got = 0;
+    while (got < len) {
+        ssize_t r = recv(fd, buf + got, len - got, MSG_DONTWAIT);
+        if (r > 0) {
+            got += (size_t)r;
+            continue;
+        }
+        CHECK(r < 0 && errno == EAGAIN); /* not the end */
+        CHECK(wait_fd(fd, POLLIN, deadline));
+    }
+}
+#endif
+
+TEST(a_send_past_the_reference_limit_is_refused_and_the_connection_goes_on)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan): a million "
+         "queued sends otherwise");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "sends_max_16", 1)); /* before any thread */
+    static sends_full k;
+    memset(&k, 0, sizeof k);
+    cp_server_callbacks cb = {.on_open = sends_full_on_open,
+                              .on_data = ignore_data,
+                              .on_sent = sends_full_on_sent,
+                              .on_close = sends_full_on_close};
+    cp_server_options o = {.bind = "127.0.0.1", .threads = 2, .user = &k};
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_start(sv));
+    int fd = sock_nb();
+    int small = 4096;
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small));
+    struct sockaddr_in sa = loopback(cp_server_listen_port(sv));
+    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EINPROGRESS);
+    CHECK(wait_fd(fd, POLLOUT, cpt_now_ms() + IO_MS));
+    WAIT_FOR(LOAD(&k.c) != NULL, IO_MS);
+    cp_conn *c = LOAD(&k.c);
+    WAIT_FOR(sends_oprefs(c) == 2, IO_MS); /* its life and its receive */
+
+    /* The stream: FULL_BIG bytes, then FULL_MSG per send; send i (from 1) is byte i. */
+    static uint8_t big[FULL_BIG], msgs[FULL_MAX][FULL_MSG];
+    for (size_t i = 0; i < FULL_BIG; i++)
+        big[i] = (uint8_t)(i * 7 + 1);
+    for (int i = 0; i < FULL_MAX; i++)
+        memset(msgs[i], i, FULL_MSG);
+    CHECK_OK(cp_conn_send_ref(c, big, FULL_BIG, (void *)(uintptr_t)1));
+    int n = 1, refused = 0;
+    for (; n < FULL_MAX - 1; n++) {
+        uint64_t before = sends_oprefs(c);
+        int r = cp_conn_send_ref(c, msgs[n], FULL_MSG, (void *)(uintptr_t)(n + 1));
+        if (r == -ENOBUFS) {
+            CHECK_EQ(before, 16); /* refused at the limit, not before */
+            CHECK_EQ(sends_oprefs(c), 16);
+            refused = n;
+            break;
+        }
+        CHECK_OK(r);
+        CHECK_EQ(sends_oprefs(c), before + 1); /* queued: nothing completes while the peer waits */
+    }
+    CHECK_EQ(refused, 16 - 2); /* 2 + the big send + 13 small ones = 16 */
+    /* The other sends at the limit too: a copy, and a file (op_ref_unless_closing). */
+    CHECK_EQ(cp_conn_send(c, msgs[0], FULL_MSG), -ENOBUFS);
+    int file = cpt_memfd("file");
+    CHECK_EQ(write(file, msgs[0], FULL_MSG), (ssize_t)FULL_MSG);
+    CHECK_EQ(cp_conn_send_file(c, NULL, 0, file, 0, FULL_MSG, (void *)(uintptr_t)FULL_MAX),
+             -ENOBUFS);
+    CHECK_EQ(sends_oprefs(c), 16);
+    CHECK_EQ(cp_conn_pending(c) <= FULL_BIG + (size_t)(refused - 1) * FULL_MSG, 1);
+
+    /* The peer reads: the big send, then sends 1 .. refused-1, and nothing else. */
+    static uint8_t got[FULL_BIG];
+    read_n(fd, got, FULL_BIG);
+    CHECK_EQ(memcmp(got, big, FULL_BIG), 0);
+    for (int i = 1; i < refused; i++) {
+        read_n(fd, got, FULL_MSG);
+        CHECK_EQ(memcmp(got, msgs[i], FULL_MSG), 0);
+    }
+    WAIT_FOR(LOAD(&k.sent_all) == (uint64_t)refused, IO_MS);
+    WAIT_FOR(sends_oprefs(c) == 2, IO_MS);
+    CHECK_EQ(LOAD(&k.sent[0]), 1);
+    CHECK_EQ(k.result[0], FULL_BIG);
+    for (int i = 1; i < refused; i++) {
+        CHECK_EQ(LOAD(&k.sent[i]), 1);
+        CHECK_EQ(k.result[i], FULL_MSG);
+    }
+    CHECK_EQ(LOAD(&k.sent[refused]), 0); /* the refused one never completes */
+
+    /* It goes on: a send, a copy and a file, in order. */
+    CHECK_OK(cp_conn_send_ref(c, msgs[refused], FULL_MSG, (void *)(uintptr_t)(refused + 1)));
+    CHECK_OK(cp_conn_send(c, msgs[refused + 1], FULL_MSG));
+    CHECK_OK(cp_conn_send_file(c, NULL, 0, file, 0, FULL_MSG, (void *)(uintptr_t)FULL_MAX));
+    read_n(fd, got, FULL_MSG);
+    CHECK_EQ(memcmp(got, msgs[refused], FULL_MSG), 0);
+    read_n(fd, got, FULL_MSG);
+    CHECK_EQ(memcmp(got, msgs[refused + 1], FULL_MSG), 0);
+    read_n(fd, got, FULL_MSG);
+    CHECK_EQ(memcmp(got, msgs[0], FULL_MSG), 0);
+    WAIT_FOR(LOAD(&k.sent_all) == (uint64_t)refused + 2, IO_MS);
+    CHECK_EQ(LOAD(&k.sent[refused]), 1);
+    CHECK_EQ(LOAD(&k.sent[FULL_MAX - 1]), 1);
+    CHECK_EQ(k.result[FULL_MAX - 1], FULL_MSG);
+    CHECK_EQ(LOAD(&k.closes), 0);
+
+    cp_conn_unref(c);
+    close(fd);
+    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
+    CHECK_EQ(LOAD(&k.closes), 1);
+    CHECK_OK(cp_server_destroy(sv));
+    close(file);
+    unsetenv("CPORT_INJECT_FAIL");
+#endif
+}
+
 /* recv_buffer may be any page multiple up to 64 KiB (8 KiB, 12 KiB, ...);
  * receive buffers come from the size class that fits (16 KiB) but were given back by
  * recv_buffer's size, which matches no class: free() on lookaside memory. Both ways: the
@@ -6680,6 +6848,108 @@ TEST(a_shutdown_from_an_on_close_run_by_the_shutdown_is_refused)
     unsetenv("CPORT_INJECT_FAIL");
     if (LOAD(&k.on_caller) == 0)
         SKIP("no on_close ran on the shutting-down thread here");
+#endif
+}
+
+/* The last operation reference dropped by a call from an application thread (here a
+ * cp_conn_send_file() that lost to the peer's end) is handed to a worker, also when no
+ * work item can be queued (fail point pool_submit: the port's queue full): on_close ran on
+ * the sender's thread otherwise, inside its call, and a cp_server_shutdown() from it was
+ * not refused (the thread is no worker) and waited forever for that very on_close. The
+ * sender holds its reference in the delay point send_file_ref while the test sees the
+ * close handled (only that reference left), then its transmit fails and it drops it. */
+#ifdef CPORT_INJECT
+typedef struct unref_caller {
+    cp_conn *c;       /* held by on_open's cp_conn_ref */
+    pthread_t sender; /* with sender_set */
+    int sender_set;   /* atomic */
+    int sending;      /* atomic: about to call cp_conn_send_file */
+    int result;       /* cp_conn_send_file's */
+    int file;
+    uint64_t closes, on_sender, shutdown_returned; /* atomic */
+    int shutdown_r;
+} unref_caller;
+
+static int unref_caller_on_open(cp_conn *c)
+{
+    unref_caller *k = cp_server_user(cp_conn_server(c));
+    cp_conn_ref(c);
+    STORE(&k->c, c);
+    return 0;
+}
+
+static void unref_caller_on_close(cp_conn *c, cp_close_reason reason, int err)
+{
+    (void)reason;
+    (void)err;
+    cp_server *sv = cp_conn_server(c);
+    unref_caller *k = cp_server_user(sv);
+    if (LOAD(&k->sender_set) && pthread_equal(pthread_self(), k->sender))
+        ADD(&k->on_sender, 1);
+    ADD(&k->closes, 1);
+    k->shutdown_r = cp_server_shutdown(sv, 0); /* -EDEADLK on a worker */
+    STORE(&k->shutdown_returned, 1);
+}
+
+static void *unref_caller_sender(void *arg)
+{
+    unref_caller *k = arg;
+    k->sender = pthread_self();
+    STORE(&k->sender_set, 1);
+    STORE(&k->sending, 1);
+    k->result = cp_conn_send_file(LOAD(&k->c), NULL, 0, k->file, 0, 4096, k);
+    return NULL;
+}
+
+static uint64_t oprefs(cp_conn *c)
+{
+    return (LOAD(&c->state) & CS_OPREF_MASK) / CS_OPREF;
+}
+#endif
+
+TEST(a_send_dropping_the_last_reference_runs_on_close_on_a_worker_without_a_work_item)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    /* Before any thread. The delay is long: the test ends the connection inside it. */
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "pool_submit", 1));
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "send_file_ref:2000000", 1));
+    unref_caller k = {.file = cpt_memfd("file")};
+    uint8_t page[4096] = {0};
+    CHECK_EQ(write(k.file, page, sizeof page), (ssize_t)sizeof page);
+    cp_server_callbacks cb = {
+        .on_open = unref_caller_on_open, .on_data = ignore_data, .on_close = unref_caller_on_close};
+    cp_server_options o = {.bind = "127.0.0.1", .threads = 2, .user = &k};
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_start(sv));
+    int fd = connect_to(cp_server_listen_port(sv));
+    WAIT_FOR(LOAD(&k.c) != NULL, IO_MS);
+    cp_conn *c = LOAD(&k.c);
+    WAIT_FOR(oprefs(c) == 2, IO_MS); /* its life and its receive */
+    pthread_t th;
+    CHECK_OK(-pthread_create(&th, NULL, unref_caller_sender, &k));
+    WAIT_FOR(oprefs(c) == 3, IO_MS); /* the sender's, taken: it waits in send_file_ref */
+    close(fd);
+    WAIT_FOR(oprefs(c) == 1, IO_MS); /* the close is done: the sender's is the last */
+    WAIT_FOR(LOAD(&k.closes) == 1, IO_MS);
+    fprintf(stderr, "on_close on the sender's thread: %llu\n",
+            (unsigned long long)LOAD(&k.on_sender));
+    /* A hang here (a shutdown on the sender's thread waiting for itself) fails the test. */
+    WAIT_FOR(LOAD(&k.shutdown_returned) == 1, IO_MS);
+    fprintf(stderr, "cp_server_shutdown from it: %d\n", k.shutdown_r);
+    CHECK_EQ(LOAD(&k.on_sender), 0);
+    CHECK_EQ(k.shutdown_r, -EDEADLK);
+    CHECK_OK(-pthread_join(th, NULL));
+    CHECK_EQ(k.result, -EPIPE); /* it lost to the close: the path under test */
+    CHECK_EQ(LOAD(&k.closes), 1);
+    cp_conn_unref(c);
+    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
+    CHECK_OK(cp_server_destroy(sv));
+    close(k.file);
+    unsetenv("CPORT_INJECT_FAIL");
+    unsetenv("CPORT_INJECT_DELAY");
 #endif
 }
 

@@ -37,6 +37,9 @@ typedef struct config {
      * out since. */
     int64_t bad_frame_sec;
     uint64_t bad_frames_unlogged;
+#ifdef CPORT_INJECT
+    uint64_t bad_frames_seen; /* atomic: for delay point echo_bad_frame_first */
+#endif
 } config;
 
 /* ---- the echo ----------------------------------------------------------------------------- */
@@ -71,6 +74,12 @@ static void on_close(cp_conn *c, cp_close_reason reason, int err)
     config *cfg = cp_server_user(cp_conn_server(c));
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+#ifdef CPORT_INJECT
+    /* The first bad-frame close only, between its clock read and its look at the second
+     * logged last, while later ones (on other workers) log a later second. */
+    if (__atomic_fetch_add(&cfg->bad_frames_seen, 1, __ATOMIC_RELAXED) == 0)
+        CP__INJECT_DELAY("echo_bad_frame_first");
+#endif
     int64_t last = __atomic_load_n(&cfg->bad_frame_sec, __ATOMIC_RELAXED);
     /* (<=: a worker whose clock read came before another's later second must neither
      * log nor set the second back, or the later second logs twice.) */
