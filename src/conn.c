@@ -986,7 +986,14 @@ static void rx_multi(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64_
  * the cap first, also when the application resumes meanwhile. */
 static void read_again(cp_server *sv, cp__worker *w, cp_conn *c)
 {
-    if ((st_load(c) & CF_PAUSED) || !may_read(sv, c))
+    if (st_load(c) & CF_PAUSED) {
+        if (__atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) > sv->o.max_pending_send / 2)
+            return;
+        /* Drained already: bytes a send counted and then took back (it failed to start)
+         * left the flag with no completion to come and clear it. */
+        st_clear(c, CF_PAUSED);
+    }
+    if (!may_read(sv, c))
         return;
     if (sv->o.recvs > 1) {
         post_idle_slots(sv, w, c);
@@ -1051,6 +1058,33 @@ static void resume_work(void *arg)
     read_again(sv, cp__server_worker(sv), c);
     cp__lock_release(&c->lock);
     op_unref(sv, c, 1);
+}
+
+/* Bytes counted in `pending` for a send that then did not start came off again: if a
+ * delivery meanwhile paused reading on their account (backpressure), no completion will
+ * come to resume it, so read again here. The caller may hold c's lock (a callback of c
+ * sending on c): under the lock if it is free, else on a worker, as cp_conn_resume_recv()
+ * does. */
+static void unqueued(cp_server *sv, cp_conn *c)
+{
+    if (!(st_load(c) & CF_PAUSED) ||
+        __atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) > sv->o.max_pending_send / 2)
+        return;
+    /* Only while not closing (the life reference is held then): a closing connection
+     * reads on regardless, and a sender holding only a cp_conn_ref has no reference. */
+    uint64_t st = st_load(c);
+    do {
+        if (st & CF_CLOSING)
+            return;
+    } while (!__atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, true, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_SEQ_CST));
+    if (cp__lock_try(&c->lock)) {
+        read_again(sv, cp__server_worker(sv), c);
+        cp__lock_release(&c->lock);
+        op_unref_caller(sv, c);
+    } else if (cp_pool_submit(sv->pool, resume_work, c) < 0) {
+        op_unref_caller(sv, c);
+    }
 }
 
 int cp_conn_resume_recv(cp_conn *c)
@@ -1259,6 +1293,8 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
         cp__h_unlock(&c->s);
         if (n > 0) /* part of it went out: the stream cannot go on without the rest */
             start_close(sv, c, CP_CLOSE_ERROR, err, false);
+        else
+            unqueued(sv, c);
         return err;
     }
     if (n > 0)
@@ -1358,6 +1394,7 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
         op_unref_caller(sv, c);
         return -ENOBUFS;
     }
+    CP__INJECT_DELAY("send_file_counted"); /* a delivery may see these bytes meanwhile */
     int r = cp_socket_transmit_file(&c->s, &x->t, fd, offset, len, x->head, head_len, NULL, 0, 0);
     if (r < 0) {
         /* A graceful close that looked meanwhile saw these bytes pending and left the
@@ -1369,6 +1406,7 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
             else if (st & CF_SHUT_SEND)
                 fin_step(c);
         }
+        unqueued(sv, c);
         if (x->head)
             cp__server_buf_free(sv, w, x->head, x->head_size);
         cp__slab_free(&sv->xmits, x);
