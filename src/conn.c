@@ -542,6 +542,8 @@ static uint32_t *deadline_of(cp_server *sv, cp_conn *c)
 
 int cp_conn_set_deadline(cp_conn *c, unsigned ms)
 {
+    if (!c)
+        return -EINVAL;
     cp_server *sv = cp__conn_server(c);
     if (!sv->o.conn_deadlines)
         return -EINVAL;
@@ -641,6 +643,13 @@ static void timed_out(cp_server *sv, cp_conn *c, uint32_t now)
         /* Under the lock (as cp_conn_abort from a callback), so that nothing changes
          * between the decision and the close. */
         CP__INJECT_DELAY("timed_out"); /* the next tick's sweep may find it due too */
+        /* Aborted: queued replies are cancelled. If some were queued, the stream is cut,
+         * and a plain close would end it with a FIN after the part the kernel held, a cut
+         * stream passing for a whole one: reset, as cp_conn_abort() does. With nothing
+         * queued (a quiet connection reaped) the stream is whole: a FIN, as a graceful
+         * close would send. */
+        if (__atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) != 0)
+            reset_on_close(c);
         start_close(sv, c, (cp_close_reason)reason, 0, false); /* counts it (once) */
         cp__lock_release(&c->lock);
     }
@@ -1291,10 +1300,15 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
     }
     if (!x) {
         cp__h_unlock(&c->s);
-        if (n > 0) /* part of it went out: the stream cannot go on without the rest */
+        if (n > 0) {
+            /* Part of it went out: the stream cannot go on without the rest. Aborted, with
+             * a reset: a plain close would send what the kernel holds and then a FIN, and
+             * the peer would take the cut stream for a whole one. */
+            reset_on_close(c);
             start_close(sv, c, CP_CLOSE_ERROR, err, false);
-        else
+        } else {
             unqueued(sv, c);
+        }
         return err;
     }
     if (n > 0)
@@ -1625,6 +1639,8 @@ cp_server *cp_conn_server(cp_conn *c)
 
 int cp_conn_frame_state(cp_conn *c, char *buf, size_t size)
 {
+    if (!c)
+        return -EINVAL;
     cp_server *sv = cp__conn_server(c);
     if (!sv->o.framed)
         return -EINVAL;
@@ -1633,6 +1649,8 @@ int cp_conn_frame_state(cp_conn *c, char *buf, size_t size)
 
 int cp_conn_peer(cp_conn *c, struct sockaddr_storage *addr, socklen_t *len)
 {
+    if (!c || !addr || !len)
+        return -EINVAL;
     *len = sizeof(*addr);
     int fd = cp__socket_fd_hold(&c->s);
     if (fd < 0)
@@ -1644,6 +1662,8 @@ int cp_conn_peer(cp_conn *c, struct sockaddr_storage *addr, socklen_t *len)
 
 int cp_conn_setsockopt(cp_conn *c, int level, int name, const void *val, socklen_t len)
 {
+    if (!c)
+        return -EINVAL;
     int fd = cp__socket_fd_hold(&c->s);
     if (fd < 0)
         return fd;
@@ -1654,6 +1674,8 @@ int cp_conn_setsockopt(cp_conn *c, int level, int name, const void *val, socklen
 
 int cp_conn_getsockopt(cp_conn *c, int level, int name, void *val, socklen_t *len)
 {
+    if (!c)
+        return -EINVAL;
     int fd = cp__socket_fd_hold(&c->s);
     if (fd < 0)
         return fd;

@@ -203,6 +203,8 @@ int cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode)
 {
     if (!pool)
         return 0;
+    if (mode != CP_POOL_DRAIN && mode != CP_POOL_CANCEL)
+        return -EINVAL;
     /* (The pool is alive, so are its workers: no other thread can have one of their ids.) */
     for (unsigned i = 0; i < pool->nthreads; i++)
         if (pthread_equal(pool->threads[i], pthread_self()))

@@ -398,15 +398,18 @@ int cp_port_create_ex(cp_port **portp, const cp_port_options *opts)
         o = *opts;
     long page = sysconf(_SC_PAGESIZE);
     /* The ring sizes the kernel refuses (IORING_MAX_ENTRIES, IORING_MAX_CQ_ENTRIES): bad
-     * input, not a reason to fall back to epoll as if io_uring were denied. */
+     * input, not a reason to fall back to epoll as if io_uring were denied. So is a pipe
+     * pool whose bookkeeping io_uring's set-up could not allocate. */
     if (o.pool_buffer_size % (uint32_t)page != 0 || o.pool_per_socket > 255 ||
         o.max_posted > (1u << 30) || o.ring_entries > 32768 || o.cq_entries > 65536 ||
-        o.file_threads > 256)
+        o.file_threads > 256 || o.max_pipes > 65536)
         return -EINVAL;
     resolve_options(&o);
     /* Pool receives are named by their byte offset in the pool, 32 bits wide. */
     if ((uint64_t)o.pool_buffers * o.pool_buffer_size > UINT32_MAX)
         return -EINVAL;
+    if (o.flags & ~(CP_PORT_QUIET | CP_PORT_WHOLE_BUFFERS))
+        return -EINVAL; /* a flag this version does not know */
 
     cp_port *p = aligned_alloc(64, (sizeof(*p) + 63) & ~(size_t)63);
     if (!p)

@@ -584,6 +584,8 @@ int cp_server_start(cp_server *sv)
 {
     /* Once: a second start would associate a new listener over the live one (its accepts
      * outstanding) and leak it, bound and listening; after a shutdown the pool is gone. */
+    if (!sv)
+        return -EINVAL;
     if (sv->ticker || __atomic_load_n(&sv->shutdown_state, __ATOMIC_RELAXED) != 0)
         return -EALREADY;
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(sv->o.port)};
@@ -797,7 +799,11 @@ int cp_server_destroy(cp_server *sv)
 
 void cp_server_get_stats(cp_server *sv, cp_server_stats *st)
 {
+    if (!st)
+        return;
     memset(st, 0, sizeof(*st));
+    if (!sv)
+        return;
     st->conns_open = __atomic_load_n(&sv->conns_open, __ATOMIC_RELAXED);
     st->conns_total = __atomic_load_n(&sv->conns_total, __ATOMIC_RELAXED);
     st->conns_rejected = __atomic_load_n(&sv->conns_rejected, __ATOMIC_RELAXED);
@@ -832,6 +838,8 @@ void cp_server_get_stats(cp_server *sv, cp_server_stats *st)
 
 int cp_server_stats_prometheus(cp_server *sv, const char *prefix, char *buf, size_t size)
 {
+    if (!sv || !prefix)
+        return -EINVAL;
     cp_server_stats s;
     cp_server_get_stats(sv, &s);
     const struct {

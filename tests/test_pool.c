@@ -530,3 +530,18 @@ TEST(destroy_from_a_worker_is_refused)
     CHECK_EQ(cp_pool_destroy(s.pool, CP_POOL_DRAIN), 0);
     CHECK_EQ(cp_pool_destroy(NULL, CP_POOL_DRAIN), 0);
 }
+
+/* A mode that is neither CP_POOL_DRAIN nor CP_POOL_CANCEL is refused, and nothing is done
+ * (it was taken as CP_POOL_DRAIN: the pool was destroyed, running what was queued). The
+ * pool still works and is destroyed as asked afterwards. */
+TEST(destroy_with_an_unknown_mode_is_refused)
+{
+    cp_pool *pool = make_pool(1, 1);
+    CHECK_EQ(cp_pool_destroy(pool, (cp_pool_destroy_mode)2), -EINVAL);
+    CHECK_EQ(cp_pool_destroy(pool, (cp_pool_destroy_mode)-1), -EINVAL);
+    sum_ctx x = {0};
+    sum_item it = {.x = &x, .v = 7};
+    CHECK_OK(cp_pool_submit(pool, add_item, &it));
+    wait_until(&x.count, 1);
+    CHECK_EQ(cp_pool_destroy(pool, CP_POOL_CANCEL), 0);
+}

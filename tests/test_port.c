@@ -1002,6 +1002,58 @@ TEST(queue_sizes_beyond_the_kernels_limits_are_refused)
     cp_port_destroy(p);
 }
 
+/* max_pipes above its limit is bad input too: the pool's bookkeeping is allocated at
+ * creation (12 bytes a pipe), so a huge value failed io_uring's set-up and the port fell back
+ * to epoll saying io_uring was not available (forced io_uring: -ENOMEM), and a smaller huge
+ * one took gigabytes of address space. The largest value still works. */
+TEST(a_pipe_pool_beyond_its_limit_is_refused)
+{
+    CHECK_OK(unsetenv("CPORT_BACKEND")); /* the default choice, as a program gets it */
+    const uint32_t bad[] = {65537, 1u << 28, UINT32_MAX};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        cp_port *p = NULL;
+        cp_port_options o = {.concurrency = 1, .flags = CP_PORT_QUIET, .max_pipes = bad[i]};
+        int r = cp_port_create_ex(&p, &o);
+        if (r == 0) {
+            fprintf(stderr, "max_pipes %u: accepted, backend %s\n", bad[i],
+                    cp_port_backend_name(p));
+            cp_port_close(p);
+            cp_port_destroy(p);
+        }
+        CHECK_EQ(r, -EINVAL);
+        CHECK(p == NULL);
+    }
+    cp_port *p;
+    cp_port_options o = {.concurrency = 1, .max_pipes = 65536};
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    cp_port_close(p);
+    cp_port_destroy(p);
+}
+
+/* Unknown bits in cp_port_options.flags are refused, as unknown flags are everywhere else
+ * (cp_socket_send_ex, transmits, frame configurations); they were ignored, so a flag from a
+ * newer header (or a typo) passed silently. */
+TEST(unknown_port_flags_are_refused)
+{
+    const uint32_t bad[] = {0x4u, 0x80000000u, CP_PORT_QUIET | 0x100u};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        cp_port *p = NULL;
+        cp_port_options o = {.concurrency = 1, .flags = bad[i]};
+        int r = cp_port_create_ex(&p, &o);
+        if (r == 0) {
+            cp_port_close(p);
+            cp_port_destroy(p);
+        }
+        CHECK_EQ(r, -EINVAL);
+        CHECK(p == NULL);
+    }
+    cp_port *p;
+    cp_port_options o = {.concurrency = 1, .flags = CP_PORT_QUIET | CP_PORT_WHOLE_BUFFERS};
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    cp_port_close(p);
+    cp_port_destroy(p);
+}
+
 /* A waiter popped by a waker times out before the waker (which stores the wake-up after
  * unlocking) gets to it, and its thread exits, freeing its record. With CPORT_INJECT (the
  * ASan build) the waker pauses 300 ms before storing: without the fix, the store lands in

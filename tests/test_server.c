@@ -4379,6 +4379,47 @@ static void fill_unread(cp_conn *c)
     WAIT_FOR(cp_conn_pending(c) > 0, IO_MS); /* the kernel took what it could, no more */
 }
 
+/* NULL arguments of the calls that return an error are refused with -EINVAL (they were
+ * dereferenced: a crash), and the stats calls take NULL as cp_port_get_stats() does. */
+TEST(null_arguments_are_refused)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    int v = 0;
+    socklen_t vl = sizeof v;
+    char buf[64];
+    CHECK_EQ(cp_server_start(NULL), -EINVAL);
+    CHECK_EQ(cp_conn_peer(NULL, &ss, &sl), -EINVAL);
+    CHECK_EQ(cp_conn_setsockopt(NULL, SOL_SOCKET, SO_SNDBUF, &v, sizeof v), -EINVAL);
+    CHECK_EQ(cp_conn_getsockopt(NULL, SOL_SOCKET, SO_SNDBUF, &v, &vl), -EINVAL);
+    CHECK_EQ(cp_conn_set_deadline(NULL, 10), -EINVAL);
+    CHECK_EQ(cp_conn_frame_state(NULL, buf, sizeof buf), -EINVAL);
+    CHECK_EQ(cp_server_stats_prometheus(NULL, "x_", buf, sizeof buf), -EINVAL);
+    cp_server_stats st;
+    memset(&st, 0xff, sizeof st);
+    cp_server_get_stats(NULL, &st);
+    CHECK_EQ(st.conns_open, 0);
+    CHECK_EQ(st.allocations, 0);
+    /* On a live server and connection: NULL out-parameters and prefix. */
+    cp_server_options o = {.threads = 1};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    tsrv_start(t, &o);
+    cp_server_get_stats(t->sv, NULL);
+    CHECK_EQ(cp_server_stats_prometheus(t->sv, NULL, buf, sizeof buf), -EINVAL);
+    CHECK(cp_server_stats_prometheus(t->sv, "", buf, sizeof buf) > 0);
+    int fd = connect_to(t->port);
+    WAIT_FOR(held_count(t) == 1, IO_MS);
+    pthread_mutex_lock(&t->lock);
+    cp_conn *c = t->held[0];
+    pthread_mutex_unlock(&t->lock);
+    CHECK_EQ(cp_conn_peer(c, NULL, &sl), -EINVAL);
+    CHECK_EQ(cp_conn_peer(c, &ss, NULL), -EINVAL);
+    CHECK_OK(cp_conn_peer(c, &ss, &sl));
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
 /* cp_conn_abort and the shutdown's deadline cut are abortive closes: the peer gets a reset,
  * not an end of stream after part of the data (which would pass a cut stream for a whole
  * one), and the kernel drops what it still held instead of sending it for minutes to a
@@ -4416,6 +4457,44 @@ TEST(abort_and_the_shutdown_cut_reset_the_peer)
     close(a);
     close(b);
     CHECK_EQ(tsrv_stop(t, 0), 0);
+}
+
+/* A timeout without on_timeout aborts the connection (server.h): the replies still queued
+ * are cancelled and the peer gets a reset, as from cp_conn_abort(). Before, the socket was
+ * closed normally: the peer read what the kernel held, then an end of stream, a cut stream
+ * passing for a whole one. Here the idle timeout fires on a peer that reads nothing while
+ * 4 MiB of replies are queued to it; then on a quiet one, which gets a FIN (its stream is
+ * whole). */
+TEST(a_timeout_without_on_timeout_resets_a_cut_stream_and_ends_a_quiet_one)
+{
+    cp_server_options o = {.threads = 2, .idle_timeout_ms = 300, .tick_ms = 20};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    tsrv_start(t, &o);
+    int a = connect_not_reading(t->port);
+    WAIT_FOR(held_count(t) == 1, IO_MS);
+    pthread_mutex_lock(&t->lock);
+    cp_conn *c = t->held[0];
+    pthread_mutex_unlock(&t->lock);
+    fill_unread(c);
+    WAIT_FOR(LOAD(&t->reasons[CP_CLOSE_IDLE_TIMEOUT]) == 1, IO_MS);
+    size_t got = 0;
+    int how = -1;
+    CHECK(read_to_close(a, cpt_now_ms() + IO_MS, &got, &how) >= 0);
+    fprintf(stderr, "the peer got %zu bytes, then %s\n", got, how ? strerror(how) : "EOF");
+    CHECK_EQ(how, ECONNRESET);
+    close(a);
+    /* A quiet connection, nothing queued: its stream is whole, and it ends with a FIN. */
+    int b = connect_not_reading(t->port);
+    WAIT_FOR(held_count(t) == 2, IO_MS);
+    WAIT_FOR(LOAD(&t->reasons[CP_CLOSE_IDLE_TIMEOUT]) == 2, IO_MS);
+    got = 0;
+    how = -1;
+    CHECK(read_to_close(b, cpt_now_ms() + IO_MS, &got, &how) >= 0);
+    CHECK_EQ(how, 0);
+    CHECK_EQ(got, 0);
+    close(b);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 
 /* ---- T3/S6: on_close exactly once, whichever way a connection ends ---------------------- */
@@ -6505,6 +6584,55 @@ TEST(a_server_whose_slabs_cannot_grow_sheds_and_keeps_serving)
     }
     CHECK_EQ(tsrv_stats(t).allocations, 7);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
+#endif
+}
+
+/* cp_conn_send: when part of a send went out inside the call and the rest cannot be kept
+ * (no memory for its copy), the connection is aborted (server.h): the peer gets a reset,
+ * not the part followed by an end of stream, which would pass the cut stream for a whole
+ * one. (Before, it was closed normally: the part, then a FIN.) With CPORT_INJECT (the ASan
+ * build) no lookaside chunk is mapped after creation (fail point slab_grow): a peer that
+ * does not read takes the 64 KiB buffers' first chunk with queued sends, and a send of 64 KiB
+ * to another such peer goes out in part (epoll sends inside the call; io_uring never does). */
+TEST(a_send_cut_short_by_a_lack_of_memory_resets_the_peer)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    if (strcmp(cpt_backend(), "epoll") != 0)
+        SKIP("epoll only: on io_uring no send goes out inside the call");
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "slab_grow", 1)); /* before any thread */
+    static uint8_t chunk[65536];
+    cp_server_options o = {.threads = 1};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    t->sndbuf = 4096;
+    tsrv_start(t, &o);
+    int b = connect_not_reading(t->port);
+    WAIT_FOR(held_count(t) == 1, IO_MS);
+    pthread_mutex_lock(&t->lock);
+    cp_conn *hog = t->held[0];
+    pthread_mutex_unlock(&t->lock);
+    int r = 0;
+    for (int i = 0; i < 1000 && r == 0; i++)
+        r = cp_conn_send(hog, chunk, sizeof chunk);
+    CHECK_EQ(r, -ENOMEM); /* queued behind the others: nothing of it went out */
+    int a = connect_not_reading(t->port);
+    WAIT_FOR(held_count(t) == 2, IO_MS);
+    pthread_mutex_lock(&t->lock);
+    cp_conn *cut = t->held[1];
+    pthread_mutex_unlock(&t->lock);
+    CHECK_EQ(cp_conn_send(cut, chunk, sizeof chunk), -ENOMEM);
+    size_t got = 0;
+    int how = -1;
+    CHECK(read_to_close(a, cpt_now_ms() + IO_MS, &got, &how) >= 0);
+    fprintf(stderr, "the peer got %zu bytes, then %s\n", got, how ? strerror(how) : "EOF");
+    CHECK(got > 0 && got < sizeof chunk); /* the part that went out */
+    CHECK_EQ(how, ECONNRESET);
+    WAIT_FOR(LOAD(&t->reasons[CP_CLOSE_ERROR]) == 1, IO_MS);
+    close(a);
+    close(b);
+    tsrv_stop(t, 1000);
 #endif
 }
 

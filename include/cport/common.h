@@ -37,8 +37,8 @@ extern "C" {
 CP_EXTERN const char *cp_strerror(int err);
 
 /* Return the symbolic name of a negative (or positive) errno value, e.g. "ECANCELED";
- * "UNKNOWN" for values it does not know (with glibc 2.32+, only values that are no errno).
- * Thread-safe. */
+ * "UNKNOWN" for values it does not know (with glibc 2.32+, only values that are no errno;
+ * 0 gives "0" there). Thread-safe. */
 CP_EXTERN const char *cp_err_name(int err);
 
 /* Return the library version as "major.minor.patch". */

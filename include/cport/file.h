@@ -11,7 +11,8 @@
  *
  * Threads: as for sockets, every function here may be called from any thread. The
  * starts fail as socket starts do: -EBUSY for an op still in use, -EINVAL for bad
- * arguments or a misaligned op, -EBADF once the file's close has begun.
+ * arguments or a misaligned op, -EBADF once the file's close has begun, -ENOMEM for a timed
+ * one (cp_op.timeout_ms) when the port's timer heap cannot grow.
  */
 #ifndef CPORT_FILE_H
 #define CPORT_FILE_H

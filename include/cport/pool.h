@@ -68,7 +68,8 @@ typedef struct cp_pool_options {
 } cp_pool_options;
 
 /* Create a pool (opts may be NULL for defaults). Returns 0 and stores it in *poolp, or a
- * negative errno (port creation errors, -EAGAIN if threads could not be started). */
+ * negative errno (-EINVAL for a NULL poolp, port creation errors, -ENOMEM, -EAGAIN if
+ * threads could not be started). */
 CP_EXTERN int cp_pool_create(cp_pool **poolp, const cp_pool_options *opts);
 
 /* The pool's port: associate sockets with cp_pool_associate(), not directly. */
@@ -97,7 +98,8 @@ typedef enum cp_pool_destroy_mode {
  * cancelled; queued items are run or discarded as `mode` says; the workers exit and are
  * joined; everything is freed. No item or timer callback runs after this returns. Bound
  * sockets must have been closed (and their close completions run) before. Returns 0
- * (also for NULL), or -EDEADLK when called from one of the pool's own workers (an item,
+ * (also for NULL), -EINVAL (nothing done) for a mode that is neither CP_POOL_DRAIN nor
+ * CP_POOL_CANCEL, or -EDEADLK when called from one of the pool's own workers (an item,
  * a timer or an I/O callback, even between cp_port_block_begin and _end): a worker
  * cannot join itself, so nothing is done; destroy the pool from another thread. */
 CP_EXTERN int cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode);

@@ -89,7 +89,8 @@ typedef struct cp_port_options {
     unsigned concurrency;      /* threads released at once; 0 = online CPUs */
     cp_backend_kind backend;   /* CP_BACKEND_AUTO unless forced; a forced backend that is
                                   unavailable makes creation fail (no silent switch) */
-    uint32_t flags;            /* CP_PORT_* */
+    uint32_t flags;            /* CP_PORT_*; 0 = none (unknown bits: creation fails with
+                                  -EINVAL) */
     uint32_t max_posted;       /* most posted completions queued at once, rounded up to a
                                   power of two, at least 2; 0 = 16384; at most 2^30 (above
                                   it creation fails with -EINVAL). cp_port_post() fails with
@@ -116,7 +117,8 @@ typedef struct cp_port_options {
                                   cp_socket_recv_pooled); 0 = 4, at most 255 (above it
                                   creation fails with -EINVAL) */
     uint32_t max_pipes;        /* io_uring TransmitFile: pipes in the port's splice pool
-                                  (64 KiB each); 0 = 256 */
+                                  (64 KiB each, opened as needed); 0 = 256, at most 65536
+                                  (above it creation fails with -EINVAL) */
     uint32_t file_threads;     /* epoll: threads doing file reads/writes (epoll cannot);
                                   0 = 2, at most 256 (started at the first file
                                   operation; above 256 creation fails with -EINVAL) */

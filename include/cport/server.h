@@ -82,8 +82,10 @@ CP_EXTERN const char *cp_close_reason_name(cp_close_reason reason);
 
 typedef struct cp_server_callbacks {
     /* A connection was accepted (its handshake may not have sent data yet). Its socket
-     * has TCP_NODELAY set (cp_conn_setsockopt() to change that). Return 0 to keep it; a negative
-     * value closes it at once, and no other callback runs for it. Optional. */
+     * has TCP_NODELAY set (cp_conn_setsockopt() to change that). Return 0 (or any value
+     * >= 0) to keep it; a negative value closes it at once, and no other callback runs for
+     * it, except on_sent for each send with a ctx that on_open started (an accepted send
+     * always reports: the send is cancelled, or done if it went out first). Optional. */
     int (*on_open)(cp_conn *c);
     /* Data arrived: in stream mode a chunk of bytes (any size >= 1), in framed mode the
      * payload of one whole frame (may be 0 bytes). `data` is valid until the callback
@@ -101,7 +103,9 @@ typedef struct cp_server_callbacks {
      * CP_CLOSE_DEADLINE). The callback decides: typically send a last word (an HTTP 408)
      * and cp_conn_close(), or cp_conn_abort(). A handshake or idle timeout that is left
      * standing fires again at the next tick. Optional: without it the connection is
-     * aborted with that reason. */
+     * aborted with that reason: queued sends are cancelled, and if any were queued the
+     * peer gets a reset, as from cp_conn_abort() (a cut stream must not end in a FIN that
+     * passes it for a whole one); with nothing queued it gets a FIN. */
     void (*on_timeout)(cp_conn *c, cp_close_reason reason);
     /* With options.half_close: the peer ended its sending side (EOF), after every byte it
      * sent before was delivered to on_data. Once per connection, never after on_close and
@@ -116,6 +120,8 @@ typedef struct cp_server_callbacks {
  * server's 1 MiB lookaside chunks, beside its own fields (a few KiB at most). */
 #define CP_CONN_USER_MAX ((size_t)(1024 - 16) * 1024)
 
+/* Creation options. Zero-initialise, then set what you need: every zero field means the
+ * default described next to it (the bools: off). */
 typedef struct cp_server_options {
     const char *bind;              /* IPv4 address to listen on; NULL = "0.0.0.0" */
     uint16_t port;                 /* TCP port; 0 = any (see cp_server_listen_port) */
@@ -179,7 +185,8 @@ typedef struct cp_server_options {
                                       memory: each queued send also holds a 384-byte
                                       context. Transmits (send_file) are not limited.
                                       0 = none (4 GiB) */
-    bool zero_byte;                /* pooled receives: an idle connection holds no buffer */
+    bool zero_byte;                /* pooled receives: an idle connection holds no buffer
+                                      (off: each receive has a recv_buffer of its own) */
     bool half_close;               /* the peer's end of stream does not close the
                                       connection: on_end runs, and the application closes it
                                       when it is done (a proxy passing the end on). A
@@ -193,7 +200,8 @@ typedef struct cp_server_options {
                                       the page size where pages are larger */
     unsigned recvs;                /* receives outstanding per connection; 0 = 1, at most
                                       64 (else -EINVAL) */
-    bool framed;                   /* 4-byte big-endian length-prefixed messages */
+    bool framed;                   /* 4-byte big-endian length-prefixed messages (off:
+                                      on_data gets the stream in chunks) */
     uint32_t max_frame;            /* framed: largest payload accepted; 0 = 1 MiB, at most
                                       CP_FRAME_MAX_LIMIT (else -EINVAL). A
                                       header over it closes the connection gracefully
@@ -241,8 +249,8 @@ CP_EXTERN int cp_server_create(cp_server **serverp, const cp_server_options *opt
                                const cp_server_callbacks *cb);
 
 /* Bind, listen and start accepting. Returns 0, or a negative errno (-EADDRINUSE, ...;
- * -EINVAL for a bind string that is not an IPv4 address). Once per server: a second call,
- * or one after cp_server_shutdown(), returns -EALREADY. */
+ * -EINVAL for a bind string that is not an IPv4 address, or a NULL server). Once per
+ * server: a second call, or one after cp_server_shutdown(), returns -EALREADY. */
 CP_EXTERN int cp_server_start(cp_server *server);
 
 /* The TCP port the server listens on (after cp_server_start). */
@@ -272,12 +280,13 @@ CP_EXTERN int cp_server_shutdown(cp_server *server, unsigned deadline_ms);
  * call on the server: nothing else may run on it meanwhile but that shutdown. */
 CP_EXTERN int cp_server_destroy(cp_server *server);
 
-/* Fill *stats (a consistent-enough snapshot; any thread). */
+/* Fill *stats (a consistent-enough snapshot; any thread). All zero for a NULL server;
+ * nothing for NULL stats. */
 CP_EXTERN void cp_server_get_stats(cp_server *server, cp_server_stats *stats);
 
 /* Write the counters in Prometheus text format into buf (at most size bytes, NUL
- * terminated); returns the length it needed, like snprintf. Metric names start with
- * `prefix` (e.g. "cport_echo_"). */
+ * terminated); returns the length it needed, like snprintf, or -EINVAL for a NULL server
+ * or prefix. Metric names start with `prefix` (e.g. "cport_echo_"; "" for none). */
 CP_EXTERN int cp_server_stats_prometheus(cp_server *server, const char *prefix, char *buf,
                                          size_t size);
 
@@ -289,11 +298,11 @@ CP_EXTERN int cp_server_stats_prometheus(cp_server *server, const char *prefix, 
  * connection is closing (not yet when the peer has ended its side: until the replies
  * queued before its end have gone out, more may follow, e.g. from on_sent, for requests
  * the application received but held back), -ENOMEM (nothing was sent; or, when part of
- * the bytes had gone out already, the connection is aborted: its stream cannot go on
- * without the rest), -ENOBUFS (the same, when 4 GiB would be queued on the connection:
- * cp_conn_pending() counts up to UINT32_MAX; or before any byte goes out when
- * options.send_queue_limit would be passed, or when about a million sends are queued on
- * the connection), or -EINVAL. Any thread. In framed mode the
+ * the bytes had gone out already, the connection is aborted with a reset, as by
+ * cp_conn_abort(): its stream cannot go on without the rest), -ENOBUFS (the same, when
+ * 4 GiB would be queued on the connection: cp_conn_pending() counts up to UINT32_MAX; or
+ * before any byte goes out when options.send_queue_limit would be passed, or when about a
+ * million sends are queued on the connection), or -EINVAL. Any thread. In framed mode the
  * bytes are sent as they are: use cp_conn_send_frame(). */
 CP_EXTERN int cp_conn_send(cp_conn *c, const void *data, size_t len);
 
@@ -323,10 +332,11 @@ CP_EXTERN int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, i
 /* Set (ms > 0) or clear (0) a deadline for the connection: when it passes, on_timeout
  * runs with CP_CLOSE_DEADLINE (or the connection is aborted). Checked at every tick, so
  * it fires never before the deadline and within one tick (plus the sweep's lateness) after
- * it. Needs options.conn_deadlines; -EINVAL otherwise, and for a deadline 2^31 - 1 ticks
- * away or more (with tick_ms 1 beyond about 24.8 days; with tick_ms 2 only ms within a
- * few of UINT_MAX; never with longer ticks). From the connection's callbacks. (A tick is
- * tick_ms, or longer when the timeouts are long: see tick_ms.) */
+ * it. Needs options.conn_deadlines; -EINVAL otherwise (or for a NULL c), and for a
+ * deadline 2^31 - 1 ticks away or more (with tick_ms 1 beyond about 24.8 days; with
+ * tick_ms 2 only ms within a few of UINT_MAX; never with longer ticks). From the
+ * connection's callbacks. (A tick is tick_ms, or longer when the timeouts are long: see
+ * tick_ms.) */
 CP_EXTERN int cp_conn_set_deadline(cp_conn *c, unsigned ms);
 
 /* Framed mode: send one frame (header + payload, copied). Returns as cp_conn_send() (the
@@ -340,8 +350,8 @@ CP_EXTERN int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len);
  * nothing itself: a peer sending bad frames must not be able to flood the server's log,
  * so what to log, and how often, is the application's choice. Writes at most size bytes
  * including the NUL and returns the length of the whole description (as snprintf), or
- * -EINVAL when the server is not framed. Only inside the connection's own callbacks
- * (on_close included), which see the decoder at rest. */
+ * -EINVAL when the server is not framed (or c is NULL). Only inside the connection's own
+ * callbacks (on_close included), which see the decoder at rest. */
 CP_EXTERN int cp_conn_frame_state(cp_conn *c, char *buf, size_t size);
 
 /* Stop reading from the connection, e.g. because the application cannot pass the data on
@@ -402,17 +412,17 @@ CP_EXTERN void *cp_conn_user(cp_conn *c);
 /* The server the connection belongs to. */
 CP_EXTERN cp_server *cp_conn_server(cp_conn *c);
 
-/* The peer's address (getpeername). Returns 0 or a negative errno: -EBADF once the
- * connection's socket is being closed (a graceful close keeps it open while replies drain;
- * in on_close it is closed). Any thread, while the caller holds the connection (a callback
- * of it, or a cp_conn_ref). */
+/* The peer's address (getpeername); *len is set to its length. Returns 0 or a negative
+ * errno: -EINVAL for a NULL c, addr or len; -EBADF once the connection's socket is being
+ * closed (a graceful close keeps it open while replies drain; in on_close it is closed).
+ * Any thread, while the caller holds the connection (a callback of it, or a cp_conn_ref). */
 CP_EXTERN int cp_conn_peer(cp_conn *c, struct sockaddr_storage *addr, socklen_t *len);
 
 /* setsockopt(2) / getsockopt(2) on the connection's socket (SO_SNDBUF, TCP_NODELAY,
- * TCP_KEEPIDLE, TCP_INFO, ...). Return 0 or a negative errno: -EBADF once the socket is
- * being closed, as for cp_conn_peer(); the check and the call are made under the socket's
- * lock, so they never reach another socket. Any thread, while the caller holds the
- * connection. */
+ * TCP_KEEPIDLE, TCP_INFO, ...). Return 0 or a negative errno: -EINVAL for a NULL c; -EBADF
+ * once the socket is being closed, as for cp_conn_peer(); the check and the call are made
+ * under the socket's lock, so they never reach another socket. Any thread, while the
+ * caller holds the connection. */
 CP_EXTERN int cp_conn_setsockopt(cp_conn *c, int level, int name, const void *val, socklen_t len);
 CP_EXTERN int cp_conn_getsockopt(cp_conn *c, int level, int name, void *val, socklen_t *len);
 

@@ -12,7 +12,8 @@
  * Every call that starts an operation fails with -EBUSY when its cp_op is still in use
  * (started and its completion not yet dequeued), with -EINVAL for NULL or out-of-range
  * arguments, a misaligned op, or a handle that is not associated (or is a cp_file), and
- * with -EBADF once the socket's close has begun.
+ * with -EBADF once the socket's close has begun. A start with a timeout (cp_op.timeout_ms)
+ * also fails with -ENOMEM when the port's timer heap cannot grow.
  *
  * Ownership and lifetime.
  *   - The caller allocates every cp_socket and cp_op (usually embedded in its own
@@ -135,7 +136,8 @@ typedef struct cp_accept_op {
 
 /* Associate the socket `fd` with `port` under the per-handle key `key`: from now on `s`
  * owns fd (cp_socket_close() closes it). Sets fd non-blocking. Returns 0, -EINVAL for a
- * negative fd, -EBADF for one that is not open, or an error from the backend (-ENOMEM,
+ * negative fd (or a NULL s or port, or a misaligned s), -EBADF for one that is not open,
+ * or an error from the backend (-ENOMEM,
  * -EPERM, ...); on error nothing is changed and fd stays the caller's. A descriptor may be
  * associated once: epoll refuses a second association with -EEXIST, io_uring cannot tell,
  * and two handles owning one descriptor close it twice. */
