@@ -1409,7 +1409,9 @@ int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd, int
         return -ENOBUFS;
     }
     CP__INJECT_DELAY("send_file_counted"); /* a delivery may see these bytes meanwhile */
-    int r = cp_socket_transmit_file(&c->s, &x->t, fd, offset, len, x->head, head_len, NULL, 0, 0);
+    /* A transmit that fails (a file shorter than its range) aborts the connection: the
+     * replies queued behind it must not go out first, into its hole (CP__TF_STREAM). */
+    int r = cp__transmit_file_stream(&c->s, &x->t, fd, offset, len, x->head, head_len);
     if (r < 0) {
         /* A graceful close that looked meanwhile saw these bytes pending and left the
          * close to their completion: there is none, so look again. */

@@ -192,6 +192,16 @@ void cp__socket_fd_release(cp_handle *h);
  * full, or a negative errno. Handle lock held. (transmit.c) */
 int cp__transmit_run(cp_handle *h, cp_transmit_op *t);
 
+/* Internal transmit flag (cp_transmit_op.cp__flags): the transmit continues a stream whose
+ * earlier bytes expect it, so a failure shuts the sending side down even before its first
+ * byte went out (else the sends queued behind it would follow its hole). */
+#define CP__TF_STREAM 0x80000000u
+
+/* cp_socket_transmit_file (no tail, no flags) with CP__TF_STREAM: the server's
+ * cp_conn_send_file. (transmit.c) */
+int cp__transmit_file_stream(cp_socket *s, cp_transmit_op *t, int fd, int64_t offset, uint64_t len,
+                             const void *head, size_t head_len);
+
 /* After a non-harvest list was collected (and queued by unlock_flush): serve starving
  * handles if pool buffers were freed meanwhile. */
 void cp__io_deliver(cp_port *port, cp__oplist *done);

@@ -99,12 +99,15 @@ static int transmit_steps(cp_handle *h, cp_transmit_op *t);
 /* A transmit that fails after part of it went out (a file that ended before its range did
  * or could not be read; a socket error) leaves a hole in the stream: whatever is queued
  * behind it would follow the hole and be taken by the peer for the missing bytes. The
- * socket's sending side is shut down, so that those sends fail (-EPIPE) instead. Not when
- * it was cancelled (or timed out): socket.h leaves the next step to the caller then. */
+ * socket's sending side is shut down, so that those sends fail (-EPIPE) instead. With
+ * CP__TF_STREAM also when it fails before its first byte: the bytes sent ahead of it
+ * expect it (the server's connections). Not when it was cancelled (or timed out):
+ * socket.h leaves the next step to the caller then. */
 int cp__transmit_run(cp_handle *h, cp_transmit_op *t)
 {
     int r = transmit_steps(h, t);
-    if (r < 0 && r != CP__AGAIN && r != CP__PENDING && r != -ECANCELED && t->sent > 0)
+    if (r < 0 && r != CP__AGAIN && r != CP__PENDING && r != -ECANCELED &&
+        (t->sent > 0 || (t->cp__flags & CP__TF_STREAM)))
         shutdown(h->fd, SHUT_WR);
     return r;
 }
@@ -153,10 +156,11 @@ static int transmit_steps(cp_handle *h, cp_transmit_op *t)
     }
 }
 
-int cp_socket_transmit_packets(cp_socket *s, cp_transmit_op *t, const cp_packet *elems, unsigned n,
-                               unsigned flags)
+/* cp_socket_transmit_packets with flags already checked (CP__TF_STREAM allowed). */
+static int transmit_start(cp_socket *s, cp_transmit_op *t, const cp_packet *elems, unsigned n,
+                          unsigned flags)
 {
-    if (!t || !elems || n == 0 || (flags & ~CP_TF_DISCONNECT))
+    if (!t || !elems || n == 0)
         return -EINVAL;
     for (unsigned i = 0; i < n; i++) {
         if (elems[i].fd < 0 && elems[i].len && !elems[i].buf)
@@ -185,9 +189,17 @@ int cp_socket_transmit_packets(cp_socket *s, cp_transmit_op *t, const cp_packet 
     return cp__submit(s, &t->op, CP_OP_TRANSMIT, 1);
 }
 
-int cp_socket_transmit_file(cp_socket *s, cp_transmit_op *t, int fd, int64_t offset, uint64_t len,
-                            const void *head, size_t head_len, const void *tail, size_t tail_len,
-                            unsigned flags)
+int cp_socket_transmit_packets(cp_socket *s, cp_transmit_op *t, const cp_packet *elems, unsigned n,
+                               unsigned flags)
+{
+    if (flags & ~CP_TF_DISCONNECT)
+        return -EINVAL;
+    return transmit_start(s, t, elems, n, flags);
+}
+
+static int transmit_file(cp_socket *s, cp_transmit_op *t, int fd, int64_t offset, uint64_t len,
+                         const void *head, size_t head_len, const void *tail, size_t tail_len,
+                         unsigned flags)
 {
     if (!t || fd < 0 || offset < 0 || (head_len && !head) || (tail_len && !tail))
         return -EINVAL;
@@ -201,5 +213,20 @@ int cp_socket_transmit_file(cp_socket *s, cp_transmit_op *t, int fd, int64_t off
     t->cp__inline[n++] = (cp_packet){.len = len, .fd = fd, .offset = offset};
     if (tail_len)
         t->cp__inline[n++] = (cp_packet){.buf = tail, .len = tail_len, .fd = -1};
-    return cp_socket_transmit_packets(s, t, t->cp__inline, n, flags);
+    return transmit_start(s, t, t->cp__inline, n, flags);
+}
+
+int cp_socket_transmit_file(cp_socket *s, cp_transmit_op *t, int fd, int64_t offset, uint64_t len,
+                            const void *head, size_t head_len, const void *tail, size_t tail_len,
+                            unsigned flags)
+{
+    if (flags & ~CP_TF_DISCONNECT)
+        return -EINVAL;
+    return transmit_file(s, t, fd, offset, len, head, head_len, tail, tail_len, flags);
+}
+
+int cp__transmit_file_stream(cp_socket *s, cp_transmit_op *t, int fd, int64_t offset, uint64_t len,
+                             const void *head, size_t head_len)
+{
+    return transmit_file(s, t, fd, offset, len, head, head_len, NULL, 0, CP__TF_STREAM);
 }

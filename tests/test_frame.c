@@ -2,8 +2,9 @@
  * stream (headers split at every byte), many frames per chunk, the size limit at header
  * time, zero-length frames per flag, sticky errors and reset, release of partial buffers,
  * allocation counts (none unless a payload straddles receives), stopping mid-chunk and
- * resuming, cp_frame_take(), -ENOMEM recovery, the encoder, and a randomized differential
- * test against the source list of frames. */
+ * resuming, cp_frame_take(), -ENOMEM recovery, the encoder, a sweep of every frame size
+ * around the limit (and bad headers behind good frames) at every split point, and a
+ * randomized differential test against the source list of frames. */
 /* test-backends: none */
 #include "harness.h"
 
@@ -435,6 +436,166 @@ TEST(many_frames_per_chunk)
     }
     free_stream(&s);
     free(lens);
+}
+
+/* Every frame size around the limit at every split point, for several limits (1, 2, 7,
+ * 64) and both zero-length policies: frames of max-2 .. max bytes (and 0 where allowed)
+ * are decoded in place or assembled exactly as their chunking requires, through both APIs
+ * and with every pair of split points. Then a header announcing one byte over the limit
+ * (and 0xffffffff; a zero length where rejected), behind good frames and followed by
+ * payload-looking bytes, split at every single point: every good frame before it is
+ * delivered once, the error comes exactly when the header's 4th byte is fed, with exactly
+ * the stream up to that byte consumed, nothing held after it, and it stays sticky. */
+static void sweep_bad(uint32_t max, uint32_t flags, uint32_t announced, enum mode mode)
+{
+    int want = announced == 0 ? -EBADMSG : -EMSGSIZE;
+    uint32_t big = max < 100 ? max : 100; /* (at the hard cap: small frames before it) */
+    uint32_t good[] = {big, big > 1 ? big - 1 : 1, 1, big};
+    stream s = make_stream(good, 4, max * 7 + announced);
+    size_t bad_at = s.size, total = s.size + 4 + 9;
+    uint8_t *all = malloc(total);
+    CHECK(all != NULL);
+    memcpy(all, s.bytes, s.size);
+    cp_frame_header(all + bad_at, announced);
+    memset(all + bad_at + 4, 0x5a, 9);
+    for (size_t k = 0; k <= total; k++) {
+        counter cnt;
+        cp_frame_config cfg = counting_cfg(&cnt, max, flags);
+        cp_frame_decoder d = {0};
+        checker c = make_checker(&s);
+        size_t pos = 0, consumed = 0;
+        int errors = 0;
+        size_t bounds[2] = {k, total};
+        for (int b = 0; b < 2; b++) {
+            size_t len = bounds[b] - pos;
+            uint8_t *chunk = malloc(len ? len : 1);
+            CHECK(chunk != NULL);
+            memcpy(chunk, all + pos, len);
+            c.chunk = chunk;
+            c.chunk_len = len;
+            c.chunk_pos = pos;
+            size_t used;
+            int r;
+            if (mode == VIA_FEED) {
+                used = 12345;
+                r = cp_frame_feed(&d, &cfg, chunk, len, on_frame, &c, &used);
+            } else {
+                const void *p = chunk;
+                size_t n = len;
+                cp_frame f;
+                while ((r = cp_frame_next(&d, &cfg, &p, &n, &f)) == 1)
+                    check_frame(&c, &f);
+                used = len - n;
+                CHECK(p == chunk + used);
+            }
+            free(chunk);
+            c.chunk = NULL;
+            consumed += used;
+            bool reaches = bounds[b] >= bad_at + 4; /* this chunk holds the 4th header byte */
+            if (errors) {
+                CHECK_EQ(r, want); /* sticky: nothing more consumed */
+                CHECK_EQ(used, 0);
+            } else if (reaches) {
+                CHECK_EQ(r, want);
+                CHECK_EQ(consumed, bad_at + 4);
+                errors++;
+            } else {
+                CHECK_EQ(r, 0);
+                CHECK_EQ(used, len);
+                size_t in_hdr = bounds[b] > bad_at ? bounds[b] - bad_at : 0;
+                if (in_hdr) /* only part of the bad header: not an error yet */
+                    CHECK_EQ(cp_frame_partial(&d), in_hdr);
+            }
+            pos = bounds[b];
+        }
+        CHECK_EQ(errors, 1);
+        CHECK_EQ(c.next, 4); /* every good frame, once */
+        CHECK_EQ(cp_frame_error(&d), want);
+        CHECK_EQ(cp_frame_partial(&d), 0);
+        CHECK_EQ(cp_frame_held(&d), 0);
+        CHECK_EQ(cnt.live, 0); /* the good straddlers' buffers were released */
+        CHECK_EQ(cnt.allocs, cnt.frees);
+        char text[160];
+        int tl = cp_frame_describe(&d, &cfg, text, sizeof text);
+        CHECK(tl > 0 && (size_t)tl < sizeof text);
+        if (want == -EMSGSIZE) {
+            char num[32];
+            snprintf(num, sizeof num, "announces %u bytes", (unsigned)announced);
+            CHECK(strstr(text, num) != NULL);
+        }
+        cp_frame_reset(&d, &cfg);
+        CHECK_EQ(cp_frame_error(&d), 0);
+        checker c2 = make_checker(&s);
+        size_t one = s.size;
+        run_chunks(&d, &cfg, &s, &one, 1, mode, &c2); /* decodes afresh after the reset */
+        CHECK_EQ(c2.next, 4);
+    }
+    free(all);
+    free_stream(&s);
+}
+
+TEST(sizes_around_the_limit_at_every_split_point)
+{
+    static const uint32_t maxes[] = {1, 2, 7, 64};
+    long runs = 0;
+    for (size_t m = 0; m < sizeof maxes / sizeof maxes[0]; m++) {
+        uint32_t max = maxes[m];
+        for (uint32_t flags = 0; flags <= CP_FRAME_REJECT_EMPTY; flags += CP_FRAME_REJECT_EMPTY) {
+            /* the good frames: max-2 .. max (those >= 1), empty ones where allowed */
+            uint32_t lens[8];
+            size_t nf = 0;
+            for (uint32_t l = max > 2 ? max - 2 : 1; l <= max; l++)
+                lens[nf++] = l;
+            if (!flags)
+                lens[nf++] = 0;
+            lens[nf++] = max;
+            lens[nf++] = 1;
+            stream s = make_stream(lens, nf, max + flags);
+            long nonempty = 0;
+            for (size_t i = 0; i < nf; i++)
+                nonempty += lens[i] > 0;
+            for (int mode = VIA_FEED; mode <= VIA_NEXT; mode++) {
+                for (size_t i = 0; i <= s.size; i++) {
+                    for (size_t j = i; j <= s.size; j++) {
+                        counter cnt;
+                        cp_frame_config cfg = counting_cfg(&cnt, max, flags);
+                        cp_frame_decoder d = {0};
+                        checker c = make_checker(&s);
+                        size_t bounds[3] = {i, j, s.size};
+                        run_chunks(&d, &cfg, &s, bounds, 3, (enum mode)mode, &c);
+                        long expect = straddlers(&s, bounds, 3);
+                        CHECK_EQ(c.next, nf);
+                        CHECK_EQ(cnt.allocs, expect);
+                        CHECK_EQ(cnt.live, 0);
+                        CHECK_EQ(c.assembled, expect);
+                        CHECK_EQ(c.zero_copy + c.assembled, nonempty);
+                        CHECK(cnt.largest <= max);
+                        runs++;
+                    }
+                }
+                sweep_bad(max, flags, max + 1, (enum mode)mode);
+                sweep_bad(max, flags, 0xffffffffu, (enum mode)mode);
+                sweep_bad(max, flags, CP_FRAME_MAX_LIMIT + 1, (enum mode)mode);
+                if (flags)
+                    sweep_bad(max, flags, 0, (enum mode)mode);
+            }
+            free_stream(&s);
+        }
+    }
+    CHECK(runs > 0);
+    /* At the hard cap: one byte over it is refused at every split of its header, and so is
+     * every length from there up to 0xffffffff's neighbourhood (no wrap in the check). */
+    static const uint32_t over[] = {CP_FRAME_MAX_LIMIT + 1,
+                                    CP_FRAME_MAX_LIMIT + 2,
+                                    0x7fffffffu,
+                                    0x80000000u,
+                                    0xfffffffbu,
+                                    0xfffffffcu,
+                                    0xfffffffeu,
+                                    0xffffffffu};
+    for (size_t k = 0; k < sizeof over / sizeof over[0]; k++)
+        for (int mode = VIA_FEED; mode <= VIA_NEXT; mode++)
+            sweep_bad(CP_FRAME_MAX_LIMIT, 0, over[k], (enum mode)mode);
 }
 
 /* Header of max+1 bytes (and larger): -EMSGSIZE once the 4th header byte is fed, whether

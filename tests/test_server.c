@@ -2434,6 +2434,94 @@ TEST(send_file_races_the_peers_end)
     close(f.fd);
 }
 
+/* cp_conn_send_file without a head, behind other replies, whose file ends before the first
+ * byte of its range (the range starts past the end; or the file was truncated while the
+ * transmit waited behind a reply the peer had not read yet): on_sent gets -EIO and the
+ * connection is aborted, and a reply sent after it must not reach the peer, which would
+ * take those bytes for the file's. (It did: a transmit that failed before its first byte
+ * left the socket's sending side open, and the next reply followed the earlier ones.) */
+enum { HOLE_BIG = 2 << 20 };
+static int hole_file, hole_behind, hole_next = 1; /* hole_next: atomic, the last send's result */
+static uint8_t *hole_big;
+
+static void send_file_hole_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    (void)u;
+    (void)data;
+    (void)len;
+    note_send(t, hole_behind ? cp_conn_send(c, hole_big, HOLE_BIG) : cp_conn_send(c, "HEAD", 4));
+    uint64_t *block = malloc(sizeof(uint64_t)); /* t_on_sent's context: the expected result */
+    CHECK(block != NULL);
+    block[0] = (uint64_t)(int64_t)-EIO;
+    int r = cp_conn_send_file(c, NULL, 0, hole_file, hole_behind ? 0 : 1000, 4096, block);
+    if (r < 0) {
+        free(block);
+        note_send(t, r);
+    }
+    STORE(&hole_next, cp_conn_send(c, "NEXT", 4));
+}
+
+TEST(send_file_failing_before_its_first_byte_lets_nothing_after_it_out)
+{
+    hole_big = malloc(HOLE_BIG);
+    CHECK(hole_big != NULL);
+    pattern_fill(7, 0, hole_big, HOLE_BIG);
+    for (hole_behind = 0; hole_behind < 2; hole_behind++) {
+        /* (set before the server's threads start: they read it) */
+        hole_file = cpt_memfd("file");
+        uint8_t page[4096];
+        pattern_fill(8, 0, page, sizeof page);
+        CHECK_EQ(write(hole_file, page, hole_behind ? 4096 : 100), hole_behind ? 4096 : 100);
+        tsrv *t = tsrv_new(ECHO_NONE);
+        t->hook = send_file_hole_hook;
+        if (hole_behind)
+            t->sndbuf = 4096; /* the big reply stays queued until the peer reads */
+        cp_server_options o = {.threads = 2, .max_pending_send = 8 << 20};
+        tsrv_start(t, &o);
+        int fd = connect_to(t->port);
+        int rcvbuf = 65536; /* (not below loopback's MSS: the window would crawl) */
+        CHECK_EQ(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf), 0);
+        STORE(&hole_next, 1);
+        send_all(fd, "x", 1);
+        WAIT_FOR(LOAD(&hole_next) != 1, IO_MS);
+        if (hole_behind) /* the transmit has not started: the reply before it is not out */
+            CHECK_OK(ftruncate(hole_file, 0));
+        size_t want = hole_behind ? HOLE_BIG : 4, got = 0;
+        uint8_t *back = malloc(want + 8);
+        CHECK(back != NULL);
+        int64_t deadline = cpt_now_ms() + IO_MS;
+        while (got < want + 8) {
+            ssize_t n = recv(fd, back + got, want + 8 - got, MSG_DONTWAIT);
+            if (n > 0) {
+                got += (size_t)n;
+                continue;
+            }
+            if (n == 0 || (errno != EAGAIN && errno != EINTR))
+                break;
+            if (!wait_fd(fd, POLLIN, deadline)) {
+                fprintf(stderr, "stalled at %zu bytes\n", got);
+                CHECK(0);
+            }
+        }
+        fprintf(stderr, "%s: the next send %d; the peer got %zu bytes (%zu expected)\n",
+                hole_behind ? "truncated behind a reply" : "range past the end", LOAD(&hole_next),
+                got, want);
+        CHECK(LOAD(&hole_next) == 0 || LOAD(&hole_next) == -EPIPE);
+        CHECK_EQ(got, want); /* not "NEXT" after them */
+        CHECK(memcmp(back, hole_behind ? hole_big : (const uint8_t *)"HEAD", want) == 0);
+        WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+        CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_ERROR]), 1);
+        CHECK_EQ(LOAD(&t->ref_sent_ok), 1); /* on_sent: -EIO */
+        CHECK_EQ(LOAD(&t->ref_sent_bad), 0);
+        CHECK_EQ(LOAD(&t->send_errors), 0);
+        free(back);
+        close(fd);
+        CHECK_EQ(tsrv_stop(t, 1000), 0);
+        close(hole_file);
+    }
+    free(hole_big);
+}
+
 /* A graceful close's FIN must reach its own connection. The test thread closes the first
  * connection gracefully; with CPORT_INJECT (the ASan build) it then pauses 300 ms inside the
  * close (point "drain_sealed"), before it looks at the socket. Meanwhile another thread

@@ -323,9 +323,13 @@ CP_EXTERN int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *c
 /* TransmitFile through the connection: head (copied; may be NULL/0), then len bytes of the
  * file fd from offset (len > 0), without copying the file through user space; ordered with
  * the connection's other sends. fd must stay open until on_sent(c, ctx, result) reports
- * the send done (ctx must not be NULL). Returns as cp_conn_send(), except that
- * send_queue_limit does not apply (-ENOBUFS only when 4 GiB, or about a million sends,
- * would be queued). Any thread. */
+ * the send done (ctx must not be NULL; without on_sent, until on_close). Returns as
+ * cp_conn_send(), except that send_queue_limit does not apply (-ENOBUFS only when 4 GiB,
+ * or about a million sends, would be queued). A send that fails once started (-EIO: the
+ * file ends before the range does; -EINVAL: fd is not a regular file or block device, or
+ * was opened O_DIRECT) reports that to on_sent and aborts the connection (CP_CLOSE_ERROR);
+ * its sending side is shut down at the failure, also before the first byte, so nothing
+ * sent after it reaches the peer in place of the missing bytes. Any thread. */
 CP_EXTERN int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd,
                                 int64_t offset, uint64_t len, void *ctx);
 
