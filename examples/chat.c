@@ -30,7 +30,10 @@
  * client itself, while the messages come from other connections. So the server is
  * started with send_queue_limit (--queue-limit, default 1 MiB): a send that would pass it
  * fails with -ENOBUFS, and the policy here is to DROP THAT CLIENT at once (cp_conn_abort:
- * its queue is cancelled and its socket reset, see drop()).
+ * its queue is cancelled and its socket reset, see drop()). A relayed frame longer than the
+ * limit would pass it on its own, even to a client with nothing queued: every receiver
+ * would be dropped. So the limit is at least the largest relayed frame (--max-frame + 8
+ * bytes; a smaller --queue-limit is refused), and by default at least two of them.
  * Skipping the one message instead would leave it a gap without telling it; waiting for
  * it would hold every sender. A dropped client is counted (dropped= in the exit line); a
  * client that does not read never delays the others. A client also stops being read
@@ -68,9 +71,10 @@
 #include <unistd.h>
 
 enum {
-    ID_SERVER = 0,      /* the sender id of the server's own frames (the welcome) */
-    TAG = 4,            /* the sender id in front of each relayed message */
-    STACK_FRAME = 4096, /* relayed frames up to this size are built on the stack */
+    ID_SERVER = 0,         /* the sender id of the server's own frames (the welcome) */
+    TAG = 4,               /* the sender id in front of each relayed message */
+    STACK_FRAME = 4096,    /* relayed frames up to this size are built on the stack */
+    QUEUE_LIMIT = 1 << 20, /* --queue-limit's default, for frames of up to half of it */
 };
 
 /* A room: the current roster, swapped under the lock. */
@@ -272,8 +276,9 @@ static void usage(FILE *f)
                "  --max-conns N         connections beyond N are closed at once (default: none)\n"
                "  --max-frame BYTES     largest message accepted (default 65536); relayed\n"
                "                        frames are 4 bytes longer\n"
-               "  --queue-limit BYTES   bytes queued for one client before it is dropped\n"
-               "                        (default 1048576)\n"
+               "  --queue-limit BYTES   bytes queued for one client before it is dropped; at\n"
+               "                        least --max-frame + 8 (default 1048576, or twice\n"
+               "                        that when it is more)\n"
                "  --zero-byte           idle clients hold no receive buffer (pooled receives)\n"
                "  --shutdown-deadline MS  how long SIGTERM lets queued messages drain\n"
                "                        (default 5000)\n"
@@ -298,7 +303,7 @@ static int parse_args(int argc, char **argv, config *cfg)
                            .bind = "0.0.0.0",
                            .framed = true,
                            .max_frame = 65536,
-                           .send_queue_limit = 1u << 20},
+                           .send_queue_limit = 0},
                     .shutdown_ms = 5000};
     static const struct option opts[] = {{"port", required_argument, 0, 'p'},
                                          {"bind", required_argument, 0, 'b'},
@@ -367,6 +372,18 @@ static int parse_args(int argc, char **argv, config *cfg)
         }
         if (!ok)
             return -1;
+    }
+    /* A relayed frame must fit the limit when nothing is queued, or each would drop every
+     * receiver (-ENOBUFS). */
+    uint32_t relayed = 4 + TAG + o->max_frame;
+    if (!o->send_queue_limit) {
+        o->send_queue_limit = QUEUE_LIMIT > 2 * relayed ? QUEUE_LIMIT : 2 * relayed;
+    } else if (o->send_queue_limit < relayed) {
+        fprintf(stderr,
+                "chat: --queue-limit %u is below the largest relayed frame (%u bytes: "
+                "--max-frame + 8)\n",
+                o->send_queue_limit, relayed);
+        return -1;
     }
     /* Reading from a client pauses while half the limit is queued for it: a client that
      * does not read stops being heard before it is dropped. */

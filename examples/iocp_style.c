@@ -16,11 +16,18 @@
  *                                             own context completes
  *   PostQueuedCompletionStatus(port, 0, 0, NULL) as the quit message
  *                                             cp_port_post(port, KEY_QUIT, 0, NULL)
+ *   GetQueuedCompletionStatus with a timeout  cp_port_dequeue(..., ms): -ETIMEDOUT
  *
  * Each connection has one operation outstanding at a time, on one per-I/O context:
  * receive, send back what came, receive again. So no two threads ever hold completions of
  * the same connection's data, and the echo needs no reordering (several receives
  * outstanding would: see echo_raw.c --recvs).
+ *
+ * Out of descriptors (or memory), an accept fails at once, and re-posting it at once would
+ * fail at once again: the failed accept contexts are parked, and re-posted 100 ms later by
+ * whichever worker's dequeue returns then (the workers dequeue with a timeout while any is
+ * parked). A worker never sleeps instead: completions of other connections would wait
+ * behind it (with one worker and 16 accepts failing, an echo took seconds).
  *
  * Shutdown (SIGINT/SIGTERM): main posts the quit message; the worker that dequeues it
  * closes the listener and every connection. The thread that handles the last completion
@@ -41,12 +48,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 enum {
-    ACCEPTS = 16,     /* accepts kept posted on the listener */
-    BATCH = 32,       /* completions one dequeue may return (GetQueuedCompletionStatusEx) */
-    BUF_SIZE = 16384, /* each connection's receive buffer */
+    ACCEPTS = 16,          /* accepts kept posted on the listener */
+    BATCH = 32,            /* completions one dequeue may return (GetQueuedCompletionStatusEx) */
+    BUF_SIZE = 16384,      /* each connection's receive buffer */
+    ACCEPT_RETRY_MS = 100, /* pause after EMFILE/ENFILE/ENOBUFS/ENOMEM before accepting again */
 };
 
 /* The key of the quit message. No handle is associated with key 0 (handles use their
@@ -91,6 +100,11 @@ typedef struct server {
     handle *conns;
     int stopping; /* written under the lock, also read without it */
     bool listener_done;
+    /* Accept contexts parked after a resource error, each holding a listener count, and
+     * when to re-post them (CLOCK_MONOTONIC ms; also read without the lock, as a hint). */
+    io_ctx *parked[ACCEPTS];
+    unsigned nparked;
+    int64_t retry_at;
     unsigned long long accepted, rejected, closed;
 } server;
 
@@ -174,6 +188,61 @@ static void post_accept(server *sv, io_ctx *io)
     }
 }
 
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* An accept failed for lack of descriptors or memory: park its context until
+ * ACCEPT_RETRY_MS from now (re-posted by retry_parked), holding a listener count, so that
+ * the listener's close waits for it. */
+static void park_accept(server *sv, io_ctx *io)
+{
+    pthread_mutex_lock(&sv->lock);
+    if (!sv->stopping) {
+        __atomic_add_fetch(&sv->listener.refs, 1, __ATOMIC_ACQ_REL);
+        unsigned n = sv->nparked;
+        if (n == 0)
+            __atomic_store_n(&sv->retry_at, now_ms() + ACCEPT_RETRY_MS, __ATOMIC_RELAXED);
+        sv->parked[n] = io;
+        __atomic_store_n(&sv->nparked, n + 1, __ATOMIC_RELAXED);
+    }
+    pthread_mutex_unlock(&sv->lock);
+}
+
+/* How long a worker may wait in its dequeue: until the parked accepts are due, or forever. */
+static int dequeue_timeout(server *sv)
+{
+    if (!__atomic_load_n(&sv->nparked, __ATOMIC_RELAXED))
+        return -1;
+    int64_t left = __atomic_load_n(&sv->retry_at, __ATOMIC_RELAXED) - now_ms();
+    return left < 0 ? 0 : (int)left;
+}
+
+/* Re-post the parked accepts once they are due (or drop them, once stopping). */
+static void retry_parked(server *sv, bool force)
+{
+    if (!__atomic_load_n(&sv->nparked, __ATOMIC_RELAXED))
+        return;
+    io_ctx *io[ACCEPTS];
+    pthread_mutex_lock(&sv->lock);
+    unsigned n = 0;
+    if (force || now_ms() >= sv->retry_at) {
+        n = sv->nparked;
+        memcpy(io, sv->parked, n * sizeof io[0]);
+        __atomic_store_n(&sv->nparked, 0, __ATOMIC_RELAXED);
+    }
+    bool stopping = sv->stopping;
+    pthread_mutex_unlock(&sv->lock);
+    for (unsigned i = 0; i < n; i++) {
+        if (!stopping)
+            post_accept(sv, io[i]);
+        handle_unref(sv, &sv->listener); /* the parked context's count */
+    }
+}
+
 /* The accepted fd is not associated with anything yet (as an AcceptEx socket is not):
  * give it a handle whose address is its key. */
 static void new_conn(server *sv, int fd)
@@ -219,6 +288,7 @@ static void begin_shutdown(server *sv)
         start_close(sv, h);
     pthread_mutex_unlock(&sv->lock);
     start_close(sv, &sv->listener);
+    retry_parked(sv, true); /* parked accepts are not re-posted: drop their counts */
 }
 
 /* One completion. The key says which handle; the op type says which operation. */
@@ -237,12 +307,9 @@ static void dispatch(server *sv, const cp_completion *c)
             new_conn(sv, io->u.accept.fd); /* read the fd before the context is re-posted */
         } else if (c->result == -EMFILE || c->result == -ENFILE || c->result == -ENOBUFS ||
                    c->result == -ENOMEM) {
-            /* Out of descriptors or memory: re-posting at once would fail at once. Wait a
-             * little, bracketed so another worker may run meanwhile (Linux cannot see this
-             * thread block, as NT would). */
-            cp_port_block_begin(sv->port);
-            usleep(100 * 1000);
-            cp_port_block_end(sv->port);
+            /* Out of descriptors or memory: re-posting at once would fail at once. */
+            park_accept(sv, io);
+            break;
         } else if (c->result != -ECANCELED) {
             fprintf(stderr, "iocp_style: accept: %s\n", cp_strerror((int)c->result));
         }
@@ -279,9 +346,12 @@ static void *worker(void *arg)
          * see it block): at most `concurrency` threads run the handlers at once. On
          * io_uring, the operations the handlers start go to the kernel together when the
          * thread comes back here. */
-        int n = cp_port_dequeue(sv->port, batch, BATCH, -1);
+        int n = cp_port_dequeue(sv->port, batch, BATCH, dequeue_timeout(sv));
+        retry_parked(sv, false);
         if (n == -ECANCELED)
             break; /* the port is closed and nothing is left: the shutdown is over */
+        if (n == -ETIMEDOUT)
+            continue;
         if (n < 0) {
             fprintf(stderr, "iocp_style: dequeue: %s\n", cp_strerror(n));
             break;

@@ -49,8 +49,10 @@
  * "handled after" with several workers). The listener counts the same way, so the
  * shutdown can wait for an accept handler still setting a pair up.
  *
- * Shutdown (SIGINT/SIGTERM, taken with sigwait in main): stop accepting, close every
- * pair, wait until every pair and the listener are gone, destroy the pool.
+ * Shutdown (SIGINT/SIGTERM, taken with sigwait in main): stop accepting, reset every
+ * connected pair (both peers: their streams are cut, and a FIN would pass what each got so
+ * far for the whole; not counted as aborted) and close the others (still connecting) as a
+ * failed connect does, wait until every pair and the listener are gone, destroy the pool.
  */
 #include "cport.h"
 
@@ -105,6 +107,7 @@ typedef struct pair {
     uint32_t ended;           /* directions whose end was passed on (disconnect done) */
     int closing;              /* the sockets' close has been started (once) */
     bool has_upstream;        /* the upstream socket was made and associated */
+    bool connected;           /* atomic: the upstream is connected, bytes may flow */
     struct pair *prev, *next; /* the server's list, for the shutdown walk */
     /* the two buffers follow */
 } pair;
@@ -215,14 +218,21 @@ static void set_reset_on_close(cp_socket *s)
     setsockopt(s->fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
 }
 
-/* Closes both sockets, once (operations outstanding complete with -ECANCELED). With
- * `reset`, both peers get a reset. The caller holds a reference. */
-static void pair_close(server *sv, pair *p, bool reset)
+enum close_mode {
+    CLOSE_FIN,   /* both peers get a FIN */
+    CLOSE_ABORT, /* an error: both peers get a reset, counted as aborted */
+    CLOSE_STOP,  /* the shutdown: both peers get a reset */
+};
+
+/* Closes both sockets, once (operations outstanding complete with -ECANCELED). The caller
+ * holds a reference. */
+static void pair_close(server *sv, pair *p, enum close_mode mode)
 {
     if (__atomic_exchange_n(&p->closing, 1, __ATOMIC_ACQ_REL))
         return;
-    if (reset) {
-        count(&sv->aborted, 1);
+    if (mode != CLOSE_FIN) {
+        if (mode == CLOSE_ABORT)
+            count(&sv->aborted, 1);
         /* The descriptors are still the sockets' own: only this call closes them. */
         set_reset_on_close(&p->client);
         if (p->has_upstream)
@@ -244,14 +254,14 @@ static void recv_next(server *sv, pair *p, dir *d)
 {
     pair_ref(p);
     if (started(p, cp_socket_recv(d->from, &d->op, d->buf, sv->cfg.buffer)) < 0)
-        pair_close(sv, p, true); /* -EBADF: the pair is closing already */
+        pair_close(sv, p, CLOSE_ABORT); /* -EBADF: the pair is closing already */
 }
 
 /* The send of a received block finished (res: its result): receive the next one. */
 static void sent(server *sv, pair *p, dir *d, int64_t res)
 {
     if (res < 0) {
-        pair_close(sv, p, true);
+        pair_close(sv, p, CLOSE_ABORT);
         return;
     }
     count(dir_bytes(sv, p, d), (uint64_t)res);
@@ -261,7 +271,7 @@ static void sent(server *sv, pair *p, dir *d, int64_t res)
 static void received(server *sv, pair *p, dir *d, int64_t res)
 {
     if (res < 0) { /* a reset, or -ECANCELED by our own close */
-        pair_close(sv, p, true);
+        pair_close(sv, p, CLOSE_ABORT);
         return;
     }
     pair_ref(p);
@@ -269,22 +279,22 @@ static void received(server *sv, pair *p, dir *d, int64_t res)
         /* The end of this direction: FIN to the other side. The op is the direction's only
          * one, so each of its sends has completed: the FIN follows all of their bytes. */
         if (started(p, cp_socket_disconnect(d->to, &d->op)) < 0)
-            pair_close(sv, p, true);
+            pair_close(sv, p, CLOSE_ABORT);
         return;
     }
     int r = started(p, cp_socket_send_ex(d->to, &d->op, d->buf, (size_t)res, sv->skip));
     if (r == CP_DONE_NOW)
         sent(sv, p, d, res); /* the kernel took it all in the call: no completion comes */
     else if (r < 0)
-        pair_close(sv, p, true);
+        pair_close(sv, p, CLOSE_ABORT);
 }
 
 static void ended(server *sv, pair *p, int64_t res)
 {
     if (res < 0)
-        pair_close(sv, p, true);
+        pair_close(sv, p, CLOSE_ABORT);
     else if (__atomic_add_fetch(&p->ended, 1, __ATOMIC_ACQ_REL) == 2)
-        pair_close(sv, p, false); /* both ways ended: every byte was passed on */
+        pair_close(sv, p, CLOSE_FIN); /* both ways ended: every byte was passed on */
 }
 
 static void connected(server *sv, pair *p, int64_t res)
@@ -294,9 +304,10 @@ static void connected(server *sv, pair *p, int64_t res)
         if (res != -ECANCELED && __atomic_add_fetch(&sv->upstream_failed, 1, __ATOMIC_RELAXED) == 1)
             fprintf(stderr, "proxy: cannot connect to %s: %s (further failures are counted)\n",
                     sv->cfg.upstream, cp_strerror((int)res));
-        pair_close(sv, p, false);
+        pair_close(sv, p, CLOSE_FIN);
         return;
     }
+    __atomic_store_n(&p->connected, true, __ATOMIC_RELEASE);
     p->down.op.timeout_ms = 0; /* read at each start: the receives wait as long as needed */
     recv_next(sv, p, &p->down);
     recv_next(sv, p, &p->up);
@@ -378,17 +389,17 @@ static void new_pair(server *sv, int fd)
     pthread_mutex_unlock(&sv->lock);
     count(&sv->accepted, 1);
     if (stopping) {
-        pair_close(sv, p, false);
+        pair_close(sv, p, CLOSE_FIN);
     } else if (!p->has_upstream) {
         count(&sv->upstream_failed, 1);
-        pair_close(sv, p, false);
+        pair_close(sv, p, CLOSE_FIN);
     } else {
         p->down.op.timeout_ms = sv->cfg.connect_timeout_ms;
         pair_ref(p);
         if (started(p, cp_socket_connect(&p->upstream, &p->down.op, (struct sockaddr *)&sv->up_addr,
                                          sv->up_len)) < 0) {
             count(&sv->upstream_failed, 1);
-            pair_close(sv, p, false);
+            pair_close(sv, p, CLOSE_FIN);
         }
     }
     pair_unref(sv, p);
@@ -616,7 +627,10 @@ static void shutdown_proxy(server *sv)
         next = p->next;
         if (!pair_ref_if_live(p))
             continue; /* its last reference is gone: the dropper frees it */
-        pair_close(sv, p, false);
+        /* Connected: a stream may be cut, so a reset. Not yet: the client is closed as when
+         * the upstream cannot be reached. */
+        pair_close(sv, p,
+                   __atomic_load_n(&p->connected, __ATOMIC_ACQUIRE) ? CLOSE_STOP : CLOSE_FIN);
         next = p->next;
         if (__atomic_sub_fetch(&p->refs, 1, __ATOMIC_ACQ_REL) == 0)
             pair_free_locked(sv, p);

@@ -2207,7 +2207,8 @@ TEST(chat_example_relays_every_message)
 TEST(chat_example_drops_a_client_that_does_not_read)
 {
     enum { N = 4, LIMIT = 65536 };
-    const char *args[] = {"--threads", "2", "--queue-limit", fmt("%d", LIMIT), NULL};
+    const char *args[] = {"--threads",      "2", "--max-frame", "8192", "--queue-limit",
+                          fmt("%d", LIMIT), NULL};
     static chat ch;
     chat_init(&ch, 4, args);
     CHECK(strstr(ch.s.line, fmt(" queue-limit=%d ", LIMIT)) != NULL);
@@ -3358,6 +3359,88 @@ static void many_through(const server *s, int conns, size_t n, unsigned seed)
     free(p);
 }
 
+/* The chat example with messages as long as --max-frame allows. A relayed frame (the
+ * message + 8 bytes) longer than --queue-limit fails to queue (-ENOBUFS) even to a client
+ * with nothing queued, and the example drops every receiver of it as a slow reader: such a
+ * --queue-limit is refused at start, and the default grows with --max-frame. (Before,
+ * `--max-frame 2000000` relayed no message above 1 MiB, and `--queue-limit 65536` none of
+ * the last 8 bytes below --max-frame's default: each receiver was reset instead.) */
+static int chat_status(const char *const *args, char *err, size_t cap)
+{
+    const char *argv[16];
+    int argc = 0;
+    argv[argc++] = bin_path("chat");
+    for (int i = 0; args[i]; i++)
+        argv[argc++] = args[i];
+    argv[argc] = NULL;
+    int o = cpt_memfd("out"), e = cpt_memfd("err");
+    pid_t pid = spawn(argv, o, e, NULL);
+    int st = child_wait(pid, START_MS, "chat");
+    memfd_text(e, err, cap);
+    close(o);
+    close(e);
+    CHECK(WIFEXITED(st));
+    return WEXITSTATUS(st);
+}
+
+/* A chat client: connected, its welcome frame read. */
+static int chat_client(const server *s)
+{
+    int fd = connect_to(s);
+    uint8_t welcome[12];
+    recv_exact(fd, welcome, sizeof welcome);
+    CHECK_EQ(be32_at(welcome), 8);
+    CHECK_EQ(be32_at(welcome + 4), 0);
+    return fd;
+}
+
+TEST(chat_example_relays_a_message_as_long_as_max_frame)
+{
+    static char err[TEXT_CAP];
+    const char *small[] = {"--port", "0", "--bind", "127.0.0.1", "--queue-limit", "65536", NULL};
+    CHECK_EQ(chat_status(small, err, sizeof err), 2);
+    CHECK(strstr(err, "--queue-limit 65536 is below the largest relayed frame (65544") != NULL);
+
+    static const struct {
+        const char *max_frame, *queue_limit, *shown;
+    } runs[] = {{"2000000", NULL, "4000016"}, {"65536", "65544", "65544"}};
+    for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
+        const char *args[] = {"--threads",
+                              "2",
+                              "--backend",
+                              cpt_backend(),
+                              "--max-frame",
+                              runs[i].max_frame,
+                              runs[i].queue_limit ? "--queue-limit" : NULL,
+                              runs[i].queue_limit,
+                              NULL};
+        server s;
+        server_spawn_prog(&s, "chat", cpt_backend(), NULL, args);
+        CHECK(strstr(s.line, fmt(" queue-limit=%s ", runs[i].shown)) != NULL);
+        int a = chat_client(&s), b = chat_client(&s);
+        size_t n = strtoul(runs[i].max_frame, NULL, 10);
+        uint8_t *msg = malloc(4 + n), *got = malloc(8 + n);
+        CHECK(msg && got);
+        for (int j = 0; j < 4; j++)
+            msg[j] = (uint8_t)(n >> (24 - 8 * j)); /* the frame header, big-endian */
+        for (size_t j = 0; j < n; j++)
+            msg[4 + j] = pat((unsigned)i, j);
+        CHECK_EQ(fcntl(a, F_SETFL, fcntl(a, F_GETFL) & ~O_NONBLOCK), 0);
+        CHECK_EQ(send_all(a, msg, 4 + n), 0);
+        recv_exact(b, got, 8 + n);
+        CHECK_EQ(be32_at(got), 4 + n);
+        CHECK(be32_at(got + 4) != 0); /* a's id */
+        CHECK(memcmp(got + 8, msg + 4, n) == 0);
+        close(a);
+        close(b);
+        free(msg);
+        free(got);
+        server_stop(&s);
+        CHECK_EQ(exit_count(&s, "dropped"), 0);
+        CHECK_EQ(exit_count(&s, "relayed"), 1);
+    }
+}
+
 /* The proxy in front of cport-echo: 50 connections at once, 1 MiB each (256 KiB under
  * sanitizers), sent and read in chunks of random sizes and ended with a half-close: every
  * byte comes back in order, then EOF. The exit line counts each byte both ways. */
@@ -3607,6 +3690,47 @@ TEST(proxy_reset_aborts_the_other_side)
     upstream_stop(&u);
 }
 
+/* A stop signal in the middle of a stream: the proxy cannot pass the upstream's end on,
+ * since there is none, so the client must see a reset, not an end of stream that would
+ * pass the part it got for the whole (a close-delimited body, a download). (It closed with
+ * a FIN: the client read a clean end after a cut stream.) */
+TEST(proxy_stop_mid_stream_resets_the_client)
+{
+    static const int sigs[] = {SIGTERM, SIGINT};
+    for (size_t i = 0; i < 2; i++) {
+        upstream u = {.stream_total = 1ull << 40};
+        upstream_start(&u);
+        server px;
+        proxy_start(&px, u.port);
+        int fd = connect_to(&px);
+        send_byte(fd, 'S');
+        static uint8_t b[UP_CHUNK];
+        for (int j = 0; j < 16; j++)
+            recv_exact(fd, b, sizeof b); /* 1 MiB: flowing */
+        server_signal(&px, sigs[i]);
+        ssize_t k;
+        uint64_t more = 0;
+        for (;;) {
+            struct pollfd p = {.fd = fd, .events = POLLIN};
+            CHECK_EQ(poll(&p, 1, IO_MS), 1);
+            k = recv(fd, b, sizeof b, 0);
+            if (k < 0 && errno == EAGAIN)
+                continue;
+            if (k <= 0)
+                break;
+            more += (uint64_t)k;
+        }
+        fprintf(stderr, "after the signal: %" PRIu64 " more bytes, then %s\n", more,
+                k == 0 ? "EOF" : strerror(errno));
+        CHECK(k < 0 && errno == ECONNRESET);
+        server_reap(&px, sigs[i]);
+        CHECK_EQ(px.accepted, 1);
+        CHECK_EQ(exit_count(&px, "aborted"), 0); /* (errors only) */
+        close(fd);
+        upstream_stop(&u);
+    }
+}
+
 /* SIGTERM / SIGINT with pairs open (an idle one, one whose client does not read while the
  * upstream streams): the proxy closes them all and exits 0; its clients see the close and
  * the upstream's connections end too. */
@@ -3668,4 +3792,77 @@ TEST(proxy_stop_signal_with_connections_open)
         close(busy);
         upstream_stop(&u);
     }
+}
+
+/* The porting example out of descriptors (a limit of 64, one worker): clients beyond what
+ * the limit holds wait in the listener's backlog while every accept fails with EMFILE, and
+ * a connection already open keeps its echo meanwhile: 400 round trips within IO_MS. (Each
+ * failed accept put its worker to sleep for 100 ms, completions of other connections
+ * queued behind it: a round trip took 0.2 s on io_uring, 6 s on epoll.) As clients leave,
+ * the waiting ones are accepted and served. A stop signal while accepts wait to be retried
+ * exits 0. */
+static void fd_limit_64(void)
+{
+    struct rlimit rl = {.rlim_cur = 64, .rlim_max = 64};
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        _exit(125);
+}
+
+TEST(iocp_example_out_of_descriptors_keeps_serving)
+{
+    enum { LIMIT = 64, EXTRA = 100, ROUND_TRIPS = 400 };
+    const char *args[] = {"--threads", "1", NULL};
+    server s;
+    server_spawn_prog(&s, "iocp_style", cpt_backend(), fd_limit_64, args);
+    long base_fds = fd_count(s.pid);
+    int fd = connect_to(&s);
+    exchange(fd, 1, 1, EX_FULL);
+    int extra[EXTRA];
+    for (int i = 0; i < EXTRA; i++)
+        extra[i] = connect_to(&s); /* (the kernel's backlog takes them all) */
+    /* Full: descriptors are taken lowest first, so the highest allowed one is taken last. */
+    char last[64];
+    snprintf(last, sizeof last, "/proc/%d/fd/%d", (int)s.pid, LIMIT - 1);
+    int64_t deadline = cpt_now_ms() + IO_MS;
+    while (access(last, F_OK) != 0) {
+        CHECK(cpt_now_ms() < deadline);
+        usleep(1000);
+    }
+    deadline = cpt_now_ms() + IO_MS;
+    for (int i = 0; i < ROUND_TRIPS; i++) {
+        char c = (char)i, back;
+        send_byte(fd, c);
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int left = (int)(deadline - cpt_now_ms());
+        if (left <= 0 || poll(&p, 1, left) != 1)
+            fprintf(stderr, "round trip %d of %d not done within %d ms\n", i, ROUND_TRIPS, IO_MS);
+        CHECK(left > 0 && p.revents & POLLIN);
+        recv_exact(fd, &back, 1);
+        CHECK_EQ(back, c);
+    }
+    CHECK_EQ(access(last, F_OK), 0); /* still full: the accepts were failing all along */
+    /* The clients in the backlog are accepted as descriptors free up, and served. */
+    close(fd);
+    for (int i = 0; i < EXTRA; i++) {
+        exchange(extra[i], 1000, (unsigned)i, EX_FULL);
+        close(extra[i]);
+    }
+    wait_fd_count(&s, base_fds, IO_MS);
+    server_stop(&s);
+    CHECK_EQ(s.accepted, 1 + EXTRA);
+
+    /* Stopped while accepts are parked: it exits 0 all the same. */
+    server_spawn_prog(&s, "iocp_style", cpt_backend(), fd_limit_64, args);
+    for (int i = 0; i < EXTRA; i++)
+        extra[i] = connect_to(&s);
+    snprintf(last, sizeof last, "/proc/%d/fd/%d", (int)s.pid, LIMIT - 1);
+    deadline = cpt_now_ms() + IO_MS;
+    while (access(last, F_OK) != 0) {
+        CHECK(cpt_now_ms() < deadline);
+        usleep(1000);
+    }
+    server_stop(&s);
+    CHECK(s.accepted < EXTRA);
+    for (int i = 0; i < EXTRA; i++)
+        close(extra[i]);
 }
