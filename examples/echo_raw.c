@@ -1,5 +1,8 @@
 /* echo_raw: the echo server written directly on the completion port and sockets (no
- * server layer), as cport-echo was before cport/server.h existed. Same flags.
+ * server layer), as cport-echo was before cport/server.h existed. cport-echo's basic flags
+ * (--port, --bind, --threads, --backend, --accepts, --max-conns, --zero-byte, --recvs,
+ * --buffer), plus --skip/--no-skip; none of the server layer's (timeouts, backpressure,
+ * framing, stats, a shutdown deadline): see --help.
  *
  * A cp_pool of N worker threads runs the completions of the listener and of every
  * connection as callbacks (bound sockets, no dequeue loop here). Each connection keeps `--recvs`
