@@ -2397,7 +2397,7 @@ static tsrv *send_file_race(file_sender *f, void *(*sender)(void *))
     uint8_t page[4096] = {0};
     CHECK_EQ(write(file, page, sizeof page), (ssize_t)sizeof page);
     int fd = connect_to(t->port);
-    WAIT_FOR(LOAD(&t->opens) == 1, IO_MS);
+    WAIT_FOR(held_count(t) == 1, IO_MS); /* on_open holds after counting opens */
     pthread_mutex_lock(&t->lock);
     *f = (file_sender){.c = t->held[0], .fd = file};
     pthread_mutex_unlock(&t->lock);
@@ -2564,7 +2564,7 @@ TEST(graceful_close_fin_stays_on_its_connection)
     tsrv_start(t, &o);
     fin_race r = {.t = t, .second = sock_nb()}; /* its number taken now, not the freed one */
     int first = connect_to(t->port);
-    WAIT_FOR(LOAD(&t->opens) == 1, IO_MS);
+    WAIT_FOR(held_count(t) == 1, IO_MS); /* on_open holds after counting opens */
     pthread_mutex_lock(&t->lock);
     r.first = t->held[0];
     pthread_mutex_unlock(&t->lock);
@@ -5315,7 +5315,7 @@ TEST(short_lived_senders_do_not_strand_lookaside_objects)
     CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small));
     struct sockaddr_in sa = loopback(t->port);
     CHECK_OK(connect(fd, (struct sockaddr *)&sa, sizeof sa));
-    WAIT_FOR(LOAD(&t->opens) == 1, IO_MS);
+    WAIT_FOR(held_count(t) == 1, IO_MS); /* on_open holds after counting opens */
     pthread_mutex_lock(&t->lock);
     cp_conn *c = t->held[0];
     pthread_mutex_unlock(&t->lock);
