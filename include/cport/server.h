@@ -399,7 +399,10 @@ CP_EXTERN int cp_conn_resume_recv(cp_conn *c);
  * thread, while the caller holds the connection. */
 CP_EXTERN int cp_conn_shutdown_send(cp_conn *c);
 
-/* Close after everything queued so far has been sent (bounded: see linger_ms). Any
+/* Close after everything queued so far has been sent (bounded: see linger_ms). From the
+ * call on on_data is not called again for the connection: in stream mode the rest of the
+ * chunk the calling on_data holds is its own to ignore; in framed mode the frames after
+ * the current one are dropped (a call already running on another thread finishes). Any
  * thread. */
 CP_EXTERN void cp_conn_close(cp_conn *c);
 

@@ -40,6 +40,10 @@
  * in the order they were started: several receives outstanding on a socket are filled in
  * the order posted (the first gets the earliest bytes) and complete in that order;
  * several sends outstanding go out in the order posted, each in full, never interleaved.
+ * That order is the order of operations that run to their end: one that is cancelled, times
+ * out or is cut by cp_socket_close() completes when that happens, which may be before an
+ * earlier one of the socket that the kernel still holds (io_uring), e.g. the receives
+ * queued behind the first on a close. Data still arrives in the order posted.
  * Completions of different operations may still be dequeued by different threads in
  * different orders; a server that hands one connection to several workers at once must
  * order them itself (the server layer, cport/server.h, does).
@@ -60,7 +64,10 @@ typedef struct cp_handle cp_handle;
 /* A socket associated with a port. */
 typedef struct cp_handle cp_socket;
 
-/* Operation codes, readable in cp_op.opcode after a completion is dequeued. */
+/* Operation codes, readable in cp_op.opcode after a completion is dequeued: ACCEPT
+ * (cp_socket_accept), CONNECT (cp_socket_connect and _connect_ex), RECV (cp_socket_recv
+ * and _recvv), RECV_POOL, SEND (all the sends), CLOSE, DISCONNECT, TRANSMIT (transmit_file
+ * and _packets), READ/WRITE (cport/file.h). */
 enum cp_opcode {
     CP_OP_NONE = 0,
     CP_OP_ACCEPT,
@@ -160,7 +167,11 @@ CP_EXTERN int cp_socket_accept(cp_socket *listener, cp_accept_op *op, void *buf,
  * (socket(2), of addr's family) and associates it first; no bind is needed. addr must stay
  * valid until the completion is dequeued. Result 0 on success or a negative errno
  * (-ECONNREFUSED, -ETIMEDOUT from the op's timeout_ms, -ECANCELED, ...). After a failed
- * connect the socket's state is unspecified (POSIX): close it and use a new one. */
+ * connect the socket's state is unspecified (POSIX): close it and use a new one.
+ * Sends (and a disconnect) started before the connect completes wait for it, in order.
+ * Receives start at once: when the connection fails, one of them may take its error, and
+ * the connect then completes with another (-ENOTCONN on epoll) and receives with an error
+ * or 0. Post receives after the connect completes to get the reason from the connect. */
 CP_EXTERN int cp_socket_connect(cp_socket *s, cp_op *op, const struct sockaddr *addr,
                                 socklen_t addrlen);
 
@@ -288,8 +299,12 @@ typedef struct cp_connect_op {
 } cp_connect_op;
 
 /* Connect s to addr, then send len bytes from data (ConnectEx with a send buffer). One
- * completion: the bytes of data sent (all of them), or a negative errno (-ECONNREFUSED
- * ...). addr and data must stay valid until the completion is dequeued. len may be 0. */
+ * completion (opcode CP_OP_CONNECT): the bytes of data sent (all of them), or a negative
+ * errno (-ECONNREFUSED ...). op.timeout_ms bounds the connect and the send together;
+ * after a failure, cancel or timeout cp_op_transferred(&op->op) tells how many bytes of
+ * data were handed to the kernel (at most what the peer can get). addr and data must stay valid
+ * until the completion is dequeued. len may be 0. As cp_socket_connect() for what is started before
+ * it completes. */
 CP_EXTERN int cp_socket_connect_ex(cp_socket *s, cp_connect_op *op, const struct sockaddr *addr,
                                    socklen_t addrlen, const void *data, size_t len);
 
