@@ -871,6 +871,17 @@ static bool after_receive(cp_server *sv, cp_conn *c, int64_t res)
     if (res > 0)
         return drain_reading(c) || may_read(sv, c);
     uint64_t prev = st_or(c, CF_RX_ENDED);
+    if (res == 0 && sv->o.framed && !(prev & CF_CLOSING) &&
+        cp_frame_partial(decoder_of(sv, c)) != 0) {
+        /* The stream ended inside a frame: its last message is cut, a protocol error like a
+         * bad header, not an end (on_end, or CP_CLOSE_PEER, would let the application
+         * believe it got everything). Gracefully: the replies to the whole frames before
+         * it still go out. cp_conn_frame_state() tells how much of the frame came. */
+        __atomic_add_fetch(&sv->frames_rejected, 1, __ATOMIC_RELAXED);
+        start_close(sv, c, CP_CLOSE_BAD_FRAME, 0, true);
+        drain_step(sv, c);
+        return false;
+    }
     if (res == 0 && sv->o.half_close && !(prev & CF_CLOSING)) {
         /* Half-close: the connection stays; the application closes it. Once, also when
          * several receives report the end. */
@@ -1340,10 +1351,14 @@ int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len)
 {
     if (!c || (!payload && len) || len > CP_FRAME_MAX_LIMIT)
         return -EINVAL;
+    cp_server *sv = cp__conn_server(c);
+    /* A frame on a stream server is the application's mistake (the server was meant to be
+     * framed, and reads the peer's frames as a stream): say so, as cp_conn_frame_state(). */
+    if (!sv->o.framed)
+        return -EINVAL;
     uint8_t hdr[4];
     cp_frame_header(hdr, (uint32_t)len);
     struct iovec iov[2] = {{hdr, 4}, {(void *)(uintptr_t)payload, len}};
-    cp_server *sv = cp__conn_server(c);
     return conn_send(sv, cp__server_worker(sv), c, iov, len ? 2 : 1, 4 + len, TAIL_COPY, NULL);
 }
 

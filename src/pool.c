@@ -135,12 +135,19 @@ int cp__pool_create_marked(cp_pool **poolp, const cp_pool_options *opts,
     cp_pool_options o = {0};
     if (opts)
         o = *opts;
+    if (o.threads > CP_POOL_THREADS_MAX)
+        return -EINVAL; /* each is made now: UINT_MAX of them would exhaust memory first */
     if (o.concurrency == 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         o.concurrency = n > 0 ? (unsigned)n : 1;
     }
-    if (o.threads == 0)
-        o.threads = o.concurrency * 2 < 2 ? 2 : o.concurrency * 2;
+    if (o.threads == 0) {
+        /* In 64 bits: twice a concurrency of 2^31 or more wrapped (to 0 or a huge count). */
+        uint64_t twice = (uint64_t)o.concurrency * 2;
+        o.threads = twice < 2                     ? 2
+                    : twice > CP_POOL_THREADS_MAX ? CP_POOL_THREADS_MAX
+                                                  : (unsigned)twice;
+    }
     if (o.batch == 0)
         o.batch = 1;
     if (o.batch > MAX_BATCH)

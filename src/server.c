@@ -369,6 +369,8 @@ enum {
 _Static_assert(CONN_RECORD_MAX + CP_CONN_USER_MAX <= CP__SLAB_MAX_OBJECT,
                "CP_CONN_USER_MAX must leave room for a connection's own fields");
 
+_Static_assert(CP_SERVER_THREADS_MAX <= CP_POOL_THREADS_MAX, "a server's threads are its pool's");
+
 static uint32_t ms_to_ticks(unsigned ms, unsigned tick_ms)
 {
     /* In 64 bits: ms within tick_ms of UINT_MAX wrapped to 0 ticks (off). */
@@ -420,9 +422,11 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     *serverp = NULL;
     cp_server_options o = *opts;
     long page = sysconf(_SC_PAGESIZE);
+    if (o.threads > CP_SERVER_THREADS_MAX)
+        return -EINVAL; /* a record each is made below: UINT_MAX of them would exhaust memory */
     if (o.threads == 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
-        o.threads = n > 0 ? (unsigned)n : 1;
+        o.threads = n <= 0 ? 1 : n > CP_SERVER_THREADS_MAX ? CP_SERVER_THREADS_MAX : (unsigned)n;
     }
     if (o.accepts_min == 0)
         o.accepts_min = 4;

@@ -7,6 +7,7 @@
 #include "cport.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <malloc.h>
 #include <pthread.h>
 #include <sched.h>
@@ -140,6 +141,33 @@ TEST(default_threads_twice_concurrency)
     CHECK_EQ(cp_pool_threads(pool), 6);
     CHECK_EQ(cp_port_concurrency(cp_pool_port(pool)), 3);
     cp_pool_destroy(pool, CP_POOL_DRAIN);
+}
+
+/* Threads are made at creation: a count past CP_POOL_THREADS_MAX (a negative number cast to
+ * unsigned, say) is refused at once, not attempted until memory or the thread limit runs
+ * out. Concurrency is only a counter: any value goes, and the default thread count (twice
+ * it) is capped instead of wrapping (2^31 made 2^32, that is 0 and then 2 threads). */
+TEST(thread_counts_beyond_the_limit_are_refused)
+{
+    cp_pool *pool = (cp_pool *)1;
+    cp_pool_options o = {.threads = CP_POOL_THREADS_MAX + 1};
+    CHECK_EQ(cp_pool_create(&pool, &o), -EINVAL);
+    CHECK(pool == NULL);
+    o.threads = UINT_MAX;
+    CHECK_EQ(cp_pool_create(&pool, &o), -EINVAL);
+    o = (cp_pool_options){.concurrency = UINT_MAX, .threads = 2};
+    CHECK_OK(cp_pool_create(&pool, &o));
+    CHECK_EQ(cp_pool_threads(pool), 2);
+    CHECK_EQ(cp_port_concurrency(cp_pool_port(pool)), UINT_MAX);
+    CHECK_OK(cp_pool_destroy(pool, CP_POOL_DRAIN));
+    /* The capped default makes CP_POOL_THREADS_MAX threads: not in sanitizer builds, where
+     * each costs much more. */
+    if (cpt_scale() < 1)
+        return;
+    o = (cp_pool_options){.concurrency = 1u << 31};
+    CHECK_OK(cp_pool_create(&pool, &o));
+    CHECK_EQ(cp_pool_threads(pool), CP_POOL_THREADS_MAX);
+    CHECK_OK(cp_pool_destroy(pool, CP_POOL_DRAIN));
 }
 
 /* ---- blocked items do not stall the pool ------------------------------------------------ */

@@ -8002,3 +8002,118 @@ TEST(a_send_file_that_fails_after_counting_its_bytes_leaves_no_backpressure)
     unqueued_send_case(&b);
 #endif
 }
+
+/* Each worker thread (and its record) is made by cp_server_create: a count past
+ * CP_SERVER_THREADS_MAX is refused at once. UINT_MAX threads made it allocate a record per
+ * thread, about a terabyte, before the pool could fail. */
+TEST(a_thread_count_beyond_the_limit_is_refused)
+{
+    cp_server_callbacks cb = {.on_data = ignore_data};
+    cp_server *sv = (cp_server *)1;
+    cp_server_options o = {.bind = "127.0.0.1", .threads = CP_SERVER_THREADS_MAX + 1};
+    CHECK_EQ(cp_server_create(&sv, &o, &cb), -EINVAL);
+    CHECK(sv == NULL);
+    o.threads = UINT_MAX;
+    CHECK_EQ(cp_server_create(&sv, &o, &cb), -EINVAL);
+    o.threads = 2;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_destroy(sv));
+}
+
+/* cp_conn_send_frame() is framed mode's: on a stream server it is refused with -EINVAL and
+ * sends nothing (it sent a length header the peer's protocol did not have, silently). */
+static void frame_on_stream_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    (void)u;
+    int *r = t->ctx;
+    STORE(r, cp_conn_send_frame(c, data, len));
+    note_send(t, cp_conn_send(c, "ok", 2));
+}
+
+TEST(send_frame_on_a_stream_server_is_refused)
+{
+    int r = 1;
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hook = frame_on_stream_hook;
+    t->ctx = &r;
+    cp_server_options o = {.threads = 2};
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    send_all(fd, "a", 1);
+    char buf[2];
+    recv_all(fd, buf, 2);
+    fprintf(stderr, "cp_conn_send_frame on a stream server: %d; the peer read %02x %02x\n",
+            LOAD(&r), (unsigned char)buf[0], (unsigned char)buf[1]);
+    CHECK_EQ(LOAD(&r), -EINVAL);
+    CHECK_EQ(memcmp(buf, "ok", 2), 0); /* nothing went out before the next send */
+    close(fd);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->send_errors), 0);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* Framed mode: the peer's end of stream inside a frame (a header announcing 100 bytes, 10
+ * of them sent; or 2 bytes of a header) is a truncated message, a protocol error: the
+ * connection closes as CP_CLOSE_BAD_FRAME (counted in frames_rejected), gracefully (the
+ * reply to the whole frame before it arrives, then EOF), with or without half_close, and
+ * on_end does not run: it ran before (the partial frame dropped unseen), and without
+ * half_close the close said CP_CLOSE_PEER. An end between frames is still an end. */
+static void truncated_frame_case(const cp_server_options *base, bool half, size_t cut)
+{
+    tsrv *t = tsrv_new(ECHO_FRAME);
+    t->end_hook = end_close_hook;
+    cp_server_options o = *base;
+    o.threads = 2;
+    o.framed = true;
+    o.half_close = half;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    uint8_t msg[4 + 100];
+    cp_frame_header(msg, 5);
+    memcpy(msg + 4, "hello", 5);
+    send_all(fd, msg, 9);
+    uint8_t got[9];
+    recv_all(fd, got, sizeof got);
+    CHECK_EQ(memcmp(got, msg, 9), 0);
+    if (cut) {
+        cp_frame_header(msg, 100);
+        memset(msg + 4, 'x', 100);
+        send_all(fd, msg, cut);
+    }
+    CHECK_OK(shutdown(fd, SHUT_WR));
+    CHECK(wait_fd(fd, POLLIN, cpt_now_ms() + IO_MS));
+    CHECK_EQ(recv(fd, got, 1, MSG_DONTWAIT), 0); /* EOF: nothing more, no reset */
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    fprintf(stderr,
+            "half_close %d, recvs %u, %zu bytes of the frame: bad-frame %llu, peer %llu, "
+            "on_end %llu (%s)\n",
+            half, o.recvs, cut, (unsigned long long)LOAD(&t->reasons[CP_CLOSE_BAD_FRAME]),
+            (unsigned long long)LOAD(&t->reasons[CP_CLOSE_PEER]),
+            (unsigned long long)LOAD(&t->ends), LOAD(&t->bad_frames) ? t->bad_frame_why[0] : "");
+    if (cut) {
+        CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_BAD_FRAME]), 1);
+        CHECK_EQ(LOAD(&t->ends), 0);
+        CHECK_EQ(tsrv_stats(t).frames_rejected, 1);
+        CHECK(strstr(t->bad_frame_why[0], "incomplete frame") != NULL);
+    } else {
+        CHECK_EQ(LOAD(&t->reasons[half ? CP_CLOSE_LOCAL : CP_CLOSE_PEER]), 1);
+        CHECK_EQ(LOAD(&t->ends), half ? 1 : 0);
+        CHECK_EQ(tsrv_stats(t).frames_rejected, 0);
+    }
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+TEST(a_stream_ending_inside_a_frame_closes_as_a_bad_frame)
+{
+    cp_server_options a = {.recvs = 1, .recv_buffer = 4096};
+    cp_server_options b = {.recvs = 2, .zero_byte = true};
+    for (int half = 0; half < 2; half++) {
+        for (int i = 0; i < 2; i++) {
+            const cp_server_options *o = i ? &b : &a;
+            truncated_frame_case(o, half, 4 + 10); /* header and part of the payload */
+            truncated_frame_case(o, half, 2);      /* part of a header */
+            truncated_frame_case(o, half, 0);      /* between frames: an end */
+        }
+    }
+}

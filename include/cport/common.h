@@ -7,6 +7,12 @@
  *     completes later. An operation that was accepted produces exactly one completion.
  *   - Public names carry the prefix cp_ (macros CP_). Names with cp__ are private:
  *     they appear in headers only because structs are caller-allocated.
+ *   - NULL: a pointer argument may be NULL only where the function's comment says what
+ *     it does with one (returns -EINVAL, does nothing, ...). Elsewhere, notably in the
+ *     getters (cp_port_concurrency, cp_pool_threads, cp_server_listen_port, cp_conn_user,
+ *     cp_conn_pending, cp_frame_error, ...) and in the functions that return nothing
+ *     (cp_conn_close, cp_conn_ref, cp_frame_reset, ...), it must not be NULL: they have no
+ *     way to report it, and do not check.
  */
 #ifndef CPORT_COMMON_H
 #define CPORT_COMMON_H

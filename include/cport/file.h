@@ -13,6 +13,8 @@
  * starts fail as socket starts do: -EBUSY for an op still in use, -EINVAL for bad
  * arguments or a misaligned op, -EBADF once the file's close has begun, -ENOMEM for a timed
  * one (cp_op.timeout_ms) when the port's timer heap cannot grow.
+ *
+ * NULL arguments: only where a function's comment allows them (see cport/common.h).
  */
 #ifndef CPORT_FILE_H
 #define CPORT_FILE_H

@@ -23,6 +23,19 @@
  * -ENOMEM (the allocator failed) is not sticky: nothing is lost, and feeding the unconsumed
  * rest again later retries. -EINVAL (bad arguments or configuration) changes nothing.
  *
+ * Memory a split frame costs. Once a frame's payload straddles chunks, the decoder holds an
+ * assembly buffer of the size its header announced (up to max_frame), from the first
+ * payload byte it must keep until the frame completes or the decoder is reset or freed: a
+ * peer that sends a header announcing 64 KiB and then 1 byte makes its connection hold a
+ * 64 KiB buffer for as long as it stays silent. A header alone (up to 4 bytes) costs
+ * nothing. So the worst case is max_frame per connection of a peer that sends headers
+ * and stops. In the server's framed mode the buffers come from its lookaside size classes
+ * (4, 16 or 64 KiB, the smallest that fits; lookaside memory is kept by the server, not
+ * given back to the system) and are malloc'd above 64 KiB, where only the pages the
+ * payload has reached are touched; the connection keeps it until the frame completes or
+ * the connection closes (e.g. by idle_timeout_ms: set one, and size max_frame and
+ * max_conns with this in mind).
+ *
  * Configuration. Settings shared by every connection of a server (the limit, the flags and
  * the allocator) live in a cp_frame_config that the caller keeps and passes to every call;
  * this is what keeps the per-connection state at 16 bytes. Every call on one decoder must
@@ -50,6 +63,8 @@
  *     } else {
  *         ...post the next receive...
  *     }
+ *
+ * NULL arguments: only where a function's comment allows them (see cport/common.h).
  */
 #ifndef CPORT_FRAME_H
 #define CPORT_FRAME_H

@@ -23,6 +23,8 @@
  *
  * Threads: every function may be called from any thread, including a worker, except
  * cp_pool_destroy() (not from a worker).
+ *
+ * NULL arguments: only where a function's comment allows them (see cport/common.h).
  */
 #ifndef CPORT_POOL_H
 #define CPORT_POOL_H
@@ -54,9 +56,17 @@ typedef struct cp_io_binding {
     void *user;
 } cp_io_binding;
 
+/* The most worker threads a pool may have. Each is made at creation, with its stack and
+ * records: a count beyond this is a mistake (a negative number cast to unsigned), not a
+ * configuration, and would exhaust memory or the process's thread limit before failing. */
+#define CP_POOL_THREADS_MAX 4096u
+
 typedef struct cp_pool_options {
-    unsigned concurrency; /* items running at once; 0 = online CPUs */
-    unsigned threads;     /* worker threads; 0 = 2 x concurrency (at least 2) */
+    unsigned concurrency; /* items running at once (any value: nothing is made per unit);
+                             0 = online CPUs */
+    unsigned threads;     /* worker threads; 0 = 2 x concurrency (at least 2, at most
+                             CP_POOL_THREADS_MAX); above CP_POOL_THREADS_MAX
+                             cp_pool_create() fails with -EINVAL */
     unsigned batch;       /* completions a worker dequeues at once; 0 = 1 (best for CPU-bound
                              items), at most 256 (larger values are taken as 256);
                              servers doing small I/O handlers gain from 16-64 */
@@ -68,8 +78,8 @@ typedef struct cp_pool_options {
 } cp_pool_options;
 
 /* Create a pool (opts may be NULL for defaults). Returns 0 and stores it in *poolp, or a
- * negative errno (-EINVAL for a NULL poolp, port creation errors, -ENOMEM, -EAGAIN if
- * threads could not be started). */
+ * negative errno (-EINVAL for a NULL poolp or more than CP_POOL_THREADS_MAX threads, port
+ * creation errors, -ENOMEM, -EAGAIN if threads could not be started). */
 CP_EXTERN int cp_pool_create(cp_pool **poolp, const cp_pool_options *opts);
 
 /* The pool's port: associate sockets with cp_pool_associate(), not directly. */

@@ -44,6 +44,8 @@
  * pools, sockets or servers built on them, not even the destroy functions (a pool's
  * destroy would wait for workers that do not exist there): it execs, exits with _exit(),
  * or creates ports of its own. (Descriptors cport creates are close-on-exec.)
+ *
+ * NULL arguments: only where a function's comment allows them (see cport/common.h).
  */
 #ifndef CPORT_PORT_H
 #define CPORT_PORT_H

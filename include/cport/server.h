@@ -46,6 +46,8 @@
  * frees all connections' memory (after cp_server_shutdown() is fine). Data passed to
  * on_data is valid until the callback returns, unless handed back with
  * cp_conn_send_data().
+ *
+ * NULL arguments: only where a function's comment allows them (see cport/common.h).
  */
 #ifndef CPORT_SERVER_H
 #define CPORT_SERVER_H
@@ -72,7 +74,9 @@ typedef enum cp_close_reason {
     CP_CLOSE_LOCAL = 2,             /* cp_conn_close() or cp_conn_abort() */
     CP_CLOSE_HANDSHAKE_TIMEOUT = 3, /* no data within handshake_timeout_ms of accepting */
     CP_CLOSE_IDLE_TIMEOUT = 4,      /* no data for idle_timeout_ms */
-    CP_CLOSE_BAD_FRAME = 5,         /* framed mode: a header announcing more than max_frame */
+    CP_CLOSE_BAD_FRAME = 5,         /* framed mode: a header announcing more than max_frame,
+                                       or the peer's end of stream inside a frame (its last
+                                       message cut: no on_end, not CP_CLOSE_PEER) */
     CP_CLOSE_SHUTDOWN = 6,          /* the server is shutting down */
     CP_CLOSE_DEADLINE = 7,          /* the deadline set with cp_conn_set_deadline passed */
 } cp_close_reason;
@@ -109,12 +113,17 @@ typedef struct cp_server_callbacks {
     void (*on_timeout)(cp_conn *c, cp_close_reason reason);
     /* With options.half_close: the peer ended its sending side (EOF), after every byte it
      * sent before was delivered to on_data. Once per connection, never after on_close and
-     * not on a connection already closing. The connection stays open: sends go on (an
-     * answer the peer still waits for), and the application ends it with cp_conn_close()
-     * (FIN after what is queued) or cp_conn_abort() when it is done. Required with
-     * half_close (cp_server_create fails with -EINVAL without it); unused otherwise. */
+     * not on a connection already closing. In framed mode only at an end between frames:
+     * an end inside a frame closes the connection as CP_CLOSE_BAD_FRAME instead. The connection
+     * stays open: sends go on (an answer the peer still waits for), and the application ends it
+     * with cp_conn_close() (FIN after what is queued) or cp_conn_abort() when it is done. Required
+     * with half_close (cp_server_create fails with -EINVAL without it); unused otherwise. */
     void (*on_end)(cp_conn *c);
 } cp_server_callbacks;
+
+/* The most worker threads a server may have (options.threads): the limit of its pool
+ * (CP_POOL_THREADS_MAX in cport/pool.h). */
+#define CP_SERVER_THREADS_MAX 4096u
 
 /* The largest conn_user_size: a connection, with its user area, must fit in one of the
  * server's 1 MiB lookaside chunks, beside its own fields (a few KiB at most). */
@@ -125,7 +134,11 @@ typedef struct cp_server_callbacks {
 typedef struct cp_server_options {
     const char *bind;              /* IPv4 address to listen on; NULL = "0.0.0.0" */
     uint16_t port;                 /* TCP port; 0 = any (see cp_server_listen_port) */
-    unsigned threads;              /* worker threads, all may run at once; 0 = online CPUs */
+    unsigned threads;              /* worker threads, all may run at once; 0 = online CPUs
+                                      (at most CP_SERVER_THREADS_MAX); above
+                                      CP_SERVER_THREADS_MAX cp_server_create fails with
+                                      -EINVAL (each thread, with its record, is made at
+                                      creation) */
     cp_backend_kind backend;       /* CP_BACKEND_AUTO unless forced (see cport/port.h) */
     unsigned accepts_min;          /* accepts kept posted at least; 0 = 4 */
     unsigned accepts_max;          /* ...and at most; 0 = 256 (never below accepts_min);
@@ -206,7 +219,13 @@ typedef struct cp_server_options {
                                       CP_FRAME_MAX_LIMIT (else -EINVAL). A
                                       header over it closes the connection gracefully
                                       (CP_CLOSE_BAD_FRAME; cp_conn_frame_state() says
-                                      why): replies to the frames before it still go out */
+                                      why): replies to the frames before it still go out.
+                                      So does the peer's end of stream inside a frame
+                                      (a truncated message; with or without half_close:
+                                      no on_end for it).
+                                      A frame in progress holds a buffer of its announced
+                                      size until it completes (see "Memory a split frame
+                                      costs" in cport/frame.h) */
     size_t conn_user_size;         /* bytes of per-connection user area (cp_conn_user); at
                                       most CP_CONN_USER_MAX, else cp_server_create fails
                                       with -EINVAL */
@@ -233,7 +252,8 @@ typedef struct cp_server_stats {
     uint64_t completions;         /* completions dequeued by the workers */
     uint64_t backpressure_events; /* times reading paused because replies piled up */
     uint64_t frames_in;           /* framed mode: frames delivered */
-    uint64_t frames_rejected;     /* framed mode: connections closed for a bad frame */
+    uint64_t frames_rejected;     /* framed mode: connections closed for a bad frame (a
+                                     header over max_frame, or a frame cut by the end) */
     uint64_t sends_refused;       /* sends refused by send_queue_limit */
     uint64_t allocations;         /* lookaside chunks and buffers allocated (7 from
                                      cp_server_create: each lookaside list maps its first
@@ -329,7 +349,11 @@ CP_EXTERN int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *c
  * file ends before the range does; -EINVAL: fd is not a regular file or block device, or
  * was opened O_DIRECT) reports that to on_sent and aborts the connection (CP_CLOSE_ERROR);
  * its sending side is shut down at the failure, also before the first byte, so nothing
- * sent after it reaches the peer in place of the missing bytes. Any thread. */
+ * sent after it reaches the peer in place of the missing bytes. The file must not be
+ * truncated or rewritten until the send is done: it is sent without copying, so bytes
+ * already handed to the kernel may go out as zeros or as the new contents, without any
+ * error (only a range the file no longer has when it is read fails, with -EIO); replace
+ * a file by renaming a new one over it instead. Any thread. */
 CP_EXTERN int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd,
                                 int64_t offset, uint64_t len, void *ctx);
 
@@ -345,7 +369,9 @@ CP_EXTERN int cp_conn_set_deadline(cp_conn *c, unsigned ms);
 
 /* Framed mode: send one frame (header + payload, copied). Returns as cp_conn_send() (the
  * 4-byte header counts toward send_queue_limit); -EINVAL for a payload over
- * CP_FRAME_MAX_LIMIT. Any thread. */
+ * CP_FRAME_MAX_LIMIT, and on a server without options.framed (nothing sent; to send
+ * length-prefixed messages over a stream server, build them with cp_frame_encode() and
+ * send them with cp_conn_send()). Any thread. */
 CP_EXTERN int cp_conn_send_frame(cp_conn *c, const void *payload, size_t len);
 
 /* Framed mode: describe the connection's frame decoder for a log, as cp_frame_describe()

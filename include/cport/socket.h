@@ -47,6 +47,8 @@
  * Completions of different operations may still be dequeued by different threads in
  * different orders; a server that hands one connection to several workers at once must
  * order them itself (the server layer, cport/server.h, does).
+ *
+ * NULL arguments: only where a function's comment allows them (see cport/common.h).
  */
 #ifndef CPORT_SOCKET_H
 #define CPORT_SOCKET_H
@@ -350,7 +352,11 @@ typedef struct cp_transmit_op {
  * A transmit that fails after some of its bytes went out (a file that ends before its
  * range does reports -EIO) shuts down the socket's sending side: sends queued behind it
  * then fail (-EPIPE) rather than follow the hole in the stream. (Not one that is
- * cancelled or times out: see cp_socket_cancel().) Never raises SIGPIPE. */
+ * cancelled or times out: see cp_socket_cancel().) Never raises SIGPIPE. A file must not be
+ * truncated or rewritten while it is being sent: the kernel sends its page-cache pages
+ * without copying them, so bytes already handed to it may go out as zeros or as the new
+ * contents, without any error (only a range the file no longer has when it is read fails,
+ * with -EIO); replace a file by renaming a new one over it instead. */
 CP_EXTERN int cp_socket_transmit_packets(cp_socket *s, cp_transmit_op *op, const cp_packet *elems,
                                          unsigned n, unsigned flags);
 
