@@ -898,6 +898,15 @@ static bool after_receive(cp_server *sv, cp_conn *c, int64_t res)
     return false;
 }
 
+/* The peer's end reported by a receive that was outstanding when the application paused
+ * reading (lock held): it is not acted on now (the application may still hold data whose
+ * replies must go before the close, or on_end), but dropped; the resume posts a receive
+ * again, which finds the end anew (a TCP socket reports it to every read). */
+static bool end_held_by_pause(cp_conn *c, int64_t res)
+{
+    return res == 0 && (st_load(c) & (CF_APP_PAUSED | CF_CLOSING)) == CF_APP_PAUSED;
+}
+
 /* A receive was not posted again because the application paused reading: stop the
  * socket's background pooled receive too (io_uring), unless another receive still waits.
  * (Backpressure pauses do not: they end as soon as replies drain.) */
@@ -926,7 +935,7 @@ static bool rx_single(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64
         op->u.buf = NULL;
     }
     bool reposted = false;
-    if (after_receive(sv, c, res)) {
+    if (!end_held_by_pause(c, res) && after_receive(sv, c, res)) {
         int r = post_rx_ref(sv, w, c, op, true);
         if (r < 0)
             start_close(sv, c, CP_CLOSE_ERROR, r, false);
@@ -991,7 +1000,7 @@ static void rx_multi(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64_
             cp_buffer_release(sv->port, s->op.u.buf);
             s->op.u.buf = NULL;
         }
-        if (len <= 0)
+        if (len <= 0 && !end_held_by_pause(c, len))
             after_receive(sv, c, len);
     }
     if (drain_reading(c) || may_read(sv, c))

@@ -3799,6 +3799,28 @@ TEST(shutdown_races_closing_peers)
     CHECK_EQ(tsrv_stop(t, 0), 0);
 }
 
+/* A shutdown with a zero deadline when no connection is open cuts nothing, so it returns 0
+ * (-ETIMEDOUT says connections had to be cut); the listener's close, which completes on
+ * the port after the call has started it, is not one. Before, the wait for the listener
+ * timed out at once and the call said -ETIMEDOUT. Several rounds, one with a connection
+ * that has closed before. */
+TEST(a_zero_deadline_shutdown_with_nothing_open_returns_0)
+{
+    for (int i = 0; i < 8; i++) {
+        tsrv *t = tsrv_new(ECHO_COPY);
+        cp_server_options o = {.threads = 1 + i % 2};
+        tsrv_start(t, &o);
+        if (i % 2) {
+            int fd = connect_to(t->port);
+            exchange(fd, 9, 1000);
+            close(fd);
+            WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+        }
+        CHECK_EQ(cp_server_shutdown(t->sv, 0), 0);
+        CHECK_EQ(tsrv_stop(t, 0), 0);
+    }
+}
+
 /* Replies that cannot drain (clients that never read) are cut at the deadline: shutdown
  * returns -ETIMEDOUT about deadline ms after the call, every connection closed once. An idle
  * server shuts down at once with 0. */
@@ -7542,6 +7564,70 @@ static void pause_shutdown_case(const cp_server_options *base)
     expect_closed(fd, IO_MS);
     close(fd);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* Paused with receives outstanding (recvs > 1), the peer ends its side with nothing more
+ * to send: a receive that was outstanding reports the end, which, as for data sent after
+ * the pause, waits for the resume. The application may still hold what it must answer (a
+ * proxy whose upstream is slow): here the answer is sent from the test's thread after the
+ * end, then the resume. (Before, the end was acted on at once: the graceful close began,
+ * or on_end ran, while paused, and the answer got -EPIPE.) One worker, and two echoes on
+ * another connection after the end, so that the end's completion has been handled when
+ * the test looks. */
+static void pause_then_end_case(const cp_server_options *base)
+{
+    cp_server_options o = *base;
+    o.threads = 1;
+    pz z = {.pause_max = 1, .echo_from = 2};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    t->hook = pause_hook;
+    t->ctx = &z;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    uint8_t req[100], back[100];
+    pattern_fill(7, 0, req, sizeof req);
+    send_all(fd, req, sizeof req);
+    WAIT_FOR(LOAD(&z.bytes) == sizeof req, IO_MS);
+    CHECK_EQ(LOAD(&z.paused), 1);
+    CHECK_EQ(shutdown(fd, SHUT_WR), 0);
+    int fence = connect_to(t->port);
+    exchange(fence, 8, 1000);
+    exchange(fence, 8, 1000);
+    CHECK_EQ(LOAD(&t->closes), 0);
+    CHECK_EQ(LOAD(&t->ends), 0);
+    cp_conn *c = held_at(t, 0);
+    CHECK_EQ(cp_conn_send(c, req, sizeof req), 0);
+    CHECK_OK(cp_conn_resume_recv(c));
+    recv_all(fd, back, sizeof back);
+    CHECK(memcmp(back, req, sizeof req) == 0);
+    if (o.half_close) {
+        WAIT_FOR(LOAD(&t->ends) == 1, IO_MS);
+        cp_conn_close(c);
+    }
+    expect_closed(fd, IO_MS);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->reasons[o.half_close ? CP_CLOSE_LOCAL : CP_CLOSE_PEER]), 1);
+    close(fd);
+    close(fence);
+    if (o.half_close) {
+        WAIT_FOR(LOAD(&t->ends) == 2, IO_MS);
+        cp_conn_close(held_at(t, 1));
+    }
+    WAIT_FOR(LOAD(&t->closes) == 2, IO_MS);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+TEST(pause_then_the_peer_ends_with_a_receive_outstanding)
+{
+    cp_server_options a = {.recvs = 2, .recv_buffer = 4096};
+    pause_then_end_case(&a);
+    cp_server_options b = {.recvs = 3, .zero_byte = true};
+    pause_then_end_case(&b);
+    cp_server_options c = {.recvs = 2, .recv_buffer = 4096, .half_close = true};
+    pause_then_end_case(&c);
+    cp_server_options d = {.recvs = 2, .zero_byte = true, .half_close = true};
+    pause_then_end_case(&d);
 }
 
 TEST(pause_then_shutdown_completes)

@@ -395,9 +395,10 @@ CP_EXTERN int cp_conn_frame_state(cp_conn *c, char *buf, size_t size);
  * buffer, and TCP's window stops the peer when that is full. A paused connection posts
  * no receive, so in zero-byte mode it holds no pool buffer beyond those receives (on
  * io_uring the socket's background receive is stopped too; chunks it had already taken
- * wait for the resume). The peer's end or a reset is noticed when reading resumes, or
- * earlier by a receive outstanding at the pause (recvs > 1, or a pause from another
- * thread while a receive waits): the connection then closes, or runs on_end, paused.
+ * wait for the resume). The peer's end is noticed only when reading resumes (also one
+ * a receive outstanding at the pause reports: recvs > 1, or a pause from another thread
+ * while a receive waits), so what the application still holds can be answered first; a
+ * reset such a receive reports closes the connection at once.
  * While paused, neither the handshake nor the idle timeout applies (the silence is the
  * application's doing): both count again from the resume. A deadline
  * (cp_conn_set_deadline) still fires. A close (cp_conn_close, a bad frame, shutdown)
