@@ -557,10 +557,11 @@ static int step_connect(cp_handle *h, cp_op *op)
     if (getpeername(h->fd, (struct sockaddr *)&peer, &plen) < 0) {
         if (errno != ENOTCONN)
             return -errno;
-        /* Not connected: still connecting, or failed with an error that an operation of
-         * the other queue (a receive posted meanwhile) has already taken off the socket.
-         * A socket still connecting reports nothing; a failed one reports a hang-up, and
-         * no further edge will come for it. */
+        /* Not connected: still connecting, or failed with an error that someone else
+         * has already taken off the socket (receives queued meanwhile wait for the
+         * connect, but the caller's own getsockopt(SO_ERROR) or a receive started before
+         * the connect may). A socket still connecting reports nothing; a failed one
+         * reports a hang-up, and no further edge will come for it. */
         struct pollfd pf = {.fd = h->fd, .events = POLLOUT};
         if (poll(&pf, 1, 0) == 1 && (pf.revents & (POLLHUP | POLLERR))) {
             len = sizeof(err);

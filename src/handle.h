@@ -25,6 +25,8 @@ enum {
                                    harvest of generation cp__hgen (see cp_port.late) */
     CP__H_SEALED = 1u << 13,    /* no more sends (cp__socket_seal_if_idle) */
     CP__H_DGRAM = 1u << 14,     /* not a TCP stream (see associate()): RD_HUP for good */
+    CP__H_CONNECT = 1u << 15,   /* a connect is under way: receives queued meanwhile wait
+                                   for it, not started (connect_settled_locked) */
 };
 
 /* cp_op.cp__state */

@@ -202,6 +202,8 @@ static cp_accept_op *accept_of(cp_op *op)
 /* ---- the state machine ---------------------------------------------------------------- */
 
 static void maybe_finish_close_locked(cp_handle *h, cp__oplist *done);
+static void kick_locked(cp_handle *h, cp_op **q, cp__oplist *done);
+static void connect_settled_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done);
 
 static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
 {
@@ -234,6 +236,48 @@ static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
     }
     __atomic_store_n(&op->cp__state, CP__OPS_DONE, __ATOMIC_RELAXED);
     cp__oplist_push(done, op);
+    /* After the connect's own completion, so that it comes before its receives'. */
+    if ((h->cp__flags & CP__H_CONNECT) && op->opcode == CP_OP_CONNECT &&
+        !(op->cp__flags & CP__OPF_CONNECTED))
+        connect_settled_locked(h, op, res, done);
+}
+
+/* Whether a connect other than `op` waits on h's send queue, not connected yet. */
+static bool other_connect_locked(const cp_handle *h, const cp_op *op)
+{
+    const cp_op *last = h->cp__sq;
+    for (const cp_op *o = q_first(last); o; o = q_after(last, o))
+        if (o != op && o->opcode == CP_OP_CONNECT && !(o->cp__flags & CP__OPF_CONNECTED))
+            return true;
+    return false;
+}
+
+/* The connect op has connected (res 0; a connect_ex before its data) or failed (res < 0).
+ * Receives queued while it ran waited for it (kick_locked): now they start, in order, or,
+ * if it failed, each completes with -ENOTCONN without ever reaching the kernel, where a
+ * receive would take the socket's error from the connect (epoll) or read a false end of
+ * stream (io_uring). -ENOTCONN, not the connect's errno: a receive's -ETIMEDOUT or
+ * -ECANCELED means that its own timeout expired or that it was cancelled; the reason is
+ * the connect's result, queued just before. A further connect queued behind op keeps them
+ * waiting for that one. */
+static void connect_settled_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
+{
+    h->cp__flags &= (uint16_t)~CP__H_CONNECT;
+    if (other_connect_locked(h, op)) {
+        h->cp__flags |= CP__H_CONNECT;
+        return;
+    }
+    if (res >= 0) {
+        kick_locked(h, &h->cp__rq, done);
+        return;
+    }
+    cp_op *o = q_first(h->cp__rq);
+    while (o) {
+        cp_op *next = q_after(h->cp__rq, o); /* o may leave the queue */
+        if (o->cp__state == CP__OPS_QUEUED)
+            finish_locked(h, o, -ENOTCONN, done);
+        o = next;
+    }
 }
 
 /* Total bytes an op transfers (cp__len is the byte count for vector ops too). */
@@ -260,7 +304,7 @@ static bool transfer_step(cp_op *op, int r, uint32_t total, int *res)
     return false;
 }
 
-static bool step_locked(cp_handle *h, cp_op *op, int r, int *res)
+static bool step_locked(cp_handle *h, cp_op *op, int r, int *res, cp__oplist *done)
 {
     if (op->cp__flags & CP__OPF_POLLWAIT) {
         /* The result of a wait for writability (io_uring): an event mask, not bytes. */
@@ -295,6 +339,10 @@ static bool step_locked(cp_handle *h, cp_op *op, int r, int *res)
             }
             op->cp__flags |= CP__OPF_CONNECTED; /* now send the first data */
             op->cp__done = 0;
+            /* Receives need not wait for the data: a peer that answers before it has read
+             * all of it would wait for us as we wait for it. */
+            if (h->cp__flags & CP__H_CONNECT)
+                connect_settled_locked(h, op, 0, done);
             break;
         }
         if (transfer_step(op, r, cop->cp__data_len, res))
@@ -360,7 +408,7 @@ static void advance_locked(cp_handle *h, cp_op *op, int r, cp__oplist *done)
         if (r == CP__PENDING)
             return;
         int res;
-        if (step_locked(h, op, r, &res)) {
+        if (step_locked(h, op, r, &res, done)) {
             finish_locked(h, op, res, done);
             return;
         }
@@ -388,6 +436,9 @@ static void kick_locked(cp_handle *h, cp_op **q, cp__oplist *done)
         return;
     }
     while ((op = q_first(*q)) && op->cp__state == CP__OPS_QUEUED) {
+        /* Receives wait for a connect under way (connect_settled_locked starts them). */
+        if ((h->cp__flags & CP__H_CONNECT) && q == &h->cp__rq)
+            return;
         __atomic_store_n(&op->cp__state, CP__OPS_STARTED, __ATOMIC_RELAXED);
         advance_locked(h, op, start_step_locked(h, op), done);
     }
@@ -904,6 +955,8 @@ int cp__submit_locked(cp_handle *h, cp_op *op, uint8_t opcode, int which)
     }
     op->cp__seq = (uint16_t)++h->cp__opseq;
     cp_op **q = which ? &h->cp__sq : &h->cp__rq;
+    if (opcode == CP_OP_CONNECT)
+        h->cp__flags |= CP__H_CONNECT; /* receives wait for it */
     if (op->timeout_ms) {
         cp_port *p = h->cp__port;
         cp__lock_acquire(&p->timer_lock);
@@ -911,13 +964,17 @@ int cp__submit_locked(cp_handle *h, cp_op *op, uint8_t opcode, int which)
                               cp__now_ns() + (int64_t)op->timeout_ms * 1000000);
         cp__lock_release(&p->timer_lock);
         if (r < 0) {
+            /* Not started: as it was (nothing can have queued behind it meanwhile). */
+            h->cp__flags = (uint16_t)((h->cp__flags & ~CP__H_CONNECT) | (hf & CP__H_CONNECT));
             cp__h_unlock(h);
             return r;
         }
         cp__h_pin(h); /* the heap entry's */
         return submit_finish(h, op, q, CP__PENDING, false);
     }
-    if (*q || (hf & CP__H_FILE))
+    /* (A receive while a connect is under way is queued behind it: hf is from before
+     * this op, so a connect itself still goes straight through.) */
+    if (*q || (hf & (CP__H_FILE | CP__H_CONNECT)))
         return submit_finish(h, op, q, CP__PENDING, false);
     /* The common case, straight through: an untimed operation on an idle queue starts at
      * once, and usually waits in the kernel or finishes in full right here. */

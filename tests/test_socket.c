@@ -2859,9 +2859,11 @@ TEST(a_client_socket_whose_peer_ended_before_the_connect_completed_sees_the_end)
     cp_port_destroy(p);
 }
 
-/* A receive posted while the connect is under way (the two queues are independent): when
- * the connection is refused, the receive may take the socket's error first; the connect
- * must still complete, with an error, not wait forever. */
+/* A receive posted while the connect is under way waits for it (as sends do): when the
+ * connection is refused, the connect completes first with the reason, then the receive
+ * with -ENOTCONN, never 0 (before, on epoll the receive took -ECONNREFUSED off the socket
+ * and the connect got -ENOTCONN; on io_uring the receive completed with 0, an end of
+ * stream on a socket that never connected). */
 TEST(connect_refused_with_a_receive_posted_completes)
 {
     cp_port *p = make_port();
@@ -2877,22 +2879,317 @@ TEST(connect_refused_with_a_receive_posted_completes)
         struct sockaddr_in sa = loopback(port);
         CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
         CHECK_OK(cp_socket_recv(&s, &r, buf, sizeof buf));
-        bool got_c = false, got_r = false;
-        while (!got_c || !got_r) {
-            cp_completion c = next(p); /* epoll: the connect never completes */
-            if (c.op == &op) {
-                got_c = true;
-                CHECK(c.result < 0);
-            } else {
-                CHECK(c.op == &r);
-                got_r = true;
-                CHECK(c.result <= 0);
-            }
-        }
+        cp_completion c = next(p);
+        CHECK(c.op == &op);
+        CHECK_EQ(c.result, -ECONNREFUSED);
+        c = next(p);
+        CHECK(c.op == &r);
+        CHECK_EQ(c.result, -ENOTCONN);
         cp_op cl = {0};
         CHECK_OK(cp_socket_close(&s, &cl));
         CHECK(next(p).op == &cl);
     }
+    cp_port_destroy(p);
+}
+
+/* A refused connect with three receives (plain, vector, plain; then three pooled ones on
+ * another socket) waiting behind it: the connect gets -ECONNREFUSED, then each receive
+ * -ENOTCONN, in the order posted. */
+TEST(connect_refused_fails_every_receive_waiting_for_it)
+{
+    cp_port *p = make_port();
+    int port;
+    int lfd = listen_any(&port);
+    close(lfd);
+    struct sockaddr_in sa = loopback(port);
+    for (int pooled = 0; pooled < 2; pooled++) {
+        cp_socket s;
+        CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
+        cp_op op = {0}, r[3];
+        memset(r, 0, sizeof(r));
+        char buf[3][16];
+        struct iovec iov[2] = {{buf[1], 8}, {buf[1] + 8, 8}};
+        CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
+        for (int i = 0; i < 3; i++) {
+            if (pooled)
+                CHECK_OK(cp_socket_recv_pooled(&s, &r[i]));
+            else if (i == 1)
+                CHECK_OK(cp_socket_recvv(&s, &r[i], iov, 2));
+            else
+                CHECK_OK(cp_socket_recv(&s, &r[i], buf[i], sizeof buf[i]));
+        }
+        cp_completion c = next(p);
+        CHECK(c.op == &op);
+        CHECK_EQ(c.result, -ECONNREFUSED);
+        for (int i = 0; i < 3; i++) {
+            c = next(p);
+            CHECK(c.op == &r[i]);
+            CHECK_EQ(c.result, -ENOTCONN);
+            CHECK_EQ(r[i].opcode, pooled ? CP_OP_RECV_POOL : CP_OP_RECV);
+        }
+        expect_nothing(p, 20);
+        cp_op cl = {0};
+        CHECK_OK(cp_socket_close(&s, &cl));
+        CHECK(next(p).op == &cl);
+    }
+    cp_port_destroy(p);
+}
+
+/* A listener whose accept queue is full (listen(0) holding one connection, *first): a
+ * further connect's SYN is dropped, so it stays under way until *first is accepted and the
+ * SYN's retransmission (about a second later) gets through. */
+static int listen_full(struct sockaddr_in *sa, int *first)
+{
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(lfd >= 0);
+    *sa = loopback(0);
+    CHECK_OK(bind(lfd, (struct sockaddr *)sa, sizeof(*sa)));
+    CHECK_OK(listen(lfd, 0));
+    socklen_t len = sizeof(*sa);
+    CHECK_OK(getsockname(lfd, (struct sockaddr *)sa, &len));
+    *first = dial(ntohs(sa->sin_port));
+    return lfd;
+}
+
+/* Receives posted before the connect completes start once it has, in the order posted,
+ * and get the peer's bytes in that order (plain, vector, then pooled on a second socket). */
+TEST(receives_posted_before_a_connect_get_the_data_in_order)
+{
+    cp_port *p = make_port();
+    int port;
+    int lfd = listen_any(&port);
+    struct sockaddr_in sa = loopback(port);
+    for (int pooled = 0; pooled < 2; pooled++) {
+        cp_socket s;
+        CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
+        cp_op op = {0}, r[3];
+        memset(r, 0, sizeof(r));
+        char buf[3][4];
+        struct iovec iov[2] = {{buf[1], 1}, {buf[1] + 1, 3}};
+        CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
+        for (int i = 0; i < 3; i++) {
+            if (pooled)
+                CHECK_OK(cp_socket_recv_pooled(&s, &r[i]));
+            else if (i == 1)
+                CHECK_OK(cp_socket_recvv(&s, &r[i], iov, 2));
+            else
+                CHECK_OK(cp_socket_recv(&s, &r[i], buf[i], sizeof buf[i]));
+        }
+        cp_completion c = next(p);
+        CHECK(c.op == &op);
+        CHECK_EQ(c.result, 0);
+        int peer = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+        CHECK(peer >= 0);
+        const char *msg[3] = {"aaaa", "bbbb", "cccc"};
+        for (int i = 0; i < 3; i++) {
+            write_all(peer, msg[i], 4);
+            c = next(p); /* one message at a time: a pooled receive takes what is there */
+            CHECK(c.op == &r[i]);
+            CHECK_EQ(c.result, 4);
+            const void *got = pooled ? r[i].u.buf : buf[i];
+            CHECK(memcmp(got, msg[i], 4) == 0);
+            if (pooled)
+                cp_buffer_release(p, r[i].u.buf);
+        }
+        cp_op cl = {0};
+        CHECK_OK(cp_socket_close(&s, &cl));
+        CHECK(next(p).op == &cl);
+        close(peer);
+    }
+    close(lfd);
+    cp_port_destroy(p);
+}
+
+/* While the connect is under way its waiting receives are queued, not in the kernel: one
+ * can be cancelled and one can time out (each completes at once, alone), and the one left
+ * takes the peer's data once the connection is made. */
+TEST(a_receive_waiting_for_a_connect_can_be_cancelled_or_time_out)
+{
+    cp_port *p = make_port();
+    struct sockaddr_in sa;
+    int first;
+    int lfd = listen_full(&sa, &first);
+    cp_socket s;
+    CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
+    cp_op op = {0}, r1 = {0}, r2 = {0}, r3 = {0};
+    char b1[8], b2[8], b3[8];
+    CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
+    CHECK_OK(cp_socket_recv(&s, &r1, b1, sizeof b1));
+    CHECK_OK(cp_socket_recv(&s, &r2, b2, sizeof b2));
+    r3.timeout_ms = 50;
+    CHECK_OK(cp_socket_recv(&s, &r3, b3, sizeof b3));
+    CHECK_OK(cp_socket_cancel(&s, &r1));
+    cp_completion c = next(p);
+    CHECK(c.op == &r1);
+    CHECK_EQ(c.result, -ECANCELED);
+    c = next(p);
+    CHECK(c.op == &r3);
+    CHECK_EQ(c.result, -ETIMEDOUT);
+    CHECK_EQ(cp_socket_cancel(&s, &r1), -ENOENT);
+    /* Make room: the SYN's retransmission gets through. */
+    int a = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    CHECK(a >= 0);
+    c = next(p);
+    CHECK(c.op == &op);
+    CHECK_EQ(c.result, 0);
+    int peer = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    CHECK(peer >= 0);
+    write_all(peer, "xyz", 3);
+    c = next(p);
+    CHECK(c.op == &r2);
+    CHECK_EQ(c.result, 3);
+    CHECK(memcmp(b2, "xyz", 3) == 0);
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&s, &cl));
+    CHECK(next(p).op == &cl);
+    close(peer);
+    close(a);
+    close(first);
+    close(lfd);
+    cp_port_destroy(p);
+}
+
+/* A connect that times out or is cancelled: its waiting receives complete with -ENOTCONN,
+ * not with -ETIMEDOUT or -ECANCELED, which would say that their own timeout expired or
+ * that they were cancelled (they never reached the kernel, where a receive would wait on
+ * the abandoned connection for good). */
+TEST(a_connect_that_times_out_or_is_cancelled_fails_its_waiting_receives)
+{
+    cp_port *p = make_port();
+    struct sockaddr_in sa;
+    int first;
+    int lfd = listen_full(&sa, &first);
+    for (int cancel = 0; cancel < 2; cancel++) {
+        cp_socket s;
+        CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
+        cp_op op = {0}, r1 = {0}, r2 = {0};
+        char b1[8], b2[8];
+        op.timeout_ms = cancel ? 0 : 50;
+        CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
+        CHECK_OK(cp_socket_recv(&s, &r1, b1, sizeof b1));
+        CHECK_OK(cp_socket_recv(&s, &r2, b2, sizeof b2));
+        if (cancel)
+            CHECK_OK(cp_socket_cancel(&s, &op));
+        int want = cancel ? -ECANCELED : -ETIMEDOUT;
+        cp_completion c = next(p);
+        CHECK(c.op == &op);
+        CHECK_EQ(c.result, want);
+        c = next(p);
+        CHECK(c.op == &r1);
+        CHECK_EQ(c.result, -ENOTCONN);
+        c = next(p);
+        CHECK(c.op == &r2);
+        CHECK_EQ(c.result, -ENOTCONN);
+        cp_op cl = {0};
+        CHECK_OK(cp_socket_close(&s, &cl));
+        CHECK(next(p).op == &cl);
+    }
+    close(first);
+    close(lfd);
+    cp_port_destroy(p);
+}
+
+/* A close while the connect is under way cuts its waiting receives (-ECANCELED, as any
+ * operation a close cuts) and the connect; the close completes last. */
+TEST(close_before_the_connect_completes_cancels_its_waiting_receives)
+{
+    cp_port *p = make_port();
+    struct sockaddr_in sa;
+    int first;
+    int lfd = listen_full(&sa, &first);
+    cp_socket s;
+    CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
+    cp_op op = {0}, r1 = {0}, r2 = {0}, cl = {0};
+    char b1[8], b2[8];
+    CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
+    CHECK_OK(cp_socket_recv(&s, &r1, b1, sizeof b1));
+    CHECK_OK(cp_socket_recv(&s, &r2, b2, sizeof b2));
+    expect_nothing(p, 20); /* the connect is under way and the receives wait */
+    CHECK_OK(cp_socket_close(&s, &cl));
+    bool seen[3] = {false, false, false};
+    cp_op *ops[3] = {&op, &r1, &r2};
+    for (int n = 0; n < 3; n++) {
+        cp_completion c = next(p);
+        int i = c.op == &op ? 0 : c.op == &r1 ? 1 : c.op == &r2 ? 2 : -1;
+        CHECK(i >= 0);
+        CHECK(!seen[i]);
+        seen[i] = true;
+        CHECK_EQ(c.result, -ECANCELED);
+        CHECK(ops[i]->opcode == (i ? CP_OP_RECV : CP_OP_CONNECT));
+    }
+    CHECK(next(p).op == &cl);
+    close(first);
+    close(lfd);
+    cp_port_destroy(p);
+}
+
+/* connect_ex: the receives waiting for it start once the connection is made, not after its
+ * data has gone: a peer that answers first and reads only later gets its answer taken
+ * while the data still waits for room (else each side would wait for the other). A refused
+ * connect_ex fails them (-ENOTCONN) after its own completion. */
+TEST(receives_waiting_for_a_connect_ex_start_before_its_data_is_sent)
+{
+    cp_port *p = make_port();
+    int port;
+    int lfd = listen_any(&port);
+    int small = 16384;
+    CHECK_OK(setsockopt(lfd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)));
+    struct sockaddr_in sa = loopback(port);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0);
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof(small)));
+    cp_socket s;
+    CHECK_OK(cp_socket_associate(&s, p, fd, 9));
+    enum { BIG = 4 << 20 };
+    char *data = calloc(1, BIG);
+    CHECK(data != NULL);
+    cp_connect_op cop = {0};
+    cp_op r = {0};
+    char b[8];
+    CHECK_OK(cp_socket_connect_ex(&s, &cop, (struct sockaddr *)&sa, sizeof(sa), data, BIG));
+    CHECK_OK(cp_socket_recv(&s, &r, b, sizeof b));
+    int peer = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+    CHECK(peer >= 0);
+    write_all(peer, "hello", 5); /* and reads nothing yet */
+    cp_completion c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, 5);
+    CHECK(memcmp(b, "hello", 5) == 0);
+    /* Now the peer reads: the data goes out in full. */
+    size_t len = BIG;
+    char *sink = malloc(BIG);
+    CHECK(sink != NULL);
+    void *args[3] = {&peer, sink, &len};
+    pthread_t th;
+    CHECK_EQ(pthread_create(&th, NULL, reader_thread, args), 0);
+    c = next(p);
+    CHECK(c.op == &cop.op);
+    CHECK_EQ(c.result, BIG);
+    CHECK_EQ(pthread_join(th, NULL), 0);
+    free(sink);
+    cp_op cl = {0};
+    CHECK_OK(cp_socket_close(&s, &cl));
+    CHECK(next(p).op == &cl);
+    close(peer);
+    close(lfd);
+
+    /* Refused. */
+    lfd = listen_any(&port);
+    close(lfd);
+    sa = loopback(port);
+    CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
+    memset(&cop, 0, sizeof(cop));
+    CHECK_OK(cp_socket_connect_ex(&s, &cop, (struct sockaddr *)&sa, sizeof(sa), "hi", 2));
+    CHECK_OK(cp_socket_recv(&s, &r, b, sizeof b));
+    c = next(p);
+    CHECK(c.op == &cop.op);
+    CHECK_EQ(c.result, -ECONNREFUSED);
+    c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, -ENOTCONN);
+    CHECK_OK(cp_socket_close(&s, &cl));
+    CHECK(next(p).op == &cl);
+    free(data);
     cp_port_destroy(p);
 }
 

@@ -170,10 +170,13 @@ CP_EXTERN int cp_socket_accept(cp_socket *listener, cp_accept_op *op, void *buf,
  * valid until the completion is dequeued. Result 0 on success or a negative errno
  * (-ECONNREFUSED, -ETIMEDOUT from the op's timeout_ms, -ECANCELED, ...). After a failed
  * connect the socket's state is unspecified (POSIX): close it and use a new one.
- * Sends (and a disconnect) started before the connect completes wait for it, in order.
- * Receives start at once: when the connection fails, one of them may take its error, and
- * the connect then completes with another (-ENOTCONN on epoll) and receives with an error
- * or 0. Post receives after the connect completes to get the reason from the connect. */
+ * Sends (and a disconnect) started before the connect completes wait for it, in order;
+ * so do receives (cp_socket_recv, _recvv, _recv_pooled): they start, in the order posted,
+ * once the connection is made (for cp_socket_connect_ex: before its data is sent). If the
+ * connect fails (error, timeout, cancel), each receive waiting for it completes with
+ * -ENOTCONN (never 0, never started), after the connect's completion, which carries the
+ * reason (-ECONNREFUSED ...); a receive's -ETIMEDOUT and -ECANCELED stay its own. Until
+ * then a waiting receive can be cancelled, time out or be cut by cp_socket_close(). */
 CP_EXTERN int cp_socket_connect(cp_socket *s, cp_op *op, const struct sockaddr *addr,
                                 socklen_t addrlen);
 
