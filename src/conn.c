@@ -1485,8 +1485,10 @@ static void sent(cp_server *sv, cp_conn *c, uint32_t len, int64_t res)
 
 static void xmit_done(cp_server *sv, cp__worker *w, cp_conn *c, cp__xmit *x, int64_t res)
 {
-    if (res > 0)
-        cp__worker_count(w, &w->bytes_out, (uint64_t)res);
+    /* A failed or cancelled transmit counts what it handed to the kernel before. */
+    uint64_t out = res >= 0 ? (uint64_t)res : x->t.sent;
+    if (out)
+        cp__worker_count(w, &w->bytes_out, out);
     if (x->head)
         cp__server_buf_free(sv, w, x->head, x->head_size);
     if (sv->cb.on_sent) {
@@ -1501,8 +1503,10 @@ static void xmit_done(cp_server *sv, cp__worker *w, cp_conn *c, cp__xmit *x, int
 
 static void send_done(cp_server *sv, cp__worker *w, cp_conn *c, cp__send *x, int64_t res)
 {
-    if (res > 0)
-        cp__worker_count(w, &w->bytes_out, (uint64_t)res);
+    /* A failed or cancelled send counts the part the kernel took before (cp__done). */
+    uint64_t out = res >= 0 ? (uint64_t)res : cp_op_transferred(&x->op);
+    if (out)
+        cp__worker_count(w, &w->bytes_out, out);
     if (x->kind == SEND_COPY)
         cp__server_buf_free(sv, w, x->buf, x->buf_size);
     else if (x->kind == SEND_HOLD)

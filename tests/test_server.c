@@ -4607,6 +4607,40 @@ TEST(a_timeout_without_on_timeout_resets_a_cut_stream_and_ends_a_quiet_one)
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 
+/* bytes_out counts what a send handed to the kernel also when the send does not finish:
+ * a queued 8 MiB send_ref, partly taken (the peer reads 1 MiB of it), then cancelled by an
+ * abort. Before, a failed or cancelled send counted nothing, so bytes_out fell short of
+ * what peers received. */
+TEST(bytes_out_counts_the_part_of_a_cancelled_send_that_went_out)
+{
+    enum { LEN = 8 << 20, READ = 1 << 20 };
+    cp_server_options o = {.threads = 2};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    WAIT_FOR(held_count(t) == 1, IO_MS);
+    pthread_mutex_lock(&t->lock);
+    cp_conn *c = t->held[0];
+    pthread_mutex_unlock(&t->lock);
+    uint64_t *block = calloc(1, 8 + LEN);
+    CHECK(block != NULL);
+    block[0] = LEN;
+    CHECK_OK(cp_conn_send_ref(c, block + 1, LEN, block)); /* on_sent frees it */
+    uint8_t *buf = malloc(READ);
+    recv_all(fd, buf, READ);
+    free(buf);
+    cp_conn_abort(c);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->ref_sent_bad), 1); /* cancelled, not sent whole */
+    uint64_t out = tsrv_stats(t).bytes_out;
+    fprintf(stderr, "the peer read %d bytes; bytes_out %llu\n", READ, (unsigned long long)out);
+    CHECK(out >= READ);
+    CHECK(out < LEN);
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
 /* ---- T3/S6: on_close exactly once, whichever way a connection ends ---------------------- */
 
 /* The first byte a client sends says how its connection is to end. */

@@ -248,7 +248,8 @@ typedef struct cp_server_stats {
     uint64_t accept_pauses;       /* times accepting paused on a resource error (or on
                                      another that would stay, e.g. EPERM from an LSM) */
     uint64_t bytes_in;            /* bytes received */
-    uint64_t bytes_out;           /* bytes sent */
+    uint64_t bytes_out;           /* bytes sent (handed to the kernel; a send that fails
+                                     or is cancelled counts the part it sent) */
     uint64_t completions;         /* completions dequeued by the workers */
     uint64_t backpressure_events; /* times reading paused because replies piled up */
     uint64_t frames_in;           /* framed mode: frames delivered */
