@@ -825,27 +825,34 @@ static size_t drain_until_closed(int fd, int timeout_ms)
 
 /* ---- the program's contract: help, flags, settings line, signals --------------------------- */
 
-/* Runs cport-echo with args (no --port), returns its exit status; output into out/err. */
-static int echo_exit_status(const char *const *args, char *out, char *err, size_t cap)
+/* Runs the program prog (a binary of the build) with args (no --port), returns its exit
+ * status; output into out/err. */
+static int exit_status_of(const char *prog, const char *const *args, char *out, char *err,
+                          size_t cap)
 {
     const char *argv[16];
     int argc = 0;
-    argv[argc++] = bin_path("cport-echo");
+    argv[argc++] = bin_path(prog);
     for (int i = 0; args[i]; i++)
         argv[argc++] = args[i];
     argv[argc] = NULL;
     int o = cpt_memfd("out"), e = cpt_memfd("err");
     pid_t pid = spawn(argv, o, e, NULL);
-    int st = child_wait(pid, START_MS, "cport-echo");
+    int st = child_wait(pid, START_MS, prog);
     memfd_text(o, out, cap);
     memfd_text(e, err, cap);
     close(o);
     close(e);
     if (!WIFEXITED(st)) {
-        fprintf(stderr, "cport-echo died: status 0x%x\n%s%s", st, out, err);
+        fprintf(stderr, "%s died: status 0x%x\n%s%s", prog, st, out, err);
         CHECK(WIFEXITED(st));
     }
     return WEXITSTATUS(st);
+}
+
+static int echo_exit_status(const char *const *args, char *out, char *err, size_t cap)
+{
+    return exit_status_of("cport-echo", args, out, err, cap);
 }
 
 TEST(help_and_bad_flags)
@@ -3359,30 +3366,6 @@ static void many_through(const server *s, int conns, size_t n, unsigned seed)
     free(p);
 }
 
-/* The chat example with messages as long as --max-frame allows. A relayed frame (the
- * message + 8 bytes) longer than --queue-limit fails to queue (-ENOBUFS) even to a client
- * with nothing queued, and the example drops every receiver of it as a slow reader: such a
- * --queue-limit is refused at start, and the default grows with --max-frame. (Before,
- * `--max-frame 2000000` relayed no message above 1 MiB, and `--queue-limit 65536` none of
- * the last 8 bytes below --max-frame's default: each receiver was reset instead.) */
-static int chat_status(const char *const *args, char *err, size_t cap)
-{
-    const char *argv[16];
-    int argc = 0;
-    argv[argc++] = bin_path("chat");
-    for (int i = 0; args[i]; i++)
-        argv[argc++] = args[i];
-    argv[argc] = NULL;
-    int o = cpt_memfd("out"), e = cpt_memfd("err");
-    pid_t pid = spawn(argv, o, e, NULL);
-    int st = child_wait(pid, START_MS, "chat");
-    memfd_text(e, err, cap);
-    close(o);
-    close(e);
-    CHECK(WIFEXITED(st));
-    return WEXITSTATUS(st);
-}
-
 /* A chat client: connected, its welcome frame read. */
 static int chat_client(const server *s)
 {
@@ -3394,11 +3377,17 @@ static int chat_client(const server *s)
     return fd;
 }
 
+/* The chat example with messages as long as --max-frame allows. A relayed frame (the
+ * message + 8 bytes) longer than --queue-limit fails to queue (-ENOBUFS) even to a client
+ * with nothing queued, and the example drops every receiver of it as a slow reader: such a
+ * --queue-limit is refused at start, and the default grows with --max-frame. (Before,
+ * `--max-frame 2000000` relayed no message above 1 MiB, and `--queue-limit 65536` none of
+ * the last 8 bytes below --max-frame's default: each receiver was reset instead.) */
 TEST(chat_example_relays_a_message_as_long_as_max_frame)
 {
-    static char err[TEXT_CAP];
+    static char out[TEXT_CAP], err[TEXT_CAP];
     const char *small[] = {"--port", "0", "--bind", "127.0.0.1", "--queue-limit", "65536", NULL};
-    CHECK_EQ(chat_status(small, err, sizeof err), 2);
+    CHECK_EQ(exit_status_of("chat", small, out, err, sizeof err), 2);
     CHECK(strstr(err, "--queue-limit 65536 is below the largest relayed frame (65544") != NULL);
 
     static const struct {

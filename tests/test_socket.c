@@ -2892,6 +2892,23 @@ TEST(connect_refused_with_a_receive_posted_completes)
     cp_port_destroy(p);
 }
 
+/* Three receives on s: pooled ones, or plain, vector (into buf[1] through iov), plain. */
+static void post_three_receives(cp_socket *s, cp_op r[3], char buf[3][16], struct iovec iov[2],
+                                bool pooled)
+{
+    memset(r, 0, 3 * sizeof(*r));
+    iov[0] = (struct iovec){buf[1], 1};
+    iov[1] = (struct iovec){buf[1] + 1, 15};
+    for (int i = 0; i < 3; i++) {
+        if (pooled)
+            CHECK_OK(cp_socket_recv_pooled(s, &r[i]));
+        else if (i == 1)
+            CHECK_OK(cp_socket_recvv(s, &r[i], iov, 2));
+        else
+            CHECK_OK(cp_socket_recv(s, &r[i], buf[i], sizeof buf[i]));
+    }
+}
+
 /* A refused connect with three receives (plain, vector, plain; then three pooled ones on
  * another socket) waiting behind it: the connect gets -ECONNREFUSED, then each receive
  * -ENOTCONN, in the order posted. */
@@ -2906,18 +2923,10 @@ TEST(connect_refused_fails_every_receive_waiting_for_it)
         cp_socket s;
         CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
         cp_op op = {0}, r[3];
-        memset(r, 0, sizeof(r));
         char buf[3][16];
-        struct iovec iov[2] = {{buf[1], 8}, {buf[1] + 8, 8}};
+        struct iovec iov[2];
         CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
-        for (int i = 0; i < 3; i++) {
-            if (pooled)
-                CHECK_OK(cp_socket_recv_pooled(&s, &r[i]));
-            else if (i == 1)
-                CHECK_OK(cp_socket_recvv(&s, &r[i], iov, 2));
-            else
-                CHECK_OK(cp_socket_recv(&s, &r[i], buf[i], sizeof buf[i]));
-        }
+        post_three_receives(&s, r, buf, iov, pooled);
         cp_completion c = next(p);
         CHECK(c.op == &op);
         CHECK_EQ(c.result, -ECONNREFUSED);
@@ -2963,18 +2972,10 @@ TEST(receives_posted_before_a_connect_get_the_data_in_order)
         cp_socket s;
         CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
         cp_op op = {0}, r[3];
-        memset(r, 0, sizeof(r));
-        char buf[3][4];
-        struct iovec iov[2] = {{buf[1], 1}, {buf[1] + 1, 3}};
+        char buf[3][16];
+        struct iovec iov[2];
         CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
-        for (int i = 0; i < 3; i++) {
-            if (pooled)
-                CHECK_OK(cp_socket_recv_pooled(&s, &r[i]));
-            else if (i == 1)
-                CHECK_OK(cp_socket_recvv(&s, &r[i], iov, 2));
-            else
-                CHECK_OK(cp_socket_recv(&s, &r[i], buf[i], sizeof buf[i]));
-        }
+        post_three_receives(&s, r, buf, iov, pooled);
         cp_completion c = next(p);
         CHECK(c.op == &op);
         CHECK_EQ(c.result, 0);
