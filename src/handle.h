@@ -195,8 +195,9 @@ void cp__socket_fd_release(cp_handle *h);
 int cp__transmit_run(cp_handle *h, cp_transmit_op *t);
 
 /* Internal transmit flag (cp_transmit_op.cp__flags): the transmit continues a stream whose
- * earlier bytes expect it, so a failure shuts the sending side down even before its first
- * byte went out (else the sends queued behind it would follow its hole). */
+ * earlier bytes expect it, so a failure resets the connection, even before its first byte
+ * went out (else the sends queued behind it would follow its hole), and never sends a FIN
+ * (the peer would take the cut stream for a whole one). */
 #define CP__TF_STREAM 0x80000000u
 
 /* cp_socket_transmit_file (no tail, no flags) with CP__TF_STREAM: the server's

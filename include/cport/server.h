@@ -349,12 +349,14 @@ CP_EXTERN int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *c
  * or about a million sends, would be queued). A send that fails once started (-EIO: the
  * file ends before the range does; -EINVAL: fd is not a regular file or block device, or
  * was opened O_DIRECT) reports that to on_sent and aborts the connection (CP_CLOSE_ERROR);
- * its sending side is shut down at the failure, also before the first byte, so nothing
- * sent after it reaches the peer in place of the missing bytes. The file must not be
- * truncated or rewritten until the send is done: it is sent without copying, so bytes
- * already handed to the kernel may go out as zeros or as the new contents, without any
- * error (only a range the file no longer has when it is read fails, with -EIO); replace
- * a file by renaming a new one over it instead. Any thread. */
+ * it is reset at the failure, also before the first byte, so nothing sent after it
+ * reaches the peer in place of the missing bytes, and the peer sees ECONNRESET, not an end
+ * of stream (as from cp_conn_abort(), what the kernel still holds unsent, of earlier
+ * replies too, is discarded). The file must not be truncated or rewritten until the send
+ * is done: it is sent without copying, so bytes already handed to the kernel may go out
+ * as zeros or as the new contents, without any error (only a range the file no longer has
+ * when it is read fails, with -EIO); replace a file by renaming a new one over it
+ * instead. Any thread. */
 CP_EXTERN int cp_conn_send_file(cp_conn *c, const void *head, size_t head_len, int fd,
                                 int64_t offset, uint64_t len, void *ctx);
 
