@@ -1618,10 +1618,16 @@ void cp__conn_start(cp_server *sv, int fd)
         return;
     }
     /* Everything but the state word, which the sweep and shutdown read while walking the
-     * slab: it keeps saying "no references" (skipped) until the set-up is published. */
+     * slab: it keeps saying "no references" (skipped) until the set-up is published. The
+     * deadline is cleared atomically: the sweep reads it (before its pin fails on the new
+     * state) of a record that may be set up again meanwhile. */
     size_t st_off = offsetof(cp_conn, state), st_end = st_off + sizeof(c->state);
+    size_t dl_end = sv->off_deadline + (sv->o.conn_deadlines ? sizeof(uint32_t) : 0);
     memset(c, 0, st_off);
-    memset((char *)c + st_end, 0, sv->off_user + sv->o.conn_user_size - st_end);
+    memset((char *)c + st_end, 0, sv->off_deadline - st_end);
+    if (sv->o.conn_deadlines)
+        __atomic_store_n(deadline_of(sv, c), 0, __ATOMIC_RELAXED);
+    memset((char *)c + dl_end, 0, sv->off_user + sv->o.conn_user_size - dl_end);
     set_nodelay(sv, fd);
     /* Accepted with SOCK_NONBLOCK. */
     if (cp__socket_associate_nonblocking(&c->s, sv->port, fd, (uintptr_t)&sv->conn_binding) < 0) {

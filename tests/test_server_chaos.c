@@ -19,7 +19,8 @@
  * returns, and no descriptor is left.
  *
  * CPORT_SEED=n (or CPORT_TEST_SEED=n) replays a run's random choices (thread timing is not
- * replayed); the seed is printed. Sizes scale with CPORT_TEST_SCALE. */
+ * replayed); the seed is printed; CPORT_CHAOS_ROUND=r runs round r only (a failure names
+ * its round). Sizes scale with CPORT_TEST_SCALE. */
 #include "harness.h"
 
 #include "cport.h"
@@ -947,7 +948,11 @@ static void client_step(world *w, client *cl, short revents, int64_t now)
                 CHECK(!"echo is a prefix of the stream");
             }
             cl->got += (size_t)g;
-            if (cl->kind == C_SLOW && rnd(&cl->rng, 16) == 0)
+            /* Not once it has half-closed: the server's graceful close (after the end)
+             * gives the peer linger_ms in all to take the rest, and pauses through a
+             * small receive window add up past it (a cut by design, the reason staying
+             * local or peer: seed 867753626 round 2, 1 run in 3 under TSan). */
+            if (cl->kind == C_SLOW && !cl->shut_wr && rnd(&cl->rng, 16) == 0)
                 cl->hold_ms = now + 20 + rnd(&cl->rng, 300);
         } else if (g == 0) {
             client_finish(cl, 0, false);
@@ -961,6 +966,8 @@ static void client_step(world *w, client *cl, short revents, int64_t now)
         (cl->kind != C_FULL_WAIT || cl->got == cl->total)) {
         shutdown(cl->fd, SHUT_WR);
         cl->shut_wr = true;
+        if (cl->kind == C_SLOW)
+            cl->hold_ms = 0; /* reads to the end from here on (see above) */
     }
     if (now - cl->start_ms > CLIENT_MS) {
         fprintf(stderr,
@@ -1067,8 +1074,10 @@ static void chaos_round(uint64_t base, int round, bool framed, int file_fd)
     o->handshake_timeout_ms = rnd(&rng, 2) ? 0 : 200 + rnd(&rng, 600);
     o->idle_timeout_ms = rnd(&rng, 2) ? 0 : 1000 + rnd(&rng, 2000);
     o->tick_ms = 10 + rnd(&rng, 40);
-    /* Longer than a slow client stops reading (320 ms at most): a graceful close whose peer
-     * acknowledges nothing for linger_ms is cut, by design. */
+    /* Longer than a slow client stops reading (320 ms at most, and never after its
+     * half-close, which a clean close follows): a graceful close whose peer acknowledges
+     * nothing for linger_ms, or has not taken every reply linger_ms after the FIN, is cut,
+     * by design. */
     o->linger_ms = rnd(&rng, 2) ? 0 : 1500 + rnd(&rng, 2000);
     o->max_pending_send = 16384u << rnd(&rng, 5);
     o->send_queue_limit = rnd(&rng, 2) ? 0 : o->max_pending_send * 4 + 65536 * rnd(&rng, 8);
@@ -1300,8 +1309,10 @@ static void chaos(bool framed)
     uint64_t seed = base_seed();
     fprintf(stderr, "chaos: CPORT_SEED=%llu\n", (unsigned long long)seed);
     int fd = make_pattern_file();
+    const char *only = getenv("CPORT_CHAOS_ROUND");
     for (int round = 0; round < 6; round++)
-        chaos_round(seed, round, framed, fd);
+        if (!only || !*only || atoi(only) == round)
+            chaos_round(seed, round, framed, fd);
     close(fd);
 }
 
