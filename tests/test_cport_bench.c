@@ -977,8 +977,11 @@ TEST(echo_detects_every_fault)
                     /* The fault's byte went out; the run shows it once the client has
                      * judged that message too (a message still in flight when the drain
                      * ends counts as unanswered: no verdict on its bytes). */
-                    if (f == F_NONE ? run.status != 0 || hit : hit && shows_fault(f))
-                        break; /* (a false error without a fault fails at once) */
+                    /* (A silent or deaf server is faulty from the start: no byte to reach.
+                     * A false error without a fault fails at once.) */
+                    bool reached = hit || f == F_SILENT || f == F_DEAF;
+                    if (f == F_NONE ? run.status != 0 || hit : reached && shows_fault(f))
+                        break;
                     if (secs > 6)
                         break;
                 }
