@@ -303,10 +303,9 @@ static void mark_cut(world *w, uconn *u)
 
 /* ---- application threads ---------------------------------------------------------------- */
 
-static void push_job(world *w, cp_conn *c, int kind, int delay_ms)
+/* Queue a job for c on q, due delay_ms from now, with a reference of its own on c. */
+static void push_job_to(appq *q, cp_conn *c, int kind, int64_t delay_ms)
 {
-    uconn *u = cp_conn_user(c);
-    appq *q = &w->app[rnd(&u->rng, 2)];
     cp_conn_ref(c);
     pthread_mutex_lock(&q->mu);
     if (q->n == q->cap) {
@@ -318,6 +317,12 @@ static void push_job(world *w, cp_conn *c, int kind, int delay_ms)
     q->jobs[q->n++] = (job){c, kind, cpt_now_ms() + delay_ms};
     pthread_cond_signal(&q->cv);
     pthread_mutex_unlock(&q->mu);
+}
+
+static void push_job(world *w, cp_conn *c, int kind, int delay_ms)
+{
+    uconn *u = cp_conn_user(c);
+    push_job_to(&w->app[rnd(&u->rng, 2)], c, kind, delay_ms);
 }
 
 static void note_send(world *w, cp_conn *c, uconn *u, int r, size_t len);
@@ -475,16 +480,7 @@ static void run_job(world *w, appq *q, job *j)
         if (r == 0) {
             /* The resume goes on this thread's own queue (it runs every job before it
              * exits), with a reference of its own. */
-            cp_conn_ref(c);
-            pthread_mutex_lock(&q->mu);
-            if (q->n == q->cap) {
-                q->cap = q->cap ? 2 * q->cap : 64;
-                q->jobs = realloc(q->jobs, q->cap * sizeof(*q->jobs));
-                if (!q->jobs)
-                    abort();
-            }
-            q->jobs[q->n++] = (job){c, J_RESUME, cpt_now_ms() + (j->due_ms & 63)};
-            pthread_mutex_unlock(&q->mu);
+            push_job_to(q, c, J_RESUME, j->due_ms & 63);
         }
         break;
     }
