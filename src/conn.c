@@ -1089,11 +1089,26 @@ static void resume_work(void *arg)
     op_unref(sv, c, 1);
 }
 
+/* Read again from any thread, for an operation reference the caller took (dropped here,
+ * or by resume_work). c's lock is held by its callbacks (the caller may be one: a resume
+ * from on_data) and its receive path; waiting for it here could deadlock two connections
+ * whose callbacks resume each other. Taken only if free, else a worker reads. A negative
+ * errno if the work item could not be queued: the reference is still the caller's. */
+static int read_again_anywhere(cp_server *sv, cp_conn *c)
+{
+    if (cp__lock_try(&c->lock)) {
+        read_again(sv, cp__server_worker(sv), c);
+        cp__lock_release(&c->lock);
+        op_unref_caller(sv, c);
+        return 0;
+    }
+    return cp_pool_submit(sv->pool, resume_work, c);
+}
+
 /* Bytes counted in `pending` for a send that then did not start came off again: if a
  * delivery meanwhile paused reading on their account (backpressure), no completion will
- * come to resume it, so read again here. The caller may hold c's lock (a callback of c
- * sending on c): under the lock if it is free, else on a worker, as cp_conn_resume_recv()
- * does. */
+ * come to resume it, so read again here (the caller may hold c's lock: a callback of c
+ * sending on c). */
 static void unqueued(cp_server *sv, cp_conn *c)
 {
     if (!(st_load(c) & CF_PAUSED) ||
@@ -1107,13 +1122,8 @@ static void unqueued(cp_server *sv, cp_conn *c)
             return;
     } while (!__atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, true, __ATOMIC_SEQ_CST,
                                           __ATOMIC_SEQ_CST));
-    if (cp__lock_try(&c->lock)) {
-        read_again(sv, cp__server_worker(sv), c);
-        cp__lock_release(&c->lock);
+    if (read_again_anywhere(sv, c) < 0)
         op_unref_caller(sv, c);
-    } else if (cp_pool_submit(sv->pool, resume_work, c) < 0) {
-        op_unref_caller(sv, c);
-    }
 }
 
 int cp_conn_resume_recv(cp_conn *c)
@@ -1134,16 +1144,7 @@ int cp_conn_resume_recv(cp_conn *c)
     } while (!__atomic_compare_exchange_n(
         &c->state, &st, ((st & ~(uint64_t)CF_APP_PAUSED & ~CS_TICK_MASK) | stamp) + CS_OPREF, true,
         __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
-    /* c's lock is held by its callbacks (this may be one: a resume from on_data) and its
-     * receive path; waiting for it here could deadlock two connections whose callbacks
-     * resume each other. Taken only if free, else a worker posts. */
-    if (cp__lock_try(&c->lock)) {
-        read_again(sv, cp__server_worker(sv), c);
-        cp__lock_release(&c->lock);
-        op_unref_caller(sv, c);
-        return 0;
-    }
-    int r = cp_pool_submit(sv->pool, resume_work, c);
+    int r = read_again_anywhere(sv, c);
     if (r < 0) {
         st_or(c, CF_APP_PAUSED); /* still paused: the caller may try again */
         op_unref_caller(sv, c);
