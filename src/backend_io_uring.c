@@ -909,13 +909,15 @@ static void ur_transmit_done(cp_transmit_op *t)
     }
 }
 
-/* Wait until the socket is writable: a one-shot poll whose completion means "retry". */
+/* Wait until the socket is writable: a one-shot poll whose completion means "retry".
+ * Without an SQE the op fails (-EBUSY); a transmit that sent part of itself before is cut
+ * then (finish_locked in socket.c: cp__transmit_failed). */
 static int wait_writable(cp_handle *h, cp_op *op)
 {
     cp_port *p = h->cp__port;
     ur_state *s = state_of(p);
     cp__lock_acquire(&s->sq_lock);
-    struct io_uring_sqe *sqe = get_sqe_locked(s);
+    struct io_uring_sqe *sqe = CP__INJECT_FAIL("wait_writable_no_sqe") ? NULL : get_sqe_locked(s);
     if (!sqe) {
         cp__lock_release(&s->sq_lock);
         return -EBUSY;

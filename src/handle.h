@@ -194,6 +194,12 @@ void cp__socket_fd_release(cp_handle *h);
  * full, or a negative errno. Handle lock held. (transmit.c) */
 int cp__transmit_run(cp_handle *h, cp_transmit_op *t);
 
+/* A transmit that was started finished with an error other than a cancel or timeout, in
+ * whichever step (the engine, or the backend's wait for writability): shut down the
+ * sending side if part of it went out, or reset a CP__TF_STREAM connection, so that
+ * nothing queued behind it follows its hole. Handle lock held. (transmit.c) */
+void cp__transmit_failed(cp_handle *h, cp_transmit_op *t);
+
 /* Internal transmit flag (cp_transmit_op.cp__flags): the transmit continues a stream whose
  * earlier bytes expect it, so a failure resets the connection, even before its first byte
  * went out (else the sends queued behind it would follow its hole), and never sends a FIN

@@ -203,10 +203,21 @@ static cp_accept_op *accept_of(cp_op *op)
 
 static void maybe_finish_close_locked(cp_handle *h, cp__oplist *done);
 static void kick_locked(cp_handle *h, cp_op **q, cp__oplist *done);
-static void connect_settled_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done);
+static void connect_settled_locked(cp_handle *h, cp_op *op, int res, cp_op *behind,
+                                   cp__oplist *done);
+
+/* Whether op is a connect still under way: what is queued behind it waits for it. */
+static inline bool connect_pending(const cp_handle *h, const cp_op *op)
+{
+    return op->opcode == CP_OP_CONNECT && !(op->cp__flags & CP__OPF_CONNECTED) &&
+           (h->cp__flags & CP__H_CONNECT);
+}
 
 static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
 {
+    /* The first op queued behind a connect (which waited for it), read before it leaves. */
+    bool connect = connect_pending(h, op);
+    cp_op *behind = connect ? q_after(h->cp__sq, op) : NULL;
     if (!queue_remove(&h->cp__rq, op))
         queue_remove(&h->cp__sq, op);
     if (op->timeout_ms) {
@@ -218,10 +229,18 @@ static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
         if (in_heap)
             cp__h_unpin(h); /* else the expiry path took the entry and its pin */
     }
+    if (op->opcode == CP_OP_TRANSMIT) {
+        cp_transmit_op *t = CP_CONTAINER_OF(op, cp_transmit_op, op);
+        /* Here, not in the engine: a transmit also fails in the backend's steps around it
+         * (io_uring: no SQE to wait for writability). Cancelled and timed-out ones come as
+         * -ECANCELED; one that never started (queued behind a failed connect) sent nothing. */
+        if (res < 0 && res != -ECANCELED && op->cp__state != CP__OPS_QUEUED)
+            cp__transmit_failed(h, t);
+        if (be_of(h)->transmit_done)
+            be_of(h)->transmit_done(t);
+    }
     if (res == -ECANCELED && (op->cp__flags & CP__OPF_TIMEDOUT))
         res = -ETIMEDOUT;
-    if (op->opcode == CP_OP_TRANSMIT && be_of(h)->transmit_done)
-        be_of(h)->transmit_done(CP_CONTAINER_OF(op, cp_transmit_op, op));
     if (res < 0 && op->opcode == CP_OP_ACCEPT) {
         cp_accept_op *aop = accept_of(op);
         if (aop->fd >= 0)
@@ -236,10 +255,10 @@ static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
     }
     __atomic_store_n(&op->cp__state, CP__OPS_DONE, __ATOMIC_RELAXED);
     cp__oplist_push(done, op);
-    /* After the connect's own completion, so that it comes before its receives'. */
-    if ((h->cp__flags & CP__H_CONNECT) && op->opcode == CP_OP_CONNECT &&
-        !(op->cp__flags & CP__OPF_CONNECTED))
-        connect_settled_locked(h, op, res, done);
+    /* After the connect's own completion, so that it comes before those of the
+     * operations that waited for it. */
+    if (connect)
+        connect_settled_locked(h, op, res, behind, done);
 }
 
 /* Whether a connect other than `op` waits on h's send queue, not connected yet. */
@@ -253,30 +272,40 @@ static bool other_connect_locked(const cp_handle *h, const cp_op *op)
 }
 
 /* The connect op has connected (res 0; a connect_ex before its data) or failed (res < 0).
- * Receives queued while it ran waited for it (kick_locked): now they start, in order, or,
- * if it failed, each completes with -ENOTCONN without ever reaching the kernel, where a
- * receive would take the socket's error from the connect (epoll) or read a false end of
- * stream (io_uring). -ENOTCONN, not the connect's errno: a receive's -ETIMEDOUT or
+ * Receives queued while it ran waited for it (kick_locked), and so did the sends,
+ * transmits and disconnects queued behind it on the send queue, from `behind` (the op
+ * that followed it there, or NULL) up to the next connect. Now the receives start, in
+ * order (the sends follow by the queue's own order), or, if it failed, each of them
+ * completes with -ENOTCONN without ever reaching the kernel, where a receive would take
+ * the socket's error from the connect (epoll) or read a false end of stream (io_uring),
+ * and a send would fail with whatever the socket says (-EPIPE), or wait for good on a
+ * connection still being made. -ENOTCONN, not the connect's errno: an op's -ETIMEDOUT or
  * -ECANCELED means that its own timeout expired or that it was cancelled; the reason is
- * the connect's result, queued just before. A further connect queued behind op keeps them
- * waiting for that one. */
-static void connect_settled_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
+ * the connect's result, queued just before. A further connect queued behind op keeps the
+ * receives waiting for that one (the sends behind it wait for it by queue order). */
+static void connect_settled_locked(cp_handle *h, cp_op *op, int res, cp_op *behind,
+                                   cp__oplist *done)
 {
     h->cp__flags &= (uint16_t)~CP__H_CONNECT;
     if (other_connect_locked(h, op)) {
         h->cp__flags |= CP__H_CONNECT;
-        return;
-    }
-    if (res >= 0) {
+    } else if (res >= 0) {
         kick_locked(h, &h->cp__rq, done);
-        return;
+    } else {
+        for (cp_op *o = q_first(h->cp__rq); o;) {
+            cp_op *next = q_after(h->cp__rq, o); /* o may leave the queue */
+            if (o->cp__state == CP__OPS_QUEUED)
+                finish_locked(h, o, -ENOTCONN, done);
+            o = next;
+        }
     }
-    cp_op *o = q_first(h->cp__rq);
-    while (o) {
-        cp_op *next = q_after(h->cp__rq, o); /* o may leave the queue */
-        if (o->cp__state == CP__OPS_QUEUED)
-            finish_locked(h, o, -ENOTCONN, done);
-        o = next;
+    if (res < 0) {
+        for (cp_op *o = behind; o && o->opcode != CP_OP_CONNECT;) {
+            cp_op *next = q_after(h->cp__sq, o);
+            if (o->cp__state == CP__OPS_QUEUED)
+                finish_locked(h, o, -ENOTCONN, done);
+            o = next;
+        }
     }
 }
 
@@ -342,7 +371,7 @@ static bool step_locked(cp_handle *h, cp_op *op, int r, int *res, cp__oplist *do
             /* Receives need not wait for the data: a peer that answers before it has read
              * all of it would wait for us as we wait for it. */
             if (h->cp__flags & CP__H_CONNECT)
-                connect_settled_locked(h, op, 0, done);
+                connect_settled_locked(h, op, 0, NULL, done);
             break;
         }
         if (transfer_step(op, r, cop->cp__data_len, res))
@@ -483,6 +512,17 @@ static int cancel_all_locked(cp_handle *h, cp__oplist *done)
     for (int i = 0; i < 2; i++) {
         cp_op *op = q_first(*queues[i]);
         while (op) {
+            if (connect_pending(h, op) && op->cp__state != CP__OPS_CANCELING) {
+                /* What waits for the connect is cancelled first, as the receives were:
+                 * cancelled, it would fail them with -ENOTCONN (connect_settled_locked),
+                 * and their end would take the walk's next op out from under it. */
+                for (cp_op *o = q_after(*queues[i], op); o && o->opcode != CP_OP_CONNECT;) {
+                    cp_op *next = q_after(*queues[i], o);
+                    if (o->cp__state == CP__OPS_QUEUED && cancel_locked(h, o, done) == 0)
+                        n++;
+                    o = next;
+                }
+            }
             cp_op *next = q_after(*queues[i], op); /* op may leave the queue */
             if (op->cp__state != CP__OPS_CANCELING && cancel_locked(h, op, done) == 0)
                 n++;

@@ -94,35 +94,31 @@ static bool more_follows(cp_transmit_op *t)
     return t->cp__pad == MORE_YES;
 }
 
-static int transmit_steps(cp_handle *h, cp_transmit_op *t);
-
 /* A transmit that fails after part of it went out (a file that ended before its range did
- * or could not be read; a socket error) leaves a hole in the stream: whatever is queued
- * behind it would follow the hole and be taken by the peer for the missing bytes. The
- * socket's sending side is shut down, so that those sends fail (-EPIPE) instead. With
- * CP__TF_STREAM (the server's connections) the connection is reset instead, also when it
- * fails before its first byte: the bytes sent ahead of it expect it. Not when it was
- * cancelled (or timed out): socket.h leaves the next step to the caller then. */
-int cp__transmit_run(cp_handle *h, cp_transmit_op *t)
+ * or could not be read; a socket error; no room to wait for writability) leaves a hole in
+ * the stream: whatever is queued behind it would follow the hole and be taken by the peer
+ * for the missing bytes. The socket's sending side is shut down, so that those sends fail
+ * (-EPIPE) instead. With CP__TF_STREAM (the server's connections) the connection is reset
+ * instead, also when it fails before its first byte: the bytes sent ahead of it expect it.
+ * The socket layer calls this when the transmit finishes with an error, whichever step
+ * failed; not when it was cancelled (or timed out): socket.h leaves the next step to the
+ * caller then. */
+void cp__transmit_failed(cp_handle *h, cp_transmit_op *t)
 {
-    int r = transmit_steps(h, t);
-    if (r < 0 && r != CP__AGAIN && r != CP__PENDING && r != -ECANCELED) {
-        if (t->cp__flags & CP__TF_STREAM) {
-            /* The stream is cut: reset it now (its owner aborts it). A shutdown would send
-             * a FIN after the bytes before the hole, and the peer would take the cut stream
-             * for a whole one. The disconnect makes the sends behind it fail as well. */
-            struct linger lg = {.l_onoff = 1, .l_linger = 0};
-            struct sockaddr unspec = {.sa_family = AF_UNSPEC};
-            setsockopt(h->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
-            connect(h->fd, &unspec, sizeof(unspec));
-        } else if (t->sent > 0) {
-            shutdown(h->fd, SHUT_WR);
-        }
+    if (t->cp__flags & CP__TF_STREAM) {
+        /* The stream is cut: reset it now (its owner aborts it). A shutdown would send a
+         * FIN after the bytes before the hole, and the peer would take the cut stream for
+         * a whole one. The disconnect makes the sends behind it fail as well. */
+        struct linger lg = {.l_onoff = 1, .l_linger = 0};
+        struct sockaddr unspec = {.sa_family = AF_UNSPEC};
+        setsockopt(h->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        connect(h->fd, &unspec, sizeof(unspec));
+    } else if (t->sent > 0) {
+        shutdown(h->fd, SHUT_WR);
     }
-    return r;
 }
 
-static int transmit_steps(cp_handle *h, cp_transmit_op *t)
+int cp__transmit_run(cp_handle *h, cp_transmit_op *t)
 {
     const cp__backend *be = h->cp__port->be;
     for (;;) {

@@ -3124,6 +3124,150 @@ TEST(close_before_the_connect_completes_cancels_its_waiting_receives)
     cp_port_destroy(p);
 }
 
+/* What waits for a connect on the send queue: a plain send, a vector send, a transmit and
+ * a disconnect, posted in that order after the connect. */
+typedef struct waiting_sends {
+    cp_op send, sendv, disc;
+    cp_transmit_op t;
+    struct iovec iov[2];
+    cp_packet el;
+} waiting_sends;
+
+static void post_waiting_sends(cp_socket *s, waiting_sends *w)
+{
+    memset(w, 0, sizeof(*w));
+    w->iov[0] = (struct iovec){(void *)"ab", 2};
+    w->iov[1] = (struct iovec){(void *)"cd", 2};
+    w->el = (cp_packet){.buf = "xyz", .len = 3, .fd = -1};
+    CHECK_OK(cp_socket_send(s, &w->send, "hello", 5));
+    CHECK_OK(cp_socket_sendv(s, &w->sendv, w->iov, 2));
+    CHECK_OK(cp_socket_transmit_packets(s, &w->t, &w->el, 1, 0));
+    CHECK_OK(cp_socket_disconnect(s, &w->disc));
+}
+
+/* The next completions are the waiting sends', in the order posted, each `want`, with
+ * nothing sent, and, anywhere among them (the other queue), `also`'s with `want` if it is
+ * not NULL. */
+static void expect_waiting_sends(cp_port *p, waiting_sends *w, int want, const cp_op *also)
+{
+    const cp_op *ops[4] = {&w->send, &w->sendv, &w->t.op, &w->disc};
+    const uint8_t opcodes[4] = {CP_OP_SEND, CP_OP_SEND, CP_OP_TRANSMIT, CP_OP_DISCONNECT};
+    for (int i = 0; i < 4;) {
+        cp_completion c = next(p);
+        if (c.op == also && also) {
+            CHECK_EQ(c.result, want);
+            also = NULL;
+            continue;
+        }
+        if (c.op != ops[i] || c.result != want)
+            fprintf(stderr, "completion %d: op %p (want %p), result %" PRId64 " (%s)\n", i, c.op,
+                    (const void *)ops[i], c.result, cp_strerror((int)c.result));
+        CHECK(c.op == ops[i]);
+        CHECK_EQ(c.result, want);
+        CHECK_EQ(ops[i]->opcode, opcodes[i]);
+        i++;
+    }
+    if (also) {
+        cp_completion c = next(p);
+        CHECK(c.op == also);
+        CHECK_EQ(c.result, want);
+    }
+    CHECK_EQ(cp_op_transferred(&w->send), 0);
+    CHECK_EQ(cp_op_transferred(&w->sendv), 0);
+    CHECK_EQ(w->t.sent, 0);
+}
+
+/* Sends, a transmit and a disconnect posted while the connect is under way wait for it,
+ * as receives do; when it is refused they complete with -ENOTCONN, each once, after the
+ * connect's completion, and never reach the kernel (before, they were started on the
+ * unconnected socket when the connect failed and took whatever it said: -EPIPE). With
+ * cp_socket_connect and with connect_ex (with data), a receive waiting too. */
+TEST(connect_refused_fails_every_send_waiting_for_it)
+{
+    cp_port *p = make_port();
+    int port;
+    close(listen_any(&port)); /* nobody listens there any more */
+    struct sockaddr_in sa = loopback(port);
+    for (int ex = 0; ex < 2; ex++) {
+        cp_socket s;
+        CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
+        cp_connect_op cop = {0};
+        cp_op r = {0};
+        char b[8];
+        if (ex)
+            CHECK_OK(cp_socket_connect_ex(&s, &cop, (struct sockaddr *)&sa, sizeof(sa), "hi", 2));
+        else
+            CHECK_OK(cp_socket_connect(&s, &cop.op, (struct sockaddr *)&sa, sizeof(sa)));
+        waiting_sends w;
+        post_waiting_sends(&s, &w);
+        CHECK_OK(cp_socket_recv(&s, &r, b, sizeof b));
+        cp_completion c = next(p);
+        CHECK(c.op == &cop.op);
+        CHECK_EQ(c.result, -ECONNREFUSED);
+        /* The receive's -ENOTCONN and the sends' come after the connect's. */
+        expect_waiting_sends(p, &w, -ENOTCONN, &r);
+        expect_nothing(p, 20);
+        cp_op cl = {0};
+        CHECK_OK(cp_socket_close(&s, &cl));
+        CHECK(next(p).op == &cl); /* nothing completed twice */
+    }
+    cp_port_destroy(p);
+}
+
+/* A connect that times out or is cancelled: the sends, transmit and disconnect waiting for
+ * it complete with -ENOTCONN after it (their own -ETIMEDOUT and -ECANCELED would say that
+ * their timeout expired or that they were cancelled). A close instead cuts them with
+ * -ECANCELED, as any operation it cuts, and completes last. Before, the first send was
+ * started on the socket still connecting and waited there for good. */
+TEST(a_connect_that_times_out_or_is_cancelled_fails_its_waiting_sends)
+{
+    cp_port *p = make_port();
+    struct sockaddr_in sa;
+    int first;
+    int lfd = listen_full(&sa, &first);
+    for (int mode = 0; mode < 3; mode++) { /* timeout, cancel, close */
+        cp_socket s;
+        CHECK_OK(cp_socket_associate(&s, p, socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), 9));
+        cp_op op = {0}, cl = {0};
+        op.timeout_ms = mode == 0 ? 50 : 0;
+        CHECK_OK(cp_socket_connect(&s, &op, (struct sockaddr *)&sa, sizeof(sa)));
+        waiting_sends w;
+        post_waiting_sends(&s, &w);
+        if (mode < 2) {
+            if (mode == 1) {
+                expect_nothing(p, 20); /* under way, the sends waiting */
+                CHECK_OK(cp_socket_cancel(&s, &op));
+            }
+            cp_completion c = next(p);
+            CHECK(c.op == &op);
+            CHECK_EQ(c.result, mode == 0 ? -ETIMEDOUT : -ECANCELED);
+            expect_waiting_sends(p, &w, -ENOTCONN, NULL);
+            expect_nothing(p, 20);
+            CHECK_OK(cp_socket_close(&s, &cl));
+            CHECK(next(p).op == &cl);
+            continue;
+        }
+        expect_nothing(p, 20);
+        CHECK_OK(cp_socket_close(&s, &cl));
+        cp_op *ops[5] = {&op, &w.send, &w.sendv, &w.t.op, &w.disc};
+        bool seen[5] = {false};
+        for (int n = 0; n < 5; n++) {
+            cp_completion c = next(p);
+            int i = 0;
+            while (i < 5 && c.op != ops[i])
+                i++;
+            CHECK(i < 5);
+            CHECK(!seen[i]);
+            seen[i] = true;
+            CHECK_EQ(c.result, -ECANCELED);
+        }
+        CHECK(next(p).op == &cl);
+    }
+    close(first);
+    close(lfd);
+    cp_port_destroy(p);
+}
+
 /* connect_ex: the receives waiting for it start once the connection is made, not after its
  * data has gone: a peer that answers first and reads only later gets its answer taken
  * while the data still waits for room (else each side would wait for the other). A refused

@@ -13,6 +13,7 @@
 #include "harness.h"
 
 #include "cport.h"
+#include "handle.h" /* cp__transmit_file_stream: a server connection's transmit */
 
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -1564,4 +1565,134 @@ TEST(transmit_to_a_reset_peer_raises_no_sigpipe)
     pair_close_strict(&a, p);
     close(fd);
     cp_port_destroy(p);
+}
+
+#ifdef CPORT_INJECT
+/* Fill s's socket with nonblocking sends of its own (nothing of cport's is queued): returns
+ * the bytes taken, all zeros. */
+static size_t fill_socket(int fd)
+{
+    static const char zeros[4096];
+    size_t taken = 0;
+    for (;;) {
+        ssize_t n = send(fd, zeros, sizeof zeros, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n < 0) {
+            CHECK_EQ(errno, EAGAIN);
+            return taken;
+        }
+        taken += (size_t)n;
+    }
+}
+
+/* The state of s's sending side, probed behind cport's back with a byte that cannot go
+ * out: a full socket says -EAGAIN, one whose sending side is shut down -EPIPE, a reset one
+ * -ECONNRESET (once; then -EPIPE or -ENOTCONN). */
+static int probe_send(const cp_socket *s)
+{
+    ssize_t n = send(s->fd, "x", 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+    CHECK(n < 0);
+    return -errno;
+}
+#endif
+
+/* io_uring: a transmit that finds the socket full waits for writability with a poll
+ * request; when no SQE can be had for it (a full submission queue that the kernel will
+ * not take; fail point wait_writable_no_sqe) the transmit fails (-EBUSY). After part of it
+ * went out that is a transmit failing mid-stream, and the rule of socket.h holds: the
+ * sending side is shut down, so the peer sees the end right after the bytes sent and a
+ * send behind it fails (-EPIPE) rather than follow the hole. Before, the engine's own
+ * check saw only "socket full" and the socket stayed open: the peer waited for the rest,
+ * and the next send's bytes would have been taken for it. Failing before its first byte it
+ * leaves the socket usable; a server connection's transmit (CP__TF_STREAM) resets it
+ * either way. epoll waits for an edge, which takes no resource: it has no such path. */
+TEST(a_transmit_that_cannot_wait_for_room_follows_the_cut_stream_rule)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    int fds0 = cpt_count_fds();
+    cp_port *p = make_port();
+    if (!is_uring(p)) {
+        cp_port_destroy(p);
+        SKIP("epoll: a full socket waits for an epoll edge, which needs no SQE (no such path)");
+    }
+    uint64_t fsz = 4 << 20;
+    int fd = make_file(fsz);
+    uint8_t head[100];
+    fill_pattern(head, sizeof head, 5);
+
+    /* After part went out: the sending side is shut down. */
+    pair a;
+    pair_open_ex(&a, p, true); /* nobody reads: the transmit stalls after a few KiB */
+    cp_transmit_op t = {0};
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "wait_writable_no_sqe", 1)); /* only this thread */
+    CHECK_OK(cp_socket_transmit_file(&a.s, &t, fd, 0, 0, head, sizeof head, NULL, 0, 0));
+    CHECK_EQ(next_of(p, &t.op), -EBUSY);
+    CHECK_OK(unsetenv("CPORT_INJECT_FAIL"));
+    CHECK(t.sent > sizeof head && t.sent < fsz);
+    int probe = probe_send(&a.s);
+    if (probe != -EPIPE)
+        fprintf(stderr, "after %" PRIu64 " bytes the socket says %s, not EPIPE\n", t.sent,
+                cp_strerror(probe));
+    CHECK_EQ(probe, -EPIPE);
+    /* The peer gets exactly the bytes sent, then the end. */
+    uint8_t *want = malloc(t.sent), *got = malloc(t.sent + 1);
+    CHECK(want && got);
+    memcpy(want, head, sizeof head);
+    pat_fill(want + sizeof head, 0, t.sent - sizeof head);
+    CHECK_EQ(read_to_eof(a.client, got, t.sent + 1), t.sent);
+    CHECK(memcmp(got, want, t.sent) == 0);
+    cp_op sop = {0};
+    CHECK_OK(cp_socket_send(&a.s, &sop, "after", 5));
+    CHECK_EQ(next_of(p, &sop), -EPIPE);
+    pair_close_strict(&a, p);
+    close(a.client);
+    free(want);
+    free(got);
+
+    /* Before its first byte (the socket was full already): the socket stays usable. */
+    pair_open_ex(&a, p, true);
+    size_t pre = fill_socket(a.s.fd);
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "wait_writable_no_sqe", 1));
+    CHECK_OK(cp_socket_transmit_file(&a.s, &t, fd, 0, 0, head, sizeof head, NULL, 0, 0));
+    CHECK_EQ(next_of(p, &t.op), -EBUSY);
+    CHECK_OK(unsetenv("CPORT_INJECT_FAIL"));
+    CHECK_EQ(t.sent, 0);
+    CHECK_EQ(probe_send(&a.s), -EAGAIN); /* still open, still full */
+    char *sink = malloc(pre + 5);
+    CHECK(sink);
+    size_t n = 0;
+    while (n < pre) {
+        ssize_t r = read(a.client, sink + n, pre - n);
+        CHECK(r > 0);
+        n += (size_t)r;
+    }
+    CHECK_OK(cp_socket_send(&a.s, &sop, "after", 5));
+    CHECK_EQ(next_of(p, &sop), 5);
+    pair_close_strict(&a, p);
+    CHECK_EQ(read_to_eof(a.client, sink, pre + 5), 5);
+    CHECK(memcmp(sink, "after", 5) == 0);
+    close(a.client);
+    free(sink);
+
+    /* A server connection's transmit (CP__TF_STREAM), before its first byte: the bytes
+     * ahead of it expect it, so the connection is reset. */
+    pair_open_ex(&a, p, true);
+    fill_socket(a.s.fd);
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "wait_writable_no_sqe", 1));
+    CHECK_OK(cp__transmit_file_stream(&a.s, &t, fd, 0, 0, head, sizeof head));
+    CHECK_EQ(next_of(p, &t.op), -EBUSY);
+    CHECK_OK(unsetenv("CPORT_INJECT_FAIL"));
+    CHECK_EQ(t.sent, 0);
+    probe = probe_send(&a.s);
+    if (probe != -ECONNRESET && probe != -EPIPE && probe != -ENOTCONN)
+        fprintf(stderr, "the stream's socket says %s, not reset\n", cp_strerror(probe));
+    CHECK(probe == -ECONNRESET || probe == -EPIPE || probe == -ENOTCONN);
+    pair_close_strict(&a, p);
+    close(a.client);
+
+    close(fd);
+    cp_port_destroy(p);
+    CHECK_EQ(cpt_count_fds(), fds0);
+#endif
 }

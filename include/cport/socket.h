@@ -170,13 +170,17 @@ CP_EXTERN int cp_socket_accept(cp_socket *listener, cp_accept_op *op, void *buf,
  * valid until the completion is dequeued. Result 0 on success or a negative errno
  * (-ECONNREFUSED, -ETIMEDOUT from the op's timeout_ms, -ECANCELED, ...). After a failed
  * connect the socket's state is unspecified (POSIX): close it and use a new one.
- * Sends (and a disconnect) started before the connect completes wait for it, in order;
- * so do receives (cp_socket_recv, _recvv, _recv_pooled): they start, in the order posted,
- * once the connection is made (for cp_socket_connect_ex: before its data is sent). If the
- * connect fails (error, timeout, cancel), each receive waiting for it completes with
- * -ENOTCONN (never 0, never started), after the connect's completion, which carries the
- * reason (-ECONNREFUSED ...); a receive's -ETIMEDOUT and -ECANCELED stay its own. Until
- * then a waiting receive can be cancelled, time out or be cut by cp_socket_close(). */
+ * Sends (all of them), transmits and a disconnect started before the connect completes
+ * wait for it, in order; so do receives (cp_socket_recv, _recvv, _recv_pooled): they
+ * start, in the order posted, once the connection is made (for cp_socket_connect_ex:
+ * before its data is sent). If the connect fails (error, timeout, cancel), each operation
+ * waiting for it, receive or send, completes with -ENOTCONN without ever being started (a
+ * receive never 0; nothing of a send goes out: cp_op_transferred() and
+ * cp_transmit_op.sent are 0), after the connect's completion, which carries the reason
+ * (-ECONNREFUSED ...); an operation's -ETIMEDOUT and -ECANCELED stay its own. Until then a
+ * waiting operation can be cancelled, time out or be cut by cp_socket_close() (-ECANCELED,
+ * as any operation a close cuts). A send started after a second connect waits for that
+ * one. */
 CP_EXTERN int cp_socket_connect(cp_socket *s, cp_op *op, const struct sockaddr *addr,
                                 socklen_t addrlen);
 
@@ -353,9 +357,11 @@ typedef struct cp_transmit_op {
  * is exhausted). elems and the memory and files they name must stay valid (and the fds
  * open) until the completion is dequeued. Ordered with the socket's sends. n >= 1.
  * A transmit that fails after some of its bytes went out (a file that ends before its
- * range does reports -EIO) shuts down the socket's sending side: sends queued behind it
- * then fail (-EPIPE) rather than follow the hole in the stream. (Not one that is
- * cancelled or times out: see cp_socket_cancel().) Never raises SIGPIPE. A file must not be
+ * range does reports -EIO; on io_uring, -EBUSY when no submission slot is left to wait for
+ * room in the socket) shuts down the socket's sending side: sends queued behind it then
+ * fail (-EPIPE) rather than follow the hole in the stream. One that fails before its first
+ * byte leaves the socket as it was. (Not one that is cancelled or times out: see
+ * cp_socket_cancel().) Never raises SIGPIPE. A file must not be
  * truncated or rewritten while it is being sent: the kernel sends its page-cache pages
  * without copying them, so bytes already handed to it may go out as zeros or as the new
  * contents, without any error (only a range the file no longer has when it is read fails,
