@@ -7307,6 +7307,9 @@ typedef struct pz {
     uint32_t echo_from; /* connections with an id from this one echo (cp_conn_send); 0: none */
     uint32_t cross;     /* pause and resume another held connection on every delivery */
     uint64_t cross_calls;
+    /* If set, deliveries wait until *gate > 0 (a thread pausing the connections from
+     * outside has paused one): a loaded machine may run the whole stream first. */
+    const uint64_t *gate;
 } pz;
 
 static cp_conn *held_at(tsrv *t, size_t i)
@@ -7337,6 +7340,13 @@ static int resume_retry(cp_conn *c)
 static void pause_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
 {
     pz *z = t->ctx;
+    if (z->gate && !LOAD(z->gate)) {
+        int64_t end = cpt_now_ms() + IO_MS;
+        while (!LOAD(z->gate) && cpt_now_ms() < end)
+            sched_yield();
+        if (!LOAD(z->gate))
+            note_error(t, "no pause from the other thread in %d ms", IO_MS);
+    }
     uint64_t bytes = ADD(&z->bytes, len);
     uint64_t calls = ADD(&z->calls, 1);
     /* u->frames: deliveries before this one. */
@@ -7555,8 +7565,9 @@ static void toggle_case(const cp_server_options *base)
     t->yield = true;
     t->hook = pause_hook;
     t->ctx = &z;
-    tsrv_start(t, &o);
     toggler g = {.t = t};
+    z.gate = &g.pauses;
+    tsrv_start(t, &o);
     CHECK_EQ(pthread_create(&g.th, NULL, toggler_main, &g), 0);
     stream_echo(t->port, 6, (uint64_t)cpt_scaled(2 << 20, 128 << 10), 20000, 300);
     STORE(&g.stop, 1);
