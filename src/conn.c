@@ -37,6 +37,7 @@ enum { SLOT_POSTED = INT32_MIN, SLOT_IDLE = INT32_MIN + 1 };
 static int post_rx(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op);
 static void post_idle_slots(cp_server *sv, cp__worker *w, cp_conn *c);
 static bool drain_reading(cp_conn *c);
+static void read_again(cp_server *sv, cp__worker *w, cp_conn *c);
 
 /* ---- the state word ---------------------------------------------------------------------- */
 
@@ -193,19 +194,34 @@ static void op_unref(cp_server *sv, cp_conn *c, uint64_t n)
         run_on_close(sv, c);
 }
 
-/* The opcode of op_unref_caller()'s last reference, queued on the port as c->rx. */
-enum { OP_LAST_UNREF = CP_OP__COUNT };
+/* Opcodes of the completions a caller hands to a worker on c->rx (complete_on_rx). */
+enum {
+    OP_LAST_UNREF = CP_OP__COUNT, /* op_unref_caller()'s last reference */
+    OP_READ_AGAIN,                /* read_again_anywhere(): read again under c's lock */
+};
+
+/* Queue c->rx on the port as an I/O completion of c with `opcode`, for a worker to handle
+ * in cp__conn_io(): unlike a work item (the port's ring may be full, memory may run out)
+ * this cannot fail. The caller must own c->rx while it is idle, and hand over an
+ * operation reference, dropped by the handler. Its buffer (u.buf) is left alone. */
+static void complete_on_rx(cp_server *sv, cp_conn *c, uint8_t opcode)
+{
+    c->rx.cp__h = &c->s;
+    c->rx.opcode = opcode;
+    c->rx.cp__flags = 0;
+    c->rx.cp__done = 0;
+    cp__port_complete_op(sv->port, &c->rx);
+}
 
 /* Drop an operation reference taken by a call from any thread (cp_conn_send_file) whose
  * operation was not started. If it is the last one (the connection closed meanwhile),
  * on_close must not run here, on the caller's thread and inside its call (callbacks run on
  * the server's workers; a caller holding a lock that on_close takes would deadlock, and a
- * shutdown from that on_close would not be refused): a worker drops it. It goes to the
- * port as an I/O completion of c, which cannot fail (a work item can: the port's ring
- * may be full, memory may run out), carried by c->rx: every receive holds an operation
- * reference until its handler is done, and none is posted once the close is done, so the
- * receive context is idle now and stays so (unused when recvs > 1). Its buffer (u.buf)
- * is left for free_conn(). The pool outlives the reference (shutdown waits for on_close). */
+ * shutdown from that on_close would not be refused): a worker drops it, as a completion
+ * carried by c->rx. c->rx is idle: every receive, and every read-again it carries, holds
+ * an operation reference until its handler is done, and none is posted once the close is
+ * done (it is unused by receives when recvs > 1). The pool outlives the reference
+ * (shutdown waits for on_close). */
 static void op_unref_caller(cp_server *sv, cp_conn *c)
 {
     uint64_t st = st_load(c);
@@ -214,11 +230,7 @@ static void op_unref_caller(cp_server *sv, cp_conn *c)
                                         __ATOMIC_SEQ_CST))
             return;
     }
-    c->rx.cp__h = &c->s;
-    c->rx.opcode = OP_LAST_UNREF;
-    c->rx.cp__flags = 0;
-    c->rx.cp__done = 0;
-    cp__port_complete_op(sv->port, &c->rx);
+    complete_on_rx(sv, c, OP_LAST_UNREF);
 }
 
 void cp_conn_ref(cp_conn *c)
@@ -640,16 +652,19 @@ static void timed_out(cp_server *sv, cp_conn *c, uint32_t now)
             age_standing(c, now);
         cp__lock_release(&c->lock);
     } else {
-        /* Under the lock (as cp_conn_abort from a callback), so that nothing changes
-         * between the decision and the close. */
-        CP__INJECT_DELAY("timed_out"); /* the next tick's sweep may find it due too */
+        /* Under the lock (as cp_conn_abort from a callback), so that none of c's
+         * callbacks runs between the decision and the close. */
         /* Aborted: queued replies are cancelled. If some were queued, the stream is cut,
          * and a plain close would end it with a FIN after the part the kernel held, a cut
          * stream passing for a whole one: reset, as cp_conn_abort() does. With nothing
          * queued (a quiet connection reaped) the stream is whole: a FIN, as a graceful
-         * close would send. */
-        if (__atomic_load_n(&c->pending, __ATOMIC_SEQ_CST) != 0)
+         * close would send. Other threads may send until the close begins (holding a
+         * cp_conn_ref, not this lock): so with nothing queued the socket is sealed, under
+         * its lock, where sends count what they queue; a send that comes later fails
+         * (-EPIPE) instead of being queued for the close to cancel behind a FIN. */
+        if (!cp__socket_seal_if_idle(&c->s, &c->pending))
             reset_on_close(c);
+        CP__INJECT_DELAY("timed_out"); /* a send, or the next tick's sweep, may come */
         start_close(sv, c, (cp_close_reason)reason, 0, false); /* counts it (once) */
         cp__lock_release(&c->lock);
     }
@@ -919,7 +934,8 @@ static void park_if_paused(cp_server *sv, cp_conn *c)
 /* The single receive completed. Returns true if its operation reference went on to the
  * next receive (posted again on the same op); false if the caller must drop it. RX_OUT
  * stays set while a receive is posted or its completion is being handled: everyone else
- * looks at it under the lock, which this holds throughout. */
+ * takes it under the lock, which this holds throughout, except a resume that finds the
+ * lock taken (read_again_anywhere), which leaves the read to this when it is set. */
 static bool rx_single(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64_t res)
 {
     cp__lock_acquire(&c->lock);
@@ -943,8 +959,14 @@ static bool rx_single(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, int64
             reposted = true;
     }
     if (!reposted) {
-        st_clear(c, CF_RX_OUT);
-        park_if_paused(sv, c);
+        CP__INJECT_DELAY("rx_stopping"); /* a resume may come after the look above */
+        /* A resume that came after the look above found RX_OUT set and left the read to
+         * this: look again once it is clear. (Not per message: only when reading stops,
+         * and with the atomic that clears RX_OUT anyway.) */
+        uint64_t was = __atomic_fetch_and(&c->state, ~(uint64_t)CF_RX_OUT, __ATOMIC_SEQ_CST);
+        if (!(was & (CF_APP_PAUSED | CF_CLOSING | CF_STOP_READ | CF_RX_ENDED)))
+            read_again(sv, w, c);
+        park_if_paused(sv, c); /* also if a pause came after that look */
     }
     w->rx_conn = NULL;
     cp__lock_release(&c->lock);
@@ -1077,32 +1099,42 @@ int cp_conn_pause_recv(cp_conn *c)
     return 0;
 }
 
-/* A resume that could not take c's lock at once: posts on a worker (holding an operation
- * reference). */
-static void resume_work(void *arg)
+/* A read-again handed to a worker (read_again_anywhere): c->rx is free again, then read
+ * again, looking at the state as it is now, so that a resume that found c->rx taken
+ * meanwhile (and left the read to this) is seen. */
+static void read_again_handed(cp_server *sv, cp__worker *w, cp_conn *c)
 {
-    cp_conn *c = arg;
-    cp_server *sv = cp__conn_server(c);
     cp__lock_acquire(&c->lock);
-    read_again(sv, cp__server_worker(sv), c);
+    st_clear(c, CF_RX_OUT);
+    read_again(sv, w, c);
     cp__lock_release(&c->lock);
-    op_unref(sv, c, 1);
 }
 
-/* Read again from any thread, for an operation reference the caller took (dropped here,
- * or by resume_work). c's lock is held by its callbacks (the caller may be one: a resume
- * from on_data) and its receive path; waiting for it here could deadlock two connections
- * whose callbacks resume each other. Taken only if free, else a worker reads. A negative
- * errno if the work item could not be queued: the reference is still the caller's. */
-static int read_again_anywhere(cp_server *sv, cp_conn *c)
+/* Read again from any thread, for an operation reference the caller took (passed on or
+ * dropped here); cannot fail. c's lock is held by its callbacks (the caller may be one: a
+ * resume from on_data) and its receive path; waiting for it here could deadlock two
+ * connections whose callbacks resume each other. Taken only if free, else a worker reads:
+ * the caller takes c->rx (CF_RX_OUT) and queues it to the port as a completion
+ * (OP_READ_AGAIN). If c->rx is taken already, its holder (a receive posted or being
+ * handled, with recvs == 1; a read-again queued) looks at the state again when it lets
+ * c->rx go, which comes after this look: that read is left to it. */
+static void read_again_anywhere(cp_server *sv, cp_conn *c)
 {
     if (cp__lock_try(&c->lock)) {
         read_again(sv, cp__server_worker(sv), c);
         cp__lock_release(&c->lock);
         op_unref_caller(sv, c);
-        return 0;
+        return;
     }
-    return cp_pool_submit(sv->pool, resume_work, c);
+    uint64_t st = st_load(c);
+    do {
+        if (st & CF_RX_OUT) {
+            op_unref_caller(sv, c);
+            return;
+        }
+    } while (!__atomic_compare_exchange_n(&c->state, &st, st | CF_RX_OUT, true, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_SEQ_CST));
+    complete_on_rx(sv, c, OP_READ_AGAIN);
 }
 
 /* Bytes counted in `pending` for a send that then did not start came off again: if a
@@ -1122,8 +1154,7 @@ static void unqueued(cp_server *sv, cp_conn *c)
             return;
     } while (!__atomic_compare_exchange_n(&c->state, &st, st + CS_OPREF, true, __ATOMIC_SEQ_CST,
                                           __ATOMIC_SEQ_CST));
-    if (read_again_anywhere(sv, c) < 0)
-        op_unref_caller(sv, c);
+    read_again_anywhere(sv, c);
 }
 
 int cp_conn_resume_recv(cp_conn *c)
@@ -1144,12 +1175,8 @@ int cp_conn_resume_recv(cp_conn *c)
     } while (!__atomic_compare_exchange_n(
         &c->state, &st, ((st & ~(uint64_t)CF_APP_PAUSED & ~CS_TICK_MASK) | stamp) + CS_OPREF, true,
         __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
-    int r = read_again_anywhere(sv, c);
-    if (r < 0) {
-        st_or(c, CF_APP_PAUSED); /* still paused: the caller may try again */
-        op_unref_caller(sv, c);
-    }
-    return r;
+    read_again_anywhere(sv, c);
+    return 0;
 }
 
 /* ---- sending --------------------------------------------------------------------------- */
@@ -1552,6 +1579,10 @@ void cp__conn_io(cp_socket *s, cp_op *op, int64_t result, void *user)
     case CP_OP_CLOSE:
         close_op_give(sv, w, op);
         op_unref(sv, c, 2); /* its own and the connection's life reference */
+        return;
+    case OP_READ_AGAIN:
+        read_again_handed(sv, w, c);
+        op_unref(sv, c, 1);
         return;
     case OP_LAST_UNREF: /* op_unref_caller() */
     default:

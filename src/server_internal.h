@@ -30,7 +30,8 @@
 enum {
     CF_OPEN = 1u << 0,         /* on_open accepted it: callbacks run, on_close will */
     CF_GOT_DATA = 1u << 1,     /* something arrived (the handshake timeout no longer applies) */
-    CF_RX_OUT = 1u << 2,       /* the (single) receive is posted */
+    CF_RX_OUT = 1u << 2,       /* c->rx is taken: the (single) receive is posted or being
+                                  handled, or it carries a read-again to a worker */
     CF_PAUSED = 1u << 3,       /* receives held back: replies piled up (backpressure) */
     CF_CLOSING = 1u << 4,      /* closing: no new sends, no new receives */
     CF_DRAIN = 1u << 5,        /* ...after what is queued has been sent */

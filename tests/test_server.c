@@ -858,13 +858,14 @@ struct tsrv {
     uint16_t port;
     cp_server_options o;
     echo_mode echo;
-    bool check_stream;      /* on_data checks each connection's stream pattern */
-    bool yield;             /* callbacks yield now and then inside the in-callback window */
-    bool hold_refs;         /* on_open takes a reference, dropped by tsrv_release() */
-    int sndbuf;             /* on_open sets the connection's SO_SNDBUF to this (0 = leave it) */
-    uint32_t pause_on_open; /* atomic: on_open pauses reading (cp_conn_pause_recv) */
-    uint32_t refuse_every;  /* atomic: on_open refuses every n-th connection; 0 = none */
-    data_hook hook;         /* replaces the echo */
+    bool check_stream;       /* on_data checks each connection's stream pattern */
+    bool yield;              /* callbacks yield now and then inside the in-callback window */
+    bool hold_refs;          /* on_open takes a reference, dropped by tsrv_release() */
+    int sndbuf;              /* on_open sets the connection's SO_SNDBUF to this (0 = leave it) */
+    uint32_t pause_on_open;  /* atomic: on_open pauses reading (cp_conn_pause_recv) */
+    uint32_t resume_on_open; /* atomic: ...and then resumes it (cp_conn_resume_recv) */
+    uint32_t refuse_every;   /* atomic: on_open refuses every n-th connection; 0 = none */
+    data_hook hook;          /* replaces the echo */
     void (*end_hook)(tsrv *t, cp_conn *c, uconn *u); /* on_end (half_close) */
     uint64_t ends;                                   /* atomic: on_end calls */
     uint64_t end_rx;                                 /* atomic: u->rx summed at on_end */
@@ -980,6 +981,8 @@ static int t_on_open(cp_conn *c)
     atomic_max(&t->open_now_max, ADD(&t->open_now, 1));
     if (LOAD(&t->pause_on_open) && (r = cp_conn_pause_recv(c)) != 0)
         note_error(t, "cp_conn_pause_recv in on_open: %d", r);
+    if (LOAD(&t->resume_on_open) && (r = cp_conn_resume_recv(c)) != 0)
+        note_error(t, "cp_conn_resume_recv in on_open: %d", r);
     if (t->hold_refs)
         hold(t, c);
     cb_leave(u);
@@ -7328,15 +7331,6 @@ static size_t held_n(tsrv *t)
     return n;
 }
 
-/* Resume, retrying while the work item could not be queued. */
-static int resume_retry(cp_conn *c)
-{
-    int r;
-    while ((r = cp_conn_resume_recv(c)) == -EAGAIN || r == -ENOMEM)
-        sched_yield();
-    return r;
-}
-
 static void pause_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
 {
     pz *z = t->ctx;
@@ -7366,14 +7360,14 @@ static void pause_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_
         size_t n = held_n(t);
         cp_conn *o = n ? held_at(t, (u->id + 1) % n) : NULL;
         if (o) {
-            int r1 = cp_conn_pause_recv(o), r2 = resume_retry(o);
+            int r1 = cp_conn_pause_recv(o), r2 = cp_conn_resume_recv(o);
             if ((r1 != 0 && r1 != -EPIPE) || (r2 != 0 && r2 != -EPIPE))
                 note_error(t, "cross pause %d, resume %d", r1, r2);
             ADD(&z->cross_calls, 1);
         }
         /* Resuming a connection that is not paused does nothing. */
         int r = cp_conn_resume_recv(c);
-        if (r != 0 && r != -EAGAIN && r != -ENOMEM)
+        if (r != 0)
             note_error(t, "resume of a running connection: %d", r);
     }
 }
@@ -7546,7 +7540,7 @@ static void *toggler_main(void *arg)
             CHECK_EQ(r, -EPIPE);
         if (rng_next(&rng) % 2)
             sched_yield();
-        r = resume_retry(c);
+        r = cp_conn_resume_recv(c);
         if (r == 0)
             ADD(&g->resumes, 1);
         else
@@ -7920,6 +7914,172 @@ TEST(paused_connections_leave_the_pool_to_others)
     WAIT_FOR(LOAD(&t->closes) == PAUSED + 1, IO_MS);
     CHECK_EQ(LOAD(&z.bytes), total); /* every byte sent reached on_data */
     CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* cp_conn_resume_recv() cannot fail. A resume that finds the connection's lock taken (a
+ * callback of it is running: here on_data or on_open, which pause and then resume) leaves
+ * the read to others. It was a work item, which cannot be queued when the pool's queue is
+ * full or memory runs out (fail point pool_submit): the resume paused the connection
+ * again and returned -EAGAIN, while a resume racing it had already returned 0 (it found
+ * the connection unpaused), and the connection stayed paused for good. Now the receive
+ * being handled reads again (recvs 1, from on_data), or a worker gets a completion on the
+ * idle receive context (recvs > 1, or from on_open), which cannot fail: every resume
+ * returns 0 and the data flows. */
+#ifdef CPORT_INJECT
+static void pause_resume_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    if (u->frames == 0 && !LOAD(&t->resume_on_open)) {
+        int r1 = cp_conn_pause_recv(c), r2 = cp_conn_resume_recv(c);
+        if (r1 != 0 || r2 != 0)
+            note_error(t, "in on_data: cp_conn_pause_recv %d, cp_conn_resume_recv %d", r1, r2);
+    }
+    note_send(t, cp_conn_send(c, data, len));
+}
+
+static void resume_inside_case(const cp_server_options *base, bool in_on_open)
+{
+    cp_server_options o = *base;
+    o.threads = 2;
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hook = pause_resume_hook;
+    STORE(&t->pause_on_open, in_on_open);
+    STORE(&t->resume_on_open, in_on_open);
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    exchange(fd, 1, 100);
+    if (t->first_error[0])
+        fprintf(stderr, "recvs %u%s, from %s: %s\n", o.recvs, o.zero_byte ? " zero-byte" : "",
+                in_on_open ? "on_open" : "on_data", t->first_error);
+    CHECK_EQ(LOAD(&t->error_once), 0);
+    exchange(fd, 2, 200000); /* reading resumed */
+    close(fd);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->send_errors), 0);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+#endif
+
+TEST(a_resume_left_to_a_worker_cannot_fail)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "pool_submit", 1)); /* before any thread */
+    cp_server_options a = {.recvs = 1, .recv_buffer = 4096};
+    resume_inside_case(&a, false);
+    resume_inside_case(&a, true);
+    cp_server_options b = {.recvs = 2, .zero_byte = true};
+    resume_inside_case(&b, false);
+    resume_inside_case(&b, true);
+    cp_server_options c = {.recvs = 1, .zero_byte = true};
+    resume_inside_case(&c, false);
+    resume_inside_case(&c, true);
+    unsetenv("CPORT_INJECT_FAIL");
+#endif
+}
+
+/* A resume from another thread that finds the single receive taken (its completion being
+ * handled) leaves the read to it; the receive, letting go, looks at the pause again. Here
+ * the resume comes after its look (paused: not posted again) and before it lets go: the
+ * delay point rx_stopping holds it there while this thread resumes, once on_data (which
+ * paused) has returned. The resume must return 0 and reading go on. (Also fails where the
+ * resume needs a work item: fail point pool_submit.) */
+#ifdef CPORT_INJECT
+static void resume_after_the_look_case(const cp_server_options *base)
+{
+    cp_server_options o = *base;
+    o.threads = 2;
+    pz z = {.pause_max = 1, .echo_from = 1};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    t->hook = pause_hook;
+    t->ctx = &z;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    uint8_t msg[100], back[100];
+    pattern_fill(3, 0, msg, sizeof msg);
+    send_all(fd, msg, sizeof msg);
+    WAIT_FOR(LOAD(&z.paused) == 1, IO_MS);
+    cp_conn *c = held_at(t, 0);
+    uconn *u = cp_conn_user(c);
+    WAIT_FOR(LOAD(&u->in_cb) == 0, IO_MS); /* on_data returned: the receive looks, waits */
+    CHECK_OK(cp_conn_resume_recv(c));
+    recv_all(fd, back, sizeof back);
+    CHECK(memcmp(back, msg, sizeof msg) == 0);
+    exchange(fd, 4, 100000); /* reading resumed */
+    close(fd);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->send_errors), 0);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+#endif
+
+TEST(a_resume_after_the_receives_last_look_reads_again)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    /* Before any thread. */
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "pool_submit", 1));
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "rx_stopping:300000", 1));
+    cp_server_options a = {.recvs = 1, .recv_buffer = 4096};
+    resume_after_the_look_case(&a);
+    cp_server_options b = {.recvs = 1, .zero_byte = true};
+    resume_after_the_look_case(&b);
+    unsetenv("CPORT_INJECT_FAIL");
+    unsetenv("CPORT_INJECT_DELAY");
+#endif
+}
+
+/* A timeout without on_timeout aborts the connection: with a reset if replies were queued
+ * (the stream is cut), with a FIN if none were. Another thread may send meanwhile (it holds
+ * a cp_conn_ref, not the connection's lock): a send queued after the sweep looked at the
+ * queue (empty: a FIN) was cancelled by the close, and the peer read the part the kernel
+ * held, then the FIN, a cut stream passing for a whole one. The delay point timed_out holds
+ * the sweep after its look while this thread sends 1 MiB to a peer that reads nothing until
+ * the connection has closed: the send must be refused (then a FIN, nothing before it), or,
+ * accepted, end in a reset. The sweep's pin on the connection (one more operation
+ * reference) says it is there. */
+TEST(a_send_racing_a_timeouts_abort_is_refused_or_reset)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", "timed_out:1000000", 1)); /* before any thread */
+    static uint8_t big[1 << 20];
+    cp_server_options o = {.threads = 2, .idle_timeout_ms = 200, .tick_ms = 20};
+    pz z = {0}; /* pause_hook only counts */
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    t->sndbuf = 4096;
+    t->hook = pause_hook;
+    t->ctx = &z;
+    tsrv_start(t, &o);
+    int fd = connect_not_reading(t->port);
+    send_all(fd, "x", 1);
+    WAIT_FOR(LOAD(&z.bytes) == 1, IO_MS);
+    cp_conn *c = held_at(t, 0);
+    WAIT_FOR(oprefs(c) == 2, IO_MS); /* its life and its receive: the set-up is done */
+    WAIT_FOR(oprefs(c) == 3, IO_MS); /* the sweep's pin: the timeout is due */
+    int r = cp_conn_send(c, big, sizeof big);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS); /* read nothing before: the send is cut */
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_IDLE_TIMEOUT]), 1);
+    size_t got = 0;
+    int how = -1;
+    CHECK(read_to_close(fd, cpt_now_ms() + IO_MS, &got, &how) >= 0);
+    fprintf(stderr, "the send: %s; the peer got %zu bytes, then %s\n",
+            r == 0 ? "accepted" : strerror(-r), got, how ? strerror(how) : "EOF");
+    if (r == 0) {
+        CHECK_EQ(how, ECONNRESET);
+    } else {
+        CHECK_EQ(r, -EPIPE);
+        CHECK_EQ(got, 0);
+        CHECK_EQ(how, 0);
+    }
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+    unsetenv("CPORT_INJECT_DELAY");
+#endif
 }
 
 /* ---- half_close and cp_conn_shutdown_send ----------------------------------------------- */

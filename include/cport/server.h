@@ -109,7 +109,8 @@ typedef struct cp_server_callbacks {
      * standing fires again at the next tick. Optional: without it the connection is
      * aborted with that reason: queued sends are cancelled, and if any were queued the
      * peer gets a reset, as from cp_conn_abort() (a cut stream must not end in a FIN that
-     * passes it for a whole one); with nothing queued it gets a FIN. */
+     * passes it for a whole one); with nothing queued it gets a FIN. A send from another
+     * thread racing the abort is either refused (-EPIPE) or counts as queued (a reset). */
     void (*on_timeout)(cp_conn *c, cp_close_reason reason);
     /* With options.half_close: the peer ended its sending side (EOF), after every byte it
      * sent before was delivered to on_data. Once per connection, never after on_close and
@@ -413,11 +414,11 @@ CP_EXTERN int cp_conn_pause_recv(cp_conn *c);
 
 /* Read again after cp_conn_pause_recv() (unless backpressure still holds: then when the
  * replies have drained). Resuming a connection that is not paused does nothing and
- * returns 0. Returns 0, -EPIPE once the connection is closing, -EINVAL (NULL), or, when
+ * returns 0. Returns 0, -EPIPE once the connection is closing, or -EINVAL (NULL); it
+ * needs no memory and cannot fail otherwise: once it returns 0 reading resumes, also when
  * the receive must be posted by a worker (the call came from a callback of the
- * connection, or one ran) and that work item could not be queued, the error of
- * cp_pool_submit() (-EAGAIN, -ENOMEM): the connection then stays paused. Any thread,
- * while the caller holds the connection; it never waits for the connection's callbacks. */
+ * connection, or one ran). Any thread, while the caller holds the connection; it never
+ * waits for the connection's callbacks. */
 CP_EXTERN int cp_conn_resume_recv(cp_conn *c);
 
 /* End the sending side: FIN to the peer once everything queued so far has been sent
