@@ -965,6 +965,15 @@ static int send_now(cp_handle *h, cp_op *op)
     }
 }
 
+/* Whether op continues a send (or connect_ex's data) after part of it went out. The
+ * failure point send_continue_no_sqe (a CPORT_INJECT build) denies such a step its SQE:
+ * the send then fails mid-stream (socket.c: finish_locked cuts the stream). */
+static inline bool send_continues(const cp_op *op)
+{
+    return op->cp__done > 0 && (op->opcode == CP_OP_SEND || (op->opcode == CP_OP_CONNECT &&
+                                                             (op->cp__flags & CP__OPF_CONNECTED)));
+}
+
 /* A vector send, submitted at once as it always was (its callers may wait for the bytes
  * before anything polls). io_uring_enter may still consume fewer SQEs than it is given
  * (-EAGAIN, -ENOMEM); then the SQE reaches the kernel at a later enter, after this call
@@ -984,7 +993,8 @@ static int start_sendmsg(cp_handle *h, cp_op *op)
         cnt--;
     }
     cp__lock_acquire(&s->sq_lock);
-    struct io_uring_sqe *sqe = get_sqe_locked(s);
+    struct io_uring_sqe *sqe =
+        send_continues(op) && CP__INJECT_FAIL("send_continue_no_sqe") ? NULL : get_sqe_locked(s);
     if (!sqe) {
         cp__lock_release(&s->sq_lock);
         return -EBUSY;
@@ -1033,8 +1043,11 @@ static int ur_start(cp_op *op)
     cp_port *p = h->cp__port;
     ur_state *s = state_of(p);
     cp__lock_acquire(&s->sq_lock);
-    struct io_uring_sqe *sqe = get_sqe_locked(s);
+    struct io_uring_sqe *sqe =
+        send_continues(op) && CP__INJECT_FAIL("send_continue_no_sqe") ? NULL : get_sqe_locked(s);
     if (!sqe) {
+        /* The op completes with -EBUSY (socket.h); a send that continued after a short
+         * write is cut mid-stream then (finish_locked in socket.c). */
         cp__lock_release(&s->sq_lock);
         return -EBUSY;
     }

@@ -239,15 +239,24 @@ static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
         if (be_of(h)->transmit_done)
             be_of(h)->transmit_done(t);
     }
-    if (res == -ECANCELED && (op->cp__flags & CP__OPF_TIMEDOUT))
-        res = -ETIMEDOUT;
-    if (res < 0 && op->opcode == CP_OP_ACCEPT) {
-        cp_accept_op *aop = accept_of(op);
-        if (aop->fd >= 0)
-            close(aop->fd);
-        aop->fd = -1;
-    }
     if (res < 0) {
+        /* A send (or connect_ex's data) that fails after part of it went out leaves a hole
+         * in the stream, as a failed transmit does (cp__transmit_failed), and is cut the
+         * same way: the sending side is shut down, so that the sends queued behind it fail
+         * (-EPIPE) instead of following the hole, and the peer sees the end right after
+         * the bytes that went out. Cancelled and timed-out ones come as -ECANCELED: their
+         * caller decides (socket.h: cp_socket_cancel). */
+        if (res != -ECANCELED && op->cp__done > 0 &&
+            (op->opcode == CP_OP_SEND || op->opcode == CP_OP_CONNECT))
+            shutdown(h->fd, SHUT_WR);
+        if (res == -ECANCELED && (op->cp__flags & CP__OPF_TIMEDOUT))
+            res = -ETIMEDOUT;
+        if (op->opcode == CP_OP_ACCEPT) {
+            cp_accept_op *aop = accept_of(op);
+            if (aop->fd >= 0)
+                close(aop->fd);
+            aop->fd = -1;
+        }
         /* The errno goes where the iovec count was (read only while the op runs): the
          * count of bytes moved stays, for cp_op_transferred(). */
         op->cp__aux = (uint16_t)(-res < 65536 ? -res : EIO);

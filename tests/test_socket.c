@@ -2189,6 +2189,160 @@ TEST(refused_submission_wakes_the_poller)
 #endif
 }
 
+#ifdef CPORT_INJECT
+/* The peer's end of a stream, read until its end (at most cap bytes; a pause of 3 s with
+ * neither data nor the end fails the test, telling what came after the first `sent`
+ * bytes): the byte count. */
+static size_t read_until_end(int fd, uint8_t *buf, size_t cap, size_t sent)
+{
+    size_t n = 0;
+    for (;;) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        int ready = poll(&pfd, 1, 3000);
+        if (ready != 1)
+            fprintf(stderr, "after %zu bytes (%zu sent, then \"%.*s\") the peer waits: no end\n", n,
+                    sent, n > sent ? (int)(n - sent < 16 ? n - sent : 16) : 0,
+                    (const char *)buf + sent);
+        CHECK_EQ(ready, 1);
+        ssize_t r = read(fd, buf + n, cap - n);
+        if (r < 0)
+            fprintf(stderr, "after %zu bytes the peer reads %s\n", n, cpt_strerror(errno));
+        CHECK(r >= 0);
+        if (r == 0)
+            return n;
+        n += (size_t)r;
+        CHECK(n < cap); /* more than the test sent: bytes behind a hole */
+    }
+}
+#endif
+
+/* A send that fails after part of it went out leaves a hole in the stream, and follows the
+ * rule a transmit does (socket.h: cp_socket_send): the sending side is shut down, so the
+ * peer reads exactly the bytes that went out, then the end of the stream (a FIN: not a
+ * reset), and a send queued behind it (or started after it) fails with -EPIPE instead of
+ * going out after the hole. On io_uring a send continuing after a short write fails so
+ * when it cannot get an SQE (failure point send_continue_no_sqe: -EBUSY): a vector send
+ * (its sendmsg ends short when the socket fills), a send with CP_SEND_SKIP_ON_SUCCESS (its
+ * plain send(2) went out short; the rest takes a request) and connect_ex's data (sent
+ * without MSG_WAITALL). The peer reads nothing until the send has failed. Before, the
+ * socket stayed open: the peer waited for the rest, and the send behind went out and was
+ * read as the missing bytes. epoll has no such path (skipped). */
+TEST(a_send_failing_after_part_went_out_cuts_the_stream)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "send_continue_no_sqe", 1)); /* before any thread */
+    /* Two: a second thread dequeues while this one, which dequeued last, reads. */
+    cp_port_options o = {.concurrency = 2};
+    cp_port *p;
+    CHECK_OK(cp_port_create_ex(&p, &o));
+    if (cp_port_backend(p) != CP_BACKEND_IO_URING) {
+        cp_port_destroy(p);
+        CHECK_OK(unsetenv("CPORT_INJECT_FAIL"));
+        SKIP("epoll: a send's steps are send(2) calls waiting for an epoll edge, which takes "
+             "no resource: no failure of the library's own after a partial send (no such "
+             "path)");
+    }
+    enum { BIG = 8 << 20 };
+    uint8_t *data = malloc(BIG), *got = malloc(BIG + 64);
+    CHECK(data && got);
+    fill_pattern(data, BIG, 11);
+    int small = 65536;
+    for (int how = 0; how < 3; how++) {
+        static const char *const names[] = {"sendv", "send_ex(skip)", "connect_ex"};
+        cp_socket *s;
+        int peer;
+        pair pr;
+        cp_socket cs;
+        cp_connect_op cop = {0};
+        cp_op sop = {0}, after = {0};
+        cp_op *failing;
+        int lfd = -1;
+        if (how < 2) {
+            pair_open(&pr, p);
+            s = &pr.s;
+            peer = pr.client;
+            setsockopt(s->fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+            setsockopt(peer, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+        } else {
+            int port;
+            lfd = listen_any(&port);
+            CHECK_OK(setsockopt(lfd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)));
+            int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            CHECK(fd >= 0);
+            CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof(small)));
+            CHECK_OK(cp_socket_associate(&cs, p, fd, 9));
+            s = &cs;
+            peer = -1;
+        }
+        struct iovec iov[3] = {
+            {data, 1000}, {data + 1000, BIG / 2}, {data + 1000 + BIG / 2, BIG / 2 - 1000}};
+        if (how == 0) {
+            CHECK_OK(cp_socket_sendv(s, &sop, iov, 3));
+            failing = &sop;
+        } else if (how == 1) {
+            /* Fails within the call (a short send(2), then no SQE), reported through the
+             * port: nothing can be queued behind it, the send below comes after it. */
+            CHECK_OK(cp_socket_send_ex(s, &sop, data, BIG, CP_SEND_SKIP_ON_SUCCESS));
+            failing = &sop;
+        } else {
+            struct sockaddr_in sa = loopback(0);
+            socklen_t salen = sizeof(sa);
+            CHECK_OK(getsockname(lfd, (struct sockaddr *)&sa, &salen));
+            CHECK_OK(cp_socket_connect_ex(s, &cop, (struct sockaddr *)&sa, sizeof(sa), data, BIG));
+            failing = &cop.op;
+        }
+        if (how != 1)
+            CHECK_OK(cp_socket_send(s, &after, "AFTER", 5)); /* queued behind it */
+        cp_completion c = next(p);
+        CHECK(c.op == failing);
+        CHECK_EQ(c.result, -EBUSY);
+        CHECK_EQ(failing->opcode, how < 2 ? CP_OP_SEND : CP_OP_CONNECT);
+        uint32_t sent = cp_op_transferred(failing);
+        fprintf(stderr, "%s: %u of %d bytes went out before -EBUSY\n", names[how], sent, BIG);
+        CHECK(sent > 0 && sent < BIG);
+        if (how == 2) {
+            peer = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+            CHECK(peer >= 0);
+            close(lfd);
+        }
+        /* The peer reads exactly the bytes that went out, then the end, while another
+         * thread runs the port (it would submit the send behind, and see it complete). */
+        struct wake_arg a = {.p = p};
+        pthread_t th;
+        if (how != 1)
+            CHECK_OK(-pthread_create(&th, NULL, dequeue_one, &a));
+        CHECK_EQ(read_until_end(peer, got, BIG + 64, sent), sent);
+        CHECK(memcmp(got, data, sent) == 0);
+        if (how != 1) {
+            pthread_join(th, NULL);
+            CHECK_EQ(a.n, 1);
+            c = a.c;
+        } else {
+            CHECK_OK(cp_socket_send(s, &after, "AFTER", 5));
+            c = next(p);
+        }
+        CHECK(c.op == &after);
+        CHECK_EQ(c.result, -EPIPE);
+        CHECK_EQ(cp_op_transferred(&after), 0);
+        expect_nothing(p, 20);
+        if (how < 2) {
+            pair_close(&pr, p);
+        } else {
+            cp_op cl = {0};
+            CHECK_OK(cp_socket_close(&cs, &cl));
+            CHECK(next(p).op == &cl);
+            close(peer);
+        }
+    }
+    CHECK_OK(unsetenv("CPORT_INJECT_FAIL"));
+    free(data);
+    free(got);
+    cp_port_destroy(p);
+#endif
+}
+
 /* A send of 2 GiB or more (the API takes lengths below 4 GiB) goes out as a smaller one
  * does. io_uring fails a request for 2^31 bytes or more with -EINVAL where send(2) moves
  * what it can, so each request asks for at most MAX_RW_COUNT and the socket layer

@@ -15,6 +15,14 @@
  * with -EBADF once the socket's close has begun. A start with a timeout (cp_op.timeout_ms)
  * also fails with -ENOMEM when the port's timer heap cannot grow.
  *
+ * -EBUSY as a completion's result (io_uring only) is another thing: a step of the accepted
+ * operation (its start, also when it reaches the head of its socket's queue later; a send
+ * continuing after a short write; a wait for room in the socket) could not get a
+ * submission slot (the submission queue was full and the kernel would take none of it).
+ * It does not mean the op was in use: only a start call says that. What a send or transmit that
+ * fails so after part of it went out does to the socket: cp_socket_send(),
+ * cp_socket_transmit_packets().
+ *
  * Ownership and lifetime.
  *   - The caller allocates every cp_socket and cp_op (usually embedded in its own
  *     per-connection and per-I/O structs) and never moves them while in use.
@@ -223,14 +231,23 @@ CP_EXTERN void cp_buffer_release(cp_port *port, void *buf);
 CP_EXTERN size_t cp_buffer_size(const cp_port *port);
 
 /* Send len bytes from buf. The operation completes when all len bytes have been handed
- * to the kernel (result == len) or with a negative errno (-EPIPE, -ECONNRESET, ...);
- * short writes are continued internally. Never raises SIGPIPE. 0 < len < 4 GiB (len 0 is
- * -EINVAL). */
+ * to the kernel (result == len) or with a negative errno (-EPIPE, -ECONNRESET, ...; on
+ * io_uring -EBUSY when no submission slot could be had for a step, see the top of this
+ * file); short writes are continued internally. After a failure cp_op_transferred() tells
+ * how many bytes went out. A send that fails after at least one of its bytes went out
+ * shuts down the socket's sending side, as a failed transmit does
+ * (cp_socket_transmit_packets()): the peer gets the bytes that went out, then the end of
+ * the stream, and sends (and transmits) queued behind it or started later fail (-EPIPE)
+ * rather than follow the hole. One that fails before its first byte leaves the socket as
+ * it was. Not one that is cancelled, times out or is cut by cp_socket_close()
+ * (-ECANCELED, -ETIMEDOUT): see cp_socket_cancel(). Never raises SIGPIPE. 0 < len < 4 GiB
+ * (len 0 is -EINVAL). */
 CP_EXTERN int cp_socket_send(cp_socket *s, cp_op *op, const void *buf, size_t len);
 
-/* Send iov[0..iovcnt-1] (gather), in full; as cp_socket_send(). The iovec array must stay
- * valid until the completion is dequeued. 1 <= iovcnt <= IOV_MAX, total length > 0 and
- * < 4 GiB (else -EINVAL). */
+/* Send iov[0..iovcnt-1] (gather), in full; as cp_socket_send(), results and the rule for
+ * a failure after part of it went out included. The iovec array must stay valid until the
+ * completion is dequeued. 1 <= iovcnt <= IOV_MAX, total length > 0 and < 4 GiB (else
+ * -EINVAL). */
 CP_EXTERN int cp_socket_sendv(cp_socket *s, cp_op *op, const struct iovec *iov, int iovcnt);
 
 /* Flags of cp_socket_send_ex() / cp_socket_sendv_ex(). */
@@ -311,9 +328,10 @@ typedef struct cp_connect_op {
  * completion (opcode CP_OP_CONNECT): the bytes of data sent (all of them), or a negative
  * errno (-ECONNREFUSED ...). op.timeout_ms bounds the connect and the send together;
  * after a failure, cancel or timeout cp_op_transferred(&op->op) tells how many bytes of
- * data were handed to the kernel (at most what the peer can get). addr and data must stay valid
- * until the completion is dequeued. len may be 0. As cp_socket_connect() for what is started before
- * it completes. */
+ * data were handed to the kernel (at most what the peer can get). Its data follows
+ * cp_socket_send()'s rule: failing after part of it went out, it shuts down the sending
+ * side. addr and data must stay valid until the completion is dequeued. len may be 0. As
+ * cp_socket_connect() for what is started before it completes. */
 CP_EXTERN int cp_socket_connect_ex(cp_socket *s, cp_connect_op *op, const struct sockaddr *addr,
                                    socklen_t addrlen, const void *data, size_t len);
 
@@ -357,10 +375,11 @@ typedef struct cp_transmit_op {
  * is exhausted). elems and the memory and files they name must stay valid (and the fds
  * open) until the completion is dequeued. Ordered with the socket's sends. n >= 1.
  * A transmit that fails after some of its bytes went out (a file that ends before its
- * range does reports -EIO; on io_uring, -EBUSY when no submission slot is left to wait for
- * room in the socket) shuts down the socket's sending side: sends queued behind it then
- * fail (-EPIPE) rather than follow the hole in the stream. One that fails before its first
- * byte leaves the socket as it was. (Not one that is cancelled or times out: see
+ * range does reports -EIO; on io_uring, -EBUSY when no submission slot could be had to
+ * wait for room in the socket, see the top of this file) shuts down the socket's sending
+ * side, as a send does (cp_socket_send()): sends queued behind it then fail (-EPIPE)
+ * rather than follow the hole in the stream. One that fails before its first byte leaves
+ * the socket as it was. (Not one that is cancelled or times out: see
  * cp_socket_cancel().) Never raises SIGPIPE. A file must not be
  * truncated or rewritten while it is being sent: the kernel sends its page-cache pages
  * without copying them, so bytes already handed to it may go out as zeros or as the new
