@@ -974,6 +974,17 @@ static inline bool send_continues(const cp_op *op)
                                                              (op->cp__flags & CP__OPF_CONNECTED)));
 }
 
+/* Fail points that deny a step its SQE (a CPORT_INJECT build): send_continue_no_sqe, and
+ * stream_send_no_sqe for a server send of 64 KiB or more, before its first byte (a test
+ * sends a large one, then a small one that must not follow it: finish_locked resets). */
+static inline bool injected_no_sqe(const cp_op *op)
+{
+    if (send_continues(op) && CP__INJECT_FAIL("send_continue_no_sqe"))
+        return true;
+    return op->opcode == CP_OP_SEND && (op->cp__flags & CP__OPF_STREAM) && op->cp__done == 0 &&
+           op->cp__len >= 65536 && CP__INJECT_FAIL("stream_send_no_sqe");
+}
+
 /* A vector send, submitted at once as it always was (its callers may wait for the bytes
  * before anything polls). io_uring_enter may still consume fewer SQEs than it is given
  * (-EAGAIN, -ENOMEM); then the SQE reaches the kernel at a later enter, after this call
@@ -1043,8 +1054,7 @@ static int ur_start(cp_op *op)
     cp_port *p = h->cp__port;
     ur_state *s = state_of(p);
     cp__lock_acquire(&s->sq_lock);
-    struct io_uring_sqe *sqe =
-        send_continues(op) && CP__INJECT_FAIL("send_continue_no_sqe") ? NULL : get_sqe_locked(s);
+    struct io_uring_sqe *sqe = injected_no_sqe(op) ? NULL : get_sqe_locked(s);
     if (!sqe) {
         /* The op completes with -EBUSY (socket.h); a send that continued after a short
          * write is cut mid-stream then (finish_locked in socket.c). */

@@ -1364,6 +1364,8 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
     op_ref(c);
     x->op.u.buf = x->iov[0].iov_base;
     x->op.cp__len = x->len;
+    /* A failure resets at once: a reply queued behind it must not follow its hole. */
+    x->op.cp__flags = CP__OPF_STREAM;
     int r = cp__submit_locked(&c->s, &x->op, CP_OP_SEND, 1);
     if (r < 0) { /* not reached: the socket was not closing, and sends never get -EBUSY */
         __atomic_sub_fetch(&c->pending, x->len, __ATOMIC_SEQ_CST);

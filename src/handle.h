@@ -52,6 +52,7 @@ enum {
     CP__OPF_INKERNEL = 1u << 9,     /* a kernel request of it is in flight (io_uring) */
     CP__OPF_SKIP = 1u << 10,        /* CP_SEND_SKIP_ON_SUCCESS: done at once = no completion */
     CP__OPF_TRYNOW = 1u << 11,      /* io_uring: try a plain send(2) before an SQE */
+    CP__OPF_STREAM = 1u << 12,      /* a send of the server's: failing resets (cp__stream_cut) */
 };
 
 static inline cp_port *cp__h_port(const cp_handle *h)
@@ -199,6 +200,14 @@ int cp__transmit_run(cp_handle *h, cp_transmit_op *t);
  * sending side if part of it went out, or reset a CP__TF_STREAM connection, so that
  * nothing queued behind it follows its hole. Handle lock held. (transmit.c) */
 void cp__transmit_failed(cp_handle *h, cp_transmit_op *t);
+
+/* A send or transmit that continues a stream whose earlier bytes expect it (the server's
+ * connections: CP__OPF_STREAM, CP__TF_STREAM) failed, other than by a cancel or timeout,
+ * before or after its first byte: reset the connection now (SO_LINGER {1, 0} and a
+ * disconnect). A shutdown would send a FIN after the bytes before the hole, and the peer
+ * would take the cut stream for a whole one; the disconnect makes the sends queued behind
+ * it fail as well. Its owner aborts it. Handle lock held. (socket.c) */
+void cp__stream_cut(cp_handle *h);
 
 /* Internal transmit flag (cp_transmit_op.cp__flags): the transmit continues a stream whose
  * earlier bytes expect it, so a failure resets the connection, even before its first byte

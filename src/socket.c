@@ -213,6 +213,14 @@ static inline bool connect_pending(const cp_handle *h, const cp_op *op)
            (h->cp__flags & CP__H_CONNECT);
 }
 
+void cp__stream_cut(cp_handle *h)
+{
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    struct sockaddr unspec = {.sa_family = AF_UNSPEC};
+    setsockopt(h->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    connect(h->fd, &unspec, sizeof(unspec));
+}
+
 static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
 {
     /* The first op queued behind a connect (which waited for it), read before it leaves. */
@@ -246,8 +254,10 @@ static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
          * (-EPIPE) instead of following the hole, and the peer sees the end right after
          * the bytes that went out. Cancelled and timed-out ones come as -ECANCELED: their
          * caller decides (socket.h: cp_socket_cancel). */
-        if (res != -ECANCELED && op->cp__done > 0 &&
-            (op->opcode == CP_OP_SEND || op->opcode == CP_OP_CONNECT))
+        if (res != -ECANCELED && (op->cp__flags & CP__OPF_STREAM))
+            cp__stream_cut(h); /* the server's: even before its first byte */
+        else if (res != -ECANCELED && op->cp__done > 0 &&
+                 (op->opcode == CP_OP_SEND || op->opcode == CP_OP_CONNECT))
             shutdown(h->fd, SHUT_WR);
         if (res == -ECANCELED && (op->cp__flags & CP__OPF_TIMEDOUT))
             res = -ETIMEDOUT;

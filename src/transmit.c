@@ -105,17 +105,10 @@ static bool more_follows(cp_transmit_op *t)
  * caller then. */
 void cp__transmit_failed(cp_handle *h, cp_transmit_op *t)
 {
-    if (t->cp__flags & CP__TF_STREAM) {
-        /* The stream is cut: reset it now (its owner aborts it). A shutdown would send a
-         * FIN after the bytes before the hole, and the peer would take the cut stream for
-         * a whole one. The disconnect makes the sends behind it fail as well. */
-        struct linger lg = {.l_onoff = 1, .l_linger = 0};
-        struct sockaddr unspec = {.sa_family = AF_UNSPEC};
-        setsockopt(h->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
-        connect(h->fd, &unspec, sizeof(unspec));
-    } else if (t->sent > 0) {
+    if (t->cp__flags & CP__TF_STREAM)
+        cp__stream_cut(h);
+    else if (t->sent > 0)
         shutdown(h->fd, SHUT_WR);
-    }
 }
 
 int cp__transmit_run(cp_handle *h, cp_transmit_op *t)

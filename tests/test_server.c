@@ -6828,6 +6828,52 @@ TEST(a_send_cut_short_by_a_lack_of_memory_resets_the_peer)
 #endif
 }
 
+/* A reply that fails in the socket layer (io_uring: no SQE for it) before its first byte
+ * leaves a hole in the stream as surely as one cut midway: a reply queued after it must
+ * not go out into that hole, and the peer must not get a FIN (a whole stream of fewer
+ * replies). The connection is reset at once, under the socket's lock, before anything
+ * queued behind it starts. (Before, the next reply went out and the close sent a FIN.)
+ * With CPORT_INJECT (the ASan build) a server send of 64 KiB or more finds no SQE (fail
+ * point stream_send_no_sqe). epoll has no such failure: a send there needs no resource. */
+TEST(a_reply_failing_before_its_first_byte_lets_nothing_after_it_out)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    if (strcmp(cpt_backend(), "io_uring") != 0)
+        SKIP("io_uring only: an epoll send needs no resource and cannot fail this way");
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "stream_send_no_sqe", 1)); /* before any thread */
+    static uint8_t big[65536];
+    uint8_t small[100];
+    memset(big, 'A', sizeof big);
+    memset(small, 'B', sizeof small);
+    cp_server_options o = {.threads = 1};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    tsrv_start(t, &o);
+    int fd = connect_to(t->port);
+    WAIT_FOR(held_count(t) == 1, IO_MS);
+    pthread_mutex_lock(&t->lock);
+    cp_conn *c = t->held[0];
+    pthread_mutex_unlock(&t->lock);
+    CHECK_OK(cp_conn_send(c, big, sizeof big)); /* accepted: fails in the socket layer */
+    int r = cp_conn_send(c, small, sizeof small);
+    CHECK(r == 0 || r == -EPIPE); /* -EPIPE if the failure's close came first */
+    size_t got = 0;
+    int how = -1;
+    CHECK(read_to_close(fd, cpt_now_ms() + IO_MS, &got, &how) >= 0);
+    fprintf(stderr, "small reply %s; the peer got %zu bytes, then %s\n", r ? "refused" : "accepted",
+            got, how ? strerror(how) : "EOF");
+    CHECK_EQ(got, 0);
+    CHECK_EQ(how, ECONNRESET);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_ERROR]), 1);
+    close(fd);
+    CHECK_OK(unsetenv("CPORT_INJECT_FAIL"));
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+#endif
+}
+
 /* Each pool thread's record (its caches, what on_data is handing over) is made when the
  * server is created: a worker's first completion needs no memory. It used to be allocated
  * then, and a worker that found no memory waited for some, for ever if none came (the

@@ -325,7 +325,12 @@ CP_EXTERN int cp_server_stats_prometheus(cp_server *server, const char *prefix, 
  * 4 GiB would be queued on the connection: cp_conn_pending() counts up to UINT32_MAX; or
  * before any byte goes out when options.send_queue_limit would be passed, or when about a
  * million sends are queued on the connection), or -EINVAL. Any thread. In framed mode the
- * bytes are sent as they are: use cp_conn_send_frame(). */
+ * bytes are sent as they are: use cp_conn_send_frame(). A queued send that fails later
+ * (the peer reset the connection; on io_uring, no submission slot: -EBUSY) aborts the
+ * connection (CP_CLOSE_ERROR; on_sent reports the error for cp_conn_send_ref) with a
+ * reset at the failure, also before its first byte, as a failed cp_conn_send_file() does:
+ * no reply sent after it reaches the peer in place of the missing bytes, and the peer
+ * sees ECONNRESET, not an end of stream. */
 CP_EXTERN int cp_conn_send(cp_conn *c, const void *data, size_t len);
 
 /* Send back (part of) the data on_data is handing over right now: data must lie within
