@@ -152,6 +152,7 @@ struct run {
 };
 
 static struct run run;
+static _Atomic pid_t bench_pid; /* the cport-bench that bench() runs, while it runs */
 
 /* Runs cport-bench with the NULL-terminated arguments, collecting stdout and stderr. */
 static void bench(const char *arg0, ...)
@@ -183,6 +184,7 @@ static void bench(const char *arg0, ...)
         execv(exe, (char *const *)argv);
         _exit(127);
     }
+    atomic_store(&bench_pid, pid);
     close(po[1]);
     close(pe[1]);
     size_t lo = 0, le = 0;
@@ -226,6 +228,7 @@ static void bench(const char *arg0, ...)
     run.out[lo] = 0;
     run.err[le] = 0;
     int st = wait_child(pid, 5000);
+    atomic_store(&bench_pid, 0);
     CHECK(WIFEXITED(st));
     run.status = WEXITSTATUS(st);
     fprintf(stderr, "%s%s[exit %d]\n", run.out, run.err, run.status);
@@ -494,6 +497,26 @@ TEST(fd_limit)
     bench("hold", "--port", "1", "-n", ns, "-T", "1", NULL);
     CHECK_EQ(run.status, 2);
     CHECK(strstr(run.err, "RLIMIT_NOFILE") != NULL);
+
+    /* Descriptors the parent left open count too: 60 connections fit 100 descriptors, but
+     * not beside 50 inherited ones (they were not counted: 12 connects failed with EMFILE,
+     * reported only as connect errors). */
+    struct server s = server_start(NULL, NULL);
+    char cmd[PATH_MAX + 256], text[8192];
+    snprintf(cmd, sizeof cmd, "ulimit -n 100 && exec %s hold --port %d -n 60 -T 0.2 2>&1",
+             bin_path("cport-bench"), s.port);
+    int st = shell_output(cmd, text, sizeof text);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0); /* they fit */
+    int leaked[50];
+    for (int i = 0; i < 50; i++)
+        CHECK((leaked[i] = open("/dev/null", O_RDONLY)) >= 0); /* (no O_CLOEXEC: inherited) */
+    st = shell_output(cmd, text, sizeof text);
+    for (int i = 0; i < 50; i++)
+        close(leaked[i]);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 2);
+    CHECK(strstr(text, "RLIMIT_NOFILE") != NULL);
+    CHECK(strstr(text, "open already at start") != NULL);
+    server_stop(&s);
 }
 
 /* Every cport-bench process must send payloads of its own. Users run several processes to
@@ -726,22 +749,31 @@ TEST(options_without_effect_are_refused)
 
 /* ---- a misbehaving echo server ------------------------------------------------------------
  * Echoes byte-exact except on its first accepted connection, where one fault is applied at
- * stream offset `at`: the client must notice every one of them. */
-enum fault { F_NONE, F_CORRUPT, F_DROP, F_DUP, F_SWAP, F_CLOSE, F_SILENT, F_DEAF };
+ * stream offset `at`: the client must notice every one of them. F_LATE echoes byte-exact
+ * but, once the client has ended its stream, sends its last byte once more before closing:
+ * a late duplicate that comes after every echo is back. F_HOLD reads nothing until `open`
+ * is set, echoes byte-exact up to `at`, then holds back what comes after it (hit once `len`
+ * bytes are held) until `release` is set. */
+enum fault { F_NONE, F_CORRUPT, F_DROP, F_DUP, F_SWAP, F_CLOSE, F_SILENT, F_DEAF, F_LATE, F_HOLD };
+
+enum { BAD_MAX_CONNS = 32 }; /* connections served at once; more wait in the backlog */
 
 struct bad_server {
     int lfd, port;
     enum fault fault;
-    uint64_t at, len; /* F_SWAP: blocks [at, at+len) and [at+len, at+2len) change places
-                       * (or the first two that differ after them) */
-    _Atomic int stop, nconns;
+    uint64_t at, len;           /* F_SWAP: blocks [at, at+len) and [at+len, at+2len) change places
+                                 * (or the first two that differ after them) */
+    _Atomic int stop, nconns;   /* nconns: accepted so far */
+    _Atomic bool open, release; /* F_HOLD: start reading; send what was held, echo again */
     _Atomic bool hit; /* the faulty connection's stream reached the fault (it was applied) */
-    pthread_t acceptor, conn_th[32];
+    pthread_t acceptor, conn_th[BAD_MAX_CONNS];
+    bool conn_running[BAD_MAX_CONNS];       /* (acceptor's) a thread to join */
+    _Atomic bool conn_ended[BAD_MAX_CONNS]; /* that thread is about to return */
 };
 
 struct bad_conn {
     struct bad_server *s;
-    int fd;
+    int fd, slot;
     bool faulty;
 };
 
@@ -767,23 +799,36 @@ static void *bad_conn_main(void *arg)
     uint64_t off = 0; /* bytes received */
     uint64_t swap_at = s->at;
     static _Thread_local uint8_t in[65536], out[2 * 65536 + 16];
-    uint8_t *hold = NULL;
+    uint8_t *hold = NULL, last = 0;
     size_t nhold = 0;
-    if (f == F_SWAP)
+    if (f == F_SWAP || f == F_HOLD)
         hold = malloc(2 * s->len);
     while (!atomic_load(&s->stop)) {
-        struct pollfd pf = {.fd = c->fd, .events = f == F_DEAF ? 0 : POLLIN};
-        int pr = poll(&pf, 1, 50);
-        if (pr <= 0 || f == F_DEAF)
+        if (f == F_HOLD && nhold > 0 && atomic_load(&s->release)) {
+            if (!bad_write_all(c->fd, hold, nhold))
+                break;
+            nhold = 0;
+            f = F_NONE;
+        }
+        bool deaf = f == F_DEAF || (f == F_HOLD && !atomic_load(&s->open));
+        struct pollfd pf = {.fd = c->fd, .events = deaf ? 0 : POLLIN};
+        int pr = poll(&pf, 1, f == F_HOLD ? 1 : 50);
+        if (pr <= 0 || deaf)
             continue;
         ssize_t n = read(c->fd, in, sizeof in);
+        if (n == 0 && f == F_LATE && off > 0) {
+            if (bad_write_all(c->fd, &last, 1))
+                atomic_store(&s->hit, true);
+            break;
+        }
         if (n <= 0)
             break;
+        last = in[n - 1];
         size_t no = 0;
         bool closing = false;
         for (ssize_t i = 0; i < n; i++, off++) {
             uint8_t b = in[i];
-            if (c->faulty && off == s->at && f != F_SWAP)
+            if (c->faulty && off == s->at && f != F_SWAP && f != F_LATE && f != F_HOLD)
                 atomic_store(&s->hit, true);
             switch (f) {
             case F_CORRUPT:
@@ -829,6 +874,16 @@ static void *bad_conn_main(void *arg)
                 break;
             case F_SILENT:
                 break;
+            case F_HOLD:
+                if (off < s->at) {
+                    out[no++] = b;
+                } else {
+                    CHECK(nhold < 2 * s->len); /* (the client sends no more than that) */
+                    hold[nhold++] = b;
+                    if (nhold == s->len)
+                        atomic_store(&s->hit, true);
+                }
+                break;
             default:
                 out[no++] = b;
             }
@@ -841,8 +896,23 @@ static void *bad_conn_main(void *arg)
 done:
     free(hold);
     close(c->fd);
+    atomic_store(&s->conn_ended[c->slot], true);
     free(c);
     return NULL;
+}
+
+/* A slot for a new connection's thread (joining one that ended), or -1 if all are busy. */
+static int bad_free_slot(struct bad_server *s)
+{
+    for (int i = 0; i < BAD_MAX_CONNS; i++) {
+        if (s->conn_running[i] && atomic_load(&s->conn_ended[i])) {
+            pthread_join(s->conn_th[i], NULL);
+            s->conn_running[i] = false;
+        }
+        if (!s->conn_running[i])
+            return i;
+    }
+    return -1;
 }
 
 static void *bad_accept_main(void *arg)
@@ -852,18 +922,21 @@ static void *bad_accept_main(void *arg)
         struct pollfd pf = {.fd = s->lfd, .events = POLLIN};
         if (poll(&pf, 1, 50) != 1)
             continue;
+        int slot = bad_free_slot(s);
+        if (slot < 0) { /* the connection waits in the backlog until a thread ends */
+            poll(NULL, 0, 1);
+            continue;
+        }
         int fd = accept4(s->lfd, NULL, NULL, SOCK_CLOEXEC);
         if (fd < 0)
             continue;
         int k = atomic_load(&s->nconns);
-        if (k == 32) {
-            close(fd);
-            continue;
-        }
         struct bad_conn *c = malloc(sizeof *c);
         CHECK(c != NULL);
-        *c = (struct bad_conn){.s = s, .fd = fd, .faulty = k == 0};
-        CHECK(pthread_create(&s->conn_th[k], NULL, bad_conn_main, c) == 0);
+        *c = (struct bad_conn){.s = s, .fd = fd, .slot = slot, .faulty = k == 0};
+        atomic_store(&s->conn_ended[slot], false);
+        CHECK(pthread_create(&s->conn_th[slot], NULL, bad_conn_main, c) == 0);
+        s->conn_running[slot] = true;
         atomic_store(&s->nconns, k + 1);
     }
     return NULL;
@@ -890,8 +963,9 @@ static void bad_server_stop(struct bad_server *s)
 {
     atomic_store(&s->stop, 1);
     pthread_join(s->acceptor, NULL);
-    for (int i = 0; i < atomic_load(&s->nconns); i++)
-        pthread_join(s->conn_th[i], NULL);
+    for (int i = 0; i < BAD_MAX_CONNS; i++)
+        if (s->conn_running[i])
+            pthread_join(s->conn_th[i], NULL);
     close(s->lfd);
 }
 
@@ -908,6 +982,7 @@ static bool shows_fault(enum fault f)
     case F_CORRUPT:
     case F_DUP:
     case F_SWAP:
+    case F_LATE:
         return run.status == 1 && result("verify_errors") >= 1;
     case F_CLOSE:
         return run.status == 1 && result("eof") + result("resets") + result("verify_errors") >= 1;
@@ -1000,6 +1075,64 @@ TEST(echo_detects_every_fault)
                 if (f == F_SILENT || f == F_DEAF)
                     CHECK(result("timeouts") >= 1);
             }
+        }
+    }
+}
+
+/* connrate judges each connection's whole stream: it half-closes once its message is sent
+ * and takes the server's end of stream as the end of the echo, so a byte that comes after
+ * the echo (a late duplicate, sent once the client ended its stream) is an error too; it
+ * was missed when the client closed as soon as the echo was complete. The first connection
+ * of each run is the faulty one; a run that did not reach the fault runs again, longer. */
+TEST(connrate_detects_every_fault)
+{
+    static const size_t sizes[] = {1, 1000, 70001};
+    static const struct {
+        enum fault f;
+        const char *name;
+    } faults[] = {{F_NONE, "none"},   {F_CORRUPT, "corrupt"}, {F_DROP, "drop"},
+                  {F_DUP, "dup"},     {F_DUP, "dup last"},    {F_LATE, "late dup"},
+                  {F_CLOSE, "close"}, {F_SILENT, "silent"},   {F_DEAF, "deaf"}};
+    for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++) {
+        for (size_t fi = 0; fi < sizeof faults / sizeof *faults; fi++) {
+            size_t size = sizes[si];
+            enum fault f = faults[fi].f;
+            uint64_t at = fi == 4 ? size - 1 : size / 2;
+            char ssz[32], ssecs[16];
+            snprintf(ssz, sizeof ssz, "%zu", size);
+            bool hit;
+            for (double secs = 0.3;; secs *= 2) {
+                struct bad_server s;
+                bad_server_start(&s, f, at, 1);
+                snprintf(ssecs, sizeof ssecs, "%.1f", secs);
+                fprintf(stderr, "== connrate fault %s size %zu at %" PRIu64 ", %s s\n",
+                        faults[fi].name, size, at, ssecs);
+                int64_t t0 = cpt_now_ms();
+                /* (a silent or deaf server's connection times out after 300 ms) */
+                bench("connrate", "--port", bad_port(&s), "-c", "1", "-s", ssz, "-T", ssecs, "-w",
+                      "0", "--connect-timeout", "300", NULL);
+                int64_t took = cpt_now_ms() - t0;
+                bad_server_stop(&s);
+                CHECK(took < (int64_t)(secs * 1000) + 10000); /* it stops by itself */
+                hit = atomic_load(&s.hit);
+                bool reached = hit || f == F_SILENT || f == F_DEAF;
+                if (f == F_NONE ? run.status != 0 || hit : reached)
+                    break;
+                CHECK(secs < 5); /* (a loaded machine: a longer run) */
+            }
+            if (f == F_NONE) {
+                CHECK_EQ(run.status, 0);
+                CHECK_EQ(result("errors"), 0);
+                CHECK(result("connections") > 0);
+                continue;
+            }
+            /* (A silent server closes once the client ended its stream: the end comes
+             * before the echo.) */
+            if (f == F_SILENT)
+                CHECK(run.status == 1 && result("eof") + result("timeouts") == 1);
+            else
+                CHECK(shows_fault(f));
+            CHECK_EQ(result("errors"), 1); /* the faulty connection, and only it */
         }
     }
 }
@@ -1179,5 +1312,186 @@ TEST(server_figures_are_not_taken_from_a_process_that_reused_its_pid)
             CHECK(strstr(run.out, "exited during the run") != NULL);
         }
     }
+    server_stop(&s);
+}
+
+/* ---- an interrupted window ------------------------------------------------------------------
+ * SIGINT ends the measured window; the messages it counts must be those completed in it.
+ * Once the window has begun (the mark file says "start") the server echoes N messages, then
+ * holds back the next DEPTH (the client, keeping DEPTH in flight, has completed all N by
+ * then); cport-bench is interrupted, and only once it has closed its window (the mark file
+ * says "end") are the held echoes sent: they complete after the window and must not be
+ * counted in it (they were, when a worker compared them with the end it had read before its
+ * last wait for events, up to 20 ms before). */
+struct interrupter {
+    struct bad_server *s;
+    const char *mark;
+    int err;
+};
+
+static void *interrupt_main(void *arg)
+{
+    struct interrupter *it = arg;
+    int64_t deadline = cpt_now_ms() + 20000;
+    while (!mark_has(it->mark, "start")) {
+        if (cpt_now_ms() > deadline) {
+            it->err = ETIMEDOUT;
+            return NULL;
+        }
+        usleep(200);
+    }
+    atomic_store(&it->s->open, true);
+    while (!atomic_load(&it->s->hit) || !atomic_load(&bench_pid)) {
+        if (cpt_now_ms() > deadline) {
+            it->err = ETIMEDOUT;
+            return NULL;
+        }
+        usleep(1000);
+    }
+    kill(atomic_load(&bench_pid), SIGINT);
+    while (!mark_has(it->mark, "end")) {
+        if (cpt_now_ms() > deadline) {
+            it->err = ETIMEDOUT;
+            break;
+        }
+        usleep(200);
+    }
+    atomic_store(&it->s->release, true);
+    return NULL;
+}
+
+TEST(interrupted_window_counts_only_its_messages)
+{
+    enum { N = 300, SIZE = 64, DEPTH = 4 };
+    char mark[64];
+    snprintf(mark, sizeof mark, "/tmp/cport_bench_mark.%d", (int)getpid());
+    for (int round = 0; round < 3; round++) {
+        struct bad_server s;
+        bad_server_start(&s, F_HOLD, (uint64_t)N * SIZE, (uint64_t)DEPTH * SIZE);
+        unlink(mark);
+        struct interrupter it = {.s = &s, .mark = mark};
+        pthread_t th;
+        CHECK(pthread_create(&th, NULL, interrupt_main, &it) == 0);
+        bench("echo", "--port", bad_port(&s), "-c", "1", "-s", "64", "-d", "4", "-T", "20", "-w",
+              "0", "--mark-file", mark, NULL);
+        pthread_join(th, NULL);
+        bad_server_stop(&s);
+        unlink(mark);
+        CHECK_EQ(it.err, 0);
+        CHECK_EQ(run.status, 0);
+        CHECK_EQ(result("interrupted"), 1);
+        CHECK_EQ(result("errors"), 0);
+        CHECK_EQ(result("msgs"), N); /* the window counts those before it */
+        /* The held ones came back after it (and at most one more round, sent before the
+         * client noticed the end). */
+        CHECK(result("total_msgs") >= N + DEPTH);
+        CHECK(result("secs") > 0);
+    }
+}
+
+/* ---- the server's CPU is sampled at the window's edges ----------------------------------------
+ * The window's edges are the moments the main thread sampled the server's CPU, however late
+ * it woke up for them: with planned edges, a late sample took in CPU the server spent outside
+ * the window. Here cport-bench is stopped (SIGSTOP: every thread) once its window has begun,
+ * the --server-pid stand-in spends BURN_MS of CPU meanwhile, and only then does cport-bench
+ * go on, long after its planned end (-T 0.2). A single-threaded stand-in cannot spend more
+ * CPU than the window lasts; planned edges reported the 600 ms in a 0.2 s window. */
+enum { BURN_MS = 600 };
+
+struct burner {
+    pid_t pid;
+    int cmd, done; /* write a byte to cmd: it burns BURN_MS of CPU, then writes one to done */
+};
+
+static struct burner burner_spawn(void)
+{
+    int c[2], d[2];
+    CHECK(pipe2(c, O_CLOEXEC) == 0 && pipe2(d, O_CLOEXEC) == 0);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        close(c[1]); /* (the end of the commands: when the test closes its end) */
+        close(d[0]);
+        char b;
+        while (read(c[0], &b, 1) == 1) {
+            struct timespec t0, t;
+            clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t0);
+            do
+                clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+            while ((t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000 < BURN_MS);
+            if (write(d[1], "x", 1) != 1)
+                break;
+        }
+        _exit(0);
+    }
+    close(c[0]);
+    close(d[1]);
+    return (struct burner){.pid = pid, .cmd = c[1], .done = d[0]};
+}
+
+struct stopper {
+    struct burner *b;
+    const char *mark;
+    bool late; /* the window had ended already when cport-bench was stopped */
+    int err;
+};
+
+static void *stopper_main(void *arg)
+{
+    struct stopper *st = arg;
+    int64_t deadline = cpt_now_ms() + 20000;
+    while (!mark_has(st->mark, "start") || !atomic_load(&bench_pid)) {
+        if (cpt_now_ms() > deadline) {
+            st->err = ETIMEDOUT;
+            return NULL;
+        }
+        usleep(200);
+    }
+    pid_t pid = atomic_load(&bench_pid);
+    kill(pid, SIGSTOP);
+    st->late = mark_has(st->mark, "end");
+    char c;
+    if (write(st->b->cmd, "x", 1) != 1 || read(st->b->done, &c, 1) != 1)
+        st->err = EIO;
+    kill(pid, SIGCONT);
+    return NULL;
+}
+
+TEST(server_cpu_is_sampled_at_the_window_edges)
+{
+    struct server s = server_start(NULL, NULL);
+    struct burner b = burner_spawn();
+    char mark[64], bpid[16];
+    snprintf(mark, sizeof mark, "/tmp/cport_bench_mark.%d", (int)getpid());
+    snprintf(bpid, sizeof bpid, "%d", (int)b.pid);
+    for (int mode = 0; mode < 2; mode++) {
+        for (double secs = 0.2;; secs *= 2) {
+            unlink(mark);
+            struct stopper st = {.b = &b, .mark = mark};
+            pthread_t th;
+            CHECK(pthread_create(&th, NULL, stopper_main, &st) == 0);
+            char ss[16];
+            snprintf(ss, sizeof ss, "%.1f", secs);
+            bench(mode ? "connrate" : "echo", "--port", port_str(&s), "-c", "1", "-T", ss, "-w",
+                  "0", "--server-pid", bpid, "--mark-file", mark, NULL);
+            pthread_join(th, NULL);
+            unlink(mark);
+            CHECK_EQ(st.err, 0);
+            if (!st.late)
+                break;
+            CHECK(secs < 3); /* (stopped after the window: a loaded machine; longer) */
+        }
+        CHECK_EQ(run.status, 0);
+        CHECK_EQ(result("server_cpu_ok"), 1);
+        double cpu_us = result("server_user_us") + result("server_sys_us");
+        fprintf(stderr, "server CPU %.0f us in a %.3f s window\n", cpu_us, result("secs"));
+        CHECK(cpu_us >= (BURN_MS - 20) * 1000.0);      /* the burn was in it */
+        CHECK(cpu_us <= result("secs") * 1e6 + 20000); /* (ticks: 10 ms each) */
+        CHECK(result("secs") >= BURN_MS / 1000.0);
+    }
+    close(b.cmd);
+    close(b.done);
+    CHECK(waitpid(b.pid, NULL, 0) == b.pid);
     server_stop(&s);
 }

@@ -114,6 +114,8 @@ typedef struct srec {
     uint64_t echoed;           /* bytes of sends accepted */
     uint32_t paused, deferred; /* times paused by an application thread / deferred */
     uint32_t after_stop;       /* on_close ran after the shutdown began */
+    int32_t sent_err;          /* an on_sent error other than -ECANCELED (-ETIMEDOUT: the
+                                  kernel gave up on the peer) */
 } srec;
 
 typedef enum ckind {
@@ -717,6 +719,8 @@ static void s_on_sent(cp_conn *c, void *ctx, int64_t result)
     uint64_t *block = ctx;
     if (result != (int64_t)block[0] && result >= 0)
         ADD(&w->ref_bad, 1);
+    if (result < 0 && result != -ECANCELED && LOAD(&u->have_idx))
+        STORE(&w->rec[u->idx].sent_err, (int32_t)result);
     ADD(&w->ref_done, 1);
     free(block);
     cb_leave(u);
@@ -966,13 +970,17 @@ static void client_step(world *w, client *cl, short revents, int64_t now)
             cl->hold_ms = 0; /* reads to the end from here on (see above) */
     }
     if (now - cl->start_ms > CLIENT_MS) {
+        /* The reason and errno are written before `closed` is set. */
+        srec *r = &w->rec[cl->idx];
+        uint32_t closed = LOAD(&r->closed);
         fprintf(stderr,
                 "chaos: FAILED with CPORT_SEED=%llu (round %d): client %u (%s) stuck: sent %zu of "
-                "%zu, got "
-                "%zu; server saw %llu, cut %u, closed %u\n",
+                "%zu, got %zu; server saw %llu, cut %u, closed %u (%s, %d), sends accepted %llu, "
+                "on_sent error %d\n",
                 (unsigned long long)w->base, w->round, cl->idx, kind_names[cl->kind], cl->sent,
-                cl->total, cl->got, (unsigned long long)LOAD(&w->rec[cl->idx].rx),
-                LOAD(&w->rec[cl->idx].cut), LOAD(&w->rec[cl->idx].closed));
+                cl->total, cl->got, (unsigned long long)LOAD(&r->rx), LOAD(&r->cut), closed,
+                closed ? cp_close_reason_name((cp_close_reason)r->reason) : "-",
+                closed ? r->err : 0, (unsigned long long)LOAD(&r->echoed), LOAD(&r->sent_err));
         CHECK(!"client finished in time");
     }
 }

@@ -131,7 +131,9 @@ uint32_t src_addr_for(const struct opts *o, uint64_t src_index);
  * A job runner keeps up to `slots` operations in flight on its own epoll. Each operation
  * connects, optionally sends one message and reads back and verifies its echo, then either
  * keeps the connection (keep: the fd goes to fds[job]) or closes it and starts the next one
- * (connrate). Every operation has a deadline (connect timeout). */
+ * (connrate: it half-closes after sending and is done at the server's end of stream, so that
+ * any byte beyond the echo is a verification error). Every operation has a deadline
+ * (connect timeout). */
 struct jobrun {
     const struct opts *o;
     bool echo, keep;
@@ -171,7 +173,9 @@ long proc_rss_kb(int pid);
 /* Number of open file descriptors of a process (entries of /proc/PID/fd), or -1. */
 long proc_fd_count(int pid);
 void mark_open(const char *path);
+/* Writes "what <ns>" to the mark file: now, or the monotonic time t. */
 void mark_write(const char *what);
+void mark_write_at(const char *what, int64_t t);
 
 void res_str(const char *key, const char *v);
 void res_int(const char *key, int64_t v);
@@ -195,13 +199,18 @@ bool cpu_same_process(const struct cpu_sample *a, const struct cpu_sample *b);
 
 /* The measured window, driven by the main thread: marks, server CPU samples, progress. */
 struct window {
-    _Atomic int64_t start, end; /* ns; workers classify completions with these */
-    int64_t t0;                 /* when warm-up began */
+    /* ns; INT64_MAX until the main thread publishes them (each just after a CPU sample, a
+     * little ahead of the time it was published). Workers classify each completion with
+     * them, loaded after reading the clock, and load on until the end has passed. */
+    _Atomic int64_t start, end;
+    int64_t t0; /* when warm-up began */
     struct cpu_sample cpu0, cpu1;
     double secs; /* actual measured duration */
 };
-/* Runs the warm-up and the measured window on the calling (main) thread. progress() returns
- * the operations completed so far (all threads); it is printed each second on a tty. */
+/* Runs the warm-up (o->warmup from w->t0) and the measured window (o->secs, or until
+ * SIGINT/SIGTERM) on the calling (main) thread; returns once the window's end has passed.
+ * progress() returns the operations completed so far (all threads); it is printed each
+ * second on a tty. */
 void window_run(const struct opts *o, struct window *w, uint64_t (*progress)(void *), void *arg,
                 const char *unit);
 void report_server_cpu(const struct opts *o, const struct window *w, uint64_t ops, const char *per);

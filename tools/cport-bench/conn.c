@@ -66,8 +66,8 @@ int run_connrate(struct opts *o)
 
     struct window win = {0};
     win.t0 = now_ns();
-    atomic_store(&win.start, win.t0 + (int64_t)(o->warmup * 1e9));
-    atomic_store(&win.end, atomic_load(&win.start) + (int64_t)(o->secs * 1e9));
+    atomic_store(&win.start, INT64_MAX); /* published by window_run */
+    atomic_store(&win.end, INT64_MAX);
     signals_block(true); /* only the main thread takes SIGINT */
     for (int t = 0; t < nt; t++) {
         struct jobrun *r = &jr[t];

@@ -182,7 +182,7 @@ static void pump_tx(struct eworker *w, struct econn *c, bool allow_new)
     }
 }
 
-static void on_readable(struct eworker *w, struct econn *c, int64_t ws, int64_t we)
+static void on_readable(struct eworker *w, struct econn *c)
 {
     const size_t size = w->o->size;
     const uint64_t depth = (uint64_t)w->o->depth;
@@ -201,7 +201,10 @@ static void on_readable(struct eworker *w, struct econn *c, int64_t ws, int64_t 
             kill_conn(w, c, &w->err.eof);
             return;
         }
+        /* The window is loaded after the clock is read (see publish_edge in util.c). */
         int64_t now = now_ns();
+        int64_t ws = atomic_load_explicit(&w->win->start, memory_order_relaxed);
+        int64_t we = atomic_load_explicit(&w->win->end, memory_order_relaxed);
         if (c->rx_seq * size + c->rx_off + (uint64_t)n > c->tx_seq * size + c->tx_off) {
             report_mismatch(w, c, "more bytes came back than were sent", NULL, 0);
             kill_conn(w, c, &w->err.verify_errors);
@@ -286,7 +289,7 @@ static void *eworker_main(void *arg)
         }
     }
     pthread_barrier_wait(&barrier); /* all connected */
-    pthread_barrier_wait(&barrier); /* window times set */
+    pthread_barrier_wait(&barrier); /* the warm-up begins */
 
     for (int i = 0; i < w->n; i++)
         if (!w->conns[i].dead && !bench_stopped())
@@ -296,9 +299,10 @@ static void *eworker_main(void *arg)
     int64_t drain_deadline = 0;
     for (;;) {
         int64_t now = now_ns();
-        int64_t ws = atomic_load_explicit(&w->win->start, memory_order_relaxed);
+        /* The main thread publishes the end (also when interrupted): it alone says when
+         * to stop sending. */
         int64_t we = atomic_load_explicit(&w->win->end, memory_order_relaxed);
-        if (!w->ending && (now >= we || bench_stopped())) {
+        if (!w->ending && now >= we) {
             w->ending = true;
             drain_deadline = now + (int64_t)(o->drain * 1e9);
         }
@@ -316,7 +320,7 @@ static void *eworker_main(void *arg)
             if (c->dead)
                 continue;
             if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP))
-                on_readable(w, c, ws, we);
+                on_readable(w, c);
             if (!c->dead && c->want_out && (evs[i].events & EPOLLOUT))
                 pump_tx(w, c, !w->ending);
         }
@@ -373,7 +377,7 @@ int run_echo(struct opts *o)
         fds[i] = -1;
 
     struct window win = {0};
-    atomic_store(&win.start, INT64_MAX);
+    atomic_store(&win.start, INT64_MAX); /* published by window_run */
     atomic_store(&win.end, INT64_MAX);
     pthread_barrier_init(&barrier, NULL, (unsigned)nt + 1);
 
@@ -403,8 +407,6 @@ int run_echo(struct opts *o)
     pthread_barrier_wait(&barrier);
     int64_t tc1 = now_ns();
     win.t0 = tc1;
-    atomic_store(&win.start, tc1 + (int64_t)(o->warmup * 1e9));
-    atomic_store(&win.end, atomic_load(&win.start) + (int64_t)(o->secs * 1e9));
     pthread_barrier_wait(&barrier);
 
     struct progress_arg pa = {ws, nt};

@@ -125,6 +125,13 @@ static bool slot_write(struct jobrun *r, struct slot *s)
         }
         s->tx_off += (size_t)w;
     }
+    /* connrate half-closes once the message is out: the server's end of stream then tells
+     * when it has sent everything, and whatever comes after the echo is caught (a late
+     * duplicate would otherwise arrive after the client had closed). */
+    if (!r->keep && shutdown(s->fd, SHUT_WR) < 0) {
+        slot_fail(r, s, &r->err.resets);
+        return false;
+    }
     return true;
 }
 
@@ -179,9 +186,14 @@ static void slot_readable(struct jobrun *r, struct slot *s)
             return;
         }
         if (n == 0) {
-            slot_fail(r, s, &r->err.eof);
+            if (s->rx_off == size && !r->keep) /* connrate: the server closed after the echo */
+                slot_done(r, s, now_ns(), true);
+            else
+                slot_fail(r, s, &r->err.eof);
             return;
         }
+        /* Beyond what was sent (also after the whole echo, before the server's end of
+         * stream), or not what was sent. */
         if (s->rx_off + (size_t)n > s->tx_off ||
             memcmp(r->rxbuf, s->msg + s->rx_off, (size_t)n) != 0) {
             slot_fail(r, s, &r->err.verify_errors);
@@ -189,8 +201,11 @@ static void slot_readable(struct jobrun *r, struct slot *s)
         }
         s->rx_off += (size_t)n;
         if (s->rx_off == size) {
-            slot_done(r, s, now_ns(), true);
-            return;
+            if (r->keep) {
+                slot_done(r, s, now_ns(), true);
+                return;
+            }
+            continue; /* the end of stream usually came with the echo: read it now */
         }
         if (n < RXBUF)
             return;
@@ -228,10 +243,9 @@ static void slot_event(struct jobrun *r, struct slot *s, uint32_t events, int64_
 
 static bool may_start(struct jobrun *r, int64_t now)
 {
-    if (bench_stopped())
-        return false;
     if (r->keep)
-        return r->next_job < r->njobs;
+        return r->next_job < r->njobs && !bench_stopped();
+    /* connrate: the load goes on until the window's end (also when interrupted). */
     return now < atomic_load_explicit(r->win_end, memory_order_relaxed);
 }
 

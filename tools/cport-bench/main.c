@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 static void on_signal(int sig)
 {
@@ -79,8 +80,10 @@ static void usage(FILE *f, const char *mode)
         fprintf(f,
                 "usage: cport-bench connrate [options]\n"
                 "Connection rate: each of CONCURRENCY slots loops connect -> send one message\n"
-                "-> read and verify its echo -> close. Reports conns/s and latency (connect\n"
-                "to close).\n"
+                "and half-close -> read and verify its echo up to the server's end of stream\n"
+                "(a byte beyond the echo is a verification error; a server that does not\n"
+                "close after the client's end times out) -> close. Reports conns/s and\n"
+                "latency (connect to the server's end of stream).\n"
                 "  -c, --conns N       concurrent slots (default 64)\n"
                 "  -s, --size BYTES    message size (default 64)\n"
                 "  -T, --secs SEC      measured duration (default 5)\n"
@@ -336,13 +339,22 @@ int main(int argc, char **argv)
         if (setrlimit(RLIMIT_NOFILE, &want) == 0)
             rl = want;
     }
-    unsigned long long need = (unsigned long long)o.conns + CB_FD_MARGIN + (unsigned)o.threads;
+    /* Descriptors open already (inherited from the parent) count too; stdio is in the
+     * margin, and so is the one listing them (counted among them). */
+    long open_now = proc_fd_count(getpid());
+    unsigned long long inherited = open_now > 4 ? (unsigned long long)open_now - 4 : 0;
+    unsigned long long need =
+        (unsigned long long)o.conns + CB_FD_MARGIN + (unsigned)o.threads + inherited;
     if (rl.rlim_cur != RLIM_INFINITY && need > (unsigned long long)rl.rlim_cur) {
+        char open_note[96] = "";
+        if (inherited)
+            snprintf(open_note, sizeof open_note, ", %llu of them open already at start",
+                     inherited);
         fprintf(stderr,
-                "cport-bench: %d connections need %llu file descriptors, but this process may "
-                "open at most %llu (RLIMIT_NOFILE %s limit); use fewer connections or run "
+                "cport-bench: %d connections need %llu file descriptors%s, but this process "
+                "may open at most %llu (RLIMIT_NOFILE %s limit); use fewer connections or run "
                 "several cport-bench processes\n",
-                o.conns, need, (unsigned long long)rl.rlim_cur,
+                o.conns, need, open_note, (unsigned long long)rl.rlim_cur,
                 rl.rlim_cur == rl.rlim_max ? "hard" : "soft");
         return 2;
     }

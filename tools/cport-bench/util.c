@@ -279,10 +279,15 @@ void mark_open(const char *path)
 
 void mark_write(const char *what)
 {
+    mark_write_at(what, now_ns());
+}
+
+void mark_write_at(const char *what, int64_t t)
+{
     if (mark_fd < 0)
         return;
     char line[96];
-    int n = snprintf(line, sizeof line, "%s %" PRId64 "\n", what, now_ns());
+    int n = snprintf(line, sizeof line, "%s %" PRId64 "\n", what, t);
     if (write(mark_fd, line, (size_t)n) != n)
         fprintf(stderr, "cport-bench: writing the mark file failed\n");
 }
@@ -365,11 +370,41 @@ void say(const char *fmt, ...)
 
 /* ---- the measured window ------------------------------------------------------------------------
  */
+/* Sleeps until the monotonic time t (ns), stop or no stop. */
+static void sleep_through(int64_t t)
+{
+    struct timespec ts = {.tv_sec = (time_t)(t / 1000000000), .tv_nsec = (long)(t % 1000000000)};
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+        ;
+}
+
+/* How far ahead of its publication a window edge lies: see publish_edge(). */
+enum { EDGE_MARGIN_NS = 2000000 };
+
+/* Samples the server's CPU into *cpu and publishes *edge (the window's start or end) just
+ * after, a little ahead of now; returns it once it has passed. The edges are where the CPU
+ * was sampled (each EDGE_MARGIN_NS and half a sample's read later, the same at both ends),
+ * however late the main thread woke: planned edges with samples taken when it woke up left
+ * the CPU of that delay (the whole warm-up's load, or the drain) out or in. A worker reads
+ * the clock, then loads the edge: one that still loads the old value (INT64_MAX, not yet)
+ * loaded it before the edge was stored, so its completion came before the edge, unless this
+ * thread was descheduled for longer than the margin right here. */
+static int64_t publish_edge(const struct opts *o, _Atomic int64_t *edge, struct cpu_sample *cpu,
+                            const char *mark)
+{
+    *cpu = cpu_sample_take(o->server_pid);
+    int64_t t = now_ns() + EDGE_MARGIN_NS;
+    atomic_store(edge, t);
+    sleep_through(t);
+    mark_write_at(mark, t);
+    return t;
+}
+
 void window_run(const struct opts *o, struct window *w, uint64_t (*progress)(void *), void *arg,
                 const char *unit)
 {
     bool tty = isatty(STDOUT_FILENO) && !o->json;
-    int64_t t_start = atomic_load(&w->start), t_end = atomic_load(&w->end);
+    int64_t t_start = w->t0 + (int64_t)(o->warmup * 1e9), t_end = INT64_MAX;
     int64_t next_tick = w->t0 + 1000000000;
     uint64_t last_ops = 0;
     int64_t last_t = w->t0;
@@ -381,11 +416,11 @@ void window_run(const struct opts *o, struct window *w, uint64_t (*progress)(voi
         if (t_end < target)
             target = t_end;
         if (!sleep_until(target))
-            break;
+            break; /* interrupted: the window ends now */
         int64_t now = now_ns();
         if (!started && now >= t_start) {
-            w->cpu0 = cpu_sample_take(o->server_pid);
-            mark_write("start");
+            t_start = publish_edge(o, &w->start, &w->cpu0, "start");
+            t_end = t_start + (int64_t)(o->secs * 1e9);
             started = true;
         }
         if (now >= t_end)
@@ -403,16 +438,13 @@ void window_run(const struct opts *o, struct window *w, uint64_t (*progress)(voi
             next_tick += 1000000000;
         }
     }
-    int64_t now = now_ns();
-    if (now < t_end) { /* interrupted: the window ends now */
-        atomic_store(&w->end, now);
-        t_end = now;
-    }
     if (started) {
-        w->cpu1 = cpu_sample_take(o->server_pid);
-        mark_write("end");
+        t_end = publish_edge(o, &w->end, &w->cpu1, "end");
         w->secs = (double)(t_end - t_start) / 1e9;
-    } else {
+    } else { /* interrupted in the warm-up: nothing counted (the start is INT64_MAX) */
+        int64_t t = now_ns() + EDGE_MARGIN_NS;
+        atomic_store(&w->end, t);
+        sleep_through(t);
         w->secs = 0;
     }
 }
