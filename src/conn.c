@@ -38,6 +38,7 @@ static int post_rx(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op);
 static void post_idle_slots(cp_server *sv, cp__worker *w, cp_conn *c);
 static bool drain_reading(cp_conn *c);
 static void read_again(cp_server *sv, cp__worker *w, cp_conn *c);
+static void reset_on_close(cp_conn *c);
 
 /* ---- the state word ---------------------------------------------------------------------- */
 
@@ -446,6 +447,21 @@ static void bound_late_send(cp_server *sv, cp_conn *c)
 
 /* Begin closing (any thread). With drain, the close waits for queued sends; without, they
  * are cancelled. The first caller's reason and errno stick. */
+/* Close at once: the replies still queued are cancelled. If there are some, the stream is
+ * cut, and a plain close would end it with a FIN after the part the kernel held, a cut
+ * stream passing for a whole one: the peer gets a reset, as from cp_conn_abort(). With
+ * nothing queued the stream is whole (a quiet connection reaped, a refused one): a FIN.
+ * Decided under the socket's lock, where sends count what they queue, sealing an idle
+ * socket: a send racing the abort from another thread (holding a cp_conn_ref) is refused
+ * (-EPIPE) or counted, never queued behind a FIN for the close to cancel. */
+static void abort_now(cp_server *sv, cp_conn *c)
+{
+    if (!cp__socket_seal_if_idle(&c->s, &c->pending))
+        reset_on_close(c);
+    cp_socket_cancel_all(&c->s);
+    issue_close(sv, c);
+}
+
 static void start_close(cp_server *sv, cp_conn *c, cp_close_reason reason, int err, bool drain)
 {
     uint64_t st = st_load(c);
@@ -454,8 +470,7 @@ static void start_close(cp_server *sv, cp_conn *c, cp_close_reason reason, int e
             if (!drain && (st & CF_DRAIN)) {
                 /* An abort overrides a graceful close in progress. */
                 st_clear(c, CF_DRAIN);
-                cp_socket_cancel_all(&c->s);
-                issue_close(sv, c);
+                abort_now(sv, c);
             }
             return;
         }
@@ -472,8 +487,7 @@ static void start_close(cp_server *sv, cp_conn *c, cp_close_reason reason, int e
     if (reason == CP_CLOSE_HANDSHAKE_TIMEOUT || reason == CP_CLOSE_IDLE_TIMEOUT)
         __atomic_add_fetch(&sv->conns_reaped, 1, __ATOMIC_RELAXED);
     if (!drain) {
-        cp_socket_cancel_all(&c->s);
-        issue_close(sv, c);
+        abort_now(sv, c);
         return;
     }
     /* Receives go on (dropping data) so that the peer's input is consumed; the close
@@ -653,17 +667,8 @@ static void timed_out(cp_server *sv, cp_conn *c, uint32_t now)
         cp__lock_release(&c->lock);
     } else {
         /* Under the lock (as cp_conn_abort from a callback), so that none of c's
-         * callbacks runs between the decision and the close. */
-        /* Aborted: queued replies are cancelled. If some were queued, the stream is cut,
-         * and a plain close would end it with a FIN after the part the kernel held, a cut
-         * stream passing for a whole one: reset, as cp_conn_abort() does. With nothing
-         * queued (a quiet connection reaped) the stream is whole: a FIN, as a graceful
-         * close would send. Other threads may send until the close begins (holding a
-         * cp_conn_ref, not this lock): so with nothing queued the socket is sealed, under
-         * its lock, where sends count what they queue; a send that comes later fails
-         * (-EPIPE) instead of being queued for the close to cancel behind a FIN. */
-        if (!cp__socket_seal_if_idle(&c->s, &c->pending))
-            reset_on_close(c);
+         * callbacks runs between the decision and the close. Aborted: queued replies are
+         * cancelled, and the peer gets a reset if some were (abort_now). */
         CP__INJECT_DELAY("timed_out"); /* a send, or the next tick's sweep, may come */
         start_close(sv, c, (cp_close_reason)reason, 0, false); /* counts it (once) */
         cp__lock_release(&c->lock);

@@ -201,6 +201,13 @@ int cp__transmit_run(cp_handle *h, cp_transmit_op *t);
  * nothing queued behind it follows its hole. Handle lock held. (transmit.c) */
 void cp__transmit_failed(cp_handle *h, cp_transmit_op *t);
 
+/* A send or transmit failed after part of it went out: shut down h's sending side, so
+ * that the sends behind it fail instead of following the hole. Not a datagram socket's
+ * (UDP, AF_UNIX SOCK_DGRAM): it has no stream to cut (the datagrams that went out are
+ * whole), its peer would not be told, and the shutdown would only refuse every later send
+ * for good. Handle lock held; failure paths only (it may ask the socket's type). (socket.c) */
+void cp__shutdown_sending(cp_handle *h);
+
 /* A send or transmit that continues a stream whose earlier bytes expect it (the server's
  * connections: CP__OPF_STREAM, CP__TF_STREAM) failed, other than by a cancel or timeout,
  * before or after its first byte: reset the connection now (SO_LINGER {1, 0} and a

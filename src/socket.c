@@ -221,6 +221,18 @@ void cp__stream_cut(cp_handle *h)
     connect(h->fd, &unspec, sizeof(unspec));
 }
 
+void cp__shutdown_sending(cp_handle *h)
+{
+    if (h->cp__flags & CP__H_DGRAM) { /* not TCP: maybe not a stream at all */
+        int type = SOCK_STREAM;
+        socklen_t len = sizeof(type);
+        if (getsockopt(h->fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type != SOCK_STREAM &&
+            type != SOCK_SEQPACKET)
+            return;
+    }
+    shutdown(h->fd, SHUT_WR);
+}
+
 static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
 {
     /* The first op queued behind a connect (which waited for it), read before it leaves. */
@@ -258,7 +270,7 @@ static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
             cp__stream_cut(h); /* the server's: even before its first byte */
         else if (res != -ECANCELED && op->cp__done > 0 &&
                  (op->opcode == CP_OP_SEND || op->opcode == CP_OP_CONNECT))
-            shutdown(h->fd, SHUT_WR);
+            cp__shutdown_sending(h);
         if (res == -ECANCELED && (op->cp__flags & CP__OPF_TIMEDOUT))
             res = -ETIMEDOUT;
         if (op->opcode == CP_OP_ACCEPT) {

@@ -108,7 +108,7 @@ void cp__transmit_failed(cp_handle *h, cp_transmit_op *t)
     if (t->cp__flags & CP__TF_STREAM)
         cp__stream_cut(h);
     else if (t->sent > 0)
-        shutdown(h->fd, SHUT_WR);
+        cp__shutdown_sending(h);
 }
 
 int cp__transmit_run(cp_handle *h, cp_transmit_op *t)

@@ -6886,6 +6886,60 @@ TEST(a_reply_failing_before_its_first_byte_lets_nothing_after_it_out)
 #endif
 }
 
+/* Every abort that cancels replies still queued cuts the stream, whatever closes it (here
+ * on_open refusing a connection after a reply larger than the socket takes; also a
+ * delivery out of memory, a receive that cannot be posted): the peer gets a reset, not
+ * the part the kernel held followed by a FIN. (Before, only cp_conn_abort, a timeout and
+ * a send cut short reset.) A refusal with nothing queued still ends with a FIN. */
+static int refuse_after_reply(cp_conn *c)
+{
+    static uint8_t reply[8 << 20];
+    int small = 4096;
+    CHECK_OK(cp_conn_setsockopt(c, SOL_SOCKET, SO_SNDBUF, &small, sizeof small));
+    int *big = cp_server_user(cp_conn_server(c));
+    if (LOAD(big))
+        CHECK_OK(cp_conn_send(c, reply, sizeof reply));
+    else
+        CHECK_OK(cp_conn_send(c, reply, 100));
+    return -1;
+}
+
+TEST(an_abort_cancelling_queued_replies_resets_the_peer)
+{
+    int big = 1;
+    cp_server_callbacks cb = {.on_open = refuse_after_reply, .on_data = ignore_data};
+    cp_server_options o = {.bind = "127.0.0.1", .threads = 1, .user = &big};
+    o.port_options.flags |= CP_PORT_QUIET;
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_start(sv));
+    int fd = connect_not_reading(cp_server_listen_port(sv));
+    size_t got = 0;
+    int how = -1;
+    CHECK(read_to_close(fd, cpt_now_ms() + IO_MS, &got, &how) >= 0);
+    fprintf(stderr, "refused with 8 MiB queued: the peer got %zu bytes, then %s\n", got,
+            how ? strerror(how) : "EOF");
+    CHECK(got < (8u << 20));
+    CHECK_EQ(how, ECONNRESET);
+    close(fd);
+    /* Nothing queued (epoll: the 100 bytes went out inside the call): a whole stream, and
+     * a FIN. On io_uring the send is queued until its completion is seen, so the refusal
+     * may find it queued, and reset. */
+    STORE(&big, 0);
+    fd = connect_not_reading(cp_server_listen_port(sv));
+    CHECK(read_to_close(fd, cpt_now_ms() + IO_MS, &got, &how) >= 0);
+    fprintf(stderr, "refused with 100 bytes sent: the peer got %zu bytes, then %s\n", got,
+            how ? strerror(how) : "EOF");
+    CHECK(got == 0 || got == 100);
+    if (strcmp(cpt_backend(), "epoll") == 0) {
+        CHECK_EQ(got, 100);
+        CHECK_EQ(how, 0);
+    }
+    close(fd);
+    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
+    cp_server_destroy(sv);
+}
+
 /* Each pool thread's record (its caches, what on_data is handing over) is made when the
  * server is created: a worker's first completion needs no memory. It used to be allocated
  * then, and a worker that found no memory waited for some, for ever if none came (the

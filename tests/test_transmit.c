@@ -686,6 +686,53 @@ TEST(transmit_failing_before_any_byte_leaves_the_socket_usable)
     cp_port_destroy(p);
 }
 
+/* A datagram socket has no stream to cut: a transmit failing after some of its datagrams
+ * went out leaves no hole for later sends to follow, and the peer could not be told of an
+ * end anyway. So its sending side stays open (shut down, a UDP socket refuses every later
+ * send with -EPIPE, for good, its peer none the wiser). Here the first element goes out as
+ * a datagram of its own (nothing with bytes follows it), then the pipe is refused. */
+TEST(a_datagram_transmit_failing_midway_leaves_the_socket_usable)
+{
+    cp_port *p = make_port();
+    int peer = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    CHECK(peer >= 0);
+    set_rcvtimeo(peer);
+    struct sockaddr_in sa = loopback(0);
+    CHECK_OK(bind(peer, (struct sockaddr *)&sa, sizeof(sa)));
+    socklen_t len = sizeof(sa);
+    CHECK_OK(getsockname(peer, (struct sockaddr *)&sa, &len));
+    int tx = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    CHECK(tx >= 0);
+    CHECK_OK(connect(tx, (struct sockaddr *)&sa, sizeof(sa)));
+    cp_socket s;
+    CHECK_OK(cp_socket_associate(&s, p, tx, 1));
+    int pp[2];
+    CHECK_OK(pipe2(pp, O_CLOEXEC));
+    cp_packet el[2] = {{.buf = "abc", .len = 3, .fd = -1}, {.fd = pp[0], .offset = 0, .len = 0}};
+    cp_transmit_op t = {0};
+    CHECK_OK(cp_socket_transmit_packets(&s, &t, el, 2, 0));
+    CHECK_EQ(next_of(p, &t.op), -EINVAL);
+    CHECK_EQ(t.sent, 3);
+    cp_op sop = {0};
+    CHECK_OK(cp_socket_send(&s, &sop, "after", 5));
+    int64_t r = next_of(p, &sop);
+    if (r != 5)
+        fprintf(stderr, "the send after the failed transmit: %s\n", cp_strerror((int)r));
+    CHECK_EQ(r, 5);
+    char b[16];
+    CHECK_EQ(recv(peer, b, sizeof b, 0), 3);
+    CHECK(memcmp(b, "abc", 3) == 0);
+    CHECK_EQ(recv(peer, b, sizeof b, 0), 5);
+    CHECK(memcmp(b, "after", 5) == 0);
+    cp_op cop = {0};
+    CHECK_OK(cp_socket_close(&s, &cop));
+    CHECK_EQ(next_of(p, &cop), 0);
+    close(peer);
+    close(pp[0]);
+    close(pp[1]);
+    cp_port_destroy(p);
+}
+
 /* ---- TransmitPackets: ordering with plain sends ----------------------------------------- */
 
 typedef struct qop {

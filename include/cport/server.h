@@ -89,7 +89,8 @@ typedef struct cp_server_callbacks {
      * has TCP_NODELAY set (cp_conn_setsockopt() to change that). Return 0 (or any value
      * >= 0) to keep it; a negative value closes it at once, and no other callback runs for
      * it, except on_sent for each send with a ctx that on_open started (an accepted send
-     * always reports: the send is cancelled, or done if it went out first). Optional. */
+     * always reports: the send is cancelled, or done if it went out first; if one was
+     * still queued, the peer gets a reset, not a FIN after a cut stream). Optional. */
     int (*on_open)(cp_conn *c);
     /* Data arrived: in stream mode a chunk of bytes (any size >= 1), in framed mode the
      * payload of one whole frame (may be 0 bytes). `data` is valid until the callback

@@ -239,9 +239,10 @@ CP_EXTERN size_t cp_buffer_size(const cp_port *port);
  * (cp_socket_transmit_packets()): the peer gets the bytes that went out, then the end of
  * the stream, and sends (and transmits) queued behind it or started later fail (-EPIPE)
  * rather than follow the hole. One that fails before its first byte leaves the socket as
- * it was. Not one that is cancelled, times out or is cut by cp_socket_close()
- * (-ECANCELED, -ETIMEDOUT): see cp_socket_cancel(). Never raises SIGPIPE. 0 < len < 4 GiB
- * (len 0 is -EINVAL). */
+ * it was, and so does any failure on a datagram socket (UDP, AF_UNIX SOCK_DGRAM): what
+ * went out are whole datagrams, there is no stream to cut. Not one that is cancelled,
+ * times out or is cut by cp_socket_close() (-ECANCELED, -ETIMEDOUT): see
+ * cp_socket_cancel(). Never raises SIGPIPE. 0 < len < 4 GiB (len 0 is -EINVAL). */
 CP_EXTERN int cp_socket_send(cp_socket *s, cp_op *op, const void *buf, size_t len);
 
 /* Send iov[0..iovcnt-1] (gather), in full; as cp_socket_send(), results and the rule for
@@ -379,12 +380,13 @@ typedef struct cp_transmit_op {
  * wait for room in the socket, see the top of this file) shuts down the socket's sending
  * side, as a send does (cp_socket_send()): sends queued behind it then fail (-EPIPE)
  * rather than follow the hole in the stream. One that fails before its first byte leaves
- * the socket as it was. (Not one that is cancelled or times out: see
- * cp_socket_cancel().) Never raises SIGPIPE. A file must not be
- * truncated or rewritten while it is being sent: the kernel sends its page-cache pages
- * without copying them, so bytes already handed to it may go out as zeros or as the new
- * contents, without any error (only a range the file no longer has when it is read fails,
- * with -EIO); replace a file by renaming a new one over it instead. */
+ * the socket as it was, as does one on a datagram socket (see cp_socket_send()). (Not
+ * one that is cancelled or times out: see cp_socket_cancel().) Never raises SIGPIPE. A
+ * file must not be truncated or rewritten while it is being sent: the kernel sends its
+ * page-cache pages without copying them, so bytes already handed to it may go out as
+ * zeros or as the new contents, without any error (only a range the file no longer has
+ * when it is read fails, with -EIO); replace a file by renaming a new one over it
+ * instead. */
 CP_EXTERN int cp_socket_transmit_packets(cp_socket *s, cp_transmit_op *op, const cp_packet *elems,
                                          unsigned n, unsigned flags);
 
