@@ -323,17 +323,45 @@ static void issue_close(cp_server *sv, cp_conn *c)
     }
 }
 
-/* Whether closing c now loses nothing: the peer acknowledged every byte sent, and no input
- * waits unread (closing with unread input answers with a reset instead of a FIN). */
-static bool quiet_both_ways(cp_conn *c)
+/* What the kernel still holds of a graceful close's stream. */
+typedef enum wire {
+    WIRE_DONE,    /* every byte sent is acknowledged (the FIN too, once sent) and no input
+                     waits unread, or the connection is gone (reset, or given up): closing
+                     loses nothing (closing with unread input answers with a reset) */
+    WIRE_INPUT,   /* every byte sent is acknowledged; the peer's input waits unread */
+    WIRE_MOVING,  /* bytes unacknowledged, and the kernel is getting them through */
+    WIRE_STALLED, /* bytes unacknowledged, and the kernel is retransmitting them, or
+                     probing a window too small for its next segment, with no progress
+                     since it began: what TCP_USER_TIMEOUT measures (tcpi_retransmits is
+                     reset when the peer acknowledges new data, tcpi_backoff at a round-trip
+                     sample or when the window opens) */
+} wire;
+
+/* The kernel's view of c's stream. With `queued` (replies still wait in the server, so the
+ * kernel holds bytes of them) only whether it is stalled. */
+static wire wire_state(cp_conn *c, bool queued)
 {
-    int out = 0, in = 0;
     int fd = cp__socket_fd_hold(&c->s);
     if (fd < 0)
-        return true; /* another thread issued the close already: issue_close() is a no-op */
-    bool failed = ioctl(fd, SIOCOUTQ, &out) < 0 || ioctl(fd, SIOCINQ, &in) < 0;
+        return WIRE_DONE; /* another thread issued the close already: issue_close() is a no-op */
+    int out = 1, in = 0;
+    wire w;
+    if (!queued && (ioctl(fd, SIOCOUTQ, &out) < 0 || (out == 0 && ioctl(fd, SIOCINQ, &in) < 0))) {
+        w = WIRE_DONE;
+    } else if (out == 0) {
+        w = in ? WIRE_INPUT : WIRE_DONE;
+    } else {
+        struct tcp_info ti;
+        socklen_t len = sizeof ti;
+        if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0)
+            w = WIRE_STALLED; /* progress cannot be told: linger_ms bounds the close */
+        else if (ti.tcpi_state == TCP_CLOSE)
+            w = WIRE_DONE;
+        else
+            w = ti.tcpi_retransmits || ti.tcpi_backoff ? WIRE_STALLED : WIRE_MOVING;
+    }
     cp__socket_fd_release(&c->s);
-    return failed || (out == 0 && in == 0);
+    return w;
 }
 
 /* FIN to the peer, unless the close was issued meanwhile (by another thread: the sweep and
@@ -380,11 +408,14 @@ int cp_conn_shutdown_send(cp_conn *c)
 }
 
 /* A graceful close moves on (any thread). Once every reply is in the kernel: close if the
- * peer has ended, or has acknowledged everything and sent nothing unread; else send FIN
- * and linger, reading and dropping what the peer still sends, until that holds (checked
- * at each tick, see cp__conn_sweep), the peer ends, or linger_ms pass. Closing a socket
- * with unread input makes the kernel answer with a reset, which destroys replies still
- * on their way to the peer. */
+ * peer has acknowledged everything and sent nothing unread; else send FIN and linger,
+ * reading and dropping what the peer still sends (until it ends), until that holds
+ * (checked at each tick, see sweep_step), or until the replies have made no progress for
+ * linger_ms (then with a reset). Closing a socket with unread input makes the kernel
+ * answer with a reset, which destroys replies still on their way to the peer. Closing one
+ * with replies unacknowledged, also after the peer's end, leaves them to an orphaned
+ * socket, which the kernel gives up silently if the peer stops taking them: the peer,
+ * waiting to read, would never learn that its stream was cut. */
 static void drain_step(cp_server *sv, cp_conn *c)
 {
     uint64_t st = st_load(c);
@@ -397,14 +428,12 @@ static void drain_step(cp_server *sv, cp_conn *c)
     if (!cp__socket_seal_if_idle(&c->s, &c->pending))
         return;
     CP__INJECT_DELAY("drain_sealed"); /* another thread may issue the close meanwhile */
-    if (st & CF_RX_ENDED) {
-        issue_close(sv, c);
-        return;
-    }
-    if (quiet_both_ways(c)) {
+    if (wire_state(c, false) == WIRE_DONE) {
         /* FIN first: input arriving between the check and the close then draws a reset
-         * only after the peer has its FIN, and it reads the end, not the reset. */
-        shutdown_write(c);
+         * only after the peer has its FIN, and it reads the end, not the reset. (None can
+         * come once the peer has ended.) */
+        if (!(st & CF_RX_ENDED))
+            shutdown_write(c);
         issue_close(sv, c);
         return;
     }
@@ -421,16 +450,16 @@ static void drain_step(cp_server *sv, cp_conn *c)
 }
 
 /* Replies are still queued when a graceful close begins. A peer that has stopped reading
- * would keep them, and the connection, forever (zero-window probes keep TCP alive), so the
- * kernel is asked to give up once nothing has been acknowledged for linger_ms
- * (TCP_USER_TIMEOUT, which also covers a zero window): the connection then fails with
- * ETIMEDOUT, and its sends with it, which aborts the close. (Linux counts a zero window
- * that opens by less than the next segment as no progress either: a slow reader with a
- * small window can be cut; server.h says so at linger_ms.) (The server listens on TCP
+ * would keep them, and the connection, forever (zero-window probes keep TCP alive). The
+ * sweep resets the connection once they have made no progress for linger_ms (sweep_step);
+ * should it not (the server stalled), the kernel gives up a while later
+ * (TCP_USER_TIMEOUT, which also covers a zero window: linger_backstop_ms): the connection
+ * then fails with ETIMEDOUT, and its sends with it, which aborts the close, but without a
+ * reset (tcp_write_err), so the sweep must come first. (The server listens on TCP
  * only.) */
 static void bound_drain(cp_server *sv, cp_conn *c)
 {
-    unsigned ms = sv->o.linger_ms;
+    unsigned ms = sv->linger_backstop_ms;
     cp_conn_setsockopt(c, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof(ms));
 }
 
@@ -464,6 +493,10 @@ static void abort_now(cp_server *sv, cp_conn *c)
 
 static void start_close(cp_server *sv, cp_conn *c, cp_close_reason reason, int err, bool drain)
 {
+    /* The tick bits: the errno, or for a graceful close (never CP_CLOSE_ERROR) the linger
+     * unit its replies last made progress in: now. */
+    uint64_t tick_bits = drain ? (uint16_t)(cp__server_tick(sv) >> sv->linger_shift)
+                               : (uint16_t)(err < 0 ? -err : 0);
     uint64_t st = st_load(c);
     for (;;) {
         if (st & CF_CLOSING) {
@@ -475,8 +508,7 @@ static void start_close(cp_server *sv, cp_conn *c, cp_close_reason reason, int e
             return;
         }
         uint64_t want = (st & ~(CS_TICK_MASK | CF_REASON_MASK)) | CF_CLOSING |
-                        ((uint64_t)reason << CF_REASON_SHIFT) |
-                        ((uint64_t)(uint16_t)(err < 0 ? -err : 0) << CS_TICK_SHIFT) |
+                        ((uint64_t)reason << CF_REASON_SHIFT) | tick_bits << CS_TICK_SHIFT |
                         (drain ? CF_DRAIN : 0);
         if (__atomic_compare_exchange_n(&c->state, &st, want, true, __ATOMIC_SEQ_CST,
                                         __ATOMIC_SEQ_CST))
@@ -735,31 +767,63 @@ static void read_on(cp_server *sv, cp_conn *c)
     cp__lock_release(&c->lock);
 }
 
+/* A graceful close's replies made progress: its linger counts from the current unit. */
+static void linger_progress(cp_server *sv, cp_conn *c)
+{
+    uint64_t unit = (uint16_t)(cp__server_tick(sv) >> sv->linger_shift);
+    uint64_t st = st_load(c);
+    while ((st & (CF_DRAIN | CF_CLOSE_ISSUED)) == CF_DRAIN && st_tick(st) != unit) {
+        uint64_t want = (st & ~CS_TICK_MASK) | unit << CS_TICK_SHIFT;
+        if (__atomic_compare_exchange_n(&c->state, &st, want, true, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST))
+            return;
+    }
+}
+
+/* A graceful close at a tick. It ends when the peer has every reply (and the FIN), and has
+ * sent nothing unread. Else it is bounded by progress: the tick bits hold the linger unit in
+ * which the replies were last seen moving (in the server's queue, or in the kernel's), and
+ * once linger_ms pass without, the connection is reset, while the kernel still holds it.
+ * Left to the kernel (TCP_USER_TIMEOUT, an orphaned socket) a stalled connection is dropped
+ * without a word, and a peer that has taken all it was given waits for the rest forever.
+ * With every reply acknowledged, what the peer still sends is read and dropped for at most
+ * linger_ms, and the close then resets it (unread input) after the peer's FIN. */
 static void sweep_step(cp_server *sv, cp_conn *c, uint32_t now)
 {
     uint64_t st = st_load(c);
-    if (st & CF_CLOSING) {
-        if (st & CF_CLOSE_ISSUED)
-            return;
-        if (!(st & CF_DRAIN)) {
-            issue_close(sv, c); /* it could not get its op (out of memory): retry */
-        } else if (!(st & CF_LINGER)) {
-            drain_step(sv, c);
-            /* Replies still going out: a peer blocked writing reads them only once its
-             * input is taken, which backpressure may have paused. */
-            read_on(sv, c);
-        } else if (ticks_since(now >> sv->linger_shift, st_tick(st)) >= sv->linger_units) {
-            start_close(sv, c, (cp_close_reason)((st & CF_REASON_MASK) >> CF_REASON_SHIFT), 0,
-                        false); /* lingered long enough: abort */
-        } else if (quiet_both_ways(c)) {
-            issue_close(sv, c); /* the peer has every reply */
-        } else {
-            read_on(sv, c);
-        }
+    if (!(st & CF_CLOSING)) {
+        if (timeout_due(sv, c, st, now) >= 0)
+            timed_out(sv, c, now);
         return;
     }
-    if (timeout_due(sv, c, st, now) >= 0)
-        timed_out(sv, c, now);
+    if (st & CF_CLOSE_ISSUED)
+        return;
+    if (!(st & CF_DRAIN)) {
+        issue_close(sv, c); /* it could not get its op (out of memory): retry */
+        return;
+    }
+    if (!(st & CF_LINGER))
+        drain_step(sv, c);
+    st = st_load(c);
+    if ((st & (CF_DRAIN | CF_CLOSE_ISSUED)) != CF_DRAIN)
+        return; /* closed meanwhile, or aborted */
+    bool queued = !(st & CF_LINGER);
+    wire w = wire_state(c, queued);
+    if (!queued && w == WIRE_DONE) {
+        issue_close(sv, c); /* the peer has every reply */
+        return;
+    }
+    if (w == WIRE_MOVING || (queued && w != WIRE_STALLED)) {
+        linger_progress(sv, c);
+    } else if (ticks_since(now >> sv->linger_shift, st_tick(st)) >= sv->linger_units) {
+        if (w != WIRE_INPUT)
+            reset_on_close(c); /* replies cut: the peer must not wait for them */
+        start_close(sv, c, (cp_close_reason)((st & CF_REASON_MASK) >> CF_REASON_SHIFT), 0, false);
+        return;
+    }
+    /* Replies still going out: a peer blocked writing reads them only once its input is
+     * taken, which backpressure may have paused. */
+    read_on(sv, c);
 }
 
 /* ---- receiving ------------------------------------------------------------------------- */

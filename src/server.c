@@ -6,6 +6,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -478,6 +479,15 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     sv->linger_shift = shift;
     /* One unit more when units are coarser than a tick: the stamp is rounded down. */
     sv->linger_units = (uint32_t)(((linger + (1ull << shift) - 1) >> shift) + (shift ? 1 : 0));
+    /* The sweep resets a close whose replies made no progress for linger_units units; it
+     * sees a stall from the first retransmission or window probe, which may come a
+     * retransmission timeout after the kernel's clock started (retrans_stamp is the head's
+     * first sending), and acts up to a unit for the stamp's rounding and a tick or two of
+     * sweep lateness after that. The kernel gives up silently: it must come later. */
+    uint64_t unit_ms = (uint64_t)sv->tick_ms << shift;
+    uint64_t backstop = (uint64_t)sv->linger_units * unit_ms + 3 * unit_ms +
+                        (o.linger_ms > 2000 ? o.linger_ms : 2000);
+    sv->linger_backstop_ms = backstop > INT_MAX ? INT_MAX : (unsigned)backstop;
     sv->tick_ns = (int64_t)sv->tick_ms * 1000000;
     sv->tick_epoch_ns = cp__now_ns();
     struct timespec res;

@@ -19,8 +19,9 @@
 
 /* cp_conn.state, one atomic 64-bit word:
  *   bits  0-15  flags (CF_*)
- *   bits 16-31  server tick of the last data received (once closing: the close errno, or
- *               the tick the lingering close began)
+ *   bits 16-31  server tick of the last data received (once closing: the close errno; in a
+ *               graceful close (CF_DRAIN), the linger unit in which its replies last made
+ *               progress: see sweep_step in conn.c)
  *   bits 32-51  operation references: each operation in flight (until its handler is done)
  *               plus one "life" reference dropped when the close completes. When they
  *               reach zero no callback can follow: on_close runs then. Sends are refused
@@ -222,6 +223,10 @@ struct cp_server {
     uint32_t hs_ticks, idle_ticks;
     uint32_t linger_units; /* linger_ms in units of 2^linger_shift ticks (see create) */
     unsigned linger_shift;
+    /* TCP_USER_TIMEOUT of a graceful close with replies queued: the kernel's own bound,
+     * past the sweep's (linger_ms), which resets the connection; the kernel's ends it
+     * silently. */
+    unsigned linger_backstop_ms;
     cp_timer *ticker;
 
     /* Spare close contexts, for when the sends slab has none to give (out of memory): closing

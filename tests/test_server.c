@@ -6396,6 +6396,121 @@ TEST(graceful_close_to_a_slow_reader_delivers_everything)
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 
+/* A graceful close whose replies the peer does not take is aborted once nothing has been
+ * acknowledged for linger_ms, and the peer must learn that its stream was cut: a reset.
+ * Linux's TCP_USER_TIMEOUT, which alone bounded such a close, gives up without one
+ * (tcp_write_err), and so does an orphaned socket; a peer waiting to read then never hears
+ * of the connection again (a chaos run: a slow client got 9132 of 11869 bytes, then nothing
+ * for 60 s). The peer here has a 4 KiB receive buffer, reads nothing and sends nothing after
+ * its request, so nothing of its own can draw a reset from a socket the server's kernel
+ * dropped: the reset must come from the server, unprompted, within a bound (about
+ * linger_ms plus a zero-window probe and a tick or two here); then the stream ends in
+ * ECONNRESET, not in an end of stream. Three stages of the close: replies still queued in the
+ * server; all of them in the kernel, behind the FIN of cp_conn_close(); all of them in the
+ * kernel after the peer's own end (CP_CLOSE_PEER). A peer that reads everything gets every
+ * byte, then the end. */
+typedef struct cut_case {
+    size_t reply;   /* bytes on_data queues for the request */
+    bool close;     /* ...then cp_conn_close() */
+    bool peer_ends; /* the peer ends its side after the request (the server closes then) */
+    int sndbuf;     /* the server socket's SO_SNDBUF */
+} cut_case;
+
+static void reply_cut_case(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_t len)
+{
+    (void)u;
+    (void)data;
+    (void)len;
+    const cut_case *k = t->ctx;
+    static uint8_t block[65536];
+    for (size_t i = 0; i < sizeof block; i++)
+        block[i] = (uint8_t)(i * 13 + 5);
+    for (size_t sent = 0; sent < k->reply; sent += sizeof block)
+        CHECK_OK(cp_conn_send(c, block, sizeof block));
+    if (k->close)
+        cp_conn_close(c);
+}
+
+/* linger_ms leaves room for the reading peer's thread to stall on a loaded machine. */
+enum { CUT_LINGER_MS = 1000, CUT_RESET_MS = 5000 };
+
+/* Connect a peer that takes at most a few KiB, send the request (and the end): the server
+ * replies, and closes. */
+static int cut_peer(tsrv *t, const cut_case *k)
+{
+    int fd = connect_not_reading(t->port);
+    CHECK_EQ(send(fd, "x", 1, MSG_NOSIGNAL), 1);
+    if (k->peer_ends)
+        CHECK_OK(shutdown(fd, SHUT_WR));
+    return fd;
+}
+
+static void graceful_close_cut(const cut_case *k, cp_close_reason reason)
+{
+    cp_server_options o = {.threads = 2, .linger_ms = CUT_LINGER_MS, .max_pending_send = 8 << 20};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hook = reply_cut_case;
+    t->ctx = (void *)k;
+    t->sndbuf = k->sndbuf;
+    tsrv_start(t, &o);
+    int fd = cut_peer(t, k);
+    int64_t t0 = cpt_now_ms();
+    /* Without reading: an error (the reset) or a hang-up, nothing else can come. */
+    struct pollfd p = {.fd = fd, .events = 0};
+    int r = 0;
+    while (r == 0 && cpt_now_ms() - t0 < CUT_RESET_MS) {
+        r = poll(&p, 1, 20);
+        CHECK(r >= 0 || errno == EINTR);
+    }
+    int64_t took = cpt_now_ms() - t0;
+    size_t got = 0;
+    int how = -1;
+    if (r > 0)
+        read_to_close(fd, cpt_now_ms() + IO_MS, &got, &how);
+    fprintf(stderr, "peer that reads nothing: %s after %lld ms (%zu bytes held, then %s)\n",
+            r > 0 ? "reset" : "no reset", (long long)took, got,
+            how < 0    ? "-"
+            : how == 0 ? "EOF"
+                       : strerror(how));
+    CHECK(r > 0);
+    CHECK(p.revents & POLLERR);
+    CHECK_EQ(how, ECONNRESET);
+    CHECK(got < k->reply);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->reasons[reason]), 1);
+    /* A peer that reads gets all of it, then the end. */
+    int fd2 = cut_peer(t, k);
+    how = -1;
+    CHECK(read_to_close(fd2, cpt_now_ms() + IO_MS, &got, &how) >= 0);
+    CHECK_EQ(how, 0);
+    CHECK_EQ(got, k->reply);
+    WAIT_FOR(LOAD(&t->closes) == 2, IO_MS);
+    CHECK_EQ(LOAD(&t->reasons[reason]), 2);
+    close(fd);
+    close(fd2);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+TEST(graceful_close_resets_a_peer_that_takes_nothing_with_replies_queued)
+{
+    /* 4 MiB through a 4 KiB send buffer: the replies stay queued in the server. */
+    static const cut_case k = {.reply = 4 << 20, .close = true, .sndbuf = 4096};
+    graceful_close_cut(&k, CP_CLOSE_LOCAL);
+}
+
+TEST(graceful_close_resets_a_peer_that_takes_nothing_after_the_fin)
+{
+    /* 256 KiB into a 1 MiB send buffer: all in the kernel, the FIN behind them. */
+    static const cut_case k = {.reply = 256 << 10, .close = true, .sndbuf = 1 << 20};
+    graceful_close_cut(&k, CP_CLOSE_LOCAL);
+}
+
+TEST(graceful_close_resets_a_peer_that_takes_nothing_after_its_end)
+{
+    static const cut_case k = {.reply = 256 << 10, .peer_ends = true, .sndbuf = 1 << 20};
+    graceful_close_cut(&k, CP_CLOSE_PEER);
+}
+
 /* cp_server_start() called a second time on a started server: it opened and bound a
  * second listener, associated it over the first one's cp_socket while that one's accepts
  * were outstanding, and started a second ticker; it returned 0. The first listener's
@@ -6627,13 +6742,15 @@ TEST(graceful_close_of_a_paused_connection_reads_on)
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 
-/* A graceful close bounds replies still queued with TCP_USER_TIMEOUT (linger_ms), set if
- * any are queued when the close begins. A send from another thread that had found the
- * connection open before the close began, and queued its bytes just after the close
- * looked, was not bounded: with a peer that never reads, the connection stayed for good.
- * With CPORT_INJECT (the ASan build) the send pauses 300 ms after its check and the close
- * 400 ms after its look; the close begins 100 ms into the send's pause (a test thread
- * stalled past the pause only makes the test miss the window: it cannot fail it). */
+/* A graceful close bounds replies still queued with TCP_USER_TIMEOUT, set if any are
+ * queued when the close begins (since the sweep resets a close whose replies stall for
+ * linger_ms, it is the kernel's backstop, linger_backstop_ms, should the sweep not run). A
+ * send from another thread that had found the connection open before the close began, and
+ * queued its bytes just after the close looked, was not bounded: with a peer that never
+ * reads, the connection stayed for good. With CPORT_INJECT (the ASan build) the send
+ * pauses 300 ms after its check and the close 400 ms after its look; the close begins
+ * 100 ms into the send's pause (a test thread stalled past the pause only makes the test
+ * miss the window: it cannot fail it). */
 typedef struct late_sender {
     cp_conn *c;
     int fd; /* the file, for late_file_sender_main */
@@ -6663,8 +6780,8 @@ static void *late_file_sender_main(void *arg)
 }
 
 /* Both tests: a peer that reads nothing (4 KiB buffers), `sender` started on the held
- * connection (file: its file), the close 100 ms into the sender's pause; the close must
- * end (LOCAL) once nothing was acknowledged for linger_ms. Returns the sender's result. */
+ * connection (file: its file), the close 100 ms into the sender's pause; a send that was
+ * queued must have set the kernel's bound on the socket. Returns the sender's result. */
 static int late_send_race(void *(*sender)(void *), int file)
 {
     /* A 10 s tick: the sweep, which moves graceful closes on too, stays out of the way. */
@@ -6683,18 +6800,20 @@ static int late_send_race(void *(*sender)(void *), int file)
     late_sender l = {.c = t->held[0], .fd = file};
     CHECK_EQ(pthread_create(&l.th, NULL, sender, &l), 0);
     usleep(100000); /* into the sender's pause */
-    int64_t t0 = cpt_now_ms();
     cp_conn_close(l.c);
     pthread_join(l.th, NULL);
-    while (LOAD(&t->closes) == 0 && cpt_now_ms() - t0 < 10000)
-        usleep(1000);
-    uint64_t closed = LOAD(&t->closes);
-    fprintf(stderr, "send: %d, %zu bytes still queued; %s %lld ms after the close began\n",
-            l.result, cp_conn_pending(l.c), closed ? "closed" : "still open",
-            (long long)(cpt_now_ms() - t0));
-    if (!closed)
-        cp_conn_abort(l.c);
-    CHECK_EQ(closed, 1);
+    unsigned bound = 0;
+    socklen_t blen = sizeof bound;
+    int g = cp_conn_getsockopt(l.c, IPPROTO_TCP, TCP_USER_TIMEOUT, &bound, &blen);
+    fprintf(stderr, "send: %d, %zu bytes still queued; TCP_USER_TIMEOUT %u ms (%d)\n", l.result,
+            cp_conn_pending(l.c), bound, g);
+    /* The sweep would reset it at its next tick, ten seconds away. */
+    cp_conn_abort(l.c);
+    if (l.result == 0) {
+        CHECK_EQ(g, 0);
+        CHECK_EQ(bound, t->sv->linger_backstop_ms);
+    }
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
     CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_LOCAL]), 1);
     close(fd);
     CHECK_EQ(tsrv_stop(t, 1000), 0);

@@ -949,9 +949,9 @@ static void client_step(world *w, client *cl, short revents, int64_t now)
             }
             cl->got += (size_t)g;
             /* Not once it has half-closed: the server's graceful close (after the end)
-             * gives the peer linger_ms in all to take the rest, and pauses through a
-             * small receive window add up past it (a cut by design, the reason staying
-             * local or peer: seed 867753626 round 2, 1 run in 3 under TSan). */
+             * resets a peer whose replies make no progress for linger_ms, and pauses
+             * through a small receive window add up past it (a cut by design, the reason
+             * staying local or peer: seed 867753626 round 2, 1 run in 3 under TSan). */
             if (cl->kind == C_SLOW && !cl->shut_wr && rnd(&cl->rng, 16) == 0)
                 cl->hold_ms = now + 20 + rnd(&cl->rng, 300);
         } else if (g == 0) {
@@ -1079,9 +1079,8 @@ static void chaos_round(uint64_t base, int round, bool framed, int file_fd)
     o->idle_timeout_ms = rnd(&rng, 2) ? 0 : 1000 + rnd(&rng, 2000);
     o->tick_ms = 10 + rnd(&rng, 40);
     /* Longer than a slow client stops reading (320 ms at most, and never after its
-     * half-close, which a clean close follows): a graceful close whose peer acknowledges
-     * nothing for linger_ms, or has not taken every reply linger_ms after the FIN, is cut,
-     * by design. */
+     * half-close, which a clean close follows): a graceful close whose replies make no
+     * progress for linger_ms is cut (reset), by design. */
     o->linger_ms = rnd(&rng, 2) ? 0 : 1500 + rnd(&rng, 2000);
     o->max_pending_send = 16384u << rnd(&rng, 5);
     o->send_queue_limit = rnd(&rng, 2) ? 0 : o->max_pending_send * 4 + 65536 * rnd(&rng, 8);

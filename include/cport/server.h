@@ -166,18 +166,29 @@ typedef struct cp_server_options {
                                       these bounds use that tick */
     unsigned linger_ms;            /* graceful close: after the last reply, FIN is sent and the
                                       connection reads (and drops) what the peer still sends
-                                      for at most this long, so that closing with unread data
-                                      does not reset the connection and destroy replies in
-                                      flight. Replies still queued when the close begins
-                                      must make progress: once the peer has acknowledged
-                                      nothing for this long (it stopped reading), the close
-                                      is aborted (TCP: TCP_USER_TIMEOUT is set on the
-                                      socket then). Linux also counts a window too small
-                                      for the next segment as no progress: a peer reading
-                                      slowly through a small receive window can be cut.
-                                      A server that closes after a large reply to slow
-                                      readers should wait until the peer has (most of) it
-                                      (tcpi_bytes_acked; cport-httpd does). 0 = 5000 */
+                                      until the peer has acknowledged every reply (and, unless
+                                      it has ended, for at most this long after that), so that
+                                      closing with unread data does not reset the connection
+                                      and destroy replies in flight. The replies must make
+                                      progress, while still queued in the server and once
+                                      in the kernel, also after the peer's own end: once they
+                                      have made none for this long (the kernel retransmits,
+                                      or probes a closed window, and nothing new is
+                                      acknowledged: the peer stopped reading), the close is
+                                      aborted with a reset (at a tick), so that the peer
+                                      sees ECONNRESET, not a stream that just stops. A peer
+                                      that keeps taking them, however slowly, is not cut (the
+                                      connection counts toward max_conns until it is done).
+                                      Linux also counts a window too small for the next
+                                      segment as no progress: a peer reading slowly through
+                                      a small receive window can be cut. A server that closes
+                                      after a large reply to slow readers should wait until
+                                      the peer has (most of) it (tcpi_bytes_acked;
+                                      cport-httpd does). With replies queued, TCP_USER_TIMEOUT
+                                      is set on the socket as a backstop for a server too
+                                      busy to sweep: this plus 3 ticks plus the larger of
+                                      this and 2 s (the kernel then drops the connection
+                                      without a reset). 0 = 5000 */
     uint32_t max_pending_send;     /* bytes queued to send on one connection before reading
                                      from it pauses; resumes below half; 0 = 1 MiB */
     uint32_t send_queue_limit;     /* bytes a connection may have queued to send at most:

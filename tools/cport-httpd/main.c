@@ -351,9 +351,9 @@ static bool tcp_state(cp_conn *c, struct tcp_info *ti)
 /* The last responses of a connection include a file (or responses built in memory were
  * still outstanding when the last one was queued). A graceful close started while it is
  * queued, or while the socket buffer still holds much of it, is bounded by the server
- * layer's linger (TCP_USER_TIMEOUT while replies are queued, then linger_ms after FIN),
- * which cuts a peer that reads slowly but steadily (a small window: Linux's zero-window
- * probes time out though every probe is answered). So the close waits until the file is
+ * layer's linger (a reset once the replies made no progress for linger_ms), which cuts a
+ * peer that reads slowly but steadily (a small window: Linux counts zero-window probes as
+ * no progress though every probe is answered). So the close waits until the file is
  * sent and the peer lacks at most SETTLE_LEFT bytes of it (a tiny response closes at
  * once, as before); a peer that acknowledged nothing for a keep-alive period (it stopped
  * reading) is cut. Looked at every SETTLE_MS. */
