@@ -1004,8 +1004,7 @@ static int start_sendmsg(cp_handle *h, cp_op *op)
         cnt--;
     }
     cp__lock_acquire(&s->sq_lock);
-    struct io_uring_sqe *sqe =
-        send_continues(op) && CP__INJECT_FAIL("send_continue_no_sqe") ? NULL : get_sqe_locked(s);
+    struct io_uring_sqe *sqe = injected_no_sqe(op) ? NULL : get_sqe_locked(s);
     if (!sqe) {
         cp__lock_release(&s->sq_lock);
         return -EBUSY;

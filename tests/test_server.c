@@ -7603,6 +7603,16 @@ static void pause_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, size_
     }
 }
 
+/* A stream server whose on_data is pause_hook (state z); on_open holds each connection. */
+static tsrv *pause_tsrv(pz *z)
+{
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hold_refs = true;
+    t->hook = pause_hook;
+    t->ctx = z;
+    return t;
+}
+
 /* Send stream `seed` from `*sent` on until the kernel takes no more for 500 ms (at most
  * `cap` bytes: a server that does not stop reading fails the test). */
 static void send_until_blocked(int fd, uint32_t seed, uint64_t *sent, uint64_t cap)
@@ -7651,11 +7661,8 @@ static void pause_case(const cp_server_options *base)
     cp_server_options o = *base;
     o.threads = 2;
     pz z = {.pause_max = 1};
-    tsrv *t = tsrv_new(ECHO_NONE);
+    tsrv *t = pause_tsrv(&z);
     t->check_stream = true;
-    t->hold_refs = true;
-    t->hook = pause_hook;
-    t->ctx = &z;
     tsrv_start(t, &o);
     int fd = connect_to(t->port);
     uint32_t seed = 77;
@@ -7784,12 +7791,9 @@ static void toggle_case(const cp_server_options *base)
 {
     cp_server_options o = *base;
     pz z = {.echo_from = 1, .cross = 1};
-    tsrv *t = tsrv_new(ECHO_NONE);
+    tsrv *t = pause_tsrv(&z);
     t->check_stream = true;
-    t->hold_refs = true;
     t->yield = true;
-    t->hook = pause_hook;
-    t->ctx = &z;
     toggler g = {.t = t};
     z.gate = &g.pauses;
     tsrv_start(t, &o);
@@ -7823,11 +7827,8 @@ static void pause_peer_close_case(const cp_server_options *base)
     cp_server_options o = *base;
     o.threads = 2;
     pz z = {.pause_max = 1};
-    tsrv *t = tsrv_new(ECHO_NONE);
+    tsrv *t = pause_tsrv(&z);
     t->check_stream = true;
-    t->hold_refs = true;
-    t->hook = pause_hook;
-    t->ctx = &z;
     tsrv_start(t, &o);
     int fd = connect_to(t->port);
     uint64_t sent = 0;
@@ -7894,10 +7895,7 @@ static void pause_then_end_case(const cp_server_options *base)
     cp_server_options o = *base;
     o.threads = 1;
     pz z = {.pause_max = 1, .echo_from = 2};
-    tsrv *t = tsrv_new(ECHO_NONE);
-    t->hold_refs = true;
-    t->hook = pause_hook;
-    t->ctx = &z;
+    tsrv *t = pause_tsrv(&z);
     tsrv_start(t, &o);
     int fd = connect_to(t->port);
     uint8_t req[100], back[100];
@@ -7969,10 +7967,7 @@ TEST(paused_connections_are_not_reaped_until_resumed)
     cp_server_options o = {
         .threads = 2, .handshake_timeout_ms = IDLE_MS, .idle_timeout_ms = IDLE_MS, .tick_ms = TICK};
     pz z = {.pause_max = 2};
-    tsrv *t = tsrv_new(ECHO_NONE);
-    t->hold_refs = true;
-    t->hook = pause_hook;
-    t->ctx = &z;
+    tsrv *t = pause_tsrv(&z);
     tsrv_start(t, &o);
     STORE(&t->pause_on_open, 1);
     int a = connect_to(t->port);
@@ -8023,12 +8018,9 @@ static void pause_backpressure_case(const cp_server_options *base)
     o.threads = 2;
     o.max_pending_send = 65536;
     pz z = {.echo_from = 1};
-    tsrv *t = tsrv_new(ECHO_NONE);
+    tsrv *t = pause_tsrv(&z);
     t->check_stream = true;
-    t->hold_refs = true;
     t->sndbuf = 4096;
-    t->hook = pause_hook;
-    t->ctx = &z;
     tsrv_start(t, &o);
     int fd = connect_not_reading(t->port); /* (until it reads below) */
     uint64_t sent = 0, got = 0;
@@ -8112,10 +8104,7 @@ TEST(paused_connections_leave_the_pool_to_others)
     o.port_options.pool_per_socket = 4;
     o.port_options.flags = CP_PORT_WHOLE_BUFFERS;
     pz z = {.pause_max = PAUSED, .echo_from = PAUSED + 1};
-    tsrv *t = tsrv_new(ECHO_NONE);
-    t->hold_refs = true;
-    t->hook = pause_hook;
-    t->ctx = &z;
+    tsrv *t = pause_tsrv(&z);
     tsrv_start(t, &o);
     int fds[PAUSED];
     for (int i = 0; i < PAUSED; i++) {
@@ -8221,10 +8210,7 @@ static void resume_after_the_look_case(const cp_server_options *base)
     cp_server_options o = *base;
     o.threads = 2;
     pz z = {.pause_max = 1, .echo_from = 1};
-    tsrv *t = tsrv_new(ECHO_NONE);
-    t->hold_refs = true;
-    t->hook = pause_hook;
-    t->ctx = &z;
+    tsrv *t = pause_tsrv(&z);
     tsrv_start(t, &o);
     int fd = connect_to(t->port);
     uint8_t msg[100], back[100];
@@ -8280,11 +8266,8 @@ TEST(a_send_racing_a_timeouts_abort_is_refused_or_reset)
     static uint8_t big[1 << 20];
     cp_server_options o = {.threads = 2, .idle_timeout_ms = 200, .tick_ms = 20};
     pz z = {0}; /* pause_hook only counts */
-    tsrv *t = tsrv_new(ECHO_NONE);
-    t->hold_refs = true;
+    tsrv *t = pause_tsrv(&z);
     t->sndbuf = 4096;
-    t->hook = pause_hook;
-    t->ctx = &z;
     tsrv_start(t, &o);
     int fd = connect_not_reading(t->port);
     send_all(fd, "x", 1);

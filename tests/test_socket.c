@@ -3114,6 +3114,23 @@ static int listen_full(struct sockaddr_in *sa, int *first)
     return lfd;
 }
 
+/* The next n completions are ops[0..n-1]'s, in any order, each once, each with `want`. */
+static void expect_each_once(cp_port *p, cp_op *const *ops, int n, int want)
+{
+    bool seen[8] = {false};
+    CHECK(n <= 8);
+    for (int k = 0; k < n; k++) {
+        cp_completion c = next(p);
+        int i = 0;
+        while (i < n && c.op != ops[i])
+            i++;
+        CHECK(i < n);
+        CHECK(!seen[i]);
+        seen[i] = true;
+        CHECK_EQ(c.result, want);
+    }
+}
+
 /* Receives posted before the connect completes start once it has, in the order posted,
  * and get the peer's bytes in that order (plain, vector, then pooled on a second socket). */
 TEST(receives_posted_before_a_connect_get_the_data_in_order)
@@ -3261,17 +3278,10 @@ TEST(close_before_the_connect_completes_cancels_its_waiting_receives)
     CHECK_OK(cp_socket_recv(&s, &r2, b2, sizeof b2));
     expect_nothing(p, 20); /* the connect is under way and the receives wait */
     CHECK_OK(cp_socket_close(&s, &cl));
-    bool seen[3] = {false, false, false};
     cp_op *ops[3] = {&op, &r1, &r2};
-    for (int n = 0; n < 3; n++) {
-        cp_completion c = next(p);
-        int i = c.op == &op ? 0 : c.op == &r1 ? 1 : c.op == &r2 ? 2 : -1;
-        CHECK(i >= 0);
-        CHECK(!seen[i]);
-        seen[i] = true;
-        CHECK_EQ(c.result, -ECANCELED);
+    expect_each_once(p, ops, 3, -ECANCELED);
+    for (int i = 0; i < 3; i++)
         CHECK(ops[i]->opcode == (i ? CP_OP_RECV : CP_OP_CONNECT));
-    }
     CHECK(next(p).op == &cl);
     close(first);
     close(lfd);
@@ -3404,17 +3414,7 @@ TEST(a_connect_that_times_out_or_is_cancelled_fails_its_waiting_sends)
         expect_nothing(p, 20);
         CHECK_OK(cp_socket_close(&s, &cl));
         cp_op *ops[5] = {&op, &w.send, &w.sendv, &w.t.op, &w.disc};
-        bool seen[5] = {false};
-        for (int n = 0; n < 5; n++) {
-            cp_completion c = next(p);
-            int i = 0;
-            while (i < 5 && c.op != ops[i])
-                i++;
-            CHECK(i < 5);
-            CHECK(!seen[i]);
-            seen[i] = true;
-            CHECK_EQ(c.result, -ECANCELED);
-        }
+        expect_each_once(p, ops, 5, -ECANCELED);
         CHECK(next(p).op == &cl);
     }
     close(first);
