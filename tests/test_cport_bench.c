@@ -282,6 +282,7 @@ TEST(echo_ref)
             CHECK_EQ(result("depth"), atoi(depths[j]));
             CHECK_EQ(result("errors"), 0);
             CHECK_EQ(result("verify_errors"), 0);
+            CHECK_EQ(result("unclosed"), 0); /* it closes after the client's end */
             CHECK_EQ(result("established"), 8);
             CHECK(result("p50_us") > 0);
             CHECK(result("p50_us") <= result("p99_us"));
@@ -319,6 +320,7 @@ TEST(echo_ref_uring)
             CHECK(result("msgs") > 0);
             CHECK_EQ(result("errors"), 0);
             CHECK_EQ(result("verify_errors"), 0);
+            CHECK_EQ(result("unclosed"), 0);
             CHECK_EQ(result("established"), 8);
         }
         server_stop(&s);
@@ -751,10 +753,24 @@ TEST(options_without_effect_are_refused)
  * Echoes byte-exact except on its first accepted connection, where one fault is applied at
  * stream offset `at`: the client must notice every one of them. F_LATE echoes byte-exact
  * but, once the client has ended its stream, sends its last byte once more before closing:
- * a late duplicate that comes after every echo is back. F_HOLD reads nothing until `open`
- * is set, echoes byte-exact up to `at`, then holds back what comes after it (hit once `len`
- * bytes are held) until `release` is set. */
-enum fault { F_NONE, F_CORRUPT, F_DROP, F_DUP, F_SWAP, F_CLOSE, F_SILENT, F_DEAF, F_LATE, F_HOLD };
+ * a late duplicate that comes after every echo is back (with late_burn, only after a
+ * burner, see below, has spent its CPU: long after). F_OPEN echoes byte-exact but never
+ * closes after the client's end. F_HOLD reads nothing until `open` is set, echoes byte-exact
+ * up to `at`, then holds back what comes after it (hit once `len` bytes are held) until
+ * `release` is set. */
+enum fault {
+    F_NONE,
+    F_CORRUPT,
+    F_DROP,
+    F_DUP,
+    F_SWAP,
+    F_CLOSE,
+    F_SILENT,
+    F_DEAF,
+    F_LATE,
+    F_OPEN,
+    F_HOLD
+};
 
 enum { BAD_MAX_CONNS = 32 }; /* connections served at once; more wait in the backlog */
 
@@ -765,7 +781,12 @@ struct bad_server {
                                  * (or the first two that differ after them) */
     _Atomic int stop, nconns;   /* nconns: accepted so far */
     _Atomic bool open, release; /* F_HOLD: start reading; send what was held, echo again */
-    _Atomic bool hit; /* the faulty connection's stream reached the fault (it was applied) */
+    _Atomic bool hit;       /* the faulty connection's stream reached the fault (it was applied) */
+    _Atomic int64_t end_ns; /* F_LATE, F_OPEN: when the faulty connection saw the client's end
+                             * (CLOCK_MONOTONIC) */
+    bool late_burn;         /* F_LATE: before the duplicate, a byte to late_cmd and one back
+                             * from late_done */
+    int late_cmd, late_done;
     pthread_t acceptor, conn_th[BAD_MAX_CONNS];
     bool conn_running[BAD_MAX_CONNS];       /* (acceptor's) a thread to join */
     _Atomic bool conn_ended[BAD_MAX_CONNS]; /* that thread is about to return */
@@ -816,9 +837,18 @@ static void *bad_conn_main(void *arg)
         if (pr <= 0 || deaf)
             continue;
         ssize_t n = read(c->fd, in, sizeof in);
-        if (n == 0 && f == F_LATE && off > 0) {
-            if (bad_write_all(c->fd, &last, 1))
+        if (n == 0 && (f == F_LATE || f == F_OPEN) && off > 0) {
+            atomic_store(&s->end_ns, cpt_now_ns());
+            char b;
+            if (f == F_OPEN) {
                 atomic_store(&s->hit, true);
+                while (!atomic_load(&s->stop))
+                    poll(NULL, 0, 10);
+            } else if (!s->late_burn ||
+                       (write(s->late_cmd, "x", 1) == 1 && read(s->late_done, &b, 1) == 1)) {
+                if (bad_write_all(c->fd, &last, 1))
+                    atomic_store(&s->hit, true);
+            }
             break;
         }
         if (n <= 0)
@@ -828,7 +858,8 @@ static void *bad_conn_main(void *arg)
         bool closing = false;
         for (ssize_t i = 0; i < n; i++, off++) {
             uint8_t b = in[i];
-            if (c->faulty && off == s->at && f != F_SWAP && f != F_LATE && f != F_HOLD)
+            if (c->faulty && off == s->at && f != F_SWAP && f != F_LATE && f != F_OPEN &&
+                f != F_HOLD)
                 atomic_store(&s->hit, true);
             switch (f) {
             case F_CORRUPT:
@@ -942,12 +973,18 @@ static void *bad_accept_main(void *arg)
     return NULL;
 }
 
-static void bad_server_start(struct bad_server *s, enum fault f, uint64_t at, uint64_t len)
+/* Sets up the server; fields set after this and before bad_server_run are seen by its
+ * threads. */
+static void bad_server_init(struct bad_server *s, enum fault f, uint64_t at, uint64_t len)
 {
     memset(s, 0, sizeof *s);
     s->fault = f;
     s->at = at;
     s->len = len;
+}
+
+static void bad_server_run(struct bad_server *s)
+{
     s->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     CHECK(s->lfd >= 0);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
@@ -957,6 +994,12 @@ static void bad_server_start(struct bad_server *s, enum fault f, uint64_t at, ui
     CHECK(getsockname(s->lfd, (struct sockaddr *)&sa, &sl) == 0);
     s->port = ntohs(sa.sin_port);
     CHECK(pthread_create(&s->acceptor, NULL, bad_accept_main, s) == 0);
+}
+
+static void bad_server_start(struct bad_server *s, enum fault f, uint64_t at, uint64_t len)
+{
+    bad_server_init(s, f, at, len);
+    bad_server_run(s);
 }
 
 static void bad_server_stop(struct bad_server *s)
@@ -1003,9 +1046,10 @@ TEST(echo_detects_every_fault)
     static const struct {
         enum fault f;
         const char *name;
-    } faults[] = {{F_NONE, "none"},   {F_CORRUPT, "corrupt"}, {F_DROP, "drop"},
-                  {F_DUP, "dup"},     {F_SWAP, "swap bytes"}, {F_SWAP, "swap messages"},
-                  {F_CLOSE, "close"}, {F_SILENT, "silent"},   {F_DEAF, "deaf"}};
+    } faults[] = {{F_NONE, "none"},    {F_CORRUPT, "corrupt"}, {F_DROP, "drop"},
+                  {F_DUP, "dup"},      {F_SWAP, "swap bytes"}, {F_SWAP, "swap messages"},
+                  {F_CLOSE, "close"},  {F_SILENT, "silent"},   {F_DEAF, "deaf"},
+                  {F_LATE, "late dup"}};
     for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++) {
         for (size_t di = 0; di < 2; di++) {
             for (size_t fi = 0; fi < sizeof faults / sizeof *faults; fi++) {
@@ -1068,7 +1112,7 @@ TEST(echo_detects_every_fault)
                 }
                 CHECK_EQ(run.status, 1);
                 CHECK(result("errors") >= 1);
-                if (f == F_CORRUPT || f == F_DUP || f == F_SWAP)
+                if (f == F_CORRUPT || f == F_DUP || f == F_SWAP || f == F_LATE)
                     CHECK(result("verify_errors") >= 1);
                 if (f == F_CLOSE)
                     CHECK(result("eof") + result("resets") + result("verify_errors") >= 1);
@@ -1204,21 +1248,27 @@ static pid_t standin_spawn(void)
     return pid;
 }
 
-static bool mark_has(const char *path, const char *word)
+/* The time (ns, CLOCK_MONOTONIC) of the mark file's line `word`, or -1 if it has none. */
+static int64_t mark_time(const char *path, const char *word)
 {
     char buf[512] = {0};
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return false;
+        return -1;
     ssize_t n = read(fd, buf, sizeof buf - 1);
     close(fd);
     if (n <= 0)
-        return false;
+        return -1;
     size_t len = strlen(word);
     for (const char *l = buf; l; l = strchr(l, '\n') ? strchr(l, '\n') + 1 : NULL)
         if (strncmp(l, word, len) == 0 && l[len] == ' ')
-            return true;
-    return false;
+            return strtoll(l + len + 1, NULL, 10);
+    return -1;
+}
+
+static bool mark_has(const char *path, const char *word)
+{
+    return mark_time(path, word) >= 0;
 }
 
 struct takeover {
@@ -1494,4 +1544,73 @@ TEST(server_cpu_is_sampled_at_the_window_edges)
     close(b.done);
     CHECK(waitpid(b.pid, NULL, 0) == b.pid);
     server_stop(&s);
+}
+
+/* ---- bytes after the last echo ----------------------------------------------------------------
+ * A reply sent twice, the second time long after the first: echo mode ended once every echo
+ * was back, looked for bytes already waiting and closed, so a duplicate that came later went
+ * unseen. Now each connection, once all is back after the window, ends its stream and reads
+ * on to the server's end (within --drain). Here the faulty connection's server, at the
+ * client's end, first has a burner (the --server-pid stand-in) spend BURN_MS of CPU, then
+ * sends its last byte again and closes. That drain must lie after the window: the client's
+ * end comes after the window's end (mark file), and the burn is not in the window's CPU. */
+TEST(echo_detects_a_duplicate_sent_long_after_the_last_echo)
+{
+    struct burner b = burner_spawn();
+    char mark[64], bpid[16];
+    snprintf(mark, sizeof mark, "/tmp/cport_bench_mark.%d", (int)getpid());
+    snprintf(bpid, sizeof bpid, "%d", (int)b.pid);
+    struct bad_server s;
+    bad_server_init(&s, F_LATE, 0, 1);
+    s.late_burn = true;
+    s.late_cmd = b.cmd;
+    s.late_done = b.done;
+    bad_server_run(&s);
+    unlink(mark);
+    int64_t t0 = cpt_now_ms();
+    /* (--drain: time enough for the burn on a loaded machine; the run ends at the server's
+     * end, not at the drain's) */
+    bench("echo", "--port", bad_port(&s), "-c", "2", "-s", "100", "-d", "2", "-T", "0.3", "-w", "0",
+          "--drain", "20", "--server-pid", bpid, "--mark-file", mark, NULL);
+    int64_t took = cpt_now_ms() - t0;
+    bad_server_stop(&s);
+    int64_t window_end = mark_time(mark, "end");
+    unlink(mark);
+    close(b.cmd);
+    close(b.done);
+    CHECK(waitpid(b.pid, NULL, 0) == b.pid);
+    CHECK(atomic_load(&s.hit)); /* the duplicate went out, after the burn */
+    fprintf(stderr, "took %" PRId64 " ms; the client's end came %.1f ms after the window's\n", took,
+            (double)(atomic_load(&s.end_ns) - window_end) / 1e6);
+    CHECK_EQ(run.status, 1);
+    CHECK_EQ(result("verify_errors"), 1);
+    CHECK_EQ(result("errors"), 1);
+    CHECK_EQ(result("unclosed"), 0);
+    CHECK(strstr(run.err, "more bytes came back than were sent") != NULL);
+    CHECK(took >= BURN_MS); /* it waited for the server's end */
+    CHECK(result("msgs") > 0);
+    CHECK(window_end > 0);
+    CHECK(atomic_load(&s.end_ns) > window_end);
+    CHECK_EQ(result("server_cpu_ok"), 1);
+    CHECK(result("server_user_us") + result("server_sys_us") < BURN_MS * 1000 / 2);
+}
+
+/* A server that keeps its end open after the client's (TCP allows it) is waited for only up
+ * to the drain's end, and counted apart (`unclosed`), not as an error. */
+TEST(echo_waits_for_a_server_that_keeps_its_end_open_only_as_long_as_the_drain)
+{
+    struct bad_server s;
+    bad_server_start(&s, F_OPEN, 0, 1);
+    int64_t t0 = cpt_now_ms();
+    bench("echo", "--port", bad_port(&s), "-c", "2", "-T", "0.3", "-w", "0", "--drain", "0.5",
+          NULL);
+    int64_t took = cpt_now_ms() - t0;
+    bad_server_stop(&s);
+    CHECK(atomic_load(&s.hit)); /* it saw the client's end and kept its own open */
+    CHECK_EQ(run.status, 0);
+    CHECK_EQ(result("errors"), 0);
+    CHECK_EQ(result("unclosed"), 1); /* the faulty connection; the other one was closed */
+    CHECK(strstr(run.out, "not closed: 1 connection") != NULL);
+    CHECK(took >= 800);  /* -T and the whole drain */
+    CHECK(took < 10000); /* and not much more */
 }

@@ -73,7 +73,12 @@ static void usage(FILE *f, const char *mode)
                 "  -T, --secs SEC      measured duration (default 5)\n"
                 "  -w, --warmup SEC    warm-up before it (default 1)\n"
                 "  -t, --threads N     client threads, one epoll each (default 1)\n"
-                "  --drain SEC         time allowed for in-flight echoes at the end (default 5)\n"
+                "  --drain SEC         time allowed after the window for the echoes in flight\n"
+                "                      and then, each connection having half-closed once all\n"
+                "                      its echoes were back, for the server's end of stream\n"
+                "                      (a byte before it is a verification error; a server\n"
+                "                      not closed by then counts as unclosed, no error;\n"
+                "                      default 5)\n"
                 "%s",
                 common_help);
     } else if (mode && strcmp(mode, "connrate") == 0) {
