@@ -13,8 +13,8 @@ enum {
     CP__H_WR_READY = 1u << 3,   /* epoll: writable as far as we know */
     CP__H_MSHOT = 1u << 4,      /* io_uring: a multishot pool receive is armed */
     CP__H_MSHOT_STOP = 1u << 5, /* io_uring: ...and we asked the kernel to cancel it */
-    CP__H_EOF = 1u << 6,        /* pool receive saw end of stream */
-    CP__H_ERR = 1u << 7,        /* pool receive failed; errno in cp__err */
+    CP__H_CUT = 1u << 6,        /* the stream was reset (cp__stream_cut): once is enough */
+    CP__H_ERR = 1u << 7,        /* pool receive ended: errno in cp__err, 0 = end of stream */
     CP__H_STARVING = 1u << 8,   /* waiting for a free pool buffer (pinned, on the list) */
     CP__H_ATTACHED = 1u << 9,   /* the backend registered the fd */
     CP__H_FILE = 1u << 10,      /* a regular file: operations run at once, in parallel */
@@ -198,7 +198,8 @@ int cp__transmit_run(cp_handle *h, cp_transmit_op *t);
 /* A transmit that was started finished with an error other than a cancel or timeout, in
  * whichever step (the engine, or the backend's wait for writability): shut down the
  * sending side if part of it went out, or reset a CP__TF_STREAM connection, so that
- * nothing queued behind it follows its hole. Handle lock held. (transmit.c) */
+ * nothing queued behind it follows its hole; on a UDP socket, discard the datagram it had
+ * begun, so that the next send does not complete it. Handle lock held. (transmit.c) */
 void cp__transmit_failed(cp_handle *h, cp_transmit_op *t);
 
 /* A send or transmit failed after part of it went out: shut down h's sending side, so
@@ -213,7 +214,8 @@ void cp__shutdown_sending(cp_handle *h);
  * before or after its first byte: reset the connection now (SO_LINGER {1, 0} and a
  * disconnect). A shutdown would send a FIN after the bytes before the hole, and the peer
  * would take the cut stream for a whole one; the disconnect makes the sends queued behind
- * it fail as well. Its owner aborts it. Handle lock held. (socket.c) */
+ * it fail as well (those failures find it cut: CP__H_CUT). Its owner aborts it. Handle
+ * lock held. (socket.c) */
 void cp__stream_cut(cp_handle *h);
 
 /* Internal transmit flag (cp_transmit_op.cp__flags): the transmit continues a stream whose

@@ -215,6 +215,11 @@ static inline bool connect_pending(const cp_handle *h, const cp_op *op)
 
 void cp__stream_cut(cp_handle *h)
 {
+    /* Every send queued behind the one that failed fails in turn: cut once, not again
+     * for each of them (two or three system calls). */
+    if (h->cp__flags & CP__H_CUT)
+        return;
+    h->cp__flags |= CP__H_CUT;
     struct linger lg = {.l_onoff = 1, .l_linger = 0};
     struct sockaddr unspec = {.sa_family = AF_UNSPEC};
     setsockopt(h->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
@@ -454,10 +459,8 @@ static inline __attribute__((always_inline)) int start_step_locked(cp_handle *h,
             op->u.buf = bp->base + off;
             return (int)len;
         }
-        if (h->cp__flags & CP__H_EOF)
-            return 0;
         if (h->cp__flags & CP__H_ERR)
-            return -(int)h->cp__err;
+            return -(int)h->cp__err; /* 0: the end */
     }
     return be_of(h)->start(op);
 }
@@ -696,8 +699,9 @@ void cp__io_chunk(cp_handle *h, int res, uint32_t chunk, bool more, cp__oplist *
             be_of(h)->pool_stop(h);
         }
     } else if (!more) {
-        if (res == 0) {
-            h->cp__flags |= CP__H_EOF;
+        if (res == 0 && !(h->cp__flags & CP__H_ERR)) { /* a lost chunk's error wins */
+            h->cp__flags |= CP__H_ERR;
+            h->cp__err = 0;
         } else if (res < 0 && res != -ENOBUFS && res != -ECANCELED) {
             h->cp__flags |= CP__H_ERR;
             h->cp__err = (uint8_t)(-res > 255 ? EIO : -res);

@@ -13,9 +13,11 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/fs.h>
+#include <netinet/in.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 
 #define END_UNKNOWN UINT64_MAX
 
@@ -94,21 +96,58 @@ static bool more_follows(cp_transmit_op *t)
     return t->cp__pad == MORE_YES;
 }
 
+/* A UDP socket keeps what was sent with MSG_MORE (or SPLICE_F_MORE) as the start of one
+ * datagram (the kernel's cork) until a send without it ends the datagram. A transmit that
+ * fails after corking bytes must not leave them there: the socket's next send would end
+ * that datagram, and its peer would receive the two glued together. (UDP_CORK off would
+ * send them.) Linux discards a UDP socket's corked datagram when an append to it fails
+ * (udp_sendmsg, udpv6_sendmsg: udp_flush_pending_frames after ip_append_data fails): an
+ * append of 65535 bytes, the most one send may ask for, always does (-EMSGSIZE: no
+ * datagram holds that much and its headers; checked before a byte is read). With nothing
+ * corked the send fails the same way and sends nothing. (A socket that asked for local
+ * error reports, IP_RECVERR / IPV6_RECVERR, gets one for it.) Only UDP (and UDP-Lite):
+ * other datagram sockets do not cork (AF_UNIX), or could send the 65535 bytes (raw
+ * sockets). Failure paths only: it asks the socket's type and protocol. */
+static void udp_discard_corked(cp_handle *h)
+{
+    int type = 0, proto = 0;
+    socklen_t len = sizeof(type);
+    if (getsockopt(h->fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 || type != SOCK_DGRAM)
+        return;
+    len = sizeof(proto);
+    if (getsockopt(h->fd, SOL_SOCKET, SO_PROTOCOL, &proto, &len) < 0 ||
+        (proto != IPPROTO_UDP && proto != IPPROTO_UDPLITE))
+        return;
+    /* Real, readable bytes (zeros), though the kernel refuses them unread. */
+    static const char filler[1024];
+    struct iovec iov[64];
+    for (size_t i = 0; i < 64; i++)
+        iov[i] = (struct iovec){.iov_base = (void *)(uintptr_t)filler, .iov_len = sizeof(filler)};
+    iov[63].iov_len--; /* 65535 in all: 65536 would be refused before the append */
+    struct msghdr m = {.msg_iov = iov, .msg_iovlen = 64};
+    while (sendmsg(h->fd, &m, MSG_MORE | MSG_DONTWAIT | MSG_NOSIGNAL) < 0 && errno == EINTR)
+        ;
+}
+
 /* A transmit that fails after part of it went out (a file that ended before its range did
  * or could not be read; a socket error; no room to wait for writability) leaves a hole in
  * the stream: whatever is queued behind it would follow the hole and be taken by the peer
  * for the missing bytes. The socket's sending side is shut down, so that those sends fail
  * (-EPIPE) instead. With CP__TF_STREAM (the server's connections) the connection is reset
  * instead, also when it fails before its first byte: the bytes sent ahead of it expect it.
- * The socket layer calls this when the transmit finishes with an error, whichever step
- * failed; not when it was cancelled (or timed out): socket.h leaves the next step to the
- * caller then. */
+ * A datagram socket has no stream to cut, but a UDP one may hold the datagram the transmit
+ * had begun: that is discarded (udp_discard_corked). The socket layer calls this when the
+ * transmit finishes with an error, whichever step failed; not when it was cancelled (or
+ * timed out): socket.h leaves the next step to the caller then. */
 void cp__transmit_failed(cp_handle *h, cp_transmit_op *t)
 {
-    if (t->cp__flags & CP__TF_STREAM)
+    if (t->cp__flags & CP__TF_STREAM) {
         cp__stream_cut(h);
-    else if (t->sent > 0)
+    } else if (t->sent > 0) {
+        if (h->cp__flags & CP__H_DGRAM)
+            udp_discard_corked(h);
         cp__shutdown_sending(h);
+    }
 }
 
 int cp__transmit_run(cp_handle *h, cp_transmit_op *t)

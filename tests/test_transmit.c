@@ -733,6 +733,74 @@ TEST(a_datagram_transmit_failing_midway_leaves_the_socket_usable)
     cp_port_destroy(p);
 }
 
+/* On a UDP socket the bytes a transmit sends with MSG_MORE (more follows) wait in the
+ * kernel as the start of one datagram. A transmit that fails after that must not leave
+ * them there: the socket's next send would complete the datagram, and the peer would
+ * receive the failed transmit's bytes glued to it. Here the memory element is corked,
+ * then the file element fails (the file is empty, its range is 10 bytes: -EIO); the send
+ * behind it must reach the peer as a datagram of its own, and nothing else must. */
+static void udp_failed_transmit_leaves_nothing_corked(int family)
+{
+    cp_port *p = make_port();
+    int peer = socket(family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (peer < 0 && family == AF_INET6)
+        SKIP("no IPv6");
+    CHECK(peer >= 0);
+    set_rcvtimeo(peer);
+    struct sockaddr_storage sa = {0};
+    socklen_t len;
+    if (family == AF_INET6) {
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&sa;
+        s6->sin6_family = AF_INET6;
+        s6->sin6_addr = in6addr_loopback;
+        len = sizeof(*s6);
+    } else {
+        *(struct sockaddr_in *)&sa = loopback(0);
+        len = sizeof(struct sockaddr_in);
+    }
+    if (bind(peer, (struct sockaddr *)&sa, len) < 0 && family == AF_INET6)
+        SKIP("no IPv6 loopback address");
+    CHECK_OK(getsockname(peer, (struct sockaddr *)&sa, &len));
+    int tx = socket(family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    CHECK(tx >= 0);
+    CHECK_OK(connect(tx, (struct sockaddr *)&sa, len));
+    cp_socket s;
+    CHECK_OK(cp_socket_associate(&s, p, tx, 1));
+    int empty = make_file(0);
+    cp_packet el[2] = {{.buf = "abc", .len = 3, .fd = -1}, {.fd = empty, .offset = 0, .len = 10}};
+    cp_transmit_op t = {0};
+    CHECK_OK(cp_socket_transmit_packets(&s, &t, el, 2, 0));
+    CHECK_EQ(next_of(p, &t.op), -EIO);
+    CHECK_EQ(t.sent, 3); /* handed to the kernel (corked), not sent */
+    cp_op sop = {0};
+    CHECK_OK(cp_socket_send(&s, &sop, "X", 1));
+    CHECK_EQ(next_of(p, &sop), 1);
+    char b[16];
+    ssize_t n = recv(peer, b, sizeof b, 0);
+    if (n != 1)
+        fprintf(stderr, "the peer received %zd bytes: \"%.*s\"\n", n, (int)(n > 0 ? n : 0), b);
+    CHECK_EQ(n, 1);
+    CHECK(b[0] == 'X');
+    CHECK_EQ(recv(peer, b, sizeof b, MSG_DONTWAIT), -1); /* and nothing else */
+    CHECK_EQ(errno, EAGAIN);
+    cp_op cop = {0};
+    CHECK_OK(cp_socket_close(&s, &cop));
+    CHECK_EQ(next_of(p, &cop), 0);
+    close(peer);
+    close(empty);
+    cp_port_destroy(p);
+}
+
+TEST(a_failed_udp_transmit_leaves_nothing_corked)
+{
+    udp_failed_transmit_leaves_nothing_corked(AF_INET);
+}
+
+TEST(a_failed_udp_transmit_leaves_nothing_corked_ipv6)
+{
+    udp_failed_transmit_leaves_nothing_corked(AF_INET6);
+}
+
 /* ---- TransmitPackets: ordering with plain sends ----------------------------------------- */
 
 typedef struct qop {

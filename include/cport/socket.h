@@ -380,13 +380,15 @@ typedef struct cp_transmit_op {
  * wait for room in the socket, see the top of this file) shuts down the socket's sending
  * side, as a send does (cp_socket_send()): sends queued behind it then fail (-EPIPE)
  * rather than follow the hole in the stream. One that fails before its first byte leaves
- * the socket as it was, as does one on a datagram socket (see cp_socket_send()). (Not
- * one that is cancelled or times out: see cp_socket_cancel().) Never raises SIGPIPE. A
- * file must not be truncated or rewritten while it is being sent: the kernel sends its
- * page-cache pages without copying them, so bytes already handed to it may go out as
- * zeros or as the new contents, without any error (only a range the file no longer has
- * when it is read fails, with -EIO); replace a file by renaming a new one over it
- * instead. */
+ * the socket as it was, as does one on a datagram socket (see cp_socket_send()), except
+ * that on UDP the datagram it had begun (bytes sent with more of it to follow, which the
+ * kernel holds back) is discarded: none of it goes out, neither alone nor joined to the
+ * socket's next send (`sent` still counts those bytes). (Not one that is cancelled or
+ * times out: see cp_socket_cancel().) Never raises SIGPIPE. A file must not be truncated
+ * or rewritten while it is being sent: the kernel sends its page-cache pages without
+ * copying them, so bytes already handed to it may go out as zeros or as the new contents,
+ * without any error (only a range the file no longer has when it is read fails, with
+ * -EIO); replace a file by renaming a new one over it instead. */
 CP_EXTERN int cp_socket_transmit_packets(cp_socket *s, cp_transmit_op *op, const cp_packet *elems,
                                          unsigned n, unsigned flags);
 
