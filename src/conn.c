@@ -449,18 +449,30 @@ static void drain_step(cp_server *sv, cp_conn *c)
     }
 }
 
-/* Replies are still queued when a graceful close begins. A peer that has stopped reading
- * would keep them, and the connection, forever (zero-window probes keep TCP alive). The
- * sweep resets the connection once they have made no progress for linger_ms (sweep_step);
- * should it not (the server stalled), the kernel gives up a while later
- * (TCP_USER_TIMEOUT, which also covers a zero window: linger_backstop_ms): the connection
- * then fails with ETIMEDOUT, and its sends with it, which aborts the close, but without a
- * reset (tcp_write_err), so the sweep must come first. (The server listens on TCP
- * only.) */
-static void bound_drain(cp_server *sv, cp_conn *c)
+/* The kernel's bound on a graceful close, behind the sweep's (TCP_USER_TIMEOUT, which also
+ * covers a zero window: linger_backstop_ms): should the sweep not reset the connection (the
+ * server stalled), the connection fails with ETIMEDOUT, and its sends with it, which aborts
+ * the close, but without a reset (tcp_write_err), so the sweep must come first. The kernel
+ * counts from when its stall began (the first retransmission or window probe), the sweep
+ * from the close: set while the replies are stalled already, perhaps for seconds (a peer
+ * that vanished, or stopped reading, before the close), the backstop would fire at the
+ * kernel's next retransmission or probe, before the sweep. So it is set only while they
+ * are seen moving, when the kernel's clock has not started: at the close, or at a tick.
+ * (The server listens on TCP only.) */
+static void arm_backstop(cp_server *sv, cp_conn *c)
 {
     unsigned ms = sv->linger_backstop_ms;
     cp_conn_setsockopt(c, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof(ms));
+}
+
+/* Replies are still queued when a graceful close begins. A peer that has stopped reading
+ * would keep them, and the connection, forever (zero-window probes keep TCP alive). The
+ * sweep resets the connection once they have made no progress for linger_ms (sweep_step);
+ * the backstop comes later (arm_backstop). */
+static void bound_drain(cp_server *sv, cp_conn *c)
+{
+    if (wire_state(c, true) == WIRE_MOVING)
+        arm_backstop(sv, c);
 }
 
 /* A send was queued after its check that c is not closing. If a graceful close began in
@@ -815,6 +827,8 @@ static void sweep_step(cp_server *sv, cp_conn *c, uint32_t now)
     }
     if (w == WIRE_MOVING || (queued && w != WIRE_STALLED)) {
         linger_progress(sv, c);
+        if (w == WIRE_MOVING)
+            arm_backstop(sv, c); /* the kernel's clock starts afresh: not stalled */
     } else if (ticks_since(now >> sv->linger_shift, st_tick(st)) >= sv->linger_units) {
         if (w != WIRE_INPUT)
             reset_on_close(c); /* replies cut: the peer must not wait for them */

@@ -29,6 +29,7 @@
 #include "server_internal.h" /* the tick clock, to make time pass */
 
 #include <arpa/inet.h>
+#include <linux/filter.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -6509,6 +6510,156 @@ TEST(graceful_close_resets_a_peer_that_takes_nothing_after_its_end)
 {
     static const cut_case k = {.reply = 256 << 10, .peer_ends = true, .sndbuf = 1 << 20};
     graceful_close_cut(&k, CP_CLOSE_PEER);
+}
+
+/* The other half of a stalled close: the peer vanishes (its host goes away, a route or a
+ * middlebox drops its traffic), so the replies are lost on the way, nothing is acknowledged,
+ * and the kernel retransmits them (tcpi_retransmits, and tcpi_backoff with it). No netem
+ * here (nor on every CI kernel), and no namespace or privilege needed: the peer's socket
+ * takes a classic BPF filter that drops every segment reaching it but a reset. The server's
+ * segments are lost after they left it (dropped before the peer's TCP sees them: nothing is
+ * acknowledged), and the peer can tell the reset the sweep must send from the kernel's
+ * silent end (TCP_USER_TIMEOUT, the backstop). */
+static void vanish(int fd)
+{
+    /* The filter sees the TCP header: its flags are byte 13, RST 0x04. */
+    static struct sock_filter only_resets[] = {
+        BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 13),
+        BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, 0x04, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, 0xffffffff),
+        BPF_STMT(BPF_RET | BPF_K, 0),
+    };
+    struct sock_fprog prog = {.len = sizeof only_resets / sizeof only_resets[0],
+                              .filter = only_resets};
+    CHECK_OK(setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof prog));
+}
+
+/* A peer whose segments from the server are all lost from its request on: the server
+ * replies and closes (both stages, as above); the reset must come about linger_ms after
+ * (once the first retransmission tells the kernel is stalled), not before, and well before
+ * the backstop. (A peer that first reads slowly for a while, then vanishes, does not test
+ * this half on loopback: a slow reader keeps the window shut, and the loss is seen through
+ * window probes, tcpi_backoff alone.) */
+static void graceful_close_lost(const cut_case *k)
+{
+    cp_server_options o = {.threads = 2, .linger_ms = CUT_LINGER_MS, .max_pending_send = 8 << 20};
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hook = reply_cut_case;
+    t->ctx = (void *)k;
+    t->sndbuf = k->sndbuf;
+    tsrv_start(t, &o);
+    int64_t backstop = t->sv->linger_backstop_ms, tick = t->sv->tick_ms;
+    int fd = connect_not_reading(t->port);
+    vanish(fd);
+    int64_t t0 = cpt_now_ms();
+    CHECK_EQ(send(fd, "x", 1, MSG_NOSIGNAL), 1);
+    /* Without reading: an error (the reset) or a hang-up, nothing else can come. Waits past
+     * the backstop, which ends the connection without a reset. */
+    struct pollfd p = {.fd = fd, .events = 0};
+    int r = 0;
+    while (r == 0 && cpt_now_ms() - t0 < backstop + CUT_RESET_MS) {
+        r = poll(&p, 1, 20);
+        CHECK(r >= 0 || errno == EINTR);
+    }
+    int64_t took = cpt_now_ms() - t0;
+    size_t got = 0;
+    int how = -1;
+    if (r > 0)
+        read_to_close(fd, cpt_now_ms() + IO_MS, &got, &how);
+    fprintf(stderr,
+            "peer whose segments are lost: %s after %lld ms (linger %d ms, backstop %lld ms; "
+            "%zu bytes got through, then %s)\n",
+            r > 0 ? "reset" : "no reset", (long long)took, CUT_LINGER_MS, (long long)backstop, got,
+            how < 0    ? "-"
+            : how == 0 ? "EOF"
+                       : strerror(how));
+    CHECK(r > 0);
+    CHECK(p.revents & POLLERR);
+    CHECK_EQ(how, ECONNRESET);
+    CHECK_EQ(got, 0);
+    /* Not before linger_ms (the stamp is taken at a tick, rounded down), nor at the
+     * backstop. */
+    CHECK(took >= CUT_LINGER_MS - tick);
+    CHECK(took < backstop);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(LOAD(&t->reasons[CP_CLOSE_LOCAL]), 1);
+    close(fd);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+TEST(graceful_close_resets_a_peer_that_vanished_with_replies_queued)
+{
+    static const cut_case k = {.reply = 4 << 20, .close = true, .sndbuf = 4096};
+    graceful_close_lost(&k);
+}
+
+TEST(graceful_close_resets_a_peer_that_vanished_after_the_fin)
+{
+    static const cut_case k = {.reply = 256 << 10, .close = true, .sndbuf = 1 << 20};
+    graceful_close_lost(&k);
+}
+
+/* The replies were stalled already when the close began: the peer vanished, or stopped
+ * reading, seconds before the server shut down. The close set TCP_USER_TIMEOUT (the
+ * backstop, linger_ms + 3 ticks + 2 s here), which the kernel counts from its first
+ * retransmission or window probe, long before: at its next one it dropped the connection
+ * silently, before the sweep's reset (linger_ms after the close), and the peer never
+ * heard of it (a peer stalled 2.9 s, or 6 s while not reading, got no reset; 2.5 s or 7 s
+ * did: it depends on where the kernel's backed-off timer falls). Peers stalled for
+ * 0 to 6 s, 125 ms apart, then the shutdown: each one must get a reset. */
+enum { STALLED_PEERS = 48, STALLED_STEP_MS = 125 };
+
+static void shutdown_resets_stalled_peers(bool lost)
+{
+    cp_server_options o = {.threads = 2, .linger_ms = CUT_LINGER_MS, .max_pending_send = 8 << 20};
+    static const cut_case k = {.reply = 256 << 10, .sndbuf = 4096}; /* replies stay queued */
+    tsrv *t = tsrv_new(ECHO_NONE);
+    t->hook = reply_cut_case;
+    t->ctx = (void *)&k;
+    t->sndbuf = k.sndbuf;
+    tsrv_start(t, &o);
+    int fds[STALLED_PEERS];
+    int64_t since[STALLED_PEERS];
+    for (int i = 0; i < STALLED_PEERS; i++) {
+        fds[i] = connect_not_reading(t->port);
+        if (lost)
+            vanish(fds[i]);
+        since[i] = cpt_now_ms();
+        CHECK_EQ(send(fds[i], "x", 1, MSG_NOSIGNAL), 1);
+        usleep(STALLED_STEP_MS * 1000);
+    }
+    WAIT_FOR(LOAD(&t->opens) == STALLED_PEERS, IO_MS);
+    int64_t t0 = cpt_now_ms();
+    /* The deadline is far: only the sweep, or the kernel, ends these. */
+    CHECK_EQ(tsrv_stop(t, 4 * CUT_RESET_MS), 0);
+    int64_t took = cpt_now_ms() - t0;
+    int silent = 0;
+    for (int i = 0; i < STALLED_PEERS; i++) {
+        int how = -1;
+        struct pollfd p = {.fd = fds[i], .events = 0};
+        /* The reset was sent before the shutdown returned; loopback delivers it at once. */
+        if (poll(&p, 1, 1000) == 1 && (p.revents & POLLERR))
+            read_to_close(fds[i], cpt_now_ms() + IO_MS, NULL, &how);
+        if (how != ECONNRESET) {
+            fprintf(stderr, "peer stalled %lld ms before the shutdown: no reset\n",
+                    (long long)(t0 - since[i]));
+            silent++;
+        }
+        close(fds[i]);
+    }
+    fprintf(stderr, "shutdown took %lld ms; %d of %d peers got no reset\n", (long long)took, silent,
+            STALLED_PEERS);
+    CHECK_EQ(silent, 0);
+}
+
+TEST(shutdown_resets_peers_that_vanished_before_it)
+{
+    shutdown_resets_stalled_peers(true);
+}
+
+TEST(shutdown_resets_peers_that_stopped_reading_before_it)
+{
+    shutdown_resets_stalled_peers(false);
 }
 
 /* cp_server_start() called a second time on a started server: it opened and bound a

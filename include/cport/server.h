@@ -184,11 +184,14 @@ typedef struct cp_server_options {
                                       a small receive window can be cut. A server that closes
                                       after a large reply to slow readers should wait until
                                       the peer has (most of) it (tcpi_bytes_acked;
-                                      cport-httpd does). With replies queued, TCP_USER_TIMEOUT
-                                      is set on the socket as a backstop for a server too
-                                      busy to sweep: this plus 3 ticks plus the larger of
-                                      this and 2 s (the kernel then drops the connection
-                                      without a reset). 0 = 5000 */
+                                      cport-httpd does). While the replies are seen moving,
+                                      TCP_USER_TIMEOUT is set on the socket as a backstop for
+                                      a server too busy to sweep: this plus 3 ticks plus the
+                                      larger of this and 2 s (the kernel then drops the
+                                      connection without a reset; it counts from its first
+                                      retransmission or window probe, which may be older
+                                      than the close: not set while they are stalled).
+                                      0 = 5000 */
     uint32_t max_pending_send;     /* bytes queued to send on one connection before reading
                                      from it pauses; resumes below half; 0 = 1 MiB */
     uint32_t send_queue_limit;     /* bytes a connection may have queued to send at most:
