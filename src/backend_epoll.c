@@ -216,8 +216,12 @@ static int ep_poll(cp_port *p, int64_t deadline, cp__oplist *done)
     int err = s->next_event < s->nevents ? 0 : harvest_events(s, deadline);
     cp__port_poller_awake(p);
     size_t received = 0;
-    while (s->next_event < s->nevents && received < HANDOFF_BYTES) {
-        struct epoll_event *ev = &s->events[s->next_event++];
+    /* The position in locals: the calls below cannot touch it (only the poller does). */
+    int at = s->next_event;
+    const int nevents = s->nevents;
+    while (at < nevents && received < HANDOFF_BYTES) {
+        struct epoll_event *ev = &s->events[at++];
+        s->next_event = at;
         if (ev->data.u64 == 0)
             continue; /* wake-up */
         if (ev->data.u64 & TAG_FIRSTDATA) {
@@ -237,7 +241,7 @@ static int ep_poll(cp_port *p, int64_t deadline, cp__oplist *done)
                      (e & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0, done);
         received += received_after(done, before);
     }
-    if (s->next_event < s->nevents)
+    if (at < nevents)
         return err; /* still in poll: the rest of the harvest comes next time */
 
     cp__lock_acquire(&s->lock);
@@ -416,20 +420,30 @@ static int step_send(cp_handle *h, cp_op *op)
     }
 }
 
+/* ep_try_send() of several buffers: out of line, so that the common single buffer's path
+ * carries no msghdr and no loop around it. */
+static __attribute__((noinline)) long try_sendmsg(int fd, const struct iovec *iov, int iovcnt)
+{
+    struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov, .msg_iovlen = (size_t)iovcnt};
+    long n;
+    do
+        n = cp__sys_sendmsg(fd, &msg, MSG_NOSIGNAL);
+    while (n == -EINTR);
+    return n;
+}
+
 static long ep_try_send(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len)
 {
     if (!(h->cp__flags & CP__H_WR_READY))
         return -EAGAIN;
     long n;
-    do {
-        if (iovcnt == 1) {
+    if (iovcnt == 1) {
+        do
             n = cp__sys_send(h->fd, iov->iov_base, iov->iov_len, MSG_NOSIGNAL);
-        } else {
-            struct msghdr msg = {.msg_iov = (struct iovec *)(uintptr_t)iov,
-                                 .msg_iovlen = (size_t)iovcnt};
-            n = cp__sys_sendmsg(h->fd, &msg, MSG_NOSIGNAL);
-        }
-    } while (n == -EINTR);
+        while (n == -EINTR);
+    } else {
+        n = try_sendmsg(h->fd, iov, iovcnt);
+    }
     if (n == -EAGAIN || (n >= 0 && (size_t)n < len))
         clear_flag(h, CP__H_WR_READY); /* full; EPOLLOUT will tell us */
     return n;

@@ -842,21 +842,38 @@ static void sweep_step(cp_server *sv, cp_conn *c, uint32_t now)
 
 /* ---- receiving ------------------------------------------------------------------------- */
 
+/* cp_socket_recv() (buf != NULL) or cp_socket_recv_pooled() (buf NULL, len the pool's
+ * buffer size) of a connection's own receive op, less the checks that cannot fail there
+ * (an associated socket, not a file; an aligned op; a buffer of recv_buffer bytes): once
+ * or twice per message. The op being idle is still checked. */
+static int submit_rx(cp_conn *c, cp_op *op, void *buf, uint32_t len)
+{
+    if (cp__op_in_use(op))
+        return -EBUSY;
+    op->u.buf = buf;
+    op->cp__len = len;
+    op->cp__flags = 0;
+    cp__h_lock(&c->s);
+    return cp__submit_locked(&c->s, op, buf ? CP_OP_RECV : CP_OP_RECV_POOL, 0);
+}
+
 /* Start a receive on op (lock held). Returns 0 or a negative errno. With have_ref the
- * caller's operation reference passes to the receive (on success). */
-static int post_rx_ref(cp_server *sv, cp__worker *w, cp_conn *c, cp_op *op, bool have_ref)
+ * caller's operation reference passes to the receive (on success). Inlined: the receive
+ * handler posts the next receive with it once per message. */
+static inline __attribute__((always_inline)) int post_rx_ref(cp_server *sv, cp__worker *w,
+                                                             cp_conn *c, cp_op *op, bool have_ref)
 {
     int r;
     if (!have_ref)
         op_ref(c);
     if (sv->o.zero_byte) {
-        r = cp_socket_recv_pooled(&c->s, op);
+        r = submit_rx(c, op, NULL, (uint32_t)cp_buffer_size(sv->port));
     } else {
         if (!op->u.buf) {
             uint32_t got;
             op->u.buf = cp__server_buf_alloc(sv, w, sv->o.recv_buffer, &got);
         }
-        r = op->u.buf ? cp_socket_recv(&c->s, op, op->u.buf, sv->o.recv_buffer) : -ENOMEM;
+        r = op->u.buf ? submit_rx(c, op, op->u.buf, sv->o.recv_buffer) : -ENOMEM;
     }
     if (r < 0 && !have_ref)
         __atomic_sub_fetch(&c->state, CS_OPREF, __ATOMIC_RELAXED); /* we hold another */
@@ -886,9 +903,11 @@ static bool may_read(cp_server *sv, cp_conn *c)
     return true;
 }
 
+static void deliver_frames(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t len);
+
 /* Hand one received chunk to the application: as is (stream mode) or frame by frame. */
-static void deliver(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t len, uint8_t kind,
-                    void *base)
+static inline __attribute__((always_inline)) void
+deliver(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t len, uint8_t kind, void *base)
 {
     w->cur_conn = c;
     w->cur_kind = kind;
@@ -902,38 +921,46 @@ static void deliver(cp_server *sv, cp_conn *c, cp__worker *w, char *buf, size_t 
         w->cur_copy = false;
         sv->cb.on_data(c, buf, len);
     } else {
-        cp_frame_decoder *d = decoder_of(sv, c);
-        const void *p = buf;
-        size_t n = len;
-        cp_frame f;
-        int r;
-        while ((r = cp_frame_next(d, &sv->frame_cfg, &p, &n, &f)) == 1) {
-            __atomic_add_fetch(&sv->frames_in, 1, __ATOMIC_RELAXED);
-            bool inside = (const char *)f.data >= buf && (const char *)f.data + f.len <= buf + len;
-            /* A frame assembled across receives lives in the decoder: sends copy it. */
-            w->cur_buf = (const char *)f.data;
-            w->cur_len = f.len;
-            w->cur_copy = !inside;
-            sv->cb.on_data(c, f.data, f.len);
-            if (st_load(c) & CF_CLOSING)
-                break;
-        }
-        if (r < 0 && r != -ENOMEM) {
-            __atomic_add_fetch(&sv->frames_rejected, 1, __ATOMIC_RELAXED);
-            /* Gracefully: the replies to the good frames before it are queued, and must
-             * not be cancelled (nor destroyed by a reset); the rest of the input is read
-             * and dropped while they go out (bounded by linger_ms). */
-            start_close(sv, c, CP_CLOSE_BAD_FRAME, 0, true);
-        } else if (r == -ENOMEM) {
-            start_close(sv, c, CP_CLOSE_ERROR, -ENOMEM, false);
-        }
+        deliver_frames(sv, c, w, buf, len);
     }
     w->cur_conn = NULL;
 }
 
+/* deliver() in framed mode: frame by frame. Out of line, away from the stream's path. */
+static __attribute__((noinline)) void deliver_frames(cp_server *sv, cp_conn *c, cp__worker *w,
+                                                     char *buf, size_t len)
+{
+    cp_frame_decoder *d = decoder_of(sv, c);
+    const void *p = buf;
+    size_t n = len;
+    cp_frame f;
+    int r;
+    while ((r = cp_frame_next(d, &sv->frame_cfg, &p, &n, &f)) == 1) {
+        __atomic_add_fetch(&sv->frames_in, 1, __ATOMIC_RELAXED);
+        bool inside = (const char *)f.data >= buf && (const char *)f.data + f.len <= buf + len;
+        /* A frame assembled across receives lives in the decoder: sends copy it. */
+        w->cur_buf = (const char *)f.data;
+        w->cur_len = f.len;
+        w->cur_copy = !inside;
+        sv->cb.on_data(c, f.data, f.len);
+        if (st_load(c) & CF_CLOSING)
+            break;
+    }
+    if (r < 0 && r != -ENOMEM) {
+        __atomic_add_fetch(&sv->frames_rejected, 1, __ATOMIC_RELAXED);
+        /* Gracefully: the replies to the good frames before it are queued, and must
+         * not be cancelled (nor destroyed by a reset); the rest of the input is read
+         * and dropped while they go out (bounded by linger_ms). */
+        start_close(sv, c, CP_CLOSE_BAD_FRAME, 0, true);
+    } else if (r == -ENOMEM) {
+        start_close(sv, c, CP_CLOSE_ERROR, -ENOMEM, false);
+    }
+}
+
 /* After delivering from op's buffer: give the buffer back or leave it to the sends that
  * kept it (lock held). */
-static void end_delivery(cp_server *sv, cp__worker *w, cp_op *op)
+static inline __attribute__((always_inline)) void end_delivery(cp_server *sv, cp__worker *w,
+                                                               cp_op *op)
 {
     cp__hold *h = w->cur_hold;
     if (h && h->kind == BUF_SLAB && h->buf == op->u.buf &&
@@ -1396,8 +1423,12 @@ static bool pending_add(cp_conn *c, uint32_t n)
  * that keeps it, is accounted in `pending` and an operation reference, and completes
  * through the port. Sends with a caller's on_sent (TAIL_REF) always take that way, so
  * that their callbacks come in order. */
-static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iovec *iov, int cnt,
-                     size_t len, tail_mode mode, void *ctx)
+static int queue_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iovec *iov, int cnt,
+                      size_t len, size_t sent_now, tail_mode mode, void *ctx);
+
+static inline __attribute__((always_inline)) int conn_send(cp_server *sv, cp__worker *w, cp_conn *c,
+                                                           const struct iovec *iov, int cnt,
+                                                           size_t len, tail_mode mode, void *ctx)
 {
     if (len == 0 || len > UINT32_MAX - 8)
         return -EINVAL;
@@ -1419,7 +1450,16 @@ static int conn_send(cp_server *sv, cp__worker *w, cp_conn *c, const struct iove
     }
     if (n < 0)
         return -EPIPE; /* closing */
-    /* c's socket is locked: queue the rest behind nothing. */
+    return queue_send(sv, w, c, iov, cnt, len, (size_t)n, mode, ctx);
+}
+
+/* The rest of conn_send(): the kernel took sent_now of the len bytes, and c's socket is
+ * locked: queue the rest behind nothing. Out of line: the common path sends all at once. */
+static __attribute__((noinline)) int queue_send(cp_server *sv, cp__worker *w, cp_conn *c,
+                                                const struct iovec *iov, int cnt, size_t len,
+                                                size_t sent_now, tail_mode mode, void *ctx)
+{
+    long n = (long)sent_now;
     size_t rest = len - (size_t)n;
     int err = -ENOBUFS;
     cp__send *x = NULL;

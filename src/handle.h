@@ -84,6 +84,21 @@ static inline void cp__h_unpin(cp_handle *h)
     h->cp__inflight--;
 }
 
+/* Fill a completion for a finished operation; called by the port under its lock, once per
+ * completion (inline). */
+static inline void cp__op_to_completion(cp_op *op, cp_completion *c)
+{
+    c->op = op;
+    c->key = op->cp__h->key;
+    if (op->cp__flags & CP__OPF_FAILED)
+        c->result = -(int64_t)op->cp__aux;
+    else if (op->opcode == CP_OP_TRANSMIT)
+        c->result = (int64_t)CP_CONTAINER_OF(op, cp_transmit_op, op)->sent;
+    else
+        c->result = (int64_t)op->cp__done;
+    __atomic_store_n(&op->cp__state, CP__OPS_IDLE, __ATOMIC_RELAXED);
+}
+
 /* ---- entry points of the socket layer for backends (socket.c) ---- */
 
 /* A kernel request for `op` finished with `res` (io_uring CQE): drops the pin the request
@@ -149,8 +164,27 @@ int cp__submit_locked(cp_handle *h, cp_op *op, uint8_t opcode, int which);
  *                unlocks h, so that nothing can overtake it;
  *   -EBADF       h is closing (unlocked).
  * A failed attempt counts as 0 bytes: the queued send meets the error and reports it
- * through the port. */
-long cp__send_try(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len, bool attempt);
+ * through the port. Inline: once per reply. */
+static inline long cp__send_try(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len,
+                                bool attempt)
+{
+    cp__h_lock(h);
+    if (h->cp__flags & (CP__H_CLOSING | CP__H_SEALED)) {
+        cp__h_unlock(h);
+        return -EBADF;
+    }
+    const cp__backend *be = h->cp__port->be;
+    if (!attempt || h->cp__sq || !be->try_send)
+        return 0;
+    long n = be->try_send(h, iov, iovcnt, len);
+    if (n == (long)len) {
+        cp__h_unlock(h);
+        return n;
+    }
+    /* Full, or failed: the queued send finds out again (and reports a failure through the
+     * port, as a send always does). */
+    return n > 0 ? n : 0;
+}
 
 /* The server's graceful close: if *pending (bytes the caller has queued to send on h,
  * raised only with h locked or before a send is submitted) is 0, refuse every later send

@@ -84,7 +84,8 @@ static void run_item(cp_pool *pool, cp__work_item *it)
         pool->on_discard(fn, arg);
 }
 
-static void dispatch(cp_pool *pool, const cp_completion *c)
+/* Inlined into the workers' loop: once per completion. */
+static inline __attribute__((always_inline)) void dispatch(cp_pool *pool, const cp_completion *c)
 {
     if (c->key == (uintptr_t)pool) {
         run_item(pool, c->op);

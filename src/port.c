@@ -23,7 +23,7 @@
  *     a single thread: no handoff, no extra wakeup. When the poller leaves to run work, a
  *     parked thread is promoted to poll in its place.
  */
-#include "port_internal.h"
+#include "handle.h"
 #include "inject.h"
 
 #include <errno.h>
@@ -588,8 +588,11 @@ static void poll_backend_locked(cp_port *p, cp__thread *t, int64_t deadline)
         __atomic_store_n(&p->wake_sent, true, __ATOMIC_SEQ_CST);
     cp__oplist done = {.flags = CP__OPLIST_HARVEST};
     p->be->poll(p, deadline, &done);
+    /* The kick is looked at before it is taken: mostly not set, and then the poll costs no
+     * read-modify-write (one set after the look is followed by a wake-up: the next poll). */
     if ((done.flags & CP__OPLIST_POOL_FREED) ||
-        __atomic_exchange_n(&p->pool.kick, 0, __ATOMIC_ACQ_REL))
+        (__atomic_load_n(&p->pool.kick, __ATOMIC_ACQUIRE) &&
+         __atomic_exchange_n(&p->pool.kick, 0, __ATOMIC_ACQ_REL)))
         cp__io_serve_starving(p);
     if (timer >= 0)
         cp__io_expire(p, cp__now_ns());

@@ -139,9 +139,8 @@ static inline void cp__port_poller_awake(cp_port *port)
 void cp__port_handle_added(cp_port *port);
 void cp__port_handle_removed(cp_port *port);
 
-/* Socket layer hooks called by the port (socket.c). */
-/* Fill a completion for a finished operation; called under the port lock. */
-void cp__op_to_completion(cp_op *op, cp_completion *c);
+/* Socket layer hooks called by the port (socket.c; the one that fills a completion,
+ * cp__op_to_completion(), is inline in handle.h). */
 /* Earliest per-operation deadline (absolute ns), or -1. */
 int64_t cp__io_next_deadline(cp_port *port);
 /* Cancel every operation whose deadline is <= now. */

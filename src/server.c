@@ -82,17 +82,9 @@ static void frame_buf_free(void *ctx, void *buf, size_t size)
     cp__server_buf_free(ctx, cp__server_worker(ctx), buf, cls);
 }
 
-cp__worker *cp__server_worker(cp_server *sv)
+cp__worker *cp__server_worker_new(cp_server *sv)
 {
-    cp__worker *w = pthread_getspecific(sv->wkey);
-    return w ? w : &sv->foreign;
-}
-
-cp__worker *cp__server_worker_own(cp_server *sv)
-{
-    cp__worker *w = pthread_getspecific(sv->wkey);
-    if (w)
-        return w;
+    cp__worker *w;
     /* Once per pool thread, on its first completion: one of the records made at creation
      * (one per thread). Should there be none (not reached: the pool's threads are fixed),
      * wait for memory rather than share a record whose delivery fields this thread needs

@@ -273,12 +273,23 @@ void cp__conn_sweep(cp_server *sv, cp_conn *c, uint32_t now);
  * would change anything; then stop it and drop the pin. */
 bool cp__conn_stop_pin(cp_conn *c, bool abort);
 void cp__conn_stop(cp_server *sv, cp_conn *c, bool abort);
-/* The calling thread's record (created on first use; freed with the server). */
 /* The calling thread's record: its own if it is one of the pool's threads that has
- * handled a completion, else the shared one. Never allocates. */
-cp__worker *cp__server_worker(cp_server *sv);
+ * handled a completion, else the shared one. Never allocates. Inline, as the next one:
+ * each is looked up once per message. */
+static inline cp__worker *cp__server_worker(cp_server *sv)
+{
+    cp__worker *w = pthread_getspecific(sv->wkey);
+    return w ? w : &sv->foreign;
+}
+/* Make the calling pool thread's record, on its first completion (it has none yet); it is
+ * freed with the server. */
+cp__worker *cp__server_worker_new(cp_server *sv);
 /* The calling pool thread's own record, created on its first completion. */
-cp__worker *cp__server_worker_own(cp_server *sv);
+static inline cp__worker *cp__server_worker_own(cp_server *sv)
+{
+    cp__worker *w = pthread_getspecific(sv->wkey);
+    return w ? w : cp__server_worker_new(sv);
+}
 
 /* Add n to one of w's counters: a plain store by a record's own thread, an atomic add on
  * the shared record. */

@@ -89,12 +89,23 @@ static void flush_locked(cp_handle *h, cp__oplist *done)
     cp__port_complete_late(h->cp__port, &mine);
 }
 
+static void unlock_flush_close(cp_handle *h, cp__oplist *done);
+
 /* Unlock h after queueing what it finished. A close completion is queued only now: once
  * it is dequeued the handle's memory is the user's, so it must not be queued while this
  * thread still holds the handle's lock. Nothing of h can complete after it. */
-static void unlock_flush(cp_handle *h, cp__oplist *done)
+static inline void unlock_flush(cp_handle *h, cp__oplist *done)
 {
     flush_locked(h, done);
+    if (done->close_op)
+        unlock_flush_close(h, done);
+    else
+        cp__h_unlock(h);
+}
+
+/* unlock_flush() when the close finished: out of line, the common path does not carry it. */
+static __attribute__((noinline)) void unlock_flush_close(cp_handle *h, cp__oplist *done)
+{
     cp_op *cop = done->close_op;
     done->close_op = NULL;
     cp_port *p = h->cp__port;
@@ -102,8 +113,6 @@ static void unlock_flush(cp_handle *h, cp__oplist *done)
     bool harvest = (done->flags & CP__OPLIST_HARVEST) != 0;
     bool late = harvest && harvest_late(h);
     cp__h_unlock(h);
-    if (!cop)
-        return;
     cp__oplist one = {0};
     cp__oplist_push(&one, cop);
     if (late)
@@ -822,19 +831,6 @@ uint32_t cp_op_transferred(const cp_op *op)
     return op->cp__done;
 }
 
-void cp__op_to_completion(cp_op *op, cp_completion *c)
-{
-    c->op = op;
-    c->key = op->cp__h->key;
-    if (op->cp__flags & CP__OPF_FAILED)
-        c->result = -(int64_t)op->cp__aux;
-    else if (op->opcode == CP_OP_TRANSMIT)
-        c->result = (int64_t)CP_CONTAINER_OF(op, cp_transmit_op, op)->sent;
-    else
-        c->result = (int64_t)op->cp__done;
-    __atomic_store_n(&op->cp__state, CP__OPS_IDLE, __ATOMIC_RELAXED);
-}
-
 int64_t cp__io_next_deadline(cp_port *p)
 {
     cp__lock_acquire(&p->timer_lock);
@@ -1010,7 +1006,52 @@ static int submit_finish(cp_handle *h, cp_op *op, cp_op **q, int r, bool started
     return now ? CP_DONE_NOW : 0;
 }
 
+static int submit_locked_slow(cp_handle *h, cp_op *op, uint8_t opcode, int which);
+
+/* Start op (set up, untimed) on h's idle queue q (h locked); unlocks h. */
+static inline __attribute__((always_inline)) int submit_start(cp_handle *h, cp_op *op, cp_op **q)
+{
+    queue_append(q, op);
+    __atomic_store_n(&op->cp__state, CP__OPS_STARTED, __ATOMIC_RELAXED);
+    int r = start_step_locked(h, op);
+    if (r == CP__PENDING) {
+        op->cp__flags &= (uint16_t)~CP__OPF_TRYNOW;
+        cp__h_unlock(h);
+        return 0;
+    }
+    if ((op->cp__flags & CP__OPF_SKIP) && r > 0 && (uint32_t)r == op->cp__len) {
+        /* A send taken whole (CP_SEND_SKIP_ON_SUCCESS): the caller's again, no completion;
+         * nothing can be queued behind it while we hold the lock. */
+        *q = NULL;
+        __atomic_store_n(&op->cp__state, CP__OPS_IDLE, __ATOMIC_RELAXED);
+        cp__h_unlock(h);
+        return CP_DONE_NOW;
+    }
+    return submit_finish(h, op, q, r, true);
+}
+
 int cp__submit_locked(cp_handle *h, cp_op *op, uint8_t opcode, int which)
+{
+    /* The common case, straight through: an untimed operation on an idle queue of an open
+     * socket starts at once, and usually waits in the kernel or finishes in full right
+     * here. Anything else (refused, busy, timed, a connect, behind others, a file) takes
+     * the general path. */
+    cp_op **q = which ? &h->cp__sq : &h->cp__rq;
+    uint16_t hf = h->cp__flags;
+    if (*q || op->timeout_ms || opcode == CP_OP_CONNECT ||
+        (hf & (CP__H_CLOSING | CP__H_SEALED | CP__H_FILE | CP__H_CONNECT)) ||
+        (opcode == CP_OP_RECV && (h->cp__nstash || (hf & CP__H_MSHOT) || h->cp__rq)))
+        return submit_locked_slow(h, op, opcode, which);
+    op->opcode = opcode;
+    op->cp__h = h;
+    op->cp__done = 0;
+    op->cp__tidx = 0;
+    op->cp__seq = (uint16_t)++h->cp__opseq;
+    return submit_start(h, op, q);
+}
+
+static __attribute__((noinline)) int submit_locked_slow(cp_handle *h, cp_op *op, uint8_t opcode,
+                                                        int which)
 {
     op->opcode = opcode;
     op->cp__h = h;
@@ -1051,25 +1092,7 @@ int cp__submit_locked(cp_handle *h, cp_op *op, uint8_t opcode, int which)
      * this op, so a connect itself still goes straight through.) */
     if (*q || (hf & (CP__H_FILE | CP__H_CONNECT)))
         return submit_finish(h, op, q, CP__PENDING, false);
-    /* The common case, straight through: an untimed operation on an idle queue starts at
-     * once, and usually waits in the kernel or finishes in full right here. */
-    queue_append(q, op);
-    __atomic_store_n(&op->cp__state, CP__OPS_STARTED, __ATOMIC_RELAXED);
-    int r = start_step_locked(h, op);
-    if (r == CP__PENDING) {
-        op->cp__flags &= (uint16_t)~CP__OPF_TRYNOW;
-        cp__h_unlock(h);
-        return 0;
-    }
-    if ((op->cp__flags & CP__OPF_SKIP) && r > 0 && (uint32_t)r == op->cp__len) {
-        /* A send taken whole (CP_SEND_SKIP_ON_SUCCESS): the caller's again, no completion;
-         * nothing can be queued behind it while we hold the lock. */
-        *q = NULL;
-        __atomic_store_n(&op->cp__state, CP__OPS_IDLE, __ATOMIC_RELAXED);
-        cp__h_unlock(h);
-        return CP_DONE_NOW;
-    }
-    return submit_finish(h, op, q, r, true);
+    return submit_start(h, op, q);
 }
 
 int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
@@ -1084,25 +1107,6 @@ int cp__submit(cp_handle *h, cp_op *op, uint8_t opcode, int which)
         return -EINVAL;
     }
     return cp__submit_locked(h, op, opcode, which);
-}
-
-long cp__send_try(cp_handle *h, const struct iovec *iov, int iovcnt, size_t len, bool attempt)
-{
-    cp__h_lock(h);
-    if (h->cp__flags & (CP__H_CLOSING | CP__H_SEALED)) {
-        cp__h_unlock(h);
-        return -EBADF;
-    }
-    if (!attempt || h->cp__sq || !be_of(h)->try_send)
-        return 0;
-    long n = be_of(h)->try_send(h, iov, iovcnt, len);
-    if (n == (long)len) {
-        cp__h_unlock(h);
-        return n;
-    }
-    /* Full, or failed: the queued send finds out again (and reports a failure through the
-     * port, as a send always does). */
-    return n > 0 ? n : 0;
 }
 
 bool cp__socket_seal_if_idle(cp_handle *h, const uint32_t *pending)

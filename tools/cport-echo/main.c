@@ -44,10 +44,17 @@ typedef struct config {
 
 /* ---- the echo ----------------------------------------------------------------------------- */
 
+/* One callback per mode, chosen at start: a message costs no look at the configuration. */
 static void on_data(cp_conn *c, const void *data, size_t len)
 {
-    const config *cfg = cp_server_user(cp_conn_server(c));
-    int r = cfg->so.framed ? cp_conn_send_frame(c, data, len) : cp_conn_send_data(c, data, len);
+    int r = cp_conn_send_data(c, data, len);
+    if (r < 0 && r != -EPIPE)
+        cp_conn_abort(c);
+}
+
+static void on_data_framed(cp_conn *c, const void *data, size_t len)
+{
+    int r = cp_conn_send_frame(c, data, len);
     if (r < 0 && r != -EPIPE)
         cp_conn_abort(c);
 }
@@ -484,6 +491,7 @@ int main(int argc, char **argv)
 
     cp_server_callbacks cb = {.on_data = on_data};
     if (cfg.so.framed) {
+        cb.on_data = on_data_framed;
         cb.on_open = on_open_framed;
         cb.on_close = on_close;
         cfg.so.conn_user_size = sizeof(struct sockaddr_in);
