@@ -1,5 +1,6 @@
 /* The port's shared receive-buffer pool (see bufpool.h). */
 #include "bufpool.h"
+#include "inject.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -284,6 +285,8 @@ static void chunk_free(cp__bufpool *bp, uint32_t i)
 
 int cp__stash_push(cp__bufpool *bp, cp_handle *h, uint32_t off, uint32_t len)
 {
+    if (CP__INJECT_FAIL("stash_push"))
+        return -ENOMEM;
     uint32_t i = chunk_alloc(bp);
     if (i == CP__STASH_END)
         return -ENOMEM;

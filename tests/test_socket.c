@@ -2061,6 +2061,41 @@ TEST(pooled_receive_stops_without_room_for_its_cancel)
 #endif
 }
 
+/* A chunk the socket cannot keep (no memory for its record) is lost, and the reader gets
+ * the error after what came before it, not the peer's end that followed the loss: that
+ * would pass the stream with a hole in it for a whole one. */
+TEST(a_lost_chunks_error_is_not_replaced_by_the_end_after_it)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    CHECK_OK(setenv("CPORT_INJECT_FAIL", "stash_push", 1)); /* before any thread */
+    cp_port *p = uring_only(make_pool_port(64, 4));
+    pair pr;
+    pair_open(&pr, p);
+    /* Data of several buffers and the end, all there before the multishot is armed: the
+     * kernel hands over the chunks and the end in one go. The first chunk goes to the
+     * waiting receive, the second cannot be kept, the end comes last. */
+    static uint8_t data[4 * 4096];
+    memset(data, 'd', sizeof data);
+    write_all(pr.client, data, sizeof data);
+    shutdown(pr.client, SHUT_WR);
+    cp_op r = {0};
+    CHECK_OK(cp_socket_recv_pooled(&pr.s, &r));
+    cp_completion c = next(p);
+    CHECK(c.op == &r);
+    CHECK(c.result > 0 && (size_t)c.result < sizeof data);
+    CHECK(memcmp(r.u.buf, data, (size_t)c.result) == 0);
+    cp_buffer_release(p, r.u.buf);
+    CHECK_OK(cp_socket_recv_pooled(&pr.s, &r));
+    c = next(p);
+    CHECK(c.op == &r);
+    CHECK_EQ(c.result, -ENOMEM);
+    pair_close(&pr, p);
+    cp_port_destroy(p);
+#endif
+}
+
 #ifdef CPORT_INJECT
 struct wake_arg {
     cp_port *p;
