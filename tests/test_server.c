@@ -6437,6 +6437,29 @@ enum { CUT_LINGER_MS = 1000, CUT_RESET_MS = 5000 };
 
 /* Connect a peer that takes at most a few KiB, send the request (and the end): the server
  * replies, and closes. */
+/* Wait up to limit_ms, without reading, for fd's connection to be reset: an error or a
+ * hang-up, nothing else, can come. Then read what it holds up to its end (*got bytes;
+ * *how: 0 = EOF, else the errno that ended it; -1 = not read). True if it was an error. */
+static bool wait_for_reset(int fd, int64_t limit_ms, int64_t *took, size_t *got, int *how)
+{
+    int64_t t0 = cpt_now_ms();
+    struct pollfd p = {.fd = fd, .events = 0};
+    int r = 0;
+    while (r == 0 && cpt_now_ms() - t0 < limit_ms) {
+        r = poll(&p, 1, 20);
+        CHECK(r >= 0 || errno == EINTR);
+    }
+    *took = cpt_now_ms() - t0;
+    if (r > 0)
+        read_to_close(fd, cpt_now_ms() + IO_MS, got, how);
+    return r > 0 && (p.revents & POLLERR);
+}
+
+static const char *how_str(int how)
+{
+    return how < 0 ? "-" : how == 0 ? "EOF" : strerror(how);
+}
+
 static int cut_peer(tsrv *t, const cut_case *k)
 {
     int fd = connect_not_reading(t->port);
@@ -6455,26 +6478,13 @@ static void graceful_close_cut(const cut_case *k, cp_close_reason reason)
     t->sndbuf = k->sndbuf;
     tsrv_start(t, &o);
     int fd = cut_peer(t, k);
-    int64_t t0 = cpt_now_ms();
-    /* Without reading: an error (the reset) or a hang-up, nothing else can come. */
-    struct pollfd p = {.fd = fd, .events = 0};
-    int r = 0;
-    while (r == 0 && cpt_now_ms() - t0 < CUT_RESET_MS) {
-        r = poll(&p, 1, 20);
-        CHECK(r >= 0 || errno == EINTR);
-    }
-    int64_t took = cpt_now_ms() - t0;
     size_t got = 0;
     int how = -1;
-    if (r > 0)
-        read_to_close(fd, cpt_now_ms() + IO_MS, &got, &how);
+    int64_t took;
+    bool reset = wait_for_reset(fd, CUT_RESET_MS, &took, &got, &how);
     fprintf(stderr, "peer that reads nothing: %s after %lld ms (%zu bytes held, then %s)\n",
-            r > 0 ? "reset" : "no reset", (long long)took, got,
-            how < 0    ? "-"
-            : how == 0 ? "EOF"
-                       : strerror(how));
-    CHECK(r > 0);
-    CHECK(p.revents & POLLERR);
+            reset ? "reset" : "no reset", (long long)took, got, how_str(how));
+    CHECK(reset);
     CHECK_EQ(how, ECONNRESET);
     CHECK(got < k->reply);
     WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
@@ -6551,30 +6561,18 @@ static void graceful_close_lost(const cut_case *k)
     int64_t backstop = t->sv->linger_backstop_ms, tick = t->sv->tick_ms;
     int fd = connect_not_reading(t->port);
     vanish(fd);
-    int64_t t0 = cpt_now_ms();
     CHECK_EQ(send(fd, "x", 1, MSG_NOSIGNAL), 1);
-    /* Without reading: an error (the reset) or a hang-up, nothing else can come. Waits past
-     * the backstop, which ends the connection without a reset. */
-    struct pollfd p = {.fd = fd, .events = 0};
-    int r = 0;
-    while (r == 0 && cpt_now_ms() - t0 < backstop + CUT_RESET_MS) {
-        r = poll(&p, 1, 20);
-        CHECK(r >= 0 || errno == EINTR);
-    }
-    int64_t took = cpt_now_ms() - t0;
+    /* Waits past the backstop, which ends the connection without a reset. */
     size_t got = 0;
     int how = -1;
-    if (r > 0)
-        read_to_close(fd, cpt_now_ms() + IO_MS, &got, &how);
+    int64_t took;
+    bool reset = wait_for_reset(fd, backstop + CUT_RESET_MS, &took, &got, &how);
     fprintf(stderr,
             "peer whose segments are lost: %s after %lld ms (linger %d ms, backstop %lld ms; "
             "%zu bytes got through, then %s)\n",
-            r > 0 ? "reset" : "no reset", (long long)took, CUT_LINGER_MS, (long long)backstop, got,
-            how < 0    ? "-"
-            : how == 0 ? "EOF"
-                       : strerror(how));
-    CHECK(r > 0);
-    CHECK(p.revents & POLLERR);
+            reset ? "reset" : "no reset", (long long)took, CUT_LINGER_MS, (long long)backstop, got,
+            how_str(how));
+    CHECK(reset);
     CHECK_EQ(how, ECONNRESET);
     CHECK_EQ(got, 0);
     /* Not before linger_ms (the stamp is taken at a tick, rounded down), nor at the
