@@ -6469,7 +6469,9 @@ static int cut_peer(tsrv *t, const cut_case *k)
     return fd;
 }
 
-static void graceful_close_cut(const cut_case *k, cp_close_reason reason)
+/* A started test server that answers each peer's request as k says, lingering
+ * CUT_LINGER_MS on a graceful close. */
+static tsrv *cut_server(const cut_case *k)
 {
     cp_server_options o = {.threads = 2, .linger_ms = CUT_LINGER_MS, .max_pending_send = 8 << 20};
     tsrv *t = tsrv_new(ECHO_NONE);
@@ -6477,6 +6479,12 @@ static void graceful_close_cut(const cut_case *k, cp_close_reason reason)
     t->ctx = (void *)k;
     t->sndbuf = k->sndbuf;
     tsrv_start(t, &o);
+    return t;
+}
+
+static void graceful_close_cut(const cut_case *k, cp_close_reason reason)
+{
+    tsrv *t = cut_server(k);
     int fd = cut_peer(t, k);
     size_t got = 0;
     int how = -1;
@@ -6552,12 +6560,7 @@ static void vanish(int fd)
  * window probes, tcpi_backoff alone.) */
 static void graceful_close_lost(const cut_case *k)
 {
-    cp_server_options o = {.threads = 2, .linger_ms = CUT_LINGER_MS, .max_pending_send = 8 << 20};
-    tsrv *t = tsrv_new(ECHO_NONE);
-    t->hook = reply_cut_case;
-    t->ctx = (void *)k;
-    t->sndbuf = k->sndbuf;
-    tsrv_start(t, &o);
+    tsrv *t = cut_server(k);
     int64_t backstop = t->sv->linger_backstop_ms, tick = t->sv->tick_ms;
     int fd = connect_not_reading(t->port);
     vanish(fd);
@@ -6609,13 +6612,8 @@ enum { STALLED_PEERS = 48, STALLED_STEP_MS = 125 };
 
 static void shutdown_resets_stalled_peers(bool lost)
 {
-    cp_server_options o = {.threads = 2, .linger_ms = CUT_LINGER_MS, .max_pending_send = 8 << 20};
     static const cut_case k = {.reply = 256 << 10, .sndbuf = 4096}; /* replies stay queued */
-    tsrv *t = tsrv_new(ECHO_NONE);
-    t->hook = reply_cut_case;
-    t->ctx = (void *)&k;
-    t->sndbuf = k.sndbuf;
-    tsrv_start(t, &o);
+    tsrv *t = cut_server(&k);
     int fds[STALLED_PEERS];
     int64_t since[STALLED_PEERS];
     for (int i = 0; i < STALLED_PEERS; i++) {
