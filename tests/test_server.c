@@ -955,6 +955,15 @@ static size_t held_count(tsrv *t)
     return n;
 }
 
+/* The i-th connection on_open held, or NULL if it has not held that many yet. */
+static cp_conn *held_at(tsrv *t, size_t i)
+{
+    pthread_mutex_lock(&t->lock);
+    cp_conn *c = i < t->nheld ? t->held[i] : NULL;
+    pthread_mutex_unlock(&t->lock);
+    return c;
+}
+
 static int t_on_open(cp_conn *c)
 {
     tsrv *t = tsrv_of(c);
@@ -3955,9 +3964,7 @@ TEST(send_queue_limit_refuses_pushes_to_a_slow_reader)
     tsrv_start(t, &o);
     int fd = connect_to(t->port);
     WAIT_FOR(held_count(t) == 1, IO_MS); /* (on_open counts opens before it holds) */
-    pthread_mutex_lock(&t->lock);
-    cp_conn *c = t->held[0];
-    pthread_mutex_unlock(&t->lock);
+    cp_conn *c = held_at(t, 0);
     CHECK(c != NULL);
     uint8_t msg[MSG];
     int pushed = 0, r = 0;
@@ -4545,9 +4552,7 @@ TEST(null_arguments_are_refused)
     CHECK(cp_server_stats_prometheus(t->sv, "", buf, sizeof buf) > 0);
     int fd = connect_to(t->port);
     WAIT_FOR(held_count(t) == 1, IO_MS);
-    pthread_mutex_lock(&t->lock);
-    cp_conn *c = t->held[0];
-    pthread_mutex_unlock(&t->lock);
+    cp_conn *c = held_at(t, 0);
     CHECK_EQ(cp_conn_peer(c, NULL, &sl), -EINVAL);
     CHECK_EQ(cp_conn_peer(c, &ss, NULL), -EINVAL);
     CHECK_OK(cp_conn_peer(c, &ss, &sl));
@@ -4608,9 +4613,7 @@ TEST(a_timeout_without_on_timeout_resets_a_cut_stream_and_ends_a_quiet_one)
     tsrv_start(t, &o);
     int a = connect_not_reading(t->port);
     WAIT_FOR(held_count(t) == 1, IO_MS);
-    pthread_mutex_lock(&t->lock);
-    cp_conn *c = t->held[0];
-    pthread_mutex_unlock(&t->lock);
+    cp_conn *c = held_at(t, 0);
     fill_unread(c);
     WAIT_FOR(LOAD(&t->reasons[CP_CLOSE_IDLE_TIMEOUT]) == 1, IO_MS);
     size_t got = 0;
@@ -4646,9 +4649,7 @@ TEST(bytes_out_counts_the_part_of_a_cancelled_send_that_went_out)
     tsrv_start(t, &o);
     int fd = connect_not_reading(t->port); /* a small receive buffer; it reads below */
     WAIT_FOR(held_count(t) == 1, IO_MS);
-    pthread_mutex_lock(&t->lock);
-    cp_conn *c = t->held[0];
-    pthread_mutex_unlock(&t->lock);
+    cp_conn *c = held_at(t, 0);
     int small = 65536;
     CHECK_OK(cp_conn_setsockopt(c, SOL_SOCKET, SO_SNDBUF, &small, sizeof small));
     uint64_t *block = calloc(1, 8 + LEN);
@@ -5400,9 +5401,7 @@ TEST(short_lived_senders_do_not_strand_lookaside_objects)
     struct sockaddr_in sa = loopback(t->port);
     CHECK_OK(connect(fd, (struct sockaddr *)&sa, sizeof sa));
     WAIT_FOR(held_count(t) == 1, IO_MS); /* on_open holds after counting opens */
-    pthread_mutex_lock(&t->lock);
-    cp_conn *c = t->held[0];
-    pthread_mutex_unlock(&t->lock);
+    cp_conn *c = held_at(t, 0);
     int threads = (int)cpt_scaled(1000, 300);
     uint64_t before = 0;
     static char sink[ONE_SEND];
@@ -7131,9 +7130,7 @@ TEST(a_reply_failing_before_its_first_byte_lets_nothing_after_it_out)
     tsrv_start(t, &o);
     int fd = connect_to(t->port);
     WAIT_FOR(held_count(t) == 1, IO_MS);
-    pthread_mutex_lock(&t->lock);
-    cp_conn *c = t->held[0];
-    pthread_mutex_unlock(&t->lock);
+    cp_conn *c = held_at(t, 0);
     CHECK_OK(cp_conn_send(c, big, sizeof big)); /* accepted: fails in the socket layer */
     int r = cp_conn_send(c, small, sizeof small);
     CHECK(r == 0 || r == -EPIPE); /* -EPIPE if the failure's close came first */
@@ -7692,14 +7689,6 @@ typedef struct pz {
      * outside has paused one): a loaded machine may run the whole stream first. */
     const uint64_t *gate;
 } pz;
-
-static cp_conn *held_at(tsrv *t, size_t i)
-{
-    pthread_mutex_lock(&t->lock);
-    cp_conn *c = i < t->nheld ? t->held[i] : NULL;
-    pthread_mutex_unlock(&t->lock);
-    return c;
-}
 
 static size_t held_n(tsrv *t)
 {
