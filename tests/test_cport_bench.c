@@ -1271,6 +1271,18 @@ static bool mark_has(const char *path, const char *word)
     return mark_time(path, word) >= 0;
 }
 
+/* Wait until the mark file at path has word, looking every poll_us; false if the
+ * deadline (cpt_now_ms) passed first. */
+static bool wait_mark(const char *path, const char *word, int64_t deadline, unsigned poll_us)
+{
+    while (!mark_has(path, word)) {
+        if (cpt_now_ms() > deadline)
+            return false;
+        usleep(poll_us);
+    }
+    return true;
+}
+
 struct takeover {
     pid_t pid;        /* the stand-in */
     const char *mark; /* cport-bench's mark file */
@@ -1283,12 +1295,9 @@ static void *takeover_main(void *arg)
 {
     struct takeover *t = arg;
     int64_t deadline = cpt_now_ms() + 30000;
-    while (!mark_has(t->mark, "start")) {
-        if (cpt_now_ms() > deadline) {
-            t->err = ETIMEDOUT;
-            return NULL;
-        }
-        usleep(2000);
+    if (!wait_mark(t->mark, "start", deadline, 2000)) {
+        t->err = ETIMEDOUT;
+        return NULL;
     }
     kill(t->pid, SIGKILL);
     waitpid(t->pid, NULL, 0);
@@ -1383,12 +1392,9 @@ static void *interrupt_main(void *arg)
 {
     struct interrupter *it = arg;
     int64_t deadline = cpt_now_ms() + 20000;
-    while (!mark_has(it->mark, "start")) {
-        if (cpt_now_ms() > deadline) {
-            it->err = ETIMEDOUT;
-            return NULL;
-        }
-        usleep(200);
+    if (!wait_mark(it->mark, "start", deadline, 200)) {
+        it->err = ETIMEDOUT;
+        return NULL;
     }
     atomic_store(&it->s->open, true);
     while (!atomic_load(&it->s->hit) || !atomic_load(&bench_pid)) {
@@ -1399,13 +1405,8 @@ static void *interrupt_main(void *arg)
         usleep(1000);
     }
     kill(atomic_load(&bench_pid), SIGINT);
-    while (!mark_has(it->mark, "end")) {
-        if (cpt_now_ms() > deadline) {
-            it->err = ETIMEDOUT;
-            break;
-        }
-        usleep(200);
-    }
+    if (!wait_mark(it->mark, "end", deadline, 200))
+        it->err = ETIMEDOUT;
     atomic_store(&it->s->release, true);
     return NULL;
 }
