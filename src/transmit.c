@@ -107,17 +107,18 @@ static bool more_follows(cp_transmit_op *t)
  * corked the send fails the same way and sends nothing. (A socket that asked for local
  * error reports, IP_RECVERR / IPV6_RECVERR, gets one for it.) Only UDP (and UDP-Lite):
  * other datagram sockets do not cork (AF_UNIX), or could send the 65535 bytes (raw
- * sockets). Failure paths only: it asks the socket's type and protocol. */
-static void udp_discard_corked(cp_handle *h)
+ * sockets). Failure paths only: it asks the socket's type and protocol. Returns whether
+ * h is a datagram socket (SOCK_DGRAM), which has no sending side to shut down. */
+static bool udp_discard_corked(cp_handle *h)
 {
     int type = 0, proto = 0;
     socklen_t len = sizeof(type);
     if (getsockopt(h->fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 || type != SOCK_DGRAM)
-        return;
+        return false;
     len = sizeof(proto);
     if (getsockopt(h->fd, SOL_SOCKET, SO_PROTOCOL, &proto, &len) < 0 ||
         (proto != IPPROTO_UDP && proto != IPPROTO_UDPLITE))
-        return;
+        return true;
     /* Real, readable bytes (zeros), though the kernel refuses them unread. */
     static const char filler[1024];
     struct iovec iov[64];
@@ -127,6 +128,7 @@ static void udp_discard_corked(cp_handle *h)
     struct msghdr m = {.msg_iov = iov, .msg_iovlen = 64};
     while (sendmsg(h->fd, &m, MSG_MORE | MSG_DONTWAIT | MSG_NOSIGNAL) < 0 && errno == EINTR)
         ;
+    return true;
 }
 
 /* A transmit that fails after part of it went out (a file that ended before its range did
@@ -144,9 +146,10 @@ void cp__transmit_failed(cp_handle *h, cp_transmit_op *t)
     if (t->cp__flags & CP__TF_STREAM) {
         cp__stream_cut(h);
     } else if (t->sent > 0) {
-        if (h->cp__flags & CP__H_DGRAM)
-            udp_discard_corked(h);
-        cp__shutdown_sending(h);
+        /* (A datagram socket's type is asked once: cp__shutdown_sending would ask again
+         * only to skip it.) */
+        if (!(h->cp__flags & CP__H_DGRAM) || !udp_discard_corked(h))
+            cp__shutdown_sending(h);
     }
 }
 
