@@ -2307,7 +2307,8 @@ TEST(refused_replies_free_their_buffers)
 /* The descriptor guard. on_data asks for the peer and sets and reads a socket option,
  * closes the connection (nothing is queued and nothing is in flight, so its socket closes
  * right there), then opens and connects a socket of its own, which takes the lowest free
- * descriptor number: mostly the one just freed. The connection's descriptor calls must now
+ * descriptor number at or above the one just freed: that one, unless another thread took it
+ * meanwhile. The connection's descriptor calls must now
  * fail with -EBADF instead of reaching that socket (the graceful close's own FIN, sent from
  * any thread, goes through the same guard). */
 typedef struct stale_fd_ctx {
@@ -2335,7 +2336,14 @@ static void stale_fd_hook(tsrv *t, cp_conn *c, uconn *u, const uint8_t *data, si
     if (getsockname(old, (struct sockaddr *)&self, &self_len) < 0)
         note_error(t, "getsockname: %s", strerror(errno));
     cp_conn_close(c);
+    /* The lowest free number at or above the old one: the client may already have seen the
+     * FIN and freed a lower number, which a plain socket() would take instead. */
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd >= 0 && fd < old) {
+        int above = fcntl(fd, F_DUPFD_CLOEXEC, old);
+        close(fd);
+        fd = above;
+    }
     if (fd < 0 || connect(fd, (struct sockaddr *)&self, sizeof self) < 0) {
         note_error(t, "own socket: %s", strerror(errno));
         if (fd >= 0)
