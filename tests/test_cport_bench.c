@@ -1596,6 +1596,64 @@ TEST(echo_detects_a_duplicate_sent_long_after_the_last_echo)
     CHECK(result("server_user_us") + result("server_sys_us") < BURN_MS * 1000 / 2);
 }
 
+/* A signal that comes during the drain ends it at once: here a server that keeps its end
+ * open would otherwise hold the run for the whole (60 s) drain. Sent once the mark file says
+ * "end" (the window's end is decided before that) and the server has seen the client's
+ * end, so the drain has begun; the run must still report, with drain_cut=1. */
+struct drain_cutter {
+    struct bad_server *s;
+    const char *mark;
+    int err;
+};
+
+static void *drain_cut_main(void *arg)
+{
+    struct drain_cutter *dc = arg;
+    int64_t deadline = cpt_now_ms() + 20000;
+    if (!wait_mark(dc->mark, "end", deadline, 1000)) {
+        dc->err = ETIMEDOUT;
+        return NULL;
+    }
+    while (!atomic_load(&dc->s->hit) || !atomic_load(&bench_pid)) {
+        if (cpt_now_ms() > deadline) {
+            dc->err = ETIMEDOUT;
+            return NULL;
+        }
+        usleep(1000);
+    }
+    kill(atomic_load(&bench_pid), SIGINT);
+    return NULL;
+}
+
+TEST(echo_drain_ends_at_a_signal_that_comes_during_it)
+{
+    char mark[64];
+    snprintf(mark, sizeof mark, "/tmp/cport_bench_mark.%d", (int)getpid());
+    unlink(mark);
+    struct bad_server s;
+    bad_server_start(&s, F_OPEN, 0, 1);
+    struct drain_cutter dc = {.s = &s, .mark = mark};
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, drain_cut_main, &dc) == 0);
+    int64_t t0 = cpt_now_ms();
+    bench("echo", "--port", bad_port(&s), "-c", "2", "-T", "0.3", "-w", "0", "--drain", "60",
+          "--mark-file", mark, NULL);
+    int64_t took = cpt_now_ms() - t0;
+    pthread_join(th, NULL);
+    bad_server_stop(&s);
+    unlink(mark);
+    fprintf(stderr, "took %" PRId64 " ms\n", took);
+    CHECK_EQ(dc.err, 0);
+    CHECK_EQ(run.status, 0);
+    CHECK_EQ(result("drain_cut"), 1);
+    CHECK_EQ(result("interrupted"), 0); /* the window ran its course */
+    CHECK_EQ(result("errors"), 0);
+    CHECK_EQ(result("unclosed"), 1);
+    CHECK(result("msgs") > 0);
+    CHECK(strstr(run.out, "drain cut short by a signal") != NULL);
+    CHECK(took < 30000); /* not the drain's 60 s */
+}
+
 /* A server that keeps its end open after the client's (TCP allows it) is waited for only up
  * to the drain's end, and counted apart (`unclosed`), not as an error. */
 TEST(echo_waits_for_a_server_that_keeps_its_end_open_only_as_long_as_the_drain)

@@ -37,12 +37,20 @@ struct opts {
 };
 
 /* ---- time and stop flag ----------------------------------------------------------------- */
-extern volatile sig_atomic_t cb_stop;
+/* Set by the SIGINT/SIGTERM handler: cb_stop before the window's end, cb_drain_cut after
+ * it (cb_window_over, set by window_run once the end is published, tells which). */
+extern volatile sig_atomic_t cb_stop, cb_drain_cut, cb_window_over;
 
-/* Whether SIGINT/SIGTERM asked to stop (any thread). */
-static inline int bench_stopped(void)
+/* Whether SIGINT/SIGTERM asked to stop (any thread): the window ends early. */
+static inline bool bench_stopped(void)
 {
-    return __atomic_load_n(&cb_stop, __ATOMIC_RELAXED);
+    return __atomic_load_n(&cb_stop, __ATOMIC_RELAXED) != 0;
+}
+/* Whether SIGINT/SIGTERM came after the window's end: echo mode's drain ends at once (what
+ * is still unanswered counts as unanswered). */
+static inline bool bench_drain_cut(void)
+{
+    return __atomic_load_n(&cb_drain_cut, __ATOMIC_RELAXED) != 0;
 }
 int64_t now_ns(void);
 /* Sleeps until the monotonic time t (ns) or until cb_stop is set; false if stopped. */

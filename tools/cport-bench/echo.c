@@ -343,7 +343,7 @@ static void *eworker_main(void *arg)
                 half_close_if_done(w, &w->conns[i]);
         }
         /* (Every connection still open has its echoes or its server's end to wait for.) */
-        if (w->ending && (w->open == 0 || now >= drain_deadline))
+        if (w->ending && (w->open == 0 || now >= drain_deadline || bench_drain_cut()))
             break;
         int n = epoll_wait(w->epfd, evs, MAX_EVENTS, 20);
         if (n < 0) {
@@ -497,8 +497,9 @@ int run_echo(struct opts *o)
         "depth %d, %d thread%s\n",
         o->host, o->port, o->conns, established, (double)(tc1 - tc0) / 1e6, o->size, o->depth, nt,
         nt == 1 ? "" : "s");
-    say("measured %.2f s after %.2f s warm-up%s\n", secs, o->warmup,
-        bench_stopped() ? " (interrupted)" : "");
+    say("measured %.2f s after %.2f s warm-up%s%s\n", secs, o->warmup,
+        bench_stopped() ? " (interrupted)" : "",
+        bench_drain_cut() ? "; drain cut short by a signal" : "");
     say("messages: %" PRIu64 " in window (%" PRIu64 " in all), %.0f msgs/s, %.2f MiB/s echoed\n",
         msgs, total, rate, mib);
     res_num("secs", secs, 3);
@@ -534,6 +535,7 @@ int run_echo(struct opts *o)
     res_int("errors", (int64_t)nerr);
     res_int("unclosed", (int64_t)unclosed);
     res_int("interrupted", bench_stopped() ? 1 : 0);
+    res_int("drain_cut", bench_drain_cut() ? 1 : 0);
     report_server_cpu(o, &win, msgs, "msg");
 
     free(h);

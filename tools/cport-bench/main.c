@@ -24,7 +24,12 @@
 static void on_signal(int sig)
 {
     (void)sig;
-    __atomic_store_n(&cb_stop, 1, __ATOMIC_RELAXED); /* read by every thread */
+    /* Read by every thread: during the window (or the warm-up) it ends the window; after
+     * the window's end, echo mode's drain. */
+    if (__atomic_load_n(&cb_window_over, __ATOMIC_RELAXED))
+        __atomic_store_n(&cb_drain_cut, 1, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(&cb_stop, 1, __ATOMIC_RELAXED);
 }
 
 void signals_block(bool block)
@@ -78,7 +83,8 @@ static void usage(FILE *f, const char *mode)
                 "                      its echoes were back, for the server's end of stream\n"
                 "                      (a byte before it is a verification error; a server\n"
                 "                      not closed by then counts as unclosed, no error;\n"
-                "                      default 5)\n"
+                "                      default 5). SIGINT/SIGTERM ends the window early;\n"
+                "                      one during the drain ends the drain at once\n"
                 "%s",
                 common_help);
     } else if (mode && strcmp(mode, "connrate") == 0) {

@@ -17,7 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
-volatile sig_atomic_t cb_stop;
+volatile sig_atomic_t cb_stop, cb_drain_cut, cb_window_over;
 
 int64_t now_ns(void)
 {
@@ -438,6 +438,9 @@ void window_run(const struct opts *o, struct window *w, uint64_t (*progress)(voi
             next_tick += 1000000000;
         }
     }
+    /* The end is decided: a signal from now on ends the drain (before the mark file says
+     * "end"). */
+    __atomic_store_n(&cb_window_over, 1, __ATOMIC_RELAXED);
     if (started) {
         t_end = publish_edge(o, &w->end, &w->cpu1, "end");
         w->secs = (double)(t_end - t_start) / 1e9;
