@@ -1707,8 +1707,25 @@ TEST(raw_example_stop_during_accept)
         server s;
         server_spawn_prog(&s, "echo_raw", cpt_backend(), i < 2 ? delay_start_conn : delay_conn_live,
                           args);
+#ifdef CPORT_INJECT
+        long base_fds = fd_count(s.pid);
+#endif
         int fd = connect_to(&s);
-        usleep(100 * 1000); /* its handler is in the window now (in a CPORT_INJECT build) */
+#ifdef CPORT_INJECT
+        /* The server has accepted it (its descriptor is there), so the signal cannot come
+         * before the accept (then nothing was accepted, and the backlog's connection was
+         * reset). Then, as far as this thread is scheduled in time, into the handler's
+         * 300 ms window; a round that misses it tests a later stop, which must hold too. */
+        int64_t deadline = cpt_now_ms() + IO_MS;
+        while (fd_count(s.pid) <= base_fds) {
+            CHECK(cpt_now_ms() < deadline);
+            usleep(1000);
+        }
+        bool held = false;
+        for (int64_t until = cpt_now_ms() + 250; !held && cpt_now_ms() < until; usleep(1000))
+            held = child_held_at_delay_point(s.pid);
+        fprintf(stderr, "round %d: SIGTERM %s the delay point\n", i, held ? "at" : "not at");
+#endif
         server_signal(&s, SIGTERM);
         expect_closed(fd, 10000, true); /* the server closes it, not its exit */
         close(fd);

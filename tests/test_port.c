@@ -1169,9 +1169,11 @@ TEST(taking_the_last_of_a_closed_port_releases_the_waiters)
     cp_port_close(p);
     CHECK_EQ(cp_port_dequeue(p, &c, 1, -1), 1); /* the last one, on the fast path */
     CHECK_EQ(c.result, 2);
-    /* This thread keeps running its "handler": the waiter must not wait for it. */
+    /* This thread keeps running its "handler": the waiter must not wait for it. (A waiter
+     * held back is never released before the next call below: 10 s only bound the test, and
+     * leave a waiter that is slow to be scheduled the time it needs.) */
     int64_t start = cpt_now_ms();
-    while (!__atomic_load_n(&w.done, __ATOMIC_SEQ_CST) && cpt_now_ms() - start < 2000)
+    while (!__atomic_load_n(&w.done, __ATOMIC_SEQ_CST) && cpt_now_ms() - start < 10000)
         usleep(1000);
     int released = __atomic_load_n(&w.done, __ATOMIC_SEQ_CST);
     CHECK_EQ(cp_port_dequeue(p, &c, 1, -1), -ECANCELED); /* lets it go in any case */

@@ -3687,8 +3687,9 @@ TEST(expiry_does_not_hit_a_timed_restart_with_the_same_count)
  * at once). */
 typedef struct busy_worker {
     cp_port *p;
-    int busy_ms;
+    int busy_ms; /* the handler's length at most: it ends sooner once released */
     int in_handler;
+    int release; /* atomic: the test has seen what it waited for */
 } busy_worker;
 
 static void *busy_handler(void *arg)
@@ -3697,7 +3698,10 @@ static void *busy_handler(void *arg)
     cp_completion c;
     if (cp_port_dequeue(w->p, &c, 1, 5000) == 1) {
         __atomic_store_n(&w->in_handler, 1, __ATOMIC_RELEASE);
-        usleep((useconds_t)w->busy_ms * 1000); /* a long handler, not announced */
+        /* A long handler, not announced: it runs until the test releases it. */
+        for (int64_t end = cpt_now_ms() + w->busy_ms;
+             !__atomic_load_n(&w->release, __ATOMIC_ACQUIRE) && cpt_now_ms() < end;)
+            usleep(1000);
     }
     return NULL;
 }
@@ -3707,7 +3711,10 @@ TEST(a_send_from_another_thread_goes_out_while_the_workers_are_busy)
     cp_port *p = make_port();
     pair pr;
     pair_open(&pr, p);
-    busy_worker w = {.p = p, .busy_ms = 2000};
+    /* The handler runs until the peer has the data (or 30 s, past the poll below): the send
+     * is not timed against the handler's length, which a stalled test thread could
+     * outlast; were it left for the worker's return, it would not arrive at all. */
+    busy_worker w = {.p = p, .busy_ms = 30000};
     pthread_t th;
     CHECK_EQ(pthread_create(&th, NULL, busy_handler, &w), 0);
     CHECK_OK(cp_port_post(p, 1, 0, NULL));
@@ -3718,9 +3725,10 @@ TEST(a_send_from_another_thread_goes_out_while_the_workers_are_busy)
     int64_t t0 = cpt_now_ms();
     CHECK_OK(cp_socket_send(&pr.s, &op, "hello", 5));
     struct pollfd pf = {.fd = pr.client, .events = POLLIN};
-    int ready = poll(&pf, 1, 1000);
-    fprintf(stderr, "peer readable after %" PRId64 " ms (handler: %d ms)\n", cpt_now_ms() - t0,
-            w.busy_ms);
+    int ready = poll(&pf, 1, 10000);
+    fprintf(stderr, "peer %s after %" PRId64 " ms, the handler still running\n",
+            ready == 1 ? "readable" : "not readable", cpt_now_ms() - t0);
+    __atomic_store_n(&w.release, 1, __ATOMIC_RELEASE);
     CHECK_EQ(ready, 1);
     char b[8];
     CHECK_EQ(read(pr.client, b, sizeof(b)), 5);
