@@ -757,7 +757,8 @@ TEST(options_without_effect_are_refused)
  * burner, see below, has spent its CPU: long after). F_OPEN echoes byte-exact but never
  * closes after the client's end. F_HOLD reads nothing until `open` is set, echoes byte-exact
  * up to `at`, then holds back what comes after it (hit once `len` bytes are held) until
- * `release` is set. */
+ * `release` is set. F_STALL echoes byte-exact but, once `stall` is set, reads and echoes
+ * nothing for `len` ms (from stall_ns to end_ns; hit once it is over), then goes on. */
 enum fault {
     F_NONE,
     F_CORRUPT,
@@ -769,7 +770,8 @@ enum fault {
     F_DEAF,
     F_LATE,
     F_OPEN,
-    F_HOLD
+    F_HOLD,
+    F_STALL
 };
 
 enum { BAD_MAX_CONNS = 32 }; /* connections served at once; more wait in the backlog */
@@ -783,9 +785,11 @@ struct bad_server {
     _Atomic bool open, release; /* F_HOLD: start reading; send what was held, echo again */
     _Atomic bool hit;       /* the faulty connection's stream reached the fault (it was applied) */
     _Atomic int64_t end_ns; /* F_LATE, F_OPEN: when the faulty connection saw the client's end
-                             * (CLOCK_MONOTONIC) */
-    bool late_burn;         /* F_LATE: before the duplicate, a byte to late_cmd and one back
-                             * from late_done */
+                             * (CLOCK_MONOTONIC); F_STALL: when its stall ended */
+    _Atomic bool stall;     /* F_STALL: stall now */
+    _Atomic int64_t stall_ns; /* F_STALL: when the stall began */
+    bool late_burn;           /* F_LATE: before the duplicate, a byte to late_cmd and one back
+                               * from late_done */
     int late_cmd, late_done;
     pthread_t acceptor, conn_th[BAD_MAX_CONNS];
     bool conn_running[BAD_MAX_CONNS];       /* (acceptor's) a thread to join */
@@ -831,9 +835,19 @@ static void *bad_conn_main(void *arg)
             nhold = 0;
             f = F_NONE;
         }
+        if (f == F_STALL && atomic_load(&s->stall)) {
+            /* Everything read so far is echoed; what comes now waits. */
+            int64_t t0 = cpt_now_ns(), until = t0 + (int64_t)s->len * 1000000;
+            atomic_store(&s->stall_ns, t0);
+            for (int64_t t = t0; t < until && !atomic_load(&s->stop); t = cpt_now_ns())
+                poll(NULL, 0, (int)((until - t + 999999) / 1000000));
+            atomic_store(&s->end_ns, cpt_now_ns());
+            atomic_store(&s->hit, true);
+            f = F_NONE;
+        }
         bool deaf = f == F_DEAF || (f == F_HOLD && !atomic_load(&s->open));
         struct pollfd pf = {.fd = c->fd, .events = deaf ? 0 : POLLIN};
-        int pr = poll(&pf, 1, f == F_HOLD ? 1 : 50);
+        int pr = poll(&pf, 1, f == F_HOLD || f == F_STALL ? 1 : 50);
         if (pr <= 0 || deaf)
             continue;
         ssize_t n = read(c->fd, in, sizeof in);
@@ -859,7 +873,7 @@ static void *bad_conn_main(void *arg)
         for (ssize_t i = 0; i < n; i++, off++) {
             uint8_t b = in[i];
             if (c->faulty && off == s->at && f != F_SWAP && f != F_LATE && f != F_OPEN &&
-                f != F_HOLD)
+                f != F_HOLD && f != F_STALL)
                 atomic_store(&s->hit, true);
             switch (f) {
             case F_CORRUPT:
@@ -1672,4 +1686,201 @@ TEST(echo_waits_for_a_server_that_keeps_its_end_open_only_as_long_as_the_drain)
     CHECK(strstr(run.out, "not closed: 1 connection") != NULL);
     CHECK(took >= 800);  /* -T and the whole drain */
     CHECK(took < 10000); /* and not much more */
+}
+
+/* ---- open loop (--rate) ---------------------------------------------------------------------
+ * Messages are due on a fixed schedule (R per second in all, from the warm-up's start) and
+ * their latency runs from their due time, so that a server's stall shows in every message
+ * due during it; closed loop, the stall also stops the sends and shows once per message in
+ * flight (coordinated omission). */
+
+/* A rate is followed, and never exceeded: nothing goes out before it is due, so the run's
+ * messages are at most those due between its start and its window's end (the mark file);
+ * a slower machine only starts the schedule later. The lower bound is lenient. */
+TEST(echo_open_loop_follows_its_rate)
+{
+    enum { RATE = 400 };
+    char mark[64];
+    snprintf(mark, sizeof mark, "/tmp/cport_bench_mark.%d", (int)getpid());
+    unlink(mark);
+    struct server s = server_start(NULL, NULL);
+    int64_t t0 = cpt_now_ns();
+    bench("echo", "--port", port_str(&s), "--rate", "400", "-c", "4", "-t", "2", "-T", "1", "-w",
+          "0.2", "--mark-file", mark, NULL);
+    int64_t window_end = mark_time(mark, "end");
+    unlink(mark);
+    server_stop(&s);
+    CHECK_EQ(run.status, 0);
+    CHECK_EQ(result("errors"), 0);
+    CHECK_EQ(result("established"), 4);
+    CHECK_EQ(result("rate_target"), RATE);
+    CHECK(window_end > t0);
+    double due = RATE * (double)(window_end - t0) / 1e9;
+    fprintf(stderr, "%.0f msgs in all, at most %.1f due by the window's end\n",
+            result("total_msgs"), due);
+    CHECK(result("total_msgs") <= due + 4); /* (+ one per connection: rounding) */
+    CHECK(result("msgs") >= 0.5 * RATE * result("secs"));
+    CHECK(result("msgs_per_s") >= 0.5 * RATE);
+    CHECK(result("conn_msgs_min") > 0); /* every connection has its share */
+    CHECK(strstr(run.out, "open loop: target 400 msgs/s") != NULL);
+    CHECK(strstr(run.out, "latency from due time (us): p50") != NULL);
+}
+
+/* One stall of the server, STALL_MS long, once the window has begun (the mark file says
+ * "start"). A run whose stall had not ended STALL_MS before the window's end (a slow,
+ * loaded machine) proves nothing: it runs again, twice as long. */
+enum { STALL_MS = 500 };
+
+struct staller {
+    struct bad_server *s;
+    const char *mark;
+    int err;
+};
+
+static void *stall_main(void *arg)
+{
+    struct staller *st = arg;
+    if (!wait_mark(st->mark, "start", cpt_now_ms() + 20000, 1000))
+        st->err = ETIMEDOUT;
+    atomic_store(&st->s->stall, true);
+    return NULL;
+}
+
+/* Runs cport-bench echo with one connection, depth 1 (plus the extra arguments, NULL-ended
+ * list of up to 4) against a server that stalls once in the window, until a run has the
+ * whole stall in its window. */
+static void run_with_a_stall(const char *a1, const char *a2)
+{
+    char mark[64];
+    snprintf(mark, sizeof mark, "/tmp/cport_bench_mark.%d", (int)getpid());
+    for (double secs = 2;; secs *= 2) {
+        struct bad_server s;
+        bad_server_start(&s, F_STALL, 0, STALL_MS);
+        unlink(mark);
+        struct staller st = {.s = &s, .mark = mark};
+        pthread_t th;
+        CHECK(pthread_create(&th, NULL, stall_main, &st) == 0);
+        char ss[16];
+        snprintf(ss, sizeof ss, "%.0f", secs);
+        bench("echo", "--port", bad_port(&s), "-c", "1", "-d", "1", "-s", "64", "-T", ss, "-w", "0",
+              "--mark-file", mark, a1, a2, NULL);
+        pthread_join(th, NULL);
+        bad_server_stop(&s);
+        int64_t start = mark_time(mark, "start"), end = mark_time(mark, "end");
+        unlink(mark);
+        CHECK_EQ(st.err, 0);
+        bool whole = atomic_load(&s.hit) && atomic_load(&s.stall_ns) >= start &&
+                     atomic_load(&s.end_ns) + STALL_MS * 1000000ll <= end;
+        fprintf(stderr, "stall %.1f .. %.1f ms into a %.1f ms window\n",
+                (double)(atomic_load(&s.stall_ns) - start) / 1e6,
+                (double)(atomic_load(&s.end_ns) - start) / 1e6, (double)(end - start) / 1e6);
+        if (whole)
+            break;
+        CHECK(secs < 10);
+    }
+}
+
+TEST(echo_open_loop_measures_a_stall_in_every_message_due_during_it)
+{
+    /* Open loop, 200 msgs/s: the 100 or so messages due during the stall wait for it (on
+     * the server, or here behind the one in flight) and their latency, from their due
+     * time, is up to STALL_MS; those due in its first 300 ms are still 200 ms or more
+     * late: more than 1% of a window of at most 8 s (1600 messages). */
+    run_with_a_stall("--rate", "200");
+    CHECK_EQ(run.status, 0);
+    CHECK_EQ(result("errors"), 0);
+    double open_p99 = result("p99_us");
+    CHECK(open_p99 >= 200000);
+    CHECK(result("max_us") >= (STALL_MS - 10) * 1000.0);
+    /* Those due during the stall went out after it, behind the one held (depth 1). */
+    CHECK(result("late_sends") >= 50);
+    CHECK(strstr(run.out, "latency from due time") != NULL);
+
+    /* Closed loop against the same server: the stall stops the sends too, so it shows in
+     * the one message in flight, and the median is an ordinary echo's. (The one upper
+     * bound on a latency here: the 200 ms the open loop's p99 reached, against a loopback
+     * round trip's median.) */
+    run_with_a_stall(NULL, NULL);
+    CHECK_EQ(run.status, 0);
+    CHECK_EQ(result("errors"), 0);
+    CHECK(result("msgs") >= 3); /* (the one stalled message is not the median) */
+    fprintf(stderr, "p99 open loop %.1f us; p50 closed loop %.1f us\n", open_p99, result("p50_us"));
+    CHECK(result("p50_us") < 200000);
+    CHECK(strstr(run.out, "rate_target") == NULL); /* closed loop reports as before */
+    CHECK(strstr(run.out, "latency (us): p50") != NULL);
+}
+
+/* A server that echoes 10 messages, then holds the next one until the window is over: the
+ * rate asked for is not reached, and the summary says so; what was due and could not go
+ * out (depth 1) is the backlog. The held echo comes back in the drain: no error. */
+struct end_releaser {
+    struct bad_server *s;
+    const char *mark;
+    int err;
+};
+
+static void *release_at_end_main(void *arg)
+{
+    struct end_releaser *r = arg;
+    if (!wait_mark(r->mark, "end", cpt_now_ms() + 20000, 1000))
+        r->err = ETIMEDOUT;
+    atomic_store(&r->s->release, true);
+    return NULL;
+}
+
+TEST(echo_open_loop_says_when_it_did_not_keep_up)
+{
+    char mark[64];
+    snprintf(mark, sizeof mark, "/tmp/cport_bench_mark.%d", (int)getpid());
+    unlink(mark);
+    struct bad_server s;
+    bad_server_start(&s, F_HOLD, 10 * 64, 64);
+    atomic_store(&s.open, true);
+    struct end_releaser r = {.s = &s, .mark = mark};
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, release_at_end_main, &r) == 0);
+    bench("echo", "--port", bad_port(&s), "--rate", "200", "-c", "1", "-d", "1", "-s", "64", "-T",
+          "1", "-w", "0", "--mark-file", mark, NULL);
+    pthread_join(th, NULL);
+    bad_server_stop(&s);
+    unlink(mark);
+    CHECK_EQ(r.err, 0);
+    CHECK(atomic_load(&s.hit));
+    CHECK_EQ(run.status, 0);
+    CHECK_EQ(result("errors"), 0);
+    CHECK(result("msgs") <= 10);
+    CHECK_EQ(result("kept_up"), 0);
+    CHECK(strstr(run.out, "did not keep up") != NULL);
+    /* Due in the window: 200 a second from its start; at most 11 went out. */
+    CHECK(result("backlog") >= 150);
+}
+
+/* --rate takes a positive number of messages per second (suffixes k, m), in echo mode. */
+TEST(echo_rate_arguments)
+{
+    static const char *bad_rates[] = {"0", "-1", "abc", "", "10x", "nan", "inf", "0k"};
+    for (size_t i = 0; i < sizeof bad_rates / sizeof *bad_rates; i++) {
+        bench("echo", "--port", "1", "-c", "1", "-T", "0.2", "-w", "0", "--rate", bad_rates[i],
+              NULL);
+        CHECK_EQ(run.status, 2);
+        CHECK(strstr(run.err, "bad value for --rate") != NULL);
+        CHECK(strstr(run.out, "RESULT") == NULL);
+    }
+    bench("connrate", "--port", "1", "-c", "1", "-T", "0.2", "-w", "0", "--rate", "100", NULL);
+    CHECK_EQ(run.status, 2);
+    CHECK(strstr(run.err, "'--rate' does not apply") != NULL);
+    bench("hold", "--port", "1", "-n", "1", "-T", "0.2", "--rate", "100", NULL);
+    CHECK_EQ(run.status, 2);
+    CHECK(strstr(run.err, "'--rate' does not apply") != NULL);
+    /* Taken (port 1: nothing listens, a connect error), with its suffix and fractions. */
+    bench("echo", "--port", "1", "-c", "1", "-T", "0.2", "-w", "0", "--rate", "2k", NULL);
+    CHECK_EQ(run.status, 1);
+    CHECK_EQ(result("rate_target"), 2000);
+    bench("echo", "--port", "1", "-c", "1", "-T", "0.2", "-w", "0", "--rate", "0.5", NULL);
+    CHECK_EQ(run.status, 1);
+    CHECK_EQ(result("rate_target"), 0.5);
+    /* The help says what it does. */
+    bench("echo", "--help", NULL);
+    CHECK_EQ(run.status, 0);
+    CHECK(strstr(run.out, "--rate R") != NULL);
 }

@@ -23,6 +23,7 @@ struct opts {
     int conns;   /* echo: connections, connrate: concurrent slots, hold: connections */
     size_t size; /* message size in bytes */
     int depth;   /* echo: messages in flight per connection */
+    double rate; /* echo: open loop at this many messages per second in all (0 = closed loop) */
     double secs, warmup, drain;
     double settle; /* hold: idle pause before each RSS sample of the set-up (0 = none) */
     int threads;
@@ -222,7 +223,8 @@ struct window {
 void window_run(const struct opts *o, struct window *w, uint64_t (*progress)(void *), void *arg,
                 const char *unit);
 void report_server_cpu(const struct opts *o, const struct window *w, uint64_t ops, const char *per);
-void report_latency(const struct hist *h);
+/* Prints "<label> (us): p50 ..." and adds p50_us .. mean_us to the result. */
+void report_latency(const struct hist *h, const char *label);
 double jain_index(const uint64_t *x, size_t n);
 
 int run_echo(struct opts *o);

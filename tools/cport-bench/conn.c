@@ -114,7 +114,7 @@ int run_connrate(struct opts *o)
     res_num("secs", secs, 3);
     res_int("connections", (int64_t)done);
     res_num("conns_per_s", rate, 1);
-    report_latency(h);
+    report_latency(h, "latency");
     res_int("total_connections", (int64_t)total);
     report_errs(&err);
     res_int("interrupted", bench_stopped() ? 1 : 0);
@@ -275,7 +275,7 @@ int run_hold(struct opts *o)
     res_num("establish_s", est_secs, 3);
     res_num("conns_per_s", est_secs > 0 ? (double)established / est_secs : 0, 1);
     say("setup ");
-    report_latency(&jr.hist);
+    report_latency(&jr.hist, "latency");
     res_int("held", (int64_t)open_ok);
     res_int("lost", (int64_t)lost);
     res_int("lost_closed", (int64_t)closed);

@@ -1,10 +1,27 @@
-/* cport-bench echo: closed-loop pipelined echo load with full verification.
+/* cport-bench echo: pipelined echo load with full verification, closed or open loop.
  *
- * Each connection keeps up to `depth` messages in flight. Message (conn, seq) has bytes
- * that depend only on (conn, seq) (a slice of the payload pool), so every byte coming back
- * is compared with what must come back at that position of the stream: corruption, loss,
- * duplication and reordering all show up as a mismatch. Latency of a message runs from just
- * before the write that carries its first byte until the read that completes its echo.
+ * Closed loop (the default): each connection keeps up to `depth` messages in flight and
+ * sends the next one as soon as one comes back. Latency of a message runs from just before
+ * the write that carries its first byte until the read that completes its echo.
+ *
+ * Open loop (--rate R): messages follow a fixed schedule, whatever the server does. Message
+ * seq of connection id (0 .. conns-1) is due at t0 + (seq * conns + id) / R, t0 being the
+ * start of the warm-up: each connection sends R / conns per second, the connections' phases
+ * staggered evenly, so that the run's messages are due one every 1/R s. A thread runs the
+ * merged schedule of its connections (their ids are consecutive: its k-th message goes to
+ * its connection k mod n), releasing each message at its due time; a released message goes
+ * out at once if its connection has fewer than `depth` in flight and its socket takes it,
+ * else as soon as it can, after those released before it. Its latency runs from its due
+ * time to the read that completes its echo: a server that stalls delays every message due
+ * meanwhile, and that shows (no coordinated omission). Counted: messages due in the window
+ * whose first byte went out more than LATE_NS after their due time (late_sends), and those
+ * due over LATE_NS before the window's end that had not gone out by then (backlog). Nothing
+ * new goes out from the window's end on.
+ *
+ * In both modes message (conn, seq) has bytes that depend only on (conn, seq) (a slice of
+ * the payload pool), so every byte coming back is compared with what must come back at that
+ * position of the stream: corruption, loss, duplication and reordering all show up as a
+ * mismatch.
  *
  * After the window no new messages are sent; once a connection has all its echoes back it
  * half-closes and reads on until the server's end of stream, so that a byte the server sends
@@ -15,6 +32,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,9 +40,12 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 enum { RXBUF = 256 * 1024, IOV_BATCH = 64, MAX_EVENTS = 512 };
+enum { WAIT_CAP_MS = 20 };  /* the longest wait for events, both modes */
+enum { LATE_NS = 1000000 }; /* open loop: a send this long after its due time is late */
 
 struct econn {
     int fd;
@@ -34,7 +55,9 @@ struct econn {
     uint64_t tx_seq, rx_seq; /* next message to (finish) writing / reading */
     size_t tx_off, rx_off;   /* bytes of it written / read */
     const uint8_t *rx_msg;   /* expected bytes of message rx_seq */
-    int64_t *t_sent;         /* [depth] first-byte write time of messages in flight */
+    int64_t *t_sent;         /* [depth] first-byte write time of messages in flight (open
+                              * loop: their due time) */
+    uint64_t released;       /* open loop: messages 0 .. released-1 are due (may be sent) */
 };
 
 struct eworker {
@@ -57,6 +80,15 @@ struct eworker {
     struct errs err;
     struct hist hist;
     int established;
+    /* open loop (o->rate > 0) */
+    bool open_loop, no_pwait2;
+    int64_t t0;          /* when the schedule began (the warm-up's start) */
+    double ns_per_slot;  /* 1e9 / rate */
+    uint64_t next_k;     /* the thread's next message to release (k-th of its schedule) */
+    int64_t next_due;    /* its due time */
+    int64_t ws, we;      /* the window's edges as last loaded by this thread */
+    uint64_t late_sends; /* messages due in the window sent more than LATE_NS late */
+    uint64_t backlog;    /* due over LATE_NS before the window's end, not sent by then */
 };
 
 static pthread_barrier_t barrier;
@@ -80,6 +112,33 @@ static void set_events(struct eworker *w, struct econn *c, uint32_t events, int 
 static uint64_t conn_inflight(const struct econn *c)
 {
     return c->tx_seq - c->rx_seq + (c->tx_off ? 1 : 0);
+}
+
+/* Open loop: the due time of message seq of connection id (see the top). */
+static int64_t due_of(const struct eworker *w, uint64_t id, uint64_t seq)
+{
+    uint64_t slot = seq * (uint64_t)w->o->conns + id;
+    return w->t0 + (int64_t)((double)slot * w->ns_per_slot);
+}
+
+/* How many messages of connection id are due before t. */
+static uint64_t due_before(const struct eworker *w, uint64_t id, int64_t t)
+{
+    if (t <= w->t0)
+        return 0;
+    double x = ((double)(t - w->t0) / w->ns_per_slot - (double)id) / (double)w->o->conns;
+    uint64_t n = x > 0 ? (uint64_t)ceil(x) : 0;
+    while (n > 0 && due_of(w, id, n - 1) >= t) /* (rounding: at most a step or two) */
+        n--;
+    while (due_of(w, id, n) < t)
+        n++;
+    return n;
+}
+
+/* The due time of the thread's k-th message: message k / n of its connection k mod n. */
+static int64_t due_of_k(const struct eworker *w, uint64_t k)
+{
+    return due_of(w, w->first_id + k % (uint64_t)w->n, k / (uint64_t)w->n);
 }
 
 static void kill_conn(struct eworker *w, struct econn *c, uint64_t *counter)
@@ -129,11 +188,21 @@ static void pump_tx(struct eworker *w, struct econn *c, bool allow_new)
 {
     const size_t size = w->o->size;
     const uint64_t depth = (uint64_t)w->o->depth;
+    const bool open_loop = w->open_loop;
     for (;;) {
         struct iovec iov[IOV_BATCH];
         int niov = 0;
         size_t total = 0;
         uint64_t next = c->tx_seq;
+        /* Open loop: the clock is read first (a message is late or not when it goes out,
+         * its latency is from its due time), and nothing new starts from the window's end
+         * on (as last loaded by this thread). */
+        int64_t now = 0;
+        uint64_t limit = UINT64_MAX;
+        if (open_loop) {
+            now = now_ns();
+            limit = now < w->we ? c->released : 0;
+        }
         if (c->tx_off) {
             iov[0].iov_base = (void *)(msg_bytes(c->id, next) + c->tx_off);
             iov[0].iov_len = size - c->tx_off;
@@ -142,7 +211,7 @@ static void pump_tx(struct eworker *w, struct econn *c, bool allow_new)
             next++;
         }
         if (allow_new) {
-            while (niov < IOV_BATCH && next - c->rx_seq < depth) {
+            while (niov < IOV_BATCH && next - c->rx_seq < depth && next < limit) {
                 iov[niov].iov_base = (void *)msg_bytes(c->id, next);
                 iov[niov].iov_len = size;
                 total += size;
@@ -157,7 +226,8 @@ static void pump_tx(struct eworker *w, struct econn *c, bool allow_new)
             }
             return;
         }
-        int64_t now = now_ns();
+        if (!open_loop)
+            now = now_ns();
         ssize_t n = writev(c->fd, iov, niov);
         if (n < 0) {
             if (errno == EINTR)
@@ -174,7 +244,13 @@ static void pump_tx(struct eworker *w, struct econn *c, bool allow_new)
         size_t off = c->tx_off;
         while (left) {
             if (off == 0) {
-                c->t_sent[seq % depth] = now;
+                int64_t t = now;
+                if (open_loop) {
+                    t = due_of(w, c->id, seq);
+                    if (now - t > LATE_NS && t >= w->ws && t < w->we)
+                        w->late_sends++;
+                }
+                c->t_sent[seq % depth] = t;
                 w->inflight++;
             }
             size_t k = size - off;
@@ -280,6 +356,43 @@ static void on_readable(struct eworker *w, struct econn *c)
         pump_tx(w, c, !w->ending);
 }
 
+/* Open loop: releases the thread's messages due by now (and before the window's end, we)
+ * and starts writing them. A connection waiting for room in its socket
+ * (want_out) goes on when it has some. */
+static void release_due(struct eworker *w, int64_t now, int64_t we)
+{
+    uint64_t k0 = w->next_k;
+    while (w->next_due <= now && w->next_due < we) {
+        w->conns[w->next_k % (uint64_t)w->n].released++;
+        w->next_k++;
+        w->next_due = due_of_k(w, w->next_k);
+    }
+    /* Each connection that got one once, in schedule order. */
+    uint64_t k1 = w->next_k - k0 > (uint64_t)w->n ? k0 + (uint64_t)w->n : w->next_k;
+    for (uint64_t k = k0; k < k1; k++) {
+        struct econn *c = &w->conns[k % (uint64_t)w->n];
+        if (!c->dead && !c->want_out)
+            pump_tx(w, c, true);
+    }
+}
+
+/* Waits for events at most timeout_ns (open loop: to the next due message; ns, with
+ * epoll_pwait2 where there is one). */
+static int wait_events(struct eworker *w, struct epoll_event *evs, int64_t timeout_ns)
+{
+    if (!w->no_pwait2) {
+        struct timespec ts = {.tv_sec = (time_t)(timeout_ns / 1000000000),
+                              .tv_nsec = (long)(timeout_ns % 1000000000)};
+        int n = epoll_pwait2(w->epfd, evs, MAX_EVENTS, &ts, NULL);
+        /* Missing (ENOSYS), or refused by a seccomp filter older than the call (EPERM, which
+         * epoll_pwait2 itself never returns): whole milliseconds then, rounded up. */
+        if (n >= 0 || (errno != ENOSYS && errno != EPERM))
+            return n;
+        w->no_pwait2 = true;
+    }
+    return epoll_wait(w->epfd, evs, MAX_EVENTS, (int)((timeout_ns + 999999) / 1000000));
+}
+
 static void *eworker_main(void *arg)
 {
     struct eworker *w = arg;
@@ -325,9 +438,16 @@ static void *eworker_main(void *arg)
     pthread_barrier_wait(&barrier); /* all connected */
     pthread_barrier_wait(&barrier); /* the warm-up begins */
 
-    for (int i = 0; i < w->n; i++)
-        if (!w->conns[i].dead && !bench_stopped())
-            pump_tx(w, &w->conns[i], true);
+    w->ws = w->we = INT64_MAX;
+    if (w->open_loop) {
+        w->t0 = w->win->t0; /* (set before the barrier) */
+        w->ns_per_slot = 1e9 / o->rate;
+        w->next_due = due_of_k(w, 0);
+    } else {
+        for (int i = 0; i < w->n; i++)
+            if (!w->conns[i].dead && !bench_stopped())
+                pump_tx(w, &w->conns[i], true);
+    }
 
     struct epoll_event evs[MAX_EVENTS];
     int64_t drain_deadline = 0;
@@ -336,16 +456,45 @@ static void *eworker_main(void *arg)
         /* The main thread publishes the end (also when interrupted): it alone says when
          * to stop sending. */
         int64_t we = atomic_load_explicit(&w->win->end, memory_order_relaxed);
+        if (w->open_loop) {
+            w->ws = atomic_load_explicit(&w->win->start, memory_order_relaxed);
+            w->we = we;
+        }
         if (!w->ending && now >= we) {
             w->ending = true;
             drain_deadline = now + (int64_t)(o->drain * 1e9);
+            if (w->open_loop) {
+                /* What was due over LATE_NS before the end and has not gone out stays
+                 * unsent: the backlog (a message due just before the end is not behind). */
+                for (int i = 0; i < w->n; i++) {
+                    const struct econn *c = &w->conns[i];
+                    uint64_t due = due_before(w, c->id, we - LATE_NS);
+                    uint64_t started = c->tx_seq + (c->tx_off ? 1 : 0);
+                    if (due > started)
+                        w->backlog += due - started;
+                }
+            }
             for (int i = 0; i < w->n; i++)
                 half_close_if_done(w, &w->conns[i]);
         }
         /* (Every connection still open has its echoes or its server's end to wait for.) */
         if (w->ending && (w->open == 0 || now >= drain_deadline || bench_drain_cut()))
             break;
-        int n = epoll_wait(w->epfd, evs, MAX_EVENTS, 20);
+        int n;
+        if (w->open_loop) {
+            int64_t timeout = (int64_t)WAIT_CAP_MS * 1000000;
+            if (!w->ending && !bench_stopped()) {
+                release_due(w, now, we);
+                /* Up to the next message due, or to the window's end once none is left. */
+                int64_t next = w->next_due < we ? w->next_due : we;
+                now = now_ns();
+                if (next - now < timeout)
+                    timeout = next > now ? next - now : 0;
+            }
+            n = wait_events(w, evs, timeout);
+        } else {
+            n = epoll_wait(w->epfd, evs, MAX_EVENTS, WAIT_CAP_MS);
+        }
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -430,6 +579,7 @@ int run_echo(struct opts *o)
         struct eworker *w = &ws[t];
         int n = o->conns / nt + (t < o->conns % nt ? 1 : 0);
         w->o = o;
+        w->open_loop = o->rate > 0;
         w->win = &win;
         w->first_id = (uint64_t)first;
         w->n = n;
@@ -459,7 +609,7 @@ int run_echo(struct opts *o)
     struct hist *h = calloc(1, sizeof *h);
     if (!h)
         die_oom();
-    uint64_t msgs = 0, total = 0, unclosed = 0;
+    uint64_t msgs = 0, total = 0, unclosed = 0, late = 0, backlog = 0;
     int established = 0;
     for (int t = 0; t < nt; t++) {
         pthread_join(ws[t].th, NULL);
@@ -469,6 +619,8 @@ int run_echo(struct opts *o)
         total += ws[t].msgs_total;
         established += ws[t].established;
         unclosed += ws[t].unclosed;
+        late += ws[t].late_sends;
+        backlog += ws[t].backlog;
         free(ws[t].rxbuf);
     }
     pthread_barrier_destroy(&barrier);
@@ -494,9 +646,9 @@ int run_echo(struct opts *o)
     uint64_t nerr = errs_total(&err);
 
     say("cport-bench echo: %s:%d, %d connections (%d established in %.1f ms), %zu B messages, "
-        "depth %d, %d thread%s\n",
+        "depth %d, %d thread%s%s\n",
         o->host, o->port, o->conns, established, (double)(tc1 - tc0) / 1e6, o->size, o->depth, nt,
-        nt == 1 ? "" : "s");
+        nt == 1 ? "" : "s", o->rate > 0 ? ", open loop" : "");
     say("measured %.2f s after %.2f s warm-up%s%s\n", secs, o->warmup,
         bench_stopped() ? " (interrupted)" : "",
         bench_drain_cut() ? "; drain cut short by a signal" : "");
@@ -506,7 +658,26 @@ int run_echo(struct opts *o)
     res_int("msgs", (int64_t)msgs);
     res_num("msgs_per_s", rate, 1);
     res_num("mib_per_s", mib, 3);
-    report_latency(h); /* prints, and adds p50_us .. mean_us to the result */
+    if (o->rate > 0) {
+        /* The achieved rate is msgs_per_s. (A window that never began, interrupted in the
+         * warm-up, kept up with nothing; the summary says it was interrupted.) */
+        double pct = rate / o->rate * 100;
+        bool kept_up = secs > 0 && pct >= 95;
+        say("open loop: target %.10g msgs/s (%.10g per connection), achieved %.1f msgs/s (%.1f%%); "
+            "%" PRIu64 " due in the window sent > 1 ms late, %" PRIu64
+            " due over 1 ms before its end not sent by then (backlog)\n",
+            o->rate, o->rate / o->conns, rate, pct, late, backlog);
+        if (!kept_up && secs > 0)
+            say("did not keep up: %.1f msgs/s is %.1f%% of the %.10g msgs/s asked for; the client "
+                "or the server could not sustain the rate (latency counts the wait)\n",
+                rate, pct, o->rate);
+        res_num("rate_target", o->rate, 3);
+        res_int("late_sends", (int64_t)late);
+        res_int("backlog", (int64_t)backlog);
+        res_int("kept_up", kept_up ? 1 : 0);
+    }
+    /* prints, and adds p50_us .. mean_us to the result */
+    report_latency(h, o->rate > 0 ? "latency from due time" : "latency");
     say("fairness: Jain index %.4f over %zu connections (per-connection msgs min %" PRIu64
         " max %" PRIu64 ")\n",
         jain, nest, cmin, cmax);

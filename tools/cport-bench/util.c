@@ -482,14 +482,13 @@ void report_server_cpu(const struct opts *o, const struct window *w, uint64_t op
     res_num(k2, spo, 4);
 }
 
-void report_latency(const struct hist *h)
+void report_latency(const struct hist *h, const char *label)
 {
     double p50 = (double)hist_quantile(h, 0.50) / 1e3, p99 = (double)hist_quantile(h, 0.99) / 1e3;
     double p999 = (double)hist_quantile(h, 0.999) / 1e3, mx = (double)h->max / 1e3;
     double mean = h->count ? (double)h->sum / (double)h->count / 1e3 : 0;
-    say("latency (us): p50 %.1f  p99 %.1f  p99.9 %.1f  max %.1f  mean %.1f  (%" PRIu64
-        " samples)\n",
-        p50, p99, p999, mx, mean, h->count);
+    say("%s (us): p50 %.1f  p99 %.1f  p99.9 %.1f  max %.1f  mean %.1f  (%" PRIu64 " samples)\n",
+        label, p50, p99, p999, mx, mean, h->count);
     res_num("p50_us", p50, 1);
     res_num("p99_us", p99, 1);
     res_num("p999_us", p999, 1);
