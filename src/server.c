@@ -586,6 +586,45 @@ int cp_server_create(cp_server **serverp, const cp_server_options *opts,
     return 0;
 }
 
+/* The listener's address from options.bind: an IPv4 address, or an IPv6 one, bare or in
+ * brackets ("[::1]"); NULL = "0.0.0.0". *v6only: what IPV6_V6ONLY must be (IPv6 only; -1
+ * for IPv4): off for "::" (one listener for both families, IPv4 peers as v4-mapped
+ * addresses) and for a v4-mapped address (which only IPv4 peers can reach: Linux refuses
+ * to bind one with the option on), on for any other. -EINVAL for anything else. */
+static int listen_addr(const char *spec, uint16_t port, struct sockaddr_storage *ss, socklen_t *len,
+                       int *v6only)
+{
+    memset(ss, 0, sizeof(*ss));
+    if (!spec)
+        spec = "0.0.0.0";
+    struct sockaddr_in *in = (struct sockaddr_in *)ss;
+    if (inet_pton(AF_INET, spec, &in->sin_addr) == 1) {
+        in->sin_family = AF_INET;
+        in->sin_port = htons(port);
+        *len = sizeof(*in);
+        *v6only = -1;
+        return 0;
+    }
+    char text[INET6_ADDRSTRLEN];
+    size_t n = strlen(spec);
+    if (n >= 2 && spec[0] == '[' && spec[n - 1] == ']') {
+        if (n - 2 >= sizeof(text))
+            return -EINVAL;
+        memcpy(text, spec + 1, n - 2);
+        text[n - 2] = 0;
+        spec = text;
+    }
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
+    if (inet_pton(AF_INET6, spec, &in6->sin6_addr) != 1)
+        return -EINVAL;
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons(port);
+    *len = sizeof(*in6);
+    *v6only =
+        IN6_IS_ADDR_UNSPECIFIED(&in6->sin6_addr) || IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr) ? 0 : 1;
+    return 0;
+}
+
 int cp_server_start(cp_server *sv)
 {
     /* Once: a second start would associate a new listener over the live one (its accepts
@@ -594,10 +633,12 @@ int cp_server_start(cp_server *sv)
         return -EINVAL;
     if (sv->ticker || __atomic_load_n(&sv->shutdown_state, __ATOMIC_RELAXED) != 0)
         return -EALREADY;
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(sv->o.port)};
-    if (inet_pton(AF_INET, sv->o.bind ? sv->o.bind : "0.0.0.0", &sa.sin_addr) != 1)
+    struct sockaddr_storage sa;
+    socklen_t salen;
+    int v6only = -1;
+    if (listen_addr(sv->o.bind, sv->o.port, &sa, &salen, &v6only) < 0)
         return -EINVAL;
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = socket(sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
     int one = 1;
@@ -605,14 +646,18 @@ int cp_server_start(cp_server *sv)
     /* Linux copies it to every accepted socket, which then needs no setsockopt of its own
      * (cp__conn_start checks that once). */
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, (int)sv->o.backlog) < 0) {
+    /* Explicitly, not the system's default (net.ipv6.bindv6only): "::" must take IPv4 too,
+     * whatever the machine says, and every other IPv6 address is IPv6 only (server.h). */
+    if ((v6only >= 0 && setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only)) < 0) ||
+        bind(fd, (struct sockaddr *)&sa, salen) < 0 || listen(fd, (int)sv->o.backlog) < 0) {
         int err = -errno;
         close(fd);
         return err;
     }
     socklen_t len = sizeof(sa);
     getsockname(fd, (struct sockaddr *)&sa, &len);
-    sv->listen_port = ntohs(sa.sin_port);
+    sv->listen_port = ntohs(sa.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&sa)->sin6_port
+                                                     : ((struct sockaddr_in *)&sa)->sin_port);
     /* The ticker first: it can be cancelled, while a listener associated with the port
      * could only be closed through it (a failed start left it open, listening, and its
      * descriptor leaked). Until the listener is open the tick has no accepts to tend. */

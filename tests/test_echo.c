@@ -304,12 +304,14 @@ typedef struct server {
     char line[512];                      /* the startup settings line */
     uint64_t accepted, rejected, closed; /* from its exit line */
     char exit_line[512];                 /* the exit line, from "accepted=" on */
+    bool v6;                             /* listening on ::1 (connect_to goes there) */
 } server;
 
-/* Starts PROG --port 0 --bind 127.0.0.1 ARGS... and waits for "listening on". The
- * startup line must name expect_backend. */
-static void server_spawn_prog(server *s, const char *prog, const char *expect_backend,
-                              void (*pre)(void), const char *const *args)
+/* Starts PROG --port 0 --bind BIND ARGS... and waits for "listening on" (BIND as printed
+ * there: IPv6 in brackets). The startup line must name expect_backend. */
+static void server_spawn_prog_at(server *s, const char *prog, const char *bind,
+                                 const char *expect_backend, void (*pre)(void),
+                                 const char *const *args)
 {
     const char *argv[40];
     int argc = 0;
@@ -317,13 +319,17 @@ static void server_spawn_prog(server *s, const char *prog, const char *expect_ba
     argv[argc++] = "--port";
     argv[argc++] = "0";
     argv[argc++] = "--bind";
-    argv[argc++] = "127.0.0.1";
+    argv[argc++] = bind;
     for (int i = 0; args[i]; i++) {
         CHECK(argc < 39);
         argv[argc++] = args[i];
     }
     argv[argc] = NULL;
-    *s = (server){.prog = prog, .out = cpt_memfd("echo-out"), .err = cpt_memfd("echo-err")};
+    *s = (server){.prog = prog,
+                  .out = cpt_memfd("echo-out"),
+                  .err = cpt_memfd("echo-err"),
+                  .v6 = strchr(bind, ':') != NULL};
+    bool brackets = s->v6 && bind[0] != '['; /* (printed as given when in brackets already) */
     s->pid = spawn(argv, s->out, s->err, pre);
 
     static char text[TEXT_CAP];
@@ -347,7 +353,12 @@ static void server_spawn_prog(server *s, const char *prog, const char *expect_ba
         }
         usleep(2000);
     }
-    CHECK_EQ(sscanf(listening, "listening on 127.0.0.1:%d", &s->port), 1);
+    const char *at = fmt(brackets ? "listening on [%s]:" : "listening on %s:", bind);
+    if (strncmp(listening, at, strlen(at)) != 0)
+        fprintf(stderr, "want \"%s\", got \"%.*s\"\n", at, (int)strcspn(listening, "\n"),
+                listening);
+    CHECK(strncmp(listening, at, strlen(at)) == 0);
+    CHECK_EQ(sscanf(listening + strlen(at), "%d", &s->port), 1);
     CHECK(s->port > 0 && s->port < 65536);
     /* The settings line comes first and names the backend and every setting. */
     const char *cfg = strstr(text, fmt("%s: backend=", prog));
@@ -361,7 +372,7 @@ static void server_spawn_prog(server *s, const char *prog, const char *expect_ba
     snprintf(want, sizeof want, "backend=%s ", expect_backend);
     CHECK(strstr(s->line, want) != NULL);
     CHECK(strstr(s->line, fmt(" port=%d ", s->port)) != NULL);
-    static const char *const keys[] = {" threads=", " bind=127.0.0.1 ", " accepts="};
+    const char *const keys[] = {" threads=", fmt(" bind=%s ", bind), " accepts="};
     for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
         CHECK(strstr(s->line, keys[i]) != NULL);
     if (strcmp(prog, "iocp_style") == 0 || strcmp(prog, "proxy") == 0 || strcmp(prog, "chat") == 0)
@@ -370,6 +381,12 @@ static void server_spawn_prog(server *s, const char *prog, const char *expect_ba
     static const char *const echo_keys[] = {" max-conns=", " zero-byte=", " recvs=", " buffer="};
     for (size_t i = 0; i < sizeof echo_keys / sizeof echo_keys[0]; i++)
         CHECK(strstr(s->line, echo_keys[i]) != NULL);
+}
+
+static void server_spawn_prog(server *s, const char *prog, const char *expect_backend,
+                              void (*pre)(void), const char *const *args)
+{
+    server_spawn_prog_at(s, prog, "127.0.0.1", expect_backend, pre, args);
 }
 
 static void server_spawn(server *s, const char *expect_backend, void (*pre)(void),
@@ -641,11 +658,17 @@ static int nb_socket(void)
  * default and autotuning). */
 static int connect_with_rcvbuf(const server *s, int rcvbuf)
 {
-    int fd = nb_socket();
+    int fd = s->v6 ? socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0) : nb_socket();
+    CHECK(fd >= 0);
     if (rcvbuf)
         CHECK_EQ(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf), 0);
     struct sockaddr_in sa = server_addr(s);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+    struct sockaddr_in6 sa6 = {.sin6_family = AF_INET6,
+                               .sin6_port = htons((uint16_t)s->port),
+                               .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    int r = s->v6 ? connect(fd, (struct sockaddr *)&sa6, sizeof sa6)
+                  : connect(fd, (struct sockaddr *)&sa, sizeof sa);
+    if (r < 0) {
         CHECK(errno == EINPROGRESS);
         struct pollfd p = {.fd = fd, .events = POLLOUT};
         CHECK_EQ(poll(&p, 1, IO_MS), 1);
@@ -950,23 +973,24 @@ static void low_fd_limit(void)
         _exit(125);
 }
 
-/* What users meet first: a host name or an IPv6 address for --bind is refused as a bad
- * value (it said "cannot start: Invalid argument"); a port in use names the address, exits
- * 1 and frees what it made (the ASan build reported leaks and aborted instead); the
- * startup line shows the accept pool's real bounds (--accepts 1000 printed 1000..256);
- * bounds the wrong way round are refused; --max-conns above the descriptor limit is
- * pointed out (it cannot refuse connections there: accepting pauses on EMFILE). */
+/* What users meet first: a host name or anything else that is no IPv4 or IPv6 address for
+ * --bind is refused as a bad value (it said "cannot start: Invalid argument"); a port in use names
+ * the address, exits 1 and frees what it made (the ASan build reported leaks and aborted instead);
+ * the startup line shows the accept pool's real bounds (--accepts 1000 printed 1000..256); bounds
+ * the wrong way round are refused; --max-conns above the descriptor limit is pointed out (it cannot
+ * refuse connections there: accepting pauses on EMFILE). */
 TEST(bad_bind_busy_port_and_settings_shown)
 {
     static char out[TEXT_CAP], err[TEXT_CAP];
-    static const char *const binds[] = {"localhost", "::1", "127.0.0.1:80", "256.0.0.1"};
+    static const char *const binds[] = {"localhost", "::g",  "127.0.0.1:80",
+                                        "256.0.0.1", "[::1", "[::1]:80"};
     for (size_t i = 0; i < sizeof binds / sizeof binds[0]; i++) {
         const char *args[] = {"--port", "0", "--bind", binds[i], NULL};
         int st = echo_exit_status(args, out, err, sizeof out);
         if (st != 2)
             fprintf(stderr, "--bind %s: exit %d\n%s%s", binds[i], st, out, err);
         CHECK_EQ(st, 2);
-        CHECK(strstr(err, "--bind") != NULL && strstr(err, "IPv4") != NULL);
+        CHECK(strstr(err, "--bind") != NULL && strstr(err, "IPv4 or IPv6") != NULL);
     }
     const char *amax[] = {"--port", "0", "--accepts-min", "10", "--accepts-max", "2", NULL};
     CHECK_EQ(echo_exit_status(amax, out, err, sizeof out), 2);
@@ -1268,16 +1292,18 @@ static void wait_child_held_at_delay_point(pid_t pid, int timeout_ms)
         usleep(1000);
     }
 }
+#endif
 
 /* The stats port of a server started with --stats-port 0. */
 static int stats_port_of(const server *s)
 {
     static char text[TEXT_CAP];
     memfd_text(s->out, text, sizeof text);
-    const char *p = strstr(text, "stats on 127.0.0.1:");
+    const char *at = s->v6 ? "stats on [::1]:" : "stats on 127.0.0.1:";
+    const char *p = strstr(text, at);
     CHECK(p != NULL);
     int port = 0;
-    CHECK_EQ(sscanf(p, "stats on 127.0.0.1:%d", &port), 1);
+    CHECK_EQ(sscanf(p + strlen(at), "%d", &port), 1);
     CHECK(port > 0 && port < 65536);
     return port;
 }
@@ -1335,6 +1361,7 @@ static uint64_t stats_answer_value(const char *resp, const char *name)
     return x;
 }
 
+#ifdef CPORT_INJECT
 /* The stats text as if it needed more than the 4 KiB buffer on the stack (failure point
  * echo_stats_small: that buffer takes nothing), with the stats worker held between
  * making the text and making it again in a heap buffer (delay point echo_stats_retry). */
@@ -1511,6 +1538,64 @@ TEST(second_stop_signal_exits_at_once)
 }
 
 /* ---- echo integrity ------------------------------------------------------------------------- */
+
+/* Skips the test unless the machine has ::1 (a probe socket binds it). */
+static void need_ipv6_loopback(void)
+{
+    int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in6 sa = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    bool ok = fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0;
+    if (fd >= 0)
+        close(fd);
+    if (!ok)
+        SKIP("no IPv6 loopback (::1) on this machine");
+}
+
+/* --bind takes IPv6 (it took IPv4 only): cport-echo --bind ::1 prints "listening on
+ * [::1]:PORT", echoes byte-exact over IPv6, and serves its stats on ::1 too ("stats on
+ * [::1]:PORT"). With --bind [::1] (brackets given) and --framed, a bad frame's log line
+ * names the IPv6 peer in brackets, with its port. */
+TEST(echo_over_ipv6)
+{
+    need_ipv6_loopback();
+    const char *args[] = {"--threads", "2", "--stats-port", "0", NULL};
+    server s;
+    server_spawn_prog_at(&s, "cport-echo", "::1", cpt_backend(), NULL, args);
+    int fd = connect_to(&s);
+    exchange(fd, 300000, 21, EX_FULL);
+    close(fd);
+    struct server st = s;
+    st.port = stats_port_of(&s);
+    fd = connect_to(&st);
+    const char req[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    CHECK_EQ(send(fd, req, sizeof req - 1, MSG_NOSIGNAL), (ssize_t)(sizeof req - 1));
+    static char resp[TEXT_CAP];
+    read_until_closed(fd, resp, sizeof resp);
+    close(fd);
+    CHECK_EQ(stats_answer_value(resp, "cport_echo_bytes_received_total"), 300000);
+    server_stop(&s);
+    CHECK_EQ(s.accepted, 1);
+
+    const char *framed[] = {"--threads", "1", "--framed", "--max-frame", "100", NULL};
+    server_spawn_prog_at(&s, "cport-echo", "[::1]", cpt_backend(), NULL, framed);
+    fd = connect_to(&s);
+    struct sockaddr_in6 me;
+    socklen_t len = sizeof me;
+    CHECK_EQ(getsockname(fd, (struct sockaddr *)&me, &len), 0);
+    CHECK_EQ(me.sin6_family, AF_INET6);
+    uint8_t hdr[4] = {0, 0, 0, 101};
+    CHECK_EQ(send(fd, hdr, 4, MSG_NOSIGNAL), 4);
+    expect_closed(fd, IO_MS, true);
+    close(fd);
+    int err = dup(s.err); /* (the stop closes the server's) */
+    CHECK(err >= 0);
+    server_stop(&s);
+    static char text[TEXT_CAP];
+    memfd_text(err, text, sizeof text);
+    close(err);
+    fprintf(stderr, "server stderr:\n%s", text);
+    CHECK(strstr(text, fmt("cport-echo: closed [::1]:%u: ", ntohs(me.sin6_port))) != NULL);
+}
 
 TEST(echo_one_connection)
 {

@@ -344,7 +344,9 @@ typedef struct server {
     bool pipe; /* out is the read end of a pipe (else a memfd) */
 } server;
 
-static bool stdout_pipe; /* server_start: the next server's stdout is a pipe */
+static bool stdout_pipe;      /* server_start: the next server's stdout is a pipe */
+static const char *next_bind; /* server_start: the next server's --bind (NULL: 127.0.0.1;
+                                 an IPv6 address is printed in brackets) */
 
 static struct rlimit child_nofile; /* for pre_limit */
 
@@ -363,8 +365,8 @@ static void pre_limit(void)
         _exit(125);
 }
 
-/* Starts cport-httpd --root ROOT --port 0 --bind 127.0.0.1 --backend B ARGS... (NULL-ended)
- * and waits for "listening on". */
+/* Starts cport-httpd --root ROOT --port 0 --bind 127.0.0.1 (or next_bind) --backend B
+ * ARGS... (NULL-ended) and waits for "listening on". */
 static void server_startv(server *s, const tree *t, void (*pre)(void), va_list ap)
 {
     const char *argv[40];
@@ -374,8 +376,10 @@ static void server_startv(server *s, const tree *t, void (*pre)(void), va_list a
     argv[argc++] = t->root;
     argv[argc++] = "--port";
     argv[argc++] = "0";
+    const char *bind = next_bind ? next_bind : "127.0.0.1";
+    next_bind = NULL;
     argv[argc++] = "--bind";
-    argv[argc++] = "127.0.0.1";
+    argv[argc++] = bind;
     if (strcmp(cpt_backend(), "auto") != 0) {
         argv[argc++] = "--backend";
         argv[argc++] = cpt_backend();
@@ -444,7 +448,14 @@ static void server_startv(server *s, const tree *t, void (*pre)(void), va_list a
         CHECK(cpt_now_ms() < deadline);
         usleep(2000);
     }
-    CHECK_EQ(sscanf(listening, "listening on 127.0.0.1:%d", &s->port), 1);
+    const char *at = strchr(bind, ':') ? "listening on [%s]:" : "listening on %s:";
+    char want_at[128];
+    snprintf(want_at, sizeof want_at, at, bind);
+    if (strncmp(listening, want_at, strlen(want_at)) != 0)
+        fprintf(stderr, "want \"%s\", got \"%.*s\"\n", want_at, (int)strcspn(listening, "\n"),
+                listening);
+    CHECK(strncmp(listening, want_at, strlen(want_at)) == 0);
+    CHECK_EQ(sscanf(listening + strlen(want_at), "%d", &s->port), 1);
     const char *line = strstr(text, "cport-httpd: backend=");
     CHECK(line != NULL && line < listening);
     fprintf(stderr, "%.*s", (int)(strchr(line, '\n') + 1 - line), line);
@@ -629,6 +640,30 @@ static hc *hc_open_rcvbuf(int port, int rcvbuf)
 static hc *hc_open(int port)
 {
     return hc_open_rcvbuf(port, 0);
+}
+
+/* A client connected to [::1]:port. */
+static hc *hc_open6(int port)
+{
+    hc *c = malloc(sizeof *c);
+    CHECK(c != NULL);
+    c->fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(c->fd >= 0);
+    struct timeval tv = {IO_S, 0};
+    setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    struct sockaddr_in6 sa = {.sin6_family = AF_INET6,
+                              .sin6_port = htons((uint16_t)port),
+                              .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    int r;
+    while ((r = connect(c->fd, (struct sockaddr *)&sa, sizeof sa)) < 0 && errno == EINTR)
+        ;
+    if (r < 0)
+        fprintf(stderr, "connect to [::1]:%d: %s\n", port, strerror(errno));
+    CHECK_EQ(r, 0);
+    c->a = c->b = 0;
+    c->eof = false;
+    return c;
 }
 
 static void hc_close(hc *c)
@@ -2883,4 +2918,33 @@ TEST(graceful_shutdown)
     hc_expect_eof(c);
     hc_close(c);
     server_reap(&s, SIGINT, NULL);
+}
+
+/* --bind takes IPv6 (it took IPv4 only): cport-httpd --bind ::1 prints "listening on
+ * [::1]:PORT", serves a request over IPv6, and its access log names the IPv6 peer (it
+ * formatted IPv4 peers only). */
+TEST(ipv6_request_and_access_log)
+{
+    int probe = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in6 sa = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    bool have = probe >= 0 && bind(probe, (struct sockaddr *)&sa, sizeof sa) == 0;
+    if (probe >= 0)
+        close(probe);
+    if (!have)
+        SKIP("no IPv6 loopback (::1) on this machine");
+    tree t;
+    tree_make(&t, false);
+    server s;
+    static char text[TEXT_CAP];
+    next_bind = "::1";
+    server_start(&s, &t, NULL);
+    hc *c = hc_open6(s.port);
+    hc_send(c, req_get("/f1m.bin"));
+    resp r;
+    resp_read_file(c, &r, 200, MIB, 0, MIB);
+    hc_close(c);
+    server_stop(&s, text); /* (the logger thread writes every line before the exit) */
+    fprintf(stderr, "%s", text);
+    CHECK_EQ(count_str(text, "\n::1 - - ["), 1);
+    CHECK_EQ(count_str(text, " +0000] \"GET /f1m.bin HTTP/1.1\" 200 1048576\n"), 1);
 }

@@ -1163,12 +1163,12 @@ static const cp_server_callbacks t_callbacks = {.on_open = t_on_open,
                                                 .on_close = t_on_close,
                                                 .on_end = t_on_end};
 
-/* Create and start the server on 127.0.0.1, any port, on the backend under test. */
-static void tsrv_start(tsrv *t, const cp_server_options *o)
+/* Create and start the server on `bind` (a string literal), port o->port (0 = any), on the
+ * backend under test. */
+static void tsrv_start_at(tsrv *t, const cp_server_options *o, const char *bind)
 {
     t->o = *o;
-    t->o.bind = "127.0.0.1";
-    t->o.port = 0;
+    t->o.bind = bind;
     t->o.user = t;
     t->o.conn_user_size = sizeof(uconn);
     t->o.port_options.flags |= CP_PORT_QUIET;
@@ -1178,6 +1178,14 @@ static void tsrv_start(tsrv *t, const cp_server_options *o)
     CHECK(t->port != 0);
     if (strcmp(cpt_backend(), "auto") != 0)
         CHECK(strcmp(cp_port_backend_name(cp_server_port(t->sv)), cpt_backend()) == 0);
+}
+
+/* Create and start the server on 127.0.0.1, any port, on the backend under test. */
+static void tsrv_start(tsrv *t, const cp_server_options *o)
+{
+    cp_server_options any = *o;
+    any.port = 0;
+    tsrv_start_at(t, &any, "127.0.0.1");
 }
 
 static cp_server_stats tsrv_stats(tsrv *t)
@@ -8813,5 +8821,232 @@ TEST(a_stream_ending_inside_a_frame_closes_as_a_bad_frame)
             truncated_frame_case(o, half, 2);      /* part of a header */
             truncated_frame_case(o, half, 0);      /* between frames: an end */
         }
+    }
+}
+
+/* ---- IPv6 listeners ------------------------------------------------------------------------ */
+
+/* Skips the test unless the machine has ::1 (a probe socket binds it). */
+static void need_ipv6_loopback(void)
+{
+    int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in6 sa = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    bool ok = fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0;
+    if (fd >= 0)
+        close(fd);
+    if (!ok)
+        SKIP("no IPv6 loopback (::1) on this machine");
+}
+
+/* Connect a non-blocking socket of addr's family to addr; 0 and the socket in *fdp, or the
+ * connect's errno (the socket closed). */
+static int try_connect_addr(const struct sockaddr *addr, socklen_t len, int *fdp)
+{
+    int fd = socket(addr->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0);
+    int one = 1, err = 0;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (connect(fd, addr, len) < 0) {
+        err = errno;
+        if (err == EINPROGRESS) {
+            struct pollfd p = {.fd = fd, .events = POLLOUT};
+            int r;
+            while ((r = poll(&p, 1, IO_MS)) < 0 && errno == EINTR)
+                ;
+            CHECK_EQ(r, 1);
+            socklen_t l = sizeof err;
+            CHECK_EQ(getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l), 0);
+        }
+    }
+    if (err) {
+        close(fd);
+        return err;
+    }
+    *fdp = fd;
+    return 0;
+}
+
+static struct sockaddr_in6 loopback6(uint16_t port)
+{
+    struct sockaddr_in6 sa = {
+        .sin6_family = AF_INET6, .sin6_port = htons(port), .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    return sa;
+}
+
+/* A connected non-blocking socket to ::1 (the connect must succeed). */
+static int connect6_to(uint16_t port)
+{
+    struct sockaddr_in6 sa = loopback6(port);
+    int fd = -1, err = try_connect_addr((struct sockaddr *)&sa, sizeof sa, &fd);
+    if (err)
+        fprintf(stderr, "connect to [::1]:%u: %s\n", port, strerror(err));
+    CHECK_EQ(err, 0);
+    return fd;
+}
+
+/* The local port of a connected socket. */
+static uint16_t local_port(int fd)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    CHECK_EQ(getsockname(fd, (struct sockaddr *)&ss, &len), 0);
+    return ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                          : ((struct sockaddr_in *)&ss)->sin_port);
+}
+
+/* The i-th held connection's peer, which must be IPv6 with the address `want` (text) and
+ * the port `port`; and its IPV6_V6ONLY (inherited from the listener) must be `v6only`. */
+static void check_peer6(tsrv *t, size_t i, const char *want, uint16_t port, int v6only)
+{
+    cp_conn *c = held_at(t, i);
+    CHECK(c != NULL);
+    struct sockaddr_storage ss;
+    socklen_t len = 0;
+    memset(&ss, 0, sizeof ss);
+    CHECK_OK(cp_conn_peer(c, &ss, &len));
+    CHECK_EQ(ss.ss_family, AF_INET6);
+    CHECK_EQ(len, sizeof(struct sockaddr_in6));
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)&ss;
+    char text[INET6_ADDRSTRLEN];
+    CHECK(inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof text) != NULL);
+    fprintf(stderr, "peer %zu: [%s]:%u\n", i, text, ntohs(in6->sin6_port));
+    struct in6_addr a;
+    CHECK_EQ(inet_pton(AF_INET6, want, &a), 1);
+    CHECK(memcmp(&a, &in6->sin6_addr, sizeof a) == 0);
+    CHECK_EQ(ntohs(in6->sin6_port), port);
+    int on = -1;
+    socklen_t olen = sizeof on;
+    CHECK_OK(cp_conn_getsockopt(c, IPPROTO_IPV6, IPV6_V6ONLY, &on, &olen));
+    CHECK_EQ(on, v6only);
+}
+
+/* A server bound to "::1" (and to "[::1]", the bracketed form) echoes byte-exact over IPv6:
+ * cp_server_start() took IPv4 addresses only and failed with -EINVAL. */
+TEST(ipv6_loopback_echo)
+{
+    need_ipv6_loopback();
+    static const char *const binds[] = {"::1", "[::1]"};
+    for (size_t b = 0; b < 2; b++) {
+        tsrv *t = tsrv_new(ECHO_DATA);
+        t->hold_refs = true;
+        cp_server_options o = {.threads = 2};
+        tsrv_start_at(t, &o, binds[b]);
+        int fds[3];
+        for (int i = 0; i < 3; i++) {
+            fds[i] = connect6_to(t->port);
+            WAIT_FOR(held_count(t) == (size_t)i + 1, IO_MS);
+            check_peer6(t, (size_t)i, "::1", local_port(fds[i]), 1);
+        }
+        for (int i = 0; i < 3; i++)
+            exchange(fds[i], 600u + (uint32_t)i, i == 0 ? 1 : (size_t)(200000 << i));
+        for (int i = 0; i < 3; i++)
+            close(fds[i]);
+        WAIT_FOR(LOAD(&t->closes) == 3, IO_MS);
+        cp_server_stats st = tsrv_stats(t);
+        CHECK_EQ(st.conns_total, 3);
+        CHECK_EQ(st.bytes_in, 1 + 400000 + 800000);
+        CHECK_EQ(st.bytes_out, st.bytes_in);
+        CHECK_EQ(tsrv_stop(t, 1000), 0);
+    }
+}
+
+/* A server bound to "::" serves an IPv4 client and an IPv6 one through one listener (set
+ * IPV6_V6ONLY off itself, whatever net.ipv6.bindv6only says); cp_conn_peer reports both as
+ * AF_INET6, the IPv4 one v4-mapped. A server bound to the v4-mapped ::ffff:127.0.0.1
+ * serves IPv4 (Linux refuses that bind with IPV6_V6ONLY on). */
+TEST(ipv6_any_serves_both_families)
+{
+    need_ipv6_loopback();
+    tsrv *t = tsrv_new(ECHO_DATA);
+    t->hold_refs = true;
+    cp_server_options o = {.threads = 2};
+    tsrv_start_at(t, &o, "::");
+    int v4 = connect_to(t->port);
+    WAIT_FOR(held_count(t) == 1, IO_MS);
+    int v6 = connect6_to(t->port);
+    WAIT_FOR(held_count(t) == 2, IO_MS);
+    check_peer6(t, 0, "::ffff:127.0.0.1", local_port(v4), 0);
+    check_peer6(t, 1, "::1", local_port(v6), 0);
+    exchange(v4, 41, 100000);
+    exchange(v6, 42, 100000);
+    close(v4);
+    close(v6);
+    WAIT_FOR(LOAD(&t->closes) == 2, IO_MS);
+    CHECK_EQ(tsrv_stats(t).bytes_out, 200000);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+
+    t = tsrv_new(ECHO_DATA);
+    t->hold_refs = true;
+    tsrv_start_at(t, &o, "::ffff:127.0.0.1");
+    v4 = connect_to(t->port);
+    WAIT_FOR(held_count(t) == 1, IO_MS);
+    check_peer6(t, 0, "::ffff:127.0.0.1", local_port(v4), 0);
+    exchange(v4, 43, 1000);
+    close(v4);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+}
+
+/* A server bound to "::1" is IPv6 only (IPV6_V6ONLY on): a connect to 127.0.0.1 on its
+ * port is refused. The test holds 127.0.0.1 on that port itself, bound and not listening,
+ * so that nothing else on the machine can answer there. */
+TEST(ipv6_loopback_refuses_ipv4)
+{
+    need_ipv6_loopback();
+    int hold = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(hold >= 0);
+    struct sockaddr_in sa = loopback(0);
+    CHECK_EQ(bind(hold, (struct sockaddr *)&sa, sizeof sa), 0);
+    uint16_t port = local_port(hold);
+    tsrv *t = tsrv_new(ECHO_DATA);
+    t->hold_refs = true;
+    cp_server_options o = {.threads = 1, .port = port};
+    tsrv_start_at(t, &o, "::1");
+    CHECK_EQ(t->port, port);
+    sa = loopback(port);
+    int fd = -1;
+    CHECK_EQ(try_connect_addr((struct sockaddr *)&sa, sizeof sa, &fd), ECONNREFUSED);
+    int v6 = connect6_to(port); /* while IPv6 is served */
+    WAIT_FOR(held_count(t) == 1, IO_MS);
+    check_peer6(t, 0, "::1", local_port(v6), 1);
+    exchange(v6, 44, 5000);
+    close(v6);
+    WAIT_FOR(LOAD(&t->closes) == 1, IO_MS);
+    CHECK_EQ(tsrv_stats(t).conns_total, 1);
+    CHECK_EQ(tsrv_stop(t, 1000), 0);
+    close(hold);
+}
+
+/* Bind strings that are neither IPv4 nor IPv6 fail cp_server_start() with -EINVAL and
+ * leave no listener (no descriptor) behind; the server is then destroyed cleanly. */
+TEST(ipv6_bad_bind_strings_are_refused)
+{
+    static const char *const bad[] = {"::g",
+                                      "1.2.3",
+                                      "[::1",
+                                      "",
+                                      "::1]",
+                                      "[]",
+                                      "[1.2.3.4]",
+                                      "localhost",
+                                      "::1%lo",
+                                      "[::1]:80",
+                                      "1:2:3:4:5:6:7:8:9"};
+    cp_server_callbacks cb = {.on_data = ignore_data};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        cp_server_options o = {.threads = 1, .bind = bad[i]};
+        o.port_options.flags |= CP_PORT_QUIET;
+        cp_server *sv;
+        CHECK_OK(cp_server_create(&sv, &o, &cb));
+        int fds0 = cpt_count_fds();
+        int r = cp_server_start(sv);
+        int fds1 = cpt_count_fds();
+        if (r != -EINVAL || fds1 != fds0)
+            fprintf(stderr, "bind \"%s\": %d (%s), descriptors %d -> %d\n", bad[i], r,
+                    cpt_strerror(r), fds0, fds1);
+        CHECK_EQ(r, -EINVAL);
+        CHECK_EQ(fds1, fds0);
+        CHECK_EQ(cp_server_listen_port(sv), 0);
+        CHECK_OK(cp_server_destroy(sv));
     }
 }

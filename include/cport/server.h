@@ -134,7 +134,15 @@ typedef struct cp_server_callbacks {
 /* Creation options. Zero-initialise, then set what you need: every zero field means the
  * default described next to it (the bools: off). */
 typedef struct cp_server_options {
-    const char *bind;              /* IPv4 address to listen on; NULL = "0.0.0.0" */
+    const char *bind;              /* address to listen on, IPv4 or IPv6 (no names); NULL =
+                                      "0.0.0.0". IPv6 bare or in brackets ("::1",
+                                      "[::1]"). "::" listens on every address of both
+                                      families (IPV6_V6ONLY set off, whatever the system
+                                      default): IPv4 peers arrive as v4-mapped IPv6
+                                      addresses (::ffff:a.b.c.d in cp_conn_peer). Any other
+                                      IPv6 address serves IPv6 only (IPV6_V6ONLY on); a
+                                      v4-mapped one (::ffff:127.0.0.1) has it off and
+                                      serves IPv4 only */
     uint16_t port;                 /* TCP port; 0 = any (see cp_server_listen_port) */
     unsigned threads;              /* worker threads, all may run at once; 0 = online CPUs
                                       (at most CP_SERVER_THREADS_MAX); above
@@ -286,11 +294,13 @@ CP_EXTERN int cp_server_create(cp_server **serverp, const cp_server_options *opt
                                const cp_server_callbacks *cb);
 
 /* Bind, listen and start accepting. Returns 0, or a negative errno (-EADDRINUSE, ...;
- * -EINVAL for a bind string that is not an IPv4 address, or a NULL server). Once per
- * server: a second call, or one after cp_server_shutdown(), returns -EALREADY. */
+ * -EINVAL for a bind string that is neither an IPv4 nor an IPv6 address, or a NULL
+ * server; -EAFNOSUPPORT or -EADDRNOTAVAIL for an IPv6 address on a system without IPv6).
+ * Nothing is left open when it fails. Once per server: a second call, or one after
+ * cp_server_shutdown(), returns -EALREADY. */
 CP_EXTERN int cp_server_start(cp_server *server);
 
-/* The TCP port the server listens on (after cp_server_start). */
+/* The TCP port the server listens on (after cp_server_start), for either family. */
 CP_EXTERN uint16_t cp_server_listen_port(const cp_server *server);
 
 /* The server's port, e.g. for cp_port_block_begin/end in a callback. */
@@ -470,10 +480,12 @@ CP_EXTERN void *cp_conn_user(cp_conn *c);
 /* The server the connection belongs to. */
 CP_EXTERN cp_server *cp_conn_server(cp_conn *c);
 
-/* The peer's address (getpeername); *len is set to its length. Returns 0 or a negative
- * errno: -EINVAL for a NULL c, addr or len; -EBADF once the connection's socket is being
- * closed (a graceful close keeps it open while replies drain; in on_close it is closed).
- * Any thread, while the caller holds the connection (a callback of it, or a cp_conn_ref). */
+/* The peer's address (getpeername); *len is set to its length. Its family is the
+ * listener's: through a listener on "::" an IPv4 peer is AF_INET6, v4-mapped. Returns 0 or
+ * a negative errno: -EINVAL for a NULL c, addr or len; -EBADF once the connection's socket
+ * is being closed (a graceful close keeps it open while replies drain; in on_close it is
+ * closed). Any thread, while the caller holds the connection (a callback of it, or a
+ * cp_conn_ref). */
 CP_EXTERN int cp_conn_peer(cp_conn *c, struct sockaddr_storage *addr, socklen_t *len);
 
 /* setsockopt(2) / getsockopt(2) on the connection's socket (SO_SNDBUF, TCP_NODELAY,

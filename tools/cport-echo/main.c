@@ -42,6 +42,33 @@ typedef struct config {
 #endif
 } config;
 
+/* ---- addresses ---------------------------------------------------------------------------- */
+
+/* "ADDR:PORT" for an IPv4 address, "[ADDR]:PORT" for an IPv6 one (as --bind took it: bare,
+ * or already in brackets). */
+static const char *host_port(char *buf, size_t size, const char *addr, unsigned port)
+{
+    bool brackets = strchr(addr, ':') != NULL && addr[0] != '[';
+    snprintf(buf, size, brackets ? "[%s]:%u" : "%s:%u", addr, port);
+    return buf;
+}
+
+/* Whether --bind's value is an address cp_server_start() takes: IPv4, or IPv6 bare or in
+ * brackets. */
+static bool bind_address_ok(const char *s)
+{
+    struct in6_addr a;
+    char text[INET6_ADDRSTRLEN];
+    size_t n = strlen(s);
+    if (inet_pton(AF_INET, s, &a) == 1 || inet_pton(AF_INET6, s, &a) == 1)
+        return true;
+    if (n < 2 || n - 2 >= sizeof text || s[0] != '[' || s[n - 1] != ']')
+        return false;
+    memcpy(text, s + 1, n - 2);
+    text[n - 2] = 0;
+    return inet_pton(AF_INET6, text, &a) == 1;
+}
+
 /* ---- the echo ----------------------------------------------------------------------------- */
 
 /* One callback per mode, chosen at start: a message costs no look at the configuration. */
@@ -68,8 +95,9 @@ static int on_open_framed(cp_conn *c)
 {
     struct sockaddr_storage ss;
     socklen_t sl;
-    if (cp_conn_peer(c, &ss, &sl) == 0 && ss.ss_family == AF_INET)
-        memcpy(cp_conn_user(c), &ss, sizeof(struct sockaddr_in));
+    if (cp_conn_peer(c, &ss, &sl) == 0 && (ss.ss_family == AF_INET || ss.ss_family == AF_INET6))
+        memcpy(cp_conn_user(c), &ss,
+               ss.ss_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6));
     return 0;
 }
 
@@ -96,20 +124,28 @@ static void on_close(cp_conn *c, cp_close_reason reason, int err)
         __atomic_add_fetch(&cfg->bad_frames_unlogged, 1, __ATOMIC_RELAXED);
         return;
     }
-    char why[160], peer[INET_ADDRSTRLEN] = "?";
+    char why[160], ip[INET6_ADDRSTRLEN] = "?", peer[INET6_ADDRSTRLEN + 8];
     cp_conn_frame_state(c, why, sizeof why);
-    struct sockaddr_in in;
-    memcpy(&in, cp_conn_user(c), sizeof in);
-    unsigned peer_port = ntohs(in.sin_port);
-    if (in.sin_family == AF_INET)
-        inet_ntop(AF_INET, &in.sin_addr, peer, sizeof peer);
+    union {
+        struct sockaddr_in in;
+        struct sockaddr_in6 in6;
+    } sa;
+    memcpy(&sa, cp_conn_user(c), sizeof sa);
+    unsigned peer_port = 0;
+    if (sa.in.sin_family == AF_INET) {
+        inet_ntop(AF_INET, &sa.in.sin_addr, ip, sizeof ip);
+        peer_port = ntohs(sa.in.sin_port);
+    } else if (sa.in6.sin6_family == AF_INET6) {
+        inet_ntop(AF_INET6, &sa.in6.sin6_addr, ip, sizeof ip);
+        peer_port = ntohs(sa.in6.sin6_port);
+    }
+    host_port(peer, sizeof peer, ip, peer_port);
     uint64_t unlogged = __atomic_exchange_n(&cfg->bad_frames_unlogged, 0, __ATOMIC_RELAXED);
     if (unlogged)
-        fprintf(stderr,
-                "cport-echo: closed %s:%u: %s (and %llu more bad-frame closes not logged)\n", peer,
-                peer_port, why, (unsigned long long)unlogged);
+        fprintf(stderr, "cport-echo: closed %s: %s (and %llu more bad-frame closes not logged)\n",
+                peer, why, (unsigned long long)unlogged);
     else
-        fprintf(stderr, "cport-echo: closed %s:%u: %s\n", peer, peer_port, why);
+        fprintf(stderr, "cport-echo: closed %s: %s\n", peer, why);
 }
 
 /* ---- counters ----------------------------------------------------------------------------- */
@@ -223,7 +259,8 @@ static int stats_start(cp_server **statsp, cp_server *echo, const cp_server_opti
         *statsp = NULL;
         return r;
     }
-    printf("stats on %s:%u\n", eo->bind, cp_server_listen_port(*statsp));
+    char at[INET6_ADDRSTRLEN + 16];
+    printf("stats on %s\n", host_port(at, sizeof at, eo->bind, cp_server_listen_port(*statsp)));
     return 0;
 }
 
@@ -239,7 +276,8 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: cport-echo [options]\n"
                "  --port N              TCP port (default 5050; 0 = any, printed at start)\n"
-               "  --bind ADDR           IPv4 address to listen on (default 0.0.0.0)\n"
+               "  --bind ADDR           IPv4 or IPv6 address to listen on (default 0.0.0.0; :: is\n"
+               "                        every address of both families; the stats port too)\n"
                "  --threads N           worker threads (default: online CPUs)\n"
                "  --backend B           io_uring or epoll (default: io_uring if allowed)\n"
                "  --accepts N           accepts kept posted at least (= --accepts-min)\n"
@@ -333,15 +371,13 @@ static int parse_args(int argc, char **argv, config *cfg)
             ok = parse_uint(optarg, 65535, &v) == 0;
             o->port = (uint16_t)v;
             break;
-        case O_BIND: {
-            struct in_addr a;
-            ok = inet_pton(AF_INET, optarg, &a) == 1; /* not a name, not IPv6 */
+        case O_BIND:
+            ok = bind_address_ok(optarg); /* not a name */
             o->bind = optarg;
             if (!ok)
-                fprintf(stderr, "cport-echo: --bind takes an IPv4 address (such as 0.0.0.0 "
-                                "or 127.0.0.1)\n");
+                fprintf(stderr, "cport-echo: --bind takes an IPv4 or IPv6 address (such as "
+                                "0.0.0.0, 127.0.0.1, :: or ::1)\n");
             break;
-        }
         case O_THREADS:
             ok = parse_uint(optarg, 1024, &v) == 0 && v > 0;
             o->threads = (unsigned)v;
@@ -494,7 +530,7 @@ int main(int argc, char **argv)
         cb.on_data = on_data_framed;
         cb.on_open = on_open_framed;
         cb.on_close = on_close;
-        cfg.so.conn_user_size = sizeof(struct sockaddr_in);
+        cfg.so.conn_user_size = sizeof(struct sockaddr_in6); /* (either family's) */
     }
     cfg.so.user = &cfg;
     cp_server *sv;
@@ -504,9 +540,10 @@ int main(int argc, char **argv)
         return 1;
     }
     const cp_server_options *o = &cfg.so;
+    char at[INET6_ADDRSTRLEN + 16];
     if ((r = cp_server_start(sv)) < 0) {
-        fprintf(stderr, "cport-echo: cannot listen on %s:%u: %s\n", o->bind, (unsigned)o->port,
-                cp_strerror(r));
+        fprintf(stderr, "cport-echo: cannot listen on %s: %s\n",
+                host_port(at, sizeof at, o->bind, o->port), cp_strerror(r));
         cp_server_destroy(sv);
         return 1;
     }
@@ -538,13 +575,13 @@ int main(int argc, char **argv)
                 o->max_conns, (unsigned long long)rl.rlim_cur);
     cp_server *stats = NULL;
     if (cfg.stats_port >= 0 && (r = stats_start(&stats, sv, o, cfg.stats_port)) < 0) {
-        fprintf(stderr, "cport-echo: cannot serve stats on %s:%d: %s\n", o->bind, cfg.stats_port,
-                cp_strerror(r));
+        fprintf(stderr, "cport-echo: cannot serve stats on %s: %s\n",
+                host_port(at, sizeof at, o->bind, (unsigned)cfg.stats_port), cp_strerror(r));
         cp_server_destroy(sv);
         return 1;
     }
     /* Last: whoever waits for this line finds everything (stats included) ready. */
-    printf("listening on %s:%u\n", o->bind, cp_server_listen_port(sv));
+    printf("listening on %s\n", host_port(at, sizeof at, o->bind, cp_server_listen_port(sv)));
     fflush(stdout);
 
     int sig;

@@ -85,17 +85,18 @@ typedef struct hconn {
     http_parser parser;
     char *in; /* bytes received and not yet served: in[0..in_len) */
     uint32_t in_len, in_cap;
-    uint32_t peer;     /* IPv4 address (network order), for the log */
-    uint32_t inflight; /* responses outstanding (not yet all handed to the kernel): file
-                          transmits and keep-alive responses built in memory */
-    uint16_t files;    /* file transmits among them (MAX_INFLIGHT bounds these) */
-    bool closing;      /* the last response is queued: ignore what else arrives */
-    bool head_started; /* a request head is partly received (the header deadline runs) */
-    bool settling;     /* closing while responses are outstanding (the last ones include a
-                          file, or many in memory); close once the peer has (nearly) all */
-    bool sending;      /* the progress deadline runs: responses are outstanding */
-    uint64_t acked;    /* the peer's tcpi_bytes_acked at the last deadline while sending */
-    int64_t acked_ms;  /* settling: when acked last grew (monotonic ms) */
+    char peer[INET6_ADDRSTRLEN]; /* the peer's address as text, for the log: IPv4, or IPv6
+                                    (an IPv4 peer of a listener on "::": ::ffff:a.b.c.d) */
+    uint32_t inflight;           /* responses outstanding (not yet all handed to the kernel): file
+                                    transmits and keep-alive responses built in memory */
+    uint16_t files;              /* file transmits among them (MAX_INFLIGHT bounds these) */
+    bool closing;                /* the last response is queued: ignore what else arrives */
+    bool head_started;           /* a request head is partly received (the header deadline runs) */
+    bool settling;               /* closing while responses are outstanding (the last ones include a
+                                    file, or many in memory); close once the peer has (nearly) all */
+    bool sending;                /* the progress deadline runs: responses are outstanding */
+    uint64_t acked;   /* the peer's tcpi_bytes_acked at the last deadline while sending */
+    int64_t acked_ms; /* settling: when acked last grew (monotonic ms) */
 } hconn;
 
 static const config *cfg_of(cp_conn *c)
@@ -308,9 +309,7 @@ static void access_log(cp_conn *c, const http_request *req, int status, uint64_t
     if (!cfg->access_log)
         return;
     hconn *h = cp_conn_user(c);
-    char ip[INET_ADDRSTRLEN];
-    struct in_addr a = {.s_addr = h->peer};
-    inet_ntop(AF_INET, &a, ip, sizeof ip);
+    const char *ip = h->peer[0] ? h->peer : "-";
     char line[8900];
     int n;
     if (req) {
@@ -740,8 +739,13 @@ static int on_open(cp_conn *c)
     if (cfg_of(c)->access_log) {
         struct sockaddr_storage ss;
         socklen_t sl;
-        if (cp_conn_peer(c, &ss, &sl) == 0 && ss.ss_family == AF_INET)
-            h->peer = ((struct sockaddr_in *)&ss)->sin_addr.s_addr;
+        if (cp_conn_peer(c, &ss, &sl) == 0) {
+            if (ss.ss_family == AF_INET)
+                inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, h->peer, sizeof h->peer);
+            else if (ss.ss_family == AF_INET6)
+                inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, h->peer,
+                          sizeof h->peer);
+        }
     }
     /* The first request must start arriving within the header timeout. */
     cp_conn_set_deadline(c, cfg_of(c)->header_ms);
@@ -863,12 +867,29 @@ static void on_close(cp_conn *c, cp_close_reason reason, int err)
 
 /* ---- command line ------------------------------------------------------------------------ */
 
+/* Whether --bind's value is an address cp_server_start() takes: IPv4, or IPv6 bare or in
+ * brackets. */
+static bool bind_address_ok(const char *s)
+{
+    struct in6_addr a;
+    char text[INET6_ADDRSTRLEN];
+    size_t n = strlen(s);
+    if (inet_pton(AF_INET, s, &a) == 1 || inet_pton(AF_INET6, s, &a) == 1)
+        return true;
+    if (n < 2 || n - 2 >= sizeof text || s[0] != '[' || s[n - 1] != ']')
+        return false;
+    memcpy(text, s + 1, n - 2);
+    text[n - 2] = 0;
+    return inet_pton(AF_INET6, text, &a) == 1;
+}
+
 static void usage(FILE *f)
 {
     fprintf(f, "usage: cport-httpd --root DIR [options]\n"
                "  --root DIR              document root (required)\n"
                "  --port N                TCP port (default 8080; 0 = any, printed at start)\n"
-               "  --bind ADDR             IPv4 address to listen on (default 0.0.0.0)\n"
+               "  --bind ADDR             IPv4 or IPv6 address to listen on (default 0.0.0.0;\n"
+               "                          :: is every address of both families)\n"
                "  --threads N             worker threads (default: online CPUs)\n"
                "  --backend B             auto, io_uring or epoll (default auto)\n"
                "  --no-access-log         no access log lines on stdout (a stdout that\n"
@@ -954,6 +975,7 @@ static int parse_args(int argc, char **argv, config *cfg)
             o->port = (uint16_t)v;
             break;
         case O_BIND:
+            ok = bind_address_ok(optarg); /* not a name */
             o->bind = optarg;
             break;
         case O_THREADS:
@@ -1093,7 +1115,10 @@ int main(int argc, char **argv)
            o->threads ? o->threads : (unsigned)sysconf(_SC_NPROCESSORS_ONLN), o->bind,
            cp_server_listen_port(sv), cfg.root, cfg.access_log ? "on" : "off", cfg.header_ms,
            cfg.keepalive_ms, o->max_conns, cfg.dotfiles ? "on" : "off");
-    printf("listening on %s:%u\n", o->bind, cp_server_listen_port(sv));
+    /* IPv6 in brackets ("[::1]:8080"), as --bind took it or not. */
+    bool brackets = strchr(o->bind, ':') != NULL && o->bind[0] != '[';
+    printf(brackets ? "listening on [%s]:%u\n" : "listening on %s:%u\n", o->bind,
+           cp_server_listen_port(sv));
     fflush(stdout);
 
     int sig;
