@@ -43,7 +43,8 @@ usage: bench/echo_bench.sh [options]
   --scenarios LIST     comma-separated subset of:
                          echo_64x100 echo_64x1000d4 echo_16kx50d2 connrate_64 hold
                        and, not in the default list, echo_16kx4d2 (few connections,
-                       large messages)
+                       large messages) and latency_64x100r20k (open loop: latency
+                       at a fixed rate, from each message's due time)
   --build DIR          build directory holding bin/ (default <repo>/build)
   --server 'NAME|COMMAND|HOLD_ARGS'
                        a server to compare (repeatable; replaces the default list).
@@ -162,12 +163,15 @@ SC_DESC[echo_16kx50d2]="echo 16 KiB x 50 conns x depth 2"
 SC_ARGS[echo_16kx50d2]="echo -c 50 -s 16384 -d 2"
 SC_DESC[echo_16kx4d2]="echo 16 KiB x 4 conns x depth 2"
 SC_ARGS[echo_16kx4d2]="echo -c 4 -s 16384 -d 2"
+SC_DESC[latency_64x100r20k]="echo 64 B x 100 conns, open loop at 20 000 msgs/s (depth <= 4)"
+SC_ARGS[latency_64x100r20k]="echo -c 100 -s 64 -d 4 --rate 20000"
 SC_DESC[connrate_64]="connrate, 64 concurrent, 64 B echo per connection"
 SC_ARGS[connrate_64]="connrate -c 64 -s 64"
 SC_DESC[hold]="hold $HOLD_CONNS connections (one verified echo each, then idle)"
 SC_ARGS[hold]="hold -n $HOLD_CONNS --echo --settle $HOLD_SETTLE"
 ECHO_METRICS="msgs_per_s:msgs/s:0 mib_per_s:MiB/s:1 p50_us:p50_us:1 p99_us:p99_us:1 server_user_us_per_msg:usr_us/msg:3 server_sys_us_per_msg:sys_us/msg:3 cpu_us_per_msg:cpu_us/msg:3 jain:jain:4"
 for s in echo_64x100 echo_64x1000d4 echo_16kx50d2 echo_16kx4d2; do SC_METRICS[$s]=$ECHO_METRICS; done
+SC_METRICS[latency_64x100r20k]="msgs_per_s:msgs/s:0 p50_us:p50_us:1 p99_us:p99_us:1 p999_us:p999_us:1 max_us:max_us:0 late_sends:late_sends:0 cpu_us_per_msg:cpu_us/msg:3"
 SC_METRICS[connrate_64]="conns_per_s:conns/s:0 p50_us:p50_us:1 p99_us:p99_us:1 server_user_us_per_conn:usr_us/conn:2 server_sys_us_per_conn:sys_us/conn:2 cpu_us_per_conn:cpu_us/conn:2"
 SC_METRICS[hold]="held:held:0 conns_per_s:setup_conns/s:0 p99_us:setup_p99_us:0 server_rss_per_conn_b:rss_B/conn:0 server_rss_marginal_b:rss_marg_B:0 server_rss_idle_kb:rss_KiB:0 cpu_us_per_conn:cpu_us/conn:2"
 
