@@ -5,12 +5,15 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <string.h>
-#include <limits.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 enum { MAX_TESTS = 256 };
 
@@ -105,6 +108,17 @@ int cpt_memfd(const char *name)
     CHECK(fd >= 0);
     CHECK(fcntl(fd, F_SETFL, O_APPEND) == 0);
     return fd;
+}
+
+void cpt_need_ipv6_loopback(void)
+{
+    int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in6 sa = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    bool ok = fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0;
+    if (fd >= 0)
+        close(fd);
+    if (!ok)
+        SKIP("no IPv6 loopback (::1) on this machine");
 }
 
 int main(int argc, char **argv)

@@ -84,6 +84,10 @@ int cpt_count_fds(void);
  * without O_APPEND. Fails the test if it cannot be made. */
 int cpt_memfd(const char *name);
 
+/* Skips the test (SKIP) unless the machine has the IPv6 loopback address ::1 (a probe
+ * socket binds it). */
+void cpt_need_ipv6_loopback(void);
+
 /* This process's CPU time (user + system, all threads) in ms. */
 int64_t cpt_cpu_ms(void);
 

@@ -1539,25 +1539,13 @@ TEST(second_stop_signal_exits_at_once)
 
 /* ---- echo integrity ------------------------------------------------------------------------- */
 
-/* Skips the test unless the machine has ::1 (a probe socket binds it). */
-static void need_ipv6_loopback(void)
-{
-    int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in6 sa = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
-    bool ok = fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0;
-    if (fd >= 0)
-        close(fd);
-    if (!ok)
-        SKIP("no IPv6 loopback (::1) on this machine");
-}
-
 /* --bind takes IPv6 (it took IPv4 only): cport-echo --bind ::1 prints "listening on
  * [::1]:PORT", echoes byte-exact over IPv6, and serves its stats on ::1 too ("stats on
  * [::1]:PORT"). With --bind [::1] (brackets given) and --framed, a bad frame's log line
  * names the IPv6 peer in brackets, with its port. */
 TEST(echo_over_ipv6)
 {
-    need_ipv6_loopback();
+    cpt_need_ipv6_loopback();
     const char *args[] = {"--threads", "2", "--stats-port", "0", NULL};
     server s;
     server_spawn_prog_at(&s, "cport-echo", "::1", cpt_backend(), NULL, args);

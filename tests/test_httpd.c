@@ -2925,13 +2925,7 @@ TEST(graceful_shutdown)
  * formatted IPv4 peers only). */
 TEST(ipv6_request_and_access_log)
 {
-    int probe = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in6 sa = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
-    bool have = probe >= 0 && bind(probe, (struct sockaddr *)&sa, sizeof sa) == 0;
-    if (probe >= 0)
-        close(probe);
-    if (!have)
-        SKIP("no IPv6 loopback (::1) on this machine");
+    cpt_need_ipv6_loopback();
     tree t;
     tree_make(&t, false);
     server s;

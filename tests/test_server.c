@@ -8826,18 +8826,6 @@ TEST(a_stream_ending_inside_a_frame_closes_as_a_bad_frame)
 
 /* ---- IPv6 listeners ------------------------------------------------------------------------ */
 
-/* Skips the test unless the machine has ::1 (a probe socket binds it). */
-static void need_ipv6_loopback(void)
-{
-    int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in6 sa = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
-    bool ok = fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0;
-    if (fd >= 0)
-        close(fd);
-    if (!ok)
-        SKIP("no IPv6 loopback (::1) on this machine");
-}
-
 /* Connect a non-blocking socket of addr's family to addr; 0 and the socket in *fdp, or the
  * connect's errno (the socket closed). */
 static int try_connect_addr(const struct sockaddr *addr, socklen_t len, int *fdp)
@@ -8924,7 +8912,7 @@ static void check_peer6(tsrv *t, size_t i, const char *want, uint16_t port, int 
  * cp_server_start() took IPv4 addresses only and failed with -EINVAL. */
 TEST(ipv6_loopback_echo)
 {
-    need_ipv6_loopback();
+    cpt_need_ipv6_loopback();
     static const char *const binds[] = {"::1", "[::1]"};
     for (size_t b = 0; b < 2; b++) {
         tsrv *t = tsrv_new(ECHO_DATA);
@@ -8956,7 +8944,7 @@ TEST(ipv6_loopback_echo)
  * serves IPv4 (Linux refuses that bind with IPV6_V6ONLY on). */
 TEST(ipv6_any_serves_both_families)
 {
-    need_ipv6_loopback();
+    cpt_need_ipv6_loopback();
     tsrv *t = tsrv_new(ECHO_DATA);
     t->hold_refs = true;
     cp_server_options o = {.threads = 2};
@@ -8992,7 +8980,7 @@ TEST(ipv6_any_serves_both_families)
  * so that nothing else on the machine can answer there. */
 TEST(ipv6_loopback_refuses_ipv4)
 {
-    need_ipv6_loopback();
+    cpt_need_ipv6_loopback();
     int hold = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     CHECK(hold >= 0);
     struct sockaddr_in sa = loopback(0);

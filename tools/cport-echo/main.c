@@ -10,6 +10,7 @@
  * exits at once (status 1); SIGUSR1 prints the counters on stderr.
  * With --stats-port, GET / on that port answers the counters in Prometheus text format.
  */
+#include "common/address.h"
 #include "cport.h"
 
 #include "../../src/inject.h" /* delay and failure points in -DCPORT_INJECT=ON builds only */
@@ -41,33 +42,6 @@ typedef struct config {
     uint64_t bad_frames_seen; /* atomic: for delay point echo_bad_frame_first */
 #endif
 } config;
-
-/* ---- addresses ---------------------------------------------------------------------------- */
-
-/* "ADDR:PORT" for an IPv4 address, "[ADDR]:PORT" for an IPv6 one (as --bind took it: bare,
- * or already in brackets). */
-static const char *host_port(char *buf, size_t size, const char *addr, unsigned port)
-{
-    bool brackets = strchr(addr, ':') != NULL && addr[0] != '[';
-    snprintf(buf, size, brackets ? "[%s]:%u" : "%s:%u", addr, port);
-    return buf;
-}
-
-/* Whether --bind's value is an address cp_server_start() takes: IPv4, or IPv6 bare or in
- * brackets. */
-static bool bind_address_ok(const char *s)
-{
-    struct in6_addr a;
-    char text[INET6_ADDRSTRLEN];
-    size_t n = strlen(s);
-    if (inet_pton(AF_INET, s, &a) == 1 || inet_pton(AF_INET6, s, &a) == 1)
-        return true;
-    if (n < 2 || n - 2 >= sizeof text || s[0] != '[' || s[n - 1] != ']')
-        return false;
-    memcpy(text, s + 1, n - 2);
-    text[n - 2] = 0;
-    return inet_pton(AF_INET6, text, &a) == 1;
-}
 
 /* ---- the echo ----------------------------------------------------------------------------- */
 
@@ -139,7 +113,7 @@ static void on_close(cp_conn *c, cp_close_reason reason, int err)
         inet_ntop(AF_INET6, &sa.in6.sin6_addr, ip, sizeof ip);
         peer_port = ntohs(sa.in6.sin6_port);
     }
-    host_port(peer, sizeof peer, ip, peer_port);
+    address_port_text(peer, sizeof peer, ip, peer_port);
     uint64_t unlogged = __atomic_exchange_n(&cfg->bad_frames_unlogged, 0, __ATOMIC_RELAXED);
     if (unlogged)
         fprintf(stderr, "cport-echo: closed %s: %s (and %llu more bad-frame closes not logged)\n",
@@ -260,7 +234,8 @@ static int stats_start(cp_server **statsp, cp_server *echo, const cp_server_opti
         return r;
     }
     char at[INET6_ADDRSTRLEN + 16];
-    printf("stats on %s\n", host_port(at, sizeof at, eo->bind, cp_server_listen_port(*statsp)));
+    printf("stats on %s\n",
+           address_port_text(at, sizeof at, eo->bind, cp_server_listen_port(*statsp)));
     return 0;
 }
 
@@ -543,7 +518,7 @@ int main(int argc, char **argv)
     char at[INET6_ADDRSTRLEN + 16];
     if ((r = cp_server_start(sv)) < 0) {
         fprintf(stderr, "cport-echo: cannot listen on %s: %s\n",
-                host_port(at, sizeof at, o->bind, o->port), cp_strerror(r));
+                address_port_text(at, sizeof at, o->bind, o->port), cp_strerror(r));
         cp_server_destroy(sv);
         return 1;
     }
@@ -576,12 +551,14 @@ int main(int argc, char **argv)
     cp_server *stats = NULL;
     if (cfg.stats_port >= 0 && (r = stats_start(&stats, sv, o, cfg.stats_port)) < 0) {
         fprintf(stderr, "cport-echo: cannot serve stats on %s: %s\n",
-                host_port(at, sizeof at, o->bind, (unsigned)cfg.stats_port), cp_strerror(r));
+                address_port_text(at, sizeof at, o->bind, (unsigned)cfg.stats_port),
+                cp_strerror(r));
         cp_server_destroy(sv);
         return 1;
     }
     /* Last: whoever waits for this line finds everything (stats included) ready. */
-    printf("listening on %s\n", host_port(at, sizeof at, o->bind, cp_server_listen_port(sv)));
+    printf("listening on %s\n",
+           address_port_text(at, sizeof at, o->bind, cp_server_listen_port(sv)));
     fflush(stdout);
 
     int sig;

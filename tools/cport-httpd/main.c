@@ -37,6 +37,7 @@
  * to append mode: otherwise, on a file whose position the kernel does not serialise
  * between threads (a memfd, for one), the logger and main's own lines written at once can
  * land at the same offset and one overwrites the other. */
+#include "common/address.h"
 #include "cport.h"
 #include "http.h"
 
@@ -867,22 +868,6 @@ static void on_close(cp_conn *c, cp_close_reason reason, int err)
 
 /* ---- command line ------------------------------------------------------------------------ */
 
-/* Whether --bind's value is an address cp_server_start() takes: IPv4, or IPv6 bare or in
- * brackets. */
-static bool bind_address_ok(const char *s)
-{
-    struct in6_addr a;
-    char text[INET6_ADDRSTRLEN];
-    size_t n = strlen(s);
-    if (inet_pton(AF_INET, s, &a) == 1 || inet_pton(AF_INET6, s, &a) == 1)
-        return true;
-    if (n < 2 || n - 2 >= sizeof text || s[0] != '[' || s[n - 1] != ']')
-        return false;
-    memcpy(text, s + 1, n - 2);
-    text[n - 2] = 0;
-    return inet_pton(AF_INET6, text, &a) == 1;
-}
-
 static void usage(FILE *f)
 {
     fprintf(f, "usage: cport-httpd --root DIR [options]\n"
@@ -1115,10 +1100,9 @@ int main(int argc, char **argv)
            o->threads ? o->threads : (unsigned)sysconf(_SC_NPROCESSORS_ONLN), o->bind,
            cp_server_listen_port(sv), cfg.root, cfg.access_log ? "on" : "off", cfg.header_ms,
            cfg.keepalive_ms, o->max_conns, cfg.dotfiles ? "on" : "off");
-    /* IPv6 in brackets ("[::1]:8080"), as --bind took it or not. */
-    bool brackets = strchr(o->bind, ':') != NULL && o->bind[0] != '[';
-    printf(brackets ? "listening on [%s]:%u\n" : "listening on %s:%u\n", o->bind,
-           cp_server_listen_port(sv));
+    char at[INET6_ADDRSTRLEN + 16];
+    printf("listening on %s\n",
+           address_port_text(at, sizeof at, o->bind, cp_server_listen_port(sv)));
     fflush(stdout);
 
     int sig;
