@@ -507,6 +507,20 @@ static void server_stop(server *s)
     server_stop_sig(s, SIGTERM);
 }
 
+/* server_stop, then everything the server wrote to stderr, in text (TEXT_CAP; also echoed
+ * to the test's stderr). */
+static const char *server_stop_stderr(server *s)
+{
+    int err = dup(s->err); /* (the stop closes the server's) */
+    CHECK(err >= 0);
+    server_stop(s);
+    static char text[TEXT_CAP];
+    memfd_text(err, text, sizeof text);
+    close(err);
+    fprintf(stderr, "server stderr:\n%s", text);
+    return text;
+}
+
 /* ---- cport-bench ---------------------------------------------------------------------------- */
 
 typedef struct bench {
@@ -1216,13 +1230,7 @@ TEST(framed_bad_frame_log_counts_the_closes_left_out)
     }
     int last_port = bad_frame_close(&s);
     wait_all_closed(&s, K + 1);
-    int err = dup(s.err);
-    CHECK(err >= 0);
-    server_stop(&s);
-    static char text[TEXT_CAP];
-    memfd_text(err, text, sizeof text);
-    close(err);
-    fprintf(stderr, "server stderr:\n%s", text);
+    const char *text = server_stop_stderr(&s);
     const char *const tag = "cport-echo: closed 127.0.0.1:";
     uint64_t before = 0; /* closes the lines before the last one stand for */
     int lines = 0, port = 0;
@@ -1444,13 +1452,7 @@ TEST(framed_bad_frame_log_a_late_worker_does_not_set_the_second_back)
     if (m && m < strchr(c_line, '\n'))
         CHECK_EQ(sscanf(m, " (and %llu more bad-frame closes not logged)", &more), 1);
     bool a_logged = bad_frame_line(&s, port_a, false) != NULL;
-    int err = dup(s.err);
-    CHECK(err >= 0);
-    server_stop(&s);
-    static char text[TEXT_CAP];
-    memfd_text(err, text, sizeof text);
-    close(err);
-    fprintf(stderr, "server stderr:\n%s", text);
+    const char *text = server_stop_stderr(&s);
     CHECK(!a_logged);
     CHECK_EQ(more, 1); /* A's close, left out */
     CHECK_EQ(count_lines_with(text, "cport-echo: closed 127.0.0.1:"), 2);
@@ -1575,13 +1577,7 @@ TEST(echo_over_ipv6)
     CHECK_EQ(send(fd, hdr, 4, MSG_NOSIGNAL), 4);
     expect_closed(fd, IO_MS, true);
     close(fd);
-    int err = dup(s.err); /* (the stop closes the server's) */
-    CHECK(err >= 0);
-    server_stop(&s);
-    static char text[TEXT_CAP];
-    memfd_text(err, text, sizeof text);
-    close(err);
-    fprintf(stderr, "server stderr:\n%s", text);
+    const char *text = server_stop_stderr(&s);
     CHECK(strstr(text, fmt("cport-echo: closed [::1]:%u: ", ntohs(me.sin6_port))) != NULL);
 }
 
