@@ -19,11 +19,13 @@ struct opts {
     const char *mode;
     const char *host;
     int port;
-    struct sockaddr_in addr;
-    int conns;   /* echo: connections, connrate: concurrent slots, hold: connections */
-    size_t size; /* message size in bytes */
-    int depth;   /* echo: messages in flight per connection */
-    double rate; /* echo: open loop at this many messages per second in all (0 = closed loop) */
+    struct sockaddr_storage addr; /* the server's: IPv4 or IPv6 */
+    socklen_t addr_len;
+    char target[64]; /* "host:port", "[host]:port" for IPv6, for the summaries */
+    int conns;       /* echo: connections, connrate: concurrent slots, hold: connections */
+    size_t size;     /* message size in bytes */
+    int depth;       /* echo: messages in flight per connection */
+    double rate;     /* echo: open loop at this many messages per second in all (0 = closed loop) */
     double secs, warmup, drain;
     double settle; /* hold: idle pause before each RSS sample of the set-up (0 = none) */
     int threads;

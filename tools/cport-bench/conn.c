@@ -105,8 +105,8 @@ int run_connrate(struct opts *o)
     }
     double secs = win.secs;
     double rate = secs > 0 ? (double)done / secs : 0;
-    say("cport-bench connrate: %s:%d, %d concurrent, %zu B message, %d thread%s\n", o->host,
-        o->port, o->conns, o->size, nt, nt == 1 ? "" : "s");
+    say("cport-bench connrate: %s, %d concurrent, %zu B message, %d thread%s\n", o->target,
+        o->conns, o->size, nt, nt == 1 ? "" : "s");
     say("measured %.2f s after %.2f s warm-up%s\n", secs, o->warmup,
         bench_stopped() ? " (interrupted)" : "");
     say("connections: %" PRIu64 " in window (%" PRIu64 " in all), %.0f conns/s\n", done, total,
@@ -236,8 +236,8 @@ int run_hold(struct opts *o)
         jr.last_ns = jr2.last_ns;
     int inflight = jr.nslots > jr2.nslots ? jr.nslots : jr2.nslots;
     double est_secs = established ? (double)(jr.last_ns - t0 - (jr2.done ? paused : 0)) / 1e9 : 0;
-    say("cport-bench hold: %s:%d, %d connections%s, %d connects in flight at most\n", o->host,
-        o->port, n, o->echo ? " with one echo each" : "", inflight);
+    say("cport-bench hold: %s, %d connections%s, %d connects in flight at most\n", o->target, n,
+        o->echo ? " with one echo each" : "", inflight);
     say("established %" PRIu64 " in %.3f s (%.0f conns/s)\n", established, est_secs,
         est_secs > 0 ? (double)established / est_secs : 0);
     /* Hold them idle. */

@@ -645,9 +645,9 @@ int run_echo(struct opts *o)
     double mib = secs > 0 ? (double)msgs * (double)o->size / secs / 1048576.0 : 0;
     uint64_t nerr = errs_total(&err);
 
-    say("cport-bench echo: %s:%d, %d connections (%d established in %.1f ms), %zu B messages, "
+    say("cport-bench echo: %s, %d connections (%d established in %.1f ms), %zu B messages, "
         "depth %d, %d thread%s%s\n",
-        o->host, o->port, o->conns, established, (double)(tc1 - tc0) / 1e6, o->size, o->depth, nt,
+        o->target, o->conns, established, (double)(tc1 - tc0) / 1e6, o->size, o->depth, nt,
         nt == 1 ? "" : "s", o->rate > 0 ? ", open loop" : "");
     say("measured %.2f s after %.2f s warm-up%s%s\n", secs, o->warmup,
         bench_stopped() ? " (interrupted)" : "",

@@ -9,6 +9,7 @@
  * 1 the run saw errors (verification, lost connections, failed connects), 2 bad usage or
  * not enough file descriptors. */
 #include "bench.h"
+#include "common/address.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -42,7 +43,8 @@ void signals_block(bool block)
 }
 
 static const char common_help[] =
-    "  --host ADDR         server IPv4 address (default 127.0.0.1)\n"
+    "  --host ADDR         server address, IPv4 or IPv6 (bare or in brackets; default\n"
+    "                      127.0.0.1)\n"
     "  --port N            server port (default 5050)\n"
     "  --json              print the result as one JSON object (summary goes to stderr)\n"
     "  --server-pid PID    sample the server's CPU (/proc/PID/stat) at the start and end of\n"
@@ -55,7 +57,8 @@ static const char common_help[] =
     "                      default 512)\n"
     "  --src-per-ip N      bind every N connections to the next source address, starting at\n"
     "                      --src-start (default 127.0.0.1); 0 = let the kernel choose.\n"
-    "                      Default 5000 for a 127/8 server, else 0. (Linux's ephemeral port\n"
+    "                      Default 5000 for a 127/8 server, else 0; IPv4 servers only.\n"
+    "                      (Linux's ephemeral port\n"
     "                      search gets quadratic beyond ~14000 connections per source address.)\n"
     "  --src-start ADDR    first source address; give each cport-bench process its own range\n"
     "                      (e.g. 127.1.0.1, 127.2.0.1) when several run against one server;\n"
@@ -176,6 +179,37 @@ static double parse_secs(const char *mode, const char *flag, const char *v, doub
     return x;
 }
 
+/* o->addr and o->addr_len from o->host (IPv4, or IPv6 bare or in brackets) and o->port;
+ * false if the host is neither. */
+static bool server_address(struct opts *o)
+{
+    memset(&o->addr, 0, sizeof o->addr);
+    struct sockaddr_in *in = (struct sockaddr_in *)&o->addr;
+    if (inet_pton(AF_INET, o->host, &in->sin_addr) == 1) {
+        in->sin_family = AF_INET;
+        in->sin_port = htons((uint16_t)o->port);
+        o->addr_len = sizeof *in;
+        return true;
+    }
+    char text[INET6_ADDRSTRLEN];
+    const char *h = o->host;
+    size_t n = strlen(h);
+    if (n >= 2 && h[0] == '[' && h[n - 1] == ']') {
+        if (n - 2 >= sizeof text)
+            return false;
+        memcpy(text, h + 1, n - 2);
+        text[n - 2] = 0;
+        h = text;
+    }
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&o->addr;
+    if (inet_pton(AF_INET6, h, &in6->sin6_addr) != 1)
+        return false;
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons((uint16_t)o->port);
+    o->addr_len = sizeof *in6;
+    return true;
+}
+
 /* A rate in messages per second: > 0, fractions allowed, suffixes k (1000) and m (10^6). */
 static double parse_rate(const char *mode, const char *flag, const char *v)
 {
@@ -269,7 +303,7 @@ int main(int argc, char **argv)
     int ch;
     /* Options another mode uses, refused here rather than silently ignored. */
     const char *misplaced = NULL;
-    bool size_given = false;
+    bool size_given = false, src_start_given = false;
     while ((ch = getopt_long(argc, argv, shorts, lopts, NULL)) != -1) {
         if ((ch == 'd' || ch == O_DRAIN || ch == O_RATE) && !is_echo)
             misplaced = ch == 'd' ? "-d/--depth" : ch == O_DRAIN ? "--drain" : "--rate";
@@ -332,6 +366,7 @@ int main(int argc, char **argv)
             if (inet_pton(AF_INET, optarg, &a) != 1)
                 bad(m, "--src-start", optarg);
             o.src_start = ntohl(a.s_addr);
+            src_start_given = true;
             break;
         }
         case O_ECHO:
@@ -366,15 +401,26 @@ int main(int argc, char **argv)
                 m, misplaced, m);
         return 2;
     }
-    o.addr.sin_family = AF_INET;
-    o.addr.sin_port = htons((uint16_t)o.port);
-    if (inet_pton(AF_INET, o.host, &o.addr.sin_addr) != 1) {
-        fprintf(stderr, "cport-bench %s: --host needs an IPv4 address, not '%s'\n", m, o.host);
+    if (!server_address(&o)) {
+        fprintf(stderr, "cport-bench %s: --host needs an IPv4 or IPv6 address, not '%s'\n", m,
+                o.host);
         return 2;
     }
-    bool loopback = (ntohl(o.addr.sin_addr.s_addr) >> 24) == 127;
-    if (o.src_per_ip < 0)
-        o.src_per_ip = loopback ? 5000 : 0;
+    address_port_text(o.target, sizeof o.target, o.host, (unsigned)o.port);
+    if (o.addr.ss_family == AF_INET6) {
+        /* Source addresses are spread over 127/8 only. */
+        if (o.src_per_ip > 0 || src_start_given) {
+            fprintf(stderr,
+                    "cport-bench %s: --src-per-ip and --src-start spread IPv4 source addresses; "
+                    "the server '%s' is IPv6\n",
+                    m, o.host);
+            return 2;
+        }
+        o.src_per_ip = 0;
+    } else if (o.src_per_ip < 0) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)&o.addr;
+        o.src_per_ip = (ntohl(in->sin_addr.s_addr) >> 24) == 127 ? 5000 : 0;
+    }
     if (is_hold)
         o.threads = 1;
     if (o.threads > o.conns)

@@ -143,12 +143,12 @@ uint32_t src_addr_for(const struct opts *o, uint64_t src_index)
 
 int start_connect(const struct opts *o, uint64_t src_index, bool *done)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int fd = socket(o->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -1;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    uint32_t src = src_addr_for(o, src_index);
+    uint32_t src = src_addr_for(o, src_index); /* (0 towards an IPv6 server) */
     if (src) {
         /* Pick the port at connect time, unique per 4-tuple, not per source address. */
         setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
@@ -156,7 +156,7 @@ int start_connect(const struct opts *o, uint64_t src_index, bool *done)
         if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
             goto fail;
     }
-    if (connect(fd, (const struct sockaddr *)&o->addr, sizeof o->addr) == 0) {
+    if (connect(fd, (const struct sockaddr *)&o->addr, o->addr_len) == 0) {
         *done = true;
         return fd;
     }
