@@ -86,18 +86,19 @@ typedef struct hconn {
     http_parser parser;
     char *in; /* bytes received and not yet served: in[0..in_len) */
     uint32_t in_len, in_cap;
-    char peer[INET6_ADDRSTRLEN]; /* the peer's address as text, for the log: IPv4, or IPv6
-                                    (an IPv4 peer of a listener on "::": ::ffff:a.b.c.d) */
-    uint32_t inflight;           /* responses outstanding (not yet all handed to the kernel): file
-                                    transmits and keep-alive responses built in memory */
-    uint16_t files;              /* file transmits among them (MAX_INFLIGHT bounds these) */
-    bool closing;                /* the last response is queued: ignore what else arrives */
-    bool head_started;           /* a request head is partly received (the header deadline runs) */
-    bool settling;               /* closing while responses are outstanding (the last ones include a
-                                    file, or many in memory); close once the peer has (nearly) all */
-    bool sending;                /* the progress deadline runs: responses are outstanding */
-    uint64_t acked;   /* the peer's tcpi_bytes_acked at the last deadline while sending */
-    int64_t acked_ms; /* settling: when acked last grew (monotonic ms) */
+    /* The peer's address as text, for the log: IPv4, or IPv6 (an IPv4 peer of a listener
+     * on "::": ::ffff:a.b.c.d). */
+    char peer[INET6_ADDRSTRLEN];
+    uint32_t inflight; /* responses outstanding (not yet all handed to the kernel): file
+                          transmits and keep-alive responses built in memory */
+    uint16_t files;    /* file transmits among them (MAX_INFLIGHT bounds these) */
+    bool closing;      /* the last response is queued: ignore what else arrives */
+    bool head_started; /* a request head is partly received (the header deadline runs) */
+    bool settling;     /* closing while responses are outstanding (the last ones include a
+                          file, or many in memory); close once the peer has (nearly) all */
+    bool sending;      /* the progress deadline runs: responses are outstanding */
+    uint64_t acked;    /* the peer's tcpi_bytes_acked at the last deadline while sending */
+    int64_t acked_ms;  /* settling: when acked last grew (monotonic ms) */
 } hconn;
 
 static const config *cfg_of(cp_conn *c)
