@@ -1919,6 +1919,26 @@ TEST(echo_open_loop_says_when_it_did_not_keep_up)
     CHECK(result("backlog") >= 150);
 }
 
+/* A rate far beyond reach (10^9 msgs/s) still sends, as fast as the depth lets it, and says
+ * it did not keep up: the client released the due messages one at a time, and spent the
+ * window counting them (2 messages per connection in a second, measured), not sending.
+ * The bound below is a hundredth of what a slow (sanitized) run echoes here. */
+TEST(echo_open_loop_beyond_reach_still_sends)
+{
+    struct bad_server s;
+    bad_server_start(&s, F_NONE, 0, 1);
+    bench("echo", "--port", bad_port(&s), "-c", "2", "-d", "1", "-T", "0.5", "-w", "0.1", "--rate",
+          "1000m", NULL);
+    bad_server_stop(&s);
+    CHECK_EQ(run.status, 0);
+    CHECK_EQ(result("errors"), 0);
+    CHECK_EQ(result("kept_up"), 0);
+    CHECK(result("backlog") > 0);
+    CHECK(strstr(run.out, "did not keep up") != NULL);
+    fprintf(stderr, "%.0f messages in the window\n", result("msgs"));
+    CHECK(result("msgs") >= 50);
+}
+
 /* --rate takes a positive number of messages per second (suffixes k, m), in echo mode. */
 TEST(echo_rate_arguments)
 {

@@ -362,7 +362,21 @@ static void on_readable(struct eworker *w, struct econn *c)
 static void release_due(struct eworker *w, int64_t now, int64_t we)
 {
     uint64_t k0 = w->next_k;
-    while (w->next_due <= now && w->next_due < we) {
+    int64_t until = now < we ? now + 1 : we; /* release what is due before this */
+    if (w->next_due < until && due_of_k(w, k0 + (uint64_t)w->n) < until) {
+        /* A whole round or more is due (a rate beyond what the client or the server can
+         * take): each connection's count at once, not one message at a time, which kept
+         * the thread counting instead of sending. */
+        uint64_t k = 0;
+        for (int i = 0; i < w->n; i++) {
+            struct econn *c = &w->conns[i];
+            c->released = due_before(w, c->id, until);
+            k += c->released;
+        }
+        w->next_k = k;
+        w->next_due = due_of_k(w, k);
+    }
+    while (w->next_due < until) {
         w->conns[w->next_k % (uint64_t)w->n].released++;
         w->next_k++;
         w->next_due = due_of_k(w, w->next_k);
