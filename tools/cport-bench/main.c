@@ -179,37 +179,6 @@ static double parse_secs(const char *mode, const char *flag, const char *v, doub
     return x;
 }
 
-/* o->addr and o->addr_len from o->host (IPv4, or IPv6 bare or in brackets) and o->port;
- * false if the host is neither. */
-static bool server_address(struct opts *o)
-{
-    memset(&o->addr, 0, sizeof o->addr);
-    struct sockaddr_in *in = (struct sockaddr_in *)&o->addr;
-    if (inet_pton(AF_INET, o->host, &in->sin_addr) == 1) {
-        in->sin_family = AF_INET;
-        in->sin_port = htons((uint16_t)o->port);
-        o->addr_len = sizeof *in;
-        return true;
-    }
-    char text[INET6_ADDRSTRLEN];
-    const char *h = o->host;
-    size_t n = strlen(h);
-    if (n >= 2 && h[0] == '[' && h[n - 1] == ']') {
-        if (n - 2 >= sizeof text)
-            return false;
-        memcpy(text, h + 1, n - 2);
-        text[n - 2] = 0;
-        h = text;
-    }
-    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&o->addr;
-    if (inet_pton(AF_INET6, h, &in6->sin6_addr) != 1)
-        return false;
-    in6->sin6_family = AF_INET6;
-    in6->sin6_port = htons((uint16_t)o->port);
-    o->addr_len = sizeof *in6;
-    return true;
-}
-
 /* A rate in messages per second: > 0, fractions allowed, suffixes k (1000) and m (10^6). */
 static double parse_rate(const char *mode, const char *flag, const char *v)
 {
@@ -401,7 +370,7 @@ int main(int argc, char **argv)
                 m, misplaced, m);
         return 2;
     }
-    if (!server_address(&o)) {
+    if (!address_parse(o.host, (uint16_t)o.port, &o.addr, &o.addr_len)) {
         fprintf(stderr, "cport-bench %s: --host needs an IPv4 or IPv6 address, not '%s'\n", m,
                 o.host);
         return 2;
