@@ -2448,7 +2448,9 @@ TEST(send_of_two_gib_or_more_goes_out)
  * expiry used to mark such an op timed out: -ETIMEDOUT in about a third of these runs on
  * io_uring. 300 receives with a 5 ms timeout, each cancelled from this thread 0-100 µs
  * before its deadline while another thread dequeues; only cancels that returned before
- * the deadline are judged. */
+ * the deadline are judged. Where a cancel takes longer than that (a sanitizer build on a
+ * loaded machine: none judged in one CI-like run), another 300 follow with leads four
+ * times as long, and so on (at most 0-6.3 ms: the cancel at once). */
 struct collector {
     cp_port *p;
     int stop, got; /* atomic */
@@ -2478,27 +2480,29 @@ TEST(a_cancel_before_the_deadline_reports_canceled)
     CHECK_OK(-pthread_create(&th, NULL, collect_loop, &a));
     int judged = 0, timedout = 0, other = 0;
     char buf[16];
-    for (int i = 0; i < 300; i++) {
-        cp_op op = {0};
-        op.timeout_ms = 5;
-        int64_t t0 = cpt_now_ns(), deadline = t0 + 5000000;
-        __atomic_store_n(&a.got, 0, __ATOMIC_RELEASE);
-        CHECK_OK(cp_socket_recv(&pr.s, &op, buf, sizeof(buf)));
-        int64_t target = deadline - (i % 50) * 2000;
-        while (cpt_now_ns() < target)
-            ;
-        int r = cp_socket_cancel(&pr.s, &op);
-        bool before = cpt_now_ns() < deadline;
-        for (int64_t w = cpt_now_ms(); !__atomic_load_n(&a.got, __ATOMIC_ACQUIRE);)
-            CHECK(cpt_now_ms() - w < 5000);
-        CHECK(a.c.op == &op);
-        if (r != 0 || !before)
-            continue;
-        judged++;
-        if (a.c.result == -ETIMEDOUT)
-            timedout++;
-        else if (a.c.result != -ECANCELED)
-            other++;
+    for (int64_t step_ns = 2000; judged == 0 && step_ns <= 128000; step_ns *= 4) {
+        for (int i = 0; i < 300; i++) {
+            cp_op op = {0};
+            op.timeout_ms = 5;
+            int64_t t0 = cpt_now_ns(), deadline = t0 + 5000000;
+            __atomic_store_n(&a.got, 0, __ATOMIC_RELEASE);
+            CHECK_OK(cp_socket_recv(&pr.s, &op, buf, sizeof(buf)));
+            int64_t target = deadline - (i % 50) * step_ns; /* (before t0 at most: at once) */
+            while (cpt_now_ns() < target)
+                ;
+            int r = cp_socket_cancel(&pr.s, &op);
+            bool before = cpt_now_ns() < deadline;
+            for (int64_t w = cpt_now_ms(); !__atomic_load_n(&a.got, __ATOMIC_ACQUIRE);)
+                CHECK(cpt_now_ms() - w < 5000);
+            CHECK(a.c.op == &op);
+            if (r != 0 || !before)
+                continue;
+            judged++;
+            if (a.c.result == -ETIMEDOUT)
+                timedout++;
+            else if (a.c.result != -ECANCELED)
+                other++;
+        }
     }
     fprintf(stderr, "%d cancels judged: %d -ETIMEDOUT, %d other\n", judged, timedout, other);
     __atomic_store_n(&a.stop, 1, __ATOMIC_SEQ_CST);
