@@ -236,6 +236,12 @@ int cp__transmit_run(cp_handle *h, cp_transmit_op *t);
  * begun, so that the next send does not complete it. Handle lock held. (transmit.c) */
 void cp__transmit_failed(cp_handle *h, cp_transmit_op *t);
 
+/* A transmit that was started finished cancelled or timed out (-ECANCELED, before it
+ * becomes -ETIMEDOUT): on a UDP socket, discard the datagram it had begun, so that the
+ * next send does not complete it; anything else stays as it is (the caller decides).
+ * Handle lock held. (transmit.c) */
+void cp__transmit_cancelled(cp_handle *h, cp_transmit_op *t);
+
 /* A send or transmit failed after part of it went out: shut down h's sending side, so
  * that the sends behind it fail instead of following the hole. Not a datagram socket's
  * (UDP, AF_UNIX SOCK_DGRAM): it has no stream to cut (the datagrams that went out are

@@ -267,9 +267,15 @@ static void finish_locked(cp_handle *h, cp_op *op, int res, cp__oplist *done)
         cp_transmit_op *t = CP_CONTAINER_OF(op, cp_transmit_op, op);
         /* Here, not in the engine: a transmit also fails in the backend's steps around it
          * (io_uring: no SQE to wait for writability). Cancelled and timed-out ones come as
-         * -ECANCELED; one that never started (queued behind a failed connect) sent nothing. */
-        if (res < 0 && res != -ECANCELED && op->cp__state != CP__OPS_QUEUED)
-            cp__transmit_failed(h, t);
+         * -ECANCELED: a stream is left to the caller, a UDP datagram begun is discarded
+         * (cp__transmit_cancelled); one that never started (queued behind a failed connect,
+         * or cancelled in the queue) sent nothing. */
+        if (res < 0 && op->cp__state != CP__OPS_QUEUED) {
+            if (res != -ECANCELED)
+                cp__transmit_failed(h, t);
+            else
+                cp__transmit_cancelled(h, t);
+        }
         if (be_of(h)->transmit_done)
             be_of(h)->transmit_done(t);
     }

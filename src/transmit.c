@@ -8,6 +8,7 @@
  * io_uring poll) before calling it again. No thread ever blocks on a slow reader.
  */
 #include "handle.h"
+#include "inject.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -98,17 +99,18 @@ static bool more_follows(cp_transmit_op *t)
 
 /* A UDP socket keeps what was sent with MSG_MORE (or SPLICE_F_MORE) as the start of one
  * datagram (the kernel's cork) until a send without it ends the datagram. A transmit that
- * fails after corking bytes must not leave them there: the socket's next send would end
- * that datagram, and its peer would receive the two glued together. (UDP_CORK off would
- * send them.) Linux discards a UDP socket's corked datagram when an append to it fails
- * (udp_sendmsg, udpv6_sendmsg: udp_flush_pending_frames after ip_append_data fails): an
- * append of 65535 bytes, the most one send may ask for, always does (-EMSGSIZE: no
- * datagram holds that much and its headers; checked before a byte is read). With nothing
- * corked the send fails the same way and sends nothing. (A socket that asked for local
- * error reports, IP_RECVERR / IPV6_RECVERR, gets one for it.) Only UDP (and UDP-Lite):
- * other datagram sockets do not cork (AF_UNIX), or could send the 65535 bytes (raw
- * sockets). Failure paths only: it asks the socket's type and protocol. Returns whether
- * h is a datagram socket (SOCK_DGRAM), which has no sending side to shut down. */
+ * fails, is cancelled or times out after corking bytes must not leave them there: the
+ * socket's next send would end that datagram, and its peer would receive the two glued
+ * together. (UDP_CORK off would send them.) Linux discards a UDP socket's corked datagram
+ * when an append to it fails (udp_sendmsg, udpv6_sendmsg: udp_flush_pending_frames after
+ * ip_append_data fails): an append of 65535 bytes, the most one send may ask for, always
+ * does (-EMSGSIZE: no datagram holds that much and its headers; checked before a byte is
+ * read). With nothing corked the send fails the same way and sends nothing. (A socket
+ * that asked for local error reports, IP_RECVERR / IPV6_RECVERR, gets one for it.) Only
+ * UDP (and UDP-Lite): other datagram sockets do not cork (AF_UNIX), or could send the
+ * 65535 bytes (raw sockets). Failure and cancel paths only: it asks the socket's type and
+ * protocol. Returns whether h is a datagram socket (SOCK_DGRAM), which has no sending side
+ * to shut down. */
 static bool udp_discard_corked(cp_handle *h)
 {
     int type = 0, proto = 0;
@@ -139,8 +141,8 @@ static bool udp_discard_corked(cp_handle *h)
  * instead, also when it fails before its first byte: the bytes sent ahead of it expect it.
  * A datagram socket has no stream to cut, but a UDP one may hold the datagram the transmit
  * had begun: that is discarded (udp_discard_corked). The socket layer calls this when the
- * transmit finishes with an error, whichever step failed; not when it was cancelled (or
- * timed out): socket.h leaves the next step to the caller then. */
+ * transmit finishes with an error, whichever step failed; a cancelled (or timed-out) one
+ * goes to cp__transmit_cancelled instead. */
 void cp__transmit_failed(cp_handle *h, cp_transmit_op *t)
 {
     if (t->cp__flags & CP__TF_STREAM) {
@@ -151,6 +153,18 @@ void cp__transmit_failed(cp_handle *h, cp_transmit_op *t)
         if (!(h->cp__flags & CP__H_DGRAM) || !udp_discard_corked(h))
             cp__shutdown_sending(h);
     }
+}
+
+/* A transmit cancelled (or timed out, or cut by the socket's close) after part of it went
+ * out. On a stream socket.h leaves the next step to the caller: the socket stays as it
+ * is (cp_socket_cancel). On UDP the caller has no such choice: the datagram the transmit
+ * had begun sits corked, and the socket's next send, whoever makes it, would end it, the
+ * peer receiving the two glued together as one corrupted datagram. So it is discarded, as
+ * after a failure. (A datagram already ended is whole; the discard then sends nothing.) */
+void cp__transmit_cancelled(cp_handle *h, cp_transmit_op *t)
+{
+    if (!(t->cp__flags & CP__TF_STREAM) && t->sent > 0 && (h->cp__flags & CP__H_DGRAM))
+        udp_discard_corked(h);
 }
 
 int cp__transmit_run(cp_handle *h, cp_transmit_op *t)
@@ -176,6 +190,13 @@ int cp__transmit_run(cp_handle *h, cp_transmit_op *t)
             t->cp__pad = MORE_UNKNOWN;
             continue;
         }
+        /* Fail point transmit_full_midway (a CPORT_INJECT build): the socket takes nothing
+         * more once the transmit's first bytes went out, so that the transmit waits for
+         * writability, again and again, with a UDP datagram begun and corked, until a test
+         * cancels it or its timeout expires. (A real UDP socket never makes a transmit wait
+         * there: an append to a corked datagram that finds no room fails, -ENOBUFS.) */
+        if (t->sent > 0 && CP__INJECT_FAIL("transmit_full_midway"))
+            return CP__AGAIN;
         bool more = more_follows(t);
         if (e->fd < 0) {
             uint64_t left = t->cp__end - t->cp__off;

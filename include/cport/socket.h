@@ -289,7 +289,11 @@ CP_EXTERN int cp_socket_sendv_ex(cp_socket *s, cp_op *op, const struct iovec *io
  * A send (or transmit) cancelled, or timed out, after part of it went out reports
  * -ECANCELED (-ETIMEDOUT); cp_op_transferred() (cp_transmit_op.sent) tells how much of it
  * the peer gets. A later send follows that prefix, so on a stream the usual next step is
- * to close. */
+ * to close. Except on UDP, for a transmit: the datagram it had begun (bytes sent with more
+ * of it to follow, which the kernel holds back) is discarded, as when a transmit fails
+ * (cp_socket_transmit_packets()): none of it goes out, neither alone nor joined to the
+ * socket's next send, which the caller could not prevent (`sent` still counts those
+ * bytes). The same holds when cp_socket_close() cuts it. */
 CP_EXTERN int cp_socket_cancel(cp_socket *s, cp_op *op);
 
 /* The bytes a finished send or receive moved (IOCP's bytes transferred, which it reports
@@ -383,8 +387,9 @@ typedef struct cp_transmit_op {
  * the socket as it was, as does one on a datagram socket (see cp_socket_send()), except
  * that on UDP the datagram it had begun (bytes sent with more of it to follow, which the
  * kernel holds back) is discarded: none of it goes out, neither alone nor joined to the
- * socket's next send (`sent` still counts those bytes). (Not one that is cancelled or
- * times out: see cp_socket_cancel().) Never raises SIGPIPE. A file must not be truncated
+ * socket's next send (`sent` still counts those bytes). One cancelled or timed out leaves
+ * a stream as it was (see cp_socket_cancel()), but on UDP discards the datagram it had
+ * begun in the same way. Never raises SIGPIPE. A file must not be truncated
  * or rewritten while it is being sent: the kernel sends its page-cache pages without
  * copying them, so bytes already handed to it may go out as zeros or as the new contents,
  * without any error (only a range the file no longer has when it is read fails, with
