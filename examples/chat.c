@@ -56,6 +56,8 @@
  */
 #include "cport.h"
 
+#include "../tools/common/address.h" /* bind_address_ok, address_port_text: IPv4 and IPv6 */
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <getopt.h>
@@ -270,7 +272,8 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: chat [options]\n"
                "  --port N              TCP port (default 5050; 0 = any, printed at start)\n"
-               "  --bind ADDR           IPv4 address to listen on (default 0.0.0.0)\n"
+               "  --bind ADDR           IPv4 or IPv6 address to listen on (default 0.0.0.0; :: is\n"
+               "                        every address of both families)\n"
                "  --threads N           worker threads (default: online CPUs)\n"
                "  --backend B           io_uring or epoll (default: io_uring if allowed)\n"
                "  --max-conns N         connections beyond N are closed at once (default: none)\n"
@@ -326,12 +329,13 @@ static int parse_args(int argc, char **argv, config *cfg)
             ok = parse_uint(optarg, 65535, &v) == 0;
             o->port = (uint16_t)v;
             break;
-        case 'b': {
-            struct in_addr a;
-            ok = inet_pton(AF_INET, optarg, &a) == 1;
+        case 'b':
+            ok = bind_address_ok(optarg); /* not a name: cp_server_start takes none */
             o->bind = optarg;
+            if (!ok)
+                fprintf(stderr, "chat: --bind takes an IPv4 or IPv6 address (such as 0.0.0.0, "
+                                "127.0.0.1, :: or ::1)\n");
             break;
-        }
         case 't':
             ok = parse_uint(optarg, 1024, &v) == 0 && v > 0;
             o->threads = (unsigned)v;
@@ -433,9 +437,10 @@ int main(int argc, char **argv)
         return 1;
     }
     const cp_server_options *o = &cfg.so;
+    char at[INET6_ADDRSTRLEN + 16];
     if ((r = cp_server_start(sv)) < 0) {
-        fprintf(stderr, "chat: cannot listen on %s:%u: %s\n", o->bind, (unsigned)o->port,
-                cp_strerror(r));
+        fprintf(stderr, "chat: cannot listen on %s: %s\n",
+                address_port_text(at, sizeof at, o->bind, o->port), cp_strerror(r));
         cp_server_destroy(sv);
         free(rm.current);
         return 1;
@@ -446,7 +451,8 @@ int main(int argc, char **argv)
            o->threads ? o->threads : (unsigned)sysconf(_SC_NPROCESSORS_ONLN), o->bind,
            cp_server_listen_port(sv), o->max_conns, o->max_frame, o->send_queue_limit,
            o->zero_byte ? "on" : "off");
-    printf("listening on %s:%u\n", o->bind, cp_server_listen_port(sv));
+    printf("listening on %s\n",
+           address_port_text(at, sizeof at, o->bind, cp_server_listen_port(sv)));
     fflush(stdout);
 
     int sig = 0;

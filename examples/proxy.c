@@ -57,6 +57,7 @@
 #include "cport.h"
 
 #include "../src/inject.h" /* CP__INJECT_DELAY: a delay point in -DCPORT_INJECT=ON builds only */
+#include "../tools/common/address.h" /* address_parse, address_port_text: IPv4 and IPv6 */
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -470,7 +471,8 @@ static void usage(FILE *f)
             "usage: proxy --upstream HOST:PORT [options]\n"
             "  --upstream H:P         where to forward to (a name, IPv4, or [IPv6]:port)\n"
             "  --port N               TCP port to listen on (default 5050; 0 = any, printed)\n"
-            "  --bind ADDR            IPv4 address to listen on (default 0.0.0.0)\n"
+            "  --bind ADDR            IPv4 or IPv6 address to listen on (default 0.0.0.0; ::\n"
+            "                         is every address of both families)\n"
             "  --threads N            worker threads (default: online CPUs)\n"
             "  --backend B            io_uring or epoll (default: io_uring if allowed)\n"
             "  --buffer BYTES         buffer per direction of a connection (default 32768;\n"
@@ -584,26 +586,42 @@ static int resolve_upstream(server *sv)
     return 0;
 }
 
+/* The listening socket on --bind (IPv4, or IPv6 bare or in brackets) and --port. As
+ * cport's server layer does (cp_server_start): "::" takes IPv4 clients too, whatever the
+ * system's default (net.ipv6.bindv6only) says, and any other IPv6 address IPv6 only. */
 static int open_listener(const config *cfg, int *port_out)
 {
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)cfg->port)};
-    if (inet_pton(AF_INET, cfg->bind, &sa.sin_addr) != 1) {
-        fprintf(stderr, "proxy: bad --bind address %s\n", cfg->bind);
+    struct sockaddr_storage sa;
+    socklen_t salen;
+    char at[INET6_ADDRSTRLEN + 16];
+    if (!address_parse(cfg->bind, (uint16_t)cfg->port, &sa, &salen)) {
+        fprintf(stderr,
+                "proxy: --bind takes an IPv4 or IPv6 address (such as 0.0.0.0, 127.0.0.1, :: "
+                "or ::1), not %s\n",
+                cfg->bind);
         return -1;
     }
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = socket(sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int one = 1;
+    int v6only = 0;
+    if (sa.ss_family == AF_INET6) {
+        const struct in6_addr *a6 = &((const struct sockaddr_in6 *)&sa)->sin6_addr;
+        v6only = !IN6_IS_ADDR_UNSPECIFIED(a6) && !IN6_IS_ADDR_V4MAPPED(a6);
+    }
     if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
-        bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(fd, 4096) < 0) {
-        fprintf(stderr, "proxy: cannot listen on %s:%d: %s\n", cfg->bind, cfg->port,
-                strerror(errno));
+        (sa.ss_family == AF_INET6 &&
+         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only) < 0) ||
+        bind(fd, (struct sockaddr *)&sa, salen) < 0 || listen(fd, 4096) < 0) {
+        fprintf(stderr, "proxy: cannot listen on %s: %s\n",
+                address_port_text(at, sizeof at, cfg->bind, (unsigned)cfg->port), strerror(errno));
         if (fd >= 0)
             close(fd);
         return -1;
     }
     socklen_t len = sizeof sa;
     getsockname(fd, (struct sockaddr *)&sa, &len);
-    *port_out = ntohs(sa.sin_port);
+    *port_out = ntohs(sa.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&sa)->sin6_port
+                                               : ((struct sockaddr_in *)&sa)->sin_port);
     return fd;
 }
 
@@ -703,7 +721,8 @@ int main(int argc, char **argv)
            cp_port_backend_name(sv.port), cfg->threads, cfg->bind, port, (unsigned)ACCEPTS,
            cfg->upstream, cfg->buffer, sizeof(pair) + 2 * (size_t)cfg->buffer,
            cfg->connect_timeout_ms);
-    printf("listening on %s:%d\n", cfg->bind, port);
+    char at[INET6_ADDRSTRLEN + 16];
+    printf("listening on %s\n", address_port_text(at, sizeof at, cfg->bind, (unsigned)port));
     fflush(stdout);
     for (unsigned i = 0; i < ACCEPTS; i++) {
         sv.accepts[i].sv = &sv;

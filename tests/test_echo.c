@@ -3519,6 +3519,52 @@ TEST(chat_example_relays_a_message_as_long_as_max_frame)
     }
 }
 
+/* The chat example over IPv6 (its --bind took IPv4 only): --bind ::1 prints "listening on
+ * [::1]:PORT" and relays a message each way between two clients on ::1, byte-exact;
+ * --bind [::1] (brackets given) is taken too; a host name is refused at start (exit 2)
+ * with a message that says what --bind takes. */
+TEST(chat_example_over_ipv6)
+{
+    cpt_need_ipv6_loopback();
+    static const char *const binds[] = {"::1", "[::1]"};
+    for (size_t i = 0; i < sizeof binds / sizeof binds[0]; i++) {
+        const char *args[] = {"--threads", "2", "--backend", cpt_backend(), NULL};
+        server s;
+        server_spawn_prog_at(&s, "chat", binds[i], cpt_backend(), NULL, args);
+        int a = chat_client(&s), b = chat_client(&s);
+        struct sockaddr_in6 me;
+        socklen_t len = sizeof me;
+        CHECK_EQ(getsockname(a, (struct sockaddr *)&me, &len), 0);
+        CHECK_EQ(me.sin6_family, AF_INET6);
+        enum { N = 5000 };
+        uint8_t msg[4 + N], got[8 + N];
+        for (int dir = 0; dir < 2; dir++) {
+            int from = dir ? b : a, to = dir ? a : b;
+            msg[0] = msg[1] = 0;
+            msg[2] = (uint8_t)(N >> 8);
+            msg[3] = (uint8_t)N;
+            for (size_t j = 0; j < N; j++)
+                msg[4 + j] = pat((unsigned)(2 * i + (size_t)dir), j);
+            CHECK_EQ(fcntl(from, F_SETFL, fcntl(from, F_GETFL) & ~O_NONBLOCK), 0);
+            CHECK_EQ(send_all(from, msg, sizeof msg), 0);
+            recv_exact(to, got, sizeof got);
+            CHECK_EQ(be32_at(got), 4 + N);
+            CHECK(be32_at(got + 4) != 0); /* the sender's id */
+            CHECK(memcmp(got + 8, msg + 4, N) == 0);
+        }
+        close(a);
+        close(b);
+        server_stop(&s);
+        CHECK_EQ(s.accepted, 2);
+        CHECK_EQ(exit_count(&s, "relayed"), 2);
+        CHECK_EQ(exit_count(&s, "dropped"), 0);
+    }
+    static char out[TEXT_CAP], err[TEXT_CAP];
+    const char *name[] = {"--port", "0", "--bind", "localhost", NULL};
+    CHECK_EQ(exit_status_of("chat", name, out, err, sizeof err), 2);
+    CHECK(strstr(err, "--bind takes an IPv4 or IPv6 address") != NULL);
+}
+
 /* The proxy in front of cport-echo: 50 connections at once, 1 MiB each (256 KiB under
  * sanitizers), sent and read in chunks of random sizes and ended with a half-close: every
  * byte comes back in order, then EOF. The exit line counts each byte both ways. */
@@ -3539,6 +3585,38 @@ TEST(proxy_50_connections_of_1mib_in_random_chunks)
     CHECK_EQ(exit_count(&px, "upstream_failed"), 0);
     server_stop(&echo);
     CHECK_EQ(echo.accepted, 50);
+}
+
+/* The proxy over IPv6 (its --bind took IPv4 only): listening on ::1 ("listening on
+ * [::1]:PORT"), in front of cport-echo listening on ::1 alone (--upstream [::1]:PORT, the
+ * bracketed form): 8 clients on ::1 send 256 KiB each (64 KiB under sanitizers) in random
+ * chunks and get every byte back in order, then EOF. Both listeners take IPv6 only, so
+ * every byte went over IPv6 both ways. A host name for --bind is refused at start. */
+TEST(proxy_over_ipv6)
+{
+    cpt_need_ipv6_loopback();
+    server echo;
+    const char *echo_args[] = {"--threads", "2", NULL};
+    server_spawn_prog_at(&echo, "cport-echo", "::1", cpt_backend(), NULL, echo_args);
+    const char *up = fmt("[::1]:%d", echo.port);
+    const char *args[] = {"--upstream", up, "--threads", "2", "--backend", cpt_backend(), NULL};
+    server px;
+    server_spawn_prog_at(&px, "proxy", "::1", cpt_backend(), NULL, args);
+    CHECK(strstr(px.line, fmt(" upstream=%s ", up)) != NULL);
+    size_t n = (size_t)cpt_scaled(256 << 10, 64 << 10);
+    many_through(&px, 8, n, 3);
+    server_stop(&px);
+    CHECK_EQ(px.accepted, 8);
+    CHECK_EQ(exit_count(&px, "bytes_up"), 8 * (uint64_t)n);
+    CHECK_EQ(exit_count(&px, "bytes_down"), 8 * (uint64_t)n);
+    CHECK_EQ(exit_count(&px, "aborted"), 0);
+    CHECK_EQ(exit_count(&px, "upstream_failed"), 0);
+    server_stop(&echo);
+    CHECK_EQ(echo.accepted, 8);
+    static char out[TEXT_CAP], err[TEXT_CAP];
+    const char *name[] = {"--port", "0", "--bind", "localhost", "--upstream", "127.0.0.1:1", NULL};
+    CHECK(exit_status_of("proxy", name, out, err, sizeof err) != 0);
+    CHECK(strstr(err, "--bind takes an IPv4 or IPv6 address") != NULL);
 }
 
 /* Half-close both ways. The client sends, then SHUT_WR: the upstream answers only once it
