@@ -651,7 +651,7 @@ static int start_file_job(cp_handle *h, cp_op *op)
          * njob_threads (a failure between two successes must leave no hole there). */
         for (unsigned i = 0; s->job_threads && i < n; i++)
             if (!job_thread_fail(i) &&
-                pthread_create(&s->job_threads[s->njob_threads], NULL, job_main, s) == 0)
+                cp__thread_start(&s->job_threads[s->njob_threads], "cport-file", job_main, s) == 0)
                 s->njob_threads++;
         if (s->njob_threads == 0) {
             free(s->job_threads);

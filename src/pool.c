@@ -180,6 +180,7 @@ int cp__pool_create_marked(cp_pool **poolp, const cp_pool_options *opts,
             r = -r;
             break;
         }
+        pthread_setname_np(pool->threads[i], "cport-worker");
         pool->nthreads++;
     }
     if (pool->nthreads < o.threads) {

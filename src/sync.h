@@ -11,6 +11,7 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <stdbool.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -87,6 +88,14 @@ static inline void cp__futex_wake(uint32_t *word, int n)
 {
     syscall(SYS_futex, word, FUTEX_WAKE | FUTEX_PRIVATE_FLAG, n, NULL, NULL, 0);
 }
+
+/* Start a thread of cport's own, one that runs no caller code (the timer thread, epoll's
+ * file threads): every signal is blocked in it, whatever the mask of the thread that
+ * happened to start it, so that a process-directed signal goes to one of the
+ * application's threads (a handler run here could not take the locks this thread
+ * holds), and it is named `name` (at most 15 characters), for ps, top and gdb. Returns 0
+ * or a negative errno. (sync.c) */
+int cp__thread_start(pthread_t *thread, const char *name, void *(*fn)(void *), void *arg);
 
 /* A lock is a bare 32-bit word so that public structs can embed one as uint32_t. */
 typedef uint32_t cp__lock;

@@ -152,7 +152,7 @@ int cp_timer_start(cp_pool *pool, cp_timer **timerp, uint64_t due_ms, uint64_t p
     if (pool->timer_stop) {
         r = -ESHUTDOWN;
     } else if (!pool->timer_thread_running) {
-        r = -pthread_create(&pool->timer_thread, NULL, timer_thread_main, pool);
+        r = cp__thread_start(&pool->timer_thread, "cport-timer", timer_thread_main, pool);
         if (r == 0)
             pool->timer_thread_running = true;
     }

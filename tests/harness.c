@@ -102,6 +102,46 @@ int cpt_count_fds(void)
     return n - 1; /* the directory's own fd */
 }
 
+int cpt_threads_named(const char *name, bool *blocked_all, bool *blocked_none)
+{
+    const uint64_t want =
+        1ull << (SIGINT - 1) | 1ull << (SIGTERM - 1) | 1ull << (SIGHUP - 1) | 1ull << (SIGUSR1 - 1);
+    DIR *d = opendir("/proc/self/task");
+    CHECK(d);
+    int n = 0;
+    *blocked_all = *blocked_none = true;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[300], line[256] = "";
+        snprintf(path, sizeof(path), "/proc/self/task/%s/comm", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue; /* the thread exited */
+        bool named = fgets(line, sizeof(line), f) && strcmp(strtok(line, "\n"), name) == 0;
+        fclose(f);
+        if (!named)
+            continue;
+        snprintf(path, sizeof(path), "/proc/self/task/%s/status", e->d_name);
+        f = fopen(path, "r");
+        if (!f)
+            continue;
+        uint64_t blk = 0;
+        while (fgets(line, sizeof(line), f))
+            if (strncmp(line, "SigBlk:", 7) == 0)
+                blk = strtoull(line + 7, NULL, 16);
+        fclose(f);
+        n++;
+        if ((blk & want) != want)
+            *blocked_all = false;
+        if (blk & want)
+            *blocked_none = false;
+    }
+    closedir(d);
+    return n;
+}
+
 int cpt_memfd(const char *name)
 {
     int fd = memfd_create(name, MFD_CLOEXEC);

@@ -78,6 +78,11 @@ int64_t cpt_scaled(int64_t n, int64_t min);
  * that nothing leaks. Fails the test if /proc/self/fd cannot be read. */
 int cpt_count_fds(void);
 
+/* The threads of this process named `name` (/proc/self/task/N/comm): returns how many,
+ * and in *blocked_all / *blocked_none whether every one of them blocks / none of them
+ * blocks each of SIGINT, SIGTERM, SIGHUP and SIGUSR1 (SigBlk). */
+int cpt_threads_named(const char *name, bool *blocked_all, bool *blocked_none);
+
 /* A memfd (close-on-exec) to capture a child's or the library's output in. It is in append
  * mode: a memfd's file position is not serialised between threads (unlike a file opened
  * with open()), so threads writing to it at once would overwrite each other's lines

@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -261,6 +262,31 @@ static void write_read_back(unsigned file_threads)
     free(ops2);
     cp_port_destroy(p);
     CHECK_EQ(cpt_count_fds(), fds0);
+}
+
+/* epoll's file threads run no caller code: they block every signal, whichever thread
+ * started them (here one that blocks none), and are named. io_uring has none of them
+ * (its reads and writes are the kernel's). */
+TEST(file_threads_block_every_signal)
+{
+    sigset_t none, old;
+    sigemptyset(&none);
+    CHECK_EQ(pthread_sigmask(SIG_SETMASK, &none, &old), 0);
+    cp_port *p = make_port_opts((cp_port_options){.file_threads = 3});
+    int fd = temp_file();
+    cp_file f;
+    CHECK_OK(cp_file_associate(&f, p, fd, 1));
+    cp_file_op w = {0};
+    CHECK_OK(cp_file_write(&f, &w, "abc", 3, 0));
+    CHECK_EQ(next_of(p, &w.op), 3);
+    bool all, no;
+    int n = cpt_threads_named("cport-file", &all, &no);
+    CHECK_EQ(n, cp_port_backend(p) == CP_BACKEND_EPOLL ? 3 : 0);
+    CHECK(all);
+    close_file(&f, p);
+    cp_port_destroy(p);
+    CHECK_EQ(cpt_threads_named("cport-file", &all, &no), 0); /* joined */
+    CHECK_EQ(pthread_sigmask(SIG_SETMASK, &old, NULL), 0);
 }
 
 TEST(file_write_read_back)

@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <dirent.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -237,6 +238,31 @@ TEST(destroy_with_live_timers)
     for (int i = 0; i < 2000; i++)
         sched_yield();
     CHECK_EQ(__atomic_load_n(&l.n, __ATOMIC_SEQ_CST), n);
+}
+
+/* The pool's timer thread runs no caller code: it blocks every signal, whichever thread
+ * started it (here one that blocks none), so that a process-directed signal never lands
+ * on it (a handler there could not take the locks it holds). The workers run the caller's
+ * code and keep the mask of the thread that created the pool. Both are named. */
+TEST(the_timer_thread_blocks_every_signal_and_the_workers_keep_the_creators_mask)
+{
+    sigset_t none, old;
+    sigemptyset(&none);
+    CHECK_EQ(pthread_sigmask(SIG_SETMASK, &none, &old), 0);
+    cp_pool *pool = make_pool(1, 2);
+    fire_log l = {0};
+    cp_timer *t;
+    CHECK_OK(cp_timer_start(pool, &t, 1, 0, log_fire, &l));
+    wait_until(&l.n, 1);
+    bool all, no;
+    CHECK_EQ(cpt_threads_named("cport-timer", &all, &no), 1);
+    CHECK(all);
+    CHECK_EQ(cpt_threads_named("cport-worker", &all, &no), 2);
+    CHECK(no);
+    CHECK_EQ(cp_timer_cancel(t, true), 0);
+    cp_pool_destroy(pool, CP_POOL_DRAIN);
+    CHECK_EQ(cpt_threads_named("cport-timer", &all, &no), 0); /* joined */
+    CHECK_EQ(pthread_sigmask(SIG_SETMASK, &old, NULL), 0);
 }
 
 TEST(timer_argument_errors)

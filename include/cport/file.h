@@ -7,7 +7,9 @@
  *
  * On io_uring these are native reads and writes. epoll cannot wait for regular files, so
  * the epoll backend runs them on a small pool of blocking threads (port option
- * file_threads) that posts their completions to the port.
+ * file_threads) that posts their completions to the port. Those threads start with the
+ * port's first file operation, block every signal (whichever thread started them) and
+ * are named "cport-file".
  *
  * Threads: as for sockets, every function here may be called from any thread. The
  * starts fail as socket starts do: -EBUSY for an op still in use, -EINVAL for bad

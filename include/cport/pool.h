@@ -22,7 +22,12 @@
  * caller's and must outlive the sockets bound to them.
  *
  * Threads: every function may be called from any thread, including a worker, except
- * cp_pool_destroy() (not from a worker).
+ * cp_pool_destroy() (not from a worker). The workers run the caller's code: they start
+ * with the signal mask of the thread that calls cp_pool_create() (block the signals the
+ * application waits for, e.g. with sigwait(), before creating the pool), and are named
+ * "cport-worker" (ps -L, top -H, gdb). The pool's timer thread, started by the first
+ * cp_timer_start(), runs none: it blocks every signal, whichever thread started it, and
+ * is named "cport-timer".
  *
  * NULL arguments: only where a function's comment allows them (see cport/common.h).
  */
