@@ -2,7 +2,8 @@
  *
  * A transmit walks its elements in order. Memory goes out with send(2) (MSG_MORE while
  * more follows, so a header and the start of a body share segments); file ranges go
- * through the backend's file leg (epoll: sendfile; io_uring: splice through a pooled pipe).
+ * through the backend's file leg (epoll: sendfile; io_uring: splice through a pooled pipe),
+ * or on a datagram socket are read and sent here (dgram_file_piece: one datagram).
  * Everything is a nonblocking syscall on the socket side: when the socket is full the
  * engine returns CP__AGAIN and the backend waits for writability (an epoll edge or an
  * io_uring poll) before calling it again. No thread ever blocks on a slow reader.
@@ -19,6 +20,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #define END_UNKNOWN UINT64_MAX
 
@@ -167,6 +169,40 @@ void cp__transmit_cancelled(cp_handle *h, cp_transmit_op *t)
         udp_discard_corked(h);
 }
 
+/* A file range on a datagram socket: the backends' legs end the datagram there.
+ * sendfile(2) (epoll's leg, and io_uring's when its pipes run out) sends a range's last
+ * piece without "more to follow", whatever comes after it: {header, file, trailer} on UDP
+ * went out as two datagrams on epoll, and as one on io_uring (a splice with
+ * SPLICE_F_MORE). Here the range is read and sent a piece at a time, each with MSG_MORE
+ * unless it is the transmit's last byte, so that a transmit is one datagram on every
+ * backend. (A UDP datagram holds at most 64 KiB: the copy is small. A piece is sent whole
+ * or not at all; only a datagram's first one can find no room.) Sends one piece; returns
+ * 0, CP__AGAIN or a negative errno. */
+static int dgram_file_piece(cp_handle *h, cp_transmit_op *t, int fd, int64_t offset, uint64_t len,
+                            bool more_after)
+{
+    char piece[4096];
+    size_t want = len < sizeof(piece) ? (size_t)len : sizeof(piece);
+    ssize_t got;
+    while ((got = pread(fd, piece, want, (off_t)offset)) < 0 && errno == EINTR)
+        ;
+    if (got < 0)
+        return -errno;
+    if (got == 0)
+        return -EIO; /* the file ended before the range did */
+    bool last = (uint64_t)got == len && !more_after;
+    ssize_t n;
+    while ((n = send(h->fd, piece, (size_t)got,
+                     MSG_NOSIGNAL | MSG_DONTWAIT | (last ? 0 : MSG_MORE))) < 0 &&
+           errno == EINTR)
+        ;
+    if (n < 0)
+        return errno == EAGAIN ? CP__AGAIN : -errno;
+    t->cp__off += (uint64_t)n;
+    t->sent += (uint64_t)n;
+    return 0;
+}
+
 int cp__transmit_run(cp_handle *h, cp_transmit_op *t)
 {
     const cp__backend *be = h->cp__port->be;
@@ -212,7 +248,11 @@ int cp__transmit_run(cp_handle *h, cp_transmit_op *t)
             t->sent += (uint64_t)n;
             continue;
         }
-        r = be->file_leg(h, t, e->fd, e->offset + (int64_t)t->cp__off, t->cp__end - t->cp__off);
+        if (h->cp__flags & CP__H_DGRAM)
+            r = dgram_file_piece(h, t, e->fd, e->offset + (int64_t)t->cp__off,
+                                 t->cp__end - t->cp__off, more);
+        else
+            r = be->file_leg(h, t, e->fd, e->offset + (int64_t)t->cp__off, t->cp__end - t->cp__off);
         if (r != 0)
             return r;
     }

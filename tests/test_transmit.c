@@ -801,6 +801,90 @@ TEST(a_failed_udp_transmit_leaves_nothing_corked_ipv6)
     udp_failed_transmit_leaves_nothing_corked(AF_INET6);
 }
 
+/* A transmit on a UDP socket is one datagram, with its file ranges inside, on both
+ * backends. epoll's file leg (sendfile) sent a range's last piece without "more to
+ * follow", which ended the datagram there: {header, file, trailer} reached the peer as two
+ * datagrams on epoll and as one on io_uring. Here: a header, 10 000 bytes of a file from
+ * offset 5 (three pieces), a second file range, a trailer; then a file range first and a
+ * trailer; then a header and a file range last. Each must arrive as exactly one datagram,
+ * byte-exact. A transmit too large for one datagram fails (-EMSGSIZE) and sends nothing;
+ * a plain send after them all arrives as a datagram of its own. */
+TEST(a_udp_transmit_with_file_ranges_is_one_datagram)
+{
+    cp_port *p = make_port();
+    int peer = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    CHECK(peer >= 0);
+    set_rcvtimeo(peer);
+    int rcvbuf = 1 << 20;
+    CHECK_OK(setsockopt(peer, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf)));
+    struct sockaddr_in sa = loopback(0);
+    CHECK_OK(bind(peer, (struct sockaddr *)&sa, sizeof(sa)));
+    socklen_t len = sizeof(sa);
+    CHECK_OK(getsockname(peer, (struct sockaddr *)&sa, &len));
+    int tx = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    CHECK(tx >= 0);
+    CHECK_OK(connect(tx, (struct sockaddr *)&sa, sizeof(sa)));
+    cp_socket s;
+    CHECK_OK(cp_socket_associate(&s, p, tx, 1));
+    int fd = make_file(20000);
+    uint8_t file[20000];
+    pat_fill(file, 0, sizeof(file));
+    const cp_packet cases[3][4] = {
+        {{.buf = "HDR", .len = 3, .fd = -1},
+         {.fd = fd, .offset = 5, .len = 10000},
+         {.fd = fd, .offset = 19990, .len = 0}, /* to the end: 10 bytes */
+         {.buf = "TAIL", .len = 4, .fd = -1}},
+        {{.fd = fd, .offset = 0, .len = 4097}, {.buf = "T", .len = 1, .fd = -1}},
+        {{.buf = "H", .len = 1, .fd = -1}, {.fd = fd, .offset = 100, .len = 8192}},
+    };
+    const unsigned counts[3] = {4, 2, 2};
+    for (int c = 0; c < 3; c++) {
+        uint8_t want[20100];
+        size_t wlen = 0;
+        for (unsigned i = 0; i < counts[c]; i++) {
+            const cp_packet *e = &cases[c][i];
+            if (e->fd < 0) {
+                memcpy(want + wlen, e->buf, e->len);
+                wlen += e->len;
+            } else {
+                size_t n = e->len ? e->len : sizeof(file) - (size_t)e->offset;
+                memcpy(want + wlen, file + e->offset, n);
+                wlen += n;
+            }
+        }
+        cp_transmit_op t = {0};
+        CHECK_OK(cp_socket_transmit_packets(&s, &t, cases[c], counts[c], 0));
+        CHECK_EQ(next_of(p, &t.op), (int64_t)wlen);
+        static uint8_t got[70000];
+        ssize_t n = recv(peer, got, sizeof(got), 0);
+        if (n != (ssize_t)wlen)
+            fprintf(stderr, "case %d: a datagram of %zd bytes, the transmit was %zu\n", c, n, wlen);
+        CHECK_EQ(n, (int64_t)wlen);
+        CHECK(memcmp(got, want, wlen) == 0);
+    }
+    /* A datagram too large for UDP fails whole: none of it reaches the peer. */
+    int big = make_file(70000);
+    cp_packet too_big[2] = {{.buf = "H", .len = 1, .fd = -1}, {.fd = big, .offset = 0, .len = 0}};
+    cp_transmit_op tb = {0};
+    CHECK_OK(cp_socket_transmit_packets(&s, &tb, too_big, 2, 0));
+    CHECK_EQ(next_of(p, &tb.op), -EMSGSIZE);
+    cp_op sop = {0};
+    CHECK_OK(cp_socket_send(&s, &sop, "X", 1));
+    CHECK_EQ(next_of(p, &sop), 1);
+    char b[16];
+    CHECK_EQ(recv(peer, b, sizeof b, 0), 1);
+    CHECK(b[0] == 'X');
+    CHECK_EQ(recv(peer, b, sizeof b, MSG_DONTWAIT), -1); /* and nothing else */
+    CHECK_EQ(errno, EAGAIN);
+    cp_op cop = {0};
+    CHECK_OK(cp_socket_close(&s, &cop));
+    CHECK_EQ(next_of(p, &cop), 0);
+    close(peer);
+    close(fd);
+    close(big);
+    cp_port_destroy(p);
+}
+
 /* The same for a transmit cancelled or timed out with a UDP datagram begun: the caller
  * cannot keep the socket's next send from ending that datagram, so the transmit's corked
  * bytes must be gone by the time it completes. A real UDP socket never makes a transmit

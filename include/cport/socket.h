@@ -377,11 +377,14 @@ typedef struct cp_transmit_op {
  * operation with one completion (result: total bytes, or a negative errno). File data goes
  * from the page cache to the socket without passing through user space (epoll: sendfile;
  * io_uring: splice through a pipe from the port's bounded pool, or sendfile when the pool
- * is exhausted). elems and the memory and files they name must stay valid (and the fds
- * open) until the completion is dequeued. Ordered with the socket's sends. n >= 1.
- * A transmit that fails after some of its bytes went out (a file that ends before its
- * range does reports -EIO; on io_uring, -EBUSY when no submission slot could be had to
- * wait for room in the socket, see the top of this file) shuts down the socket's sending
+ * is exhausted), except on a datagram socket: there file data is read and sent a few KiB
+ * at a time, so that on UDP the whole transmit is one datagram (at most 65 507 bytes for
+ * IPv4; a larger one fails with -EMSGSIZE and sends nothing). elems and the memory and
+ * files they name must stay valid (and the fds open) until the completion is dequeued.
+ * Ordered with the socket's sends. n >= 1. A transmit that fails after some of its bytes
+ * went out (a file that ends before its range does reports -EIO; on io_uring, -EBUSY when
+ * no submission slot could be had to wait for room in the socket, see the top of this
+ * file) shuts down the socket's sending
  * side, as a send does (cp_socket_send()): sends queued behind it then fail (-EPIPE)
  * rather than follow the hole in the stream. One that fails before its first byte leaves
  * the socket as it was, as does one on a datagram socket (see cp_socket_send()), except
