@@ -24,6 +24,8 @@
  * setting up — and is freed by whoever drops the last one.
  */
 #include "cport.h"
+
+#include "../tools/common/address.h" /* address_listen: IPv4 and IPv6 */
 #include "../src/inject.h" /* CP__INJECT_DELAY: a delay point in -DCPORT_INJECT=ON builds only */
 
 #include <arpa/inet.h>
@@ -611,7 +613,8 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: echo_raw [options]\n"
             "  --port N          TCP port (default 5050; 0 = any, printed at start)\n"
-            "  --bind ADDR       IPv4 address to listen on (default 0.0.0.0)\n"
+            "  --bind ADDR       IPv4 or IPv6 address to listen on (default 0.0.0.0; ::\n"
+            "                    is every address of both families)\n"
             "  --threads N       worker threads (default: online CPUs)\n"
             "  --backend B       io_uring or epoll (default: io_uring if allowed)\n"
             "  --accepts N       accepts kept outstanding (default 16)\n"
@@ -719,29 +722,6 @@ static int parse_args(int argc, char **argv, config *cfg)
     return optind == argc ? 0 : -1;
 }
 
-static int open_listener(const config *cfg, int *port_out)
-{
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)cfg->port)};
-    if (inet_pton(AF_INET, cfg->bind, &sa.sin_addr) != 1) {
-        fprintf(stderr, "echo_raw: bad --bind address %s\n", cfg->bind);
-        return -1;
-    }
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    int one = 1;
-    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
-        bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 4096) < 0) {
-        fprintf(stderr, "echo_raw: cannot listen on %s:%d: %s\n", cfg->bind, cfg->port,
-                strerror(errno));
-        if (fd >= 0)
-            close(fd);
-        return -1;
-    }
-    socklen_t len = sizeof(sa);
-    getsockname(fd, (struct sockaddr *)&sa, &len);
-    *port_out = ntohs(sa.sin_port);
-    return fd;
-}
-
 static void raise_fd_limit(void)
 {
     struct rlimit rl;
@@ -823,7 +803,7 @@ int main(int argc, char **argv)
     sv.listener_binding = (cp_io_binding){on_listener, &sv};
     sv.conn_binding = (cp_io_binding){on_conn, &sv};
     int port = 0;
-    int lfd = open_listener(cfg, &port);
+    int lfd = address_listen("echo_raw", cfg->bind, cfg->port, 4096, &port);
     if (lfd < 0 || (r = cp_pool_associate(sv.pool, &sv.listener, lfd, &sv.listener_binding)) < 0) {
         if (lfd >= 0)
             fprintf(stderr, "echo_raw: cannot associate the listener: %s\n", cp_strerror(r));
@@ -843,7 +823,8 @@ int main(int argc, char **argv)
            cfg->max_conns, cfg->zero_byte ? "on" : "off", cfg->recvs,
            cfg->zero_byte ? (unsigned)cp_buffer_size(sv.port) : cfg->buffer, sv.conn_size,
            cfg->skip ? "on" : "off");
-    printf("listening on %s:%d\n", cfg->bind, port);
+    char at[INET6_ADDRSTRLEN + 16];
+    printf("listening on %s\n", address_port_text(at, sizeof at, cfg->bind, (unsigned)port));
     fflush(stdout);
     for (unsigned i = 0; i < cfg->accepts; i++)
         post_accept(&sv, &sv.accepts[i]);

@@ -36,6 +36,8 @@
  */
 #include "cport.h"
 
+#include "../tools/common/address.h" /* address_listen: IPv4 and IPv6 */
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <getopt.h>
@@ -375,7 +377,8 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: iocp_style [options]\n"
                "  --port N       TCP port (default 5050; 0 = any, printed at start)\n"
-               "  --bind ADDR    IPv4 address to listen on (default 0.0.0.0)\n"
+               "  --bind ADDR    IPv4 or IPv6 address to listen on (default 0.0.0.0; :: is\n"
+               "                 every address of both families)\n"
                "  --threads N    worker threads (default: twice the online CPUs)\n"
                "  --backend B    io_uring or epoll (default: io_uring if allowed)\n"
                "  --help         this text\n"
@@ -435,29 +438,6 @@ static int parse_args(int argc, char **argv, config *cfg)
     return optind == argc ? 0 : -1;
 }
 
-static int open_listener(const config *cfg, int *port_out)
-{
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)cfg->port)};
-    if (inet_pton(AF_INET, cfg->bind, &sa.sin_addr) != 1) {
-        fprintf(stderr, "iocp_style: bad --bind address %s\n", cfg->bind);
-        return -1;
-    }
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    int one = 1;
-    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
-        bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(fd, 1024) < 0) {
-        fprintf(stderr, "iocp_style: cannot listen on %s:%d: %s\n", cfg->bind, cfg->port,
-                strerror(errno));
-        if (fd >= 0)
-            close(fd);
-        return -1;
-    }
-    socklen_t len = sizeof sa;
-    getsockname(fd, (struct sockaddr *)&sa, &len);
-    *port_out = ntohs(sa.sin_port);
-    return fd;
-}
-
 int main(int argc, char **argv)
 {
     config cfg;
@@ -483,7 +463,7 @@ int main(int argc, char **argv)
         return 1;
     }
     int port = 0;
-    int lfd = open_listener(&cfg, &port);
+    int lfd = address_listen("iocp_style", cfg.bind, cfg.port, 1024, &port);
     sv.listener.listener = true;
     sv.listener.refs = 1; /* its close to come */
     if (lfd < 0 ||
@@ -499,7 +479,8 @@ int main(int argc, char **argv)
     printf("iocp_style: backend=%s threads=%u concurrency=%u bind=%s port=%d accepts=%d\n",
            cp_port_backend_name(sv.port), cfg.threads, cp_port_concurrency(sv.port), cfg.bind, port,
            ACCEPTS);
-    printf("listening on %s:%d\n", cfg.bind, port);
+    char at[INET6_ADDRSTRLEN + 16];
+    printf("listening on %s\n", address_port_text(at, sizeof at, cfg.bind, (unsigned)port));
     fflush(stdout);
 
     for (int i = 0; i < ACCEPTS; i++)

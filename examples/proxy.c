@@ -57,7 +57,7 @@
 #include "cport.h"
 
 #include "../src/inject.h" /* CP__INJECT_DELAY: a delay point in -DCPORT_INJECT=ON builds only */
-#include "../tools/common/address.h" /* address_parse, address_port_text: IPv4 and IPv6 */
+#include "../tools/common/address.h" /* address_listen, address_port_text: IPv4 and IPv6 */
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -586,45 +586,6 @@ static int resolve_upstream(server *sv)
     return 0;
 }
 
-/* The listening socket on --bind (IPv4, or IPv6 bare or in brackets) and --port. As
- * cport's server layer does (cp_server_start): "::" takes IPv4 clients too, whatever the
- * system's default (net.ipv6.bindv6only) says, and any other IPv6 address IPv6 only. */
-static int open_listener(const config *cfg, int *port_out)
-{
-    struct sockaddr_storage sa;
-    socklen_t salen;
-    char at[INET6_ADDRSTRLEN + 16];
-    if (!address_parse(cfg->bind, (uint16_t)cfg->port, &sa, &salen)) {
-        fprintf(stderr,
-                "proxy: --bind takes an IPv4 or IPv6 address (such as 0.0.0.0, 127.0.0.1, :: "
-                "or ::1), not %s\n",
-                cfg->bind);
-        return -1;
-    }
-    int fd = socket(sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    int one = 1;
-    int v6only = 0;
-    if (sa.ss_family == AF_INET6) {
-        const struct in6_addr *a6 = &((const struct sockaddr_in6 *)&sa)->sin6_addr;
-        v6only = !IN6_IS_ADDR_UNSPECIFIED(a6) && !IN6_IS_ADDR_V4MAPPED(a6);
-    }
-    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
-        (sa.ss_family == AF_INET6 &&
-         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only) < 0) ||
-        bind(fd, (struct sockaddr *)&sa, salen) < 0 || listen(fd, 4096) < 0) {
-        fprintf(stderr, "proxy: cannot listen on %s: %s\n",
-                address_port_text(at, sizeof at, cfg->bind, (unsigned)cfg->port), strerror(errno));
-        if (fd >= 0)
-            close(fd);
-        return -1;
-    }
-    socklen_t len = sizeof sa;
-    getsockname(fd, (struct sockaddr *)&sa, &len);
-    *port_out = ntohs(sa.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&sa)->sin6_port
-                                               : ((struct sockaddr_in *)&sa)->sin_port);
-    return fd;
-}
-
 /* Two descriptors a client: raise the soft limit as far as allowed. */
 static void raise_fd_limit(void)
 {
@@ -703,7 +664,7 @@ int main(int argc, char **argv)
     sv.client_binding = (cp_io_binding){on_client, &sv};
     sv.upstream_binding = (cp_io_binding){on_upstream, &sv};
     int port = 0;
-    int lfd = open_listener(cfg, &port);
+    int lfd = address_listen("proxy", cfg->bind, cfg->port, 4096, &port);
     if (lfd < 0 || (r = cp_pool_associate(sv.pool, &sv.listener, lfd, &sv.listener_binding)) < 0) {
         if (lfd >= 0) {
             fprintf(stderr, "proxy: cannot associate the listener: %s\n", cp_strerror(r));

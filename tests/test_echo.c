@@ -3587,6 +3587,33 @@ TEST(proxy_50_connections_of_1mib_in_random_chunks)
     CHECK_EQ(echo.accepted, 50);
 }
 
+/* The raw-API examples (echo_raw, iocp_style) listen on IPv6 too, as cport-echo does:
+ * on ::1 (and written [::1]) they echo byte-exact over IPv6 and print [::1]:PORT; a name
+ * for --bind is refused with a clear message. */
+TEST(raw_examples_over_ipv6)
+{
+    cpt_need_ipv6_loopback();
+    static const char *const progs[] = {"echo_raw", "iocp_style"};
+    for (size_t k = 0; k < 2; k++) {
+        const char *args[] = {"--threads", "2", NULL};
+        server s;
+        server_spawn_prog_at(&s, progs[k], k ? "[::1]" : "::1", cpt_backend(), NULL, args);
+        int fd = connect_to(&s);
+        struct sockaddr_in6 me;
+        socklen_t len = sizeof me;
+        CHECK_EQ(getsockname(fd, (struct sockaddr *)&me, &len), 0);
+        CHECK_EQ(me.sin6_family, AF_INET6);
+        exchange(fd, (size_t)cpt_scaled(300000, 100000), 23 + (unsigned)k, EX_FULL);
+        close(fd);
+        server_stop(&s);
+        CHECK_EQ(s.accepted, 1);
+        static char out[TEXT_CAP], err[TEXT_CAP];
+        const char *name[] = {"--port", "0", "--bind", "localhost", NULL};
+        CHECK(exit_status_of(progs[k], name, out, err, sizeof err) != 0);
+        CHECK(strstr(err, "--bind takes an IPv4 or IPv6 address") != NULL);
+    }
+}
+
 /* The proxy over IPv6 (its --bind took IPv4 only): listening on ::1 ("listening on
  * [::1]:PORT"), in front of cport-echo listening on ::1 alone (--upstream [::1]:PORT, the
  * bracketed form): 8 clients on ::1 send 256 KiB each (64 KiB under sanitizers) in random

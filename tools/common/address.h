@@ -1,15 +1,19 @@
 /* Addresses in the programs: the address strings they take (IPv4, or IPv6 bare or in
  * brackets: what cp_server_start() takes as bind) and how an address and port are
- * printed. Header-only, shared by cport-echo, cport-httpd and cport-bench. */
+ * printed; a listening socket for the examples that listen on their own. Header-only,
+ * shared by cport-echo, cport-httpd, cport-bench and examples/. */
 #ifndef CPORT_TOOLS_ADDRESS_H
 #define CPORT_TOOLS_ADDRESS_H
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <netinet/in.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 /* *ss and *len from s (IPv4, or IPv6 bare or in brackets) and port; false if s is
  * neither (no names). */
@@ -57,6 +61,50 @@ static inline const char *address_port_text(char *buf, size_t size, const char *
     bool brackets = strchr(addr, ':') != NULL && addr[0] != '[';
     snprintf(buf, size, brackets ? "[%s]:%u" : "%s:%u", addr, port);
     return buf;
+}
+
+/* A listening TCP socket (close-on-exec) on addr (as address_parse() takes it) and port
+ * (0: any; the port taken goes to *port_out), with SO_REUSEADDR. As cport's server layer
+ * (cp_server_start) does: "::" takes IPv4 clients too, whatever the system's default
+ * (net.ipv6.bindv6only) says, and any other IPv6 address takes IPv6 only. On failure it
+ * says why on stderr, after `prog: `, and returns -1. For the examples that listen
+ * without the server layer. */
+static inline int address_listen(const char *prog, const char *addr, int port, int backlog,
+                                 int *port_out)
+{
+    struct sockaddr_storage sa;
+    socklen_t salen;
+    if (!address_parse(addr, (uint16_t)port, &sa, &salen)) {
+        fprintf(stderr,
+                "%s: --bind takes an IPv4 or IPv6 address (such as 0.0.0.0, 127.0.0.1, :: or "
+                "::1), not %s\n",
+                prog, addr);
+        return -1;
+    }
+    int fd = socket(sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    int v6only = 0;
+    if (sa.ss_family == AF_INET6) {
+        const struct in6_addr *a6 = &((const struct sockaddr_in6 *)&sa)->sin6_addr;
+        v6only = !IN6_IS_ADDR_UNSPECIFIED(a6) && !IN6_IS_ADDR_V4MAPPED(a6);
+    }
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
+        (sa.ss_family == AF_INET6 &&
+         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only) < 0) ||
+        bind(fd, (struct sockaddr *)&sa, salen) < 0 || listen(fd, backlog) < 0) {
+        int err = errno;
+        char at[INET6_ADDRSTRLEN + 16];
+        fprintf(stderr, "%s: cannot listen on %s: %s\n", prog,
+                address_port_text(at, sizeof at, addr, (unsigned)port), strerror(err));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    socklen_t len = sizeof sa;
+    getsockname(fd, (struct sockaddr *)&sa, &len);
+    *port_out = ntohs(sa.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&sa)->sin6_port
+                                               : ((struct sockaddr_in *)&sa)->sin_port);
+    return fd;
 }
 
 #endif
