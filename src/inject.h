@@ -9,6 +9,13 @@
  * goes wrong. Elsewhere the macro is nothing. The environment is read at each pass: no
  * state is kept. Tests set it before they start any thread.
  *
+ * "point:usec@fd" is a gate instead of a fixed hold: the thread waits until the
+ * descriptor fd (a pipe's read end the test owns) is readable, at most usec. A fixed hold
+ * assumes the test's other threads get where they must within it, which a stalled thread
+ * (a loaded machine, a sanitizer) may not; with a gate the test opens it (writes a byte)
+ * once it has seen what it needs, and usec only bounds a test that never does. The byte
+ * is not read here: the gate stays open for every later pass until the test reads it.
+ *
  * Failure points work the same way for paths that only a resource shortage reaches
  * (realloc failing, a full submission queue): CP__INJECT_FAIL("point") is true at every
  * pass while CPORT_INJECT_FAIL names that point (a comma-separated list of names), and
@@ -19,6 +26,7 @@
 
 #ifdef CPORT_INJECT
 #include <errno.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -35,9 +43,16 @@ static inline void cp__inject_delay(const char *point)
     }
     if (!e || !*e)
         return;
-    long us = strtol(e + n + 1, NULL, 10);
+    char *end;
+    long us = strtol(e + n + 1, &end, 10);
     if (us <= 0)
         return;
+    if (*end == '@') {
+        struct pollfd g = {.fd = (int)strtol(end + 1, NULL, 10), .events = POLLIN};
+        while (poll(&g, 1, (int)(us / 1000)) < 0 && errno == EINTR)
+            ;
+        return;
+    }
     struct timespec ts = {.tv_sec = us / 1000000, .tv_nsec = (us % 1000000) * 1000};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
         ;
