@@ -4021,6 +4021,42 @@ TEST(send_queue_limit_refuses_pushes_to_a_slow_reader)
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 
+#ifdef CPORT_INJECT
+/* A gate for a delay point ("point:usec@fd", src/inject.h): the thread that reaches the
+ * point waits there until the test calls gate_open(), once it has seen what it needs,
+ * rather than for a fixed time that a stalled test thread might overrun. GATE_US only
+ * bounds a test that never opens it. gate_shut() makes it hold again. */
+#define GATE_US 60000000L
+typedef struct gate {
+    int r, w;
+} gate;
+
+static void gate_init(gate *g)
+{
+    int fds[2];
+    CHECK_OK(pipe2(fds, O_CLOEXEC));
+    g->r = fds[0];
+    g->w = fds[1];
+}
+
+static void gate_open(gate *g)
+{
+    CHECK_EQ(write(g->w, "g", 1), 1);
+}
+
+static void gate_shut(gate *g)
+{
+    char b;
+    CHECK_EQ(read(g->r, &b, 1), 1);
+}
+
+static void gate_free(gate *g)
+{
+    close(g->r);
+    close(g->w);
+}
+#endif
+
 /* A shutdown that begins while a connection is being refused at max_conns (with
  * CPORT_INJECT, the ASan build, the refusing thread pauses 500 ms after counting it
  * rejected) ends with nothing open and the refused connection closed. (The refusal once
@@ -4053,15 +4089,19 @@ TEST(shutdown_sees_a_refused_connection_counted_out)
 /* A connection refused at max_conns takes no place among the open ones, not even while it
  * is being refused: it was counted in conns_open first and taken back after, and a
  * connection that came meanwhile, on another worker, was refused although fewer than
- * max_conns were open. With max_conns 1: A is open, B is refused (held 3 s inside the
- * refusal by the delay point), A closes, and C, with nothing open, must be served. It was
- * refused (conns_rejected 2). */
+ * max_conns were open. With max_conns 1: A is open, B is refused (held inside the refusal
+ * by a gated delay point until C has been decided), A closes, and C, with nothing open,
+ * must be served. It was refused (conns_rejected 2). */
 TEST(a_connection_below_max_conns_is_served_while_another_is_refused)
 {
 #ifndef CPORT_INJECT
     SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
 #else
-    CHECK_OK(setenv("CPORT_INJECT_DELAY", "refuse_count:3000000", 1)); /* before any thread */
+    gate g;
+    gate_init(&g);
+    char env[64];
+    snprintf(env, sizeof env, "refuse_count:%ld@%d", GATE_US, g.r);
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", env, 1)); /* before any thread */
     cp_server_options o = {.threads = 2, .max_conns = 1};
     tsrv *t = tsrv_new(ECHO_DATA);
     tsrv_start(t, &o);
@@ -4073,18 +4113,20 @@ TEST(a_connection_below_max_conns_is_served_while_another_is_refused)
     WAIT_FOR(LOAD(&t->closes) == 1, IO_MS); /* A's on_close has run: nothing is open */
     int c = connect_to(t->port);
     WAIT_FOR(LOAD(&t->opens) == 2 || tsrv_stats(t).conns_rejected == 2, IO_MS);
-    /* B's refusal was still in its pause when C was decided (else this run could not tell). */
+    /* B's refusal is still in its pause (the gate is shut): C was decided meanwhile. */
     struct pollfd p = {.fd = b, .events = POLLIN};
     CHECK_EQ(poll(&p, 1, 0), 0);
     cp_server_stats st = tsrv_stats(t);
     CHECK_EQ(st.conns_rejected, 1);
     CHECK_EQ(LOAD(&t->opens), 2);
     exchange(c, 2, 100);
+    gate_open(&g); /* B's refusal ends */
     expect_closed(b, IO_MS);
     close(b);
     close(c);
     WAIT_FOR(LOAD(&t->closes) == 2, IO_MS);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
+    gate_free(&g);
 #endif
 }
 
@@ -7627,9 +7669,13 @@ TEST(a_send_dropping_the_last_reference_runs_on_close_on_a_worker_without_a_work
 #ifndef CPORT_INJECT
     SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
 #else
-    /* Before any thread. The delay is long: the test ends the connection inside it. */
+    /* Before any thread. The sender is held until the test has ended the connection. */
+    gate g;
+    gate_init(&g);
+    char env[64];
+    snprintf(env, sizeof env, "send_file_ref:%ld@%d", GATE_US, g.r);
     CHECK_OK(setenv("CPORT_INJECT_FAIL", "pool_submit", 1));
-    CHECK_OK(setenv("CPORT_INJECT_DELAY", "send_file_ref:2000000", 1));
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", env, 1));
     unref_caller k = {.file = cpt_memfd("file")};
     uint8_t page[4096] = {0};
     CHECK_EQ(write(k.file, page, sizeof page), (ssize_t)sizeof page);
@@ -7648,6 +7694,7 @@ TEST(a_send_dropping_the_last_reference_runs_on_close_on_a_worker_without_a_work
     WAIT_FOR(oprefs(c) == 3, IO_MS); /* the sender's, taken: it waits in send_file_ref */
     close(fd);
     WAIT_FOR(oprefs(c) == 1, IO_MS); /* the close is done: the sender's is the last */
+    gate_open(&g);                   /* the sender goes on, and drops it */
     WAIT_FOR(LOAD(&k.closes) == 1, IO_MS);
     fprintf(stderr, "on_close on the sender's thread: %llu\n",
             (unsigned long long)LOAD(&k.on_sender));
@@ -7665,6 +7712,7 @@ TEST(a_send_dropping_the_last_reference_runs_on_close_on_a_worker_without_a_work
     close(k.file);
     unsetenv("CPORT_INJECT_FAIL");
     unsetenv("CPORT_INJECT_DELAY");
+    gate_free(&g);
 #endif
 }
 
@@ -8649,7 +8697,9 @@ static uint64_t op_refs(cp_conn *c)
     return (LOAD(&c->state) & CS_OPREF_MASK) / CS_OPREF;
 }
 
-static void unqueued_send_case(const cp_server_options *base)
+/* at_ref holds the sender at send_file_ref (until the shutdown is done), at_counted at
+ * send_file_counted (until a delivery saw its bytes); both are shut again at the end. */
+static void unqueued_send_case(const cp_server_options *base, gate *at_ref, gate *at_counted)
 {
     cp_server_options o = *base;
     o.threads = 2;
@@ -8669,13 +8719,15 @@ static void unqueued_send_case(const cp_server_options *base)
     uint64_t refs = op_refs(c); /* the life reference and the receive */
     pthread_t th;
     CHECK_OK(pthread_create(&th, NULL, sf_racer_main, &r));
-    WAIT_FOR(op_refs(c) == refs + 1, IO_MS);        /* the sender took its reference */
-    CHECK_OK(cp_conn_shutdown_send(c));             /* nothing queued: sealed, FIN */
+    WAIT_FOR(op_refs(c) == refs + 1, IO_MS); /* the sender took its reference */
+    CHECK_OK(cp_conn_shutdown_send(c));      /* nothing queued: sealed, FIN */
+    gate_open(at_ref);
     WAIT_FOR(cp_conn_pending(c) == 1 << 20, IO_MS); /* the sender counted its bytes */
     send_stream_to(fd, 31, &sent, 200);
     WAIT_FOR(LOAD(&t->checked) == sent, IO_MS);
     WAIT_FOR(LOAD(&c->state) & CF_PAUSED, IO_MS); /* the delivery saw them: backpressure */
-    CHECK(!LOAD(&r.done));                        /* (still inside the window) */
+    CHECK(!LOAD(&r.done));                        /* (still held) */
+    gate_open(at_counted);
     CHECK_OK(pthread_join(th, NULL));
     CHECK_EQ(r.result, -EPIPE);
     CHECK_EQ(cp_conn_pending(c), 0);
@@ -8693,6 +8745,8 @@ static void unqueued_send_case(const cp_server_options *base)
     CHECK_EQ(LOAD(&t->order_errors), 0);
     CHECK_EQ(tsrv_stop(t, 1000), 0);
     close(file);
+    gate_shut(at_ref);
+    gate_shut(at_counted);
 }
 #endif
 
@@ -8701,11 +8755,19 @@ TEST(a_send_file_that_fails_after_counting_its_bytes_leaves_no_backpressure)
 #ifndef CPORT_INJECT
     SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
 #else
-    CHECK_OK(setenv("CPORT_INJECT_DELAY", "send_file_ref:300000,send_file_counted:2000000", 1));
+    gate at_ref, at_counted;
+    gate_init(&at_ref);
+    gate_init(&at_counted);
+    char env[96];
+    snprintf(env, sizeof env, "send_file_ref:%ld@%d,send_file_counted:%ld@%d", GATE_US, at_ref.r,
+             GATE_US, at_counted.r);
+    CHECK_OK(setenv("CPORT_INJECT_DELAY", env, 1)); /* before any thread */
     cp_server_options a = {.recvs = 1, .recv_buffer = 4096};
-    unqueued_send_case(&a);
+    unqueued_send_case(&a, &at_ref, &at_counted);
     cp_server_options b = {.recvs = 1, .zero_byte = true};
-    unqueued_send_case(&b);
+    unqueued_send_case(&b, &at_ref, &at_counted);
+    gate_free(&at_ref);
+    gate_free(&at_counted);
 #endif
 }
 
