@@ -8,6 +8,7 @@
 #include "cport.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <pthread.h>
@@ -803,13 +804,14 @@ struct timed_dequeue {
     int n;
     cp_completion c;
     int done; /* atomic */
-    int64_t returned_ms;
+    int64_t started_ms, returned_ms;
     int leave; /* atomic: the thread stays alive (not in the port) until told */
 };
 
 static void *timed_dequeue_main(void *arg)
 {
     struct timed_dequeue *d = arg;
+    d->started_ms = cpt_now_ms();
     d->n = cp_port_dequeue(d->p, &d->c, 1, d->timeout_ms);
     d->returned_ms = cpt_now_ms();
     __atomic_store_n(&d->done, 1, __ATOMIC_SEQ_CST);
@@ -836,8 +838,9 @@ static bool waiters_before(cp_port *p, unsigned n, const int *done)
 /* A thread holds the poller role with a finite timeout while another waits with none.
  * When the first times out and leaves (staying alive, busy elsewhere), the waiting one
  * must take over the polling: an I/O completion then reaches it. It used to reach nobody
- * until the first thread called in again or exited, or the second one's own timeout
- * (10 s) ran out; the test wants it well before (5 s, for what takes microseconds). */
+ * until the first thread called in again or exited, or the second one's own timeout (30 s
+ * past the first one's) ran out; the test wants it before that timeout (it takes
+ * microseconds), and only a return at the timeout fails, not a slow one. */
 TEST(a_poller_that_times_out_hands_over_the_polling)
 {
     cp_port *p = make_port(2);
@@ -853,7 +856,7 @@ TEST(a_poller_that_times_out_hands_over_the_polling)
         CHECK(timeout_ms <= 12800);
         poller = (struct timed_dequeue){.p = p, .timeout_ms = timeout_ms};
         /* (Its own timeout must run out well after the handover is due.) */
-        waiter = (struct timed_dequeue){.p = p, .timeout_ms = timeout_ms + 10000};
+        waiter = (struct timed_dequeue){.p = p, .timeout_ms = timeout_ms + 30000};
         CHECK_OK(-pthread_create(&tp, NULL, timed_dequeue_main, &poller));
         bool polls = waiters_before(p, 1, &poller.done); /* the first one polls */
         CHECK_OK(-pthread_create(&tw, NULL, timed_dequeue_main, &waiter));
@@ -881,7 +884,10 @@ TEST(a_poller_that_times_out_hands_over_the_polling)
     while (!__atomic_load_n(&waiter.done, __ATOMIC_SEQ_CST))
         usleep(1000);
     CHECK_EQ(waiter.n, 1);
-    CHECK(waiter.returned_ms - written_ms < 5000);
+    fprintf(stderr, "the completion reached the waiter %lld ms after the write\n",
+            (long long)(waiter.returned_ms - written_ms));
+    /* Never early: a return at its timeout is at least timeout_ms after it started. */
+    CHECK(waiter.returned_ms - waiter.started_ms < waiter.timeout_ms - 1000);
     CHECK(waiter.c.op == &op);
     CHECK_EQ(waiter.c.result, 5);
     __atomic_store_n(&poller.leave, 1, __ATOMIC_SEQ_CST);
@@ -1216,6 +1222,8 @@ TEST(the_smallest_ring_refuses_a_post_when_full)
 typedef struct vfork_owner {
     cp_port *p;
     int created;
+    int in_vfork[2]; /* the child writes a byte: its parent thread is held from now on */
+    int go[2];       /* the test writes a byte: the child exits, its parent goes on */
 } vfork_owner;
 
 static void *create_then_vfork(void *arg)
@@ -1224,21 +1232,24 @@ static void *create_then_vfork(void *arg)
     cp_port_options opts = {.concurrency = 2};
     CHECK_OK(cp_port_create_ex(&o->p, &opts));
     __atomic_store_n(&o->created, 1, __ATOMIC_RELEASE);
-    usleep(100000);    /* the main thread blocks in the port meanwhile */
     pid_t c = vfork(); /* this thread waits, uninterruptibly, until the child exits */
     if (c == 0) {
-        struct timespec ts = {3, 0};
-        syscall(SYS_nanosleep, &ts, NULL);
+        /* Until the test has seen the dequeue return: not a time it must meet. */
+        char b = 0;
+        syscall(SYS_write, o->in_vfork[1], &b, 1);
+        syscall(SYS_read, o->go[0], &b, 1);
         _exit(0);
     }
     waitpid(c, NULL, 0);
     return NULL;
 }
 
-static void *post_after_300ms(void *arg)
+static void *post_to_the_waiter(void *arg)
 {
-    usleep(300000);
-    CHECK_OK(cp_port_post(arg, 7, 1, NULL));
+    cp_port *p = arg;
+    wait_for_waiters(p, 1);
+    usleep(100000); /* most likely blocked in the kernel by now (if not: a weaker run) */
+    CHECK_OK(cp_port_post(p, 7, 1, NULL));
     return NULL;
 }
 
@@ -1250,27 +1261,38 @@ TEST(a_post_wakes_the_poller_while_another_port_thread_sleeps)
         (major < 6 || (major == 6 && minor < 13)))
         SKIP("before Linux 6.13 the wake-up goes through the eventfd read (see the comment)");
     vfork_owner o = {0};
+    CHECK_OK(pipe2(o.in_vfork, O_CLOEXEC));
+    CHECK_OK(pipe2(o.go, O_CLOEXEC));
     pthread_t th, poster;
     CHECK_EQ(pthread_create(&th, NULL, create_then_vfork, &o), 0);
     while (!__atomic_load_n(&o.created, __ATOMIC_ACQUIRE))
         usleep(1000);
+    char b;
+    CHECK_EQ(read(o.in_vfork[0], &b, 1), 1); /* the port's creator is in vfork */
     int sv[2];
     CHECK_OK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv));
     cp_socket s; /* a handle, so that the dequeue blocks in the backend */
     CHECK_OK(cp_socket_associate(&s, o.p, sv[0], 1));
-    CHECK_EQ(pthread_create(&poster, NULL, post_after_300ms, o.p), 0);
+    CHECK_EQ(pthread_create(&poster, NULL, post_to_the_waiter, o.p), 0);
+    /* The creator stays in vfork until this dequeue has returned: a wake-up that waits for
+     * it (the eventfd read, the way before Linux 6.13: failure point wake_msg) never comes,
+     * and the dequeue returns only at its timeout, with the post. Returning before it is
+     * the wake-up, however slowly this thread was scheduled. */
+    enum { TIMEOUT_MS = 30000 };
     int64_t t0 = cpt_now_ms();
     cp_completion c;
-    CHECK_EQ(cp_port_dequeue(o.p, &c, 1, 8000), 1);
+    CHECK_EQ(cp_port_dequeue(o.p, &c, 1, TIMEOUT_MS), 1);
     int64_t took = cpt_now_ms() - t0;
-    fprintf(stderr, "posted after 300 ms, dequeued after %lld ms\n", (long long)took);
+    CHECK_EQ(write(o.go[1], "g", 1), 1); /* the creator leaves vfork */
+    fprintf(stderr, "dequeued after %lld ms (its timeout: %d ms)\n", (long long)took, TIMEOUT_MS);
     CHECK_EQ(c.key, 7);
-    /* Not after the other thread's 3 s in vfork (about 3100 ms with the eventfd read, the
-     * way before Linux 6.13: failure point wake_msg; the order alone cannot tell, as the
-     * wake-up and that thread's return come together). */
-    CHECK(took < 2500);
+    CHECK(took < TIMEOUT_MS - 1000);
     pthread_join(poster, NULL);
     pthread_join(th, NULL);
+    for (int i = 0; i < 2; i++) {
+        close(o.in_vfork[i]);
+        close(o.go[i]);
+    }
     cp_op cl = {0};
     CHECK_OK(cp_socket_close(&s, &cl));
     CHECK_EQ(cp_port_dequeue(o.p, &c, 1, 5000), 1);
