@@ -3883,6 +3883,7 @@ TEST(shutdown_deadline_cuts)
     enum { N = 6, IDLE = 3, DEADLINE_MS = 500 };
     cp_server_options o = {.threads = 2, .max_pending_send = 65536};
     tsrv *t = tsrv_new(ECHO_DATA);
+    t->hold_refs = true; /* to see which connections are paused */
     tsrv_start(t, &o);
     int fds[N + IDLE];
     uint8_t *chunk = calloc(1, 65536);
@@ -3891,18 +3892,28 @@ TEST(shutdown_deadline_cuts)
         fds[i] = connect_to(t->port);
     for (int i = 0; i < IDLE; i++)
         exchange(fds[N + i], (uint32_t)i, 100);
-    /* The others send until the server stops reading them. */
-    for (int i = 0; i < N; i++) {
-        for (;;) {
-            ssize_t w = send(fds[i], chunk, 65536, MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (w > 0)
-                continue;
+    /* The others send until the server has stopped reading each of them (backpressure):
+     * told by the server, not by the socket taking nothing more for 300 ms (a slow server,
+     * ASan on a loaded machine, took longer than that to read, and that connection was
+     * left unpaused). A paused one may resume while the kernel still takes its replies;
+     * it is sent more until it pauses for good. */
+    for (int64_t until = cpt_now_ms() + IO_MS;;) {
+        size_t paused = 0, held = held_count(t);
+        for (size_t i = 0; i < held; i++)
+            paused += (LOAD(&held_at(t, i)->state) & CF_PAUSED) != 0;
+        if (paused == N)
+            break;
+        CHECK(cpt_now_ms() < until);
+        struct pollfd pf[N];
+        for (int i = 0; i < N; i++) {
+            while (send(fds[i], chunk, 65536, MSG_NOSIGNAL | MSG_DONTWAIT) > 0)
+                ;
             CHECK(errno == EAGAIN);
-            if (!wait_fd(fds[i], POLLOUT, cpt_now_ms() + 300))
-                break;
+            pf[i] = (struct pollfd){.fd = fds[i], .events = POLLOUT};
         }
+        poll(pf, N, 10); /* until one takes more, or the next look */
     }
-    WAIT_FOR(tsrv_stats(t).backpressure_events >= N, IO_MS);
+    CHECK(tsrv_stats(t).backpressure_events >= N);
     gapwatch *g = gapwatch_start();
     int64_t t0 = cpt_now_ns();
     int r = cp_server_shutdown(t->sv, DEADLINE_MS);
