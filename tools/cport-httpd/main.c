@@ -12,8 +12,9 @@
  *     small heap buffer; complete requests are parsed straight from the receive buffer;
  *   - at most MAX_INFLIGHT file transmits are outstanding; further pipelined requests wait
  *     in that buffer and are served from on_sent as transmits complete (bounds the
- *     descriptors one client can pin), and a client that pipelines more than IN_MAX bytes
- *     of requests without reading the answers is cut;
+ *     descriptors one client can pin), as do requests whose responses the server layer
+ *     cannot queue yet (its 4 GiB per connection are taken: see defer()), and a client
+ *     that pipelines more than IN_MAX bytes of requests without reading the answers is cut;
  *   - one deadline (cp_conn_set_deadline): --header-timeout from the first byte of a
  *     request head (then 408 and close; empty lines before a request are dropped and start
  *     none, nor does a CR that may begin one more), --keepalive-timeout while idle between
@@ -97,6 +98,8 @@ typedef struct hconn {
     bool settling;     /* closing while responses are outstanding (the last ones include a
                           file, or many in memory); close once the peer has (nearly) all */
     bool sending;      /* the progress deadline runs: responses are outstanding */
+    bool blocked;      /* a response could not be queued yet (see defer()): serve no more
+                          until one of those outstanding completes */
     uint64_t acked;    /* the peer's tcpi_bytes_acked at the last deadline while sending */
     int64_t acked_ms;  /* settling: when acked last grew (monotonic ms) */
 } hconn;
@@ -403,14 +406,20 @@ static void finish(cp_conn *c, hconn *h)
 #define FILE_CTX(fd)     ((void *)(((uintptr_t)(unsigned)(fd) << 1) | 1))
 #define IS_FILE_CTX(ctx) (((uintptr_t)(ctx)&1) != 0)
 
-static void send_or_fail(cp_conn *c, hconn *h, const void *buf, size_t len)
+/* A response refused with -ENOBUFS while others are outstanding: the server layer counts
+ * at most 4 GiB queued per connection, a transmit as up to 2 GiB, so two pipelined
+ * downloads of 2 GiB or more fill it (and a third request used to reset the connection,
+ * cutting the downloads under way). That is a full queue, not a failure: the request is
+ * left unserved, in h->in, and tried again each time a response completes (on_sent). The
+ * server layer releases a send's count only after its on_sent, so the retry may have to
+ * wait for the next completion; at the last one outstanding it fits (2 GiB at most is
+ * counted then). True if deferred; nothing was sent or logged for it. */
+static bool defer(hconn *h, int err)
 {
-    int r = cp_conn_send(c, buf, len);
-    if (r < 0) {
-        h->closing = true;
-        if (r != -EPIPE)
-            cp_conn_abort(c);
-    }
+    if (err != -ENOBUFS || h->inflight == 0)
+        return false;
+    h->blocked = true;
+    return true;
 }
 
 /* A response built in memory (304, 301, a HEAD's head, an error page). One the connection
@@ -419,28 +428,36 @@ static void send_or_fail(cp_conn *c, hconn *h, const void *buf, size_t len)
  * stops reading it is governed by the progress rule. cp_conn_send() would report nothing
  * when a copy it queued has gone out, so it is sent from a copy of ours with
  * cp_conn_send_ref(), and on_sent frees it. A last response needs no tracking (the close
- * waits for it); nor does one that finds no memory for the copy: sent untracked. */
-static void send_mem(cp_conn *c, hconn *h, const void *buf, size_t len, bool keep_alive)
+ * waits for it); nor does one that finds no memory for the copy: sent untracked. Returns
+ * false when the response is deferred (defer()), else true (sent, or the connection is
+ * closing). */
+static bool send_mem(cp_conn *c, hconn *h, const void *buf, size_t len, bool keep_alive)
 {
     void *copy = keep_alive ? malloc(len) : NULL;
-    if (!copy) {
-        send_or_fail(c, h, buf, len);
-        return;
+    int r;
+    if (copy) {
+        memcpy(copy, buf, len);
+        r = cp_conn_send_ref(c, copy, len, copy);
+        if (r < 0)
+            free(copy);
+        else
+            h->inflight++;
+    } else {
+        r = cp_conn_send(c, buf, len);
     }
-    memcpy(copy, buf, len);
-    int r = cp_conn_send_ref(c, copy, len, copy);
     if (r < 0) {
-        free(copy);
+        if (defer(h, r))
+            return false;
         h->closing = true;
         if (r != -EPIPE)
             cp_conn_abort(c);
-        return;
     }
-    h->inflight++;
+    return true;
 }
 
-/* A small error response (its body unless for HEAD); closes after it unless keep_alive. */
-static void respond_error(cp_conn *c, hconn *h, const http_request *req, int status,
+/* A small error response (its body unless for HEAD); closes after it unless keep_alive.
+ * false: deferred (see defer()). */
+static bool respond_error(cp_conn *c, hconn *h, const http_request *req, int status,
                           bool keep_alive, bool with_body, uint64_t complete_length)
 {
     char buf[ERR_CAP];
@@ -452,19 +469,22 @@ static void respond_error(cp_conn *c, hconn *h, const http_request *req, int sta
     if (n < 0) { /* cannot happen with the statuses used here */
         h->closing = true;
         cp_conn_abort(c);
-        return;
+        return true;
     }
     const char *nl = memmem(buf, (size_t)n, "\r\n\r\n", 4);
     uint64_t body = nl ? (uint64_t)n - (uint64_t)(nl + 4 - buf) : 0;
+    if (!send_mem(c, h, buf, (size_t)n, keep_alive))
+        return false;
     access_log(c, req, status, body);
-    send_mem(c, h, buf, (size_t)n, keep_alive);
     if (!keep_alive && !h->closing)
         finish(c, h);
+    return true;
 }
 
 /* 301 to the request's path with a '/' appended (a directory named without it), query
- * kept. Leading slashes are collapsed to one: "//dir/" would be a host name, not a path. */
-static void redirect_to_dir(cp_conn *c, hconn *h, const http_request *req, bool keep)
+ * kept. Leading slashes are collapsed to one: "//dir/" would be a host name, not a path.
+ * false: deferred (see defer()). */
+static bool redirect_to_dir(cp_conn *c, hconn *h, const http_request *req, bool keep)
 {
     char loc[HTTP_MAX_REQUEST_LINE + 2], head[HEAD_CAP + sizeof loc];
     const char *p = req->path.ptr;
@@ -488,48 +508,39 @@ static void redirect_to_dir(cp_conn *c, hconn *h, const http_request *req, bool 
                        .has_content_length = true,
                        .location = {loc, n}};
     int len = http_format_head(&r, head, sizeof head);
-    if (len < 0) { /* cannot happen: the parser let only visible ASCII through */
-        respond_error(c, h, req, 500, false, req->method != HTTP_METHOD_HEAD, 0);
-        return;
-    }
+    if (len < 0) /* cannot happen: the parser let only visible ASCII through */
+        return respond_error(c, h, req, 500, false, req->method != HTTP_METHOD_HEAD, 0);
+    if (!send_mem(c, h, head, (size_t)len, keep))
+        return false;
     access_log(c, req, 301, 0);
-    send_mem(c, h, head, (size_t)len, keep);
     if (!keep && !h->closing)
         finish(c, h);
+    return true;
 }
 
-/* Serve one parsed request. */
-static void serve(cp_conn *c, hconn *h, const http_request *req)
+/* Serve one parsed request. false: deferred, nothing sent (see defer()); serve it again
+ * when a response completes. */
+static bool serve(cp_conn *c, hconn *h, const http_request *req)
 {
     const config *cfg = cfg_of(c);
     bool head_only = req->method == HTTP_METHOD_HEAD;
     bool keep = req->keep_alive;
-    if (req->method == HTTP_METHOD_OTHER) {
-        respond_error(c, h, req, 405, keep, true, 0);
-        return;
-    }
+    if (req->method == HTTP_METHOD_OTHER)
+        return respond_error(c, h, req, 405, keep, true, 0);
     http_path path;
     int st = http_resolve_path(req->path.ptr, req->path.len, &path);
-    if (st) {
-        respond_error(c, h, req, st, keep, !head_only, 0);
-        return;
-    }
+    if (st)
+        return respond_error(c, h, req, st, keep, !head_only, 0);
     /* .git/, .env, .htpasswd: not published by default; 404 says no more than that (a 403,
      * or a 301 for a directory, would tell that it exists). */
-    if (!cfg->dotfiles && http_path_is_dotfile(&path)) {
-        respond_error(c, h, req, 404, keep, !head_only, 0);
-        return;
-    }
+    if (!cfg->dotfiles && http_path_is_dotfile(&path))
+        return respond_error(c, h, req, 404, keep, !head_only, 0);
     http_file f;
     st = http_open_beneath(cfg->root_fd, &path, &f);
-    if (st == 301) {
-        redirect_to_dir(c, h, req, keep);
-        return;
-    }
-    if (st) {
-        respond_error(c, h, req, st, keep, !head_only, 0);
-        return;
-    }
+    if (st == 301)
+        return redirect_to_dir(c, h, req, keep);
+    if (st)
+        return respond_error(c, h, req, st, keep, !head_only, 0);
 
     http_response r = {.status = 200,
                        .keep_alive = keep,
@@ -545,8 +556,7 @@ static void serve(cp_conn *c, hconn *h, const http_request *req)
     int pre = http_preconditions(req, f.mtime);
     if (pre == 412) {
         close(f.fd);
-        respond_error(c, h, req, 412, keep, !head_only, 0);
-        return;
+        return respond_error(c, h, req, 412, keep, !head_only, 0);
     }
     if (pre == 304) {
         r.status = 304;
@@ -563,8 +573,7 @@ static void serve(cp_conn *c, hconn *h, const http_request *req)
             break;
         case HTTP_RANGE_UNSATISFIABLE:
             close(f.fd);
-            respond_error(c, h, req, 416, keep, true, f.size);
-            return;
+            return respond_error(c, h, req, 416, keep, true, f.size);
         case HTTP_RANGE_FULL:
             break;
         }
@@ -573,30 +582,33 @@ static void serve(cp_conn *c, hconn *h, const http_request *req)
     int n = http_format_head(&r, head, sizeof head);
     if (n < 0) {
         close(f.fd);
-        respond_error(c, h, req, 500, false, !head_only, 0);
-        return;
+        return respond_error(c, h, req, 500, false, !head_only, 0);
     }
     if (head_only)
         len = 0;
-    access_log(c, req, r.status, len);
     if (len == 0) {
         close(f.fd);
-        send_mem(c, h, head, (size_t)n, keep);
+        if (!send_mem(c, h, head, (size_t)n, keep))
+            return false;
     } else {
         /* ctx carries the descriptor; on_sent closes it. */
         int e = cp_conn_send_file(c, head, (size_t)n, f.fd, (int64_t)first, len, FILE_CTX(f.fd));
         if (e < 0) {
             close(f.fd);
+            if (defer(h, e))
+                return false;
             h->closing = true;
             if (e != -EPIPE)
                 cp_conn_abort(c);
-            return;
+        } else {
+            h->inflight++;
+            h->files++;
         }
-        h->inflight++;
-        h->files++;
     }
+    access_log(c, req, r.status, len);
     if (!keep && !h->closing)
         finish(c, h);
+    return true;
 }
 
 /* The bytes of the complete empty lines ("\r\n" or "\n") at the start of buf[0..len). */
@@ -630,12 +642,12 @@ static bool lone_cr(const hconn *h)
 }
 
 /* Serve the complete requests at the start of buf[0..len), in order, while the transmit
- * limit allows. Returns the bytes consumed; what is left is a partial head or requests
- * that wait for transmits to complete. */
+ * limit allows and no response is deferred. Returns the bytes consumed; what is left is a partial
+ * head or requests that wait for transmits to complete. */
 static size_t process(cp_conn *c, hconn *h, const char *buf, size_t len)
 {
     size_t off = 0;
-    while (off < len && !h->closing && h->files < MAX_INFLIGHT) {
+    while (off < len && !h->closing && h->files < MAX_INFLIGHT && !h->blocked) {
         /* Empty lines before a request (a stray CRLF some clients send after one) are
          * dropped here rather than kept as a partial head, which would start the header
          * timeout and end an idle connection with a 408 (RFC 9112 2.2: ignore them). The
@@ -648,12 +660,13 @@ static size_t process(cp_conn *c, hconn *h, const char *buf, size_t len)
         if (ps == HTTP_PARSE_NEED_MORE)
             break;
         if (ps == HTTP_PARSE_ERROR) {
-            respond_error(c, h, NULL, req.status, false, true, 0);
-            off = len;
+            if (respond_error(c, h, NULL, req.status, false, true, 0))
+                off = len; /* else deferred: the parser's error is sticky, it comes again */
             break;
         }
         h->head_started = false;
-        serve(c, h, &req);
+        if (!serve(c, h, &req))
+            break; /* deferred: parsed again (the parser was reset) and served from on_sent */
         off += req.head_len;
     }
     return off;
@@ -804,6 +817,7 @@ static void on_sent(cp_conn *c, void *ctx, int64_t result)
         free(ctx); /* send_mem()'s copy */
     }
     h->inflight--;
+    h->blocked = false; /* room for a deferred response, perhaps (see defer()) */
     /* A failed transmit (the file shrank, the peer went away) left its response short: the
      * server layer closes the connection after this callback, and no later response may
      * follow the hole, so serve no more. */
