@@ -1114,7 +1114,64 @@ TEST(if_range_date_of_a_file_modified_this_second_is_weak)
             resp_read_file(c, &r, 206, 4096, 100, 100);
         else
             resp_read_file(c, &r, 200, 4096, 0, 4096);
+        /* a future mtime is sent as the Date (see a_future_mtime_is_sent_as_the_date) */
+        if (cases[i].delta > 0)
+            snprintf(date, sizeof date, "%s", hdr(&r, "Date"));
         CHECK(strcmp(hdr(&r, "Last-Modified"), date) == 0);
+    }
+    hc_close(c);
+    wait_no_open_files(&s, &t);
+    server_stop(&s, NULL);
+}
+
+/* A file whose mtime is in the future (written under a clock that was ahead, or copied with
+ * its times kept) is sent with Last-Modified = Date, never later (RFC 9110 8.8.2.1, a MUST).
+ * It used to be sent as is; a client then revalidated with If-Modified-Since: <that future
+ * date>, and a change made before that date got a 304: the stale copy was kept (both
+ * backends, every run). Here the file changes a second after the first response. */
+TEST(a_future_mtime_is_sent_as_the_date)
+{
+    tree t;
+    tree_make(&t, false);
+    server s;
+    server_start(&s, &t, NULL);
+    hc *c = hc_open(s.port);
+    resp r;
+    char date[64], req[256], lm[64];
+    for (int head = 0; head < 2; head++) {
+        touch_at(&t, "f4096.bin", 86400, date);
+        hc_send(c, head ? "HEAD /f4096.bin HTTP/1.1\r\nHost: x\r\n\r\n" : req_get("/f4096.bin"));
+        CHECK(resp_read(c, &r, head));
+        CHECK_EQ(r.status, 200);
+        snprintf(lm, sizeof lm, "%s", hdr(&r, "Last-Modified"));
+        if (strcmp(lm, hdr(&r, "Date")) != 0)
+            fprintf(stderr, "mtime %s: Last-Modified %s, Date %s\n", date, lm, hdr(&r, "Date"));
+        CHECK(strcmp(lm, hdr(&r, "Date")) == 0);
+        struct tm tm = {0};
+        const char *e = strptime(lm, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+        CHECK(e != NULL && *e == 0);
+        time_t lm_t = timegm(&tm);
+        resp_free(&r);
+        /* The file changes a second later (its mtime: that time, in the past for the
+         * server's clock); the client revalidates with what it got. */
+        int fd = open(path_in(t.root, "f4096.bin"), O_RDONLY | O_CLOEXEC);
+        CHECK(fd >= 0);
+        struct timespec ts[2] = {{lm_t + 1, 0}, {lm_t + 1, 0}};
+        CHECK_EQ(futimens(fd, ts), 0);
+        CHECK_EQ(close(fd), 0);
+        while (time(NULL) <= lm_t + 1) /* until the change is in the past: at most 2 s */
+            usleep(20000);
+        snprintf(req, sizeof req,
+                 "%s /f4096.bin HTTP/1.1\r\nHost: x\r\nIf-Modified-Since: %s\r\n\r\n",
+                 head ? "HEAD" : "GET", lm);
+        hc_send(c, req);
+        CHECK(resp_read(c, &r, head));
+        if (r.status != 200)
+            fprintf(stderr, "changed, If-Modified-Since: %s -> %d\n", lm, r.status);
+        CHECK_EQ(r.status, 200);
+        if (!head)
+            CHECK(r.blen == 4096 && content_ok(4096, 0, r.body, r.blen));
+        resp_free(&r);
     }
     hc_close(c);
     wait_no_open_files(&s, &t);

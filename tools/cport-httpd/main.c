@@ -552,6 +552,12 @@ static bool serve(cp_conn *c, hconn *h, const http_request *req)
                        .has_last_modified = true,
                        .last_modified = f.mtime,
                        .accept_ranges = true};
+    /* A modification time in the future (written under a clock that was ahead, or copied
+     * with its times kept) is sent as the Date (RFC 9110 8.8.2.1, a MUST): else a client
+     * revalidates with that future date, and every change before then gets a 304, the
+     * stale copy kept. The conditionals below still compare the file's own mtime. */
+    if (r.last_modified > r.date)
+        r.last_modified = r.date;
     uint64_t first = 0, len = f.size;
     int pre = http_preconditions(req, f.mtime);
     if (pre == 412) {
