@@ -686,6 +686,55 @@ TEST(transmit_failing_before_any_byte_leaves_the_socket_usable)
     cp_port_destroy(p);
 }
 
+/* The next datagram peer receives is exactly the byte 'X', and nothing else waits. */
+static void expect_only_x(int peer)
+{
+    char b[16];
+    ssize_t n = recv(peer, b, sizeof b, 0);
+    if (n != 1)
+        fprintf(stderr, "the peer received %zd bytes: \"%.*s\"\n", n, (int)(n > 0 ? n : 0), b);
+    CHECK_EQ(n, 1);
+    CHECK(b[0] == 'X');
+    CHECK_EQ(recv(peer, b, sizeof b, MSG_DONTWAIT), -1); /* and nothing else */
+    CHECK_EQ(errno, EAGAIN);
+}
+
+/* A UDP socket of `family` associated with p as *s (its descriptor in *tx if tx is not
+ * NULL), connected to a loopback one bound by this test, which is returned: its receives
+ * wait at most a while, and it takes 1 MiB. Skips the test where IPv6 is asked for and
+ * the machine has no ::1. */
+static int udp_pair(cp_port *p, int family, cp_socket *s, int *tx)
+{
+    int peer = socket(family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (peer < 0 && family == AF_INET6)
+        SKIP("no IPv6");
+    CHECK(peer >= 0);
+    set_rcvtimeo(peer);
+    int rcvbuf = 1 << 20;
+    CHECK_OK(setsockopt(peer, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf)));
+    struct sockaddr_storage sa = {0};
+    socklen_t len;
+    if (family == AF_INET6) {
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&sa;
+        s6->sin6_family = AF_INET6;
+        s6->sin6_addr = in6addr_loopback;
+        len = sizeof(*s6);
+    } else {
+        *(struct sockaddr_in *)&sa = loopback(0);
+        len = sizeof(struct sockaddr_in);
+    }
+    if (bind(peer, (struct sockaddr *)&sa, len) < 0 && family == AF_INET6)
+        SKIP("no IPv6 loopback address");
+    CHECK_OK(getsockname(peer, (struct sockaddr *)&sa, &len));
+    int fd = socket(family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0);
+    CHECK_OK(connect(fd, (struct sockaddr *)&sa, len));
+    CHECK_OK(cp_socket_associate(s, p, fd, 1));
+    if (tx)
+        *tx = fd;
+    return peer;
+}
+
 /* A datagram socket has no stream to cut: a transmit failing after some of its datagrams
  * went out leaves no hole for later sends to follow, and the peer could not be told of an
  * end anyway. So its sending side stays open (shut down, a UDP socket refuses every later
@@ -694,18 +743,8 @@ TEST(transmit_failing_before_any_byte_leaves_the_socket_usable)
 TEST(a_datagram_transmit_failing_midway_leaves_the_socket_usable)
 {
     cp_port *p = make_port();
-    int peer = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    CHECK(peer >= 0);
-    set_rcvtimeo(peer);
-    struct sockaddr_in sa = loopback(0);
-    CHECK_OK(bind(peer, (struct sockaddr *)&sa, sizeof(sa)));
-    socklen_t len = sizeof(sa);
-    CHECK_OK(getsockname(peer, (struct sockaddr *)&sa, &len));
-    int tx = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    CHECK(tx >= 0);
-    CHECK_OK(connect(tx, (struct sockaddr *)&sa, sizeof(sa)));
     cp_socket s;
-    CHECK_OK(cp_socket_associate(&s, p, tx, 1));
+    int peer = udp_pair(p, AF_INET, &s, NULL);
     int pp[2];
     CHECK_OK(pipe2(pp, O_CLOEXEC));
     cp_packet el[2] = {{.buf = "abc", .len = 3, .fd = -1}, {.fd = pp[0], .offset = 0, .len = 0}};
@@ -742,30 +781,8 @@ TEST(a_datagram_transmit_failing_midway_leaves_the_socket_usable)
 static void udp_failed_transmit_leaves_nothing_corked(int family)
 {
     cp_port *p = make_port();
-    int peer = socket(family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (peer < 0 && family == AF_INET6)
-        SKIP("no IPv6");
-    CHECK(peer >= 0);
-    set_rcvtimeo(peer);
-    struct sockaddr_storage sa = {0};
-    socklen_t len;
-    if (family == AF_INET6) {
-        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&sa;
-        s6->sin6_family = AF_INET6;
-        s6->sin6_addr = in6addr_loopback;
-        len = sizeof(*s6);
-    } else {
-        *(struct sockaddr_in *)&sa = loopback(0);
-        len = sizeof(struct sockaddr_in);
-    }
-    if (bind(peer, (struct sockaddr *)&sa, len) < 0 && family == AF_INET6)
-        SKIP("no IPv6 loopback address");
-    CHECK_OK(getsockname(peer, (struct sockaddr *)&sa, &len));
-    int tx = socket(family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    CHECK(tx >= 0);
-    CHECK_OK(connect(tx, (struct sockaddr *)&sa, len));
     cp_socket s;
-    CHECK_OK(cp_socket_associate(&s, p, tx, 1));
+    int peer = udp_pair(p, family, &s, NULL);
     int empty = make_file(0);
     cp_packet el[2] = {{.buf = "abc", .len = 3, .fd = -1}, {.fd = empty, .offset = 0, .len = 10}};
     cp_transmit_op t = {0};
@@ -775,14 +792,7 @@ static void udp_failed_transmit_leaves_nothing_corked(int family)
     cp_op sop = {0};
     CHECK_OK(cp_socket_send(&s, &sop, "X", 1));
     CHECK_EQ(next_of(p, &sop), 1);
-    char b[16];
-    ssize_t n = recv(peer, b, sizeof b, 0);
-    if (n != 1)
-        fprintf(stderr, "the peer received %zd bytes: \"%.*s\"\n", n, (int)(n > 0 ? n : 0), b);
-    CHECK_EQ(n, 1);
-    CHECK(b[0] == 'X');
-    CHECK_EQ(recv(peer, b, sizeof b, MSG_DONTWAIT), -1); /* and nothing else */
-    CHECK_EQ(errno, EAGAIN);
+    expect_only_x(peer);
     cp_op cop = {0};
     CHECK_OK(cp_socket_close(&s, &cop));
     CHECK_EQ(next_of(p, &cop), 0);
@@ -812,20 +822,8 @@ TEST(a_failed_udp_transmit_leaves_nothing_corked_ipv6)
 TEST(a_udp_transmit_with_file_ranges_is_one_datagram)
 {
     cp_port *p = make_port();
-    int peer = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    CHECK(peer >= 0);
-    set_rcvtimeo(peer);
-    int rcvbuf = 1 << 20;
-    CHECK_OK(setsockopt(peer, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf)));
-    struct sockaddr_in sa = loopback(0);
-    CHECK_OK(bind(peer, (struct sockaddr *)&sa, sizeof(sa)));
-    socklen_t len = sizeof(sa);
-    CHECK_OK(getsockname(peer, (struct sockaddr *)&sa, &len));
-    int tx = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    CHECK(tx >= 0);
-    CHECK_OK(connect(tx, (struct sockaddr *)&sa, sizeof(sa)));
     cp_socket s;
-    CHECK_OK(cp_socket_associate(&s, p, tx, 1));
+    int peer = udp_pair(p, AF_INET, &s, NULL);
     int fd = make_file(20000);
     uint8_t file[20000];
     pat_fill(file, 0, sizeof(file));
@@ -871,11 +869,7 @@ TEST(a_udp_transmit_with_file_ranges_is_one_datagram)
     cp_op sop = {0};
     CHECK_OK(cp_socket_send(&s, &sop, "X", 1));
     CHECK_EQ(next_of(p, &sop), 1);
-    char b[16];
-    CHECK_EQ(recv(peer, b, sizeof b, 0), 1);
-    CHECK(b[0] == 'X');
-    CHECK_EQ(recv(peer, b, sizeof b, MSG_DONTWAIT), -1); /* and nothing else */
-    CHECK_EQ(errno, EAGAIN);
+    expect_only_x(peer);
     cp_op cop = {0};
     CHECK_OK(cp_socket_close(&s, &cop));
     CHECK_EQ(next_of(p, &cop), 0);
@@ -902,18 +896,9 @@ static void udp_transmit_cut_midway_leaves_nothing_corked(bool timeout)
 #else
     int fds0 = cpt_count_fds();
     cp_port *p = make_port();
-    int peer = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    CHECK(peer >= 0);
-    set_rcvtimeo(peer);
-    struct sockaddr_in sa = loopback(0);
-    CHECK_OK(bind(peer, (struct sockaddr *)&sa, sizeof(sa)));
-    socklen_t len = sizeof(sa);
-    CHECK_OK(getsockname(peer, (struct sockaddr *)&sa, &len));
-    int tx = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    CHECK(tx >= 0);
-    CHECK_OK(connect(tx, (struct sockaddr *)&sa, sizeof(sa)));
     cp_socket s;
-    CHECK_OK(cp_socket_associate(&s, p, tx, 1));
+    int tx;
+    int peer = udp_pair(p, AF_INET, &s, &tx);
     cp_packet el[2] = {{.buf = "abc", .len = 3, .fd = -1}, {.buf = "defgh", .len = 5, .fd = -1}};
     cp_transmit_op t = {0};
     t.op.timeout_ms = timeout ? 20 : 0;
@@ -929,14 +914,7 @@ static void udp_transmit_cut_midway_leaves_nothing_corked(bool timeout)
      * cp_socket_send could wait here for good (where the discard's freed memory gives an
      * edge, that would pass for the fix). What the kernel holds is what is tested. */
     CHECK_EQ(send(tx, "X", 1, MSG_DONTWAIT | MSG_NOSIGNAL), 1);
-    char b[16];
-    ssize_t n = recv(peer, b, sizeof b, 0);
-    if (n != 1)
-        fprintf(stderr, "the peer received %zd bytes: \"%.*s\"\n", n, (int)(n > 0 ? n : 0), b);
-    CHECK_EQ(n, 1);
-    CHECK(b[0] == 'X');
-    CHECK_EQ(recv(peer, b, sizeof b, MSG_DONTWAIT), -1); /* and nothing else */
-    CHECK_EQ(errno, EAGAIN);
+    expect_only_x(peer);
     cp_op cop = {0};
     CHECK_OK(cp_socket_close(&s, &cop));
     CHECK_EQ(next_of(p, &cop), 0);
