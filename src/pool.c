@@ -227,10 +227,19 @@ int cp_pool_destroy(cp_pool *pool, cp_pool_destroy_mode mode)
     cp_port_close(pool->port);
     for (unsigned i = 0; i < pool->nthreads; i++)
         pthread_join(pool->threads[i], NULL);
-    /* Whatever the exiting workers were not allowed to take is handled here. */
+    /* Whatever the exiting workers were not allowed to take is handled here; also when
+     * none could take anything, for want of memory for its thread record, and this
+     * thread has none either: then straight from the queue (or on_discard would never see
+     * those items, and their arguments would leak). */
     cp_completion c;
-    while (cp_port_dequeue(pool->port, &c, 1, 0) == 1)
+    for (;;) {
+        int n = cp_port_dequeue(pool->port, &c, 1, 0);
+        if (n == -ENOMEM)
+            n = (int)cp__port_take_closed(pool->port, &c, 1);
+        if (n != 1)
+            break;
         dispatch(pool, &c);
+    }
     cp__timers_free(pool);
     cp_port_destroy(pool->port);
     item_block *b = pool->item_blocks;

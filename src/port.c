@@ -294,6 +294,11 @@ static void record_destructor(void *arg)
     free(t);
 }
 
+unsigned cp__port_take_closed(cp_port *p, cp_completion *out, unsigned max)
+{
+    return take_unlocked(p, out, max);
+}
+
 bool cp__port_caller_defers(cp_port *p)
 {
     cp__thread *t = pthread_getspecific(p->tkey);

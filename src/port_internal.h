@@ -108,6 +108,11 @@ static inline uint8_t cp__port_harvest_gen(cp_port *port)
     return (uint8_t)__atomic_load_n(&port->harvest_gen, __ATOMIC_RELAXED);
 }
 
+/* Take up to max completions queued on a closed port without a thread record, for the
+ * one thread left using it (cp_pool_destroy() once its workers are joined, when that
+ * thread's record cannot be made: cp_port_dequeue() says -ENOMEM). Returns how many. */
+unsigned cp__port_take_closed(cp_port *port, cp_completion *out, unsigned max);
+
 /* True if work the calling thread defers (io_uring submissions) will be flushed without
  * help: the thread is running work it dequeued from `port` (it will come back to dequeue)
  * or it is the port's poller right now. Lock-free. */

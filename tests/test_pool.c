@@ -505,6 +505,34 @@ TEST(workers_without_memory_for_their_record_neither_spin_nor_hang)
 #endif
 }
 
+/* Items left queued when nobody can dequeue them the usual way (no thread, the destroying
+ * one included, has memory for its thread record: failure point thread_record, set before
+ * the pool exists) still reach on_discard (CANCEL) or run (DRAIN) in cp_pool_destroy():
+ * its last drain found the port "out of memory" and stopped, and their arguments leaked. */
+TEST(destroy_without_memory_for_a_thread_record_still_discards_or_runs_the_queue)
+{
+#ifndef CPORT_INJECT
+    SKIP("needs a build configured with -DCPORT_INJECT=ON (scripts/test.sh asan)");
+#else
+    for (int mode = 0; mode < 2; mode++) {
+        CHECK_OK(setenv("CPORT_INJECT_FAIL", "thread_record", 1)); /* before any thread */
+        gate_ctx g = {0};
+        cp_pool_options o = {.concurrency = 1, .threads = 2, .on_discard = on_discard};
+        CHECK_OK(cp_pool_create(&g.pool, &o));
+        discard_ctx = &g;
+        enum { N = 20 };
+        for (int i = 0; i < N; i++)
+            CHECK_OK(cp_pool_submit(g.pool, count_item, &g)); /* no worker can take them */
+        cp_pool_destroy(g.pool, mode ? CP_POOL_CANCEL : CP_POOL_DRAIN);
+        CHECK_OK(unsetenv("CPORT_INJECT_FAIL"));
+        fprintf(stderr, "%s: ran %d, discarded %d of %d\n", mode ? "cancel" : "drain", g.ran,
+                g.discarded, N);
+        CHECK_EQ(g.ran, (mode ? 0 : N));
+        CHECK_EQ(g.discarded, (mode ? N : 0));
+    }
+#endif
+}
+
 /* cp_pool_destroy() from the pool's own worker (an item, one between block_begin and
  * block_end, a timer callback) returns -EDEADLK and does nothing: it would join the
  * thread it runs on and free the port under it. The pool keeps working; the owner's
