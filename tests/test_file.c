@@ -16,6 +16,7 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -287,6 +288,44 @@ TEST(file_threads_block_every_signal)
     cp_port_destroy(p);
     CHECK_EQ(cpt_threads_named("cport-file", &all, &no), 0); /* joined */
     CHECK_EQ(pthread_sigmask(SIG_SETMASK, &old, NULL), 0);
+}
+
+/* What file.h says of the edges: a read whose offset + len passes INT64_MAX is -EINVAL
+ * (the kernel's answer, not the end of the file); a write that fails after part of it was
+ * written (here at the process's file size limit: -EFBIG, SIGXFSZ ignored) reports the
+ * errno, and cp_op_transferred() the bytes written before it, which the file holds. */
+TEST(file_edges_overflowing_read_and_partly_failed_write)
+{
+    cp_port *p = make_port_opts((cp_port_options){0});
+    int fd = temp_file();
+    cp_file f;
+    CHECK_OK(cp_file_associate(&f, p, fd, 1));
+    char buf[100];
+    cp_file_op r = {0};
+    CHECK_OK(cp_file_read(&f, &r, buf, sizeof buf, (uint64_t)INT64_MAX - 10));
+    CHECK_EQ(next_of(p, &r.op), -EINVAL);
+
+    struct rlimit old, lim;
+    CHECK_OK(getrlimit(RLIMIT_FSIZE, &old));
+    lim = old;
+    lim.rlim_cur = 10000;
+    struct sigaction ign = {.sa_handler = SIG_IGN}, prev;
+    CHECK_OK(sigaction(SIGXFSZ, &ign, &prev));
+    CHECK_OK(setrlimit(RLIMIT_FSIZE, &lim)); /* (the process's: epoll's file threads too) */
+    static char data[30000];
+    memset(data, 'w', sizeof data);
+    cp_file_op w = {0};
+    CHECK_OK(cp_file_write(&f, &w, data, sizeof data, 4000));
+    int64_t res = next_of(p, &w.op);
+    CHECK_OK(setrlimit(RLIMIT_FSIZE, &old));
+    CHECK_OK(sigaction(SIGXFSZ, &prev, NULL));
+    CHECK_EQ(res, -EFBIG);
+    CHECK_EQ(cp_op_transferred(&w.op), 6000);
+    struct stat st;
+    CHECK_OK(fstat(fd, &st));
+    CHECK_EQ(st.st_size, 10000);
+    close_file(&f, p);
+    cp_port_destroy(p);
 }
 
 TEST(file_write_read_back)

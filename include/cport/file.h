@@ -45,11 +45,15 @@ typedef struct cp_file_op {
 CP_EXTERN int cp_file_associate(cp_file *f, cp_port *port, int fd, uintptr_t key);
 
 /* Read up to len bytes at offset into buf. Result: bytes read (0 at end of file) or a
- * negative errno. 0 < len < 4 GiB, offset <= INT64_MAX (else -EINVAL). */
+ * negative errno. 0 < len < 4 GiB, offset <= INT64_MAX (else -EINVAL; the kernel also
+ * refuses, with -EINVAL, a read whose offset + len passes INT64_MAX, rather than report
+ * the end of the file). */
 CP_EXTERN int cp_file_read(cp_file *f, cp_file_op *op, void *buf, size_t len, uint64_t offset);
 
 /* Write len bytes from buf at offset, in full (short writes are continued). Result: len,
- * or a negative errno. 0 < len < 4 GiB, offset <= INT64_MAX (else -EINVAL). */
+ * or a negative errno. 0 < len < 4 GiB, offset <= INT64_MAX (else -EINVAL). A write that
+ * fails after part of it was written (-EFBIG at the file size limit, -ENOSPC) reports
+ * the errno, and cp_op_transferred() the bytes written before it. */
 CP_EXTERN int cp_file_write(cp_file *f, cp_file_op *op, const void *buf, size_t len,
                             uint64_t offset);
 
