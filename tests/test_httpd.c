@@ -2834,6 +2834,12 @@ TEST(access_log)
     CHECK(strstr(text, "access-log=off") != NULL);
     CHECK_EQ(count_str(text, "127.0.0.1 - - ["), 0);
     CHECK_EQ(count_str(text, "HTTP/1."), 0);
+
+    /* SIGHUP (the terminal went away) shuts down as cleanly: it used to kill the server. */
+    server_start(&s, &t, NULL);
+    log_requests(s.port);
+    server_stop_sig(&s, SIGHUP, text);
+    CHECK_EQ(count_str(text, "\n127.0.0.1 - - ["), 5);
 }
 
 /* The access log never blocks a worker. stdout is a pipe of one page that the test stops

@@ -26,8 +26,8 @@
  *     timeout of a pipelined head that is still partial starts when the last of them
  *     completes.
  *
- * Signals: SIGINT/SIGTERM shut down gracefully (stop accepting and reading, let responses
- * already queued go out, close; exit 0); SIGUSR1 prints the counters on stderr.
+ * Signals: SIGINT/SIGTERM/SIGHUP shut down gracefully (stop accepting and reading, let
+ * responses already queued go out, close; exit 0); SIGUSR1 prints the counters on stderr.
  * The access log (common log format, one line per request) goes to stdout. Workers never
  * write it themselves: a pipe whose reader stalls, or a terminal stopped with Ctrl-S, would
  * block each of them in write(2) in turn and the server would stop answering. They queue
@@ -916,7 +916,8 @@ static void usage(FILE *f)
                "                          /.well-known/ (RFC 8615: public site metadata)\n"
                "  --shutdown-deadline MS  how long SIGTERM lets responses drain (default 5000)\n"
                "  --help                  this text\n"
-               "SIGINT/SIGTERM shut down gracefully and exit 0; SIGUSR1 prints the counters.\n");
+               "SIGINT/SIGTERM/SIGHUP shut down gracefully and exit 0; SIGUSR1 prints the\n"
+               "counters.\n");
 }
 
 static int parse_uint(const char *s, unsigned long max, unsigned long *out)
@@ -1088,6 +1089,7 @@ int main(int argc, char **argv)
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGHUP); /* the terminal went away: shut down cleanly, not die */
     sigaddset(&sigs, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
