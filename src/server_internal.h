@@ -207,8 +207,8 @@ struct cp_server {
     unsigned accepts_posted;
     unsigned accepts_target;
     unsigned accepts_since_tick;
-    bool backlog_seen_empty; /* this tick's arrivals passed the target and found no
-                                backlog: not asked again until the next tick */
+    unsigned backlog_next_look; /* a busy tick's look at the backlog found it empty:
+                                   the next once accepts_since_tick reaches this */
     unsigned quiet_ticks;
     bool accept_paused;
     bool listener_open;
