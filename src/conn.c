@@ -1624,13 +1624,22 @@ int cp_conn_send_ref(cp_conn *c, const void *data, size_t len, void *ctx)
     return conn_send(sv, cp__server_worker(sv), c, &iov, 1, len, TAIL_REF, ctx);
 }
 
-/* A send of `len` bytes left the queue: close if draining and empty, else resume. */
-static void sent(cp_server *sv, cp_conn *c, uint32_t len, int64_t res)
+/* A send of `len` bytes left the queue: close if draining and empty, else resume. Its
+ * bytes stop counting before its on_sent (ctx), so that a send made there, the next
+ * chunk of a stream the application feeds from on_sent, finds the room this one freed
+ * (under send_queue_limit it was refused, and no later on_sent came to try again). */
+static void sent(cp_server *sv, cp_conn *c, uint32_t len, int64_t res, void *ctx)
 {
     if (res < 0 && res != -ECANCELED)
         start_close(sv, c, CP_CLOSE_ERROR, (int)res, false);
     /* Pairs with start_close: it sets DRAIN, then reads `pending`. */
     uint32_t left = __atomic_sub_fetch(&c->pending, len, __ATOMIC_SEQ_CST);
+    if (ctx) {
+        cp__lock_acquire(&c->lock);
+        sv->cb.on_sent(c, ctx, res);
+        cp__lock_release(&c->lock);
+        left = __atomic_load_n(&c->pending, __ATOMIC_SEQ_CST); /* it may have sent more */
+    }
     uint64_t st = left == 0 ? st_load(c) : 0;
     if (st & CF_DRAIN) {
         drain_step(sv, c);
@@ -1649,14 +1658,10 @@ static void xmit_done(cp_server *sv, cp__worker *w, cp_conn *c, cp__xmit *x, int
         cp__worker_count(w, &w->bytes_out, out);
     if (x->head)
         cp__server_buf_free(sv, w, x->head, x->head_size);
-    if (sv->cb.on_sent) {
-        cp__lock_acquire(&c->lock);
-        sv->cb.on_sent(c, x->ctx, res);
-        cp__lock_release(&c->lock);
-    }
     uint32_t len = xmit_pending(x);
+    void *ctx = sv->cb.on_sent ? x->ctx : NULL;
     cp__slab_free(&sv->xmits, x);
-    sent(sv, c, len, res);
+    sent(sv, c, len, res, ctx);
 }
 
 static void send_done(cp_server *sv, cp__worker *w, cp_conn *c, cp__send *x, int64_t res)
@@ -1665,18 +1670,16 @@ static void send_done(cp_server *sv, cp__worker *w, cp_conn *c, cp__send *x, int
     uint64_t out = res >= 0 ? (uint64_t)res : cp_op_transferred(&x->op);
     if (out)
         cp__worker_count(w, &w->bytes_out, out);
+    void *ctx = NULL;
     if (x->kind == SEND_COPY)
         cp__server_buf_free(sv, w, x->buf, x->buf_size);
     else if (x->kind == SEND_HOLD)
         hold_release(sv, w, x->hold);
-    else if (x->kind == SEND_REF && sv->cb.on_sent) {
-        cp__lock_acquire(&c->lock);
-        sv->cb.on_sent(c, x->ctx, res);
-        cp__lock_release(&c->lock);
-    }
+    else if (x->kind == SEND_REF && sv->cb.on_sent)
+        ctx = x->ctx;
     uint32_t len = x->len;
     cp__cache_free(&w->sends, &sv->sends, x);
-    sent(sv, c, len, res);
+    sent(sv, c, len, res, ctx);
 }
 
 /* ---- dispatch and set-up ---------------------------------------------------------------- */

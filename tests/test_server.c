@@ -4033,6 +4033,82 @@ TEST(send_queue_limit_refuses_pushes_to_a_slow_reader)
     CHECK_EQ(tsrv_stop(t, 1000), 0);
 }
 
+/* A stream the application feeds from on_sent, one chunk at a time, under a
+ * send_queue_limit that holds one chunk but not two: each on_sent sends the next chunk
+ * (cp_conn_send_ref), which must find the room the finished one freed. Its bytes still
+ * counted while on_sent ran, so the second chunk was refused (-ENOBUFS) and, no send being
+ * left to report, the stream stopped after one chunk. All CHUNKS arrive, byte-exact. */
+enum { FEED_CHUNK = 48 * 1024, FEED_CHUNKS = 40 };
+
+typedef struct feed {
+    uint8_t data[FEED_CHUNKS][FEED_CHUNK];
+    int next, refused; /* atomic */
+} feed;
+
+static void feed_next(cp_conn *c)
+{
+    feed *f = cp_server_user(cp_conn_server(c));
+    int i = LOAD(&f->next);
+    if (i == FEED_CHUNKS)
+        return;
+    int r = cp_conn_send_ref(c, f->data[i], FEED_CHUNK, f->data[i]);
+    if (r == 0)
+        STORE(&f->next, i + 1);
+    else
+        ADD(&f->refused, 1);
+}
+
+static int feed_open(cp_conn *c)
+{
+    feed_next(c);
+    return 0;
+}
+
+static void feed_on_sent(cp_conn *c, void *ctx, int64_t result)
+{
+    (void)ctx;
+    if (result == FEED_CHUNK)
+        feed_next(c);
+}
+
+static void feed_on_data(cp_conn *c, const void *data, size_t len)
+{
+    (void)c;
+    (void)data;
+    (void)len;
+}
+
+TEST(a_stream_fed_from_on_sent_finds_the_room_its_last_chunk_freed)
+{
+    static feed f;
+    memset(&f, 0, sizeof f);
+    for (int i = 0; i < FEED_CHUNKS; i++)
+        pattern_fill(21, (uint64_t)i * FEED_CHUNK, f.data[i], FEED_CHUNK);
+    cp_server_callbacks cb = {
+        .on_open = feed_open, .on_data = feed_on_data, .on_sent = feed_on_sent};
+    cp_server_options o = {.bind = "127.0.0.1",
+                           .threads = 2,
+                           .send_queue_limit = FEED_CHUNK + FEED_CHUNK / 2,
+                           .user = &f};
+    cp_server *sv;
+    CHECK_OK(cp_server_create(&sv, &o, &cb));
+    CHECK_OK(cp_server_start(sv));
+    int fd = connect_to(cp_server_listen_port(sv));
+    size_t total = (size_t)FEED_CHUNKS * FEED_CHUNK;
+    uint8_t *got = malloc(total);
+    CHECK(got);
+    int r = try_recv_all(fd, got, total, cpt_now_ms() + IO_MS);
+    fprintf(stderr, "receive: %d; %d chunks sent, %d refused\n", r, LOAD(&f.next),
+            LOAD(&f.refused));
+    CHECK_EQ(r, 0);
+    CHECK(memcmp(got, f.data, total) == 0);
+    CHECK_EQ(LOAD(&f.refused), 0);
+    free(got);
+    close(fd);
+    CHECK_EQ(cp_server_shutdown(sv, 1000), 0);
+    cp_server_destroy(sv);
+}
+
 #ifdef CPORT_INJECT
 /* A gate for a delay point ("point:usec@fd", src/inject.h): the thread that reaches the
  * point waits there until the test calls gate_open(), once it has seen what it needs,

@@ -98,8 +98,9 @@ typedef struct cp_server_callbacks {
     void (*on_data)(cp_conn *c, const void *data, size_t len);
     /* A send started with a non-NULL ctx finished: result is the byte count, or a
      * negative errno. Sends that succeed report in the order they were issued; once the
-     * connection fails or is aborted, the ones it cancels may report in any order.
-     * Optional. */
+     * connection fails or is aborted, the ones it cancels may report in any order. Its
+     * bytes no longer count (cp_conn_pending(), send_queue_limit) when this runs, so a
+     * stream fed from here, a chunk at a time, finds the room this one freed. Optional. */
     void (*on_sent)(cp_conn *c, void *ctx, int64_t result);
     /* The connection is closed; the last callback for it. err is a negative errno for
      * CP_CLOSE_ERROR, else 0. Optional. */

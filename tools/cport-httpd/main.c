@@ -410,10 +410,9 @@ static void finish(cp_conn *c, hconn *h)
  * at most 4 GiB queued per connection, a transmit as up to 2 GiB, so two pipelined
  * downloads of 2 GiB or more fill it (and a third request used to reset the connection,
  * cutting the downloads under way). That is a full queue, not a failure: the request is
- * left unserved, in h->in, and tried again each time a response completes (on_sent). The
- * server layer releases a send's count only after its on_sent, so the retry may have to
- * wait for the next completion; at the last one outstanding it fits (2 GiB at most is
- * counted then). True if deferred; nothing was sent or logged for it. */
+ * left unserved, in h->in, and tried again each time a response completes (on_sent, by
+ * which the finished one no longer counts): at the last one outstanding it fits at the
+ * latest. True if deferred; nothing was sent or logged for it. */
 static bool defer(hconn *h, int err)
 {
     if (err != -ENOBUFS || h->inflight == 0)
