@@ -42,6 +42,12 @@
  *     client's first bytes are not awaited before connecting (AcceptEx with a buffer): an
  *     upstream that speaks first (SMTP, SSH) would never be reached.
  *
+ * Out of descriptors (a pair takes two), accepting pauses for ACCEPT_RETRY_MS: a client
+ * accepted with no descriptor left for its upstream socket waits for one (its acceptor
+ * retries after the pause), and the clients behind it wait in the listener's backlog,
+ * until pairs close. (It was closed at once, which freed the descriptor for the next
+ * accept: the whole backlog was accepted and closed, one by one, as "upstream_failed".)
+ *
  * Lifetime: a pair counts references, one per operation started (taken before the start:
  * the completion may run on another worker before the start returns), one per close, and
  * one held by whoever sets it up, walks it or handles one of its completions; the last
@@ -119,6 +125,7 @@ typedef struct acceptor {
     cp_accept_op aop;
     cp_timer *retry; /* after a resource error: the pause before accepting again */
     server *sv;
+    int client; /* an accepted client waiting for a descriptor for its upstream, or -1 */
 } acceptor;
 
 struct server {
@@ -352,12 +359,15 @@ static void nodelay(int fd)
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
-/* An accepted client: make its pair and connect the upstream side. */
-static void new_pair(server *sv, int fd)
+/* An accepted client: make its pair and connect the upstream side (ufd: its socket, or -1
+ * when none could be made: the client is closed as when the upstream cannot be reached). */
+static void new_pair(server *sv, int fd, int ufd)
 {
     pair *p = malloc(sizeof *p + 2 * (size_t)sv->cfg.buffer);
     if (!p) {
         close(fd);
+        if (ufd >= 0)
+            close(ufd);
         count(&sv->rejected, 1);
         return;
     }
@@ -365,6 +375,8 @@ static void new_pair(server *sv, int fd)
     nodelay(fd);
     if (cp_pool_associate(sv->pool, &p->client, fd, &sv->client_binding) < 0) {
         close(fd); /* not associated: still ours */
+        if (ufd >= 0)
+            close(ufd);
         free(p);
         count(&sv->rejected, 1);
         return;
@@ -372,7 +384,6 @@ static void new_pair(server *sv, int fd)
     p->refs = 1; /* this set-up's */
     p->up = (dir){.from = &p->client, .to = &p->upstream, .buf = (char *)(p + 1)};
     p->down = (dir){.from = &p->upstream, .to = &p->client, .buf = p->up.buf + sv->cfg.buffer};
-    int ufd = socket(sv->up_addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (ufd >= 0) {
         nodelay(ufd);
         if (cp_pool_associate(sv->pool, &p->upstream, ufd, &sv->upstream_binding) == 0)
@@ -429,12 +440,56 @@ static void post_accept(server *sv, acceptor *a)
     }
 }
 
+static void retry_accept(void *arg);
+
+/* Out of descriptors or memory: trying again at once would fail at once. Retry after a
+ * pause, holding a listener reference meanwhile (the shutdown waits at most the pause). */
+static void accept_later(server *sv, acceptor *a)
+{
+    __atomic_add_fetch(&sv->listener_refs, 1, __ATOMIC_RELAXED);
+    if (cp_timer_start(sv->pool, &a->retry, ACCEPT_RETRY_MS, 0, retry_accept, a) < 0) {
+        fprintf(stderr, "proxy: accepting stops: no retry timer\n");
+        if (a->client >= 0) {
+            close(a->client);
+            a->client = -1;
+            count(&sv->rejected, 1);
+        }
+        listener_unref(sv);
+    }
+}
+
+static bool resource_error(int err)
+{
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}
+
+/* The acceptor's client needs a socket for its upstream. Without a descriptor for it, the
+ * client waits (holding the acceptor, which is not posted again meanwhile) and the socket
+ * is tried again after a pause: closing the client would free its descriptor for the next
+ * accept, whose upstream socket would fail in turn, and the whole backlog would be
+ * accepted and closed one by one, where it can wait for descriptors to free up. */
+static void pair_client(server *sv, acceptor *a)
+{
+    int ufd = socket(sv->up_addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (ufd < 0 && resource_error(errno) && !__atomic_load_n(&sv->stopping, __ATOMIC_ACQUIRE)) {
+        accept_later(sv, a);
+        return;
+    }
+    int fd = a->client;
+    a->client = -1;
+    new_pair(sv, fd, ufd); /* (stopping: it closes the client) */
+    post_accept(sv, a);
+}
+
 static void retry_accept(void *arg)
 {
     acceptor *a = arg;
     server *sv = a->sv;
     cp_timer_cancel(a->retry, false); /* release the fired one-shot */
-    post_accept(sv, a);
+    if (a->client >= 0)
+        pair_client(sv, a);
+    else
+        post_accept(sv, a);
     listener_unref(sv); /* the reference the parked accept held */
 }
 
@@ -445,16 +500,10 @@ static void on_listener(cp_socket *s, cp_op *op, int64_t res, void *user)
     if (op->opcode == CP_OP_ACCEPT) {
         acceptor *a = CP_CONTAINER_OF(op, acceptor, aop.op);
         if (res >= 0) {
-            new_pair(sv, a->aop.fd); /* read the fd before the op is posted again */
-            post_accept(sv, a);
-        } else if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM) {
-            /* Accepting again at once would fail at once: retry after a pause, holding a
-             * listener reference meanwhile (the shutdown waits at most the pause). */
-            __atomic_add_fetch(&sv->listener_refs, 1, __ATOMIC_RELAXED);
-            if (cp_timer_start(sv->pool, &a->retry, ACCEPT_RETRY_MS, 0, retry_accept, a) < 0) {
-                fprintf(stderr, "proxy: accepting stops: no retry timer\n");
-                listener_unref(sv);
-            }
+            a->client = a->aop.fd; /* read the fd before the op is posted again */
+            pair_client(sv, a);
+        } else if (resource_error((int)-res)) {
+            accept_later(sv, a);
         } else if (res != -ECANCELED) {
             fprintf(stderr, "proxy: accept: %s\n", cp_strerror((int)res));
             post_accept(sv, a);
@@ -599,7 +648,7 @@ static void raise_fd_limit(void)
 static void shutdown_proxy(server *sv)
 {
     pthread_mutex_lock(&sv->lock);
-    sv->stopping = 1;
+    __atomic_store_n(&sv->stopping, 1, __ATOMIC_RELEASE); /* (read without the lock too) */
     /* Each pair is held by a reference of the walk's while it is closed; a pair in the list
      * is not freed while the lock is held (unlinking takes it), so `next` stays valid. */
     for (pair *p = sv->pairs, *next; p; p = next) {
@@ -687,6 +736,7 @@ int main(int argc, char **argv)
     fflush(stdout);
     for (unsigned i = 0; i < ACCEPTS; i++) {
         sv.accepts[i].sv = &sv;
+        sv.accepts[i].client = -1;
         post_accept(&sv, &sv.accepts[i]);
     }
 

@@ -3873,6 +3873,65 @@ TEST(proxy_reset_aborts_the_other_side)
     upstream_stop(&u);
 }
 
+/* The proxy out of descriptors, with one left: the client accepted with it has none for its
+ * upstream socket, and must wait for one (as the clients behind it in the listener's
+ * backlog do), not be closed: closing it freed the descriptor for the next accept, and the
+ * whole backlog was accepted and closed one by one, each client seeing a clean end before
+ * any byte (counted as upstream_failed, the upstream never reached). As pairs close, every
+ * waiting client is served. The limit is set on the running proxy (prlimit) once its pairs
+ * are open, to leave exactly one descriptor whatever the backend holds; fewer clients wait
+ * than the pairs that close hold, so every one of them fits then. */
+TEST(proxy_out_of_descriptors_keeps_the_backlog_waiting)
+{
+    enum { PAIRS = 8, EXTRA = 6, WAIT_MS = 500 /* 5 of the proxy's accept pauses */ };
+    upstream u = {0};
+    upstream_start(&u);
+    server px;
+    proxy_start(&px, u.port);
+    long base_fds = fd_count(px.pid);
+    int held[PAIRS], extra[EXTRA];
+    char c;
+    for (int i = 0; i < PAIRS; i++) {
+        held[i] = connect_to(&px);
+        send_byte(held[i], 'e');
+        send_byte(held[i], 'x');
+        recv_exact(held[i], &c, 1);
+        CHECK_EQ(c, 'x');
+    }
+    /* Descriptors are taken lowest first, and a limit bounds their numbers (not how many
+     * are open: one inherited above it stays): the lowest free one is the one left. */
+    long low = 0;
+    while (access(fmt("/proc/%d/fd/%ld", (int)px.pid, low), F_OK) == 0)
+        low++;
+    struct rlimit rl = {.rlim_cur = (rlim_t)low + 1, .rlim_max = (rlim_t)low + 1};
+    CHECK_EQ(prlimit(px.pid, RLIMIT_NOFILE, &rl, NULL), 0);
+    for (int i = 0; i < EXTRA; i++) {
+        extra[i] = connect_to(&px);
+        send_byte(extra[i], 'e');
+    }
+    /* Nothing may come to a waiting client (the first is accepted at once: it was closed
+     * within a millisecond). */
+    struct pollfd p = {.fd = extra[0], .events = POLLIN};
+    CHECK_EQ(poll(&p, 1, WAIT_MS), 0);
+    for (int i = 0; i < EXTRA; i++) {
+        p = (struct pollfd){.fd = extra[i], .events = POLLIN};
+        CHECK_EQ(poll(&p, 1, 0), 0);
+    }
+    for (int i = 0; i < PAIRS; i++)
+        close(held[i]);
+    for (int i = 0; i < EXTRA; i++) {
+        send_byte(extra[i], 'y');
+        recv_exact(extra[i], &c, 1);
+        CHECK_EQ(c, 'y');
+        close(extra[i]);
+    }
+    wait_fd_count(&px, base_fds, IO_MS);
+    server_stop(&px);
+    CHECK_EQ(px.accepted, PAIRS + EXTRA);
+    CHECK_EQ(exit_count(&px, "upstream_failed"), 0);
+    upstream_stop(&u);
+}
+
 /* A stop signal in the middle of a stream: the proxy cannot pass the upstream's end on,
  * since there is none, so the client must see a reset, not an end of stream that would
  * pass the part it got for the whole (a close-delimited body, a download). (It closed with
