@@ -699,6 +699,16 @@ static void expect_only_x(int peer)
     CHECK_EQ(errno, EAGAIN);
 }
 
+/* A send of the byte 'X' through cport on s, which peer must receive as a datagram of
+ * its own, with nothing else waiting. */
+static void send_x_expect_only_x(cp_port *p, cp_socket *s, int peer)
+{
+    cp_op sop = {0};
+    CHECK_OK(cp_socket_send(s, &sop, "X", 1));
+    CHECK_EQ(next_of(p, &sop), 1);
+    expect_only_x(peer);
+}
+
 /* A UDP socket of `family` associated with p as *s (its descriptor in *tx if tx is not
  * NULL), connected to a loopback one bound by this test, which is returned: its receives
  * wait at most a while, and it takes 1 MiB. Skips the test where IPv6 is asked for and
@@ -789,10 +799,7 @@ static void udp_failed_transmit_leaves_nothing_corked(int family)
     CHECK_OK(cp_socket_transmit_packets(&s, &t, el, 2, 0));
     CHECK_EQ(next_of(p, &t.op), -EIO);
     CHECK_EQ(t.sent, 3); /* handed to the kernel (corked), not sent */
-    cp_op sop = {0};
-    CHECK_OK(cp_socket_send(&s, &sop, "X", 1));
-    CHECK_EQ(next_of(p, &sop), 1);
-    expect_only_x(peer);
+    send_x_expect_only_x(p, &s, peer);
     cp_op cop = {0};
     CHECK_OK(cp_socket_close(&s, &cop));
     CHECK_EQ(next_of(p, &cop), 0);
@@ -866,10 +873,7 @@ TEST(a_udp_transmit_with_file_ranges_is_one_datagram)
     cp_transmit_op tb = {0};
     CHECK_OK(cp_socket_transmit_packets(&s, &tb, too_big, 2, 0));
     CHECK_EQ(next_of(p, &tb.op), -EMSGSIZE);
-    cp_op sop = {0};
-    CHECK_OK(cp_socket_send(&s, &sop, "X", 1));
-    CHECK_EQ(next_of(p, &sop), 1);
-    expect_only_x(peer);
+    send_x_expect_only_x(p, &s, peer);
     cp_op cop = {0};
     CHECK_OK(cp_socket_close(&s, &cop));
     CHECK_EQ(next_of(p, &cop), 0);
