@@ -56,7 +56,7 @@
  */
 #include "cport.h"
 
-#include "../tools/common/address.h" /* bind_address_ok, address_port_text: IPv4 and IPv6 */
+#include "../tools/common/address.h" /* --bind and its printing: IPv4 and IPv6 */
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -333,8 +333,7 @@ static int parse_args(int argc, char **argv, config *cfg)
             ok = bind_address_ok(optarg); /* not a name: cp_server_start takes none */
             o->bind = optarg;
             if (!ok)
-                fprintf(stderr, "chat: --bind takes an IPv4 or IPv6 address (such as 0.0.0.0, "
-                                "127.0.0.1, :: or ::1)\n");
+                bind_address_refused("chat", optarg);
             break;
         case 't':
             ok = parse_uint(optarg, 1024, &v) == 0 && v > 0;

@@ -54,6 +54,15 @@ static inline bool bind_address_ok(const char *s)
     return address_parse(s, 0, &ss, &len);
 }
 
+/* What a program says of a --bind it refuses (a name, or not an address): after `prog: `. */
+static inline void bind_address_refused(const char *prog, const char *s)
+{
+    fprintf(stderr,
+            "%s: --bind takes an IPv4 or IPv6 address (such as 0.0.0.0, 127.0.0.1, :: or ::1), "
+            "not %s\n",
+            prog, s);
+}
+
 /* "ADDR:PORT" for an IPv4 address, "[ADDR]:PORT" for an IPv6 one (addr bare, or already
  * in brackets as --bind may take it). Returns buf. */
 static inline const char *address_port_text(char *buf, size_t size, const char *addr, unsigned port)
@@ -75,10 +84,7 @@ static inline int address_listen(const char *prog, const char *addr, int port, i
     struct sockaddr_storage sa;
     socklen_t salen;
     if (!address_parse(addr, (uint16_t)port, &sa, &salen)) {
-        fprintf(stderr,
-                "%s: --bind takes an IPv4 or IPv6 address (such as 0.0.0.0, 127.0.0.1, :: or "
-                "::1), not %s\n",
-                prog, addr);
+        bind_address_refused(prog, addr);
         return -1;
     }
     int fd = socket(sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);

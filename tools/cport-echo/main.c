@@ -350,8 +350,7 @@ static int parse_args(int argc, char **argv, config *cfg)
             ok = bind_address_ok(optarg); /* not a name */
             o->bind = optarg;
             if (!ok)
-                fprintf(stderr, "cport-echo: --bind takes an IPv4 or IPv6 address (such as "
-                                "0.0.0.0, 127.0.0.1, :: or ::1)\n");
+                bind_address_refused("cport-echo", optarg);
             break;
         case O_THREADS:
             ok = parse_uint(optarg, 1024, &v) == 0 && v > 0;
