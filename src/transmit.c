@@ -169,6 +169,22 @@ void cp__transmit_cancelled(cp_handle *h, cp_transmit_op *t)
         udp_discard_corked(h);
 }
 
+/* Send buf[0..len) as the transmit's next bytes, with MSG_MORE if more follows them:
+ * 0 with the bytes the kernel took counted, CP__AGAIN when it took none for want of room,
+ * or a negative errno. */
+static int send_piece(cp_handle *h, cp_transmit_op *t, const void *buf, size_t len, bool more)
+{
+    ssize_t n;
+    while ((n = send(h->fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT | (more ? MSG_MORE : 0))) < 0 &&
+           errno == EINTR)
+        ;
+    if (n < 0)
+        return errno == EAGAIN ? CP__AGAIN : -errno;
+    t->cp__off += (uint64_t)n;
+    t->sent += (uint64_t)n;
+    return 0;
+}
+
 /* A file range on a datagram socket: the backends' legs end the datagram there.
  * sendfile(2) (epoll's leg, and io_uring's when its pipes run out) sends a range's last
  * piece without "more to follow", whatever comes after it: {header, file, trailer} on UDP
@@ -177,7 +193,7 @@ void cp__transmit_cancelled(cp_handle *h, cp_transmit_op *t)
  * unless it is the transmit's last byte, so that a transmit is one datagram on every
  * backend. (A UDP datagram holds at most 64 KiB: the copy is small. A piece is sent whole
  * or not at all; only a datagram's first one can find no room.) Sends one piece; returns
- * 0, CP__AGAIN or a negative errno. */
+ * as send_piece(). */
 static int dgram_file_piece(cp_handle *h, cp_transmit_op *t, int fd, int64_t offset, uint64_t len,
                             bool more_after)
 {
@@ -190,17 +206,7 @@ static int dgram_file_piece(cp_handle *h, cp_transmit_op *t, int fd, int64_t off
         return -errno;
     if (got == 0)
         return -EIO; /* the file ended before the range did */
-    bool last = (uint64_t)got == len && !more_after;
-    ssize_t n;
-    while ((n = send(h->fd, piece, (size_t)got,
-                     MSG_NOSIGNAL | MSG_DONTWAIT | (last ? 0 : MSG_MORE))) < 0 &&
-           errno == EINTR)
-        ;
-    if (n < 0)
-        return errno == EAGAIN ? CP__AGAIN : -errno;
-    t->cp__off += (uint64_t)n;
-    t->sent += (uint64_t)n;
-    return 0;
+    return send_piece(h, t, piece, (size_t)got, (uint64_t)got < len || more_after);
 }
 
 int cp__transmit_run(cp_handle *h, cp_transmit_op *t)
@@ -234,25 +240,14 @@ int cp__transmit_run(cp_handle *h, cp_transmit_op *t)
         if (t->sent > 0 && CP__INJECT_FAIL("transmit_full_midway"))
             return CP__AGAIN;
         bool more = more_follows(t);
-        if (e->fd < 0) {
-            uint64_t left = t->cp__end - t->cp__off;
-            ssize_t n = send(h->fd, (const char *)e->buf + t->cp__off,
-                             left > INT_MAX ? INT_MAX : (size_t)left,
-                             MSG_NOSIGNAL | MSG_DONTWAIT | (more ? MSG_MORE : 0));
-            if (n < 0) {
-                if (errno == EINTR)
-                    continue;
-                return errno == EAGAIN ? CP__AGAIN : -errno;
-            }
-            t->cp__off += (uint64_t)n;
-            t->sent += (uint64_t)n;
-            continue;
-        }
-        if (h->cp__flags & CP__H_DGRAM)
-            r = dgram_file_piece(h, t, e->fd, e->offset + (int64_t)t->cp__off,
-                                 t->cp__end - t->cp__off, more);
+        uint64_t left = t->cp__end - t->cp__off;
+        if (e->fd < 0)
+            r = send_piece(h, t, (const char *)e->buf + t->cp__off,
+                           left > INT_MAX ? INT_MAX : (size_t)left, more);
+        else if (h->cp__flags & CP__H_DGRAM)
+            r = dgram_file_piece(h, t, e->fd, e->offset + (int64_t)t->cp__off, left, more);
         else
-            r = be->file_leg(h, t, e->fd, e->offset + (int64_t)t->cp__off, t->cp__end - t->cp__off);
+            r = be->file_leg(h, t, e->fd, e->offset + (int64_t)t->cp__off, left);
         if (r != 0)
             return r;
     }
